@@ -1,0 +1,26 @@
+# Two commands do all set-up on a fresh machine:
+#   make demo   -- create .venv, install guidelab, run the autoguidance-vs-CFG demo (runs/demo/report.html)
+#   make test   -- create .venv, install guidelab with test extras, run the default test suite
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	# Prefer the CPU build of torch (a local wheel on our machines); fall back to the default build.
+	$(BIN)/pip install -q torch==2.13.0 || $(BIN)/pip install -q torch
+
+.installed: $(BIN)/python pyproject.toml
+	$(BIN)/pip install -q -e '.[test]'
+	touch .installed
+
+demo: .installed
+	$(BIN)/guidelab demo $(ARGS)
+
+test: .installed
+	$(BIN)/python -m pytest $(ARGS)
+
+bench: .installed
+	$(BIN)/python bench/toy_train_speed.py
+
+.PHONY: demo test bench

@@ -1,0 +1,6 @@
+"""Exact worlds: distributions whose density, score and denoiser are known in closed form."""
+
+from .mixture import GaussianMixture
+from .tree import SIGMA_DATA, tree
+
+__all__ = ["GaussianMixture", "tree", "SIGMA_DATA"]
