@@ -47,15 +47,18 @@ class GaussianMixture:
         self._set_dtype(dtype)
 
     def _set_dtype(self, dtype: torch.dtype) -> None:
-        """Precompute the planar layout: per eigen-direction j, Q_j^T x = x @ QT[j] - b[j] is one matmul."""
+        """Precompute a planar layout: one contiguous [K] vector per (eigen-direction j, coordinate i).
+
+        Everything below is element-wise or a per-row reduction (no matrix multiply), so a row's
+        result never depends on the other rows: the exact worlds are bit-for-bit batch-invariant.
+        """
         self.dtype = dtype
         K, D, g = len(self._phi), self.dim, self._group
         self.log_phi = self._phi.log().to(dtype)
         self.mu, self.L, self.Q = self._mu.to(dtype), self._L.to(dtype), self._Q.to(dtype)
-        self._QT = [self.Q[:, :, j].T.contiguous() for j in range(D)]                 # [D_in, K] per j
+        self._QT = [[self.Q[:, i, j].contiguous() for i in range(D)] for j in range(D)]  # Q[k, i, j] as [K]
         self._b = [-(self.Q[:, :, j] * self.mu).sum(1) for j in range(D)]             # -q_j . mu_k: [K]
         self._Lg = [self.L[::g, j].contiguous() for j in range(D)]                     # [K / g] per j
-        self._Qcol = [self.Q[:, :, j].contiguous() for j in range(D)]                  # [K, D_out] per j
 
     def __len__(self) -> int:
         return self.log_phi.shape[0]
@@ -88,7 +91,10 @@ class GaussianMixture:
             s2 = (ss ** 2)[:, None]
             logw, r = self.log_phi.view(1, G, -1), []
             for j in range(self.dim):
-                y = torch.addmm(self._b[j], xs, self._QT[j]).view(N, G, -1)    # q_jk . (x - mu_k)
+                y = self._b[j].expand(N, K)
+                for i in range(self.dim):
+                    y = torch.addcmul(y, xs[:, i:i + 1], self._QT[j][i])
+                y = y.view(N, G, -1)                                           # q_jk . (x - mu_k)
                 inv = (self._Lg[j] + s2).reciprocal()[..., None]               # 1 / (L_jk + sigma^2)
                 rj = y * inv
                 logw = torch.addcmul(logw + 0.5 * inv.log(), y, rj, value=-0.5)  # -y^2/2v - log(v)/2
@@ -103,7 +109,9 @@ class GaussianMixture:
             out_logp.append((m + total.log()).squeeze(-1) + const)
             if need_score:
                 p = p / total                                                  # posterior over components
-                out_score.append(-sum((rj * p) @ Qj for rj, Qj in zip(r, self._Qcol)))  # -sum_k p_k Q_k r_k
+                # score_i = -sum_k p_k sum_j Q_k[i, j] r_jk
+                out_score.append(-torch.stack([(sum(rj * self._QT[j][i] for j, rj in enumerate(r)) * p).sum(-1)
+                                               for i in range(self.dim)], 1))
         return torch.cat(out_logp), (torch.cat(out_score) if need_score else None)
 
     def logp(self, x: torch.Tensor, sigma=0.0) -> torch.Tensor:
