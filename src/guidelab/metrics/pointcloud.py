@@ -46,6 +46,15 @@ def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3) -> tupl
     return precision, recall
 
 
+def _quantiles(sorted_cols: torch.Tensor, m: int) -> torch.Tensor:
+    """Linear-interpolation quantiles at m evenly spaced levels of each sorted column."""
+    pos = torch.linspace(0, sorted_cols.shape[0] - 1, m, dtype=torch.float64)
+    lo = pos.floor().long()
+    hi = (lo + 1).clamp_max(sorted_cols.shape[0] - 1)
+    frac = (pos - lo)[:, None]
+    return sorted_cols[lo] * (1 - frac) + sorted_cols[hi] * frac
+
+
 def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, n_proj: int = 256, seed: int = 0) -> float:
     """Sliced 2-Wasserstein distance: sqrt of the mean over random directions of W2^2 of projections.
 
@@ -57,8 +66,8 @@ def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, n_proj: int = 256, seed
     theta /= theta.norm(dim=0, keepdim=True)
     pa, pb = (a.double() @ theta).sort(0).values, (b.double() @ theta).sort(0).values
     if pa.shape[0] != pb.shape[0]:
-        q = torch.linspace(0, 1, max(pa.shape[0], pb.shape[0]), dtype=torch.float64)
-        pa, pb = torch.quantile(pa, q, dim=0), torch.quantile(pb, q, dim=0)
+        m = max(pa.shape[0], pb.shape[0])
+        pa, pb = _quantiles(pa, m), _quantiles(pb, m)
     return math.sqrt(((pa - pb) ** 2).mean().item())
 
 
