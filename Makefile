@@ -12,6 +12,8 @@ $(BIN)/python:
 
 .installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
+	# k-diffusion is a test reference only: its sampling.py is loaded alone, so skip its heavy deps.
+	$(BIN)/pip install -q --no-deps k-diffusion==0.1.1.post1
 	touch .installed
 
 demo: .installed

@@ -1,4 +1,10 @@
-"""Pieces every sampler shares, written once: input checks, the denoiser call, noise, churn, progress."""
+"""Pieces every sampler shares, written once: input checks, the denoiser call, noise, churn,
+ancestral step sizes, the single-step updates, callbacks and progress.
+
+Inside the loops, step sizes are Python floats (``sigmas.tolist()``): the coefficient arithmetic is
+then plain float64 and costs no tensor op. Noise samplers are called as ``noise(sigma, sigma_next)``
+with floats and return standard normal noise shaped like ``x``.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +17,9 @@ from ..errors import GuidelabError, check
 from ..rng import NoiseSampler, SampleNoise, global_noise
 
 Callback = Callable[[dict[str, Any]], None]
+#: ``step(evaluate, x, D, sigma, sigma_next) -> x_next``: one deterministic step from sigma to sigma_next
+#: given ``D = evaluate(x, sigma)``; ``evaluate(x, s)`` calls the denoiser at the float noise level s.
+Step = Callable[..., torch.Tensor]
 
 
 def check_inputs(x: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
@@ -27,15 +36,26 @@ def check_inputs(x: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
     return sigmas.to(dtype=x.dtype, device=x.device)
 
 
-def resolve_noise(noise: NoiseSampler | SampleNoise | None, x: torch.Tensor) -> NoiseSampler:
-    """``None`` -> torch's global generator; a ``SampleNoise`` -> per-sample; else a noise sampler."""
+def resolve_noise(noise, x: torch.Tensor, sigmas: torch.Tensor | None = None) -> NoiseSampler:
+    """``None`` -> torch's global generator; a ``SampleNoise`` -> per-sample; a ``BrownianNoise`` ->
+    per-sample Brownian trees over ``[0, sigmas[0]]``; else a noise sampler ``(sigma, sigma_next) -> tensor``."""
     if noise is None:
         return global_noise(x)
     if isinstance(noise, SampleNoise):
         return noise.sampler(x)
+    if hasattr(noise, "tree_sampler"):
+        return noise.tree_sampler(x, float(sigmas[0]) if sigmas is not None else None)
     if not callable(noise):
-        raise GuidelabError(f"noise must be None, a SampleNoise or a callable (sigma, sigma_next) -> tensor, got {type(noise).__name__}")
+        raise GuidelabError(f"noise must be None, a SampleNoise, a BrownianNoise or a callable (sigma, sigma_next) -> tensor, "
+                            f"got {type(noise).__name__}")
     return noise
+
+
+def evaluator(denoiser, x: torch.Tensor, cond: dict | None) -> Callable[[torch.Tensor, float], torch.Tensor]:
+    """``evaluate(x, s)``: the denoiser at float noise level ``s``, broadcast to the per-sample [batch] shape."""
+    cond = cond or {}
+    batch, dtype, device = x.shape[0], x.dtype, x.device
+    return lambda x_, s: denoiser(x_, torch.full((batch,), s, dtype=dtype, device=device), **cond)
 
 
 def denoise(denoiser, x: torch.Tensor, sigma: torch.Tensor, cond: dict | None) -> torch.Tensor:
@@ -51,11 +71,112 @@ def steps(sigmas: torch.Tensor, progress: bool, desc: str) -> Iterator[int]:
     return iter(range(n))
 
 
-def churn(x: torch.Tensor, sigma: torch.Tensor, n_steps: int, noise: NoiseSampler, sigma_next: torch.Tensor, *,
-          s_churn: float, s_tmin: float, s_tmax: float, s_noise: float) -> tuple[torch.Tensor, torch.Tensor]:
+def report(callback: Callback | None, x, i: int, sigmas: torch.Tensor, sigma_hat: float, D) -> None:
+    """The k-diffusion callback dict: ``x`` (at sigma_hat), step ``i``, ``sigma``, ``sigma_hat``, ``denoised``."""
+    if callback is not None:
+        callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas.new_tensor(sigma_hat), "denoised": D})
+
+
+def churn(x: torch.Tensor, sigma: float, n_steps: int, noise: NoiseSampler | None, sigma_next: float, *,
+          s_churn: float, s_tmin: float, s_tmax: float, s_noise: float) -> tuple[torch.Tensor, float]:
     """EDM Algorithm 2, lines 4-6: raise the noise level to sigma_hat = (1 + gamma) sigma, adding fresh noise."""
-    gamma = min(s_churn / n_steps, math.sqrt(2) - 1) if s_tmin <= float(sigma) <= s_tmax else 0.0
+    gamma = min(s_churn / n_steps, math.sqrt(2) - 1) if s_tmin <= sigma <= s_tmax else 0.0
     if gamma <= 0:
         return x, sigma
     sigma_hat = sigma * (gamma + 1)
-    return x + (sigma_hat ** 2 - sigma ** 2).sqrt() * s_noise * noise(sigma, sigma_next), sigma_hat
+    return x + math.sqrt(sigma_hat ** 2 - sigma ** 2) * s_noise * noise(sigma, sigma_next), sigma_hat
+
+
+def ancestral_step(sigma: float, sigma_next: float, eta: float = 1.0) -> tuple[float, float]:
+    """Split sigma -> sigma_next into a deterministic step to sigma_down and fresh noise of std sigma_up.
+
+    ``sigma_up = min(sigma_next, eta sqrt(sigma_next^2 (sigma^2 - sigma_next^2) / sigma^2))`` and
+    ``sigma_down^2 = sigma_next^2 - sigma_up^2``; eta = 1 is the DDPM posterior (Ho et al. 2020,
+    eq. 7 in EDM coordinates), eta = 0 the deterministic step.
+    """
+    if not eta:
+        return sigma_next, 0.0
+    sigma_up = min(sigma_next, eta * math.sqrt(sigma_next ** 2 * (sigma ** 2 - sigma_next ** 2) / sigma ** 2))
+    return math.sqrt(sigma_next ** 2 - sigma_up ** 2), sigma_up
+
+
+# ---------------------------------------------------------------------------------------------
+# Single-step updates (deterministic; sigma -> sigma_next). d = (x - D) / sigma is dx/dsigma (EDM eq. 3).
+
+def euler_step(evaluate, x, D, sigma: float, sigma_next: float):
+    """Euler on the PF-ODE: ``x + (sigma_next - sigma) (x - D) / sigma`` (1 NFE, already spent)."""
+    return x + (sigma_next - sigma) / sigma * (x - D)
+
+
+def heun_step(evaluate, x, D, sigma: float, sigma_next: float):
+    """Heun's method (EDM Alg. 2 lines 8-11); Euler when sigma_next = 0."""
+    d = (x - D) / sigma
+    x_next = x + (sigma_next - sigma) * d
+    if sigma_next == 0:
+        return x_next
+    d_next = (x_next - evaluate(x_next, sigma_next)) / sigma_next
+    return x + (sigma_next - sigma) * (0.5 * d + 0.5 * d_next)
+
+
+def dpm2_step(evaluate, x, D, sigma: float, sigma_next: float):
+    """Midpoint method with the midpoint at the geometric mean of the sigmas (DPM-Solver-2, Lu et al. 2022,
+    in the form of k-diffusion's ``sample_dpm_2``); Euler when sigma_next = 0."""
+    d = (x - D) / sigma
+    if sigma_next == 0:
+        return x + (sigma_next - sigma) * d
+    s_mid = math.exp(0.5 * (math.log(sigma) + math.log(sigma_next)))
+    x_mid = x + (s_mid - sigma) * d
+    d_mid = (x_mid - evaluate(x_mid, s_mid)) / s_mid
+    return x + (sigma_next - sigma) * d_mid
+
+
+def dpmpp_2s_step(evaluate, x, D, sigma: float, sigma_next: float):
+    """DPM-Solver++(2S) (Lu et al. 2022b, Alg. 1 with r = 1/2) in lambda = -log sigma; D when sigma_next = 0."""
+    if sigma_next == 0:
+        return D
+    h = math.log(sigma) - math.log(sigma_next)
+    s_mid = math.sqrt(sigma * sigma_next)                       # lambda_s = lambda + h / 2
+    x_mid = (s_mid / sigma) * x - math.expm1(-0.5 * h) * D
+    return (sigma_next / sigma) * x - math.expm1(-h) * evaluate(x_mid, s_mid)
+
+
+# ---------------------------------------------------------------------------------------------
+# The two loops every one-step sampler is made of.
+
+def churn_loop(denoiser, x, sigmas, step: Step, *, name: str, cond, callback, progress,
+               s_churn: float, s_tmin: float, s_tmax: float, s_noise: float, noise):
+    """EDM Algorithm 2 with any ``step``: churn to sigma_hat, then a deterministic step to sigma_next."""
+    sigmas = check_inputs(x, sigmas)
+    noise = resolve_noise(noise, x, sigmas) if s_churn > 0 else None
+    evaluate = evaluator(denoiser, x, cond)
+    sig = sigmas.tolist()
+    n = len(sig) - 1
+    for i in steps(sigmas, progress, name):
+        x, sigma_hat = churn(x, sig[i], n, noise, sig[i + 1], s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise)
+        D = evaluate(x, sigma_hat)
+        report(callback, x, i, sigmas, sigma_hat, D)
+        x = step(evaluate, x, D, sigma_hat, sig[i + 1])
+    return x
+
+
+def ancestral_loop(denoiser, x, sigmas, step: Step, *, name: str, cond, callback, progress, s_noise: float, noise,
+                   eta: float = 1.0, split: Callable[[float, float], tuple[float, float]] | None = None):
+    """Ancestral sampling: a deterministic ``step`` to sigma_down, then fresh noise of std sigma_up.
+
+    ``split(sigma, sigma_next) -> (sigma_down, sigma_up)`` defaults to :func:`ancestral_step` with ``eta``.
+    """
+    sigmas = check_inputs(x, sigmas)
+    check(eta >= 0, f"eta must be >= 0, got {eta}")
+    split = split or (lambda s, s_next: ancestral_step(s, s_next, eta))
+    noise = resolve_noise(noise, x, sigmas)
+    evaluate = evaluator(denoiser, x, cond)
+    sig = sigmas.tolist()
+    for i in steps(sigmas, progress, name):
+        sigma, sigma_next = sig[i], sig[i + 1]
+        D = evaluate(x, sigma)
+        report(callback, x, i, sigmas, sigma, D)
+        sigma_down, sigma_up = split(sigma, sigma_next)
+        x = step(evaluate, x, D, sigma, sigma_down)
+        if sigma_next > 0 and sigma_up > 0:
+            x = x + noise(sigma, sigma_next) * (s_noise * sigma_up)
+    return x

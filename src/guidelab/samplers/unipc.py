@@ -1,0 +1,81 @@
+"""UniPC (Zhao et al. 2023, arXiv 2302.04867): multistep predictor UniP-p with corrector UniC-p, in
+data prediction (their Alg. 2 / "B(h)" variants), written in EDM coordinates.
+
+With ``lambda = -log sigma``, ``h = lambda_next - lambda``, the predictor of order p is
+``x_next = (sigma_next / sigma) x + (1 - e^{-h}) D_0 - B(h) sum_k rho_k D1_k`` (their eq. 8 with
+``D1_k = (D_{-k} - D_0) / r_k``, ``r_k = (lambda_{-k} - lambda) / h``); ``rho`` solves
+``R_p(h) rho = phi_p(h) / B(h)`` (their Theorem 3.1). The corrector re-does the last step with the
+fresh evaluation at x_next included (order p + 1, no extra NFE). ``B(h) = -h`` (bh1) or ``e^{-h} - 1`` (bh2).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from ..errors import check
+from ._common import Callback, check_inputs, evaluator, report, steps
+
+
+def _step(x, sig: list[float], i: int, hist: list[torch.Tensor], p: int, variant: str, D_next=None):
+    """One UniP-p step sig[i] -> sig[i+1] from ``hist = [D_i, D_{i-1}, ...]``; with ``D_next`` (the
+    evaluation at the predicted point) the UniC-p corrector of the same step instead."""
+    sigma, sigma_next = sig[i], sig[i + 1]
+    h = math.log(sigma) - math.log(sigma_next)                  # lambda_next - lambda, lambda = -log sigma
+    hh = -h                                                     # data prediction
+    hphi_1 = math.expm1(hh)
+    B = hh if variant == "bh1" else hphi_1
+    rks = [(math.log(sigma) - math.log(sig[i - k])) / h for k in range(1, p)] + [1.0]
+    D0 = hist[0]
+    D1s = [(hist[k] - D0) / rks[k - 1] for k in range(1, p)]
+    # b_k = k! h phi_{k+1}(hh) / B(h), with h phi_{k+1} = h phi_k / hh - 1 / k!  (their eq. 6 and Alg. 2)
+    b, hphi_k, fact = [], hphi_1 / hh - 1, 1
+    for k in range(1, p + 1):
+        b.append(hphi_k * fact / B)
+        fact *= k + 1
+        hphi_k = hphi_k / hh - 1 / fact
+    R = np.array([[r ** (k - 1) for r in rks] for k in range(1, p + 1)])
+    if D_next is None:                                          # predictor: p - 1 weights
+        rho = [] if p == 1 else [0.5] if p == 2 else np.linalg.solve(R[:-1, :-1], b[:-1]).tolist()
+        terms = D1s
+    else:                                                       # corrector: p weights, the last on D_next - D0
+        rho = [0.5] if p == 1 else np.linalg.solve(R, b).tolist()
+        terms = D1s + [D_next - D0]
+    x_next = (sigma_next / sigma) * x - hphi_1 * D0
+    for r, t in zip(rho, terms):
+        x_next = x_next - (B * r) * t
+    return x_next
+
+
+def unipc(denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, cond: dict | None = None,
+          callback: Callback | None = None, progress: bool = False, order: int = 2, variant: str = "bh2",
+          corrector: bool = True, lower_order_final: bool = True) -> torch.Tensor:
+    """UniPC-p (1 NFE per step). ``order`` 1..3; ``variant`` "bh1" or "bh2"; ``corrector=False`` gives UniP.
+
+    Lower orders while the history fills up; with ``lower_order_final`` the order is at most the number
+    of steps left (diffusers' default); the step to sigma = 0 is first order (returns D).
+    """
+    check(order in (1, 2, 3), f"order must be 1, 2 or 3, got {order!r}")
+    check(variant in ("bh1", "bh2"), f"variant must be 'bh1' or 'bh2', got {variant!r}")
+    sigmas = check_inputs(x, sigmas)
+    evaluate = evaluator(denoiser, x, cond)
+    sig = sigmas.tolist()
+    n = len(sig) - 1
+    hist: list[torch.Tensor] = []                              # D_i, D_{i-1}, ... newest first
+    x_last = p_last = None
+    for i in steps(sigmas, progress, "unipc"):
+        sigma, sigma_next = sig[i], sig[i + 1]
+        D = evaluate(x, sigma)
+        if corrector and x_last is not None:                   # UniC-p_last: redo step i-1 -> i with D_i
+            x = _step(x_last, sig, i - 1, hist, p_last, variant, D_next=D)
+        report(callback, x, i, sigmas, sigma, D)
+        hist = ([D] + hist)[:order]
+        p = min(order, len(hist), n - i if lower_order_final else order)
+        if sigma_next == 0:
+            x = D
+            break
+        x_last, p_last = x, p
+        x = _step(x, sig, i, hist, p, variant)
+    return x
