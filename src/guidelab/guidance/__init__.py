@@ -1,10 +1,22 @@
 """Guiders: functions that build a denoiser out of denoisers.
 
 One weight convention everywhere: ``D = D_ref + w (D - D_ref)``, ``w = 1`` is no guidance.
+Guiders compose: wrappers (``interval``, ``epsilon_scaling``) take any guider; non-linear rules
+(``rescale``, ``cfg_zero_star``, ``apg``) take a linear guider (``cfg``, ``autoguidance``, ``icg``, ``tsg``).
+See docs/GUIDANCE.md for the table of methods.
 """
 
-from ._base import DROP, Branch, Guided, evaluate
+from ._base import DROP, Branch, Guided, PerCall, evaluate
+from .apg import APGMomentum, apg
 from .autoguidance import autoguidance
 from .cfg import cfg
+from .cfg_zero_star import cfg_zero_star
+from .cfgpp import CFGpp, cfgpp
+from .epsilon_scaling import epsilon_scaling
+from .icg import icg
+from .interval import interval
+from .rescale import rescale
+from .tsg import tsg
 
-__all__ = ["autoguidance", "cfg", "Branch", "Guided", "evaluate", "DROP"]
+__all__ = ["autoguidance", "cfg", "rescale", "cfg_zero_star", "icg", "tsg", "cfgpp", "interval", "apg",
+           "epsilon_scaling", "APGMomentum", "CFGpp", "Branch", "Guided", "PerCall", "evaluate", "DROP"]

@@ -6,16 +6,24 @@ Every linear guider here is ``D = D_ref + w (D_main - D_ref)`` (``w = 1``: no gu
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
 from ..denoisers import bcast
-from ..errors import check_weight
+from ..errors import check, check_weight
 
 #: Override value that removes a conditioning key from a branch's call.
 DROP = object()
+
+
+@dataclass(frozen=True)
+class PerCall:
+    """An override computed at each call from ``(old_value, x, sigma)`` (random labels, noise offsets)."""
+
+    fn: Callable[[Any, torch.Tensor, torch.Tensor], Any]
 
 
 @dataclass(frozen=True)
@@ -23,18 +31,21 @@ class Branch:
     """A denoiser and the conditioning overrides it is called with.
 
     Override values: a tensor (used as is), a number (filled to the shape of the existing tensor),
-    :data:`DROP` (the key is removed) or a callable ``f(existing_value) -> value``.
+    :data:`DROP` (the key is removed), a callable ``f(existing_value) -> value`` or a :class:`PerCall`
+    ``f(existing_value, x, sigma) -> value``.
     """
 
     denoiser: Callable[..., torch.Tensor]
     overrides: Mapping[str, Any] = field(default_factory=dict)
 
-    def cond(self, cond: Mapping[str, Any]) -> dict:
+    def cond(self, cond: Mapping[str, Any], x: torch.Tensor | None = None, sigma: torch.Tensor | None = None) -> dict:
         out = dict(cond)
         for key, value in self.overrides.items():
             old = cond.get(key)
             if value is DROP:
                 out.pop(key, None)
+            elif isinstance(value, PerCall):
+                out[key] = value.fn(old, x, sigma)
             elif callable(value) and not isinstance(value, torch.Tensor):
                 out[key] = value(old)
             elif isinstance(value, (int, float, bool)) and isinstance(old, torch.Tensor):
@@ -66,7 +77,7 @@ def evaluate(branches: Sequence[Branch], x: torch.Tensor, sigma: torch.Tensor, c
     B = x.shape[0]
     for idx in groups.values():
         D = branches[idx[0]].denoiser
-        conds = [branches[i].cond(cond) for i in idx]
+        conds = [branches[i].cond(cond, x, sigma) for i in idx]
         if len(idx) > 1 and _batchable(conds, B):
             k = len(idx)
             merged = {key: torch.cat([c[key] for c in conds]) if isinstance(conds[0][key], torch.Tensor) else conds[0][key]
@@ -79,26 +90,98 @@ def evaluate(branches: Sequence[Branch], x: torch.Tensor, sigma: torch.Tensor, c
     return out  # type: ignore[return-value]
 
 
+#: A combination rule ``rule(D_main, D_ref, w, x, sigma) -> D`` (``w`` already broadcast to ``D``).
+Rule = Callable[[torch.Tensor, torch.Tensor, Any, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
 class Guided:
     """``D = D_ref + w (D_main - D_ref)``: the rule behind CFG, autoguidance, ICG and TSG.
 
     ``w`` is a number or a per-sample [batch] tensor. At ``w == 1`` (a number) only the main branch is
-    evaluated. ``unguided`` is the main branch alone (used by guidance intervals).
+    evaluated. ``unguided`` is the main branch alone (used by guidance intervals). ``rule`` replaces the
+    linear combination by a non-linear one of the same two branches (guidance rescale, CFG-Zero*, APG);
+    see :meth:`with_rule`.
     """
 
-    def __init__(self, main: Branch, ref: Branch, w, name: str):
+    def __init__(self, main: Branch, ref: Branch, w, name: str, rule: Rule | None = None):
         check_weight(w)
-        self.main, self.ref, self.w, self.name = main, ref, w, name
+        self.main, self.ref, self.w, self.name, self.rule = main, ref, w, name, rule
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
         if not isinstance(self.w, torch.Tensor) and self.w == 1:
             return self.unguided(x, sigma, **cond)
-        D, D_ref = evaluate([self.main, self.ref], x, sigma, cond)
+        D, D_ref = self.branches(x, sigma, cond)
         w = bcast(self.w.to(D), D) if isinstance(self.w, torch.Tensor) else self.w
+        if self.rule is not None:
+            return self.rule(D, D_ref, w, x, sigma)
         return D_ref.lerp(D, w)
 
+    def branches(self, x: torch.Tensor, sigma: torch.Tensor, cond: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(D_main, D_ref)`` at (x, sigma), same-network branches in one batched call."""
+        D, D_ref = evaluate([self.main, self.ref], x, sigma, cond)
+        return D, D_ref
+
     def unguided(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
-        return self.main.denoiser(x, sigma, **self.main.cond(cond))
+        return self.main.denoiser(x, sigma, **self.main.cond(cond, x, sigma))
+
+    def with_rule(self, rule: Rule, name: str) -> "Guided":
+        """The same branches and weight combined by ``rule`` (only one non-linear rule per guider)."""
+        check(self.rule is None, f"{name} needs a linear guider (cfg, autoguidance, icg, tsg), got {self.name}")
+        new = copy.copy(self)
+        new.rule, new.name = rule, name
+        return new
 
     def __repr__(self) -> str:
         return f"{self.name}(w={self.w})"
+
+
+def unguided_of(denoiser, who: str):
+    """The one-evaluation unguided denoiser of a guider (for steps where guidance is off)."""
+    fn = getattr(denoiser, "unguided", None)
+    check(fn is not None, f"{who} needs a guider with an unguided branch (cfg, autoguidance, icg, tsg, apg, ...), "
+          f"got {type(denoiser).__name__}")
+    return fn
+
+
+def batch_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-sample inner product over all non-batch dims: [batch, ...] x [batch, ...] -> [batch]."""
+    return (a * b).flatten(1).sum(1)
+
+
+def per_sample_seeds(seeds, sigma: torch.Tensor, salt: int) -> list[int]:
+    """Seeds for one call: a hash of (sample seed, that sample's sigma, salt).
+
+    Random draws made from them are independent across samples and noise levels, depend only on the
+    sample's own seed (batch-size invariant) and need no state between calls or runs.
+    """
+    sig = sigma.detach().double().cpu().tolist()
+    check(len(seeds) == len(sig), f"the guider has {len(seeds)} seeds but the batch has {len(sig)} samples")
+    return [hash((int(s), float(v), salt)) & 0x7FFF_FFFF_FFFF_FFFF for s, v in zip(seeds, sig)]
+
+
+def _generators(seeds, sigma: torch.Tensor, salt: int) -> list[torch.Generator] | torch.Generator:
+    """Per-sample generators (``seeds`` given) or one generator for the batch keyed by its sigmas."""
+    if seeds is not None:
+        return [torch.Generator().manual_seed(s) for s in per_sample_seeds(seeds, sigma, salt)]
+    key = hash((tuple(sigma.detach().double().cpu().tolist()), salt)) & 0x7FFF_FFFF_FFFF_FFFF
+    return torch.Generator().manual_seed(key)
+
+
+def draw_normal(seeds, sigma: torch.Tensor, shape, salt: int, like: torch.Tensor) -> torch.Tensor:
+    """Standard normal [batch, *shape] drawn afresh at every call, without state (see per_sample_seeds)."""
+    g = _generators(seeds, sigma, salt)
+    if isinstance(g, list):
+        out = torch.stack([torch.randn(list(shape), generator=gi, dtype=torch.float64) for gi in g])
+    else:
+        out = torch.randn([sigma.shape[0], *shape], generator=g, dtype=torch.float64)
+    return out.to(dtype=like.dtype if like.is_floating_point() else torch.get_default_dtype(), device=like.device)
+
+
+def draw_labels(seeds, sigma: torch.Tensor, num_classes: int, salt: int, like: torch.Tensor) -> torch.Tensor:
+    """Uniform random labels in [0, num_classes), shape [batch], drawn afresh at every call."""
+    g = _generators(seeds, sigma, salt)
+    if isinstance(g, list):
+        out = torch.cat([torch.randint(num_classes, (1,), generator=gi) for gi in g])
+    else:
+        out = torch.randint(num_classes, (sigma.shape[0],), generator=g)
+    return out.to(dtype=like.dtype, device=like.device)
