@@ -1,0 +1,159 @@
+"""Training-free guidance, TFG (Ye et al., NeurIPS 2024, arXiv 2409.15761, Alg. 1; methods.md §10).
+
+Guides an *unconditional* denoiser toward high values of any differentiable objective ``log f(x0)``
+(a classifier's log-probability, a measurement log-likelihood ``-|y - A x0|^2 / 2s^2``, a user
+energy ``-E(x0)`` as in SDG ...) with no training. Each step, repeated ``n_recur`` times:
+
+* smoothed objective ``log f~(y) = log mean_i f(y + gamma_t n_i)``, ``i = 1..eps_bsz``;
+* ``Delta_t = rho_t grad_x log f~(D(x))`` -- the gradient *through the denoiser* (DPS-like);
+* ``y <- y + mu_t grad_y log f~(y)`` ``n_iter`` times from ``y = D(x)``, ``Delta_0 = y - D`` (MPGD-like);
+* a DDIM(eta) step from ``(x, D)``, plus the two shifts; if more recurrences follow, renoise back
+  to sigma (the "time travel" of FreeDoM/UGD).
+
+Why a sampler and not a guider: TFG changes the *step* (gradients w.r.t. ``x``, an x0-space shift,
+recurrence with renoising between sigma and sigma_next), so it cannot be written as a denoiser of
+``(x, sigma)`` alone without lying about what it does. ``tfg_sample`` has the sampler signature,
+with the objective added.
+
+EDM form [derived from the official VP code ``methods/tfg.py::guide_step``]: with
+``z = x / sqrt(1 + sigma^2)``, ``abar_t = 1 / (1 + sigma^2)`` and ``alpha_t = abar_t / abar_{t-1} =
+(1 + sigma_next^2) / (1 + sigma^2)``, the VP update ``z' = DDIM + Delta_t(z) / sqrt(alpha_t) +
+sqrt(abar_{t-1}) Delta_0`` becomes ``x' = DDIM_EDM(x, D) + rho_t (1 + sigma^2) grad_x log f~ + Delta_0``;
+the VP renoise ``z = sqrt(alpha_t) z' + sqrt(1 - alpha_t) n`` becomes ``x = x' + sqrt(sigma^2 - sigma_next^2) n``;
+DDIM(eta) is the ancestral split of :func:`guidelab.samplers._common.ancestral_step` (eta = 1: DDPM).
+Schedules as the official code: ``rho_t = rho s_t N / sum(s)`` with ``s_t = alpha_t`` ("increase"),
+``1 - alpha_t`` ("decrease") or 1 ("constant"), the same for mu; ``gamma_t = gamma sqrt(1 - abar_t)``
+("decrease") or ``gamma`` ("constant").
+
+Presets (TFG paper, Sec. 3: the earlier methods are points of this design space):
+
+========  ======================================================  ==============================
+preset    what is on                                              defaults
+========  ======================================================  ==============================
+tfg       everything (official defaults)                          rho 1, mu 1, gamma 0.01, eps 4
+dps       rho only, no smoothing, no recurrence                   rho 1
+lgd       rho with Monte-Carlo smoothing gamma_t = sqrt(1-abar_t)  rho 1, gamma 1, eps_bsz 4
+freedom   rho with recurrence (time travel)                       rho 1, n_recur 2
+mpgd      mu only: one gradient step on x0, no network gradient    mu 1, n_iter 1
+ugd       rho + mu (n_iter steps on x0) + recurrence              rho 1, mu 1, n_iter 2, n_recur 2
+========  ======================================================  ==============================
+
+DPS's own step normalises by ``|y - A(x0)|``; that is TFG-DPS with ``log f = -|y - A(x0)|`` (the
+norm, not its square). Cost per step: ``n_recur`` NFE, plus a backward pass through the denoiser
+when ``rho != 0``, plus ``eps_bsz (1[rho != 0] + n_iter 1[mu != 0])`` objective evaluations.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+from ..errors import GuidelabError, check
+from ..samplers._common import Callback, ancestral_step, check_inputs, euler_step, report, resolve_noise, steps
+
+PRESETS: dict[str, dict] = {
+    "tfg": dict(rho=1.0, mu=1.0, gamma=0.01, n_recur=1, n_iter=1, eps_bsz=4),
+    "dps": dict(rho=1.0, mu=0.0, gamma=0.0, n_recur=1, n_iter=0, eps_bsz=1),
+    "lgd": dict(rho=1.0, mu=0.0, gamma=1.0, n_recur=1, n_iter=0, eps_bsz=4),
+    "freedom": dict(rho=1.0, mu=0.0, gamma=0.0, n_recur=2, n_iter=0, eps_bsz=1),
+    "mpgd": dict(rho=0.0, mu=1.0, gamma=0.0, n_recur=1, n_iter=1, eps_bsz=1),
+    "ugd": dict(rho=1.0, mu=1.0, gamma=0.0, n_recur=2, n_iter=2, eps_bsz=1),
+}
+_SCHEDULES = ("increase", "decrease", "constant")
+
+
+def _step_weights(sig: list[float], kind: str) -> list[float]:
+    """``s_t N / sum(s)`` for each step (official ``get_rho``/``get_mu``): alpha_t, 1 - alpha_t or 1."""
+    check(kind in _SCHEDULES, f"unknown schedule {kind!r}; allowed: {list(_SCHEDULES)}")
+    alpha = [(1 + b * b) / (1 + a * a) for a, b in zip(sig[:-1], sig[1:])]    # alpha_t = abar_t / abar_{t-1}
+    s = {"increase": alpha, "decrease": [1 - a for a in alpha], "constant": [1.0] * len(alpha)}[kind]
+    total = sum(s)
+    return [v * len(s) / total for v in s]
+
+
+def _smoothed(objective: Callable, y: torch.Tensor, eps: list[torch.Tensor | None]) -> torch.Tensor:
+    """``log mean_i f(y + eps_i)`` [batch] (Gaussian-smoothed objective, TFG eq. 6)."""
+    logf = [objective(y if e is None else y + e) for e in eps]
+    for v in logf:
+        check(isinstance(v, torch.Tensor) and v.shape == y.shape[:1],
+              f"objective must return log f of shape [batch]=[{y.shape[0]}], got {getattr(v, 'shape', type(v).__name__)}")
+    return torch.logsumexp(torch.stack(logf), 0) - math.log(len(eps))
+
+
+def tfg_sample(denoiser, x: torch.Tensor, sigmas: torch.Tensor, objective: Callable[[torch.Tensor], torch.Tensor], *,
+               preset: str = "tfg", rho: float | None = None, mu: float | None = None, gamma: float | None = None,
+               n_recur: int | None = None, n_iter: int | None = None, eps_bsz: int | None = None,
+               rho_schedule: str = "increase", mu_schedule: str = "increase", gamma_schedule: str = "decrease",
+               eta: float = 1.0, cond: dict | None = None, callback: Callback | None = None, progress: bool = False,
+               noise=None) -> torch.Tensor:
+    """Sample with TFG guidance toward ``objective(x0) -> log f(x0)`` [batch] (differentiable).
+
+    ``preset`` picks the method (see the module table); any of ``rho, mu, gamma, n_recur, n_iter,
+    eps_bsz`` overrides it. ``x`` starts at ``sigmas[0]``; ``cond`` goes to the denoiser; ``noise``
+    (``SampleNoise`` for per-sample seeds) feeds the DDIM noise, the smoothing draws and the
+    renoising. ``objective`` is called once per smoothing draw on a [batch] tensor, so it may hold
+    per-sample targets. With ``rho = mu = 0`` this is exactly :func:`guidelab.samplers.euler_ancestral`.
+    """
+    if preset not in PRESETS:
+        raise GuidelabError(f"unknown TFG preset {preset!r}; allowed: {sorted(PRESETS)}")
+    p = dict(PRESETS[preset])
+    for k, v in dict(rho=rho, mu=mu, gamma=gamma, n_recur=n_recur, n_iter=n_iter, eps_bsz=eps_bsz).items():
+        if v is not None:
+            p[k] = v
+    for k in ("rho", "mu", "gamma"):
+        check(isinstance(p[k], (int, float)) and math.isfinite(p[k]), f"{k} must be a finite number, got {p[k]!r}")
+    check(p["gamma"] >= 0, f"gamma must be >= 0, got {p['gamma']}")
+    for k, lo in (("n_recur", 1), ("n_iter", 0), ("eps_bsz", 1)):
+        check(isinstance(p[k], int) and not isinstance(p[k], bool) and p[k] >= lo, f"{k} must be an integer >= {lo}, got {p[k]!r}")
+    check(eta >= 0, f"eta must be >= 0, got {eta}")
+    check(gamma_schedule in ("decrease", "constant"), f"unknown gamma_schedule {gamma_schedule!r}; allowed: 'decrease', 'constant'")
+    check(callable(objective), "objective must be a callable objective(x0) -> log f(x0) of shape [batch]")
+
+    sigmas = check_inputs(x, sigmas)
+    noise = resolve_noise(noise, x, sigmas)
+    cond = cond or {}
+    sig = sigmas.tolist()
+    rho_w, mu_w = _step_weights(sig, rho_schedule), _step_weights(sig, mu_schedule)
+    batch = x.shape[0]
+
+    def D_of(x_, s):
+        return denoiser(x_, torch.full((batch,), s, dtype=x.dtype, device=x.device), **cond)
+
+    for i in steps(sigmas, progress, f"tfg-{preset}"):
+        sigma, sigma_next = sig[i], sig[i + 1]
+        rho_t, mu_t = p["rho"] * rho_w[i], p["mu"] * mu_w[i]
+        gamma_t = p["gamma"] * (sigma / math.sqrt(1 + sigma ** 2) if gamma_schedule == "decrease" else 1.0)
+        sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
+        for r in range(p["n_recur"]):
+            eps = [gamma_t * noise(sigma, sigma_next) for _ in range(p["eps_bsz"])] if gamma_t > 0 else [None]
+            if rho_t != 0:
+                with torch.enable_grad():
+                    xg = x.detach().requires_grad_(True)
+                    D = D_of(xg, sigma)
+                    (grad_x,) = torch.autograd.grad(_smoothed(objective, D, eps).sum(), xg)
+                D = D.detach()
+                delta_t = rho_t * (1 + sigma ** 2) * grad_x          # VP Delta_t / sqrt(alpha_t), in EDM x units
+            else:
+                D, delta_t = D_of(x, sigma), None
+            y = D
+            if mu_t != 0:
+                for _ in range(p["n_iter"]):                          # gradient ascent on x0 (TFG Alg. 1, line 8)
+                    with torch.enable_grad():
+                        yg = y.detach().requires_grad_(True)
+                        (grad_y,) = torch.autograd.grad(_smoothed(objective, yg, eps).sum(), yg)
+                    y = y + mu_t * grad_y
+            if r == 0:
+                report(callback, x, i, sigmas, sigma, D)
+            x_prev = euler_step(None, x, D, sigma, sigma_down)      # DDIM(eta) step, deterministic part
+            if sigma_next > 0 and sigma_up > 0:
+                x_prev = x_prev + noise(sigma, sigma_next) * sigma_up
+            if delta_t is not None:
+                x_prev = x_prev + delta_t
+            if mu_t != 0 and p["n_iter"] > 0:
+                x_prev = x_prev + (y - D)                             # sqrt(abar_{t-1}) Delta_0 in VP units
+            if r < p["n_recur"] - 1:                                  # renoise sigma_next -> sigma (time travel)
+                x = x_prev + math.sqrt(sigma ** 2 - sigma_next ** 2) * noise(sigma, sigma_next)
+        x = x_prev.detach()
+    return x
