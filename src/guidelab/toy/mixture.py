@@ -47,18 +47,31 @@ class GaussianMixture:
         self._set_dtype(dtype)
 
     def _set_dtype(self, dtype: torch.dtype) -> None:
-        """Precompute a planar layout: one contiguous [K] vector per (eigen-direction j, coordinate i).
+        """Precompute a grouped planar layout (``g`` consecutive components share one covariance).
 
-        Everything below is element-wise or a per-row reduction (no matrix multiply), so a row's
-        result never depends on the other rows: the exact worlds are bit-for-bit batch-invariant.
+        Per eigen-direction j and group G: ``q_jG . x - cbar_jG`` is the point's coordinate along
+        q_j relative to the group's centre, ``c'_jk`` each mean's offset from it; the quadratic form
+        of component k is then ``inv_jG (qx'_jG - c'_jk)^2``, expanded so that only the k-dependent
+        terms are evaluated per component. Every operation is element-wise or a per-row reduction (no
+        matrix multiply), so a row's result never depends on the other rows: the exact worlds are
+        bit-for-bit batch-invariant.
         """
         self.dtype = dtype
         K, D, g = len(self._phi), self.dim, self._group
+        G = K // g
         self.log_phi = self._phi.log().to(dtype)
         self.mu, self.L, self.Q = self._mu.to(dtype), self._L.to(dtype), self._Q.to(dtype)
-        self._QT = [[self.Q[:, i, j].contiguous() for i in range(D)] for j in range(D)]  # Q[k, i, j] as [K]
-        self._b = [-(self.Q[:, :, j] * self.mu).sum(1) for j in range(D)]             # -q_j . mu_k: [K]
-        self._Lg = [self.L[::g, j].contiguous() for j in range(D)]                     # [K / g] per j
+        c = torch.einsum("kij,ki->kj", self._Q, self._mu).view(G, g, D)               # q_jk . mu_k (float64)
+        cbar = c.mean(1)                                                               # [G, D] group centres
+        cp = c - cbar[:, None]                                                         # c'_jk: [G, g, D]
+        # Per-component constants are laid out [g, G] (member, group): the inner loops run over the
+        # G groups, and per-(point, group) terms broadcast over the members.
+        self._log_phi_g = self.log_phi.view(G, g).T.contiguous()
+        self._cp = [cp[:, :, j].T.to(dtype).contiguous() for j in range(D)]            # [g, G] per j
+        self._cp2 = [(-0.5 * cp[:, :, j] ** 2).T.to(dtype).contiguous() for j in range(D)]
+        self._cbar = [(-cbar[:, j]).to(dtype).contiguous() for j in range(D)]          # -cbar_jG: [G]
+        self._Qg = [[self._Q[::g, i, j].to(dtype).contiguous() for i in range(D)] for j in range(D)]  # [G]
+        self._Lg = [self.L[::g, j].contiguous() for j in range(D)]                     # [G] per j
 
     def __len__(self) -> int:
         return self.log_phi.shape[0]
@@ -79,40 +92,51 @@ class GaussianMixture:
         return as_sigma(sigma, x)
 
     def _terms(self, x: torch.Tensor, sigma: torch.Tensor, need_score: bool):
-        """Log-density and (optionally) score, in cache-sized chunks and in the mixture's dtype.
+        """Log-density, or the score when ``need_score``, in the mixture's dtype.
 
-        Differentiable (autograd through ``logp`` gives the score), no in-place ops on the graph.
+        Returns ``(logp, None)`` or ``(None, score)``. Per-(point, group) terms are computed for the
+        whole batch; per-component terms in chunks of rows that stay in cache. Differentiable
+        (autograd through ``logp`` gives the score), no in-place ops on the graph.
         """
-        out_logp, out_score = [], []
-        K, G, floor = len(self), len(self) // self._group, _FLOOR[self.dtype]
-        const = -0.5 * self.dim * math.log(2 * math.pi)
-        for xs, ss in zip(x.to(self.dtype).split(self.chunk), sigma.to(self.dtype).split(self.chunk)):
-            N = xs.shape[0]
-            s2 = (ss ** 2)[:, None]
-            logw, r = self.log_phi.view(1, G, -1), []
-            for j in range(self.dim):
-                y = self._b[j].expand(N, K)
-                for i in range(self.dim):
-                    y = torch.addcmul(y, xs[:, i:i + 1], self._QT[j][i])
-                y = y.view(N, G, -1)                                           # q_jk . (x - mu_k)
-                inv = (self._Lg[j] + s2).reciprocal()[..., None]               # 1 / (L_jk + sigma^2)
-                rj = y * inv
-                logw = torch.addcmul(logw + 0.5 * inv.log(), y, rj, value=-0.5)  # -y^2/2v - log(v)/2
-                r.append(rj.view(N, K))
-            # log-sum-exp by hand, flooring each log-ratio to the row maximum at FLOOR: a floored
-            # component has posterior < e^FLOOR (invisible in this dtype), and exp() of huge negative
-            # numbers, slow on CPUs, is never taken.
-            logw = logw.view(N, K)
-            m = logw.detach().amax(-1, keepdim=True)
-            p = (logw - m).clamp_min(floor).exp()
-            total = p.sum(-1, keepdim=True)
-            out_logp.append((m + total.log()).squeeze(-1) + const)
-            if need_score:
-                p = p / total                                                  # posterior over components
-                # score_i = -sum_k p_k sum_j Q_k[i, j] r_jk
-                out_score.append(-torch.stack([(sum(rj * self._QT[j][i] for j, rj in enumerate(r)) * p).sum(-1)
-                                               for i in range(self.dim)], 1))
-        return torch.cat(out_logp), (torch.cat(out_score) if need_score else None)
+        N, K, G, D = x.shape[0], len(self), len(self) // self._group, self.dim
+        x, s2 = x.to(self.dtype), (sigma.to(self.dtype) ** 2)[:, None]
+        qx, inv, B, base = [], [], [], 0.0
+        for j in range(D):
+            q = self._cbar[j].expand(N, G)
+            for i in range(D):
+                q = torch.addcmul(q, x[:, i:i + 1], self._Qg[j][i])                # qx'_jG = q_jG . x - cbar_jG
+            v = (self._Lg[j] + s2).reciprocal()                                    # v_jG = 1 / (L_jG + sigma^2)
+            b = v * q
+            base = base + 0.5 * (v.log() - b * q)
+            qx.append(q)
+            inv.append(v)
+            B.append(b)
+        # log(phi_k N(x; mu_k, Sigma_k + sigma^2 I)) + (D/2) log(2 pi)
+        #   = log phi_k + sum_j [log(v_j)/2 - v_j qx'_j^2 / 2 + (v_j qx'_j) c'_jk - v_j c'_jk^2 / 2]
+        out, sums = [], []
+        for a in range(0, N, self.chunk):
+            rows = slice(a, a + self.chunk)
+            logw = base[rows, None, :] + self._log_phi_g                           # [n, g, G]
+            for j in range(D):
+                logw = torch.addcmul(logw, B[j][rows, None, :], self._cp[j])
+                logw = torch.addcmul(logw, inv[j][rows, None, :], self._cp2[j])
+            logw = logw.flatten(1)
+            if not need_score:
+                # log-sum-exp by hand, flooring each log-ratio to the row maximum at FLOOR: a floored
+                # component has posterior < e^FLOOR (invisible in this dtype).
+                m = logw.detach().amax(-1, keepdim=True)
+                total = (logw - m).clamp_min(_FLOOR[self.dtype]).exp().sum(-1)
+                out.append(m.squeeze(-1) + total.log())
+            else:
+                p = torch.softmax(logw, -1).view(logw.shape[0], -1, G)             # posterior over components
+                sums.append(torch.stack([p.sum(1)] + [(p * self._cp[j]).sum(1) for j in range(D)]))
+        if not need_score:
+            return torch.cat(out) - 0.5 * D * math.log(2 * math.pi), None
+        # score = sum_k p_k (Sigma_k + sigma^2 I)^-1 (mu_k - x)
+        #       = sum_G sum_j q_jG v_jG (M_jG - P_G qx'_jG),  P_G = sum_{k in G} p_k,  M_jG = sum_{k in G} p_k c'_jk
+        P, *M = torch.cat(sums, 1)
+        t = [inv[j] * (M[j] - P * qx[j]) for j in range(D)]
+        return None, torch.stack([sum((t[j] * self._Qg[j][i]).sum(-1) for j in range(D)) for i in range(D)], 1)
 
     def logp(self, x: torch.Tensor, sigma=0.0) -> torch.Tensor:
         """Exact ``log p(x; sigma)``, shape [batch]."""
