@@ -58,6 +58,29 @@ def evaluator(denoiser, x: torch.Tensor, cond: dict | None) -> Callable[[torch.T
     return lambda x_, s: denoiser(x_, torch.full((batch,), s, dtype=dtype, device=device), **cond)
 
 
+def pair_evaluator(denoiser, x: torch.Tensor, cond: dict | None, enabled: bool = True):
+    """``evaluate_pair(x, s) -> (D_data, D_renoise)`` for samplers that take their direction/history terms
+    from a separate renoise prediction (CFG++: ``guidance.cfgpp`` hands ``(D_lam, D_u)`` through its
+    ``denoise_pair``). Any other denoiser (or ``enabled=False``) gives ``(D, D)``, the same tensor twice."""
+    fn = getattr(denoiser, "denoise_pair", None) if enabled else None
+    if fn is None:
+        evaluate = evaluator(denoiser, x, cond)
+
+        def pair(x_, s):
+            D = evaluate(x_, s)
+            return D, D
+        return pair
+    return evaluator(fn, x, cond)
+
+
+def renoised(x_next: torch.Tensor, D: torch.Tensor, D_r: torch.Tensor) -> torch.Tensor:
+    """A step taken with ``D_r`` in every term, corrected so its data term is ``D`` (CFG++); no-op if D_r is D.
+
+    For Euler/DDIM ``x + (s' - s)/s (x - D_r) + (D - D_r) = D + s'/s (x - D_r)`` (CFG++, methods.md §4).
+    """
+    return x_next if D_r is D else x_next + (D - D_r)
+
+
 def denoise(denoiser, x: torch.Tensor, sigma: torch.Tensor, cond: dict | None) -> torch.Tensor:
     """Call ``denoiser`` with a scalar step sigma broadcast to the per-sample [batch] shape."""
     return denoiser(x, sigma.expand(x.shape[0]), **(cond or {}))
@@ -149,13 +172,14 @@ def churn_loop(denoiser, x, sigmas, step: Step, *, name: str, cond, callback, pr
     sigmas = check_inputs(x, sigmas)
     noise = resolve_noise(noise, x, sigmas) if s_churn > 0 else None
     evaluate = evaluator(denoiser, x, cond)
+    evaluate_pair = pair_evaluator(denoiser, x, cond, enabled=step is euler_step)   # CFG++ renoise (Euler)
     sig = sigmas.tolist()
     n = len(sig) - 1
     for i in steps(sigmas, progress, name):
         x, sigma_hat = churn(x, sig[i], n, noise, sig[i + 1], s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise)
-        D = evaluate(x, sigma_hat)
+        D, D_r = evaluate_pair(x, sigma_hat)
         report(callback, x, i, sigmas, sigma_hat, D)
-        x = step(evaluate, x, D, sigma_hat, sig[i + 1])
+        x = renoised(step(evaluate, x, D_r, sigma_hat, sig[i + 1]), D, D_r)
     return x
 
 
@@ -170,13 +194,14 @@ def ancestral_loop(denoiser, x, sigmas, step: Step, *, name: str, cond, callback
     split = split or (lambda s, s_next: ancestral_step(s, s_next, eta))
     noise = resolve_noise(noise, x, sigmas)
     evaluate = evaluator(denoiser, x, cond)
+    evaluate_pair = pair_evaluator(denoiser, x, cond, enabled=step is euler_step)   # CFG++ renoise (Euler a, DDIM)
     sig = sigmas.tolist()
     for i in steps(sigmas, progress, name):
         sigma, sigma_next = sig[i], sig[i + 1]
-        D = evaluate(x, sigma)
+        D, D_r = evaluate_pair(x, sigma)
         report(callback, x, i, sigmas, sigma, D)
         sigma_down, sigma_up = split(sigma, sigma_next)
-        x = step(evaluate, x, D, sigma, sigma_down)
+        x = renoised(step(evaluate, x, D_r, sigma, sigma_down), D, D_r)
         if sigma_next > 0 and sigma_up > 0:
             x = x + noise(sigma, sigma_next) * (s_noise * sigma_up)
     return x

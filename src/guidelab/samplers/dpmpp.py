@@ -13,7 +13,8 @@ import math
 import torch
 
 from ..errors import check
-from ._common import Callback, ancestral_loop, check_inputs, dpmpp_2s_step, evaluator, report, resolve_noise, steps
+from ._common import (Callback, ancestral_loop, check_inputs, dpmpp_2s_step, pair_evaluator, renoised, report,
+                      resolve_noise, steps)
 
 
 def dpmpp_2s_ancestral(denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, cond: dict | None = None,
@@ -35,12 +36,13 @@ def _multistep(denoiser, x, sigmas, *, name, order, eta, s_noise, noise, solver_
     sigmas = check_inputs(x, sigmas)
     check(eta >= 0, f"eta must be >= 0, got {eta}")
     noise = resolve_noise(noise, x, sigmas) if eta > 0 else None
-    evaluate = evaluator(denoiser, x, cond)
+    # CFG++ (2M ODE only): data term from D = D_lam, the e^{-h} and history terms from D_r = D_u.
+    evaluate_pair = pair_evaluator(denoiser, x, cond, enabled=order == 2 and eta == 0)
     sig = sigmas.tolist()
     D_1 = D_2 = h_1 = h_2 = None                                 # history: previous D's and step sizes
     for i in steps(sigmas, progress, name):
         sigma, sigma_next = sig[i], sig[i + 1]
-        D = evaluate(x, sigma)
+        D, D_r = evaluate_pair(x, sigma)
         report(callback, x, i, sigmas, sigma, D)
         if sigma_next == 0:
             x = D                                                # first-order step to sigma = 0
@@ -48,7 +50,7 @@ def _multistep(denoiser, x, sigmas, *, name, order, eta, s_noise, noise, solver_
         h = math.log(sigma) - math.log(sigma_next)
         h_eta = h * (1 + eta)
         phi_1 = -math.expm1(-h_eta)                              # 1 - e^{-h_eta}
-        x = (sigma_next / sigma * math.exp(-eta * h)) * x + phi_1 * D
+        x = renoised((sigma_next / sigma * math.exp(-eta * h)) * x + phi_1 * D_r, D, D_r)
         if order >= 3 and h_2 is not None:                       # 3rd order: 2nd divided differences
             r0, r1 = h_1 / h, h_2 / h
             d1_0, d1_1 = (D - D_1) / r0, (D_1 - D_2) / r1
@@ -65,13 +67,16 @@ def _multistep(denoiser, x, sigmas, *, name, order, eta, s_noise, noise, solver_
                 x = x + ((-phi_1 / h_eta + 1) / r) * (D - D_1)
         if eta > 0:
             x = x + noise(sigma, sigma_next) * (sigma_next * math.sqrt(-math.expm1(-2 * eta * h)) * s_noise)
-        D_1, D_2, h_1, h_2 = D, D_1, h, h_1
+        D_1, D_2, h_1, h_2 = D_r, D_1, h, h_1
     return x
 
 
 def dpmpp_2m(denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, cond: dict | None = None,
-             callback: Callback | None = None, progress: bool = False) -> torch.Tensor:
-    """DPM-Solver++(2M): 2nd-order multistep (1 NFE per step), first order on the first and last steps."""
+             callback: Callback | None = None, progress: bool = False, noise=None) -> torch.Tensor:
+    """DPM-Solver++(2M): 2nd-order multistep (1 NFE per step), first order on the first and last steps.
+
+    Deterministic: ``noise`` is accepted (one signature for all samplers) and not used.
+    """
     return _multistep(denoiser, x, sigmas, name="dpmpp_2m", order=2, eta=0.0, s_noise=1.0, noise=None,
                       solver_type="midpoint", cond=cond, callback=callback, progress=progress)
 
