@@ -21,10 +21,10 @@ def lms_coefficients(nodes: list[float], a: float, b: float) -> list[float]:
 
 
 def lms(denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, cond: dict | None = None,
-        callback: Callback | None = None, progress: bool = False, order: int = 4) -> torch.Tensor:
+        callback: Callback | None = None, progress: bool = False, order: int = 4, noise=None) -> torch.Tensor:
     """Adams-Bashforth of ``order`` (1 NFE per step): ``x_next = x + sum_j c_j d_{i-j}`` where ``c_j``
     integrates the polynomial through the last derivatives ``d = (x - D) / sigma`` over [sigma, sigma_next].
-    Lower orders while the history fills up."""
+    Lower orders while the history fills up. Deterministic: ``noise`` is accepted and not used."""
     check(isinstance(order, int) and 1 <= order <= 8, f"order must be an integer in 1..8, got {order!r}")
     sigmas = check_inputs(x, sigmas)
     evaluate = evaluator(denoiser, x, cond)

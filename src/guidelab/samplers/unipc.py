@@ -51,11 +51,12 @@ def _step(x, sig: list[float], i: int, hist: list[torch.Tensor], p: int, variant
 
 def unipc(denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, cond: dict | None = None,
           callback: Callback | None = None, progress: bool = False, order: int = 2, variant: str = "bh2",
-          corrector: bool = True, lower_order_final: bool = True) -> torch.Tensor:
+          corrector: bool = True, lower_order_final: bool = True, noise=None) -> torch.Tensor:
     """UniPC-p (1 NFE per step). ``order`` 1..3; ``variant`` "bh1" or "bh2"; ``corrector=False`` gives UniP.
 
     Lower orders while the history fills up; with ``lower_order_final`` the order is at most the number
     of steps left (diffusers' default); the step to sigma = 0 is first order (returns D).
+    Deterministic: ``noise`` is accepted (one signature for all samplers) and not used.
     """
     check(order in (1, 2, 3), f"order must be 1, 2 or 3, got {order!r}")
     check(variant in ("bh1", "bh2"), f"variant must be 'bh1' or 'bh2', got {variant!r}")
