@@ -75,3 +75,11 @@ def test_one_signature(name):
     assert list(params)[:3] == ["denoiser", "x", "sigmas"]
     for key in ("cond", "callback", "progress", "noise"):
         assert params[key].kind is inspect.Parameter.KEYWORD_ONLY and params[key].default in (None, False)
+
+
+@pytest.mark.parametrize("name", samplers.names())
+def test_no_autograd_graph(name):
+    """Samplers run under no_grad: a network with trainable weights builds no graph across steps."""
+    w = torch.ones(2, dtype=torch.float64, requires_grad=True)
+    out = samplers.get(name)(lambda x, s: denoiser(x, s) * w, X + 1, GOOD, noise=SampleNoise(range(4)))
+    assert not out.requires_grad

@@ -4,6 +4,7 @@
 samplers take ``noise``: a ``guidelab.rng.SampleNoise`` (per-sample seeds: batch-size invariant), a
 :class:`BrownianNoise` or a noise sampler ``(sigma, sigma_next) -> tensor like x``; ``None`` uses
 torch's global generator. ``info(name)`` gives NFE per step, order, stochasticity and the reference.
+Samplers run under ``torch.no_grad()`` (guiders that need gradients enable them inside).
 """
 
 from __future__ import annotations

@@ -166,6 +166,7 @@ def dpmpp_2s_step(evaluate, x, D, sigma: float, sigma_next: float):
 # ---------------------------------------------------------------------------------------------
 # The two loops every one-step sampler is made of.
 
+@torch.no_grad()
 def churn_loop(denoiser, x, sigmas, step: Step, *, name: str, cond, callback, progress,
                s_churn: float, s_tmin: float, s_tmax: float, s_noise: float, noise):
     """EDM Algorithm 2 with any ``step``: churn to sigma_hat, then a deterministic step to sigma_next."""
@@ -183,6 +184,7 @@ def churn_loop(denoiser, x, sigmas, step: Step, *, name: str, cond, callback, pr
     return x
 
 
+@torch.no_grad()
 def ancestral_loop(denoiser, x, sigmas, step: Step, *, name: str, cond, callback, progress, s_noise: float, noise,
                    eta: float = 1.0, split: Callable[[float, float], tuple[float, float]] | None = None):
     """Ancestral sampling: a deterministic ``step`` to sigma_down, then fresh noise of std sigma_up.

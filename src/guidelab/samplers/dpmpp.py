@@ -25,6 +25,7 @@ def dpmpp_2s_ancestral(denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, cond:
                           progress=progress, eta=eta, s_noise=s_noise, noise=noise)
 
 
+@torch.no_grad()
 def _multistep(denoiser, x, sigmas, *, name, order, eta, s_noise, noise, solver_type, cond, callback, progress):
     """DPM-Solver++(kM) with SDE noise ``eta`` (k = order <= 3, lower order while the history fills up).
 

@@ -20,6 +20,7 @@ def lms_coefficients(nodes: list[float], a: float, b: float) -> list[float]:
     return out
 
 
+@torch.no_grad()
 def lms(denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, cond: dict | None = None,
         callback: Callback | None = None, progress: bool = False, order: int = 4, noise=None) -> torch.Tensor:
     """Adams-Bashforth of ``order`` (1 NFE per step): ``x_next = x + sum_j c_j d_{i-j}`` where ``c_j``

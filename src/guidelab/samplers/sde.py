@@ -11,6 +11,7 @@ from ..errors import GuidelabError, check
 from ._common import Callback, check_inputs, evaluator, report, resolve_noise, steps
 
 
+@torch.no_grad()
 def score_sde_pc(denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, cond: dict | None = None,
                  callback: Callback | None = None, progress: bool = False, snr: float = 0.16,
                  corrector_steps: int = 1, noise=None) -> torch.Tensor:

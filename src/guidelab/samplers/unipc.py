@@ -49,6 +49,7 @@ def _step(x, sig: list[float], i: int, hist: list[torch.Tensor], p: int, variant
     return x_next
 
 
+@torch.no_grad()
 def unipc(denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, cond: dict | None = None,
           callback: Callback | None = None, progress: bool = False, order: int = 2, variant: str = "bh2",
           corrector: bool = True, lower_order_final: bool = True, noise=None) -> torch.Tensor:
