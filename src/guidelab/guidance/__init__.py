@@ -12,11 +12,16 @@ from .autoguidance import autoguidance
 from .cfg import cfg
 from .cfg_zero_star import cfg_zero_star
 from .cfgpp import CFGpp, cfgpp
+from .classifier import ClassifierGuided, classifier
 from .epsilon_scaling import epsilon_scaling
+from .fkc import fkc_sample
 from .icg import icg
 from .interval import interval
 from .rescale import rescale
+from .superdiff import superdiff
+from .tfg import tfg_sample
 from .tsg import tsg
 
 __all__ = ["autoguidance", "cfg", "rescale", "cfg_zero_star", "icg", "tsg", "cfgpp", "interval", "apg",
-           "epsilon_scaling", "APGMomentum", "CFGpp", "Branch", "Guided", "PerCall", "evaluate", "DROP"]
+           "epsilon_scaling", "classifier", "tfg_sample", "fkc_sample", "superdiff", "ClassifierGuided",
+           "APGMomentum", "CFGpp", "Branch", "Guided", "PerCall", "evaluate", "DROP"]
