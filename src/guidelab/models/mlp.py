@@ -1,0 +1,174 @@
+"""Small MLP denoisers for low-dimensional data (the exact worlds of :mod:`guidelab.toy`).
+
+Two outputs share one magnitude-preserving trunk (EDM2, Karras et al. 2024a):
+
+* ``output="energy"`` -- the autoguidance paper's toy model (Karras et al. 2024b, methods.md §2.3):
+  the net is an unnormalised log-density ``log p(x; sigma) = gain * mean(y^2) / sigma - |x~|^2 / 2``,
+  ``x~ = x / sqrt(sd^2 + sigma^2)``, ``y`` the trunk's output; the score is its autograd gradient
+  and ``D = x + sigma^2 grad_x log p`` (Tweedie). ``gain = 0`` at init: a Gaussian of std
+  ``sqrt(sd^2 + sigma^2)``.
+* ``output="denoiser"`` -- a plain MLP ``F`` under EDM preconditioning (EDM Table 1):
+  ``D = c_skip x + c_out F(c_in x; c_noise)``, ``F = gain * Linear(SiLU(y))`` with ``gain = 0`` at
+  init (so ``D = c_skip x``, the best linear denoiser for data of std ``sd``).
+
+Trunk input features: ``[c_in x, c_noise = log(sigma) / 4, 1, one_hot(label)]``; ``c_noise`` is
+left out when ``noise_cond=False`` (a noise-unconditional network: the preconditioning still uses
+sigma, the network does not see it). Labels are integers in ``[0, num_classes]``; ``num_classes``
+is the null label (``label=None`` means null).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..denoisers import EDMPrecond, bcast
+from ..errors import as_sigma, check
+from .registry import register
+
+
+def mp_normalize(w: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    """Scale each row of ``w`` [out, in] to unit RMS: ``w_i / (eps + |w_i| / sqrt(in))`` (EDM2)."""
+    norm = torch.linalg.vector_norm(w, dim=1, keepdim=True, dtype=torch.promote_types(w.dtype, torch.float32))
+    return w / (eps + norm / math.sqrt(w.shape[1])).to(w.dtype)
+
+
+class MPLinear(nn.Module):
+    """Magnitude-preserving bias-free linear layer: unit-norm weight rows, so unit-variance in, unit out.
+
+    While training the stored weight is itself renormalised before use ("forced weight
+    normalisation", EDM2), which keeps the effective learning rate constant.
+    """
+
+    def __init__(self, fan_in: int, fan_out: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(fan_out, fan_in))
+
+    def effective_weight(self) -> torch.Tensor:
+        """The weight actually applied, ``normalize(W) / sqrt(fan_in)`` (unit-norm rows)."""
+        if self.training:
+            with torch.no_grad():
+                self.weight.copy_(mp_normalize(self.weight))
+        return mp_normalize(self.weight) / math.sqrt(self.weight.shape[1])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.effective_weight().t()
+
+
+def mp_silu(x: torch.Tensor) -> torch.Tensor:
+    """SiLU divided by 0.596, its RMS for unit-normal input, so magnitudes are kept (EDM2)."""
+    return nn.functional.silu(x) / 0.596
+
+
+@register("ToyMLP")
+class ToyMLP(nn.Module):
+    """MLP denoiser for points of dimension ``dim``; ``forward(x, sigma, label=None)`` is ``D(x; sigma)``.
+
+    ``depth`` hidden blocks (SiLU -> Linear(hidden, hidden)) follow the input layer, as in the paper's
+    ``num_layers``. ``x`` is [batch, dim], ``sigma`` [batch] (or a scalar), ``label`` [batch] ints.
+    """
+
+    OUTPUTS = ("energy", "denoiser")
+
+    def __init__(self, dim: int = 2, hidden: int = 64, depth: int = 4, sigma_data: float = 0.5,
+                 num_classes: int = 0, output: str = "energy", noise_cond: bool = True):
+        super().__init__()
+        check(output in self.OUTPUTS, f"unknown output {output!r}; allowed: {list(self.OUTPUTS)}")
+        for name, v, lo in (("dim", dim, 1), ("hidden", hidden, 1), ("depth", depth, 0), ("num_classes", num_classes, 0)):
+            check(isinstance(v, int) and not isinstance(v, bool) and v >= lo, f"{name} must be an integer >= {lo}, got {v!r}")
+        check(isinstance(sigma_data, (int, float)) and sigma_data > 0, f"sigma_data must be > 0, got {sigma_data!r}")
+        self.dim, self.hidden, self.depth, self.sigma_data = dim, hidden, depth, float(sigma_data)
+        self.num_classes, self.output, self.noise_cond = num_classes, output, bool(noise_cond)
+        self.null_label = num_classes if num_classes else None  # found by guidance.cfg
+        self.precond = EDMPrecond(self.sigma_data)
+        n_in = dim + self.noise_cond + 1 + (num_classes + 1 if num_classes else 0)
+        self.layers = nn.ModuleList([MPLinear(n_in, hidden)] + [MPLinear(hidden, hidden) for _ in range(depth)])
+        if output == "denoiser":
+            self.out = MPLinear(hidden, dim)
+        self.gain = nn.Parameter(torch.zeros([]))
+
+    def config(self) -> dict:
+        return dict(dim=self.dim, hidden=self.hidden, depth=self.depth, sigma_data=self.sigma_data,
+                    num_classes=self.num_classes, output=self.output, noise_cond=self.noise_cond)
+
+    # ------------------------------------------------------------------------------------------
+
+    def _label(self, label, x: torch.Tensor) -> list[torch.Tensor]:
+        """One-hot label features ([] for an unconditional model)."""
+        if not self.num_classes:
+            check(label is None, "this model is unconditional (num_classes=0) but was given a label")
+            return []
+        n = x.shape[0]
+        if label is None:
+            label = self.num_classes
+        label = torch.as_tensor(label, device=x.device)
+        if label.ndim == 0:
+            label = label.expand(n)
+        check(label.shape == (n,) and not label.is_floating_point() and not label.is_complex(),
+              f"label must be an integer tensor of shape [batch]=[{n}], got {label.dtype} {list(label.shape)}")
+        check(bool(((label >= 0) & (label <= self.num_classes)).all()),
+              f"labels must lie in [0, {self.num_classes}] ({self.num_classes} = null), got {label.tolist()[:8]}")
+        return [nn.functional.one_hot(label.long(), self.num_classes + 1).to(x.dtype)]
+
+    def _features(self, x_in: torch.Tensor, c_noise: torch.Tensor, label=None) -> torch.Tensor:
+        feats = [x_in] + ([c_noise[:, None]] if self.noise_cond else []) + [torch.ones_like(x_in[:, :1])]
+        return torch.cat(feats + self._label(label, x_in), dim=1)
+
+    def trunk(self, x_in: torch.Tensor, c_noise: torch.Tensor, label=None) -> torch.Tensor:
+        """Trunk features ``y`` [batch, hidden] from ``x_in = c_in x`` [batch, dim] and ``c_noise`` [batch]."""
+        y = self.layers[0](self._features(x_in, c_noise, label))
+        for layer in self.layers[1:]:
+            y = layer(mp_silu(y))
+        return y
+
+    def _F(self, x_in: torch.Tensor, c_noise: torch.Tensor, label=None) -> torch.Tensor:
+        return self.gain * self.out(mp_silu(self.trunk(x_in, c_noise, label)))
+
+    # ------------------------------------------------------------------------------------------
+
+    def logp(self, x: torch.Tensor, sigma, label=None) -> torch.Tensor:
+        """Unnormalised ``log p(x; sigma)`` [batch] (``output="energy"`` only)."""
+        check(self.output == "energy", "logp needs output='energy'")
+        sigma = as_sigma(sigma, x)
+        x_in = x / (self.sigma_data ** 2 + sigma ** 2).sqrt()[:, None]
+        y = self.trunk(x_in, sigma.log() / 4, label)
+        return self.gain * y.square().mean(1) / sigma - 0.5 * x_in.square().sum(1)
+
+    def score(self, x: torch.Tensor, sigma, label=None) -> torch.Tensor:
+        """``grad_x log p(x; sigma)`` [batch, dim].
+
+        Energy model: the gradient of :meth:`logp` written out as an explicit backward pass through
+        the trunk, so it needs no autograd (works under ``no_grad`` and ``inference_mode``), and
+        training differentiates it with a plain first-order backward instead of a double backward.
+        """
+        sigma = as_sigma(sigma, x)
+        if self.output == "denoiser":
+            return (self(x, sigma, label) - x) / bcast(sigma, x) ** 2
+        r = (self.sigma_data ** 2 + sigma ** 2).sqrt()[:, None]
+        x_in = x / r
+        w = [layer.effective_weight() for layer in self.layers]
+        w[1:] = [wl / 0.596 for wl in w[1:]]                       # MP-SiLU's 1/0.596 folded into weights
+        h = self._features(x_in, sigma.log() / 4, label) @ w[0].t()
+        dsilu = []
+        for wl in w[1:]:
+            s = torch.sigmoid(h)
+            a = h * s                                              # silu(h)
+            dsilu.append(torch.addcmul(s, a, 1 - s))               # silu'(h) = s + h s (1 - s)
+            h = a @ wl.t()
+        # y = h; d logp / dy = 2 gain y / (hidden sigma): propagate y back, scale at the end.
+        g = h
+        for wl, d in zip(reversed(w[1:]), reversed(dsilu)):
+            g = (g @ wl) * d
+        g = g @ w[0][:, :self.dim]                                 # d/dx_in of mean(y^2) * hidden / 2
+        return ((2 * self.gain / self.hidden) / sigma[:, None] * g - x_in) / r
+
+    def forward(self, x: torch.Tensor, sigma, label=None) -> torch.Tensor:
+        """``D(x; sigma, label)`` [batch, dim], the x0 estimate."""
+        check(isinstance(x, torch.Tensor) and x.ndim == 2 and x.shape[1] == self.dim,
+              f"x must be a tensor of shape [batch, {self.dim}], got {list(getattr(x, 'shape', []))}")
+        sigma = as_sigma(sigma, x)
+        if self.output == "energy":
+            return x + bcast(sigma, x) ** 2 * self.score(x, sigma, label)  # Tweedie: D = x + sigma^2 s
+        return self.precond.denoise(self._F, x, sigma, label=label)
