@@ -1,52 +1,15 @@
-"""Reference implementations for the sampler tests.
-
-k-diffusion's package imports torchvision and friends at import time; its ``sampling.py`` needs only
-torch, scipy, torchsde, tqdm, ``torchdiffeq.odeint`` (unused by the samplers we compare) and
-``utils.append_dims``. We load that one file under stub parent modules (installed with
-``pip install --no-deps k-diffusion``; see the Makefile).
-"""
-
-import importlib.util
-import pathlib
-import sys
-import types
+"""Fixtures for the sampler tests; k-diffusion's reference samplers come from ``_kdiffusion.py``."""
 
 import pytest
 import torch
+
+from _kdiffusion import load_sampling  # this folder is on sys.path (pytest rootdir conftest import)
 
 # The exact worlds evaluate many tiny matmuls: on a busy 2-core machine torch's intra-op threads
 # make each call ~50x slower (spinning threads), so these tests run single-threaded.
 torch.set_num_threads(1)
 
 
-def _load_kdiffusion_sampling():
-    spec = importlib.util.find_spec("k_diffusion")
-    assert spec is not None and spec.origin, "k-diffusion is not installed: pip install --no-deps k-diffusion"
-    path = pathlib.Path(spec.origin).parent / "sampling.py"
-    pkg = types.ModuleType("k_diffusion")
-    pkg.__path__ = []
-    utils = types.ModuleType("k_diffusion.utils")
-    utils.append_dims = lambda x, n: x[(...,) + (None,) * (n - x.ndim)]
-    pkg.utils = utils
-    stubs = {"k_diffusion": pkg, "k_diffusion.utils": utils}
-    if importlib.util.find_spec("torchdiffeq") is None:
-        stubs["torchdiffeq"] = types.ModuleType("torchdiffeq")
-        stubs["torchdiffeq"].odeint = None
-    saved = {k: sys.modules.get(k) for k in stubs}
-    sys.modules.update(stubs)
-    try:
-        mod_spec = importlib.util.spec_from_file_location("k_diffusion.sampling", path)
-        module = importlib.util.module_from_spec(mod_spec)
-        mod_spec.loader.exec_module(module)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                sys.modules.pop(k, None)
-            else:
-                sys.modules[k] = v
-    return module
-
-
 @pytest.fixture(scope="session")
 def ksampling():
-    return _load_kdiffusion_sampling()
+    return load_sampling()

@@ -17,10 +17,12 @@ def score_sde_pc(denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, cond: dict 
                  corrector_steps: int = 1, noise=None) -> torch.Tensor:
     """Per step: ``corrector_steps`` Langevin corrections at sigma, then one reverse-diffusion step.
 
-    Score ``s = (D - x) / sigma^2``. Corrector (their Alg. 4): ``eps = 2 (snr |z| / |s|)^2``,
-    ``x <- x + eps s + sqrt(2 eps) z`` (norms per sample, so batch-size invariant; Song et al. average
-    the norms over the batch). Predictor (their eq. 46, VE): ``x <- x + (sigma^2 - sigma_next^2) s +
-    sqrt(sigma^2 - sigma_next^2) z``, noise-free on the step to 0 (which returns D). 1 + corrector_steps NFE per step.
+    Score ``s = (D - x) / sigma^2``. Corrector (their Alg. 4): ``x <- x + eps s + sqrt(2 eps) z`` with
+    ``eps = 2 (snr sigma)^2``. Song et al. set ``eps = 2 (snr |z| / |s|)^2`` with the norms averaged over
+    the batch, which makes a sample depend on its batch; per-sample norms instead blow up samples near a
+    mode (tiny |s|) in low dimension. We use the typical values ``|z| = sqrt(d)``, ``|s| = sqrt(d) / sigma``.
+    Predictor (their eq. 46, VE): ``x <- x + (sigma^2 - sigma_next^2) s + sqrt(sigma^2 - sigma_next^2) z``,
+    noise-free on the step to 0 (which returns D). 1 + corrector_steps NFE per step.
     """
     check(isinstance(corrector_steps, int) and corrector_steps >= 0, f"corrector_steps must be an integer >= 0, got {corrector_steps!r}")
     check(snr >= 0, f"snr must be >= 0, got {snr}")
@@ -31,14 +33,12 @@ def score_sde_pc(denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, cond: dict 
     noise = resolve_noise(noise, x, sigmas)
     evaluate = evaluator(denoiser, x, cond)
     sig = sigmas.tolist()
-    norm = lambda t: t.flatten(1).norm(dim=1).reshape((-1,) + (1,) * (x.ndim - 1))  # noqa: E731  per-sample norm
     for i in steps(sigmas, progress, "score_sde_pc"):
         sigma, sigma_next = sig[i], sig[i + 1]
+        eps = 2 * (snr * sigma) ** 2                             # Langevin step size
         for _ in range(corrector_steps):
             score = (evaluate(x, sigma) - x) / sigma ** 2
-            z = noise(sigma, sigma_next)
-            eps = 2 * (snr * norm(z) / norm(score)) ** 2
-            x = x + eps * score + (2 * eps).sqrt() * z
+            x = x + eps * score + math.sqrt(2 * eps) * noise(sigma, sigma_next)
         D = evaluate(x, sigma)
         report(callback, x, i, sigmas, sigma, D)
         if sigma_next == 0:

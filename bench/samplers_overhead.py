@@ -1,0 +1,163 @@
+"""Sampler overhead: guidelab vs k-diffusion on the same denoiser, and vs NFE x the bare forward time.
+
+    python bench/samplers_overhead.py           # -> bench/out/samplers_overhead.{md,json}
+
+1. Against k-diffusion (its ``sampling.py``, loaded alone as in the tests): the ten samplers both
+   have, same denoiser, sigmas and noise, rounds alternating so both see the same machine load; the
+   ratio guidelab / k-diffusion is taken per round (median of rounds). Two cheap analytic denoisers
+   make the samplers' own cost visible: "tiny" ([64, 2], per-step Python overhead) and "image"
+   ([16, 3, 64, 64], tensor arithmetic). Goal: ratio <= 1.0.
+2. Against the network: an EDM-preconditioned MLP ([256, 2] input, width 512, 4 layers) whose
+   forward dominates; ratio = sampler wall time / (NFE x the time of one bare denoiser call).
+   Goal: <= 1.05.
+Single-threaded CPU, float32, 50 steps (20 for part 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import pathlib
+import statistics
+import time
+
+import torch
+
+from guidelab import samplers, schedules
+from guidelab.denoisers import EDMPrecond
+from guidelab.rng import SampleNoise
+
+SHARED = ["euler", "heun", "euler_ancestral", "dpm_2", "dpm_2_ancestral", "lms", "dpmpp_2s_ancestral", "dpmpp_2m",
+          "dpmpp_2m_sde", "dpmpp_3m_sde"]
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def load_kdiffusion():
+    spec = importlib.util.spec_from_file_location("_kdiffusion", ROOT / "tests" / "samplers" / "_kdiffusion.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.load_sampling()
+
+
+def gaussian(x, sigma):
+    """Exact denoiser of N(0.3, 0.5^2 I): a few element-wise ops."""
+    s2 = sigma.reshape((-1,) + (1,) * (x.ndim - 1)) ** 2
+    return (x * 0.25 + 0.3 * s2) / (0.25 + s2)
+
+
+def timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def vs_kdiffusion(K, shape, rounds: int, steps: int = 50) -> dict:
+    sigmas = schedules.karras(steps, 0.002, 80.0, dtype=torch.float32)
+    x = torch.randn(shape) * 80.0
+    out = {}
+    for name in SHARED:
+        ours = samplers.get(name)
+        ref = getattr(K, f"sample_{name}")
+        stochastic = samplers.info(name).stochastic
+        noise = lambda s, s_next: torch.randn_like(x)                       # noqa: E731  the same source for both
+        run_ours = lambda: ours(gaussian, x, sigmas, **({"noise": noise} if stochastic else {}))  # noqa: E731
+        run_ref = lambda: ref(gaussian, x, sigmas, disable=True, **({"noise_sampler": noise} if stochastic else {}))  # noqa: E731
+        run_ours(), run_ref()                                                 # warm-up
+        t_ours, t_ref = [], []
+        for _ in range(rounds):
+            t_ours.append(timed(run_ours))
+            t_ref.append(timed(run_ref))
+        ratios = [a / b for a, b in zip(t_ours, t_ref)]
+        out[name] = {"guidelab_ms": 1e3 * statistics.median(t_ours), "kdiffusion_ms": 1e3 * statistics.median(t_ref),
+                     "ratio": statistics.median(ratios)}
+        print(f"  {name:20s} guidelab {out[name]['guidelab_ms']:8.2f} ms  k-diffusion {out[name]['kdiffusion_ms']:8.2f} ms"
+              f"  ratio {out[name]['ratio']:.3f}", flush=True)
+    return out
+
+
+class MLP(torch.nn.Module):
+    def __init__(self, width=512, depth=4):
+        super().__init__()
+        layers, d = [], 3
+        for _ in range(depth):
+            layers += [torch.nn.Linear(d, width), torch.nn.SiLU()]
+            d = width
+        self.net = torch.nn.Sequential(*layers, torch.nn.Linear(d, 2))
+
+    def forward(self, x, c_noise):
+        return self.net(torch.cat([x, c_noise[:, None]], 1))
+
+
+def vs_forward(rounds: int, steps: int = 20) -> dict:
+    torch.manual_seed(0)
+    net = MLP().eval().requires_grad_(False)
+    pre = EDMPrecond(sigma_data=0.5)
+    D = lambda x, sigma: pre.denoise(net, x, sigma)                          # noqa: E731
+    x = torch.randn(256, 2) * 5.0
+    sigmas = schedules.karras(steps, 0.002, 5.0, dtype=torch.float32)
+    s = torch.full((256,), 1.0)
+    with torch.no_grad():
+        for _ in range(5):
+            D(x, s)
+    out = {}
+    for name in samplers.names():
+        count = [0]
+
+        def counted(x_, s_):
+            count[0] += 1
+            return D(x_, s_)
+        samplers.get(name)(counted, x, sigmas, noise=SampleNoise(range(256)))
+        nfe = count[0]
+
+        def bare():
+            with torch.no_grad():
+                for _ in range(nfe):
+                    D(x, s)
+        stochastic = samplers.info(name).stochastic or name == "ddim"
+        t_bare, t_glob, t_seed = [], [], []
+        for _ in range(rounds):
+            t_bare.append(timed(bare))
+            t_glob.append(timed(lambda: samplers.get(name)(D, x, sigmas)))
+            t_seed.append(timed(lambda: samplers.get(name)(D, x, sigmas, noise=SampleNoise(range(256)))) if stochastic else t_glob[-1])
+        r_glob = statistics.median(a / b for a, b in zip(t_glob, t_bare))
+        r_seed = statistics.median(a / b for a, b in zip(t_seed, t_bare))
+        out[name] = {"nfe": nfe, "forward_ms": 1e3 * statistics.median(t_bare) / nfe, "ratio": r_glob, "ratio_sample_noise": r_seed}
+        print(f"  {name:20s} NFE {nfe:3d}  forward {out[name]['forward_ms']:.2f} ms  ratio {r_glob:.3f}"
+              f"  (per-sample seeds {r_seed:.3f})", flush=True)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--out", default="bench/out")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    K = load_kdiffusion()
+    results = {}
+    for label, shape in [("tiny", (64, 2)), ("image", (16, 3, 64, 64))]:
+        print(f"vs k-diffusion, {label} {list(shape)}:")
+        results[f"kdiffusion_{label}"] = vs_kdiffusion(K, shape, args.rounds)
+    print("vs NFE x bare forward (MLP, [256, 2]):")
+    results["forward"] = vs_forward(args.rounds)
+
+    lines = ["| sampler | tiny: guidelab / k-diffusion (ms) | ratio | image: guidelab / k-diffusion (ms) | ratio |",
+             "|---|---:|---:|---:|---:|"]
+    for name in SHARED:
+        a, b = results["kdiffusion_tiny"][name], results["kdiffusion_image"][name]
+        lines.append(f"| {name} | {a['guidelab_ms']:.1f} / {a['kdiffusion_ms']:.1f} | {a['ratio']:.2f} | "
+                     f"{b['guidelab_ms']:.1f} / {b['kdiffusion_ms']:.1f} | {b['ratio']:.2f} |")
+    lines += ["", "| sampler | NFE | forward (ms) | time / (NFE x forward) | with per-sample seeds |", "|---|---:|---:|---:|---:|"]
+    for name, r in results["forward"].items():
+        lines.append(f"| {name} | {r['nfe']} | {r['forward_ms']:.2f} | {r['ratio']:.3f} | {r['ratio_sample_noise']:.3f} |")
+    table = "\n".join(lines)
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "samplers_overhead.json").write_text(json.dumps(results, indent=1))
+    (out / "samplers_overhead.md").write_text(table + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
