@@ -1,0 +1,112 @@
+"""Time one toy training iteration at batch 4096: guidelab vs the paper's reference code.
+
+An iteration is everything the paper's loop does per step: draw sigma, draw exact samples of
+p(x; sigma), evaluate the exact target score, network forward + double backward, Adam, EMA.
+
+    python bench/toy_train_speed.py                      # guidelab only
+    python bench/toy_train_speed.py --edm2 /tmp/edm2     # side by side with NVlabs/edm2 toy_example.py
+
+``--edm2`` is a local checkout of NVlabs/edm2 (not part of guidelab; nothing of it is copied here).
+Its ``do_train`` is imported and run on the CPU with plotting and pickling switched off; rounds of the
+two alternate so that both see the same machine load, and the ratio is taken per round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+import types
+
+import torch
+
+from guidelab.toy import tree
+from guidelab.training import ToyConfig, toy_trainer
+
+
+def load_reference(path: str):
+    """Import edm2's toy_example.py from ``path``, patched to run quietly on the CPU."""
+    sys.path.insert(0, path)
+    for name in ("requests",):  # imported by dnnlib.util but unused by the toy example
+        try:
+            __import__(name)
+        except ImportError:
+            sys.modules[name] = types.ModuleType(name)
+    import toy_example  # noqa: E402
+    toy_example.tqdm.tqdm = lambda it, **kwargs: it  # no progress bar inside the timed loop
+    return toy_example
+
+
+def time_ours(trainer, n: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(n):
+        trainer.train_step()
+    return (time.perf_counter() - t0) / n
+
+
+def time_reference(ref, n: int, batch: int, hidden: int) -> float:
+    cpu = torch.device("cpu")
+    t0 = time.perf_counter()
+    ref.do_train(classes="A", hidden_dim=hidden, batch_size=batch, total_iter=n, viz_iter=None,
+                 pkl_pattern=None, device=cpu)
+    return (time.perf_counter() - t0) / n
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--edm2", help="path of a NVlabs/edm2 checkout: time its toy_example.py side by side")
+    ap.add_argument("--batch", type=int, default=4096)
+    ap.add_argument("--hidden", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--iters", type=int, default=20, help="our iterations per round")
+    ap.add_argument("--ref-iters", type=int, default=2, help="reference iterations per round")
+    default_threads = torch.get_num_threads()
+    ap.add_argument("--threads", type=int, default=1, help="torch threads for guidelab (default 1, as train_toy)")
+    ap.add_argument("--ref-threads", type=int, default=default_threads,
+                    help=f"torch threads for the reference (default: torch's default, here {default_threads})")
+    args = ap.parse_args(argv)
+
+    print(f"torch {torch.__version__}, batch {args.batch}, hidden {args.hidden}, threads: guidelab {args.threads}"
+          + (f", reference {args.ref_threads}" if args.edm2 else ""))
+    torch.set_num_threads(args.threads)
+    trainer = toy_trainer(ToyConfig(batch=args.batch, hidden=args.hidden))
+    time_ours(trainer, 3)  # warm-up
+    world, g = tree("A"), torch.Generator().manual_seed(0)
+    sigma = (torch.randn(args.batch, generator=g) * 1.5 - 2.3).exp()
+    x = world.sample(args.batch, sigma, generator=g)
+
+    ref = None
+    if args.edm2:
+        ref = load_reference(args.edm2)
+        torch.set_num_threads(args.ref_threads)
+        ref.gt("A", torch.device("cpu"))
+        time_reference(ref, 1, args.batch, args.hidden)  # warm-up (builds the tree, first-call costs)
+
+    ours, refs, ratios, scores = [], [], [], []
+    for r in range(args.rounds):
+        torch.set_num_threads(args.threads)
+        t = time_ours(trainer, args.iters)
+        t0 = time.perf_counter()
+        world.score(x, sigma)
+        scores.append(time.perf_counter() - t0)
+        ours.append(t)
+        line = f"round {r + 1}: guidelab {t * 1e3:7.1f} ms/it"
+        if ref is not None:
+            torch.set_num_threads(args.ref_threads)
+            tr = time_reference(ref, args.ref_iters, args.batch, args.hidden)
+            refs.append(tr)
+            ratios.append(tr / t)
+            line += f"   reference {tr * 1e3:8.1f} ms/it   ratio {tr / t:6.1f}x"
+        print(line, flush=True)
+
+    med = statistics.median
+    print(f"guidelab: {med(ours) * 1e3:.1f} ms per iteration (median of {args.rounds} rounds of {args.iters}); "
+          f"exact score alone {med(scores) * 1e3:.1f} ms")
+    if ref is not None:
+        print(f"reference: {med(refs) * 1e3:.0f} ms per iteration (median of {args.rounds} rounds of {args.ref_iters})")
+        print(f"speed-up: {med(ratios):.1f}x (median per-round ratio; min {min(ratios):.1f}x, max {max(ratios):.1f}x)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""The toy recipe: the autoguidance paper's 2-D models trained on the exact fractal tree
+(Karras et al. 2024, ``toy_example.py``; methods.md §2.3).
+
+Every batch is drawn from the *exact* noisy distribution ``p(x; sigma)`` and the target is the exact
+score, so there is no data noise: exact-score matching. Default loss (``loss="score"``) is the
+paper's, ``sigma^2 mean_dims(s_net - s_true)^2``, computed in score space. This is the paper's
+recipe as published, and it avoids the float32 cancellation in ``D - D_true = sigma^2 (s - s_true)``
+at small sigma that a loss on D suffers. ``loss="edm"`` is :func:`guidelab.denoisers.edm_loss`
+against the exact denoiser: the same minimiser, weighted ``lambda = 1/c_out^2``, i.e. by an extra
+``1 + sigma^2 / sigma_data^2``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+
+from ..denoisers import edm_loss
+from ..errors import GuidelabError, check
+from ..toy import tree
+from .loop import LoopConfig, Trainer, train
+
+LOSSES = ("score", "edm")
+
+
+@dataclass(frozen=True)
+class ToyConfig:
+    """Everything that determines a toy model; defaults are the paper's main model."""
+
+    classes: str = "A"                # tree classes: "A", "B" or "AB" (AB = the unconditional data)
+    hidden: int = 64
+    depth: int = 4
+    output: str = "energy"            # ToyMLP output: "energy" (the paper's) or "denoiser"
+    sigma_data: float = 0.5
+    loss: str = "score"
+    P_mean: float = -2.3              # ln(sigma) ~ N(P_mean, P_std^2)
+    P_std: float = 1.5
+    batch: int = 4096
+    iters: int = 4096
+    lr: float = 0.01
+    lr_ref_steps: int = 512
+    betas: tuple[float, float] = (0.9, 0.99)
+    ema: tuple[float, ...] = (0.010,)
+    snapshot_every: int = 256
+    seed: int = 0
+
+    def __post_init__(self):
+        check(self.classes in ("A", "B", "AB"), f"unknown tree classes {self.classes!r}; allowed: 'A', 'B', 'AB'")
+        check(self.loss in LOSSES, f"unknown loss {self.loss!r}; allowed: {list(LOSSES)}")
+        check(self.P_std > 0, f"P_std must be > 0, got {self.P_std!r}")
+        self.loop()  # validates the optimisation settings
+
+    def model(self) -> dict:
+        return {"name": "ToyMLP", "dim": 2, "hidden": self.hidden, "depth": self.depth, "sigma_data": self.sigma_data,
+                "num_classes": 0, "output": self.output, "noise_cond": True}
+
+    def loop(self) -> LoopConfig:
+        return LoopConfig(iters=self.iters, batch=self.batch, lr=self.lr, lr_ref_steps=self.lr_ref_steps,
+                          betas=self.betas, ema=self.ema, snapshot_every=self.snapshot_every, seed=self.seed)
+
+    def name(self) -> str:
+        """Run folder name: readable fields plus a hash of the whole config."""
+        digest = hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:8]
+        return f"toy-{self.classes}-{self.output}-h{self.hidden}-i{self.iters}-{digest}"
+
+
+def toy_loss(cfg: ToyConfig):
+    """The loss function of the recipe: ``loss_fn(net, batch, generator) -> [batch]``."""
+    world = tree(cfg.classes)
+
+    def loss_fn(net, batch: int, gen: torch.Generator) -> torch.Tensor:
+        sigma = (torch.randn(batch, generator=gen) * cfg.P_std + cfg.P_mean).exp()
+        x = world.sample(batch, sigma, generator=gen)                  # exact samples of p(x; sigma)
+        if cfg.loss == "score":
+            return sigma ** 2 * (net.score(x, sigma) - world.score(x, sigma)).square().mean(1)
+        return edm_loss(net, x, sigma, world.denoise(x, sigma), net.precond)
+    return loss_fn
+
+
+def toy_trainer(cfg: ToyConfig) -> Trainer:
+    """A fresh :class:`Trainer` for ``cfg`` (benchmarks step it directly)."""
+    return Trainer(cfg.model(), toy_loss(cfg), cfg.loop())
+
+
+def train_toy(out_dir: str | Path = "runs/toy", classes: str = "A", hidden: int = 64, iters: int = 4096, *,
+              progress: bool = True, checkpoint_every: int = 256, threads: int | None = 1, **overrides) -> Path:
+    """Train a toy model (or resume it, or reuse a finished run) and return its final EMA snapshot.
+
+    The run lives in ``out_dir/<ToyConfig.name()>``; ``overrides`` are other :class:`ToyConfig`
+    fields. Load the result with :func:`guidelab.training.load_model`. ``threads=1`` by default: the
+    toy network's operations are too small to gain from more threads, and on a loaded machine
+    several threads make each step many times slower (docs/BENCHMARKS.md).
+    """
+    names = {f.name for f in fields(ToyConfig)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise GuidelabError(f"unknown toy config fields {unknown}; allowed: {sorted(names)}")
+    cfg = ToyConfig(classes=classes, hidden=hidden, iters=iters, **overrides)
+    return train(Path(out_dir) / cfg.name(), cfg.model(), toy_loss(cfg), cfg.loop(),
+                 meta={"recipe": "toy", **asdict(cfg)}, checkpoint_every=checkpoint_every,
+                 progress=progress, desc=f"toy {cfg.classes} h{cfg.hidden}", threads=threads)
