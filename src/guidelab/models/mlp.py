@@ -14,7 +14,8 @@ Two outputs share one magnitude-preserving trunk (EDM2, Karras et al. 2024a):
 Trunk input features: ``[c_in x, c_noise = log(sigma) / 4, 1, one_hot(label)]``; ``c_noise`` is
 left out when ``noise_cond=False`` (a noise-unconditional network: the preconditioning still uses
 sigma, the network does not see it). Labels are integers in ``[0, num_classes]``; ``num_classes``
-is the null label (``label=None`` means null).
+is the null label (``label=None`` means null). ``noise_embed_offset`` ([batch], optional) is added
+to ``c_noise`` only -- not to the preconditioning -- the hook of time-step guidance (``guidance.tsg``).
 """
 
 from __future__ import annotations
@@ -55,6 +56,11 @@ class MPLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x @ self.effective_weight().t()
+
+
+def _offset(c_noise: torch.Tensor, noise_embed_offset) -> torch.Tensor:
+    """``c_noise`` plus the TSG perturbation of the noise embedding (None: unchanged)."""
+    return c_noise if noise_embed_offset is None else c_noise + noise_embed_offset.reshape(c_noise.shape)
 
 
 def mp_silu(x: torch.Tensor) -> torch.Tensor:
@@ -123,20 +129,21 @@ class ToyMLP(nn.Module):
             y = layer(mp_silu(y))
         return y
 
-    def _F(self, x_in: torch.Tensor, c_noise: torch.Tensor, label=None) -> torch.Tensor:
+    def _F(self, x_in: torch.Tensor, c_noise: torch.Tensor, label=None, noise_embed_offset=None) -> torch.Tensor:
+        c_noise = _offset(c_noise, noise_embed_offset)
         return self.gain * self.out(mp_silu(self.trunk(x_in, c_noise, label)))
 
     # ------------------------------------------------------------------------------------------
 
-    def logp(self, x: torch.Tensor, sigma, label=None) -> torch.Tensor:
+    def logp(self, x: torch.Tensor, sigma, label=None, noise_embed_offset=None) -> torch.Tensor:
         """Unnormalised ``log p(x; sigma)`` [batch] (``output="energy"`` only)."""
         check(self.output == "energy", "logp needs output='energy'")
         sigma = as_sigma(sigma, x)
         x_in = x / (self.sigma_data ** 2 + sigma ** 2).sqrt()[:, None]
-        y = self.trunk(x_in, sigma.log() / 4, label)
+        y = self.trunk(x_in, _offset(sigma.log() / 4, noise_embed_offset), label)
         return self.gain * y.square().mean(1) / sigma - 0.5 * x_in.square().sum(1)
 
-    def score(self, x: torch.Tensor, sigma, label=None) -> torch.Tensor:
+    def score(self, x: torch.Tensor, sigma, label=None, noise_embed_offset=None) -> torch.Tensor:
         """``grad_x log p(x; sigma)`` [batch, dim].
 
         Energy model: the gradient of :meth:`logp` written out as an explicit backward pass through
@@ -145,12 +152,12 @@ class ToyMLP(nn.Module):
         """
         sigma = as_sigma(sigma, x)
         if self.output == "denoiser":
-            return (self(x, sigma, label) - x) / bcast(sigma, x) ** 2
+            return (self(x, sigma, label, noise_embed_offset) - x) / bcast(sigma, x) ** 2
         r = (self.sigma_data ** 2 + sigma ** 2).sqrt()[:, None]
         x_in = x / r
         w = [layer.effective_weight() for layer in self.layers]
         w[1:] = [wl / 0.596 for wl in w[1:]]                       # MP-SiLU's 1/0.596 folded into weights
-        h = self._features(x_in, sigma.log() / 4, label) @ w[0].t()
+        h = self._features(x_in, _offset(sigma.log() / 4, noise_embed_offset), label) @ w[0].t()
         dsilu = []
         for wl in w[1:]:
             s = torch.sigmoid(h)
@@ -164,11 +171,11 @@ class ToyMLP(nn.Module):
         g = g @ w[0][:, :self.dim]                                 # d/dx_in of mean(y^2) * hidden / 2
         return ((2 * self.gain / self.hidden) / sigma[:, None] * g - x_in) / r
 
-    def forward(self, x: torch.Tensor, sigma, label=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, sigma, label=None, noise_embed_offset=None) -> torch.Tensor:
         """``D(x; sigma, label)`` [batch, dim], the x0 estimate."""
         check(isinstance(x, torch.Tensor) and x.ndim == 2 and x.shape[1] == self.dim,
               f"x must be a tensor of shape [batch, {self.dim}], got {list(getattr(x, 'shape', []))}")
         sigma = as_sigma(sigma, x)
         if self.output == "energy":
-            return x + bcast(sigma, x) ** 2 * self.score(x, sigma, label)  # Tweedie: D = x + sigma^2 s
-        return self.precond.denoise(self._F, x, sigma, label=label)
+            return x + bcast(sigma, x) ** 2 * self.score(x, sigma, label, noise_embed_offset)  # Tweedie: D = x + sigma^2 s
+        return self.precond.denoise(self._F, x, sigma, label=label, noise_embed_offset=noise_embed_offset)

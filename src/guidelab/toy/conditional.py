@@ -2,15 +2,20 @@
 
 Labels: 0 = class A, 1 = class B, 2 = the null label = A and B together (``tree("AB")``), so the null
 branch is the *exact* unconditional denoiser, as a CFG-trained network approximates it.
+
+``leak > 0`` makes the conditional branches imperfect in a controlled, still exact way: label 0 is
+the mixture ``(1 - leak) A + leak B`` (and label 1 the mirror), as a network that has not fully
+learned the label would be. The null label stays ``AB``. Guidance then has something to fix.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ..errors import as_sigma, check
 from .mixture import GaussianMixture
-from .tree import tree
+from .tree import _components, tree
 
 
 class ConditionalTree:
@@ -20,9 +25,12 @@ class ConditionalTree:
     num_classes = 2    # real classes; label 2 is the null label
     null_label = 2
 
-    def __init__(self, *, dtype: torch.dtype = torch.float32):
-        self.dtype = dtype
+    def __init__(self, *, leak: float = 0.0, dtype: torch.dtype = torch.float32):
+        check(0 <= leak < 0.5, f"leak must be in [0, 0.5), got {leak!r}")
+        self.dtype, self.leak = dtype, leak
         self.worlds = [tree(c, dtype=dtype) for c in self.classes]
+        if leak > 0:
+            self.worlds[:2] = [_leaky(c, leak, dtype) for c in "AB"]
 
     def world(self, label: int) -> GaussianMixture:
         """The exact mixture of one label (2 = null = both classes)."""
@@ -60,6 +68,13 @@ class ConditionalTree:
         return self._apply("logp", x, sigma, label)
 
 
-def conditional_tree(*, dtype: torch.dtype = torch.float32) -> ConditionalTree:
-    """The label-conditional tree world (0 = A, 1 = B, null label 2 = AB)."""
-    return ConditionalTree(dtype=dtype)
+def _leaky(cls: str, leak: float, dtype: torch.dtype) -> GaussianMixture:
+    """``(1 - leak) p_cls + leak p_other`` as one exact mixture."""
+    classes, phi, mu, Sigma = _components()
+    phi = np.where(classes == cls, (1 - leak) * phi / phi[classes == cls].sum(), leak * phi / phi[classes != cls].sum())
+    return GaussianMixture(phi, mu, Sigma, dtype=dtype)
+
+
+def conditional_tree(*, leak: float = 0.0, dtype: torch.dtype = torch.float32) -> ConditionalTree:
+    """The label-conditional tree world (0 = A, 1 = B, null label 2 = AB); see the module for ``leak``."""
+    return ConditionalTree(leak=leak, dtype=dtype)
