@@ -109,3 +109,33 @@ def test_paper_defaults():
     cfg = ToyConfig()
     assert (cfg.classes, cfg.batch, cfg.iters, cfg.lr, cfg.lr_ref_steps, cfg.betas) == ("A", 4096, 4096, 0.01, 512, (0.9, 0.99))
     assert (cfg.P_mean, cfg.P_std, cfg.ema, cfg.hidden, cfg.depth) == (-2.3, 1.5, (0.01,), 64, 4)
+
+
+@pytest.mark.slow
+def test_sigkill_and_resume_is_bit_identical(tmp_path):
+    # A real kill -9 of a training process at an arbitrary moment, then resume in this process.
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    kw = dict(iters=400, **{**TINY, "snapshot_every": 50})
+    code = (f"from guidelab.training import train_toy; "
+            f"train_toy({str(tmp_path / 'killed')!r}, progress=False, checkpoint_every=7, **{kw!r})")
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        deadline = time.time() + 120
+        while not list((tmp_path / "killed").glob("*/state.safetensors")) and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    run = next((tmp_path / "killed").glob("*"))
+    assert load(run / "state.safetensors")[1]["step"] < 400, "the process finished before it was killed"
+    a = train_toy(tmp_path / "killed", progress=False, checkpoint_every=7, **kw)
+    b = train_toy(tmp_path / "full", progress=False, checkpoint_every=7, **kw)
+    ta, ca = load(a)
+    tb, cb = load(b)
+    assert ca == cb and all(torch.equal(ta[k], tb[k]) for k in ta)
+    assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]

@@ -199,6 +199,8 @@ def _train(run_dir, model_config, loss_fn, loop, meta, checkpoint_every, progres
     identity = {"model": model_config, "loop": asdict(loop), "meta": meta}
     final = snapshot_path(run_dir, loop.iters, loop.ema[0])
     state_path = run_dir / STATE_FILE
+    for tmp in run_dir.glob(".*.safetensors.*.tmp"):  # left by a process killed while writing
+        tmp.unlink(missing_ok=True)
     trainer = None
     if state_path.exists():
         tensors, info = checkpoint.load(state_path, device)
