@@ -116,3 +116,13 @@ def test_user_errors(tree_ab64):
         g(x, sigma, label=5)
     with pytest.raises(GuidelabError, match="weight"):
         classifier(tree_ab64, tree_classifier(), float("nan"))
+
+
+def test_works_under_inference_mode(tree_ab64):
+    clf = tree_classifier(dtype=torch.float64)
+    x = tree_ab64.sample(4, 1.0, generator=torch.Generator().manual_seed(6))
+    sigma = torch.ones(4, dtype=torch.float64)
+    ref = classifier(tree_ab64, clf, 2.0)(x, sigma, label=torch.tensor([0, 1, 0, 1]))
+    with torch.inference_mode():
+        out = classifier(tree_ab64, clf, 2.0)(x.clone(), sigma.clone(), label=torch.tensor([0, 1, 0, 1]))
+    assert torch.equal(out, ref)

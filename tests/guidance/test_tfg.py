@@ -94,3 +94,14 @@ def test_user_errors():
         tfg_sample(world, x, SIGMAS, log_p_a, n_recur=0)
     with pytest.raises(GuidelabError, match="shape"):
         tfg_sample(world, x, SIGMAS, lambda y: y, preset="dps")
+
+
+def test_works_under_inference_mode_and_no_grad():
+    world, x = toy.tree("AB"), _start(4, seed=3)
+    sigmas = schedules.karras(4, 0.01, 5, dtype=torch.float32)
+    ref = tfg_sample(world, x, sigmas, log_p_a, rho=0.02, mu=0.02, noise=SampleNoise(range(4)))
+    with torch.inference_mode():
+        out = tfg_sample(world, x.clone(), sigmas, log_p_a, rho=0.02, mu=0.02, noise=SampleNoise(range(4)))
+    with torch.no_grad():
+        out2 = tfg_sample(world, x, sigmas, log_p_a, rho=0.02, mu=0.02, noise=SampleNoise(range(4)))
+    assert torch.equal(out, ref) and torch.equal(out2, ref)

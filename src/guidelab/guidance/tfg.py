@@ -129,8 +129,9 @@ def tfg_sample(denoiser, x: torch.Tensor, sigmas: torch.Tensor, objective: Calla
         for r in range(p["n_recur"]):
             eps = [gamma_t * noise(sigma, sigma_next) for _ in range(p["eps_bsz"])] if gamma_t > 0 else [None]
             if rho_t != 0:
-                with torch.enable_grad():
-                    xg = x.detach().requires_grad_(True)
+                with torch.inference_mode(False), torch.enable_grad():   # also works under inference_mode
+                    xg = x.detach().clone().requires_grad_(True)
+                    eps = [None if e is None else e.clone() for e in eps]
                     D = D_of(xg, sigma)
                     (grad_x,) = torch.autograd.grad(_smoothed(objective, D, eps).sum(), xg)
                 D = D.detach()
@@ -140,8 +141,9 @@ def tfg_sample(denoiser, x: torch.Tensor, sigmas: torch.Tensor, objective: Calla
             y = D
             if mu_t != 0:
                 for _ in range(p["n_iter"]):                          # gradient ascent on x0 (TFG Alg. 1, line 8)
-                    with torch.enable_grad():
-                        yg = y.detach().requires_grad_(True)
+                    with torch.inference_mode(False), torch.enable_grad():
+                        yg = y.detach().clone().requires_grad_(True)
+                        eps = [None if e is None else e.clone() for e in eps]
                         (grad_y,) = torch.autograd.grad(_smoothed(objective, yg, eps).sum(), yg)
                     y = y + mu_t * grad_y
             if r == 0:
