@@ -1,7 +1,9 @@
 """Time one toy training iteration at batch 4096: guidelab vs the paper's reference code.
 
 An iteration is everything the paper's loop does per step: draw sigma, draw exact samples of
-p(x; sigma), evaluate the exact target score, network forward + double backward, Adam, EMA.
+p(x; sigma), evaluate the exact target score, the network's score (forward and backward through the
+trunk) and its gradient, Adam, EMA. Ours is timed through ``Trainer.train_step``, the step
+``train_toy`` runs.
 
     python bench/toy_train_speed.py                      # guidelab only
     python bench/toy_train_speed.py --edm2 /tmp/edm2     # side by side with NVlabs/edm2 toy_example.py
@@ -14,6 +16,7 @@ two alternate so that both see the same machine load, and the ratio is taken per
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -101,6 +104,7 @@ def main(argv=None):
         print(line, flush=True)
 
     med = statistics.median
+    print(f"load average over the last minute: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     print(f"guidelab: {med(ours) * 1e3:.1f} ms per iteration (median of {args.rounds} rounds of {args.iters}); "
           f"exact score alone {med(scores) * 1e3:.1f} ms")
     if ref is not None:
