@@ -68,6 +68,7 @@ def test_finished_run_is_reused(tmp_path):
     # The result is a denoiser with the recipe's config inside.
     m = load_model(p1)
     assert m.checkpoint_info["meta"]["recipe"] == "toy" and m.checkpoint_info["step"] == 6
+    assert ToyConfig.from_dict(m.checkpoint_info["meta"]) == ToyConfig(iters=6, **TINY)
     with torch.no_grad():
         assert m(torch.zeros(3, 2), torch.full((3,), 0.1)).shape == (3, 2)
 

@@ -54,6 +54,13 @@ class ToyConfig:
         check(self.P_std > 0, f"P_std must be > 0, got {self.P_std!r}")
         self.loop()  # validates the optimisation settings
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "ToyConfig":
+        """Inverse of ``asdict`` (e.g. ``checkpoint_info["meta"]`` of a toy checkpoint)."""
+        names = {f.name for f in fields(cls)}
+        d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names}
+        return cls(**d)
+
     def model(self) -> dict:
         return {"name": "ToyMLP", "dim": 2, "hidden": self.hidden, "depth": self.depth, "sigma_data": self.sigma_data,
                 "num_classes": 0, "output": self.output, "noise_cond": True}
