@@ -107,7 +107,7 @@ def churn(x: torch.Tensor, sigma: float, n_steps: int, noise: NoiseSampler | Non
     if gamma <= 0:
         return x, sigma
     sigma_hat = sigma * (gamma + 1)
-    return x + math.sqrt(sigma_hat ** 2 - sigma ** 2) * s_noise * noise(sigma, sigma_next), sigma_hat
+    return x.add(noise(sigma, sigma_next), alpha=math.sqrt(sigma_hat ** 2 - sigma ** 2) * s_noise), sigma_hat
 
 
 def ancestral_step(sigma: float, sigma_next: float, eta: float = 1.0) -> tuple[float, float]:
@@ -127,40 +127,44 @@ def ancestral_step(sigma: float, sigma_next: float, eta: float = 1.0) -> tuple[f
 # Single-step updates (deterministic; sigma -> sigma_next). d = (x - D) / sigma is dx/dsigma (EDM eq. 3).
 
 def euler_step(evaluate, x, D, sigma: float, sigma_next: float):
-    """Euler on the PF-ODE: ``x + (sigma_next - sigma) (x - D) / sigma`` (1 NFE, already spent)."""
-    return x + (sigma_next - sigma) / sigma * (x - D)
+    """Euler on the PF-ODE: ``x + (sigma_next - sigma) (x - D) / sigma = D + (sigma_next / sigma) (x - D)``
+    (one fused lerp; 1 NFE, already spent)."""
+    return torch.lerp(D, x, sigma_next / sigma)
 
 
 def heun_step(evaluate, x, D, sigma: float, sigma_next: float):
-    """Heun's method (EDM Alg. 2 lines 8-11); Euler when sigma_next = 0."""
-    d = (x - D) / sigma
-    x_next = x + (sigma_next - sigma) * d
+    """Heun's method (EDM Alg. 2 lines 8-11); Euler when sigma_next = 0.
+
+    ``x + (sigma_next - sigma) (d + d') / 2`` with ``d = (x - D) / sigma``, ``d' = (x' - D') / sigma_next``.
+    """
+    x_next = torch.lerp(D, x, sigma_next / sigma)
     if sigma_next == 0:
         return x_next
-    d_next = (x_next - evaluate(x_next, sigma_next)) / sigma_next
-    return x + (sigma_next - sigma) * (0.5 * d + 0.5 * d_next)
+    dt = 0.5 * (sigma_next - sigma)
+    d_next = x_next - evaluate(x_next, sigma_next)
+    return x.add(x - D, alpha=dt / sigma).add_(d_next, alpha=dt / sigma_next)
 
 
 def dpm2_step(evaluate, x, D, sigma: float, sigma_next: float):
     """Midpoint method with the midpoint at the geometric mean of the sigmas (DPM-Solver-2, Lu et al. 2022,
     in the form of k-diffusion's ``sample_dpm_2``); Euler when sigma_next = 0."""
-    d = (x - D) / sigma
     if sigma_next == 0:
-        return x + (sigma_next - sigma) * d
+        return torch.lerp(D, x, 0.0)
     s_mid = math.exp(0.5 * (math.log(sigma) + math.log(sigma_next)))
-    x_mid = x + (s_mid - sigma) * d
-    d_mid = (x_mid - evaluate(x_mid, s_mid)) / s_mid
-    return x + (sigma_next - sigma) * d_mid
+    x_mid = torch.lerp(D, x, s_mid / sigma)                      # Euler to s_mid
+    return x.add(x_mid - evaluate(x_mid, s_mid), alpha=(sigma_next - sigma) / s_mid)
 
 
 def dpmpp_2s_step(evaluate, x, D, sigma: float, sigma_next: float):
-    """DPM-Solver++(2S) (Lu et al. 2022b, Alg. 1 with r = 1/2) in lambda = -log sigma; D when sigma_next = 0."""
+    """DPM-Solver++(2S) (Lu et al. 2022b, Alg. 1 with r = 1/2) in lambda = -log sigma; D when sigma_next = 0.
+
+    First-order exponential-integrator steps are lerps: ``(s'/s) x - expm1(-h) D = D + (s'/s)(x - D)``.
+    """
     if sigma_next == 0:
         return D
-    h = math.log(sigma) - math.log(sigma_next)
-    s_mid = math.sqrt(sigma * sigma_next)                       # lambda_s = lambda + h / 2
-    x_mid = (s_mid / sigma) * x - math.expm1(-0.5 * h) * D
-    return (sigma_next / sigma) * x - math.expm1(-h) * evaluate(x_mid, s_mid)
+    s_mid = math.sqrt(sigma * sigma_next)                       # lambda_mid = lambda + h / 2
+    x_mid = torch.lerp(D, x, s_mid / sigma)
+    return torch.lerp(evaluate(x_mid, s_mid), x, sigma_next / sigma)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,5 +209,5 @@ def ancestral_loop(denoiser, x, sigmas, step: Step, *, name: str, cond, callback
         sigma_down, sigma_up = split(sigma, sigma_next)
         x = renoised(step(evaluate, x, D_r, sigma, sigma_down), D, D_r)
         if sigma_next > 0 and sigma_up > 0:
-            x = x + noise(sigma, sigma_next) * (s_noise * sigma_up)
+            x = x + noise(sigma, sigma_next) * (s_noise * sigma_up)   # (guidance.fkc relies on this exact form)
     return x

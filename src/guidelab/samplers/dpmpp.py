@@ -40,7 +40,7 @@ def _multistep(denoiser, x, sigmas, *, name, order, eta, s_noise, noise, solver_
     # CFG++ (2M ODE only): data term from D = D_lam, the e^{-h} and history terms from D_r = D_u.
     evaluate_pair = pair_evaluator(denoiser, x, cond, enabled=order == 2 and eta == 0)
     sig = sigmas.tolist()
-    D_1 = D_2 = h_1 = h_2 = None                                 # history: previous D's and step sizes
+    D_1 = h_1 = h_2 = delta_1 = None                             # history: previous D, D_1 - D_2, step sizes
     for i in steps(sigmas, progress, name):
         sigma, sigma_next = sig[i], sig[i + 1]
         D, D_r = evaluate_pair(x, sigma)
@@ -50,25 +50,21 @@ def _multistep(denoiser, x, sigmas, *, name, order, eta, s_noise, noise, solver_
             break
         h = math.log(sigma) - math.log(sigma_next)
         h_eta = h * (1 + eta)
-        phi_1 = -math.expm1(-h_eta)                              # 1 - e^{-h_eta}
-        x = renoised((sigma_next / sigma * math.exp(-eta * h)) * x + phi_1 * D_r, D, D_r)
-        if order >= 3 and h_2 is not None:                       # 3rd order: 2nd divided differences
-            r0, r1 = h_1 / h, h_2 / h
-            d1_0, d1_1 = (D - D_1) / r0, (D_1 - D_2) / r1
-            d1 = d1_0 + (d1_0 - d1_1) * (r0 / (r0 + r1))
-            d2 = (d1_0 - d1_1) / (r0 + r1)
-            phi_2 = -phi_1 / h_eta + 1
-            phi_3 = phi_2 / h_eta - 0.5
-            x = x + phi_2 * d1 - phi_3 * d2
-        elif h_1 is not None:                                    # 2nd order from one previous D
+        phi_1 = -math.expm1(-h_eta)                              # 1 - e^{-h_eta}; (sigma_next/sigma) e^{-eta h} = 1 - phi_1
+        x = renoised(torch.lerp(D_r, x, 1 - phi_1), D, D_r)     # first order: (1 - phi_1) x + phi_1 D
+        delta = None if D_1 is None else D - D_1
+        phi_2 = -phi_1 / h_eta + 1
+        if order >= 3 and h_2 is not None:                       # 3rd order from 2nd divided differences:
+            r0, r1 = h_1 / h, h_2 / h                            # phi_2 d1 - phi_3 d2 with d1_0 = delta / r0,
+            phi_3 = phi_2 / h_eta - 0.5                          # d1_1 = delta_1 / r1, d2 = (d1_0 - d1_1)/(r0 + r1),
+            c2 = phi_2 * r0 / (r0 + r1) - phi_3 / (r0 + r1)      # d1 = d1_0 + r0 d2
+            x.add_(delta, alpha=(phi_2 + c2) / r0).add_(delta_1, alpha=-c2 / r1)
+        elif delta is not None:                                  # 2nd order from one previous D
             r = h_1 / h
-            if solver_type == "midpoint":
-                x = x + (0.5 * phi_1 / r) * (D - D_1)
-            else:                                                # "heun": phi_2 weighting
-                x = x + ((-phi_1 / h_eta + 1) / r) * (D - D_1)
+            x.add_(delta, alpha=(0.5 * phi_1 if solver_type == "midpoint" else phi_2) / r)
         if eta > 0:
-            x = x + noise(sigma, sigma_next) * (sigma_next * math.sqrt(-math.expm1(-2 * eta * h)) * s_noise)
-        D_1, D_2, h_1, h_2 = D_r, D_1, h, h_1
+            x.add_(noise(sigma, sigma_next), alpha=sigma_next * math.sqrt(-math.expm1(-2 * eta * h)) * s_noise)
+        D_1, delta_1, h_1, h_2 = D_r, delta, h, h_1
     return x
 
 

@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
-import numpy as np
 import torch
-from numpy.polynomial import polynomial as P
 
 from ..errors import check
 from ._common import Callback, check_inputs, evaluator, report, steps
 
 
 def lms_coefficients(nodes: list[float], a: float, b: float) -> list[float]:
-    """``c_j = int_a^b l_j(tau) dtau`` for the Lagrange basis ``l_j`` on ``nodes`` (exact polynomial integral)."""
+    """``c_j = int_a^b l_j(tau) dtau`` for the Lagrange basis ``l_j`` on ``nodes`` (exact polynomial integral,
+    plain Python: a handful of nodes)."""
     out = []
     for j, t_j in enumerate(nodes):
-        others = [t for k, t in enumerate(nodes) if k != j]
-        poly = P.polyint(P.polyfromroots(others) / np.prod([t_j - t for t in others]))
-        out.append(float(P.polyval(b, poly) - P.polyval(a, poly)))
+        poly, denom = [1.0], 1.0                                 # coefficients of prod_{k != j} (tau - t_k), low first
+        for k, t_k in enumerate(nodes):
+            if k != j:
+                poly = [0.0] + poly
+                for m in range(len(poly) - 1):
+                    poly[m] -= t_k * poly[m + 1]
+                denom *= t_j - t_k
+        F = lambda t: sum(c * t ** (m + 1) / (m + 1) for m, c in enumerate(poly))  # noqa: E731  antiderivative
+        out.append((F(b) - F(a)) / denom)
     return out
 
 
@@ -30,11 +35,15 @@ def lms(denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, cond: dict | None = 
     sigmas = check_inputs(x, sigmas)
     evaluate = evaluator(denoiser, x, cond)
     sig = sigmas.tolist()
-    ds: list[torch.Tensor] = []
+    # c_ij / sigma_{i-j}: the update is x + sum_j c_ij (x_{i-j} - D_{i-j}) / sigma_{i-j} (d = (x - D) / sigma)
+    coeffs = [[c / sig[i - j] for j, c in enumerate(lms_coefficients(sig[max(i - order + 1, 0):i + 1][::-1], sig[i], sig[i + 1]))]
+              for i in range(len(sig) - 1)]
+    es: list[torch.Tensor] = []
     for i in steps(sigmas, progress, "lms"):
         D = evaluate(x, sig[i])
         report(callback, x, i, sigmas, sig[i], D)
-        ds = ([(x - D) / sig[i]] + ds)[:order]                   # newest first: d_i, d_{i-1}, ...
-        coeffs = lms_coefficients(sig[i - len(ds) + 1:i + 1][::-1], sig[i], sig[i + 1])
-        x = x + sum(c * d for c, d in zip(coeffs, ds))
+        es = ([x - D] + es)[:order]                              # newest first: e_i, e_{i-1}, ...
+        x = x.add(es[0], alpha=coeffs[i][0])
+        for c, e in zip(coeffs[i][1:], es[1:]):
+            x.add_(e, alpha=c)
     return x

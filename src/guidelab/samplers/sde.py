@@ -37,13 +37,13 @@ def score_sde_pc(denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, cond: dict 
         sigma, sigma_next = sig[i], sig[i + 1]
         eps = 2 * (snr * sigma) ** 2                             # Langevin step size
         for _ in range(corrector_steps):
-            score = (evaluate(x, sigma) - x) / sigma ** 2
-            x = x + eps * score + math.sqrt(2 * eps) * noise(sigma, sigma_next)
+            x = torch.lerp(x, evaluate(x, sigma), eps / sigma ** 2)     # x + eps s, s = (D - x) / sigma^2
+            x.add_(noise(sigma, sigma_next), alpha=math.sqrt(2 * eps))
         D = evaluate(x, sigma)
         report(callback, x, i, sigmas, sigma, D)
         if sigma_next == 0:
             x = D                                               # x + sigma^2 s
             break
         g2 = sigma ** 2 - sigma_next ** 2
-        x = x + (g2 / sigma ** 2) * (D - x) + math.sqrt(g2) * noise(sigma, sigma_next)
+        x = torch.lerp(x, D, g2 / sigma ** 2).add_(noise(sigma, sigma_next), alpha=math.sqrt(g2))
     return x

@@ -29,7 +29,6 @@ def _step(x, sig: list[float], i: int, hist: list[torch.Tensor], p: int, variant
     B = hh if variant == "bh1" else hphi_1
     rks = [(math.log(sigma) - math.log(sig[i - k])) / h for k in range(1, p)] + [1.0]
     D0 = hist[0]
-    D1s = [(hist[k] - D0) / rks[k - 1] for k in range(1, p)]
     # b_k = k! h phi_{k+1}(hh) / B(h), with h phi_{k+1} = h phi_k / hh - 1 / k!  (their eq. 6 and Alg. 2)
     b, hphi_k, fact = [], hphi_1 / hh - 1, 1
     for k in range(1, p + 1):
@@ -39,13 +38,14 @@ def _step(x, sig: list[float], i: int, hist: list[torch.Tensor], p: int, variant
     R = np.array([[r ** (k - 1) for r in rks] for k in range(1, p + 1)])
     if D_next is None:                                          # predictor: p - 1 weights
         rho = [] if p == 1 else [0.5] if p == 2 else np.linalg.solve(R[:-1, :-1], b[:-1]).tolist()
-        terms = D1s
     else:                                                       # corrector: p weights, the last on D_next - D0
         rho = [0.5] if p == 1 else np.linalg.solve(R, b).tolist()
-        terms = D1s + [D_next - D0]
-    x_next = (sigma_next / sigma) * x - hphi_1 * D0
-    for r, t in zip(rho, terms):
-        x_next = x_next - (B * r) * t
+    # x_next = (sigma_next/sigma) x - hphi_1 D0 - B sum_k rho_k D1_k, with D1_k = (D_{-k} - D0) / r_k for the
+    # history and D1 = D_next - D0 (r = 1) for the corrector's last term; hphi_1 = sigma_next/sigma - 1.
+    x_next = torch.lerp(D0, x, sigma_next / sigma)
+    terms = hist[1:p] + ([D_next] if D_next is not None else [])
+    for r, r_k, D_k in zip(rho, rks, terms):
+        x_next.add_(D_k - D0, alpha=-B * r / r_k)
     return x_next
 
 
