@@ -7,6 +7,8 @@ from guidelab.guidance.classifier import classifier
 from guidelab.models import registry
 from guidelab.models.classifier import ToyClassifier, train_tree_classifier, tree_classifier
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 @pytest.fixture(scope="module")
 def trained():
@@ -126,3 +128,13 @@ def test_works_under_inference_mode(tree_ab64):
     with torch.inference_mode():
         out = classifier(tree_ab64, clf, 2.0)(x.clone(), sigma.clone(), label=torch.tensor([0, 1, 0, 1]))
     assert torch.equal(out, ref)
+
+
+def test_composes_with_interval(tree_ab64):
+    from guidelab.guidance import interval
+
+    g = interval(classifier(tree_ab64, tree_classifier(dtype=torch.float64), 2.0), 0.1, 1.0)
+    x = tree_ab64.sample(4, 0.5, generator=torch.Generator().manual_seed(7))
+    inside, outside = torch.full((4,), 0.5, dtype=torch.float64), torch.full((4,), 2.0, dtype=torch.float64)
+    torch.testing.assert_close(g(x, inside, label=0), toy.tree("A", dtype=torch.float64)(x, inside), rtol=0, atol=1e-9)
+    assert torch.equal(g(x, outside, label=0), tree_ab64(x, outside))

@@ -48,6 +48,7 @@ class ClassifierGuided:
     def __init__(self, denoiser, clf, w, key: str, pass_label: bool):
         check_weight(w)
         self.denoiser, self.clf, self.w, self.key, self.pass_label = denoiser, clf, w, key, pass_label
+        self.name = "classifier"
 
     def _cond(self, cond: dict) -> dict:
         check(self.key in cond, f"classifier guidance needs the target class as cond[{self.key!r}]")
