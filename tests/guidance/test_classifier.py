@@ -138,3 +138,12 @@ def test_composes_with_interval(tree_ab64):
     inside, outside = torch.full((4,), 0.5, dtype=torch.float64), torch.full((4,), 2.0, dtype=torch.float64)
     torch.testing.assert_close(g(x, inside, label=0), toy.tree("A", dtype=torch.float64)(x, inside), rtol=0, atol=1e-9)
     assert torch.equal(g(x, outside, label=0), tree_ab64(x, outside))
+
+
+def test_trained_classifier_checkpoint_round_trip(trained, tmp_path):
+    from guidelab.training.checkpoint import load_model, save_model
+
+    loaded = load_model(save_model(tmp_path / "clf.safetensors", trained))
+    x = toy.tree("AB").sample(16, 0.3, generator=torch.Generator().manual_seed(8))
+    assert isinstance(loaded, ToyClassifier)
+    assert torch.equal(loaded(x, 0.3), trained(x, 0.3))
