@@ -54,7 +54,9 @@ def tfg_panels(n: int):
     def log_p_a(y):
         return exact(y, torch.full((y.shape[0],), 0.1)).log_softmax(1)[:, 0]
 
-    run = lambda preset, **kw: tfg_sample(AB, x, SIGMAS, log_p_a, preset=preset, noise=SampleNoise(range(n)), **kw)  # noqa: E731
+    def run(preset, **kw):
+        return tfg_sample(AB, x, SIGMAS, log_p_a, preset=preset, noise=SampleNoise(range(n)), **kw)
+
     return [("unguided (DDPM steps)", "AB", samplers.euler_ancestral(AB, x, SIGMAS, noise=SampleNoise(range(n)))),
             ("TFG-DPS, rho = 0.02", "A", run("dps", rho=0.02)),
             ("TFG-MPGD, mu = 0.02", "A", run("mpgd", mu=0.02)),

@@ -73,7 +73,8 @@ def test_cost_two_branches_of_one_network_in_one_batched_call_and_batch_invarian
 def test_and_keeps_the_two_log_densities_equal_also_in_the_guided_form():
     n, sigmas = 64, schedules.karras(32, 0.002, 10)
     x = _start(n, seed=4)
-    for kw in ({}, {"uncond": GaussianMixture([1.0], [[0.0, 0.0]], [[[1.0, 0.0], [0.0, 1.0]]], dtype=torch.float64), "w": 2.0}):
+    wide = GaussianMixture([1.0], [[0.0, 0.0]], [[[1.0, 0.0], [0.0, 1.0]]], dtype=torch.float64)
+    for kw in ({}, {"uncond": wide, "w": 2.0}):
         _, logq = superdiff(P1, P2, x, sigmas, mode="and", noise=SampleNoise(range(n)), return_logq=True, **kw)
         assert float(logq.abs().max()) > 1.0                          # the densities do change ...
         torch.testing.assert_close(logq[0], logq[1], rtol=0, atol=1e-6)   # ... by the same amount

@@ -34,10 +34,12 @@ def class_log_prob_grad(clf: Callable, x: torch.Tensor, sigma: torch.Tensor, y) 
         if y.ndim == 0:
             y = y.expand(x.shape[0])
         check(y.shape == (x.shape[0],) and not y.is_floating_point(),
-              f"the class label must be an int or an integer tensor of shape [batch]=[{x.shape[0]}], got {y.dtype} {list(y.shape)}")
+              f"the class label must be an int or an integer tensor of shape [batch]=[{x.shape[0]}], "
+              f"got {y.dtype} {list(y.shape)}")
         xg = x.detach().clone().requires_grad_(True)
         logp = clf(xg, sigma.clone()).log_softmax(1)
-        check(bool(((y >= 0) & (y < logp.shape[1])).all()), f"class labels must lie in [0, {logp.shape[1]}), got {y.tolist()[:8]}")
+        check(bool(((y >= 0) & (y < logp.shape[1])).all()),
+              f"class labels must lie in [0, {logp.shape[1]}), got {y.tolist()[:8]}")
         (g,) = torch.autograd.grad(logp.gather(1, y.long()[:, None]).sum(), xg)
     return g.detach()
 

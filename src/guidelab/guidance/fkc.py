@@ -78,7 +78,8 @@ def _reweight(x, D, c, log_w, d_a, K, clamp, ess_threshold, uniform, i, final):
 
 def fkc_sample(denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, beta: float | None = None, cond: dict | None = None,
                callback: Callback | None = None, progress: bool = False, noise=None, particles: int | None = None,
-               ess_threshold: float = 1.0, clamp: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+               ess_threshold: float = 1.0, clamp: float | None = None,
+               generator: torch.Generator | None = None) -> torch.Tensor:
     """Sample ``p_c^w p_u^(1-w)`` (``denoiser`` a linear guider) or ``p^beta`` (a plain denoiser and ``beta``).
 
     * ``denoiser = cfg(...)`` / ``autoguidance(...)`` / ``icg(...)`` with a scalar weight ``w``: the
@@ -106,7 +107,8 @@ def fkc_sample(denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, beta: float |
     sigmas = check_inputs(x, sigmas)
     B = x.shape[0]
     K = B if particles is None else particles
-    check(isinstance(K, int) and K >= 1 and B % K == 0, f"particles must be an integer dividing the batch {B}, got {particles!r}")
+    check(isinstance(K, int) and K >= 1 and B % K == 0,
+          f"particles must be an integer dividing the batch {B}, got {particles!r}")
     draw = resolve_noise(noise, x, sigmas)
     seeds = noise.seeds if isinstance(noise, SampleNoise) else None
     cond = cond or {}
@@ -115,7 +117,8 @@ def fkc_sample(denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, beta: float |
 
     def uniform(group: int, i: int) -> float:
         if seeds is not None:     # from the group's own seeds only (see the module docstring)
-            g = torch.Generator().manual_seed(hash((tuple(seeds[group * K:(group + 1) * K]), i, 0x464B43)) & 0x7FFF_FFFF_FFFF_FFFF)
+            key = hash((tuple(seeds[group * K:(group + 1) * K]), i, 0x464B43)) & 0x7FFF_FFFF_FFFF_FFFF
+            g = torch.Generator().manual_seed(key)
             return float(torch.rand((), generator=g, dtype=torch.float64))
         return float(torch.rand((), generator=generator, dtype=torch.float64))
 
@@ -130,11 +133,12 @@ def fkc_sample(denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, beta: float |
             D_main, D_ref = denoiser(x, s_vec, **cond), x    # flat reference: s_ref = 0
             D = x.lerp(D_main, w)                            # score beta s
         report(callback, x, i, sigmas, sigma, D)
-        # FKC weight rate c = w (w - 1) sigma |s_main - s_ref|^2 per unit |d sigma|, s_main - s_ref = (D_main - D_ref) / sigma^2;
-        # integrated over each step by the trapezoid rule (the end value is the next step's start value).
+        # FKC weight rate per unit |d sigma|: c = w (w - 1) sigma |s_main - s_ref|^2 with
+        # s_main - s_ref = (D_main - D_ref) / sigma^2; trapezoid rule over each step (end value = next start value).
         c = w * (w - 1) / sigma ** 3 * (D_main - D_ref).double().flatten(1).square().sum(1)
         if c_prev is not None and w != 1:
-            x, D, c = _reweight(x, D, c, log_w, 0.5 * (c_prev + c) * (sig[i - 1] - sigma), K, clamp, ess_threshold, uniform, i, False)
+            d_a = 0.5 * (c_prev + c) * (sig[i - 1] - sigma)
+            x, D, c = _reweight(x, D, c, log_w, d_a, K, clamp, ess_threshold, uniform, i, False)
         sigma_down, sigma_up = ancestral_step(sigma, sigma_next, 1.0)
         x = euler_step(None, x, D, sigma, sigma_down)
         if sigma_next > 0 and sigma_up > 0:

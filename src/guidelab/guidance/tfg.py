@@ -106,9 +106,11 @@ def tfg_sample(denoiser, x: torch.Tensor, sigmas: torch.Tensor, objective: Calla
         check(isinstance(p[k], (int, float)) and math.isfinite(p[k]), f"{k} must be a finite number, got {p[k]!r}")
     check(p["gamma"] >= 0, f"gamma must be >= 0, got {p['gamma']}")
     for k, lo in (("n_recur", 1), ("n_iter", 0), ("eps_bsz", 1)):
-        check(isinstance(p[k], int) and not isinstance(p[k], bool) and p[k] >= lo, f"{k} must be an integer >= {lo}, got {p[k]!r}")
+        check(isinstance(p[k], int) and not isinstance(p[k], bool) and p[k] >= lo,
+              f"{k} must be an integer >= {lo}, got {p[k]!r}")
     check(eta >= 0, f"eta must be >= 0, got {eta}")
-    check(gamma_schedule in ("decrease", "constant"), f"unknown gamma_schedule {gamma_schedule!r}; allowed: 'decrease', 'constant'")
+    check(gamma_schedule in ("decrease", "constant"),
+          f"unknown gamma_schedule {gamma_schedule!r}; allowed: 'decrease', 'constant'")
     check(callable(objective), "objective must be a callable objective(x0) -> log f(x0) of shape [batch]")
 
     sigmas = check_inputs(x, sigmas)

@@ -68,9 +68,11 @@ class ToyClassifier(nn.Module):
     def __init__(self, dim: int = 2, num_classes: int = 2, hidden: int = 64, depth: int = 3, sigma_data: float = 0.5):
         super().__init__()
         for name, v, lo in (("dim", dim, 1), ("num_classes", num_classes, 2), ("hidden", hidden, 1), ("depth", depth, 0)):
-            check(isinstance(v, int) and not isinstance(v, bool) and v >= lo, f"{name} must be an integer >= {lo}, got {v!r}")
+            check(isinstance(v, int) and not isinstance(v, bool) and v >= lo,
+                  f"{name} must be an integer >= {lo}, got {v!r}")
         check(isinstance(sigma_data, (int, float)) and sigma_data > 0, f"sigma_data must be > 0, got {sigma_data!r}")
-        self.dim, self.num_classes, self.hidden, self.depth, self.sigma_data = dim, num_classes, hidden, depth, float(sigma_data)
+        self.dim, self.num_classes, self.hidden, self.depth = dim, num_classes, hidden, depth
+        self.sigma_data = float(sigma_data)
         self.layers = nn.ModuleList([MPLinear(dim + 2, hidden)] + [MPLinear(hidden, hidden) for _ in range(depth)])
         self.head = nn.Linear(hidden, num_classes)
         nn.init.zeros_(self.head.weight)
