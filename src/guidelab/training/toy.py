@@ -7,7 +7,8 @@ paper's, ``sigma^2 mean_dims(s_net - s_true)^2``, computed in score space. This 
 recipe as published, and it avoids the float32 cancellation in ``D - D_true = sigma^2 (s - s_true)``
 at small sigma that a loss on D suffers. ``loss="edm"`` is :func:`guidelab.denoisers.edm_loss`
 against the exact denoiser: the same minimiser, weighted ``lambda = 1/c_out^2``, i.e. by an extra
-``1 + sigma^2 / sigma_data^2``.
+``1 + sigma^2 / sigma_data^2``; it is the natural choice for ``output="denoiser"``, whose score
+``(D - x) / sigma^2`` has that cancellation itself.
 """
 
 from __future__ import annotations
