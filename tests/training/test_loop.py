@@ -71,6 +71,10 @@ def test_finished_run_is_reused(tmp_path):
     assert ToyConfig.from_dict(m.checkpoint_info["meta"]) == ToyConfig(iters=6, **TINY)
     with torch.no_grad():
         assert m(torch.zeros(3, 2), torch.full((3,), 0.1)).shape == (3, 2)
+    # A training state loads as its (non-averaged) network.
+    net = load_model(p1.parent / "state.safetensors")
+    state = load(p1.parent / "state.safetensors")[0]
+    assert all(torch.equal(v, state[f"net/{k}"]) for k, v in net.state_dict().items())
 
 
 def test_final_snapshot_rewritten_if_removed(tmp_path):
