@@ -107,3 +107,14 @@ def test_works_under_inference_mode_and_no_grad():
     with torch.no_grad():
         out2 = tfg_sample(world, x, sigmas, log_p_a, rho=0.02, mu=0.02, noise=SampleNoise(range(4)))
     assert torch.equal(out, ref) and torch.equal(out2, ref)
+
+
+def test_step_size_schedules_follow_the_official_code():
+    from guidelab.guidance.tfg import _step_weights
+
+    sig = SIGMAS.double().tolist()
+    alpha = torch.tensor([(1 + b * b) / (1 + a * a) for a, b in zip(sig[:-1], sig[1:])], dtype=torch.float64)
+    for kind, s in (("increase", alpha), ("decrease", 1 - alpha), ("constant", torch.ones_like(alpha))):
+        got = torch.tensor(_step_weights(sig, kind), dtype=torch.float64)
+        torch.testing.assert_close(got, s * len(s) / s.sum())           # rho_t = rho s_t N / sum(s): mean rho
+    assert PRESETS["dps"]["rho_schedule"] == "constant" and "rho_schedule" not in PRESETS["tfg"]

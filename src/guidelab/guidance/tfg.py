@@ -21,9 +21,10 @@ EDM form [derived from the official VP code ``methods/tfg.py::guide_step``]: wit
 sqrt(abar_{t-1}) Delta_0`` becomes ``x' = DDIM_EDM(x, D) + rho_t (1 + sigma^2) grad_x log f~ + Delta_0``;
 the VP renoise ``z = sqrt(alpha_t) z' + sqrt(1 - alpha_t) n`` becomes ``x = x' + sqrt(sigma^2 - sigma_next^2) n``;
 DDIM(eta) is the ancestral split of :func:`guidelab.samplers._common.ancestral_step` (eta = 1: DDPM).
-Schedules as the official code: ``rho_t = rho s_t N / sum(s)`` with ``s_t = alpha_t`` ("increase"),
-``1 - alpha_t`` ("decrease") or 1 ("constant"), the same for mu; ``gamma_t = gamma sqrt(1 - abar_t)``
-("decrease") or ``gamma`` ("constant").
+Schedules as the official code: ``rho_t = rho s_t N / sum(s)`` with ``s_t = alpha_t`` ("increase",
+TFG's and FreeDoM's default), ``1 - alpha_t`` ("decrease") or 1 ("constant": the DPS, LGD, MPGD and UGD
+codes' fixed ``guidance_strength``), the same for mu; ``gamma_t = gamma sqrt(1 - abar_t)`` ("decrease")
+or ``gamma`` ("constant").
 
 Presets (TFG paper, Sec. 3: the earlier methods are points of this design space):
 
@@ -53,13 +54,14 @@ import torch
 from ..errors import GuidelabError, check
 from ..samplers._common import Callback, ancestral_step, check_inputs, euler_step, report, resolve_noise, steps
 
+_C = dict(rho_schedule="constant", mu_schedule="constant")     # the original methods' constant step sizes
 PRESETS: dict[str, dict] = {
     "tfg": dict(rho=1.0, mu=1.0, gamma=0.01, n_recur=1, n_iter=1, eps_bsz=4),
-    "dps": dict(rho=1.0, mu=0.0, gamma=0.0, n_recur=1, n_iter=0, eps_bsz=1),
-    "lgd": dict(rho=1.0, mu=0.0, gamma=1.0, n_recur=1, n_iter=0, eps_bsz=4),
+    "dps": dict(rho=1.0, mu=0.0, gamma=0.0, n_recur=1, n_iter=0, eps_bsz=1, **_C),
+    "lgd": dict(rho=1.0, mu=0.0, gamma=1.0, n_recur=1, n_iter=0, eps_bsz=4, **_C),
     "freedom": dict(rho=1.0, mu=0.0, gamma=0.0, n_recur=2, n_iter=0, eps_bsz=1),
-    "mpgd": dict(rho=0.0, mu=1.0, gamma=0.0, n_recur=1, n_iter=1, eps_bsz=1),
-    "ugd": dict(rho=1.0, mu=1.0, gamma=0.0, n_recur=2, n_iter=2, eps_bsz=1),
+    "mpgd": dict(rho=0.0, mu=1.0, gamma=0.0, n_recur=1, n_iter=1, eps_bsz=1, **_C),
+    "ugd": dict(rho=1.0, mu=1.0, gamma=0.0, n_recur=2, n_iter=2, eps_bsz=1, **_C),
 }
 _SCHEDULES = ("increase", "decrease", "constant")
 
@@ -85,21 +87,22 @@ def _smoothed(objective: Callable, y: torch.Tensor, eps: list[torch.Tensor | Non
 def tfg_sample(denoiser, x: torch.Tensor, sigmas: torch.Tensor, objective: Callable[[torch.Tensor], torch.Tensor], *,
                preset: str = "tfg", rho: float | None = None, mu: float | None = None, gamma: float | None = None,
                n_recur: int | None = None, n_iter: int | None = None, eps_bsz: int | None = None,
-               rho_schedule: str = "increase", mu_schedule: str = "increase", gamma_schedule: str = "decrease",
+               rho_schedule: str | None = None, mu_schedule: str | None = None, gamma_schedule: str = "decrease",
                eta: float = 1.0, cond: dict | None = None, callback: Callback | None = None, progress: bool = False,
                noise=None) -> torch.Tensor:
     """Sample with TFG guidance toward ``objective(x0) -> log f(x0)`` [batch] (differentiable).
 
     ``preset`` picks the method (see the module table); any of ``rho, mu, gamma, n_recur, n_iter,
-    eps_bsz`` overrides it. ``x`` starts at ``sigmas[0]``; ``cond`` goes to the denoiser; ``noise``
+    eps_bsz, rho_schedule, mu_schedule`` overrides it. ``x`` starts at ``sigmas[0]``; ``cond`` goes to the denoiser; ``noise``
     (``SampleNoise`` for per-sample seeds) feeds the DDIM noise, the smoothing draws and the
     renoising. ``objective`` is called once per smoothing draw on a [batch] tensor, so it may hold
     per-sample targets. With ``rho = mu = 0`` this is exactly :func:`guidelab.samplers.euler_ancestral`.
     """
     if preset not in PRESETS:
         raise GuidelabError(f"unknown TFG preset {preset!r}; allowed: {sorted(PRESETS)}")
-    p = dict(PRESETS[preset])
-    for k, v in dict(rho=rho, mu=mu, gamma=gamma, n_recur=n_recur, n_iter=n_iter, eps_bsz=eps_bsz).items():
+    p = {"rho_schedule": "increase", "mu_schedule": "increase", **PRESETS[preset]}
+    for k, v in dict(rho=rho, mu=mu, gamma=gamma, n_recur=n_recur, n_iter=n_iter, eps_bsz=eps_bsz,
+                     rho_schedule=rho_schedule, mu_schedule=mu_schedule).items():
         if v is not None:
             p[k] = v
     for k in ("rho", "mu", "gamma"):
@@ -117,7 +120,7 @@ def tfg_sample(denoiser, x: torch.Tensor, sigmas: torch.Tensor, objective: Calla
     noise = resolve_noise(noise, x, sigmas)
     cond = cond or {}
     sig = sigmas.tolist()
-    rho_w, mu_w = _step_weights(sig, rho_schedule), _step_weights(sig, mu_schedule)
+    rho_w, mu_w = _step_weights(sig, p["rho_schedule"]), _step_weights(sig, p["mu_schedule"])
     batch = x.shape[0]
 
     def D_of(x_, s):
