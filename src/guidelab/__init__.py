@@ -7,6 +7,6 @@ The contract (see DEVELOPERS.md):
   * schedules return sigmas that end in 0.
 """
 
-from . import denoisers, guidance, rng, samplers, schedules, toy  # noqa: F401
+from . import denoisers, guidance, metrics, models, rng, samplers, schedules, toy, training  # noqa: F401
 
 __version__ = "0.1.0"
