@@ -56,7 +56,13 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=2048, help="samples per run")
     ap.add_argument("--out", default="bench/out", help="folder for the table, JSON and plot")
     ap.add_argument("--plot", default=None, help="also write the plot here (e.g. docs/img/samplers_quality.png)")
+    ap.add_argument("--replot", action="store_true", help="only redraw the plot from the saved JSON")
     args = ap.parse_args()
+    if args.replot:
+        saved = json.loads((pathlib.Path(args.out) / "samplers_quality.json").read_text())
+        plot(saved["rows"], saved["floor"], saved["n"],
+             [pathlib.Path(args.out) / "samplers_quality.png"] + ([pathlib.Path(args.plot)] if args.plot else []))
+        return
     torch.set_num_threads(1)                     # the exact world is many tiny matmuls: threads only spin
     world = toy.tree("A", dtype=torch.float64)
     exact = [world.sample(args.n, 0.0, torch.Generator().manual_seed(s)) for s in (1, 2, 3)]
@@ -85,24 +91,30 @@ def main() -> None:
     (out / "samplers_quality.md").write_text(table + "\n")
     print(table)
 
+    plot(rows, floor, args.n, [out / "samplers_quality.png"] + ([pathlib.Path(args.plot)] if args.plot else []))
+    print(f"wrote {out}/samplers_quality.{{md,json,png}}" + (f" and {args.plot}" if args.plot else ""))
+
+
+def plot(rows: dict, floor: float, n: int, paths: list) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
     fig, ax = plt.subplots(figsize=(7.5, 5))
-    styles = ["-", "--", ":", "-."]
+    styles, colors = ["-", "--", ":", "-."], plt.cm.tab20.colors
     for k, (name, r) in enumerate(sorted(rows.items())):
-        ax.plot(BUDGETS, [r[b]["sw"] for b in BUDGETS], styles[k % 4], marker="o", ms=3,
-                label=name + (" (stoch.)" if samplers.info(name).stochastic else ""))
+        budgets = sorted(int(b) for b in r)
+        ax.plot(budgets, [r[b if b in r else str(b)]["sw"] for b in budgets], styles[k % 4], color=colors[k % 20],
+                marker="o", ms=3, label=name + (" (stoch.)" if samplers.info(name).stochastic else ""))
     ax.axhline(floor, color="k", lw=0.8, label="exact vs exact")
     ax.set(xscale="log", yscale="log", xlabel="NFE", ylabel="sliced W2 to exact samples",
-           title=f"Tree world (class A), Karras schedule, {args.n} samples")
+           title=f"Tree world (class A), Karras schedule, {n} samples")
     ax.set_xticks(BUDGETS, [str(b) for b in BUDGETS])
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    for path in [out / "samplers_quality.png"] + ([pathlib.Path(args.plot)] if args.plot else []):
+    for path in paths:
         fig.savefig(path, dpi=110)
-    print(f"wrote {out}/samplers_quality.{{md,json,png}}" + (f" and {args.plot}" if args.plot else ""))
-
 
 if __name__ == "__main__":
     main()
