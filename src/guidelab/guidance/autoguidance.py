@@ -2,6 +2,14 @@
 
 ``D = D_0 + w (D_1 - D_0)``, ``D_1`` the main model, ``D_0`` a smaller and/or less-trained guide
 with the *same* conditioning. Same convention as the paper and EDM2 (``w = 1``: no guidance).
+
+The guide can be any weaker denoiser: a smaller network trained shorter (EDM2 presets), or an
+earlier snapshot / a shorter post-hoc EMA of the *same* training run, e.g. with ToyMLP::
+
+    main, guide = load(run / "final.safetensors"), load(run / "snapshot-000512.safetensors")
+    D = autoguidance(main, guide, 2.0)          # tests/guidance/test_trained_guides.py
+
+Cost: one evaluation of each network per call (two different networks cannot share a batch).
 """
 
 from __future__ import annotations
