@@ -218,6 +218,8 @@ def test_tsg_offset_reaches_only_the_reference_branch():
         return x / (1 + sigma[:, None] ** 2)
     G.tsg(blackbox, 2.0, s=0.5, hook=False)(x, sigma)
     assert len(calls) == 1 and torch.equal(calls[0][:8], sigma) and not torch.equal(calls[0][8:], sigma)
+    with pytest.raises(GuidelabError, match="dim"):
+        G.tsg(blackbox, 2.0, hook=False, dim=4)
 
 
 def test_epsilon_scaling_formula_and_intended_effect():

@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from ..denoisers import bcast
+from ..errors import check
 from ._base import Branch, Guided, PerCall, draw_normal
 
 KEY = "noise_embed_offset"
@@ -37,6 +38,7 @@ def tsg(denoiser, w, *, s: float = 0.5, alpha: float = 1.0, dim: int | None = No
     ``dim``: size of the offset if the network perturbs an embedding vector (default: a [batch] scalar
     added to c_noise). ``seeds``: per-sample seeds for batch-size invariant noise (see icg).
     """
+    check(hook or dim is None, "tsg's black-box fallback (hook=False) perturbs sigma, a scalar: dim must be None")
     seeds = None if seeds is None else [int(v) for v in (seeds.tolist() if isinstance(seeds, torch.Tensor) else seeds)]
     shape = () if dim is None else (dim,)
 
