@@ -12,7 +12,7 @@
    rounds, and median of per-round ratios); also the sampler's own cost measured directly (the same run
    with a free denoiser D = x), as ``1 + own / (NFE x forward)``.
    Goal: <= 1.05.
-Single-threaded CPU, float32, 50 steps (20 for part 2).
+Single-threaded CPU, float32, 50 steps (20 for part 2), glibc keeping freed memory (as training does).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import torch
 from guidelab import samplers, schedules
 from guidelab.denoisers import EDMPrecond
 from guidelab.rng import SampleNoise
+from guidelab.training.loop import keep_freed_memory
 
 SHARED = ["euler", "heun", "euler_ancestral", "dpm_2", "dpm_2_ancestral", "lms", "dpmpp_2s_ancestral", "dpmpp_2m",
           "dpmpp_2m_sde", "dpmpp_3m_sde"]
@@ -146,6 +147,9 @@ def main() -> None:
     ap.add_argument("--out", default="bench/out")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    # glibc otherwise returns every freed block over 128 KiB to the OS, and each large temporary is
+    # page-faulted in again: timings then swing ~2x with whatever ran before (both samplers alike).
+    keep_freed_memory()
     K = load_kdiffusion()
     results = {}
     for label, shape in [("tiny", (64, 2)), ("image", (16, 3, 64, 64))]:
