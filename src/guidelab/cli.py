@@ -44,6 +44,48 @@ def list_samplers() -> None:
         click.echo(name)
 
 
+def _sample_options(f):
+    """Options shared by ``sample`` and ``sweep``: what to sample and how (see guidelab.jobs.SampleConfig)."""
+    opts = [
+        click.option("--world", default=None, help="Exact tree to sample: A, B or AB (default A when no --model)."),
+        click.option("--model", type=click.Path(dir_okay=False), default=None, help="Model checkpoint (.safetensors)."),
+        click.option("--guide", type=click.Path(dir_okay=False), default=None,
+                     help="Guide checkpoint: the weaker model (autoguidance) or the unconditional one (cfg)."),
+        click.option("--label", type=int, default=None, help="Class label passed to the model."),
+        click.option("--sampler", default="heun", help="Sampler name (guidelab samplers)."),
+        click.option("--steps", type=click.IntRange(min=2), default=32, help="Karras schedule steps."),
+        click.option("--sigma-min", type=float, default=0.002),
+        click.option("--sigma-max", type=float, default=5.0),
+        click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32"),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def _config(world, model, **kw):
+    from .jobs import SampleConfig
+    return SampleConfig(world=world if (world or model) else "A", model=model, **kw)
+
+
+@main.command("sample")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Output folder of shards.")
+@click.option("--samples", "n", type=click.IntRange(min=1), default=4096, help="Number of samples (seeds seed-start ...).")
+@click.option("--seed-start", type=int, default=0, help="First seed.")
+@click.option("--shard-size", type=click.IntRange(min=1), default=1024, help="Samples per shard (one batch).")
+@click.option("--guider", type=click.Choice(["none", "cfg", "autoguidance"]), default="none")
+@click.option("--weight", "w", type=float, default=1.0, help="Guidance weight (1 = no guidance).")
+@_sample_options
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def sample_cmd(out, n, seed_start, shard_size, guider, w, world, model, quiet, **kw) -> None:
+    """Sample into OUT/shard-*.npz with per-sample seeds; resumable; splits shards over torchrun ranks."""
+    from . import jobs
+    cfg = _config(world, model, guider=guider, w=w, **kw)
+    paths = jobs.sample(out, cfg, n=n, seed_start=seed_start, shard_size=shard_size, progress=not quiet)
+    if int(__import__("os").environ.get("RANK", "0")) == 0:
+        click.echo(f"wrote {len(paths)} shards ({n} samples) to {out}")
+
+
 def run() -> None:
     """Entry point: user mistakes become one line on stderr and exit code 2."""
     try:

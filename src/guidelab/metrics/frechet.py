@@ -23,27 +23,29 @@ def _as_f64(a, name: str) -> torch.Tensor:
     return a
 
 
-def _sqrt_psd(S: torch.Tensor) -> torch.Tensor:
+def _sqrt_psd(S: np.ndarray) -> np.ndarray:
     """Symmetric square root of a symmetric PSD matrix (negative round-off eigenvalues clipped to 0)."""
-    L, Q = torch.linalg.eigh(S)
-    return (Q * L.clamp_min(0).sqrt()) @ Q.T
+    L, Q = np.linalg.eigh(S)
+    return (Q * np.sqrt(np.clip(L, 0, None))) @ Q.T
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     """Squared Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2); numpy or torch inputs.
 
-    mu: [D], sigma: [D, D] symmetric PSD. Computed in float64 on the CPU.
+    mu: [D], sigma: [D, D] symmetric PSD. Computed in float64 on the CPU (numpy's LAPACK ``syevd``,
+    several times faster than torch's CPU ``eigh`` with vectors).
     """
     mu1, mu2 = _as_f64(mu1, "mu1"), _as_f64(mu2, "mu2")
     S1, S2 = _as_f64(sigma1, "sigma1"), _as_f64(sigma2, "sigma2")
     D = mu1.shape[0] if mu1.ndim == 1 else -1
     check(mu1.ndim == 1 and mu2.shape == mu1.shape, f"mu1 and mu2 must both have shape [D], got {list(mu1.shape)} and {list(mu2.shape)}")
     check(S1.shape == (D, D) and S2.shape == (D, D), f"sigma1 and sigma2 must have shape [{D}, {D}], got {list(S1.shape)} and {list(S2.shape)}")
+    mu1, mu2, S1, S2 = (t.numpy() for t in (mu1, mu2, S1, S2))
     S1, S2 = (S1 + S1.T) / 2, (S2 + S2.T) / 2
     r1 = _sqrt_psd(S1)
-    M = r1 @ S2 @ r1
-    tr_covmean = torch.linalg.eigvalsh((M + M.T) / 2).clamp_min(0).sqrt().sum()
-    return ((mu1 - mu2).square().sum() + S1.trace() + S2.trace() - 2 * tr_covmean).item()
+    M = r1 @ S2 @ r1                                 # same eigenvalues as S1 S2, but symmetric
+    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((M + M.T) / 2), 0, None)).sum()
+    return float(np.square(mu1 - mu2).sum() + np.trace(S1) + np.trace(S2) - 2 * tr_covmean)
 
 
 class FeatureStats:
