@@ -86,6 +86,46 @@ def sample_cmd(out, n, seed_start, shard_size, guider, w, world, model, quiet, *
         click.echo(f"wrote {len(paths)} shards ({n} samples) to {out}")
 
 
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise GuidelabError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+@main.command("sweep")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Output folder.")
+@click.option("--methods", default="none,cfg", help="Comma-separated guiders: none, cfg, autoguidance.")
+@click.option("--weights", default="1,1.5,2,3", help="Comma-separated guidance weights.")
+@click.option("--intervals", default="", help="Guidance intervals lo-hi, comma-separated (e.g. 0.3-5); empty: always.")
+@click.option("--samples", "n", type=click.IntRange(min=16), default=2048, help="Samples per cell.")
+@click.option("--seed-start", type=int, default=0)
+@click.option("--metric", default="fd", help="Metric choosing the best weight per method.")
+@click.option("--quality", default="precision", help="Quality axis of the Pareto front.")
+@click.option("--diversity", default="recall", help="Diversity axis of the Pareto front.")
+@click.option("--uncond", type=click.Path(dir_okay=False), default=None, help="cfg: unconditional model checkpoint.")
+@click.option("--reference", type=click.Path(dir_okay=False), default=None,
+              help="Reference samples (.npz with 'samples'); default on an exact world: its exact samples.")
+@_sample_options
+def sweep_cmd(out, methods, weights, intervals, n, seed_start, metric, quality, diversity, uncond, reference,
+              world, model, guide, **kw) -> None:
+    """Methods x weights (x intervals) -> OUT/results.csv and .json, best weight per method, Pareto front."""
+    import numpy as np
+    import torch
+    from . import sweep
+    ivs = [tuple(_floats(s.replace("-", ","))) for s in intervals.split(",") if s.strip()] or [None]
+    ref = torch.from_numpy(np.load(reference)["samples"]) if reference else None
+    base = _config(world, model, guide=guide, **kw)
+    res = sweep.run(out, base, {m.strip(): _floats(weights) for m in methods.split(",") if m.strip()}, n=n,
+                    seed_start=seed_start, intervals=ivs, reference=ref, metric=metric, quality=quality,
+                    diversity=diversity, guides={"cfg": uncond, "autoguidance": guide})
+    for r in res["rows"]:
+        click.echo(f"{r['cell']:>24} {metric}={r[metric]:.4g} {quality}={r[quality]:.3f} {diversity}={r[diversity]:.3f}")
+    click.echo(f"best by {metric}: {res['best']}")
+    click.echo(f"Pareto front ({quality} vs {diversity}): {res['pareto']}")
+    click.echo(f"wrote {out / 'results.csv'} and {out / 'results.json'}")
+
+
 def run() -> None:
     """Entry point: user mistakes become one line on stderr and exit code 2."""
     try:

@@ -31,7 +31,7 @@ class SampleConfig:
 
     Guidance: ``guider`` "none", "cfg" (exact world: uncond = tree("AB"); model: ``guide`` checkpoint as
     the unconditional network, or the model's null label without one) or "autoguidance" (``guide``
-    checkpoint). ``w = 1`` is no guidance. Schedule: karras(steps, sigma_min, sigma_max, rho).
+    checkpoint). ``w = 1`` is no guidance; ``interval = (lo, hi)`` guides only for lo < sigma <= hi. Schedule: karras(steps, sigma_min, sigma_max, rho).
     """
     world: str | None = "A"
     model: str | None = None
@@ -45,6 +45,7 @@ class SampleConfig:
     sigma_max: float = 5.0
     rho: float = 7.0
     dtype: str = "float32"
+    interval: tuple[float, float] | None = None
     extra: dict = field(default_factory=dict)
 
     def validate(self) -> None:
@@ -55,6 +56,8 @@ class SampleConfig:
         check(self.world is None or self.guider != "autoguidance", "autoguidance on the exact world needs a model; use --model and --guide")
         check(isinstance(self.steps, int) and self.steps >= 2, f"steps must be an integer >= 2, got {self.steps!r}")
         samplers.get(self.sampler)
+        check(self.interval is None or (len(self.interval) == 2 and 0 <= self.interval[0] < self.interval[1]),
+              f"interval must be (lo, hi) with 0 <= lo < hi, got {self.interval!r}")
 
 
 def build_denoiser(cfg: SampleConfig, device: str | torch.device = "cpu"):
@@ -76,6 +79,8 @@ def build_denoiser(cfg: SampleConfig, device: str | torch.device = "cpu"):
         den = guidance.autoguidance(main, ref, cfg.w)
     else:
         den = main
+    if cfg.interval is not None and cfg.guider != "none":
+        den = guidance.interval(den, float(cfg.interval[0]), float(cfg.interval[1]))
     return den, shape, cond
 
 
@@ -142,7 +147,7 @@ def sample(out: str | os.PathLike, cfg: SampleConfig, *, n: int, seed_start: int
     rank, world, owns = _dist_context()
     device = device or (f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
     out = Path(out)
-    manifest = {"config": asdict(cfg), "n": n, "seed_start": seed_start, "shard_size": shard_size}
+    manifest = {"config": json.loads(json.dumps(asdict(cfg))), "n": n, "seed_start": seed_start, "shard_size": shard_size}
     try:
         if rank == 0:
             out.mkdir(parents=True, exist_ok=True)
