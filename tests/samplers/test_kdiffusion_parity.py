@@ -97,6 +97,7 @@ def test_callback_and_cond_match_kdiffusion(ksampling, tree_a64):
 
 
 def test_schedules_match_kdiffusion(ksampling):
+    previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)                      # k-diffusion builds its ramps in the default dtype
     try:
         pairs = [(schedules.karras(10, 0.01, 10.0), ksampling.get_sigmas_karras(10, 0.01, 10.0)),
@@ -104,6 +105,6 @@ def test_schedules_match_kdiffusion(ksampling):
                  (schedules.polyexponential(10, 0.01, 10.0, rho=2.0), ksampling.get_sigmas_polyexponential(10, 0.01, 10.0, rho=2.0)),
                  (schedules.vp(10), ksampling.get_sigmas_vp(10))]
     finally:
-        torch.set_default_dtype(torch.float32)
+        torch.set_default_dtype(previous)
     for ours, ref in pairs:
         assert torch.allclose(ours, ref, rtol=1e-10, atol=0)
