@@ -7,7 +7,6 @@ from guidelab.guidance.classifier import classifier
 from guidelab.models import registry
 from guidelab.models.classifier import ToyClassifier, train_tree_classifier, tree_classifier
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

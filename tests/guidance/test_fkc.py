@@ -8,7 +8,6 @@ from guidelab.guidance.fkc import ess, fkc_sample, systematic_resample
 from guidelab.rng import SampleNoise
 from guidelab.toy.mixture import GaussianMixture
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_systematic_resampling_copies_each_particle_floor_or_ceil_of_k_times_its_weight():

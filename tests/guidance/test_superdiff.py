@@ -8,7 +8,6 @@ from guidelab.guidance.superdiff import superdiff
 from guidelab.rng import SampleNoise
 from guidelab.toy.mixture import GaussianMixture
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 COV = [[[0.02, 0.0], [0.0, 0.02]]] * 2
 # Two overlapping mixtures: p1 has modes at x = -1 and 0, p2 at 0 and +1; both have density only at 0.

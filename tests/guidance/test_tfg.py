@@ -7,7 +7,6 @@ from guidelab.guidance.tfg import PRESETS, tfg_sample
 from guidelab.models.classifier import tree_classifier
 from guidelab.rng import SampleNoise
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 
 SIGMAS = schedules.karras(32, 0.002, 5, dtype=torch.float32)
 
