@@ -126,6 +126,15 @@ def sweep_cmd(out, methods, weights, intervals, n, seed_start, metric, quality, 
     click.echo(f"wrote {out / 'results.csv'} and {out / 'results.json'}")
 
 
+@main.command("report")
+@click.argument("sweep_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Default: SWEEP_DIR/report.html.")
+def report_cmd(sweep_dir: Path, out) -> None:
+    """Static HTML report of a sweep (trade-off plots, sample grids, table); opens from disk."""
+    from . import report
+    click.echo(f"wrote {report.render(sweep_dir, out)}")
+
+
 def run() -> None:
     """Entry point: user mistakes become one line on stderr and exit code 2."""
     try:

@@ -38,6 +38,17 @@ def test_rank_deficient_covariance_matches_scipy():
     assert frechet_distance(*args) == pytest.approx(_scipy_fd(*args), rel=1e-6)
 
 
+def test_eigh_path_equals_cholesky_path(monkeypatch):
+    # S1 = R R^T with R the Cholesky factor or S1^(1/2) from eigh: both similar to S1 S2
+    rng = np.random.default_rng(3)
+    args = (*_stats(rng, 60, 12), *_stats(rng, 60, 12, shift=0.2))
+    ref = _scipy_fd(*args)
+    assert frechet_distance(*args) == pytest.approx(ref, rel=1e-6)
+
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", lambda a: (a, torch.tensor(1)))  # as if S1 were singular
+    assert frechet_distance(*args) == pytest.approx(ref, rel=1e-6)
+
+
 def test_one_dimensional_closed_form_and_identity():
     # W2^2 of two 1-D Gaussians: (m1 - m2)^2 + (s1 - s2)^2
     d = frechet_distance(np.array([1.0]), np.array([[4.0]]), np.array([-0.5]), np.array([[0.25]]))

@@ -1,0 +1,136 @@
+"""A static HTML report of a sweep: trade-off plots, sample grids per method and weight, the table.
+
+Every figure is an inline base64 PNG, so ``report.html`` opens from disk with no server and no
+other file.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .errors import check
+from .sweep import HIGHER_IS_BETTER, _atomic_text
+
+
+def _png(fig) -> str:
+    import matplotlib.pyplot as plt
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _tradeoff(rows, pareto, quality, diversity) -> str:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for method in dict.fromkeys(r["method"] for r in rows):
+        rs = sorted((r for r in rows if r["method"] == method), key=lambda r: (r["interval"], r["w"]))
+        ax.plot([r[diversity] for r in rs], [r[quality] for r in rs], "o-", label=method)
+        for r in rs:
+            ax.annotate(f"{r['w']:g}", (r[diversity], r[quality]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    front = sorted((r for r in rows if r["cell"] in pareto), key=lambda r: r[diversity])
+    ax.plot([r[diversity] for r in front], [r[quality] for r in front], "k--", lw=1, label="Pareto front")
+    ax.set_xlabel(f"{diversity} ({'higher' if HIGHER_IS_BETTER[diversity] else 'lower'} is better)")
+    ax.set_ylabel(f"{quality} ({'higher' if HIGHER_IS_BETTER[quality] else 'lower'} is better)")
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def _metric_vs_weight(rows, metric) -> str:
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for key in dict.fromkeys((r["method"], r["interval"]) for r in rows):
+        rs = sorted((r for r in rows if (r["method"], r["interval"]) == key), key=lambda r: r["w"])
+        ax.plot([r["w"] for r in rs], [r[metric] for r in rs], "o-", label=key[0] + (f" [{key[1]}]" if key[1] else ""))
+    ax.set_xlabel("guidance weight w (1 = none)")
+    ax.set_ylabel(metric)
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def _grid(x: np.ndarray, title: str, view=None) -> str:
+    """2-D points: a scatter; images [N, C, H, W] in [0, 1] or [-1, 1]: a grid of the first 16."""
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(2.4, 2.4))
+    if x.ndim == 2 and x.shape[1] == 2:
+        ax.scatter(x[:, 0], x[:, 1], s=1, alpha=0.5, lw=0)
+        if view is not None:
+            ax.set_xlim(view[0], view[1])
+            ax.set_ylim(view[2], view[3])
+        ax.set_aspect("equal")
+    elif x.ndim == 4:
+        k = int(np.ceil(np.sqrt(min(16, len(x)))))
+        imgs = x[:k * k]
+        imgs = (imgs + 1) / 2 if imgs.min() < 0 else imgs
+        imgs = np.clip(imgs, 0, 1).transpose(0, 2, 3, 1)
+        h, w, c = imgs.shape[1:]
+        canvas = np.ones((k * h, k * w, c))
+        for i, im in enumerate(imgs):
+            canvas[(i // k) * h:(i // k + 1) * h, (i % k) * w:(i % k + 1) * w] = im
+        ax.imshow(canvas.squeeze(), cmap="gray" if c == 1 else None)
+    else:
+        ax.plot(x.reshape(len(x), -1)[:, :2].T if x.ndim > 1 else x, lw=0.5)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(title, fontsize=8)
+    return _png(fig)
+
+
+def render(sweep_dir: str | os.PathLike, out: str | os.PathLike | None = None, *, grid_samples: int = 2000) -> Path:
+    """Write ``<sweep_dir>/report.html`` (or ``out``) from a sweep's results.json and samples."""
+    from .jobs import load_samples
+    sweep_dir = Path(sweep_dir)
+    check((sweep_dir / "results.json").is_file(), f"{sweep_dir} has no results.json; run `guidelab sweep` first")
+    res = json.loads((sweep_dir / "results.json").read_text())
+    rows, metric, quality, diversity = res["rows"], res["metric"], res["quality"], res["diversity"]
+    samples = {r["cell"]: load_samples(sweep_dir / "samples" / r["cell"])[0][:grid_samples] for r in rows}
+    view = None
+    if all(x.ndim == 2 and x.shape[1] == 2 for x in samples.values()):
+        allx = np.concatenate(list(samples.values()))
+        lo, hi = np.percentile(allx, 0.5, axis=0), np.percentile(allx, 99.5, axis=0)
+        view = (lo[0], hi[0], lo[1], hi[1])
+    e = html.escape
+    keys = [k for k in rows[0] if k not in ("seeds",)]
+    table = "<table><tr>" + "".join(f"<th>{e(k)}</th>" for k in keys) + "</tr>"
+    for r in rows:
+        cls = ' class="best"' if r["cell"] in res["best"].values() else ""
+        table += f"<tr{cls}>" + "".join(
+            f"<td>{r[k]:.4g}</td>" if isinstance(r[k], float) else f"<td>{e(str(r[k]))}</td>" for k in keys) + "</tr>"
+    table += "</table>"
+    grids = ""
+    for method in dict.fromkeys(r["method"] for r in rows):
+        cells = [r for r in rows if r["method"] == method]
+        grids += f"<h3>{e(method)}</h3><div class='row'>" + "".join(
+            f"<img alt='{e(r['cell'])}' src='{_grid(samples[r['cell']], r['cell'], view)}'>" for r in cells) + "</div>"
+    page = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>guidelab sweep report</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:1200px}} table{{border-collapse:collapse;font-size:12px}}
+td,th{{border:1px solid #ccc;padding:2px 6px;text-align:right}} tr.best{{background:#e6ffe6}}
+.row{{display:flex;flex-wrap:wrap;gap:4px}} img{{border:1px solid #eee}}</style></head>
+<body><h1>guidelab sweep</h1>
+<p>Best weight per method by <b>{e(metric)}</b> ({'higher' if HIGHER_IS_BETTER[metric] else 'lower'} is better):
+{e(', '.join(f'{m}: {c}' for m, c in res['best'].items()))}.
+Pareto front of {e(quality)} against {e(diversity)}: {e(', '.join(res['pareto']))}.</p>
+<h2>Trade-offs</h2><div class="row"><img alt="tradeoff" src="{_tradeoff(rows, res['pareto'], quality, diversity)}">
+<img alt="metric vs weight" src="{_metric_vs_weight(rows, metric)}"></div>
+<h2>Samples</h2>{grids}
+<h2>Results</h2>{table}
+<p>Reference: {e(json.dumps(res['reference']))}. Features: {e(rows[0].get('extractor', ''))};
+sample count {rows[0].get('n')} per cell, seeds {e(str(rows[0].get('seeds')))}.</p>
+<script>/* for headless checks: how many images decoded */
+window.addEventListener("load", () => {{ const im = [...document.images];
+document.body.dataset.imagesLoaded = im.filter(i => i.complete && i.naturalWidth > 0).length + "/" + im.length; }});</script>
+</body></html>
+"""
+    path = Path(out) if out is not None else sweep_dir / "report.html"
+    _atomic_text(path, page)
+    return path

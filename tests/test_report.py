@@ -1,0 +1,47 @@
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from guidelab import cli
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.fixture(scope="module")
+def report_path(tmp_path_factory):
+    d = tmp_path_factory.mktemp("sweep")
+    r = CliRunner().invoke(cli.main, ["sweep", "--out", str(d), "--methods", "none,cfg", "--weights", "1,2",
+                                      "--samples", "32", "--sampler", "euler", "--steps", "4"])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(cli.main, ["report", str(d)])
+    assert r.exit_code == 0, r.output
+    return d / "report.html"
+
+
+def test_report_is_self_contained(report_path):
+    text = report_path.read_text()
+    srcs = re.findall(r'src="([^"]*)"|src=\'([^\']*)\'', text)
+    srcs = [a or b for a, b in srcs]
+    assert len(srcs) == 2 + 4                      # 2 trade-off plots + one grid per cell
+    assert all(s.startswith("data:image/png;base64,") for s in srcs)   # nothing to fetch
+    for cell in ("none_w1", "none_w2", "cfg_w1", "cfg_w2"):
+        assert cell in text
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (apt-get install -y chromium)")
+def test_report_renders_in_headless_chromium(report_path, tmp_path):
+    base = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+            f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000"]
+    url = report_path.resolve().as_uri()
+    dom = subprocess.run(base + ["--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
+    m = re.search(r'data-images-loaded="(\d+)/(\d+)"', dom)
+    assert m and m.group(1) == m.group(2) == "6", dom[:300]
+    shot = tmp_path / "shot.png"
+    subprocess.run(base + ["--window-size=1000,1400", f"--screenshot={shot}", url], capture_output=True, timeout=120)
+    import matplotlib.image
+    px = matplotlib.image.imread(shot)
+    assert px.shape[0] > 100 and np.std(px[..., :3]) > 0.05    # not a blank page
