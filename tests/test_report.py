@@ -26,9 +26,9 @@ def test_report_is_self_contained(report_path):
     text = report_path.read_text()
     srcs = re.findall(r'src="([^"]*)"|src=\'([^\']*)\'', text)
     srcs = [a or b for a, b in srcs]
-    assert len(srcs) == 2 + 4                      # 2 trade-off plots + one grid per cell
+    assert len(srcs) == 2 + 3                      # 2 trade-off plots + one grid per cell
     assert all(s.startswith("data:image/png;base64,") for s in srcs)   # nothing to fetch
-    for cell in ("none_w1", "none_w2", "cfg_w1", "cfg_w2"):
+    for cell in ("none_w1", "cfg_w1", "cfg_w2"):
         assert cell in text
 
 
@@ -39,7 +39,7 @@ def test_report_renders_in_headless_chromium(report_path, tmp_path):
     url = report_path.resolve().as_uri()
     dom = subprocess.run(base + ["--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
     m = re.search(r'data-images-loaded="(\d+)/(\d+)"', dom)
-    assert m and m.group(1) == m.group(2) == "6", dom[:300]
+    assert m and m.group(1) == m.group(2) == "5", dom[:300]
     shot = tmp_path / "shot.png"
     subprocess.run(base + ["--window-size=1000,1400", f"--screenshot={shot}", url], capture_output=True, timeout=120)
     import matplotlib.image

@@ -27,16 +27,16 @@ def test_exact_world_sweep_writes_table(tmp_path):
     assert r.exit_code == 0, r.output
     res = json.loads((tmp_path / "results.json").read_text())
     cells = [row["cell"] for row in res["rows"]]
-    assert cells == ["none_w1", "none_w3", "cfg_w1_i0.3-5", "cfg_w3_i0.3-5"]
+    assert cells == ["none_w1", "cfg_w1_i0.3-5", "cfg_w3_i0.3-5"]      # none: one cell
     rows = {row["cell"]: row for row in res["rows"]}
-    # none ignores the weight, and cfg at w = 1 is bit-identical to no guidance: same metrics
+    # cfg at w = 1 is bit-identical to no guidance: same metrics
     for k in ("fd", "precision", "recall", "mean_logp"):
-        assert rows["none_w1"][k] == rows["none_w3"][k] == rows["cfg_w1_i0.3-5"][k]
+        assert rows["none_w1"][k] == rows["cfg_w1_i0.3-5"][k]
     assert rows["cfg_w3_i0.3-5"]["fd"] != rows["none_w1"]["fd"]
     assert set(res["best"]) == {"none", "cfg"} and set(res["pareto"]) <= set(cells)
     assert rows["none_w1"]["extractor"] == "raw" and rows["none_w1"]["n"] == 48 and rows["none_w1"]["seeds"] == "0-47"
     csv_rows = sweep.read_rows(tmp_path)
-    assert [c["cell"] for c in csv_rows] == cells and float(csv_rows[3]["w"]) == 3.0
+    assert [c["cell"] for c in csv_rows] == cells and float(csv_rows[2]["w"]) == 3.0
 
 
 def test_bad_metric():

@@ -85,7 +85,7 @@ def run(out: str | os.PathLike, base: jobs.SampleConfig, methods: dict[str, list
     guides = guides or {}
     rows = []
     for method, weights in methods.items():
-        for w in weights:
+        for w in (weights if method != "none" else [1.0]):     # no guidance: one cell, whatever the weights
             for iv in (intervals if method != "none" else (None,)):
                 cfg = replace(base, guider=method, w=float(w), interval=tuple(iv) if iv else None,
                               guide=guides.get(method, base.guide))
