@@ -10,8 +10,9 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import subprocess
+import sys
 import time
-import tracemalloc
 
 import numpy as np
 import scipy.linalg
@@ -53,22 +54,21 @@ def main():
         print(f"round {r}: ours {ours_t[-1]:.2f} s  scipy sqrtm {ref_t[-1]:.2f} s  ratio {ref_t[-1] / ours_t[-1]:.1f}x"
               f"  FD ours {ours:.9g} scipy {ref:.9g}  rel diff {abs(ours - ref) / abs(ref):.2e}")
     ratios = [b / o for o, b in zip(ours_t, ref_t)]
-    print(f"median: ours {statistics.median(ours_t):.2f} s, scipy {statistics.median(ref_t):.2f} s, "
-          f"speed-up {statistics.median(ratios):.1f}x (min {min(ratios):.1f}x, max {max(ratios):.1f}x)")
+    if ratios:
+        print(f"median: ours {statistics.median(ours_t):.2f} s, scipy {statistics.median(ref_t):.2f} s, "
+              f"speed-up {statistics.median(ratios):.1f}x (min {min(ratios):.1f}x, max {max(ratios):.1f}x)")
 
-    print("\nmemory against sample count (D=256, batches of 1000):")
-    d = 256
-    for n in (1_000, 10_000, 100_000):
-        tracemalloc.start()
-        st = FeatureStats(d)
-        for _ in range(n // 1000):
-            st.update(torch.randn(1000, d, dtype=torch.float64))
-        _, peak = tracemalloc.get_traced_memory()
-        tracemalloc.stop()
-        held = st.sum.element_size() * (st.sum.numel() + st.outer.numel())
-        print(f"  n={n:>7}: FeatureStats holds {held / 2**20:.2f} MiB (peak traced {peak / 2**20:.2f} MiB); "
-              f"keeping all features would hold {n * d * 8 / 2**20:.1f} MiB")
-
+    print("\nmemory against sample count (D=2048, batches of 500; peak RSS of a fresh process):")
+    for n in (2_000, 8_000, 32_000):
+        for mode in ("stream", "keep"):
+            code = ("import torch, resource; from guidelab.metrics import FeatureStats\n"
+                    f"st, kept = FeatureStats(2048), []\n"
+                    f"for i in range({n} // 500):\n"
+                    f"    f = torch.randn(500, 2048, generator=torch.Generator().manual_seed(i))\n"
+                    f"    st.update(f) if '{mode}' == 'stream' else kept.append(f)\n"
+                    "import re; print(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1))")
+            kib = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+            print(f"  n={n:>6} {'FeatureStats' if mode == 'stream' else 'keep features':>13}: peak RSS {kib / 1024:.0f} MiB")
 
 if __name__ == "__main__":
     main()
