@@ -95,13 +95,14 @@ def toy_trainer(cfg: ToyConfig) -> Trainer:
 
 
 def train_toy(out_dir: str | Path = "runs/toy", classes: str = "A", hidden: int = 64, iters: int = 4096, *,
-              progress: bool = True, checkpoint_every: int = 256, threads: int | None = 1, **overrides) -> Path:
+              progress: bool = True, checkpoint_every: int = 256, threads: int | None = None, **overrides) -> Path:
     """Train a toy model (or resume it, or reuse a finished run) and return its final EMA snapshot.
 
     The run lives in ``out_dir/<ToyConfig.name()>``; ``overrides`` are other :class:`ToyConfig`
-    fields. Load the result with :func:`guidelab.training.load_model`. ``threads=1`` by default: the
-    toy network's operations are too small to gain from more threads, and on a loaded machine
-    several threads make each step many times slower (docs/BENCHMARKS.md).
+    fields. Load the result with :func:`guidelab.training.load_model`. ``threads``: torch CPU threads
+    while training (``None``: torch's setting, all cores; a step at batch 4096 took 27 ms on 2 threads
+    and 41 ms on 1 on a quiet 2-core machine). On a machine busy with other jobs, ``threads=1`` avoids
+    threads waiting on each other, which can make each step many times slower (docs/BENCHMARKS.md).
     """
     names = {f.name for f in fields(ToyConfig)}
     unknown = sorted(set(overrides) - names)
