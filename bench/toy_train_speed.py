@@ -65,7 +65,8 @@ def main(argv=None):
     ap.add_argument("--iters", type=int, default=20, help="our iterations per round")
     ap.add_argument("--ref-iters", type=int, default=2, help="reference iterations per round")
     default_threads = torch.get_num_threads()
-    ap.add_argument("--threads", type=int, default=1, help="torch threads for guidelab (default 1, as train_toy)")
+    ap.add_argument("--threads", type=int, default=default_threads,
+                    help=f"torch threads for guidelab (default: torch's default, as train_toy; here {default_threads})")
     ap.add_argument("--ref-threads", type=int, default=default_threads,
                     help=f"torch threads for the reference (default: torch's default, here {default_threads})")
     args = ap.parse_args(argv)
