@@ -42,3 +42,38 @@ def test_exact_world_sweep_writes_table(tmp_path):
 def test_bad_metric():
     with pytest.raises(GuidelabError, match="unknown metric"):
         sweep.run("unused", None, {"none": [1]}, metric="beauty")
+
+
+def test_model_sweep_with_autoguidance_and_reference_file(tmp_path):
+    import numpy as np
+    import torch
+
+    from guidelab import toy
+    from guidelab.models.mlp import ToyMLP
+    from guidelab.training import save_model
+    torch.manual_seed(0)
+    for name in ("main", "guide"):
+        net = ToyMLP(hidden=8, depth=2)
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(torch.randn_like(p))
+        save_model(tmp_path / f"{name}.safetensors", net)
+    np.savez(tmp_path / "ref.npz", samples=toy.tree("A").sample(64, 0.0, torch.Generator().manual_seed(1)).numpy())
+    r = CliRunner().invoke(cli.main, ["sweep", "--out", str(tmp_path / "sw"), "--model", str(tmp_path / "main.safetensors"),
+                                      "--guide", str(tmp_path / "guide.safetensors"), "--methods", "autoguidance",
+                                      "--weights", "1,2", "--samples", "32", "--sampler", "euler", "--steps", "4",
+                                      "--reference", str(tmp_path / "ref.npz"), "--metric", "precision"])
+    assert r.exit_code == 0, r.output
+    res = json.loads((tmp_path / "sw" / "results.json").read_text())
+    assert [row["cell"] for row in res["rows"]] == ["autoguidance_w1", "autoguidance_w2"]
+    assert "mean_logp" not in res["rows"][0] and res["reference"] == {"n": 64, "seed": None}
+    assert res["rows"][0]["fd"] != res["rows"][1]["fd"]
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", "guidelab", "sample", "--out", str(tmp_path / "x"), "--model",
+                        str(tmp_path / "missing.safetensors")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "checkpoint not found" in r.stderr
+    assert not (tmp_path / "x").exists()              # nothing written for a refused job

@@ -56,6 +56,8 @@ class SampleConfig:
         check(self.world is None or self.guider != "autoguidance", "autoguidance on the exact world needs a model; use --model and --guide")
         check(isinstance(self.steps, int) and self.steps >= 2, f"steps must be an integer >= 2, got {self.steps!r}")
         samplers.get(self.sampler)
+        for path in (self.model, self.guide):
+            check(path is None or Path(path).is_file(), f"checkpoint not found: {path}")
         check(self.interval is None or (len(self.interval) == 2 and 0 <= self.interval[0] < self.interval[1]),
               f"interval must be (lo, hi) with 0 <= lo < hi, got {self.interval!r}")
 
