@@ -15,16 +15,15 @@ their pictures from bench/guidance_gradient_figures.py.
 from __future__ import annotations
 
 import argparse
-import copy
 import functools
+import tempfile
 import pathlib
 import time
 
 import torch
 
 from guidelab import guidance as G, metrics, samplers, schedules, toy
-from guidelab.denoisers import edm_loss
-from guidelab.models import ToyMLP
+from guidelab.training import load_model, snapshot_path, train_toy
 
 SIG = schedules.karras(32, 0.002, 5.0, dtype=torch.float32)
 OUT = pathlib.Path(__file__).resolve().parents[1] / "docs" / "img" / "guidance"
@@ -43,22 +42,10 @@ def _heun(d, n, sampler=samplers.heun, sigmas=SIG, label=True):
 
 @functools.lru_cache(None)
 def _toymlp():
-    """A small ToyMLP on class A (300 iters) and its snapshot at 40 iters (the autoguidance guide)."""
-    A = toy.tree("A")
-    torch.manual_seed(0)
-    net = ToyMLP(hidden=32, depth=3, output="denoiser")
-    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
-    g, early = torch.Generator().manual_seed(0), None
-    for it in range(300):
-        sigma = (torch.randn(512, generator=g) * 1.5 - 2.3).exp()
-        x = A.sample(512, sigma, generator=g)
-        loss = edm_loss(net, x, sigma, A.denoise(x, sigma), net.precond).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if it + 1 == 40:
-            early = copy.deepcopy(net).eval()
-    return net.eval(), early
+    """A small ToyMLP on class A (300 iters) and its EMA snapshot at 40 iters (the autoguidance guide)."""
+    final = train_toy(tempfile.mkdtemp(prefix="guidelab-fig-"), classes="A", hidden=32, depth=3, output="denoiser",
+                      loss="edm", iters=300, batch=512, snapshot_every=20, progress=False)
+    return load_model(final), load_model(snapshot_path(final.parent, 40, 0.010))
 
 
 def cfg(n):

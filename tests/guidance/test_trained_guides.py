@@ -1,37 +1,22 @@
 """Guiders on a trained network: autoguidance with an earlier snapshot of the same run; TSG on ToyMLP."""
 
-import copy
-
 import pytest
 import torch
 
 from guidelab import guidance as G, metrics, samplers, schedules, toy
-from guidelab.denoisers import edm_loss
-from guidelab.models import ToyMLP
+from guidelab.training import load_model, snapshot_path, train_toy
 
 N = 512
 SIG = schedules.karras(32, 0.002, 5.0, dtype=torch.float32)
 
 
 @pytest.fixture(scope="module")
-def run_snapshots():
-    """A small ToyMLP trained on class A by exact-score matching; returns (snapshot at 40 iters, final at 300)."""
-    A = toy.tree("A")
-    torch.manual_seed(0)
-    net = ToyMLP(hidden=32, depth=3, output="denoiser")
-    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
-    g = torch.Generator().manual_seed(0)
-    early = None
-    for it in range(300):
-        sigma = (torch.randn(512, generator=g) * 1.5 - 2.3).exp()     # EDM2 toy: LogNormal(-2.3, 1.5)
-        x = A.sample(512, sigma, generator=g)
-        loss = edm_loss(net, x, sigma, A.denoise(x, sigma), net.precond).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if it + 1 == 40:
-            early = copy.deepcopy(net).eval()
-    return early, net.eval()
+def run_snapshots(tmp_path_factory):
+    """A small ToyMLP trained on class A by exact-score matching; returns (EMA snapshot at 40 iters, final at 300)."""
+    final = train_toy(tmp_path_factory.mktemp("run"), classes="A", hidden=32, depth=3, output="denoiser", loss="edm",
+                      iters=300, batch=512, snapshot_every=20, progress=False)
+    early = snapshot_path(final.parent, 40, 0.010)
+    return load_model(early), load_model(final)
 
 
 def _quality(denoiser):
