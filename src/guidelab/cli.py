@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -82,7 +83,7 @@ def sample_cmd(out, n, seed_start, shard_size, guider, w, world, model, quiet, *
     from . import jobs
     cfg = _config(world, model, guider=guider, w=w, **kw)
     paths = jobs.sample(out, cfg, n=n, seed_start=seed_start, shard_size=shard_size, progress=not quiet)
-    if int(__import__("os").environ.get("RANK", "0")) == 0:
+    if int(os.environ.get("RANK", "0")) == 0:
         click.echo(f"wrote {len(paths)} shards ({n} samples) to {out}")
 
 
