@@ -1,0 +1,343 @@
+"""diffusers models as guidelab denoisers, attention-perturbation guiders (PAG, SEG, SLG) and ``generate``.
+
+A diffusers model is a discrete-time VP network ``F(x_VP, t, **cond)`` trained on timesteps t = 0..T-1 with
+``alpha_bar_t`` from its scheduler config (``beta_schedule``, ``beta_start``, ``beta_end``, ``trained_betas``).
+In EDM coordinates (``x = x0 + sigma n``) that is
+
+* ``sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t)`` and ``x_VP = x / sqrt(1 + sigma^2)``;
+* ``prediction_type``: "epsilon" ``D = x - sigma F``; "v_prediction" ``D = x / (1 + s^2) - s / sqrt(1 + s^2) F``;
+  "sample" ``D = F``.
+
+Continuous sigma -> timestep (``timesteps=``): "interpolate" (default) puts ``log sigma`` linearly between
+the two neighbouring grid timesteps and feeds the fractional t (the networks embed t with sinusoids, which
+take any real t); "nearest" snaps to the grid timestep nearest in ``log sigma``. On grid sigmas both give
+the integer t exactly, so sampling on ``den.sigmas(n, spacing)`` equals diffusers' schedulers. Sigmas
+outside the grid are clamped to t = 0 or T - 1 (the sigma itself is still used in the conversion).
+
+Models load from local folders only (``local_files_only=True``): nothing is downloaded.
+See docs/DIFFUSERS.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .. import guidance, samplers, schedules
+from ..denoisers import bcast
+from ..errors import GuidelabError, check
+from ..guidance._base import Branch, Guided, PerCall
+from ..rng import SampleNoise
+
+MODEL_CLASSES = ("UNet2DModel", "UNet2DConditionModel", "DiTTransformer2DModel", "Transformer2DModel")
+PREDICTIONS = ("epsilon", "v_prediction", "sample")
+TIMESTEP_MODES = ("interpolate", "nearest")
+#: Conditioning key that marks the rows of a batch whose attention is perturbed (PAG/SEG/SLG).
+PERTURB = "perturb"
+
+
+def alphas_cumprod(scheduler_config: dict) -> torch.Tensor:
+    """``alpha_bar_t`` for t = 0..T-1 exactly as diffusers computes it (float32 betas), returned in float64."""
+    from diffusers import DDPMScheduler
+    cfg = {k: v for k, v in dict(scheduler_config).items() if not k.startswith("_")}
+    try:
+        sched = DDPMScheduler.from_config(cfg)
+    except (NotImplementedError, ValueError) as e:
+        raise GuidelabError(f"unsupported scheduler config: {e}") from None
+    return sched.alphas_cumprod.double()
+
+
+class DiffusersDenoiser:
+    """A diffusers network + its noise schedule as ``D(x, sigma, **cond)`` in EDM space.
+
+    ``x``: [B, C, H, W] in EDM scale; ``sigma``: [B]. Conditioning: ``class_labels`` ([B] long) or
+    ``encoder_hidden_states`` ([B, L, dim]); ``perturb`` ([B] bool) perturbs those rows' attention (see
+    :func:`perturbed_attention`; set by the PAG/SEG/SLG guiders). ``null_label`` is the null condition CFG uses:
+    the null class id, or the empty-prompt embedding ``null_text`` ([1, L, dim], expanded to the batch).
+    """
+
+    def __init__(self, model: torch.nn.Module, scheduler_config: dict, *, timesteps: str = "interpolate",
+                 null_class: int | None = None, null_text: torch.Tensor | None = None,
+                 perturbation: "Perturbation | None" = None):
+        check(timesteps in TIMESTEP_MODES, f"timesteps must be one of {TIMESTEP_MODES}, got {timesteps!r}")
+        pred = dict(scheduler_config).get("prediction_type", "epsilon")
+        check(pred in PREDICTIONS, f"prediction_type {pred!r} is not supported; allowed: {', '.join(PREDICTIONS)}")
+        abar = alphas_cumprod(scheduler_config)
+        check(bool((abar > 0).all()), "alpha_bar reaches 0 (zero terminal SNR): infinite sigma is not supported")
+        self.model = model.eval()
+        self.config = dict(scheduler_config)
+        self.prediction_type, self.timestep_mode = pred, timesteps
+        self.grid = ((1 - abar) / abar).sqrt()                      # sigma_t, t = 0..T-1, increasing
+        self._log_grid = self.grid.log()
+        self.cfg_key = "encoder_hidden_states" if _takes_text(model) else "class_labels"
+        if null_class is None and type(model).__name__ in ("DiTTransformer2DModel", "Transformer2DModel"):
+            n = getattr(model.config, "num_embeds_ada_norm", None)  # DiT's label table has num_classes + 1 rows:
+            null_class = n if self.cfg_key == "class_labels" else None  # the last is the dropped label
+        self.null_class, self.null_text = null_class, null_text
+        self.perturbation = perturbation
+
+    # -- schedule ---------------------------------------------------------------------------
+    @property
+    def sigma_min(self) -> float:
+        return float(self.grid[0])
+
+    @property
+    def sigma_max(self) -> float:
+        return float(self.grid[-1])
+
+    def sigmas(self, n: int, spacing: str = "leading", **kw) -> torch.Tensor:
+        """``n`` grid sigmas picked like diffusers' ``timestep_spacing`` (schedules.discrete), then 0."""
+        return schedules.discrete(n, self.grid, spacing, **kw)
+
+    def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
+        """Continuous (or snapped) timestep of each sigma, float64 [B] (see the module docstring)."""
+        ls = sigma.detach().double().cpu().clamp_min(1e-30).log()
+        lg = self._log_grid
+        if self.timestep_mode == "nearest":
+            return (ls[:, None] - lg[None, :]).abs().argmin(1).double()
+        i = torch.searchsorted(lg, ls).clamp(1, lg.numel() - 1)     # lg[i-1] <= ls < lg[i]
+        frac = (ls - lg[i - 1]) / (lg[i] - lg[i - 1])
+        return ((i - 1).double() + frac).clamp(0, lg.numel() - 1)
+
+    # -- conditioning -----------------------------------------------------------------------
+    @property
+    def null_label(self):
+        """Null condition for ``guidance.cfg(den, w, key=den.cfg_key)``."""
+        if self.cfg_key == "class_labels":
+            return self.null_class
+        if self.null_text is None:
+            return None
+        null = self.null_text
+        return lambda old: null.to(old).expand(old.shape[0], *null.shape[1:])
+
+    # -- the denoiser -----------------------------------------------------------------------
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
+        mask = cond.pop(PERTURB, None)
+        s = bcast(sigma.to(x.dtype), x)
+        dtype = next(self.model.parameters()).dtype
+        x_vp = (x / (1 + s ** 2).sqrt()).to(dtype)
+        t = self.timestep(sigma).to(device=x.device, dtype=torch.float32)
+        cond = {k: (v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in cond.items()}
+        ctx = contextlib.nullcontext()
+        if mask is not None and bool(mask.any()):
+            check(self.perturbation is not None, "perturb= needs a denoiser made with perturbation=Perturbation(...)")
+            ctx = perturbed_attention(self.model, self.perturbation, mask.bool())
+        with ctx:
+            out = self.model(x_vp, t, **cond, return_dict=False)[0]
+        if out.shape[1] == 2 * x.shape[1]:                           # learned variance: keep the mean part
+            out = out[:, : x.shape[1]]
+        out = out.to(x.dtype)
+        if self.prediction_type == "epsilon":
+            return x - s * out
+        if self.prediction_type == "v_prediction":
+            return x / (1 + s ** 2) - s / (1 + s ** 2).sqrt() * out
+        return out
+
+    def with_perturbation(self, perturbation: "Perturbation") -> "DiffusersDenoiser":
+        """The same network and schedule, perturbing rows marked ``perturb`` with ``perturbation``."""
+        import copy
+        new = copy.copy(self)
+        new.perturbation = perturbation
+        return new
+
+
+def _takes_text(model) -> bool:
+    return type(model).__name__ == "UNet2DConditionModel" or (
+        type(model).__name__ == "Transformer2DModel" and getattr(model.config, "cross_attention_dim", None) is not None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading from a local folder.
+
+def _read_json(p: Path) -> dict:
+    with open(p) as f:
+        return json.load(f)
+
+
+def _find(path: Path, subfolder: str | None) -> tuple[Path, dict]:
+    """(model folder, scheduler config) of a pipeline folder (model_index.json, unet/ or transformer/,
+    scheduler/) or of a model folder with config.json and scheduler_config.json."""
+    check(path.is_dir(), f"diffusers model folder {str(path)!r} does not exist (models load from local folders only; "
+          "nothing is downloaded from the hub)")
+    if subfolder is None and (path / "model_index.json").exists():
+        subfolder = next((s for s in ("unet", "transformer") if (path / s / "config.json").exists()), None)
+        check(subfolder is not None, f"{path} has model_index.json but no unet/ or transformer/ with a config.json")
+    model_dir = path / subfolder if subfolder else path
+    check((model_dir / "config.json").exists(), f"{model_dir} has no config.json (expected a diffusers model folder)")
+    for p in (path / "scheduler" / "scheduler_config.json", model_dir / "scheduler_config.json",
+              path / "scheduler_config.json"):
+        if p.exists():
+            return model_dir, _read_json(p)
+    raise GuidelabError(f"no scheduler_config.json in {path}/scheduler, {model_dir} or {path}: the noise schedule is needed")
+
+
+def load_model(path: str | os.PathLike, *, subfolder: str | None = None, dtype: torch.dtype = torch.float32,
+               device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
+    """``(model, scheduler_config)`` from a local folder; ``from_pretrained(..., local_files_only=True)``."""
+    import diffusers
+    model_dir, sched = _find(Path(path), subfolder)
+    name = _read_json(model_dir / "config.json").get("_class_name")
+    check(name in MODEL_CLASSES, f"{model_dir}: model class {name!r} is not supported; allowed: {', '.join(MODEL_CLASSES)}")
+    model = getattr(diffusers, name).from_pretrained(model_dir, local_files_only=True, torch_dtype=dtype,
+                                                 low_cpu_mem_usage=False)
+    return model.to(device).eval(), sched
+
+
+def load(path: str | os.PathLike, *, subfolder: str | None = None, dtype: torch.dtype = torch.float32,
+         device: str | torch.device = "cpu", timesteps: str = "interpolate", null_class: int | None = None,
+         null_text: torch.Tensor | None = None) -> DiffusersDenoiser:
+    """A :class:`DiffusersDenoiser` from a local diffusers folder (a missing folder is one clear error)."""
+    model, sched = load_model(path, subfolder=subfolder, dtype=dtype, device=device)
+    return DiffusersDenoiser(model, sched, timesteps=timesteps, null_class=null_class, null_text=null_text)
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention perturbation through hooks (PAG, SEG, SLG).
+
+class Perturbation:
+    """What to do to the selected layers of the marked rows.
+
+    * ``"pag"`` (Ahn et al. 2024): self-attention map replaced by the identity, i.e. softmax(QK^T) V -> V;
+    * ``"seg"`` (Hong 2024): queries blurred by a Gaussian of std ``blur_sigma`` over the 2-D token grid
+      (``inf``: every query replaced by their mean, i.e. uniform attention);
+    * ``"slg"`` (skip-layer guidance, SD3.5): the selected blocks are skipped (output = input).
+
+    ``layers``: substrings of module names to perturb; ``None``: every self-attention (PAG/SEG) or every
+    transformer block / residual attention block (SLG).
+    """
+
+    def __init__(self, mode: str, layers: Sequence[str] | None = None, blur_sigma: float = math.inf):
+        check(mode in ("pag", "seg", "slg"), f"perturbation mode must be 'pag', 'seg' or 'slg', got {mode!r}")
+        check(blur_sigma > 0, f"blur_sigma must be > 0, got {blur_sigma}")
+        self.mode, self.layers, self.blur_sigma = mode, None if layers is None else list(layers), blur_sigma
+
+    def modules(self, model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+        from diffusers.models.attention_processor import Attention
+        if self.mode == "slg":
+            blocks = [(n, m) for n, m in model.named_modules() if type(m).__name__.endswith("TransformerBlock")]
+            if not blocks:                                           # UNet2DModel: attention with its own residual
+                blocks = [(n, m) for n, m in model.named_modules()
+                          if isinstance(m, Attention) and m.residual_connection]
+        else:
+            blocks = [(n, m) for n, m in model.named_modules() if isinstance(m, Attention) and not m.is_cross_attention]
+        if self.layers is not None:
+            blocks = [(n, m) for n, m in blocks if any(s in n for s in self.layers)]
+        check(bool(blocks), f"{self.mode}: no layer of {type(model).__name__} matches layers={self.layers}")
+        return blocks
+
+
+def _blur_queries(q: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Gaussian blur of queries [B, heads, L, d] over the sqrt(L) x sqrt(L) token grid (SEG)."""
+    L = q.shape[-2]
+    h = math.isqrt(L)
+    check(h * h == L, f"seg needs a square token grid, got {L} tokens")
+    r = math.ceil(3 * sigma)
+    if not math.isfinite(sigma) or r >= h:                          # wider than the grid: the mean query
+        return q.mean(-2, keepdim=True).expand_as(q)
+    k = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=q.dtype, device=q.device) / sigma) ** 2)
+    k = k / k.sum()
+    B, H, _, d = q.shape
+    g = q.transpose(-1, -2).reshape(B * H * d, 1, h, h)
+    g = F.conv2d(F.pad(g, (r, r, 0, 0), mode="reflect"), k.view(1, 1, 1, -1))
+    g = F.conv2d(F.pad(g, (0, 0, r, r), mode="reflect"), k.view(1, 1, -1, 1))
+    return g.reshape(B, H, d, L).transpose(-1, -2)
+
+
+@contextlib.contextmanager
+def perturbed_attention(model: torch.nn.Module, perturbation: Perturbation, mask: torch.Tensor):
+    """Perturb the rows ``mask`` ([B] bool) of every forward call of ``model`` inside the context.
+
+    Forward hooks on the selected modules. SLG replaces their output by their input on those rows.
+    PAG/SEG mark the module as active while it runs and route ``F.scaled_dot_product_attention`` (which
+    diffusers' AttnProcessor2_0 calls) through a version that perturbs only the marked rows, so one
+    batched call can hold the main and the perturbed branch. Not thread-safe (it patches torch's function
+    for the duration of the context).
+    """
+    mods = perturbation.modules(model)
+    handles, active = [], []
+    if perturbation.mode == "slg":
+        def skip(module, args, kwargs, output):
+            inp = args[0] if args else kwargs["hidden_states"]
+            out = output[0] if isinstance(output, tuple) else output
+            check(inp.shape == out.shape, f"slg: layer output {list(out.shape)} differs from its input {list(inp.shape)}")
+            out = torch.where(bcast(mask.to(out.device), out), inp, out)
+            return (out, *output[1:]) if isinstance(output, tuple) else out
+        handles = [m.register_forward_hook(skip, with_kwargs=True) for _, m in mods]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+        return
+
+    original = F.scaled_dot_product_attention
+
+    def sdpa(query, key, value, *args, **kwargs):
+        out = original(query, key, value, *args, **kwargs)
+        if not active:
+            return out
+        m = mask.to(out.device)
+        if perturbation.mode == "pag":                               # identity attention map: output = V
+            check(value.shape[-2] == query.shape[-2], "pag needs self-attention (as many keys as queries)")
+            pert = value.expand_as(out)
+        else:                                                        # seg: attention of blurred queries
+            pert = original(_blur_queries(query, perturbation.blur_sigma), key, value, *args, **kwargs)
+        return torch.where(bcast(m, out), pert, out)
+
+    def enter(module, args):
+        active.append(module)
+
+    def leave(module, args, output):
+        active.pop()
+
+    for _, m in mods:
+        handles += [m.register_forward_pre_hook(enter), m.register_forward_hook(leave)]
+    torch.nn.functional.scaled_dot_product_attention = sdpa
+    try:
+        yield
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = original
+        for h in handles:
+            h.remove()
+
+
+def _mark(value: bool) -> PerCall:
+    return PerCall(lambda old, x, sigma: torch.full((x.shape[0],), value, dtype=torch.bool, device=x.device))
+
+
+def attention_guidance(denoiser: DiffusersDenoiser, w, mode: str, *, layers: Sequence[str] | None = None,
+                       blur_sigma: float = math.inf, batched: bool = True) -> Guided:
+    """``D = D_pert + w (D - D_pert)``: guide a diffusers denoiser with its own attention-perturbed branch.
+
+    ``batched=True``: both branches are rows of **one** network call (the hook perturbs only the second
+    half); ``batched=False``: two calls of B rows each (what diffusers' PAG pipelines do).
+    """
+    check(isinstance(denoiser, DiffusersDenoiser), f"{mode} needs a DiffusersDenoiser, got {type(denoiser).__name__}")
+    den = denoiser.with_perturbation(Perturbation(mode, layers, blur_sigma))
+    if batched:
+        return Guided(Branch(den, {PERTURB: _mark(False)}), Branch(den, {PERTURB: _mark(True)}), w, mode)
+    pert = den.with_perturbation(den.perturbation)                   # another object: evaluated separately
+    return Guided(Branch(den), Branch(pert, {PERTURB: _mark(True)}), w, mode)
+
+
+def pag(denoiser, w, *, layers=None, batched: bool = True) -> Guided:
+    """Perturbed-attention guidance (Ahn et al. 2024, arXiv 2403.17377); paper scale s = w - 1."""
+    return attention_guidance(denoiser, w, "pag", layers=layers, batched=batched)
+
+
+def seg(denoiser, w, *, layers=None, blur_sigma: float = math.inf, batched: bool = True) -> Guided:
+    """Smoothed-energy guidance (Hong 2024, arXiv 2408.00760): blurred queries; paper scale = w - 1."""
+    return attention_guidance(denoiser, w, "seg", layers=layers, blur_sigma=blur_sigma, batched=batched)
+
+
+def slg(denoiser, w, *, layers=None, batched: bool = True) -> Guided:
+    """Skip-layer guidance (Stable Diffusion 3.5): the reference skips the selected blocks; scale = w - 1."""
+    return attention_guidance(denoiser, w, "slg", layers=layers, batched=batched)
