@@ -37,3 +37,19 @@ def test_same_seeds_same_samples_at_any_batch_size(sampler):
     assert torch.equal(full[:9], ones)
     # ...and the noise really is used: other seeds give other samples.
     assert not torch.equal(full, run([s + 1000 for s in seeds]))
+
+
+def test_sample_noise_is_standard_normal_and_independent_across_seeds_and_draws():
+    from scipy import stats
+    noise = rng.SampleNoise(range(4000))
+    a, b = noise.randn([64]).double(), noise.randn([64]).double()
+    assert stats.kstest(a.flatten().numpy(), "norm").pvalue > 1e-3
+    # Neighbouring seeds, successive draws and neighbouring elements are uncorrelated.
+    for u, v in ((a[:-1], a[1:]), (a, b), (a[:, :-1], a[:, 1:])):
+        assert abs(torch.corrcoef(torch.stack([u.flatten(), v.flatten()]))[0, 1]) < 0.01
+
+
+def test_sample_noise_draws_are_a_stream():
+    """Two draws of 3 equal one draw of 6: the values depend on the counter, not on the call pattern."""
+    one, two = rng.SampleNoise([7, 8]), rng.SampleNoise([7, 8])
+    assert torch.equal(torch.cat([one.randn([3]), one.randn([3])], 1), two.randn([6]))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
 
 import torch
@@ -11,28 +12,65 @@ import torch
 NoiseSampler = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-class SampleNoise:
-    """One ``torch.Generator`` per sample, seeded by that sample's seed.
+def _i64(c: int) -> int:
+    """A 64-bit constant as the signed int64 torch stores."""
+    return c - (1 << 64) if c >= 1 << 63 else c
 
+
+_GOLDEN, _C1, _C2 = _i64(0x9E3779B97F4A7C15), _i64(0xBF58476D1CE4E5B9), _i64(0x94D049BB133111EB)
+
+
+def _shr(z: torch.Tensor, k: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's ``>>`` is arithmetic)."""
+    return (z >> k) & ((1 << (64 - k)) - 1)
+
+
+def _mix(z: torch.Tensor) -> torch.Tensor:
+    """The splitmix64 finaliser (Steele, Lea & Flood 2014) on int64 tensors (wrapping arithmetic)."""
+    z = (z ^ _shr(z, 30)) * _C1
+    z = (z ^ _shr(z, 27)) * _C2
+    return z ^ _shr(z, 31)
+
+
+def _uniform(state: torch.Tensor) -> torch.Tensor:
+    """float64 uniforms in (0, 1) from the top 53 bits of the mixed state."""
+    return (_shr(_mix(state), 11).double() + 0.5) * 2.0 ** -53
+
+
+class SampleNoise:
+    """Per-sample Gaussian noise: row *i* is a pure function of ``seeds[i]`` and a draw counter.
+
+    Each sample has its own splitmix64 stream (counter-based, so a whole batch is drawn in a few
+    vectorised integer ops instead of one generator call per sample); normals by Box-Muller.
     ``SampleNoise(seeds).randn([2])`` draws a [len(seeds), 2] tensor whose row *i* depends only on
-    ``seeds[i]`` and on how many draws were made before, so a run is bit-identical at any batch size.
+    ``seeds[i]`` and on how many values were drawn before, so a run is bit-identical at any batch
+    size, on any number of processes and on any device (values are made on the CPU in float64).
     """
 
     def __init__(self, seeds: Sequence[int] | torch.Tensor, device: str | torch.device = "cpu"):
         seeds = [int(s) for s in (seeds.tolist() if isinstance(seeds, torch.Tensor) else seeds)]
         if not seeds:
             raise ValueError("SampleNoise needs at least one seed")
+        if not all(-(1 << 63) <= s < 1 << 63 for s in seeds):
+            raise ValueError("seeds must fit in a signed 64-bit integer")
         self.seeds = seeds
         self.device = torch.device(device)
-        self.generators = [torch.Generator(self.device).manual_seed(s) for s in seeds]
+        self._stream = _mix(torch.tensor(seeds, dtype=torch.int64) + _GOLDEN)   # per-sample stream key
+        self._drawn = 0                                                          # values drawn per sample
 
     def __len__(self) -> int:
         return len(self.seeds)
 
     def randn(self, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Standard normal noise of shape [len(seeds), *shape]."""
-        return torch.stack([torch.randn(list(shape), generator=g, dtype=dtype, device=self.device)
-                            for g in self.generators])
+        shape = [int(d) for d in shape]
+        numel = math.prod(shape)
+        j = torch.arange(self._drawn, self._drawn + numel, dtype=torch.int64)
+        self._drawn += numel
+        state = self._stream[:, None] + (2 * j + 1)[None] * _GOLDEN            # splitmix64 state 2j+1, 2j+2
+        u1, u2 = _uniform(state), _uniform(state + _GOLDEN)
+        z = (-2 * u1.log()).sqrt() * torch.cos(2 * math.pi * u2)
+        return z.view(len(self.seeds), *shape).to(dtype=dtype, device=self.device)
 
     def sampler(self, x: torch.Tensor) -> NoiseSampler:
         """A noise sampler for samples shaped like ``x`` (rows must match the seeds)."""

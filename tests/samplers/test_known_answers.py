@@ -25,11 +25,11 @@ def test_gaussian_world(name):
 
 
 def test_langevin_corrector_helps(tree_a64):
-    """score_sde_pc's corrector moves samples towards the data: fewer-step runs with it beat those without."""
+    """score_sde_pc's corrector moves samples towards the data: runs with 3 Langevin steps per step beat those without (0.59-0.87x over 4 seeds)."""
     from guidelab.metrics import sliced_wasserstein
     from guidelab.rng import SampleNoise
     exact = tree_a64.sample(1024, 0.0, torch.Generator().manual_seed(1))
     x = tree_a64.sample(1024, 5.0, torch.Generator().manual_seed(2))
     run = lambda k: samplers.score_sde_pc(tree_a64, x.clone(), schedules.karras(25, 0.002, 5.0),   # noqa: E731
                                           corrector_steps=k, noise=SampleNoise(range(1024)))
-    assert sliced_wasserstein(run(1), exact) < 0.9 * sliced_wasserstein(run(0), exact)
+    assert sliced_wasserstein(run(3), exact) < 0.9 * sliced_wasserstein(run(0), exact)
