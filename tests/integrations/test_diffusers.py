@@ -1,6 +1,9 @@
 """diffusers models as denoisers: equivalence with diffusers' own DDIM / Euler / DPM-Solver++ loops with CFG
 (tiny randomly initialised models saved to and loaded from a temporary folder), loading errors, the
-sigma <-> timestep map, and the attention-perturbation guiders (PAG, SEG, SLG)."""
+sigma <-> timestep map, and the attention-perturbation guiders (PAG, SEG, SLG).
+
+The equivalence runs in float64 (the same float64 network on both sides) so that 1e-4 is a real bound:
+untrained tiny models end far from data scale (|x| ~ 100), where float32 alone differs by ~2e-4."""
 
 import json
 
@@ -52,7 +55,7 @@ def _save(tmp_path, kind, prediction_type="epsilon", seed=0, name="model"):
 
 def _cond(kind, gen):
     if kind == "text_unet":
-        return {"encoder_hidden_states": torch.randn(B, 4, 16, generator=gen)}
+        return {"encoder_hidden_states": torch.randn(B, 4, 16, generator=gen, dtype=torch.float64)}
     return {"class_labels": torch.tensor([1, 7])}
 
 
@@ -71,7 +74,7 @@ def _guided_output(model, kind, prediction_type, x_in, t, cond, w):
 
 
 def _denoiser(folder, kind):
-    den = gd.load(folder, null_text=torch.zeros(1, 4, 16) if kind == "text_unet" else None,
+    den = gd.load(folder, dtype=torch.float64, null_text=torch.zeros(1, 4, 16) if kind == "text_unet" else None,
                   null_class=NULL if kind == "unet" else None)
     return den, guidance.cfg(den, 2.5, key=den.cfg_key)
 
@@ -88,13 +91,60 @@ def test_ddim_cfg_equals_diffusers_loop(tmp_path, kind, prediction_type):
     cond = _cond(kind, gen)
     sigmas = den.sigmas(8, "leading")
     assert torch.equal(torch.as_tensor(den.timestep(sigmas[:-1]).round().long()), sched.timesteps.long())
-    x_vp = torch.randn(B, C, H, H, generator=gen)
+    x_vp = torch.randn(B, C, H, H, generator=gen, dtype=torch.float64)
     ref = x_vp.clone()
     with torch.no_grad():
         for t in sched.timesteps:
             out = _guided_output(model, kind, prediction_type, ref, t, cond, 2.5)
             ref = sched.step(out, t, ref).prev_sample
-    x = (x_vp.double() * (1 + sigmas[0] ** 2).sqrt()).float()
-    ours = samplers.ddim(guided, x, sigmas.float(), cond=cond)
+    x = x_vp * (1 + sigmas[0] ** 2).sqrt()
+    ours = samplers.ddim(guided, x, sigmas, cond=cond)
     assert (ours - ref).abs().max() < 1e-4, (ours - ref).abs().max()
-    assert (ours - samplers.ddim(den, x, sigmas.float(), cond=cond)).abs().max() > 1e-2   # guidance matters
+    assert (ours - samplers.ddim(den, x, sigmas, cond=cond)).abs().max() > 1e-2   # guidance matters
+
+
+@pytest.mark.parametrize("kind,prediction_type", [("unet", "epsilon"), ("text_unet", "v_prediction"), ("dit", "epsilon")])
+def test_euler_cfg_equals_euler_discrete_scheduler(tmp_path, kind, prediction_type):
+    """EulerDiscreteScheduler works in EDM space (sample scaled by 1/sqrt(1 + sigma^2) at the model input)
+    on ``sigmas = interp(timesteps, grid)`` (linear in sigma); with "leading" spacing the timesteps are
+    integers, so its sigmas are grid sigmas -- ours on the same grid (checked) and we feed its very sigmas."""
+    folder = _save(tmp_path, kind, prediction_type)
+    den, guided = _denoiser(folder, kind)
+    sched = EulerDiscreteScheduler.from_pretrained(folder, local_files_only=True)
+    sched.set_timesteps(10)
+    spacing = sched.config.timestep_spacing                    # "leading", from the saved DDIM config
+    assert torch.allclose(sched.sigmas.double(), den.sigmas(10, spacing), rtol=1e-6)
+    gen = torch.Generator().manual_seed(1)
+    cond = _cond(kind, gen)
+    x = torch.randn(B, C, H, H, generator=gen, dtype=torch.float64) * sched.sigmas[0]
+    ref = x.clone()
+    with torch.no_grad():
+        for t in sched.timesteps:
+            out = _guided_output(den.model, kind, prediction_type, sched.scale_model_input(ref, t), t, cond, 2.5)
+            ref = sched.step(out, t, ref).prev_sample
+    ours = samplers.euler(guided, x, sched.sigmas.clone(), cond=cond)
+    assert (ours - ref).abs().max() < 1e-4, (ours - ref).abs().max()
+
+
+@pytest.mark.parametrize("kind,prediction_type", [("unet", "epsilon"), ("text_unet", "v_prediction"), ("dit", "epsilon")])
+def test_dpmpp_2m_cfg_equals_dpm_solver_multistep(tmp_path, kind, prediction_type):
+    """DPMSolverMultistepScheduler (dpmsolver++, order 2, midpoint) in VP space on its own sigmas; at >= 15
+    steps only its last step (to sigma = 0, ``final_sigmas_type="zero"``) is first order, as in ours."""
+    folder = _save(tmp_path, kind, prediction_type)
+    den, guided = _denoiser(folder, kind)
+    sched = DPMSolverMultistepScheduler.from_pretrained(folder, local_files_only=True)
+    sched.set_timesteps(15)
+    sigmas = sched.sigmas.clone()
+    assert float(sigmas[-1]) == 0 and len(sigmas) == 16
+    assert torch.equal(den.timestep(sigmas[:-1]).round().long(), sched.timesteps.long())
+    gen = torch.Generator().manual_seed(2)
+    cond = _cond(kind, gen)
+    x_vp = torch.randn(B, C, H, H, generator=gen, dtype=torch.float64)
+    ref = x_vp.clone()
+    with torch.no_grad():
+        for t in sched.timesteps:
+            ref = sched.step(_guided_output(den.model, kind, prediction_type, ref, t, cond, 2.5), t, ref).prev_sample
+    x = x_vp * (1 + sigmas[0].double() ** 2).sqrt()
+    ours = samplers.dpmpp_2m(guided, x, sigmas, cond=cond)
+    assert (ours - ref).abs().max() < 1e-4, (ours - ref).abs().max()
+    assert (ours - samplers.euler(guided, x, sigmas, cond=cond)).abs().max() > 1e-3   # the 2nd order matters
