@@ -1,0 +1,185 @@
+"""The image recipe: an EDM-preconditioned denoiser trained on an image data set (the built-in
+digits or a folder) with the EDM loss (Karras et al. 2022, eq. 2 and Table 1).
+
+Per step: ``ln sigma ~ N(P_mean, P_std^2)``, ``x = x0 + sigma n``, a label replaced by the null label
+with probability ``label_dropout`` (so one network is both conditional and unconditional, for CFG),
+loss ``lambda(sigma) |D(x; sigma, y) - x0|^2``. Adam with EDM2's inverse-sqrt learning rate, two
+power-function EMA profiles whose periodic snapshots allow post-hoc EMA (:mod:`.phema`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..denoisers import edm_loss
+from ..errors import GuidelabError, check
+from .loop import LoopConfig, train
+
+MODELS = ("PixelMLP",)
+
+
+@dataclass(frozen=True)
+class ImageConfig:
+    """Everything that determines an image model. Defaults: the digits model of docs/RESULTS.md."""
+
+    data: str = "digits"              # "digits" (train split) or an image folder
+    resolution: int | None = None     # folder images resized to this (None: keep; digits are 8x8)
+    channels: int = 1                 # folder images: 1 (grey) or 3 (RGB)
+    model: str = "PixelMLP"
+    hidden: int = 512
+    depth: int = 4
+    emb: int = 128
+    sigma_data: float = 0.5
+    conditional: bool = True          # class-conditional (needs labels) with a null label
+    noise_cond: bool = True           # False: a noise-unconditional network
+    extra_scalar: str | None = None   # name of an extra scalar input (recipes that set it feed it)
+    label_dropout: float = 0.1
+    P_mean: float = -1.2
+    P_std: float = 1.2
+    batch: int = 256
+    iters: int = 16384
+    lr: float = 2e-3
+    lr_ref_steps: int = 2048
+    betas: tuple[float, float] = (0.9, 0.99)
+    ema: tuple[float, ...] = (0.05, 0.10)   # two profiles, as EDM2 keeps for post-hoc EMA
+    snapshot_every: int = 1024
+    seed: int = 0
+
+    def __post_init__(self):
+        check(self.model in MODELS, f"unknown model {self.model!r}; allowed: {list(MODELS)}")
+        check(0 <= self.label_dropout <= 1, f"label_dropout must be in [0, 1], got {self.label_dropout!r}")
+        check(self.P_std > 0, f"P_std must be > 0, got {self.P_std!r}")
+        check(self.extra_scalar is None, "extra_scalar is set by recipes that feed it (none yet); leave it unset here")
+        self.loop()
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ImageConfig":
+        """Build from a dict (a config file, a checkpoint's ``meta``); unknown keys are an error."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names - {"recipe"})
+        check(not unknown, f"unknown image config keys {unknown}; allowed: {sorted(names)}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names})
+
+    def loop(self) -> LoopConfig:
+        return LoopConfig(iters=self.iters, batch=self.batch, lr=self.lr, lr_ref_steps=self.lr_ref_steps,
+                          betas=self.betas, ema=self.ema, snapshot_every=self.snapshot_every, seed=self.seed)
+
+    def name(self) -> str:
+        digest = hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:8]
+        src = "digits" if self.data == "digits" else Path(self.data).name
+        return f"{src}-{self.model}-h{self.hidden}-i{self.iters}-{digest}"
+
+
+def load_data(cfg: ImageConfig):
+    """The training images of ``cfg`` (:class:`guidelab.data.ImageData`)."""
+    from ..data import digits, image_folder
+
+    if cfg.data == "digits":
+        return digits("train")
+    return image_folder(cfg.data, cfg.resolution, cfg.channels)
+
+
+def model_config(cfg: ImageConfig, data) -> dict[str, Any]:
+    if cfg.conditional:
+        check(data.labels is not None, f"conditional=true needs class sub-folders in {cfg.data}; or set conditional=false")
+    _, c, h, w = data.images.shape
+    check(h == w, f"images must be square, got {h}x{w}; pass a resolution")
+    return {"name": cfg.model, "img_channels": c, "img_resolution": h, "hidden": cfg.hidden, "depth": cfg.depth,
+            "emb": cfg.emb, "sigma_data": cfg.sigma_data, "num_classes": data.num_classes if cfg.conditional else 0,
+            "noise_cond": cfg.noise_cond, "extra_scalar": cfg.extra_scalar}
+
+
+def image_loss(cfg: ImageConfig, data):
+    """``loss_fn(net, batch, generator) -> [batch]``: the EDM loss on random training images."""
+    x0_all, labels_all = data.images, data.labels
+
+    def loss_fn(net, batch: int, gen: torch.Generator) -> torch.Tensor:
+        dev = next(net.parameters()).device
+        i = torch.randint(len(x0_all), (batch,), generator=gen)
+        x0 = x0_all[i].to(dev)
+        sigma = (torch.randn(batch, generator=gen) * cfg.P_std + cfg.P_mean).exp().to(dev)   # EDM: ln sigma ~ N
+        n = torch.randn(x0.shape, generator=gen).to(dev)
+        cond = {}
+        if net.num_classes:
+            drop = torch.rand(batch, generator=gen) < cfg.label_dropout
+            cond["label"] = torch.where(drop, net.null_label, labels_all[i]).to(dev)
+        return edm_loss(net, x0 + sigma[:, None, None, None] * n, sigma, x0, net.precond, **cond)
+    return loss_fn
+
+
+def plot_loss(losses, path: str | Path) -> Path:
+    """Loss curve (raw and smoothed, log scale) as a PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    y = np.asarray(losses, dtype=np.float64)
+    k = max(1, len(y) // 100)
+    smooth = np.convolve(y, np.ones(k) / k, mode="valid")
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot(np.arange(1, len(y) + 1), y, lw=0.5, alpha=0.35, label="loss")
+    ax.plot(np.arange(k, len(y) + 1), smooth, lw=1.5, label=f"mean of {k}")
+    ax.set(xlabel="step", ylabel="EDM loss", yscale="log")
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+@torch.no_grad()
+def sample_grid(model, path: str | Path, *, per_class: int = 10, steps: int = 32, seed: int = 0,
+                sigma_max: float = 80.0) -> Path:
+    """A PNG grid of samples (EDM Heun, ``karras(steps, 0.002, sigma_max)``): one row per class
+    (``per_class`` seeds each) or, unconditional, a square of ``per_class^2``. Seeds ``seed, seed+1, ...``."""
+    import numpy as np
+    from PIL import Image
+
+    from ..rng import SampleNoise
+    from ..samplers import heun
+    from ..schedules import karras
+
+    rows = model.num_classes or per_class
+    n = rows * per_class
+    noise = SampleNoise(list(range(seed, seed + n)))
+    shape = (n, model.img_channels, model.img_resolution, model.img_resolution)
+    sigmas = karras(steps, 0.002, sigma_max).float()
+    x = noise.randn(shape[1:]) * sigmas[0]
+    cond = {"label": torch.arange(n) // per_class} if model.num_classes else None
+    x = heun(model, x, sigmas, cond=cond)
+    img = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    r, c = model.img_resolution, model.img_channels
+    grid = img.reshape(rows, per_class, c, r, r).permute(0, 3, 1, 4, 2).reshape(rows * r, per_class * r, c).numpy()
+    scale = max(1, 256 // (per_class * r))
+    im = Image.fromarray(grid[:, :, 0] if c == 1 else grid).resize((per_class * r * scale, rows * r * scale), Image.NEAREST)
+    path = Path(path)
+    im.save(path)
+    return path
+
+
+def train_images(out_dir: str | Path = "runs/images", cfg: ImageConfig | None = None, *, progress: bool = True,
+                 checkpoint_every: int = 256, threads: int | None = None, plot: bool = True, on_step=None) -> Path:
+    """Train (or resume, or reuse) the image run ``out_dir/<cfg.name()>``; return its final EMA snapshot.
+
+    At the end ``loss.png`` (the loss curve) is written next to the checkpoints. Load the result
+    with :func:`guidelab.training.load_model`; post-hoc EMA with :func:`guidelab.training.phema.reconstruct`.
+    """
+    cfg = cfg or ImageConfig()
+    data = load_data(cfg)
+    run_dir = Path(out_dir) / cfg.name()
+    final = train(run_dir, model_config(cfg, data), image_loss(cfg, data), cfg.loop(),
+                  meta={"recipe": "images", **asdict(cfg)}, checkpoint_every=checkpoint_every, progress=progress,
+                  desc=cfg.name(), threads=threads, on_step=on_step)
+    if plot:
+        from .checkpoint import load
+        plot_loss(load(run_dir / "state.safetensors")[0]["log/loss"].tolist(), run_dir / "loss.png")
+    return final
