@@ -148,3 +148,130 @@ def test_dpmpp_2m_cfg_equals_dpm_solver_multistep(tmp_path, kind, prediction_typ
     ours = samplers.dpmpp_2m(guided, x, sigmas, cond=cond)
     assert (ours - ref).abs().max() < 1e-4, (ours - ref).abs().max()
     assert (ours - samplers.euler(guided, x, sigmas, cond=cond)).abs().max() > 1e-3   # the 2nd order matters
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading, timesteps, prediction types.
+
+def test_missing_folder_is_one_clear_error(tmp_path):
+    with pytest.raises(GuidelabError, match="does not exist .*nothing is downloaded"):
+        gd.load(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(GuidelabError, match="no config.json"):
+        gd.load(tmp_path / "empty")
+    folder = tmp_path / "noschedule"
+    _unet(0).save_pretrained(folder)
+    with pytest.raises(GuidelabError, match="no scheduler_config.json"):
+        gd.load(folder)
+
+
+def test_pipeline_layout_and_snapped_timesteps(tmp_path):
+    """A pipeline folder (model_index.json, unet/, scheduler/) loads; between grid sigmas "interpolate" gives
+    the fractional t linear in log sigma, "nearest" the nearest grid t; on the grid both give t exactly."""
+    _unet(0).save_pretrained(tmp_path / "unet")
+    DDIMScheduler(prediction_type="v_prediction").save_pretrained(tmp_path / "scheduler")
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "DDPMPipeline"}))
+    den = gd.load(tmp_path, null_class=NULL)
+    assert den.prediction_type == "v_prediction" and den.cfg_key == "class_labels" and den.null_label == NULL
+    g = den.grid
+    mid = (g[[100, 500]].log() * 0.7 + g[[101, 501]].log() * 0.3).exp()
+    assert torch.allclose(den.timestep(mid), torch.tensor([100.3, 500.3], dtype=torch.float64), atol=1e-9)
+    assert torch.equal(den.timestep(g[[0, 7, 999]]), torch.tensor([0.0, 7.0, 999.0], dtype=torch.float64))
+    snapped = gd.load(tmp_path, null_class=NULL, timesteps="nearest")
+    assert torch.equal(snapped.timestep(mid), torch.tensor([100.0, 500.0], dtype=torch.float64))
+    assert torch.equal(den.timestep(torch.tensor([1e-6, 1e6])), torch.tensor([0.0, 999.0], dtype=torch.float64))
+    with pytest.raises(GuidelabError, match="timesteps must be one of"):
+        gd.load(tmp_path, timesteps="round")
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_prediction_types_convert_to_x0(tmp_path, prediction_type):
+    """D from the raw output F at a grid timestep, by the VP formulas written in VP variables."""
+    den = gd.load(_save(tmp_path, "unet", prediction_type), dtype=torch.float64)
+    t = 400
+    abar = 1 / (1 + den.grid[t] ** 2)
+    x = torch.randn(B, C, H, H, dtype=torch.float64) * den.grid[t]
+    x_vp = x * abar.sqrt()
+    labels = torch.tensor([2, 3])
+    with torch.no_grad():
+        F_ = den.model(x_vp, torch.full((B,), float(t)), class_labels=labels).sample
+        D = den(x, den.grid[t].expand(B), class_labels=labels)
+    x0 = {"epsilon": (x_vp - (1 - abar).sqrt() * F_) / abar.sqrt(),
+          "v_prediction": abar.sqrt() * x_vp - (1 - abar).sqrt() * F_, "sample": F_}[prediction_type]
+    assert torch.allclose(D, x0, atol=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention perturbation.
+
+def _count_calls(model):
+    calls = []
+    model.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[0]))
+    return calls
+
+
+def test_attention_hooks_on_a_single_layer():
+    """PAG: softmax(QK^T)V -> V; SEG at infinite blur: every query replaced by the mean query; a tiny blur is
+    no blur; only the marked rows change."""
+    from diffusers.models.attention_processor import Attention
+    torch.manual_seed(0)
+    attn = Attention(query_dim=16, heads=2, dim_head=8).double()
+    h = torch.randn(3, 16, 16, dtype=torch.float64)            # [B, L = 4 x 4 tokens, dim]
+    mask = torch.tensor([False, True, True])
+    with torch.no_grad():
+        plain = attn(h)
+        with gd.perturbed_attention(attn, gd.Perturbation("pag"), mask):
+            pag = attn(h)
+        identity = attn.to_out[0](attn.to_v(h))
+        with gd.perturbed_attention(attn, gd.Perturbation("seg"), mask):
+            seg = attn(h)
+        q, k, v = (f(h).view(3, 16, 2, 8).transpose(1, 2) for f in (attn.to_q, attn.to_k, attn.to_v))
+        uniform = torch.softmax(q.mean(2, keepdim=True) @ k.transpose(-1, -2) / 8 ** 0.5, -1) @ v
+        uniform = attn.to_out[0](uniform.expand(-1, -1, 16, -1).transpose(1, 2).reshape(3, 16, 16))
+        with gd.perturbed_attention(attn, gd.Perturbation("seg", blur_sigma=0.05), mask):
+            seg_tiny = attn(h)
+    assert torch.equal(pag[0], plain[0]) and torch.allclose(pag[1:], identity[1:], atol=1e-12)
+    assert torch.equal(seg[0], plain[0]) and torch.allclose(seg[1:], uniform[1:], atol=1e-12)
+    assert torch.allclose(seg_tiny, plain, atol=1e-12)
+    assert (pag[1:] - plain[1:]).abs().max() > 1e-2 and (seg[1:] - plain[1:]).abs().max() > 1e-2
+    with torch.no_grad():
+        assert torch.equal(attn(h), plain)                     # hooks and the patched attention are gone
+
+
+def test_slg_skips_the_selected_blocks(tmp_path):
+    den = gd.load(_save(tmp_path, "unet"), dtype=torch.float64)
+    pert = gd.Perturbation("slg", layers=["mid_block"])
+    mods = pert.modules(den.model)
+    assert [n for n, _ in mods] == ["mid_block.attentions.0"]
+    x = torch.randn(B, C, H, H, dtype=torch.float64) * 3
+    sigma = torch.full((B,), 3.0, dtype=torch.float64)
+    labels = torch.tensor([1, 2])
+    with torch.no_grad():
+        skipped = den.with_perturbation(pert)(x, sigma, class_labels=labels, perturb=torch.tensor([True, False]))
+        plain = den(x, sigma, class_labels=labels)
+        mods[0][1].forward = lambda hidden_states, *a, **k: hidden_states     # the block removed by hand
+        removed = den(x, sigma, class_labels=labels)
+    assert torch.allclose(skipped[0], removed[0], atol=1e-12) and torch.equal(skipped[1], plain[1])
+    assert (skipped[0] - plain[0]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("mode,kind", [("pag", "unet"), ("seg", "dit"), ("slg", "dit"), ("pag", "text_unet")])
+def test_perturbation_guiders_batched_equal_separate_passes(tmp_path, mode, kind):
+    """One call of 2B rows per step (batched) or two calls of B rows (separate): the same samples; w = 1
+    is the unguided sampler with one B-row call per step."""
+    den = gd.load(_save(tmp_path, kind), dtype=torch.float64, null_class=NULL if kind == "unet" else None)
+    calls = _count_calls(den.model)
+    cond = _cond(kind, torch.Generator().manual_seed(4))
+    sigmas = den.sigmas(5, "trailing")
+    x = torch.randn(B, C, H, H, dtype=torch.float64) * sigmas[0]
+    guider = getattr(gd, mode)
+    batched = samplers.euler(guider(den, 3.0), x, sigmas, cond=cond)
+    assert calls == [2 * B] * 5
+    calls.clear()
+    separate = samplers.euler(guider(den, 3.0, batched=False), x, sigmas, cond=cond)
+    assert calls == [B] * 10
+    assert torch.allclose(batched, separate, atol=1e-8)
+    calls.clear()
+    plain = samplers.euler(den, x, sigmas, cond=cond)
+    assert torch.equal(samplers.euler(guider(den, 1.0), x, sigmas, cond=cond), plain) and calls == [B] * 10
+    assert (batched - plain).abs().max() > 1e-3

@@ -239,8 +239,8 @@ def _blur_queries(q: torch.Tensor, sigma: float) -> torch.Tensor:
     L = q.shape[-2]
     h = math.isqrt(L)
     check(h * h == L, f"seg needs a square token grid, got {L} tokens")
-    r = math.ceil(3 * sigma)
-    if not math.isfinite(sigma) or r >= h:                          # wider than the grid: the mean query
+    r = math.ceil(3 * sigma) if math.isfinite(sigma) else h
+    if r >= h:                          # wider than the grid: the mean query
         return q.mean(-2, keepdim=True).expand_as(q)
     k = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=q.dtype, device=q.device) / sigma) ** 2)
     k = k / k.sum()
