@@ -136,6 +136,123 @@ def report_cmd(sweep_dir: Path, out) -> None:
     click.echo(f"wrote {report.render(sweep_dir, out)}")
 
 
+def _read_config(path: Path | None, sets: tuple[str, ...]) -> dict:
+    """A JSON or TOML config file (optional) with ``KEY=VALUE`` overrides (VALUE parsed as JSON, else a string)."""
+    import json
+
+    cfg: dict = {}
+    if path is not None:
+        try:
+            text = path.read_text()
+            if path.suffix.lower() == ".toml":
+                try:
+                    import tomllib
+                except ImportError:  # Python 3.10
+                    raise GuidelabError("TOML configs need Python >= 3.11; use a JSON config") from None
+                cfg = tomllib.loads(text)
+            else:
+                cfg = json.loads(text)
+        except (OSError, ValueError) as e:
+            raise GuidelabError(f"cannot read config {path}: {str(e).splitlines()[0]}") from None
+        if not isinstance(cfg, dict):
+            raise GuidelabError(f"config {path} must hold a table / object of keys, got {type(cfg).__name__}")
+    for item in sets:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise GuidelabError(f"--set takes KEY=VALUE, got {item!r}")
+        try:
+            cfg[key.strip()] = json.loads(value)
+        except ValueError:
+            cfg[key.strip()] = value
+    return cfg
+
+
+@main.command("train")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
+              help="JSON or TOML file of ImageConfig keys (guidelab.training.images).")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a config key (repeatable); VALUE is JSON or a string.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/images"),
+              help="Parent folder; the run lives in OUT/<name-hash> (resumed if it exists).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Torch CPU threads (default: torch's).")
+@click.option("--checkpoint-every", type=click.IntRange(min=1), default=256, help="Training state every this many steps.")
+@click.option("--grid/--no-grid", default=True, help="Write a sample grid (grid.png) of the final EMA at the end.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def train_cmd(config_path, sets, out, threads, checkpoint_every, grid, quiet) -> None:
+    """Train an image denoiser (EDM loss; digits or an image folder); resumes an interrupted run."""
+    from .training import load_model
+    from .training.images import ImageConfig, sample_grid, train_images
+
+    cfg = ImageConfig.from_dict(_read_config(config_path, sets))
+    final = train_images(out, cfg, progress=not quiet, checkpoint_every=checkpoint_every, threads=threads)
+    click.echo(f"final EMA snapshot: {final}")
+    click.echo(f"loss curve: {final.parent / 'loss.png'}")
+    if grid:
+        click.echo(f"samples: {sample_grid(load_model(final), final.parent / 'grid.png')}")
+
+
+@main.command("phema")
+@click.argument("run_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.option("--sigma-rel", type=float, required=True, help="Relative EMA length to reconstruct, in (0, 0.2887).")
+@click.option("--step", type=click.IntRange(min=1), default=None, help="Training step (default: the last snapshot).")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Output .safetensors checkpoint.")
+def phema_cmd(run_dir, sigma_rel, step, out) -> None:
+    """Post-hoc EMA: rebuild the EMA of any sigma_rel from a run's snapshots (EDM2) as a checkpoint."""
+    from .training import save_model
+    from .training.phema import reconstruct
+
+    m = reconstruct(run_dir, sigma_rel, step)
+    info = {k: v for k, v in m.checkpoint_info.items() if k != "model"}
+    save_model(out, m, **info)
+    click.echo(f"wrote {out} (profile error {info['phema_error']:.2g})")
+
+
+@main.command("diffusers")
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Folder for PNGs + samples.npz.")
+@click.option("--guider", type=click.Choice(["none", "cfg", "autoguidance", "pag", "seg", "slg"]), default="none")
+@click.option("--weight", "w", type=float, default=1.0, help="Guidance weight (1 = no guidance).")
+@click.option("--guide", type=click.Path(path_type=Path), default=None, help="Guide model folder (autoguidance).")
+@click.option("--sampler", default="euler", help="Sampler name (guidelab samplers).")
+@click.option("--steps", type=click.IntRange(min=1), default=32)
+@click.option("--schedule", type=click.Choice(["karras", "leading", "trailing", "linspace"]), default="karras",
+              help="karras between the model's sigma ends, or its timesteps with diffusers' spacing.")
+@click.option("--timesteps", type=click.Choice(["interpolate", "nearest"]), default="interpolate",
+              help="sigma -> timestep: fractional t (log-sigma interpolation) or the nearest grid t.")
+@click.option("--seeds", default="0-7", help="Seeds: a range 0-7 or a list 1,2,5.")
+@click.option("--batch", type=click.IntRange(min=1), default=16)
+@click.option("--class-label", type=int, default=None, help="Class id for class-conditional models.")
+@click.option("--null-class", type=int, default=None, help="Null class id for cfg (DiT: its num_classes by default).")
+@click.option("--prompt-embeds", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="safetensors with 'prompt_embeds' [1 or N, L, dim] and optionally 'null_embeds' (text models).")
+@click.option("--layers", default=None, help="pag/seg/slg: comma-separated substrings of layer names (default all).")
+@click.option("--interval", default=None, help="Guide only for sigma in (lo, hi], given as lo-hi.")
+@click.option("--device", default="cpu")
+@click.option("--dtype", type=click.Choice(["float32", "float64", "float16", "bfloat16"]), default="float32")
+def diffusers_cmd(model_dir, out, guider, w, guide, seeds, interval, prompt_embeds, layers, dtype, **kw) -> None:
+    """Sample a local diffusers model (UNet2DModel, UNet2DConditionModel, DiT) with any sampler and guider."""
+    import torch
+
+    from .integrations import diffusers as gd
+    emb = {}
+    if prompt_embeds is not None:
+        from safetensors.torch import load_file
+        emb = load_file(prompt_embeds)
+    try:
+        lo, hi = (float(v) for v in interval.split("-")) if interval else (None, None)
+        if "-" in seeds:
+            first, last = (int(v) for v in seeds.split("-"))
+            seed_list = list(range(first, last + 1))
+        else:
+            seed_list = [int(v) for v in seeds.split(",") if v.strip()]
+    except ValueError:
+        raise GuidelabError(f"--seeds must look like 0-7 or 1,2,5 and --interval like 0.3-5, got {seeds!r}, {interval!r}") from None
+    gd.generate(model_dir, guider=guider, w=w, guide_dir=guide, seeds=seed_list, out=out,
+                interval=(lo, hi) if interval else None, prompt_embeds=emb.get("prompt_embeds"),
+                null_text=emb.get("null_embeds"), layers=layers.split(",") if layers else None,
+                dtype=getattr(torch, dtype), class_labels=kw.pop("class_label"), **kw)
+    click.echo(f"wrote {len(seed_list)} samples to {out}")
+
+
 def run() -> None:
     """Entry point: user mistakes become one line on stderr and exit code 2."""
     try:

@@ -341,3 +341,122 @@ def seg(denoiser, w, *, layers=None, blur_sigma: float = math.inf, batched: bool
 def slg(denoiser, w, *, layers=None, batched: bool = True) -> Guided:
     """Skip-layer guidance (Stable Diffusion 3.5): the reference skips the selected blocks; scale = w - 1."""
     return attention_guidance(denoiser, w, "slg", layers=layers, batched=batched)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pipeline-style entry point.
+
+GUIDERS = ("none", "cfg", "autoguidance", "pag", "seg", "slg")
+SCHEDULES = ("karras", "leading", "trailing", "linspace")
+
+
+def make_guider(den: DiffusersDenoiser, guider: str, w: float, *, guide: DiffusersDenoiser | None = None,
+                layers: Sequence[str] | None = None, blur_sigma: float = math.inf, interval=None):
+    """The guided denoiser called ``guider`` ("none", "cfg", "autoguidance", "pag", "seg", "slg") at weight w,
+    optionally only inside ``interval = (sigma_lo, sigma_hi)``."""
+    check(guider in GUIDERS, f"unknown guider {guider!r}; allowed: {', '.join(GUIDERS)}")
+    if guider == "none":
+        return den
+    if guider == "cfg":
+        check(den.null_label is not None, f"cfg needs a null condition: pass null_class=... (class models) or "
+              f"null_text=... (text models); {type(den.model).__name__} has no default")
+        g = guidance.cfg(den, w, key=den.cfg_key)
+    elif guider == "autoguidance":
+        check(guide is not None, "autoguidance needs a guide model (guide_dir=... / --guide DIR)")
+        check(guide.grid.shape == den.grid.shape and torch.allclose(guide.grid, den.grid),
+              "the guide model's noise schedule differs from the main model's")
+        g = guidance.autoguidance(den, guide, w)
+    else:
+        g = attention_guidance(den, w, guider, layers=layers, blur_sigma=blur_sigma)
+    if interval is not None:
+        g = guidance.interval(g, *interval)
+    return g
+
+
+def make_sigmas(den: DiffusersDenoiser, steps: int, schedule: str = "karras") -> torch.Tensor:
+    """``karras`` between the model's grid ends, or the grid timesteps picked by diffusers' spacing names."""
+    check(schedule in SCHEDULES, f"unknown schedule {schedule!r}; allowed: {', '.join(SCHEDULES)}")
+    if schedule == "karras":
+        return schedules.karras(steps, den.sigma_min, den.sigma_max)
+    return den.sigmas(steps, schedule)
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_outputs(out: str | os.PathLike, x: torch.Tensor, seeds: Sequence[int], **extra) -> Path:
+    """``out/samples.npz`` (x, seeds, extra arrays) and, for 1- or 3-channel samples, ``out/<seed>.png``
+    (values in [-1, 1] mapped to 0..255); every file written atomically (temp file + os.replace)."""
+    from PIL import Image
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    arr = x.detach().float().cpu().numpy()
+    if arr.shape[1] in (1, 3):
+        img = ((arr.clip(-1, 1) + 1) * 127.5).round().astype(np.uint8).transpose(0, 2, 3, 1)
+        for s, im in zip(seeds, img):
+            pil = Image.fromarray(im[..., 0] if im.shape[-1] == 1 else im)
+            _atomic_write(out / f"{int(s):06d}.png", lambda f: pil.save(f, format="PNG"))
+    path = out / "samples.npz"
+    _atomic_write(path, lambda f: np.savez(f, x=arr, seeds=np.asarray(list(seeds), dtype=np.int64),
+                                           **{k: np.asarray(v) for k, v in extra.items()}))
+    return path
+
+
+def generate(model_dir: str | os.PathLike, *, guider: str = "none", w: float = 1.0, sampler: str = "euler",
+             steps: int = 32, schedule: str = "karras", seeds: Iterable[int] = (0,), batch: int = 16,
+             class_labels: int | Sequence[int] | None = None, prompt_embeds: torch.Tensor | None = None,
+             null_class: int | None = None, null_text: torch.Tensor | None = None, guide_dir=None,
+             layers: Sequence[str] | None = None, blur_sigma: float = math.inf, interval=None,
+             timesteps: str = "interpolate", dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+             out: str | os.PathLike | None = None, progress: bool = False, **sampler_kw) -> torch.Tensor:
+    """Sample a local diffusers model with any guidelab sampler and guider; returns x0 [N, C, H, W] (model space).
+
+    Sample i starts from ``SampleNoise([seeds[i]])`` and draws its sampler noise from the same generator, so
+    it does not depend on ``batch``. ``class_labels``: one id or one per seed; ``prompt_embeds``: [1 or N, L, dim];
+    ``guide_dir``: second model for autoguidance. Latent models return latents (no VAE decoding).
+    """
+    seeds = [int(s) for s in seeds]
+    check(len(seeds) >= 1, "need at least one seed")
+    check(batch >= 1, f"batch must be >= 1, got {batch}")
+    den = load(model_dir, dtype=dtype, device=device, timesteps=timesteps, null_class=null_class, null_text=null_text)
+    guide = None
+    if guide_dir is not None:
+        guide = load(guide_dir, dtype=dtype, device=device, timesteps=timesteps, null_class=null_class,
+                     null_text=null_text)
+    D = make_guider(den, guider, w, guide=guide, layers=layers, blur_sigma=blur_sigma, interval=interval)
+    run = samplers.get(sampler)
+    sigmas = make_sigmas(den, steps, schedule)
+    cfg = den.model.config
+    channels = cfg.in_channels
+    size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
+    N = len(seeds)
+    cond_all: dict[str, torch.Tensor] = {}
+    if class_labels is not None:
+        labels = torch.as_tensor(class_labels, dtype=torch.long).reshape(-1)
+        check(labels.numel() in (1, N), f"class_labels: give one label or one per seed ({N}), got {labels.numel()}")
+        cond_all["class_labels"] = labels.expand(N).to(device)
+    if prompt_embeds is not None:
+        check(prompt_embeds.ndim == 3 and prompt_embeds.shape[0] in (1, N),
+              f"prompt_embeds must have shape [1 or {N}, L, dim], got {list(prompt_embeds.shape)}")
+        cond_all["encoder_hidden_states"] = prompt_embeds.to(device=device, dtype=dtype).expand(N, -1, -1)
+    check(den.cfg_key in cond_all or guider not in ("cfg",),
+          f"cfg on this model needs {den.cfg_key} (--class-label / prompt embeddings)")
+    check(not (den.cfg_key == "encoder_hidden_states" and "encoder_hidden_states" not in cond_all),
+          "a text-conditioned model needs prompt_embeds (encoder_hidden_states)")
+    xs = []
+    for i in range(0, N, batch):
+        noise = SampleNoise(seeds[i:i + batch], device=device)
+        x = noise.randn([channels, size, size], dtype=dtype) * sigmas[0].to(dtype)
+        cond = {k: v[i:i + batch] for k, v in cond_all.items()}
+        xs.append(run(D, x, sigmas.to(dtype), cond=cond, noise=noise, progress=progress, **sampler_kw))
+    x = torch.cat(xs)
+    if out is not None:
+        extra = {"class_labels": cond_all["class_labels"].cpu()} if "class_labels" in cond_all else {}
+        save_outputs(out, x, seeds, **extra)
+    return x
