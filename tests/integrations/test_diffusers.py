@@ -327,3 +327,25 @@ def test_cli_diffusers_text_model_with_cfg(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         cli.run()
     assert e.value.code == 2 and "does not exist" in capsys.readouterr().err
+
+
+def test_euler_karras_sigmas_fractional_timesteps_match(tmp_path):
+    """Off the grid: EulerDiscreteScheduler(use_karras_sigmas=True) feeds fractional timesteps from its
+    log-sigma interpolation, which is our "interpolate" map; the samples agree (float64, 1e-4)."""
+    folder = _save(tmp_path, "unet")
+    den, guided = _denoiser(folder, "unet")
+    sched = EulerDiscreteScheduler.from_pretrained(folder, local_files_only=True, use_karras_sigmas=True)
+    sched.set_timesteps(6)
+    frac = sched.timesteps - sched.timesteps.round()
+    assert frac.abs().max() > 0.05                              # really off the grid
+    assert torch.allclose(den.timestep(sched.sigmas[:-1].double()), sched.timesteps.double(), atol=1e-3)
+    gen = torch.Generator().manual_seed(6)
+    cond = _cond("unet", gen)
+    x = torch.randn(B, C, H, H, generator=gen, dtype=torch.float64) * sched.sigmas[0]
+    ref = x.clone()
+    with torch.no_grad():
+        for t in sched.timesteps:
+            out = _guided_output(den.model, "unet", "epsilon", sched.scale_model_input(ref, t), t, cond, 2.5)
+            ref = sched.step(out, t, ref).prev_sample
+    ours = samplers.euler(guided, x, sched.sigmas.clone(), cond=cond)
+    assert (ours - ref).abs().max() < 1e-4, (ours - ref).abs().max()
