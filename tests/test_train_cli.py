@@ -88,3 +88,15 @@ def test_phema_command(tmp_path):
     m, ref = load_model(tmp_path / "g.safetensors"), reconstruct(run, 0.07)
     assert m.checkpoint_info["sigma_rel"] == 0.07 and m.checkpoint_info["kind"] == "phema"
     assert all(torch.equal(v, ref.state_dict()[k]) for k, v in m.state_dict().items())
+
+
+def test_train_command_unet(tmp_path):
+    r = CliRunner().invoke(cli.main, ["train", "--set", "model=UNet", "--set", "hidden=8", "--set", "depth=1",
+                                      "--set", "emb=16", "--set", "batch=8", "--set", "iters=4", "--set", "snapshot_every=2",
+                                      "--out", str(tmp_path), "--quiet", "--no-grid"])
+    assert r.exit_code == 0, r.output
+    (run,) = tmp_path.iterdir()
+    m = load_model(run / "ema-0000004-0.05.safetensors")
+    assert type(m).__name__ == "UNet" and m.num_classes == 10
+    with torch.no_grad():
+        assert m(torch.zeros(2, 1, 8, 8), 1.0, label=torch.tensor([3, 10])).shape == (2, 1, 8, 8)

@@ -158,3 +158,114 @@ class PixelMLP(ImageDenoiser):
                 a = a + self.cond[i](emb)
             h = h + self.fc2[i](nn.functional.silu(a))
         return self.out(self.out_norm(h)).reshape(x_in.shape)
+
+
+def _groups(c: int) -> int:
+    return next(g for g in (32, 16, 8, 4, 2, 1) if c % g == 0)
+
+
+class _ResBlock(nn.Module):
+    """GN-SiLU-Conv, + embedding (per-channel scale and shift), GN-SiLU-Conv (zero init), skip (EDM/ADM style)."""
+
+    def __init__(self, c_in: int, c_out: int, emb: int | None, attention: bool):
+        super().__init__()
+        self.norm0, self.conv0 = nn.GroupNorm(_groups(c_in), c_in), nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.affine = nn.Linear(emb, 2 * c_out) if emb else None
+        self.norm1, self.conv1 = nn.GroupNorm(_groups(c_out), c_out), nn.Conv2d(c_out, c_out, 3, padding=1)
+        nn.init.zeros_(self.conv1.weight)
+        nn.init.zeros_(self.conv1.bias)
+        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+        self.attn = _Attention(c_out) if attention else None
+
+    def forward(self, x, emb):
+        h = self.conv0(nn.functional.silu(self.norm0(x)))
+        h = self.norm1(h)
+        if self.affine is not None:
+            scale, shift = self.affine(emb)[:, :, None, None].chunk(2, dim=1)
+            h = h * (1 + scale) + shift
+        x = self.skip(x) + self.conv1(nn.functional.silu(h))
+        return x if self.attn is None else self.attn(x)
+
+
+class _Attention(nn.Module):
+    """Multi-head self-attention over pixels with a zero-initialised output projection (residual)."""
+
+    def __init__(self, c: int, head_channels: int = 32):
+        super().__init__()
+        self.heads = max(1, c // head_channels)
+        self.norm, self.qkv, self.proj = nn.GroupNorm(_groups(c), c), nn.Conv2d(c, 3 * c, 1), nn.Conv2d(c, c, 1)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, h * w).unbind(1)
+        y = nn.functional.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
+        return x + self.proj(y.transpose(-1, -2).reshape(b, c, h, w))
+
+
+@register("UNet")
+class UNet(ImageDenoiser):
+    """A U-Net in the EDM / ADM style (Karras et al. 2022; Dhariwal & Nichol 2021) for GPU-sized images.
+
+    Encoder levels of ``hidden * channel_mult[i]`` channels with ``depth`` residual blocks each,
+    average-pool down-sampling, self-attention at the resolutions in ``attn_resolutions``, a decoder
+    with ``depth + 1`` blocks per level fed by concatenated encoder skips, and nearest up-sampling.
+    Every residual block takes the conditioning embedding (noise level, label with null, extra scalar)
+    as a per-channel scale and shift. Standard GroupNorm layers, not EDM2's magnitude-preserving ones.
+    """
+
+    def __init__(self, img_channels: int = 1, img_resolution: int = 8, hidden: int = 32, depth: int = 1,
+                 channel_mult: tuple[int, ...] | list[int] = (1, 2), attn_resolutions: tuple[int, ...] | list[int] = (4,),
+                 emb: int = 128, sigma_data: float = 0.5, num_classes: int = 0, noise_cond: bool = True,
+                 extra_scalar: str | None = None):
+        super().__init__()
+        self._init_cond(img_channels, img_resolution, sigma_data, num_classes, noise_cond, extra_scalar, emb)
+        _int("hidden", hidden, 1)
+        _int("depth", depth, 1)
+        channel_mult, attn_resolutions = [int(m) for m in channel_mult], [int(r) for r in attn_resolutions]
+        check(len(channel_mult) >= 1 and all(m >= 1 for m in channel_mult), f"channel_mult must be integers >= 1, got {channel_mult}")
+        check(img_resolution % 2 ** (len(channel_mult) - 1) == 0,
+              f"img_resolution {img_resolution} must be divisible by 2^(levels - 1) = {2 ** (len(channel_mult) - 1)}")
+        self.hidden, self.depth = hidden, depth
+        self.channel_mult, self.attn_resolutions = channel_mult, attn_resolutions
+        e = emb if self.emb_layer is not None else None
+        self.conv_in = nn.Conv2d(img_channels, hidden, 3, padding=1)
+        self.enc, skips, c, res = nn.ModuleList(), [hidden], hidden, img_resolution
+        for level, mult in enumerate(channel_mult):
+            if level > 0:
+                self.enc.append(nn.AvgPool2d(2))
+                res //= 2
+                skips.append(c)
+            for _ in range(depth):
+                self.enc.append(_ResBlock(c, hidden * mult, e, res in attn_resolutions))
+                c = hidden * mult
+                skips.append(c)
+        self.mid = nn.ModuleList([_ResBlock(c, c, e, True), _ResBlock(c, c, e, False)])
+        self.dec = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            for _ in range(depth + 1):
+                self.dec.append(_ResBlock(c + skips.pop(), hidden * mult, e, res in attn_resolutions))
+                c = hidden * mult
+            if level > 0:
+                self.dec.append(nn.Upsample(scale_factor=2, mode="nearest"))
+                res *= 2
+        self.norm_out, self.conv_out = nn.GroupNorm(_groups(c), c), nn.Conv2d(c, img_channels, 3, padding=1)
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
+
+    def config(self) -> dict:
+        return dict(self._cond_config(), hidden=self.hidden, depth=self.depth, channel_mult=list(self.channel_mult),
+                    attn_resolutions=list(self.attn_resolutions))
+
+    def raw(self, x_in: torch.Tensor, emb: torch.Tensor | None) -> torch.Tensor:
+        h = self.conv_in(x_in)
+        skips = [h]
+        for layer in self.enc:
+            h = layer(h) if isinstance(layer, nn.AvgPool2d) else layer(h, emb)
+            skips.append(h)
+        for block in self.mid:
+            h = block(h, emb)
+        for layer in self.dec:
+            h = layer(h) if isinstance(layer, nn.Upsample) else layer(torch.cat([h, skips.pop()], 1), emb)
+        return self.conv_out(nn.functional.silu(self.norm_out(h)))

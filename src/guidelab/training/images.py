@@ -22,7 +22,7 @@ from ..denoisers import edm_loss
 from ..errors import GuidelabError, check
 from .loop import LoopConfig, train
 
-MODELS = ("PixelMLP",)
+MODELS = ("PixelMLP", "UNet")
 
 
 @dataclass(frozen=True)
