@@ -11,12 +11,18 @@ import pytest
 import torch
 
 pytest.importorskip("diffusers")
-from diffusers import (DDIMScheduler, DiTTransformer2DModel, DPMSolverMultistepScheduler,  # noqa: E402
-                       EulerDiscreteScheduler, UNet2DConditionModel, UNet2DModel)
+from diffusers import (
+    DDIMScheduler,
+    DiTTransformer2DModel,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    UNet2DConditionModel,
+    UNet2DModel,
+)
 
-from guidelab import guidance, samplers  # noqa: E402
-from guidelab.errors import GuidelabError  # noqa: E402
-from guidelab.integrations import diffusers as gd  # noqa: E402
+from guidelab import guidance, samplers
+from guidelab.errors import GuidelabError
+from guidelab.integrations import diffusers as gd
 
 B, C, H = 2, 3, 8
 NULL = 10                                                     # null class id of the tiny class-conditional UNet
@@ -284,7 +290,7 @@ def test_generate_seeds_batches_guiders_and_files(tmp_path):
     """Per-sample seeds: batch 1 and batch 3 give the same samples; autoguidance with a second diffusers
     model equals the guider built by hand; PNGs and the npz are written."""
     main, guide = _save(tmp_path, "unet", seed=0), _save(tmp_path, "unet", seed=1, name="guide")
-    kw = dict(sampler="dpmpp_2m_sde", steps=4, seeds=[5, 6, 7], class_labels=3, dtype=torch.float64)
+    kw = {"sampler": "dpmpp_2m_sde", "steps": 4, "seeds": [5, 6, 7], "class_labels": 3, "dtype": torch.float64}
     a = gd.generate(main, guider="autoguidance", w=2.0, guide_dir=guide, batch=1, out=tmp_path / "a", **kw)
     b = gd.generate(main, guider="autoguidance", w=2.0, guide_dir=guide, batch=3, **kw)
     assert torch.allclose(a, b, atol=1e-10)

@@ -24,8 +24,8 @@ import contextlib
 import json
 import math
 import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -66,7 +66,7 @@ class DiffusersDenoiser:
 
     def __init__(self, model: torch.nn.Module, scheduler_config: dict, *, timesteps: str = "interpolate",
                  null_class: int | None = None, null_text: torch.Tensor | None = None,
-                 perturbation: "Perturbation | None" = None):
+                 perturbation: Perturbation | None = None):
         check(timesteps in TIMESTEP_MODES, f"timesteps must be one of {TIMESTEP_MODES}, got {timesteps!r}")
         pred = dict(scheduler_config).get("prediction_type", "epsilon")
         check(pred in PREDICTIONS, f"prediction_type {pred!r} is not supported; allowed: {', '.join(PREDICTIONS)}")
@@ -141,7 +141,7 @@ class DiffusersDenoiser:
             return x / (1 + s ** 2) - s / (1 + s ** 2).sqrt() * out
         return out
 
-    def with_perturbation(self, perturbation: "Perturbation") -> "DiffusersDenoiser":
+    def with_perturbation(self, perturbation: Perturbation) -> DiffusersDenoiser:
         """The same network and schedule, perturbing rows marked ``perturb`` with ``perturbation``."""
         import copy
         new = copy.copy(self)
@@ -401,7 +401,7 @@ def save_outputs(out: str | os.PathLike, x: torch.Tensor, seeds: Sequence[int], 
         img = ((arr.clip(-1, 1) + 1) * 127.5).round().astype(np.uint8).transpose(0, 2, 3, 1)
         for s, im in zip(seeds, img):
             pil = Image.fromarray(im[..., 0] if im.shape[-1] == 1 else im)
-            _atomic_write(out / f"{int(s):06d}.png", lambda f: pil.save(f, format="PNG"))
+            _atomic_write(out / f"{int(s):06d}.png", lambda f, pil=pil: pil.save(f, format="PNG"))
     path = out / "samples.npz"
     _atomic_write(path, lambda f: np.savez(f, x=arr, seeds=np.asarray(list(seeds), dtype=np.int64),
                                            **{k: np.asarray(v) for k, v in extra.items()}))
