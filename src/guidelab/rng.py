@@ -37,11 +37,17 @@ def _uniform(state: torch.Tensor) -> torch.Tensor:
     return (_shr(_mix(state), 11).double() + 0.5) * 2.0 ** -53
 
 
+#: Per-sample draws up to this many values use the vectorised hash; larger ones a generator per sample.
+_VECTOR_MAX = 128
+
+
 class SampleNoise:
     """Per-sample Gaussian noise: row *i* is a pure function of ``seeds[i]`` and a draw counter.
 
-    Each sample has its own splitmix64 stream (counter-based, so a whole batch is drawn in a few
-    vectorised integer ops instead of one generator call per sample); normals by Box-Muller.
+    Each sample has its own splitmix64 stream (Steele et al. 2014). A draw of at most
+    ``_VECTOR_MAX`` values per sample is made for the whole batch at once by hashing
+    (seed stream, counter) and Box-Muller -- no per-sample generator calls; a larger draw (an image)
+    seeds torch's generator per sample from the stream, which is faster per value.
     ``SampleNoise(seeds).randn([2])`` draws a [len(seeds), 2] tensor whose row *i* depends only on
     ``seeds[i]`` and on how many values were drawn before, so a run is bit-identical at any batch
     size, on any number of processes and on any device (values are made on the CPU in float64).
@@ -65,11 +71,18 @@ class SampleNoise:
         """Standard normal noise of shape [len(seeds), *shape]."""
         shape = [int(d) for d in shape]
         numel = math.prod(shape)
-        j = torch.arange(self._drawn, self._drawn + numel, dtype=torch.int64)
-        self._drawn += numel
-        state = self._stream[:, None] + (2 * j + 1)[None] * _GOLDEN            # splitmix64 state 2j+1, 2j+2
-        u1, u2 = _uniform(state), _uniform(state + _GOLDEN)
-        z = (-2 * u1.log()).sqrt() * torch.cos(2 * math.pi * u2)
+        j0, self._drawn = self._drawn, self._drawn + numel
+        if numel <= _VECTOR_MAX:
+            # Small draws (points, low-dimensional data): the whole batch in vectorised integer ops.
+            j = torch.arange(j0, j0 + numel, dtype=torch.int64)
+            state = self._stream[:, None] + (2 * j + 1)[None] * _GOLDEN        # splitmix64 states 2j+1, 2j+2
+            u1, u2 = _uniform(state), _uniform(state + _GOLDEN)
+            z = (-2 * u1.log()).sqrt() * torch.cos(2 * math.pi * u2)
+        else:
+            # Large draws (images): torch's own fast generator, reseeded per sample from the stream.
+            keys = _shr(_mix(self._stream + torch.tensor(2 * j0 + 1, dtype=torch.int64) * _GOLDEN), 1).tolist()
+            g = torch.Generator()
+            z = torch.stack([torch.randn(shape, generator=g.manual_seed(k)) for k in keys])  # float32 draws
         return z.view(len(self.seeds), *shape).to(dtype=dtype, device=self.device)
 
     def sampler(self, x: torch.Tensor) -> NoiseSampler:
