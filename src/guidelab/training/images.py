@@ -158,9 +158,15 @@ def sample_grid(model, path: str | Path, *, per_class: int = 10, steps: int = 32
     x = heun(model, x, sigmas, cond=cond)
     img = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     r, c = model.img_resolution, model.img_channels
-    grid = img.reshape(rows, per_class, c, r, r).permute(0, 3, 1, 4, 2).reshape(rows * r, per_class * r, c).numpy()
-    scale = max(1, 256 // (per_class * r))
-    im = Image.fromarray(grid[:, :, 0] if c == 1 else grid).resize((per_class * r * scale, rows * r * scale), Image.NEAREST)
+    scale = max(1, 512 // (per_class * r))
+    img = img.repeat_interleave(scale, 2).repeat_interleave(scale, 3)
+    cell = r * scale + 2                                            # a 2-pixel grey gap between cells
+    grid = torch.full((rows * cell, per_class * cell, c), 128, dtype=torch.uint8)
+    for k in range(n):
+        i, j = divmod(k, per_class)
+        grid[i * cell:i * cell + r * scale, j * cell:j * cell + r * scale] = img[k].permute(1, 2, 0)
+    grid = grid.numpy()
+    im = Image.fromarray(grid[:, :, 0] if c == 1 else grid)
     path = Path(path)
     im.save(path)
     return path
