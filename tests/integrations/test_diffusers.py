@@ -16,6 +16,7 @@ from diffusers import (
     DiTTransformer2DModel,
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
+    Transformer2DModel,
     UNet2DConditionModel,
     UNet2DModel,
 )
@@ -49,7 +50,14 @@ def _dit(seed):
                                  num_layers=2, sample_size=H, patch_size=2, num_embeds_ada_norm=NULL)
 
 
-MODELS = {"unet": _unet, "text_unet": _text_unet, "dit": _dit}
+def _dit_legacy(seed):
+    torch.manual_seed(seed)
+    return Transformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=C, out_channels=2 * C,
+                              num_layers=2, sample_size=H, patch_size=2, num_embeds_ada_norm=NULL,
+                              norm_type="ada_norm_zero")
+
+
+MODELS = {"unet": _unet, "text_unet": _text_unet, "dit": _dit, "dit_legacy": _dit_legacy}
 
 
 def _save(tmp_path, kind, prediction_type="epsilon", seed=0, name="model"):
@@ -74,8 +82,8 @@ def _null(kind, cond):
 def _guided_output(model, kind, prediction_type, x_in, t, cond, w):
     """diffusers' way: two separate passes, ``out_u + w (out_c - out_u)`` on the model output."""
     t = torch.as_tensor(t).expand(x_in.shape[0])               # DiT needs a [B] timestep
-    out_c = model(x_in, t, **cond).sample[:, :C]
-    out_u = model(x_in, t, **_null(kind, cond)).sample[:, :C]
+    out_c = model(x_in, timestep=t, **cond).sample[:, :C]
+    out_u = model(x_in, timestep=t, **_null(kind, cond)).sample[:, :C]
     return out_u + w * (out_c - out_u)
 
 
@@ -86,7 +94,7 @@ def _denoiser(folder, kind):
 
 
 @pytest.mark.parametrize("kind,prediction_type", [("unet", "epsilon"), ("text_unet", "v_prediction"),
-                                                  ("dit", "epsilon"), ("unet", "sample")])
+                                                  ("dit", "epsilon"), ("unet", "sample"), ("dit_legacy", "epsilon")])
 def test_ddim_cfg_equals_diffusers_loop(tmp_path, kind, prediction_type):
     folder = _save(tmp_path, kind, prediction_type)
     den, guided = _denoiser(folder, kind)

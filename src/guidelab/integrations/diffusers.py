@@ -131,7 +131,7 @@ class DiffusersDenoiser:
             check(self.perturbation is not None, "perturb= needs a denoiser made with perturbation=Perturbation(...)")
             ctx = perturbed_attention(self.model, self.perturbation, mask.bool())
         with ctx:
-            out = self.model(x_vp, t, **cond, return_dict=False)[0]
+            out = self.model(x_vp, timestep=t, **cond, return_dict=False)[0]   # Transformer2DModel: keyword only
         if out.shape[1] == 2 * x.shape[1]:                           # learned variance: keep the mean part
             out = out[:, : x.shape[1]]
         out = out.to(x.dtype)
