@@ -363,3 +363,12 @@ def test_euler_karras_sigmas_fractional_timesteps_match(tmp_path):
             ref = sched.step(out, t, ref).prev_sample
     ours = samplers.euler(guided, x, sched.sigmas.clone(), cond=cond)
     assert (ours - ref).abs().max() < 1e-4, (ours - ref).abs().max()
+
+
+def test_generate_half_precision_model_keeps_a_float32_sampler(tmp_path):
+    folder = _save(tmp_path, "dit")
+    kw = {"sampler": "euler", "steps": 4, "seeds": [1, 2], "class_labels": 4}
+    full = gd.generate(folder, **kw)
+    half = gd.generate(folder, dtype=torch.bfloat16, **kw)
+    assert half.dtype == torch.float32 and torch.isfinite(half).all()
+    assert (half - full).norm() < 0.05 * full.norm()             # bfloat16 network, same trajectory

@@ -99,7 +99,10 @@ class DiffusersDenoiser:
 
     def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
         """Continuous (or snapped) timestep of each sigma, float64 [B] (see the module docstring)."""
-        ls = sigma.detach().double().cpu().clamp_min(1e-30).log()
+        dev = sigma.device if sigma.device.type in ("cpu", "cuda") else torch.device("cpu")   # float64 there
+        ls = sigma.detach().to(dev, torch.float64).clamp_min(1e-30).log()
+        if self._log_grid.device != dev:
+            self._log_grid = self._log_grid.to(dev)
         lg = self._log_grid
         if self.timestep_mode == "nearest":
             return (ls[:, None] - lg[None, :]).abs().argmin(1).double()
@@ -449,12 +452,13 @@ def generate(model_dir: str | os.PathLike, *, guider: str = "none", w: float = 1
           f"cfg on this model needs {den.cfg_key} (--class-label / prompt embeddings)")
     check(not (den.cfg_key == "encoder_hidden_states" and "encoder_hidden_states" not in cond_all),
           "a text-conditioned model needs prompt_embeds (encoder_hidden_states)")
+    xdtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32   # half models: float32 sampler
     xs = []
     for i in range(0, N, batch):
         noise = SampleNoise(seeds[i:i + batch], device=device)
-        x = noise.randn([channels, size, size], dtype=dtype) * sigmas[0].to(dtype)
+        x = noise.randn([channels, size, size], dtype=xdtype) * sigmas[0].to(xdtype)
         cond = {k: v[i:i + batch] for k, v in cond_all.items()}
-        xs.append(run(D, x, sigmas.to(dtype), cond=cond, noise=noise, progress=progress, **sampler_kw))
+        xs.append(run(D, x, sigmas.to(xdtype), cond=cond, noise=noise, progress=progress, **sampler_kw))
     x = torch.cat(xs)
     if out is not None:
         extra = {"class_labels": cond_all["class_labels"].cpu()} if "class_labels" in cond_all else {}
