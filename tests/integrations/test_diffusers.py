@@ -257,6 +257,10 @@ def test_slg_skips_the_selected_blocks(tmp_path):
     pert = gd.Perturbation("slg", layers=["mid_block"])
     mods = pert.modules(den.model)
     assert [n for n, _ in mods] == ["mid_block.attentions.0"]
+    with pytest.raises(GuidelabError, match="no layer of UNet2DModel matches"):
+        gd.Perturbation("pag", layers=["no_such_layer"]).modules(den.model)
+    with pytest.raises(GuidelabError, match="mode must be"):
+        gd.Perturbation("sag")
     x = torch.randn(B, C, H, H, dtype=torch.float64) * 3
     sigma = torch.full((B,), 3.0, dtype=torch.float64)
     labels = torch.tensor([1, 2])
