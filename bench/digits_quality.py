@@ -61,6 +61,7 @@ def main():
     ap.add_argument("--only-step", type=int, default=None)
     ap.add_argument("--guide", default=None, help="STEP:SIGMA_REL of the autoguidance guide")
     ap.add_argument("--weights", default="1", help="guidance weights with --guide")
+    ap.add_argument("--seed", type=int, default=0, help="first sample seed")
     args = ap.parse_args()
     torch.set_num_threads(1)
     clf = classifier()
@@ -81,7 +82,7 @@ def main():
             guide = reconstruct(args.run_dir, float(g_rel), int(g_step))
         for w in [float(v) for v in args.weights.split(",")]:
             den = model if guide is None else autoguidance(model, guide, w=w)
-            x, labels = samples(den, args.samples_per_class, args.steps)
+            x, labels = samples(den, args.samples_per_class, args.steps, args.seed)
             acc = (clf(x).argmax(1) == labels).float().mean().item()
             fd = fid_from_stats(stats(ex(x)), ref)
             what = f"autoguidance w={w:g} guide {args.guide}" if guide is not None else "no guidance"
