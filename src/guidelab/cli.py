@@ -176,14 +176,15 @@ def _read_config(path: Path | None, sets: tuple[str, ...]) -> dict:
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Torch CPU threads (default: torch's).")
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=256, help="Training state every this many steps.")
 @click.option("--grid/--no-grid", default=True, help="Write a sample grid (grid.png) of the final EMA at the end.")
+@click.option("--device", default="cpu", help="Training device (cpu, cuda, cuda:1, ...).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def train_cmd(config_path, sets, out, threads, checkpoint_every, grid, quiet) -> None:
+def train_cmd(config_path, sets, out, threads, checkpoint_every, grid, device, quiet) -> None:
     """Train an image denoiser (EDM loss; digits or an image folder); resumes an interrupted run."""
     from .training import load_model
     from .training.images import ImageConfig, sample_grid, train_images
 
     cfg = ImageConfig.from_dict(_read_config(config_path, sets))
-    final = train_images(out, cfg, progress=not quiet, checkpoint_every=checkpoint_every, threads=threads)
+    final = train_images(out, cfg, progress=not quiet, checkpoint_every=checkpoint_every, threads=threads, device=device)
     click.echo(f"final EMA snapshot: {final}")
     click.echo(f"loss curve: {final.parent / 'loss.png'}")
     if grid:

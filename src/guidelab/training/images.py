@@ -98,18 +98,21 @@ def model_config(cfg: ImageConfig, data) -> dict[str, Any]:
 
 def image_loss(cfg: ImageConfig, data):
     """``loss_fn(net, batch, generator) -> [batch]``: the EDM loss on random training images."""
-    x0_all, labels_all = data.images, data.labels
+    on_device: dict = {}  # the data set, moved once to the training device
 
     def loss_fn(net, batch: int, gen: torch.Generator) -> torch.Tensor:
-        dev = next(net.parameters()).device
-        i = torch.randint(len(x0_all), (batch,), generator=gen)
-        x0 = x0_all[i].to(dev)
-        sigma = (torch.randn(batch, generator=gen) * cfg.P_std + cfg.P_mean).exp().to(dev)   # EDM: ln sigma ~ N
-        n = torch.randn(x0.shape, generator=gen).to(dev)
+        dev = gen.device  # all randomness from the step's generator, on the training device
+        if dev not in on_device:
+            on_device[dev] = (data.images.to(dev), None if data.labels is None else data.labels.to(dev))
+        x0_all, labels_all = on_device[dev]
+        i = torch.randint(len(x0_all), (batch,), generator=gen, device=dev)
+        x0 = x0_all[i]
+        sigma = (torch.randn(batch, generator=gen, device=dev) * cfg.P_std + cfg.P_mean).exp()  # EDM: ln sigma ~ N
+        n = torch.randn(x0.shape, generator=gen, device=dev)
         cond = {}
         if net.num_classes:
-            drop = torch.rand(batch, generator=gen) < cfg.label_dropout
-            cond["label"] = torch.where(drop, net.null_label, labels_all[i]).to(dev)
+            drop = torch.rand(batch, generator=gen, device=dev) < cfg.label_dropout
+            cond["label"] = torch.where(drop, net.null_label, labels_all[i])
         return edm_loss(net, x0 + sigma[:, None, None, None] * n, sigma, x0, net.precond, **cond)
     return loss_fn
 
@@ -153,10 +156,11 @@ def sample_grid(model, path: str | Path, *, per_class: int = 10, steps: int = 32
     noise = SampleNoise(list(range(seed, seed + n)))
     shape = (n, model.img_channels, model.img_resolution, model.img_resolution)
     sigmas = karras(steps, 0.002, sigma_max).float()
-    x = noise.randn(shape[1:]) * sigmas[0]
-    cond = {"label": torch.arange(n) // per_class} if model.num_classes else None
+    dev = next(model.parameters()).device
+    x = (noise.randn(shape[1:]) * sigmas[0]).to(dev)
+    cond = {"label": (torch.arange(n) // per_class).to(dev)} if model.num_classes else None
     x = heun(model, x, sigmas, cond=cond)
-    img = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    img = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
     r, c = model.img_resolution, model.img_channels
     scale = max(1, 512 // (per_class * r))
     img = img.repeat_interleave(scale, 2).repeat_interleave(scale, 3)
@@ -173,18 +177,21 @@ def sample_grid(model, path: str | Path, *, per_class: int = 10, steps: int = 32
 
 
 def train_images(out_dir: str | Path = "runs/images", cfg: ImageConfig | None = None, *, progress: bool = True,
-                 checkpoint_every: int = 256, threads: int | None = None, plot: bool = True, on_step=None) -> Path:
+                 checkpoint_every: int = 256, threads: int | None = None, plot: bool = True, on_step=None,
+                 device: str = "cpu") -> Path:
     """Train (or resume, or reuse) the image run ``out_dir/<cfg.name()>``; return its final EMA snapshot.
 
     At the end ``loss.png`` (the loss curve) is written next to the checkpoints. Load the result
     with :func:`guidelab.training.load_model`; post-hoc EMA with :func:`guidelab.training.phema.reconstruct`.
+    ``device``: where the network, the data and the step generators live (bit-identical resume is
+    tested on the CPU).
     """
     cfg = cfg or ImageConfig()
     data = load_data(cfg)
     run_dir = Path(out_dir) / cfg.name()
     final = train(run_dir, model_config(cfg, data), image_loss(cfg, data), cfg.loop(),
                   meta={"recipe": "images", **asdict(cfg)}, checkpoint_every=checkpoint_every, progress=progress,
-                  desc=cfg.name(), threads=threads, on_step=on_step)
+                  desc=cfg.name(), device=device, threads=threads, on_step=on_step)
     if plot:
         from .checkpoint import load
         plot_loss(load(run_dir / "state.safetensors")[0]["log/loss"].tolist(), run_dir / "loss.png")
