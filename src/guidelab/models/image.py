@@ -28,6 +28,7 @@ from torch import nn
 
 from ..denoisers import EDMPrecond
 from ..errors import as_sigma, check
+from ._common import one_hot_label
 from .registry import register
 
 
@@ -76,18 +77,8 @@ class ImageDenoiser(nn.Module):
                     emb=self.emb)
 
     def _label(self, label, x):
-        n = x.shape[0]
-        if not self.num_classes:
-            check(label is None, "this model is unconditional (num_classes=0) but was given a label")
-            return []
-        label = torch.as_tensor(self.num_classes if label is None else label, device=x.device)
-        if label.ndim == 0:
-            label = label.expand(n)
-        check(label.shape == (n,) and not label.is_floating_point() and not label.is_complex(),
-              f"label must be an integer tensor of shape [batch]=[{n}], got {label.dtype} {list(label.shape)}")
-        check(bool(((label >= 0) & (label <= self.num_classes)).all()),
-              f"labels must lie in [0, {self.num_classes}] ({self.num_classes} = null), got {label.tolist()[:8]}")
-        return [nn.functional.one_hot(label.long(), self.num_classes + 1).to(x.dtype) * math.sqrt(self.num_classes + 1)]
+        onehot = one_hot_label(label, self.num_classes, x)
+        return [] if onehot is None else [onehot * math.sqrt(self.num_classes + 1)]
 
     def embedding(self, x, c_noise, label, noise_embed_offset, extra: dict) -> torch.Tensor | None:
         """The conditioning embedding [batch, emb] (None when the network has no conditioning)."""

@@ -27,6 +27,7 @@ from torch import nn
 
 from ..denoisers import EDMPrecond, bcast
 from ..errors import as_sigma, check
+from ._common import one_hot_label
 from .registry import register
 
 
@@ -103,20 +104,8 @@ class ToyMLP(nn.Module):
 
     def _label(self, label, x: torch.Tensor) -> list[torch.Tensor]:
         """One-hot label features ([] for an unconditional model)."""
-        if not self.num_classes:
-            check(label is None, "this model is unconditional (num_classes=0) but was given a label")
-            return []
-        n = x.shape[0]
-        if label is None:
-            label = self.num_classes
-        label = torch.as_tensor(label, device=x.device)
-        if label.ndim == 0:
-            label = label.expand(n)
-        check(label.shape == (n,) and not label.is_floating_point() and not label.is_complex(),
-              f"label must be an integer tensor of shape [batch]=[{n}], got {label.dtype} {list(label.shape)}")
-        check(bool(((label >= 0) & (label <= self.num_classes)).all()),
-              f"labels must lie in [0, {self.num_classes}] ({self.num_classes} = null), got {label.tolist()[:8]}")
-        return [nn.functional.one_hot(label.long(), self.num_classes + 1).to(x.dtype)]
+        onehot = one_hot_label(label, self.num_classes, x)
+        return [] if onehot is None else [onehot]
 
     def _features(self, x_in: torch.Tensor, c_noise: torch.Tensor, label=None) -> torch.Tensor:
         feats = [x_in] + ([c_noise[:, None]] if self.noise_cond else []) + [torch.ones_like(x_in[:, :1])]
