@@ -16,6 +16,9 @@ left out when ``noise_cond=False`` (a noise-unconditional network: the precondit
 sigma, the network does not see it). Labels are integers in ``[0, num_classes]``; ``num_classes``
 is the null label (``label=None`` means null). ``noise_embed_offset`` ([batch], optional) is added
 to ``c_noise`` only -- not to the preconditioning -- the hook of time-step guidance (``guidance.tsg``).
+``extra_scalar`` (e.g. ``"w"``, as in :class:`guidelab.models.image.PixelMLP`) names one more per-sample
+scalar input, passed as a keyword (``net(x, sigma, w=w)``, a number or a [batch] tensor) and appended
+to the trunk features as is: the guidance weight of a distilled student (``training.distill``).
 """
 
 from __future__ import annotations
@@ -80,7 +83,8 @@ class ToyMLP(nn.Module):
     OUTPUTS = ("energy", "denoiser")
 
     def __init__(self, dim: int = 2, hidden: int = 64, depth: int = 4, sigma_data: float = 0.5,
-                 num_classes: int = 0, output: str = "energy", noise_cond: bool = True):
+                 num_classes: int = 0, output: str = "energy", noise_cond: bool = True,
+                 extra_scalar: str | None = None):
         super().__init__()
         check(output in self.OUTPUTS, f"unknown output {output!r}; allowed: {list(self.OUTPUTS)}")
         for name, v, lo in (("dim", dim, 1), ("hidden", hidden, 1), ("depth", depth, 0), ("num_classes", num_classes, 0)):
@@ -88,17 +92,24 @@ class ToyMLP(nn.Module):
         check(isinstance(sigma_data, (int, float)) and sigma_data > 0, f"sigma_data must be > 0, got {sigma_data!r}")
         self.dim, self.hidden, self.depth, self.sigma_data = dim, hidden, depth, float(sigma_data)
         self.num_classes, self.output, self.noise_cond = num_classes, output, bool(noise_cond)
+        check(extra_scalar is None or (isinstance(extra_scalar, str) and extra_scalar.isidentifier()
+                                       and extra_scalar not in ("label", "noise_embed_offset")),
+              f"extra_scalar must be None or a keyword name other than label / noise_embed_offset, got {extra_scalar!r}")
+        self.extra_scalar = extra_scalar
         self.null_label = num_classes if num_classes else None  # found by guidance.cfg
         self.precond = EDMPrecond(self.sigma_data)
-        n_in = dim + self.noise_cond + 1 + (num_classes + 1 if num_classes else 0)
+        n_in = dim + self.noise_cond + 1 + (num_classes + 1 if num_classes else 0) + (extra_scalar is not None)
         self.layers = nn.ModuleList([MPLinear(n_in, hidden)] + [MPLinear(hidden, hidden) for _ in range(depth)])
         if output == "denoiser":
             self.out = MPLinear(hidden, dim)
         self.gain = nn.Parameter(torch.zeros([]))
 
     def config(self) -> dict:
-        return dict(dim=self.dim, hidden=self.hidden, depth=self.depth, sigma_data=self.sigma_data,
-                    num_classes=self.num_classes, output=self.output, noise_cond=self.noise_cond)
+        d = dict(dim=self.dim, hidden=self.hidden, depth=self.depth, sigma_data=self.sigma_data,
+                 num_classes=self.num_classes, output=self.output, noise_cond=self.noise_cond)
+        if self.extra_scalar is not None:  # left out otherwise: older configs stay unchanged
+            d["extra_scalar"] = self.extra_scalar
+        return d
 
     # ------------------------------------------------------------------------------------------
 
@@ -107,32 +118,46 @@ class ToyMLP(nn.Module):
         onehot = one_hot_label(label, self.num_classes, x)
         return [] if onehot is None else [onehot]
 
-    def _features(self, x_in: torch.Tensor, c_noise: torch.Tensor, label=None) -> torch.Tensor:
-        feats = [x_in] + ([c_noise[:, None]] if self.noise_cond else []) + [torch.ones_like(x_in[:, :1])]
-        return torch.cat(feats + self._label(label, x_in), dim=1)
+    def _extra(self, extra: dict | None, x: torch.Tensor) -> list[torch.Tensor]:
+        """The extra scalar as a [batch, 1] feature ([] for a model without one)."""
+        extra = extra or {}
+        name = self.extra_scalar
+        unknown = sorted(set(extra) - ({name} if name else set()))
+        check(not unknown, f"unknown conditioning {unknown}; this model takes label, noise_embed_offset"
+              + (f", {name}" if name else ""))
+        if name is None:
+            return []
+        check(name in extra, f"this model needs the scalar {name}=... (a number or a [batch] tensor)")
+        s = torch.as_tensor(extra[name], dtype=x.dtype, device=x.device)
+        check(s.ndim == 0 or s.shape == x.shape[:1], f"{name} must be a number or a [batch] tensor, got shape {list(s.shape)}")
+        return [s.expand(x.shape[0])[:, None]]
 
-    def trunk(self, x_in: torch.Tensor, c_noise: torch.Tensor, label=None) -> torch.Tensor:
+    def _features(self, x_in: torch.Tensor, c_noise: torch.Tensor, label=None, extra: dict | None = None) -> torch.Tensor:
+        feats = [x_in] + ([c_noise[:, None]] if self.noise_cond else []) + [torch.ones_like(x_in[:, :1])]
+        return torch.cat(feats + self._label(label, x_in) + self._extra(extra, x_in), dim=1)
+
+    def trunk(self, x_in: torch.Tensor, c_noise: torch.Tensor, label=None, extra: dict | None = None) -> torch.Tensor:
         """Trunk features ``y`` [batch, hidden] from ``x_in = c_in x`` [batch, dim] and ``c_noise`` [batch]."""
-        y = self.layers[0](self._features(x_in, c_noise, label))
+        y = self.layers[0](self._features(x_in, c_noise, label, extra))
         for layer in self.layers[1:]:
             y = layer(mp_silu(y))
         return y
 
-    def _F(self, x_in: torch.Tensor, c_noise: torch.Tensor, label=None, noise_embed_offset=None) -> torch.Tensor:
+    def _F(self, x_in: torch.Tensor, c_noise: torch.Tensor, label=None, noise_embed_offset=None, extra=None) -> torch.Tensor:
         c_noise = _offset(c_noise, noise_embed_offset)
-        return self.gain * self.out(mp_silu(self.trunk(x_in, c_noise, label)))
+        return self.gain * self.out(mp_silu(self.trunk(x_in, c_noise, label, extra)))
 
     # ------------------------------------------------------------------------------------------
 
-    def logp(self, x: torch.Tensor, sigma, label=None, noise_embed_offset=None) -> torch.Tensor:
+    def logp(self, x: torch.Tensor, sigma, label=None, noise_embed_offset=None, **extra) -> torch.Tensor:
         """Unnormalised ``log p(x; sigma)`` [batch] (``output="energy"`` only)."""
         check(self.output == "energy", "logp needs output='energy'")
         sigma = as_sigma(sigma, x)
         x_in = x / (self.sigma_data ** 2 + sigma ** 2).sqrt()[:, None]
-        y = self.trunk(x_in, _offset(sigma.log() / 4, noise_embed_offset), label)
+        y = self.trunk(x_in, _offset(sigma.log() / 4, noise_embed_offset), label, extra)
         return self.gain * y.square().mean(1) / sigma - 0.5 * x_in.square().sum(1)
 
-    def score(self, x: torch.Tensor, sigma, label=None, noise_embed_offset=None) -> torch.Tensor:
+    def score(self, x: torch.Tensor, sigma, label=None, noise_embed_offset=None, **extra) -> torch.Tensor:
         """``grad_x log p(x; sigma)`` [batch, dim].
 
         Energy model: the gradient of :meth:`logp` written out as an explicit backward pass through
@@ -141,12 +166,12 @@ class ToyMLP(nn.Module):
         """
         sigma = as_sigma(sigma, x)
         if self.output == "denoiser":
-            return (self(x, sigma, label, noise_embed_offset) - x) / bcast(sigma, x) ** 2
+            return (self(x, sigma, label, noise_embed_offset, **extra) - x) / bcast(sigma, x) ** 2
         r = (self.sigma_data ** 2 + sigma ** 2).sqrt()[:, None]
         x_in = x / r
         w = [layer.effective_weight() for layer in self.layers]
         w[1:] = [wl / 0.596 for wl in w[1:]]                       # MP-SiLU's 1/0.596 folded into weights
-        h = self._features(x_in, _offset(sigma.log() / 4, noise_embed_offset), label) @ w[0].t()
+        h = self._features(x_in, _offset(sigma.log() / 4, noise_embed_offset), label, extra) @ w[0].t()
         dsilu = []
         for wl in w[1:]:
             s = torch.sigmoid(h)
@@ -160,11 +185,11 @@ class ToyMLP(nn.Module):
         g = g @ w[0][:, :self.dim]                                 # d/dx_in of mean(y^2) * hidden / 2
         return ((2 * self.gain / self.hidden) / sigma[:, None] * g - x_in) / r
 
-    def forward(self, x: torch.Tensor, sigma, label=None, noise_embed_offset=None) -> torch.Tensor:
-        """``D(x; sigma, label)`` [batch, dim], the x0 estimate."""
+    def forward(self, x: torch.Tensor, sigma, label=None, noise_embed_offset=None, **extra) -> torch.Tensor:
+        """``D(x; sigma, label, <extra_scalar>)`` [batch, dim], the x0 estimate."""
         check(isinstance(x, torch.Tensor) and x.ndim == 2 and x.shape[1] == self.dim,
               f"x must be a tensor of shape [batch, {self.dim}], got {list(getattr(x, 'shape', []))}")
         sigma = as_sigma(sigma, x)
         if self.output == "energy":
-            return x + bcast(sigma, x) ** 2 * self.score(x, sigma, label, noise_embed_offset)  # Tweedie: D = x + sigma^2 s
-        return self.precond.denoise(self._F, x, sigma, label=label, noise_embed_offset=noise_embed_offset)
+            return x + bcast(sigma, x) ** 2 * self.score(x, sigma, label, noise_embed_offset, **extra)  # Tweedie: D = x + sigma^2 s
+        return self.precond.denoise(self._F, x, sigma, label=label, noise_embed_offset=noise_embed_offset, extra=extra)
