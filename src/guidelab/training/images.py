@@ -3,7 +3,8 @@ digits or a folder) with the EDM loss (Karras et al. 2022, eq. 2 and Table 1).
 
 Per step: ``ln sigma ~ N(P_mean, P_std^2)``, ``x = x0 + sigma n``, a label replaced by the null label
 with probability ``label_dropout`` (so one network is both conditional and unconditional, for CFG),
-loss ``lambda(sigma) |D(x; sigma, y) - x0|^2``. Adam with EDM2's inverse-sqrt learning rate, two
+loss ``lambda(sigma) |D(x; sigma, y) - x0|^2`` (``recipe="gft"``: guidance-free training, :mod:`.gft`,
+a network with the extra scalar ``beta``). Adam with EDM2's inverse-sqrt learning rate, two
 power-function EMA profiles whose periodic snapshots allow post-hoc EMA (:mod:`.phema`).
 """
 
@@ -23,6 +24,7 @@ from ..errors import GuidelabError, check
 from .loop import LoopConfig, train
 
 MODELS = ("PixelMLP", "UNet")
+RECIPES = ("images", "gft")
 
 
 @dataclass(frozen=True)
@@ -51,19 +53,22 @@ class ImageConfig:
     ema: tuple[float, ...] = (0.05, 0.10)   # two profiles, as EDM2 keeps for post-hoc EMA
     snapshot_every: int = 1024
     seed: int = 0
+    recipe: str = "images"            # "images": the EDM loss; "gft": guidance-free training (.gft)
 
     def __post_init__(self):
+        check(self.recipe in RECIPES, f"unknown recipe {self.recipe!r}; allowed: {list(RECIPES)}")
+        check(self.recipe != "gft" or self.conditional, "recipe 'gft' needs conditional=true (it guides the class label)")
         check(self.model in MODELS, f"unknown model {self.model!r}; allowed: {list(MODELS)}")
         check(0 <= self.label_dropout <= 1, f"label_dropout must be in [0, 1], got {self.label_dropout!r}")
         check(self.P_std > 0, f"P_std must be > 0, got {self.P_std!r}")
-        check(self.extra_scalar is None, "extra_scalar is set by recipes that feed it (none yet); leave it unset here")
+        check(self.extra_scalar is None, "extra_scalar is set by the recipe that feeds it (recipe='gft': beta); leave it unset here")
         self.loop()
 
     @classmethod
     def from_dict(cls, d: dict) -> "ImageConfig":
         """Build from a dict (a config file, a checkpoint's ``meta``); unknown keys are an error."""
         names = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - names - {"recipe"})
+        unknown = sorted(set(d) - names)
         check(not unknown, f"unknown image config keys {unknown}; allowed: {sorted(names)}")
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names})
 
@@ -72,8 +77,12 @@ class ImageConfig:
                           betas=self.betas, ema=self.ema, snapshot_every=self.snapshot_every, seed=self.seed)
 
     def name(self) -> str:
-        digest = hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:8]
+        d = asdict(self)
+        if d["recipe"] == "images":
+            del d["recipe"]  # runs from before the recipe field keep their names
+        digest = hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]
         src = "digits" if self.data == "digits" else Path(self.data).name
+        src = src if self.recipe == "images" else f"{self.recipe}-{src}"
         return f"{src}-{self.model}-h{self.hidden}-i{self.iters}-{digest}"
 
 
@@ -93,7 +102,7 @@ def model_config(cfg: ImageConfig, data) -> dict[str, Any]:
     check(h == w, f"images must be square, got {h}x{w}; pass a resolution")
     return {"name": cfg.model, "img_channels": c, "img_resolution": h, "hidden": cfg.hidden, "depth": cfg.depth,
             "emb": cfg.emb, "sigma_data": cfg.sigma_data, "num_classes": data.num_classes if cfg.conditional else 0,
-            "noise_cond": cfg.noise_cond, "extra_scalar": cfg.extra_scalar}
+            "noise_cond": cfg.noise_cond, "extra_scalar": "beta" if cfg.recipe == "gft" else cfg.extra_scalar}
 
 
 def image_loss(cfg: ImageConfig, data):
@@ -113,6 +122,10 @@ def image_loss(cfg: ImageConfig, data):
         if net.num_classes:
             drop = torch.rand(batch, generator=gen, device=dev) < cfg.label_dropout
             cond["label"] = torch.where(drop, net.null_label, labels_all[i])
+        if cfg.recipe == "gft":
+            from .gft import draw_beta, gft_loss
+            return gft_loss(net, x0 + sigma[:, None, None, None] * n, sigma, x0, net.precond,
+                            beta=draw_beta(batch, gen, dev), label=cond["label"], null_label=net.null_label)
         return edm_loss(net, x0 + sigma[:, None, None, None] * n, sigma, x0, net.precond, **cond)
     return loss_fn
 
@@ -141,9 +154,10 @@ def plot_loss(losses, path: str | Path) -> Path:
 
 @torch.no_grad()
 def sample_grid(model, path: str | Path, *, per_class: int = 10, steps: int = 32, seed: int = 0,
-                sigma_max: float = 80.0) -> Path:
+                sigma_max: float = 80.0, w: float = 1.0) -> Path:
     """A PNG grid of samples (EDM Heun, ``karras(steps, 0.002, sigma_max)``): one row per class
-    (``per_class`` seeds each) or, unconditional, a square of ``per_class^2``. Seeds ``seed, seed+1, ...``."""
+    (``per_class`` seeds each) or, unconditional, a square of ``per_class^2``. Seeds ``seed, seed+1, ...``.
+    A GFT network (extra scalar ``beta``) is sampled at ``beta = 1 / w``."""
     import numpy as np
     from PIL import Image
 
@@ -159,7 +173,11 @@ def sample_grid(model, path: str | Path, *, per_class: int = 10, steps: int = 32
     dev = next(model.parameters()).device
     x = (noise.randn(shape[1:]) * sigmas[0]).to(dev)
     cond = {"label": (torch.arange(n) // per_class).to(dev)} if model.num_classes else None
-    x = heun(model, x, sigmas, cond=cond)
+    den = model
+    if getattr(model, "extra_scalar", None) == "beta":
+        from .gft import gft_denoiser
+        den = gft_denoiser(model, w)
+    x = heun(den, x, sigmas, cond=cond)
     img = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
     r, c = model.img_resolution, model.img_channels
     scale = max(1, 512 // (per_class * r))
@@ -190,7 +208,7 @@ def train_images(out_dir: str | Path = "runs/images", cfg: ImageConfig | None = 
     data = load_data(cfg)
     run_dir = Path(out_dir) / cfg.name()
     final = train(run_dir, model_config(cfg, data), image_loss(cfg, data), cfg.loop(),
-                  meta={"recipe": "images", **asdict(cfg)}, checkpoint_every=checkpoint_every, progress=progress,
+                  meta=asdict(cfg), checkpoint_every=checkpoint_every, progress=progress,
                   desc=cfg.name(), device=device, threads=threads, on_step=on_step)
     if plot:
         from .checkpoint import load
