@@ -7,7 +7,8 @@ from guidelab import guidance, samplers, schedules, toy
 from guidelab.denoisers import EDMPrecond
 from guidelab.errors import GuidelabError
 from guidelab.training import load_model
-from guidelab.training.distill import DistillConfig, distill_loss, distill_student, distilled_denoiser
+from guidelab.training.distill import (DistillConfig, distill_loss, distill_student, distilled_denoiser,
+                                       progressive_loss, progressive_round)
 from guidelab.training.loop import LoopConfig, step_generator
 
 A, AB = toy.tree("A"), toy.tree("AB")
@@ -99,17 +100,30 @@ def test_distilled_student_samples_with_one_call_per_evaluation():
         assert torch.equal(distilled_denoiser(net, w)(x, s), net(x, s, w=w))
 
 
-@pytest.mark.parametrize("name", sorted(GUIDERS))
-def test_student_tracks_the_guided_teacher_on_the_tree(name, tmp_path):
-    """Distil exact CFG (A vs AB) / exact autoguidance (A vs blurred A) into a small ToyMLP with a w input."""
+CFG = DistillConfig(w_min=1.0, w_max=4.0, P_mean=-1.0, P_std=1.0)
+
+
+@pytest.fixture(scope="module")
+def distilled(tmp_path_factory):
+    """``get(name)``: the path of a small ToyMLP (w input) distilled from the exact guider ``name`` (trained once)."""
     model = {"name": "ToyMLP", "dim": 2, "hidden": 64, "depth": 3, "sigma_data": 0.5, "num_classes": 0,
              "output": "denoiser", "noise_cond": True, "extra_scalar": "w"}
-    cfg = DistillConfig(w_min=1.0, w_max=4.0, P_mean=-1.0, P_std=1.0)
     loop = LoopConfig(iters=800, batch=256, lr=0.01, lr_ref_steps=200, ema=(0.05,), snapshot_every=800)
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            cache[name] = distill_student(tmp_path_factory.mktemp(name), model, GUIDERS[name], data_a, CFG, loop,
+                                          teacher=f"exact tree A, {name}", progress=False, checkpoint_every=800)
+        return cache[name]
+    return get
+
+
+@pytest.mark.parametrize("name", sorted(GUIDERS))
+def test_student_tracks_the_guided_teacher_on_the_tree(name, distilled):
+    """Distil exact CFG (A vs AB) / exact autoguidance (A vs blurred A) into a small ToyMLP with a w input."""
     guider = GUIDERS[name]
-    path = distill_student(tmp_path, model, guider, data_a, cfg, loop, teacher=f"exact tree A, {name}",
-                           progress=False, checkpoint_every=800)
-    student = load_model(path)
+    student = load_model(distilled(name))
     g = torch.Generator().manual_seed(123)
     n = 2000
     sigma = torch.empty(n).uniform_(-2.3, 0.0, generator=g).exp()      # sigma in [0.1, 1]
@@ -122,3 +136,41 @@ def test_student_tracks_the_guided_teacher_on_the_tree(name, tmp_path):
             # closer to the teacher at w than to the unguided teacher, by a wide margin
             assert err < 0.2 * effect, (w, err.item(), effect.item())
             assert err < 0.2 * (s - t_1).square().sum(1).mean()
+
+
+def test_progressive_loss_is_zero_for_a_linear_ode():
+    """If D does not depend on x (D = c), the PF-ODE is linear in sigma: two Euler steps = one, so a student
+    equal to the teacher has zero loss; a different student does not."""
+    class Const(torch.nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.c, self.precond = c, EDMPrecond(0.5)
+
+        def forward(self, x, sigma, w):
+            return self.c * w[:, None] * torch.ones_like(x)
+
+    sigmas = schedules.karras(8, 0.002, 5)
+    loss = progressive_loss(Const(0.3), sigmas, data_a, CFG)
+    assert loss(Const(0.3), 64, step_generator(0, 0)).abs().max() < 1e-6
+    assert loss(Const(0.1), 64, step_generator(0, 0)).min() > 1e-3
+    with pytest.raises(GuidelabError, match="even number of steps"):
+        progressive_loss(Const(0.3), schedules.karras(7, 0.002, 5), data_a, CFG)
+
+
+def test_progressive_round_halves_the_steps(distilled, tmp_path):
+    """Stage 2 on the tree: a 4-step student of the distilled-CFG teacher's 8-step Euler sampler lands
+    closer to the teacher's 8-step samples than the teacher itself does in 4 steps."""
+    teacher_path = distilled("cfg")
+    sigmas = schedules.karras(8, 0.002, 5)
+    loop = LoopConfig(iters=300, batch=256, lr=0.003, lr_ref_steps=100, ema=(0.05,), snapshot_every=300)
+    path = progressive_round(tmp_path, teacher_path, sigmas, data_a, CFG, loop, progress=False, checkpoint_every=300)
+    teacher, student = load_model(teacher_path), load_model(path)
+    x = 5 * torch.randn(2000, 2, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        for w in (1.0, 3.0):
+            t8 = samplers.euler(distilled_denoiser(teacher, w), x, sigmas)
+            t4 = samplers.euler(distilled_denoiser(teacher, w), x, sigmas[::2])
+            s4 = samplers.euler(distilled_denoiser(student, w), x, sigmas[::2])
+            err, base = (s4 - t8).square().sum(1).mean(), (t4 - t8).square().sum(1).mean()
+            print(f"w={w}: |student4 - teacher8|^2 = {err:.2e}, |teacher4 - teacher8|^2 = {base:.2e}")
+            assert err < 0.25 * base, (w, err.item(), base.item())

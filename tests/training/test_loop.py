@@ -7,7 +7,7 @@ import torch
 from guidelab.errors import GuidelabError
 from guidelab.models import build
 from guidelab.toy import tree
-from guidelab.training import LoopConfig, ToyConfig, load, load_model, snapshot_path, step_generator, train, train_toy
+from guidelab.training import LoopConfig, ToyConfig, Trainer, load, load_model, snapshot_path, step_generator, train, train_toy
 from guidelab.training.toy import toy_loss
 
 TINY = dict(batch=128, hidden=16, depth=2, lr_ref_steps=8, snapshot_every=8)
@@ -144,3 +144,13 @@ def test_sigkill_and_resume_is_bit_identical(tmp_path):
     tb, cb = load(b)
     assert ca == cb and all(torch.equal(ta[k], tb[k]) for k in ta)
     assert not [p for p in run.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_init_weights_start_the_network_and_its_ema(tmp_path):
+    cfg = ToyConfig(hidden=8, depth=1, iters=1, batch=16)
+    start = {k: v + 0.5 for k, v in build(cfg.model()).state_dict().items()}
+    trainer = Trainer(cfg.model(), toy_loss(cfg), cfg.loop(), init=start)
+    for k, v in trainer.net.state_dict().items():
+        assert torch.equal(v, start[k])
+    for k, v in trainer.ema.model_state(trainer.net, 0).items():
+        assert torch.equal(v, start[k])

@@ -15,7 +15,10 @@ Convention: guidelab's ``w`` (``w = 1``: no guidance, ``D = D_ref + w (D - D_ref
 ``w_Meng + 1`` (Meng: ``x^w = (1 + w) x_c - w x_u``); Meng's pixel range ``w_Meng in [0, 4]`` is
 ``w in [1, 5]`` here. The student sees guidelab's ``w``.
 
-Stage 2 (progressive step halving, Salimans & Ho 2022) is not implemented.
+Stage 2 (:func:`progressive_loss`, :func:`progressive_round`): progressive distillation (Salimans &
+Ho 2022) of the w-conditioned student: a new student, initialised from the teacher's weights, takes
+ONE deterministic Euler (DDIM) step from sigma_i to sigma_{i+2} where the teacher takes two, keeping
+w as an input; each round halves the step count. Deterministic sampler only.
 """
 
 from __future__ import annotations
@@ -26,8 +29,10 @@ from typing import Any, Callable
 
 import torch
 
-from ..denoisers import edm_loss
+from ..denoisers import bcast, edm_loss
 from ..errors import check
+from ..models import registry
+from . import checkpoint
 from .loop import LoopConfig, train
 
 #: ``guider(w) -> denoiser``, ``w`` a [batch] tensor (or a number).
@@ -104,3 +109,71 @@ def distilled_denoiser(student, w, *, key: str = "w") -> Callable[..., torch.Ten
         wt = torch.as_tensor(w, dtype=x.dtype, device=x.device)
         return student(x, sigma, **cond, **{key: wt.expand(x.shape[0]) if wt.ndim == 0 else wt})
     return D
+
+
+# ----------------------------------------------------------------------------------------------
+# Stage 2: progressive distillation (Salimans & Ho 2022), w kept as an input.
+
+def euler_step(D: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
+    """One deterministic Euler / DDIM step of the PF-ODE, per-sample sigmas [batch] (as ``samplers.euler``):
+    ``x + (sigma_next - sigma) (x - D) / sigma = D + (sigma_next / sigma) (x - D)``."""
+    return torch.lerp(D, x, bcast(sigma_next / sigma, x))
+
+
+def _check_grid(sigmas: torch.Tensor) -> torch.Tensor:
+    sigmas = torch.as_tensor(sigmas, dtype=torch.float64)
+    n = sigmas.numel() - 1
+    check(sigmas.ndim == 1 and n >= 2 and n % 2 == 0 and bool((sigmas[1:] < sigmas[:-1]).all()) and sigmas[-1] == 0,
+          f"the teacher's sigmas must strictly decrease to 0 over an even number of steps, got {sigmas.tolist()}")
+    return sigmas
+
+
+def progressive_loss(teacher, sigmas, data: Data, cfg: DistillConfig = DistillConfig()):
+    """One round's loss ``loss_fn(student, batch, generator) -> [batch]``.
+
+    ``teacher`` is a w-conditioned denoiser (the stage-1 student or a previous round) sampled with
+    Euler on ``sigmas`` (2K steps, ending in 0); the student gets the grid ``sigmas[::2]`` (K steps).
+    With ``x = x0 + sigma_i n`` at a student level ``sigma_i`` (uniform over the K levels) the teacher
+    takes two steps to ``x''`` at ``sigma_{i+2}``; the student's target is the x0 prediction whose ONE
+    Euler step lands on ``x''``: ``D~ = x - sigma_i (x'' - x) / (sigma_{i+2} - sigma_i)`` (= ``x''`` when
+    ``sigma_{i+2} = 0``; Salimans & Ho Alg. 2 in EDM's sigma parameterisation). Weight: EDM's lambda.
+    """
+    grid = _check_grid(sigmas)
+
+    def loss_fn(student, batch: int, gen: torch.Generator) -> torch.Tensor:
+        x0, cond = _split(data(batch, gen))
+        dev, dt = x0.device, x0.dtype
+        g = grid.to(dev, dt)
+        i = 2 * torch.randint(0, (g.numel() - 1) // 2, (batch,), generator=gen, device=dev)
+        s0, s1, s2 = g[i], g[i + 1], g[i + 2]
+        x = x0 + bcast(s0, x0) * torch.randn(x0.shape, generator=gen, device=dev, dtype=dt)
+        w = cfg.w_min + (cfg.w_max - cfg.w_min) * torch.rand(batch, generator=gen, device=dev, dtype=dt)
+        with torch.no_grad():                                   # two teacher steps, a fixed target
+            x1 = euler_step(teacher(x, s0, **cond, **{cfg.key: w}), x, s0, s1)
+            s1_safe = s1.clamp_min(torch.finfo(dt).tiny)        # s1 > 0 always (only the last level is 0)
+            x2 = euler_step(teacher(x1, s1_safe, **cond, **{cfg.key: w}), x1, s1_safe, s2)
+            target = x - bcast(s0, x) * (x2 - x) / bcast(s2 - s0, x)
+        return edm_loss(student, x, s0, target, student.precond, **cond, **{cfg.key: w})
+    return loss_fn
+
+
+def progressive_round(run_dir: str | Path, teacher_path: str | Path, sigmas, data: Data,
+                      cfg: DistillConfig = DistillConfig(), loop: LoopConfig = LoopConfig(), *,
+                      progress: bool = True, checkpoint_every: int = 256, device: str = "cpu",
+                      threads: int | None = None) -> Path:
+    """One halving round: distil the checkpoint ``teacher_path`` (Euler on ``sigmas``, 2K steps) into
+    a student with the same config and the teacher's initial weights that samples on ``sigmas[::2]``.
+
+    Resumable like :func:`distill_student`; returns the final EMA snapshot. Chain rounds by passing
+    the returned path as the next ``teacher_path`` with ``sigmas[::2]``.
+    """
+    grid = _check_grid(sigmas)
+    teacher = checkpoint.load_model(teacher_path, device)
+    model_config = registry.config(teacher)
+    check(model_config.get("extra_scalar") == cfg.key,
+          f"the teacher needs extra_scalar={cfg.key!r}, got {model_config.get('extra_scalar')!r}")
+    meta = {"recipe": "progressive", **asdict(cfg), "teacher": str(teacher_path), "sigmas": grid.tolist()}
+    init = {k: v.detach().clone() for k, v in teacher.state_dict().items()}
+    return train(run_dir, model_config, progressive_loss(teacher, grid, data, cfg), loop, meta=meta,
+                 checkpoint_every=checkpoint_every, progress=progress, desc=f"progressive {grid.numel() - 1}->"
+                 f"{(grid.numel() - 1) // 2}", device=device, threads=threads, init=init)

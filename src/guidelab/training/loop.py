@@ -118,6 +118,7 @@ class Trainer:
     device: str = "cpu"
     step: int = 0
     losses: list = field(default_factory=list)
+    init: dict | None = None     # optional initial network weights (a state dict), e.g. a teacher's
 
     def __post_init__(self):
         if torch.device(self.device).type == "cpu":
@@ -125,6 +126,8 @@ class Trainer:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.loop.seed)
             net = registry.build(self.model_config)
+        if self.init is not None:
+            net.load_state_dict(self.init)
         self.net = net.to(self.device).train().requires_grad_(True)
         self.opt = torch.optim.Adam(self.net.parameters(), lr=self.loop.lr, betas=self.loop.betas)
         self.ema = PowerEMA(self.net, self.loop.ema)
@@ -178,7 +181,7 @@ def _canon(obj) -> str:
 def train(run_dir: str | Path, model_config: dict, loss_fn: LossFn, loop: LoopConfig, *,
           meta: dict | None = None, checkpoint_every: int = 256, progress: bool = True,
           desc: str = "train", device: str = "cpu", threads: int | None = None,
-          on_step: Callable[[int, float], None] | None = None) -> Path:
+          on_step: Callable[[int, float], None] | None = None, init: dict | None = None) -> Path:
     """Train (or resume, or reuse) the run in ``run_dir``; return the final EMA snapshot's path.
 
     Files in ``run_dir``: ``state.safetensors`` (network, EMA, Adam state, loss log; written every
@@ -187,13 +190,15 @@ def train(run_dir: str | Path, model_config: dict, loss_fn: LossFn, loop: LoopCo
     :func:`checkpoint.load_model`. ``meta`` (JSON, e.g. the recipe config) is stored in every file;
     a run dir holding another config raises instead of being overwritten. ``threads``: torch CPU
     threads while training (``None``: unchanged; a resumed run is bit-identical only with the same
-    count). ``on_step(step, loss)`` is called after each step and its saves.
+    count). ``on_step(step, loss)`` is called after each step and its saves. ``init``: the network's
+    starting weights (a state dict; default: a fresh init from ``loop.seed``); name their source in
+    ``meta``, since a resumed run does not compare them.
     """
     with torch_threads(threads):
-        return _train(run_dir, model_config, loss_fn, loop, meta, checkpoint_every, progress, desc, device, on_step)
+        return _train(run_dir, model_config, loss_fn, loop, meta, checkpoint_every, progress, desc, device, on_step, init)
 
 
-def _train(run_dir, model_config, loss_fn, loop, meta, checkpoint_every, progress, desc, device, on_step) -> Path:
+def _train(run_dir, model_config, loss_fn, loop, meta, checkpoint_every, progress, desc, device, on_step, init=None) -> Path:
     check(isinstance(checkpoint_every, int) and checkpoint_every >= 1, f"checkpoint_every must be >= 1, got {checkpoint_every!r}")
     run_dir = Path(run_dir)
     identity = {"model": model_config, "loop": asdict(loop), "meta": meta}
@@ -210,7 +215,7 @@ def _train(run_dir, model_config, loss_fn, loop, meta, checkpoint_every, progres
             return final  # finished: reuse
         trainer = Trainer(model_config, loss_fn, loop, device)
         trainer.load_state(tensors, info)
-    trainer = trainer or Trainer(model_config, loss_fn, loop, device)
+    trainer = trainer or Trainer(model_config, loss_fn, loop, device, init=init)
 
     def save_state():
         tensors, info = trainer.state()
