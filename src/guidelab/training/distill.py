@@ -1,4 +1,4 @@
-"""Guidance distillation, stage 1 (Meng et al. 2023, arXiv 2210.03142; methods.md §9), for ANY guider.
+"""Guidance distillation (Meng et al. 2023, arXiv 2210.03142; methods.md §9), for ANY guider.
 
 A student ``D_s(x; sigma, c, w)`` with the guidance weight as an extra scalar input regresses the guided
 teacher over a range of weights::
@@ -136,7 +136,8 @@ def progressive_loss(teacher, sigmas, data: Data, cfg: DistillConfig = DistillCo
     With ``x = x0 + sigma_i n`` at a student level ``sigma_i`` (uniform over the K levels) the teacher
     takes two steps to ``x''`` at ``sigma_{i+2}``; the student's target is the x0 prediction whose ONE
     Euler step lands on ``x''``: ``D~ = x - sigma_i (x'' - x) / (sigma_{i+2} - sigma_i)`` (= ``x''`` when
-    ``sigma_{i+2} = 0``; Salimans & Ho Alg. 2 in EDM's sigma parameterisation). Weight: EDM's lambda.
+    ``sigma_{i+2} = 0``; Salimans & Ho Alg. 2 in EDM's sigma parameterisation). Weight: EDM's lambda
+    (Salimans & Ho use truncated SNR weighting). ``cfg.P_mean`` / ``P_std`` are unused: sigma is on the grid.
     """
     grid = _check_grid(sigmas)
 
@@ -150,8 +151,7 @@ def progressive_loss(teacher, sigmas, data: Data, cfg: DistillConfig = DistillCo
         w = cfg.w_min + (cfg.w_max - cfg.w_min) * torch.rand(batch, generator=gen, device=dev, dtype=dt)
         with torch.no_grad():                                   # two teacher steps, a fixed target
             x1 = euler_step(teacher(x, s0, **cond, **{cfg.key: w}), x, s0, s1)
-            s1_safe = s1.clamp_min(torch.finfo(dt).tiny)        # s1 > 0 always (only the last level is 0)
-            x2 = euler_step(teacher(x1, s1_safe, **cond, **{cfg.key: w}), x1, s1_safe, s2)
+            x2 = euler_step(teacher(x1, s1, **cond, **{cfg.key: w}), x1, s1, s2)  # s1 > 0: only the last level is 0
             target = x - bcast(s0, x) * (x2 - x) / bcast(s2 - s0, x)
         return edm_loss(student, x, s0, target, student.precond, **cond, **{cfg.key: w})
     return loss_fn
