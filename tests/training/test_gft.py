@@ -12,7 +12,7 @@ from guidelab.schedules import karras
 from guidelab.toy import conditional_tree
 from guidelab.toy.tree import _components
 from guidelab.training.gft import gft_denoiser, gft_loss
-from guidelab.training.images import ImageConfig, image_loss, load_data, model_config
+from guidelab.training.images import ImageConfig, image_loss, load_data, model_config, sample_grid
 
 
 def _net(seed=0, **kw):
@@ -70,7 +70,7 @@ def test_sampling_denoiser_is_one_call_at_beta_one_over_w():
         gft_denoiser(net, 2)(x, sigma, label=label, beta=0.3)
 
 
-def test_image_recipe_gft_builds_a_beta_network_and_trains_its_loss():
+def test_image_recipe_gft_builds_a_beta_network_and_trains_its_loss(tmp_path):
     cfg = ImageConfig(recipe="gft", hidden=16, depth=1, emb=8, batch=8, iters=2, lr_ref_steps=2, snapshot_every=2)
     assert cfg.name().startswith("gft-digits-") and cfg.name() != ImageConfig(**{**cfg.__dict__, "recipe": "images"}).name()
     data = load_data(cfg)
@@ -78,6 +78,7 @@ def test_image_recipe_gft_builds_a_beta_network_and_trains_its_loss():
     assert net.extra_scalar == "beta"
     loss = image_loss(cfg, data)(net, 8, torch.Generator().manual_seed(0))
     assert loss.shape == (8,) and torch.isfinite(loss).all()
+    assert sample_grid(net, tmp_path / "grid.png", per_class=2, steps=2, w=2.0).exists()   # sampled at beta = 1/2
     with pytest.raises(GuidelabError):
         ImageConfig(recipe="gft", conditional=False)
     with pytest.raises(GuidelabError):
