@@ -3,6 +3,7 @@ classifier's feature space (against the held-out test split), for conditional un
 
     python bench/digits_quality.py RUN_DIR [--sigma-rel 0.1] [--samples-per-class 100] [--steps 32]
     python bench/digits_quality.py RUN_DIR --only-step 16384 --guide 2048:0.05 --weights 1,1.5,2
+    python bench/digits_quality.py GFT_RUN_DIR --weights 1,2,3     # a recipe="gft" run: beta = 1/w
 
 ``--guide STEP:SIGMA_REL``: autoguidance with a post-hoc EMA of an earlier point of the same run as
 the guide (the main model is the snapshot step's post-hoc EMA of ``--sigma-rel``).
@@ -27,6 +28,7 @@ from guidelab.rng import SampleNoise
 from guidelab.samplers import heun
 from guidelab.schedules import karras
 from guidelab.training import load_model, save_model
+from guidelab.training.gft import gft_denoiser
 from guidelab.training.phema import reconstruct, snapshots
 
 
@@ -60,7 +62,7 @@ def main():
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--only-step", type=int, default=None)
     ap.add_argument("--guide", default=None, help="STEP:SIGMA_REL of the autoguidance guide")
-    ap.add_argument("--weights", default="1", help="guidance weights with --guide")
+    ap.add_argument("--weights", default="1", help="guidance weights with --guide, or of a GFT run")
     ap.add_argument("--seed", type=int, default=0, help="first sample seed")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -82,10 +84,13 @@ def main():
             guide = reconstruct(args.run_dir, float(g_rel), int(g_step))
         for w in [float(v) for v in args.weights.split(",")]:
             den = model if guide is None else autoguidance(model, guide, w=w)
+            if getattr(model, "extra_scalar", None) == "beta":  # a GFT run: one pass at beta = 1/w
+                den = gft_denoiser(model, w)
             x, labels = samples(den, args.samples_per_class, args.steps, args.seed)
             acc = (clf(x).argmax(1) == labels).float().mean().item()
             fd = fid_from_stats(stats(ex(x)), ref)
             what = f"autoguidance w={w:g} guide {args.guide}" if guide is not None else "no guidance"
+            what = f"GFT w={w:g}" if getattr(model, "extra_scalar", None) == "beta" else what
             print(f"step {step:6d}  sigma_rel {args.sigma_rel:.3f} (post-hoc error {model.checkpoint_info['phema_error']:.1e})  "
                   f"{what}  class accuracy {acc:.3f}  FD {fd:.2f}  ({time.time() - t:.0f} s)", flush=True)
 
