@@ -17,7 +17,8 @@ from guidelab.training.images import ImageConfig, image_loss, load_data, model_c
 
 def _net(seed=0, **kw):
     torch.manual_seed(seed)
-    kw = dict(img_channels=2, img_resolution=1, hidden=64, depth=2, emb=32, num_classes=2, extra_scalar="beta") | kw
+    kw = {"img_channels": 2, "img_resolution": 1, "hidden": 64, "depth": 2, "emb": 32, "num_classes": 2,
+          "extra_scalar": "beta"} | kw
     net = PixelMLP(**kw)
     with torch.no_grad():  # a non-trivial output layer, so D depends on beta and label
         net.out.weight.normal_(0, 0.3)
