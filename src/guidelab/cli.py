@@ -176,9 +176,10 @@ def _read_config(path: Path | None, sets: tuple[str, ...]) -> dict:
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Torch CPU threads (default: torch's).")
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=256, help="Training state every this many steps.")
 @click.option("--grid/--no-grid", default=True, help="Write a sample grid (grid.png) of the final EMA at the end.")
+@click.option("--grid-w", type=click.FloatRange(min=1), default=1.0, help="recipe=gft: guidance weight of the grid (beta = 1/w).")
 @click.option("--device", default="cpu", help="Training device (cpu, cuda, cuda:1, ...).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def train_cmd(config_path, sets, out, threads, checkpoint_every, grid, device, quiet) -> None:
+def train_cmd(config_path, sets, out, threads, checkpoint_every, grid, grid_w, device, quiet) -> None:
     """Train an image denoiser (EDM loss; digits or an image folder); resumes an interrupted run."""
     from .training import load_model
     from .training.images import ImageConfig, sample_grid, train_images
@@ -188,7 +189,7 @@ def train_cmd(config_path, sets, out, threads, checkpoint_every, grid, device, q
     click.echo(f"final EMA snapshot: {final}")
     click.echo(f"loss curve: {final.parent / 'loss.png'}")
     if grid:
-        click.echo(f"samples: {sample_grid(load_model(final), final.parent / 'grid.png')}")
+        click.echo(f"samples: {sample_grid(load_model(final), final.parent / 'grid.png', w=grid_w)}")
 
 
 @main.command("phema")
