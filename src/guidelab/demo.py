@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from . import guidance, metrics, samplers, schedules, toy
+from ._io import atomic_write
 from .training import load_model, train_toy
 
 #: The paper's toy setup (methods.md §2.3): models and sampler.
@@ -45,12 +46,6 @@ class Record:
     sliced_wasserstein: float
     nfe_per_sample: int
     seconds: float
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 class _Counter:
@@ -109,12 +104,12 @@ def run(out: str | os.PathLike = "runs/demo", *, n: int = 4096, seed: int = 0, p
     baseline = {"mean_logp": metrics.mean_logp(world, exact), "precision": p, "recall": r,
                 "sliced_wasserstein": metrics.sliced_wasserstein(reference, exact)}
 
-    _atomic_write(out / "metrics.json", json.dumps([r.__dict__ for r in records], indent=2).encode())
+    atomic_write(out / "metrics.json", json.dumps([r.__dict__ for r in records], indent=2).encode())
     findings = check_finding(records)
     html_text, figures = render_report(records, samples, exact, baseline, findings, nets, n=n, seconds=time.time() - t0)
     for name, png in figures.items():
-        _atomic_write(out / name, png)
-    _atomic_write(out / "report.html", html_text.encode())
+        atomic_write(out / name, png)
+    atomic_write(out / "report.html", html_text.encode())
     return records
 
 

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from . import guidance, samplers, schedules, toy
+from ._io import atomic_write
 from .errors import GuidelabError, check
 from .rng import SampleNoise
 
@@ -129,15 +130,6 @@ def _barrier(world: int) -> None:
         dist.barrier()
 
 
-def _atomic_savez(path: Path, **arrays) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def sample(out: str | os.PathLike, cfg: SampleConfig, *, n: int, seed_start: int = 0, shard_size: int = 1024,
            device: str | None = None, progress: bool = False) -> list[Path]:
     """Write samples of seeds ``seed_start .. seed_start + n - 1`` to ``out/shard-*.npz`` (keys
@@ -159,9 +151,7 @@ def sample(out: str | os.PathLike, cfg: SampleConfig, *, n: int, seed_start: int
                 if old != manifest:
                     raise GuidelabError(f"{out} holds another job ({job}); use a new --out or the same settings to resume")
             else:
-                tmp = job.with_name(f".job.json.tmp{os.getpid()}")
-                tmp.write_text(json.dumps(manifest, indent=1))
-                os.replace(tmp, job)
+                atomic_write(job, json.dumps(manifest, indent=1).encode())
         _barrier(world)
         check((out / "job.json").exists() and json.loads((out / "job.json").read_text()) == manifest,
               f"{out} holds another job; use a new --out or the same settings to resume")
@@ -180,7 +170,7 @@ def sample(out: str | os.PathLike, cfg: SampleConfig, *, n: int, seed_start: int
                 continue
             seeds = np.arange(s, min(s + shard_size, seed_start + n), dtype=np.int64)
             x = generate(den, shape, cond, cfg, seeds.tolist(), device)
-            _atomic_savez(p, samples=x, seeds=seeds)
+            atomic_write(p, lambda f: np.savez(f, samples=x, seeds=seeds))
         _barrier(world)
     finally:
         if owns:

@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from .errors import check
-from .sweep import HIGHER_IS_BETTER, _atomic_text
+from ._io import atomic_write
+from .sweep import HIGHER_IS_BETTER
 
 
 def _png(fig) -> str:
@@ -132,5 +133,5 @@ document.body.dataset.imagesLoaded = im.filter(i => i.complete && i.naturalWidth
 </body></html>
 """
     path = Path(out) if out is not None else sweep_dir / "report.html"
-    _atomic_text(path, page)
+    atomic_write(path, page.encode())
     return path

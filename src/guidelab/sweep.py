@@ -13,10 +13,10 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from . import jobs, metrics, toy
+from ._io import atomic_write
 from .errors import check
 from .metrics import features
 
@@ -101,22 +101,16 @@ def run(out: str | os.PathLike, base: jobs.SampleConfig, methods: dict[str, list
     pareto = [rows[i]["cell"] for i in pareto_front(rows, quality, diversity)]
     result = {"metric": metric, "quality": quality, "diversity": diversity, "best": best, "pareto": pareto,
               "reference": {"n": len(ref), "seed": ref_seed if world is not None else None}, "rows": rows}
-    _atomic_text(out / "results.json", json.dumps(result, indent=1))
+    atomic_write(out / "results.json", json.dumps(result, indent=1).encode())
     keys = list(rows[0])
     lines = [",".join(keys)] + [",".join(_csv(r[k]) for k in keys) for r in rows]
-    _atomic_text(out / "results.csv", "\n".join(lines) + "\n")
+    atomic_write(out / "results.csv", ("\n".join(lines) + "\n").encode())
     return result
 
 
 def _csv(v) -> str:
     s = f"{v:.6g}" if isinstance(v, float) else str(v if v is not None else "")
     return f'"{s}"' if "," in s else s
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def read_rows(out: str | os.PathLike) -> list[dict]:

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import guidance, samplers, schedules
+from .._io import atomic_write
 from ..denoisers import bcast
 from ..errors import GuidelabError, check
 from ..guidance._base import Branch, Guided, PerCall
@@ -384,15 +385,6 @@ def make_sigmas(den: DiffusersDenoiser, steps: int, schedule: str = "karras") ->
     return den.sigmas(steps, schedule)
 
 
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def save_outputs(out: str | os.PathLike, x: torch.Tensor, seeds: Sequence[int], **extra) -> Path:
     """``out/samples.npz`` (x, seeds, extra arrays) and, for 1- or 3-channel samples, ``out/<seed>.png``
     (values in [-1, 1] mapped to 0..255); every file written atomically (temp file + os.replace)."""
@@ -404,9 +396,9 @@ def save_outputs(out: str | os.PathLike, x: torch.Tensor, seeds: Sequence[int], 
         img = ((arr.clip(-1, 1) + 1) * 127.5).round().astype(np.uint8).transpose(0, 2, 3, 1)
         for s, im in zip(seeds, img):
             pil = Image.fromarray(im[..., 0] if im.shape[-1] == 1 else im)
-            _atomic_write(out / f"{int(s):06d}.png", lambda f, pil=pil: pil.save(f, format="PNG"))
+            atomic_write(out / f"{int(s):06d}.png", lambda f, pil=pil: pil.save(f, format="PNG"))
     path = out / "samples.npz"
-    _atomic_write(path, lambda f: np.savez(f, x=arr, seeds=np.asarray(list(seeds), dtype=np.int64),
+    atomic_write(path, lambda f: np.savez(f, x=arr, seeds=np.asarray(list(seeds), dtype=np.int64),
                                            **{k: np.asarray(v) for k, v in extra.items()}))
     return path
 

@@ -98,7 +98,7 @@ class GaussianMixture:
         whole batch; per-component terms in chunks of rows that stay in cache. Differentiable
         (autograd through ``logp`` gives the score), no in-place ops on the graph.
         """
-        N, K, G, D = x.shape[0], len(self), len(self) // self._group, self.dim
+        N, G, D = x.shape[0], len(self) // self._group, self.dim
         x, s2 = x.to(self.dtype), (sigma.to(self.dtype) ** 2)[:, None]
         qx, inv, B, base = [], [], [], 0.0
         for j in range(D):

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from typing import Any
 import torch
 
 from ..denoisers import edm_loss
-from ..errors import GuidelabError, check
+from ..errors import check
 from .loop import LoopConfig, train
 
 MODELS = ("PixelMLP", "UNet")
@@ -158,7 +157,6 @@ def sample_grid(model, path: str | Path, *, per_class: int = 10, steps: int = 32
     """A PNG grid of samples (EDM Heun, ``karras(steps, 0.002, sigma_max)``): one row per class
     (``per_class`` seeds each) or, unconditional, a square of ``per_class^2``. Seeds ``seed, seed+1, ...``.
     A GFT network (extra scalar ``beta``) is sampled at ``beta = 1 / w``."""
-    import numpy as np
     from PIL import Image
 
     from ..rng import SampleNoise
