@@ -20,17 +20,23 @@ def _check_pair(real: torch.Tensor, fake: torch.Tensor) -> None:
     check(real.shape[1] == fake.shape[1], f"real and fake dimensions differ: {real.shape[1]} vs {fake.shape[1]}")
 
 
+def dist(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Exact pairwise distances (no |a|^2 + |b|^2 - 2ab shortcut): a point equal to a centre's k-th
+    neighbour is then exactly on that ball's boundary, whichever chunk computed the distance."""
+    return torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist")
+
+
 def knn_radii(x: torch.Tensor, k: int, chunk: int = 2048) -> torch.Tensor:
     """Distance from each point of ``x`` to its k-th nearest neighbour in ``x`` (itself excluded)."""
     check(isinstance(k, int) and 1 <= k < x.shape[0], f"k must be an integer in [1, N-1]={x.shape[0] - 1}, got {k!r}")
     x = x.double()
-    return torch.cat([torch.cdist(c, x).kthvalue(k + 1, dim=1).values for c in x.split(chunk)])
+    return torch.cat([dist(c, x).kthvalue(k + 1, dim=1).values for c in x.split(chunk)])
 
 
 def _coverage(points: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor, chunk: int = 2048) -> float:
     """Fraction of ``points`` inside the union of balls (centres, radii)."""
     points, centres = points.double(), centres.double()
-    inside = [(torch.cdist(c, centres) <= radii).any(1) for c in points.split(chunk)]
+    inside = [(dist(c, centres) <= radii).any(1) for c in points.split(chunk)]
     return torch.cat(inside).double().mean().item()
 
 

@@ -4,16 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import check
-from .pointcloud import _check_pair
-
-# Exact pairwise distances (no |a|^2 + |b|^2 - 2ab shortcut): a fake point equal to a real point's
-# k-th neighbour is then exactly on the ball's boundary, whichever chunk computed the distance.
-_EXACT = "donot_use_mm_for_euclid_dist"
-
-
-def _dist(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return torch.cdist(a, b, compute_mode=_EXACT)
+from .pointcloud import _check_pair, dist, knn_radii
 
 
 def density_coverage(real: torch.Tensor, fake: torch.Tensor, k: int = 5, chunk: int = 2048) -> tuple[float, float]:
@@ -24,13 +15,12 @@ def density_coverage(real: torch.Tensor, fake: torch.Tensor, k: int = 5, chunk: 
     coverage = 1/N sum_i 1[some Y_j in B_i] (diversity, in [0, 1]).
     """
     _check_pair(real, fake)
-    check(isinstance(k, int) and 1 <= k < real.shape[0], f"k must be an integer in [1, N-1]={real.shape[0] - 1}, got {k!r}")
     real, fake = real.double(), fake.double()
-    r = torch.cat([_dist(c, real).kthvalue(k + 1, dim=1).values for c in real.split(chunk)])
+    r = knn_radii(real, k, chunk)
     inside_count = 0.0
     covered = torch.zeros(real.shape[0], dtype=torch.bool)
     for c in fake.split(chunk):
-        inside = _dist(c, real) <= r          # [chunk, N]: Y_j in B_i
+        inside = dist(c, real) <= r          # [chunk, N]: Y_j in B_i
         inside_count += inside.sum().item()
         covered |= inside.any(0)
     return inside_count / (k * fake.shape[0]), covered.double().mean().item()
