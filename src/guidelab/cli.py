@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from .errors import GuidelabError
+from .errors import GuidelabError, check
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -190,6 +190,32 @@ def train_cmd(config_path, sets, out, threads, checkpoint_every, grid, grid_w, d
     click.echo(f"loss curve: {final.parent / 'loss.png'}")
     if grid:
         click.echo(f"samples: {sample_grid(load_model(final), final.parent / 'grid.png', w=grid_w)}")
+
+
+@main.command("classifier")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Output .safetensors (default: the cache path the metrics use, see guidelab.models.digits.default_path).")
+@click.option("--noise-aware", is_flag=True, help="A noise-aware classifier p(y | x; sigma) for classifier guidance.")
+@click.option("--steps", type=click.IntRange(min=1), default=2000, help="Adam steps on the digits train split.")
+@click.option("--seed", type=int, default=0)
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Torch CPU threads (default: torch's).")
+def classifier_cmd(out, noise_aware, steps, seed, threads) -> None:
+    """Train the digits classifier (metric features, class accuracy) or its noise-aware twin (classifier guidance)."""
+    import torch
+
+    from .data import digits
+    from .models.digits import default_path, digits_classifier
+
+    if threads:
+        torch.set_num_threads(threads)
+    out = out if out is not None else default_path(noise_aware=noise_aware, steps=steps, seed=seed)
+    check(not out.exists(), f"{out} exists; remove it or choose another --out")
+    clf = digits_classifier(out, noise_aware=noise_aware, steps=steps, seed=seed, progress=True)
+    test = digits("test")
+    with torch.no_grad():
+        sigma = torch.full((len(test.labels),), 0.002) if noise_aware else None
+        acc = (clf(test.images, sigma).argmax(1) == test.labels).float().mean().item()
+    click.echo(f"{out}: test-split accuracy {acc:.3f}")
 
 
 @main.command("phema")

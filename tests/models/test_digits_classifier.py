@@ -49,3 +49,33 @@ def test_noise_aware_classifier(test_set):
         m(x)
     with pytest.raises(GuidelabError, match="clean"):
         m.extractor()
+
+
+def test_digits_classifier_cache(tmp_path, monkeypatch):
+    from guidelab.metrics import features
+    from guidelab.models.digits import default_path, digits_classifier
+
+    monkeypatch.setenv("GUIDELAB_CACHE", str(tmp_path))
+    path = default_path(steps=3)
+    assert path.parent == tmp_path and not path.exists()
+    a = digits_classifier(steps=3)                      # trained, then saved atomically
+    assert path.is_file()
+    b = digits_classifier(steps=3)                      # loaded: same weights
+    assert a.weights_sha256() == b.weights_sha256() == digits_classifier(tmp_path / "again.safetensors", steps=3).weights_sha256()
+    ex = features.digits(path)
+    assert ex.info["weights_sha256"] == a.weights_sha256() and ex(digits("test").images[:5]).shape == (5, 128)
+    with pytest.raises(GuidelabError, match="noise_aware=True"):
+        digits_classifier(path, noise_aware=True)
+
+
+def test_classifier_cli(tmp_path):
+    from click.testing import CliRunner
+
+    from guidelab.cli import main
+
+    out = tmp_path / "clf.safetensors"
+    r = CliRunner().invoke(main, ["classifier", "--out", str(out), "--steps", "30", "--threads", "1"])
+    assert r.exit_code == 0, r.output
+    assert out.is_file() and "test-split accuracy" in r.output
+    r = CliRunner().invoke(main, ["classifier", "--out", str(out), "--steps", "30"])
+    assert isinstance(r.exception, GuidelabError) and "exists" in str(r.exception)

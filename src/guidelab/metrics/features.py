@@ -115,6 +115,14 @@ def dinov2(path: str | os.PathLike, *, device: str = "cpu", size: int = 224) -> 
     return Extractor("dinov2", fn, None, {"extractor": "dinov2", "weights_sha256": sha256(path), "resize": f"bicubic {size}"})
 
 
+def digits(path: str | os.PathLike | None = None) -> Extractor:
+    """Penultimate features (128-d) of the clean digits classifier at ``path`` (trained and cached on
+    first use when absent, see :func:`guidelab.models.digits.digits_classifier`); input [N, 1, 8, 8] in [-1, 1]."""
+    from ..models.digits import digits_classifier
+
+    return digits_classifier(path).extractor()
+
+
 def describe(extractor: Extractor, n: int, seeds) -> dict:
     """What a result must record: extractor, weights hash, resize mode, sample count and seeds
     (a list of seeds is stored compactly as a range when contiguous)."""
