@@ -14,6 +14,11 @@ take any real t); "nearest" snaps to the grid timestep nearest in ``log sigma``.
 the integer t exactly, so sampling on ``den.sigmas(n, spacing)`` equals diffusers' schedulers. Sigmas
 outside the grid are clamped to t = 0 or T - 1 (the sigma itself is still used in the conversion).
 
+Text-conditioned transformers (PixArt: ``PixArtTransformer2DModel``, or a ``Transformer2DModel`` with
+``norm_type="ada_norm_single"``) take ``encoder_hidden_states`` and ``encoder_attention_mask``; their
+``added_cond_kwargs`` come from the conditioning keys ``resolution`` / ``aspect_ratio`` (``None`` unless the model
+is micro-conditioned). CFG on text models (:func:`cfg`) swaps embedding and mask for the null / negative ones.
+
 Models load from local folders only (``local_files_only=True``): nothing is downloaded.
 See docs/DIFFUSERS.md.
 """
@@ -36,13 +41,19 @@ from .._io import atomic_write
 from ..denoisers import bcast
 from ..errors import GuidelabError, check
 from ..guidance._base import Branch, Guided, PerCall
+from ..guidance.compose import Composed, compose
 from ..rng import SampleNoise
 
-MODEL_CLASSES = ("UNet2DModel", "UNet2DConditionModel", "DiTTransformer2DModel", "Transformer2DModel")
+MODEL_CLASSES = ("UNet2DModel", "UNet2DConditionModel", "DiTTransformer2DModel", "Transformer2DModel",
+                 "PixArtTransformer2DModel")
 PREDICTIONS = ("epsilon", "v_prediction", "sample")
 TIMESTEP_MODES = ("interpolate", "nearest")
 #: Conditioning key that marks the rows of a batch whose attention is perturbed (PAG/SEG/SLG).
 PERTURB = "perturb"
+#: Conditioning key of the text attention mask ([B, L], 1 = keep, 0 = discard), as diffusers names it.
+MASK = "encoder_attention_mask"
+#: PixArt micro-conditions, passed to the model as ``added_cond_kwargs``.
+MICRO = ("resolution", "aspect_ratio")
 
 
 def alphas_cumprod(scheduler_config: dict) -> torch.Tensor:
@@ -60,14 +71,16 @@ class DiffusersDenoiser:
     """A diffusers network + its noise schedule as ``D(x, sigma, **cond)`` in EDM space.
 
     ``x``: [B, C, H, W] in EDM scale; ``sigma``: [B]. Conditioning: ``class_labels`` ([B] long) or
-    ``encoder_hidden_states`` ([B, L, dim]); ``perturb`` ([B] bool) perturbs those rows' attention (see
-    :func:`perturbed_attention`; set by the PAG/SEG/SLG guiders). ``null_label`` is the null condition CFG uses:
-    the null class id, or the empty-prompt embedding ``null_text`` ([1, L, dim], expanded to the batch).
+    ``encoder_hidden_states`` ([B, L, dim]) with optionally ``encoder_attention_mask`` ([B, L]); PixArt
+    micro-conditioned models also ``resolution`` ([B, 2], pixels) and ``aspect_ratio`` ([B, 1]); ``perturb``
+    ([B] bool) perturbs those rows' attention (see :func:`perturbed_attention`; set by the PAG/SEG/SLG guiders).
+    ``null_label`` is the null condition CFG uses: the null class id, or the empty-prompt (or negative-prompt)
+    embedding ``null_text`` ([1, L, dim], expanded to the batch) with its mask ``null_mask`` ([1, L]).
     """
 
     def __init__(self, model: torch.nn.Module, scheduler_config: dict, *, timesteps: str = "interpolate",
                  null_class: int | None = None, null_text: torch.Tensor | None = None,
-                 perturbation: Perturbation | None = None):
+                 null_mask: torch.Tensor | None = None, perturbation: Perturbation | None = None):
         check(timesteps in TIMESTEP_MODES, f"timesteps must be one of {TIMESTEP_MODES}, got {timesteps!r}")
         pred = dict(scheduler_config).get("prediction_type", "epsilon")
         check(pred in PREDICTIONS, f"prediction_type {pred!r} is not supported; allowed: {', '.join(PREDICTIONS)}")
@@ -82,7 +95,11 @@ class DiffusersDenoiser:
         if null_class is None and type(model).__name__ in ("DiTTransformer2DModel", "Transformer2DModel"):
             n = getattr(model.config, "num_embeds_ada_norm", None)  # DiT's label table has num_classes + 1 rows:
             null_class = n if self.cfg_key == "class_labels" else None  # the last is the dropped label
-        self.null_class, self.null_text = null_class, null_text
+        check(null_mask is None or null_text is not None, "null_mask needs null_text (the embedding it masks)")
+        self.null_class, self.null_text, self.null_mask = null_class, null_text, null_mask
+        # PixArt (adaLN-single): added_cond_kwargs always, micro-conditions only if the model was trained with them
+        self.adaln_single = getattr(model.config, "norm_type", None) == "ada_norm_single"
+        self.micro = self.adaln_single and bool(getattr(model, "use_additional_conditions", False))
         self.perturbation = perturbation
 
     # -- schedule ---------------------------------------------------------------------------
@@ -120,16 +137,53 @@ class DiffusersDenoiser:
         if self.null_text is None:
             return None
         null = self.null_text
-        return lambda old: null.to(old).expand(old.shape[0], *null.shape[1:])
+
+        def expand(old):
+            check(old.shape[1:] == null.shape[1:], f"null/negative embedding {list(null.shape[1:])} and prompt "
+                  f"embedding {list(old.shape[1:])} differ: pad both to the same length (and pass attention masks)")
+            return null.to(old).expand(old.shape[0], *null.shape[1:])
+        return expand
+
+    def cfg_overrides(self) -> tuple[dict, dict]:
+        """Branch overrides ``(conditional, null)`` for CFG in one batched call.
+
+        Class models: the label becomes the null class. Text models: the embedding becomes ``null_text`` and the
+        attention mask ``null_mask`` (all ones, i.e. unmasked, when not given); the conditional branch keeps its
+        mask (all ones when only the null side has one), so both branches carry the same keys and batch.
+        """
+        check(self.null_label is not None, f"cfg needs a null condition: pass null_class=... (class models) or "
+              f"null_text=... (text models); {type(self.model).__name__} has no default")
+        if self.cfg_key == "class_labels":
+            return {}, {"class_labels": self.null_class}
+        null_mask = self.null_mask
+
+        def cond_mask(old, x, sigma):
+            if old is None and null_mask is not None:
+                return torch.ones(x.shape[0], null_mask.shape[-1], dtype=null_mask.dtype, device=x.device)
+            return old
+
+        def uncond_mask(old, x, sigma):
+            if null_mask is not None:
+                return null_mask.to(x.device).expand(x.shape[0], -1)
+            return None if old is None else torch.ones_like(old)
+
+        return {MASK: PerCall(cond_mask)}, {"encoder_hidden_states": self.null_label, MASK: PerCall(uncond_mask)}
 
     # -- the denoiser -----------------------------------------------------------------------
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
+        cond = {k: v for k, v in cond.items() if v is not None}   # e.g. no attention mask on either CFG branch
         mask = cond.pop(PERTURB, None)
         s = bcast(sigma.to(x.dtype), x)
         dtype = next(self.model.parameters()).dtype
         x_vp = (x / (1 + s ** 2).sqrt()).to(dtype)
         t = self.timestep(sigma).to(device=x.device, dtype=torch.float32)
         cond = {k: (v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in cond.items()}
+        if self.adaln_single:                                        # PixArt: micro-conditions or None
+            added = {k: cond.pop(k, None) for k in MICRO}
+            check(not self.micro or all(v is not None for v in added.values()),
+                  "this PixArt model is micro-conditioned (use_additional_conditions): pass resolution [B, 2] "
+                  "(height, width in pixels) and aspect_ratio [B, 1] in cond")
+            cond["added_cond_kwargs"] = added
         ctx = contextlib.nullcontext()
         if mask is not None and bool(mask.any()):
             check(self.perturbation is not None, "perturb= needs a denoiser made with perturbation=Perturbation(...)")
@@ -154,7 +208,7 @@ class DiffusersDenoiser:
 
 
 def _takes_text(model) -> bool:
-    return type(model).__name__ == "UNet2DConditionModel" or (
+    return type(model).__name__ in ("UNet2DConditionModel", "PixArtTransformer2DModel") or (
         type(model).__name__ == "Transformer2DModel" and getattr(model.config, "cross_attention_dim", None) is not None)
 
 
@@ -197,10 +251,11 @@ def load_model(path: str | os.PathLike, *, subfolder: str | None = None, dtype: 
 
 def load(path: str | os.PathLike, *, subfolder: str | None = None, dtype: torch.dtype = torch.float32,
          device: str | torch.device = "cpu", timesteps: str = "interpolate", null_class: int | None = None,
-         null_text: torch.Tensor | None = None) -> DiffusersDenoiser:
+         null_text: torch.Tensor | None = None, null_mask: torch.Tensor | None = None) -> DiffusersDenoiser:
     """A :class:`DiffusersDenoiser` from a local diffusers folder (a missing folder is one clear error)."""
     model, sched = load_model(path, subfolder=subfolder, dtype=dtype, device=device)
-    return DiffusersDenoiser(model, sched, timesteps=timesteps, null_class=null_class, null_text=null_text)
+    return DiffusersDenoiser(model, sched, timesteps=timesteps, null_class=null_class, null_text=null_text,
+                             null_mask=null_mask)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -317,34 +372,54 @@ def _mark(value: bool) -> PerCall:
     return PerCall(lambda old, x, sigma: torch.full((x.shape[0],), value, dtype=torch.bool, device=x.device))
 
 
+MARKED, UNMARKED = _mark(True), _mark(False)
+
+
+def cfg(denoiser: DiffusersDenoiser, w) -> Guided:
+    """CFG with the model's null condition (null class, or null / negative embedding with its attention mask, see
+    :meth:`DiffusersDenoiser.cfg_overrides`); both branches in one batched call. ``w`` = diffusers' guidance_scale."""
+    c, u = denoiser.cfg_overrides()
+    return Guided(Branch(denoiser, c), Branch(denoiser, u), w, "cfg")
+
+
 def attention_guidance(denoiser: DiffusersDenoiser, w, mode: str, *, layers: Sequence[str] | None = None,
-                       blur_sigma: float = math.inf, batched: bool = True) -> Guided:
+                       blur_sigma: float = math.inf, cfg_weight=None, batched: bool = True) -> Guided | Composed:
     """``D = D_pert + w (D - D_pert)``: guide a diffusers denoiser with its own attention-perturbed branch.
 
-    ``batched=True``: both branches are rows of **one** network call (the hook perturbs only the second
-    half); ``batched=False``: two calls of B rows each (what diffusers' PAG pipelines do).
+    ``cfg_weight``: CFG as well, as in the PAG paper and diffusers' PAG pipelines (a :func:`compose` of the two):
+    ``D = D_u + cfg_weight (D_c - D_u) + (w - 1)(D_c - D_pert)``, i.e. diffusers' ``guidance_scale = cfg_weight``
+    and ``pag_scale = w - 1``; ``D_pert`` is perturbed with the *conditional* prompt.
+    ``batched=True``: all branches are rows of **one** network call (the hook perturbs only the marked rows);
+    ``batched=False``: one call of B rows per branch (what diffusers' modular guiders do).
     """
     check(isinstance(denoiser, DiffusersDenoiser), f"{mode} needs a DiffusersDenoiser, got {type(denoiser).__name__}")
     den = denoiser.with_perturbation(Perturbation(mode, layers, blur_sigma))
-    if batched:
-        return Guided(Branch(den, {PERTURB: _mark(False)}), Branch(den, {PERTURB: _mark(True)}), w, mode)
-    pert = den.with_perturbation(den.perturbation)                   # another object: evaluated separately
-    return Guided(Branch(den), Branch(pert, {PERTURB: _mark(True)}), w, mode)
+    c, u = ({}, {}) if cfg_weight is None else den.cfg_overrides()
+    # distinct objects are evaluated separately (evaluate groups branches by denoiser)
+    other = (lambda: den) if batched else (lambda: den.with_perturbation(den.perturbation))
+    main = Branch(den, {**c, PERTURB: UNMARKED})
+    perturbed = Guided(main, Branch(other(), {**c, PERTURB: MARKED}), w, mode)
+    if cfg_weight is None:
+        return perturbed
+    return compose(Guided(main, Branch(other(), {**u, PERTURB: UNMARKED}), cfg_weight, "cfg"), perturbed)
 
 
-def pag(denoiser, w, *, layers=None, batched: bool = True) -> Guided:
-    """Perturbed-attention guidance (Ahn et al. 2024, arXiv 2403.17377); paper scale s = w - 1."""
-    return attention_guidance(denoiser, w, "pag", layers=layers, batched=batched)
+def pag(denoiser, w, *, layers=None, cfg_weight=None, batched: bool = True) -> Guided | Composed:
+    """Perturbed-attention guidance (Ahn et al. 2024, arXiv 2403.17377); paper scale s = w - 1; with CFG at
+    ``cfg_weight`` in the same call (see :func:`attention_guidance`)."""
+    return attention_guidance(denoiser, w, "pag", layers=layers, cfg_weight=cfg_weight, batched=batched)
 
 
-def seg(denoiser, w, *, layers=None, blur_sigma: float = math.inf, batched: bool = True) -> Guided:
+def seg(denoiser, w, *, layers=None, blur_sigma: float = math.inf, cfg_weight=None,
+        batched: bool = True) -> Guided | Composed:
     """Smoothed-energy guidance (Hong 2024, arXiv 2408.00760): blurred queries; paper scale = w - 1."""
-    return attention_guidance(denoiser, w, "seg", layers=layers, blur_sigma=blur_sigma, batched=batched)
+    return attention_guidance(denoiser, w, "seg", layers=layers, blur_sigma=blur_sigma, cfg_weight=cfg_weight,
+                              batched=batched)
 
 
-def slg(denoiser, w, *, layers=None, batched: bool = True) -> Guided:
+def slg(denoiser, w, *, layers=None, cfg_weight=None, batched: bool = True) -> Guided | Composed:
     """Skip-layer guidance (Stable Diffusion 3.5): the reference skips the selected blocks; scale = w - 1."""
-    return attention_guidance(denoiser, w, "slg", layers=layers, batched=batched)
+    return attention_guidance(denoiser, w, "slg", layers=layers, cfg_weight=cfg_weight, batched=batched)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -355,23 +430,24 @@ SCHEDULES = ("karras", "leading", "trailing", "linspace")
 
 
 def make_guider(den: DiffusersDenoiser, guider: str, w: float, *, guide: DiffusersDenoiser | None = None,
-                layers: Sequence[str] | None = None, blur_sigma: float = math.inf, interval=None):
+                layers: Sequence[str] | None = None, blur_sigma: float = math.inf, interval=None, cfg_weight=None):
     """The guided denoiser called ``guider`` ("none", "cfg", "autoguidance", "pag", "seg", "slg") at weight w,
-    optionally only inside ``interval = (sigma_lo, sigma_hi)``."""
+    optionally only inside ``interval = (sigma_lo, sigma_hi)``. ``cfg_weight`` (pag, seg, slg only): CFG at that
+    weight in the same batched call, ``D = D_u + cfg_weight (D_c - D_u) + (w - 1)(D_c - D_pert)``."""
     check(guider in GUIDERS, f"unknown guider {guider!r}; allowed: {', '.join(GUIDERS)}")
+    check(cfg_weight is None or guider in ("pag", "seg", "slg"),
+          f"cfg_weight combines CFG with pag, seg or slg; for {guider!r} use guider='cfg' or leave it unset")
     if guider == "none":
         return den
     if guider == "cfg":
-        check(den.null_label is not None, f"cfg needs a null condition: pass null_class=... (class models) or "
-              f"null_text=... (text models); {type(den.model).__name__} has no default")
-        g = guidance.cfg(den, w, key=den.cfg_key)
+        g = cfg(den, w)
     elif guider == "autoguidance":
         check(guide is not None, "autoguidance needs a guide model (guide_dir=... / --guide DIR)")
         check(guide.grid.shape == den.grid.shape and torch.allclose(guide.grid, den.grid),
               "the guide model's noise schedule differs from the main model's")
         g = guidance.autoguidance(den, guide, w)
     else:
-        g = attention_guidance(den, w, guider, layers=layers, blur_sigma=blur_sigma)
+        g = attention_guidance(den, w, guider, layers=layers, blur_sigma=blur_sigma, cfg_weight=cfg_weight)
     if interval is not None:
         g = guidance.interval(g, *interval)
     return g
@@ -406,30 +482,35 @@ def save_outputs(out: str | os.PathLike, x: torch.Tensor, seeds: Sequence[int], 
 def generate(model_dir: str | os.PathLike, *, guider: str = "none", w: float = 1.0, sampler: str = "euler",
              steps: int = 32, schedule: str = "karras", seeds: Iterable[int] = (0,), batch: int = 16,
              class_labels: int | Sequence[int] | None = None, prompt_embeds: torch.Tensor | None = None,
-             null_class: int | None = None, null_text: torch.Tensor | None = None, guide_dir=None,
-             layers: Sequence[str] | None = None, blur_sigma: float = math.inf, interval=None,
-             timesteps: str = "interpolate", dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-             out: str | os.PathLike | None = None, progress: bool = False, **sampler_kw) -> torch.Tensor:
+             prompt_mask: torch.Tensor | None = None, null_class: int | None = None,
+             null_text: torch.Tensor | None = None, null_mask: torch.Tensor | None = None, guide_dir=None,
+             layers: Sequence[str] | None = None, blur_sigma: float = math.inf, interval=None, cfg_weight=None,
+             resolution: int | None = None, timesteps: str = "interpolate", dtype: torch.dtype = torch.float32,
+             device: str | torch.device = "cpu", out: str | os.PathLike | None = None, progress: bool = False,
+             **sampler_kw) -> torch.Tensor:
     """Sample a local diffusers model with any guidelab sampler and guider; returns x0 [N, C, H, W] (model space).
 
     Sample i starts from ``SampleNoise([seeds[i]])`` and draws its sampler noise from the same generator, so
-    it does not depend on ``batch``. ``class_labels``: one id or one per seed; ``prompt_embeds``: [1 or N, L, dim];
-    ``guide_dir``: second model for autoguidance. Latent models return latents (no VAE decoding).
+    it does not depend on ``batch``. ``class_labels``: one id or one per seed; ``prompt_embeds``: [1 or N, L, dim]
+    with optionally ``prompt_mask`` [1 or N, L]; ``null_text`` / ``null_mask``: null or negative prompt for CFG;
+    ``cfg_weight``: CFG together with pag/seg/slg; ``guide_dir``: second model for autoguidance; ``resolution``:
+    the pixel size micro-conditioned PixArt models are told (default 8 x sample_size, PixArt's VAE factor).
+    Latent models return latents (no VAE decoding).
     """
     seeds = [int(s) for s in seeds]
     check(len(seeds) >= 1, "need at least one seed")
     check(batch >= 1, f"batch must be >= 1, got {batch}")
-    den = load(model_dir, dtype=dtype, device=device, timesteps=timesteps, null_class=null_class, null_text=null_text)
-    guide = None
-    if guide_dir is not None:
-        guide = load(guide_dir, dtype=dtype, device=device, timesteps=timesteps, null_class=null_class,
-                     null_text=null_text)
-    D = make_guider(den, guider, w, guide=guide, layers=layers, blur_sigma=blur_sigma, interval=interval)
+    kw = {"dtype": dtype, "device": device, "timesteps": timesteps, "null_class": null_class, "null_text": null_text,
+          "null_mask": null_mask}
+    den = load(model_dir, **kw)
+    guide = load(guide_dir, **kw) if guide_dir is not None else None
+    D = make_guider(den, guider, w, guide=guide, layers=layers, blur_sigma=blur_sigma, interval=interval,
+                    cfg_weight=cfg_weight)
     run = samplers.get(sampler)
     sigmas = make_sigmas(den, steps, schedule)
-    cfg = den.model.config
-    channels = cfg.in_channels
-    size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
+    mc = den.model.config
+    channels = mc.in_channels
+    size = mc.sample_size if isinstance(mc.sample_size, int) else mc.sample_size[0]
     N = len(seeds)
     cond_all: dict[str, torch.Tensor] = {}
     if class_labels is not None:
@@ -440,7 +521,15 @@ def generate(model_dir: str | os.PathLike, *, guider: str = "none", w: float = 1
         check(prompt_embeds.ndim == 3 and prompt_embeds.shape[0] in (1, N),
               f"prompt_embeds must have shape [1 or {N}, L, dim], got {list(prompt_embeds.shape)}")
         cond_all["encoder_hidden_states"] = prompt_embeds.to(device=device, dtype=dtype).expand(N, -1, -1)
-    check(den.cfg_key in cond_all or guider not in ("cfg",),
+    if prompt_mask is not None:
+        check(prompt_embeds is not None and prompt_mask.shape in ((1, prompt_embeds.shape[1]), (N, prompt_embeds.shape[1])),
+              f"prompt_mask must have shape [1 or {N}, L] next to prompt_embeds, got {list(prompt_mask.shape)}")
+        cond_all[MASK] = prompt_mask.to(device).expand(N, -1)
+    if den.micro:                                                    # PixArt micro-conditions, as its pipeline
+        px = 8 * size if resolution is None else int(resolution)
+        cond_all["resolution"] = torch.tensor([[px, px]], dtype=torch.float64, device=device).expand(N, -1)
+        cond_all["aspect_ratio"] = torch.ones(N, 1, dtype=torch.float64, device=device)
+    check(den.cfg_key in cond_all or (guider != "cfg" and cfg_weight is None),
           f"cfg on this model needs {den.cfg_key} (--class-label / prompt embeddings)")
     check(not (den.cfg_key == "encoder_hidden_states" and "encoder_hidden_states" not in cond_all),
           "a text-conditioned model needs prompt_embeds (encoder_hidden_states)")
