@@ -3,7 +3,7 @@ import torch
 
 from guidelab import samplers, schedules, toy
 from guidelab.errors import GuidelabError
-from guidelab.guidance.tfg import PRESETS, tfg_sample
+from guidelab.guidance.tfg import PRESETS, measurement_objective, tfg_sample
 from guidelab.models.classifier import tree_classifier
 from guidelab.rng import SampleNoise
 
@@ -117,3 +117,107 @@ def test_step_size_schedules_follow_the_official_code():
         got = torch.tensor(_step_weights(sig, kind), dtype=torch.float64)
         torch.testing.assert_close(got, s * len(s) / s.sum())           # rho_t = rho s_t N / sum(s): mean rho
     assert PRESETS["dps"]["rho_schedule"] == "constant" and "rho_schedule" not in PRESETS["tfg"]
+
+
+# --- clip_x0 (official _predict_x0 clipping) ------------------------------------------------------------
+
+def _bounded_world():
+    """A 1-D world in [-1, 1] (the image range): two narrow modes at -0.8 and 0.8."""
+    return toy.GaussianMixture([0.5, 0.5], [[-0.8], [0.8]], [[[0.01]], [[0.01]]])
+
+
+def test_clip_x0_off_is_unchanged_and_a_range_containing_everything_is_bit_identical():
+    world, x = toy.tree("AB"), _start(16, seed=4)
+    run = lambda **kw: tfg_sample(world, x, SIGMAS, log_p_a, preset="tfg", rho=0.02, mu=0.02,  # noqa: E731
+                                  noise=SampleNoise(range(16)), **kw)
+    ref = run()
+    assert torch.equal(run(clip_x0=None), ref)
+    assert torch.equal(run(clip_x0=1e6), ref)                    # clamp in range: value and gradient exact
+    assert torch.equal(run(clip_x0=(-1e6, 1e6)), ref)
+
+
+def test_clip_x0_clips_the_estimate_the_step_uses():
+    # rho = mu = 0: TFG is euler_ancestral, and with clipping it is euler_ancestral on the clamped denoiser.
+    world, n = _bounded_world(), 64
+    x = world.sample(n, 5.0, generator=torch.Generator().manual_seed(0))
+    for clip, (lo, hi) in ((0.5, (-0.5, 0.5)), ((-0.2, 0.7), (-0.2, 0.7))):
+        out = tfg_sample(world, x, SIGMAS, lambda y: y[:, 0], preset="dps", rho=0.0, clip_x0=clip, noise=SampleNoise(range(n)))
+        ref = samplers.euler_ancestral(lambda x_, s: world(x_, s).clamp(lo, hi), x, SIGMAS, noise=SampleNoise(range(n)))
+        assert torch.equal(out, ref)
+        assert out.min() >= torch.tensor(lo).to(out) and out.max() <= torch.tensor(hi).to(out)
+
+
+def test_clip_x0_stops_an_unbounded_objective_from_leaving_the_range():
+    # log f = k x0 pushes right without limit; clipped, the gradient through the clamp vanishes once the
+    # estimate saturates, so samples end within one last-step shift rho k (1 + sigma_min^2) D' of the bound.
+    world, n, k, rho = _bounded_world(), 256, 3.0, 0.05
+    x = world.sample(n, 5.0, generator=torch.Generator().manual_seed(0))
+    f = lambda y: k * y[:, 0]
+    free = tfg_sample(world, x, SIGMAS, f, preset="dps", rho=rho, noise=SampleNoise(range(n)))
+    clipped = tfg_sample(world, x, SIGMAS, f, preset="dps", rho=rho, clip_x0=1.0, noise=SampleNoise(range(n)))
+    assert float(free.max()) > 1 + 5 * rho * k                   # unclipped: far outside the data range
+    assert float(clipped.max()) <= 1 + 1.05 * rho * k            # D' <= 1 + o(1) at sigma_min for these modes
+    assert float((clipped > 0).float().mean()) > 0.95            # ... and the guidance still works
+
+
+def test_clip_x0_user_errors():
+    world, x = toy.tree("AB"), _start(2)
+    for bad in (0, -1.0, (1.0, -1.0), (0.0, float("nan")), "1", (1.0,), True):
+        with pytest.raises(GuidelabError, match="clip_x0"):
+            tfg_sample(world, x, SIGMAS, log_p_a, clip_x0=bad)
+
+
+# --- DPS normalisation: measurement_objective ------------------------------------------------------------
+
+def test_dps_step_is_the_gradient_of_the_residual_norm():
+    """One DPS step on a linear denoiser D = k x and a linear A, against the gradient written out by hand.
+
+    DPS (Chung et al. 2023, Alg. 1; official code): x' = DDIM(x) - zeta grad_x |y - A D(x)|; in TFG's EDM
+    form the shift is rho (1 + sigma^2) grad_x log f with log f = -|r|, r = y - A k x, so
+    grad_x log f = k A^T r / |r| (per sample).
+    """
+    g = torch.Generator().manual_seed(0)
+    B, d, m, sigma, rho, sd = 6, 3, 2, 0.7, 0.3, 0.5
+    A = torch.randn(m, d, generator=g, dtype=torch.float64)
+    y = torch.randn(B, m, generator=g, dtype=torch.float64)
+    x = torch.randn(B, d, generator=g, dtype=torch.float64)
+    k = sd ** 2 / (sd ** 2 + sigma ** 2)
+    D = lambda x_, s: x_ * (sd ** 2 / (sd ** 2 + s[:, None] ** 2))                 # exact denoiser of N(0, sd^2 I)
+    sig = torch.tensor([sigma, 0.0], dtype=torch.float64)                          # one step to sigma = 0: DDIM gives D
+    r = y - (k * x) @ A.t()
+    for kind, grad in (("dps", k * (r / r.norm(dim=1, keepdim=True)) @ A),
+                       ("gaussian", k * r @ A / 0.5 ** 2)):
+        obj = measurement_objective(A, y, kind=kind, sigma_y=0.5)
+        out = tfg_sample(D, x, sig, obj, preset="dps", rho=rho, noise=SampleNoise(range(B)))
+        torch.testing.assert_close(out, k * x + rho * (1 + sigma ** 2) * grad, rtol=1e-12, atol=1e-12)
+    # a callable A and one measurement for the whole batch give the same objective
+    obj_m = measurement_objective(A, y[0], kind="dps")
+    obj_c = measurement_objective(lambda x0: x0 @ A.t(), y[0], kind="dps")
+    torch.testing.assert_close(obj_m(x), -(y[0] - x @ A.t()).norm(dim=1))
+    torch.testing.assert_close(obj_c(x), obj_m(x))
+
+
+def test_dps_step_size_does_not_depend_on_the_residual_size():
+    """The point of DPS's normalisation: the step is zeta times a unit-size direction, however far the
+    measurement is; the squared-norm objective's step grows with the residual."""
+    A = torch.eye(2, dtype=torch.float64)
+    x = torch.zeros(1, 2, dtype=torch.float64)
+    D = lambda x_, s: x_
+    sig = torch.tensor([0.5, 0.0], dtype=torch.float64)
+    steps = {}
+    for kind in ("dps", "gaussian"):
+        steps[kind] = [float(tfg_sample(D, x, sig, measurement_objective(A, torch.tensor([[c, 0.0]], dtype=torch.float64), kind=kind),
+                                        preset="dps", rho=0.1).norm()) for c in (1.0, 10.0)]
+    assert steps["dps"][0] == pytest.approx(steps["dps"][1]) == pytest.approx(0.1 * 1.25)
+    assert steps["gaussian"][1] == pytest.approx(10 * steps["gaussian"][0])
+
+
+def test_measurement_objective_user_errors():
+    with pytest.raises(GuidelabError, match="kind"):
+        measurement_objective(torch.eye(2), torch.zeros(2), kind="l1")
+    with pytest.raises(GuidelabError, match="sigma_y"):
+        measurement_objective(torch.eye(2), torch.zeros(2), kind="gaussian", sigma_y=0)
+    with pytest.raises(GuidelabError, match="matrix"):
+        measurement_objective(torch.zeros(2, 2, 2), torch.zeros(2))
+    with pytest.raises(GuidelabError, match="A\\(x0\\)"):
+        measurement_objective(lambda x0: x0[0], torch.zeros(2))(torch.zeros(3, 2))

@@ -39,8 +39,19 @@ mpgd      mu only: one gradient step on x0, no network gradient    mu 1, n_iter 
 ugd       rho + mu (n_iter steps on x0) + recurrence              rho 1, mu 1, n_iter 2, n_recur 2
 ========  ======================================================  ==============================
 
-DPS's own step normalises by ``|y - A(x0)|``; that is TFG-DPS with ``log f = -|y - A(x0)|`` (the
-norm, not its square). Cost per step: ``n_recur`` NFE, plus a backward pass through the denoiser
+DPS's own step (Chung et al. 2023, Alg. 1) is ``zeta / |y - A(x0)|`` times ``grad |y - A(x0)|^2``, i.e. a
+multiple of the gradient of the *norm*; the official code takes ``zeta grad_x |y - A(x0)|``. That is
+TFG-DPS with ``log f = -|y - A(x0)|``: :func:`measurement_objective` with ``kind="dps"`` and
+``rho = zeta`` (the code's ``scale``; the paper's ``zeta'`` is ``rho / 2``). The norm is per sample
+(the official code takes it over the whole batch, run at batch 1). ``kind="gaussian"`` is the
+plain log-likelihood ``-|y - A(x0)|^2 / (2 sigma_y^2)`` that the other presets use. One difference
+remains, shared by every preset: TFG adds ``Delta_t / sqrt(alpha_t)`` where the original methods add
+``Delta_t`` (a factor ``sqrt(alpha_t) -> 1`` as steps get small; TFG folds it into ``rho``).
+
+``clip_x0``: the official code clips the x0 estimate (``clip_x0``, images to ``[-1, 1]``) right after
+the network, so the clipped estimate is what the objective sees (its gradient through the clamp is
+zero outside the range), what ``y`` starts from and what the DDIM step uses. ``None`` (default): no
+clipping, bit-identical to before; ``c``: ``[-c, c]``; ``(lo, hi)``: that range. Cost per step: ``n_recur`` NFE, plus a backward pass through the denoiser
 when ``rho != 0``, plus ``eps_bsz (1[rho != 0] + n_iter 1[mu != 0])`` objective evaluations.
 """
 
@@ -84,16 +95,58 @@ def _smoothed(objective: Callable, y: torch.Tensor, eps: list[torch.Tensor | Non
     return torch.logsumexp(torch.stack(logf), 0) - math.log(len(eps))
 
 
+def _clip_range(clip_x0) -> tuple[float, float] | None:
+    """``clip_x0`` as ``(lo, hi)``: None, a number ``c > 0`` (``[-c, c]``) or a pair ``lo < hi``."""
+    if clip_x0 is None:
+        return None
+    if isinstance(clip_x0, (int, float)) and not isinstance(clip_x0, bool):
+        check(math.isfinite(clip_x0) and clip_x0 > 0, f"clip_x0 must be a finite number > 0, got {clip_x0!r}")
+        return -float(clip_x0), float(clip_x0)
+    ok = (isinstance(clip_x0, (tuple, list)) and len(clip_x0) == 2
+          and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in clip_x0)
+          and clip_x0[0] < clip_x0[1])
+    check(ok, f"clip_x0 must be None, a number c > 0 (range [-c, c]) or a pair (lo, hi) with lo < hi, got {clip_x0!r}")
+    return float(clip_x0[0]), float(clip_x0[1])
+
+
+def measurement_objective(A, y: torch.Tensor, *, kind: str = "dps", sigma_y: float = 1.0) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Objective ``log f(x0)`` [batch] for a measurement ``y = A(x0) + noise`` (inverse problems).
+
+    ``A``: a callable ``A(x0) -> [batch, ...]`` or a matrix [m, d] applied to the flattened x0 [batch, d];
+    ``y``: [batch, ...] (one measurement per sample) or one measurement broadcast over the batch.
+    ``kind="dps"``: ``-|y - A(x0)|`` per sample, DPS's normalised step (module docstring);
+    ``kind="gaussian"``: ``-|y - A(x0)|^2 / (2 sigma_y^2)``, the Gaussian log-likelihood.
+    """
+    check(kind in ("dps", "gaussian"), f"unknown measurement objective kind {kind!r}; allowed: 'dps', 'gaussian'")
+    check(isinstance(sigma_y, (int, float)) and sigma_y > 0, f"sigma_y must be > 0, got {sigma_y!r}")
+    if isinstance(A, torch.Tensor):
+        check(A.ndim == 2, f"a matrix A must be [m, d], got shape {list(A.shape)}")
+        M = A
+        A = lambda x0: x0.flatten(1) @ M.to(x0).t()                 # noqa: E731
+    check(callable(A), "A must be a callable A(x0) or a matrix [m, d]")
+
+    def objective(x0: torch.Tensor) -> torch.Tensor:
+        Ax = A(x0)
+        check(isinstance(Ax, torch.Tensor) and Ax.ndim >= 1 and Ax.shape[0] == x0.shape[0],
+              f"A(x0) must return a tensor [batch={x0.shape[0]}, ...], got {getattr(Ax, 'shape', type(Ax).__name__)}")
+        r = (y.to(Ax) - Ax).reshape(x0.shape[0], -1)                   # y broadcasts over the batch
+        if kind == "dps":
+            return -torch.linalg.vector_norm(r, dim=1)              # DPS: grad of the norm (Chung et al. 2023, Alg. 1)
+        return -r.square().sum(1) / (2 * sigma_y ** 2)
+    return objective
+
+
 def tfg_sample(denoiser, x: torch.Tensor, sigmas: torch.Tensor, objective: Callable[[torch.Tensor], torch.Tensor], *,
                preset: str = "tfg", rho: float | None = None, mu: float | None = None, gamma: float | None = None,
                n_recur: int | None = None, n_iter: int | None = None, eps_bsz: int | None = None,
                rho_schedule: str | None = None, mu_schedule: str | None = None, gamma_schedule: str = "decrease",
-               eta: float = 1.0, cond: dict | None = None, callback: Callback | None = None, progress: bool = False,
-               noise=None) -> torch.Tensor:
+               clip_x0=None, eta: float = 1.0, cond: dict | None = None, callback: Callback | None = None,
+               progress: bool = False, noise=None) -> torch.Tensor:
     """Sample with TFG guidance toward ``objective(x0) -> log f(x0)`` [batch] (differentiable).
 
     ``preset`` picks the method (see the module table); any of ``rho, mu, gamma, n_recur, n_iter,
-    eps_bsz, rho_schedule, mu_schedule`` overrides it. ``x`` starts at ``sigmas[0]``; ``cond`` goes to the denoiser; ``noise``
+    eps_bsz, rho_schedule, mu_schedule`` overrides it. ``clip_x0``: clip the x0 estimate (``None``,
+    ``c`` for ``[-c, c]``, or ``(lo, hi)``; see the module docstring). ``x`` starts at ``sigmas[0]``; ``cond`` goes to the denoiser; ``noise``
     (``SampleNoise`` for per-sample seeds) feeds the DDIM noise, the smoothing draws and the
     renoising. ``objective`` is called once per smoothing draw on a [batch] tensor, so it may hold
     per-sample targets. With ``rho = mu = 0`` this is exactly :func:`guidelab.samplers.euler_ancestral`.
@@ -115,6 +168,7 @@ def tfg_sample(denoiser, x: torch.Tensor, sigmas: torch.Tensor, objective: Calla
     check(gamma_schedule in ("decrease", "constant"),
           f"unknown gamma_schedule {gamma_schedule!r}; allowed: 'decrease', 'constant'")
     check(callable(objective), "objective must be a callable objective(x0) -> log f(x0) of shape [batch]")
+    clip = _clip_range(clip_x0)
 
     sigmas = check_inputs(x, sigmas)
     noise = resolve_noise(noise, x, sigmas)
@@ -124,7 +178,8 @@ def tfg_sample(denoiser, x: torch.Tensor, sigmas: torch.Tensor, objective: Calla
     batch = x.shape[0]
 
     def D_of(x_, s):
-        return denoiser(x_, torch.full((batch,), s, dtype=x.dtype, device=x.device), **cond)
+        D = denoiser(x_, torch.full((batch,), s, dtype=x.dtype, device=x.device), **cond)
+        return D if clip is None else D.clamp(*clip)               # official _predict_x0: clip, grad through it
 
     for i in steps(sigmas, progress, f"tfg-{preset}"):
         sigma, sigma_next = sig[i], sig[i + 1]
