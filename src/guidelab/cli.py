@@ -251,13 +251,17 @@ def phema_cmd(run_dir, sigma_rel, step, out) -> None:
 @click.option("--class-label", type=int, default=None, help="Class id for class-conditional models.")
 @click.option("--null-class", type=int, default=None, help="Null class id for cfg (DiT: its num_classes by default).")
 @click.option("--prompt-embeds", type=click.Path(dir_okay=False, exists=True), default=None,
-              help="safetensors with 'prompt_embeds' [1 or N, L, dim] and optionally 'null_embeds' (text models).")
+              help="safetensors with 'prompt_embeds' [1 or N, L, dim], optionally 'null_embeds' [1, L, dim] and "
+                   "attention masks 'prompt_attention_mask' / 'null_attention_mask' [1 or N, L] (text models).")
 @click.option("--layers", default=None, help="pag/seg/slg: comma-separated substrings of layer names (default all).")
+@click.option("--cfg-weight", type=float, default=None,
+              help="pag/seg/slg: CFG at this weight as well, in the same batched call: "
+                   "D = D_u + CFG_WEIGHT (D_c - D_u) + (WEIGHT - 1)(D_c - D_pert).")
 @click.option("--interval", default=None, help="Guide only for sigma in (lo, hi], given as lo-hi.")
 @click.option("--device", default="cpu")
 @click.option("--dtype", type=click.Choice(["float32", "float64", "float16", "bfloat16"]), default="float32")
 def diffusers_cmd(model_dir, out, guider, w, guide, seeds, interval, prompt_embeds, layers, dtype, **kw) -> None:
-    """Sample a local diffusers model (UNet2DModel, UNet2DConditionModel, DiT) with any sampler and guider."""
+    """Sample a local diffusers model (UNet2DModel, UNet2DConditionModel, DiT, PixArt) with any sampler and guider."""
     import torch
 
     from .integrations import diffusers as gd
@@ -276,7 +280,8 @@ def diffusers_cmd(model_dir, out, guider, w, guide, seeds, interval, prompt_embe
         raise GuidelabError(f"--seeds must look like 0-7 or 1,2,5 and --interval like 0.3-5, got {seeds!r}, {interval!r}") from None
     gd.generate(model_dir, guider=guider, w=w, guide_dir=guide, seeds=seed_list, out=out,
                 interval=(lo, hi) if interval else None, prompt_embeds=emb.get("prompt_embeds"),
-                null_text=emb.get("null_embeds"), layers=layers.split(",") if layers else None,
+                null_text=emb.get("null_embeds"), prompt_mask=emb.get("prompt_attention_mask"),
+                null_mask=emb.get("null_attention_mask"), layers=layers.split(",") if layers else None,
                 dtype=getattr(torch, dtype), class_labels=kw.pop("class_label"), **kw)
     click.echo(f"wrote {len(seed_list)} samples to {out}")
 

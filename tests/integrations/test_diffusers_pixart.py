@@ -170,3 +170,37 @@ def test_pag_with_cfg_equals_diffusers_pag_processor_loop(tmp_path):
     calls.clear()
     separate = samplers.ddim(gd.pag(den, 2.5, cfg_weight=3.0, batched=False), x, sigmas, cond=cond)
     assert calls == [B] * 18 and torch.allclose(separate, ours, atol=1e-8)
+
+
+def test_cli_pixart_pag_with_cfg_and_masks(tmp_path, monkeypatch, capsys):
+    """``guidelab diffusers --prompt-embeds`` (embeddings and masks from one safetensors file) with PAG + CFG
+    equals ``gd.generate`` with the same arguments; --cfg-weight with a guider other than pag/seg/slg is refused."""
+    import numpy as np
+    from click.testing import CliRunner
+    from safetensors.torch import save_file
+
+    from guidelab import cli
+    folder = _save(tmp_path)
+    emb, mask, null, null_mask = _prompts()
+    tensors = {"prompt_embeds": emb[:1].float(), "prompt_attention_mask": mask[:1], "null_embeds": null.float(),
+               "null_attention_mask": null_mask}
+    save_file(tensors, str(tmp_path / "emb.safetensors"))
+    out = tmp_path / "out"
+    args = ["diffusers", str(folder), "--out", str(out), "--guider", "pag", "--weight", "2", "--cfg-weight", "3",
+            "--sampler", "dpmpp_2m", "--steps", "4", "--seeds", "1-3", "--batch", "2",
+            "--prompt-embeds", str(tmp_path / "emb.safetensors")]
+    result = CliRunner().invoke(cli.main, args)
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == ["000001.png", "000002.png", "000003.png", "samples.npz"]
+    ref = gd.generate(folder, guider="pag", w=2.0, cfg_weight=3.0, sampler="dpmpp_2m", steps=4, seeds=[1, 2, 3], batch=2,
+                      prompt_embeds=tensors["prompt_embeds"], prompt_mask=mask[:1], null_text=tensors["null_embeds"],
+                      null_mask=null_mask)
+    unmasked = gd.generate(folder, guider="pag", w=2.0, cfg_weight=3.0, sampler="dpmpp_2m", steps=4, seeds=[1, 2, 3],
+                           prompt_embeds=tensors["prompt_embeds"], null_text=tensors["null_embeds"])
+    with np.load(out / "samples.npz") as f:
+        assert np.allclose(f["x"], ref.numpy(), rtol=1e-6, atol=1e-4)    # float32, |x| ~ 500
+        assert not np.allclose(f["x"], unmasked.numpy(), atol=1e-3)      # the CLI passed the masks on
+    monkeypatch.setattr("sys.argv", ["guidelab", *args[:5], "cfg", *args[6:]])
+    with pytest.raises(SystemExit) as e:
+        cli.run()
+    assert e.value.code == 2 and "cfg_weight combines CFG with pag, seg or slg" in capsys.readouterr().err
