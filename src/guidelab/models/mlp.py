@@ -14,8 +14,11 @@ Two outputs share one magnitude-preserving trunk (EDM2, Karras et al. 2024a):
 Trunk input features: ``[c_in x, c_noise = log(sigma) / 4, 1, one_hot(label)]``; ``c_noise`` is
 left out when ``noise_cond=False`` (a noise-unconditional network: the preconditioning still uses
 sigma, the network does not see it). Labels are integers in ``[0, num_classes]``; ``num_classes``
-is the null label (``label=None`` means null). ``noise_embed_offset`` ([batch], optional) is added
-to ``c_noise`` only -- not to the preconditioning -- the hook of time-step guidance (``guidance.tsg``).
+is the null label (``label=None`` means null). ``noise_embed_offset`` (optional) is the hook of
+time-step guidance (``guidance.tsg``) and never touches the preconditioning: a [batch] offset is added
+to the scalar ``c_noise``; a [batch, hidden] offset is added to the noise *embedding vector*, the first
+layer's image of ``c_noise`` (``W_0[:, c] c_noise``, added to that layer's output), the analogue of the
+time-embedding vector the TSG paper perturbs.
 ``extra_scalar`` (e.g. ``"w"``, as in :class:`guidelab.models.image.PixelMLP`) names one more per-sample
 scalar input, passed as a keyword (``net(x, sigma, w=w)``, a number or a [batch] tensor) and appended
 to the trunk features as is: the guidance weight of a distilled student (``training.distill``).
@@ -62,9 +65,22 @@ class MPLinear(nn.Module):
         return x @ self.effective_weight().t()
 
 
-def _offset(c_noise: torch.Tensor, noise_embed_offset) -> torch.Tensor:
-    """``c_noise`` plus the TSG perturbation of the noise embedding (None: unchanged)."""
-    return c_noise if noise_embed_offset is None else c_noise + noise_embed_offset.reshape(c_noise.shape)
+def _offset(c_noise: torch.Tensor, noise_embed_offset, hidden: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Apply the TSG perturbation: ``(c_noise', embedding offset)``.
+
+    ``None``: unchanged; [batch] (or [batch, 1]): ``c_noise + offset``; [batch, hidden]: ``c_noise``
+    unchanged and the offset returned, to be added to the first layer's output (the noise embedding).
+    """
+    if noise_embed_offset is None:
+        return c_noise, None
+    off = noise_embed_offset
+    if off.ndim == 2 and off.shape[1] == hidden and hidden > 1:
+        check(off.shape[0] == c_noise.shape[0], f"noise_embed_offset must have batch {c_noise.shape[0]}, got {list(off.shape)}")
+        return c_noise, off
+    check(off.numel() == c_noise.numel(),
+          f"noise_embed_offset must be [batch]={list(c_noise.shape)} or [batch, hidden]=[{c_noise.shape[0]}, {hidden}], "
+          f"got {list(off.shape)}")
+    return c_noise + off.reshape(c_noise.shape), None
 
 
 def mp_silu(x: torch.Tensor) -> torch.Tensor:
@@ -136,16 +152,22 @@ class ToyMLP(nn.Module):
         feats = [x_in] + ([c_noise[:, None]] if self.noise_cond else []) + [torch.ones_like(x_in[:, :1])]
         return torch.cat(feats + self._label(label, x_in) + self._extra(extra, x_in), dim=1)
 
-    def trunk(self, x_in: torch.Tensor, c_noise: torch.Tensor, label=None, extra: dict | None = None) -> torch.Tensor:
-        """Trunk features ``y`` [batch, hidden] from ``x_in = c_in x`` [batch, dim] and ``c_noise`` [batch]."""
+    def trunk(self, x_in: torch.Tensor, c_noise: torch.Tensor, label=None, extra: dict | None = None,
+              embed_offset: torch.Tensor | None = None) -> torch.Tensor:
+        """Trunk features ``y`` [batch, hidden] from ``x_in = c_in x`` [batch, dim] and ``c_noise`` [batch].
+
+        ``embed_offset`` [batch, hidden]: added to the first layer's output (TSG's vector perturbation).
+        """
         y = self.layers[0](self._features(x_in, c_noise, label, extra))
+        if embed_offset is not None:
+            y = y + embed_offset
         for layer in self.layers[1:]:
             y = layer(mp_silu(y))
         return y
 
     def _F(self, x_in: torch.Tensor, c_noise: torch.Tensor, label=None, noise_embed_offset=None, extra=None) -> torch.Tensor:
-        c_noise = _offset(c_noise, noise_embed_offset)
-        return self.gain * self.out(mp_silu(self.trunk(x_in, c_noise, label, extra)))
+        c_noise, emb = _offset(c_noise, noise_embed_offset, self.hidden)
+        return self.gain * self.out(mp_silu(self.trunk(x_in, c_noise, label, extra, emb)))
 
     # ------------------------------------------------------------------------------------------
 
@@ -154,7 +176,8 @@ class ToyMLP(nn.Module):
         check(self.output == "energy", "logp needs output='energy'")
         sigma = as_sigma(sigma, x)
         x_in = x / (self.sigma_data ** 2 + sigma ** 2).sqrt()[:, None]
-        y = self.trunk(x_in, _offset(sigma.log() / 4, noise_embed_offset), label, extra)
+        c_noise, emb = _offset(sigma.log() / 4, noise_embed_offset, self.hidden)
+        y = self.trunk(x_in, c_noise, label, extra, emb)
         return self.gain * y.square().mean(1) / sigma - 0.5 * x_in.square().sum(1)
 
     def score(self, x: torch.Tensor, sigma, label=None, noise_embed_offset=None, **extra) -> torch.Tensor:
@@ -171,7 +194,10 @@ class ToyMLP(nn.Module):
         x_in = x / r
         w = [layer.effective_weight() for layer in self.layers]
         w[1:] = [wl / 0.596 for wl in w[1:]]                       # MP-SiLU's 1/0.596 folded into weights
-        h = self._features(x_in, _offset(sigma.log() / 4, noise_embed_offset), label, extra) @ w[0].t()
+        c_noise, emb = _offset(sigma.log() / 4, noise_embed_offset, self.hidden)
+        h = self._features(x_in, c_noise, label, extra) @ w[0].t()
+        if emb is not None:
+            h = h + emb                                            # TSG: perturbed noise embedding
         dsilu = []
         for wl in w[1:]:
             s = torch.sigmoid(h)
