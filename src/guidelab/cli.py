@@ -234,6 +234,62 @@ def phema_cmd(run_dir, sigma_rel, step, out) -> None:
     click.echo(f"wrote {out} (profile error {info['phema_error']:.2g})")
 
 
+@main.command("distill")
+@click.argument("teacher", type=click.Path(exists=True, path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Run folder (stage 1; resumed if it exists) or, with --progressive, the parent of OUT/steps-<K>.")
+@click.option("--guider", type=click.Choice(["cfg", "autoguidance"]), default="cfg", help="Stage 1: the guider to distil.")
+@click.option("--guide", type=click.Path(exists=True, path_type=Path), default=None,
+              help="autoguidance: the weaker model (checkpoint or run folder).")
+@click.option("--w-min", type=float, default=1.0, help="Stage 1: smallest guidance weight (1 = no guidance).")
+@click.option("--w-max", type=float, default=5.0, help="Stage 1: largest guidance weight.")
+@click.option("--progressive", is_flag=True, help="Stage 2: halve the Euler steps of a distilled TEACHER round by round.")
+@click.option("--from-steps", type=click.IntRange(min=2), default=None,
+              help="--progressive from a stage-1 student: its Euler steps on karras(N, sigma-min, sigma-max, rho).")
+@click.option("--to-steps", type=click.IntRange(min=1), default=None, help="--progressive: the final step count.")
+@click.option("--sigma-min", type=float, default=0.002)
+@click.option("--sigma-max", type=float, default=80.0)
+@click.option("--rho", type=float, default=7.0)
+@click.option("--sigma-rel", type=float, default=0.10, help="A run folder as TEACHER: the post-hoc EMA length used.")
+@click.option("--step", type=click.IntRange(min=1), default=None, help="A run folder as TEACHER: the step (default last).")
+@click.option("--guide-sigma-rel", type=float, default=0.10)
+@click.option("--guide-step", type=click.IntRange(min=1), default=None)
+@click.option("--init", type=click.Choice(["teacher", "scratch"]), default="teacher", help="Stage 1: student's initial weights.")
+@click.option("--iters", type=click.IntRange(min=1), default=2048, help="Adam steps (per round with --progressive).")
+@click.option("--batch", type=click.IntRange(min=1), default=256)
+@click.option("--lr", type=float, default=5e-4)
+@click.option("--lr-ref-steps", type=click.IntRange(min=1), default=1024, help="Learning rate decays as 1/sqrt(step / this).")
+@click.option("--ema", default="0.05,0.1", help="Power-function EMA sigma_rel profiles (comma-separated).")
+@click.option("--snapshot-every", type=click.IntRange(min=1), default=512)
+@click.option("--seed", type=click.IntRange(min=0), default=0)
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Torch CPU threads (default: torch's).")
+@click.option("--checkpoint-every", type=click.IntRange(min=1), default=256, help="Training state every this many steps.")
+@click.option("--device", default="cpu")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def distill_cmd(teacher, out, guider, guide, w_min, w_max, progressive, from_steps, to_steps, sigma_min, sigma_max, rho,
+                sigma_rel, step, guide_sigma_rel, guide_step, init, iters, batch, lr, lr_ref_steps, ema, snapshot_every,
+                seed, threads, checkpoint_every, device, quiet) -> None:
+    """Guidance distillation (Meng et al. 2023): stage 1 (a w-conditioned student of CFG / autoguidance)
+    or, with --progressive, stage 2 (halving the Euler steps); resumes an interrupted run."""
+    from .training import LoopConfig, load_model
+    from .training import distill as ds
+
+    loop = LoopConfig(iters=iters, batch=batch, lr=lr, lr_ref_steps=lr_ref_steps, ema=tuple(_floats(ema)),
+                      snapshot_every=snapshot_every, seed=seed)
+    common = dict(loop=loop, sigma_rel=sigma_rel, step=step, progress=not quiet, checkpoint_every=checkpoint_every,
+                  device=device, threads=threads)
+    if progressive:
+        check(to_steps is not None, "--progressive needs --to-steps")
+        for path in ds.progressive_images(out, teacher, to_steps=to_steps, from_steps=from_steps, sigma_min=sigma_min,
+                                          sigma_max=sigma_max, rho=rho, **common):
+            click.echo(f"student ({len(ds.distilled_info(load_model(path))['sigmas']) - 1} Euler steps): {path}")
+        return
+    check(to_steps is None and from_steps is None, "--from-steps / --to-steps need --progressive")
+    final = ds.distill_images(out, teacher, guider=guider, guide=guide, cfg=ds.DistillConfig(w_min=w_min, w_max=w_max),
+                              guide_sigma_rel=guide_sigma_rel, guide_step=guide_step, init=init, **common)
+    click.echo(f"student (w in [{w_min:g}, {w_max:g}], input 'w'): {final}")
+
+
 @main.command("diffusers")
 @click.argument("model_dir", type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Folder for PNGs + samples.npz.")

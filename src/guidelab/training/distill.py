@@ -30,7 +30,7 @@ from typing import Any, Callable
 import torch
 
 from ..denoisers import bcast, edm_loss
-from ..errors import check
+from ..errors import GuidelabError, check
 from ..models import registry
 from . import checkpoint
 from .loop import LoopConfig, train
@@ -157,23 +157,213 @@ def progressive_loss(teacher, sigmas, data: Data, cfg: DistillConfig = DistillCo
     return loss_fn
 
 
-def progressive_round(run_dir: str | Path, teacher_path: str | Path, sigmas, data: Data,
+def progressive_round(run_dir: str | Path, teacher_path, sigmas, data: Data,
                       cfg: DistillConfig = DistillConfig(), loop: LoopConfig = LoopConfig(), *,
                       progress: bool = True, checkpoint_every: int = 256, device: str = "cpu",
-                      threads: int | None = None) -> Path:
-    """One halving round: distil the checkpoint ``teacher_path`` (Euler on ``sigmas``, 2K steps) into
-    a student with the same config and the teacher's initial weights that samples on ``sigmas[::2]``.
+                      threads: int | None = None, teacher: str = "", meta: dict | None = None) -> Path:
+    """One halving round: distil the teacher (a checkpoint path, or a loaded model; Euler on ``sigmas``,
+    2K steps) into a student with the same config and the teacher's initial weights that samples on
+    ``sigmas[::2]``.
 
     Resumable like :func:`distill_student`; returns the final EMA snapshot. Chain rounds by passing
-    the returned path as the next ``teacher_path`` with ``sigmas[::2]``.
+    the returned path as the next ``teacher_path`` with ``sigmas[::2]``. Every checkpoint's
+    ``meta["distilled"]`` records the student's grid (:func:`distilled_info`). ``teacher``: a description
+    stored in the metadata (default: the path); ``meta``: more metadata.
     """
     grid = _check_grid(sigmas)
-    teacher = checkpoint.load_model(teacher_path, device)
-    model_config = registry.config(teacher)
+    net = checkpoint.load_model(teacher_path, device) if isinstance(teacher_path, (str, Path)) else teacher_path
+    model_config = registry.config(net)
     check(model_config.get("extra_scalar") == cfg.key,
           f"the teacher needs extra_scalar={cfg.key!r}, got {model_config.get('extra_scalar')!r}")
-    meta = {"recipe": "progressive", **asdict(cfg), "teacher": str(teacher_path), "sigmas": grid.tolist()}
-    init = {k: v.detach().clone() for k, v in teacher.state_dict().items()}
-    return train(run_dir, model_config, progressive_loss(teacher, grid, data, cfg), loop, meta=meta,
+    meta = {"recipe": "progressive", **asdict(cfg), "teacher": teacher or str(teacher_path),
+            "teacher_sigmas": grid.tolist(), "distilled": _info(cfg, grid[::2]), **(meta or {})}
+    init = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    return train(run_dir, model_config, progressive_loss(net, grid, data, cfg), loop, meta=meta,
                  checkpoint_every=checkpoint_every, progress=progress, desc=f"progressive {grid.numel() - 1}->"
                  f"{(grid.numel() - 1) // 2}", device=device, threads=threads, init=init)
+
+
+# ----------------------------------------------------------------------------------------------
+# What a sampler needs to know about a student, and the image recipes behind `guidelab distill`.
+
+def _info(cfg: DistillConfig, sigmas=None) -> dict:
+    """``meta["distilled"]``: the scalar input, the weight range and (stage 2) the exact Euler grid."""
+    return {"key": cfg.key, "w_min": cfg.w_min, "w_max": cfg.w_max,
+            "sampler": None if sigmas is None else "euler",
+            "sigmas": None if sigmas is None else [float(s) for s in sigmas]}
+
+
+def distilled_info(model) -> dict | None:
+    """A loaded student's ``{"key", "w_min", "w_max", "sampler", "sigmas"}`` (None: not a distilled student).
+
+    ``key`` is the guidance-weight keyword (:func:`distilled_denoiser`); a progressive (stage-2) student
+    must be sampled with ``sampler`` (``"euler"``, i.e. deterministic DDIM) on exactly ``sigmas`` (a list
+    ending in 0); a stage-1 student (``sigmas`` None) with any sampler.
+    """
+    info = getattr(model, "checkpoint_info", None) or {}
+    d = (info.get("meta") or {}).get("distilled")
+    return dict(d) if isinstance(d, dict) else None
+
+
+def load_teacher(spec: str | Path, *, sigma_rel: float = 0.10, step: int | None = None, device: str = "cpu"):
+    """A model from a checkpoint file, or from a run folder: its post-hoc EMA (``phema.reconstruct``)
+    of length ``sigma_rel`` at ``step`` (default: the last snapshot)."""
+    from .phema import reconstruct
+
+    spec = Path(spec)
+    check(spec.exists(), f"{spec} does not exist; pass a checkpoint (.safetensors) or a run folder")
+    return reconstruct(spec, sigma_rel, step, device) if spec.is_dir() else checkpoint.load_model(spec, device)
+
+
+def describe(spec: str | Path, model) -> str:
+    """A one-line identity of a loaded teacher (its path, and the post-hoc EMA it was rebuilt with)."""
+    info = getattr(model, "checkpoint_info", {}) or {}
+    if info.get("kind") == "phema":
+        return f"{Path(spec)} (post-hoc EMA sigma_rel={info['sigma_rel']:g} at step {info['step']})"
+    return str(Path(spec))
+
+
+def init_from_teacher(teacher: torch.nn.Module, student_config: dict) -> dict[str, torch.Tensor]:
+    """Student weights equal to the teacher's, with the new ``w`` input's weights zero: at
+    initialisation the student is the unguided teacher for every ``w`` (Meng et al. start from the teacher).
+
+    Supported: the image networks (the ``w`` Fourier features sit after the noise features in the
+    embedding layer's input) and ToyMLP (``w`` is the last trunk input feature).
+    """
+    from ..models.image import ImageDenoiser
+    from ..models.mlp import ToyMLP
+
+    t_cfg = registry.config(teacher)
+    check(t_cfg.get("extra_scalar") is None, f"the teacher already has an extra scalar input {t_cfg.get('extra_scalar')!r}")
+    check({k: v for k, v in student_config.items() if k != "extra_scalar"} == {k: v for k, v in t_cfg.items() if k != "extra_scalar"},
+          "the student must have the teacher's config plus extra_scalar")
+    with torch.random.fork_rng(devices=[]):
+        student = registry.build(student_config)
+    state = {k: v.detach().clone() for k, v in student.state_dict().items()}
+    t_state = teacher.state_dict()
+    if isinstance(teacher, ImageDenoiser):
+        key, at = "emb_layer.weight", (teacher.emb if teacher.noise_cond else 0)
+        n = student.emb
+    elif isinstance(teacher, ToyMLP):
+        key, at, n = "layers.0.weight", t_state["layers.0.weight"].shape[1], 1
+    else:
+        raise GuidelabError(f"init from the teacher supports the image networks and ToyMLP, not {type(teacher).__name__}; "
+                            "train the student from scratch")
+    for k, v in t_state.items():
+        if k == key:
+            w = torch.zeros_like(state[k])
+            w[:, :at], w[:, at + n:] = v[:, :at], v[:, at:]
+            state[k] = w
+        else:
+            check(state[k].shape == v.shape, f"teacher and student differ in {k}")
+            state[k] = v.detach().clone()
+    return state
+
+
+def student_config(teacher: torch.nn.Module, key: str = "w") -> dict:
+    """The teacher's model config plus the extra scalar input ``key``."""
+    return {**registry.config(teacher), "extra_scalar": key}
+
+
+def image_source(model: torch.nn.Module) -> dict:
+    """``{"data", "resolution", "channels"}``: the training images behind an image teacher (its recipe config)
+    or behind a student (copied into its metadata by :func:`distill_images`)."""
+    meta = (getattr(model, "checkpoint_info", {}) or {}).get("meta") or {}
+    src = meta.get("images") if meta.get("recipe") in ("distill", "progressive") else meta
+    check(isinstance(src, dict) and "data" in src,
+          "the teacher must be a checkpoint (or run) of the image recipe (guidelab train), whose config names its data")
+    return {"data": src["data"], "resolution": src.get("resolution"), "channels": src.get("channels", 1)}
+
+
+def image_data(source: dict, conditional: bool) -> Data:
+    """``data(batch, generator) -> (x0, {"label": y})`` (no label when not ``conditional``): random training
+    images of ``source`` (:func:`image_source`)."""
+    from .images import ImageConfig, load_data
+
+    data = load_data(ImageConfig(**source))
+    check(not conditional or data.labels is not None, f"{source['data']} has no labels for a class-conditional student")
+    cached: dict = {}
+
+    def draw(batch: int, gen: torch.Generator):
+        dev = gen.device
+        if dev not in cached:
+            cached[dev] = (data.images.to(dev), None if data.labels is None else data.labels.to(dev))
+        x0_all, y_all = cached[dev]
+        i = torch.randint(len(x0_all), (batch,), generator=gen, device=dev)
+        return x0_all[i], ({"label": y_all[i]} if conditional else {})
+    return draw
+
+
+GUIDERS = ("cfg", "autoguidance")
+
+
+def distill_images(run_dir: str | Path, teacher: str | Path, *, guider: str = "cfg", guide: str | Path | None = None,
+                   cfg: DistillConfig = DistillConfig(), loop: LoopConfig = LoopConfig(), sigma_rel: float = 0.10,
+                   step: int | None = None, guide_sigma_rel: float = 0.10, guide_step: int | None = None,
+                   init: str = "teacher", progress: bool = True, checkpoint_every: int = 256, device: str = "cpu",
+                   threads: int | None = None) -> Path:
+    """Stage 1 on an image model (``guidelab distill``): a w-conditioned student of ``guider`` applied to
+    ``teacher`` (a checkpoint or a run folder); autoguidance takes a ``guide`` (checkpoint or run folder).
+    ``init``: ``"teacher"`` (:func:`init_from_teacher`) or ``"scratch"``. Returns the final EMA snapshot."""
+    from .. import guidance
+
+    check(guider in GUIDERS, f"unknown guider {guider!r}; allowed: {list(GUIDERS)}")
+    check(init in ("teacher", "scratch"), f"init must be 'teacher' or 'scratch', got {init!r}")
+    check((guide is None) == (guider == "cfg"), "autoguidance needs --guide (a weaker model); cfg takes none")
+    net = load_teacher(teacher, sigma_rel=sigma_rel, step=step, device=device)
+    desc = f"{guider} of {describe(teacher, net)}"
+    if guider == "cfg":
+        check(getattr(net, "num_classes", 0), "cfg needs a class-conditional teacher (with a null label)")
+        make = lambda w: guidance.cfg(net, w)  # noqa: E731
+    else:
+        g = load_teacher(guide, sigma_rel=guide_sigma_rel, step=guide_step, device=device)
+        desc += f" guided by {describe(guide, g)}"
+        make = lambda w: guidance.autoguidance(net, g, w)  # noqa: E731
+    model_config = student_config(net, cfg.key)
+    weights = init_from_teacher(net, model_config) if init == "teacher" else None
+    source = image_source(net)
+    meta = {"recipe": "distill", **asdict(cfg), "teacher": desc, "init": init, "images": source,
+            "distilled": _info(cfg)}
+    data = image_data(source, bool(getattr(net, "num_classes", 0)))
+    return train(run_dir, model_config, distill_loss(make, data, cfg), loop, meta=meta,
+                 checkpoint_every=checkpoint_every, progress=progress, desc="distill", device=device,
+                 threads=threads, init=weights)
+
+
+def progressive_images(out_dir: str | Path, student: str | Path, *, to_steps: int, from_steps: int | None = None,
+                       sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0, loop: LoopConfig = LoopConfig(),
+                       sigma_rel: float = 0.10, step: int | None = None, progress: bool = True,
+                       checkpoint_every: int = 256, device: str = "cpu", threads: int | None = None) -> list[Path]:
+    """Stage 2 on an image student (``guidelab distill --progressive``): halving rounds from ``from_steps``
+    to ``to_steps`` Euler steps, round ``k`` in ``out_dir/steps-<K>``; returns each round's final snapshot.
+
+    A stage-1 student starts on ``karras(from_steps, sigma_min, sigma_max, rho)``; a progressive student
+    continues from the grid it was distilled on (``from_steps`` must then match it or be None). The
+    weight range and the data come from the student's checkpoint.
+    """
+    from ..schedules import karras
+
+    net = load_teacher(student, sigma_rel=sigma_rel, step=step, device=device)
+    info = distilled_info(net)
+    check(info is not None, f"{student} is not a distilled student (guidelab distill)")
+    if info["sigmas"] is not None:
+        grid = torch.tensor(info["sigmas"], dtype=torch.float64)
+        check(from_steps in (None, grid.numel() - 1),
+              f"{student} samples on {grid.numel() - 1} steps; --from-steps must be that or left out, got {from_steps}")
+    else:
+        check(from_steps is not None, "a stage-1 student needs --from-steps (its teacher grid: karras(from_steps, ...))")
+        grid = karras(from_steps, sigma_min, sigma_max, rho=rho).double()
+    n = grid.numel() - 1
+    check(isinstance(to_steps, int) and 1 <= to_steps < n and n % to_steps == 0 and (n // to_steps) & (n // to_steps - 1) == 0,
+          f"--to-steps must be {n} halved one or more times (e.g. {n // 2}), got {to_steps}")
+    cfg = DistillConfig(w_min=info["w_min"], w_max=info["w_max"], key=info["key"])
+    source = image_source(net)
+    data = image_data(source, bool(getattr(net, "num_classes", 0)))
+    teacher, desc, paths = net, describe(student, net), []
+    while n > to_steps:
+        path = progressive_round(Path(out_dir) / f"steps-{n // 2}", teacher, grid, data, cfg, loop, progress=progress,
+                                 checkpoint_every=checkpoint_every, device=device, threads=threads, teacher=desc,
+                                 meta={"images": source})
+        paths.append(path)
+        teacher, desc, grid, n = checkpoint.load_model(path, device), str(path), grid[::2], n // 2
+    return paths
