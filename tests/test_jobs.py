@@ -49,7 +49,7 @@ def test_bad_configs():
                      (jobs.SampleConfig(sampler="nope"), "unknown sampler"),
                      (jobs.SampleConfig(world=None, model="missing.safetensors"), "checkpoint not found")]:
         with pytest.raises(GuidelabError, match=msg):
-            jobs.build_denoiser(cfg)
+            jobs.build(cfg)
 
 
 def test_exact_world_cfg_w1_is_unguided_and_w3_moves_away_from_class_b(tmp_path):
@@ -99,7 +99,8 @@ def test_model_checkpoints_with_cfg_and_autoguidance(tmp_path):
             for p in net.parameters():
                 p.add_(torch.randn_like(p))
         save_model(tmp_path / f"{name}.safetensors", net)
-    base = dict(world=None, model=str(tmp_path / "main.safetensors"), label=0, sampler="euler", steps=4)
+    # chunk=0: the network sees the shard as one batch, like the direct computation below
+    base = dict(world=None, model=str(tmp_path / "main.safetensors"), label=0, sampler="euler", steps=4, chunk=0)
     run = lambda name, **kw: jobs.load_samples(  # noqa: E731
         jobs.sample(tmp_path / name, jobs.SampleConfig(**base, **kw), n=6, shard_size=4)[0].parent)[0]
     plain = run("plain")

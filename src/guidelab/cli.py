@@ -45,28 +45,58 @@ def list_samplers() -> None:
         click.echo(name)
 
 
-def _sample_options(f):
-    """Options shared by ``sample`` and ``sweep``: what to sample and how (see guidelab.jobs.SampleConfig)."""
+def _how_options(f):
+    """How to sample (``sample``, ``sweep``, ``evaluate``; see guidelab.jobs.SampleConfig)."""
     opts = [
-        click.option("--world", default=None, help="Exact tree to sample: A, B or AB (default A when no --model)."),
-        click.option("--model", type=click.Path(dir_okay=False), default=None, help="Model checkpoint (.safetensors)."),
-        click.option("--guide", type=click.Path(dir_okay=False), default=None,
-                     help="Guide checkpoint: the weaker model (autoguidance) or the unconditional one (cfg)."),
-        click.option("--label", type=int, default=None, help="Class label passed to the model."),
-        click.option("--sampler", default="heun", help="Sampler name (guidelab samplers)."),
+        click.option("--guide", type=click.Path(), default=None,
+                     help="Guide: the weaker model (autoguidance, checkpoint or run folder), the unconditional model "
+                          "(cfg; default: the null label), the noise-aware classifier (classifier; default: the cached digits one)."),
+        click.option("--label", default=None, help="Class label: an integer, or 'balanced' (seed % classes)."),
+        click.option("--null-label", is_flag=True, help="Call the network with its null label; --label stays the target "
+                                                         "of classifier guidance."),
+        click.option("--sampler", default=None, help="Sampler name (guidelab samplers; default heun, or euler on a "
+                                                      "distilled student's own grid)."),
         click.option("--steps", type=click.IntRange(min=2), default=32, help="Karras schedule steps."),
         click.option("--sigma-min", type=float, default=0.002),
-        click.option("--sigma-max", type=float, default=5.0),
+        click.option("--sigma-max", type=float, default=None, help="Default: 80 for image models, 5 otherwise."),
         click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32"),
+        click.option("--sigma-rel", type=float, default=0.10, help="A run folder as model: its post-hoc EMA length."),
+        click.option("--step", type=click.IntRange(min=1), default=None, help="A run folder as model: the step (default last)."),
+        click.option("--guide-sigma-rel", type=float, default=0.10, help="A run folder as guide: its post-hoc EMA length."),
+        click.option("--guide-step", type=click.IntRange(min=1), default=None, help="A run folder as guide: the step."),
+        click.option("--option", "options", multiple=True, metavar="KEY=VALUE",
+                     help="Guider keyword (repeatable; JSON value), e.g. tsg s=1.0 alpha=1."),
     ]
     for o in reversed(opts):
         f = o(f)
     return f
 
 
-def _config(world, model, **kw):
+def _sample_options(f):
+    """Options shared by ``sample`` and ``sweep``: what to sample (--world, --model) and how."""
+    f = _how_options(f)
+    f = click.option("--model", type=click.Path(), default=None,
+                     help="Model: a checkpoint (.safetensors) or a training run folder (post-hoc EMA).")(f)
+    return click.option("--world", default=None, help="Exact tree to sample: A, B or AB (default A when no --model).")(f)
+
+
+def _config(world, model, label=None, options=(), **kw):
     from .jobs import SampleConfig
-    return SampleConfig(world=world if (world or model) else "A", model=model, **kw)
+    if label is not None and label != "balanced":
+        try:
+            label = int(label)
+        except ValueError:
+            raise GuidelabError(f"--label must be an integer or 'balanced', got {label!r}") from None
+    return SampleConfig(world=world if (world or model) else "A", model=model, label=label,
+                        options=_read_config(None, tuple(options)), **kw)
+
+
+def _interval(text):
+    if not text:
+        return None
+    v = _floats(text.replace("-", ","))
+    check(len(v) == 2, f"--interval must look like lo-hi (e.g. 0.3-5), got {text!r}")
+    return tuple(v)
 
 
 @main.command("sample")
@@ -74,15 +104,17 @@ def _config(world, model, **kw):
 @click.option("--samples", "n", type=click.IntRange(min=1), default=4096, help="Number of samples (seeds seed-start ...).")
 @click.option("--seed-start", type=int, default=0, help="First seed.")
 @click.option("--shard-size", type=click.IntRange(min=1), default=1024, help="Samples per shard (one batch).")
-@click.option("--guider", type=click.Choice(["none", "cfg", "autoguidance"]), default="none")
+@click.option("--guider", default="none", help="none, cfg, autoguidance, icg, tsg, gft, distilled, classifier.")
 @click.option("--weight", "w", type=float, default=1.0, help="Guidance weight (1 = no guidance).")
+@click.option("--interval", default=None, help="Guide only for sigma in (lo, hi], given as lo-hi.")
+@click.option("--png", is_flag=True, help="Image models: also one PNG per sample, OUT/png/<seed>.png.")
 @_sample_options
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def sample_cmd(out, n, seed_start, shard_size, guider, w, world, model, quiet, **kw) -> None:
+def sample_cmd(out, n, seed_start, shard_size, guider, w, interval, png, world, model, quiet, **kw) -> None:
     """Sample into OUT/shard-*.npz with per-sample seeds; resumable; splits shards over torchrun ranks."""
     from . import jobs
-    cfg = _config(world, model, guider=guider, w=w, **kw)
-    paths = jobs.sample(out, cfg, n=n, seed_start=seed_start, shard_size=shard_size, progress=not quiet)
+    cfg = _config(world, model, guider=guider, w=w, interval=_interval(interval), **kw)
+    paths = jobs.sample(out, cfg, n=n, seed_start=seed_start, shard_size=shard_size, progress=not quiet, png=png)
     if int(os.environ.get("RANK", "0")) == 0:
         click.echo(f"wrote {len(paths)} shards ({n} samples) to {out}")
 
@@ -96,20 +128,26 @@ def _floats(text: str) -> list[float]:
 
 @main.command("sweep")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Output folder.")
-@click.option("--methods", default="none,cfg", help="Comma-separated guiders: none, cfg, autoguidance.")
+@click.option("--methods", default="none,cfg", help="Comma-separated guiders (see `guidelab sample --guider`).")
 @click.option("--weights", default="1,1.5,2,3", help="Comma-separated guidance weights.")
 @click.option("--intervals", default="", help="Guidance intervals lo-hi, comma-separated (e.g. 0.3-5); empty: always.")
 @click.option("--samples", "n", type=click.IntRange(min=16), default=2048, help="Samples per cell.")
 @click.option("--seed-start", type=int, default=0)
+@click.option("--shard-size", type=click.IntRange(min=1), default=1024, help="Samples per shard (one batch).")
 @click.option("--metric", default="fd", help="Metric choosing the best weight per method.")
 @click.option("--quality", default="precision", help="Quality axis of the Pareto front.")
 @click.option("--diversity", default="recall", help="Diversity axis of the Pareto front.")
-@click.option("--uncond", type=click.Path(dir_okay=False), default=None, help="cfg: unconditional model checkpoint.")
+@click.option("--uncond", type=click.Path(), default=None, help="cfg: unconditional model checkpoint.")
+@click.option("--noise-classifier", type=click.Path(dir_okay=False), default=None,
+              help="classifier: noise-aware classifier checkpoint (default: the cached digits one).")
+@click.option("--classifier", type=click.Path(dir_okay=False), default=None,
+              help="Digits models: the clean digits classifier of the metrics (default: the cached one).")
 @click.option("--reference", type=click.Path(dir_okay=False), default=None,
-              help="Reference samples (.npz with 'samples'); default on an exact world: its exact samples.")
+              help="Reference samples (.npz with 'samples'); default: exact samples (world), the digits test "
+                   "split in digits-classifier features (1x8x8 image models).")
 @_sample_options
-def sweep_cmd(out, methods, weights, intervals, n, seed_start, metric, quality, diversity, uncond, reference,
-              world, model, guide, **kw) -> None:
+def sweep_cmd(out, methods, weights, intervals, n, seed_start, shard_size, metric, quality, diversity, uncond,
+              noise_classifier, classifier, reference, world, model, guide, **kw) -> None:
     """Methods x weights (x intervals) -> OUT/results.csv and .json, best weight per method, Pareto front."""
     import numpy as np
     import torch
@@ -119,9 +157,11 @@ def sweep_cmd(out, methods, weights, intervals, n, seed_start, metric, quality, 
     base = _config(world, model, guide=guide, **kw)
     res = sweep.run(out, base, {m.strip(): _floats(weights) for m in methods.split(",") if m.strip()}, n=n,
                     seed_start=seed_start, intervals=ivs, reference=ref, metric=metric, quality=quality,
-                    diversity=diversity, guides={"cfg": uncond, "autoguidance": guide})
+                    diversity=diversity, guides={"cfg": uncond, "classifier": noise_classifier}, shard_size=shard_size,
+                    classifier=classifier)
     for r in res["rows"]:
-        click.echo(f"{r['cell']:>24} {metric}={r[metric]:.4g} {quality}={r[quality]:.3f} {diversity}={r[diversity]:.3f}")
+        click.echo(f"{r['cell']:>24} {metric}={r[metric]:.4g} {quality}={r[quality]:.3f} {diversity}={r[diversity]:.3f}"
+                   + (f" class_accuracy={r['class_accuracy']:.3f}" if r.get("class_accuracy") is not None else ""))
     click.echo(f"best by {metric}: {res['best']}")
     click.echo(f"Pareto front ({quality} vs {diversity}): {res['pareto']}")
     click.echo(f"wrote {out / 'results.csv'} and {out / 'results.json'}")
@@ -134,6 +174,52 @@ def report_cmd(sweep_dir: Path, out) -> None:
     """Static HTML report of a sweep (trade-off plots, sample grids, table); opens from disk."""
     from . import report
     click.echo(f"wrote {report.render(sweep_dir, out)}")
+
+
+@main.command("evaluate")
+@click.argument("model", type=click.Path())
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Output folder: metrics.json, grid.png, samples/ (resumable shards).")
+@click.option("--guider", default="none", help="none, cfg, autoguidance, icg, tsg, gft, distilled, classifier.")
+@click.option("--weight", "w", type=float, default=1.0, help="Guidance weight (1 = no guidance).")
+@click.option("--interval", default=None, help="Guide only for sigma in (lo, hi], given as lo-hi.")
+@click.option("--samples", "n", type=click.IntRange(min=10), default=1000, help="Number of samples (seeds seed-start ...).")
+@click.option("--seed-start", type=int, default=0, help="First seed.")
+@click.option("--shard-size", type=click.IntRange(min=1), default=250, help="Samples per shard (one batch).")
+@click.option("--classifier", type=click.Path(dir_okay=False), default=None,
+              help="Clean digits classifier of the metrics (default: the cached one, trained on first use).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Torch CPU threads (default: torch's).")
+@click.option("--device", default=None, help="Sampling device (default cuda if available, else cpu).")
+@_how_options
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def evaluate_cmd(model, out, guider, w, interval, n, seed_start, shard_size, classifier, threads, device, quiet, **kw) -> None:
+    """One row of the digits table: sample MODEL (checkpoint or run folder; class-conditional: balanced
+    labels, seed % 10), measure against the digits test split, write OUT/metrics.json and OUT/grid.png.
+
+    Metrics (digits-classifier features): class accuracy, Fréchet distance, precision / recall (k = 3),
+    density / coverage (k = 5); NFE per sample counted; wall time. Options: --guider and --weight (w = 1:
+    none), --guide (autoguidance: checkpoint or run folder with --guide-step / --guide-sigma-rel; cfg: an
+    unconditional checkpoint; classifier: a noise-aware classifier), --interval lo-hi, --label (default
+    balanced), --null-label, --sampler / --steps / --sigma-min / --sigma-max, --sigma-rel / --step (run
+    folder), --option KEY=VALUE (guider keywords, e.g. tsg s=2), --samples / --seed-start / --shard-size,
+    --classifier (metrics), --threads, --device. Example:
+
+        guidelab evaluate runs/digits/RUN --guider autoguidance --guide runs/digits/RUN --guide-step 2048
+        --guide-sigma-rel 0.05 --weight 2 --out runs/eval/ag2
+    """
+    import torch
+
+    from . import evaluate as ev
+    if threads:
+        torch.set_num_threads(threads)
+    cfg = _config(None, model, guider=guider, w=w, interval=_interval(interval), **kw)
+    r = ev.evaluate(out, cfg, n=n, seed_start=seed_start, shard_size=shard_size, classifier=classifier,
+                    device=device, progress=not quiet)
+    acc = "n/a" if r["class_accuracy"] is None else f"{r['class_accuracy']:.3f}"
+    click.echo(f"FD {r['fd']:.2f}  class accuracy {acc}  precision {r['precision']:.3f}  recall {r['recall']:.3f}  "
+               f"density {r['density']:.3f}  coverage {r['coverage']:.3f}  NFE {r['nfe']:g}  "
+               f"sampling {r['sampling_seconds']:.0f} s")
+    click.echo(f"wrote {out / 'metrics.json'} and {out / 'grid.png'}")
 
 
 def _read_config(path: Path | None, sets: tuple[str, ...]) -> dict:

@@ -1,0 +1,131 @@
+"""One row of a digits results table: sample, measure against the digits test split, record everything.
+
+:func:`evaluate` samples ``n`` images (seeds ``seed_start ..``, labels ``balanced``: seed % 10) with a
+resumable :func:`guidelab.jobs.sample` job in ``OUT/samples``, then measures them in the feature space
+of the clean digits classifier (:func:`guidelab.models.digits.digits_classifier`, trained and cached
+on first use) against the 359 images of the digits test split:
+
+* ``class_accuracy``: share of samples the classifier assigns to their label (None when the samples
+  are unconditional);
+* ``fd``: Fréchet distance of the 128-d penultimate features; ``precision`` / ``recall`` (k-NN, k = 3),
+  ``density`` / ``coverage`` (k = 5);
+* ``nfe``: network evaluations per sample actually made (rows through the denoising networks divided
+  by the sample count: batched CFG counts 2), ``classifier_evals`` for classifier guidance;
+* ``sampling_seconds`` (summed over shards, so a resumed job reports the time of its shards) and
+  ``metrics_seconds``.
+
+``OUT/metrics.json`` also records the extractor and its weights hash, the seeds, the sampler and grid,
+guider, weight, interval and the networks (paths, step, post-hoc EMA); ``OUT/grid.png`` shows 10 rows
+(classes) x 10 samples. The floor for scale (train split vs test split) is recorded as
+``fd_train_vs_test``. Both files are written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import jobs, metrics
+from ._io import atomic_write
+from .errors import check
+from .metrics import features
+
+#: metric -> True when higher is better (the digits metrics of :class:`DigitsMetrics`).
+HIGHER_IS_BETTER = {"fd": False, "class_accuracy": True, "precision": True, "recall": True, "density": True,
+                    "coverage": True}
+
+
+class DigitsMetrics:
+    """Digits metrics of images [N, 1, 8, 8] in [-1, 1] against the digits test split (see module doc)."""
+
+    def __init__(self, classifier: str | os.PathLike | None = None):
+        from .data import digits
+        from .models.digits import digits_classifier
+        self.clf = digits_classifier(classifier)
+        self.extractor = self.clf.extractor()
+        self.classifier_path = str(classifier) if classifier is not None else "default cache (models.digits.default_path)"
+        test, train = digits("test"), digits("train")
+        self.ref = self.extractor(test.images)
+        self.ref_stats = metrics.FeatureStats(self.ref.shape[1]).update(self.ref)
+        train_f = self.extractor(train.images)
+        self.floor = {"fd_train_vs_test": metrics.fid_from_stats(self.ref_stats, metrics.FeatureStats(train_f.shape[1]).update(train_f)),
+                      "classifier_test_accuracy": metrics.class_accuracy(self.clf, test.images, test.labels),
+                      "reference": f"digits test split ({len(test.labels)} images)"}
+
+    @torch.no_grad()
+    def __call__(self, x, labels=None) -> dict:
+        """``{fd, class_accuracy, precision, recall, density, coverage, class_histogram}`` of ``x``."""
+        x = torch.as_tensor(np.asarray(x), dtype=torch.float32).clamp(-1, 1)
+        check(x.ndim == 4 and tuple(x.shape[1:]) == (1, 8, 8), f"digits metrics need images [N, 1, 8, 8], got {list(x.shape)}")
+        f = self.extractor(x)
+        p, r = metrics.precision_recall(self.ref, f, k=3)
+        d, c = metrics.density_coverage(self.ref, f, k=5)
+        pred = torch.cat([self.clf(b).argmax(1) for b in x.split(1024)])
+        return {"fd": metrics.fid_from_stats(self.ref_stats, metrics.FeatureStats(f.shape[1]).update(f)),
+                "class_accuracy": None if labels is None else float((pred == torch.as_tensor(labels)).double().mean()),
+                "precision": p, "recall": r, "density": d, "coverage": c,
+                "class_histogram": torch.bincount(pred, minlength=self.clf.num_classes).tolist()}
+
+
+def class_grid(x: np.ndarray, labels, seeds, per_row: int = 10, scale: int = 4) -> np.ndarray:
+    """uint8 grid [H, W, C]: one row per class (its first ``per_row`` samples by seed), or without
+    labels the first ``per_row^2`` samples; cells upscaled ``scale``x with a 2-pixel grey gap."""
+    order = np.argsort(seeds, kind="stable")
+    x = np.asarray(x)[order]
+    if labels is None:
+        rows = [x[i * per_row:(i + 1) * per_row] for i in range(min(per_row, -(-len(x) // per_row)))]
+    else:
+        labels = np.asarray(labels)[order]
+        rows = [x[labels == c][:per_row] for c in np.unique(labels)]
+    img = jobs.to_uint8(np.concatenate(rows)) if rows else np.zeros((0, 1, 1, 1), np.uint8)
+    h, w, ch = img.shape[1:]
+    img = img.repeat(scale, 1).repeat(scale, 2)
+    cell_h, cell_w = h * scale + 2, w * scale + 2
+    grid = np.full((len(rows) * cell_h, per_row * cell_w, ch), 128, dtype=np.uint8)
+    k = 0
+    for i, r in enumerate(rows):
+        for j in range(len(r)):
+            grid[i * cell_h:i * cell_h + h * scale, j * cell_w:j * cell_w + w * scale] = img[k]
+            k += 1
+    return grid
+
+
+def nfe_of(rows: dict, n: int) -> dict:
+    """NFE per sample from network rows: ``nfe`` (denoising networks), ``classifier_evals``."""
+    return {"nfe": (rows.get("model", 0) + rows.get("guide", 0)) / n, "classifier_evals": rows.get("classifier", 0) / n}
+
+
+def evaluate(out: str | os.PathLike, cfg: jobs.SampleConfig, *, n: int = 1000, seed_start: int = 0,
+             shard_size: int = 250, classifier: str | os.PathLike | None = None, device: str | None = None,
+             progress: bool = False, measure: DigitsMetrics | None = None) -> dict:
+    """Sample ``n`` images of ``cfg`` into ``out/samples`` and write ``out/metrics.json`` and ``out/grid.png``.
+
+    ``cfg.label`` None on a class-conditional model means ``"balanced"``. ``classifier``: the clean
+    digits classifier's checkpoint (default: the cached one). Returns the metrics dict.
+    """
+    out = Path(out)
+    job = jobs.build(cfg, device or "cpu")                       # validates and loads before anything is written
+    check(job.shape == (1, 8, 8), f"evaluate measures digits models (images [1, 8, 8]); {cfg.model} samples {list(job.shape)}")
+    if cfg.label is None and job.num_classes and not cfg.null_label:
+        job.cfg = cfg = replace(cfg, label="balanced")
+    measure = measure or DigitsMetrics(classifier)
+    jobs.sample(out / "samples", cfg, n=n, seed_start=seed_start, shard_size=shard_size, device=device,
+                progress=progress, job=job)
+    t = time.perf_counter()
+    d = jobs.load_shards(out / "samples")
+    target = d["labels"] if (not cfg.null_label or cfg.guider == "classifier") else None
+    row = measure(d["samples"], target)
+    grid_path = jobs.write_png(out / "grid.png", class_grid(d["samples"], target, d["seeds"]))
+    result = {**row, **nfe_of(d["rows"], len(d["seeds"])), "sampling_seconds": d["seconds"],
+              "metrics_seconds": time.perf_counter() - t,
+              **features.describe(measure.extractor, len(d["seeds"]), d["seeds"]),
+              "classifier": measure.classifier_path, **measure.floor, **job.describe(),
+              "config": json.loads(json.dumps(asdict(cfg))), "grid": grid_path.name}
+    atomic_write(out / "metrics.json", json.dumps(result, indent=1).encode())
+    return result
