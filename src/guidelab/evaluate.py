@@ -102,7 +102,7 @@ def nfe_of(rows: dict, n: int) -> dict:
 
 
 def evaluate(out: str | os.PathLike, cfg: jobs.SampleConfig, *, n: int = 1000, seed_start: int = 0,
-             shard_size: int = 250, classifier: str | os.PathLike | None = None, device: str | None = None,
+             shard_size: int = 256, classifier: str | os.PathLike | None = None, device: str | None = None,
              progress: bool = False, measure: DigitsMetrics | None = None) -> dict:
     """Sample ``n`` images of ``cfg`` into ``out/samples`` and write ``out/metrics.json`` and ``out/grid.png``.
 

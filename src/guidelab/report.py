@@ -1,5 +1,8 @@
 """A static HTML report of a sweep: trade-off plots, sample grids per method and weight, the table.
 
+Sample grids: a scatter of 2-D points; for images, one row per class (the first 10 samples of each
+label by seed; unlabelled: the first 100), as :func:`guidelab.evaluate.class_grid` writes them.
+
 Every figure is an inline base64 PNG, so ``report.html`` opens from disk with no server and no
 other file.
 """
@@ -58,8 +61,19 @@ def _metric_vs_weight(rows, metric) -> str:
     return _png(fig)
 
 
+def _image_grid(x: np.ndarray, labels, seeds) -> str:
+    """Images [N, C, H, W] in [-1, 1]: a class grid (rows = labels) as an inline PNG, not resampled."""
+    from PIL import Image
+
+    from .evaluate import class_grid
+    g = class_grid(x, labels, seeds, scale=max(1, 24 // x.shape[-1]))
+    buf = io.BytesIO()
+    Image.fromarray(g[:, :, 0] if g.shape[2] == 1 else g).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
 def _grid(x: np.ndarray, title: str, view=None) -> str:
-    """2-D points: a scatter; images [N, C, H, W] in [0, 1] or [-1, 1]: a grid of the first 16."""
+    """2-D points: a scatter; other shapes: the first two coordinates as lines."""
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(2.4, 2.4))
     if x.ndim == 2 and x.shape[1] == 2:
@@ -68,16 +82,6 @@ def _grid(x: np.ndarray, title: str, view=None) -> str:
             ax.set_xlim(view[0], view[1])
             ax.set_ylim(view[2], view[3])
         ax.set_aspect("equal")
-    elif x.ndim == 4:
-        k = int(np.ceil(np.sqrt(min(16, len(x)))))
-        imgs = x[:k * k]
-        imgs = (imgs + 1) / 2 if imgs.min() < 0 else imgs
-        imgs = np.clip(imgs, 0, 1).transpose(0, 2, 3, 1)
-        h, w, c = imgs.shape[1:]
-        canvas = np.ones((k * h, k * w, c))
-        for i, im in enumerate(imgs):
-            canvas[(i // k) * h:(i // k + 1) * h, (i % k) * w:(i % k + 1) * w] = im
-        ax.imshow(canvas.squeeze(), cmap="gray" if c == 1 else None)
     else:
         ax.plot(x.reshape(len(x), -1)[:, :2].T if x.ndim > 1 else x, lw=0.5)
     ax.set_xticks([])
@@ -88,12 +92,13 @@ def _grid(x: np.ndarray, title: str, view=None) -> str:
 
 def render(sweep_dir: str | os.PathLike, out: str | os.PathLike | None = None, *, grid_samples: int = 2000) -> Path:
     """Write ``<sweep_dir>/report.html`` (or ``out``) from a sweep's results.json and samples."""
-    from .jobs import load_samples
+    from .jobs import load_shards
     sweep_dir = Path(sweep_dir)
     check((sweep_dir / "results.json").is_file(), f"{sweep_dir} has no results.json; run `guidelab sweep` first")
     res = json.loads((sweep_dir / "results.json").read_text())
     rows, metric, quality, diversity = res["rows"], res["metric"], res["quality"], res["diversity"]
-    samples = {r["cell"]: load_samples(sweep_dir / "samples" / r["cell"])[0][:grid_samples] for r in rows}
+    shards = {r["cell"]: load_shards(sweep_dir / "samples" / r["cell"]) for r in rows}
+    samples = {c: d["samples"][:grid_samples] for c, d in shards.items()}
     view = None
     if all(x.ndim == 2 and x.shape[1] == 2 for x in samples.values()):
         allx = np.concatenate(list(samples.values()))
@@ -110,13 +115,21 @@ def render(sweep_dir: str | os.PathLike, out: str | os.PathLike | None = None, *
     grids = ""
     for method in dict.fromkeys(r["method"] for r in rows):
         cells = [r for r in rows if r["method"] == method]
-        grids += f"<h3>{e(method)}</h3><div class='row'>" + "".join(
-            f"<img alt='{e(r['cell'])}' src='{_grid(samples[r['cell']], r['cell'], view)}'>" for r in cells) + "</div>"
+        grids += f"<h3>{e(method)}</h3><div class='row'>"
+        for r in cells:
+            d = shards[r["cell"]]
+            if d["samples"].ndim == 4:
+                labels = d["labels"] if r.get("class_accuracy") is not None else None
+                grids += (f"<figure><img alt='{e(r['cell'])}' src='{_image_grid(d['samples'], labels, d['seeds'])}'>"
+                          f"<figcaption>{e(r['cell'])}</figcaption></figure>")
+            else:
+                grids += f"<img alt='{e(r['cell'])}' src='{_grid(samples[r['cell']], r['cell'], view)}'>"
+        grids += "</div>"
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>guidelab sweep report</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1200px}} table{{border-collapse:collapse;font-size:12px}}
 td,th{{border:1px solid #ccc;padding:2px 6px;text-align:right}} tr.best{{background:#e6ffe6}}
-.row{{display:flex;flex-wrap:wrap;gap:4px}} img{{border:1px solid #eee}}</style></head>
+.row{{display:flex;flex-wrap:wrap;gap:4px}} img{{border:1px solid #eee}} figure{{margin:0;font-size:11px;text-align:center}}</style></head>
 <body><h1>guidelab sweep</h1>
 <p>Best weight per method by <b>{e(metric)}</b> ({'higher' if HIGHER_IS_BETTER[metric] else 'lower'} is better):
 {e(', '.join(f'{m}: {c}' for m, c in res['best'].items()))}.
