@@ -106,13 +106,15 @@ def evaluate(out: str | os.PathLike, cfg: jobs.SampleConfig, *, n: int = 1000, s
              progress: bool = False, measure: DigitsMetrics | None = None) -> dict:
     """Sample ``n`` images of ``cfg`` into ``out/samples`` and write ``out/metrics.json`` and ``out/grid.png``.
 
-    ``cfg.label`` None on a class-conditional model means ``"balanced"``. ``classifier``: the clean
+    ``cfg.label`` None on a class-conditional model (or with classifier guidance) means ``"balanced"``. ``classifier``: the clean
     digits classifier's checkpoint (default: the cached one). Returns the metrics dict.
     """
     out = Path(out)
+    if cfg.label is None and cfg.guider == "classifier":
+        cfg = replace(cfg, label="balanced")
     job = jobs.build(cfg, device or "cpu")                       # validates and loads before anything is written
     check(job.shape == (1, 8, 8), f"evaluate measures digits models (images [1, 8, 8]); {cfg.model} samples {list(job.shape)}")
-    if cfg.label is None and job.num_classes and not cfg.null_label:
+    if cfg.label is None and job.num_classes:
         job.cfg = cfg = replace(cfg, label="balanced")
     measure = measure or DigitsMetrics(classifier)
     jobs.sample(out / "samples", cfg, n=n, seed_start=seed_start, shard_size=shard_size, device=device,
