@@ -78,8 +78,9 @@ def icg(n):
 def tsg(n):
     net, _ = _toymlp()
     return [("ToyMLP unguided", _heun(net, n, label=False)),
-            ("TSG w = 2, s = 0.25, alpha = 1", _heun(G.tsg(net, 2.0, s=0.25, alpha=1.0, seeds=range(n)), n, label=False)),
-            ("TSG w = 2, s = 1, alpha = 0", _heun(G.tsg(net, 2.0, s=1.0, alpha=0.0, seeds=range(n)), n, label=False))]
+            ("TSG vector (dim 32) w = 3, s = 0.3, alpha = 0",
+             _heun(G.tsg(net, 3.0, s=0.3, alpha=0.0, dim=net.hidden, seeds=range(n)), n, label=False)),
+            ("TSG scalar c_noise w = 2, s = 0.3, alpha = 0", _heun(G.tsg(net, 2.0, s=0.3, alpha=0.0, seeds=range(n)), n, label=False))]
 
 
 def cfgpp(n):

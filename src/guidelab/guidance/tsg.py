@@ -10,8 +10,17 @@ the EDM preconditioning (c_skip, c_out, c_in); the perturbation must reach *only
 Hook: networks accept a conditioning key ``noise_embed_offset`` ([batch] or [batch, dim]) that they add
 to their noise-embedding input (EDM's ``c_noise = ln(sigma) / 4``; guidelab.models.ToyMLP does).
 Here ``t = sigma^2 / (1 + sigma^2)`` (the VP noise fraction 1 - alpha_bar, in [0, 1) like the paper's
-normalised time), so ``offset = s t^alpha n`` in units of c_noise. The main branch gets a zero offset,
+normalised time), so ``offset = s t^alpha n`` in units of c_noise (or of the embedding vector's
+coordinates). The main branch gets a zero offset,
 so both branches run in one batched call.
+
+Scalar or vector: ``dim=None`` perturbs the scalar ``c_noise``, which only moves the reference to
+another *valid* noise level; with the paper's symmetric ``n`` half the draws are sharper, half blurrier,
+and on the exact tree world this does not help (docs/GUIDANCE.md). The paper perturbs the time-embedding
+*vector*: ``dim=D`` draws ``n`` in R^D, a direction off the set of embeddings the network was trained
+on, so the reference is a degraded prediction and guiding away from it sharpens, like autoguidance.
+For ToyMLP pass ``dim=net.hidden`` (its noise embedding is the first layer's image of ``c_noise``).
+Measured on undertrained ToyMLPs: ``s = 0.2-0.5``, ``alpha = 0``, ``w = 2-3``.
 
 Fallback for black-box denoisers (``hook=False``): the reference branch is called at
 ``sigma_hat = sigma * exp(4 offset)`` (the sigma whose c_noise is c_noise + offset). That also moves

@@ -1,0 +1,42 @@
+"""Time-step guidance (Sadat et al. 2025) improves an unconditional model on the exact tree world.
+
+TSG's reference branch is the same network with a randomly perturbed noise embedding. Perturbed along a
+random direction of the embedding *vector* (the paper's form; ToyMLP's is the first layer's image of
+c_noise, ``dim = hidden``), the reference is a degraded prediction and guiding away from it sharpens,
+as autoguidance does.
+"""
+
+import pytest
+import torch
+
+from guidelab import guidance as G, metrics, samplers, schedules, toy
+from guidelab.training import load_model, train_toy
+
+SIG = schedules.karras(32, 0.002, 5.0, dtype=torch.float32)
+N = 2048
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    """An undertrained unconditional ToyMLP (classes A and B, 300 iterations, ~3 s)."""
+    path = train_toy(tmp_path_factory.mktemp("tsg"), classes="AB", hidden=32, depth=3, output="denoiser", loss="edm",
+                     iters=300, batch=512, snapshot_every=100, progress=False, threads=1)
+    return load_model(path)
+
+
+def _quality(denoiser, seed):
+    world = toy.tree("AB")
+    x = world.sample(N, 5.0, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        out = samplers.heun(denoiser, x, SIG)
+    ref = world.sample(4096, 0.0, generator=torch.Generator().manual_seed(99))
+    return (metrics.mean_logp(world, out), *metrics.precision_recall(ref, out))
+
+
+def test_vector_tsg_improves_an_unconditional_model(model):
+    base = _quality(model, 1)
+    tsg = _quality(G.tsg(model, 3.0, s=0.3, alpha=0.0, dim=model.hidden), 1)
+    print(f"\nunguided log p {base[0]:.2f} P {base[1]:.3f} R {base[2]:.3f}; TSG {tsg[0]:.2f} {tsg[1]:.3f} {tsg[2]:.3f}")
+    assert tsg[0] > base[0] + 1.0                     # mean exact log-density of the samples
+    assert tsg[1] > base[1] + 0.01                    # k-NN precision
+    assert tsg[2] > base[2] - 0.01                    # ... without losing recall
