@@ -2,6 +2,7 @@
 
     python bench/tsg_sweep.py                  # 3 training seeds x 3 sample seeds, 2048 samples (~5 min, 1 thread)
     python bench/tsg_sweep.py --n 1024 --seeds 2
+    python bench/tsg_sweep.py --output energy  # the autoguidance paper's energy-output ToyMLP (score loss)
 
 Models: ToyMLP(hidden 32, depth 3, denoiser output) trained 300 iterations (batch 512) on the exact
 tree world, classes A and B (an unconditional model). Sampler: EDM Heun, karras(32, 0.002, 5), start
@@ -49,6 +50,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=2048)
     ap.add_argument("--seeds", type=int, default=3, help="training seeds and sample seeds (each)")
+    ap.add_argument("--output", choices=["denoiser", "energy"], default="denoiser", help="ToyMLP output")
     args = ap.parse_args()
     torch.set_num_threads(1)
     world = toy.tree("AB")
@@ -56,7 +58,8 @@ def main():
     res = {k: [] for k in CONFIGS}
     tmp = tempfile.mkdtemp(prefix="guidelab-tsg-")
     for tseed in range(args.seeds):
-        net = load_model(train_toy(tmp, classes="AB", hidden=32, depth=3, output="denoiser", loss="edm", iters=300,
+        net = load_model(train_toy(tmp, classes="AB", hidden=32, depth=3, output=args.output,
+                                   loss="edm" if args.output == "denoiser" else "score", iters=300,
                                    batch=512, snapshot_every=100, progress=False, threads=1, seed=tseed))
         for sseed in range(1, args.seeds + 1):
             x = world.sample(args.n, 5.0, generator=torch.Generator().manual_seed(sseed))

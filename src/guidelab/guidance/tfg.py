@@ -39,8 +39,8 @@ mpgd      mu only: one gradient step on x0, no network gradient    mu 1, n_iter 
 ugd       rho + mu (n_iter steps on x0) + recurrence              rho 1, mu 1, n_iter 2, n_recur 2
 ========  ======================================================  ==============================
 
-DPS's own step (Chung et al. 2023, Alg. 1) is ``zeta / |y - A(x0)|`` times ``grad |y - A(x0)|^2``, i.e. a
-multiple of the gradient of the *norm*; the official code takes ``zeta grad_x |y - A(x0)|``. That is
+DPS's own step (Chung et al. 2023, Alg. 1) is ``zeta / |y - A(x0)|`` times ``grad |y - A(x0)|^2``,
+i.e. a multiple of the gradient of the *norm*; the official code takes ``zeta grad_x |y - A(x0)|``. That is
 TFG-DPS with ``log f = -|y - A(x0)|``: :func:`measurement_objective` with ``kind="dps"`` and
 ``rho = zeta`` (the code's ``scale``; the paper's ``zeta'`` is ``rho / 2``). The norm is per sample
 (the official code takes it over the whole batch, run at batch 1). ``kind="gaussian"`` is the
@@ -51,8 +51,10 @@ remains, shared by every preset: TFG adds ``Delta_t / sqrt(alpha_t)`` where the 
 ``clip_x0``: the official code clips the x0 estimate (``clip_x0``, images to ``[-1, 1]``) right after
 the network, so the clipped estimate is what the objective sees (its gradient through the clamp is
 zero outside the range), what ``y`` starts from and what the DDIM step uses. ``None`` (default): no
-clipping, bit-identical to before; ``c``: ``[-c, c]``; ``(lo, hi)``: that range. Cost per step: ``n_recur`` NFE, plus a backward pass through the denoiser
-when ``rho != 0``, plus ``eps_bsz (1[rho != 0] + n_iter 1[mu != 0])`` objective evaluations.
+clipping; ``c``: ``[-c, c]``; ``(lo, hi)``: that range.
+
+Cost per step: ``n_recur`` NFE, plus a backward pass through the denoiser when ``rho != 0``, plus
+``eps_bsz (1[rho != 0] + n_iter 1[mu != 0])`` objective evaluations.
 """
 
 from __future__ import annotations
@@ -109,7 +111,8 @@ def _clip_range(clip_x0) -> tuple[float, float] | None:
     return float(clip_x0[0]), float(clip_x0[1])
 
 
-def measurement_objective(A, y: torch.Tensor, *, kind: str = "dps", sigma_y: float = 1.0) -> Callable[[torch.Tensor], torch.Tensor]:
+def measurement_objective(A, y: torch.Tensor, *, kind: str = "dps",
+                          sigma_y: float = 1.0) -> Callable[[torch.Tensor], torch.Tensor]:
     """Objective ``log f(x0)`` [batch] for a measurement ``y = A(x0) + noise`` (inverse problems).
 
     ``A``: a callable ``A(x0) -> [batch, ...]`` or a matrix [m, d] applied to the flattened x0 [batch, d];
@@ -146,7 +149,8 @@ def tfg_sample(denoiser, x: torch.Tensor, sigmas: torch.Tensor, objective: Calla
 
     ``preset`` picks the method (see the module table); any of ``rho, mu, gamma, n_recur, n_iter,
     eps_bsz, rho_schedule, mu_schedule`` overrides it. ``clip_x0``: clip the x0 estimate (``None``,
-    ``c`` for ``[-c, c]``, or ``(lo, hi)``; see the module docstring). ``x`` starts at ``sigmas[0]``; ``cond`` goes to the denoiser; ``noise``
+    ``c`` for ``[-c, c]``, or ``(lo, hi)``; see the module docstring). ``x`` starts at ``sigmas[0]``;
+    ``cond`` goes to the denoiser; ``noise``
     (``SampleNoise`` for per-sample seeds) feeds the DDIM noise, the smoothing draws and the
     renoising. ``objective`` is called once per smoothing draw on a [batch] tensor, so it may hold
     per-sample targets. With ``rho = mu = 0`` this is exactly :func:`guidelab.samplers.euler_ancestral`.
