@@ -40,3 +40,22 @@ def test_vector_tsg_improves_an_unconditional_model(model):
     assert tsg[0] > base[0] + 1.0                     # mean exact log-density of the samples
     assert tsg[1] > base[1] + 0.01                    # k-NN precision
     assert tsg[2] > base[2] - 0.01                    # ... without losing recall
+
+
+def test_vector_offset_reaches_only_the_reference_branch_and_is_batch_size_invariant(model):
+    seen = []
+    fwd = model.forward
+
+    def spy(x, sigma, noise_embed_offset=None):
+        seen.append(noise_embed_offset)
+        return fwd(x, sigma, noise_embed_offset=noise_embed_offset)
+    x = torch.randn(64, 2, generator=torch.Generator().manual_seed(0))
+    sigma = torch.full((64,), 0.3)
+    g = G.tsg(spy, 3.0, s=0.3, alpha=0.0, dim=model.hidden, seeds=range(64))
+    with torch.no_grad():
+        full = g(x, sigma)
+        part = G.tsg(spy, 3.0, s=0.3, alpha=0.0, dim=model.hidden, seeds=range(10, 20))(x[10:20], sigma[10:20])
+    off = seen[0]
+    assert off.shape == (128, model.hidden) and torch.equal(off[:64], torch.zeros(64, model.hidden))
+    assert abs(float(off[64:].std()) - 0.3) < 0.03                # s t^0 n, n ~ N(0, I) in R^hidden
+    torch.testing.assert_close(part, full[10:20], rtol=1e-5, atol=1e-6)
