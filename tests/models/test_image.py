@@ -78,6 +78,27 @@ def test_noise_unconditional_network_ignores_sigma(cls, small):
 
 
 @both
+def test_vector_noise_embed_offset(cls, small):
+    """TSG's vector form: a [batch, emb] offset moves the noise embedding only; zero is a no-op."""
+    from guidelab.guidance import tsg
+
+    m = _trained_like(cls=cls, small=small, num_classes=2)
+    x, sigma = _inputs()
+    e = m.emb_layer.in_features - 3            # Fourier(emb) of c_noise + one-hot of 2 classes + null
+    with torch.no_grad():
+        base = m(x, sigma, label=1)
+        assert torch.equal(m(x, sigma, label=1, noise_embed_offset=torch.zeros(6, e)), base)
+        off = torch.zeros(6, e)
+        off[3] = 0.5                               # only row 3 perturbed
+        out = m(x, sigma, label=1, noise_embed_offset=off)
+        assert torch.equal(out[:3], base[:3]) and not torch.equal(out[3], base[3])
+        assert torch.equal(tsg(m, 1.0, dim=e, seeds=range(6))(x, sigma, label=1), base)   # w = 1: no guidance
+        assert not torch.equal(tsg(m, 2.0, dim=e, seeds=range(6))(x, sigma, label=1), base)
+    with pytest.raises(GuidelabError, match=r"noise_embed_offset must be \[batch\] or \[batch, "):
+        m(x, sigma, label=1, noise_embed_offset=torch.zeros(6, e + 1))
+
+
+@both
 def test_extra_scalar_is_an_input(cls, small):
     m = _trained_like(cls=cls, small=small, extra_scalar="beta")
     x, sigma = _inputs()

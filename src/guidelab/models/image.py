@@ -13,7 +13,9 @@ Conditioning, the same on every image network (all optional):
 * ``extra_scalar`` -- the name of one more per-sample scalar input, passed as a keyword
   (e.g. ``extra_scalar="w"`` for a guidance-distilled student called as ``net(x, sigma, label=y, w=w)``,
   or ``"beta"`` for GFT); required at every call.
-* ``noise_embed_offset`` ([batch]) is added to ``c_noise`` only: the hook of ``guidance.tsg``.
+* ``noise_embed_offset``, the hook of ``guidance.tsg``: a [batch] offset is added to ``c_noise``, a
+  [batch, emb] offset to the noise-level embedding vector (TSG's vector form, ``tsg(..., dim=emb)``);
+  either reaches the network's noise input only, never the preconditioning.
 
 Scalars enter through fixed random Fourier features ``sqrt(2) cos(2 pi (f s + phi))`` (EDM2's
 MPFourier), with frequencies drawn from a fixed seed, so a config alone rebuilds the same network.
@@ -88,9 +90,15 @@ class ImageDenoiser(nn.Module):
               + (f", {name}" if name else "") + ", noise_embed_offset")
         parts = []
         if self.noise_cond:
-            if noise_embed_offset is not None:
-                c_noise = c_noise + noise_embed_offset.reshape(c_noise.shape)
-            parts.append(self.noise_fourier(c_noise))
+            off = noise_embed_offset
+            vector = off is not None and off.ndim == 2      # TSG's vector form: a [batch, emb] offset of the embedding
+            if off is not None and not vector:
+                c_noise = c_noise + off.reshape(c_noise.shape)   # scalar form: an offset of c_noise
+            e = self.noise_fourier(c_noise)
+            if vector:
+                check(off.shape == e.shape, f"noise_embed_offset must be [batch] or [batch, {e.shape[1]}], got {list(off.shape)}")
+                e = e + off.to(e.dtype)
+            parts.append(e)
         if name:
             check(name in extra, f"this model needs the scalar {name}=... (a number or a [batch] tensor)")
             s = torch.as_tensor(extra[name], dtype=x.dtype, device=x.device)
