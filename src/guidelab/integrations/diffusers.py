@@ -317,8 +317,9 @@ def perturbed_attention(model: torch.nn.Module, perturbation: Perturbation, mask
     Forward hooks on the selected modules. SLG replaces their output by their input on those rows.
     PAG/SEG mark the module as active while it runs and route ``F.scaled_dot_product_attention`` (which
     diffusers' AttnProcessor2_0 calls) through a version that perturbs only the marked rows, so one
-    batched call can hold the main and the perturbed branch. Not thread-safe (it patches torch's function
-    for the duration of the context).
+    batched call can hold the main and the perturbed branch; each row's attention is computed once (PAG's
+    marked rows need none: their output is V). Not thread-safe (it patches torch's function for the
+    duration of the context).
     """
     mods = perturbation.modules(model)
     handles, active = [], []
@@ -339,17 +340,29 @@ def perturbed_attention(model: torch.nn.Module, perturbation: Perturbation, mask
 
     original = F.scaled_dot_product_attention
 
+    def rows(v, idx):                                                # a batch-sized tensor argument, sliced
+        return v[idx] if isinstance(v, torch.Tensor) and v.ndim >= 1 and v.shape[0] == idx.shape[0] else v
+
     def sdpa(query, key, value, *args, **kwargs):
-        out = original(query, key, value, *args, **kwargs)
         if not active:
-            return out
-        m = mask.to(out.device)
-        if perturbation.mode == "pag":                               # identity attention map: output = V
-            check(value.shape[-2] == query.shape[-2], "pag needs self-attention (as many keys as queries)")
-            pert = value.expand_as(out)
-        else:                                                        # seg: attention of blurred queries
-            pert = original(_blur_queries(query, perturbation.blur_sigma), key, value, *args, **kwargs)
-        return torch.where(bcast(m, out), pert, out)
+            return original(query, key, value, *args, **kwargs)
+        m = mask.to(query.device)
+        check(query.shape[0] == m.shape[0], f"{perturbation.mode}: attention batch {query.shape[0]} != mask {m.shape[0]}")
+        out = query.new_empty(query.shape[:-1] + value.shape[-1:])
+        # each row's attention is computed once: the original one on unmarked rows, the perturbed one on marked
+        for idx, perturbed in ((~m, False), (m, True)):
+            if not bool(idx.any()):
+                continue
+            q, k, v = query[idx], key[idx], value[idx]
+            a, kw = [rows(x, idx) for x in args], {n: rows(x, idx) for n, x in kwargs.items()}
+            if not perturbed:
+                out[idx] = original(q, k, v, *a, **kw)
+            elif perturbation.mode == "pag":                         # identity attention map: output = V
+                check(v.shape[-2] == q.shape[-2], "pag needs self-attention (as many keys as queries)")
+                out[idx] = v
+            else:                                                    # seg: attention of blurred queries
+                out[idx] = original(_blur_queries(q, perturbation.blur_sigma), k, v, *a, **kw)
+        return out
 
     def enter(module, args):
         active.append(module)
