@@ -117,7 +117,7 @@ def test_pixart_ddim_cfg_equals_the_pipeline_loop(tmp_path, kind, prediction_typ
 
 def test_micro_conditions_are_required_and_null_shapes_checked(tmp_path):
     den = gd.load(_save(tmp_path, "micro"), dtype=torch.float64)
-    emb, mask, null, _ = _prompts()
+    emb, _, null, _ = _prompts()
     x, sigma = torch.randn(B, C, H, H, dtype=torch.float64), torch.full((B,), 2.0, dtype=torch.float64)
     with pytest.raises(GuidelabError, match="micro-conditioned .*resolution"):
         den(x, sigma, encoder_hidden_states=emb)

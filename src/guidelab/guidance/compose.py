@@ -14,7 +14,7 @@ that guider's, bit for bit; ``w_k = 1`` drops that term (and its branch evaluati
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
