@@ -277,8 +277,14 @@ class Perturbation:
         check(mode in ("pag", "seg", "slg"), f"perturbation mode must be 'pag', 'seg' or 'slg', got {mode!r}")
         check(blur_sigma > 0, f"blur_sigma must be > 0, got {blur_sigma}")
         self.mode, self.layers, self.blur_sigma = mode, None if layers is None else list(layers), blur_sigma
+        self._found: tuple = (None, [])                             # (model, its modules): searched once
 
     def modules(self, model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+        if self._found[0] is not model:
+            self._found = (model, self._search(model))
+        return self._found[1]
+
+    def _search(self, model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
         from diffusers.models.attention_processor import Attention
         if self.mode == "slg":
             blocks = [(n, m) for n, m in model.named_modules() if type(m).__name__.endswith("TransformerBlock")]
@@ -340,29 +346,32 @@ def perturbed_attention(model: torch.nn.Module, perturbation: Perturbation, mask
 
     original = F.scaled_dot_product_attention
 
-    def rows(v, idx):                                                # a batch-sized tensor argument, sliced
-        return v[idx] if isinstance(v, torch.Tensor) and v.ndim >= 1 and v.shape[0] == idx.shape[0] else v
+    # runs of equal marks, e.g. [F, F, T, T] -> (0, 2, False), (2, 4, True): each row's attention is computed
+    # once, on views of the batch (the original one on unmarked rows, the perturbed one on marked rows)
+    marks = mask.bool().cpu().tolist()
+    B = len(marks)
+    starts = [i for i in range(B) if i == 0 or marks[i] != marks[i - 1]]
+    runs = [(i, j, marks[i]) for i, j in zip(starts, starts[1:] + [B])]
+
+    def rows(v, i, j):                                               # a batch-sized tensor argument, sliced
+        return v[i:j] if isinstance(v, torch.Tensor) and v.ndim >= 1 and v.shape[0] == B else v
 
     def sdpa(query, key, value, *args, **kwargs):
         if not active:
             return original(query, key, value, *args, **kwargs)
-        m = mask.to(query.device)
-        check(query.shape[0] == m.shape[0], f"{perturbation.mode}: attention batch {query.shape[0]} != mask {m.shape[0]}")
-        out = query.new_empty(query.shape[:-1] + value.shape[-1:])
-        # each row's attention is computed once: the original one on unmarked rows, the perturbed one on marked
-        for idx, perturbed in ((~m, False), (m, True)):
-            if not bool(idx.any()):
-                continue
-            q, k, v = query[idx], key[idx], value[idx]
-            a, kw = [rows(x, idx) for x in args], {n: rows(x, idx) for n, x in kwargs.items()}
+        check(query.shape[0] == B, f"{perturbation.mode}: attention batch {query.shape[0]} != mask {B}")
+        out = []
+        for i, j, perturbed in runs:
+            q, k, v = query[i:j], key[i:j], value[i:j]
+            a, kw = [rows(x, i, j) for x in args], {n: rows(x, i, j) for n, x in kwargs.items()}
             if not perturbed:
-                out[idx] = original(q, k, v, *a, **kw)
+                out.append(original(q, k, v, *a, **kw))
             elif perturbation.mode == "pag":                         # identity attention map: output = V
                 check(v.shape[-2] == q.shape[-2], "pag needs self-attention (as many keys as queries)")
-                out[idx] = v
+                out.append(v)
             else:                                                    # seg: attention of blurred queries
-                out[idx] = original(_blur_queries(q, perturbation.blur_sigma), k, v, *a, **kw)
-        return out
+                out.append(original(_blur_queries(q, perturbation.blur_sigma), k, v, *a, **kw))
+        return out[0] if len(out) == 1 else torch.cat(out)
 
     def enter(module, args):
         active.append(module)
