@@ -47,7 +47,7 @@ def main():
                 with torch.no_grad():
                     x = getattr(samplers, name)(net, x0, schedules.karras(steps, 0.002, 5))
                 p, r = metrics.precision_recall(ref, x, k=3)
-                print(f"{seed:>4} {str(nc):>10} {name + str(steps):>8} {nfe:>4} {metrics.mean_logp(A, x):>9.3f} {p:>9.3f} {r:>6.3f}",
+                print(f"{seed:>4} {nc!s:>10} {name + str(steps):>8} {nfe:>4} {metrics.mean_logp(A, x):>9.3f} {p:>9.3f} {r:>6.3f}",
                       flush=True)
 
 

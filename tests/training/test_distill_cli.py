@@ -9,11 +9,16 @@ from guidelab import samplers, schedules
 from guidelab.cli import main
 from guidelab.errors import GuidelabError
 from guidelab.training import load, load_model
-from guidelab.training.distill import distilled_denoiser, distilled_info, init_from_teacher, student_config
+from guidelab.training.distill import (
+    distilled_denoiser,
+    distilled_info,
+    init_from_teacher,
+    student_config,
+)
 from guidelab.training.images import ImageConfig, train_images
 from guidelab.training.loop import Trainer
 
-TINY = dict(hidden=16, depth=1, emb=8, batch=16, iters=4, snapshot_every=2)
+TINY = {"hidden": 16, "depth": 1, "emb": 8, "batch": 16, "iters": 4, "snapshot_every": 2}
 FAST = ["--batch", "16", "--snapshot-every", "3", "--checkpoint-every", "2", "--threads", "1", "--quiet"]
 
 

@@ -19,6 +19,11 @@ Stage 2 (:func:`progressive_loss`, :func:`progressive_round`): progressive disti
 Ho 2022) of the w-conditioned student: a new student, initialised from the teacher's weights, takes
 ONE deterministic Euler (DDIM) step from sigma_i to sigma_{i+2} where the teacher takes two, keeping
 w as an input; each round halves the step count. Deterministic sampler only.
+
+Image models (``guidelab distill``): :func:`distill_images` (stage 1 of a checkpoint or run folder, the
+student initialised from the teacher) and :func:`progressive_images` (rounds in ``OUT/steps-<K>``). Every
+student checkpoint carries ``meta["distilled"]`` (:func:`distilled_info`): the ``w`` keyword, the weight
+range and, after stage 2, the sampler and the exact sigma grid it must be sampled on.
 """
 
 from __future__ import annotations
@@ -235,8 +240,8 @@ def init_from_teacher(teacher: torch.nn.Module, student_config: dict) -> dict[st
 
     t_cfg = registry.config(teacher)
     check(t_cfg.get("extra_scalar") is None, f"the teacher already has an extra scalar input {t_cfg.get('extra_scalar')!r}")
-    check({k: v for k, v in student_config.items() if k != "extra_scalar"} == {k: v for k, v in t_cfg.items() if k != "extra_scalar"},
-          "the student must have the teacher's config plus extra_scalar")
+    same = {k: v for k, v in student_config.items() if k != "extra_scalar"} == {k: v for k, v in t_cfg.items() if k != "extra_scalar"}
+    check(same, "the student must have the teacher's config plus extra_scalar")
     with torch.random.fork_rng(devices=[]):
         student = registry.build(student_config)
     state = {k: v.detach().clone() for k, v in student.state_dict().items()}
@@ -298,7 +303,7 @@ GUIDERS = ("cfg", "autoguidance")
 
 
 def distill_images(run_dir: str | Path, teacher: str | Path, *, guider: str = "cfg", guide: str | Path | None = None,
-                   cfg: DistillConfig = DistillConfig(), loop: LoopConfig = LoopConfig(), sigma_rel: float = 0.10,
+                   cfg: DistillConfig = DistillConfig(), loop: LoopConfig | None = None, sigma_rel: float = 0.10,
                    step: int | None = None, guide_sigma_rel: float = 0.10, guide_step: int | None = None,
                    init: str = "teacher", progress: bool = True, checkpoint_every: int = 256, device: str = "cpu",
                    threads: int | None = None) -> Path:
@@ -314,24 +319,28 @@ def distill_images(run_dir: str | Path, teacher: str | Path, *, guider: str = "c
     desc = f"{guider} of {describe(teacher, net)}"
     if guider == "cfg":
         check(getattr(net, "num_classes", 0), "cfg needs a class-conditional teacher (with a null label)")
-        make = lambda w: guidance.cfg(net, w)  # noqa: E731
+
+        def make(w):
+            return guidance.cfg(net, w)
     else:
         g = load_teacher(guide, sigma_rel=guide_sigma_rel, step=guide_step, device=device)
         desc += f" guided by {describe(guide, g)}"
-        make = lambda w: guidance.autoguidance(net, g, w)  # noqa: E731
+
+        def make(w):
+            return guidance.autoguidance(net, g, w)
     model_config = student_config(net, cfg.key)
     weights = init_from_teacher(net, model_config) if init == "teacher" else None
     source = image_source(net)
     meta = {"recipe": "distill", **asdict(cfg), "teacher": desc, "init": init, "images": source,
             "distilled": _info(cfg)}
     data = image_data(source, bool(getattr(net, "num_classes", 0)))
-    return train(run_dir, model_config, distill_loss(make, data, cfg), loop, meta=meta,
+    return train(run_dir, model_config, distill_loss(make, data, cfg), loop or LoopConfig(), meta=meta,
                  checkpoint_every=checkpoint_every, progress=progress, desc="distill", device=device,
                  threads=threads, init=weights)
 
 
 def progressive_images(out_dir: str | Path, student: str | Path, *, to_steps: int, from_steps: int | None = None,
-                       sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0, loop: LoopConfig = LoopConfig(),
+                       sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0, loop: LoopConfig | None = None,
                        sigma_rel: float = 0.10, step: int | None = None, progress: bool = True,
                        checkpoint_every: int = 256, device: str = "cpu", threads: int | None = None) -> list[Path]:
     """Stage 2 on an image student (``guidelab distill --progressive``): halving rounds from ``from_steps``
@@ -356,7 +365,7 @@ def progressive_images(out_dir: str | Path, student: str | Path, *, to_steps: in
     n = grid.numel() - 1
     check(isinstance(to_steps, int) and 1 <= to_steps < n and n % to_steps == 0 and (n // to_steps) & (n // to_steps - 1) == 0,
           f"--to-steps must be {n} halved one or more times (e.g. {n // 2}), got {to_steps}")
-    cfg = DistillConfig(w_min=info["w_min"], w_max=info["w_max"], key=info["key"])
+    cfg, loop = DistillConfig(w_min=info["w_min"], w_max=info["w_max"], key=info["key"]), loop or LoopConfig()
     source = image_source(net)
     data = image_data(source, bool(getattr(net, "num_classes", 0)))
     teacher, desc, paths = net, describe(student, net), []
