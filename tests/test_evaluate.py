@@ -101,7 +101,7 @@ def test_png_files_and_resume(ckpts, tmp_path):
             "--sampler", "euler", "--steps", "3", "--png", "--quiet", "--out", str(tmp_path)]
     r = CliRunner().invoke(cli.main, args)
     assert r.exit_code == 0, r.output
-    x, seeds = jobs.load_samples(tmp_path)
+    x, _ = jobs.load_samples(tmp_path)
     files = sorted((tmp_path / "png").glob("*.png"))
     assert [f.name for f in files] == [f"{s:09d}.png" for s in range(5)]
     for f, xi in zip(files, x):

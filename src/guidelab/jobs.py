@@ -495,7 +495,7 @@ def sample(out: str | os.PathLike, cfg: SampleConfig, *, n: int, seed_start: int
             arrays = {"samples": x, "seeds": seeds, "info": np.array(json.dumps(info))}
             if labels is not None:
                 arrays["labels"] = labels.numpy()
-            atomic_write(p, lambda f: np.savez(f, **arrays))
+            atomic_write(p, lambda f, a=arrays: np.savez(f, **a))
         _barrier(world)
     finally:
         if owns:
