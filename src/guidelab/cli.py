@@ -204,8 +204,9 @@ def evaluate_cmd(model, out, guider, w, interval, n, seed_start, shard_size, cla
     folder), --option KEY=VALUE (guider keywords, e.g. tsg s=2), --samples / --seed-start / --shard-size,
     --classifier (metrics), --threads, --device. Example:
 
-        guidelab evaluate runs/digits/RUN --guider autoguidance --guide runs/digits/RUN --guide-step 2048
-        --guide-sigma-rel 0.05 --weight 2 --out runs/eval/ag2
+    \b
+        guidelab evaluate runs/digits/RUN --guider autoguidance --guide runs/digits/RUN \\
+            --guide-step 2048 --guide-sigma-rel 0.05 --weight 2 --out runs/eval/ag2
     """
     import torch
 
