@@ -13,6 +13,7 @@ def atomic_write(path: str | os.PathLike, data: bytes | Callable[[BinaryIO], Non
 
     The bytes go to a temporary ``.<name>.tmp*`` file in the same folder, are fsynced and renamed over
     ``path`` (``os.replace``): a killed process leaves the old file or the new one, never a partial one.
+    The file gets the permissions a plain ``open`` would give it (0666 less the umask), not mkstemp's 0600.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -21,6 +22,7 @@ def atomic_write(path: str | os.PathLike, data: bytes | Callable[[BinaryIO], Non
         with os.fdopen(fd, "wb") as f:
             f.write(data) if isinstance(data, (bytes, bytearray)) else data(f)
             f.flush()
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -30,3 +32,9 @@ def atomic_write(path: str | os.PathLike, data: bytes | Callable[[BinaryIO], Non
             pass
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -105,3 +105,11 @@ def test_model_config_mismatch(tmp_path):
 def test_atomic_write_helper(tmp_path):
     p = checkpoint.atomic_write(tmp_path / "sub" / "f.bin", b"abc")
     assert p.read_bytes() == b"abc" and [q.name for q in p.parent.iterdir()] == ["f.bin"]
+    mask = os.umask(0o022)
+    try:   # the permissions of a plain open(), not mkstemp's owner-only 0600
+        plain = tmp_path / "plain.bin"
+        plain.write_bytes(b"")
+        q = checkpoint.atomic_write(tmp_path / "g.bin", lambda f: f.write(b"x"))
+        assert (q.stat().st_mode & 0o777) == (plain.stat().st_mode & 0o777) == 0o644
+    finally:
+        os.umask(mask)
