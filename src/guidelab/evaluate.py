@@ -3,7 +3,7 @@
 :func:`evaluate` samples ``n`` images (seeds ``seed_start ..``, labels ``balanced``: seed % 10) with a
 resumable :func:`guidelab.jobs.sample` job in ``OUT/samples``, then measures them in the feature space
 of the clean digits classifier (:func:`guidelab.models.digits.digits_classifier`, trained and cached
-on first use) against the 359 images of the digits test split:
+on first use) against the 355 images of the digits test split:
 
 * ``class_accuracy``: share of samples the classifier assigns to their label (None when the samples
   are unconditional);
