@@ -97,7 +97,7 @@ def _toy_pair(tmp_path, seed=0):
 
 
 def test_noise_blind_toy_model_degrades_under_heun_and_ddim(tmp_path):
-    """In 2-D the noise level cannot be read off x (no concentration of measure, Sun et al. §4), so a
+    """In 2-D the noise level cannot be read off x (no concentration of measure), so a
     noise-blind denoiser must be worse: measured (docs/RESULTS.md) lower exact mean log p and lower
     recall with both EDM Heun and DDIM (seeds 0-3 of this test: mean log p lower by 0.4-2.7, recall by
     0.05-0.13, averaged over the two samplers by >= 1.1 and >= 0.06; also at 27x this training budget);
