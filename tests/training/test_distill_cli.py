@@ -134,3 +134,19 @@ def test_interrupted_distillation_resumes_to_the_same_weights(teacher, stage1, t
     # another teacher setting in the same folder is refused, not silently mixed
     with pytest.raises(GuidelabError, match="another config"):
         invoke("distill", teacher, "--out", out, "--w-min", 1, "--w-max", 4, "--iters", 6, *FAST)
+
+
+def test_toy_student_starts_as_the_teacher_and_bare_teachers_are_refused():
+    from guidelab.models import registry
+    torch.manual_seed(0)
+    toy = registry.build({"name": "ToyMLP", "hidden": 8, "depth": 1, "output": "denoiser"})
+    with torch.no_grad():
+        toy.gain.fill_(1.0)
+    student = registry.build(student_config(toy))
+    student.load_state_dict(init_from_teacher(toy, student_config(toy)))
+    x, s = torch.randn(5, 2), torch.rand(5) + 0.1
+    with torch.no_grad():
+        torch.testing.assert_close(student(x, s, w=3.0), toy(x, s), rtol=1e-5, atol=1e-6)
+    bare = registry.build({"name": "PixelMLP", "hidden": 8, "depth": 1, "emb": 4, "num_classes": 0, "noise_cond": False})
+    with pytest.raises(GuidelabError, match="init='scratch'"):
+        init_from_teacher(bare, student_config(bare))

@@ -254,6 +254,8 @@ def init_from_teacher(teacher: torch.nn.Module, student_config: dict) -> dict[st
     else:
         raise GuidelabError(f"init from the teacher supports the image networks and ToyMLP, not {type(teacher).__name__}; "
                             "train the student from scratch")
+    new = sorted(k for k in state if k not in t_state and not k.startswith("extra_fourier."))
+    check(not new, f"the student has layers the teacher lacks ({new[:3]}): a teacher without any conditioning; use init='scratch'")
     for k, v in t_state.items():
         if k == key:
             w = torch.zeros_like(state[k])
