@@ -197,15 +197,10 @@ def _gft_fn(net, w):
 
 
 def distilled_meta(net) -> dict:
-    """A distilled student's ``meta.distilled`` (``key``, ``sigmas``, ``sampler``; {} for other networks).
-    A progressive student carries its sigma grid there (older runs: ``meta.sigmas``)."""
-    meta = (getattr(net, "checkpoint_info", None) or {}).get("meta") or {}
-    if not isinstance(meta, dict):
-        return {}
-    d = dict(meta.get("distilled") or {})
-    if "sigmas" not in d and meta.get("sigmas") is not None:
-        d["sigmas"] = meta["sigmas"]
-    return d
+    """A distilled student's ``meta.distilled`` ({} for other networks): see
+    :func:`guidelab.training.distill.distilled_info` (a progressive student carries its sigma grid)."""
+    from .training.distill import distilled_info
+    return distilled_info(net) or {}
 
 
 def _distilled_fn(net, w):
