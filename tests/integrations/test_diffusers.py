@@ -252,6 +252,29 @@ def test_attention_hooks_on_a_single_layer():
         assert torch.equal(attn(h), plain)                     # hooks and the patched attention are gone
 
 
+@pytest.mark.parametrize("mode", ["pag", "seg"])
+def test_attention_hooks_on_scattered_rows_with_an_attention_mask(mode):
+    """Marks [T, F, T, F] (four runs) with a per-row attention bias: every row equals that row run alone,
+    perturbed or not, so batch-sized arguments of the attention are sliced with the rows."""
+    from diffusers.models.attention_processor import Attention
+    torch.manual_seed(1)
+    attn = Attention(query_dim=16, heads=2, dim_head=8).double()
+    h = torch.randn(4, 16, 16, dtype=torch.float64)
+    bias = torch.zeros(4, 1, 16, dtype=torch.float64)
+    bias[:, :, 8:] = torch.tensor([0.0, -1e4, -3.0, -1e4], dtype=torch.float64)[:, None, None]   # rows differ
+    marks = torch.tensor([True, False, True, False])
+    pert = gd.Perturbation(mode, blur_sigma=1.0)
+    with torch.no_grad():
+        with gd.perturbed_attention(attn, pert, marks):
+            out = attn(h, attention_mask=bias)
+        for i in range(4):
+            with gd.perturbed_attention(attn, pert, marks[i:i + 1]):
+                alone = attn(h[i:i + 1], attention_mask=bias[i:i + 1])
+            assert torch.allclose(out[i:i + 1], alone, atol=1e-12), i
+        plain = attn(h, attention_mask=bias)
+    assert torch.allclose(out[1::2], plain[1::2], atol=1e-12) and (out[::2] - plain[::2]).abs().max() > 1e-2
+
+
 def test_slg_skips_the_selected_blocks(tmp_path):
     den = gd.load(_save(tmp_path, "unet"), dtype=torch.float64)
     pert = gd.Perturbation("slg", layers=["mid_block"])
