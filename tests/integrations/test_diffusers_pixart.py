@@ -204,3 +204,23 @@ def test_cli_pixart_pag_with_cfg_and_masks(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         cli.run()
     assert e.value.code == 2 and "cfg_weight combines CFG with pag, seg or slg" in capsys.readouterr().err
+
+
+def test_generate_tells_micro_conditioned_models_the_pipeline_default_resolution(tmp_path):
+    """generate() on a micro-conditioned PixArt passes resolution = 8 x sample_size and aspect ratio 1 (the
+    pipeline's default), equal to the sampler called by hand; another resolution changes the samples."""
+    from guidelab.rng import SampleNoise
+    folder = _save(tmp_path, "micro")
+    emb, _, null, _ = _prompts()
+    kw = {"guider": "cfg", "w": 2.0, "sampler": "euler", "steps": 3, "seeds": [4, 5], "prompt_embeds": emb[:1],
+          "null_text": null, "dtype": torch.float64}
+    default, other = gd.generate(folder, **kw), gd.generate(folder, resolution=16, **kw)
+    den = gd.load(folder, dtype=torch.float64, null_text=null)
+    noise = SampleNoise([4, 5])
+    sigmas = gd.make_sigmas(den, 3)
+    x = noise.randn([C, H, H], dtype=torch.float64) * sigmas[0]
+    cond = {"encoder_hidden_states": emb[:1].expand(2, -1, -1), "resolution": torch.full((2, 2), 8.0 * H),
+            "aspect_ratio": torch.ones(2, 1)}
+    ref = samplers.euler(gd.cfg(den, 2.0), x, sigmas, cond=cond, noise=noise)
+    assert torch.allclose(default, ref, atol=1e-10)
+    assert (default - other).abs().max() > 1e-3
