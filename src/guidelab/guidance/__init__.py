@@ -1,7 +1,8 @@
 """Guiders: functions that build a denoiser out of denoisers.
 
 One weight convention everywhere: ``D = D_ref + w (D - D_ref)``, ``w = 1`` is no guidance.
-Guiders compose: wrappers (``interval``, ``epsilon_scaling``) take any guider; non-linear rules
+Guiders compose: wrappers (``interval``, ``epsilon_scaling``) take any guider; ``compose`` sums linear
+guiders sharing a main branch (CFG + PAG, CFG + autoguidance); non-linear rules
 (``rescale``, ``cfg_zero_star``, ``apg``) take a linear guider (``cfg``, ``autoguidance``, ``icg``, ``tsg``).
 See docs/GUIDANCE.md for the table of methods.
 """
@@ -13,6 +14,7 @@ from .cfg import cfg
 from .cfg_zero_star import cfg_zero_star
 from .cfgpp import CFGpp, cfgpp
 from .classifier import ClassifierGuided, classifier
+from .compose import Composed, compose
 from .epsilon_scaling import epsilon_scaling
 from .fkc import fkc_sample
 from .icg import icg
@@ -24,4 +26,4 @@ from .tsg import tsg
 
 __all__ = ["autoguidance", "cfg", "rescale", "cfg_zero_star", "icg", "tsg", "cfgpp", "interval", "apg",
            "epsilon_scaling", "classifier", "tfg_sample", "fkc_sample", "superdiff", "ClassifierGuided",
-           "APGMomentum", "CFGpp", "Branch", "Guided", "PerCall", "evaluate", "DROP"]
+           "compose", "Composed", "APGMomentum", "CFGpp", "Branch", "Guided", "PerCall", "evaluate", "DROP"]
