@@ -1,4 +1,5 @@
-"""Sampling throughput of ``guidelab sample`` at 1 and 2 torchrun ranks (CPU, gloo) on the exact tree.
+"""Sampling throughput of ``guidelab sample`` at 1 and 2 torchrun ranks (CPU, gloo): the exact tree, or a
+model (``--model CHECKPOINT_OR_RUN --label balanced``, e.g. the digits PixelMLP).
 
 Alternates world sizes over rounds in one run, each a fresh job folder, and checks that the union
 of samples is bit-identical. Usage: python bench/sample_throughput.py [--samples 4096] [--rounds 2]
@@ -26,7 +27,10 @@ def main():
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--sampler", default="heun")
     ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--model", default=None, help="checkpoint or run folder (default: the exact tree)")
+    ap.add_argument("--label", default=None, help="with --model: a class or 'balanced'")
     a = ap.parse_args()
+    extra = (["--model", a.model] if a.model else []) + (["--label", a.label] if a.label else [])
     print(f"load average {os.getloadavg()}, cores {os.cpu_count()}")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     times = {1: [], 2: []}
@@ -36,7 +40,7 @@ def main():
                 out = Path(tmp) / f"r{r}_n{nproc}"
                 cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                        "-m", "guidelab", "sample", "--out", str(out), "--samples", str(a.samples), "--shard-size",
-                       str(a.shard_size), "--sampler", a.sampler, "--steps", str(a.steps), "--quiet"]
+                       str(a.shard_size), "--sampler", a.sampler, "--steps", str(a.steps), "--quiet", *extra]
                 t = time.perf_counter()
                 subprocess.run(cmd, check=True, env=env, capture_output=True)
                 times[nproc].append(time.perf_counter() - t)
