@@ -3,27 +3,11 @@ import torch
 
 from guidelab import guidance, samplers, schedules, toy
 from guidelab.errors import GuidelabError
-
-
-class Counting(torch.nn.Module):
-    """A label-conditional denoiser that records its calls (batch sizes and labels)."""
-
-    null_label = 2
-
-    def __init__(self):
-        super().__init__()
-        self.calls = []
-
-    def forward(self, x, sigma, label):
-        self.calls.append((x.shape[0], label.clone()))
-        shift = torch.stack([label.to(x.dtype), -label.to(x.dtype)], 1)
-        return x / (1 + sigma[:, None] ** 2) + 0.1 * shift * sigma[:, None]
+from counting import Counting, inputs
 
 
 def _inputs(B=8):
-    g = torch.Generator().manual_seed(0)
-    return (torch.randn(B, 2, generator=g, dtype=torch.float64), torch.rand(B, generator=g, dtype=torch.float64) + 0.1,
-            torch.randint(0, 2, (B,), generator=g))
+    return inputs(B)
 
 
 def test_w1_is_bit_identical_and_costs_one_call():

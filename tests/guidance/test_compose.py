@@ -7,27 +7,11 @@ from guidelab import guidance, toy
 from guidelab.errors import GuidelabError
 from guidelab.guidance import Branch, Guided
 from guidelab.guidance.compose import compose
-
-
-class Counting(torch.nn.Module):
-    """Label-conditional denoiser recording its calls; label 2 is the null label."""
-
-    null_label = 2
-
-    def __init__(self):
-        super().__init__()
-        self.calls = []
-
-    def forward(self, x, sigma, label):
-        self.calls.append((x.shape[0], label.clone()))
-        shift = torch.stack([label.to(x.dtype), -label.to(x.dtype) ** 2], 1)
-        return x / (1 + sigma[:, None] ** 2) + 0.1 * shift * sigma[:, None]
+from counting import Counting, inputs
 
 
 def _inputs(B=6):
-    g = torch.Generator().manual_seed(0)
-    return (torch.randn(B, 2, generator=g, dtype=torch.float64), torch.rand(B, generator=g, dtype=torch.float64) + 0.1,
-            torch.randint(0, 2, (B,), generator=g))
+    return inputs(B)
 
 
 def test_three_branches_of_one_network_are_one_call_and_the_formula_holds():
