@@ -18,7 +18,7 @@ import numpy as np
 import scipy.linalg
 import torch
 
-from guidelab.metrics import FeatureStats, frechet_distance
+from guidelab.metrics import frechet_distance
 
 
 def scipy_fd(mu1, s1, mu2, s2):

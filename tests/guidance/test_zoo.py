@@ -77,7 +77,7 @@ def test_cost_per_evaluation(name, calls, rows):
 
 
 def test_interval_costs_one_evaluation_outside_and_splits_mixed_batches():
-    net, guide = Net(), Net(0.9)
+    net = Net()
     x, _, label = _inputs()
     g = G.interval(G.cfg(net, 3.0), 0.3, 2.0)
     inner = G.cfg(net, 3.0)

@@ -57,7 +57,6 @@ def test_kill_and_resume_is_bit_identical(tmp_path, kill_at):
 
 
 def test_finished_run_is_reused(tmp_path):
-    calls = []
     p1 = train_toy(tmp_path, iters=6, progress=False, **TINY)
     mtimes = {f: f.stat().st_mtime_ns for f in p1.parent.iterdir()}
     p2 = train_toy(tmp_path, iters=6, progress=False, **TINY)
