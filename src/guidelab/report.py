@@ -90,6 +90,13 @@ def _grid(x: np.ndarray, title: str, view=None) -> str:
     return _png(fig)
 
 
+def _describe(ref) -> str:
+    """A results record as readable text: ``key: value; ...`` with floats to 4 significant digits."""
+    if not isinstance(ref, dict):
+        return str(ref)
+    return "; ".join(f"{k}: {v:.4g}" if isinstance(v, float) else f"{k}: {v}" for k, v in ref.items())
+
+
 def render(sweep_dir: str | os.PathLike, out: str | os.PathLike | None = None, *, grid_samples: int = 2000) -> Path:
     """Write ``<sweep_dir>/report.html`` (or ``out``) from a sweep's results.json and samples."""
     from .jobs import load_shards
@@ -105,7 +112,8 @@ def render(sweep_dir: str | os.PathLike, out: str | os.PathLike | None = None, *
         lo, hi = np.percentile(allx, 0.5, axis=0), np.percentile(allx, 99.5, axis=0)
         view = (lo[0], hi[0], lo[1], hi[1])
     e = html.escape
-    keys = [k for k in rows[0] if k not in ("seeds",)]
+    record = ("extractor", "weights_sha256", "resize", "n")                # the same for every cell: shown once
+    keys = [k for k in rows[0] if k not in ("seeds", *record)]
     table = "<table><tr>" + "".join(f"<th>{e(k)}</th>" for k in keys) + "</tr>"
     for r in rows:
         cls = ' class="best"' if r["cell"] in res["best"].values() else ""
@@ -138,7 +146,8 @@ Pareto front of {e(quality)} against {e(diversity)}: {e(', '.join(res['pareto'])
 <img alt="metric vs weight" src="{_metric_vs_weight(rows, metric)}"></div>
 <h2>Samples</h2>{grids}
 <h2>Results</h2>{table}
-<p>Reference: {e(json.dumps(res['reference']))}. Features: {e(rows[0].get('extractor', ''))};
+<p>Reference: {e(_describe(res['reference']))}. Features: {e(str(rows[0].get('extractor', '')))}
+(weights sha256 {e(str(rows[0].get('weights_sha256')))}, resize {e(str(rows[0].get('resize')))});
 sample count {rows[0].get('n')} per cell, seeds {e(str(rows[0].get('seeds')))}.</p>
 <script>/* for headless checks: how many images decoded */
 window.addEventListener("load", () => {{ const im = [...document.images];
