@@ -1,4 +1,4 @@
-"""diffusers models as guidelab denoisers, attention-perturbation guiders (PAG, SEG, SLG) and ``generate``.
+"""diffusers models as guidelab denoisers, guiders through hooks (PAG, SEG, SLG, TSG), ICG and ``generate``.
 
 A diffusers model is a discrete-time VP network ``F(x_VP, t, **cond)`` trained on timesteps t = 0..T-1 with
 ``alpha_bar_t`` from its scheduler config (``beta_schedule``, ``beta_start``, ``beta_end``, ``trained_betas``).
@@ -42,18 +42,21 @@ from ..denoisers import bcast
 from ..errors import GuidelabError, check
 from ..guidance._base import Branch, Guided, PerCall
 from ..guidance.compose import Composed, compose
+from ..guidance.tsg import KEY as TSG_KEY
 from ..rng import SampleNoise
 
 MODEL_CLASSES = ("UNet2DModel", "UNet2DConditionModel", "DiTTransformer2DModel", "Transformer2DModel",
                  "PixArtTransformer2DModel")
 PREDICTIONS = ("epsilon", "v_prediction", "sample")
 TIMESTEP_MODES = ("interpolate", "nearest")
-#: Conditioning key that marks the rows of a batch whose attention is perturbed (PAG/SEG/SLG).
+#: Conditioning key that marks the rows of a batch whose attention (PAG/SEG/SLG) or time embedding (TSG) is perturbed.
 PERTURB = "perturb"
 #: Conditioning key of the text attention mask ([B, L], 1 = keep, 0 = discard), as diffusers names it.
 MASK = "encoder_attention_mask"
 #: PixArt micro-conditions, passed to the model as ``added_cond_kwargs``.
 MICRO = ("resolution", "aspect_ratio")
+#: Conditioning key of TSG's time-embedding offset ([B, dim]), added on the rows marked ``perturb``.
+OFFSET = TSG_KEY
 
 
 def alphas_cumprod(scheduler_config: dict) -> torch.Tensor:
@@ -73,7 +76,8 @@ class DiffusersDenoiser:
     ``x``: [B, C, H, W] in EDM scale; ``sigma``: [B]. Conditioning: ``class_labels`` ([B] long) or
     ``encoder_hidden_states`` ([B, L, dim]) with optionally ``encoder_attention_mask`` ([B, L]); PixArt
     micro-conditioned models also ``resolution`` ([B, 2], pixels) and ``aspect_ratio`` ([B, 1]); ``perturb``
-    ([B] bool) perturbs those rows' attention (see :func:`perturbed_attention`; set by the PAG/SEG/SLG guiders).
+    ([B] bool) perturbs those rows' attention (see :func:`perturbed_attention`; set by the PAG/SEG/SLG guiders) or,
+    with ``noise_embed_offset`` ([B, dim]), adds the offset to those rows' time embedding (TSG, :func:`tsg`).
     ``null_label`` is the null condition CFG uses: the null class id, or the empty-prompt (or negative-prompt)
     embedding ``null_text`` ([1, L, dim], expanded to the batch) with its mask ``null_mask`` ([1, L]).
     """
@@ -169,10 +173,28 @@ class DiffusersDenoiser:
 
         return {MASK: PerCall(cond_mask)}, {"encoder_hidden_states": self.null_label, MASK: PerCall(uncond_mask)}
 
+    @property
+    def num_classes(self) -> int | None:
+        """Number of real classes of a class-conditional model (ICG's random labels), else ``None``.
+
+        DiT: ``num_embeds_ada_norm`` (its table's extra last row is the null label). UNets with a label table
+        (``num_class_embeds``, ``class_embed_type=None``): its size, less the last row if that is ``null_class``.
+        """
+        if self.cfg_key != "class_labels":
+            return None
+        c = self.model.config
+        if type(self.model).__name__ in ("DiTTransformer2DModel", "Transformer2DModel"):
+            return getattr(c, "num_embeds_ada_norm", None)
+        n = getattr(c, "num_class_embeds", None)
+        if n is None or getattr(c, "class_embed_type", None) is not None:
+            return None
+        return n - 1 if self.null_class == n - 1 else n
+
     # -- the denoiser -----------------------------------------------------------------------
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
         cond = {k: v for k, v in cond.items() if v is not None}   # e.g. no attention mask on either CFG branch
         mask = cond.pop(PERTURB, None)
+        offset = cond.pop(OFFSET, None)
         s = bcast(sigma.to(x.dtype), x)
         dtype = next(self.model.parameters()).dtype
         x_vp = (x / (1 + s ** 2).sqrt()).to(dtype)
@@ -185,9 +207,10 @@ class DiffusersDenoiser:
                   "(height, width in pixels) and aspect_ratio [B, 1] in cond")
             cond["added_cond_kwargs"] = added
         ctx = contextlib.nullcontext()
+        check(offset is None or mask is not None, f"{OFFSET} needs perturb= marks on the rows it perturbs (use gd.tsg)")
         if mask is not None and bool(mask.any()):
             check(self.perturbation is not None, "perturb= needs a denoiser made with perturbation=Perturbation(...)")
-            ctx = perturbed_attention(self.model, self.perturbation, mask.bool())
+            ctx = perturbed_attention(self.model, self.perturbation, mask.bool(), offset=offset)
         with ctx:
             out = self.model(x_vp, timestep=t, **cond, return_dict=False)[0]   # Transformer2DModel: keyword only
         if out.shape[1] == 2 * x.shape[1]:                           # learned variance: keep the mean part
@@ -267,14 +290,17 @@ class Perturbation:
     * ``"pag"`` (Ahn et al. 2024): self-attention map replaced by the identity, i.e. softmax(QK^T) V -> V;
     * ``"seg"`` (Hong 2024): queries blurred by a Gaussian of std ``blur_sigma`` over the 2-D token grid
       (``inf``: every query replaced by their mean, i.e. uniform attention);
-    * ``"slg"`` (skip-layer guidance, SD3.5): the selected blocks are skipped (output = input).
+    * ``"slg"`` (skip-layer guidance, SD3.5): the selected blocks are skipped (output = input);
+    * ``"tsg"`` (time-step guidance, Sadat et al. 2025): the offset ``noise_embed_offset`` ([B, dim]) is added to
+      the output of the time embedding MLP (UNets: ``time_embedding``, ``emb = time_embedding(time_proj(t))``;
+      DiT / PixArt: every ``timestep_embedder``), before class / size embeddings are added to it.
 
-    ``layers``: substrings of module names to perturb; ``None``: every self-attention (PAG/SEG) or every
-    transformer block / residual attention block (SLG).
+    ``layers``: substrings of module names to perturb; ``None``: every self-attention (PAG/SEG), every
+    transformer block / residual attention block (SLG), every time embedder (TSG).
     """
 
     def __init__(self, mode: str, layers: Sequence[str] | None = None, blur_sigma: float = math.inf):
-        check(mode in ("pag", "seg", "slg"), f"perturbation mode must be 'pag', 'seg' or 'slg', got {mode!r}")
+        check(mode in ("pag", "seg", "slg", "tsg"), f"perturbation mode must be 'pag', 'seg', 'slg' or 'tsg', got {mode!r}")
         check(blur_sigma > 0, f"blur_sigma must be > 0, got {blur_sigma}")
         self.mode, self.layers, self.blur_sigma = mode, None if layers is None else list(layers), blur_sigma
         self._found: tuple = (None, [])                             # (model, its modules): searched once
@@ -286,7 +312,9 @@ class Perturbation:
 
     def _search(self, model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
         from diffusers.models.attention_processor import Attention
-        if self.mode == "slg":
+        if self.mode == "tsg":                                       # not class_embedding (also a TimestepEmbedding)
+            blocks = [(n, m) for n, m in model.named_modules() if n == "time_embedding" or n.endswith("timestep_embedder")]
+        elif self.mode == "slg":
             blocks = [(n, m) for n, m in model.named_modules() if type(m).__name__.endswith("TransformerBlock")]
             if not blocks:                                           # UNet2DModel: attention with its own residual
                 blocks = [(n, m) for n, m in model.named_modules()
@@ -297,6 +325,13 @@ class Perturbation:
             blocks = [(n, m) for n, m in blocks if any(s in n for s in self.layers)]
         check(bool(blocks), f"{self.mode}: no layer of {type(model).__name__} matches layers={self.layers}")
         return blocks
+
+    def embed_dim(self, model: torch.nn.Module) -> int:
+        """TSG: size of the time embedding vector the offset is added to (the same for every selected embedder)."""
+        dims = {m.linear_2.out_features for _, m in self.modules(model) if hasattr(m, "linear_2")}
+        check(len(dims) == 1, f"tsg: the time embedders of {type(model).__name__} have sizes {sorted(dims)}; "
+              "select embedders of one size with layers=...")
+        return dims.pop()
 
 
 def _blur_queries(q: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -317,10 +352,12 @@ def _blur_queries(q: torch.Tensor, sigma: float) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def perturbed_attention(model: torch.nn.Module, perturbation: Perturbation, mask: torch.Tensor):
+def perturbed_attention(model: torch.nn.Module, perturbation: Perturbation, mask: torch.Tensor,
+                        offset: torch.Tensor | None = None):
     """Perturb the rows ``mask`` ([B] bool) of every forward call of ``model`` inside the context.
 
-    Forward hooks on the selected modules. SLG replaces their output by their input on those rows.
+    Forward hooks on the selected modules. SLG replaces their output by their input on those rows; TSG adds
+    ``offset`` ([B, dim]) to the time embedding's output on those rows (the other rows are untouched).
     PAG/SEG mark the module as active while it runs and route ``F.scaled_dot_product_attention`` (which
     diffusers' AttnProcessor2_0 calls) through a version that perturbs only the marked rows, so one
     batched call can hold the main and the perturbed branch; each row's attention is computed once (PAG's
@@ -329,7 +366,14 @@ def perturbed_attention(model: torch.nn.Module, perturbation: Perturbation, mask
     """
     mods = perturbation.modules(model)
     handles, active = [], []
-    if perturbation.mode == "slg":
+    if perturbation.mode == "tsg":
+        check(offset is not None and offset.ndim == 2 and offset.shape[0] == mask.shape[0],
+              f"tsg needs {OFFSET} [B, dim] next to the perturb marks")
+
+        def shift(module, args, output):
+            return torch.where(mask.to(output.device)[:, None], output + offset.to(output), output)
+        handles = [m.register_forward_hook(shift) for _, m in mods]
+    elif perturbation.mode == "slg":
         def skip(module, args, kwargs, output):
             inp = args[0] if args else kwargs["hidden_states"]
             out = output[0] if isinstance(output, tuple) else output
@@ -337,6 +381,7 @@ def perturbed_attention(model: torch.nn.Module, perturbation: Perturbation, mask
             out = torch.where(bcast(mask.to(out.device), out), inp, out)
             return (out, *output[1:]) if isinstance(output, tuple) else out
         handles = [m.register_forward_hook(skip, with_kwargs=True) for _, m in mods]
+    if perturbation.mode in ("tsg", "slg"):
         try:
             yield
         finally:
@@ -444,25 +489,73 @@ def slg(denoiser, w, *, layers=None, cfg_weight=None, batched: bool = True) -> G
     return attention_guidance(denoiser, w, "slg", layers=layers, cfg_weight=cfg_weight, batched=batched)
 
 
+def icg(denoiser: DiffusersDenoiser, w, *, seeds=None, num_classes: int | None = None) -> Guided:
+    """Independent condition guidance (guidance.icg) with the model's conditioning; one call of 2B rows.
+
+    Class models (``class_labels``): the reference gets a uniform random label in ``[0, num_classes)`` (default
+    :attr:`DiffusersDenoiser.num_classes`). Text models (``encoder_hidden_states``): a Gaussian embedding with
+    each sample's mean and std of its prompt embedding (over all tokens); the attention mask is kept, so the
+    reference attends to random tokens where the prompt has tokens. ``seeds``: per-sample, batch invariant draws.
+    """
+    check(isinstance(denoiser, DiffusersDenoiser), f"icg needs a DiffusersDenoiser, got {type(denoiser).__name__}")
+    if denoiser.cfg_key == "class_labels":
+        n = denoiser.num_classes if num_classes is None else num_classes
+        check(n is not None, f"icg on this {type(denoiser.model).__name__} needs num_classes=... (it has no label table "
+              "whose size gives the classes)")
+        return guidance.icg(denoiser, w, key="class_labels", kind="label", num_classes=n, seeds=seeds)
+    check(num_classes is None, "num_classes is for class-conditional models; text models get a Gaussian embedding")
+    return guidance.icg(denoiser, w, key="encoder_hidden_states", kind="gaussian", seeds=seeds)
+
+
+def tsg(denoiser: DiffusersDenoiser, w, *, s: float = 0.5, alpha: float = 1.0, seeds=None,
+        layers: Sequence[str] | None = None) -> Guided:
+    """Time-step guidance (guidance.tsg), faithful form: the reference rows' time embedding *vector* gets
+    ``s t^alpha n`` (``t = 1 - alpha_bar = sigma^2 / (1 + sigma^2)``, ``n`` a random direction in R^dim) through
+    a forward hook on the time embedder (:class:`Perturbation` "tsg"); their input scaling, timestep and output
+    conversion are unchanged. Both branches are rows of one call, the reference rows marked ``perturb``."""
+    check(isinstance(denoiser, DiffusersDenoiser), f"tsg needs a DiffusersDenoiser, got {type(denoiser).__name__}")
+    den = denoiser.with_perturbation(Perturbation("tsg", layers))
+    g = guidance.tsg(den, w, s=s, alpha=alpha, dim=den.perturbation.embed_dim(den.model), seeds=seeds)
+    return Guided(Branch(den, {**g.main.overrides, PERTURB: UNMARKED}), Branch(den, {**g.ref.overrides, PERTURB: MARKED}),
+                  w, "tsg")
+
+
 # ---------------------------------------------------------------------------------------------
 # Pipeline-style entry point.
 
-GUIDERS = ("none", "cfg", "autoguidance", "pag", "seg", "slg")
+GUIDERS = ("none", "cfg", "autoguidance", "pag", "seg", "slg", "icg", "tsg", "apg")
+#: Keyword options of each guider (``options=`` / ``--option KEY=VALUE``).
+OPTIONS = {"icg": ("num_classes",), "tsg": ("s", "alpha"), "apg": ("eta", "r", "beta")}
 SCHEDULES = ("karras", "leading", "trailing", "linspace")
 
 
 def make_guider(den: DiffusersDenoiser, guider: str, w: float, *, guide: DiffusersDenoiser | None = None,
-                layers: Sequence[str] | None = None, blur_sigma: float = math.inf, interval=None, cfg_weight=None):
-    """The guided denoiser called ``guider`` ("none", "cfg", "autoguidance", "pag", "seg", "slg") at weight w,
-    optionally only inside ``interval = (sigma_lo, sigma_hi)``. ``cfg_weight`` (pag, seg, slg only): CFG at that
-    weight in the same batched call, ``D = D_u + cfg_weight (D_c - D_u) + (w - 1)(D_c - D_pert)``."""
+                layers: Sequence[str] | None = None, blur_sigma: float = math.inf, interval=None, cfg_weight=None,
+                seeds=None, options: dict | None = None):
+    """The guided denoiser called ``guider`` (one of :data:`GUIDERS`) at weight w, optionally only inside
+    ``interval = (sigma_lo, sigma_hi)``. ``cfg_weight`` (pag, seg, slg only): CFG at that weight in the same
+    batched call, ``D = D_u + cfg_weight (D_c - D_u) + (w - 1)(D_c - D_pert)``. ``seeds``: per-sample seeds of
+    the batch (icg, tsg draw from them). ``options`` (:data:`OPTIONS`): icg ``num_classes``; tsg ``s``,
+    ``alpha``; apg (APG on CFG, a fresh momentum per guider) ``eta``, ``r``, ``beta``. ``layers``: pag, seg,
+    slg, tsg."""
     check(guider in GUIDERS, f"unknown guider {guider!r}; allowed: {', '.join(GUIDERS)}")
     check(cfg_weight is None or guider in ("pag", "seg", "slg"),
           f"cfg_weight combines CFG with pag, seg or slg; for {guider!r} use guider='cfg' or leave it unset")
+    check(layers is None or guider in ("pag", "seg", "slg", "tsg"), f"layers is for pag, seg, slg or tsg, not {guider!r}")
+    options = dict(options or {})
+    allowed = OPTIONS.get(guider, ())
+    bad = sorted(set(options) - set(allowed))
+    check(not bad, f"{guider} takes no option {', '.join(bad)}; allowed: {', '.join(allowed) or 'none'}")
     if guider == "none":
         return den
     if guider == "cfg":
         g = cfg(den, w)
+    elif guider == "apg":
+        g = guidance.apg(cfg(den, w), **options)
+    elif guider == "icg":
+        g = icg(den, w, seeds=seeds, **options)
+    elif guider == "tsg":
+        g = tsg(den, w, seeds=seeds, layers=layers, **options)
     elif guider == "autoguidance":
         check(guide is not None, "autoguidance needs a guide model (guide_dir=... / --guide DIR)")
         check(guide.grid.shape == den.grid.shape and torch.allclose(guide.grid, den.grid),
@@ -507,7 +600,7 @@ def generate(model_dir: str | os.PathLike, *, guider: str = "none", w: float = 1
              prompt_mask: torch.Tensor | None = None, null_class: int | None = None,
              null_text: torch.Tensor | None = None, null_mask: torch.Tensor | None = None, guide_dir=None,
              layers: Sequence[str] | None = None, blur_sigma: float = math.inf, interval=None, cfg_weight=None,
-             resolution: int | None = None, timesteps: str = "interpolate", dtype: torch.dtype = torch.float32,
+             options: dict | None = None, resolution: int | None = None, timesteps: str = "interpolate", dtype: torch.dtype = torch.float32,
              device: str | torch.device = "cpu", out: str | os.PathLike | None = None, progress: bool = False,
              **sampler_kw) -> torch.Tensor:
     """Sample a local diffusers model with any guidelab sampler and guider; returns x0 [N, C, H, W] (model space).
@@ -515,7 +608,9 @@ def generate(model_dir: str | os.PathLike, *, guider: str = "none", w: float = 1
     Sample i starts from ``SampleNoise([seeds[i]])`` and draws its sampler noise from the same generator, so
     it does not depend on ``batch``. ``class_labels``: one id or one per seed; ``prompt_embeds``: [1 or N, L, dim]
     with optionally ``prompt_mask`` [1 or N, L]; ``null_text`` / ``null_mask``: null or negative prompt for CFG;
-    ``cfg_weight``: CFG together with pag/seg/slg; ``guide_dir``: second model for autoguidance; ``resolution``:
+    ``cfg_weight``: CFG together with pag/seg/slg; ``guide_dir``: second model for autoguidance; ``options``:
+    guider keywords (:func:`make_guider`; the guider is built per batch, so icg / tsg draw from each sample's
+    seed and APG's momentum starts fresh); ``resolution``:
     the pixel size micro-conditioned PixArt models are told (default 8 x sample_size, PixArt's VAE factor).
     Latent models return latents (no VAE decoding).
     """
@@ -526,8 +621,10 @@ def generate(model_dir: str | os.PathLike, *, guider: str = "none", w: float = 1
           "null_mask": null_mask}
     den = load(model_dir, **kw)
     guide = load(guide_dir, **kw) if guide_dir is not None else None
-    D = make_guider(den, guider, w, guide=guide, layers=layers, blur_sigma=blur_sigma, interval=interval,
-                    cfg_weight=cfg_weight)
+    def guided(batch_seeds):
+        return make_guider(den, guider, w, guide=guide, layers=layers, blur_sigma=blur_sigma, interval=interval,
+                           cfg_weight=cfg_weight, seeds=batch_seeds, options=options)
+    guided(seeds[:batch])                                            # bad combinations fail before any sampling
     run = samplers.get(sampler)
     sigmas = make_sigmas(den, steps, schedule)
     mc = den.model.config
@@ -551,8 +648,8 @@ def generate(model_dir: str | os.PathLike, *, guider: str = "none", w: float = 1
         px = 8 * size if resolution is None else int(resolution)
         cond_all["resolution"] = torch.tensor([[px, px]], dtype=torch.float64, device=device).expand(N, -1)
         cond_all["aspect_ratio"] = torch.ones(N, 1, dtype=torch.float64, device=device)
-    check(den.cfg_key in cond_all or (guider != "cfg" and cfg_weight is None),
-          f"cfg on this model needs {den.cfg_key} (--class-label / prompt embeddings)")
+    check(den.cfg_key in cond_all or (guider not in ("cfg", "apg", "icg") and cfg_weight is None),
+          f"{guider} on this model needs {den.cfg_key} (--class-label / prompt embeddings)")
     check(not (den.cfg_key == "encoder_hidden_states" and "encoder_hidden_states" not in cond_all),
           "a text-conditioned model needs prompt_embeds (encoder_hidden_states)")
     xdtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32   # half models: float32 sampler
@@ -561,7 +658,8 @@ def generate(model_dir: str | os.PathLike, *, guider: str = "none", w: float = 1
         noise = SampleNoise(seeds[i:i + batch], device=device)
         x = noise.randn([channels, size, size], dtype=xdtype) * sigmas[0].to(xdtype)
         cond = {k: v[i:i + batch] for k, v in cond_all.items()}
-        xs.append(run(D, x, sigmas.to(xdtype), cond=cond, noise=noise, progress=progress, **sampler_kw))
+        xs.append(run(guided(seeds[i:i + batch]), x, sigmas.to(xdtype), cond=cond, noise=noise, progress=progress,
+                      **sampler_kw))
     x = torch.cat(xs)
     if out is not None:
         extra = {"class_labels": cond_all["class_labels"].cpu()} if "class_labels" in cond_all else {}
