@@ -380,7 +380,8 @@ def distill_cmd(teacher, out, guider, guide, w_min, w_max, progressive, from_ste
 @main.command("diffusers")
 @click.argument("model_dir", type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Folder for PNGs + samples.npz.")
-@click.option("--guider", type=click.Choice(["none", "cfg", "autoguidance", "pag", "seg", "slg"]), default="none")
+@click.option("--guider", type=click.Choice(["none", "cfg", "autoguidance", "pag", "seg", "slg", "icg", "tsg", "apg"]),
+              default="none", help="apg: APG on CFG; icg: random class / Gaussian embedding; tsg: time-embedding noise.")
 @click.option("--weight", "w", type=float, default=1.0, help="Guidance weight (1 = no guidance).")
 @click.option("--guide", type=click.Path(path_type=Path), default=None, help="Guide model folder (autoguidance).")
 @click.option("--sampler", default="euler", help="Sampler name (guidelab samplers).")
@@ -396,14 +397,16 @@ def distill_cmd(teacher, out, guider, guide, w_min, w_max, progressive, from_ste
 @click.option("--prompt-embeds", type=click.Path(dir_okay=False, exists=True), default=None,
               help="safetensors with 'prompt_embeds' [1 or N, L, dim], optionally 'null_embeds' [1, L, dim] and "
                    "attention masks 'prompt_attention_mask' / 'null_attention_mask' [1 or N, L] (text models).")
-@click.option("--layers", default=None, help="pag/seg/slg: comma-separated substrings of layer names (default all).")
+@click.option("--layers", default=None, help="pag/seg/slg/tsg: comma-separated substrings of layer names (default all).")
 @click.option("--cfg-weight", type=float, default=None,
               help="pag/seg/slg: CFG at this weight as well, in the same batched call: "
                    "D = D_u + CFG_WEIGHT (D_c - D_u) + (WEIGHT - 1)(D_c - D_pert).")
 @click.option("--interval", default=None, help="Guide only for sigma in (lo, hi], given as lo-hi.")
+@click.option("--option", "options", multiple=True, metavar="KEY=VALUE",
+              help="Guider keyword (repeatable; JSON value): icg num_classes; tsg s, alpha; apg eta, r, beta.")
 @click.option("--device", default="cpu")
 @click.option("--dtype", type=click.Choice(["float32", "float64", "float16", "bfloat16"]), default="float32")
-def diffusers_cmd(model_dir, out, guider, w, guide, seeds, interval, prompt_embeds, layers, dtype, **kw) -> None:
+def diffusers_cmd(model_dir, out, guider, w, guide, seeds, interval, prompt_embeds, layers, dtype, options, **kw) -> None:
     """Sample a local diffusers model (UNet2DModel, UNet2DConditionModel, DiT, PixArt) with any sampler and guider."""
     import torch
 
@@ -425,7 +428,8 @@ def diffusers_cmd(model_dir, out, guider, w, guide, seeds, interval, prompt_embe
                 interval=(lo, hi) if interval else None, prompt_embeds=emb.get("prompt_embeds"),
                 null_text=emb.get("null_embeds"), prompt_mask=emb.get("prompt_attention_mask"),
                 null_mask=emb.get("null_attention_mask"), layers=layers.split(",") if layers else None,
-                dtype=getattr(torch, dtype), class_labels=kw.pop("class_label"), **kw)
+                dtype=getattr(torch, dtype), class_labels=kw.pop("class_label"),
+                options=_read_config(None, tuple(options)), **kw)
     click.echo(f"wrote {len(seed_list)} samples to {out}")
 
 
