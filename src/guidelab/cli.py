@@ -88,7 +88,7 @@ def _config(world, model, label=None, options=(), **kw):
         except ValueError:
             raise GuidelabError(f"--label must be an integer or 'balanced', got {label!r}") from None
     return SampleConfig(world=world if (world or model) else "A", model=model, label=label,
-                        options=_read_config(None, tuple(options)), **kw)
+                        options=_read_config(None, tuple(options), "--option"), **kw)
 
 
 def _interval(text):
@@ -151,6 +151,7 @@ def sweep_cmd(out, methods, weights, intervals, n, seed_start, shard_size, metri
     """Methods x weights (x intervals) -> OUT/results.csv and .json, best weight per method, Pareto front."""
     import numpy as np
     import torch
+
     from . import sweep
     ivs = [tuple(_floats(s.replace("-", ","))) for s in intervals.split(",") if s.strip()] or [None]
     ref = torch.from_numpy(np.load(reference)["samples"]) if reference else None
@@ -223,7 +224,7 @@ def evaluate_cmd(model, out, guider, w, interval, n, seed_start, shard_size, cla
     click.echo(f"wrote {out / 'metrics.json'} and {out / 'grid.png'}")
 
 
-def _read_config(path: Path | None, sets: tuple[str, ...]) -> dict:
+def _read_config(path: Path | None, sets: tuple[str, ...], flag: str = "--set") -> dict:
     """A JSON or TOML config file (optional) with ``KEY=VALUE`` overrides (VALUE parsed as JSON, else a string)."""
     import json
 
@@ -246,7 +247,7 @@ def _read_config(path: Path | None, sets: tuple[str, ...]) -> dict:
     for item in sets:
         key, eq, value = item.partition("=")
         if not eq or not key.strip():
-            raise GuidelabError(f"--set takes KEY=VALUE, got {item!r}")
+            raise GuidelabError(f"{flag} takes KEY=VALUE, got {item!r}")
         try:
             cfg[key.strip()] = json.loads(value)
         except ValueError:
@@ -429,7 +430,7 @@ def diffusers_cmd(model_dir, out, guider, w, guide, seeds, interval, prompt_embe
                 null_text=emb.get("null_embeds"), prompt_mask=emb.get("prompt_attention_mask"),
                 null_mask=emb.get("null_attention_mask"), layers=layers.split(",") if layers else None,
                 dtype=getattr(torch, dtype), class_labels=kw.pop("class_label"),
-                options=_read_config(None, tuple(options)), **kw)
+                options=_read_config(None, tuple(options), "--option"), **kw)
     click.echo(f"wrote {len(seed_list)} samples to {out}")
 
 
