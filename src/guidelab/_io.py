@@ -1,4 +1,5 @@
-"""Atomic file writes, used by every module that writes results, samples or checkpoints."""
+"""Atomic file writes, used by every module that writes results, samples or checkpoints, and the image
+files guidelab writes (uint8 conversion, class grids, PNG)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import os
 import tempfile
 from pathlib import Path
 from typing import BinaryIO, Callable
+
+import numpy as np
 
 
 def atomic_write(path: str | os.PathLike, data: bytes | Callable[[BinaryIO], None]) -> Path:
@@ -38,3 +41,48 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def to_uint8(x) -> np.ndarray:
+    """Images [..., C, H, W] in [-1, 1] (numpy or torch) -> uint8 [..., H, W, C] (clipped, rounded)."""
+    x = x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
+    return np.moveaxis(np.clip(np.round((x.astype(np.float64) + 1) * 127.5), 0, 255).astype(np.uint8), -3, -1)
+
+
+def class_grid(x, labels, seeds, per_row: int = 10, scale: int = 4) -> np.ndarray:
+    """uint8 grid [H, W, C] of images [N, C, H, W] in [-1, 1]: one row per class (its first ``per_row``
+    samples by seed), or without labels the first ``per_row^2`` samples; cells upscaled ``scale``x with a
+    2-pixel grey gap."""
+    order = np.argsort(np.asarray(seeds), kind="stable")
+    x = np.asarray(x.detach().cpu() if hasattr(x, "detach") else x)[order]
+    if labels is None:
+        rows = [x[i * per_row:(i + 1) * per_row] for i in range(min(per_row, -(-len(x) // per_row)))]
+    else:
+        labels = np.asarray(labels)[order]
+        rows = [x[labels == c][:per_row] for c in np.unique(labels)]
+    img = to_uint8(np.concatenate(rows)) if rows else np.zeros((0, 1, 1, 1), np.uint8)
+    h, w, ch = img.shape[1:]
+    img = img.repeat(scale, 1).repeat(scale, 2)
+    cell_h, cell_w = h * scale + 2, w * scale + 2
+    grid = np.full((len(rows) * cell_h, per_row * cell_w, ch), 128, dtype=np.uint8)
+    k = 0
+    for i, r in enumerate(rows):
+        for j in range(len(r)):
+            grid[i * cell_h:i * cell_h + h * scale, j * cell_w:j * cell_w + w * scale] = img[k]
+            k += 1
+    return grid
+
+
+def png_bytes(img: np.ndarray) -> bytes:
+    """A uint8 image [H, W, C] (C = 1 grey, 3 RGB) encoded as PNG."""
+    import io
+
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.fromarray(img[:, :, 0] if img.shape[2] == 1 else img).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_png(path: str | os.PathLike, img: np.ndarray) -> Path:
+    """Atomically write a uint8 image [H, W, C] (C = 1 grey, 3 RGB) as PNG."""
+    return atomic_write(path, png_bytes(img))

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from . import jobs, metrics
-from ._io import atomic_write
+from ._io import atomic_write, class_grid, write_png
 from .errors import check
 from .metrics import features
 
@@ -73,29 +73,6 @@ class DigitsMetrics:
                 "class_histogram": torch.bincount(pred, minlength=self.clf.num_classes).tolist()}
 
 
-def class_grid(x: np.ndarray, labels, seeds, per_row: int = 10, scale: int = 4) -> np.ndarray:
-    """uint8 grid [H, W, C]: one row per class (its first ``per_row`` samples by seed), or without
-    labels the first ``per_row^2`` samples; cells upscaled ``scale``x with a 2-pixel grey gap."""
-    order = np.argsort(seeds, kind="stable")
-    x = np.asarray(x)[order]
-    if labels is None:
-        rows = [x[i * per_row:(i + 1) * per_row] for i in range(min(per_row, -(-len(x) // per_row)))]
-    else:
-        labels = np.asarray(labels)[order]
-        rows = [x[labels == c][:per_row] for c in np.unique(labels)]
-    img = jobs.to_uint8(np.concatenate(rows)) if rows else np.zeros((0, 1, 1, 1), np.uint8)
-    h, w, ch = img.shape[1:]
-    img = img.repeat(scale, 1).repeat(scale, 2)
-    cell_h, cell_w = h * scale + 2, w * scale + 2
-    grid = np.full((len(rows) * cell_h, per_row * cell_w, ch), 128, dtype=np.uint8)
-    k = 0
-    for i, r in enumerate(rows):
-        for j in range(len(r)):
-            grid[i * cell_h:i * cell_h + h * scale, j * cell_w:j * cell_w + w * scale] = img[k]
-            k += 1
-    return grid
-
-
 def nfe_of(rows: dict, n: int) -> dict:
     """NFE per sample from network rows: ``nfe`` (denoising networks), ``classifier_evals``."""
     return {"nfe": (rows.get("model", 0) + rows.get("guide", 0)) / n, "classifier_evals": rows.get("classifier", 0) / n}
@@ -123,7 +100,7 @@ def evaluate(out: str | os.PathLike, cfg: jobs.SampleConfig, *, n: int = 1000, s
     d = jobs.load_shards(out / "samples")
     target = d["labels"] if (not cfg.null_label or cfg.guider == "classifier") else None
     row = measure(d["samples"], target)
-    grid_path = jobs.write_png(out / "grid.png", class_grid(d["samples"], target, d["seeds"]))
+    grid_path = write_png(out / "grid.png", class_grid(d["samples"], target, d["seeds"]))
     result = {**row, **nfe_of(d["rows"], len(d["seeds"])), "sampling_seconds": d["seconds"],
               "metrics_seconds": time.perf_counter() - t,
               **features.describe(measure.extractor, len(d["seeds"]), d["seeds"]),

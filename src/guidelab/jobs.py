@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from . import guidance, samplers, schedules, toy
-from ._io import atomic_write
+from ._io import atomic_write, to_uint8, write_png
 from .errors import GuidelabError, check
 from .rng import SampleNoise
 
@@ -392,16 +392,11 @@ def png_path(out: str | os.PathLike, seed: int) -> Path:
     return Path(out) / "png" / f"{int(seed):09d}.png"
 
 
-def to_uint8(x: np.ndarray) -> np.ndarray:
-    """Images [..., C, H, W] in [-1, 1] -> uint8 [..., H, W, C] (clipped, rounded)."""
-    return np.moveaxis(np.clip(np.round((np.asarray(x, dtype=np.float64) + 1) * 127.5), 0, 255).astype(np.uint8), -3, -1)
-
-
-def write_png(path: str | os.PathLike, img: np.ndarray) -> Path:
-    """Atomically write a uint8 image [H, W, C] (C = 1 grey, 3 RGB) as PNG."""
-    from PIL import Image
-    im = Image.fromarray(img[:, :, 0] if img.shape[2] == 1 else img)
-    return atomic_write(path, lambda f: im.save(f, format="PNG"))
+def _write_pngs(out: Path, seeds, x: np.ndarray) -> None:
+    """The PNG of each sample that has none yet (a killed job may have written some of a shard's)."""
+    for seed, im in zip(seeds, to_uint8(x)):
+        if not png_path(out, seed).exists():
+            write_png(png_path(out, seed), im)
 
 
 def _dist_context():
@@ -474,18 +469,14 @@ def sample(out: str | os.PathLike, cfg: SampleConfig, *, n: int, seed_start: int
                 f.unlink(missing_ok=True)
             if p.exists():
                 if png:
-                    x = np.load(p)["samples"]
-                    for seed, im in zip(seeds, to_uint8(x)):
-                        if not png_path(out, seed).exists():
-                            write_png(png_path(out, seed), im)
+                    _write_pngs(out, seeds, np.load(p)["samples"])
                 continue
             job.reset()
             t = time.perf_counter()
             x = job.generate(seeds.tolist())
             info = {"rows": dict(job.counts), "seconds": time.perf_counter() - t}
             if png:
-                for seed, im in zip(seeds, to_uint8(x)):
-                    write_png(png_path(out, seed), im)
+                _write_pngs(out, seeds, x)
             labels = job.labels(seeds.tolist())
             arrays = {"samples": x, "seeds": seeds, "info": np.array(json.dumps(info))}
             if labels is not None:

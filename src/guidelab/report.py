@@ -1,7 +1,7 @@
 """A static HTML report of a sweep: trade-off plots, sample grids per method and weight, the table.
 
 Sample grids: a scatter of 2-D points; for images, one row per class (the first 10 samples of each
-label by seed; unlabelled: the first 100), as :func:`guidelab.evaluate.class_grid` writes them.
+label by seed; unlabelled: the first 100), as :func:`guidelab._io.class_grid` draws them.
 
 Every figure is an inline base64 PNG, so ``report.html`` opens from disk with no server and no
 other file.
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ._io import atomic_write
+from ._io import atomic_write, class_grid, png_bytes
 from .errors import check
 from .sweep import HIGHER_IS_BETTER
 
@@ -63,13 +63,8 @@ def _metric_vs_weight(rows, metric) -> str:
 
 def _image_grid(x: np.ndarray, labels, seeds) -> str:
     """Images [N, C, H, W] in [-1, 1]: a class grid (rows = labels) as an inline PNG, not resampled."""
-    from PIL import Image
-
-    from .evaluate import class_grid
     g = class_grid(x, labels, seeds, scale=max(1, 24 // x.shape[-1]))
-    buf = io.BytesIO()
-    Image.fromarray(g[:, :, 0] if g.shape[2] == 1 else g).save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    return "data:image/png;base64," + base64.b64encode(png_bytes(g)).decode()
 
 
 def _grid(x: np.ndarray, title: str, view=None) -> str:

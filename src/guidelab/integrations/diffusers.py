@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import guidance, samplers, schedules
-from .._io import atomic_write
+from .._io import atomic_write, to_uint8, write_png
 from ..denoisers import bcast
 from ..errors import GuidelabError, check
 from ..guidance._base import Branch, Guided, PerCall
@@ -579,15 +579,12 @@ def make_sigmas(den: DiffusersDenoiser, steps: int, schedule: str = "karras") ->
 def save_outputs(out: str | os.PathLike, x: torch.Tensor, seeds: Sequence[int], **extra) -> Path:
     """``out/samples.npz`` (x, seeds, extra arrays) and, for 1- or 3-channel samples, ``out/<seed>.png``
     (values in [-1, 1] mapped to 0..255); every file written atomically (temp file + os.replace)."""
-    from PIL import Image
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     arr = x.detach().float().cpu().numpy()
     if arr.shape[1] in (1, 3):
-        img = ((arr.clip(-1, 1) + 1) * 127.5).round().astype(np.uint8).transpose(0, 2, 3, 1)
-        for s, im in zip(seeds, img):
-            pil = Image.fromarray(im[..., 0] if im.shape[-1] == 1 else im)
-            atomic_write(out / f"{int(s):06d}.png", lambda f, pil=pil: pil.save(f, format="PNG"))
+        for s, im in zip(seeds, to_uint8(arr)):
+            write_png(out / f"{int(s):06d}.png", im)
     path = out / "samples.npz"
     atomic_write(path, lambda f: np.savez(f, x=arr, seeds=np.asarray(list(seeds), dtype=np.int64),
                                            **{k: np.asarray(v) for k, v in extra.items()}))

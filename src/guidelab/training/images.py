@@ -156,9 +156,8 @@ def sample_grid(model, path: str | Path, *, per_class: int = 10, steps: int = 32
                 sigma_max: float = 80.0, w: float = 1.0) -> Path:
     """A PNG grid of samples (EDM Heun, ``karras(steps, 0.002, sigma_max)``): one row per class
     (``per_class`` seeds each) or, unconditional, a square of ``per_class^2``. Seeds ``seed, seed+1, ...``.
-    A GFT network (extra scalar ``beta``) is sampled at ``beta = 1 / w``."""
-    from PIL import Image
-
+    A GFT network (extra scalar ``beta``) is sampled at ``beta = 1 / w``. Written atomically."""
+    from .._io import class_grid, write_png
     from ..rng import SampleNoise
     from ..samplers import heun
     from ..schedules import karras
@@ -176,20 +175,9 @@ def sample_grid(model, path: str | Path, *, per_class: int = 10, steps: int = 32
         from .gft import gft_denoiser
         den = gft_denoiser(model, w)
     x = heun(den, x, sigmas, cond=cond)
-    img = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
-    r, c = model.img_resolution, model.img_channels
-    scale = max(1, 512 // (per_class * r))
-    img = img.repeat_interleave(scale, 2).repeat_interleave(scale, 3)
-    cell = r * scale + 2                                            # a 2-pixel grey gap between cells
-    grid = torch.full((rows * cell, per_class * cell, c), 128, dtype=torch.uint8)
-    for k in range(n):
-        i, j = divmod(k, per_class)
-        grid[i * cell:i * cell + r * scale, j * cell:j * cell + r * scale] = img[k].permute(1, 2, 0)
-    grid = grid.numpy()
-    im = Image.fromarray(grid[:, :, 0] if c == 1 else grid)
-    path = Path(path)
-    im.save(path)
-    return path
+    labels = None if cond is None else cond["label"].cpu()
+    scale = max(1, 512 // (per_class * model.img_resolution))
+    return write_png(path, class_grid(x.cpu(), labels, range(n), per_row=per_class, scale=scale))
 
 
 def train_images(out_dir: str | Path = "runs/images", cfg: ImageConfig | None = None, *, progress: bool = True,
