@@ -285,19 +285,15 @@ def image_source(model: torch.nn.Module) -> dict:
 def image_data(source: dict, conditional: bool) -> Data:
     """``data(batch, generator) -> (x0, {"label": y})`` (no label when not ``conditional``): random training
     images of ``source`` (:func:`image_source`)."""
-    from .images import ImageConfig, load_data
+    from .images import ImageConfig, image_draw, load_data
 
     data = load_data(ImageConfig(**source))
     check(not conditional or data.labels is not None, f"{source['data']} has no labels for a class-conditional student")
-    cached: dict = {}
+    images = image_draw(data)
 
     def draw(batch: int, gen: torch.Generator):
-        dev = gen.device
-        if dev not in cached:
-            cached[dev] = (data.images.to(dev), None if data.labels is None else data.labels.to(dev))
-        x0_all, y_all = cached[dev]
-        i = torch.randint(len(x0_all), (batch,), generator=gen, device=dev)
-        return x0_all[i], ({"label": y_all[i]} if conditional else {})
+        x0, y = images(batch, gen)
+        return x0, ({"label": y} if conditional else {})
     return draw
 
 

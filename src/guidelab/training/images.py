@@ -104,23 +104,34 @@ def model_config(cfg: ImageConfig, data) -> dict[str, Any]:
             "noise_cond": cfg.noise_cond, "extra_scalar": "beta" if cfg.recipe == "gft" else cfg.extra_scalar}
 
 
-def image_loss(cfg: ImageConfig, data):
-    """``loss_fn(net, batch, generator) -> [batch]``: the EDM loss on random training images."""
-    on_device: dict = {}  # the data set, moved once to the training device
+def image_draw(data):
+    """``draw(batch, generator) -> (x0, labels or None)``: random training images of ``data``, drawn on the
+    generator's device (all randomness from the step's generator; the data set moved there once)."""
+    on_device: dict = {}
 
-    def loss_fn(net, batch: int, gen: torch.Generator) -> torch.Tensor:
-        dev = gen.device  # all randomness from the step's generator, on the training device
+    def draw(batch: int, gen: torch.Generator):
+        dev = gen.device
         if dev not in on_device:
             on_device[dev] = (data.images.to(dev), None if data.labels is None else data.labels.to(dev))
         x0_all, labels_all = on_device[dev]
         i = torch.randint(len(x0_all), (batch,), generator=gen, device=dev)
-        x0 = x0_all[i]
+        return x0_all[i], None if labels_all is None else labels_all[i]
+    return draw
+
+
+def image_loss(cfg: ImageConfig, data):
+    """``loss_fn(net, batch, generator) -> [batch]``: the EDM loss on random training images."""
+    draw = image_draw(data)
+
+    def loss_fn(net, batch: int, gen: torch.Generator) -> torch.Tensor:
+        dev = gen.device
+        x0, labels = draw(batch, gen)
         sigma = (torch.randn(batch, generator=gen, device=dev) * cfg.P_std + cfg.P_mean).exp()  # EDM: ln sigma ~ N
         n = torch.randn(x0.shape, generator=gen, device=dev)
         cond = {}
         if net.num_classes:
             drop = torch.rand(batch, generator=gen, device=dev) < cfg.label_dropout
-            cond["label"] = torch.where(drop, net.null_label, labels_all[i])
+            cond["label"] = torch.where(drop, net.null_label, labels)
         if cfg.recipe == "gft":
             from .gft import draw_beta, gft_loss
             return gft_loss(net, x0 + sigma[:, None, None, None] * n, sigma, x0, net.precond,
