@@ -29,6 +29,7 @@ from . import guidance, samplers, schedules, toy
 from ._io import atomic_write, to_uint8, write_png
 from .errors import GuidelabError, check
 from .rng import SampleNoise
+from .training.phema import load_network
 
 #: Guiders that combine networks linearly (``D = D_ref + w (D - D_ref)``) or by a gradient.
 GUIDERS = ("none", "cfg", "autoguidance", "icg", "tsg", "gft", "distilled", "classifier")
@@ -101,16 +102,6 @@ class SampleConfig:
             check(path is None or Path(path).exists(), f"checkpoint not found: {path}")
         check(self.interval is None or (len(self.interval) == 2 and 0 <= self.interval[0] < self.interval[1]),
               f"interval must be (lo, hi) with 0 <= lo < hi, got {self.interval!r}")
-
-
-def load_network(path, sigma_rel: float = 0.10, step: int | None = None, device: str | torch.device = "cpu"):
-    """A checkpoint (.safetensors) or a run folder's post-hoc EMA (``sigma_rel`` at ``step``) as a model."""
-    from .training import load_model, phema
-    path = Path(path)
-    check(path.exists(), f"checkpoint not found: {path}")
-    if path.is_dir():
-        return phema.reconstruct(path, sigma_rel, step, device)
-    return load_model(path, device)
 
 
 def network_info(net) -> dict:

@@ -39,6 +39,7 @@ from ..errors import GuidelabError, check
 from ..models import registry
 from . import checkpoint
 from .loop import LoopConfig, train
+from .phema import load_network
 
 #: ``guider(w) -> denoiser``, ``w`` a [batch] tensor (or a number).
 Guider = Callable[[Any], Callable[..., torch.Tensor]]
@@ -210,16 +211,6 @@ def distilled_info(model) -> dict | None:
     return dict(d) if isinstance(d, dict) else None
 
 
-def load_teacher(spec: str | Path, *, sigma_rel: float = 0.10, step: int | None = None, device: str = "cpu"):
-    """A model from a checkpoint file, or from a run folder: its post-hoc EMA (``phema.reconstruct``)
-    of length ``sigma_rel`` at ``step`` (default: the last snapshot)."""
-    from .phema import reconstruct
-
-    spec = Path(spec)
-    check(spec.exists(), f"{spec} does not exist; pass a checkpoint (.safetensors) or a run folder")
-    return reconstruct(spec, sigma_rel, step, device) if spec.is_dir() else checkpoint.load_model(spec, device)
-
-
 def describe(spec: str | Path, model) -> str:
     """A one-line identity of a loaded teacher (its path, and the post-hoc EMA it was rebuilt with)."""
     info = getattr(model, "checkpoint_info", {}) or {}
@@ -313,7 +304,7 @@ def distill_images(run_dir: str | Path, teacher: str | Path, *, guider: str = "c
     check(guider in GUIDERS, f"unknown guider {guider!r}; allowed: {list(GUIDERS)}")
     check(init in ("teacher", "scratch"), f"init must be 'teacher' or 'scratch', got {init!r}")
     check((guide is None) == (guider == "cfg"), "autoguidance needs --guide (a weaker model); cfg takes none")
-    net = load_teacher(teacher, sigma_rel=sigma_rel, step=step, device=device)
+    net = load_network(teacher, sigma_rel=sigma_rel, step=step, device=device)
     desc = f"{guider} of {describe(teacher, net)}"
     if guider == "cfg":
         check(getattr(net, "num_classes", 0), "cfg needs a class-conditional teacher (with a null label)")
@@ -321,7 +312,7 @@ def distill_images(run_dir: str | Path, teacher: str | Path, *, guider: str = "c
         def make(w):
             return guidance.cfg(net, w)
     else:
-        g = load_teacher(guide, sigma_rel=guide_sigma_rel, step=guide_step, device=device)
+        g = load_network(guide, sigma_rel=guide_sigma_rel, step=guide_step, device=device)
         desc += f" guided by {describe(guide, g)}"
 
         def make(w):
@@ -350,7 +341,7 @@ def progressive_images(out_dir: str | Path, student: str | Path, *, to_steps: in
     """
     from ..schedules import karras
 
-    net = load_teacher(student, sigma_rel=sigma_rel, step=step, device=device)
+    net = load_network(student, sigma_rel=sigma_rel, step=step, device=device)
     info = distilled_info(net)
     check(info is not None, f"{student} is not a distilled student (guidelab distill)")
     if info["sigmas"] is not None:

@@ -109,3 +109,12 @@ def reconstruct(run_dir: str | Path, sigma_rel: float, step: int | None = None,
                              "phema_weights": [float(w) for w in x], "phema_snapshots": [p.name for p, _, _ in snaps],
                              "phema_error": profile_error(ts, gammas, x, step, gamma)}
     return model.eval().requires_grad_(False)
+
+
+def load_network(path: str | Path, sigma_rel: float = 0.10, step: int | None = None,
+                 device: str | torch.device = "cpu") -> torch.nn.Module:
+    """A checkpoint (.safetensors), or a training run folder's post-hoc EMA of ``sigma_rel`` at ``step``
+    (:func:`reconstruct`; default the last snapshot)."""
+    path = Path(path)
+    check(path.exists(), f"checkpoint not found: {path} (pass a .safetensors checkpoint or a training run folder)")
+    return reconstruct(path, sigma_rel, step, device) if path.is_dir() else checkpoint.load_model(path, device)
