@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -87,12 +87,9 @@ def evaluate(out: str | os.PathLike, cfg: jobs.SampleConfig, *, n: int = 1000, s
     digits classifier's checkpoint (default: the cached one). Returns the metrics dict.
     """
     out = Path(out)
-    if cfg.label is None and cfg.guider == "classifier":
-        cfg = replace(cfg, label="balanced")
-    job = jobs.build(cfg, device or "cpu")                       # validates and loads before anything is written
+    job = jobs.build_balanced(cfg, device or "cpu")              # validates and loads before anything is written
+    cfg = job.cfg
     check(job.shape == (1, 8, 8), f"evaluate measures digits models (images [1, 8, 8]); {cfg.model} samples {list(job.shape)}")
-    if cfg.label is None and job.num_classes:
-        job.cfg = cfg = replace(cfg, label="balanced")
     measure = measure or DigitsMetrics(classifier)
     jobs.sample(out / "samples", cfg, n=n, seed_start=seed_start, shard_size=shard_size, device=device,
                 progress=progress, job=job)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -372,6 +372,18 @@ class Sampling:
 def build(cfg: SampleConfig, device: str | torch.device = "cpu") -> Sampling:
     """Load the networks of ``cfg`` (validated; a bad guider or checkpoint is a one-line error)."""
     return Sampling(cfg, device)
+
+
+def build_balanced(cfg: SampleConfig, device: str | torch.device = "cpu", *, classifier: bool = False) -> Sampling:
+    """:func:`build` where an unset label means ``"balanced"`` for class-conditional models and for
+    classifier guidance (``classifier``: also when the guider is another one; what evaluate and sweep
+    default to); ``.cfg`` of the result is the configuration used."""
+    if cfg.label is None and (classifier or cfg.guider == "classifier"):
+        cfg = replace(cfg, label="balanced")
+    job = build(cfg, device)
+    if cfg.label is None and job.num_classes:
+        job.cfg = replace(cfg, label="balanced")
+    return job
 
 
 def shard_name(start: int, stop: int) -> str:

@@ -87,11 +87,8 @@ def run(out: str | os.PathLike, base: jobs.SampleConfig, methods: dict[str, list
     world = toy.tree(base.world, dtype=torch.float64) if base.world is not None else None
     digits = None
     if base.model is not None:
-        if base.label is None and "classifier" in methods:
-            base = replace(base, label="balanced")
-        probe = jobs.build(base)
-        if base.label is None and probe.num_classes:
-            base = replace(base, label="balanced")
+        probe = jobs.build_balanced(base, classifier="classifier" in methods)
+        base = probe.cfg
         if reference is None and probe.shape == (1, 8, 8):
             digits = DigitsMetrics(classifier)
     if reference is None and digits is None:
