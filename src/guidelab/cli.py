@@ -417,16 +417,15 @@ def diffusers_cmd(model_dir, out, guider, w, guide, seeds, interval, prompt_embe
         from safetensors.torch import load_file
         emb = load_file(prompt_embeds)
     try:
-        lo, hi = (float(v) for v in interval.split("-")) if interval else (None, None)
         if "-" in seeds:
             first, last = (int(v) for v in seeds.split("-"))
             seed_list = list(range(first, last + 1))
         else:
             seed_list = [int(v) for v in seeds.split(",") if v.strip()]
     except ValueError:
-        raise GuidelabError(f"--seeds must look like 0-7 or 1,2,5 and --interval like 0.3-5, got {seeds!r}, {interval!r}") from None
+        raise GuidelabError(f"--seeds must look like 0-7 or 1,2,5, got {seeds!r}") from None
     gd.generate(model_dir, guider=guider, w=w, guide_dir=guide, seeds=seed_list, out=out,
-                interval=(lo, hi) if interval else None, prompt_embeds=emb.get("prompt_embeds"),
+                interval=_interval(interval), prompt_embeds=emb.get("prompt_embeds"),
                 null_text=emb.get("null_embeds"), prompt_mask=emb.get("prompt_attention_mask"),
                 null_mask=emb.get("null_attention_mask"), layers=layers.split(",") if layers else None,
                 dtype=getattr(torch, dtype), class_labels=kw.pop("class_label"),

@@ -55,7 +55,7 @@ class SampleConfig:
 
     ``interval = (lo, hi)`` guides only for lo < sigma <= hi. Schedule: karras(steps, sigma_min,
     sigma_max, rho); ``sigma_max`` None is 80 for image networks (EDM) and 5 otherwise; a checkpoint
-    that carries its own grid (``meta.sigmas``, progressive distillation) is sampled on exactly that
+    that carries its own grid (``meta.distilled.sigmas``, progressive distillation) is sampled on exactly that
     grid (``sampler`` None: euler there, heun otherwise). ``chunk``: networks see blocks of this many
     rows, each sample in the row ``seed % chunk``, so samples do not depend on the shard size (see
     :class:`Counted`; 0: off; shards that are multiples of ``chunk`` waste nothing).
