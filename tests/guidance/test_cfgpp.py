@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from guidelab import guidance as G, samplers, schedules, toy
-from guidelab.samplers._common import ancestral_step
+from guidelab.samplers.base import ancestral_step
 
 LAM = 0.4
 SIG = schedules.karras(8, 0.01, 5.0)

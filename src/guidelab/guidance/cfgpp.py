@@ -7,7 +7,7 @@ DDIM, ``eps_u = (x - D_u) / sigma``)::
     x_next = D_lam + sigma_next (x - D_u) / sigma
 
 Mechanism: the guider returns ``(D_data, D_renoise) = (D_lam, D_u)`` from :meth:`CFGpp.denoise_pair`;
-samplers that support it (``samplers._common.denoise_pair``) take their direction/history terms from
+samplers that support it (``samplers.base.denoise_pair``) take their direction/history terms from
 ``D_renoise`` and their data term from ``D_data``. Called as a plain denoiser it returns ``D_lam``.
 
 Weight: the paper's ``lam`` in [0, 1] (``lam = 0``: unconditional; there is no "no guidance" value in

@@ -14,7 +14,7 @@ in the limit of many particles and small steps. The same machinery anneals: ``p^
 reference, ``D_ref = x``). Weight convention: ``w`` is guidelab's (= the paper's beta for CFG).
 
 Sampler: the reverse SDE in its exact-for-Gaussians DDPM discretisation (the ancestral step with
-eta = 1, :func:`guidelab.samplers._common.ancestral_step`) rather than the official Euler-Maruyama,
+eta = 1, :func:`guidelab.samplers.base.ancestral_step`) rather than the official Euler-Maruyama,
 whose step ``x + 2 (sigma - sigma_next) / sigma (D - x)`` overshoots for coarse steps; the last step
 returns ``D``. The weight rate is integrated over each step by the trapezoid rule, its end value being
 the next step's start value (no extra NFE), so particles are reweighted and resampled at the start of
@@ -36,7 +36,7 @@ import torch
 
 from ..errors import check
 from ..rng import SampleNoise
-from ..samplers._common import Callback, ancestral_step, check_inputs, euler_step, report, resolve_noise, steps
+from ..samplers.base import Callback, ancestral_step, check_inputs, euler_step, report, resolve_noise, steps
 from ._base import Guided
 
 

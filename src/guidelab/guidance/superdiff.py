@@ -36,7 +36,7 @@ import math
 import torch
 
 from ..errors import check
-from ..samplers._common import Callback, check_inputs, report, resolve_noise, steps
+from ..samplers.base import Callback, check_inputs, report, resolve_noise, steps
 from ._base import Branch, batch_dot, evaluate
 
 MODES = ("or", "and")

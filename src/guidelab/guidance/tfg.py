@@ -20,7 +20,7 @@ EDM form [derived from the official VP code ``methods/tfg.py::guide_step``]: wit
 (1 + sigma_next^2) / (1 + sigma^2)``, the VP update ``z' = DDIM + Delta_t(z) / sqrt(alpha_t) +
 sqrt(abar_{t-1}) Delta_0`` becomes ``x' = DDIM_EDM(x, D) + rho_t (1 + sigma^2) grad_x log f~ + Delta_0``;
 the VP renoise ``z = sqrt(alpha_t) z' + sqrt(1 - alpha_t) n`` becomes ``x = x' + sqrt(sigma^2 - sigma_next^2) n``;
-DDIM(eta) is the ancestral split of :func:`guidelab.samplers._common.ancestral_step` (eta = 1: DDPM).
+DDIM(eta) is the ancestral split of :func:`guidelab.samplers.base.ancestral_step` (eta = 1: DDPM).
 Schedules as the official code: ``rho_t = rho s_t N / sum(s)`` with ``s_t = alpha_t`` ("increase",
 TFG's and FreeDoM's default), ``1 - alpha_t`` ("decrease") or 1 ("constant": the DPS, LGD, MPGD and UGD
 codes' fixed ``guidance_strength``), the same for mu; ``gamma_t = gamma sqrt(1 - abar_t)`` ("decrease")
@@ -65,7 +65,7 @@ from typing import Callable
 import torch
 
 from ..errors import GuidelabError, check
-from ..samplers._common import Callback, ancestral_step, check_inputs, euler_step, report, resolve_noise, steps
+from ..samplers.base import Callback, ancestral_step, check_inputs, euler_step, report, resolve_noise, steps
 
 _C = dict(rho_schedule="constant", mu_schedule="constant")     # the original methods' constant step sizes
 PRESETS: dict[str, dict] = {

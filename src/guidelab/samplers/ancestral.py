@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import Callback, ancestral_loop, euler_step
+from .base import Callback, ancestral_loop, euler_step
 
 
 def euler_ancestral(denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, cond: dict | None = None,

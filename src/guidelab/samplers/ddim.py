@@ -15,7 +15,7 @@ import math
 import torch
 
 from ..errors import check
-from ._common import Callback, ancestral_loop, euler_step
+from .base import Callback, ancestral_loop, euler_step
 
 
 def ddim(denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, cond: dict | None = None,

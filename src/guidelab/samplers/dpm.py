@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from ._common import Callback, ancestral_loop, churn_loop, dpm2_step
+from .base import Callback, ancestral_loop, churn_loop, dpm2_step
 
 
 def dpm_2(denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, cond: dict | None = None,

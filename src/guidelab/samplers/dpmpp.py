@@ -13,7 +13,7 @@ import math
 import torch
 
 from ..errors import check
-from ._common import (Callback, ancestral_loop, check_inputs, dpmpp_2s_step, pair_evaluator, renoised, report,
+from .base import (Callback, ancestral_loop, check_inputs, dpmpp_2s_step, pair_evaluator, renoised, report,
                       resolve_noise, steps)
 
 

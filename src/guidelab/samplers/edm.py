@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from ._common import Callback, churn_loop, euler_step, heun_step
+from .base import Callback, churn_loop, euler_step, heun_step
 
 
 def euler(denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, cond: dict | None = None,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import check
-from ._common import Callback, check_inputs, evaluator, report, steps
+from .base import Callback, check_inputs, evaluator, report, steps
 
 
 def lms_coefficients(nodes: list[float], a: float, b: float) -> list[float]:

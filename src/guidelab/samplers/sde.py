@@ -8,7 +8,7 @@ import math
 import torch
 
 from ..errors import GuidelabError, check
-from ._common import Callback, check_inputs, evaluator, report, resolve_noise, steps
+from .base import Callback, check_inputs, evaluator, report, resolve_noise, steps
 
 
 @torch.no_grad()

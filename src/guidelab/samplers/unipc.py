@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..errors import check
-from ._common import Callback, check_inputs, evaluator, report, steps
+from .base import Callback, check_inputs, evaluator, report, steps
 
 
 def _step(x, sig: list[float], i: int, hist: list[torch.Tensor], p: int, variant: str, D_next=None):

@@ -1,5 +1,6 @@
-"""Pieces every sampler shares, written once: input checks, the denoiser call, noise, churn,
-ancestral step sizes, the single-step updates, callbacks and progress.
+"""The building blocks of sampler loops, written once: input checks, the denoiser call, noise, churn,
+ancestral step sizes, the single-step updates, callbacks, progress and the two loops. Public: new
+samplers (and sampler-like methods: guidance.fkc, tfg, superdiff, guidelab.inverse) build on it.
 
 Inside the loops, step sizes are Python floats (``sigmas.tolist()``): the coefficient arithmetic is
 then plain float64 and costs no tensor op. Noise samplers are called as ``noise(sigma, sigma_next)``
@@ -79,11 +80,6 @@ def renoised(x_next: torch.Tensor, D: torch.Tensor, D_r: torch.Tensor) -> torch.
     For Euler/DDIM ``x + (s' - s)/s (x - D_r) + (D - D_r) = D + s'/s (x - D_r)`` (CFG++, methods.md §4).
     """
     return x_next if D_r is D else x_next + (D - D_r)
-
-
-def denoise(denoiser, x: torch.Tensor, sigma: torch.Tensor, cond: dict | None) -> torch.Tensor:
-    """Call ``denoiser`` with a scalar step sigma broadcast to the per-sample [batch] shape."""
-    return denoiser(x, sigma.expand(x.shape[0]), **(cond or {}))
 
 
 def steps(sigmas: torch.Tensor, progress: bool, desc: str) -> Iterator[int]:
