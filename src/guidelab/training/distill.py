@@ -28,7 +28,7 @@ range and, after stage 2, the sampler and the exact sigma grid it must be sample
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -36,10 +36,12 @@ import torch
 
 from ..denoisers import bcast, edm_loss
 from ..errors import GuidelabError, check
+from ..guidance import registry as guiders
 from ..models import registry
 from . import checkpoint
 from .loop import LoopConfig, train
 from .phema import load_network
+from .student import distilled_denoiser, distilled_info  # noqa: F401  (sampling side of a student)
 
 #: ``guider(w) -> denoiser``, ``w`` a [batch] tensor (or a number).
 Guider = Callable[[Any], Callable[..., torch.Tensor]]
@@ -103,18 +105,6 @@ def distill_student(run_dir: str | Path, model_config: dict, guider: Guider, dat
     meta = {"recipe": "distill", **asdict(cfg), "teacher": teacher}
     return train(run_dir, model_config, distill_loss(guider, data, cfg), loop, meta=meta,
                  checkpoint_every=checkpoint_every, progress=progress, desc="distill", device=device, threads=threads)
-
-
-def distilled_denoiser(student, w, *, key: str = "w") -> Callable[..., torch.Tensor]:
-    """The student at guidance weight ``w`` (a number or a [batch] tensor) as a plain denoiser.
-
-    ``D(x, sigma, **cond) = student(x, sigma, **cond, w=w)``: one network evaluation per call, so a
-    sampler pays one evaluation per step instead of the teacher's two.
-    """
-    def D(x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
-        wt = torch.as_tensor(w, dtype=x.dtype, device=x.device)
-        return student(x, sigma, **cond, **{key: wt.expand(x.shape[0]) if wt.ndim == 0 else wt})
-    return D
 
 
 # ----------------------------------------------------------------------------------------------
@@ -199,18 +189,6 @@ def _info(cfg: DistillConfig, sigmas=None) -> dict:
             "sigmas": None if sigmas is None else [float(s) for s in sigmas]}
 
 
-def distilled_info(model) -> dict | None:
-    """A loaded student's ``{"key", "w_min", "w_max", "sampler", "sigmas"}`` (None: not a distilled student).
-
-    ``key`` is the guidance-weight keyword (:func:`distilled_denoiser`); a progressive (stage-2) student
-    must be sampled with ``sampler`` (``"euler"``, i.e. deterministic DDIM) on exactly ``sigmas`` (a list
-    ending in 0); a stage-1 student (``sigmas`` None) with any sampler.
-    """
-    info = getattr(model, "checkpoint_info", None) or {}
-    d = (info.get("meta") or {}).get("distilled")
-    return dict(d) if isinstance(d, dict) else None
-
-
 def describe(spec: str | Path, model) -> str:
     """A one-line identity of a loaded teacher (its path, and the post-hoc EMA it was rebuilt with)."""
     info = getattr(model, "checkpoint_info", {}) or {}
@@ -288,7 +266,8 @@ def image_data(source: dict, conditional: bool) -> Data:
     return draw
 
 
-GUIDERS = ("cfg", "autoguidance")
+#: Guiders a student can distil: the registry's linear guiders of one network and a guide (deterministic).
+GUIDERS = tuple(n for n in guiders.names(needs={"null_label", "guide"}) if guiders.get(n).linear)
 
 
 def distill_images(run_dir: str | Path, teacher: str | Path, *, guider: str = "cfg", guide: str | Path | None = None,
@@ -296,27 +275,24 @@ def distill_images(run_dir: str | Path, teacher: str | Path, *, guider: str = "c
                    step: int | None = None, guide_sigma_rel: float = 0.10, guide_step: int | None = None,
                    init: str = "teacher", progress: bool = True, checkpoint_every: int = 256, device: str = "cpu",
                    threads: int | None = None) -> Path:
-    """Stage 1 on an image model (``guidelab distill``): a w-conditioned student of ``guider`` applied to
-    ``teacher`` (a checkpoint or a run folder); autoguidance takes a ``guide`` (checkpoint or run folder).
+    """Stage 1 on an image model (``guidelab distill``): a w-conditioned student of ``guider`` (one of
+    :data:`GUIDERS`, built by the guider registry) applied to ``teacher`` (a checkpoint or a run folder);
+    ``guide``: autoguidance's weaker model, or cfg's unconditional one (checkpoint or run folder).
     ``init``: ``"teacher"`` (:func:`init_from_teacher`) or ``"scratch"``. Returns the final EMA snapshot."""
-    from .. import guidance
-
     check(guider in GUIDERS, f"unknown guider {guider!r}; allowed: {list(GUIDERS)}")
     check(init in ("teacher", "scratch"), f"init must be 'teacher' or 'scratch', got {init!r}")
-    check((guide is None) == (guider == "cfg"), "autoguidance needs --guide (a weaker model); cfg takes none")
     net = load_network(teacher, sigma_rel=sigma_rel, step=step, device=device)
     desc = f"{guider} of {describe(teacher, net)}"
-    if guider == "cfg":
-        check(getattr(net, "num_classes", 0), "cfg needs a class-conditional teacher (with a null label)")
-
-        def make(w):
-            return guidance.cfg(net, w)
-    else:
+    g = None
+    if guide is not None:
         g = load_network(guide, sigma_rel=guide_sigma_rel, step=guide_step, device=device)
         desc += f" guided by {describe(guide, g)}"
+    ctx = guiders.Context(net, guide=g, what=str(teacher))
+    problems = guiders.unmet(guider, ctx)
+    check(not problems, "; ".join(problems))
 
-        def make(w):
-            return guidance.autoguidance(net, g, w)
+    def make(w):
+        return guiders.build(guider, replace(ctx, w=w))
     model_config = student_config(net, cfg.key)
     weights = init_from_teacher(net, model_config) if init == "teacher" else None
     source = image_source(net)

@@ -1,0 +1,369 @@
+"""The guider registry: one entry per guider name, read by the CLI, jobs, sweeps, distillation and the
+diffusers integration.
+
+An entry (:class:`GuiderSpec`) says what the guider is (summary, paper), which options it takes (typed,
+with defaults), what it needs from the models (:data:`NEEDS`) and from the sampler, its cost (network
+evaluations per denoiser call at ``w != 1``) and how to build it from a :class:`Context`. Adding a guider
+is one entry in :data:`GUIDERS`. ``w = 1`` is no guidance throughout (``D = D_ref + w (D - D_ref)``).
+
+    den = registry.build("tsg", registry.Context(net, w=2.0, seeds=seeds, options=["s=0.3"]))
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+from ..errors import GuidelabError, check
+from .apg import apg
+from .autoguidance import autoguidance
+from .cfg import cfg
+from .cfg_zero_star import cfg_zero_star
+from .cfgpp import cfgpp
+from .classifier import classifier
+from .icg import icg
+from .interval import interval
+from .rescale import rescale
+from .tsg import tsg
+
+_TYPES = {int: "an integer", float: "a float", str: "a string", bool: "true or false", tuple: "a comma-separated list"}
+
+
+@dataclass(frozen=True)
+class Option:
+    """A guider keyword: ``--option name=VALUE`` is parsed to ``type`` (``tuple``: comma-separated strings;
+    ``none`` / ``null`` give None where the default is None)."""
+    name: str
+    type: type
+    default: Any
+    help: str
+    choices: tuple = ()
+
+    def parse(self, value: Any, guider: str = "") -> Any:
+        """``value`` (text, or a value from a JSON config) as this option's type; a bad one is a GuidelabError."""
+        bad = GuidelabError(f"{guider} option {self.name} must be {_TYPES[self.type]}, got {value!r}".lstrip())
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null")):
+            check(self.default is None, f"{guider} option {self.name} cannot be None".lstrip())
+            return None
+        if isinstance(value, str):
+            text = value.strip()
+            try:
+                if self.type is bool:
+                    check(text.lower() in ("true", "false", "1", "0"), "")
+                    v: Any = text.lower() in ("true", "1")
+                elif self.type is tuple:
+                    v = tuple(s.strip() for s in text.split(",") if s.strip())
+                else:
+                    v = self.type(text)
+            except ValueError:
+                raise bad from None
+        elif self.type is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            v = float(value)
+        elif self.type is tuple and isinstance(value, (list, tuple)) and all(isinstance(s, str) for s in value):
+            v = tuple(value)
+        elif isinstance(value, self.type) and not (self.type is int and isinstance(value, bool)):
+            v = value
+        else:
+            raise bad
+        check(not self.choices or v in self.choices,
+              f"{guider} option {self.name} must be one of {', '.join(map(str, self.choices))}, got {v!r}".lstrip())
+        return v
+
+
+@dataclass
+class Context:
+    """What a builder gets. ``main``: the denoiser to guide; ``w``: the weight (a number or a [B] tensor;
+    cfgpp: lambda in [0, 1]); ``guide``: the weaker network (autoguidance) or an unconditional one (cfg,
+    cfgpp); ``classifier``: a noise-aware classifier; ``seeds``: the batch's per-sample seeds (icg, tsg);
+    ``options``: guider keywords (``["k=v", ...]`` or a dict, checked by :func:`parse_options`);
+    ``interval``: guide only for ``lo < sigma <= hi``; ``unconditional``: the network is called without the
+    label (classifier guidance: the label is only the classifier's target); ``sampler``: checked against the
+    entry's ``sampler_needs`` when given; ``what``: how errors name the main model."""
+    main: Any
+    w: Any = 1.0
+    guide: Any = None
+    classifier: Any = None
+    seeds: Sequence[int] | None = None
+    options: Mapping[str, Any] | Sequence[str] = field(default_factory=dict)
+    interval: tuple[float, float] | None = None
+    unconditional: bool = False
+    sampler: str | None = None
+    what: str = "the model"
+
+
+@dataclass(frozen=True)
+class GuiderSpec:
+    """One guider: ``needs`` (keys of :data:`NEEDS`), ``sampler_needs`` (features of
+    ``samplers.info(name).supports``), ``nfe`` (network evaluations per denoiser call at ``w != 1``),
+    ``linear`` (``D_ref + w (D - D_ref)`` of two branches: a base for the rules apg / rescale /
+    cfg_zero_star, composable and distillable) and ``build(ctx) -> denoiser`` (options already parsed)."""
+    name: str
+    summary: str
+    reference: str
+    options: tuple[Option, ...]
+    needs: frozenset[str]
+    sampler_needs: frozenset[str]
+    nfe: int
+    build: Callable[[Context], Any]
+    linear: bool = False
+
+
+def _extra_scalar(den) -> str | None:
+    return getattr(den, "extra_scalar", None)
+
+
+def _distilled_key(den) -> str:
+    from ..training.student import distilled_info
+    return (distilled_info(den) or {}).get("key") or "w"
+
+
+def _conditional(den) -> bool:
+    return getattr(den, "condition", None) is not None or int(getattr(den, "num_classes", 0) or 0) > 0
+
+
+def _null(den) -> bool:
+    cond = getattr(den, "condition", None)
+    return (cond is not None and bool(cond.null)) or getattr(den, "null_label", None) is not None
+
+
+def _noise_embed(den) -> bool:
+    return getattr(den, "noise_embed_dim", None) is not None or bool(getattr(den, "noise_cond", False))
+
+
+def _attention(den) -> bool:
+    from ..integrations.diffusers import DiffusersDenoiser
+    return isinstance(den, DiffusersDenoiser)
+
+
+#: need -> (is it met?, what is missing). ``null_label`` is also met by an unconditional ``guide``.
+NEEDS: dict[str, tuple[Callable[[Context], bool], str]] = {
+    "null_label": (lambda c: c.guide is not None or _null(c.main),
+                   "a class-conditional network (its null label) or an unconditional guide network (--guide)"),
+    "condition": (lambda c: _conditional(c.main), "a conditional network (class labels or an embedding)"),
+    "guide": (lambda c: c.guide is not None, "--guide (a weaker checkpoint or run folder)"),
+    "classifier": (lambda c: c.classifier is not None, "a noise-aware classifier"),
+    "noise_embed": (lambda c: _noise_embed(c.main), "a network with a noise-level embedding (noise_embed_offset)"),
+    "attention": (lambda c: _attention(c.main), "a diffusers model (attention hooks; guidelab diffusers)"),
+    "scalar:beta": (lambda c: _extra_scalar(c.main) == "beta",
+                    "a network trained with recipe=gft (extra scalar input 'beta')"),
+    "scalar:w": (lambda c: _extra_scalar(c.main) is not None and _extra_scalar(c.main) == _distilled_key(c.main),
+                 "a distilled student (extra scalar input 'w', guidelab distill)"),
+}
+
+
+def _arg(fn, name: str, type_: type, help: str, choices: tuple = ()) -> Option:
+    """An option whose default is the guidance function's own (one source of truth)."""
+    return Option(name, type_, inspect.signature(fn).parameters[name].default, help, choices)
+
+
+# ---------------------------------------------------------------------------------------------
+# Builders: the generic guidance functions (they read the denoiser's condition / noise embedding,
+# so one entry serves guidelab networks and diffusers models).
+
+def _opts(ctx: Context, *drop: str) -> dict:
+    return {k: v for k, v in dict(ctx.options).items() if k not in drop}
+
+
+def _none(ctx: Context):
+    if _extra_scalar(ctx.main) == "beta":                  # a GFT network at w = 1 is the conditional model
+        from ..training.gft import gft_denoiser
+        return gft_denoiser(ctx.main, 1.0)
+    if _extra_scalar(ctx.main) is not None:                # a distilled student at w = 1
+        from ..training.student import distilled_denoiser
+        return distilled_denoiser(ctx.main, 1.0, key=_distilled_key(ctx.main))
+    return ctx.main
+
+
+def _cfg(ctx: Context):
+    return cfg(ctx.main, ctx.w, uncond=ctx.guide)
+
+
+def _autoguidance(ctx: Context):
+    return autoguidance(ctx.main, ctx.guide, ctx.w)
+
+
+def _icg(ctx: Context):
+    return icg(ctx.main, ctx.w, seeds=ctx.seeds, **_opts(ctx))
+
+
+def _tsg(ctx: Context):
+    return tsg(ctx.main, ctx.w, seeds=ctx.seeds, **_opts(ctx))
+
+
+def _cfgpp(ctx: Context):
+    return cfgpp(ctx.main, ctx.w, uncond=ctx.guide)
+
+
+def _base(ctx: Context):
+    """The linear guider a rule (apg, rescale, cfg_zero_star) acts on: option ``base``, default cfg."""
+    return get(dict(ctx.options).get("base", "cfg")).build(replace(ctx, options={}))
+
+
+def _apg(ctx: Context):
+    return apg(_base(ctx), **_opts(ctx, "base"))
+
+
+def _rescale(ctx: Context):
+    return rescale(_base(ctx), **_opts(ctx, "base"))
+
+
+def _cfg_zero_star(ctx: Context):
+    return cfg_zero_star(_base(ctx), **_opts(ctx, "base"))
+
+
+def _classifier(ctx: Context):
+    return classifier(ctx.main, ctx.classifier, ctx.w, pass_label=not ctx.unconditional)
+
+
+def _one_pass(at, ctx: Context, name: str):
+    """A one-evaluation guider: ``at(w)`` is the network at weight w; unguided (for intervals) is at w = 1."""
+    from . import OnePass
+    return OnePass(at(ctx.w), at(1.0), name)
+
+
+def _gft(ctx: Context):
+    from ..training.gft import gft_denoiser
+    return _one_pass(lambda w: gft_denoiser(ctx.main, w), ctx, "gft")
+
+
+def _distilled(ctx: Context):
+    from ..training.student import distilled_denoiser
+    key = _distilled_key(ctx.main)
+    return _one_pass(lambda w: distilled_denoiser(ctx.main, w, key=key), ctx, "distilled")
+
+
+def _attention_guidance(mode: str):
+    def build(ctx: Context):
+        from ..integrations.diffusers import attention_guidance
+        return attention_guidance(ctx.main, ctx.w, mode, **_opts(ctx))
+    return build
+
+
+# ---------------------------------------------------------------------------------------------
+# The entries.
+
+_BASES = ("cfg", "autoguidance", "icg", "tsg")
+_BASE = Option("base", str, "cfg", "the linear guider the rule acts on", _BASES)
+_F = frozenset
+_LAYERS = Option("layers", tuple, None, "comma-separated substrings of attention layer names (default: the "
+                 "integration's recommended layers)")
+_CFG_WEIGHT = Option("cfg_weight", float, None, "CFG at this weight as well, in the same batched call")
+
+
+def _spec(name, summary, reference, build, *, options=(), needs=(), sampler_needs=(), nfe=2, linear=False):
+    return GuiderSpec(name, summary, reference, tuple(options), _F(needs), _F(sampler_needs), nfe, build, linear)
+
+
+GUIDERS: dict[str, GuiderSpec] = {s.name: s for s in [
+    _spec("none", "no guidance (a gft network or distilled student at w = 1)", "", _none, nfe=1),
+    _spec("cfg", "classifier-free guidance: the null label, or --guide an unconditional network",
+          "Ho & Salimans 2022, arXiv 2207.12598", _cfg, needs=["null_label"], linear=True),
+    _spec("autoguidance", "guide with a weaker version of the model (--guide)",
+          "Karras et al. 2024, arXiv 2406.02507", _autoguidance, needs=["guide"], linear=True),
+    _spec("icg", "independent condition guidance: a random condition as the reference",
+          "Sadat et al. 2025, arXiv 2407.02687", _icg, needs=["condition"], linear=True,
+          options=[_arg(icg, "num_classes", int, "classes the random label is drawn from (default: the network's)")]),
+    _spec("tsg", "time-step guidance: a perturbed noise-level embedding as the reference",
+          "Sadat et al. 2025, arXiv 2407.02687", _tsg, needs=["noise_embed"], linear=True,
+          options=[_arg(tsg, "s", float, "perturbation scale"), _arg(tsg, "alpha", float, "time exponent")]),
+    _spec("cfgpp", "CFG++: CFG inside the step, renoised with the unconditional prediction; w is lambda in [0, 1]",
+          "Chung et al. 2024, arXiv 2406.08070", _cfgpp, needs=["null_label"], sampler_needs=["renoise"]),
+    _spec("apg", "adaptive projected guidance on a linear guider (--option base=cfg)",
+          "Sadat et al. 2024, arXiv 2410.02416", _apg, needs=["null_label"],
+          options=[_BASE, _arg(apg, "eta", float, "weight of the parallel component"),
+                   _arg(apg, "r", float, "norm threshold of the update (none: no clipping)"),
+                   _arg(apg, "beta", float, "momentum (negative in the paper)")]),
+    _spec("rescale", "CFG with the result's std rescaled to the main branch's", "Lin et al. 2024, arXiv 2305.08891",
+          _rescale, needs=["null_label"], options=[_BASE, _arg(rescale, "phi", float, "rescale mix"),
+                                                   _arg(rescale, "space", str, "space of the std", ("v", "eps", "x0"))]),
+    _spec("cfg_zero_star", "CFG-Zero*: optimised scale and zero-initialised first steps",
+          "Fan et al. 2025, arXiv 2503.18886", _cfg_zero_star, needs=["null_label"],
+          options=[_BASE, _arg(cfg_zero_star, "zero_init_sigma", float, "output 0 for sigma above this (none: off)"),
+                   _arg(cfg_zero_star, "space", str, "space of the rule", ("flow", "eps", "x0", "v"))]),
+    _spec("classifier", "classifier guidance: the gradient of a noise-aware classifier's log p(y | x)",
+          "Dhariwal & Nichol 2021, arXiv 2105.05233", _classifier, needs=["classifier"], nfe=1),
+    _spec("gft", "guidance-free training: a recipe=gft network at beta = 1/w, one evaluation",
+          "Chen et al. 2025, arXiv 2501.15420", _gft, needs=["scalar:beta"], nfe=1),
+    _spec("distilled", "a guidance-distilled student with the scalar input w, one evaluation",
+          "Meng et al. 2023, arXiv 2210.03142", _distilled, needs=["scalar:w"], nfe=1),
+    _spec("pag", "perturbed-attention guidance (diffusers models)", "Ahn et al. 2024, arXiv 2403.17377",
+          _attention_guidance("pag"), needs=["attention"], linear=True, options=[_LAYERS, _CFG_WEIGHT]),
+    _spec("seg", "smoothed-energy guidance: blurred attention queries (diffusers models)",
+          "Hong 2024, arXiv 2408.00760", _attention_guidance("seg"), needs=["attention"], linear=True,
+          options=[_LAYERS, Option("blur_sigma", float, math.inf, "query blur (inf: uniform attention)"), _CFG_WEIGHT]),
+    _spec("slg", "skip-layer guidance: the reference skips the selected blocks (diffusers models)",
+          "Stable Diffusion 3.5", _attention_guidance("slg"), needs=["attention"], linear=True,
+          options=[_LAYERS, _CFG_WEIGHT]),
+]}
+
+
+def names(*, needs: Iterable[str] | None = None, without: Iterable[str] = ()) -> list[str]:
+    """Guider names, in registry order; ``needs``: only those whose needs are all in this set (what a model
+    family offers); ``without``: leave out those needing any of these."""
+    have = None if needs is None else set(needs)
+    return [n for n, s in GUIDERS.items() if (have is None or s.needs <= have) and not s.needs & set(without)]
+
+
+def get(name: str) -> GuiderSpec:
+    """The entry called ``name``."""
+    check(name in GUIDERS, f"unknown guider {name!r}; allowed: {', '.join(GUIDERS)}")
+    return GUIDERS[name]
+
+
+def summaries(names_: Iterable[str]) -> str:
+    """``name: summary`` of each guider, for help texts."""
+    return "; ".join(f"{n}: {get(n).summary}" for n in names_)
+
+
+def parse_options(name: str, options: Mapping[str, Any] | Sequence[str] | None) -> dict:
+    """``["k=v", ...]`` or ``{k: v}`` -> ``{k: typed v}`` for guider ``name``; unknown keys are an error."""
+    spec = get(name)
+    allowed = {o.name: o for o in spec.options}
+    if isinstance(options, Mapping):
+        items = list(options.items())
+    else:
+        items = []
+        for item in options or ():
+            key, eq, value = str(item).partition("=")
+            check(bool(eq and key.strip()), f"--option takes KEY=VALUE, got {item!r}")
+            items.append((key.strip(), value))
+    out = {}
+    for key, value in items:
+        check(key in allowed, f"{name} takes no option {key!r}; allowed: {', '.join(allowed) or 'none'}")
+        out[key] = allowed[key].parse(value, name)
+    return out
+
+
+def unmet(name: str, ctx: Context) -> list[str]:
+    """What ``ctx`` lacks for guider ``name`` (empty: it can be built), one line per unmet need."""
+    spec = get(name)
+    needs = spec.needs
+    base = dict(ctx.options).get("base") if isinstance(ctx.options, Mapping) else None
+    if base is not None:                                   # a rule needs what its base needs
+        needs = get(base).needs
+    out = [f"{name} needs {NEEDS[n][1]}; {ctx.what} has none" for n in sorted(needs) if not NEEDS[n][0](ctx)]
+    if name != "none" and not needs & {"scalar:beta", "scalar:w"} and _extra_scalar(ctx.main) is not None:
+        s = _extra_scalar(ctx.main)
+        out.append(f"{name} needs a network without an extra scalar input; {ctx.what} has {s!r} "
+                   f"(use --guider {'gft' if s == 'beta' else 'distilled'})")
+    return out
+
+
+def build(name: str, ctx: Context):
+    """The guided denoiser ``name`` for ``ctx``: options parsed, needs checked (one error listing every
+    unmet need), sampler support checked when ``ctx.sampler`` is given, ``ctx.interval`` applied."""
+    spec = get(name)
+    ctx = replace(ctx, options=parse_options(name, ctx.options))
+    problems = unmet(name, ctx)
+    check(not problems, "; ".join(problems))
+    if ctx.sampler is not None and spec.sampler_needs:
+        from .. import samplers
+        can = [s for s in samplers.names() if spec.sampler_needs <= samplers.info(s).supports]
+        check(spec.sampler_needs <= samplers.info(ctx.sampler).supports,
+              f"{name} needs a sampler with {', '.join(sorted(spec.sampler_needs))}: {', '.join(can)}; got {ctx.sampler}")
+    den = spec.build(ctx)
+    if ctx.interval is not None and name != "none":
+        den = interval(den, float(ctx.interval[0]), float(ctx.interval[1]))
+    return den
