@@ -3,8 +3,9 @@
 Times one guided call (PAG or SEG together with CFG: one network call of 3B rows) of the same randomly
 initialised class-conditional UNet2DModel as bench/diffusers_guided.py, alternating the two hooks round by
 round; for PAG also diffusers' own ``PAGCFGIdentitySelfAttnProcessor2_0`` on the same batch. The other
-revision's ``perturbed_attention`` is read with ``git show REV:src/guidelab/integrations/diffusers.py`` and
-swapped into the current module (with its module search redone at every call, as that revision did).
+revision's ``perturbed_attention`` is read with ``git show`` (``src/guidelab/integrations/diffusers/hooks.py``, or
+``diffusers.py`` before the package split) and swapped into the adapter (with its module search redone at every
+call, as early revisions did).
 Checks that both give the same output. Usage:
     python bench/diffusers_hook_ab.py --rev 84613fa [--mode pag|seg] [--batches 1,4,16] [--size 32] [--width 64]
 """
@@ -27,16 +28,22 @@ from diffusers.models.attention_processor import (
 from diffusers_guided import NULL, build
 
 from guidelab.integrations import diffusers as gd
+from guidelab.integrations.diffusers import adapter, hooks
 
 
 def hook_of(rev: str):
-    """``perturbed_attention`` as written at ``rev``, defined in the current module's namespace."""
-    src = subprocess.run(["git", "show", f"{rev}:src/guidelab/integrations/diffusers.py"], check=True,
-                         capture_output=True, text=True).stdout
+    """``perturbed_attention`` as written at ``rev``, defined in the current hooks module's namespace."""
+    for path in ("src/guidelab/integrations/diffusers/hooks.py", "src/guidelab/integrations/diffusers.py"):
+        got = subprocess.run(["git", "show", f"{rev}:{path}"], capture_output=True, text=True)
+        if got.returncode == 0:
+            src = got.stdout
+            break
+    else:
+        raise SystemExit(f"no diffusers hooks at {rev}")
     node = next(n for n in ast.parse(src).body if isinstance(n, ast.FunctionDef) and n.name == "perturbed_attention")
     code = ast.get_source_segment(src, node)
     code = "@contextlib.contextmanager\n" + code.replace("perturbation.modules(model)", "perturbation._search(model)")
-    namespace = dict(vars(gd))
+    namespace = dict(vars(hooks))
     exec(code, namespace)  # noqa: S102 -- our own code at another revision, for the side-by-side timing
     return namespace["perturbed_attention"]
 
@@ -70,11 +77,11 @@ def main():
             t = den.timestep(sigma).float()
 
             def with_hook(hook, x=x, sigma=sigma, y=y):
-                gd.perturbed_attention = hook
+                adapter.perturbed_attention = hook
                 try:
                     return guided(x, sigma, class_labels=y)
                 finally:
-                    gd.perturbed_attention = new_hook
+                    adapter.perturbed_attention = new_hook
 
             def diffusers_pag(x=x, t=t, y=y):
                 return ref(torch.cat([x] * 3), t.repeat(3), class_labels=torch.cat([torch.full_like(y, NULL), y, y]))

@@ -7,11 +7,17 @@ conditioning key of :class:`~guidelab.integrations.diffusers.DiffusersDenoiser`)
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import math
+import threading
 from collections.abc import Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from ...denoisers import bcast
 from ...errors import check
@@ -85,85 +91,165 @@ def _blur_queries(q: torch.Tensor, sigma: float) -> torch.Tensor:
     return g.reshape(B, H, d, L).transpose(-1, -2)
 
 
-@contextlib.contextmanager
-def perturbed_attention(model: torch.nn.Module, perturbation: Perturbation, mask: torch.Tensor,
-                        offset: torch.Tensor | None = None):
-    """Perturb the rows ``mask`` ([B] bool) of every forward call of ``model`` inside the context.
+# ---------------------------------------------------------------------------------------------
+# Scoped mechanism. The selected modules get, for the duration of a perturbed call, a wrapping attention processor
+# (PAG/SEG) or a forward hook (SLG/TSG), installed once however many calls overlap (reference-counted) and removed
+# after the last. Both act only where the calling thread's context (a ContextVar, so per thread and per asyncio
+# task) holds a scope for that very module: other threads and other models running at the same time are untouched.
 
-    Forward hooks on the selected modules. SLG replaces their output by their input on those rows; TSG adds
-    ``offset`` ([B, dim]) to the time embedding's output on those rows (the other rows are untouched).
-    PAG/SEG mark the module as active while it runs and route ``F.scaled_dot_product_attention`` (which
-    diffusers' AttnProcessor2_0 calls) through a version that perturbs only the marked rows, so one
-    batched call can hold the main and the perturbed branch; each row's attention is computed once (PAG's
-    marked rows need none: their output is V). Not thread-safe (it patches torch's function for the
-    duration of the context).
-    """
-    mods = perturbation.modules(model)
-    handles, active = [], []
-    if perturbation.mode == "tsg":
-        check(offset is not None and offset.ndim == 2 and offset.shape[0] == mask.shape[0],
-              f"tsg needs {OFFSET} [B, dim] next to the perturb marks")
+@dataclass(frozen=True)
+class _Scope:
+    """One perturbed call: the mode, the marks [B] as runs of equal marks, TSG's offset [B, dim]."""
 
-        def shift(module, args, output):
-            return torch.where(mask.to(output.device)[:, None], output + offset.to(output), output)
-        handles = [m.register_forward_hook(shift) for _, m in mods]
-    elif perturbation.mode == "slg":
-        def skip(module, args, kwargs, output):
-            inp = args[0] if args else kwargs["hidden_states"]
-            out = output[0] if isinstance(output, tuple) else output
-            check(inp.shape == out.shape, f"slg: layer output {list(out.shape)} differs from its input {list(inp.shape)}")
-            out = torch.where(bcast(mask.to(out.device), out), inp, out)
-            return (out, *output[1:]) if isinstance(output, tuple) else out
-        handles = [m.register_forward_hook(skip, with_kwargs=True) for _, m in mods]
-    if perturbation.mode in ("tsg", "slg"):
-        try:
-            yield
-        finally:
-            for h in handles:
-                h.remove()
-        return
+    mode: str
+    blur_sigma: float
+    mask: torch.Tensor
+    runs: tuple[tuple[int, int, bool], ...]
+    offset: torch.Tensor | None
 
-    original = F.scaled_dot_product_attention
 
-    # runs of equal marks, e.g. [F, F, T, T] -> (0, 2, False), (2, 4, True): each row's attention is computed
-    # once, on views of the batch (the original one on unmarked rows, the perturbed one on marked rows)
-    marks = mask.bool().cpu().tolist()
-    B = len(marks)
-    starts = [i for i in range(B) if i == 0 or marks[i] != marks[i - 1]]
-    runs = [(i, j, marks[i]) for i, j in zip(starts, starts[1:] + [B])]
+#: id(module) -> the scope perturbing it, in the current thread / task.
+_ACTIVE: ContextVar[dict[int, _Scope] | None] = ContextVar("guidelab_perturbation", default=None)
+_LOCK = threading.Lock()
+_INSTALLED: dict[tuple[int, str], list] = {}                        # (id(module), kind) -> [users, undo]
+
+
+def _runs(mask: torch.Tensor) -> tuple[tuple[int, int, bool], ...]:
+    """Runs of equal marks, e.g. [F, F, T, T] -> (0, 2, False), (2, 4, True)."""
+    marks = mask.cpu().tolist()
+    starts = [i for i in range(len(marks)) if i == 0 or marks[i] != marks[i - 1]]
+    return tuple((i, j, marks[i]) for i, j in zip(starts, starts[1:] + [len(marks)], strict=True))
+
+
+def _sdpa(scope: _Scope, query, key, value, *args, **kwargs) -> torch.Tensor:
+    """``F.scaled_dot_product_attention`` with the marked rows perturbed; each row's attention computed once, on
+    views of the batch (the original one on unmarked rows; PAG's marked rows need none: their output is V)."""
+    B = scope.mask.shape[0]
+    check(query.shape[0] == B, f"{scope.mode}: attention batch {query.shape[0]} != mask {B}")
 
     def rows(v, i, j):                                               # a batch-sized tensor argument, sliced
         return v[i:j] if isinstance(v, torch.Tensor) and v.ndim >= 1 and v.shape[0] == B else v
+    out = []
+    for i, j, perturbed in scope.runs:
+        q, k, v = query[i:j], key[i:j], value[i:j]
+        a, kw = [rows(x, i, j) for x in args], {n: rows(x, i, j) for n, x in kwargs.items()}
+        if not perturbed:
+            out.append(F.scaled_dot_product_attention(q, k, v, *a, **kw))
+        elif scope.mode == "pag":                                    # identity attention map: output = V
+            check(v.shape[-2] == q.shape[-2], "pag needs self-attention (as many keys as queries)")
+            out.append(v)
+        else:                                                        # seg: attention of blurred queries
+            out.append(F.scaled_dot_product_attention(_blur_queries(q, scope.blur_sigma), k, v, *a, **kw))
+    return out[0] if len(out) == 1 else torch.cat(out)
 
-    def sdpa(query, key, value, *args, **kwargs):
-        if not active:
-            return original(query, key, value, *args, **kwargs)
-        check(query.shape[0] == B, f"{perturbation.mode}: attention batch {query.shape[0]} != mask {B}")
-        out = []
-        for i, j, perturbed in runs:
-            q, k, v = query[i:j], key[i:j], value[i:j]
-            a, kw = [rows(x, i, j) for x in args], {n: rows(x, i, j) for n, x in kwargs.items()}
-            if not perturbed:
-                out.append(original(q, k, v, *a, **kw))
-            elif perturbation.mode == "pag":                         # identity attention map: output = V
-                check(v.shape[-2] == q.shape[-2], "pag needs self-attention (as many keys as queries)")
-                out.append(v)
-            else:                                                    # seg: attention of blurred queries
-                out.append(original(_blur_queries(q, perturbation.blur_sigma), k, v, *a, **kw))
-        return out[0] if len(out) == 1 else torch.cat(out)
 
-    def enter(module, args):
-        active.append(module)
+class _PerturbedSDPA(TorchFunctionMode):
+    """Inside one selected attention layer, in this thread only: ``F.scaled_dot_product_attention`` -> :func:`_sdpa`."""
 
-    def leave(module, args, output):
-        active.pop()
+    def __init__(self, scope: _Scope):
+        super().__init__()
+        self.scope, self.calls = scope, 0
 
-    for _, m in mods:
-        handles += [m.register_forward_pre_hook(enter), m.register_forward_hook(leave)]
-    torch.nn.functional.scaled_dot_product_attention = sdpa
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not F.scaled_dot_product_attention:
+            return func(*args, **kwargs)
+        self.calls += 1
+        return _sdpa(self.scope, *args, **kwargs)
+
+
+class _Processor:
+    """Wraps an attention processor; perturbs its attention where the calling context has a scope for the layer."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        # Attention.forward passes on only the keywords named by inspect.signature(processor.__call__): the inner's
+        call = functools.partial(type(self).__call__, self)
+        call.__signature__ = inspect.signature(inner.__call__)      # type: ignore[attr-defined]
+        self.__call__ = call
+
+    def __call__(self, attn, hidden_states, *args, **kwargs):
+        scope = (_ACTIVE.get() or {}).get(id(attn))
+        if scope is None:
+            return self.inner(attn, hidden_states, *args, **kwargs)
+        mode = _PerturbedSDPA(scope)
+        with mode:
+            out = self.inner(attn, hidden_states, *args, **kwargs)
+        check(mode.calls > 0, f"{scope.mode}: attention processor {type(self.inner).__name__} does not call "
+              "F.scaled_dot_product_attention, so it cannot be perturbed; use AttnProcessor2_0 (diffusers' default)")
+        return out
+
+
+def _hook(module, args, kwargs, output):
+    """Forward hook: SLG (output = input) or TSG (output + offset) on the marked rows of the module's scope."""
+    scope = (_ACTIVE.get() or {}).get(id(module))
+    if scope is None:
+        return None
+    if scope.mode == "tsg":
+        return torch.where(scope.mask.to(output.device)[:, None], output + scope.offset.to(output), output)
+    inp = args[0] if args else kwargs["hidden_states"]
+    out = output[0] if isinstance(output, tuple) else output
+    check(inp.shape == out.shape, f"slg: layer output {list(out.shape)} differs from its input {list(inp.shape)}")
+    out = torch.where(bcast(scope.mask.to(out.device), out), inp, out)
+    return (out, *output[1:]) if isinstance(output, tuple) else out
+
+
+def _attach(module: torch.nn.Module, kind: str):
+    """Install the wrapper (``kind`` "processor") or the hook ("hook"); returns the function that removes it."""
+    if kind == "hook":
+        return module.register_forward_hook(_hook, with_kwargs=True).remove
+    inner = module.processor
+    module.set_processor(_Processor(inner))
+    return lambda: module.set_processor(inner)
+
+
+def _acquire(module: torch.nn.Module, kind: str) -> None:
+    with _LOCK:
+        entry = _INSTALLED.setdefault((id(module), kind), [0, None])
+        if entry[0] == 0:
+            entry[1] = _attach(module, kind)
+        entry[0] += 1
+
+
+def _release(module: torch.nn.Module, kind: str) -> None:
+    with _LOCK:
+        entry = _INSTALLED[(id(module), kind)]
+        entry[0] -= 1
+        if entry[0] == 0:
+            del _INSTALLED[(id(module), kind)]
+            entry[1]()
+
+
+@contextlib.contextmanager
+def perturbed_attention(model: torch.nn.Module, perturbation: Perturbation, mask: torch.Tensor,
+                        offset: torch.Tensor | None = None):
+    """Perturb the rows ``mask`` ([B] bool) of every forward call of ``model`` made inside the context, in this
+    thread (or asyncio task) only.
+
+    PAG/SEG: the selected attention layers' processors are wrapped; while one runs, a thread-local
+    ``TorchFunctionMode`` routes its ``F.scaled_dot_product_attention`` (what diffusers' ``AttnProcessor2_0``
+    calls) to a version that perturbs only the marked rows (a processor that never calls it is an error).
+    SLG: the selected blocks' output is replaced by their input on those rows. TSG: ``offset`` ([B, dim]) is added
+    to the time embedding's output on those rows. The other rows are untouched, so one batched call can hold the
+    main and the perturbed branch. Other threads and other models running at the same time are unaffected.
+    """
+    mods = perturbation.modules(model)
+    if perturbation.mode == "tsg":
+        check(offset is not None and offset.ndim == 2 and offset.shape[0] == mask.shape[0],
+              f"tsg needs {OFFSET} [B, dim] next to the perturb marks")
+    mask = mask.bool()
+    scope = _Scope(perturbation.mode, perturbation.blur_sigma, mask, _runs(mask), offset)
+    kind = "processor" if perturbation.mode in ("pag", "seg") else "hook"
+    done = []
     try:
-        yield
+        for _, m in mods:
+            _acquire(m, kind)
+            done.append(m)
+        token = _ACTIVE.set({**(_ACTIVE.get() or {}), **{id(m): scope for _, m in mods}})
+        try:
+            yield
+        finally:
+            _ACTIVE.reset(token)
     finally:
-        torch.nn.functional.scaled_dot_product_attention = original
-        for h in handles:
-            h.remove()
+        for m in done:
+            _release(m, kind)

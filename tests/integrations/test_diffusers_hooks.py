@@ -1,0 +1,187 @@
+"""The scoped row-marking hooks (PAG, SEG, SLG, TSG): bit for bit the outputs of the process-wide patch they
+replace (written below as the reference), nothing left on the model afterwards, and a second thread or model
+running at the same time is unaffected."""
+
+import contextlib
+import threading
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+import test_diffusers as base  # tests/integrations is on sys.path (rootdir imports)
+import test_diffusers_pixart as pixart
+
+from guidelab import guidance, samplers
+from guidelab.errors import GuidelabError
+from guidelab.integrations import diffusers as gd
+from guidelab.integrations.diffusers import adapter, hooks
+
+B, C, H, NULL = base.B, base.C, base.H, base.NULL
+
+
+@contextlib.contextmanager
+def _process_wide_patch(model, perturbation, mask, offset=None):
+    """The replaced mechanism: hooks on the selected modules and, for PAG/SEG, F.scaled_dot_product_attention
+    swapped process-wide while the context lasts, perturbing while a selected module runs."""
+    F = torch.nn.functional
+    original, active, handles = F.scaled_dot_product_attention, [], []
+    mods = perturbation.modules(model)
+    marks = mask.bool().tolist()
+    if perturbation.mode in ("slg", "tsg"):
+        def hook(m, args, kwargs, out):
+            keep = mask.bool()
+            if perturbation.mode == "tsg":
+                return torch.where(keep[:, None], out + offset.to(out), out)
+            o = out[0] if isinstance(out, tuple) else out
+            o = torch.where(keep.view(-1, *[1] * (o.ndim - 1)), args[0] if args else kwargs["hidden_states"], o)
+            return (o, *out[1:]) if isinstance(out, tuple) else o
+        handles = [m.register_forward_hook(hook, with_kwargs=True) for _, m in mods]
+
+    def sdpa(q, k, v, *a, **kw):
+        if not active:
+            return original(q, k, v, *a, **kw)
+        out, i = [], 0
+        while i < len(marks):
+            j = i
+            while j < len(marks) and marks[j] == marks[i]:
+                j += 1
+            cut = [x[i:j] if isinstance(x, torch.Tensor) and x.ndim and x.shape[0] == len(marks) else x for x in a]
+            kwc = {n: x[i:j] if isinstance(x, torch.Tensor) and x.ndim and x.shape[0] == len(marks) else x
+                   for n, x in kw.items()}
+            if not marks[i]:
+                out.append(original(q[i:j], k[i:j], v[i:j], *cut, **kwc))
+            elif perturbation.mode == "pag":
+                out.append(v[i:j])
+            else:
+                out.append(original(hooks._blur_queries(q[i:j], perturbation.blur_sigma), k[i:j], v[i:j], *cut, **kwc))
+            i = j
+        return out[0] if len(out) == 1 else torch.cat(out)
+
+    def enter(m, args):
+        active.append(m)
+
+    def leave(m, args, out):
+        active.pop()
+
+    if perturbation.mode in ("pag", "seg"):
+        for _, m in mods:
+            handles += [m.register_forward_pre_hook(enter), m.register_forward_hook(leave)]
+        F.scaled_dot_product_attention = sdpa
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = original
+        for h in handles:
+            h.remove()
+
+
+def _processors(model):
+    return {n: m.processor for n, m in model.named_modules() if hasattr(m, "processor")}
+
+
+def _load(tmp_path, kind):
+    if kind == "pixart":
+        emb, mask, null, null_mask = pixart._prompts()
+        den = gd.load(pixart._save(tmp_path), dtype=torch.float64, null_text=null, null_mask=null_mask)
+        return den, {"encoder_hidden_states": emb, gd.MASK: mask}
+    den = gd.load(base._save(tmp_path, kind), dtype=torch.float64, null_class=NULL if kind == "unet" else None,
+                  null_text=torch.zeros(1, 4, 16, dtype=torch.float64) if kind == "text_unet" else None)
+    return den, base._cond(kind, torch.Generator().manual_seed(3))
+
+
+@pytest.mark.parametrize("kind", ["unet", "text_unet", "pixart"])
+def test_scoped_hooks_equal_the_process_wide_patch_bit_for_bit(tmp_path, kind, monkeypatch):
+    """PAG, SEG (finite and infinite blur), SLG, TSG and PAG + CFG through a sampler: the same samples, bit for bit,
+    as the former mechanism; afterwards the model has its own processors and no hooks."""
+    den, cond = _load(tmp_path, kind)
+    processors = _processors(den.model)
+    sigmas = den.sigmas(3, "trailing")
+    x = torch.randn(B, C, H, H, generator=torch.Generator().manual_seed(5), dtype=torch.float64) * sigmas[0]
+    guiders = {"pag": lambda: gd.pag(den, 2.5), "seg": lambda: gd.seg(den, 2.5, blur_sigma=1.0),
+               "seg_inf": lambda: gd.seg(den, 2.5), "slg": lambda: gd.slg(den, 2.5),
+               "tsg": lambda: gd.tsg(den, 2.0, seeds=[1, 2]),
+               "pag_cfg": lambda: gd.pag(den, 2.5, cfg_weight=3.0)}
+    with torch.no_grad():
+        ours = {k: samplers.euler(g(), x, sigmas, cond=cond) for k, g in guiders.items()}
+        monkeypatch.setattr(adapter, "perturbed_attention", _process_wide_patch)
+        ref = {k: samplers.euler(g(), x, sigmas, cond=cond) for k, g in guiders.items()}
+    for k in guiders:
+        assert torch.equal(ours[k], ref[k]), k
+    assert _processors(den.model) == processors and hooks._INSTALLED == {}
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in den.model.modules())
+
+
+def _perturbed_call(den, pert, x, sigma, cond):
+    return den.with_perturbation(pert)(x, sigma, **cond, perturb=torch.tensor([True, False]))
+
+
+@pytest.mark.parametrize("mode", ["pag", "seg", "slg"])
+def test_another_thread_and_another_model_at_the_same_time_are_unaffected(tmp_path, mode):
+    """Thread A stops inside a perturbed layer of model M; meanwhile thread B runs M and a second model M2
+    unperturbed: B gets the plain outputs bit for bit and A its perturbed one."""
+    den, cond = _load(tmp_path, "unet")
+    other = gd.load(base._save(tmp_path, "unet", seed=1, name="other"), dtype=torch.float64)
+    x = torch.randn(B, C, H, H, generator=torch.Generator().manual_seed(6), dtype=torch.float64) * 3
+    sigma = torch.full((B,), 3.0, dtype=torch.float64)
+    pert = gd.Perturbation(mode, blur_sigma=1.0)
+    with torch.no_grad():
+        plain, plain_other = den(x, sigma, **cond), other(x, sigma, **cond)
+        perturbed = _perturbed_call(den, pert, x, sigma, cond)
+    assert (perturbed - plain).abs().max() > 1e-6
+    name, layer = pert.modules(den.model)[0]
+    inside = layer.to_out[0] if mode != "slg" else layer        # a point inside the perturbation's scope
+    a_inside, b_done, out = threading.Event(), threading.Event(), {}
+
+    def stop_in_a(module, args):
+        if threading.current_thread().name == "A" and not a_inside.is_set():
+            a_inside.set()
+            assert b_done.wait(30), "thread B did not finish"
+    handle = inside.register_forward_pre_hook(stop_in_a)
+
+    def run_a():
+        with torch.no_grad():
+            out["a"] = _perturbed_call(den, pert, x, sigma, cond)
+
+    def run_b():
+        assert a_inside.wait(30)
+        with torch.no_grad():
+            out["b"], out["b_other"] = den(x, sigma, **cond), other(x, sigma, **cond)
+        b_done.set()
+    threads = [threading.Thread(target=run_a, name="A"), threading.Thread(target=run_b, name="B")]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    finally:
+        handle.remove()
+    assert b_done.is_set() and set(out) == {"a", "b", "b_other"}
+    assert torch.equal(out["b"], plain) and torch.equal(out["b_other"], plain_other)
+    assert torch.equal(out["a"], perturbed)
+
+
+def test_overlapping_scopes_install_once_and_clean_up(tmp_path):
+    """Nested contexts on one model share one wrapper per layer and remove it after the last; an attention
+    processor that never calls scaled_dot_product_attention is refused, not silently left unperturbed."""
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+    den, cond = _load(tmp_path, "unet")
+    (_, layer), = gd.Perturbation("pag", layers=["mid_block"]).modules(den.model)
+    inner = layer.processor
+    pert = gd.Perturbation("pag", layers=["mid_block"])
+    mask = torch.tensor([True, False])
+    with hooks.perturbed_attention(den.model, pert, mask):
+        wrapper = layer.processor
+        assert isinstance(wrapper, hooks._Processor) and wrapper.inner is inner
+        with hooks.perturbed_attention(den.model, pert, mask):
+            assert layer.processor is wrapper
+        assert layer.processor is wrapper
+    assert layer.processor is inner and hooks._INSTALLED == {}
+    layer.set_processor(AttnProcessor())
+    x, sigma = torch.randn(B, C, H, H, dtype=torch.float64), torch.full((B,), 2.0, dtype=torch.float64)
+    with torch.no_grad(), pytest.raises(GuidelabError, match="AttnProcessor does not call F.scaled_dot_product"):
+        _perturbed_call(den, pert, x, sigma, cond)
+    assert isinstance(layer.processor, AttnProcessor) and hooks._INSTALLED == {}
+    layer.set_processor(AttnProcessor2_0())
+    with torch.no_grad():                                       # guiders still work after an error
+        assert torch.isfinite(samplers.euler(guidance.interval(gd.pag(den, 2.0), 0.0, 1e9), x, den.sigmas(2), cond=cond)).all()
