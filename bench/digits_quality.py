@@ -1,4 +1,4 @@
-"""Quality of a digits run per EMA snapshot step: a loop over :func:`guidelab.evaluate.evaluate`
+"""Quality of a digits run per EMA snapshot step: a loop over :func:`guidelab.app.evaluate.evaluate`
 (class accuracy, Fréchet distance, precision / recall, NFE in the digits-classifier feature space
 against the test split) at each snapshot step's post-hoc EMA.
 
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from guidelab.evaluate import DigitsMetrics, evaluate
-from guidelab.jobs import SampleConfig
+from guidelab.app.evaluate import DigitsMetrics, evaluate
+from guidelab.app.jobs import SampleConfig
 from guidelab.training.phema import snapshots
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from guidelab.jobs import load_samples
+from guidelab.app.jobs import load_samples
 
 
 def main():

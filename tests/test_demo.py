@@ -3,8 +3,8 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from guidelab import demo
-from guidelab.cli import main
+from guidelab.app import demo
+from guidelab.app.cli import main
 
 
 @pytest.fixture(scope="module")

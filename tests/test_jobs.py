@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from guidelab import jobs, samplers, schedules, toy
+from guidelab import samplers, schedules, toy
+from guidelab.app import jobs
 from guidelab.errors import GuidelabError
 from guidelab.rng import SampleNoise
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from guidelab import cli
+from guidelab.app import cli
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 

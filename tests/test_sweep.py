@@ -3,7 +3,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from guidelab import cli, sweep
+from guidelab.app import cli, sweep
 from guidelab.errors import GuidelabError
 
 
@@ -41,7 +41,7 @@ def test_exact_world_sweep_writes_table(tmp_path):
 
 def test_bad_metric():
     with pytest.raises(GuidelabError, match="unknown metric"):
-        sweep.run("unused", None, {"none": [1]}, metric="beauty")
+        sweep.run("unused", None, sweep.SweepConfig({"none": [1]}, metric="beauty"))
 
 
 def test_model_sweep_with_autoguidance_and_reference_file(tmp_path):

@@ -3,7 +3,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from guidelab import cli
+from guidelab.app import cli
 from guidelab.data import digits
 from guidelab.errors import GuidelabError
 from guidelab.models import build

@@ -354,7 +354,7 @@ def test_cli_diffusers_text_model_with_cfg(tmp_path, monkeypatch, capsys):
     from click.testing import CliRunner
     from safetensors.torch import save_file
 
-    from guidelab import cli
+    from guidelab.app import cli
     folder = _save(tmp_path, "text_unet")
     emb = tmp_path / "emb.safetensors"
     save_file({"prompt_embeds": torch.randn(1, 4, 16), "null_embeds": torch.zeros(1, 4, 16)}, str(emb))

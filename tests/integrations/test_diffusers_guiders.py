@@ -236,19 +236,19 @@ def test_generate_bad_combinations_are_one_line_errors(tmp_path):
                     options={"num_classes": 3})
 
 
-@pytest.mark.parametrize("guider, extra", [("icg", ["--null-class", str(NULL)]),
+@pytest.mark.parametrize("guider, extra", [("icg", ["--null-label", str(NULL)]),
                                            ("tsg", ["--option", "s=1.0", "--option", "alpha=0.5"]),
-                                           ("apg", ["--null-class", str(NULL), "--option", "eta=0", "--option", "r=4",
+                                           ("apg", ["--null-label", str(NULL), "--option", "eta=0", "--option", "r=4",
                                                     "--option", "beta=-0.5", "--interval", "0.2-100"])])
 def test_cli(tmp_path, guider, extra):
     """``guidelab diffusers --guider icg|tsg|apg`` equals ``generate`` with the same arguments (float32)."""
     from click.testing import CliRunner
 
-    from guidelab import cli
+    from guidelab.app import cli
     folder = _folder(tmp_path, "unet")
     out = tmp_path / "out"
     args = ["diffusers", str(folder), "--out", str(out), "--guider", guider, "--weight", "2", "--steps", "3",
-            "--seeds", "2-4", "--batch", "2", "--class-label", "3", *extra]
+            "--seeds", "2-4", "--batch", "2", "--label", "3", *extra]
     result = CliRunner().invoke(cli.main, args)
     assert result.exit_code == 0, result.output
     opts = {"icg": {}, "tsg": {"s": 1.0, "alpha": 0.5}, "apg": {"eta": 0, "r": 4, "beta": -0.5}}[guider]

@@ -179,7 +179,7 @@ def test_cli_pixart_pag_with_cfg_and_masks(tmp_path, monkeypatch, capsys):
     from click.testing import CliRunner
     from safetensors.torch import save_file
 
-    from guidelab import cli
+    from guidelab.app import cli
     folder = _save(tmp_path)
     emb, mask, null, null_mask = _prompts()
     tensors = {"prompt_embeds": emb[:1].float(), "prompt_attention_mask": mask[:1], "null_embeds": null.float(),

@@ -52,8 +52,8 @@ def test_noise_aware_classifier(test_set):
 
 
 def test_digits_classifier_cache(tmp_path, monkeypatch):
-    from guidelab.metrics import features
-    from guidelab.models.digits import default_path, digits_classifier
+    from guidelab.app import digits_cache
+    from guidelab.app.digits_cache import default_path, digits_classifier
 
     monkeypatch.setenv("GUIDELAB_CACHE", str(tmp_path))
     path = default_path(steps=3)
@@ -62,7 +62,7 @@ def test_digits_classifier_cache(tmp_path, monkeypatch):
     assert path.is_file()
     b = digits_classifier(steps=3)                      # loaded: same weights
     assert a.weights_sha256() == b.weights_sha256() == digits_classifier(tmp_path / "again.safetensors", steps=3).weights_sha256()
-    ex = features.digits(path)
+    ex = digits_cache.extractor(path)
     assert ex.info["weights_sha256"] == a.weights_sha256() and ex(digits("test").images[:5]).shape == (5, 128)
     with pytest.raises(GuidelabError, match="noise_aware=True"):
         digits_classifier(path, noise_aware=True)
@@ -71,7 +71,7 @@ def test_digits_classifier_cache(tmp_path, monkeypatch):
 def test_classifier_cli(tmp_path):
     from click.testing import CliRunner
 
-    from guidelab.cli import main
+    from guidelab.app.cli import main
 
     out = tmp_path / "clf.safetensors"
     r = CliRunner().invoke(main, ["classifier", "--out", str(out), "--steps", "30", "--threads", "1"])

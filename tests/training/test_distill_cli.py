@@ -6,7 +6,7 @@ import torch
 from click.testing import CliRunner
 
 from guidelab import samplers, schedules
-from guidelab.cli import main
+from guidelab.app.cli import main
 from guidelab.errors import GuidelabError
 from guidelab.training import load, load_model
 from guidelab.training.distill import (

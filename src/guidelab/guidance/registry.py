@@ -217,10 +217,20 @@ def _classifier(ctx: Context):
     return classifier(ctx.main, ctx.classifier, ctx.w, pass_label=not ctx.unconditional)
 
 
+class _OnePass:
+    """A one-evaluation guider: the network at weight w, and at w = 1 as ``unguided`` (for intervals).
+    TODO(H2): replace by ``guidance.OnePass`` (H1's Guider) once it is committed."""
+
+    def __init__(self, at_w, unguided, name: str):
+        self.at_w, self.unguided, self.name = at_w, unguided, name
+
+    def __call__(self, x, sigma, **cond):
+        return self.at_w(x, sigma, **cond)
+
+
 def _one_pass(at, ctx: Context, name: str):
-    """A one-evaluation guider: ``at(w)`` is the network at weight w; unguided (for intervals) is at w = 1."""
-    from . import OnePass
-    return OnePass(at(ctx.w), at(1.0), name)
+    """``at(w)``: the network at weight w, one evaluation per call."""
+    return _OnePass(at(ctx.w), at(1.0), name)
 
 
 def _gft(ctx: Context):
@@ -267,7 +277,8 @@ GUIDERS: dict[str, GuiderSpec] = {s.name: s for s in [
           options=[_arg(icg, "num_classes", int, "classes the random label is drawn from (default: the network's)")]),
     _spec("tsg", "time-step guidance: a perturbed noise-level embedding as the reference",
           "Sadat et al. 2025, arXiv 2407.02687", _tsg, needs=["noise_embed"], linear=True,
-          options=[_arg(tsg, "s", float, "perturbation scale"), _arg(tsg, "alpha", float, "time exponent")]),
+          options=[_arg(tsg, "s", float, "perturbation scale"), _arg(tsg, "alpha", float, "time exponent"),
+                   _arg(tsg, "dim", int, "size of the perturbed noise-embedding vector")]),
     _spec("cfgpp", "CFG++: CFG inside the step, renoised with the unconditional prediction; w is lambda in [0, 1]",
           "Chung et al. 2024, arXiv 2406.08070", _cfgpp, needs=["null_label"], sampler_needs=["renoise"]),
     _spec("apg", "adaptive projected guidance on a linear guider (--option base=cfg)",
@@ -331,7 +342,7 @@ def parse_options(name: str, options: Mapping[str, Any] | Sequence[str] | None) 
             items.append((key.strip(), value))
     out = {}
     for key, value in items:
-        check(key in allowed, f"{name} takes no option {key!r}; allowed: {', '.join(allowed) or 'none'}")
+        check(key in allowed, f"{name} takes no option {key}; allowed: {', '.join(allowed) or 'none'}")
         out[key] = allowed[key].parse(value, name)
     return out
 

@@ -2,7 +2,9 @@
 
 An extractor maps samples [N, ...] to features [N, D] and carries ``info`` (name, weights sha256,
 resize mode), recorded next to every metric computed from its features. Weights are only ever
-read from a local file: a missing file is one clear error, never a download.
+read from a local file: a missing file is one clear error, never a download. The digits classifier's
+features: :meth:`guidelab.models.digits.DigitsClassifier.extractor` (the cached classifier:
+:func:`guidelab.app.digits_cache.extractor`).
 """
 
 from __future__ import annotations
@@ -115,14 +117,6 @@ def dinov2(path: str | os.PathLike, *, device: str = "cpu", size: int = 224) -> 
         return net((x - mean) / std)
 
     return Extractor("dinov2", fn, None, {"extractor": "dinov2", "weights_sha256": sha256(path), "resize": f"bicubic {size}"})
-
-
-def digits(path: str | os.PathLike | None = None) -> Extractor:
-    """Penultimate features (128-d) of the clean digits classifier at ``path`` (trained and cached on
-    first use when absent, see :func:`guidelab.models.digits.digits_classifier`); input [N, 1, 8, 8] in [-1, 1]."""
-    from ..models.digits import digits_classifier
-
-    return digits_classifier(path).extractor()
 
 
 def describe(extractor: Extractor, n: int, seeds) -> dict:

@@ -6,14 +6,15 @@ Fréchet distance (:meth:`DigitsClassifier.extractor`). With ``noise_aware=True`
 ``p_phi(y | x; sigma)`` for classifier guidance (Dhariwal & Nichol 2021): the input is EDM's
 ``c_in x`` and ``c_noise`` enters every layer through Fourier features; it is trained on
 ``x = x0 + sigma n``.
+
+The trained-on-first-use cache of these classifiers (what the digits metrics use) is application layer:
+:mod:`guidelab.app.digits_cache`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-import os
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -124,34 +125,3 @@ def train_digits_classifier(model: DigitsClassifier | None = None, *, steps: int
         loss.backward()
         opt.step()
     return model.eval().requires_grad_(False)
-
-
-def default_path(*, noise_aware: bool = False, steps: int = 2000, seed: int = 0) -> Path:
-    """Where :func:`digits_classifier` caches a classifier: ``$GUIDELAB_CACHE`` (default
-    ``~/.cache/guidelab``) / ``digits-classifier[-noise]-s{steps}-seed{seed}.safetensors``."""
-    root = Path(os.environ.get("GUIDELAB_CACHE", Path.home() / ".cache" / "guidelab"))
-    return root / f"digits-classifier{'-noise' if noise_aware else ''}-s{steps}-seed{seed}.safetensors"
-
-
-def digits_classifier(path: str | os.PathLike | None = None, *, noise_aware: bool = False, steps: int = 2000,
-                      seed: int = 0, progress: bool = False) -> DigitsClassifier:
-    """The digits classifier saved at ``path`` (default :func:`default_path`); when no file is there,
-    train it (:func:`train_digits_classifier`, deterministic given ``seed``) and save it there atomically.
-    The file is never downloaded: the data ships with scikit-learn."""
-    from ..training.checkpoint import load_model, save_model
-
-    path = Path(path) if path is not None else default_path(noise_aware=noise_aware, steps=steps, seed=seed)
-    if path.exists():
-        model = load_model(path)
-        check(isinstance(model, DigitsClassifier), f"{path} holds a {type(model).__name__}, not a DigitsClassifier")
-        check(model.noise_aware == noise_aware,
-              f"{path} holds a {'noise-aware' if model.noise_aware else 'clean'} classifier; asked for noise_aware={noise_aware}")
-        return model.eval().requires_grad_(False)
-    if progress:
-        print(f"training the digits classifier ({steps} steps, noise_aware={noise_aware}) -> {path}")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = DigitsClassifier(noise_aware=noise_aware)
-    model = train_digits_classifier(model, steps=steps, seed=seed)
-    save_model(path, model, recipe="digits-classifier", steps=steps, seed=seed)
-    return model

@@ -1,8 +1,9 @@
-"""Training: checkpoints (safetensors + JSON), power-function EMA, a resumable loop, recipes."""
+"""Training: checkpoints (safetensors + JSON), power-function EMA, a resumable loop, recipes.
+
+Guidance distillation is :mod:`guidelab.training.distill` (it reads the guider registry, so this package
+does not import it: the registry reads :mod:`guidelab.training.student` and :mod:`guidelab.training.gft`)."""
 
 from .checkpoint import load, load_model, save, save_model
-from .distill import (DistillConfig, distill_loss, distill_student, distilled_denoiser, progressive_loss,
-                      progressive_round)
 from .ema import PowerEMA, gamma_to_sigma_rel, power_beta, sigma_rel_to_gamma
 from . import phema
 from .images import ImageConfig, train_images
@@ -11,6 +12,4 @@ from .toy import ToyConfig, toy_trainer, train_toy
 
 __all__ = ["load", "load_model", "save", "save_model", "PowerEMA", "gamma_to_sigma_rel", "power_beta",
            "sigma_rel_to_gamma", "LoopConfig", "Trainer", "snapshot_path", "step_generator", "train",
-           "ToyConfig", "toy_trainer", "train_toy", "ImageConfig", "train_images", "phema",
-           "DistillConfig", "distill_loss", "distill_student", "distilled_denoiser",
-           "progressive_loss", "progressive_round"]
+           "ToyConfig", "toy_trainer", "train_toy", "ImageConfig", "train_images", "phema"]

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from . import guidance, metrics, samplers, schedules, toy
-from ._io import atomic_write
-from .training import load_model, train_toy
+from .. import guidance, metrics, samplers, schedules, toy
+from .._io import atomic_write
+from ..training import load_model, train_toy
 
 #: The paper's toy setup (methods.md §2.3): models and sampler.
 MODELS = {

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ._io import atomic_write, class_grid, png_bytes
-from .errors import check
+from .._io import atomic_write, class_grid, png_bytes
+from ..errors import check
 from .sweep import HIGHER_IS_BETTER
 
 

@@ -1,8 +1,8 @@
 """One row of a digits results table: sample, measure against the digits test split, record everything.
 
 :func:`evaluate` samples ``n`` images (seeds ``seed_start ..``, labels ``balanced``: seed % 10) with a
-resumable :func:`guidelab.jobs.sample` job in ``OUT/samples``, then measures them in the feature space
-of the clean digits classifier (:func:`guidelab.models.digits.digits_classifier`, trained and cached
+resumable :func:`guidelab.app.jobs.sample` job in ``OUT/samples``, then measures them in the feature space
+of the clean digits classifier (:func:`guidelab.app.digits_cache.digits_classifier`, trained and cached
 on first use) against the 355 images of the digits test split:
 
 * ``class_accuracy``: share of samples the classifier assigns to their label (None when the samples
@@ -31,22 +31,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import jobs, metrics
-from ._io import atomic_write, class_grid, write_png
-from .errors import check
-from .metrics import features
-
-#: metric -> True when higher is better (the digits metrics of :class:`DigitsMetrics`).
-HIGHER_IS_BETTER = {"fd": False, "class_accuracy": True, "precision": True, "recall": True, "density": True,
-                    "coverage": True}
-
+from .. import metrics
+from .._io import atomic_write, class_grid, write_png
+from ..errors import check
+from ..metrics import features
+from . import jobs
 
 class DigitsMetrics:
     """Digits metrics of images [N, 1, 8, 8] in [-1, 1] against the digits test split (see module doc)."""
 
     def __init__(self, classifier: str | os.PathLike | None = None):
-        from .data import digits
-        from .models.digits import digits_classifier
+        from ..data import digits
+        from .digits_cache import digits_classifier
         self.clf = digits_classifier(classifier)
         self.extractor = self.clf.extractor()
         self.classifier_path = str(classifier) if classifier is not None else "default cache (models.digits.default_path)"
@@ -95,7 +91,7 @@ def evaluate(out: str | os.PathLike, cfg: jobs.SampleConfig, *, n: int = 1000, s
                 progress=progress, job=job)
     t = time.perf_counter()
     d = jobs.load_shards(out / "samples")
-    target = d["labels"] if (not cfg.null_label or cfg.guider == "classifier") else None
+    target = d["labels"] if (not cfg.unconditional or cfg.guider == "classifier") else None
     row = measure(d["samples"], target)
     grid_path = write_png(out / "grid.png", class_grid(d["samples"], target, d["seeds"]))
     result = {**row, **nfe_of(d["rows"], len(d["seeds"])), "sampling_seconds": d["seconds"],

@@ -8,7 +8,12 @@ from pathlib import Path
 
 import click
 
-from .errors import GuidelabError, check
+from ..errors import GuidelabError, check
+from ..guidance import registry
+from .jobs.config import GUIDERS
+
+#: Guiders of diffusers models: the registry's entries whose needs a diffusers model can meet.
+DIFFUSERS_GUIDERS = tuple(registry.names(needs={"null_label", "condition", "guide", "noise_embed", "attention"}))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -40,20 +45,20 @@ def demo(out: Path, n: int, seed: int, quick: bool, quiet: bool) -> None:
 @main.command("samplers")
 def list_samplers() -> None:
     """List the available samplers."""
-    from . import samplers
+    from .. import samplers
     for name in samplers.names():
         click.echo(name)
 
 
 def _how_options(f):
-    """How to sample (``sample``, ``sweep``, ``evaluate``; see guidelab.jobs.SampleConfig)."""
+    """How to sample (``sample``, ``sweep``, ``evaluate``; see guidelab.app.jobs.SampleConfig)."""
     opts = [
         click.option("--guide", type=click.Path(), default=None,
                      help="Guide: the weaker model (autoguidance, checkpoint or run folder), the unconditional model "
                           "(cfg; default: the null label), the noise-aware classifier (classifier; default: the cached digits one)."),
         click.option("--label", default=None, help="Class label: an integer, or 'balanced' (seed % classes)."),
-        click.option("--null-label", is_flag=True, help="Call the network with its null label; --label stays the target "
-                                                         "of classifier guidance."),
+        click.option("--unconditional", is_flag=True, help="Call the network without the label (its null label); "
+                                                            "--label stays the target of classifier guidance."),
         click.option("--sampler", default=None, help="Sampler name (guidelab samplers; default heun, or euler on a "
                                                       "distilled student's own grid)."),
         click.option("--steps", type=click.IntRange(min=2), default=32, help="Karras schedule steps."),
@@ -65,7 +70,7 @@ def _how_options(f):
         click.option("--guide-sigma-rel", type=float, default=0.10, help="A run folder as guide: its post-hoc EMA length."),
         click.option("--guide-step", type=click.IntRange(min=1), default=None, help="A run folder as guide: the step."),
         click.option("--option", "options", multiple=True, metavar="KEY=VALUE",
-                     help="Guider keyword (repeatable; JSON value), e.g. tsg s=1.0 alpha=1."),
+                     help=f"Guider keyword (repeatable), checked against the guider's options: {_option_help(GUIDERS)}."),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -80,23 +85,52 @@ def _sample_options(f):
     return click.option("--world", default=None, help="Exact tree to sample: A, B or AB (default A when no --model).")(f)
 
 
-def _config(world, model, label=None, options=(), **kw):
+def _option_help(names) -> str:
+    """``guider: key (type, default), ...`` for the guiders that take options."""
+    out = []
+    for n in names:
+        opts = registry.get(n).options
+        if opts:
+            out.append(f"{n} " + ", ".join(f"{o.name}={o.default!r}" for o in opts))
+    return "; ".join(out)
+
+
+class _Guider(click.Choice):
+    """A guider name of the registry; an unknown one is a GuidelabError (one line, exit code 2)."""
+
+    def convert(self, value, param, ctx):
+        check(value in self.choices, f"unknown guider {value!r}; allowed: {', '.join(self.choices)}")
+        return value
+
+
+def _guider_option(names):
+    return click.option("--guider", type=_Guider(list(names)), default="none",
+                        help=f"Guider (guidance.registry): {registry.summaries(names)}.")
+
+
+def _config(world, model, label=None, options=(), guider="none", **kw):
     from .jobs import SampleConfig
     if label is not None and label != "balanced":
         try:
             label = int(label)
         except ValueError:
             raise GuidelabError(f"--label must be an integer or 'balanced', got {label!r}") from None
-    return SampleConfig(world=world if (world or model) else "A", model=model, label=label,
-                        options=_read_config(None, tuple(options), "--option"), **kw)
+    return SampleConfig(world=world if (world or model) else "A", model=model, label=label, guider=guider,
+                        guider_options=registry.parse_options(guider, options), **kw)
 
 
-def _interval(text):
+_NUMBER = r"\s*((?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|inf)\s*"
+
+
+def _interval(text, flag: str = "--interval"):
+    """``lo-hi`` -> (lo, hi); numbers may carry exponents (``1e-3-5``: lo = 0.001, hi = 5)."""
+    import re
+
     if not text:
         return None
-    v = _floats(text.replace("-", ","))
-    check(len(v) == 2, f"--interval must look like lo-hi (e.g. 0.3-5), got {text!r}")
-    return tuple(v)
+    m = re.fullmatch(_NUMBER + "-" + _NUMBER, text)
+    check(m is not None, f"{flag} must look like lo-hi (e.g. 0.3-5 or 1e-3-5), got {text!r}")
+    return float(m.group(1)), float(m.group(2))
 
 
 @main.command("sample")
@@ -104,9 +138,9 @@ def _interval(text):
 @click.option("--samples", "n", type=click.IntRange(min=1), default=4096, help="Number of samples (seeds seed-start ...).")
 @click.option("--seed-start", type=int, default=0, help="First seed.")
 @click.option("--shard-size", type=click.IntRange(min=1), default=1024, help="Samples per shard (one batch).")
-@click.option("--guider", default="none", help="none, cfg, autoguidance, icg, tsg, gft, distilled, classifier.")
+@_guider_option(GUIDERS)
 @click.option("--weight", "w", type=float, default=1.0, help="Guidance weight (1 = no guidance).")
-@click.option("--interval", default=None, help="Guide only for sigma in (lo, hi], given as lo-hi.")
+@click.option("--interval", default=None, help="Guide only for sigma in (lo, hi], given as lo-hi (e.g. 1e-3-5).")
 @click.option("--png", is_flag=True, help="Image models: also one PNG per sample, OUT/png/<seed>.png.")
 @_sample_options
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -128,7 +162,7 @@ def _floats(text: str) -> list[float]:
 
 @main.command("sweep")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Output folder.")
-@click.option("--methods", default="none,cfg", help="Comma-separated guiders (see `guidelab sample --guider`).")
+@click.option("--methods", default="none,cfg", help=f"Comma-separated guiders: {', '.join(GUIDERS)}.")
 @click.option("--weights", default="1,1.5,2,3", help="Comma-separated guidance weights.")
 @click.option("--intervals", default="", help="Guidance intervals lo-hi, comma-separated (e.g. 0.3-5); empty: always.")
 @click.option("--samples", "n", type=click.IntRange(min=16), default=2048, help="Samples per cell.")
@@ -153,13 +187,15 @@ def sweep_cmd(out, methods, weights, intervals, n, seed_start, shard_size, metri
     import torch
 
     from . import sweep
-    ivs = [tuple(_floats(s.replace("-", ","))) for s in intervals.split(",") if s.strip()] or [None]
+    ivs = [_interval(s, "--intervals") for s in intervals.split(",") if s.strip()] or [None]
     ref = torch.from_numpy(np.load(reference)["samples"]) if reference else None
-    base = _config(world, model, guide=guide, **kw)
-    res = sweep.run(out, base, {m.strip(): _floats(weights) for m in methods.split(",") if m.strip()}, n=n,
-                    seed_start=seed_start, intervals=ivs, reference=ref, metric=metric, quality=quality,
-                    diversity=diversity, guides={"cfg": uncond, "classifier": noise_classifier}, shard_size=shard_size,
-                    classifier=classifier)
+    names = [m.strip() for m in methods.split(",") if m.strip()]
+    base = _config(world, model, guide=guide, **{**kw, "options": ()})
+    settings = sweep.SweepConfig({m: _floats(weights) for m in names}, n=n, seed_start=seed_start, shard_size=shard_size,
+                                 intervals=ivs, metric=metric, quality=quality, diversity=diversity,
+                                 guides={"cfg": uncond, "classifier": noise_classifier}, options=kw["options"],
+                                 classifier=classifier)
+    res = sweep.run(out, base, settings, reference=ref)
     for r in res["rows"]:
         click.echo(f"{r['cell']:>24} {metric}={r[metric]:.4g} {quality}={r[quality]:.3f} {diversity}={r[diversity]:.3f}"
                    + (f" class_accuracy={r['class_accuracy']:.3f}" if r.get("class_accuracy") is not None else ""))
@@ -181,9 +217,9 @@ def report_cmd(sweep_dir: Path, out) -> None:
 @click.argument("model", type=click.Path())
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Output folder: metrics.json, grid.png, samples/ (resumable shards).")
-@click.option("--guider", default="none", help="none, cfg, autoguidance, icg, tsg, gft, distilled, classifier.")
+@_guider_option(GUIDERS)
 @click.option("--weight", "w", type=float, default=1.0, help="Guidance weight (1 = no guidance).")
-@click.option("--interval", default=None, help="Guide only for sigma in (lo, hi], given as lo-hi.")
+@click.option("--interval", default=None, help="Guide only for sigma in (lo, hi], given as lo-hi (e.g. 1e-3-5).")
 @click.option("--samples", "n", type=click.IntRange(min=10), default=1000, help="Number of samples (seeds seed-start ...).")
 @click.option("--seed-start", type=int, default=0, help="First seed.")
 @click.option("--shard-size", type=click.IntRange(min=1), default=256, help="Samples per shard (one batch; a multiple of 64 wastes nothing).")
@@ -201,7 +237,7 @@ def evaluate_cmd(model, out, guider, w, interval, n, seed_start, shard_size, cla
     density / coverage (k = 5); NFE per sample counted; wall time. Options: --guider and --weight (w = 1:
     none), --guide (autoguidance: checkpoint or run folder with --guide-step / --guide-sigma-rel; cfg: an
     unconditional checkpoint; classifier: a noise-aware classifier), --interval lo-hi, --label (default
-    balanced), --null-label, --sampler / --steps / --sigma-min / --sigma-max, --sigma-rel / --step (run
+    balanced), --unconditional, --sampler / --steps / --sigma-min / --sigma-max, --sigma-rel / --step (run
     folder), --option KEY=VALUE (guider keywords, e.g. tsg s=2), --samples / --seed-start / --shard-size,
     --classifier (metrics), --threads, --device. Example:
 
@@ -269,8 +305,8 @@ def _read_config(path: Path | None, sets: tuple[str, ...], flag: str = "--set") 
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def train_cmd(config_path, sets, out, threads, checkpoint_every, grid, grid_w, device, quiet) -> None:
     """Train an image denoiser (EDM loss; digits or an image folder); resumes an interrupted run."""
-    from .training import load_model
-    from .training.images import ImageConfig, sample_grid, train_images
+    from ..training import load_model
+    from ..training.images import ImageConfig, sample_grid, train_images
 
     cfg = ImageConfig.from_dict(_read_config(config_path, sets))
     final = train_images(out, cfg, progress=not quiet, checkpoint_every=checkpoint_every, threads=threads, device=device)
@@ -282,7 +318,7 @@ def train_cmd(config_path, sets, out, threads, checkpoint_every, grid, grid_w, d
 
 @main.command("classifier")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Output .safetensors (default: the cache path the metrics use, see guidelab.models.digits.default_path).")
+              help="Output .safetensors (default: the cache path the metrics use, see guidelab.app.digits_cache.default_path).")
 @click.option("--noise-aware", is_flag=True, help="A noise-aware classifier p(y | x; sigma) for classifier guidance.")
 @click.option("--steps", type=click.IntRange(min=1), default=2000, help="Adam steps on the digits train split.")
 @click.option("--seed", type=int, default=0)
@@ -291,8 +327,8 @@ def classifier_cmd(out, noise_aware, steps, seed, threads) -> None:
     """Train the digits classifier (metric features, class accuracy) or its noise-aware twin (classifier guidance)."""
     import torch
 
-    from .data import digits
-    from .models.digits import default_path, digits_classifier
+    from ..data import digits
+    from .digits_cache import default_path, digits_classifier
 
     if threads:
         torch.set_num_threads(threads)
@@ -313,8 +349,8 @@ def classifier_cmd(out, noise_aware, steps, seed, threads) -> None:
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Output .safetensors checkpoint.")
 def phema_cmd(run_dir, sigma_rel, step, out) -> None:
     """Post-hoc EMA: rebuild the EMA of any sigma_rel from a run's snapshots (EDM2) as a checkpoint."""
-    from .training import save_model
-    from .training.phema import reconstruct
+    from ..training import save_model
+    from ..training.phema import reconstruct
 
     m = reconstruct(run_dir, sigma_rel, step)
     info = {k: v for k, v in m.checkpoint_info.items() if k != "model"}
@@ -359,8 +395,8 @@ def distill_cmd(teacher, out, guider, guide, w_min, w_max, progressive, from_ste
                 seed, threads, checkpoint_every, device, quiet) -> None:
     """Guidance distillation (Meng et al. 2023): stage 1 (a w-conditioned student of CFG / autoguidance)
     or, with --progressive, stage 2 (halving the Euler steps); resumes an interrupted run."""
-    from .training import LoopConfig, load_model
-    from .training import distill as ds
+    from ..training import LoopConfig, load_model
+    from ..training import distill as ds
 
     loop = LoopConfig(iters=iters, batch=batch, lr=lr, lr_ref_steps=lr_ref_steps, ema=tuple(_floats(ema)),
                       snapshot_every=snapshot_every, seed=seed)
@@ -381,8 +417,7 @@ def distill_cmd(teacher, out, guider, guide, w_min, w_max, progressive, from_ste
 @main.command("diffusers")
 @click.argument("model_dir", type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Folder for PNGs + samples.npz.")
-@click.option("--guider", type=click.Choice(["none", "cfg", "autoguidance", "pag", "seg", "slg", "icg", "tsg", "apg"]),
-              default="none", help="apg: APG on CFG; icg: random class / Gaussian embedding; tsg: time-embedding noise.")
+@_guider_option(DIFFUSERS_GUIDERS)
 @click.option("--weight", "w", type=float, default=1.0, help="Guidance weight (1 = no guidance).")
 @click.option("--guide", type=click.Path(path_type=Path), default=None, help="Guide model folder (autoguidance).")
 @click.option("--sampler", default="euler", help="Sampler name (guidelab samplers).")
@@ -393,8 +428,8 @@ def distill_cmd(teacher, out, guider, guide, w_min, w_max, progressive, from_ste
               help="sigma -> timestep: fractional t (log-sigma interpolation) or the nearest grid t.")
 @click.option("--seeds", default="0-7", help="Seeds: a range 0-7 or a list 1,2,5.")
 @click.option("--batch", type=click.IntRange(min=1), default=16)
-@click.option("--class-label", type=int, default=None, help="Class id for class-conditional models.")
-@click.option("--null-class", type=int, default=None, help="Null class id for cfg (DiT: its num_classes by default).")
+@click.option("--label", type=int, default=None, help="Class label for class-conditional models.")
+@click.option("--null-label", type=int, default=None, help="The null label cfg uses (DiT: its num_classes by default).")
 @click.option("--prompt-embeds", type=click.Path(dir_okay=False, exists=True), default=None,
               help="safetensors with 'prompt_embeds' [1 or N, L, dim], optionally 'null_embeds' [1, L, dim] and "
                    "attention masks 'prompt_attention_mask' / 'null_attention_mask' [1 or N, L] (text models).")
@@ -402,16 +437,16 @@ def distill_cmd(teacher, out, guider, guide, w_min, w_max, progressive, from_ste
 @click.option("--cfg-weight", type=float, default=None,
               help="pag/seg/slg: CFG at this weight as well, in the same batched call: "
                    "D = D_u + CFG_WEIGHT (D_c - D_u) + (WEIGHT - 1)(D_c - D_pert).")
-@click.option("--interval", default=None, help="Guide only for sigma in (lo, hi], given as lo-hi.")
+@click.option("--interval", default=None, help="Guide only for sigma in (lo, hi], given as lo-hi (e.g. 1e-3-5).")
 @click.option("--option", "options", multiple=True, metavar="KEY=VALUE",
-              help="Guider keyword (repeatable; JSON value): icg num_classes; tsg s, alpha; apg eta, r, beta.")
+              help=f"Guider keyword (repeatable): {_option_help(DIFFUSERS_GUIDERS)}.")
 @click.option("--device", default="cpu")
 @click.option("--dtype", type=click.Choice(["float32", "float64", "float16", "bfloat16"]), default="float32")
 def diffusers_cmd(model_dir, out, guider, w, guide, seeds, interval, prompt_embeds, layers, dtype, options, **kw) -> None:
     """Sample a local diffusers model (UNet2DModel, UNet2DConditionModel, DiT, PixArt) with any sampler and guider."""
     import torch
 
-    from .integrations import diffusers as gd
+    from ..integrations import diffusers as gd
     emb = {}
     if prompt_embeds is not None:
         from safetensors.torch import load_file
@@ -428,8 +463,8 @@ def diffusers_cmd(model_dir, out, guider, w, guide, seeds, interval, prompt_embe
                 interval=_interval(interval), prompt_embeds=emb.get("prompt_embeds"),
                 null_text=emb.get("null_embeds"), prompt_mask=emb.get("prompt_attention_mask"),
                 null_mask=emb.get("null_attention_mask"), layers=layers.split(",") if layers else None,
-                dtype=getattr(torch, dtype), class_labels=kw.pop("class_label"),
-                options=_read_config(None, tuple(options), "--option"), **kw)
+                dtype=getattr(torch, dtype), class_labels=kw.pop("label"), null_class=kw.pop("null_label"),
+                options=registry.parse_options(guider, options), **kw)
     click.echo(f"wrote {len(seed_list)} samples to {out}")
 
 

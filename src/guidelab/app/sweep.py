@@ -1,9 +1,9 @@
 """Sweeps: guidance methods x weights (x intervals) -> a results table, best weight per method, Pareto front.
 
-Every cell is a resumable :func:`guidelab.jobs.sample` job in ``out/samples/<cell>``. Metrics: on
+Every cell is a resumable :func:`guidelab.app.jobs.sample` job in ``out/samples/<cell>``. Metrics: on
 points, against a reference set (exact samples of the world, or given reference samples) on raw
 coordinates; on a digits model (images [1, 8, 8]) without a reference, the digits metrics of
-:class:`guidelab.evaluate.DigitsMetrics` (class accuracy, FD, precision / recall, density / coverage in
+:class:`guidelab.app.evaluate.DigitsMetrics` (class accuracy, FD, precision / recall, density / coverage in
 the digits-classifier features, against the test split). Every row records NFE per sample (counted)
 and sampling seconds. Writes ``out/results.csv`` and ``out/results.json`` (rows, best, pareto, settings).
 """
@@ -13,16 +13,19 @@ from __future__ import annotations
 import csv
 import json
 import os
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any, Mapping, Sequence
 
 import torch
 
-from . import jobs, metrics, toy
-from ._io import atomic_write
-from .errors import check
+from .. import metrics, toy
+from .._io import atomic_write
+from ..errors import check
+from ..guidance import registry
+from ..metrics import features
+from . import jobs
 from .evaluate import DigitsMetrics, nfe_of
-from .metrics import features
 
 #: metric -> True when higher is better.
 HIGHER_IS_BETTER = {"mean_logp": True, "precision": True, "recall": True, "density": True, "coverage": True,
@@ -66,49 +69,82 @@ def best_per_method(rows: list[dict], metric: str) -> dict[str, dict]:
     return best
 
 
-def run(out: str | os.PathLike, base: jobs.SampleConfig, methods: dict[str, list[float]], *, n: int = 2048,
-        seed_start: int = 0, intervals=(None,), reference: torch.Tensor | None = None, ref_seed: int = 10**9,
-        metric: str = "fd", quality: str = "precision", diversity: str = "recall",
-        guides: dict[str, str | None] | None = None, shard_size: int = 1024, classifier=None) -> dict:
-    """Sample and measure every (method, weight, interval) cell; returns and writes the results.
+@dataclass(frozen=True)
+class SweepConfig:
+    """What a sweep runs. ``methods``: {guider name (:data:`guidelab.app.jobs.GUIDERS`): [weights]} (``none``:
+    one cell); ``intervals``: (lo, hi) or None per cell row; ``guides``: checkpoint per method (cfg: the
+    unconditional model, classifier: the noise-aware classifier; default ``base.guide``); ``options``: guider
+    keywords (``["k=v", ...]`` or a dict), each given to the methods that take it; ``metric`` chooses the
+    best weight per method, ``quality`` / ``diversity`` are the Pareto axes; ``ref_seed``: the exact
+    world's reference draw; ``classifier``: the clean digits classifier of the digits metrics (default: the
+    cached one)."""
+    methods: Mapping[str, Sequence[float]]
+    n: int = 2048
+    seed_start: int = 0
+    shard_size: int = 1024
+    intervals: Sequence[tuple[float, float] | None] = (None,)
+    metric: str = "fd"
+    quality: str = "precision"
+    diversity: str = "recall"
+    guides: Mapping[str, str | None] = field(default_factory=dict)
+    options: Mapping[str, Any] | Sequence[str] = ()
+    ref_seed: int = 10**9
+    classifier: str | None = None
 
-    ``methods``: {guider name (:data:`guidelab.jobs.GUIDERS`): [weights]}; ``guides``: checkpoint per
-    method (cfg: the unconditional model, classifier: the noise-aware classifier; default
-    ``base.guide``). Reference: ``reference`` or, on an exact world, ``n`` exact samples drawn with
-    ``ref_seed``; a digits model without ``reference`` uses the digits metrics (``classifier``: the
-    clean digits classifier's checkpoint, default the cached one). A class-conditional model with
-    ``base.label`` None samples balanced labels.
+    def validate(self) -> None:
+        for m in (self.metric, self.quality, self.diversity):
+            check(m in HIGHER_IS_BETTER, f"unknown metric {m!r}; allowed: {', '.join(HIGHER_IS_BETTER)}")
+        check(bool(self.methods), "give at least one method")
+        for m in self.methods:
+            check(m in jobs.GUIDERS, f"unknown guider {m!r}; allowed: {', '.join(jobs.GUIDERS)}")
+        self.options_for(None)
+
+    def options_for(self, method: str | None) -> dict:
+        """The keywords of ``options`` that ``method`` takes (None: check every key is taken by some method)."""
+        items = dict(self.options) if isinstance(self.options, Mapping) else dict(
+            o.partition("=")[::2] for o in self.options)
+        takes = {m: {o.name for o in registry.get(m).options} for m in self.methods}
+        unused = sorted(k for k in items if not any(k in t for t in takes.values()))
+        check(not unused, f"no method of the sweep takes option {', '.join(unused)}; "
+              f"{'; '.join(f'{m}: {sorted(t)}' for m, t in takes.items() if t) or 'none takes options'}")
+        return {} if method is None else registry.parse_options(method, {k: v for k, v in items.items() if k in takes[method]})
+
+
+def run(out: str | os.PathLike, base: jobs.SampleConfig, sweep: SweepConfig, *,
+        reference: torch.Tensor | None = None) -> dict:
+    """Sample and measure every (method, weight, interval) cell of ``sweep`` on ``base``; returns and writes
+    the results. Reference: ``reference`` or, on an exact world, ``n`` exact samples drawn with
+    ``ref_seed``; a digits model without ``reference`` uses the digits metrics. A class-conditional model
+    with ``base.label`` None samples balanced labels.
     """
-    for m in (metric, quality, diversity):
-        check(m in HIGHER_IS_BETTER, f"unknown metric {m!r}; allowed: {', '.join(HIGHER_IS_BETTER)}")
-    check(bool(methods), "give at least one method")
+    sweep.validate()
+    n, metric, quality, diversity = sweep.n, sweep.metric, sweep.quality, sweep.diversity
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     world = toy.tree(base.world, dtype=torch.float64) if base.world is not None else None
     digits = None
     if base.model is not None:
-        probe = jobs.build_balanced(base, classifier="classifier" in methods)
+        probe = jobs.build_balanced(base, classifier="classifier" in sweep.methods)
         base = probe.cfg
         if reference is None and probe.shape == (1, 8, 8):
-            digits = DigitsMetrics(classifier)
+            digits = DigitsMetrics(sweep.classifier)
     if reference is None and digits is None:
         check(world is not None, "a sweep on a model needs reference samples (--reference file.npz with 'samples'), "
               "except on a digits model (images [1, 8, 8])")
-        reference = world.sample(n, 0.0, torch.Generator().manual_seed(ref_seed)).float()
+        reference = world.sample(n, 0.0, torch.Generator().manual_seed(sweep.ref_seed)).float()
     ref = reference.double().reshape(len(reference), -1) if digits is None else None
-    guides = guides or {}
     rows = []
-    for method, weights in methods.items():
+    for method, weights in sweep.methods.items():
         for w in (weights if method != "none" else [1.0]):     # no guidance: one cell, whatever the weights
-            for iv in (intervals if method != "none" else (None,)):
+            for iv in (sweep.intervals if method != "none" else (None,)):
                 cfg = replace(base, guider=method, w=float(w), interval=tuple(iv) if iv else None,
-                              guide=guides.get(method, base.guide))
+                              guide=sweep.guides.get(method, base.guide), guider_options=sweep.options_for(method))
                 name = cell_name(method, w, iv)
-                jobs.sample(out / "samples" / name, cfg, n=n, seed_start=seed_start, shard_size=shard_size)
+                jobs.sample(out / "samples" / name, cfg, n=n, seed_start=sweep.seed_start, shard_size=sweep.shard_size)
                 d = jobs.load_shards(out / "samples" / name)
                 x, seeds = d["samples"], d["seeds"]
                 if digits is not None:
-                    target = d["labels"] if (not cfg.null_label or method == "classifier") else None
+                    target = d["labels"] if (not cfg.unconditional or method == "classifier") else None
                     m = {k: v for k, v in digits(x, target).items() if k != "class_histogram"}
                     described = features.describe(digits.extractor, len(x), seeds)
                 else:
@@ -119,7 +155,7 @@ def run(out: str | os.PathLike, base: jobs.SampleConfig, methods: dict[str, list
                 rows.append(row)
     best = {m: r["cell"] for m, r in best_per_method(rows, metric).items()}
     pareto = [rows[i]["cell"] for i in pareto_front(rows, quality, diversity)]
-    reference_info = ({"n": len(ref), "seed": ref_seed if world is not None else None} if digits is None
+    reference_info = ({"n": len(ref), "seed": sweep.ref_seed if world is not None else None} if digits is None
                       else {**digits.floor, "classifier": digits.classifier_path})
     result = {"metric": metric, "quality": quality, "diversity": diversity, "best": best, "pareto": pareto,
               "reference": reference_info, "rows": rows}

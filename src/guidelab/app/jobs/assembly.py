@@ -1,0 +1,213 @@
+"""Assembling a sampling job: the networks of a :class:`~.config.SampleConfig` loaded once, counted and
+run in fixed blocks (:class:`Counted`), the guider built by the guider registry (:func:`build`)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+from ... import samplers, schedules, toy
+from ...errors import check
+from ...guidance import registry
+from ...rng import SampleNoise
+from ...training.phema import load_network
+from ...training.student import distilled_info
+from .config import SampleConfig
+
+
+def network_info(net) -> dict:
+    """What a result records about a loaded network: class, step, post-hoc EMA and recipe."""
+    info = getattr(net, "checkpoint_info", {}) or {}
+    meta = info.get("meta") or {}
+    out = {"model": (info.get("model") or {}).get("name"), "step": info.get("step"), "sigma_rel": info.get("sigma_rel"),
+           "recipe": meta.get("recipe") if isinstance(meta, dict) else None}
+    if "phema_error" in info:
+        out["phema_error"] = info["phema_error"]
+    return out
+
+
+class Counted:
+    """A network that counts the rows it evaluates (``counts[key]``); other attributes pass through.
+
+    Batch invariance (``chunk`` > 0 and ``seeds`` set, one per sample of the batch being sampled): GEMM
+    and convolution kernels may round a row differently depending on the batch shape and on the row's
+    place in it. So the network only ever sees blocks of ``chunk`` rows, and the sample of seed ``s``
+    always sits in row ``s % chunk`` of its block (branches that a guider batches, ``[k B]`` rows, get
+    their own blocks; unused rows are zeros, their outputs dropped and not counted). A sample then does
+    not depend on the shard size, at the cost of partly empty blocks when shards are not multiples of
+    ``chunk``. Other calls (no seeds, or rows that are not whole copies of the batch) run as one batch.
+    """
+
+    def __init__(self, net, counts: dict, key: str, chunk: int = 0):
+        self.net, self.counts, self.key, self.chunk, self.seeds = net, counts, key, chunk, None
+        counts.setdefault(key, 0)
+
+    def __call__(self, x, sigma, *args, **cond):
+        R, seeds, C = x.shape[0], self.seeds, self.chunk
+        self.counts[self.key] += R
+        if not C or seeds is None or R % len(seeds) or len(set(seeds)) != len(seeds):
+            return self.net(x, sigma, *args, **cond)
+        B, dev = len(seeds), x.device
+        sigma = torch.as_tensor(sigma, dtype=x.dtype, device=dev).expand(R)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for r in range(R):                                      # block (branch, seed // C), row seed % C
+            groups.setdefault((r // B, seeds[r % B] // C), []).append(r)
+        parts, order = [], []
+        for rows in groups.values():
+            rows_t = torch.tensor(rows, device=dev)
+            slots = torch.tensor([seeds[r % B] % C for r in rows], device=dev)
+            idx = torch.full((C,), rows[0], device=dev, dtype=torch.long).index_put((slots,), rows_t)
+            real = torch.zeros(C, dtype=torch.bool, device=dev).index_put((slots,), torch.tensor(True, device=dev))
+            xb = torch.where(real.reshape((-1,) + (1,) * (x.ndim - 1)), x[idx], x.new_zeros(()))  # no gradient to padding
+            cb = {k: v[idx] if isinstance(v, torch.Tensor) and v.ndim >= 1 and v.shape[0] == R else v for k, v in cond.items()}
+            parts.append(self.net(xb, sigma[idx], *args, **cb)[slots])
+            order.append(rows_t)
+        return torch.cat(parts)[torch.argsort(torch.cat(order))]
+
+    def __getattr__(self, name):
+        return getattr(self.net, name)
+
+
+def distilled_meta(net) -> dict:
+    """A distilled student's ``meta.distilled`` ({} for other networks): :func:`guidelab.training.student.distilled_info`
+    (a progressive student carries its sigma grid and sampler)."""
+    return distilled_info(net) or {}
+
+
+class Sampling:
+    """The networks of a :class:`SampleConfig`, loaded once; :meth:`generate` samples given seeds.
+
+    ``counts``: rows evaluated per network since the last :meth:`reset` (``model``, ``guide``,
+    ``classifier``); NFE per sample = (model + guide rows) / samples.
+    """
+
+    def __init__(self, cfg: SampleConfig, device: str | torch.device = "cpu"):
+        cfg.validate()
+        self.cfg, self.device, self.counts = cfg, device, {}
+        dtype = self.dtype = getattr(torch, cfg.dtype)
+        grid = None
+        self.num_classes = 0
+        if cfg.world is not None:
+            self.net = toy.tree(cfg.world, dtype=dtype)
+            self.shape, self.image = (self.net.dim,), False
+            guide = toy.tree("AB", dtype=dtype) if cfg.guider != "none" else None  # the unconditional world
+        else:
+            self.net = load_network(cfg.model, cfg.sigma_rel, cfg.step, device).to(dtype)
+            self.image = hasattr(self.net, "img_resolution")
+            r = getattr(self.net, "img_resolution", None)
+            self.shape = (self.net.img_channels, r, r) if self.image else (self.net.dim,)
+            self.num_classes = int(getattr(self.net, "num_classes", 0) or 0)
+            grid = distilled_meta(self.net).get("sigmas")
+            guide = None
+            if cfg.guider == "classifier":
+                guide = self._classifier()
+            elif cfg.guide is not None:
+                guide = load_network(cfg.guide, cfg.guide_sigma_rel, cfg.guide_step, device).to(dtype)
+        if cfg.label is not None:
+            check(self.num_classes > 0 or cfg.guider == "classifier",
+                  f"{cfg.model or cfg.world} is unconditional: it takes no --label")
+            n_cls = self.num_classes or getattr(guide, "num_classes", 0)
+            check(cfg.label == "balanced" or cfg.label < n_cls, f"label {cfg.label} out of range: {n_cls} classes")
+        chunk = cfg.chunk if cfg.world is None else 0           # the exact world uses no GEMM
+        self.main = Counted(self.net, self.counts, "model", chunk)
+        self.guide = None if guide is None else Counted(guide, self.counts, "classifier" if cfg.guider == "classifier" else "guide", chunk)
+        self.sampler = cfg.sampler or (distilled_meta(self.net).get("sampler") or "euler" if grid is not None else "heun")
+        if grid is not None:
+            self.sigmas = torch.tensor(grid, dtype=dtype, device=device)
+            self.schedule = f"checkpoint grid ({len(grid) - 1} steps)"
+        else:
+            sigma_max = cfg.sigma_max if cfg.sigma_max is not None else (80.0 if self.image else 5.0)
+            self.sigmas = schedules.karras(cfg.steps, cfg.sigma_min, sigma_max, cfg.rho, dtype=dtype, device=device)
+            self.schedule = f"karras({cfg.steps}, {cfg.sigma_min:g}, {sigma_max:g}, rho={cfg.rho:g})"
+        self.denoiser([0])                                      # build once: a bad guider fails before sampling
+
+    def _classifier(self):
+        from ...models.digits import DigitsClassifier
+        from ..digits_cache import digits_classifier
+        cfg = self.cfg
+        if cfg.guide is None:
+            check(self.shape == (1, 8, 8), "classifier guidance without --guide uses the digits classifier: needs a 1x8x8 model")
+            return digits_classifier(noise_aware=True).to(self.device, self.dtype)
+        clf = load_network(cfg.guide, device=self.device)
+        check(getattr(clf, "noise_aware", False) or not isinstance(clf, DigitsClassifier),
+              f"{cfg.guide} is a clean classifier; classifier guidance needs a noise-aware one (guidelab classifier --noise-aware)")
+        return clf.to(self.dtype)
+
+    def labels(self, seeds) -> torch.Tensor | None:
+        """Target labels [k] of ``seeds`` (None without a label)."""
+        lab = self.cfg.label
+        if lab is None:
+            return None
+        s = torch.as_tensor(list(seeds), dtype=torch.long)
+        n_cls = self.num_classes or getattr(self.guide, "num_classes", 1)
+        return s % n_cls if lab == "balanced" else torch.full_like(s, int(lab))
+
+    def denoiser(self, seeds):
+        """The guided denoiser for one batch of ``seeds`` (icg / tsg draw per-sample noise from them)."""
+        cfg, clf = self.cfg, self.cfg.guider == "classifier"
+        ctx = registry.Context(self.main, cfg.w, guide=None if clf else self.guide, classifier=self.guide if clf else None,
+                               seeds=[int(s) for s in seeds], options=cfg.guider_options, interval=cfg.interval,
+                               unconditional=cfg.unconditional, sampler=self.sampler,
+                               what=cfg.model or f"the exact world {cfg.world}")
+        return registry.build(cfg.guider, ctx)
+
+    def reset(self) -> None:
+        for k in self.counts:
+            self.counts[k] = 0
+
+    @torch.no_grad()
+    def generate(self, seeds) -> np.ndarray:
+        """Samples [len(seeds), *shape] (raw, not clipped): x_T = sigma_max * N(0, I) and the sampler's noise
+        from per-seed generators, so row i depends only on ``seeds[i]``."""
+        seeds = [int(s) for s in seeds]
+        noise = SampleNoise(seeds, device=self.device)
+        x = noise.randn(self.shape, self.dtype) * self.sigmas[0]
+        cond = {}
+        labels = self.labels(seeds)
+        if labels is not None and (not self.cfg.unconditional or self.cfg.guider == "classifier"):
+            cond["label"] = labels.to(self.device)
+        kw = {"noise": noise} if samplers.info(self.sampler).stochastic else {}
+        nets = [n for n in (self.main, self.guide) if n is not None]
+        for n in nets:
+            n.seeds = seeds
+        try:
+            out = samplers.get(self.sampler)(self.denoiser(seeds), x, self.sigmas, cond=cond or None, **kw, **self.cfg.sampler_options)
+        finally:
+            for n in nets:
+                n.seeds = None
+        return out.cpu().numpy()
+
+    def describe(self) -> dict:
+        """Sampler, grid, guider and networks, for results files."""
+        cfg = self.cfg
+        d = {"sampler": self.sampler, "schedule": self.schedule, "steps": len(self.sigmas) - 1,
+             "guider": cfg.guider, "w": cfg.w, "interval": list(cfg.interval) if cfg.interval else None,
+             "label": cfg.label, "unconditional": cfg.unconditional, "guider_options": cfg.guider_options,
+             "nfe_per_call": registry.get(cfg.guider).nfe, "world": cfg.world}
+        if cfg.model is not None:
+            d["model"] = {"path": str(cfg.model), **network_info(self.net)}
+        if self.guide is not None and cfg.world is None:
+            d["guide"] = {"path": str(cfg.guide) if cfg.guide else "cached digits classifier (noise-aware)",
+                          **network_info(self.guide.net)}
+        return d
+
+
+def build(cfg: SampleConfig, device: str | torch.device = "cpu") -> Sampling:
+    """Load the networks of ``cfg`` (validated; a bad guider or checkpoint is a one-line error)."""
+    return Sampling(cfg, device)
+
+
+def build_balanced(cfg: SampleConfig, device: str | torch.device = "cpu", *, classifier: bool = False) -> Sampling:
+    """:func:`build` where an unset label means ``"balanced"`` for class-conditional models and for
+    classifier guidance (``classifier``: also when the guider is another one; what evaluate and sweep
+    default to); ``.cfg`` of the result is the configuration used."""
+    if cfg.label is None and (classifier or cfg.guider == "classifier"):
+        cfg = replace(cfg, label="balanced")
+    job = build(cfg, device)
+    if cfg.label is None and job.num_classes:
+        job.cfg = replace(cfg, label="balanced")
+    return job
+
+
