@@ -7,6 +7,7 @@ guiders sharing a main branch (CFG + PAG, CFG + autoguidance); non-linear rules
 See docs/GUIDANCE.md for the table of methods.
 """
 
+from .protocols import Condition, Guider, OnePass, Run  # first: samplers import it
 from ._base import DROP, Branch, Guided, PerCall, evaluate
 from .apg import APGMomentum, apg
 from .autoguidance import autoguidance
@@ -26,4 +27,4 @@ from .tsg import tsg
 
 __all__ = ["autoguidance", "cfg", "rescale", "cfg_zero_star", "icg", "tsg", "cfgpp", "interval", "apg",
            "epsilon_scaling", "classifier", "tfg_sample", "fkc_sample", "superdiff", "ClassifierGuided",
-           "compose", "Composed", "APGMomentum", "CFGpp", "Branch", "Guided", "PerCall", "evaluate", "DROP"]
+           "compose", "Composed", "Guider", "Condition", "Run", "OnePass", "APGMomentum", "CFGpp", "Branch", "Guided", "PerCall", "evaluate", "DROP"]
