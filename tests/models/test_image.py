@@ -64,6 +64,20 @@ def test_labels_null_and_cfg(cls, small):
 
 
 @both
+def test_declares_condition_and_noise_embedding_to_guiders(cls, small):
+    """``condition`` and ``noise_embed_dim`` (read by cfg / icg / tsg) match what the network accepts."""
+    m = _trained_like(cls=cls, small=small, num_classes=3)
+    assert (m.condition.key, dict(m.condition.null), m.condition.num_classes) == ("label", {"label": 3}, 3)
+    assert _trained_like(cls=cls, small=small).condition is None
+    assert m.noise_embed_dim == 16 and _trained_like(cls=cls, small=small, noise_cond=False).noise_embed_dim is None
+    x, sigma = _inputs()
+    with torch.no_grad():
+        assert torch.equal(m(x, sigma, **m.condition.null), m(x, sigma))
+        off = torch.ones(6, m.noise_embed_dim)
+        assert not torch.equal(m(x, sigma, label=1, noise_embed_offset=off), m(x, sigma, label=1))
+
+
+@both
 def test_noise_unconditional_network_ignores_sigma(cls, small):
     x, _ = _inputs()
     a, b = torch.full((6,), 0.1), torch.full((6,), 5.0)

@@ -101,6 +101,19 @@ def test_conditional_null_label_and_cfg():
     torch.testing.assert_close(cfg(m, 2.5)(x, sigma, label=lab), null + 2.5 * (D - null))
 
 
+def test_declares_condition_and_noise_embedding_to_guiders():
+    """``condition`` (label key, null override, classes) and ``noise_embed_dim``: what cfg / icg / tsg read."""
+    m = _model(num_classes=3, hidden=16)
+    assert (m.condition.key, dict(m.condition.null), m.condition.num_classes) == ("label", {"label": 3}, 3)
+    assert ToyMLP().condition is None
+    assert m.noise_embed_dim == 16 and ToyMLP(noise_cond=False).noise_embed_dim is None
+    x, sigma = _inputs()
+    lab = torch.full((9,), 1)
+    # the declared null is the network's null label, and the vector offset of that size is accepted
+    assert torch.equal(m(x, sigma, **m.condition.null), m(x, sigma))
+    assert not torch.equal(m(x, sigma, lab, noise_embed_offset=torch.ones(9, m.noise_embed_dim)), m(x, sigma, lab))
+
+
 @pytest.mark.parametrize("call", [
     lambda m, x, s: m(x, s, torch.full((9,), 4)),          # out of range
     lambda m, x, s: m(x, s, torch.full((9,), 0.5)),        # not integer

@@ -9,12 +9,12 @@ Conditioning, the same on every image network (all optional):
 * ``noise_cond`` -- the network sees ``c_noise = log(sigma) / 4``; ``False`` gives a
   noise-unconditional network (Sun et al. 2025): the preconditioning still uses sigma, ``F`` does not.
 * ``num_classes`` -- labels in ``[0, num_classes]``, ``null_label = num_classes`` (``label=None`` means
-  null; what ``guidance.cfg`` uses and what label dropout trains).
+  null; what label dropout trains); declared to guiders as ``condition`` (``guidance.Condition``).
 * ``extra_scalar`` -- the name of one more per-sample scalar input, passed as a keyword
   (e.g. ``extra_scalar="w"`` for a guidance-distilled student called as ``net(x, sigma, label=y, w=w)``,
   or ``"beta"`` for GFT); required at every call.
 * ``noise_embed_offset``, the hook of ``guidance.tsg``: a [batch] offset is added to ``c_noise``, a
-  [batch, emb] offset to the noise-level embedding vector (TSG's vector form, ``tsg(..., dim=emb)``);
+  [batch, emb] offset to the noise-level embedding vector (TSG's vector form; ``noise_embed_dim = emb``);
   either reaches the network's noise input only, never the preconditioning.
 
 Scalars enter through fixed random Fourier features ``sqrt(2) cos(2 pi (f s + phi))`` (EDM2's
@@ -30,6 +30,7 @@ from torch import nn
 
 from ..denoisers import EDMPrecond
 from ..errors import as_sigma, check
+from ..guidance.protocols import Condition
 from ._common import one_hot_label
 from .registry import register
 
@@ -66,12 +67,22 @@ class ImageDenoiser(nn.Module):
         self.img_channels, self.img_resolution = img_channels, img_resolution
         self.sigma_data, self.num_classes = float(sigma_data), num_classes
         self.noise_cond, self.extra_scalar, self.emb = bool(noise_cond), extra_scalar, emb
-        self.null_label = num_classes if num_classes else None  # found by guidance.cfg
+        self.null_label = num_classes if num_classes else None  # label dropout's label; guiders read `condition`
         self.precond = EDMPrecond(self.sigma_data)
         n_in = (emb if self.noise_cond else 0) + (emb if extra_scalar else 0) + (num_classes + 1 if num_classes else 0)
         self.noise_fourier = Fourier(emb, seed=1) if self.noise_cond else None
         self.extra_fourier = Fourier(emb, seed=2) if extra_scalar else None
         self.emb_layer = nn.Linear(n_in, emb) if n_in else None
+
+    @property
+    def condition(self) -> Condition | None:
+        """``label`` in ``[0, num_classes)``, null ``num_classes`` (read by guidance.cfg / icg); None if unconditional."""
+        return Condition("label", {"label": self.num_classes}, self.num_classes) if self.num_classes else None
+
+    @property
+    def noise_embed_dim(self) -> int | None:
+        """Size of the noise-level embedding a [batch, emb] ``noise_embed_offset`` shifts (TSG's vector form)."""
+        return self.emb if self.noise_cond else None
 
     def _cond_config(self) -> dict:
         return dict(img_channels=self.img_channels, img_resolution=self.img_resolution, sigma_data=self.sigma_data,

@@ -14,11 +14,11 @@ Two outputs share one magnitude-preserving trunk (EDM2, Karras et al. 2024a):
 Trunk input features: ``[c_in x, c_noise = log(sigma) / 4, 1, one_hot(label)]``; ``c_noise`` is
 left out when ``noise_cond=False`` (a noise-unconditional network: the preconditioning still uses
 sigma, the network does not see it). Labels are integers in ``[0, num_classes]``; ``num_classes``
-is the null label (``label=None`` means null). ``noise_embed_offset`` (optional) is the hook of
-time-step guidance (``guidance.tsg``) and never touches the preconditioning: a [batch] offset is added
-to the scalar ``c_noise``; a [batch, hidden] offset is added to the noise *embedding vector*, the first
-layer's image of ``c_noise`` (``W_0[:, c] c_noise``, added to that layer's output), the analogue of the
-time-embedding vector the TSG paper perturbs.
+is the null label (``label=None`` means null), declared to guiders as ``condition``.
+``noise_embed_offset`` (optional) is the hook of time-step guidance (``guidance.tsg``) and never
+touches the preconditioning: a [batch] offset is added to the scalar ``c_noise``; a [batch, hidden]
+offset is added to the noise *embedding vector*, the first layer's image of ``c_noise`` (``W_0[:, c] c_noise``, added to that layer's output), the analogue of the
+time-embedding vector the TSG paper perturbs (``noise_embed_dim = hidden``).
 ``extra_scalar`` (e.g. ``"w"``, as in :class:`guidelab.models.image.PixelMLP`) names one more per-sample
 scalar input, passed as a keyword (``net(x, sigma, w=w)``, a number or a [batch] tensor) and appended
 to the trunk features as is: the guidance weight of a distilled student (``training.distill``).
@@ -33,6 +33,7 @@ from torch import nn
 
 from ..denoisers import EDMPrecond, bcast
 from ..errors import as_sigma, check
+from ..guidance.protocols import Condition
 from ._common import one_hot_label
 from .registry import register
 
@@ -112,13 +113,23 @@ class ToyMLP(nn.Module):
                                        and extra_scalar not in ("label", "noise_embed_offset")),
               f"extra_scalar must be None or a keyword name other than label / noise_embed_offset, got {extra_scalar!r}")
         self.extra_scalar = extra_scalar
-        self.null_label = num_classes if num_classes else None  # found by guidance.cfg
+        self.null_label = num_classes if num_classes else None  # label dropout's label; guiders read `condition`
         self.precond = EDMPrecond(self.sigma_data)
         n_in = dim + self.noise_cond + 1 + (num_classes + 1 if num_classes else 0) + (extra_scalar is not None)
         self.layers = nn.ModuleList([MPLinear(n_in, hidden)] + [MPLinear(hidden, hidden) for _ in range(depth)])
         if output == "denoiser":
             self.out = MPLinear(hidden, dim)
         self.gain = nn.Parameter(torch.zeros([]))
+
+    @property
+    def condition(self) -> Condition | None:
+        """``label`` in ``[0, num_classes)``, null ``num_classes`` (read by guidance.cfg / icg); None if unconditional."""
+        return Condition("label", {"label": self.num_classes}, self.num_classes) if self.num_classes else None
+
+    @property
+    def noise_embed_dim(self) -> int | None:
+        """Size of the noise embedding a [batch, hidden] ``noise_embed_offset`` shifts (TSG's vector form)."""
+        return self.hidden if self.noise_cond and self.hidden > 1 else None
 
     def config(self) -> dict:
         d = dict(dim=self.dim, hidden=self.hidden, depth=self.depth, sigma_data=self.sigma_data,
