@@ -25,6 +25,7 @@ from .cfgpp import cfgpp
 from .classifier import classifier
 from .icg import icg
 from .interval import interval
+from .protocols import OnePass
 from .rescale import rescale
 from .tsg import tsg
 
@@ -120,12 +121,12 @@ def _distilled_key(den) -> str:
 
 
 def _conditional(den) -> bool:
-    return getattr(den, "condition", None) is not None or int(getattr(den, "num_classes", 0) or 0) > 0
+    return getattr(den, "condition", None) is not None        # guidance.Condition, declared by the denoiser
 
 
 def _null(den) -> bool:
     cond = getattr(den, "condition", None)
-    return (cond is not None and bool(cond.null)) or getattr(den, "null_label", None) is not None
+    return cond is not None and bool(cond.null)
 
 
 def _noise_embed(den) -> bool:
@@ -217,20 +218,9 @@ def _classifier(ctx: Context):
     return classifier(ctx.main, ctx.classifier, ctx.w, pass_label=not ctx.unconditional)
 
 
-class _OnePass:
-    """A one-evaluation guider: the network at weight w, and at w = 1 as ``unguided`` (for intervals).
-    TODO(H2): replace by ``guidance.OnePass`` (H1's Guider) once it is committed."""
-
-    def __init__(self, at_w, unguided, name: str):
-        self.at_w, self.unguided, self.name = at_w, unguided, name
-
-    def __call__(self, x, sigma, **cond):
-        return self.at_w(x, sigma, **cond)
-
-
-def _one_pass(at, ctx: Context, name: str):
-    """``at(w)``: the network at weight w, one evaluation per call."""
-    return _OnePass(at(ctx.w), at(1.0), name)
+def _one_pass(at, ctx: Context, name: str) -> OnePass:
+    """``at(w)``: the network at weight w, one evaluation per call; unguided (for intervals) is at w = 1."""
+    return OnePass(at(ctx.w), at(1.0), name)
 
 
 def _gft(ctx: Context):
