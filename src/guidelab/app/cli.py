@@ -10,6 +10,7 @@ import click
 
 from ..errors import GuidelabError, check
 from ..guidance import registry
+from ..training.distill import GUIDERS as DISTILL_GUIDERS
 from .jobs.config import GUIDERS
 
 #: Guiders of diffusers models: the registry's entries whose needs a diffusers model can meet.
@@ -362,9 +363,10 @@ def phema_cmd(run_dir, sigma_rel, step, out) -> None:
 @click.argument("teacher", type=click.Path(exists=True, path_type=Path))
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Run folder (stage 1; resumed if it exists) or, with --progressive, the parent of OUT/steps-<K>.")
-@click.option("--guider", type=click.Choice(["cfg", "autoguidance"]), default="cfg", help="Stage 1: the guider to distil.")
+@click.option("--guider", type=_Guider(list(DISTILL_GUIDERS)), default="cfg",
+              help=f"Stage 1: the guider to distil: {registry.summaries(DISTILL_GUIDERS)}.")
 @click.option("--guide", type=click.Path(exists=True, path_type=Path), default=None,
-              help="autoguidance: the weaker model (checkpoint or run folder).")
+              help="autoguidance: the weaker model; cfg: an unconditional model (checkpoint or run folder).")
 @click.option("--w-min", type=float, default=1.0, help="Stage 1: smallest guidance weight (1 = no guidance).")
 @click.option("--w-max", type=float, default=5.0, help="Stage 1: largest guidance weight.")
 @click.option("--progressive", is_flag=True, help="Stage 2: halve the Euler steps of a distilled TEACHER round by round.")
@@ -400,17 +402,17 @@ def distill_cmd(teacher, out, guider, guide, w_min, w_max, progressive, from_ste
 
     loop = LoopConfig(iters=iters, batch=batch, lr=lr, lr_ref_steps=lr_ref_steps, ema=tuple(_floats(ema)),
                       snapshot_every=snapshot_every, seed=seed)
-    common = dict(loop=loop, sigma_rel=sigma_rel, step=step, progress=not quiet, checkpoint_every=checkpoint_every,
-                  device=device, threads=threads)
+    rt = ds.Runtime(progress=not quiet, checkpoint_every=checkpoint_every, device=device, threads=threads)
+    teacher_ref = ds.NetworkRef(teacher, sigma_rel, step)
     if progressive:
         check(to_steps is not None, "--progressive needs --to-steps")
-        for path in ds.progressive_images(out, teacher, to_steps=to_steps, from_steps=from_steps, sigma_min=sigma_min,
-                                          sigma_max=sigma_max, rho=rho, **common):
+        for path in ds.progressive_images(out, teacher_ref, to_steps=to_steps, from_steps=from_steps, sigma_min=sigma_min,
+                                          sigma_max=sigma_max, rho=rho, loop=loop, runtime=rt):
             click.echo(f"student ({len(ds.distilled_info(load_model(path))['sigmas']) - 1} Euler steps): {path}")
         return
     check(to_steps is None and from_steps is None, "--from-steps / --to-steps need --progressive")
-    final = ds.distill_images(out, teacher, guider=guider, guide=guide, cfg=ds.DistillConfig(w_min=w_min, w_max=w_max),
-                              guide_sigma_rel=guide_sigma_rel, guide_step=guide_step, init=init, **common)
+    final = ds.distill_images(out, teacher_ref, guider=guider, guide=guide and ds.NetworkRef(guide, guide_sigma_rel, guide_step),
+                              cfg=ds.DistillConfig(w_min=w_min, w_max=w_max), init=init, loop=loop, runtime=rt)
     click.echo(f"student (w in [{w_min:g}, {w_max:g}], input 'w'): {final}")
 
 

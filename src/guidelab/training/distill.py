@@ -270,24 +270,47 @@ def image_data(source: dict, conditional: bool) -> Data:
 GUIDERS = tuple(n for n in guiders.names(needs={"null_label", "guide"}) if guiders.get(n).linear)
 
 
-def distill_images(run_dir: str | Path, teacher: str | Path, *, guider: str = "cfg", guide: str | Path | None = None,
-                   cfg: DistillConfig = DistillConfig(), loop: LoopConfig | None = None, sigma_rel: float = 0.10,
-                   step: int | None = None, guide_sigma_rel: float = 0.10, guide_step: int | None = None,
-                   init: str = "teacher", progress: bool = True, checkpoint_every: int = 256, device: str = "cpu",
-                   threads: int | None = None) -> Path:
+@dataclass(frozen=True)
+class NetworkRef:
+    """A checkpoint or a training run folder (its post-hoc EMA of ``sigma_rel`` at ``step``, default the last)."""
+    path: str | Path
+    sigma_rel: float = 0.10
+    step: int | None = None
+
+    def load(self, device: str = "cpu") -> torch.nn.Module:
+        return load_network(self.path, sigma_rel=self.sigma_rel, step=self.step, device=device)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """How a run executes, not what it learns: progress bar, training-state period, device, CPU threads."""
+    progress: bool = True
+    checkpoint_every: int = 256
+    device: str = "cpu"
+    threads: int | None = None
+
+
+def _train(run_dir, model_config, loss_fn, loop, rt: Runtime, **kw) -> Path:
+    return train(run_dir, model_config, loss_fn, loop, checkpoint_every=rt.checkpoint_every, progress=rt.progress,
+                 device=rt.device, threads=rt.threads, **kw)
+
+
+def distill_images(run_dir: str | Path, teacher: NetworkRef, *, guider: str = "cfg", guide: NetworkRef | None = None,
+                   cfg: DistillConfig = DistillConfig(), loop: LoopConfig | None = None, init: str = "teacher",
+                   runtime: Runtime = Runtime()) -> Path:
     """Stage 1 on an image model (``guidelab distill``): a w-conditioned student of ``guider`` (one of
-    :data:`GUIDERS`, built by the guider registry) applied to ``teacher`` (a checkpoint or a run folder);
-    ``guide``: autoguidance's weaker model, or cfg's unconditional one (checkpoint or run folder).
-    ``init``: ``"teacher"`` (:func:`init_from_teacher`) or ``"scratch"``. Returns the final EMA snapshot."""
+    :data:`GUIDERS`, built by the guider registry) applied to ``teacher``; ``guide``: autoguidance's weaker
+    model, or cfg's unconditional one. ``init``: ``"teacher"`` (:func:`init_from_teacher`) or ``"scratch"``.
+    Returns the final EMA snapshot."""
     check(guider in GUIDERS, f"unknown guider {guider!r}; allowed: {list(GUIDERS)}")
     check(init in ("teacher", "scratch"), f"init must be 'teacher' or 'scratch', got {init!r}")
-    net = load_network(teacher, sigma_rel=sigma_rel, step=step, device=device)
-    desc = f"{guider} of {describe(teacher, net)}"
+    net = teacher.load(runtime.device)
+    desc = f"{guider} of {describe(teacher.path, net)}"
     g = None
     if guide is not None:
-        g = load_network(guide, sigma_rel=guide_sigma_rel, step=guide_step, device=device)
-        desc += f" guided by {describe(guide, g)}"
-    ctx = guiders.Context(net, guide=g, what=str(teacher))
+        g = guide.load(runtime.device)
+        desc += f" guided by {describe(guide.path, g)}"
+    ctx = guiders.Context(net, guide=g, what=str(teacher.path))
     problems = guiders.unmet(guider, ctx)
     check(not problems, "; ".join(problems))
 
@@ -299,15 +322,13 @@ def distill_images(run_dir: str | Path, teacher: str | Path, *, guider: str = "c
     meta = {"recipe": "distill", **asdict(cfg), "teacher": desc, "init": init, "images": source,
             "distilled": _info(cfg)}
     data = image_data(source, bool(getattr(net, "num_classes", 0)))
-    return train(run_dir, model_config, distill_loss(make, data, cfg), loop or LoopConfig(), meta=meta,
-                 checkpoint_every=checkpoint_every, progress=progress, desc="distill", device=device,
-                 threads=threads, init=weights)
+    return _train(run_dir, model_config, distill_loss(make, data, cfg), loop or LoopConfig(), runtime, meta=meta,
+                  desc="distill", init=weights)
 
 
-def progressive_images(out_dir: str | Path, student: str | Path, *, to_steps: int, from_steps: int | None = None,
+def progressive_images(out_dir: str | Path, student: NetworkRef, *, to_steps: int, from_steps: int | None = None,
                        sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0, loop: LoopConfig | None = None,
-                       sigma_rel: float = 0.10, step: int | None = None, progress: bool = True,
-                       checkpoint_every: int = 256, device: str = "cpu", threads: int | None = None) -> list[Path]:
+                       runtime: Runtime = Runtime()) -> list[Path]:
     """Stage 2 on an image student (``guidelab distill --progressive``): halving rounds from ``from_steps``
     to ``to_steps`` Euler steps, round ``k`` in ``out_dir/steps-<K>``; returns each round's final snapshot.
 
@@ -317,13 +338,13 @@ def progressive_images(out_dir: str | Path, student: str | Path, *, to_steps: in
     """
     from ..schedules import karras
 
-    net = load_network(student, sigma_rel=sigma_rel, step=step, device=device)
+    net = student.load(runtime.device)
     info = distilled_info(net)
-    check(info is not None, f"{student} is not a distilled student (guidelab distill)")
+    check(info is not None, f"{student.path} is not a distilled student (guidelab distill)")
     if info["sigmas"] is not None:
         grid = torch.tensor(info["sigmas"], dtype=torch.float64)
         check(from_steps in (None, grid.numel() - 1),
-              f"{student} samples on {grid.numel() - 1} steps; --from-steps must be that or left out, got {from_steps}")
+              f"{student.path} samples on {grid.numel() - 1} steps; --from-steps must be that or left out, got {from_steps}")
     else:
         check(from_steps is not None, "a stage-1 student needs --from-steps (its teacher grid: karras(from_steps, ...))")
         grid = karras(from_steps, sigma_min, sigma_max, rho=rho).double()
@@ -333,11 +354,11 @@ def progressive_images(out_dir: str | Path, student: str | Path, *, to_steps: in
     cfg, loop = DistillConfig(w_min=info["w_min"], w_max=info["w_max"], key=info["key"]), loop or LoopConfig()
     source = image_source(net)
     data = image_data(source, bool(getattr(net, "num_classes", 0)))
-    teacher, desc, paths = net, describe(student, net), []
+    teacher, desc, paths = net, describe(student.path, net), []
     while n > to_steps:
-        path = progressive_round(Path(out_dir) / f"steps-{n // 2}", teacher, grid, data, cfg, loop, progress=progress,
-                                 checkpoint_every=checkpoint_every, device=device, threads=threads, teacher=desc,
-                                 meta={"images": source})
+        path = progressive_round(Path(out_dir) / f"steps-{n // 2}", teacher, grid, data, cfg, loop, progress=runtime.progress,
+                                 checkpoint_every=runtime.checkpoint_every, device=runtime.device, threads=runtime.threads,
+                                 teacher=desc, meta={"images": source})
         paths.append(path)
-        teacher, desc, grid, n = checkpoint.load_model(path, device), str(path), grid[::2], n // 2
+        teacher, desc, grid, n = checkpoint.load_model(path, runtime.device), str(path), grid[::2], n // 2
     return paths

@@ -40,7 +40,6 @@ class ImageConfig:
     sigma_data: float = 0.5
     conditional: bool = True          # class-conditional (needs labels) with a null label
     noise_cond: bool = True           # False: a noise-unconditional network
-    extra_scalar: str | None = None   # name of an extra scalar input (recipes that set it feed it)
     label_dropout: float = 0.1
     P_mean: float = -1.2
     P_std: float = 1.2
@@ -60,7 +59,6 @@ class ImageConfig:
         check(self.model in MODELS, f"unknown model {self.model!r}; allowed: {list(MODELS)}")
         check(0 <= self.label_dropout <= 1, f"label_dropout must be in [0, 1], got {self.label_dropout!r}")
         check(self.P_std > 0, f"P_std must be > 0, got {self.P_std!r}")
-        check(self.extra_scalar is None, "extra_scalar is set by the recipe that feeds it (recipe='gft': beta); leave it unset here")
         self.loop()
 
     @classmethod
@@ -77,6 +75,7 @@ class ImageConfig:
 
     def name(self) -> str:
         d = asdict(self)
+        d["extra_scalar"] = None  # a removed field, kept in the hash: run folder names stay as in docs/RESULTS.md
         if d["recipe"] == "images":
             del d["recipe"]  # runs from before the recipe field keep their names
         digest = hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]
@@ -101,7 +100,7 @@ def model_config(cfg: ImageConfig, data) -> dict[str, Any]:
     check(h == w, f"images must be square, got {h}x{w}; pass a resolution")
     return {"name": cfg.model, "img_channels": c, "img_resolution": h, "hidden": cfg.hidden, "depth": cfg.depth,
             "emb": cfg.emb, "sigma_data": cfg.sigma_data, "num_classes": data.num_classes if cfg.conditional else 0,
-            "noise_cond": cfg.noise_cond, "extra_scalar": "beta" if cfg.recipe == "gft" else cfg.extra_scalar}
+            "noise_cond": cfg.noise_cond, "extra_scalar": "beta" if cfg.recipe == "gft" else None}
 
 
 def image_draw(data):
