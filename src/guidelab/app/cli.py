@@ -51,6 +51,15 @@ def list_samplers() -> None:
         click.echo(name)
 
 
+@main.command("guiders")
+def list_guiders() -> None:
+    """List the guiders of the registry: what each needs, its NFE per denoiser call, its --option keys."""
+    for name in registry.names():
+        s = registry.get(name)
+        opts = ", ".join(f"{o.name}={o.default!r}" for o in s.options) or "-"
+        click.echo(f"{name:14} nfe {s.nfe}  needs {', '.join(sorted(s.needs)) or '-'}  options {opts}  ({s.summary})")
+
+
 def _how_options(f):
     """How to sample (``sample``, ``sweep``, ``evaluate``; see guidelab.app.jobs.SampleConfig)."""
     opts = [
@@ -435,20 +444,20 @@ def distill_cmd(teacher, out, guider, guide, w_min, w_max, progressive, from_ste
 @click.option("--prompt-embeds", type=click.Path(dir_okay=False, exists=True), default=None,
               help="safetensors with 'prompt_embeds' [1 or N, L, dim], optionally 'null_embeds' [1, L, dim] and "
                    "attention masks 'prompt_attention_mask' / 'null_attention_mask' [1 or N, L] (text models).")
-@click.option("--layers", default=None, help="pag/seg/slg/tsg: comma-separated substrings of layer names (default all).")
+@click.option("--layers", default=None, help="pag/seg/slg/tsg: comma-separated substrings of layer names or 'all' "
+              "(default: diffusers' recommended layers; tsg: every time embedder).")
 @click.option("--cfg-weight", type=float, default=None,
               help="pag/seg/slg: CFG at this weight as well, in the same batched call: "
                    "D = D_u + CFG_WEIGHT (D_c - D_u) + (WEIGHT - 1)(D_c - D_pert).")
-@click.option("--interval", default=None, help="Guide only for sigma in (lo, hi], given as lo-hi (e.g. 1e-3-5).")
+@click.option("--interval", default=None, help="Guide only for sigma in (lo, hi], given as lo-hi (e.g. 1e-3-5); "
+              "slg default: diffusers' step window (0.01 n < step < 0.2 n).")
 @click.option("--option", "options", multiple=True, metavar="KEY=VALUE",
               help=f"Guider keyword (repeatable): {_option_help(DIFFUSERS_GUIDERS)}.")
 @click.option("--device", default="cpu")
 @click.option("--dtype", type=click.Choice(["float32", "float64", "float16", "bfloat16"]), default="float32")
 def diffusers_cmd(model_dir, out, guider, w, guide, seeds, interval, prompt_embeds, layers, dtype, options, **kw) -> None:
     """Sample a local diffusers model (UNet2DModel, UNet2DConditionModel, DiT, PixArt) with any sampler and guider."""
-    import torch
-
-    from ..integrations import diffusers as gd
+    from .diffusers_generate import generate
     emb = {}
     if prompt_embeds is not None:
         from safetensors.torch import load_file
@@ -461,12 +470,10 @@ def diffusers_cmd(model_dir, out, guider, w, guide, seeds, interval, prompt_embe
             seed_list = [int(v) for v in seeds.split(",") if v.strip()]
     except ValueError:
         raise GuidelabError(f"--seeds must look like 0-7 or 1,2,5, got {seeds!r}") from None
-    gd.generate(model_dir, guider=guider, w=w, guide_dir=guide, seeds=seed_list, out=out,
-                interval=_interval(interval), prompt_embeds=emb.get("prompt_embeds"),
-                null_text=emb.get("null_embeds"), prompt_mask=emb.get("prompt_attention_mask"),
-                null_mask=emb.get("null_attention_mask"), layers=layers.split(",") if layers else None,
-                dtype=getattr(torch, dtype), class_labels=kw.pop("label"), null_class=kw.pop("null_label"),
-                options=registry.parse_options(guider, options), **kw)
+    generate(model_dir, out=out, guider=guider, w=w, guide=guide, seeds=seed_list, interval=_interval(interval),
+             prompt_embeds=emb.get("prompt_embeds"), null_text=emb.get("null_embeds"),
+             prompt_mask=emb.get("prompt_attention_mask"), null_mask=emb.get("null_attention_mask"),
+             layers=layers.split(",") if layers else None, dtype=dtype, guider_options=list(options), **kw)
     click.echo(f"wrote {len(seed_list)} samples to {out}")
 
 
