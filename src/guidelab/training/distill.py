@@ -171,7 +171,7 @@ def progressive_round(run_dir: str | Path, teacher_path, sigmas, data: Data,
     model_config = registry.config(net)
     check(model_config.get("extra_scalar") == cfg.key,
           f"the teacher needs extra_scalar={cfg.key!r}, got {model_config.get('extra_scalar')!r}")
-    meta = {"recipe": "progressive", **asdict(cfg), "teacher": teacher or str(teacher_path),
+    meta = {"recipe": "progressive", "teacher": teacher or str(teacher_path),   # cfg.P_mean / P_std unused here
             "teacher_sigmas": grid.tolist(), "distilled": _info(cfg, grid[::2]), **(meta or {})}
     init = {k: v.detach().clone() for k, v in net.state_dict().items()}
     return train(run_dir, model_config, progressive_loss(net, grid, data, cfg), loop, meta=meta,
