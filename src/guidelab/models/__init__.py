@@ -2,6 +2,7 @@
 
 from .classifier import ExactClassifier, ToyClassifier, train_tree_classifier, tree_classifier
 from .digits import DigitsClassifier, train_digits_classifier
+from . import edm2  # noqa: F401  (registers "EDM2"; guidelab.models.edm2)
 from .image import PixelMLP, UNet
 from .mlp import MPLinear, ToyMLP, mp_normalize, mp_silu
 from .registry import build, config, names, register
