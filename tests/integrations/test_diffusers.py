@@ -5,7 +5,9 @@ sigma <-> timestep map, and the attention-perturbation guiders (PAG, SEG, SLG).
 The equivalence runs in float64 (the same float64 network on both sides) so that 1e-4 is a real bound:
 untrained tiny models end far from data scale (|x| ~ 100), where float32 alone differs by ~2e-4."""
 
+import functools
 import json
+import math
 
 import pytest
 import torch
@@ -22,6 +24,7 @@ from diffusers import (
 )
 
 from guidelab import guidance, samplers
+from guidelab.app.diffusers_generate import generate
 from guidelab.errors import GuidelabError
 from guidelab.integrations import diffusers as gd
 
@@ -89,8 +92,8 @@ def _guided_output(model, kind, prediction_type, x_in, t, cond, w):
 
 def _denoiser(folder, kind):
     den = gd.load(folder, dtype=torch.float64, null_text=torch.zeros(1, 4, 16) if kind == "text_unet" else None,
-                  null_class=NULL if kind == "unet" else None)
-    return den, guidance.cfg(den, 2.5, key=den.cfg_key)
+                  null_label=NULL if kind == "unet" else None)
+    return den, guidance.cfg(den, 2.5)
 
 
 @pytest.mark.parametrize("kind,prediction_type", [("unet", "epsilon"), ("text_unet", "v_prediction"),
@@ -185,13 +188,13 @@ def test_pipeline_layout_and_snapped_timesteps(tmp_path):
     _unet(0).save_pretrained(tmp_path / "unet")
     DDIMScheduler(prediction_type="v_prediction").save_pretrained(tmp_path / "scheduler")
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "DDPMPipeline"}))
-    den = gd.load(tmp_path, null_class=NULL)
-    assert den.prediction_type == "v_prediction" and den.cfg_key == "class_labels" and den.null_label == NULL
+    den = gd.load(tmp_path, null_label=NULL)
+    assert den.prediction_type == "v_prediction" and den.condition.key == "class_labels" and den.null_label == NULL
     g = den.grid
     mid = (g[[100, 500]].log() * 0.7 + g[[101, 501]].log() * 0.3).exp()
     assert torch.allclose(den.timestep(mid), torch.tensor([100.3, 500.3], dtype=torch.float64), atol=1e-9)
     assert torch.equal(den.timestep(g[[0, 7, 999]]), torch.tensor([0.0, 7.0, 999.0], dtype=torch.float64))
-    snapped = gd.load(tmp_path, null_class=NULL, timesteps="nearest")
+    snapped = gd.load(tmp_path, null_label=NULL, timesteps="nearest")
     assert torch.equal(snapped.timestep(mid), torch.tensor([100.0, 500.0], dtype=torch.float64))
     assert torch.equal(den.timestep(torch.tensor([1e-6, 1e6])), torch.tensor([0.0, 999.0], dtype=torch.float64))
     with pytest.raises(GuidelabError, match="timesteps must be one of"):
@@ -234,15 +237,15 @@ def test_attention_hooks_on_a_single_layer():
     mask = torch.tensor([False, True, True])
     with torch.no_grad():
         plain = attn(h)
-        with gd.perturbed_attention(attn, gd.Perturbation("pag"), mask):
+        with gd.perturbed_attention(attn, gd.Perturbation("pag", "all"), mask):
             pag = attn(h)
         identity = attn.to_out[0](attn.to_v(h))
-        with gd.perturbed_attention(attn, gd.Perturbation("seg"), mask):
+        with gd.perturbed_attention(attn, gd.Perturbation("seg", "all"), mask):
             seg = attn(h)
         q, k, v = (f(h).view(3, 16, 2, 8).transpose(1, 2) for f in (attn.to_q, attn.to_k, attn.to_v))
         uniform = torch.softmax(q.mean(2, keepdim=True) @ k.transpose(-1, -2) / 8 ** 0.5, -1) @ v
         uniform = attn.to_out[0](uniform.expand(-1, -1, 16, -1).transpose(1, 2).reshape(3, 16, 16))
-        with gd.perturbed_attention(attn, gd.Perturbation("seg", blur_sigma=0.05), mask):
+        with gd.perturbed_attention(attn, gd.Perturbation("seg", "all", blur_sigma=0.05), mask):
             seg_tiny = attn(h)
     assert torch.equal(pag[0], plain[0]) and torch.allclose(pag[1:], identity[1:], atol=1e-12)
     assert torch.equal(seg[0], plain[0]) and torch.allclose(seg[1:], uniform[1:], atol=1e-12)
@@ -263,7 +266,7 @@ def test_attention_hooks_on_scattered_rows_with_an_attention_mask(mode):
     bias = torch.zeros(4, 1, 16, dtype=torch.float64)
     bias[:, :, 8:] = torch.tensor([0.0, -1e4, -3.0, -1e4], dtype=torch.float64)[:, None, None]   # rows differ
     marks = torch.tensor([True, False, True, False])
-    pert = gd.Perturbation(mode, blur_sigma=1.0)
+    pert = gd.Perturbation(mode, "all", blur_sigma=1.0)
     with torch.no_grad():
         with gd.perturbed_attention(attn, pert, marks):
             out = attn(h, attention_mask=bias)
@@ -300,12 +303,12 @@ def test_slg_skips_the_selected_blocks(tmp_path):
 def test_perturbation_guiders_batched_equal_separate_passes(tmp_path, mode, kind):
     """One call of 2B rows per step (batched) or two calls of B rows (separate): the same samples; w = 1
     is the unguided sampler with one B-row call per step."""
-    den = gd.load(_save(tmp_path, kind), dtype=torch.float64, null_class=NULL if kind == "unet" else None)
+    den = gd.load(_save(tmp_path, kind), dtype=torch.float64, null_label=NULL if kind == "unet" else None)
     calls = _count_calls(den.model)
     cond = _cond(kind, torch.Generator().manual_seed(4))
     sigmas = den.sigmas(5, "trailing")
     x = torch.randn(B, C, H, H, dtype=torch.float64) * sigmas[0]
-    guider = getattr(gd, mode)
+    guider = functools.partial(getattr(gd, mode), layers="all")   # every candidate layer of the 2-block DiT
     batched = samplers.euler(guider(den, 3.0), x, sigmas, cond=cond)
     assert calls == [2 * B] * 5
     calls.clear()
@@ -325,9 +328,9 @@ def test_generate_seeds_batches_guiders_and_files(tmp_path):
     """Per-sample seeds: batch 1 and batch 3 give the same samples; autoguidance with a second diffusers
     model equals the guider built by hand; PNGs and the npz are written."""
     main, guide = _save(tmp_path, "unet", seed=0), _save(tmp_path, "unet", seed=1, name="guide")
-    kw = {"sampler": "dpmpp_2m_sde", "steps": 4, "seeds": [5, 6, 7], "class_labels": 3, "dtype": torch.float64}
-    a = gd.generate(main, guider="autoguidance", w=2.0, guide_dir=guide, batch=1, out=tmp_path / "a", **kw)
-    b = gd.generate(main, guider="autoguidance", w=2.0, guide_dir=guide, batch=3, **kw)
+    kw = {"sampler": "dpmpp_2m_sde", "steps": 4, "seeds": [5, 6, 7], "label": 3, "dtype": torch.float64}
+    a = generate(main, guider="autoguidance", w=2.0, guide=guide, batch=1, out=tmp_path / "a", **kw)
+    b = generate(main, guider="autoguidance", w=2.0, guide=guide, batch=3, **kw)
     assert torch.allclose(a, b, atol=1e-10)
     den, g = gd.load(main, dtype=torch.float64), gd.load(guide, dtype=torch.float64)
     from guidelab.rng import SampleNoise
@@ -341,13 +344,13 @@ def test_generate_seeds_batches_guiders_and_files(tmp_path):
     import numpy as np
     with np.load(tmp_path / "a" / "samples.npz") as f:
         assert np.allclose(f["x"], a.numpy(), atol=1e-6) and f["seeds"].tolist() == [5, 6, 7]
-    for guider in ["cfg", "pag", "seg", "slg"]:
-        y = gd.generate(main, guider=guider, w=2.0, null_class=NULL, **kw)
+    for guider in ["cfg", "pag", "seg", "slg"]:                # slg: every step (its default window holds none of 4)
+        y = generate(main, guider=guider, w=2.0, null_label=NULL, interval=(0, math.inf) if guider == "slg" else None, **kw)
         assert y.shape == a.shape and torch.isfinite(y).all()
-    with pytest.raises(GuidelabError, match="autoguidance needs a guide"):
-        gd.generate(main, guider="autoguidance", w=2.0, **kw)
-    with pytest.raises(GuidelabError, match="cfg needs a null condition"):
-        gd.generate(main, guider="cfg", w=2.0, **kw)
+    with pytest.raises(GuidelabError, match="autoguidance needs --guide"):
+        generate(main, guider="autoguidance", w=2.0, **kw)
+    with pytest.raises(GuidelabError, match=r"cfg needs a class-conditional network \(its null label\)"):
+        generate(main, guider="cfg", w=2.0, **kw)
 
 
 def test_cli_diffusers_text_model_with_cfg(tmp_path, monkeypatch, capsys):
@@ -394,8 +397,8 @@ def test_euler_karras_sigmas_fractional_timesteps_match(tmp_path):
 
 def test_generate_half_precision_model_keeps_a_float32_sampler(tmp_path):
     folder = _save(tmp_path, "dit")
-    kw = {"sampler": "euler", "steps": 4, "seeds": [1, 2], "class_labels": 4}
-    full = gd.generate(folder, **kw)
-    half = gd.generate(folder, dtype=torch.bfloat16, **kw)
+    kw = {"sampler": "euler", "steps": 4, "seeds": [1, 2], "label": 4}
+    full = generate(folder, **kw)
+    half = generate(folder, dtype=torch.bfloat16, **kw)
     assert half.dtype == torch.float32 and torch.isfinite(half).all()
     assert (half - full).norm() < 0.05 * full.norm()             # bfloat16 network, same trajectory

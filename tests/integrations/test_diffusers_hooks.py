@@ -85,7 +85,7 @@ def _load(tmp_path, kind):
         emb, mask, null, null_mask = pixart._prompts()
         den = gd.load(pixart._save(tmp_path), dtype=torch.float64, null_text=null, null_mask=null_mask)
         return den, {"encoder_hidden_states": emb, gd.MASK: mask}
-    den = gd.load(base._save(tmp_path, kind), dtype=torch.float64, null_class=NULL if kind == "unet" else None,
+    den = gd.load(base._save(tmp_path, kind), dtype=torch.float64, null_label=NULL if kind == "unet" else None,
                   null_text=torch.zeros(1, 4, 16, dtype=torch.float64) if kind == "text_unet" else None)
     return den, base._cond(kind, torch.Generator().manual_seed(3))
 
@@ -98,10 +98,11 @@ def test_scoped_hooks_equal_the_process_wide_patch_bit_for_bit(tmp_path, kind, m
     processors = _processors(den.model)
     sigmas = den.sigmas(3, "trailing")
     x = torch.randn(B, C, H, H, generator=torch.Generator().manual_seed(5), dtype=torch.float64) * sigmas[0]
-    guiders = {"pag": lambda: gd.pag(den, 2.5), "seg": lambda: gd.seg(den, 2.5, blur_sigma=1.0),
-               "seg_inf": lambda: gd.seg(den, 2.5), "slg": lambda: gd.slg(den, 2.5),
-               "tsg": lambda: gd.tsg(den, 2.0, seeds=[1, 2]),
-               "pag_cfg": lambda: gd.pag(den, 2.5, cfg_weight=3.0)}
+    every = {"layers": "all"}                                   # the tiny models have no block 7, 8, 9
+    guiders = {"pag": lambda: gd.pag(den, 2.5, **every), "seg": lambda: gd.seg(den, 2.5, blur_sigma=1.0, **every),
+               "seg_inf": lambda: gd.seg(den, 2.5, **every), "slg": lambda: gd.slg(den, 2.5, **every),
+               "tsg": lambda: guidance.tsg(den, 2.0, s=0.5, alpha=1.0, seeds=[1, 2]), "pag_mid": lambda: gd.pag(den, 2.5),
+               "pag_cfg": lambda: gd.pag(den, 2.5, cfg_weight=3.0, **every)}
     with torch.no_grad():
         ours = {k: samplers.euler(g(), x, sigmas, cond=cond) for k, g in guiders.items()}
         monkeypatch.setattr(adapter, "perturbed_attention", _process_wide_patch)
@@ -129,7 +130,7 @@ def test_another_thread_and_another_model_at_the_same_time_are_unaffected(tmp_pa
         plain, plain_other = den(x, sigma, **cond), other(x, sigma, **cond)
         perturbed = _perturbed_call(den, pert, x, sigma, cond)
     assert (perturbed - plain).abs().max() > 1e-6
-    name, layer = pert.modules(den.model)[0]
+    _, layer = pert.modules(den.model)[0]
     inside = layer.to_out[0] if mode != "slg" else layer        # a point inside the perturbation's scope
     a_inside, b_done, out = threading.Event(), threading.Event(), {}
 
@@ -185,3 +186,79 @@ def test_overlapping_scopes_install_once_and_clean_up(tmp_path):
     layer.set_processor(AttnProcessor2_0())
     with torch.no_grad():                                       # guiders still work after an error
         assert torch.isfinite(samplers.euler(guidance.interval(gd.pag(den, 2.0), 0.0, 1e9), x, den.sigmas(2), cond=cond)).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# Default layers and SLG's step window (diffusers' recommendations).
+
+def _names(mode, model, layers=None):
+    return [n for n, _ in gd.Perturbation(mode, layers).modules(model)]
+
+
+def _diffusers_pag_selection(model, layers):
+    """The self-attentions diffusers' PAG pipelines perturb for ``pag_applied_layers=layers``."""
+    from diffusers.models.attention_processor import PAGIdentitySelfAttnProcessor2_0
+    from diffusers.pipelines.pag.pag_utils import PAGMixin
+
+    class Pipe(PAGMixin):
+        pass
+    pipe = Pipe()
+    pipe.transformer = model
+    if type(model).__name__.startswith("UNet"):
+        pipe.unet = model
+    pipe.set_pag_applied_layers(layers)
+    saved = _processors(model)
+    pipe._set_pag_attn_processor(pipe.pag_applied_layers, do_classifier_free_guidance=False)
+    chosen = [n for n, p in _processors(model).items() if isinstance(p, PAGIdentitySelfAttnProcessor2_0)]
+    for n, m in model.named_modules():
+        if n in saved:
+            m.processor = saved[n]
+    return chosen
+
+
+def test_default_layers_are_diffusers_recommendations():
+    """UNets: PAG / SEG / SLG on the middle block ("mid", diffusers' SD / SDXL PAG pipelines; the same layers as
+    diffusers selects); transformers: PAG on block 1 ("blocks.1", its PixArt / SD3 PAG pipelines; not blocks.10),
+    SEG and SLG on blocks 7, 8, 9 (its SkipLayerGuidance / SmoothedEnergyGuidance); TSG every time embedder;
+    layers=... overrides; a model without the default layers is one clear error."""
+    from diffusers import DiTTransformer2DModel
+    unet, text_unet = base._unet(0), base._text_unet(0)
+    for mode in ("pag", "seg", "slg"):
+        assert _names(mode, unet) == ["mid_block.attentions.0"]
+    assert _names("pag", unet) == _diffusers_pag_selection(unet, "mid")
+    attn = ["mid_block.attentions.0.transformer_blocks.0.attn1"]
+    assert _names("pag", text_unet) == _names("seg", text_unet) == attn == _diffusers_pag_selection(text_unet, "mid")
+    assert _names("slg", text_unet) == ["mid_block.attentions.0.transformer_blocks.0"]
+    torch.manual_seed(0)
+    dit = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=C, out_channels=2 * C,
+                                num_layers=12, sample_size=H, patch_size=2, num_embeds_ada_norm=NULL)
+    assert _names("pag", dit) == ["transformer_blocks.1.attn1"]
+    assert _names("seg", dit) == [f"transformer_blocks.{i}.attn1" for i in (7, 8, 9)]
+    assert _names("slg", dit) == [f"transformer_blocks.{i}" for i in (7, 8, 9)]
+    assert len(_names("tsg", dit)) == 12 and _names("tsg", unet) == ["time_embedding"]
+    px = pixart._model("pixart")
+    assert _names("pag", px) == ["transformer_blocks.1.attn1"] == _diffusers_pag_selection(px, "blocks.1")
+    assert _names("slg", dit, ["blocks.1"]) == ["transformer_blocks.1"]            # not blocks.10, blocks.11
+    assert _names("slg", dit, "all") == [f"transformer_blocks.{i}" for i in range(12)]
+    assert _names("pag", unet, ["down_blocks"]) == ["down_blocks.1.attentions.0"]
+    with pytest.raises(GuidelabError, match=r"slg: no layer of DiTTransformer2DModel matches .*\(the default"):
+        gd.Perturbation("slg").modules(base._dit(0))                              # 2 blocks: no block 7
+    with pytest.raises(GuidelabError, match="layers must be"):
+        gd.Perturbation("pag", [])
+
+
+def test_slg_step_window_is_diffusers_sd3_gate(tmp_path):
+    """SLG_WINDOW on n steps: steps i with 0.01 n < i < 0.2 n (32 steps: 1..6), as sigma (sigmas[7], sigmas[1]];
+    through guidance.interval the guided steps are exactly those; too few steps is an error."""
+    den, cond = _load(tmp_path, "unet")
+    sig = gd.make_sigmas(den, 32)
+    assert gd.step_window(sig, *gd.SLG_WINDOW) == (float(sig[7]), float(sig[1]))
+    sig = gd.make_sigmas(den, 10)
+    lo, hi = gd.step_window(sig, *gd.SLG_WINDOW)                              # 0.1 < i < 2: step 1 only
+    calls = base._count_calls(den.model)
+    x = torch.randn(B, C, H, H, dtype=torch.float64) * sig[0]
+    with torch.no_grad():
+        samplers.euler(guidance.interval(gd.slg(den, 2.0), lo, hi), x, sig, cond=cond)
+    assert calls == [B, 2 * B] + [B] * 8
+    with pytest.raises(GuidelabError, match="holds no step"):
+        gd.step_window(gd.make_sigmas(den, 4), *gd.SLG_WINDOW)

@@ -12,7 +12,8 @@ pytest.importorskip("diffusers")
 from diffusers import DDIMScheduler, PixArtTransformer2DModel, Transformer2DModel
 from diffusers.models.attention_processor import PAGCFGIdentitySelfAttnProcessor2_0
 
-from guidelab import samplers
+from guidelab import guidance, samplers
+from guidelab.app.diffusers_generate import generate
 from guidelab.errors import GuidelabError
 from guidelab.integrations import diffusers as gd
 
@@ -97,7 +98,7 @@ def test_pixart_ddim_cfg_equals_the_pipeline_loop(tmp_path, kind, prediction_typ
     folder = _save(tmp_path, kind, prediction_type)
     emb, mask, null, null_mask = _prompts()
     den = gd.load(folder, dtype=torch.float64, null_text=null, null_mask=null_mask)
-    assert den.cfg_key == "encoder_hidden_states" and den.adaln_single and den.micro == (kind == "micro")
+    assert den.condition.key == "encoder_hidden_states" and den.adaln_single and den.micro == (kind == "micro")
     sigmas = den.sigmas(8, "leading")
     x_vp = torch.randn(B, C, H, H, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     micro = _micro(kind)
@@ -106,11 +107,11 @@ def test_pixart_ddim_cfg_equals_the_pipeline_loop(tmp_path, kind, prediction_typ
     calls = _count_calls(den.model)
     x = x_vp * (1 + sigmas[0] ** 2).sqrt()
     cond = {"encoder_hidden_states": emb, gd.MASK: mask, **micro}
-    ours = samplers.ddim(gd.cfg(den, 4.0), x, sigmas, cond=cond)
+    ours = samplers.ddim(guidance.cfg(den, 4.0), x, sigmas, cond=cond)
     assert (ours - ref).abs().max() < 1e-4, (ours - ref).abs().max()
     assert calls == [2 * B] * 8
     unmasked = gd.load(folder, dtype=torch.float64, null_text=null)
-    no_mask = samplers.ddim(gd.cfg(unmasked, 4.0), x, sigmas, cond={"encoder_hidden_states": emb, **micro})
+    no_mask = samplers.ddim(guidance.cfg(unmasked, 4.0), x, sigmas, cond={"encoder_hidden_states": emb, **micro})
     assert (no_mask - ours).abs().max() > 1e-3                  # the masks are used
     assert (samplers.ddim(den, x, sigmas, cond=cond) - ours).abs().max() > 1e-2   # guidance matters
 
@@ -123,16 +124,16 @@ def test_micro_conditions_are_required_and_null_shapes_checked(tmp_path):
         den(x, sigma, encoder_hidden_states=emb)
     den = gd.load(_save(tmp_path), dtype=torch.float64, null_text=null[:, :3])
     with pytest.raises(GuidelabError, match="pad both to the same length"):
-        gd.cfg(den, 2.0)(x, sigma, encoder_hidden_states=emb)
+        guidance.cfg(den, 2.0)(x, sigma, encoder_hidden_states=emb)
     with pytest.raises(GuidelabError, match="null_mask needs null_text"):
         gd.load(_save(tmp_path), null_mask=torch.ones(1, L))
-    with pytest.raises(GuidelabError, match="cfg needs a null condition"):
-        gd.cfg(gd.load(_save(tmp_path)), 2.0)
+    with pytest.raises(GuidelabError, match="cfg with one network needs its null condition"):
+        guidance.cfg(gd.load(_save(tmp_path)), 2.0)
 
 
 @pytest.mark.parametrize("mode", ["pag", "seg", "slg"])
 def test_perturbation_changes_only_the_marked_rows(tmp_path, mode):
-    den = gd.load(_save(tmp_path), dtype=torch.float64).with_perturbation(gd.Perturbation(mode))
+    den = gd.load(_save(tmp_path), dtype=torch.float64).with_perturbation(gd.Perturbation(mode, "all"))
     emb, mask, _, _ = _prompts()
     x = torch.randn(B, C, H, H, dtype=torch.float64) * 3
     sigma = torch.full((B,), 3.0, dtype=torch.float64)
@@ -164,17 +165,17 @@ def test_pag_with_cfg_equals_diffusers_pag_processor_loop(tmp_path):
     x = x_vp * (1 + sigmas[0] ** 2).sqrt()
     cond = {"encoder_hidden_states": emb, gd.MASK: mask}
     calls = _count_calls(den.model)
-    ours = samplers.ddim(gd.pag(den, 2.5, cfg_weight=3.0), x, sigmas, cond=cond)
+    ours = samplers.ddim(gd.pag(den, 2.5, layers="all", cfg_weight=3.0), x, sigmas, cond=cond)
     assert calls == [3 * B] * 6
     assert (ours - ref).abs().max() < 1e-4, (ours - ref).abs().max()
     calls.clear()
-    separate = samplers.ddim(gd.pag(den, 2.5, cfg_weight=3.0, batched=False), x, sigmas, cond=cond)
+    separate = samplers.ddim(gd.pag(den, 2.5, layers="all", cfg_weight=3.0, batched=False), x, sigmas, cond=cond)
     assert calls == [B] * 18 and torch.allclose(separate, ours, atol=1e-8)
 
 
 def test_cli_pixart_pag_with_cfg_and_masks(tmp_path, monkeypatch, capsys):
     """``guidelab diffusers --prompt-embeds`` (embeddings and masks from one safetensors file) with PAG + CFG
-    equals ``gd.generate`` with the same arguments; --cfg-weight with a guider other than pag/seg/slg is refused."""
+    equals ``generate`` with the same arguments; --cfg-weight with a guider other than pag/seg/slg is refused."""
     import numpy as np
     from click.testing import CliRunner
     from safetensors.torch import save_file
@@ -192,11 +193,11 @@ def test_cli_pixart_pag_with_cfg_and_masks(tmp_path, monkeypatch, capsys):
     result = CliRunner().invoke(cli.main, args)
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in out.iterdir()) == ["000001.png", "000002.png", "000003.png", "samples.npz"]
-    ref = gd.generate(folder, guider="pag", w=2.0, cfg_weight=3.0, sampler="dpmpp_2m", steps=4, seeds=[1, 2, 3], batch=2,
-                      prompt_embeds=tensors["prompt_embeds"], prompt_mask=mask[:1], null_text=tensors["null_embeds"],
-                      null_mask=null_mask)
-    unmasked = gd.generate(folder, guider="pag", w=2.0, cfg_weight=3.0, sampler="dpmpp_2m", steps=4, seeds=[1, 2, 3],
-                           prompt_embeds=tensors["prompt_embeds"], null_text=tensors["null_embeds"])
+    ref = generate(folder, guider="pag", w=2.0, cfg_weight=3.0, sampler="dpmpp_2m", steps=4, seeds=[1, 2, 3], batch=2,
+                   prompt_embeds=tensors["prompt_embeds"], prompt_mask=mask[:1], null_text=tensors["null_embeds"],
+                   null_mask=null_mask)
+    unmasked = generate(folder, guider="pag", w=2.0, cfg_weight=3.0, sampler="dpmpp_2m", steps=4, seeds=[1, 2, 3],
+                        prompt_embeds=tensors["prompt_embeds"], null_text=tensors["null_embeds"])
     with np.load(out / "samples.npz") as f:
         assert np.allclose(f["x"], ref.numpy(), rtol=1e-6, atol=1e-4)    # float32, |x| ~ 500
         assert not np.allclose(f["x"], unmasked.numpy(), atol=1e-3)      # the CLI passed the masks on
@@ -214,13 +215,13 @@ def test_generate_tells_micro_conditioned_models_the_pipeline_default_resolution
     emb, _, null, _ = _prompts()
     kw = {"guider": "cfg", "w": 2.0, "sampler": "euler", "steps": 3, "seeds": [4, 5], "prompt_embeds": emb[:1],
           "null_text": null, "dtype": torch.float64}
-    default, other = gd.generate(folder, **kw), gd.generate(folder, resolution=16, **kw)
+    default, other = generate(folder, **kw), generate(folder, resolution=16, **kw)
     den = gd.load(folder, dtype=torch.float64, null_text=null)
     noise = SampleNoise([4, 5])
     sigmas = gd.make_sigmas(den, 3)
     x = noise.randn([C, H, H], dtype=torch.float64) * sigmas[0]
     cond = {"encoder_hidden_states": emb[:1].expand(2, -1, -1), "resolution": torch.full((2, 2), 8.0 * H),
             "aspect_ratio": torch.ones(2, 1)}
-    ref = samplers.euler(gd.cfg(den, 2.0), x, sigmas, cond=cond, noise=noise)
+    ref = samplers.euler(guidance.cfg(den, 2.0), x, sigmas, cond=cond, noise=noise)
     assert torch.allclose(default, ref, atol=1e-10)
     assert (default - other).abs().max() > 1e-3

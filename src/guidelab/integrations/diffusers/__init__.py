@@ -3,8 +3,11 @@
 * :mod:`.adapter`: :class:`DiffusersDenoiser` (a diffusers network + its noise schedule in EDM space),
   :func:`load` / :func:`load_model` (local folders only), the model's sigmas;
 * :mod:`.hooks`: :class:`Perturbation` and :func:`perturbed_attention` (perturb only the marked rows);
-* :mod:`.guiders`: :func:`attention_guidance` (:func:`pag`, :func:`seg`, :func:`slg`), :func:`make_guider`;
-* :mod:`.generate`: :func:`generate` / :func:`save_outputs` (sampling runs that write files).
+* :mod:`.guiders`: :func:`attention_guidance` (:func:`pag`, :func:`seg`, :func:`slg`), SLG's step window.
+
+CFG, ICG and TSG are the generic ``guidance.cfg(den, w)``, ``guidance.icg(den, w)``, ``guidance.tsg(den, w)``: the
+denoiser declares ``condition`` and ``noise_embed_dim``. Sampling runs that write files (``guidelab diffusers``)
+are application layer: :func:`guidelab.app.diffusers_generate.generate`.
 
 See docs/DIFFUSERS.md.
 """
@@ -24,11 +27,41 @@ from .adapter import (
     load_model,
     make_sigmas,
 )
-from .generate import generate, save_outputs
-from .guiders import GUIDERS, MARKED, OPTIONS, UNMARKED, attention_guidance, cfg, icg, make_guider, pag, seg, slg, tsg
-from .hooks import Perturbation, perturbed_attention
+from .guiders import (
+    MARKED,
+    SLG_WINDOW,
+    UNMARKED,
+    attention_guidance,
+    pag,
+    seg,
+    slg,
+    step_window,
+)
+from .hooks import DEFAULT_LAYERS, Perturbation, perturbed_attention
 
-__all__ = ["MASK", "MICRO", "MODEL_CLASSES", "OFFSET", "PERTURB", "PREDICTIONS", "SCHEDULES", "TIMESTEP_MODES",
-           "DiffusersDenoiser", "alphas_cumprod", "load", "load_model", "make_sigmas", "generate", "save_outputs",
-           "GUIDERS", "MARKED", "OPTIONS", "UNMARKED", "attention_guidance", "cfg", "icg", "make_guider", "pag", "seg",
-           "slg", "tsg", "Perturbation", "perturbed_attention"]
+__all__ = [
+    "DEFAULT_LAYERS",
+    "MARKED",
+    "MASK",
+    "MICRO",
+    "MODEL_CLASSES",
+    "OFFSET",
+    "PERTURB",
+    "PREDICTIONS",
+    "SCHEDULES",
+    "SLG_WINDOW",
+    "TIMESTEP_MODES",
+    "UNMARKED",
+    "DiffusersDenoiser",
+    "Perturbation",
+    "alphas_cumprod",
+    "attention_guidance",
+    "load",
+    "load_model",
+    "make_sigmas",
+    "pag",
+    "perturbed_attention",
+    "seg",
+    "slg",
+    "step_window",
+]

@@ -36,6 +36,7 @@ from ... import schedules
 from ...denoisers import bcast
 from ...errors import GuidelabError, check
 from ...guidance._base import PerCall
+from ...guidance.protocols import Condition
 from ...guidance.tsg import KEY as TSG_KEY
 from .hooks import Perturbation, perturbed_attention
 
@@ -43,13 +44,13 @@ MODEL_CLASSES = ("UNet2DModel", "UNet2DConditionModel", "DiTTransformer2DModel",
                  "PixArtTransformer2DModel")
 PREDICTIONS = ("epsilon", "v_prediction", "sample")
 TIMESTEP_MODES = ("interpolate", "nearest")
-#: Conditioning key that marks the rows of a batch whose attention (PAG/SEG/SLG) or time embedding (TSG) is perturbed.
+#: Conditioning key that marks the rows of a batch whose attention is perturbed (PAG/SEG/SLG).
 PERTURB = "perturb"
 #: Conditioning key of the text attention mask ([B, L], 1 = keep, 0 = discard), as diffusers names it.
 MASK = "encoder_attention_mask"
 #: PixArt micro-conditions, passed to the model as ``added_cond_kwargs``.
 MICRO = ("resolution", "aspect_ratio")
-#: Conditioning key of TSG's time-embedding offset ([B, dim]), added on the rows marked ``perturb``.
+#: Conditioning key of TSG's time-embedding offset ([B, dim]), added on its non-zero rows.
 OFFSET = TSG_KEY
 
 
@@ -69,15 +70,19 @@ class DiffusersDenoiser:
 
     ``x``: [B, C, H, W] in EDM scale; ``sigma``: [B]. Conditioning: ``class_labels`` ([B] long) or
     ``encoder_hidden_states`` ([B, L, dim]) with optionally ``encoder_attention_mask`` ([B, L]); PixArt
-    micro-conditioned models also ``resolution`` ([B, 2], pixels) and ``aspect_ratio`` ([B, 1]); ``perturb``
-    ([B] bool) perturbs those rows' attention (see :func:`perturbed_attention`; set by the PAG/SEG/SLG guiders) or,
-    with ``noise_embed_offset`` ([B, dim]), adds the offset to those rows' time embedding (TSG, :func:`tsg`).
-    ``null_label`` is the null condition CFG uses: the null class id, or the empty-prompt (or negative-prompt)
-    embedding ``null_text`` ([1, L, dim], expanded to the batch) with its mask ``null_mask`` ([1, L]).
+    micro-conditioned models also ``resolution`` ([B, 2], pixels) and ``aspect_ratio`` ([B, 1]). Hooks:
+    ``perturb`` ([B] bool) perturbs those rows' attention as ``perturbation`` says (PAG/SEG/SLG, see
+    :func:`perturbed_attention`); ``noise_embed_offset`` ([B, noise_embed_dim], guidance.tsg) is added to the time
+    embedding of the rows where it is non-zero (:class:`Perturbation` "tsg").
+
+    Declared to the generic guiders: :attr:`condition` (cfg, icg: the key, the null condition, the classes) and
+    :attr:`noise_embed_dim` (tsg). Null condition: ``null_label`` (the null class id; DiT: its own) or the
+    empty-prompt (or negative-prompt) embedding ``null_text`` ([1, L, dim], expanded to the batch) with its
+    attention mask ``null_mask`` ([1, L]).
     """
 
     def __init__(self, model: torch.nn.Module, scheduler_config: dict, *, timesteps: str = "interpolate",
-                 null_class: int | None = None, null_text: torch.Tensor | None = None,
+                 null_label: int | None = None, null_text: torch.Tensor | None = None,
                  null_mask: torch.Tensor | None = None, perturbation: Perturbation | None = None):
         check(timesteps in TIMESTEP_MODES, f"timesteps must be one of {TIMESTEP_MODES}, got {timesteps!r}")
         pred = dict(scheduler_config).get("prediction_type", "epsilon")
@@ -89,16 +94,19 @@ class DiffusersDenoiser:
         self.prediction_type, self.timestep_mode = pred, timesteps
         self.grid = ((1 - abar) / abar).sqrt()                      # sigma_t, t = 0..T-1, increasing
         self._log_grid = self.grid.log()
-        self.cfg_key = "encoder_hidden_states" if _takes_text(model) else "class_labels"
-        if null_class is None and type(model).__name__ in ("DiTTransformer2DModel", "Transformer2DModel"):
+        self.cond_key = "encoder_hidden_states" if _takes_text(model) else "class_labels"
+        if null_label is None and type(model).__name__ in ("DiTTransformer2DModel", "Transformer2DModel"):
             n = getattr(model.config, "num_embeds_ada_norm", None)  # DiT's label table has num_classes + 1 rows:
-            null_class = n if self.cfg_key == "class_labels" else None  # the last is the dropped label
+            null_label = n if self.cond_key == "class_labels" else None  # the last is the dropped label
+        check(null_label is None or self.cond_key == "class_labels",
+              "null_label is the null class of a class-conditional model; text models take null_text (and null_mask)")
         check(null_mask is None or null_text is not None, "null_mask needs null_text (the embedding it masks)")
-        self.null_class, self.null_text, self.null_mask = null_class, null_text, null_mask
+        self.null_label, self.null_text, self.null_mask = null_label, null_text, null_mask
         # PixArt (adaLN-single): added_cond_kwargs always, micro-conditions only if the model was trained with them
         self.adaln_single = getattr(model.config, "norm_type", None) == "ada_norm_single"
         self.micro = self.adaln_single and bool(getattr(model, "use_additional_conditions", False))
         self.perturbation = perturbation
+        self.embedders = Perturbation("tsg")                         # where noise_embed_offset goes
 
     # -- schedule ---------------------------------------------------------------------------
     @property
@@ -128,53 +136,42 @@ class DiffusersDenoiser:
 
     # -- conditioning -----------------------------------------------------------------------
     @property
-    def null_label(self):
-        """Null condition for ``guidance.cfg(den, w, key=den.cfg_key)``."""
-        if self.cfg_key == "class_labels":
-            return self.null_class
-        if self.null_text is None:
+    def condition(self) -> Condition | None:
+        """What cfg and icg read: ``class_labels`` with the null class (if any) and :attr:`num_classes`, or
+        ``encoder_hidden_states`` with the null overrides of :meth:`null_text_overrides`; None if unconditional."""
+        if self.cond_key == "encoder_hidden_states":
+            return Condition(self.cond_key, self.null_text_overrides())
+        if not _class_conditional(self.model):
             return None
-        null = self.null_text
+        return Condition(self.cond_key, {} if self.null_label is None else {self.cond_key: self.null_label},
+                         self.num_classes)
 
-        def expand(old):
+    def null_text_overrides(self) -> dict:
+        """The null branch of a text model: ``null_text`` expanded to the batch and, if given, ``null_mask``
+        (without it the null branch keeps the call's mask); empty without ``null_text``. Both branches run as one
+        call when they carry the same keys: give the prompts a mask when the null has one (all ones if unpadded).
+        """
+        if self.null_text is None:
+            return {}
+        null, null_mask = self.null_text, self.null_mask
+
+        def embedding(old):
             check(old.shape[1:] == null.shape[1:], f"null/negative embedding {list(null.shape[1:])} and prompt "
                   f"embedding {list(old.shape[1:])} differ: pad both to the same length (and pass attention masks)")
             return null.to(old).expand(old.shape[0], *null.shape[1:])
-        return expand
-
-    def cfg_overrides(self) -> tuple[dict, dict]:
-        """Branch overrides ``(conditional, null)`` for CFG in one batched call.
-
-        Class models: the label becomes the null class. Text models: the embedding becomes ``null_text`` and the
-        attention mask ``null_mask`` (all ones, i.e. unmasked, when not given); the conditional branch keeps its
-        mask (all ones when only the null side has one), so both branches carry the same keys and batch.
-        """
-        check(self.null_label is not None, f"cfg needs a null condition: pass null_class=... (class models) or "
-              f"null_text=... (text models); {type(self.model).__name__} has no default")
-        if self.cfg_key == "class_labels":
-            return {}, {"class_labels": self.null_class}
-        null_mask = self.null_mask
-
-        def cond_mask(old, x, sigma):
-            if old is None and null_mask is not None:
-                return torch.ones(x.shape[0], null_mask.shape[-1], dtype=null_mask.dtype, device=x.device)
-            return old
-
-        def uncond_mask(old, x, sigma):
-            if null_mask is not None:
-                return null_mask.to(x.device).expand(x.shape[0], -1)
-            return None if old is None else torch.ones_like(old)
-
-        return {MASK: PerCall(cond_mask)}, {"encoder_hidden_states": self.null_label, MASK: PerCall(uncond_mask)}
+        out: dict = {self.cond_key: embedding}
+        if null_mask is not None:
+            out[MASK] = PerCall(lambda old, x, sigma: null_mask.to(x.device).expand(x.shape[0], -1))
+        return out
 
     @property
     def num_classes(self) -> int | None:
         """Number of real classes of a class-conditional model (ICG's random labels), else ``None``.
 
         DiT: ``num_embeds_ada_norm`` (its table's extra last row is the null label). UNets with a label table
-        (``num_class_embeds``, ``class_embed_type=None``): its size, less the last row if that is ``null_class``.
+        (``num_class_embeds``, ``class_embed_type=None``): its size, less the last row if that is ``null_label``.
         """
-        if self.cfg_key != "class_labels":
+        if self.cond_key != "class_labels":
             return None
         c = self.model.config
         if type(self.model).__name__ in ("DiTTransformer2DModel", "Transformer2DModel"):
@@ -182,12 +179,18 @@ class DiffusersDenoiser:
         n = getattr(c, "num_class_embeds", None)
         if n is None or getattr(c, "class_embed_type", None) is not None:
             return None
-        return n - 1 if self.null_class == n - 1 else n
+        return n - 1 if self.null_label == n - 1 else n
+
+    @property
+    def noise_embed_dim(self) -> int:
+        """Size of the time-embedding vector ``noise_embed_offset`` shifts (guidance.tsg's vector form); a selection
+        of embedders (``with_perturbation(Perturbation("tsg", layers))``) that matches none is an error."""
+        return self.embedders.embed_dim(self.model)
 
     # -- the denoiser -----------------------------------------------------------------------
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
         cond = {k: v for k, v in cond.items() if v is not None}   # e.g. no attention mask on either CFG branch
-        mask = cond.pop(PERTURB, None)
+        marks = cond.pop(PERTURB, None)
         offset = cond.pop(OFFSET, None)
         s = bcast(sigma.to(x.dtype), x)
         dtype = next(self.model.parameters()).dtype
@@ -200,12 +203,12 @@ class DiffusersDenoiser:
                   "this PixArt model is micro-conditioned (use_additional_conditions): pass resolution [B, 2] "
                   "(height, width in pixels) and aspect_ratio [B, 1] in cond")
             cond["added_cond_kwargs"] = added
-        ctx = contextlib.nullcontext()
-        check(offset is None or mask is not None, f"{OFFSET} needs perturb= marks on the rows it perturbs (use gd.tsg)")
-        if mask is not None and bool(mask.any()):
-            check(self.perturbation is not None, "perturb= needs a denoiser made with perturbation=Perturbation(...)")
-            ctx = perturbed_attention(self.model, self.perturbation, mask.bool(), offset=offset)
-        with ctx:
+        with contextlib.ExitStack() as hooks:
+            if marks is not None and bool(marks.any()):
+                check(self.perturbation is not None, "perturb= needs a denoiser made with perturbation=Perturbation(...)")
+                hooks.enter_context(perturbed_attention(self.model, self.perturbation, marks.bool()))
+            if offset is not None:
+                hooks.enter_context(self._time_embedding_offset(offset, x.shape[0]))
             out = self.model(x_vp, timestep=t, **cond, return_dict=False)[0]   # Transformer2DModel: keyword only
         if out.shape[1] == 2 * x.shape[1]:                           # learned variance: keep the mean part
             out = out[:, : x.shape[1]]
@@ -216,11 +219,33 @@ class DiffusersDenoiser:
             return x / (1 + s ** 2) - s / (1 + s ** 2).sqrt() * out
         return out
 
+    def _time_embedding_offset(self, offset: torch.Tensor, B: int):
+        """The hook adding ``offset`` [B, dim] to the time embedding of its non-zero rows (a no-op if none)."""
+        dim = self.noise_embed_dim
+        check(offset.ndim == 2 and offset.shape == (B, dim), f"{OFFSET} must be [batch, noise_embed_dim] = [{B}, {dim}] "
+              f"(the time-embedding vector of {type(self.model).__name__}), got {list(offset.shape)}")
+        rows = offset.ne(0).any(1)
+        if not bool(rows.any()):
+            return contextlib.nullcontext()
+        return perturbed_attention(self.model, self.embedders, rows, offset=offset)
+
     def with_perturbation(self, perturbation: Perturbation) -> DiffusersDenoiser:
-        """The same network and schedule, perturbing rows marked ``perturb`` with ``perturbation``."""
+        """The same network and schedule, perturbing the rows marked ``perturb`` with ``perturbation``
+        (PAG/SEG/SLG), or (mode "tsg") adding ``noise_embed_offset`` to the time embedders it selects."""
         new = copy.copy(self)
-        new.perturbation = perturbation
+        if perturbation.mode == "tsg":
+            new.embedders = perturbation
+        else:
+            new.perturbation = perturbation
         return new
+
+
+def _class_conditional(model) -> bool:
+    """A label table (DiT, a UNet with ``num_class_embeds``) or a class embedding (``class_embed_type``)."""
+    c = model.config
+    if type(model).__name__ in ("DiTTransformer2DModel", "Transformer2DModel"):
+        return getattr(c, "num_embeds_ada_norm", None) is not None
+    return getattr(c, "num_class_embeds", None) is not None or getattr(c, "class_embed_type", None) is not None
 
 
 def _takes_text(model) -> bool:
@@ -266,11 +291,11 @@ def load_model(path: str | os.PathLike, *, subfolder: str | None = None, dtype: 
 
 
 def load(path: str | os.PathLike, *, subfolder: str | None = None, dtype: torch.dtype = torch.float32,
-         device: str | torch.device = "cpu", timesteps: str = "interpolate", null_class: int | None = None,
+         device: str | torch.device = "cpu", timesteps: str = "interpolate", null_label: int | None = None,
          null_text: torch.Tensor | None = None, null_mask: torch.Tensor | None = None) -> DiffusersDenoiser:
     """A :class:`DiffusersDenoiser` from a local diffusers folder (a missing folder is one clear error)."""
     model, sched = load_model(path, subfolder=subfolder, dtype=dtype, device=device)
-    return DiffusersDenoiser(model, sched, timesteps=timesteps, null_class=null_class, null_text=null_text,
+    return DiffusersDenoiser(model, sched, timesteps=timesteps, null_label=null_label, null_text=null_text,
                              null_mask=null_mask)
 
 

@@ -10,6 +10,7 @@ import contextlib
 import functools
 import inspect
 import math
+import re
 import threading
 from collections.abc import Sequence
 from contextvars import ContextVar
@@ -23,6 +24,25 @@ from ...denoisers import bcast
 from ...errors import check
 from ...guidance.tsg import KEY as OFFSET
 
+#: Layers selected by ``layers=None``, by mode and model family (UNet2DModel / UNet2DConditionModel: "unet"; DiT,
+#: PixArt: "transformer"), as diffusers recommends them: PAG "mid" (the SD / SDXL PAG pipelines' ``pag_applied_layers``)
+#: and "blocks.1" (the PixArt-Sigma / SD3 / HunyuanDiT PAG pipelines'); SEG "mid" (the official SEG-SDXL code) and
+#: SLG / SEG on transformers blocks 7, 8, 9 (diffusers' SkipLayerGuidance and SmoothedEnergyGuidance, recommended
+#: for SD3.5 Medium); SLG on UNets "mid" (diffusers recommends none: the middle blocks, by analogy); TSG every time
+#: embedder. ``"all"``: every candidate layer.
+DEFAULT_LAYERS: dict[str, dict[str, tuple[str, ...]]] = {
+    "pag": {"unet": ("mid",), "transformer": ("blocks.1",)},
+    "seg": {"unet": ("mid",), "transformer": ("transformer_blocks.7", "transformer_blocks.8", "transformer_blocks.9")},
+    "slg": {"unet": ("mid",), "transformer": ("transformer_blocks.7", "transformer_blocks.8", "transformer_blocks.9")},
+    "tsg": {"unet": ("all",), "transformer": ("all",)},
+}
+
+
+def _selects(layer: str, name: str) -> bool:
+    """``layer`` occurs in the module name ``name``; one ending in a digit not before another digit ("blocks.1"
+    selects blocks.1 and blocks.1.attn1, not blocks.10)."""
+    return re.search(re.escape(layer) + (r"(?!\d)" if layer[-1:].isdigit() else ""), name) is not None
+
 
 class Perturbation:
     """What to do to the selected layers of the marked rows.
@@ -35,13 +55,17 @@ class Perturbation:
       the output of the time embedding MLP (UNets: ``time_embedding``, ``emb = time_embedding(time_proj(t))``;
       DiT / PixArt: every ``timestep_embedder``), before class / size embeddings are added to it.
 
-    ``layers``: substrings of module names to perturb; ``None``: every self-attention (PAG/SEG), every
-    transformer block / residual attention block (SLG), every time embedder (TSG).
+    Candidates: self-attentions (PAG/SEG), transformer blocks or, in UNet2DModel, residual attention blocks (SLG),
+    time embedders (TSG). ``layers``: substrings of their module names (see :func:`_selects`), ``"all"``, or
+    ``None``: :data:`DEFAULT_LAYERS`.
     """
 
-    def __init__(self, mode: str, layers: Sequence[str] | None = None, blur_sigma: float = math.inf):
+    def __init__(self, mode: str, layers: str | Sequence[str] | None = None, blur_sigma: float = math.inf):
         check(mode in ("pag", "seg", "slg", "tsg"), f"perturbation mode must be 'pag', 'seg', 'slg' or 'tsg', got {mode!r}")
         check(blur_sigma > 0, f"blur_sigma must be > 0, got {blur_sigma}")
+        layers = [layers] if isinstance(layers, str) else layers
+        check(layers is None or (len(layers) > 0 and all(isinstance(s, str) and s for s in layers)),
+              f"layers must be module-name substrings, 'all' or None (the defaults), got {layers!r}")
         self.mode, self.layers, self.blur_sigma = mode, None if layers is None else list(layers), blur_sigma
         self._found: tuple = (None, [])                             # (model, its modules): searched once
 
@@ -49,6 +73,11 @@ class Perturbation:
         if self._found[0] is not model:
             self._found = (model, self._search(model))
         return self._found[1]
+
+    def selection(self, model: torch.nn.Module) -> list[str]:
+        """The ``layers`` in effect for ``model``: as given, or its family's :data:`DEFAULT_LAYERS`."""
+        family = "unet" if type(model).__name__.startswith("UNet") else "transformer"
+        return list(DEFAULT_LAYERS[self.mode][family]) if self.layers is None else self.layers
 
     def _search(self, model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
         from diffusers.models.attention_processor import Attention
@@ -61,9 +90,11 @@ class Perturbation:
                           if isinstance(m, Attention) and m.residual_connection]
         else:
             blocks = [(n, m) for n, m in model.named_modules() if isinstance(m, Attention) and not m.is_cross_attention]
-        if self.layers is not None:
-            blocks = [(n, m) for n, m in blocks if any(s in n for s in self.layers)]
-        check(bool(blocks), f"{self.mode}: no layer of {type(model).__name__} matches layers={self.layers}")
+        layers = self.selection(model)
+        if layers != ["all"]:
+            blocks = [(n, m) for n, m in blocks if any(_selects(s, n) for s in layers)]
+        default = " (the default for this model; pass layers=... or 'all')" if self.layers is None else ""
+        check(bool(blocks), f"{self.mode}: no layer of {type(model).__name__} matches layers={layers}{default}")
         return blocks
 
     def embed_dim(self, model: torch.nn.Module) -> int:
