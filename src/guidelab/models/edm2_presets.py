@@ -53,8 +53,9 @@ class Preset:
     @property
     def sigma_interval(self) -> tuple[float, float] | None:
         """``(sigma_lo, sigma_hi)`` for ``guidance.interval``: ``(sigma_{stop+1}, sigma_start]`` of the 32-step
-        schedule holds every evaluation of steps start..stop; only the step before ``start`` differs
-        (its second evaluation, at ``sigma_start``, is guided here, not in the official code)."""
+        schedule. A sigma gate cannot tell apart two evaluations at the same sigma, so two of the official
+        code's evaluations differ: the second one of step ``start - 1`` (guided here) and of step ``stop``
+        (not guided here)."""
         if self.interval_steps is None:
             return None
         from ..schedules import karras
@@ -154,7 +155,7 @@ def load(path: str | os.PathLike, device="cpu"):
 
 def guided(preset: Preset | str, net, gnet=None, w: float | None = None):
     """The preset's guided denoiser on loaded networks (``w`` overrides its weight). Any other guider
-    takes the same pair: ``guidance.apg(net, w, uncond=gnet)``, ``guidance.interval(...)``, ..."""
+    takes the same pair: ``guidance.apg(guidance.cfg(net, w, uncond=gnet))``, ``guidance.interval(...)``, ..."""
     from .. import guidance
     p = get(preset) if isinstance(preset, str) else preset
     w = p.w if w is None else w
