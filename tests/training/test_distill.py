@@ -7,7 +7,7 @@ from guidelab import guidance, samplers, schedules, toy
 from guidelab.denoisers import EDMPrecond
 from guidelab.errors import GuidelabError
 from guidelab.training import load_model
-from guidelab.training.distill import (DistillConfig, distill_loss, distill_student, distilled_denoiser,
+from guidelab.training.distill import (DistillConfig, Runtime, distill_loss, distill_student, distilled_denoiser,
                                        progressive_loss, progressive_round)
 from guidelab.training.loop import LoopConfig, step_generator
 
@@ -114,7 +114,7 @@ def distilled(tmp_path_factory):
     def get(name):
         if name not in cache:
             cache[name] = distill_student(tmp_path_factory.mktemp(name), model, GUIDERS[name], data_a, CFG, loop,
-                                          teacher=f"exact tree A, {name}", progress=False, checkpoint_every=800)
+                                          teacher=f"exact tree A, {name}", runtime=Runtime(progress=False, checkpoint_every=800))
         return cache[name]
     return get
 
@@ -163,7 +163,7 @@ def test_progressive_round_halves_the_steps(distilled, tmp_path):
     teacher_path = distilled("cfg")
     sigmas = schedules.karras(8, 0.002, 5)
     loop = LoopConfig(iters=300, batch=256, lr=0.003, lr_ref_steps=100, ema=(0.05,), snapshot_every=300)
-    path = progressive_round(tmp_path, teacher_path, sigmas, data_a, CFG, loop, progress=False, checkpoint_every=300)
+    path = progressive_round(tmp_path, teacher_path, sigmas, data_a, CFG, loop, runtime=Runtime(progress=False, checkpoint_every=300))
     teacher, student = load_model(teacher_path), load_model(path)
     x = 5 * torch.randn(2000, 2, generator=torch.Generator().manual_seed(7))
     with torch.no_grad():

@@ -65,6 +65,31 @@ class DistillConfig:
         check(isinstance(self.key, str) and self.key.isidentifier(), f"key must be a keyword name, got {self.key!r}")
 
 
+@dataclass(frozen=True)
+class NetworkRef:
+    """A checkpoint or a training run folder (its post-hoc EMA of ``sigma_rel`` at ``step``, default the last)."""
+    path: str | Path
+    sigma_rel: float = 0.10
+    step: int | None = None
+
+    def load(self, device: str = "cpu") -> torch.nn.Module:
+        return load_network(self.path, sigma_rel=self.sigma_rel, step=self.step, device=device)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """How a run executes, not what it learns: progress bar, training-state period, device, CPU threads."""
+    progress: bool = True
+    checkpoint_every: int = 256
+    device: str = "cpu"
+    threads: int | None = None
+
+
+def _train(run_dir, model_config, loss_fn, loop, rt: Runtime, **kw) -> Path:
+    return train(run_dir, model_config, loss_fn, loop, checkpoint_every=rt.checkpoint_every, progress=rt.progress,
+                 device=rt.device, threads=rt.threads, **kw)
+
+
 def _split(out) -> tuple[torch.Tensor, dict]:
     if isinstance(out, torch.Tensor):
         return out, {}
@@ -91,8 +116,7 @@ def distill_loss(guider: Guider, data: Data, cfg: DistillConfig = DistillConfig(
 
 def distill_student(run_dir: str | Path, model_config: dict, guider: Guider, data: Data,
                     cfg: DistillConfig = DistillConfig(), loop: LoopConfig = LoopConfig(), *,
-                    teacher: str = "", progress: bool = True, checkpoint_every: int = 256,
-                    device: str = "cpu", threads: int | None = None) -> Path:
+                    teacher: str = "", runtime: Runtime = Runtime()) -> Path:
     """Distil ``guider`` into a fresh ``model_config`` network; return the final EMA snapshot's path.
 
     Resumable and reused like any :func:`guidelab.training.train` run. ``model_config`` must name a
@@ -103,8 +127,7 @@ def distill_student(run_dir: str | Path, model_config: dict, guider: Guider, dat
     check(model_config.get("extra_scalar") == cfg.key,
           f"the student needs extra_scalar={cfg.key!r} in its model config, got {model_config.get('extra_scalar')!r}")
     meta = {"recipe": "distill", **asdict(cfg), "teacher": teacher}
-    return train(run_dir, model_config, distill_loss(guider, data, cfg), loop, meta=meta,
-                 checkpoint_every=checkpoint_every, progress=progress, desc="distill", device=device, threads=threads)
+    return _train(run_dir, model_config, distill_loss(guider, data, cfg), loop, runtime, meta=meta, desc="distill")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -155,8 +178,7 @@ def progressive_loss(teacher, sigmas, data: Data, cfg: DistillConfig = DistillCo
 
 def progressive_round(run_dir: str | Path, teacher_path, sigmas, data: Data,
                       cfg: DistillConfig = DistillConfig(), loop: LoopConfig = LoopConfig(), *,
-                      progress: bool = True, checkpoint_every: int = 256, device: str = "cpu",
-                      threads: int | None = None, teacher: str = "", meta: dict | None = None) -> Path:
+                      teacher: str = "", meta: dict | None = None, runtime: Runtime = Runtime()) -> Path:
     """One halving round: distil the teacher (a checkpoint path, or a loaded model; Euler on ``sigmas``,
     2K steps) into a student with the same config and the teacher's initial weights that samples on
     ``sigmas[::2]``.
@@ -167,16 +189,15 @@ def progressive_round(run_dir: str | Path, teacher_path, sigmas, data: Data,
     stored in the metadata (default: the path); ``meta``: more metadata.
     """
     grid = _check_grid(sigmas)
-    net = checkpoint.load_model(teacher_path, device) if isinstance(teacher_path, (str, Path)) else teacher_path
+    net = checkpoint.load_model(teacher_path, runtime.device) if isinstance(teacher_path, (str, Path)) else teacher_path
     model_config = registry.config(net)
     check(model_config.get("extra_scalar") == cfg.key,
           f"the teacher needs extra_scalar={cfg.key!r}, got {model_config.get('extra_scalar')!r}")
     meta = {"recipe": "progressive", "teacher": teacher or str(teacher_path),   # cfg.P_mean / P_std unused here
             "teacher_sigmas": grid.tolist(), "distilled": _info(cfg, grid[::2]), **(meta or {})}
     init = {k: v.detach().clone() for k, v in net.state_dict().items()}
-    return train(run_dir, model_config, progressive_loss(net, grid, data, cfg), loop, meta=meta,
-                 checkpoint_every=checkpoint_every, progress=progress, desc=f"progressive {grid.numel() - 1}->"
-                 f"{(grid.numel() - 1) // 2}", device=device, threads=threads, init=init)
+    return _train(run_dir, model_config, progressive_loss(net, grid, data, cfg), loop, runtime, meta=meta,
+                  desc=f"progressive {grid.numel() - 1}->{(grid.numel() - 1) // 2}", init=init)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -270,31 +291,6 @@ def image_data(source: dict, conditional: bool) -> Data:
 GUIDERS = tuple(n for n in guiders.names(needs={"null_label", "guide"}) if guiders.get(n).linear)
 
 
-@dataclass(frozen=True)
-class NetworkRef:
-    """A checkpoint or a training run folder (its post-hoc EMA of ``sigma_rel`` at ``step``, default the last)."""
-    path: str | Path
-    sigma_rel: float = 0.10
-    step: int | None = None
-
-    def load(self, device: str = "cpu") -> torch.nn.Module:
-        return load_network(self.path, sigma_rel=self.sigma_rel, step=self.step, device=device)
-
-
-@dataclass(frozen=True)
-class Runtime:
-    """How a run executes, not what it learns: progress bar, training-state period, device, CPU threads."""
-    progress: bool = True
-    checkpoint_every: int = 256
-    device: str = "cpu"
-    threads: int | None = None
-
-
-def _train(run_dir, model_config, loss_fn, loop, rt: Runtime, **kw) -> Path:
-    return train(run_dir, model_config, loss_fn, loop, checkpoint_every=rt.checkpoint_every, progress=rt.progress,
-                 device=rt.device, threads=rt.threads, **kw)
-
-
 def distill_images(run_dir: str | Path, teacher: NetworkRef, *, guider: str = "cfg", guide: NetworkRef | None = None,
                    cfg: DistillConfig = DistillConfig(), loop: LoopConfig | None = None, init: str = "teacher",
                    runtime: Runtime = Runtime()) -> Path:
@@ -356,9 +352,8 @@ def progressive_images(out_dir: str | Path, student: NetworkRef, *, to_steps: in
     data = image_data(source, bool(getattr(net, "num_classes", 0)))
     teacher, desc, paths = net, describe(student.path, net), []
     while n > to_steps:
-        path = progressive_round(Path(out_dir) / f"steps-{n // 2}", teacher, grid, data, cfg, loop, progress=runtime.progress,
-                                 checkpoint_every=runtime.checkpoint_every, device=runtime.device, threads=runtime.threads,
-                                 teacher=desc, meta={"images": source})
+        path = progressive_round(Path(out_dir) / f"steps-{n // 2}", teacher, grid, data, cfg, loop, teacher=desc,
+                                 meta={"images": source}, runtime=runtime)
         paths.append(path)
         teacher, desc, grid, n = checkpoint.load_model(path, runtime.device), str(path), grid[::2], n // 2
     return paths
