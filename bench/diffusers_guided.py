@@ -72,7 +72,7 @@ def diffusers_pag_loop(model, pag_model, sched, x_vp, labels, w, pag_scale, sepa
         if separate:
             c = model(x, t, class_labels=labels).sample
             u = model(x, t, class_labels=null).sample
-            with gd.perturbed_attention(model, gd.Perturbation("pag"), everything):
+            with gd.perturbed_attention(model, gd.Perturbation("pag", "all"), everything):
                 p = model(x, t, class_labels=labels).sample
         else:
             u, c, p = pag_model(torch.cat([x, x, x]), t, class_labels=torch.cat([null, labels, labels])).sample.chunk(3)
@@ -134,14 +134,14 @@ def main():
     batches = [int(b) for b in a.batches.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         build(tmp, a.size, a.width)
-        den = gd.load(tmp, null_class=NULL)
+        den = gd.load(tmp, null_label=NULL)
         sched = DDIMScheduler.from_pretrained(tmp, local_files_only=True)
         sched.set_timesteps(a.steps)
         sigmas = den.sigmas(a.steps, sched.config.timestep_spacing).float()
         if a.guider == "cfg":
-            guided, k = guidance.cfg(den, a.w, key="class_labels"), 2
+            guided, k = guidance.cfg(den, a.w), 2
         else:
-            guided, k = gd.pag(den, 1 + a.pag_scale, cfg_weight=a.w), 3
+            guided, k = gd.pag(den, 1 + a.pag_scale, layers="all", cfg_weight=a.w), 3
             pag_model = UNet2DModel.from_pretrained(tmp, local_files_only=True).eval()
             for m in pag_model.modules():
                 if isinstance(m, Attention) and not m.is_cross_attention:

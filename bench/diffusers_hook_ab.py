@@ -34,7 +34,7 @@ from guidelab.integrations.diffusers import adapter, hooks
 def hook_of(rev: str):
     """``perturbed_attention`` as written at ``rev``, defined in the current hooks module's namespace."""
     for path in ("src/guidelab/integrations/diffusers/hooks.py", "src/guidelab/integrations/diffusers.py"):
-        got = subprocess.run(["git", "show", f"{rev}:{path}"], capture_output=True, text=True)
+        got = subprocess.run(["git", "show", f"{rev}:{path}"], capture_output=True, text=True, check=False)
         if got.returncode == 0:
             src = got.stdout
             break
@@ -62,12 +62,12 @@ def main():
     old_hook, new_hook = hook_of(a.rev), gd.perturbed_attention
     with tempfile.TemporaryDirectory() as tmp:
         build(tmp, a.size, a.width)
-        den = gd.load(tmp, null_class=NULL)
+        den = gd.load(tmp, null_label=NULL)
         ref = UNet2DModel.from_pretrained(tmp, local_files_only=True).eval()
         for m in ref.modules():
             if isinstance(m, Attention) and not m.is_cross_attention:
                 m.set_processor(PAGCFGIdentitySelfAttnProcessor2_0())
-        guided = gd.attention_guidance(den, 2.5, a.mode, cfg_weight=3.0)
+        guided = gd.attention_guidance(den, 2.5, a.mode, layers="all", cfg_weight=3.0)
         params = sum(p.numel() for p in den.model.parameters()) / 1e6
         print(f"| guider | model | batch | hook at {a.rev} | current hook | diffusers PAG processor | speed-up | max abs diff |")
         print("|---|---|---:|---:|---:|---:|---:|---:|")

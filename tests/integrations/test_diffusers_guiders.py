@@ -294,7 +294,7 @@ def test_generic_cfg_icg_tsg_equal_the_one_call_built_by_hand(tmp_path, kind):
     bit for bit, D_ref.lerp(D, w) of one hand-built call of 2B rows: the null class or the null embedding with
     its mask; ICG's per-sample labels / Gaussian embedding; TSG's offset s t^alpha n added by a hand-written
     hook to the reference rows' time embedding (the former diffusers-only wrappers built exactly these)."""
-    emb, mask, null, null_mask = pixart._prompts()
+    _, _, null, null_mask = pixart._prompts()
     den = _load(_folder(tmp_path, kind), null_label=NULL if kind == "unet" else None,
                 null_text=null if kind == "pixart" else None, null_mask=null_mask if kind == "pixart" else None)
     cond = _cond(kind)

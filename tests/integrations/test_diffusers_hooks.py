@@ -3,6 +3,7 @@ replace (written below as the reference), nothing left on the model afterwards, 
 running at the same time is unaffected."""
 
 import contextlib
+import inspect
 import threading
 
 import pytest
@@ -174,6 +175,7 @@ def test_overlapping_scopes_install_once_and_clean_up(tmp_path):
     with hooks.perturbed_attention(den.model, pert, mask):
         wrapper = layer.processor
         assert isinstance(wrapper, hooks._Processor) and wrapper.inner is inner
+        assert inspect.signature(wrapper.__call__) == inspect.signature(inner.__call__)   # same keywords passed on
         with hooks.perturbed_attention(den.model, pert, mask):
             assert layer.processor is wrapper
         assert layer.processor is wrapper
