@@ -207,6 +207,16 @@ class LinearPosterior:
         check(x.shape[1] == self.dim, f"x must have {self.dim} values per sample, got {x.shape[1]}")
         return (_project(x, self.A.T) - self.y).norm(dim=1).to(self.dtype)
 
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """The nearest point of the posterior's support: noise-free, the orthogonal projection onto
+        ``{A x = y}``; noisy, ``x`` itself (full support). Shape [batch, d]."""
+        check(isinstance(x, torch.Tensor) and x.ndim == 2 and x.shape[1] == self.dim,
+              f"x must be a tensor of shape [batch, {self.dim}], got {list(getattr(x, 'shape', []))}")
+        if self._Vr is None:
+            return x
+        a = _project(x.to(self.dtype), self._Vr_t)
+        return (x.to(self.dtype) + _project(self._c_t - a, self._Vr_t.T)).to(x.dtype)
+
     def mean(self) -> torch.Tensor:
         """The posterior mean ``E[x0 | y]`` [d]."""
         if self._Vr is None:
