@@ -38,7 +38,6 @@ from ..errors import GuidelabError, as_sigma, check
 from ..guidance.protocols import Condition
 from .edm2_latents import Standardization, VAELatents, load_vae
 from .edm2_presets import PRESETS, Preset, guided, resolve
-from .mlp import mp_silu
 from .registry import register
 
 __all__ = ["EDM2", "UNet", "Block", "MPConv", "MPFourier", "normalize", "mp_silu", "mp_sum", "mp_cat",
@@ -54,9 +53,15 @@ def normalize(x: torch.Tensor, dim=None, eps: float = 1e-4) -> torch.Tensor:
     return x / norm.to(x.dtype)
 
 
+def mp_silu(x: torch.Tensor) -> torch.Tensor:
+    """SiLU divided by 0.596, its RMS for unit-normal input (eq. 81); the scaling in place (SiLU's backward
+    needs its input only)."""
+    return nn.functional.silu(x).mul_(1 / 0.596)
+
+
 def mp_sum(a: torch.Tensor, b: torch.Tensor, t: float = 0.5) -> torch.Tensor:
     """Magnitude-preserving ``(1 - t) a + t b`` (eq. 88)."""
-    return a.lerp(b, t) / math.sqrt((1 - t) ** 2 + t ** 2)
+    return a.lerp(b, t).mul_(1 / math.sqrt((1 - t) ** 2 + t ** 2))
 
 
 def mp_cat(a: torch.Tensor, b: torch.Tensor, dim: int = 1, t: float = 0.5) -> torch.Tensor:
@@ -177,7 +182,7 @@ class Block(nn.Module):
             y = nn.functional.scaled_dot_product_attention(q.transpose(2, 3), k.transpose(2, 3), v.transpose(2, 3))
             x = mp_sum(x, self.attn_proj(y.transpose(2, 3).reshape(x.shape)), t=self.attn_balance)
         if self.clip_act is not None:
-            x = x.clamp(-self.clip_act, self.clip_act)
+            x = x.clamp_(-self.clip_act, self.clip_act)
         return x
 
 
