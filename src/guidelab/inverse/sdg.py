@@ -63,8 +63,9 @@ class EnergyGuided(Guider):
         g = g.to(D)
         if self.norm == "score":                                      # Guided-TTS: |score| / |grad F|
             score = (D - x) / bcast(sigma, D) ** 2
-            ratio = score.flatten(1).norm(dim=1) / g.flatten(1).norm(dim=1).clamp_min(torch.finfo(g.dtype).tiny)
-            g = g * bcast(ratio, g)
+            gn = g.flatten(1).norm(dim=1)
+            unit = g / bcast(torch.where(gn > 0, gn, torch.ones_like(gn)), g)     # a zero gradient adds nothing
+            g = unit * bcast(score.flatten(1).norm(dim=1), g)
         s = self.w - 1 if not isinstance(self.w, torch.Tensor) else bcast(self.w.to(D) - 1, D)
         return D + s * bcast(sigma, D) ** 2 * g                         # score + s grad F (SDG / ADM condition_mean)
 
