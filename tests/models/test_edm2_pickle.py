@@ -16,6 +16,7 @@ from safetensors import safe_open
 from guidelab.errors import GuidelabError
 from guidelab.models import edm2, nvlabs_pickle
 from guidelab.training import load_model, save_model
+from guidelab.training.phema import load_network
 
 REF = Path(__file__).resolve().parents[3] / "shared" / "reference" / "edm2" / "edm2_tiny_cond.safetensors"
 HARMLESS_SRC = "# networks_edm2.py\nimport torch\nclass Precond(torch.nn.Module):\n    pass\n"
@@ -141,6 +142,7 @@ def test_second_config_round_trips_pkl_and_safetensors(tmp_path):
     assert edm2.Standardization.of(info["encoder"]).final_std == 0.5
     again = load_model(save_model(tmp_path / "net.safetensors", back, encoder=info["encoder"]))
     assert torch.equal(again(x, sigma), D)
+    assert torch.equal(load_network(path)(x, sigma), D)               # every command's loader takes the .pkl
 
 
 def test_module_src_never_runs(tmp_path):

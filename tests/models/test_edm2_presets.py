@@ -7,6 +7,7 @@ from guidelab import guidance, schedules
 from guidelab.errors import GuidelabError
 from guidelab.models import edm2, edm2_presets
 from guidelab.training import save_model
+from guidelab.training.phema import load_network
 
 
 def test_table_matches_the_published_presets():
@@ -70,7 +71,7 @@ def test_interval_cfg_preset_on_local_networks(tmp_path):
     save_model(tmp_path / f"{p.net}.safetensors", _net(10, 16, 0))
     save_model(tmp_path / f"{p.gnet}.safetensors", _net(0, 8, 1))
     r = edm2.resolve(p.name, tmp_path)
-    net, gnet = edm2_presets.load(r.net), edm2_presets.load(r.gnet)
+    net, gnet = load_network(r.net), load_network(r.gnet)
     D = edm2.guided(p, net, gnet)
     x, y = torch.randn(2, 4, 8, 8), torch.tensor([3, 7])
     lo, hi = p.sigma_interval

@@ -322,6 +322,7 @@ class EDM2(nn.Module):
         self.img_resolution, self.img_channels, self.label_dim = img_resolution, img_channels, label_dim
         self.use_fp16, self.sigma_data, self.noise_cond = bool(use_fp16), float(sigma_data), bool(noise_cond)
         self.precond = EDMPrecond(self.sigma_data)
+        self.num_classes = label_dim
         self.null_label = label_dim if label_dim else None  # integer null (label dropout); guiders read `condition`
         unet = {k: v for k, v in self.kwargs.items() if k not in ("use_fp16", "sigma_data", "logvar_channels")}
         self.unet = UNet(**unet)
@@ -404,6 +405,11 @@ def from_nvlabs(precond_kwargs: dict | str, state_dict: dict[str, torch.Tensor])
 
 
 def load_pkl(path: str | os.PathLike, key: str = "ema") -> EDM2:
-    """Load an NVlabs ``.pkl`` network without running code from it (see :mod:`guidelab.models.nvlabs_pickle`)."""
-    from .nvlabs_pickle import load_network
-    return load_network(path, key)
+    """Load an NVlabs ``.pkl`` network without running code from it (:mod:`guidelab.models.nvlabs_pickle`):
+    rebuilt from its ``Precond`` kwargs, tensors copied; ``net.checkpoint_info`` records the source,
+    the kwargs and the pickle's ``encoder``. Eval mode, no grads."""
+    from .nvlabs_pickle import read_network
+    kwargs, state, info = read_network(path, key)
+    net = from_nvlabs(kwargs, state)
+    net.checkpoint_info = info
+    return net

@@ -130,7 +130,8 @@ def find(models_dir: str | os.PathLike, stem: str, preset: str = "") -> Path:
 
 @dataclass(frozen=True)
 class Resolved:
-    """A preset with its local files: ``net`` and ``gnet`` paths (``gnet`` None without a guide)."""
+    """A preset with its local files: ``net`` and ``gnet`` paths (``gnet`` None without a guide); load each
+    with ``guidelab.training.phema.load_network`` (``.pkl`` or ``.safetensors``)."""
 
     preset: Preset
     net: Path
@@ -141,16 +142,6 @@ def resolve(name: str, models_dir: str | os.PathLike) -> Resolved:
     """Find the preset's files in ``models_dir``; raises a GuidelabError naming the first missing file."""
     p = get(name)
     return Resolved(p, find(models_dir, p.net, name), find(models_dir, p.gnet, name) if p.gnet else None)
-
-
-def load(path: str | os.PathLike, device="cpu"):
-    """An EDM2 network from ``.pkl`` (NVlabs, read safely) or ``.safetensors`` (guidelab)."""
-    path = Path(path)
-    if path.suffix == ".pkl":
-        from .nvlabs_pickle import load_network
-        return load_network(path).to(device)
-    from ..training.checkpoint import load_model
-    return load_model(path, device)
 
 
 def guided(preset: Preset | str, net, gnet=None, w: float | None = None):

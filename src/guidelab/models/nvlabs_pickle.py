@@ -10,8 +10,8 @@ class_name, state}`` (``state``: the module's ``__dict__`` with ``_parameters``,
 a persistent object becomes a :class:`Persistent` record of ``class_name`` and ``state`` (its
 ``module_src`` is kept as text, never executed, and no module named in the file is imported); a
 tensor's storage bytes are read by ``torch.load(..., weights_only=True)``. Any other global is refused
-with a GuidelabError naming it. :func:`load_network` then builds our :class:`~guidelab.models.edm2.EDM2`
-from ``class_name`` + ``_init_kwargs`` and copies the tensors into it.
+with a GuidelabError naming it. :func:`read_network` returns ``class_name``'s ``_init_kwargs`` and the
+tensors, from which :func:`guidelab.models.edm2.load_pkl` builds our network.
 """
 
 from __future__ import annotations
@@ -165,19 +165,16 @@ def network_record(path: str | os.PathLike, key: str = "ema") -> tuple[Persisten
     return rec, data
 
 
-def load_network(path: str | os.PathLike, key: str = "ema"):
-    """Our EDM2 network from an NVlabs pickle: config from ``_init_args`` / ``_init_kwargs``, tensors copied.
-
-    ``net.checkpoint_info`` records the source, the Precond kwargs and the pickle's ``encoder``
-    (``{"class_name", "init_kwargs"}``: ``StandardRGBEncoder`` for pixels, ``StabilityVAEEncoder`` for latents).
+def read_network(path: str | os.PathLike, key: str = "ema") -> tuple[dict, dict[str, torch.Tensor], dict]:
+    """``(Precond kwargs, state dict, info)`` of the network under ``key``: kwargs from ``_init_args`` /
+    ``_init_kwargs``, tensors under NVlabs' names; ``info`` records the source, the kwargs and the pickle's
+    ``encoder`` (``{"class_name", "init_kwargs"}``: ``StandardRGBEncoder`` for pixels, ``StabilityVAEEncoder``
+    for latents). :func:`guidelab.models.edm2.load_pkl` builds the network from them.
     """
-    from .edm2 import from_nvlabs
     rec, data = network_record(path, key)
     args = tuple(rec.state.get("_init_args") or ())
     check(len(args) <= len(_PRECOND_ARGS), f"{path}: Precond takes at most {len(_PRECOND_ARGS)} positional arguments")
     kwargs = {**dict(zip(_PRECOND_ARGS, args)), **rec.init_kwargs}
-    net = from_nvlabs(kwargs, _tensors(rec, "", {}))
     enc = data.get("encoder")
     encoder = {"class_name": enc.class_name, "init_kwargs": enc.init_kwargs} if isinstance(enc, Persistent) else None
-    net.checkpoint_info = {"source": str(path), "key": key, "nvlabs_kwargs": kwargs, "encoder": encoder}
-    return net
+    return kwargs, _tensors(rec, "", {}), {"source": str(path), "key": key, "nvlabs_kwargs": kwargs, "encoder": encoder}

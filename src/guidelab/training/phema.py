@@ -113,8 +113,11 @@ def reconstruct(run_dir: str | Path, sigma_rel: float, step: int | None = None,
 
 def load_network(path: str | Path, sigma_rel: float = 0.10, step: int | None = None,
                  device: str | torch.device = "cpu") -> torch.nn.Module:
-    """A checkpoint (.safetensors), or a training run folder's post-hoc EMA of ``sigma_rel`` at ``step``
-    (:func:`reconstruct`; default the last snapshot)."""
+    """A checkpoint (.safetensors), an NVlabs EDM2 ``.pkl`` (read without running it, :func:`guidelab.models.edm2.load_pkl`),
+    or a training run folder's post-hoc EMA of ``sigma_rel`` at ``step`` (:func:`reconstruct`; default the last snapshot)."""
     path = Path(path)
-    check(path.exists(), f"checkpoint not found: {path} (pass a .safetensors checkpoint or a training run folder)")
+    check(path.exists(), f"checkpoint not found: {path} (pass a .safetensors checkpoint, an EDM2 .pkl or a training run folder)")
+    if path.suffix == ".pkl" and path.is_file():
+        from ..models.edm2 import load_pkl
+        return load_pkl(path).to(device)
     return reconstruct(path, sigma_rel, step, device) if path.is_dir() else checkpoint.load_model(path, device)
