@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from guidelab import rng, samplers, schedules, toy
+from guidelab.errors import GuidelabError
 
 
 def test_sample_noise_rows_depend_only_on_their_seed():
@@ -16,6 +17,14 @@ def test_sample_noise_rejects_mismatched_batch():
         rng.SampleNoise([1, 2]).sampler(torch.zeros(3, 2))
     with pytest.raises(ValueError):
         rng.SampleNoise([])
+
+
+@pytest.mark.parametrize("call, message", [(lambda: rng.SampleNoise([1, 2]).sampler(torch.zeros(3, 2)), "batch 3"),
+                                           (lambda: rng.SampleNoise([]), "at least one seed"),
+                                           (lambda: rng.SampleNoise([1 << 64]), "64-bit")])
+def test_sample_noise_misuse_is_a_guidelab_error(call, message):
+    with pytest.raises(GuidelabError, match=message):
+        call()
 
 
 @pytest.mark.parametrize("sampler", ["euler", "heun"])

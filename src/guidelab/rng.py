@@ -7,6 +7,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from .errors import check
+
 #: A noise sampler returns standard normal noise shaped like the sample, for the step sigma -> sigma_next
 #: (the k-diffusion convention, so a Brownian-tree source can be plugged in).
 NoiseSampler = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -55,10 +57,8 @@ class SampleNoise:
 
     def __init__(self, seeds: Sequence[int] | torch.Tensor, device: str | torch.device = "cpu"):
         seeds = [int(s) for s in (seeds.tolist() if isinstance(seeds, torch.Tensor) else seeds)]
-        if not seeds:
-            raise ValueError("SampleNoise needs at least one seed")
-        if not all(-(1 << 63) <= s < 1 << 63 for s in seeds):
-            raise ValueError("seeds must fit in a signed 64-bit integer")
+        check(len(seeds) > 0, "SampleNoise needs at least one seed")
+        check(all(-(1 << 63) <= s < 1 << 63 for s in seeds), "seeds must fit in a signed 64-bit integer")
         self.seeds = seeds
         self.device = torch.device(device)
         self._stream = _mix(torch.tensor(seeds, dtype=torch.int64) + _GOLDEN)   # per-sample stream key
@@ -87,8 +87,7 @@ class SampleNoise:
 
     def sampler(self, x: torch.Tensor) -> NoiseSampler:
         """A noise sampler for samples shaped like ``x`` (rows must match the seeds)."""
-        if x.shape[0] != len(self.seeds):
-            raise ValueError(f"x has batch {x.shape[0]} but SampleNoise has {len(self.seeds)} seeds")
+        check(x.shape[0] == len(self.seeds), f"x has batch {x.shape[0]} but SampleNoise has {len(self.seeds)} seeds")
         return lambda sigma, sigma_next: self.randn(x.shape[1:], x.dtype).to(x.device)
 
 

@@ -2,12 +2,14 @@
 
 import torch
 
+from guidelab.guidance import Condition
+
 
 class Counting(torch.nn.Module):
     """``D(x; sigma, label)`` recording (batch size, labels) per call; label 2 is the null label.
     The label shift is non-linear in the label so that any two labels give different outputs."""
 
-    null_label = 2
+    condition = Condition("label", {"label": 2}, 2)
 
     def __init__(self):
         super().__init__()

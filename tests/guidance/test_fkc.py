@@ -87,14 +87,13 @@ def test_cost_one_batched_call_per_step_and_groups_are_batch_invariant():
     def D(x, sigma, label):
         calls.append(x.shape[0])
         return ct(x, sigma, label)
-    D.null_label = 2
 
     n, K = 12, 4
     x = toy.tree("AB").sample(n, 5.0, generator=torch.Generator().manual_seed(3))
     sigmas = schedules.karras(8, 0.002, 5, dtype=torch.float32)
-    full = fkc_sample(cfg(D, 2.0), x, sigmas, cond=_label(n), noise=SampleNoise(range(n)), particles=K)
+    full = fkc_sample(cfg(D, 2.0, null=2), x, sigmas, cond=_label(n), noise=SampleNoise(range(n)), particles=K)
     assert calls == [2 * n] * 8                                # both branches in one batched call per step
-    part = fkc_sample(cfg(D, 2.0), x[K:2 * K], sigmas, cond=_label(K), noise=SampleNoise(range(K, 2 * K)), particles=K)
+    part = fkc_sample(cfg(D, 2.0, null=2), x[K:2 * K], sigmas, cond=_label(K), noise=SampleNoise(range(K, 2 * K)), particles=K)
     assert torch.equal(full[K:2 * K], part)
 
 

@@ -11,7 +11,7 @@ from guidelab.errors import GuidelabError
 class Net(torch.nn.Module):
     """A smooth label- and noise-embedding-conditional denoiser that records its calls."""
 
-    null_label, num_classes = 2, 2
+    condition = G.Condition("label", {"label": 2}, 2)
 
     def __init__(self, scale=1.0):
         super().__init__()
@@ -42,7 +42,7 @@ def _guiders(net, guide, w):
         "rescale": G.rescale(G.cfg(net, w), 0.7),
         "cfg_zero_star": G.cfg_zero_star(G.cfg(net, w), zero_init_sigma=4.0),
         "icg": G.icg(net, w),
-        "icg_gaussian_on_tsg_key": G.tsg(net, w, s=0.5),
+        "icg_gaussian_on_tsg_key": G.tsg(net, w, s=0.5, form="scalar"),
         "apg": G.apg(G.cfg(net, w), eta=0.0, r=2.0, beta=-0.5),
         "interval_autoguidance": G.interval(G.autoguidance(net, guide, w), 0.3, 2.0),
         "apg_on_icg": G.apg(G.icg(net, w), eta=0.5),
@@ -71,7 +71,7 @@ def test_cost_per_evaluation(name, calls, rows):
     """Same-network branches: one batched call of 2B rows; separate networks: one call each."""
     net, guide = Net(), Net(0.9)
     x, sigma, label = _inputs()
-    _guiders(net, guide, 3.0)[name](x, sigma, label=label)
+    _guiders(net, guide, 3.0)[name].start(G.Run(x, [1.0, 0.0]))(x, sigma, label=label)   # apg's momentum: in a run
     assert net.calls == [rows] * calls
     assert guide.calls == ([8] if name in ("cfg_uncond_net", "autoguidance") else [])
 
@@ -119,7 +119,7 @@ def test_cfg_zero_star_cancels_a_pure_scale_error_and_zero_init_freezes_the_flow
     s = sigma[:, None]
     cond_net = lambda x, sigma, label: D_c
     uncond = lambda x, sigma: (x - s * (0.6 * v_c)) / (1 + s)          # v_u = 0.6 v_c
-    out = G.cfg_zero_star(G.cfg(cond_net, 4.0, uncond=uncond))(x, sigma, label=label)
+    out = G.cfg_zero_star(G.cfg(cond_net, 4.0, uncond=uncond), zero_steps=0)(x, sigma, label=label)
     torch.testing.assert_close(out, D_c, rtol=1e-10, atol=1e-10)
     cfg = G.cfg(cond_net, 4.0, uncond=uncond)(x, sigma, label=label)
     assert (cfg - D_c).abs().max() > 0.1                                # plain CFG overshoots
@@ -148,7 +148,7 @@ def test_apg_reduces_to_cfg_and_projects():
 
 
 def test_apg_momentum_is_per_run():
-    """m = dD + beta m within a run; a new run (sigma goes up) starts from m = 0, so runs repeat exactly."""
+    """m = dD + beta m within a run; every sampler run starts from m = 0, so runs repeat exactly."""
     net = Net()
     x = torch.randn(8, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     cond = {"label": torch.arange(8) % 2}
@@ -158,10 +158,14 @@ def test_apg_momentum_is_per_run():
     assert torch.equal(a, b)
     assert not torch.equal(a, samplers.euler(G.cfg(net, 3.0), x, sig, cond=cond))
     # the momentum by hand: at the 2nd evaluation the update is dD_2 - 0.5 dD_1
-    g2 = G.apg(G.cfg(net, 3.0), eta=1.0, beta=-0.5)
+    run = G.Run(x, [2.0, 1.0, 0.0])
+    g2 = G.apg(G.cfg(net, 3.0), eta=1.0, beta=-0.5).start(run)
     s1, s2 = torch.full((8,), 2.0, dtype=torch.float64), torch.full((8,), 1.0, dtype=torch.float64)
     dD = lambda s: net(x, s, **cond) - net(x, s, label=torch.full((8,), 2))
+    steps = run.steps()
+    next(steps)
     g2(x, s1, **cond)
+    next(steps)
     torch.testing.assert_close(g2(x, s2, **cond), net(x, s2, **cond) + 2.0 * (dD(s2) - 0.5 * dD(s1)))
 
 
@@ -204,7 +208,7 @@ def test_tsg_offset_reaches_only_the_reference_branch():
         seen.append(noise_embed_offset.clone())
         return orig(x, sigma, label=label, noise_embed_offset=noise_embed_offset)
     net.forward = spy
-    G.tsg(net, 2.0, s=0.5, alpha=1.0)(x, sigma)
+    G.tsg(net, 2.0, s=0.5, alpha=1.0, form="scalar")(x, sigma)
     off = seen[0]
     assert torch.equal(off[:8], torch.zeros(8, dtype=torch.float64))
     t = sigma ** 2 / (1 + sigma ** 2)
@@ -240,7 +244,7 @@ def test_cfgpp_pair_and_euler_equivalence():
     x, _, label = _inputs()
     lam, s0, s1 = 0.3, 2.0, 1.5
     g = G.cfgpp(net, lam)
-    D, D_r = g.denoise_pair(x, torch.full((8,), s0, dtype=torch.float64), label=label)
+    D, D_r = g.pair(x, torch.full((8,), s0, dtype=torch.float64), label=label)
     S = torch.full((8,), s0, dtype=torch.float64)
     D_c, D_u = net(x, S, label=label), net(x, S, label=torch.full_like(label, 2))
     torch.testing.assert_close(D, D_u + lam * (D_c - D_u))

@@ -14,6 +14,7 @@ import torch
 
 from ..denoisers import bcast
 from ..errors import check, check_weight
+from .protocols import Guider, Run
 
 #: Override value that removes a conditioning key from a branch's call.
 DROP = object()
@@ -21,9 +22,11 @@ DROP = object()
 
 @dataclass(frozen=True)
 class PerCall:
-    """An override computed at each call from ``(old_value, x, sigma)`` (random labels, noise offsets)."""
+    """An override computed at each call from ``(old_value, x, sigma)`` (random labels, noise offsets);
+    ``with_run=True``: from ``(old_value, x, sigma, run)``, ``run`` the guider's :class:`Run` (None outside one)."""
 
-    fn: Callable[[Any, torch.Tensor, torch.Tensor], Any]
+    fn: Callable[..., Any]
+    with_run: bool = False
 
 
 @dataclass(frozen=True)
@@ -38,14 +41,15 @@ class Branch:
     denoiser: Callable[..., torch.Tensor]
     overrides: Mapping[str, Any] = field(default_factory=dict)
 
-    def cond(self, cond: Mapping[str, Any], x: torch.Tensor | None = None, sigma: torch.Tensor | None = None) -> dict:
+    def cond(self, cond: Mapping[str, Any], x: torch.Tensor | None = None, sigma: torch.Tensor | None = None,
+             run: Run | None = None) -> dict:
         out = dict(cond)
         for key, value in self.overrides.items():
             old = cond.get(key)
             if value is DROP:
                 out.pop(key, None)
             elif isinstance(value, PerCall):
-                out[key] = value.fn(old, x, sigma)
+                out[key] = value.fn(old, x, sigma, run) if value.with_run else value.fn(old, x, sigma)
             elif callable(value) and not isinstance(value, torch.Tensor):
                 out[key] = value(old)
             elif isinstance(value, (int, float, bool)) and isinstance(old, torch.Tensor):
@@ -68,7 +72,8 @@ def _batchable(conds: Sequence[dict], batch: int) -> bool:
     return True
 
 
-def evaluate(branches: Sequence[Branch], x: torch.Tensor, sigma: torch.Tensor, cond: Mapping[str, Any]) -> list[torch.Tensor]:
+def evaluate(branches: Sequence[Branch], x: torch.Tensor, sigma: torch.Tensor, cond: Mapping[str, Any],
+             run: Run | None = None) -> list[torch.Tensor]:
     """Evaluate every branch at (x, sigma); branches on the same network share one batched call."""
     out: list[torch.Tensor | None] = [None] * len(branches)
     groups: dict[int, list[int]] = {}
@@ -77,7 +82,7 @@ def evaluate(branches: Sequence[Branch], x: torch.Tensor, sigma: torch.Tensor, c
     B = x.shape[0]
     for idx in groups.values():
         D = branches[idx[0]].denoiser
-        conds = [branches[i].cond(cond, x, sigma) for i in idx]
+        conds = [branches[i].cond(cond, x, sigma, run) for i in idx]
         if len(idx) > 1 and _batchable(conds, B):
             k = len(idx)
             merged = {key: torch.cat([c[key] for c in conds]) if isinstance(conds[0][key], torch.Tensor) else conds[0][key]
@@ -90,57 +95,64 @@ def evaluate(branches: Sequence[Branch], x: torch.Tensor, sigma: torch.Tensor, c
     return out  # type: ignore[return-value]
 
 
-#: A combination rule ``rule(D_main, D_ref, w, x, sigma) -> D`` (``w`` already broadcast to ``D``).
-Rule = Callable[[torch.Tensor, torch.Tensor, Any, torch.Tensor, torch.Tensor], torch.Tensor]
+#: A combination rule ``rule(D_main, D_ref, w, x, sigma, run) -> D`` (``w`` already broadcast to ``D``; ``run``
+#: the guider's :class:`Run`, None outside a sampler run).
+Rule = Callable[[torch.Tensor, torch.Tensor, Any, torch.Tensor, torch.Tensor, "Run | None"], torch.Tensor]
 
 
-class Guided:
+def is_off(w) -> bool:
+    """``w`` is the number 1 (no guidance: only the main branch is evaluated)."""
+    return not isinstance(w, torch.Tensor) and w == 1
+
+
+class Guided(Guider):
     """``D = D_ref + w (D_main - D_ref)``: the rule behind CFG, autoguidance, ICG and TSG.
 
     ``w`` is a number or a per-sample [batch] tensor. At ``w == 1`` (a number) only the main branch is
     evaluated. ``unguided`` is the main branch alone (used by guidance intervals). ``rule`` replaces the
     linear combination by a non-linear one of the same two branches (guidance rescale, CFG-Zero*, APG);
-    see :meth:`with_rule`.
+    see :meth:`with_rule`. ``start(run)`` gives a copy bound to the run (per-call draws and rules see it).
     """
+
+    run: Run | None = None
 
     def __init__(self, main: Branch, ref: Branch, w, name: str, rule: Rule | None = None):
         check_weight(w)
         self.main, self.ref, self.w, self.name, self.rule = main, ref, w, name, rule
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
-        if not isinstance(self.w, torch.Tensor) and self.w == 1:
+        if is_off(self.w):
             return self.unguided(x, sigma, **cond)
         D, D_ref = self.branches(x, sigma, cond)
         w = bcast(self.w.to(D), D) if isinstance(self.w, torch.Tensor) else self.w
         if self.rule is not None:
-            return self.rule(D, D_ref, w, x, sigma)
+            return self.rule(D, D_ref, w, x, sigma, self.run)
         return D_ref.lerp(D, w)
 
     def branches(self, x: torch.Tensor, sigma: torch.Tensor, cond: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """``(D_main, D_ref)`` at (x, sigma), same-network branches in one batched call."""
-        D, D_ref = evaluate([self.main, self.ref], x, sigma, cond)
+        D, D_ref = evaluate([self.main, self.ref], x, sigma, cond, self.run)
         return D, D_ref
 
     def unguided(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
-        return self.main.denoiser(x, sigma, **self.main.cond(cond, x, sigma))
+        return self.main.denoiser(x, sigma, **self.main.cond(cond, x, sigma, self.run))
+
+    def start(self, run: Run) -> "Guided":
+        new = copy.copy(self)
+        new.run = run
+        return new
 
     def with_rule(self, rule: Rule, name: str) -> "Guided":
         """The same branches and weight combined by ``rule`` (only one non-linear rule per guider)."""
         check(self.rule is None, f"{name} needs a linear guider (cfg, autoguidance, icg, tsg), got {self.name}")
+        check("renoise" not in self.requires, f"{name} cannot honour {self.name}'s renoise step (it rewrites the "
+              f"guided output, CFG++ the sampler's step): use {name} on cfg, or {self.name} alone")
         new = copy.copy(self)
         new.rule, new.name = rule, name
         return new
 
     def __repr__(self) -> str:
         return f"{self.name}(w={self.w})"
-
-
-def unguided_of(denoiser, who: str):
-    """The one-evaluation unguided denoiser of a guider (for steps where guidance is off)."""
-    fn = getattr(denoiser, "unguided", None)
-    check(fn is not None, f"{who} needs a guider with an unguided branch (cfg, autoguidance, icg, tsg, apg, ...), "
-          f"got {type(denoiser).__name__}")
-    return fn
 
 
 def batch_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -159,29 +171,30 @@ def per_sample_seeds(seeds, sigma: torch.Tensor, salt: int) -> list[int]:
     return [hash((int(s), float(v), salt)) & 0x7FFF_FFFF_FFFF_FFFF for s, v in zip(seeds, sig)]
 
 
-def _generators(seeds, sigma: torch.Tensor, salt: int) -> list[torch.Generator] | torch.Generator:
-    """Per-sample generators (``seeds`` given) or one generator for the batch keyed by its sigmas."""
+def draw_seeds(seeds, run: Run | None) -> list[int] | None:
+    """The seeds a guider draws from: its own ``seeds``, else the run's per-sample seeds, else None
+    (fresh draws from torch's global generator)."""
     if seeds is not None:
-        return [torch.Generator().manual_seed(s) for s in per_sample_seeds(seeds, sigma, salt)]
-    key = hash((tuple(sigma.detach().double().cpu().tolist()), salt)) & 0x7FFF_FFFF_FFFF_FFFF
-    return torch.Generator().manual_seed(key)
+        return seeds
+    return None if run is None else run.seeds
 
 
 def draw_normal(seeds, sigma: torch.Tensor, shape, salt: int, like: torch.Tensor) -> torch.Tensor:
-    """Standard normal [batch, *shape] drawn afresh at every call, without state (see per_sample_seeds)."""
-    g = _generators(seeds, sigma, salt)
-    if isinstance(g, list):
-        out = torch.stack([torch.randn(list(shape), generator=gi, dtype=torch.float64) for gi in g])
+    """Standard normal [batch, *shape], drawn afresh at every call: per sample from ``(seed, sigma, salt)``
+    (see per_sample_seeds) or, ``seeds=None``, from torch's global generator."""
+    if seeds is None:
+        out = torch.randn([sigma.shape[0], *shape], dtype=torch.float64)
     else:
-        out = torch.randn([sigma.shape[0], *shape], generator=g, dtype=torch.float64)
+        gens = [torch.Generator().manual_seed(s) for s in per_sample_seeds(seeds, sigma, salt)]
+        out = torch.stack([torch.randn(list(shape), generator=g, dtype=torch.float64) for g in gens])
     return out.to(dtype=like.dtype if like.is_floating_point() else torch.get_default_dtype(), device=like.device)
 
 
 def draw_labels(seeds, sigma: torch.Tensor, num_classes: int, salt: int, like: torch.Tensor) -> torch.Tensor:
-    """Uniform random labels in [0, num_classes), shape [batch], drawn afresh at every call."""
-    g = _generators(seeds, sigma, salt)
-    if isinstance(g, list):
-        out = torch.cat([torch.randint(num_classes, (1,), generator=gi) for gi in g])
+    """Uniform random labels in [0, num_classes), shape [batch], drawn afresh at every call (as draw_normal)."""
+    if seeds is None:
+        out = torch.randint(num_classes, (sigma.shape[0],))
     else:
-        out = torch.randint(num_classes, (sigma.shape[0],), generator=g)
+        gens = [torch.Generator().manual_seed(s) for s in per_sample_seeds(seeds, sigma, salt)]
+        out = torch.cat([torch.randint(num_classes, (1,), generator=g) for g in gens])
     return out.to(dtype=like.dtype, device=like.device)

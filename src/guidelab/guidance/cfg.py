@@ -1,27 +1,34 @@
-"""Classifier-free guidance (Ho & Salimans 2022, arXiv 2207.12598).
-
-``D = D_u + w (D_c - D_u)``. Paper convention ``eps = (1 + w') eps_c - w' eps_u``: ``w = 1 + w'``.
-diffusers' ``guidance_scale`` is ``w`` itself.
-"""
+"""Classifier-free guidance; the method's documentation is :func:`cfg`'s docstring."""
 
 from __future__ import annotations
 
+from ..errors import check
 from ._base import DROP, Branch, Guided
 
 
-def cfg(denoiser, w, *, uncond=None, key: str = "label", null=None) -> Guided:
-    """Classifier-free guidance of ``denoiser`` at weight ``w`` (``w = 1``: no guidance).
+def cfg(denoiser, w, *, uncond=None, key: str | None = None, null=None) -> Guided:
+    """Classifier-free guidance (Ho & Salimans 2022, arXiv 2207.12598) of ``denoiser`` at weight ``w``.
 
-    * same network (``uncond=None``): the reference branch replaces ``cond[key]`` by ``null``
-      (default: ``denoiser.null_label``); both branches run in **one batched call**;
-    * separate unconditional network ``uncond``: it is called without ``key`` (the EDM2 setting).
+    ``D = D_u + w (D_c - D_u)`` (``w = 1``: no guidance). Paper convention
+    ``eps = (1 + w') eps_c - w' eps_u``: ``w = 1 + w'``; diffusers' ``guidance_scale`` is ``w`` itself.
+
+    * same network (``uncond=None``): the reference branch applies ``denoiser.condition.null`` (the
+      overrides its :class:`~guidelab.guidance.Condition` declares), or ``{key: null}`` when ``null`` is
+      given; both branches run in **one batched call**;
+    * separate unconditional network ``uncond``: it is called without ``key`` (the EDM2 setting), or with
+      ``key = null`` when given.
+
+    ``key`` defaults to the declared ``condition.key`` (else ``"label"``).
     """
-    if uncond is None:
-        if null is None:
-            null = getattr(denoiser, "null_label", None)
-        if null is None:
-            raise ValueError("cfg with one network needs the null condition: pass null=... or uncond=<network>")
+    condition = getattr(denoiser, "condition", None)
+    key = key if key is not None else condition.key if condition is not None else "label"
+    if uncond is not None:
+        ref = Branch(uncond, {key: DROP if null is None else null})
+    elif null is not None:
         ref = Branch(denoiser, {key: null})
     else:
-        ref = Branch(uncond, {key: DROP if null is None else null})
+        check(condition is not None and bool(condition.null),
+              f"cfg with one network needs its null condition: {type(denoiser).__name__} declares no condition; "
+              "pass null=... or uncond=<network>")
+        ref = Branch(denoiser, dict(condition.null))
     return Guided(Branch(denoiser), ref, w, "cfg")

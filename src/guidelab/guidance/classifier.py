@@ -1,18 +1,4 @@
-"""Classifier guidance (Dhariwal & Nichol 2021, arXiv 2105.05233, Alg. 1-2; methods.md §11).
-
-``D~(x; sigma, y) = D(x; sigma) + s sigma^2 grad_x log p_phi(y | x; sigma)``: the score gets
-``s grad log p_phi`` added (EDM form of the paper's ``mu + s Sigma grad log p_phi``), with a
-*noise-aware* classifier ``p_phi(y | x; sigma)`` trained on noisy samples.
-
-Weight convention: guidelab's ``w = 1 + s`` (``w = 1``, ``s = 0``: no guidance). With an
-unconditional ``D`` and the exact classifier, ``w = 2`` (``s = 1``) is exact conditional sampling
-(Bayes: ``grad log p(x | y) = grad log p(x) + grad log p(y | x)``), and classifier guidance at paper
-scale ``s`` equals CFG at ``w_cfg = s`` with the implicit conditional ``D_u + sigma^2 grad log p_phi``.
-ADM's README scales (``s`` = 1.0 at 64 px, 0.5 at 128, 1.0/10.0 at 256 cond/uncond, 4.0 at 512) are
-``w`` = 2.0, 1.5, 2.0/11.0, 5.0 here.
-
-Cost per evaluation: 1 NFE of ``D`` plus one classifier forward and backward.
-"""
+"""Classifier guidance; the method's documentation is :func:`classifier`'s docstring."""
 
 from __future__ import annotations
 
@@ -22,6 +8,7 @@ import torch
 
 from ..denoisers import bcast
 from ..errors import as_sigma, check, check_weight
+from .protocols import Guider
 
 
 def class_log_prob_grad(clf: Callable, x: torch.Tensor, sigma: torch.Tensor, y) -> torch.Tensor:
@@ -44,7 +31,7 @@ def class_log_prob_grad(clf: Callable, x: torch.Tensor, sigma: torch.Tensor, y) 
     return g.detach()
 
 
-class ClassifierGuided:
+class ClassifierGuided(Guider):
     """``D(x; sigma) + (w - 1) sigma^2 grad log p_phi(y | x; sigma)``; see :func:`classifier`."""
 
     def __init__(self, denoiser, clf, w, key: str, pass_label: bool):
@@ -73,7 +60,20 @@ class ClassifierGuided:
 
 
 def classifier(denoiser, clf: Callable, w, *, key: str = "label", pass_label: bool = False) -> ClassifierGuided:
-    """Classifier guidance of ``denoiser`` toward class ``cond[key]`` at weight ``w = 1 + s``.
+    """Classifier guidance (Dhariwal & Nichol 2021, arXiv 2105.05233, Alg. 1-2; methods.md §11) of
+    ``denoiser`` toward class ``cond[key]`` at weight ``w = 1 + s``.
+
+    ``D~(x; sigma, y) = D(x; sigma) + s sigma^2 grad_x log p_phi(y | x; sigma)``: the score gets
+    ``s grad log p_phi`` added (EDM form of the paper's ``mu + s Sigma grad log p_phi``), with a
+    *noise-aware* classifier ``p_phi(y | x; sigma)`` trained on noisy samples.
+
+    Weight convention: guidelab's ``w = 1 + s`` (``w = 1``, ``s = 0``: no guidance). With an
+    unconditional ``D`` and the exact classifier, ``w = 2`` (``s = 1``) is exact conditional sampling
+    (Bayes: ``grad log p(x | y) = grad log p(x) + grad log p(y | x)``), and classifier guidance at paper
+    scale ``s`` equals CFG at ``w_cfg = s`` with the implicit conditional ``D_u + sigma^2 grad log p_phi``.
+    ADM's README scales (``s`` = 1.0 at 64 px, 0.5 at 128, 1.0/10.0 at 256 cond/uncond, 4.0 at 512) are
+    ``w`` = 2.0, 1.5, 2.0/11.0, 5.0 here. Cost per evaluation: 1 NFE of ``D`` plus one classifier
+    forward and backward.
 
     ``clf(x, sigma) -> logits [batch, num_classes]`` is a noise-aware classifier (e.g.
     :class:`guidelab.models.classifier.ToyClassifier`, or the exact

@@ -1,32 +1,4 @@
-"""Feynman-Kac correctors, FKC (Skreta et al. 2025, arXiv 2503.02819; methods.md §12).
-
-CFG's score ``(1 - w) s_u + w s_c`` is the score of ``q_t = p_c,t^w p_u,t^(1-w)`` at every noise
-level, yet the reverse SDE driven by it does *not* sample ``q_0``: the product of two heat-diffused
-densities is not the heat-diffused product. Itô/Feynman-Kac give the missing factor (derived for
-the EDM heat process ``dp/dt = (d sigma^2/dt) Laplace(p) / 2``)::
-
-    d log weight = w (w - 1) sigma |d sigma| |s_c - s_u|^2        (reverse time, |d sigma| > 0)
-
-(official code ``edm2/generate_images.py::edm_sampler_new``: ``d_a = -w (w - 1) |s_u - s_c|^2 dt sigma``,
-``dt < 0``). A batch of weighted particles, resampled (systematic resampling), samples ``q_0`` exactly
-in the limit of many particles and small steps. The same machinery anneals: ``p^beta`` has score
-``beta s`` and weight increment ``beta (beta - 1) sigma |d sigma| |s|^2`` (the product rule with a flat
-reference, ``D_ref = x``). Weight convention: ``w`` is guidelab's (= the paper's beta for CFG).
-
-Sampler: the reverse SDE in its exact-for-Gaussians DDPM discretisation (the ancestral step with
-eta = 1, :func:`guidelab.samplers.base.ancestral_step`) rather than the official Euler-Maruyama,
-whose step ``x + 2 (sigma - sigma_next) / sigma (D - x)`` overshoots for coarse steps; the last step
-returns ``D``. The weight rate is integrated over each step by the trapezoid rule, its end value being
-the next step's start value (no extra NFE), so particles are reweighted and resampled at the start of
-the next step, and after the last. Cost: the guider's NFE per step (CFG: 2 branches in one batched
-call), plus resampling.
-
-Determinism: resampling copies particles, so a sample is *not* a function of its own seed alone.
-Particles are resampled within groups of ``particles`` consecutive samples (default: the whole
-batch). With ``noise=SampleNoise(seeds)`` slot ``i`` always draws from ``seeds[i]`` (whichever
-particle occupies it) and a group's resampling uniforms come from its own seeds, so a group's
-output depends only on its seeds: whole groups are batch-size invariant, single samples are not.
-"""
+"""Feynman-Kac correctors, FKC; the method's documentation is :func:`fkc_sample`'s docstring."""
 
 from __future__ import annotations
 
@@ -36,7 +8,7 @@ import torch
 
 from ..errors import check
 from ..rng import SampleNoise
-from ..samplers.base import Callback, ancestral_step, check_inputs, euler_step, report, resolve_noise, steps
+from ..samplers.base import Callback, ancestral_step, begin_run, check_inputs, euler_step, report, resolve_noise
 from ._base import Guided
 
 
@@ -92,6 +64,35 @@ def fkc_sample(denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, beta: float |
     last step, so the output is unweighted. ``clamp``: clip the centred log-weight increments to
     ``[-clamp, clamp]`` (the official EDM2 code uses 1 or 2; biased, None is exact). ``generator``
     feeds the resampling uniforms when ``noise`` is not a ``SampleNoise``.
+
+    Feynman-Kac correctors, FKC (Skreta et al. 2025, arXiv 2503.02819; methods.md §12).
+
+    CFG's score ``(1 - w) s_u + w s_c`` is the score of ``q_t = p_c,t^w p_u,t^(1-w)`` at every noise
+    level, yet the reverse SDE driven by it does *not* sample ``q_0``: the product of two heat-diffused
+    densities is not the heat-diffused product. Itô/Feynman-Kac give the missing factor (derived for
+    the EDM heat process ``dp/dt = (d sigma^2/dt) Laplace(p) / 2``)::
+
+        d log weight = w (w - 1) sigma |d sigma| |s_c - s_u|^2        (reverse time, |d sigma| > 0)
+
+    (official code ``edm2/generate_images.py::edm_sampler_new``: ``d_a = -w (w - 1) |s_u - s_c|^2 dt sigma``,
+    ``dt < 0``). A batch of weighted particles, resampled (systematic resampling), samples ``q_0`` exactly
+    in the limit of many particles and small steps. The same machinery anneals: ``p^beta`` has score
+    ``beta s`` and weight increment ``beta (beta - 1) sigma |d sigma| |s|^2`` (the product rule with a flat
+    reference, ``D_ref = x``). Weight convention: ``w`` is guidelab's (= the paper's beta for CFG).
+
+    Sampler: the reverse SDE in its exact-for-Gaussians DDPM discretisation (the ancestral step with
+    eta = 1, :func:`guidelab.samplers.base.ancestral_step`) rather than the official Euler-Maruyama,
+    whose step ``x + 2 (sigma - sigma_next) / sigma (D - x)`` overshoots for coarse steps; the last step
+    returns ``D``. The weight rate is integrated over each step by the trapezoid rule, its end value being
+    the next step's start value (no extra NFE), so particles are reweighted and resampled at the start of
+    the next step, and after the last. Cost: the guider's NFE per step (CFG: 2 branches in one batched
+    call), plus resampling.
+
+    Determinism: resampling copies particles, so a sample is *not* a function of its own seed alone.
+    Particles are resampled within groups of ``particles`` consecutive samples (default: the whole
+    batch). With ``noise=SampleNoise(seeds)`` slot ``i`` always draws from ``seeds[i]`` (whichever
+    particle occupies it) and a group's resampling uniforms come from its own seeds, so a group's
+    output depends only on its seeds: whole groups are batch-size invariant, single samples are not.
     """
     if isinstance(denoiser, Guided):
         check(beta is None, "fkc_sample takes either a guider (its w is the exponent) or a denoiser with beta, not both")
@@ -109,6 +110,8 @@ def fkc_sample(denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, beta: float |
     K = B if particles is None else particles
     check(isinstance(K, int) and K >= 1 and B % K == 0,
           f"particles must be an integer dividing the batch {B}, got {particles!r}")
+    guided = isinstance(denoiser, Guided)
+    denoiser, run = begin_run(denoiser, x, sigmas, noise, "fkc_sample", supports=frozenset())
     draw = resolve_noise(noise, x, sigmas)
     seeds = noise.seeds if isinstance(noise, SampleNoise) else None
     cond = cond or {}
@@ -116,17 +119,18 @@ def fkc_sample(denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, beta: float |
     log_w = torch.zeros(B, dtype=torch.float64, device=x.device)
 
     def uniform(group: int, i: int) -> float:
-        if seeds is not None:     # from the group's own seeds only (see the module docstring)
+        if seeds is not None:     # from the group's own seeds only (see below)
             key = hash((tuple(seeds[group * K:(group + 1) * K]), i, 0x464B43)) & 0x7FFF_FFFF_FFFF_FFFF
             g = torch.Generator().manual_seed(key)
             return float(torch.rand((), generator=g, dtype=torch.float64))
         return float(torch.rand((), generator=generator, dtype=torch.float64))
 
     c_prev = None
-    for i in steps(sigmas, progress, "fkc"):
+    for i in run.steps(progress, "fkc"):
         sigma, sigma_next = sig[i], sig[i + 1]
         s_vec = torch.full((B,), sigma, dtype=x.dtype, device=x.device)
-        if isinstance(denoiser, Guided):
+        run.evaluations += 1
+        if guided:
             D_main, D_ref = denoiser.branches(x, s_vec, cond)
             D = D_ref.lerp(D_main, w)                        # score (1 - w) s_ref + w s_main
         else:

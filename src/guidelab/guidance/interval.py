@@ -1,38 +1,28 @@
-"""Limited-interval guidance (Kynkäänniemi et al., NeurIPS 2024, arXiv 2404.07724).
-
-``D = guided(x; sigma)`` for ``sigma in (sigma_lo, sigma_hi]``, else the guider's unguided main branch
-(1 NFE), as in the paper (Sec. 4): guidance at high noise levels costs variation, at low ones it does
-little. Works with any guider that has an ``unguided`` branch (cfg, autoguidance, icg, tsg, apg, ...).
-
-Per-sample sigma: the gate is per sample; a batch whose samples fall on both sides is split into two
-calls (inside: the guider; outside: one evaluation). Samplers pass one sigma per step, so no split
-happens there and the cost is exactly 2 NFE per evaluation inside, 1 outside.
-
-The official code gates by step indices ``[start, stop]`` of the 32-step EDM Heun schedule (both Heun
-evaluations of a step share the gate); a sigma gate differs only at the two boundary evaluations.
-EDM2-XXL FID-optimal: steps [17, 22], w = 2.0, i.e. sigma in (0.28, 1.61] (methods.md §5).
-"""
+"""Limited-interval guidance; the method's documentation is :func:`interval`'s docstring."""
 
 from __future__ import annotations
+
+import copy
 
 import torch
 
 from ..errors import check
-from ._base import unguided_of
+from .protocols import Guider, Run
 
 
 def _take(cond: dict, m: torch.Tensor, B: int) -> dict:
     return {k: v[m] if isinstance(v, torch.Tensor) and v.ndim >= 1 and v.shape[0] == B else v for k, v in cond.items()}
 
 
-class Interval:
-    """``guider`` inside (sigma_lo, sigma_hi], its unguided main branch outside."""
+class Interval(Guider):
+    """``guider`` inside (sigma_lo, sigma_hi], its unguided main branch outside; see :func:`interval`."""
 
-    def __init__(self, guider, sigma_lo: float, sigma_hi: float):
+    def __init__(self, guider: Guider, sigma_lo: float, sigma_hi: float):
+        check(isinstance(guider, Guider), f"interval needs a guider with an unguided branch (cfg, autoguidance, icg, "
+              f"tsg, apg, ...), got {type(guider).__name__}")
         check(0 <= sigma_lo < sigma_hi, f"need 0 <= sigma_lo < sigma_hi, got sigma_lo={sigma_lo}, sigma_hi={sigma_hi}")
         self.guider, self.sigma_lo, self.sigma_hi = guider, float(sigma_lo), float(sigma_hi)
-        self.unguided = unguided_of(guider, "interval")
-        self.name = f"interval[{getattr(guider, 'name', type(guider).__name__)}]"
+        self.name, self.requires = f"interval[{guider.name}]", guider.requires
 
     def _run(self, inside_fn, outside_fn, x, sigma, cond):
         inside = (sigma > self.sigma_lo) & (sigma <= self.sigma_hi)
@@ -53,27 +43,44 @@ class Interval:
         return out
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
-        return self._run(self.guider, self.unguided, x, sigma, cond)
+        return self._run(self.guider, self.guider.unguided, x, sigma, cond)
 
-    def denoise_pair(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> tuple[torch.Tensor, torch.Tensor]:
-        """(D_data, D_renoise) for samplers (CFG++ inside an interval); ``(D, D)`` outside."""
-        inner = getattr(self.guider, "denoise_pair", None)
+    def unguided(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
+        return self.guider.unguided(x, sigma, **cond)
 
-        def inside(x, sigma, **c):
-            if inner is not None:
-                return inner(x, sigma, **c)
-            D = self.guider(x, sigma, **c)
-            return D, D
-
+    def pair(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> tuple[torch.Tensor, torch.Tensor]:
+        """The guider's (D_data, D_renoise) inside (CFG++ inside an interval); ``(D, D)`` outside."""
         def outside(x, sigma, **c):
-            D = self.unguided(x, sigma, **c)
+            D = self.guider.unguided(x, sigma, **c)
             return D, D
-        return self._run(inside, outside, x, sigma, cond)
+        return self._run(self.guider.pair, outside, x, sigma, cond)
+
+    def start(self, run: Run) -> "Interval":
+        bound = self.guider.start(run)
+        if bound is self.guider:
+            return self
+        new = copy.copy(self)
+        new.guider = bound
+        return new
 
     def __repr__(self) -> str:
         return f"{self.name}(({self.sigma_lo:g}, {self.sigma_hi:g}])"
 
 
-def interval(guider, sigma_lo: float, sigma_hi: float) -> Interval:
-    """Apply ``guider`` only for ``sigma_lo < sigma <= sigma_hi``; one evaluation elsewhere."""
+def interval(guider: Guider, sigma_lo: float, sigma_hi: float) -> Interval:
+    """Limited-interval guidance (Kynkäänniemi et al., NeurIPS 2024, arXiv 2404.07724).
+
+    ``D = guider(x; sigma)`` for ``sigma in (sigma_lo, sigma_hi]``, else the guider's unguided main branch
+    (1 NFE), as in the paper (Sec. 4): guidance at high noise levels costs variation, at low ones it does
+    little. Works with any :class:`~guidelab.guidance.Guider` (cfg, autoguidance, icg, tsg, apg, cfgpp, ...);
+    it requires what ``guider`` requires.
+
+    Per-sample sigma: the gate is per sample; a batch whose samples fall on both sides is split into two
+    calls (inside: the guider; outside: one evaluation). Samplers pass one sigma per step, so no split
+    happens there and the cost is exactly 2 NFE per evaluation inside, 1 outside.
+
+    The official code gates by step indices ``[start, stop]`` of the 32-step EDM Heun schedule (both Heun
+    evaluations of a step share the gate); a sigma gate differs only at the two boundary evaluations.
+    EDM2-XXL FID-optimal: steps [17, 22], w = 2.0, i.e. sigma in (0.28, 1.61] (methods.md §5).
+    """
     return Interval(guider, sigma_lo, sigma_hi)

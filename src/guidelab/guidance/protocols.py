@@ -56,7 +56,7 @@ class Run:
         self.batch = int(x.shape[0])
         self.seeds = None if seeds is None else [int(s) for s in seeds]
         check(self.seeds is None or len(self.seeds) == self.batch,
-              f"the run has {None if self.seeds is None else len(self.seeds)} seeds but the batch has {self.batch} samples")
+              f"x has batch {self.batch} but the run has {None if self.seeds is None else len(self.seeds)} seeds")
         self.step = 0
         self.evaluations = 0
         self._state: dict[int, tuple[object, Any]] = {}

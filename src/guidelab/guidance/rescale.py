@@ -1,16 +1,4 @@
-"""Guidance rescale (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed",
-WACV 2024, Sec. 3.4, eqs. 15-17).
-
-With ``y`` the prediction in the chosen space (paper: the v-prediction of their model)::
-
-    y_cfg = y_u + w (y_c - y_u)                      (eq. 15, CFG)
-    y_re  = y_cfg * std(y_c) / std(y_cfg)            (eq. 16, match the conditional's std)
-    y     = phi y_re + (1 - phi) y_cfg               (eq. 17)
-
-std over all non-batch dims, per sample. Weight ``w`` as in :func:`cfg` (``w = 1``: no guidance;
-the paper and diffusers' ``guidance_scale`` use the same ``w``; ``guidance_rescale`` is ``phi``).
-``phi = 0`` is plain CFG; the paper recommends ``phi = 0.7``.
-"""
+"""Guidance rescale; the method's documentation is :func:`rescale`'s docstring."""
 
 from __future__ import annotations
 
@@ -25,14 +13,24 @@ def _std(y: torch.Tensor) -> torch.Tensor:
 
 
 def rescale(guider: Guided, phi: float = 0.7, *, space: str = "v") -> Guided:
-    """``guider`` (cfg, autoguidance, icg, tsg) with its result's std rescaled to the main branch's.
+    """Guidance rescale (Lin et al. 2024, "Common Diffusion Noise Schedules and Sample Steps are Flawed",
+    WACV 2024, arXiv 2305.08891, Sec. 3.4, eqs. 15-17) of ``guider`` (cfg, autoguidance, icg, tsg); same branches and cost.
 
-    ``space``: ``"v"`` (paper; ComfyUI also rescales v), ``"eps"`` (diffusers rescales its model
-    output, eps for eps-models) or ``"x0"``.
+    With ``y`` the prediction in the chosen space (paper: the v-prediction of their model)::
+
+        y_cfg = y_u + w (y_c - y_u)                      (eq. 15, CFG)
+        y_re  = y_cfg * std(y_c) / std(y_cfg)            (eq. 16, match the conditional's std)
+        y     = phi y_re + (1 - phi) y_cfg               (eq. 17)
+
+    std over all non-batch dims, per sample. Weight ``w`` as in :func:`~guidelab.guidance.cfg` (``w = 1``:
+    no guidance; the paper and diffusers' ``guidance_scale`` use the same ``w``; ``guidance_rescale`` is
+    ``phi``). ``phi = 0`` is plain CFG; the paper recommends ``phi = 0.7``. ``space``: ``"v"`` (paper;
+    ComfyUI also rescales v), ``"eps"`` (diffusers rescales its model output, eps for eps-models) or
+    ``"x0"``. CFG++ (``cfgpp``) is refused: rescale rewrites the output CFG++'s renoise step relies on.
     """
     check_space(space)
 
-    def rule(D, D_ref, w, x, sigma):
+    def rule(D, D_ref, w, x, sigma, run):
         y_c, y_u = to_space(D, x, sigma, space), to_space(D_ref, x, sigma, space)
         y_cfg = y_u.lerp(y_c, w)                                   # eq. 15
         y_re = y_cfg * (_std(y_c) / _std(y_cfg))                   # eq. 16

@@ -10,12 +10,15 @@ with floats and return standard normal noise shaped like ``x``.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 
 from ..errors import GuidelabError, check
+from ..guidance.protocols import Guider, Run
 from ..rng import NoiseSampler, SampleNoise, global_noise
+from .catalog import INFO, supporting
+from .noise import BrownianNoise
 
 Callback = Callable[[dict[str, Any]], None]
 #: ``step(evaluate, x, D, sigma, sigma_next) -> x_next``: one deterministic step from sigma to sigma_next
@@ -44,7 +47,7 @@ def resolve_noise(noise, x: torch.Tensor, sigmas: torch.Tensor | None = None) ->
         return global_noise(x)
     if isinstance(noise, SampleNoise):
         return noise.sampler(x)
-    if hasattr(noise, "tree_sampler"):
+    if isinstance(noise, BrownianNoise):
         return noise.tree_sampler(x, float(sigmas[0]) if sigmas is not None else None)
     if not callable(noise):
         raise GuidelabError(f"noise must be None, a SampleNoise, a BrownianNoise or a callable (sigma, sigma_next) -> tensor, "
@@ -52,42 +55,68 @@ def resolve_noise(noise, x: torch.Tensor, sigmas: torch.Tensor | None = None) ->
     return noise
 
 
-def evaluator(denoiser, x: torch.Tensor, cond: dict | None) -> Callable[[torch.Tensor, float], torch.Tensor]:
-    """``evaluate(x, s)``: the denoiser at float noise level ``s``, broadcast to the per-sample [batch] shape."""
+def check_support(denoiser, sampler: str, supports: frozenset[str] | None = None) -> None:
+    """Refuse a guider whose ``requires`` the sampler does not support (plain denoisers require nothing).
+
+    ``supports`` defaults to ``catalog.INFO[sampler].supports`` (sampler-like methods pass their own).
+    """
+    if not isinstance(denoiser, Guider):
+        check(callable(denoiser), f"{sampler} needs a denoiser D(x, sigma, **cond), got {type(denoiser).__name__}")
+        return
+    supports = INFO[sampler].supports if supports is None else supports
+    missing = denoiser.requires - supports
+    if missing:
+        need = " and ".join(f"the {f} step" for f in sorted(missing))
+        raise GuidelabError(f"{denoiser.name} needs a sampler with {need}: "
+                            f"{', '.join(supporting(denoiser.requires)) or 'none'}; got {sampler}")
+
+
+def noise_seeds(noise) -> list[int] | None:
+    """The per-sample seeds of a ``SampleNoise`` / ``BrownianNoise`` (None for other noise)."""
+    return noise.seeds if isinstance(noise, (SampleNoise, BrownianNoise)) else None
+
+
+def begin_run(denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise, sampler: str,
+              supports: frozenset[str] | None = None):
+    """Start one sampling run: check the guider's ``requires`` (:func:`check_support`), create the
+    :class:`~guidelab.guidance.protocols.Run` (seeds from a ``SampleNoise`` / ``BrownianNoise``) and bind
+    the guider to it. Returns ``(denoiser, run)``; the loop iterates ``run.steps(...)``."""
+    check_support(denoiser, sampler, supports)
+    run = Run(x, sigmas, noise_seeds(noise))
+    return (denoiser.start(run) if isinstance(denoiser, Guider) else denoiser), run
+
+
+def evaluator(denoiser, x: torch.Tensor, cond: dict | None, run: Run) -> Callable[[torch.Tensor, float], torch.Tensor]:
+    """``evaluate(x, s)``: the denoiser at float noise level ``s``, broadcast to the per-sample [batch] shape;
+    counts ``run.evaluations``."""
     cond = cond or {}
     batch, dtype, device = x.shape[0], x.dtype, x.device
-    return lambda x_, s: denoiser(x_, torch.full((batch,), s, dtype=dtype, device=device), **cond)
+
+    def evaluate(x_, s):
+        run.evaluations += 1
+        return denoiser(x_, torch.full((batch,), s, dtype=dtype, device=device), **cond)
+    return evaluate
 
 
-def pair_evaluator(denoiser, x: torch.Tensor, cond: dict | None, enabled: bool = True):
-    """``evaluate_pair(x, s) -> (D_data, D_renoise)`` for samplers that take their direction/history terms
-    from a separate renoise prediction (CFG++: ``guidance.cfgpp`` hands ``(D_lam, D_u)`` through its
-    ``denoise_pair``). Any other denoiser (or ``enabled=False``) gives ``(D, D)``, the same tensor twice."""
-    fn = getattr(denoiser, "denoise_pair", None) if enabled else None
-    if fn is None:
-        evaluate = evaluator(denoiser, x, cond)
+def pair_evaluator(denoiser, x: torch.Tensor, cond: dict | None, run: Run):
+    """``evaluate_pair(x, s) -> (D_data, D_renoise)`` for samplers with the renoise step (``"renoise"`` in
+    their ``supports``): :meth:`Guider.pair` of a guider that requires it (CFG++: ``(D_lam, D_u)``), else
+    ``(D, D)``, the same tensor twice."""
+    if isinstance(denoiser, Guider) and "renoise" in denoiser.requires:
+        return evaluator(denoiser.pair, x, cond, run)
+    evaluate = evaluator(denoiser, x, cond, run)
 
-        def pair(x_, s):
-            D = evaluate(x_, s)
-            return D, D
-        return pair
-    return evaluator(fn, x, cond)
-
-
-def renoised(x_next: torch.Tensor, D: torch.Tensor, D_r: torch.Tensor) -> torch.Tensor:
-    """A step taken with ``D_r`` in every term, corrected so its data term is ``D`` (CFG++); no-op if D_r is D.
-
-    For Euler/DDIM ``x + (s' - s)/s (x - D_r) + (D - D_r) = D + s'/s (x - D_r)`` (CFG++, methods.md §4).
-    """
-    return x_next if D_r is D else x_next + (D - D_r)
+    def pair(x_, s):
+        D = evaluate(x_, s)
+        return D, D
+    return pair
 
 
-def steps(sigmas: torch.Tensor, progress: bool, desc: str) -> Iterator[int]:
-    n = len(sigmas) - 1
-    if progress:
-        from tqdm.auto import trange
-        return iter(trange(n, desc=desc, leave=False))
-    return iter(range(n))
+def shifted(x: torch.Tensor, D: torch.Tensor, D_r: torch.Tensor) -> torch.Tensor:
+    """The renoise step (CFG++): a step from ``x + (D - D_r)`` with data term ``D`` uses ``D_r`` in its
+    direction terms; ``x`` itself when D_r is D. Euler: ``D + (s'/s)(x + D - D_r - D) = D + (s'/s)(x - D_r)``
+    (CFG++, methods.md §4); DPM++(2S) as ComfyUI's ``sample_dpmpp_2s_ancestral_cfg_pp``."""
+    return x if D_r is D else x + (D - D_r)
 
 
 def report(callback: Callback | None, x, i: int, sigmas: torch.Tensor, sigma_hat: float, D) -> None:
@@ -169,18 +198,22 @@ def dpmpp_2s_step(evaluate, x, D, sigma: float, sigma_next: float):
 @torch.no_grad()
 def churn_loop(denoiser, x, sigmas, step: Step, *, name: str, cond, callback, progress,
                s_churn: float, s_tmin: float, s_tmax: float, s_noise: float, noise):
-    """EDM Algorithm 2 with any ``step``: churn to sigma_hat, then a deterministic step to sigma_next."""
+    """EDM Algorithm 2 with any ``step``: churn to sigma_hat, then a deterministic step to sigma_next.
+
+    The renoise step (CFG++, where ``name`` supports it): the step starts from :func:`shifted`.
+    """
     sigmas = check_inputs(x, sigmas)
+    denoiser, run = begin_run(denoiser, x, sigmas, noise, name)
     noise = resolve_noise(noise, x, sigmas) if s_churn > 0 else None
-    evaluate = evaluator(denoiser, x, cond)
-    evaluate_pair = pair_evaluator(denoiser, x, cond, enabled=step is euler_step)   # CFG++ renoise (Euler)
+    evaluate = evaluator(denoiser, x, cond, run)
+    evaluate_pair = pair_evaluator(denoiser, x, cond, run)
     sig = sigmas.tolist()
     n = len(sig) - 1
-    for i in steps(sigmas, progress, name):
+    for i in run.steps(progress, name):
         x, sigma_hat = churn(x, sig[i], n, noise, sig[i + 1], s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise)
         D, D_r = evaluate_pair(x, sigma_hat)
         report(callback, x, i, sigmas, sigma_hat, D)
-        x = renoised(step(evaluate, x, D_r, sigma_hat, sig[i + 1]), D, D_r)
+        x = step(evaluate, shifted(x, D, D_r), D, sigma_hat, sig[i + 1])
     return x
 
 
@@ -190,20 +223,22 @@ def ancestral_loop(denoiser, x, sigmas, step: Step, *, name: str, cond, callback
     """Ancestral sampling: a deterministic ``step`` to sigma_down, then fresh noise of std sigma_up.
 
     ``split(sigma, sigma_next) -> (sigma_down, sigma_up)`` defaults to :func:`ancestral_step` with ``eta``.
+    The renoise step (CFG++, where ``name`` supports it): the step starts from :func:`shifted`.
     """
     sigmas = check_inputs(x, sigmas)
     check(eta >= 0, f"eta must be >= 0, got {eta}")
+    denoiser, run = begin_run(denoiser, x, sigmas, noise, name)
     split = split or (lambda s, s_next: ancestral_step(s, s_next, eta))
     noise = resolve_noise(noise, x, sigmas)
-    evaluate = evaluator(denoiser, x, cond)
-    evaluate_pair = pair_evaluator(denoiser, x, cond, enabled=step is euler_step)   # CFG++ renoise (Euler a, DDIM)
+    evaluate = evaluator(denoiser, x, cond, run)
+    evaluate_pair = pair_evaluator(denoiser, x, cond, run)
     sig = sigmas.tolist()
-    for i in steps(sigmas, progress, name):
+    for i in run.steps(progress, name):
         sigma, sigma_next = sig[i], sig[i + 1]
         D, D_r = evaluate_pair(x, sigma)
         report(callback, x, i, sigmas, sigma, D)
         sigma_down, sigma_up = split(sigma, sigma_next)
-        x = renoised(step(evaluate, x, D_r, sigma, sigma_down), D, D_r)
+        x = step(evaluate, shifted(x, D, D_r), D, sigma, sigma_down)
         if sigma_next > 0 and sigma_up > 0:
             x = x + noise(sigma, sigma_next) * (s_noise * sigma_up)   # (guidance.fkc relies on this exact form)
     return x

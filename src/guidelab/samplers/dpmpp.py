@@ -13,14 +13,19 @@ import math
 import torch
 
 from ..errors import check
-from .base import (Callback, ancestral_loop, check_inputs, dpmpp_2s_step, pair_evaluator, renoised, report,
-                      resolve_noise, steps)
+from .base import (Callback, ancestral_loop, begin_run, check_inputs, dpmpp_2s_step, pair_evaluator, report,
+                   resolve_noise, shifted)
 
 
 def dpmpp_2s_ancestral(denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, cond: dict | None = None,
                        callback: Callback | None = None, progress: bool = False, eta: float = 1.0,
                        s_noise: float = 1.0, noise=None) -> torch.Tensor:
-    """DPM-Solver++(2S) single-step to sigma_down, then ancestral noise (2 NFE per step, 1 on the last)."""
+    """DPM-Solver++(2S) single-step to sigma_down, then ancestral noise (2 NFE per step, 1 on the last).
+
+    With CFG++ (``guidance.cfgpp``, the renoise step) as ComfyUI's ``sample_dpmpp_2s_ancestral_cfg_pp``:
+    both sub-steps start from ``x + (D_lam - D_u)`` with data terms ``D_lam`` (at sigma) and the guided
+    midpoint ``D_lam(x_mid)``, so ``x_mid = D_lam + (s_mid / sigma)(x - D_u)``.
+    """
     return ancestral_loop(denoiser, x, sigmas, dpmpp_2s_step, name="dpmpp_2s_ancestral", cond=cond, callback=callback,
                           progress=progress, eta=eta, s_noise=s_noise, noise=noise)
 
@@ -36,12 +41,13 @@ def _multistep(denoiser, x, sigmas, *, name, order, eta, s_noise, noise, solver_
     """
     sigmas = check_inputs(x, sigmas)
     check(eta >= 0, f"eta must be >= 0, got {eta}")
+    denoiser, run = begin_run(denoiser, x, sigmas, noise, name)
     noise = resolve_noise(noise, x, sigmas) if eta > 0 else None
-    # CFG++ (2M ODE only): data term from D = D_lam, the e^{-h} and history terms from D_r = D_u.
-    evaluate_pair = pair_evaluator(denoiser, x, cond, enabled=order == 2 and eta == 0)
+    # CFG++ (where name supports it: 2M): data term from D = D_lam, the e^{-h} and history terms from D_r = D_u.
+    evaluate_pair = pair_evaluator(denoiser, x, cond, run)
     sig = sigmas.tolist()
     D_1 = h_1 = h_2 = delta_1 = None                             # history: previous D, D_1 - D_2, step sizes
-    for i in steps(sigmas, progress, name):
+    for i in run.steps(progress, name):
         sigma, sigma_next = sig[i], sig[i + 1]
         D, D_r = evaluate_pair(x, sigma)
         report(callback, x, i, sigmas, sigma, D)
@@ -51,7 +57,7 @@ def _multistep(denoiser, x, sigmas, *, name, order, eta, s_noise, noise, solver_
         h = math.log(sigma) - math.log(sigma_next)
         h_eta = h * (1 + eta)
         phi_1 = -math.expm1(-h_eta)                              # 1 - e^{-h_eta}; (sigma_next/sigma) e^{-eta h} = 1 - phi_1
-        x = renoised(torch.lerp(D_r, x, 1 - phi_1), D, D_r)     # first order: (1 - phi_1) x + phi_1 D
+        x = torch.lerp(D, shifted(x, D, D_r), 1 - phi_1)        # first order: (1 - phi_1) x + phi_1 D
         delta = None if D_1 is None else D - D_1
         phi_2 = -phi_1 / h_eta + 1
         if order >= 3 and h_2 is not None:                       # 3rd order from 2nd divided differences:

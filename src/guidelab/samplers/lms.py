@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import check
-from .base import Callback, check_inputs, evaluator, report, steps
+from .base import Callback, begin_run, check_inputs, evaluator, report
 
 
 def lms_coefficients(nodes: list[float], a: float, b: float) -> list[float]:
@@ -33,13 +33,14 @@ def lms(denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, cond: dict | None = 
     Lower orders while the history fills up. Deterministic: ``noise`` is accepted and not used."""
     check(isinstance(order, int) and 1 <= order <= 8, f"order must be an integer in 1..8, got {order!r}")
     sigmas = check_inputs(x, sigmas)
-    evaluate = evaluator(denoiser, x, cond)
+    denoiser, run = begin_run(denoiser, x, sigmas, noise, "lms")
+    evaluate = evaluator(denoiser, x, cond, run)
     sig = sigmas.tolist()
     # c_ij / sigma_{i-j}: the update is x + sum_j c_ij (x_{i-j} - D_{i-j}) / sigma_{i-j} (d = (x - D) / sigma)
     coeffs = [[c / sig[i - j] for j, c in enumerate(lms_coefficients(sig[max(i - order + 1, 0):i + 1][::-1], sig[i], sig[i + 1]))]
               for i in range(len(sig) - 1)]
     es: list[torch.Tensor] = []
-    for i in steps(sigmas, progress, "lms"):
+    for i in run.steps(progress, "lms"):
         D = evaluate(x, sig[i])
         report(callback, x, i, sigmas, sig[i], D)
         es = ([x - D] + es)[:order]                              # newest first: e_i, e_{i-1}, ...

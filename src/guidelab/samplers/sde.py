@@ -8,7 +8,8 @@ import math
 import torch
 
 from ..errors import GuidelabError, check
-from .base import Callback, check_inputs, evaluator, report, resolve_noise, steps
+from .base import Callback, begin_run, check_inputs, evaluator, report, resolve_noise
+from .noise import BrownianNoise
 
 
 @torch.no_grad()
@@ -26,14 +27,15 @@ def score_sde_pc(denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, cond: dict 
     """
     check(isinstance(corrector_steps, int) and corrector_steps >= 0, f"corrector_steps must be an integer >= 0, got {corrector_steps!r}")
     check(snr >= 0, f"snr must be >= 0, got {snr}")
-    if hasattr(noise, "tree_sampler"):
+    if isinstance(noise, BrownianNoise):
         raise GuidelabError("score_sde_pc draws Langevin noise that belongs to no time interval: use SampleNoise or a noise "
                             "sampler, not BrownianNoise")
     sigmas = check_inputs(x, sigmas)
+    denoiser, run = begin_run(denoiser, x, sigmas, noise, "score_sde_pc")
     noise = resolve_noise(noise, x, sigmas)
-    evaluate = evaluator(denoiser, x, cond)
+    evaluate = evaluator(denoiser, x, cond, run)
     sig = sigmas.tolist()
-    for i in steps(sigmas, progress, "score_sde_pc"):
+    for i in run.steps(progress, "score_sde_pc"):
         sigma, sigma_next = sig[i], sig[i + 1]
         eps = 2 * (snr * sigma) ** 2                             # Langevin step size
         for _ in range(corrector_steps):

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..errors import check
-from .base import Callback, check_inputs, evaluator, report, steps
+from .base import Callback, begin_run, check_inputs, evaluator, report
 
 
 def _step(x, sig: list[float], i: int, hist: list[torch.Tensor], p: int, variant: str, D_next=None):
@@ -62,12 +62,13 @@ def unipc(denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, cond: dict | None 
     check(order in (1, 2, 3), f"order must be 1, 2 or 3, got {order!r}")
     check(variant in ("bh1", "bh2"), f"variant must be 'bh1' or 'bh2', got {variant!r}")
     sigmas = check_inputs(x, sigmas)
-    evaluate = evaluator(denoiser, x, cond)
+    denoiser, run = begin_run(denoiser, x, sigmas, noise, "unipc")
+    evaluate = evaluator(denoiser, x, cond, run)
     sig = sigmas.tolist()
     n = len(sig) - 1
     hist: list[torch.Tensor] = []                              # D_i, D_{i-1}, ... newest first
     x_last = p_last = None
-    for i in steps(sigmas, progress, "unipc"):
+    for i in run.steps(progress, "unipc"):
         sigma, sigma_next = sig[i], sig[i + 1]
         D = evaluate(x, sigma)
         if corrector and x_last is not None:                   # UniC-p_last: redo step i-1 -> i with D_i

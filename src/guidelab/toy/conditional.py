@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from ..errors import as_sigma, check
+from ..guidance.protocols import Condition
 from .mixture import GaussianMixture
 from .tree import _components, tree
 
@@ -24,6 +25,7 @@ class ConditionalTree:
     classes = ("A", "B", "AB")
     num_classes = 2    # real classes; label 2 is the null label
     null_label = 2
+    condition = Condition("label", {"label": 2}, 2)      # read by guidance.cfg / icg
 
     def __init__(self, *, leak: float = 0.0, dtype: torch.dtype = torch.float32):
         check(0 <= leak < 0.5, f"leak must be in [0, 0.5), got {leak!r}")
