@@ -91,7 +91,7 @@ def _sample_options(f):
     """Options shared by ``sample`` and ``sweep``: what to sample (--world, --model) and how."""
     f = _how_options(f)
     f = click.option("--model", type=click.Path(), default=None,
-                     help="Model: a checkpoint (.safetensors) or a training run folder (post-hoc EMA).")(f)
+                     help="Model: a checkpoint (.safetensors, or an NVlabs EDM2 .pkl) or a training run folder (post-hoc EMA).")(f)
     return click.option("--world", default=None, help="Exact tree to sample: A, B or AB (default A when no --model).")(f)
 
 
@@ -152,15 +152,33 @@ def _interval(text, flag: str = "--interval"):
 @click.option("--weight", "w", type=float, default=1.0, help="Guidance weight (1 = no guidance).")
 @click.option("--interval", default=None, help="Guide only for sigma in (lo, hi], given as lo-hi (e.g. 1e-3-5).")
 @click.option("--png", is_flag=True, help="Image models: also one PNG per sample, OUT/png/<seed>.png.")
+@click.option("--preset", default=None, help="An EDM2 preset (docs/EDM2.md; its networks, guider, weight, interval) "
+                                             "from --models DIR; options given here override it.")
+@click.option("--models", type=click.Path(file_okay=False), default=None, help="--preset: the folder of its .pkl / .safetensors files.")
+@click.option("--vae", type=click.Path(file_okay=False), default=None,
+              help="Latent models (EDM2 img512): decode the samples through this local diffusers AutoencoderKL folder "
+                   "into OUT/png/<seed>.png.")
 @_sample_options
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def sample_cmd(out, n, seed_start, shard_size, guider, w, interval, png, world, model, quiet, **kw) -> None:
+def sample_cmd(out, n, seed_start, shard_size, guider, w, interval, png, preset, models, vae, world, model, quiet, **kw) -> None:
     """Sample into OUT/shard-*.npz with per-sample seeds; resumable; splits shards over torchrun ranks."""
     from . import jobs
-    cfg = _config(world, model, guider=guider, w=w, interval=_interval(interval), **kw)
-    paths = jobs.sample(out, cfg, n=n, seed_start=seed_start, shard_size=shard_size, progress=not quiet, png=png)
+    interval = _interval(interval)
+    if preset is not None:
+        from .edm2 import preset_settings
+        ctx = click.get_current_context()
+        explicit = {k for k in ("guider", "w", "interval", "guide", "label")
+                    if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}
+        set_ = preset_settings(preset, models, dict(model=model, guider=guider, w=w, interval=interval, **kw), explicit)
+        model, guider, w, interval = set_.pop("model"), set_.pop("guider"), set_.pop("w"), set_.pop("interval")
+        kw.update(set_)
+    cfg = _config(world, model, guider=guider, w=w, interval=interval, **kw)
+    paths = jobs.sample(out, cfg, n=n, seed_start=seed_start, shard_size=shard_size, progress=not quiet, png=png and not vae)
     if int(os.environ.get("RANK", "0")) == 0:
         click.echo(f"wrote {len(paths)} shards ({n} samples) to {out}")
+        if vae is not None:
+            from .edm2 import decode_pngs
+            click.echo(f"decoded {decode_pngs(out, vae)} images to {out}/png")
 
 
 def _floats(text: str) -> list[float]:
@@ -350,6 +368,16 @@ def classifier_cmd(out, noise_aware, steps, seed, threads) -> None:
         sigma = torch.full((len(test.labels),), 0.002) if noise_aware else None
         acc = (clf(test.images, sigma).argmax(1) == test.labels).float().mean().item()
     click.echo(f"{out}: test-split accuracy {acc:.3f}")
+
+
+@main.command("convert-edm2")
+@click.argument("pkl", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="The .safetensors checkpoint to write.")
+@click.option("--key", default="ema", help="The pickle's entry holding the network.")
+def convert_edm2_cmd(pkl, out, key) -> None:
+    """Convert an NVlabs EDM2 network pickle (read without running any code from it) to safetensors."""
+    from .edm2 import convert
+    click.echo(f"wrote {convert(pkl, out, key)}")
 
 
 @main.command("phema")

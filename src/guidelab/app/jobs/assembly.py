@@ -167,7 +167,7 @@ class Sampling:
         cond = {}
         labels = self.labels(seeds)
         if labels is not None and (not self.cfg.unconditional or self.cfg.guider == "classifier"):
-            cond["label"] = labels.to(self.device)
+            cond[getattr(getattr(self.net, "condition", None), "key", "label")] = labels.to(self.device)  # EDM2: class_labels
         kw = {"noise": noise} if samplers.info(self.sampler).stochastic else {}
         nets = [n for n in (self.main, self.guide) if n is not None]
         for n in nets:
