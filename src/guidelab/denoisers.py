@@ -7,13 +7,16 @@ Notation (EDM, Karras et al. 2022): ``x = x0 + sigma * n``. The other parameteri
 * v      (VP, ``z = x / sqrt(1 + sigma**2)``)     -> ``D = x / (1 + sigma**2) - sigma / sqrt(1 + sigma**2) * v``
 
 The adapters below wrap a model of one parameterisation into a denoiser; ``to_*`` go the other way.
+``Condition`` (what a conditional denoiser declares) and ``Guider`` (a denoiser built out of denoisers)
+are the declared interfaces guiders and samplers read (also exported as ``guidance.Condition`` / ``Guider``).
 ``EDMPrecond`` holds the EDM preconditioning (Table 1 of EDM) used by network forward *and* the loss.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Protocol
+import abc
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Protocol
 
 import torch
 
@@ -22,6 +25,47 @@ from .errors import check
 
 class Denoiser(Protocol):
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class Condition:
+    """The conditioning a denoiser takes: ``D(x, sigma, **{key: value})``.
+
+    ``null``: the overrides that make the unconditional (reference) branch, e.g. ``{"label": 10}``;
+    ``num_classes``: the number of class labels (ICG draws uniform labels), None for a continuous embedding.
+    """
+
+    key: str
+    null: Mapping[str, Any] = field(default_factory=dict)
+    num_classes: int | None = None
+
+
+class Guider(abc.ABC):
+    """A denoiser built out of denoisers (``w = 1``: no guidance).
+
+    ``name``: for messages and reprs; ``requires``: sampler features it needs (``{"renoise"}`` for CFG++).
+    ``unguided`` is the main branch alone (1 NFE; guidance intervals use it). ``start(run)`` returns the
+    guider bound to one sampling run (a :class:`guidelab.samplers.run.Run`; samplers call it once per run;
+    default: the guider itself).
+    ``pair`` is ``(D_data, D_renoise)`` for samplers with the renoise step; ``(D, D)`` unless a guider
+    requires ``"renoise"``.
+    """
+
+    name: str = "guider"
+    requires: frozenset[str] = frozenset()
+
+    @abc.abstractmethod
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor: ...
+
+    @abc.abstractmethod
+    def unguided(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor: ...
+
+    def start(self, run: Any) -> "Guider":
+        return self
+
+    def pair(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> tuple[torch.Tensor, torch.Tensor]:
+        D = self(x, sigma, **cond)
+        return D, D
 
 
 def bcast(sigma: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

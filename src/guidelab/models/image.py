@@ -28,9 +28,8 @@ import math
 import torch
 from torch import nn
 
-from ..denoisers import EDMPrecond
+from ..denoisers import Condition, EDMPrecond
 from ..errors import as_sigma, check
-from ..guidance.protocols import Condition
 from ._common import one_hot_label
 from .registry import register
 

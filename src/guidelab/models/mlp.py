@@ -31,9 +31,8 @@ import math
 import torch
 from torch import nn
 
-from ..denoisers import EDMPrecond, bcast
+from ..denoisers import Condition, EDMPrecond, bcast
 from ..errors import as_sigma, check
-from ..guidance.protocols import Condition
 from ._common import one_hot_label
 from .registry import register
 

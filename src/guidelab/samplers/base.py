@@ -14,11 +14,12 @@ from typing import Any, Callable
 
 import torch
 
+from ..denoisers import Guider
 from ..errors import GuidelabError, check
-from ..guidance.protocols import Guider, Run
 from ..rng import NoiseSampler, SampleNoise, global_noise
 from .catalog import INFO, supporting
 from .noise import BrownianNoise
+from .run import Run
 
 Callback = Callable[[dict[str, Any]], None]
 #: ``step(evaluate, x, D, sigma, sigma_next) -> x_next``: one deterministic step from sigma to sigma_next
@@ -79,7 +80,7 @@ def noise_seeds(noise) -> list[int] | None:
 def begin_run(denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise, sampler: str,
               supports: frozenset[str] | None = None):
     """Start one sampling run: check the guider's ``requires`` (:func:`check_support`), create the
-    :class:`~guidelab.guidance.protocols.Run` (seeds from a ``SampleNoise`` / ``BrownianNoise``) and bind
+    :class:`~guidelab.samplers.run.Run` (seeds from a ``SampleNoise`` / ``BrownianNoise``) and bind
     the guider to it. Returns ``(denoiser, run)``; the loop iterates ``run.steps(...)``."""
     check_support(denoiser, sampler, supports)
     run = Run(x, sigmas, noise_seeds(noise))

@@ -1,5 +1,5 @@
 """What each sampler is and supports: NFE per step, order, stochasticity, reference and the sampler
-features (``guidance.protocols``) it implements, e.g. ``"renoise"`` for CFG++."""
+features (``guidance.protocols``: a guider's ``requires``) it implements, e.g. ``"renoise"`` for CFG++."""
 
 from __future__ import annotations
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..denoisers import Condition
 from ..errors import as_sigma, check
-from ..guidance.protocols import Condition
 from .mixture import GaussianMixture
 from .tree import _components, tree
 
