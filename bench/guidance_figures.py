@@ -59,7 +59,7 @@ def rescale(n):
 
 
 def cfg_zero_star(n):
-    return [("CFG w = 8", _heun(G.cfg(LEAKY, 8.0), n)), ("CFG-Zero* w = 8", _heun(G.cfg_zero_star(G.cfg(LEAKY, 8.0)), n)),
+    return [("CFG w = 8", _heun(G.cfg(LEAKY, 8.0), n)), ("CFG-Zero* w = 8", _heun(G.cfg_zero_star(G.cfg(LEAKY, 8.0), zero_steps=0), n)),
             ("CFG-Zero* w = 8, zero-init 1st step", _heun(G.cfg_zero_star(G.cfg(LEAKY, 8.0), zero_init_sigma=float(SIG[0])), n))]
 
 
@@ -80,7 +80,7 @@ def tsg(n):
     return [("ToyMLP unguided", _heun(net, n, label=False)),
             ("TSG vector (dim 32) w = 3, s = 0.3, alpha = 0",
              _heun(G.tsg(net, 3.0, s=0.3, alpha=0.0, dim=net.hidden, seeds=range(n)), n, label=False)),
-            ("TSG scalar c_noise w = 2, s = 0.3, alpha = 0", _heun(G.tsg(net, 2.0, s=0.3, alpha=0.0, seeds=range(n)), n, label=False))]
+            ("TSG scalar c_noise w = 2, s = 0.3, alpha = 0", _heun(G.tsg(net, 2.0, s=0.3, alpha=0.0, form="scalar", seeds=range(n)), n, label=False))]
 
 
 def cfgpp(n):

@@ -39,9 +39,9 @@ CONFIGS = {
     "TSG vector, s 0.3, alpha 0, w 2": lambda net: G.tsg(net, 2.0, s=0.3, alpha=0.0, dim=net.hidden),
     "TSG vector, s 0.5, alpha 0, w 2": lambda net: G.tsg(net, 2.0, s=0.5, alpha=0.0, dim=net.hidden),
     "TSG vector, s 1, alpha 1, w 3": lambda net: G.tsg(net, 3.0, s=1.0, alpha=1.0, dim=net.hidden),
-    "TSG scalar, s 0.3, alpha 0, w 2": lambda net: G.tsg(net, 2.0, s=0.3, alpha=0.0),
-    "TSG scalar, s 1, alpha 0, w 2": lambda net: G.tsg(net, 2.0, s=1.0, alpha=0.0),
-    "TSG scalar, s 0.3, alpha 1, w 2": lambda net: G.tsg(net, 2.0, s=0.3, alpha=1.0),
+    "TSG scalar, s 0.3, alpha 0, w 2": lambda net: G.tsg(net, 2.0, s=0.3, alpha=0.0, form="scalar"),
+    "TSG scalar, s 1, alpha 0, w 2": lambda net: G.tsg(net, 2.0, s=1.0, alpha=0.0, form="scalar"),
+    "TSG scalar, s 0.3, alpha 1, w 2": lambda net: G.tsg(net, 2.0, s=0.3, alpha=1.0, form="scalar"),
     "(not TSG) scalar one-sided s abs(n), s 0.3, w 2": lambda net: one_sided(net, 2.0, 0.3),
 }
 
