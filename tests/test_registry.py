@@ -14,23 +14,15 @@ from guidelab.app import cli, jobs
 from guidelab.errors import GuidelabError
 from guidelab.guidance import registry
 from guidelab.models.digits import DigitsClassifier
-from guidelab.models.image import PixelMLP
 from guidelab.training import save_model
-
-
-def _net(**kw):
-    net = PixelMLP(hidden=16, depth=1, emb=8, **kw)
-    with torch.no_grad():                      # a fresh net may have a zero output layer: perturb all
-        for p in net.parameters():
-            p.add_(0.3 * torch.randn_like(p))
-    return net
+from test_evaluate import _net  # tests/ is on sys.path (rootdir imports): the same tiny PixelMLP
 
 
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
     d = tmp_path_factory.mktemp("reg")
     torch.manual_seed(0)
-    paths = {name: str(save_model(d / f"{name}.safetensors", _net(**kw), **info)) for name, kw, info in [
+    paths = {name: str(save_model(d / f"{name}.safetensors", _net(d / name, **kw), **info)) for name, kw, info in [
         ("cond", dict(num_classes=10), {}), ("guide", dict(num_classes=10), {}),
         ("blind", dict(num_classes=10, noise_cond=False), {}),
         ("gft", dict(num_classes=10, extra_scalar="beta"), {"meta": {"recipe": "gft"}}),
@@ -85,9 +77,9 @@ def test_guiders_command_lists_the_registry():
 
 def test_unmet_needs_are_one_clear_error_each():
     torch.manual_seed(0)
-    plain, blind = _net(), _net(num_classes=10, noise_cond=False)
+    plain, blind = _net("plain"), _net("blind", num_classes=10, noise_cond=False)
     cases = [("cfg", registry.Context(plain), "cfg needs a class-conditional network"),
-             ("autoguidance", registry.Context(_net(num_classes=10)), "autoguidance needs --guide"),
+             ("autoguidance", registry.Context(_net("cond", num_classes=10)), "autoguidance needs --guide"),
              ("icg", registry.Context(plain), "icg needs a conditional network"),
              ("tsg", registry.Context(blind), "tsg needs a network with a noise-level embedding"),
              ("classifier", registry.Context(plain), "classifier needs a noise-aware classifier"),
@@ -95,23 +87,24 @@ def test_unmet_needs_are_one_clear_error_each():
              ("distilled", registry.Context(plain), "distilled student"),
              ("pag", registry.Context(plain), "pag needs a diffusers model"),
              ("apg", registry.Context(plain, options={"base": "autoguidance"}), "apg needs --guide"),
-             ("cfg", registry.Context(_net(num_classes=10, extra_scalar="beta")), "use --guider gft")]
+             ("cfg", registry.Context(_net("gft", num_classes=10, extra_scalar="beta")), "use --guider gft")]
     for name, ctx, msg in cases:
         with pytest.raises(GuidelabError, match=msg) as e:
             registry.build(name, ctx)
         assert "\n" not in str(e.value)
     # two unmet needs: both named, in one line
-    problems = registry.unmet("cfg", registry.Context(_net(extra_scalar="w")))
+    problems = registry.unmet("cfg", registry.Context(_net("student", extra_scalar="w")))
     assert len(problems) == 2 and "null label" in problems[0] and "extra scalar" in problems[1]
 
 
 def test_options_are_typed_and_checked():
-    assert registry.parse_options("tsg", ["s=0.3", "alpha=0", "dim=16"]) == {"s": 0.3, "alpha": 0.0, "dim": 16}
+    assert registry.parse_options("tsg", ["s=0.3", "alpha=0", "dim=16", "form=scalar"]) == {"s": 0.3, "alpha": 0.0,
+                                                                                            "dim": 16, "form": "scalar"}
     assert registry.parse_options("apg", {"r": "none", "beta": -0.5, "base": "icg"}) == {"r": None, "beta": -0.5, "base": "icg"}
     assert registry.parse_options("pag", ["layers=mid, up.0", "cfg_weight=3"]) == {"layers": ("mid", "up.0"), "cfg_weight": 3.0}
     assert registry.parse_options("seg", ["layers=mid,up.0", "blur_sigma=inf"]) == {"layers": ("mid", "up.0"), "blur_sigma": math.inf}
     for name, opts, msg in [("tsg", ["s=abc"], "tsg option s must be a float, got 'abc'"),
-                            ("tsg", ["q=1"], "tsg takes no option q; allowed: s, alpha, dim"),
+                            ("tsg", ["q=1"], "tsg takes no option q; allowed: s, alpha, form, dim"),
                             ("cfg", ["s=1"], "cfg takes no option s; allowed: none"),
                             ("icg", ["num_classes=2.5"], "icg option num_classes must be an integer"),
                             ("rescale", ["space=pixels"], "rescale option space must be one of v, eps, x0"),
@@ -145,7 +138,7 @@ def test_bad_option_from_the_cli_is_one_line(ckpts, tmp_path):
 def test_sampler_needs_are_checked_before_sampling(ckpts, tmp_path):
     from guidelab import samplers
     torch.manual_seed(0)
-    net = _net(num_classes=10)
+    net = _net("cond", num_classes=10)
     can = [s for s in samplers.names() if "renoise" in samplers.info(s).supports]
     assert "euler" in can and "heun" not in can
     with pytest.raises(GuidelabError, match=f"cfgpp needs a sampler with renoise: {', '.join(can)}; got heun"):
@@ -159,7 +152,7 @@ def test_sampler_needs_are_checked_before_sampling(ckpts, tmp_path):
 
 def test_rules_take_a_base_guider(ckpts):
     torch.manual_seed(0)
-    net, guide = _net(num_classes=10), _net(num_classes=10)
+    net, guide = _net("main", num_classes=10), _net("guide", num_classes=10)
     x, sigma, y = torch.randn(2, 1, 8, 8), torch.tensor([1.0, 2.0]), torch.tensor([1, 2])
     ctx = registry.Context(net, 2.0, guide=guide, options={"base": "autoguidance", "phi": 0.0})
     # rescale with phi = 0 is its base guider exactly
@@ -173,8 +166,7 @@ def test_interval_applies_to_any_entry_and_parses_exponents():
     for bad in ("1e-3", "5-", "a-b", "1-2-3"):
         with pytest.raises(GuidelabError, match="lo-hi"):
             cli._interval(bad)
-    torch.manual_seed(0)
-    net = _net(num_classes=10)
+    net = _net("cond", num_classes=10)
     x, y = torch.randn(2, 1, 8, 8), torch.tensor([1, 2])
     den = registry.build("cfg", registry.Context(net, 3.0, interval=(0.5, 2.0)))
     inside, outside = torch.tensor([1.0, 1.0]), torch.tensor([3.0, 3.0])
@@ -190,8 +182,7 @@ def test_a_new_guider_is_one_entry(monkeypatch):
                                frozenset(), frozenset(), 2, build, linear=True)
     monkeypatch.setitem(registry.GUIDERS, "blurry", spec)
     assert "blurry" in registry.names() and registry.parse_options("blurry", ["k=3"]) == {"k": 3}
-    torch.manual_seed(0)
-    net = _net()
+    net = _net("plain")
     x, s = torch.randn(2, 1, 8, 8), torch.tensor([1.0, 2.0])
     den = registry.build("blurry", registry.Context(net, 1.0, options={}))
     torch.testing.assert_close(den(x, s), net(x, s))      # w = 1: no guidance

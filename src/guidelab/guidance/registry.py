@@ -129,8 +129,13 @@ def _null(den) -> bool:
     return cond is not None and bool(cond.null)
 
 
-def _noise_embed(den) -> bool:
-    return getattr(den, "noise_embed_dim", None) is not None or bool(getattr(den, "noise_cond", False))
+def _noise_embed(ctx: Context) -> bool:
+    """TSG's vector form (default) needs a declared ``noise_embed_dim``; the scalar form (or an explicit
+    ``dim``) a network that sees its noise level."""
+    opts = dict(ctx.options) if isinstance(ctx.options, Mapping) else {}
+    if getattr(ctx.main, "noise_embed_dim", None) is not None:
+        return True
+    return (opts.get("form") == "scalar" or opts.get("dim") is not None) and bool(getattr(ctx.main, "noise_cond", False))
 
 
 def _attention(den) -> bool:
@@ -145,7 +150,7 @@ NEEDS: dict[str, tuple[Callable[[Context], bool], str]] = {
     "condition": (lambda c: _conditional(c.main), "a conditional network (class labels or an embedding)"),
     "guide": (lambda c: c.guide is not None, "--guide (a weaker checkpoint or run folder)"),
     "classifier": (lambda c: c.classifier is not None, "a noise-aware classifier"),
-    "noise_embed": (lambda c: _noise_embed(c.main), "a network with a noise-level embedding (noise_embed_offset)"),
+    "noise_embed": (_noise_embed, "a network with a noise-level embedding (noise_embed_dim; or --option form=scalar)"),
     "attention": (lambda c: _attention(c.main), "a diffusers model (attention hooks; guidelab diffusers)"),
     "scalar:beta": (lambda c: _extra_scalar(c.main) == "beta",
                     "a network trained with recipe=gft (extra scalar input 'beta')"),
@@ -268,7 +273,8 @@ GUIDERS: dict[str, GuiderSpec] = {s.name: s for s in [
     _spec("tsg", "time-step guidance: a perturbed noise-level embedding as the reference",
           "Sadat et al. 2025, arXiv 2407.02687", _tsg, needs=["noise_embed"], linear=True,
           options=[_arg(tsg, "s", float, "perturbation scale"), _arg(tsg, "alpha", float, "time exponent"),
-                   _arg(tsg, "dim", int, "size of the perturbed noise-embedding vector")]),
+                   _arg(tsg, "form", str, "vector (the embedding vector, default) or scalar (c_noise)", ("vector", "scalar")),
+                   _arg(tsg, "dim", int, "size of the perturbed vector (default: the network's noise_embed_dim)")]),
     _spec("cfgpp", "CFG++: CFG inside the step, renoised with the unconditional prediction; w is lambda in [0, 1]",
           "Chung et al. 2024, arXiv 2406.08070", _cfgpp, needs=["null_label"], sampler_needs=["renoise"]),
     _spec("apg", "adaptive projected guidance on a linear guider (--option base=cfg)",
@@ -281,7 +287,8 @@ GUIDERS: dict[str, GuiderSpec] = {s.name: s for s in [
                                                    _arg(rescale, "space", str, "space of the std", ("v", "eps", "x0"))]),
     _spec("cfg_zero_star", "CFG-Zero*: optimised scale and zero-initialised first steps",
           "Fan et al. 2025, arXiv 2503.18886", _cfg_zero_star, needs=["null_label"],
-          options=[_BASE, _arg(cfg_zero_star, "zero_init_sigma", float, "output 0 for sigma above this (none: off)"),
+          options=[_BASE, _arg(cfg_zero_star, "zero_steps", int, "first steps zeroed (default 1; 0: off)"),
+                   _arg(cfg_zero_star, "zero_init_sigma", float, "zero where sigma >= this, instead of zero_steps"),
                    _arg(cfg_zero_star, "space", str, "space of the rule", ("flow", "eps", "x0", "v"))]),
     _spec("classifier", "classifier guidance: the gradient of a noise-aware classifier's log p(y | x)",
           "Dhariwal & Nichol 2021, arXiv 2105.05233", _classifier, needs=["classifier"], nfe=1),
