@@ -22,7 +22,7 @@ from ..denoisers import edm_loss
 from ..errors import check
 from .loop import LoopConfig, train
 
-MODELS = ("PixelMLP", "UNet")
+MODELS = ("PixelMLP", "UNet", "EDM2")
 RECIPES = ("images", "gft")
 
 
@@ -57,6 +57,7 @@ class ImageConfig:
         check(self.recipe in RECIPES, f"unknown recipe {self.recipe!r}; allowed: {list(RECIPES)}")
         check(self.recipe != "gft" or self.conditional, "recipe 'gft' needs conditional=true (it guides the class label)")
         check(self.model in MODELS, f"unknown model {self.model!r}; allowed: {list(MODELS)}")
+        check(self.model != "EDM2" or self.recipe == "images", "model EDM2 trains with recipe 'images' (it has no extra scalar)")
         check(0 <= self.label_dropout <= 1, f"label_dropout must be in [0, 1], got {self.label_dropout!r}")
         check(self.P_std > 0, f"P_std must be > 0, got {self.P_std!r}")
         self.loop()
@@ -98,6 +99,11 @@ def model_config(cfg: ImageConfig, data) -> dict[str, Any]:
         check(data.labels is not None, f"conditional=true needs class sub-folders in {cfg.data}; or set conditional=false")
     _, c, h, w = data.images.shape
     check(h == w, f"images must be square, got {h}x{w}; pass a resolution")
+    if cfg.model == "EDM2":  # models.edm2: hidden = model_channels, depth = num_blocks, emb = logvar_channels
+        return {"name": "EDM2", "img_channels": c, "img_resolution": h, "label_dim": data.num_classes if cfg.conditional else 0,
+                "use_fp16": False, "sigma_data": cfg.sigma_data, "logvar_channels": cfg.emb, "model_channels": cfg.hidden,
+                "channel_mult": [1, 2], "num_blocks": cfg.depth, "attn_resolutions": [h // 2],
+                "channels_per_head": min(64, cfg.hidden), "noise_cond": cfg.noise_cond}
     return {"name": cfg.model, "img_channels": c, "img_resolution": h, "hidden": cfg.hidden, "depth": cfg.depth,
             "emb": cfg.emb, "sigma_data": cfg.sigma_data, "num_classes": data.num_classes if cfg.conditional else 0,
             "noise_cond": cfg.noise_cond, "extra_scalar": "beta" if cfg.recipe == "gft" else None}
@@ -127,15 +133,19 @@ def image_loss(cfg: ImageConfig, data):
         x0, labels = draw(batch, gen)
         sigma = (torch.randn(batch, generator=gen, device=dev) * cfg.P_std + cfg.P_mean).exp()  # EDM: ln sigma ~ N
         n = torch.randn(x0.shape, generator=gen, device=dev)
-        cond = {}
+        cond, key = {}, getattr(getattr(net, "condition", None), "key", "label")  # EDM2: class_labels
         if net.num_classes:
             drop = torch.rand(batch, generator=gen, device=dev) < cfg.label_dropout
-            cond["label"] = torch.where(drop, net.null_label, labels)
+            cond[key] = torch.where(drop, net.null_label, labels)
         if cfg.recipe == "gft":
             from .gft import draw_beta, gft_loss
             return gft_loss(net, x0 + sigma[:, None, None, None] * n, sigma, x0, net.precond,
                             beta=draw_beta(batch, gen, dev), label=cond["label"], null_label=net.null_label)
-        return edm_loss(net, x0 + sigma[:, None, None, None] * n, sigma, x0, net.precond, **cond)
+        loss = edm_loss(net, x0 + sigma[:, None, None, None] * n, sigma, x0, net.precond, **cond)
+        if hasattr(net, "logvar"):  # EDM2's learned uncertainty u(sigma): loss / e^u + u (EDM2 eq. 21)
+            u = net.logvar(sigma)
+            loss = loss / u.exp() + u
+        return loss
     return loss_fn
 
 
@@ -179,13 +189,14 @@ def sample_grid(model, path: str | Path, *, per_class: int = 10, steps: int = 32
     sigmas = karras(steps, 0.002, sigma_max).float()
     dev = next(model.parameters()).device
     x = (noise.randn(shape[1:]) * sigmas[0]).to(dev)
-    cond = {"label": (torch.arange(n) // per_class).to(dev)} if model.num_classes else None
+    key = getattr(getattr(model, "condition", None), "key", "label")
+    cond = {key: (torch.arange(n) // per_class).to(dev)} if model.num_classes else None
     den = model
     if getattr(model, "extra_scalar", None) == "beta":
         from .gft import gft_denoiser
         den = gft_denoiser(model, w)
     x = heun(den, x, sigmas, cond=cond)
-    labels = None if cond is None else cond["label"].cpu()
+    labels = None if cond is None else cond[key].cpu()
     scale = max(1, 512 // (per_class * model.img_resolution))
     return write_png(path, class_grid(x.cpu(), labels, range(n), per_row=per_class, scale=scale))
 
