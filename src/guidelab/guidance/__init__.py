@@ -4,7 +4,9 @@ One weight convention everywhere: ``D = D_ref + w (D - D_ref)``, ``w = 1`` is no
 Guiders compose: wrappers (``interval``, ``epsilon_scaling``) take any guider; ``compose`` sums linear
 guiders sharing a main branch (CFG + PAG, CFG + autoguidance); non-linear rules
 (``rescale``, ``cfg_zero_star``, ``apg``) take a linear guider (``cfg``, ``autoguidance``, ``icg``, ``tsg``).
-See docs/GUIDANCE.md for the table of methods.
+The contract (:mod:`.protocols`): every guider is a :class:`Guider` (``requires``, ``unguided``,
+``start(run)``, ``pair``); a conditional denoiser declares a :class:`Condition`; samplers create one
+:class:`Run` per run. See docs/GUIDANCE.md for the table of methods.
 """
 
 from .protocols import Condition, Guider, OnePass, Run  # first: samplers import it

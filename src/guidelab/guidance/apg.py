@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..denoisers import bcast
-from ..errors import check
+from ..errors import GuidelabError, check
 from ._base import Guided, batch_dot
 from .protocols import Run
 
@@ -45,8 +45,9 @@ class _APGRule:
     def __call__(self, D_c, D_u, w, x, sigma, run: Run | None):
         dD = D_c - D_u
         if self.beta != 0:
-            check(run is not None, "apg with momentum (beta != 0) keeps per-run state: call it through a sampler, "
-                  "or bind it to a run with .start(guidance.Run(x, sigmas)) and step through run.steps()")
+            if run is None:
+                raise GuidelabError("apg with momentum (beta != 0) keeps per-run state: call it through a sampler, "
+                                    "or bind it to a run with .start(guidance.Run(x, sigmas)) and step through run.steps()")
             dD = run.state(self, lambda: APGMomentum(self.beta))(dD, run.step)
         if self.r:
             norm = dD.flatten(1).norm(dim=1)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..errors import check
+from ..errors import GuidelabError
 from ._base import DROP, Branch, Guided
 
 
@@ -27,8 +27,8 @@ def cfg(denoiser, w, *, uncond=None, key: str | None = None, null=None) -> Guide
     elif null is not None:
         ref = Branch(denoiser, {key: null})
     else:
-        check(condition is not None and bool(condition.null),
-              f"cfg with one network needs its null condition: {type(denoiser).__name__} declares no condition; "
-              "pass null=... or uncond=<network>")
+        if condition is None or not condition.null:
+            raise GuidelabError(f"cfg with one network needs its null condition: {type(denoiser).__name__} declares "
+                                "no condition; pass null=... or uncond=<network>")
         ref = Branch(denoiser, dict(condition.null))
     return Guided(Branch(denoiser), ref, w, "cfg")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..denoisers import bcast
-from ..errors import check
+from ..errors import GuidelabError, check
 from ._base import Guided, batch_dot
 from ._spaces import check_space, from_space, to_space
 
@@ -45,9 +45,10 @@ def cfg_zero_star(guider: Guided, *, zero_steps: int | None = None, zero_init_si
         s_star = bcast(batch_dot(v_c, v_u) / batch_dot(v_u, v_u).clamp_min(1e-30), v_c)
         v = (s_star * v_u).lerp(v_c, w)
         if zero_steps:
-            check(run is not None, f"cfg_zero_star zero-initialises the first {zero_steps} steps of a sampler run: "
-                  "call it through a sampler, bind it with .start(guidance.Run(x, sigmas)), or pass zero_steps=0 "
-                  "or zero_init_sigma=...")
+            if run is None:
+                raise GuidelabError(f"cfg_zero_star zero-initialises the first {zero_steps} steps of a sampler run: "
+                                    "call it through a sampler, bind it with .start(guidance.Run(x, sigmas)), or pass "
+                                    "zero_steps=0 or zero_init_sigma=...")
             if run.step < zero_steps:
                 return from_space(v.new_zeros(v.shape), x, sigma, space)
         if zero_init_sigma is not None:
