@@ -33,9 +33,8 @@ import os
 import torch
 from torch import nn
 
-from ..denoisers import EDMPrecond, bcast
+from ..denoisers import Condition, EDMPrecond, bcast
 from ..errors import GuidelabError, as_sigma, check
-from ..guidance.protocols import Condition
 from .edm2_latents import Standardization, VAELatents, load_vae
 from .edm2_presets import PRESETS, Preset, guided, resolve
 from .registry import register
