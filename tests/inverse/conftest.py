@@ -5,11 +5,10 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from inverse_worlds import SIGMAS, N
 
 from guidelab import inverse, samplers, toy
 from guidelab.rng import SampleNoise
-
-from inverse_worlds import N, SIGMAS
 
 
 @dataclass

@@ -3,13 +3,12 @@ posterior of a noisy inverse problem, any differentiable A works, misuse refused
 
 import pytest
 import torch
+from inverse_worlds import SIGMAS
 
 from guidelab import inverse, samplers
 from guidelab.errors import GuidelabError
 from guidelab.guidance.tfg import measurement_objective, tfg_sample
 from guidelab.inverse import dps
-
-from inverse_worlds import SIGMAS
 
 
 def test_zero_step_is_ddpm_bit_for_bit(noisy_task):

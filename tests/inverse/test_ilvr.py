@@ -3,13 +3,12 @@ DDPM sampling bit for bit, samples move toward the exact posterior, misuse refus
 
 import pytest
 import torch
+from inverse_worlds import SIGMAS
 
 from guidelab import samplers, toy
 from guidelab.errors import GuidelabError
 from guidelab.inverse import Downsample, ilvr
 from guidelab.rng import SampleNoise
-
-from inverse_worlds import SIGMAS
 
 
 def _image_world():

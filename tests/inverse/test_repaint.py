@@ -1,14 +1,15 @@
 """RePaint: the resampling schedule of the official code, the known region equal to the observation,
 samples moved toward the exact posterior, misuse refused."""
 
+import itertools
+
 import pytest
 import torch
+from inverse_worlds import SIGMAS
 
 from guidelab import inverse
 from guidelab.errors import GuidelabError
 from guidelab.inverse import jump_schedule, repaint
-
-from inverse_worlds import SIGMAS
 
 
 def test_jump_schedule_length_and_walk_at_the_paper_defaults():
@@ -16,8 +17,8 @@ def test_jump_schedule_length_and_walk_at_the_paper_defaults():
     # 24 jump points (t = 0, 10, ..., 230), 9 jumps of 10 steps up and back down each
     assert len(s) == 1 + 250 + 2 * 24 * 9 * 10 == 4571
     assert s[0] == 0 and s[-1] == 250
-    assert all(abs(b - a) == 1 for a, b in zip(s, s[1:]))
-    assert sum(b > a for a, b in zip(s, s[1:])) == 250 + 24 * 9 * 10 == 2410      # reverse steps = NFE
+    assert all(abs(b - a) == 1 for a, b in itertools.pairwise(s))
+    assert sum(b > a for a, b in itertools.pairwise(s)) == 250 + 24 * 9 * 10 == 2410      # reverse steps = NFE
     assert jump_schedule(7, 1, 1) == list(range(8))
 
 
@@ -35,7 +36,7 @@ def test_known_region_is_the_observation_and_nfe_is_counted(mask_task):
     assert torch.equal(out[:, 0], torch.full((64,), 0.3))
     n = len(SIGMAS) - 1
     s = jump_schedule(n, 4, 3)
-    assert D.nfe == sum(b > a for a, b in zip(s, s[1:])) == n + len(range(0, n - 4, 4)) * 2 * 4
+    assert D.nfe == sum(b > a for a, b in itertools.pairwise(s)) == n + len(range(0, n - 4, 4)) * 2 * 4
 
 
 def test_moves_samples_toward_the_exact_posterior(mask_task, unguided):

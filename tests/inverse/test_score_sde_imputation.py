@@ -3,13 +3,12 @@ posterior, NFE (1 + corrector steps) per step, misuse refused."""
 
 import pytest
 import torch
+from inverse_worlds import SIGMAS
 
 from guidelab import inverse, toy
 from guidelab.errors import GuidelabError
-from guidelab.rng import SampleNoise
 from guidelab.inverse import Grayscale, score_sde_colorize, score_sde_impute
-
-from inverse_worlds import SIGMAS
+from guidelab.rng import SampleNoise
 
 
 def test_imputes_toward_the_exact_posterior_and_counts_nfe(mask_task, unguided):

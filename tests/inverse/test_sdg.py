@@ -4,15 +4,14 @@ reference energies pull samples, misuse refused."""
 
 import pytest
 import torch
+from inverse_worlds import SIGMAS
 
-from guidelab import guidance, samplers, schedules, toy
+from guidelab import guidance, samplers, toy
 from guidelab.errors import GuidelabError
 from guidelab.guidance.classifier import class_log_prob_grad
 from guidelab.inverse import class_energy, energy, guided_tts, reference_energy
 from guidelab.models.classifier import tree_classifier
 from guidelab.rng import SampleNoise
-
-from inverse_worlds import SIGMAS
 
 
 def _points(n=64, seed=0, dtype=torch.float32):

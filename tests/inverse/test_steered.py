@@ -3,12 +3,11 @@ posterior, the loop costs n_iter NFE per step, misuse refused."""
 
 import pytest
 import torch
+from inverse_worlds import SIGMAS
 
 from guidelab import inverse, samplers
 from guidelab.errors import GuidelabError
 from guidelab.inverse import steered
-
-from inverse_worlds import SIGMAS
 
 
 def test_zero_scale_is_ddim_eta_one_bit_for_bit(mask_task):

@@ -5,13 +5,19 @@ import math
 
 import pytest
 import torch
+from inverse_worlds import SIGMAS
 
 from guidelab import samplers, toy
 from guidelab.errors import GuidelabError
-from guidelab.inverse import Mask, quantile_levels, tsdiff_guided, tsdiff_refine, tsdiff_sigma, tsdiff_sigmas
+from guidelab.inverse import (
+    Mask,
+    quantile_levels,
+    tsdiff_guided,
+    tsdiff_refine,
+    tsdiff_sigma,
+    tsdiff_sigmas,
+)
 from guidelab.rng import SampleNoise
-
-from inverse_worlds import SIGMAS
 
 L, CONTEXT = 8, 6
 
@@ -52,12 +58,12 @@ def test_self_guidance_moves_forecasts_toward_the_exact_posterior(forecast):
     base = samplers.euler_ancestral(world, x, SIGMAS, noise=noise)
     x, noise = _start()
     out = tsdiff_guided(world, x, SIGMAS, truth, mask, scale=4.0, guidance="mse", noise=noise)
-    lp = lambda s: float(post.logp(post.project(s)).median())              # noqa: E731
+    lp = lambda s: float(post.logp(post.project(s)).median())
     assert lp(out) > lp(base) + 3
     assert float(post.consistency(out).mean()) < 0.3 * float(post.consistency(base).mean())
     # the forecast window: closer to the exact posterior mean than unguided sampling
     future = ~mask
-    err = lambda s: float((s[:, future].mean(0) - post.mean()[future]).abs().mean())   # noqa: E731
+    err = lambda s: float((s[:, future].mean(0) - post.mean()[future]).abs().mean())
     assert err(out) < 0.5 * err(base)
 
 

@@ -14,9 +14,37 @@ from .repaint import jump_schedule, repaint
 from .score_sde_imputation import score_sde_colorize, score_sde_impute
 from .sdg import EnergyGuided, class_energy, energy, guided_tts, reference_energy
 from .steered import steered
-from .tsdiff import quantile_levels, tsdiff_guided, tsdiff_refine, tsdiff_sigma, tsdiff_sigmas
+from .tsdiff import (
+           quantile_levels,
+           tsdiff_guided,
+           tsdiff_refine,
+           tsdiff_sigma,
+           tsdiff_sigmas,
+)
 
-__all__ = ["Operator", "Mask", "Downsample", "Grayscale", "Matrix", "Blur", "Counting",
-           "repaint", "jump_schedule", "ilvr", "score_sde_impute", "score_sde_colorize", "dps", "steered",
-           "energy", "EnergyGuided", "class_energy", "reference_energy", "guided_tts",
-           "tsdiff_guided", "tsdiff_refine", "tsdiff_sigma", "tsdiff_sigmas", "quantile_levels"]
+__all__ = [
+           "Blur",
+           "Counting",
+           "Downsample",
+           "EnergyGuided",
+           "Grayscale",
+           "Mask",
+           "Matrix",
+           "Operator",
+           "class_energy",
+           "dps",
+           "energy",
+           "guided_tts",
+           "ilvr",
+           "jump_schedule",
+           "quantile_levels",
+           "reference_energy",
+           "repaint",
+           "score_sde_colorize",
+           "score_sde_impute",
+           "steered",
+           "tsdiff_guided",
+           "tsdiff_refine",
+           "tsdiff_sigma",
+           "tsdiff_sigmas",
+]

@@ -4,7 +4,7 @@ component, gradients under ``no_grad`` and an NFE counter."""
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -42,6 +42,19 @@ def grad(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> tuple[t
               f"the objective must return one value per sample, shape [{x.shape[0]}], got {getattr(out, 'shape', type(out).__name__)}")
         (g,) = torch.autograd.grad(out.sum(), xg)
     return out.detach(), g.detach()
+
+
+def through_denoiser(denoiser, x: torch.Tensor, sigma: torch.Tensor, cond: dict,
+                     objective: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(D(x), grad_x objective(D(x)).sum())``: a gradient taken through the denoiser (DPS, TSDiff, steered)."""
+    with torch.inference_mode(False), torch.enable_grad():
+        xg = x.detach().clone().requires_grad_(True)
+        D = denoiser(xg, sigma.clone(), **cond)
+        out = objective(D)
+        check(isinstance(out, torch.Tensor) and out.shape == x.shape[:1],
+              f"the objective must return one value per sample, shape [{x.shape[0]}], got {getattr(out, 'shape', type(out).__name__)}")
+        (g,) = torch.autograd.grad(out.sum(), xg)
+    return D.detach(), g.detach()
 
 
 def vp(sigma: float) -> float:

@@ -27,8 +27,16 @@ from __future__ import annotations
 import torch
 
 from ..errors import check
-from ..samplers.base import Callback, ancestral_step, check_inputs, euler_step, report, resolve_noise
-from ._common import check_number, grad, prepared, vp
+from ..samplers.base import (
+    Callback,
+    ancestral_step,
+    begin_run,
+    check_inputs,
+    euler_step,
+    report,
+    resolve_noise,
+)
+from ._common import check_number, through_denoiser, vp
 from .operators import Operator
 
 
@@ -58,25 +66,14 @@ def dps(denoiser, x: torch.Tensor, sigmas: torch.Tensor, operator, y, *, zeta: f
     sigmas = check_inputs(x, sigmas)
     A, y = _measurement(operator, y, x)
     check_number(zeta, "zeta")
+    denoiser, run = begin_run(denoiser, x, sigmas, noise, "dps", frozenset())
     noise = resolve_noise(noise, x, sigmas)
     sig, batch, cond = sigmas.tolist(), x.shape[0], cond or {}
     norm = residual_norm(A, y)
-    n = len(sig) - 1
-    steps = range(n)
-    if progress:
-        from tqdm.auto import trange
-        steps = trange(n, desc="dps", leave=False)
-    for i in steps:
+    for i in run.steps(progress, "dps"):
         sigma, sigma_next = sig[i], sig[i + 1]
         s = torch.full((batch,), sigma, dtype=x.dtype, device=x.device)
-        store = {}
-
-        def objective(xg):
-            store["D"] = denoiser(xg, s, **cond)
-            return norm(store["D"])
-
-        _, g = grad(objective, x)
-        D = store["D"].detach()
+        D, g = through_denoiser(denoiser, x, s, cond, norm)                 # grad_{x_i} |y - A(x0_hat)|
         report(callback, x, i, sigmas, sigma, D)
         sigma_down, sigma_up = ancestral_step(sigma, sigma_next)
         x_next = euler_step(None, x, D, sigma, sigma_down)

@@ -27,7 +27,15 @@ from __future__ import annotations
 import torch
 
 from ..errors import check
-from ..samplers.base import Callback, ancestral_step, check_inputs, euler_step, report, resolve_noise
+from ..samplers.base import (
+    Callback,
+    ancestral_step,
+    begin_run,
+    check_inputs,
+    euler_step,
+    report,
+    resolve_noise,
+)
 from ._common import check_int, lift, prepared, replace_known
 from .operators import Downsample, need_projection
 
@@ -55,14 +63,11 @@ def ilvr(denoiser, x: torch.Tensor, sigmas: torch.Tensor, ref: torch.Tensor, *, 
     n = len(sigmas) - 1
     check_int(range_t, "range_t", 0)
     check(range_t <= n, f"range_t must be at most the number of steps ({n}), got {range_t}")
+    denoiser, run = begin_run(denoiser, x, sigmas, noise, "ilvr", frozenset())
     noise = resolve_noise(noise, x, sigmas)
     y_lift = lift(op, y, x)
     sig, batch, cond = sigmas.tolist(), x.shape[0], cond or {}
-    steps = range(n)
-    if progress:
-        from tqdm.auto import trange
-        steps = trange(n, desc="ilvr", leave=False)
-    for i in steps:
+    for i in run.steps(progress, "ilvr"):
         sigma, sigma_next = sig[i], sig[i + 1]
         D = denoiser(x, torch.full((batch,), sigma, dtype=x.dtype, device=x.device), **cond)
         report(callback, x, i, sigmas, sigma, D)

@@ -26,12 +26,21 @@ NFE: one per reverse transition: ``n + len(jump points) (jump_n_sample - 1) jump
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
 
 from ..errors import check
-from ..samplers.base import Callback, ancestral_step, check_inputs, euler_step, report, resolve_noise
+from ..samplers.base import (
+    Callback,
+    ancestral_step,
+    begin_run,
+    check_inputs,
+    euler_step,
+    report,
+    resolve_noise,
+)
 from ._common import check_int, lift, prepared, replace_known
 from .operators import need_projection
 
@@ -76,6 +85,7 @@ def repaint(denoiser, x: torch.Tensor, sigmas: torch.Tensor, operator, y, *, jum
     op = need_projection(operator, "RePaint")
     op, y = prepared(op, y, x)
     schedule = jump_schedule(len(sigmas) - 1, jump_length, jump_n_sample)
+    denoiser, run = begin_run(denoiser, x, sigmas, noise, "repaint", frozenset())
     noise = resolve_noise(noise, x, sigmas)
     y_lift = lift(op, y, x)
     sig, batch, cond = sigmas.tolist(), x.shape[0], cond or {}
@@ -83,11 +93,12 @@ def repaint(denoiser, x: torch.Tensor, sigmas: torch.Tensor, operator, y, *, jum
     if progress:
         from tqdm.auto import tqdm
         progress_bar = tqdm(total=len(schedule) - 1, desc="repaint", leave=False)
-    for k, k_next in zip(schedule[:-1], schedule[1:]):
+    for k, k_next in itertools.pairwise(schedule):
         sigma, sigma_next = sig[k], sig[k_next]
         if k_next < k:                                               # re-noise back up (resampling jump)
             x = x + math.sqrt(sigma_next ** 2 - sigma ** 2) * noise(sigma, sigma_next)
         else:
+            run.step = k                                             # the step sigmas[k] -> sigmas[k + 1]
             D = denoiser(x, torch.full((batch,), sigma, dtype=x.dtype, device=x.device), **cond)
             report(callback, x, k, sigmas, sigma, D)
             sigma_down, sigma_up = ancestral_step(sigma, sigma_next)  # DDPM posterior (eta = 1)

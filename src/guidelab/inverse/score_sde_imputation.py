@@ -22,8 +22,8 @@ import math
 
 import torch
 
-from ..errors import GuidelabError, check
-from ..samplers.base import Callback, check_inputs, report, resolve_noise
+from ..errors import GuidelabError
+from ..samplers.base import Callback, begin_run, check_inputs, report, resolve_noise
 from ._common import check_int, check_number, lift, prepared, replace_known
 from .operators import Grayscale, need_projection
 
@@ -43,6 +43,7 @@ def score_sde_impute(denoiser, x: torch.Tensor, sigmas: torch.Tensor, operator, 
     check_number(snr, "snr")
     if hasattr(noise, "tree_sampler"):
         raise GuidelabError("score_sde_impute draws Langevin noise that belongs to no time interval: use SampleNoise")
+    denoiser, run = begin_run(denoiser, x, sigmas, noise, "score_sde_impute", frozenset())
     noise = resolve_noise(noise, x, sigmas)
     y_lift = lift(op, y, x)
     sig, batch, cond = sigmas.tolist(), x.shape[0], cond or {}
@@ -50,12 +51,7 @@ def score_sde_impute(denoiser, x: torch.Tensor, sigmas: torch.Tensor, operator, 
     def D_of(x_, s):
         return denoiser(x_, torch.full((batch,), s, dtype=x.dtype, device=x.device), **cond)
 
-    n = len(sig) - 1
-    steps = range(n)
-    if progress:
-        from tqdm.auto import trange
-        steps = trange(n, desc="score_sde_impute", leave=False)
-    for i in steps:
+    for i in run.steps(progress, "score_sde_impute"):
         sigma, sigma_next = sig[i], sig[i + 1]
         eps = 2 * (snr * sigma) ** 2
         for _ in range(corrector_steps):                                 # Langevin corrector (their Alg. 4)

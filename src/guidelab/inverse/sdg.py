@@ -24,13 +24,12 @@ Cost per evaluation: 1 NFE of ``D`` plus one forward and backward pass of ``F``.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
-from ..denoisers import bcast
+from ..denoisers import Guider, bcast
 from ..errors import as_sigma, check, check_weight
-from ..guidance.protocols import Guider
 from ._common import grad
 
 _NORMS = (None, "score")

@@ -22,13 +22,21 @@ NFE: ``n_iter`` per step (plus a backward pass through the denoiser in gradient 
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
 from ..errors import check
-from ..samplers.base import Callback, ancestral_step, check_inputs, euler_step, report, resolve_noise
-from ._common import check_int, check_number, grad, lift
+from ..samplers.base import (
+    Callback,
+    ancestral_step,
+    begin_run,
+    check_inputs,
+    euler_step,
+    report,
+    resolve_noise,
+)
+from ._common import check_int, check_number, lift, through_denoiser
 from .dps import _measurement
 from .operators import need_projection
 
@@ -65,14 +73,10 @@ def steered(denoiser, x: torch.Tensor, sigmas: torch.Tensor, operator=None, y=No
         loss = measurement_loss(op, y)
     else:
         check(callable(loss), "loss must be a callable loss(x0) -> [batch]")
+    denoiser, run = begin_run(denoiser, x, sigmas, noise, "steered", frozenset())
     noise = resolve_noise(noise, x, sigmas)
     sig, batch, cond = sigmas.tolist(), x.shape[0], cond or {}
-    n = len(sig) - 1
-    steps = range(n)
-    if progress:
-        from tqdm.auto import trange
-        steps = trange(n, desc="steered", leave=False)
-    for i in steps:
+    for i in run.steps(progress, "steered"):
         sigma, sigma_next = sig[i], sig[i + 1]
         s = torch.full((batch,), sigma, dtype=x.dtype, device=x.device)
         sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
@@ -81,14 +85,7 @@ def steered(denoiser, x: torch.Tensor, sigmas: torch.Tensor, operator=None, y=No
                 D = denoiser(x, s, **cond)
                 x0 = D - op.project(D) + y_lift
             else:
-                store = {}
-
-                def objective(xg):
-                    store["D"] = denoiser(xg, s, **cond)
-                    return loss(store["D"])
-
-                _, g = grad(objective, x)
-                D = store["D"].detach()
+                D, g = through_denoiser(denoiser, x, s, cond, loss)
                 x0 = D - (scale * sigma) * g
             if r == 0:
                 report(callback, x, i, sigmas, sigma, D)

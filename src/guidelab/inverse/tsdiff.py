@@ -40,8 +40,16 @@ import numpy as np
 import torch
 
 from ..errors import check
-from ..samplers.base import Callback, ancestral_step, check_inputs, euler_step, report, resolve_noise
-from ._common import check_int, check_number, grad, vp
+from ..samplers.base import (
+    Callback,
+    ancestral_step,
+    begin_run,
+    check_inputs,
+    euler_step,
+    report,
+    resolve_noise,
+)
+from ._common import check_int, check_number, grad, through_denoiser, vp
 
 _LOSSES = ("mse", "quantile")
 
@@ -107,24 +115,13 @@ def tsdiff_guided(denoiser, x: torch.Tensor, sigmas: torch.Tensor, y, mask, *, s
     y, m = _observed(y, mask, x)
     check_number(scale, "scale")
     loss = _loss(guidance, q, x)
+    denoiser, run = begin_run(denoiser, x, sigmas, noise, "tsdiff", frozenset())
     noise = resolve_noise(noise, x, sigmas)
     sig, batch, cond = sigmas.tolist(), x.shape[0], cond or {}
-    n = len(sig) - 1
-    steps = range(n)
-    if progress:
-        from tqdm.auto import trange
-        steps = trange(n, desc="tsdiff", leave=False)
-    for i in steps:
+    for i in run.steps(progress, "tsdiff"):
         sigma, sigma_next = sig[i], sig[i + 1]
         s = torch.full((batch,), sigma, dtype=x.dtype, device=x.device)
-        store = {}
-
-        def E(xg):
-            store["D"] = denoiser(xg, s, **cond)
-            return (m * loss(store["D"], y)).flatten(1).sum(1)
-
-        _, g = grad(E, x)
-        D = store["D"].detach()
+        D, g = through_denoiser(denoiser, x, s, cond, lambda D_: (m * loss(D_, y)).flatten(1).sum(1))
         report(callback, x, i, sigmas, sigma, D)
         sigma_down, sigma_up = ancestral_step(sigma, sigma_next)
         x_next = euler_step(None, x, D, sigma, sigma_down)
@@ -159,7 +156,7 @@ def tsdiff_refine(denoiser, init: torch.Tensor, y, mask, *, sigma: float | None 
     for _ in range(iterations):
         eps = draw(sigma, 0.0)
 
-        def E(yg):
+        def E(yg, eps=eps):
             denoising = (yg - denoiser(yg + sigma * eps, s, **cond)).flatten(1).square().sum(1) / sigma ** 2
             return denoising + scale * (m * loss(yg, yo)).flatten(1).sum(1)
 
