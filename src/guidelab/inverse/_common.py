@@ -39,7 +39,8 @@ def grad(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> tuple[t
         xg = x.detach().clone().requires_grad_(True)
         out = fn(xg)
         check(isinstance(out, torch.Tensor) and out.shape == x.shape[:1],
-              f"the objective must return one value per sample, shape [{x.shape[0]}], got {getattr(out, 'shape', type(out).__name__)}")
+              f"the objective must return one value per sample, shape [{x.shape[0]}], "
+              f"got {getattr(out, 'shape', type(out).__name__)}")
         (g,) = torch.autograd.grad(out.sum(), xg)
     return out.detach(), g.detach()
 
@@ -52,7 +53,8 @@ def through_denoiser(denoiser, x: torch.Tensor, sigma: torch.Tensor, cond: dict,
         D = denoiser(xg, sigma.clone(), **cond)
         out = objective(D)
         check(isinstance(out, torch.Tensor) and out.shape == x.shape[:1],
-              f"the objective must return one value per sample, shape [{x.shape[0]}], got {getattr(out, 'shape', type(out).__name__)}")
+              f"the objective must return one value per sample, shape [{x.shape[0]}], "
+              f"got {getattr(out, 'shape', type(out).__name__)}")
         (g,) = torch.autograd.grad(out.sum(), xg)
     return D.detach(), g.detach()
 

@@ -64,8 +64,8 @@ class Operator:
         if tuple(y.shape) == self.out_shape:
             y = y.expand(batch, *self.out_shape)
         check(tuple(y.shape) == (batch, *self.out_shape),
-              f"the observation y must have shape {list(self.out_shape)} or [batch={batch}, {', '.join(map(str, self.out_shape))}] "
-              f"for {self.name}, got {list(y.shape)}")
+              f"the observation y must have shape {list(self.out_shape)} or "
+              f"[batch={batch}, {', '.join(map(str, self.out_shape))}] for {self.name}, got {list(y.shape)}")
         check_finite(y, "the observation y")
         return y.to(dtype=like.dtype, device=like.device)
 

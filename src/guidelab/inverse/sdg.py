@@ -87,7 +87,8 @@ def class_energy(clf: Callable) -> Callable:
         logp = clf(x, sigma).log_softmax(1)
         label = torch.as_tensor(label, device=x.device)
         label = label.expand(x.shape[0]) if label.ndim == 0 else label
-        check(label.shape == (x.shape[0],) and not label.is_floating_point() and bool(((label >= 0) & (label < logp.shape[1])).all()),
+        ok = label.shape == (x.shape[0],) and not label.is_floating_point()
+        check(ok and bool(((label >= 0) & (label < logp.shape[1])).all()),
               f"the class label must be an int or [batch] ints in [0, {logp.shape[1]})")
         return logp.gather(1, label.long()[:, None])[:, 0]
     return F

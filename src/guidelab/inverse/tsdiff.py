@@ -83,7 +83,8 @@ def _observed(y, mask, x):
     check(mask.shape in (x.shape, x.shape[1:]), f"mask must be shaped like one sample {list(x.shape[1:])} or like x, "
                                                 f"got {list(mask.shape)}")
     y = torch.as_tensor(y).to(x)
-    check(y.shape in (x.shape, x.shape[1:]), f"y must be shaped like one sample {list(x.shape[1:])} or like x, got {list(y.shape)}")
+    check(y.shape in (x.shape, x.shape[1:]),
+          f"y must be shaped like one sample {list(x.shape[1:])} or like x, got {list(y.shape)}")
     check(bool(torch.isfinite(torch.where(mask.expand_as(x), y.expand_as(x), 0.0)).all()),
           "the observed values y contain NaN or inf")
     return torch.where(mask.expand_as(x), y.expand_as(x), 0.0), mask.expand_as(x).to(x.dtype)
