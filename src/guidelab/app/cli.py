@@ -505,6 +505,35 @@ def diffusers_cmd(model_dir, out, guider, w, guide, seeds, interval, prompt_embe
     click.echo(f"wrote {len(seed_list)} samples to {out}")
 
 
+@main.command("inverse")
+@click.argument("model")
+@click.option("--task", type=click.Choice(["inpaint", "superres", "lowpass", "colorize"]), required=True)
+@click.option("--method", type=click.Choice(["repaint", "ilvr", "dps", "steered", "tfg", "sdg", "score_sde"]), required=True)
+@click.option("--input", "input_path", type=click.Path(dir_okay=False, exists=True), required=True,
+              help="The clean image (PNG/JPEG, or .npz/.npy [C, H, W] in [-1, 1]); the measurement is made from it.")
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="Writes OUT/samples.npz and OUT/grid.png.")
+@click.option("--mask", type=click.Choice(["centre", "left", "right", "random"]), default="centre",
+              help="inpaint: the known region.")
+@click.option("--factor", type=click.IntRange(min=1), default=2, help="superres / lowpass: the downsampling factor N.")
+@click.option("--n", type=click.IntRange(min=1), default=8, help="Samples (seeds SEED .. SEED + n - 1).")
+@click.option("--seed", type=int, default=0)
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Default: the paper's (guidelab.inverse.tasks.DEFAULTS).")
+@click.option("--sigma-max", type=float, default=80.0)
+@click.option("--jump-length", type=click.IntRange(min=1), default=None, help="repaint (paper: 10).")
+@click.option("--jump-n-sample", type=click.IntRange(min=1), default=None, help="repaint (paper: 10).")
+@click.option("--zeta", type=float, default=None, help="dps step size (official code default 1.0).")
+@click.option("--weight", "w", type=float, default=None, help="sdg weight w = 1 + s (default 2).")
+def inverse_cmd(model, task, method, input_path, out, mask, factor, n, seed, steps, sigma_max, **options) -> None:
+    """Condition an unconditional MODEL (checkpoint, run folder, or digits-gmm) on a measurement of --input."""
+    from .inverse import run_inverse
+    keep = {"repaint": ("jump_length", "jump_n_sample"), "dps": ("zeta",), "sdg": ("w",)}.get(method, ())
+    extra = [k for k, v in options.items() if v is not None and k not in keep]
+    check(not extra, f"--{extra[0].replace('_', '-') if extra else ''} does not apply to --method {method}")
+    path = run_inverse(model, task, method, input_path, out, n=n, seed=seed, mask=mask, factor=factor, steps=steps,
+                       sigma_max=sigma_max, **{k: v for k, v in options.items() if k in keep})
+    click.echo(f"wrote {path}/samples.npz and {path}/grid.png")
+
+
 def run() -> None:
     """Entry point: user mistakes become one line on stderr and exit code 2."""
     try:
