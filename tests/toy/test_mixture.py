@@ -3,7 +3,10 @@
 import pytest
 import torch
 
+from guidelab import toy
+from guidelab.errors import GuidelabError
 from guidelab.toy import GaussianMixture
+from guidelab.toy.tree import _components
 
 
 def _random_mixture(D, K, group, seed):
@@ -43,3 +46,16 @@ def test_float32_score_close_to_float64():
     sigma = torch.full((300,), 0.2, dtype=torch.float64)
     torch.testing.assert_close(m64.to(torch.float32).score(x.float(), sigma.float()).double(),
                                m64.score(x, sigma), rtol=1e-4, atol=1e-4)
+
+
+def test_chunk_size_changes_nothing():
+    """Rows are evaluated independently, so the chunk size (default: ~64k terms per chunk) is invisible."""
+    tree = toy.tree("AB")
+    x = tree.sample(300, 0.1, generator=torch.Generator().manual_seed(2))
+    sigma = torch.rand(300, generator=torch.Generator().manual_seed(3)) + 0.01
+    for chunk in (7, 256, 300):
+        other = GaussianMixture(*_components()[1:], chunk=chunk)
+        assert torch.equal(other.logp(x, sigma), tree.logp(x, sigma))
+        assert torch.equal(other.denoise(x, sigma), tree.denoise(x, sigma))
+    with pytest.raises(GuidelabError, match="chunk"):
+        GaussianMixture(*_components()[1:], chunk=0)
