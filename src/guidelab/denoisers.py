@@ -76,10 +76,13 @@ def bcast(sigma: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # Adapters: model of another parameterisation -> denoiser.
 
+
 def from_score(score_fn: Callable[..., torch.Tensor]) -> Denoiser:
     """``score_fn(x, sigma, **cond) = grad log p(x; sigma)``  ->  ``D = x + sigma^2 s``."""
+
     def denoiser(x, sigma, **cond):
         return x + bcast(sigma, x) ** 2 * score_fn(x, sigma, **cond)
+
     return denoiser
 
 
@@ -88,10 +91,12 @@ def from_eps(eps_fn: Callable[..., torch.Tensor], *, vp_input: bool = False) -> 
 
     With ``vp_input=True`` the model is fed ``x / sqrt(1 + sigma^2)`` (a VP/DDPM model's input).
     """
+
     def denoiser(x, sigma, **cond):
         s = bcast(sigma, x)
-        x_in = x / (1 + s ** 2).sqrt() if vp_input else x
+        x_in = x / (1 + s**2).sqrt() if vp_input else x
         return x - s * eps_fn(x_in, sigma, **cond)
+
     return denoiser
 
 
@@ -101,10 +106,12 @@ def from_v(v_fn: Callable[..., torch.Tensor], *, sigma_data: float = 1.0) -> Den
     ``D = c_skip x + c_out v`` with the EDM v-scalings ``c_skip = sd^2/(s^2+sd^2)``,
     ``c_out = -s sd / sqrt(s^2+sd^2)``, ``c_in = 1/sqrt(s^2+sd^2)`` (``sd = 1`` is the VP case).
     """
+
     def denoiser(x, sigma, **cond):
         s = bcast(sigma, x)
-        r = (s ** 2 + sigma_data ** 2).sqrt()
-        return sigma_data ** 2 / r ** 2 * x - s * sigma_data / r * v_fn(x / r, sigma, **cond)
+        r = (s**2 + sigma_data**2).sqrt()
+        return sigma_data**2 / r**2 * x - s * sigma_data / r * v_fn(x / r, sigma, **cond)
+
     return denoiser
 
 
@@ -118,12 +125,13 @@ def to_eps(D: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tenso
 
 def to_v(D: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor, *, sigma_data: float = 1.0) -> torch.Tensor:
     s = bcast(sigma, x)
-    r = (s ** 2 + sigma_data ** 2).sqrt()
-    return (sigma_data ** 2 / r ** 2 * x - D) * r / (s * sigma_data)
+    r = (s**2 + sigma_data**2).sqrt()
+    return (sigma_data**2 / r**2 * x - D) * r / (s * sigma_data)
 
 
 # ---------------------------------------------------------------------------------------------
 # EDM preconditioning.
+
 
 @dataclass(frozen=True)
 class EDMPrecond:
@@ -137,8 +145,8 @@ class EDMPrecond:
 
     def scalings(self, sigma: torch.Tensor):
         """Return ``(c_skip, c_out, c_in, c_noise)`` for a [batch] sigma (each [batch])."""
-        sd2 = self.sigma_data ** 2
-        r2 = sigma ** 2 + sd2
+        sd2 = self.sigma_data**2
+        r2 = sigma**2 + sd2
         c_skip = sd2 / r2
         c_out = sigma * self.sigma_data / r2.sqrt()
         c_in = 1 / r2.sqrt()
@@ -147,7 +155,7 @@ class EDMPrecond:
 
     def loss_weight(self, sigma: torch.Tensor) -> torch.Tensor:
         """EDM's lambda(sigma) = (sigma^2 + sd^2) / (sigma sd)^2 = 1 / c_out^2."""
-        return (sigma ** 2 + self.sigma_data ** 2) / (sigma * self.sigma_data) ** 2
+        return (sigma**2 + self.sigma_data**2) / (sigma * self.sigma_data) ** 2
 
     def denoise(self, F: Callable[..., torch.Tensor], x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
         """Apply a raw network ``F(x_in, c_noise, **cond)`` as a preconditioned denoiser."""
@@ -155,8 +163,9 @@ class EDMPrecond:
         return bcast(c_skip, x) * x + bcast(c_out, x) * F(bcast(c_in, x) * x, c_noise, **cond)
 
 
-def edm_loss(denoiser: Denoiser, x: torch.Tensor, sigma: torch.Tensor, target: torch.Tensor,
-             precond: EDMPrecond, **cond) -> torch.Tensor:
+def edm_loss(
+    denoiser: Denoiser, x: torch.Tensor, sigma: torch.Tensor, target: torch.Tensor, precond: EDMPrecond, **cond
+) -> torch.Tensor:
     """Per-sample EDM loss ``lambda(sigma) * mean ||D(x; sigma) - target||^2`` (EDM eq. 2 and 8).
 
     Denoising score matching: ``x = x0 + sigma n`` and ``target = x0``. Where the exact ``E[x0 | x]``

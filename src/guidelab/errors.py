@@ -24,8 +24,10 @@ def as_sigma(sigma, x: torch.Tensor, *, name: str = "sigma") -> torch.Tensor:
     sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
     if sigma.ndim == 0:
         sigma = sigma.expand(x.shape[0])
-    check(sigma.shape == (x.shape[0],),
-          f"{name} must be a scalar or a tensor of shape [batch]=[{x.shape[0]}], got shape {list(sigma.shape)}")
+    check(
+        sigma.shape == (x.shape[0],),
+        f"{name} must be a scalar or a tensor of shape [batch]=[{x.shape[0]}], got shape {list(sigma.shape)}",
+    )
     check(bool(torch.isfinite(sigma).all()), f"{name} must be finite, got {sigma.tolist()[:4]}...")
     check(bool((sigma >= 0).all()), f"{name} must be >= 0, got min {sigma.min().item():g}")
     return sigma
@@ -39,5 +41,7 @@ def check_weight(w, name: str = "w") -> None:
     if isinstance(w, torch.Tensor):
         check(bool(torch.isfinite(w).all()), f"guidance weight {name} must be finite")
     else:
-        check(isinstance(w, (int, float)) and math.isfinite(w),
-              f"guidance weight {name} must be a finite number or tensor, got {w!r}")
+        check(
+            isinstance(w, (int, float)) and math.isfinite(w),
+            f"guidance weight {name} must be a finite number or tensor, got {w!r}",
+        )

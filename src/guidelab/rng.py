@@ -11,7 +11,7 @@ from .errors import check
 
 #: A noise sampler returns standard normal noise shaped like the sample, for the step sigma -> sigma_next
 #: (the k-diffusion convention, so a Brownian-tree source can be plugged in).
-NoiseSampler = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+NoiseSampler = Callable[[float, float], torch.Tensor]
 
 
 def _i64(c: int) -> int:
@@ -36,7 +36,7 @@ def _mix(z: torch.Tensor) -> torch.Tensor:
 
 def _uniform(state: torch.Tensor) -> torch.Tensor:
     """float64 uniforms in (0, 1) from the top 53 bits of the mixed state."""
-    return (_shr(_mix(state), 11).double() + 0.5) * 2.0 ** -53
+    return (_shr(_mix(state), 11).double() + 0.5) * 2.0**-53
 
 
 #: Per-sample draws up to this many values use the vectorised hash; larger ones a generator per sample.
@@ -61,8 +61,8 @@ class SampleNoise:
         check(all(-(1 << 63) <= s < 1 << 63 for s in seeds), "seeds must fit in a signed 64-bit integer")
         self.seeds = seeds
         self.device = torch.device(device)
-        self._stream = _mix(torch.tensor(seeds, dtype=torch.int64) + _GOLDEN)   # per-sample stream key
-        self._drawn = 0                                                          # values drawn per sample
+        self._stream = _mix(torch.tensor(seeds, dtype=torch.int64) + _GOLDEN)  # per-sample stream key
+        self._drawn = 0  # values drawn per sample
 
     def __len__(self) -> int:
         return len(self.seeds)
@@ -75,7 +75,7 @@ class SampleNoise:
         if numel <= _VECTOR_MAX:
             # Small draws (points, low-dimensional data): the whole batch in vectorised integer ops.
             j = torch.arange(j0, j0 + numel, dtype=torch.int64)
-            state = self._stream[:, None] + (2 * j + 1)[None] * _GOLDEN        # splitmix64 states 2j+1, 2j+2
+            state = self._stream[:, None] + (2 * j + 1)[None] * _GOLDEN  # splitmix64 states 2j+1, 2j+2
             u1, u2 = _uniform(state), _uniform(state + _GOLDEN)
             z = (-2 * u1.log()).sqrt() * torch.cos(2 * math.pi * u2)
         else:

@@ -1,9 +1,7 @@
 """Fixtures for the sampler tests; k-diffusion's reference samplers come from ``_kdiffusion.py``."""
 
 import pytest
-
 from _kdiffusion import load_sampling  # this folder is on sys.path (pytest rootdir conftest import)
-
 
 
 @pytest.fixture(scope="session")

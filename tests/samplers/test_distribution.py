@@ -23,9 +23,16 @@ def _distance(y, exact):
     return sum(sliced_wasserstein(y, e) for e in exact) / len(exact)
 
 
-@pytest.mark.parametrize("name, steps, kw", [
-    ("heun", 32, {}), ("dpmpp_2m", 32, {}), ("lms", 32, {}), ("dpm_2", 16, {}), ("unipc", 16, {"order": 3}),
-])
+@pytest.mark.parametrize(
+    "name, steps, kw",
+    [
+        ("heun", 32, {}),
+        ("dpmpp_2m", 32, {}),
+        ("lms", 32, {}),
+        ("dpm_2", 16, {}),
+        ("unipc", 16, {"order": 3}),
+    ],
+)
 def test_reproduces_exact_distribution(tree_a64, sets, name, steps, kw):
     exact, x_T, floor = sets
     y = samplers.get(name)(tree_a64, x_T.clone(), schedules.karras(steps, 0.002, SIGMA_MAX), **kw)

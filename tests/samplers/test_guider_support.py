@@ -4,7 +4,8 @@
 import pytest
 import torch
 
-from guidelab import guidance as G, samplers, schedules, toy
+from guidelab import guidance as G
+from guidelab import samplers, schedules, toy
 from guidelab.errors import GuidelabError
 from guidelab.guidance import fkc_sample, superdiff, tfg_sample
 from guidelab.rng import SampleNoise
@@ -32,8 +33,9 @@ def test_cfgpp_runs_exactly_where_declared_and_is_never_plain_cfg(name):
     cfg(D, 0.6), bit for bit, with no error."""
     g = G.cfgpp(W, 0.6)
     if "renoise" not in samplers.info(name).supports:
-        with pytest.raises(GuidelabError, match=f"cfgpp needs a sampler with the renoise step: {', '.join(sorted(RENOISE))}; "
-                                                f"got {name}"):
+        with pytest.raises(
+            GuidelabError, match=f"cfgpp needs a sampler with the renoise step: {', '.join(sorted(RENOISE))}; got {name}"
+        ):
             _run(name, g)
         # wrappers propagate the need and are refused alike
         for wrapped in (G.interval(g, 0.1, 10.0), G.epsilon_scaling(g, 1.01)):

@@ -49,19 +49,22 @@ def test_unknown_name_lists_known():
     assert samplers.names() == sorted(samplers.names()) and len(samplers.names()) == 14
 
 
-@pytest.mark.parametrize("call, message", [
-    (lambda: samplers.unipc(denoiser, X, GOOD, order=4), "order must be 1, 2 or 3"),
-    (lambda: samplers.unipc(denoiser, X, GOOD, variant="bh3"), "variant"),
-    (lambda: samplers.lms(denoiser, X, GOOD, order=0), "order"),
-    (lambda: samplers.euler_ancestral(denoiser, X, GOOD, eta=-1.0), "eta"),
-    (lambda: samplers.dpmpp_2m_sde(denoiser, X, GOOD, solver_type="rk4"), "solver_type"),
-    (lambda: samplers.ddpm(denoiser, X, GOOD, variance="medium"), "variance"),
-    (lambda: samplers.score_sde_pc(denoiser, X, GOOD, corrector_steps=-1), "corrector_steps"),
-    (lambda: samplers.score_sde_pc(denoiser, X, GOOD, noise=BrownianNoise(range(4))), "BrownianNoise"),
-    (lambda: samplers.euler_ancestral(denoiser, X, GOOD, noise=SampleNoise(range(3))), "batch 4"),
-    (lambda: samplers.dpmpp_2m_sde(denoiser, X, GOOD, noise=BrownianNoise(range(5))), "batch 4"),
-    (lambda: samplers.euler_ancestral(denoiser, X, GOOD, noise="seed"), "noise must be"),
-])
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: samplers.unipc(denoiser, X, GOOD, order=4), "order must be 1, 2 or 3"),
+        (lambda: samplers.unipc(denoiser, X, GOOD, variant="bh3"), "variant"),
+        (lambda: samplers.lms(denoiser, X, GOOD, order=0), "order"),
+        (lambda: samplers.euler_ancestral(denoiser, X, GOOD, eta=-1.0), "eta"),
+        (lambda: samplers.dpmpp_2m_sde(denoiser, X, GOOD, solver_type="rk4"), "solver_type"),
+        (lambda: samplers.ddpm(denoiser, X, GOOD, variance="medium"), "variance"),
+        (lambda: samplers.score_sde_pc(denoiser, X, GOOD, corrector_steps=-1), "corrector_steps"),
+        (lambda: samplers.score_sde_pc(denoiser, X, GOOD, noise=BrownianNoise(range(4))), "BrownianNoise"),
+        (lambda: samplers.euler_ancestral(denoiser, X, GOOD, noise=SampleNoise(range(3))), "batch 4"),
+        (lambda: samplers.dpmpp_2m_sde(denoiser, X, GOOD, noise=BrownianNoise(range(5))), "batch 4"),
+        (lambda: samplers.euler_ancestral(denoiser, X, GOOD, noise="seed"), "noise must be"),
+    ],
+)
 def test_bad_options(call, message):
     with pytest.raises((GuidelabError, ValueError), match=message):
         call()
@@ -71,6 +74,7 @@ def test_bad_options(call, message):
 def test_one_signature(name):
     """Users switch samplers by name: every one takes (denoiser, x, sigmas, *, cond, callback, progress, noise)."""
     import inspect
+
     params = inspect.signature(samplers.get(name)).parameters
     assert list(params)[:3] == ["denoiser", "x", "sigmas"]
     for key in ("cond", "callback", "progress", "noise"):

@@ -37,13 +37,26 @@ SCHEDULES = {
 
 
 @pytest.mark.parametrize("sched", SCHEDULES)
-@pytest.mark.parametrize("name, kwargs", [
-    ("euler", {}), ("heun", {}), ("dpm_2", {}), ("lms", {}), ("lms", {"order": 2}), ("dpmpp_2m", {}),
-    ("euler_ancestral", {"eta": 1.0}), ("euler_ancestral", {"eta": 0.5, "s_noise": 0.9}),
-    ("dpm_2_ancestral", {"eta": 1.0}), ("dpmpp_2s_ancestral", {"eta": 0.7}),
-    ("dpmpp_2m_sde", {"eta": 1.0}), ("dpmpp_2m_sde", {"eta": 0.5, "solver_type": "heun"}),
-    ("dpmpp_2m_sde", {"eta": 0.0}), ("dpmpp_3m_sde", {"eta": 1.0}), ("dpmpp_3m_sde", {"eta": 0.0, "s_noise": 1.1}),
-])
+@pytest.mark.parametrize(
+    "name, kwargs",
+    [
+        ("euler", {}),
+        ("heun", {}),
+        ("dpm_2", {}),
+        ("lms", {}),
+        ("lms", {"order": 2}),
+        ("dpmpp_2m", {}),
+        ("euler_ancestral", {"eta": 1.0}),
+        ("euler_ancestral", {"eta": 0.5, "s_noise": 0.9}),
+        ("dpm_2_ancestral", {"eta": 1.0}),
+        ("dpmpp_2s_ancestral", {"eta": 0.7}),
+        ("dpmpp_2m_sde", {"eta": 1.0}),
+        ("dpmpp_2m_sde", {"eta": 0.5, "solver_type": "heun"}),
+        ("dpmpp_2m_sde", {"eta": 0.0}),
+        ("dpmpp_3m_sde", {"eta": 1.0}),
+        ("dpmpp_3m_sde", {"eta": 0.0, "s_noise": 1.1}),
+    ],
+)
 def test_matches_kdiffusion(ksampling, tree_ab64, sched, name, kwargs):
     sigmas = SCHEDULES[sched]()
     x = _start(tree_ab64, float(sigmas[0]))
@@ -73,7 +86,7 @@ def test_churn_matches_kdiffusion(ksampling, tree_a64, monkeypatch, name):
     monkeypatch.undo()
     assert torch.allclose(ours, ref, rtol=0, atol=1e-6), (ours - ref).abs().max()
     plain = samplers.get(name)(tree_a64, x.clone(), sigmas)
-    assert (ours - plain).abs().max() > 1e-3                   # churn did something
+    assert (ours - plain).abs().max() > 1e-3  # churn did something
 
 
 def test_callback_and_cond_match_kdiffusion(ksampling, tree_a64):
@@ -87,8 +100,7 @@ def test_callback_and_cond_match_kdiffusion(ksampling, tree_a64):
     seen, kseen = [], []
     shift = torch.tensor([0.1, -0.2], dtype=torch.float64)
     ours = samplers.dpmpp_2m(denoiser, x.clone(), sigmas, cond={"shift": shift}, callback=seen.append)
-    ref = ksampling.sample_dpmpp_2m(denoiser, x.clone(), sigmas, extra_args={"shift": shift}, callback=kseen.append,
-                                    disable=True)
+    ref = ksampling.sample_dpmpp_2m(denoiser, x.clone(), sigmas, extra_args={"shift": shift}, callback=kseen.append, disable=True)
     assert torch.allclose(ours, ref, atol=1e-6)
     assert len(seen) == len(kseen) == 6
     for a, b in zip(seen, kseen):
@@ -98,12 +110,14 @@ def test_callback_and_cond_match_kdiffusion(ksampling, tree_a64):
 
 def test_schedules_match_kdiffusion(ksampling):
     previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)                      # k-diffusion builds its ramps in the default dtype
+    torch.set_default_dtype(torch.float64)  # k-diffusion builds its ramps in the default dtype
     try:
-        pairs = [(schedules.karras(10, 0.01, 10.0), ksampling.get_sigmas_karras(10, 0.01, 10.0)),
-                 (schedules.exponential(10, 0.01, 10.0), ksampling.get_sigmas_exponential(10, 0.01, 10.0)),
-                 (schedules.polyexponential(10, 0.01, 10.0, rho=2.0), ksampling.get_sigmas_polyexponential(10, 0.01, 10.0, rho=2.0)),
-                 (schedules.vp(10), ksampling.get_sigmas_vp(10))]
+        pairs = [
+            (schedules.karras(10, 0.01, 10.0), ksampling.get_sigmas_karras(10, 0.01, 10.0)),
+            (schedules.exponential(10, 0.01, 10.0), ksampling.get_sigmas_exponential(10, 0.01, 10.0)),
+            (schedules.polyexponential(10, 0.01, 10.0, rho=2.0), ksampling.get_sigmas_polyexponential(10, 0.01, 10.0, rho=2.0)),
+            (schedules.vp(10), ksampling.get_sigmas_vp(10)),
+        ]
     finally:
         torch.set_default_dtype(previous)
     for ours, ref in pairs:

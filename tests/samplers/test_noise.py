@@ -16,13 +16,22 @@ MU = torch.tensor([0.3, -0.2, 0.5], dtype=torch.float64)
 def gaussian(x, sigma, sd=0.5):
     """Exact denoiser of N(MU, sd^2 I): element-wise, so itself exactly batch-size invariant."""
     s2 = sigma[:, None] ** 2
-    return (x * sd ** 2 + MU * s2) / (sd ** 2 + s2)
+    return (x * sd**2 + MU * s2) / (sd**2 + s2)
 
 
 STOCHASTIC = [
-    ("euler_ancestral", {}), ("dpm_2_ancestral", {}), ("dpmpp_2s_ancestral", {}), ("dpmpp_2m_sde", {}),
-    ("dpmpp_2m_sde", {"solver_type": "heun"}), ("dpmpp_3m_sde", {}), ("ddim", {"eta": 0.5}), ("ddpm", {}),
-    ("ddpm", {"variance": "large"}), ("score_sde_pc", {}), ("euler", {"s_churn": 5.0}), ("heun", {"s_churn": 5.0}),
+    ("euler_ancestral", {}),
+    ("dpm_2_ancestral", {}),
+    ("dpmpp_2s_ancestral", {}),
+    ("dpmpp_2m_sde", {}),
+    ("dpmpp_2m_sde", {"solver_type": "heun"}),
+    ("dpmpp_3m_sde", {}),
+    ("ddim", {"eta": 0.5}),
+    ("ddpm", {}),
+    ("ddpm", {"variance": "large"}),
+    ("score_sde_pc", {}),
+    ("euler", {"s_churn": 5.0}),
+    ("heun", {"s_churn": 5.0}),
     ("dpm_2", {"s_churn": 5.0}),
 ]
 
@@ -65,7 +74,7 @@ def test_brownian_increments_add_up():
     parts = ns(a, b) * math.sqrt(a - b) + ns(b, c) * math.sqrt(b - c)
     assert torch.allclose(whole, parts, atol=1e-9)
     draws = torch.stack([BrownianNoise([s]).tree_sampler(x[:1], 10.0)(5.0, 4.0) for s in range(400)])
-    assert abs(draws.mean()) < 0.1 and abs(draws.std() - 1) < 0.1      # standard normal increments
+    assert abs(draws.mean()) < 0.1 and abs(draws.std() - 1) < 0.1  # standard normal increments
 
 
 def test_brownian_refinement_is_consistent(tree_a64):
@@ -76,6 +85,7 @@ def test_brownian_refinement_is_consistent(tree_a64):
 
     def run(n, noise):
         return samplers.dpmpp_2m_sde(tree_a64, x.clone(), schedules.karras(n, 0.01, 5.0), noise=noise)
+
     brown = (run(32, BrownianNoise(seeds, sigma_max=5.0)) - run(64, BrownianNoise(seeds, sigma_max=5.0))).norm(dim=1).mean()
     fresh = (run(32, SampleNoise(seeds)) - run(64, SampleNoise(seeds))).norm(dim=1).mean()
     assert brown < 0.3 * fresh, (brown, fresh)

@@ -31,8 +31,8 @@ def to_space(D: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor, space: str) 
     if space == "eps":
         return (x - D) / s
     if space == "v":
-        r = (1 + s ** 2).sqrt()
-        return (x / r ** 2 - D) * r / s
+        r = (1 + s**2).sqrt()
+        return (x / r**2 - D) * r / s
     return (x - D) / s - D
 
 
@@ -43,6 +43,6 @@ def from_space(y: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor, space: str
     if space == "eps":
         return x - s * y
     if space == "v":
-        r = (1 + s ** 2).sqrt()
-        return x / r ** 2 - s / r * y
+        r = (1 + s**2).sqrt()
+        return x / r**2 - s / r * y
     return (x - s * y) / (1 + s)

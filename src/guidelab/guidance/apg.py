@@ -21,17 +21,19 @@ class APGMomentum:
     def __init__(self, beta: float):
         self.beta = beta
         self.step: int | None = None
-        self.prev: torch.Tensor | None = None        # m of the last step before the current one
-        self.cur: torch.Tensor | None = None         # m of the current step
+        self.prev: torch.Tensor | None = None  # m of the last step before the current one
+        self.cur: torch.Tensor | None = None  # m of the current step
 
     def __call__(self, dD: torch.Tensor, step: int) -> torch.Tensor:
         first = step != self.step
         if first:
             check(self.step is None or step > self.step, f"APG momentum: step {step} after step {self.step}")
             self.prev, self.step = self.cur, step
-        check(self.prev is None or self.prev.shape == dD.shape,
-              f"APG momentum: the batch changed within a run ({list(self.prev.shape) if self.prev is not None else []} "
-              f"-> {list(dD.shape)}); a sampler evaluates the whole batch at one sigma")
+        check(
+            self.prev is None or self.prev.shape == dD.shape,
+            f"APG momentum: the batch changed within a run ({list(self.prev.shape) if self.prev is not None else []} "
+            f"-> {list(dD.shape)}); a sampler evaluates the whole batch at one sigma",
+        )
         m = dD if self.prev is None else dD + self.beta * self.prev
         if first:
             self.cur = m
@@ -46,8 +48,10 @@ class _APGRule:
         dD = D_c - D_u
         if self.beta != 0:
             if run is None:
-                raise GuidelabError("apg with momentum (beta != 0) keeps per-run state: call it through a sampler, "
-                                    "or bind it to a run with .start(guidance.Run(x, sigmas)) and step through run.steps()")
+                raise GuidelabError(
+                    "apg with momentum (beta != 0) keeps per-run state: call it through a sampler, "
+                    "or bind it to a run with .start(guidance.Run(x, sigmas)) and step through run.steps()"
+                )
             dD = run.state(self, lambda: APGMomentum(self.beta))(dD, run.step)
         if self.r:
             norm = dD.flatten(1).norm(dim=1)

@@ -28,7 +28,9 @@ def cfg(denoiser, w, *, uncond=None, key: str | None = None, null=None) -> Guide
         ref = Branch(denoiser, {key: null})
     else:
         if condition is None or not condition.null:
-            raise GuidelabError(f"cfg with one network needs its null condition: {type(denoiser).__name__} declares "
-                                "no condition; pass null=... or uncond=<network>")
+            raise GuidelabError(
+                f"cfg with one network needs its null condition: {type(denoiser).__name__} declares "
+                "no condition; pass null=... or uncond=<network>"
+            )
         ref = Branch(denoiser, dict(condition.null))
     return Guided(Branch(denoiser), ref, w, "cfg")

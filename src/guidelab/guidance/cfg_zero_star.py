@@ -8,8 +8,9 @@ from ._base import Guided, batch_dot
 from ._spaces import check_space, from_space, to_space
 
 
-def cfg_zero_star(guider: Guided, *, zero_steps: int | None = None, zero_init_sigma: float | None = None,
-                  space: str = "flow") -> Guided:
+def cfg_zero_star(
+    guider: Guided, *, zero_steps: int | None = None, zero_init_sigma: float | None = None, space: str = "flow"
+) -> Guided:
     """CFG-Zero* (Fan et al. 2025, arXiv 2503.18886; WeichenFan/CFG-Zero-star) of ``guider`` (cfg or
     another linear guider): optimised scale and zero-init.
 
@@ -31,12 +32,16 @@ def cfg_zero_star(guider: Guided, *, zero_steps: int | None = None, zero_init_si
     ``space="flow"`` is the paper's; ``"eps"``/``"x0"``/``"v"`` apply the same rule to other outputs.
     """
     check_space(space)
-    check(zero_steps is None or zero_init_sigma is None,
-          "cfg_zero_star takes zero_steps (a step count) or zero_init_sigma (a noise level), not both")
+    check(
+        zero_steps is None or zero_init_sigma is None,
+        "cfg_zero_star takes zero_steps (a step count) or zero_init_sigma (a noise level), not both",
+    )
     if zero_init_sigma is None:
         zero_steps = 1 if zero_steps is None else zero_steps
-        check(isinstance(zero_steps, int) and not isinstance(zero_steps, bool) and zero_steps >= 0,
-              f"zero_steps must be an integer >= 0, got {zero_steps!r}")
+        check(
+            isinstance(zero_steps, int) and not isinstance(zero_steps, bool) and zero_steps >= 0,
+            f"zero_steps must be an integer >= 0, got {zero_steps!r}",
+        )
     else:
         zero_steps = 0
 
@@ -46,9 +51,11 @@ def cfg_zero_star(guider: Guided, *, zero_steps: int | None = None, zero_init_si
         v = (s_star * v_u).lerp(v_c, w)
         if zero_steps:
             if run is None:
-                raise GuidelabError(f"cfg_zero_star zero-initialises the first {zero_steps} steps of a sampler run: "
-                                    "call it through a sampler, bind it with .start(guidance.Run(x, sigmas)), or pass "
-                                    "zero_steps=0 or zero_init_sigma=...")
+                raise GuidelabError(
+                    f"cfg_zero_star zero-initialises the first {zero_steps} steps of a sampler run: "
+                    "call it through a sampler, bind it with .start(guidance.Run(x, sigmas)), or pass "
+                    "zero_steps=0 or zero_init_sigma=..."
+                )
             if run.step < zero_steps:
                 return from_space(v.new_zeros(v.shape), x, sigma, space)
         if zero_init_sigma is not None:

@@ -16,17 +16,19 @@ def class_log_prob_grad(clf: Callable, x: torch.Tensor, sigma: torch.Tensor, y) 
 
     ``y`` is an int or an integer tensor of shape [batch].
     """
-    with torch.inference_mode(False), torch.enable_grad():     # clones: inference tensors cannot enter autograd
+    with torch.inference_mode(False), torch.enable_grad():  # clones: inference tensors cannot enter autograd
         y = torch.as_tensor(y, device=x.device).clone()
         if y.ndim == 0:
             y = y.expand(x.shape[0])
-        check(y.shape == (x.shape[0],) and not y.is_floating_point(),
-              f"the class label must be an int or an integer tensor of shape [batch]=[{x.shape[0]}], "
-              f"got {y.dtype} {list(y.shape)}")
+        check(
+            y.shape == (x.shape[0],) and not y.is_floating_point(),
+            f"the class label must be an int or an integer tensor of shape [batch]=[{x.shape[0]}], got {y.dtype} {list(y.shape)}",
+        )
         xg = x.detach().clone().requires_grad_(True)
         logp = clf(xg, sigma.clone()).log_softmax(1)
-        check(bool(((y >= 0) & (y < logp.shape[1])).all()),
-              f"class labels must lie in [0, {logp.shape[1]}), got {y.tolist()[:8]}")
+        check(
+            bool(((y >= 0) & (y < logp.shape[1])).all()), f"class labels must lie in [0, {logp.shape[1]}), got {y.tolist()[:8]}"
+        )
         (g,) = torch.autograd.grad(logp.gather(1, y.long()[:, None]).sum(), xg)
     return g.detach()
 
@@ -53,7 +55,7 @@ class ClassifierGuided(Guider):
         sigma = as_sigma(sigma, x)
         s = self.w - 1 if not isinstance(self.w, torch.Tensor) else bcast(self.w.to(D) - 1, D)
         grad = class_log_prob_grad(self.clf, x, sigma, cond[self.key])
-        return D + s * bcast(sigma, D) ** 2 * grad.to(D)        # score + s grad log p_phi (ADM Alg. 1)
+        return D + s * bcast(sigma, D) ** 2 * grad.to(D)  # score + s grad log p_phi (ADM Alg. 1)
 
     def __repr__(self) -> str:
         return f"classifier(w={self.w})"

@@ -21,12 +21,17 @@ class Composed(Guider):
     def __init__(self, guiders: Sequence[Guided]):
         check(len(guiders) >= 1, "compose needs at least one guider")
         for g in guiders:
-            check(isinstance(g, Guided) and g.rule is None,
-                  f"compose takes linear guiders (cfg, autoguidance, icg, tsg, pag, ...), got {g!r}")
-            check(not g.requires, f"compose cannot honour {g.name}'s sampler needs ({', '.join(sorted(g.requires))}): "
-                  "use it alone")
-            check(g.main == guiders[0].main, f"compose: {g.name} has another main branch than {guiders[0].name} "
-                  "(same denoiser and overrides needed)")
+            check(
+                isinstance(g, Guided) and g.rule is None,
+                f"compose takes linear guiders (cfg, autoguidance, icg, tsg, pag, ...), got {g!r}",
+            )
+            check(
+                not g.requires, f"compose cannot honour {g.name}'s sampler needs ({', '.join(sorted(g.requires))}): use it alone"
+            )
+            check(
+                g.main == guiders[0].main,
+                f"compose: {g.name} has another main branch than {guiders[0].name} (same denoiser and overrides needed)",
+            )
         self.main = guiders[0].main
         self.parts = [(g.ref, g.w) for g in guiders]
         self.name = "+".join(g.name for g in guiders)
@@ -40,8 +45,9 @@ class Composed(Guider):
         out = None
         for D_k, (_, w) in zip(refs, parts):
             w = bcast(w.to(D), D) if isinstance(w, torch.Tensor) else w
-            g_k = D_k.lerp(D, w)                                     # D + (w_k - 1)(D - D_k)
+            g_k = D_k.lerp(D, w)  # D + (w_k - 1)(D - D_k)
             out = g_k if out is None else out + (g_k - D)
+        assert out is not None
         return out
 
     def unguided(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:

@@ -17,7 +17,10 @@ class EpsilonScaled(Guider):
 
     def __init__(self, denoiser, lam):
         if not callable(lam):
-            check(isinstance(lam, (int, float)) and lam > 0, f"epsilon scaling lambda must be a number > 0 or a function of sigma, got {lam!r}")
+            check(
+                isinstance(lam, (int, float)) and lam > 0,
+                f"epsilon scaling lambda must be a number > 0 or a function of sigma, got {lam!r}",
+            )
         check(callable(denoiser), f"epsilon_scaling needs a denoiser or guider, got {type(denoiser).__name__}")
         self.denoiser, self.lam = denoiser, lam
         inner = denoiser.name if isinstance(denoiser, Guider) else type(denoiser).__name__
@@ -28,7 +31,11 @@ class EpsilonScaled(Guider):
         lam = self.lam(sigma) if callable(self.lam) else self.lam
         if not isinstance(lam, torch.Tensor) and lam == 1:
             return D
-        lam = bcast(torch.as_tensor(lam, dtype=D.dtype, device=D.device).expand(sigma.shape), D) if isinstance(lam, torch.Tensor) else lam
+        lam = (
+            bcast(torch.as_tensor(lam, dtype=D.dtype, device=D.device).expand(sigma.shape), D)
+            if isinstance(lam, torch.Tensor)
+            else lam
+        )
         return x - (x - D) / lam
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:

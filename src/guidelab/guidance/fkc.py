@@ -29,7 +29,7 @@ def systematic_resample(log_w: torch.Tensor, u: float) -> torch.Tensor:
 def ess(log_w: torch.Tensor) -> float:
     """Effective sample size ``(sum W)^2 / sum W^2`` of log-weights [K]."""
     W = torch.softmax(log_w.double(), 0)
-    return float(1 / (W ** 2).sum())
+    return float(1 / (W**2).sum())
 
 
 def _reweight(x, D, c, log_w, d_a, K, clamp, ess_threshold, uniform, i, final):
@@ -41,17 +41,28 @@ def _reweight(x, D, c, log_w, d_a, K, clamp, ess_threshold, uniform, i, final):
     log_w += d_a
     index = torch.arange(B, device=x.device)
     for gi in range(B // K):
-        lw = log_w[gi * K:(gi + 1) * K]
+        lw = log_w[gi * K : (gi + 1) * K]
         if final or ess(lw) < ess_threshold * K:
-            index[gi * K:(gi + 1) * K] = gi * K + systematic_resample(lw, uniform(gi, i))
-            log_w[gi * K:(gi + 1) * K] = 0
+            index[gi * K : (gi + 1) * K] = gi * K + systematic_resample(lw, uniform(gi, i))
+            log_w[gi * K : (gi + 1) * K] = 0
     return x[index], D[index], c[index]
 
 
-def fkc_sample(denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, beta: float | None = None, cond: dict | None = None,
-               callback: Callback | None = None, progress: bool = False, noise=None, particles: int | None = None,
-               ess_threshold: float = 1.0, clamp: float | None = None,
-               generator: torch.Generator | None = None) -> torch.Tensor:
+def fkc_sample(
+    denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    beta: float | None = None,
+    cond: dict | None = None,
+    callback: Callback | None = None,
+    progress: bool = False,
+    noise=None,
+    particles: int | None = None,
+    ess_threshold: float = 1.0,
+    clamp: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """Sample ``p_c^w p_u^(1-w)`` (``denoiser`` a linear guider) or ``p^beta`` (a plain denoiser and ``beta``).
 
     * ``denoiser = cfg(...)`` / ``autoguidance(...)`` / ``icg(...)`` with a scalar weight ``w``: the
@@ -101,6 +112,7 @@ def fkc_sample(denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, beta: float |
         w = float(denoiser.w)
     else:
         check(beta is not None, "fkc_sample needs a linear guider (cfg, autoguidance, ...) or a denoiser with beta=...")
+        assert beta is not None
         w = float(beta)
     check(math.isfinite(w), f"the exponent must be finite, got {w}")
     check(clamp is None or clamp > 0, f"clamp must be None or > 0, got {clamp}")
@@ -108,8 +120,7 @@ def fkc_sample(denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, beta: float |
     sigmas = check_inputs(x, sigmas)
     B = x.shape[0]
     K = B if particles is None else particles
-    check(isinstance(K, int) and K >= 1 and B % K == 0,
-          f"particles must be an integer dividing the batch {B}, got {particles!r}")
+    check(isinstance(K, int) and K >= 1 and B % K == 0, f"particles must be an integer dividing the batch {B}, got {particles!r}")
     guided = isinstance(denoiser, Guided)
     denoiser, run = begin_run(denoiser, x, sigmas, noise, "fkc_sample", supports=frozenset())
     draw = resolve_noise(noise, x, sigmas)
@@ -119,8 +130,8 @@ def fkc_sample(denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, beta: float |
     log_w = torch.zeros(B, dtype=torch.float64, device=x.device)
 
     def uniform(group: int, i: int) -> float:
-        if seeds is not None:     # from the group's own seeds only (see below)
-            key = hash((tuple(seeds[group * K:(group + 1) * K]), i, 0x464B43)) & 0x7FFF_FFFF_FFFF_FFFF
+        if seeds is not None:  # from the group's own seeds only (see below)
+            key = hash((tuple(seeds[group * K : (group + 1) * K]), i, 0x464B43)) & 0x7FFF_FFFF_FFFF_FFFF
             g = torch.Generator().manual_seed(key)
             return float(torch.rand((), generator=g, dtype=torch.float64))
         return float(torch.rand((), generator=generator, dtype=torch.float64))
@@ -132,14 +143,14 @@ def fkc_sample(denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, beta: float |
         run.evaluations += 1
         if guided:
             D_main, D_ref = denoiser.branches(x, s_vec, cond)
-            D = D_ref.lerp(D_main, w)                        # score (1 - w) s_ref + w s_main
+            D = D_ref.lerp(D_main, w)  # score (1 - w) s_ref + w s_main
         else:
-            D_main, D_ref = denoiser(x, s_vec, **cond), x    # flat reference: s_ref = 0
-            D = x.lerp(D_main, w)                            # score beta s
+            D_main, D_ref = denoiser(x, s_vec, **cond), x  # flat reference: s_ref = 0
+            D = x.lerp(D_main, w)  # score beta s
         report(callback, x, i, sigmas, sigma, D)
         # FKC weight rate per unit |d sigma|: c = w (w - 1) sigma |s_main - s_ref|^2 with
         # s_main - s_ref = (D_main - D_ref) / sigma^2; trapezoid rule over each step (end value = next start value).
-        c = w * (w - 1) / sigma ** 3 * (D_main - D_ref).double().flatten(1).square().sum(1)
+        c = w * (w - 1) / sigma**3 * (D_main - D_ref).double().flatten(1).square().sum(1)
         if c_prev is not None and w != 1:
             d_a = 0.5 * (c_prev + c) * (sig[i - 1] - sigma)
             x, D, c = _reweight(x, D, c, log_w, d_a, K, clamp, ess_threshold, uniform, i, False)
@@ -148,6 +159,7 @@ def fkc_sample(denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, beta: float |
         if sigma_next > 0 and sigma_up > 0:
             x = x + draw(sigma, sigma_next) * sigma_up
         c_prev = c
-    if w != 1:                                               # last interval [0, sigma_{N-1}]: c = 0 at sigma = 0
+    if w != 1:  # last interval [0, sigma_{N-1}]: c = 0 at sigma = 0
+        assert c_prev is not None
         x, _, _ = _reweight(x, x, c_prev, log_w, 0.5 * c_prev * sig[-2], K, clamp, ess_threshold, uniform, len(sig), True)
     return x

@@ -14,8 +14,7 @@ def _seed_list(seeds) -> list[int] | None:
     return None if seeds is None else [int(s) for s in (seeds.tolist() if isinstance(seeds, torch.Tensor) else seeds)]
 
 
-def icg(denoiser, w, *, key: str | None = None, kind: str | None = None, num_classes: int | None = None,
-        seeds=None) -> Guided:
+def icg(denoiser, w, *, key: str | None = None, kind: str | None = None, num_classes: int | None = None, seeds=None) -> Guided:
     """Independent condition guidance, ICG (Sadat et al., "No Training, No Problem", ICLR 2025,
     arXiv 2407.02687) of ``denoiser`` at weight ``w``; both branches in one batched call.
 
@@ -44,15 +43,21 @@ def icg(denoiser, w, *, key: str | None = None, kind: str | None = None, num_cla
     if kind == "label":
         if num_classes is None and condition is not None:
             num_classes = condition.num_classes
-        check(isinstance(num_classes, int) and num_classes >= 2,
-              f"icg with random labels needs num_classes >= 2 (pass num_classes=...), got {num_classes!r}")
+        check(
+            isinstance(num_classes, int) and num_classes >= 2,
+            f"icg with random labels needs num_classes >= 2 (pass num_classes=...), got {num_classes!r}",
+        )
 
         def y_hat(y, x, sigma, run):
             check(isinstance(y, torch.Tensor), f"icg needs cond[{key!r}] as a [batch] label tensor")
             return draw_labels(draw_seeds(seeds, run), sigma, num_classes, _SALT, y)
     else:
+
         def y_hat(y, x, sigma, run):
-            check(isinstance(y, torch.Tensor) and y.ndim >= 2, f"icg kind='gaussian' needs cond[{key!r}] as a [batch, ...] embedding")
+            check(
+                isinstance(y, torch.Tensor) and y.ndim >= 2,
+                f"icg kind='gaussian' needs cond[{key!r}] as a [batch, ...] embedding",
+            )
             flat = y.flatten(1)
             n = draw_normal(draw_seeds(seeds, run), sigma, y.shape[1:], _SALT, y)
             shape = (-1,) + (1,) * (y.ndim - 1)

@@ -18,8 +18,11 @@ class Interval(Guider):
     """``guider`` inside (sigma_lo, sigma_hi], its unguided main branch outside; see :func:`interval`."""
 
     def __init__(self, guider: Guider, sigma_lo: float, sigma_hi: float):
-        check(isinstance(guider, Guider), f"interval needs a guider with an unguided branch (cfg, autoguidance, icg, "
-              f"tsg, apg, ...), got {type(guider).__name__}")
+        check(
+            isinstance(guider, Guider),
+            f"interval needs a guider with an unguided branch (cfg, autoguidance, icg, "
+            f"tsg, apg, ...), got {type(guider).__name__}",
+        )
         check(0 <= sigma_lo < sigma_hi, f"need 0 <= sigma_lo < sigma_hi, got sigma_lo={sigma_lo}, sigma_hi={sigma_hi}")
         self.guider, self.sigma_lo, self.sigma_hi = guider, float(sigma_lo), float(sigma_hi)
         self.name, self.requires = f"interval[{guider.name}]", guider.requires
@@ -50,9 +53,11 @@ class Interval(Guider):
 
     def pair(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> tuple[torch.Tensor, torch.Tensor]:
         """The guider's (D_data, D_renoise) inside (CFG++ inside an interval); ``(D, D)`` outside."""
+
         def outside(x, sigma, **c):
             D = self.guider.unguided(x, sigma, **c)
             return D, D
+
         return self._run(self.guider.pair, outside, x, sigma, cond)
 
     def start(self, run: Run) -> "Interval":

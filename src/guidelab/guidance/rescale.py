@@ -32,8 +32,8 @@ def rescale(guider: Guided, phi: float = 0.7, *, space: str = "v") -> Guided:
 
     def rule(D, D_ref, w, x, sigma, run):
         y_c, y_u = to_space(D, x, sigma, space), to_space(D_ref, x, sigma, space)
-        y_cfg = y_u.lerp(y_c, w)                                   # eq. 15
-        y_re = y_cfg * (_std(y_c) / _std(y_cfg))                   # eq. 16
+        y_cfg = y_u.lerp(y_c, w)  # eq. 15
+        y_re = y_cfg * (_std(y_c) / _std(y_cfg))  # eq. 16
         return from_space(y_cfg.lerp(y_re, phi), x, sigma, space)  # eq. 17
 
     return guider.with_rule(rule, f"rescale[{guider.name}]")

@@ -18,10 +18,23 @@ def _branch(b) -> Branch:
     return b if isinstance(b, Branch) else Branch(b)
 
 
-def superdiff(model_1, model_2, x: torch.Tensor, sigmas: torch.Tensor, *, mode: str = "and",
-              temperature: float = 1.0, bias: float = 0.0, uncond=None, w: float = 1.0, cond: dict | None = None,
-              callback: Callback | None = None, progress: bool = False, noise=None,
-              return_logq: bool = False):
+def superdiff(
+    model_1,
+    model_2,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    mode: str = "and",
+    temperature: float = 1.0,
+    bias: float = 0.0,
+    uncond=None,
+    w: float = 1.0,
+    cond: dict | None = None,
+    callback: Callback | None = None,
+    progress: bool = False,
+    noise=None,
+    return_logq: bool = False,
+):
     """Sample the OR (mixture) or AND (equal-density) superposition of ``model_1`` and ``model_2``.
 
     Models are denoisers or :class:`~guidelab.guidance.Branch` es (e.g. one network with two labels:
@@ -69,8 +82,7 @@ def superdiff(model_1, model_2, x: torch.Tensor, sigmas: torch.Tensor, *, mode: 
     for b in branches:
         check_support(b.denoiser, "superdiff", frozenset())
     run = Run(x, sigmas, noise_seeds(noise))
-    branches = [Branch(b.denoiser.start(run) if isinstance(b.denoiser, Guider) else b.denoiser, b.overrides)
-                for b in branches]
+    branches = [Branch(b.denoiser.start(run) if isinstance(b.denoiser, Guider) else b.denoiser, b.overrides) for b in branches]
     draw = resolve_noise(noise, x, sigmas)
     cond = cond or {}
     sig = sigmas.tolist()
@@ -80,8 +92,8 @@ def superdiff(model_1, model_2, x: torch.Tensor, sigmas: torch.Tensor, *, mode: 
         sigma, sigma_next = sig[i], sig[i + 1]
         run.evaluations += 1
         Ds = evaluate(branches, x, torch.full((B,), sigma, dtype=x.dtype, device=x.device), cond, run)
-        s1, s2 = ((D - x) / sigma ** 2 for D in Ds[:2])
-        base = s2 if w == 1 else (Ds[2] - x) / sigma ** 2 + w * (s2 - (Ds[2] - x) / sigma ** 2)
+        s1, s2 = ((D - x) / sigma**2 for D in Ds[:2])
+        base = s2 if w == 1 else (Ds[2] - x) / sigma**2 + w * (s2 - (Ds[2] - x) / sigma**2)
         delta = s1 - s2
         last = sigma_next == 0
         h = sigma * (sigma - sigma_next)
@@ -95,11 +107,12 @@ def superdiff(model_1, model_2, x: torch.Tensor, sigmas: torch.Tensor, *, mode: 
             kappa = num.double() / (2 * h * w * batch_dot(delta, delta).double().clamp_min(1e-300))
         k = kappa.to(x.dtype).reshape((B,) + (1,) * (x.ndim - 1))
         s = base + w * k * delta
-        report(callback, x, i, sigmas, sigma, x + sigma ** 2 * s)
+        report(callback, x, i, sigmas, sigma, x + sigma**2 * s)
         if last:
-            return (x + sigma ** 2 * s, logq) if return_logq else x + sigma ** 2 * s   # D of the mixed score
-        dx = 2 * h * s + math.sqrt(2 * h) * n                                          # Euler-Maruyama, reverse SDE
+            return (x + sigma**2 * s, logq) if return_logq else x + sigma**2 * s  # D of the mixed score
+        assert n is not None
+        dx = 2 * h * s + math.sqrt(2 * h) * n  # Euler-Maruyama, reverse SDE
         for j, si in enumerate((s1, s2)):
-            logq[j] += (batch_dot(dx, si) - h * batch_dot(si, si)).double()            # Itô density estimator
+            logq[j] += (batch_dot(dx, si) - h * batch_dot(si, si)).double()  # Itô density estimator
         x = x + dx
     return (x, logq) if return_logq else x

@@ -11,7 +11,7 @@ from ..errors import GuidelabError, check
 from ..samplers.base import Callback, ancestral_step, begin_run, check_inputs, euler_step, evaluator, report, resolve_noise
 from ..samplers.noise import BrownianNoise
 
-_C = dict(rho_schedule="constant", mu_schedule="constant")     # the original methods' constant step sizes
+_C = dict(rho_schedule="constant", mu_schedule="constant")  # the original methods' constant step sizes
 #: TFG's defaults and the TFG-space analogues of DPS, LGD, FreeDoM, MPGD and UGD (TFG paper, Sec. 3).
 PRESETS: dict[str, dict] = {
     "tfg": dict(rho=1.0, mu=1.0, gamma=0.01, n_recur=1, n_iter=1, eps_bsz=4),
@@ -27,7 +27,7 @@ _SCHEDULES = ("increase", "decrease", "constant")
 def _step_weights(sig: list[float], kind: str) -> list[float]:
     """``s_t N / sum(s)`` for each step (official ``get_rho``/``get_mu``): alpha_t, 1 - alpha_t or 1."""
     check(kind in _SCHEDULES, f"unknown schedule {kind!r}; allowed: {list(_SCHEDULES)}")
-    alpha = [(1 + b * b) / (1 + a * a) for a, b in zip(sig[:-1], sig[1:])]    # alpha_t = abar_t / abar_{t-1}
+    alpha = [(1 + b * b) / (1 + a * a) for a, b in zip(sig[:-1], sig[1:])]  # alpha_t = abar_t / abar_{t-1}
     s = {"increase": alpha, "decrease": [1 - a for a in alpha], "constant": [1.0] * len(alpha)}[kind]
     total = sum(s)
     return [v * len(s) / total for v in s]
@@ -37,8 +37,10 @@ def _smoothed(objective: Callable, y: torch.Tensor, eps: list[torch.Tensor | Non
     """``log mean_i f(y + eps_i)`` [batch] (Gaussian-smoothed objective, TFG eq. 6)."""
     logf = [objective(y if e is None else y + e) for e in eps]
     for v in logf:
-        check(isinstance(v, torch.Tensor) and v.shape == y.shape[:1],
-              f"objective must return log f of shape [batch]=[{y.shape[0]}], got {getattr(v, 'shape', type(v).__name__)}")
+        check(
+            isinstance(v, torch.Tensor) and v.shape == y.shape[:1],
+            f"objective must return log f of shape [batch]=[{y.shape[0]}], got {getattr(v, 'shape', type(v).__name__)}",
+        )
     return torch.logsumexp(torch.stack(logf), 0) - math.log(len(eps))
 
 
@@ -53,16 +55,19 @@ def _clip_range(clip_x0, x: torch.Tensor) -> tuple[float, float] | None:
     if isinstance(clip_x0, (int, float)) and not isinstance(clip_x0, bool):
         check(math.isfinite(clip_x0) and clip_x0 > 0, f"clip_x0 must be a finite number > 0, got {clip_x0!r}")
         return -float(clip_x0), float(clip_x0)
-    ok = (isinstance(clip_x0, (tuple, list)) and len(clip_x0) == 2
-          and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in clip_x0)
-          and clip_x0[0] < clip_x0[1])
-    check(ok, f"clip_x0 must be 'images', None, a number c > 0 (range [-c, c]) or a pair (lo, hi) with lo < hi, "
-          f"got {clip_x0!r}")
+    ok = (
+        isinstance(clip_x0, (tuple, list))
+        and len(clip_x0) == 2
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in clip_x0)
+        and clip_x0[0] < clip_x0[1]
+    )
+    check(ok, f"clip_x0 must be 'images', None, a number c > 0 (range [-c, c]) or a pair (lo, hi) with lo < hi, got {clip_x0!r}")
     return float(clip_x0[0]), float(clip_x0[1])
 
 
-def measurement_objective(A, y: torch.Tensor, *, kind: str = "dps",
-                          sigma_y: float = 1.0) -> Callable[[torch.Tensor], torch.Tensor]:
+def measurement_objective(
+    A, y: torch.Tensor, *, kind: str = "dps", sigma_y: float = 1.0
+) -> Callable[[torch.Tensor], torch.Tensor]:
     """Objective ``log f(x0)`` [batch] for a measurement ``y = A(x0) + noise`` (inverse problems).
 
     ``A``: a callable ``A(x0) -> [batch, ...]`` or a matrix [m, d] applied to the flattened x0 [batch, d];
@@ -75,26 +80,46 @@ def measurement_objective(A, y: torch.Tensor, *, kind: str = "dps",
     if isinstance(A, torch.Tensor):
         check(A.ndim == 2, f"a matrix A must be [m, d], got shape {list(A.shape)}")
         M = A
-        A = lambda x0: x0.flatten(1) @ M.to(x0).t()                 # noqa: E731
+        A = lambda x0: x0.flatten(1) @ M.to(x0).t()  # noqa: E731
     check(callable(A), "A must be a callable A(x0) or a matrix [m, d]")
 
     def objective(x0: torch.Tensor) -> torch.Tensor:
         Ax = A(x0)
-        check(isinstance(Ax, torch.Tensor) and Ax.ndim >= 1 and Ax.shape[0] == x0.shape[0],
-              f"A(x0) must return a tensor [batch={x0.shape[0]}, ...], got {getattr(Ax, 'shape', type(Ax).__name__)}")
-        r = (y.to(Ax) - Ax).reshape(x0.shape[0], -1)                   # y broadcasts over the batch
+        check(
+            isinstance(Ax, torch.Tensor) and Ax.ndim >= 1 and Ax.shape[0] == x0.shape[0],
+            f"A(x0) must return a tensor [batch={x0.shape[0]}, ...], got {getattr(Ax, 'shape', type(Ax).__name__)}",
+        )
+        r = (y.to(Ax) - Ax).reshape(x0.shape[0], -1)  # y broadcasts over the batch
         if kind == "dps":
-            return -torch.linalg.vector_norm(r, dim=1)              # DPS: grad of the norm (Chung et al. 2023, Alg. 1)
-        return -r.square().sum(1) / (2 * sigma_y ** 2)
+            return -torch.linalg.vector_norm(r, dim=1)  # DPS: grad of the norm (Chung et al. 2023, Alg. 1)
+        return -r.square().sum(1) / (2 * sigma_y**2)
+
     return objective
 
 
-def tfg_sample(denoiser, x: torch.Tensor, sigmas: torch.Tensor, objective: Callable[[torch.Tensor], torch.Tensor], *,
-               preset: str = "tfg", rho: float | None = None, mu: float | None = None, gamma: float | None = None,
-               n_recur: int | None = None, n_iter: int | None = None, eps_bsz: int | None = None,
-               rho_schedule: str | None = None, mu_schedule: str | None = None, gamma_schedule: str = "decrease",
-               clip_x0="images", eta: float = 1.0, cond: dict | None = None, callback: Callback | None = None,
-               progress: bool = False, noise=None) -> torch.Tensor:
+def tfg_sample(
+    denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    objective: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    preset: str = "tfg",
+    rho: float | None = None,
+    mu: float | None = None,
+    gamma: float | None = None,
+    n_recur: int | None = None,
+    n_iter: int | None = None,
+    eps_bsz: int | None = None,
+    rho_schedule: str | None = None,
+    mu_schedule: str | None = None,
+    gamma_schedule: str = "decrease",
+    clip_x0="images",
+    eta: float = 1.0,
+    cond: dict | None = None,
+    callback: Callback | None = None,
+    progress: bool = False,
+    noise=None,
+) -> torch.Tensor:
     """Sample with TFG guidance toward ``objective(x0) -> log f(x0)`` [batch] (differentiable).
 
     ``preset`` picks the method (see the table below); any of ``rho, mu, gamma, n_recur, n_iter,
@@ -171,22 +196,35 @@ def tfg_sample(denoiser, x: torch.Tensor, sigmas: torch.Tensor, objective: Calla
     if preset not in PRESETS:
         raise GuidelabError(f"unknown TFG preset {preset!r}; allowed: {sorted(PRESETS)}")
     p = {"rho_schedule": "increase", "mu_schedule": "increase", **PRESETS[preset]}
-    for k, v in dict(rho=rho, mu=mu, gamma=gamma, n_recur=n_recur, n_iter=n_iter, eps_bsz=eps_bsz,
-                     rho_schedule=rho_schedule, mu_schedule=mu_schedule).items():
+    for k, v in dict(
+        rho=rho,
+        mu=mu,
+        gamma=gamma,
+        n_recur=n_recur,
+        n_iter=n_iter,
+        eps_bsz=eps_bsz,
+        rho_schedule=rho_schedule,
+        mu_schedule=mu_schedule,
+    ).items():
         if v is not None:
             p[k] = v
     for k in ("rho", "mu", "gamma"):
         check(isinstance(p[k], (int, float)) and math.isfinite(p[k]), f"{k} must be a finite number, got {p[k]!r}")
     check(p["gamma"] >= 0, f"gamma must be >= 0, got {p['gamma']}")
     for k, lo in (("n_recur", 1), ("n_iter", 0), ("eps_bsz", 1)):
-        check(isinstance(p[k], int) and not isinstance(p[k], bool) and p[k] >= lo,
-              f"{k} must be an integer >= {lo}, got {p[k]!r}")
+        check(
+            isinstance(p[k], int) and not isinstance(p[k], bool) and p[k] >= lo, f"{k} must be an integer >= {lo}, got {p[k]!r}"
+        )
     check(eta >= 0, f"eta must be >= 0, got {eta}")
-    check(gamma_schedule in ("decrease", "constant"),
-          f"unknown gamma_schedule {gamma_schedule!r}; allowed: 'decrease', 'constant'")
+    check(
+        gamma_schedule in ("decrease", "constant"), f"unknown gamma_schedule {gamma_schedule!r}; allowed: 'decrease', 'constant'"
+    )
     check(callable(objective), "objective must be a callable objective(x0) -> log f(x0) of shape [batch]")
-    check(not isinstance(noise, BrownianNoise), "tfg_sample draws several independent noises per step (smoothing, "
-          "DDIM noise, renoising), which one Brownian path cannot give: use SampleNoise or a noise sampler")
+    check(
+        not isinstance(noise, BrownianNoise),
+        "tfg_sample draws several independent noises per step (smoothing, "
+        "DDIM noise, renoising), which one Brownian path cannot give: use SampleNoise or a noise sampler",
+    )
     clip = _clip_range(clip_x0, x)
 
     sigmas = check_inputs(x, sigmas)
@@ -199,28 +237,28 @@ def tfg_sample(denoiser, x: torch.Tensor, sigmas: torch.Tensor, objective: Calla
 
     def D_of(x_, s):
         D = evaluate(x_, s)
-        return D if clip is None else D.clamp(*clip)               # official _predict_x0: clip, grad through it
+        return D if clip is None else D.clamp(*clip)  # official _predict_x0: clip, grad through it
 
     for i in run.steps(progress, f"tfg-{preset}"):
         sigma, sigma_next = sig[i], sig[i + 1]
         rho_t, mu_t = p["rho"] * rho_w[i], p["mu"] * mu_w[i]
-        gamma_t = p["gamma"] * (sigma / math.sqrt(1 + sigma ** 2) if gamma_schedule == "decrease" else 1.0)
+        gamma_t = p["gamma"] * (sigma / math.sqrt(1 + sigma**2) if gamma_schedule == "decrease" else 1.0)
         sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
         for r in range(p["n_recur"]):
             eps = [gamma_t * noise(sigma, sigma_next) for _ in range(p["eps_bsz"])] if gamma_t > 0 else [None]
             if rho_t != 0:
-                with torch.inference_mode(False), torch.enable_grad():   # also works under inference_mode
+                with torch.inference_mode(False), torch.enable_grad():  # also works under inference_mode
                     xg = x.detach().clone().requires_grad_(True)
                     eps = [None if e is None else e.clone() for e in eps]
                     D = D_of(xg, sigma)
                     (grad_x,) = torch.autograd.grad(_smoothed(objective, D, eps).sum(), xg)
                 D = D.detach()
-                delta_t = rho_t * (1 + sigma ** 2) * grad_x          # VP Delta_t / sqrt(alpha_t), in EDM x units
+                delta_t = rho_t * (1 + sigma**2) * grad_x  # VP Delta_t / sqrt(alpha_t), in EDM x units
             else:
                 D, delta_t = D_of(x, sigma), None
             y = D
             if mu_t != 0:
-                for _ in range(p["n_iter"]):                          # gradient ascent on x0 (TFG Alg. 1, line 8)
+                for _ in range(p["n_iter"]):  # gradient ascent on x0 (TFG Alg. 1, line 8)
                     with torch.inference_mode(False), torch.enable_grad():
                         yg = y.detach().clone().requires_grad_(True)
                         eps = [None if e is None else e.clone() for e in eps]
@@ -228,14 +266,14 @@ def tfg_sample(denoiser, x: torch.Tensor, sigmas: torch.Tensor, objective: Calla
                     y = y + mu_t * grad_y
             if r == 0:
                 report(callback, x, i, sigmas, sigma, D)
-            x_prev = euler_step(None, x, D, sigma, sigma_down)      # DDIM(eta) step, deterministic part
+            x_prev = euler_step(None, x, D, sigma, sigma_down)  # DDIM(eta) step, deterministic part
             if sigma_next > 0 and sigma_up > 0:
                 x_prev = x_prev + noise(sigma, sigma_next) * sigma_up
             if delta_t is not None:
                 x_prev = x_prev + delta_t
             if mu_t != 0 and p["n_iter"] > 0:
-                x_prev = x_prev + (y - D)                             # sqrt(abar_{t-1}) Delta_0 in VP units
-            if r < p["n_recur"] - 1:                                  # renoise sigma_next -> sigma (time travel)
-                x = x_prev + math.sqrt(sigma ** 2 - sigma_next ** 2) * noise(sigma, sigma_next)
+                x_prev = x_prev + (y - D)  # sqrt(abar_{t-1}) Delta_0 in VP units
+            if r < p["n_recur"] - 1:  # renoise sigma_next -> sigma (time travel)
+                x = x_prev + math.sqrt(sigma**2 - sigma_next**2) * noise(sigma, sigma_next)
         x = x_prev.detach()
     return x

@@ -14,8 +14,18 @@ _SALT = 0x75C
 FORMS = ("vector", "scalar")
 
 
-def tsg(denoiser, w, *, s: float = 0.5, alpha: float = 0.0, form: str | None = None, dim: int | None = None,
-        key: str = KEY, seeds=None, hook: bool = True) -> Guided:
+def tsg(
+    denoiser,
+    w,
+    *,
+    s: float = 0.5,
+    alpha: float = 0.0,
+    form: str | None = None,
+    dim: int | None = None,
+    key: str = KEY,
+    seeds=None,
+    hook: bool = True,
+) -> Guided:
     """Time-step guidance, TSG (Sadat et al., "No Training, No Problem", ICLR 2025, arXiv 2407.02687) of
     ``denoiser`` at weight ``w``: one batched call of both branches.
 
@@ -49,12 +59,17 @@ def tsg(denoiser, w, *, s: float = 0.5, alpha: float = 0.0, form: str | None = N
     """
     form = form if form is not None else "vector" if hook else "scalar"
     check(form in FORMS, f"tsg form must be 'vector' or 'scalar', got {form!r}")
-    check(hook or (form == "scalar" and dim is None),
-          "tsg's black-box fallback (hook=False) perturbs sigma, a scalar: form must be 'scalar' and dim None")
+    check(
+        hook or (form == "scalar" and dim is None),
+        "tsg's black-box fallback (hook=False) perturbs sigma, a scalar: form must be 'scalar' and dim None",
+    )
     if form == "vector":
         dim = dim if dim is not None else getattr(denoiser, "noise_embed_dim", None)
-        check(dim is not None, f"tsg's vector form needs the size of the noise embedding: {type(denoiser).__name__} "
-              "declares no noise_embed_dim; pass dim=... or form='scalar'")
+        check(
+            dim is not None,
+            f"tsg's vector form needs the size of the noise embedding: {type(denoiser).__name__} "
+            "declares no noise_embed_dim; pass dim=... or form='scalar'",
+        )
         check(isinstance(dim, int) and not isinstance(dim, bool) and dim >= 1, f"tsg dim must be an integer >= 1, got {dim!r}")
     else:
         check(dim is None, f"tsg's scalar form perturbs c_noise: dim must be None, got {dim!r}")
@@ -62,16 +77,18 @@ def tsg(denoiser, w, *, s: float = 0.5, alpha: float = 0.0, form: str | None = N
     shape = () if form == "scalar" else (dim,)
 
     def offset(_, x, sigma, run):
-        t = sigma ** 2 / (1 + sigma ** 2)
+        t = sigma**2 / (1 + sigma**2)
         n = draw_normal(draw_seeds(seeds, run), sigma, shape, _SALT, x)
-        return bcast(s * t.to(n.dtype) ** alpha, n) * n             # s t^alpha n
+        return bcast(s * t.to(n.dtype) ** alpha, n) * n  # s t^alpha n
 
     def zero(_, x, sigma):
         return x.new_zeros((x.shape[0],) + shape)
 
     net = denoiser
     if not hook:
-        def net(x, sigma, **cond):                                      # black-box fallback
+
+        def net(x, sigma, **cond):  # black-box fallback
             off = cond.pop(key)
             return denoiser(x, sigma * torch.exp(4 * off.reshape(sigma.shape)), **cond)
+
     return Guided(Branch(net, {key: PerCall(zero)}), Branch(net, {key: PerCall(offset, with_run=True)}), w, "tsg")

@@ -20,8 +20,12 @@ def one_hot_label(label, num_classes: int, x: torch.Tensor) -> torch.Tensor | No
     label = torch.as_tensor(num_classes if label is None else label, device=x.device)
     if label.ndim == 0:
         label = label.expand(n)
-    check(label.shape == (n,) and not label.is_floating_point() and not label.is_complex(),
-          f"label must be an integer tensor of shape [batch]=[{n}], got {label.dtype} {list(label.shape)}")
-    check(bool(((label >= 0) & (label <= num_classes)).all()),
-          f"labels must lie in [0, {num_classes}] ({num_classes} = null), got {label.tolist()[:8]}")
+    check(
+        label.shape == (n,) and not label.is_floating_point() and not label.is_complex(),
+        f"label must be an integer tensor of shape [batch]=[{n}], got {label.dtype} {list(label.shape)}",
+    )
+    check(
+        bool(((label >= 0) & (label <= num_classes)).all()),
+        f"labels must lie in [0, {num_classes}] ({num_classes} = null), got {label.tolist()[:8]}",
+    )
     return nn.functional.one_hot(label.long(), num_classes + 1).to(x.dtype)

@@ -68,8 +68,7 @@ class ToyClassifier(nn.Module):
     def __init__(self, dim: int = 2, num_classes: int = 2, hidden: int = 64, depth: int = 3, sigma_data: float = 0.5):
         super().__init__()
         for name, v, lo in (("dim", dim, 1), ("num_classes", num_classes, 2), ("hidden", hidden, 1), ("depth", depth, 0)):
-            check(isinstance(v, int) and not isinstance(v, bool) and v >= lo,
-                  f"{name} must be an integer >= {lo}, got {v!r}")
+            check(isinstance(v, int) and not isinstance(v, bool) and v >= lo, f"{name} must be an integer >= {lo}, got {v!r}")
         check(isinstance(sigma_data, (int, float)) and sigma_data > 0, f"sigma_data must be > 0, got {sigma_data!r}")
         self.dim, self.num_classes, self.hidden, self.depth = dim, num_classes, hidden, depth
         self.sigma_data = float(sigma_data)
@@ -79,23 +78,32 @@ class ToyClassifier(nn.Module):
         nn.init.zeros_(self.head.bias)
 
     def config(self) -> dict:
-        return dict(dim=self.dim, num_classes=self.num_classes, hidden=self.hidden, depth=self.depth,
-                    sigma_data=self.sigma_data)
+        return dict(dim=self.dim, num_classes=self.num_classes, hidden=self.hidden, depth=self.depth, sigma_data=self.sigma_data)
 
     def forward(self, x: torch.Tensor, sigma) -> torch.Tensor:
-        check(isinstance(x, torch.Tensor) and x.ndim == 2 and x.shape[1] == self.dim,
-              f"x must be a tensor of shape [batch, {self.dim}], got {list(getattr(x, 'shape', []))}")
+        check(
+            isinstance(x, torch.Tensor) and x.ndim == 2 and x.shape[1] == self.dim,
+            f"x must be a tensor of shape [batch, {self.dim}], got {list(getattr(x, 'shape', []))}",
+        )
         sigma = as_sigma(sigma, x).clamp_min(1e-20)
-        x_in = x / (self.sigma_data ** 2 + sigma ** 2).sqrt()[:, None]
+        x_in = x / (self.sigma_data**2 + sigma**2).sqrt()[:, None]
         y = self.layers[0](torch.cat([x_in, sigma.log()[:, None] / 4, torch.ones_like(x_in[:, :1])], 1))
         for layer in self.layers[1:]:
             y = layer(mp_silu(y))
         return self.head(mp_silu(y))
 
 
-def train_tree_classifier(model: ToyClassifier | None = None, *, steps: int = 1500, batch: int = 512,
-                          n_data: int = 32768, lr: float = 1e-2, sigma_min: float = 0.002, sigma_max: float = 10.0,
-                          seed: int = 0) -> ToyClassifier:
+def train_tree_classifier(
+    model: ToyClassifier | None = None,
+    *,
+    steps: int = 1500,
+    batch: int = 512,
+    n_data: int = 32768,
+    lr: float = 1e-2,
+    sigma_min: float = 0.002,
+    sigma_max: float = 10.0,
+    seed: int = 0,
+) -> ToyClassifier:
     """Fit a noise-aware A/B classifier on the exact tree; returns the model in eval mode.
 
     Data: ``n_data`` pairs ``(x, sigma)`` with ``log sigma ~ U[log sigma_min, log sigma_max]`` and
@@ -107,8 +115,11 @@ def train_tree_classifier(model: ToyClassifier | None = None, *, steps: int = 15
     model = model if model is not None else ToyClassifier()
     check(model.num_classes == 2 and model.dim == 2, "train_tree_classifier needs a 2-D, 2-class ToyClassifier")
     g = torch.Generator().manual_seed(seed)
-    sigma = (math.log(sigma_min) + torch.rand(n_data, generator=g, dtype=torch.float64)
-             * (math.log(sigma_max) - math.log(sigma_min))).exp().float()
+    sigma = (
+        (math.log(sigma_min) + torch.rand(n_data, generator=g, dtype=torch.float64) * (math.log(sigma_max) - math.log(sigma_min)))
+        .exp()
+        .float()
+    )
     x = tree("AB").sample(n_data, sigma, generator=g)
     with torch.no_grad():
         target = tree_classifier().posterior(x, sigma)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from typing import cast
 
 import torch
 from torch import nn
@@ -39,9 +40,26 @@ from .edm2_latents import Standardization, VAELatents, load_vae
 from .edm2_presets import PRESETS, Preset, guided, resolve
 from .registry import register
 
-__all__ = ["EDM2", "UNet", "Block", "MPConv", "MPFourier", "normalize", "mp_silu", "mp_sum", "mp_cat",
-           "from_nvlabs", "load_pkl", "PRESETS", "Preset", "resolve", "guided", "Standardization", "VAELatents",
-           "load_vae"]
+__all__ = [
+    "EDM2",
+    "UNet",
+    "Block",
+    "MPConv",
+    "MPFourier",
+    "normalize",
+    "mp_silu",
+    "mp_sum",
+    "mp_cat",
+    "from_nvlabs",
+    "load_pkl",
+    "PRESETS",
+    "Preset",
+    "resolve",
+    "guided",
+    "Standardization",
+    "VAELatents",
+    "load_vae",
+]
 
 
 def normalize(x: torch.Tensor, dim=None, eps: float = 1e-4) -> torch.Tensor:
@@ -60,13 +78,13 @@ def mp_silu(x: torch.Tensor) -> torch.Tensor:
 
 def mp_sum(a: torch.Tensor, b: torch.Tensor, t: float = 0.5) -> torch.Tensor:
     """Magnitude-preserving ``(1 - t) a + t b`` (eq. 88)."""
-    return a.lerp(b, t).mul_(1 / math.sqrt((1 - t) ** 2 + t ** 2))
+    return a.lerp(b, t).mul_(1 / math.sqrt((1 - t) ** 2 + t**2))
 
 
 def mp_cat(a: torch.Tensor, b: torch.Tensor, dim: int = 1, t: float = 0.5) -> torch.Tensor:
     """Magnitude-preserving concatenation along ``dim``, ``t`` the weight of ``b`` (eq. 103)."""
     Na, Nb = a.shape[dim], b.shape[dim]
-    C = math.sqrt((Na + Nb) / ((1 - t) ** 2 + t ** 2))
+    C = math.sqrt((Na + Nb) / ((1 - t) ** 2 + t**2))
     return torch.cat([a * (C / math.sqrt(Na) * (1 - t)), b * (C / math.sqrt(Nb) * t)], dim=dim)
 
 
@@ -103,6 +121,7 @@ class MPFourier(nn.Module):
         self.register_buffer("phases", 2 * math.pi * torch.rand(num_channels, generator=g))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        assert isinstance(self.freqs, torch.Tensor) and isinstance(self.phases, torch.Tensor)
         y = x.to(torch.float32).ger(self.freqs.to(torch.float32)) + self.phases.to(torch.float32)
         return (y.cos() * math.sqrt(2)).to(x.dtype)
 
@@ -137,16 +156,29 @@ class Block(nn.Module):
     ``attention`` with ``out_channels < channels_per_head`` has no heads, as in NVlabs' code.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, emb_channels: int, flavor: str = "enc",
-                 resample_mode: str = "keep", resample_filter=(1, 1), attention: bool = False,
-                 channels_per_head: int = 64, dropout: float = 0, res_balance: float = 0.3,
-                 attn_balance: float = 0.3, clip_act: float | None = 256):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        emb_channels: int,
+        flavor: str = "enc",
+        resample_mode: str = "keep",
+        resample_filter=(1, 1),
+        attention: bool = False,
+        channels_per_head: int = 64,
+        dropout: float = 0,
+        res_balance: float = 0.3,
+        attn_balance: float = 0.3,
+        clip_act: float | None = 256,
+    ):
         super().__init__()
         self.out_channels, self.flavor = out_channels, flavor
         self.resample_filter, self.resample_mode = list(resample_filter), resample_mode
         self.num_heads = out_channels // channels_per_head if attention else 0
-        check(self.num_heads == 0 or out_channels % self.num_heads == 0,
-              f"{out_channels} channels do not split into {self.num_heads} attention heads (channels_per_head={channels_per_head})")
+        check(
+            self.num_heads == 0 or out_channels % self.num_heads == 0,
+            f"{out_channels} channels do not split into {self.num_heads} attention heads (channels_per_head={channels_per_head})",
+        )
         self.dropout, self.res_balance, self.attn_balance, self.clip_act = dropout, res_balance, attn_balance, clip_act
         if emb_channels:
             self.emb_gain = nn.Parameter(torch.zeros([]))
@@ -175,6 +207,7 @@ class Block(nn.Module):
             x = self.conv_skip(x)
         x = mp_sum(x, y, t=self.res_balance)
         if self.num_heads:
+            assert self.attn_qkv is not None and self.attn_proj is not None
             y = self.attn_qkv(x)
             y = y.reshape(y.shape[0], self.num_heads, -1, 3, y.shape[2] * y.shape[3])
             q, k, v = normalize(y, dim=2).unbind(3)  # pixel norm of q, k, v per head; each [n, h, c, hw]
@@ -188,10 +221,22 @@ class Block(nn.Module):
 class UNet(nn.Module):
     """EDM2's U-Net ``F(x_in, c_noise, class_labels)`` (Fig. 21): NVlabs' ``UNet`` plus ``noise_cond``."""
 
-    def __init__(self, img_resolution: int, img_channels: int, label_dim: int, model_channels: int = 192,
-                 channel_mult=(1, 2, 3, 4), channel_mult_noise: int | None = None, channel_mult_emb: int | None = None,
-                 num_blocks: int = 3, attn_resolutions=(16, 8), label_balance: float = 0.5,
-                 concat_balance: float = 0.5, noise_cond: bool = True, **block_kwargs):
+    def __init__(
+        self,
+        img_resolution: int,
+        img_channels: int,
+        label_dim: int,
+        model_channels: int = 192,
+        channel_mult=(1, 2, 3, 4),
+        channel_mult_noise: int | None = None,
+        channel_mult_emb: int | None = None,
+        num_blocks: int = 3,
+        attn_resolutions=(16, 8),
+        label_balance: float = 0.5,
+        concat_balance: float = 0.5,
+        noise_cond: bool = True,
+        **block_kwargs,
+    ):
         super().__init__()
         cblock = [model_channels * m for m in channel_mult]
         cnoise = model_channels * channel_mult_noise if channel_mult_noise is not None else cblock[0]
@@ -215,10 +260,11 @@ class UNet(nn.Module):
                 self.enc[f"{res}x{res}_down"] = Block(cout, cout, cemb, flavor="enc", resample_mode="down", **block_kwargs)
             for idx in range(num_blocks):
                 cin, cout = cout, channels
-                self.enc[f"{res}x{res}_block{idx}"] = Block(cin, cout, cemb, flavor="enc",
-                                                            attention=res in attn_resolutions, **block_kwargs)
+                self.enc[f"{res}x{res}_block{idx}"] = Block(
+                    cin, cout, cemb, flavor="enc", attention=res in attn_resolutions, **block_kwargs
+                )
         self.dec = nn.ModuleDict()
-        skips = [block.out_channels for block in self.enc.values()]
+        skips: list[int] = [cast(Block, block).out_channels for block in self.enc.values()]
         for level, channels in reversed(list(enumerate(cblock))):
             res = img_resolution >> level
             if level == len(cblock) - 1:
@@ -228,8 +274,9 @@ class UNet(nn.Module):
                 self.dec[f"{res}x{res}_up"] = Block(cout, cout, cemb, flavor="dec", resample_mode="up", **block_kwargs)
             for idx in range(num_blocks + 1):
                 cin, cout = cout + skips.pop(), channels
-                self.dec[f"{res}x{res}_block{idx}"] = Block(cin, cout, cemb, flavor="dec",
-                                                            attention=res in attn_resolutions, **block_kwargs)
+                self.dec[f"{res}x{res}_block{idx}"] = Block(
+                    cin, cout, cemb, flavor="dec", attention=res in attn_resolutions, **block_kwargs
+                )
         self.out_conv = MPConv(cout, img_channels, kernel=[3, 3])
 
     def embedding(self, c_noise: torch.Tensor, class_labels: torch.Tensor | None, noise_embed_offset=None):
@@ -243,14 +290,17 @@ class UNet(nn.Module):
             if off is not None and off.ndim == 2:
                 check(off.shape == e.shape, f"noise_embed_offset must be [batch] or [batch, {e.shape[1]}], got {list(off.shape)}")
                 e = e + off.to(e.dtype)
+            assert self.emb_noise is not None
             emb = self.emb_noise(e)
         if self.emb_label is not None:
+            assert class_labels is not None
             y = self.emb_label(class_labels * math.sqrt(class_labels.shape[1]))
             emb = y if emb is None else mp_sum(emb, y, t=self.label_balance)
         return None if emb is None else mp_silu(emb)
 
-    def forward(self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor | None,
-                noise_embed_offset=None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor | None, noise_embed_offset=None
+    ) -> torch.Tensor:
         emb = self.embedding(noise_labels, class_labels, noise_embed_offset)
         x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
         skips = []
@@ -290,34 +340,75 @@ class EDM2(nn.Module):
     Keyword arguments and defaults are NVlabs' (``Precond``, ``UNet`` and ``Block``), plus ``noise_cond``.
     """
 
-    def __init__(self, img_resolution: int, img_channels: int, label_dim: int, use_fp16: bool = True,
-                 sigma_data: float = 0.5, logvar_channels: int = 128, model_channels: int = 192,
-                 channel_mult=(1, 2, 3, 4), channel_mult_noise: int | None = None, channel_mult_emb: int | None = None,
-                 num_blocks: int = 3, attn_resolutions=(16, 8), label_balance: float = 0.5,
-                 concat_balance: float = 0.5, resample_filter=(1, 1), channels_per_head: int = 64,
-                 dropout: float = 0.0, res_balance: float = 0.3, attn_balance: float = 0.3,
-                 clip_act: float | None = 256, noise_cond: bool = True):
+    def __init__(
+        self,
+        img_resolution: int,
+        img_channels: int,
+        label_dim: int,
+        use_fp16: bool = True,
+        sigma_data: float = 0.5,
+        logvar_channels: int = 128,
+        model_channels: int = 192,
+        channel_mult=(1, 2, 3, 4),
+        channel_mult_noise: int | None = None,
+        channel_mult_emb: int | None = None,
+        num_blocks: int = 3,
+        attn_resolutions=(16, 8),
+        label_balance: float = 0.5,
+        concat_balance: float = 0.5,
+        resample_filter=(1, 1),
+        channels_per_head: int = 64,
+        dropout: float = 0.0,
+        res_balance: float = 0.3,
+        attn_balance: float = 0.3,
+        clip_act: float | None = 256,
+        noise_cond: bool = True,
+    ):
         super().__init__()
-        for name, v, lo in (("img_resolution", img_resolution, 1), ("img_channels", img_channels, 1),
-                            ("label_dim", label_dim, 0), ("logvar_channels", logvar_channels, 1),
-                            ("model_channels", model_channels, 1), ("num_blocks", num_blocks, 1),
-                            ("channels_per_head", channels_per_head, 1)):
+        for name, v, lo in (
+            ("img_resolution", img_resolution, 1),
+            ("img_channels", img_channels, 1),
+            ("label_dim", label_dim, 0),
+            ("logvar_channels", logvar_channels, 1),
+            ("model_channels", model_channels, 1),
+            ("num_blocks", num_blocks, 1),
+            ("channels_per_head", channels_per_head, 1),
+        ):
             _check_int(name, v, lo)
         channel_mult, attn_resolutions = list(channel_mult), list(attn_resolutions)
-        check(len(channel_mult) >= 1 and all(isinstance(m, int) and m >= 1 for m in channel_mult),
-              f"channel_mult must be a list of integers >= 1, got {channel_mult}")
-        check(img_resolution % 2 ** (len(channel_mult) - 1) == 0,
-              f"img_resolution {img_resolution} must be divisible by 2^(levels - 1) = {2 ** (len(channel_mult) - 1)}")
+        check(
+            len(channel_mult) >= 1 and all(isinstance(m, int) and m >= 1 for m in channel_mult),
+            f"channel_mult must be a list of integers >= 1, got {channel_mult}",
+        )
+        check(
+            img_resolution % 2 ** (len(channel_mult) - 1) == 0,
+            f"img_resolution {img_resolution} must be divisible by 2^(levels - 1) = {2 ** (len(channel_mult) - 1)}",
+        )
         check(isinstance(sigma_data, (int, float)) and sigma_data > 0, f"sigma_data must be > 0, got {sigma_data!r}")
         check(0 <= dropout < 1, f"dropout must lie in [0, 1), got {dropout!r}")
-        self.kwargs = dict(img_resolution=img_resolution, img_channels=img_channels, label_dim=label_dim,
-                           use_fp16=bool(use_fp16), sigma_data=float(sigma_data), logvar_channels=logvar_channels,
-                           model_channels=model_channels, channel_mult=channel_mult,
-                           channel_mult_noise=channel_mult_noise, channel_mult_emb=channel_mult_emb,
-                           num_blocks=num_blocks, attn_resolutions=attn_resolutions, label_balance=label_balance,
-                           concat_balance=concat_balance, resample_filter=list(resample_filter),
-                           channels_per_head=channels_per_head, dropout=dropout, res_balance=res_balance,
-                           attn_balance=attn_balance, clip_act=clip_act, noise_cond=bool(noise_cond))
+        self.kwargs = dict(
+            img_resolution=img_resolution,
+            img_channels=img_channels,
+            label_dim=label_dim,
+            use_fp16=bool(use_fp16),
+            sigma_data=float(sigma_data),
+            logvar_channels=logvar_channels,
+            model_channels=model_channels,
+            channel_mult=channel_mult,
+            channel_mult_noise=channel_mult_noise,
+            channel_mult_emb=channel_mult_emb,
+            num_blocks=num_blocks,
+            attn_resolutions=attn_resolutions,
+            label_balance=label_balance,
+            concat_balance=concat_balance,
+            resample_filter=list(resample_filter),
+            channels_per_head=channels_per_head,
+            dropout=dropout,
+            res_balance=res_balance,
+            attn_balance=attn_balance,
+            clip_act=clip_act,
+            noise_cond=bool(noise_cond),
+        )
         self.img_resolution, self.img_channels, self.label_dim = img_resolution, img_channels, label_dim
         self.use_fp16, self.sigma_data, self.noise_cond = bool(use_fp16), float(sigma_data), bool(noise_cond)
         self.precond = EDMPrecond(self.sigma_data)
@@ -355,8 +446,10 @@ class EDM2(nn.Module):
             check(bool(((y >= 0) & (y <= 1)).all()), "one-hot class_labels must lie in [0, 1] (a zero row is the null label)")
             return y.to(torch.float32)
         y = y.expand(B) if y.ndim == 0 else y
-        check(y.shape == (B,) and y.dtype != torch.bool and not y.is_complex(),
-              f"class_labels must be one-hot [batch, {L}] or integers [batch]=[{B}], got {y.dtype} {list(y.shape)}")
+        check(
+            y.shape == (B,) and y.dtype != torch.bool and not y.is_complex(),
+            f"class_labels must be one-hot [batch, {L}] or integers [batch]=[{B}], got {y.dtype} {list(y.shape)}",
+        )
         check(bool(((y >= 0) & (y <= L)).all()), f"integer class_labels must lie in [0, {L}] ({L} = null), got {y.tolist()[:8]}")
         return nn.functional.one_hot(y.long(), L + 1)[:, :L].to(torch.float32)
 
@@ -364,8 +457,10 @@ class EDM2(nn.Module):
         """``D(x; sigma, class_labels)`` [batch, C, H, W], the x0 estimate."""
         check(not cond, f"unknown conditioning {sorted(cond)}; EDM2 takes class_labels, noise_embed_offset")
         shape = [self.img_channels, self.img_resolution, self.img_resolution]
-        check(isinstance(x, torch.Tensor) and x.ndim == 4 and list(x.shape[1:]) == shape,
-              f"x must be a tensor of shape [batch, {', '.join(map(str, shape))}], got {list(getattr(x, 'shape', []))}")
+        check(
+            isinstance(x, torch.Tensor) and x.ndim == 4 and list(x.shape[1:]) == shape,
+            f"x must be a tensor of shape [batch, {', '.join(map(str, shape))}], got {list(getattr(x, 'shape', []))}",
+        )
         check(noise_embed_offset is None or self.noise_cond, "noise_embed_offset needs a network with noise_cond=True")
         x32, sigma = x.to(torch.float32), as_sigma(sigma, x).to(torch.float32)
         labels = self.one_hot(class_labels, x)
@@ -391,14 +486,18 @@ def from_nvlabs(precond_kwargs: dict | str, state_dict: dict[str, torch.Tensor])
     except TypeError as e:
         raise GuidelabError(f"not an EDM2 Precond configuration: {e}") from None
     if any(k.startswith("param.") for k in state_dict):
-        state_dict = {k[len("param."):]: v for k, v in state_dict.items() if k.startswith("param.")}
+        state_dict = {k[len("param.") :]: v for k, v in state_dict.items() if k.startswith("param.")}
     ours = net.state_dict()
     missing, unexpected = sorted(set(ours) - set(state_dict)), sorted(set(state_dict) - set(ours))
-    check(not missing and not unexpected,
-          f"the state dict does not match EDM2{kwargs}: missing {missing[:4]}, unexpected {unexpected[:4]}")
+    check(
+        not missing and not unexpected,
+        f"the state dict does not match EDM2{kwargs}: missing {missing[:4]}, unexpected {unexpected[:4]}",
+    )
     for k, v in state_dict.items():
-        check(v.shape == ours[k].shape, f"the state dict does not match EDM2{kwargs}: {k} is {list(v.shape)}, "
-              f"expected {list(ours[k].shape)}")
+        check(
+            v.shape == ours[k].shape,
+            f"the state dict does not match EDM2{kwargs}: {k} is {list(v.shape)}, expected {list(ours[k].shape)}",
+        )
     net.load_state_dict({k: v.to(torch.float32) for k, v in state_dict.items()})
     return net.eval().requires_grad_(False)
 
@@ -408,7 +507,8 @@ def load_pkl(path: str | os.PathLike, key: str = "ema") -> EDM2:
     rebuilt from its ``Precond`` kwargs, tensors copied; ``net.checkpoint_info`` records the source,
     the kwargs and the pickle's ``encoder``. Eval mode, no grads."""
     from .nvlabs_pickle import read_network
+
     kwargs, state, info = read_network(path, key)
     net = from_nvlabs(kwargs, state)
-    net.checkpoint_info = info
+    net.checkpoint_info = info  # type: ignore[assignment]  # a plain attribute, not a submodule
     return net

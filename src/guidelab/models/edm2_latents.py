@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -57,7 +58,8 @@ class Standardization:
         check(encoder.get("class_name") == "StabilityVAEEncoder", f"unknown EDM2 encoder {encoder.get('class_name')!r}")
         kw = encoder.get("init_kwargs") or {}
         keys = ("raw_mean", "raw_std", "final_mean", "final_std")
-        return cls(**{k: tuple(kw[k]) if isinstance(kw[k], (list, tuple)) else kw[k] for k in keys if k in kw})
+        fields: dict[str, Any] = {k: tuple(kw[k]) if isinstance(kw[k], (list, tuple)) else kw[k] for k in keys if k in kw}
+        return cls(**fields)
 
 
 def load_vae(vae_dir: str | os.PathLike, device="cpu"):

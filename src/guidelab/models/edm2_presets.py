@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..errors import GuidelabError, check
 
@@ -23,7 +24,7 @@ from ..errors import GuidelabError, check
 URL = "https://nvlabs-fi-cdn.nvidia.com/edm2/posthoc-reconstructions"
 
 #: EDM's Heun sampler settings every preset uses (edm2 ``generate_images.py::edm_sampler``).
-SAMPLER = dict(sampler="heun", steps=32, sigma_min=0.002, sigma_max=80.0, rho=7.0)
+SAMPLER: dict[str, Any] = dict(sampler="heun", steps=32, sigma_min=0.002, sigma_max=80.0, rho=7.0)
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,7 @@ class Preset:
         if self.interval_steps is None:
             return None
         from ..schedules import karras
+
         s = karras(SAMPLER["steps"], SAMPLER["sigma_min"], SAMPLER["sigma_max"], SAMPLER["rho"]).tolist()
         start, stop = self.interval_steps
         return s[stop + 1], s[start]
@@ -71,40 +73,103 @@ def ema(stem: str) -> float:
 
 def _table() -> dict[str, Preset]:
     p = "edm2-img512-"
-    plain = [("xs", "2147483-0.135", 3.53, "2147483-0.200", 103.39), ("s", "2147483-0.130", 2.56, "2147483-0.190", 68.64),
-             ("m", "2147483-0.100", 2.25, "2147483-0.155", 58.44), ("l", "1879048-0.085", 2.06, "1879048-0.155", 52.25),
-             ("xl", "1342177-0.085", 1.96, "1342177-0.155", 45.96), ("xxl", "0939524-0.070", 1.91, "0939524-0.150", 42.84)]
+    plain = [
+        ("xs", "2147483-0.135", 3.53, "2147483-0.200", 103.39),
+        ("s", "2147483-0.130", 2.56, "2147483-0.190", 68.64),
+        ("m", "2147483-0.100", 2.25, "2147483-0.155", 58.44),
+        ("l", "1879048-0.085", 2.06, "1879048-0.155", 52.25),
+        ("xl", "1342177-0.085", 1.96, "1342177-0.155", 45.96),
+        ("xxl", "0939524-0.070", 1.91, "0939524-0.150", 42.84),
+    ]
     out = []
     for size, fid_file, fid, dino_file, dino in plain:
-        out += [Preset(f"{p}{size}-fid", f"{p}{size}-{fid_file}", value=fid),
-                Preset(f"{p}{size}-dino", f"{p}{size}-{dino_file}", metric="fd_dinov2", value=dino)]
-    out += [Preset(f"edm2-img64-{size}-fid", f"edm2-img64-{size}-{f}", value=v)
-            for size, f, v in (("s", "1073741-0.075", 1.58), ("m", "2147483-0.060", 1.43),
-                               ("l", "1073741-0.040", 1.33), ("xl", "0671088-0.040", 1.33))]
-    guid = [("xs", "2147483", "0.045", 1.40, 2.91, "0.150", 1.70, 79.94), ("s", "2147483", "0.025", 1.40, 2.23, "0.085", 1.90, 52.32),
-            ("m", "2147483", "0.030", 1.20, 2.01, "0.015", 2.00, 41.98), ("l", "1879048", "0.015", 1.20, 1.88, "0.035", 1.70, 38.20),
-            ("xl", "1342177", "0.020", 1.20, 1.85, "0.030", 1.70, 35.67), ("xxl", "0939524", "0.015", 1.20, 1.81, "0.015", 1.70, 33.09)]
+        out += [
+            Preset(f"{p}{size}-fid", f"{p}{size}-{fid_file}", value=fid),
+            Preset(f"{p}{size}-dino", f"{p}{size}-{dino_file}", metric="fd_dinov2", value=dino),
+        ]
+    out += [
+        Preset(f"edm2-img64-{size}-fid", f"edm2-img64-{size}-{f}", value=v)
+        for size, f, v in (
+            ("s", "1073741-0.075", 1.58),
+            ("m", "2147483-0.060", 1.43),
+            ("l", "1073741-0.040", 1.33),
+            ("xl", "0671088-0.040", 1.33),
+        )
+    ]
+    guid = [
+        ("xs", "2147483", "0.045", 1.40, 2.91, "0.150", 1.70, 79.94),
+        ("s", "2147483", "0.025", 1.40, 2.23, "0.085", 1.90, 52.32),
+        ("m", "2147483", "0.030", 1.20, 2.01, "0.015", 2.00, 41.98),
+        ("l", "1879048", "0.015", 1.20, 1.88, "0.035", 1.70, 38.20),
+        ("xl", "1342177", "0.020", 1.20, 1.85, "0.030", 1.70, 35.67),
+        ("xxl", "0939524", "0.015", 1.20, 1.81, "0.015", 1.70, 33.09),
+    ]
     for size, kimg, e_fid, w_fid, fid, e_dino, w_dino, dino in guid:
-        out += [Preset(f"{p}{size}-guid-fid", f"{p}{size}-{kimg}-{e_fid}", f"{p}xs-uncond-2147483-{e_fid}", w_fid, "cfg", value=fid),
-                Preset(f"{p}{size}-guid-dino", f"{p}{size}-{kimg}-{e_dino}", f"{p}xs-uncond-2147483-{e_dino}", w_dino, "cfg",
-                       "fd_dinov2", dino)]
-    autog = [("edm2-img512-s-autog-fid", "edm2-img512-s-2147483-0.070", "edm2-img512-xs-0134217-0.125", 2.10, "fid", 1.34),
-             ("edm2-img512-s-autog-dino", "edm2-img512-s-2147483-0.120", "edm2-img512-xs-0134217-0.165", 2.45, "fd_dinov2", 36.67),
-             ("edm2-img512-xxl-autog-fid", "edm2-img512-xxl-0939524-0.075", "edm2-img512-m-0268435-0.155", 2.05, "fid", 1.25),
-             ("edm2-img512-xxl-autog-dino", "edm2-img512-xxl-0939524-0.130", "edm2-img512-m-0268435-0.205", 2.30, "fd_dinov2", 24.18),
-             ("edm2-img512-s-uncond-autog-fid", "edm2-img512-s-uncond-2147483-0.070", "edm2-img512-xs-uncond-0134217-0.110",
-              2.85, "fid", 3.86),
-             ("edm2-img512-s-uncond-autog-dino", "edm2-img512-s-uncond-2147483-0.090", "edm2-img512-xs-uncond-0134217-0.125",
-              2.90, "fd_dinov2", 90.39),
-             ("edm2-img64-s-autog-fid", "edm2-img64-s-1073741-0.045", "edm2-img64-xs-0134217-0.110", 1.70, "fid", 1.01),
-             ("edm2-img64-s-autog-dino", "edm2-img64-s-1073741-0.105", "edm2-img64-xs-0134217-0.175", 2.20, "fd_dinov2", 31.85)]
+        out += [
+            Preset(f"{p}{size}-guid-fid", f"{p}{size}-{kimg}-{e_fid}", f"{p}xs-uncond-2147483-{e_fid}", w_fid, "cfg", value=fid),
+            Preset(
+                f"{p}{size}-guid-dino",
+                f"{p}{size}-{kimg}-{e_dino}",
+                f"{p}xs-uncond-2147483-{e_dino}",
+                w_dino,
+                "cfg",
+                "fd_dinov2",
+                dino,
+            ),
+        ]
+    autog = [
+        ("edm2-img512-s-autog-fid", "edm2-img512-s-2147483-0.070", "edm2-img512-xs-0134217-0.125", 2.10, "fid", 1.34),
+        ("edm2-img512-s-autog-dino", "edm2-img512-s-2147483-0.120", "edm2-img512-xs-0134217-0.165", 2.45, "fd_dinov2", 36.67),
+        ("edm2-img512-xxl-autog-fid", "edm2-img512-xxl-0939524-0.075", "edm2-img512-m-0268435-0.155", 2.05, "fid", 1.25),
+        ("edm2-img512-xxl-autog-dino", "edm2-img512-xxl-0939524-0.130", "edm2-img512-m-0268435-0.205", 2.30, "fd_dinov2", 24.18),
+        (
+            "edm2-img512-s-uncond-autog-fid",
+            "edm2-img512-s-uncond-2147483-0.070",
+            "edm2-img512-xs-uncond-0134217-0.110",
+            2.85,
+            "fid",
+            3.86,
+        ),
+        (
+            "edm2-img512-s-uncond-autog-dino",
+            "edm2-img512-s-uncond-2147483-0.090",
+            "edm2-img512-xs-uncond-0134217-0.125",
+            2.90,
+            "fd_dinov2",
+            90.39,
+        ),
+        ("edm2-img64-s-autog-fid", "edm2-img64-s-1073741-0.045", "edm2-img64-xs-0134217-0.110", 1.70, "fid", 1.01),
+        ("edm2-img64-s-autog-dino", "edm2-img64-s-1073741-0.105", "edm2-img64-xs-0134217-0.175", 2.20, "fd_dinov2", 31.85),
+    ]
     out += [Preset(n, net, gnet, w, "autoguidance", m, v) for n, net, gnet, w, m, v in autog]
-    files = ("the interval paper shares its networks without naming the files; these are EDM2's "
-             "CFG-preset files (an assumption: rename yours to match)")
-    out += [Preset("edm2-img512-xxl-interval-fid", f"{p}xxl-0939524-0.015", f"{p}xs-uncond-2147483-0.015", 2.0, "cfg",
-                   "fid", 1.40, (17, 22), files),
-            Preset("edm2-img512-xxl-interval-dino", f"{p}xxl-0939524-0.015", f"{p}xs-uncond-2147483-0.015", 2.9, "cfg",
-                   "fd_dinov2", None, (13, 19), files)]
+    files = (
+        "the interval paper shares its networks without naming the files; these are EDM2's "
+        "CFG-preset files (an assumption: rename yours to match)"
+    )
+    out += [
+        Preset(
+            "edm2-img512-xxl-interval-fid",
+            f"{p}xxl-0939524-0.015",
+            f"{p}xs-uncond-2147483-0.015",
+            2.0,
+            "cfg",
+            "fid",
+            1.40,
+            (17, 22),
+            files,
+        ),
+        Preset(
+            "edm2-img512-xxl-interval-dino",
+            f"{p}xxl-0939524-0.015",
+            f"{p}xs-uncond-2147483-0.015",
+            2.9,
+            "cfg",
+            "fd_dinov2",
+            None,
+            (13, 19),
+            files,
+        ),
+    ]
     return {q.name: q for q in out}
 
 
@@ -124,8 +189,10 @@ def find(models_dir: str | os.PathLike, stem: str, preset: str = "") -> Path:
     for ext in (".safetensors", ".pkl"):
         if (d / (stem + ext)).is_file():
             return d / (stem + ext)
-    raise GuidelabError(f"{'preset ' + preset + ' needs ' if preset else 'missing '}{stem}.pkl (or {stem}.safetensors, "
-                f"guidelab convert-edm2) in {d}; NVlabs publishes it at {URL}/{stem}.pkl")
+    raise GuidelabError(
+        f"{'preset ' + preset + ' needs ' if preset else 'missing '}{stem}.pkl (or {stem}.safetensors, "
+        f"guidelab convert-edm2) in {d}; NVlabs publishes it at {URL}/{stem}.pkl"
+    )
 
 
 @dataclass(frozen=True)
@@ -148,10 +215,12 @@ def guided(preset: Preset | str, net, gnet=None, w: float | None = None):
     """The preset's guided denoiser on loaded networks (``w`` overrides its weight). Any other guider
     takes the same pair: ``guidance.apg(guidance.cfg(net, w, uncond=gnet))``, ``guidance.interval(...)``, ..."""
     from .. import guidance
+
     p = get(preset) if isinstance(preset, str) else preset
     w = p.w if w is None else w
     if p.guider == "none":
         return net
     check(gnet is not None, f"preset {p.name} guides with {p.gnet}: pass gnet")
     g = guidance.autoguidance(net, gnet, w) if p.guider == "autoguidance" else guidance.cfg(net, w, uncond=gnet)
-    return guidance.interval(g, *p.sigma_interval) if p.interval_steps else g
+    interval = p.sigma_interval
+    return g if interval is None else guidance.interval(g, *interval)

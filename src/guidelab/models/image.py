@@ -37,6 +37,9 @@ from .registry import register
 class Fourier(nn.Module):
     """``s`` [batch] -> ``sqrt(2) cos(2 pi (f s + phi))`` [batch, n] with fixed ``f ~ N(0, 1)``, ``phi ~ U(0, 1)``."""
 
+    freqs: torch.Tensor
+    phases: torch.Tensor
+
     def __init__(self, n: int, seed: int):
         super().__init__()
         g = torch.Generator().manual_seed(seed)
@@ -56,13 +59,23 @@ class ImageDenoiser(nn.Module):
     """Shared conditioning of the image networks: labels, ``c_noise``, the extra scalar -> embedding [batch, emb]."""
 
     def _init_cond(self, img_channels, img_resolution, sigma_data, num_classes, noise_cond, extra_scalar, emb):
-        for name, v, lo in (("img_channels", img_channels, 1), ("img_resolution", img_resolution, 1),
-                            ("num_classes", num_classes, 0), ("emb", emb, 1)):
+        for name, v, lo in (
+            ("img_channels", img_channels, 1),
+            ("img_resolution", img_resolution, 1),
+            ("num_classes", num_classes, 0),
+            ("emb", emb, 1),
+        ):
             _int(name, v, lo)
         check(isinstance(sigma_data, (int, float)) and sigma_data > 0, f"sigma_data must be > 0, got {sigma_data!r}")
-        check(extra_scalar is None or (isinstance(extra_scalar, str) and extra_scalar.isidentifier()
-                                       and extra_scalar not in ("label", "noise_embed_offset")),
-              f"extra_scalar must be None or a keyword name other than label / noise_embed_offset, got {extra_scalar!r}")
+        check(
+            extra_scalar is None
+            or (
+                isinstance(extra_scalar, str)
+                and extra_scalar.isidentifier()
+                and extra_scalar not in ("label", "noise_embed_offset")
+            ),
+            f"extra_scalar must be None or a keyword name other than label / noise_embed_offset, got {extra_scalar!r}",
+        )
         self.img_channels, self.img_resolution = img_channels, img_resolution
         self.sigma_data, self.num_classes = float(sigma_data), num_classes
         self.noise_cond, self.extra_scalar, self.emb = bool(noise_cond), extra_scalar, emb
@@ -84,9 +97,15 @@ class ImageDenoiser(nn.Module):
         return self.emb if self.noise_cond else None
 
     def _cond_config(self) -> dict:
-        return dict(img_channels=self.img_channels, img_resolution=self.img_resolution, sigma_data=self.sigma_data,
-                    num_classes=self.num_classes, noise_cond=self.noise_cond, extra_scalar=self.extra_scalar,
-                    emb=self.emb)
+        return dict(
+            img_channels=self.img_channels,
+            img_resolution=self.img_resolution,
+            sigma_data=self.sigma_data,
+            num_classes=self.num_classes,
+            noise_cond=self.noise_cond,
+            extra_scalar=self.extra_scalar,
+            emb=self.emb,
+        )
 
     def _label(self, label, x):
         onehot = one_hot_label(label, self.num_classes, x)
@@ -96,14 +115,16 @@ class ImageDenoiser(nn.Module):
         """The conditioning embedding [batch, emb] (None when the network has no conditioning)."""
         name = self.extra_scalar
         unknown = sorted(set(extra) - ({name} if name else set()))
-        check(not unknown, f"unknown conditioning {unknown}; this model takes label"
-              + (f", {name}" if name else "") + ", noise_embed_offset")
+        check(
+            not unknown,
+            f"unknown conditioning {unknown}; this model takes label" + (f", {name}" if name else "") + ", noise_embed_offset",
+        )
         parts = []
         if self.noise_cond:
             off = noise_embed_offset
-            vector = off is not None and off.ndim == 2      # TSG's vector form: a [batch, emb] offset of the embedding
+            vector = off is not None and off.ndim == 2  # TSG's vector form: a [batch, emb] offset of the embedding
             if off is not None and not vector:
-                c_noise = c_noise + off.reshape(c_noise.shape)   # scalar form: an offset of c_noise
+                c_noise = c_noise + off.reshape(c_noise.shape)  # scalar form: an offset of c_noise
             e = self.noise_fourier(c_noise)
             if vector:
                 check(off.shape == e.shape, f"noise_embed_offset must be [batch] or [batch, {e.shape[1]}], got {list(off.shape)}")
@@ -123,8 +144,10 @@ class ImageDenoiser(nn.Module):
     def forward(self, x: torch.Tensor, sigma, label=None, noise_embed_offset=None, **extra) -> torch.Tensor:
         """``D(x; sigma, label, <extra_scalar>)`` [batch, C, H, W], the x0 estimate."""
         shape = [self.img_channels, self.img_resolution, self.img_resolution]
-        check(isinstance(x, torch.Tensor) and x.ndim == 4 and list(x.shape[1:]) == shape,
-              f"x must be a tensor of shape [batch, {', '.join(map(str, shape))}], got {list(getattr(x, 'shape', []))}")
+        check(
+            isinstance(x, torch.Tensor) and x.ndim == 4 and list(x.shape[1:]) == shape,
+            f"x must be a tensor of shape [batch, {', '.join(map(str, shape))}], got {list(getattr(x, 'shape', []))}",
+        )
         sigma = as_sigma(sigma, x)
         return self.precond.denoise(self._F, x, sigma, label=label, noise_embed_offset=noise_embed_offset, extra=extra)
 
@@ -136,15 +159,24 @@ class ImageDenoiser(nn.Module):
 class PixelMLP(ImageDenoiser):
     """Residual MLP denoiser on flattened pixels; ``depth`` blocks ``h += W2 SiLU(W1 LN(h) + A emb)``."""
 
-    def __init__(self, img_channels: int = 1, img_resolution: int = 8, hidden: int = 512, depth: int = 4,
-                 emb: int = 128, sigma_data: float = 0.5, num_classes: int = 0, noise_cond: bool = True,
-                 extra_scalar: str | None = None):
+    def __init__(
+        self,
+        img_channels: int = 1,
+        img_resolution: int = 8,
+        hidden: int = 512,
+        depth: int = 4,
+        emb: int = 128,
+        sigma_data: float = 0.5,
+        num_classes: int = 0,
+        noise_cond: bool = True,
+        extra_scalar: str | None = None,
+    ):
         super().__init__()
         self._init_cond(img_channels, img_resolution, sigma_data, num_classes, noise_cond, extra_scalar, emb)
         _int("hidden", hidden, 1)
         _int("depth", depth, 0)
         self.hidden, self.depth = hidden, depth
-        n = img_channels * img_resolution ** 2
+        n = img_channels * img_resolution**2
         self.inp = nn.Linear(n, hidden)
         self.norms = nn.ModuleList([nn.LayerNorm(hidden) for _ in range(depth)])
         self.fc1 = nn.ModuleList([nn.Linear(hidden, hidden) for _ in range(depth)])
@@ -164,6 +196,7 @@ class PixelMLP(ImageDenoiser):
         for i in range(self.depth):
             a = self.fc1[i](self.norms[i](h))
             if emb is not None:
+                assert self.cond is not None
                 a = a + self.cond[i](emb)
             h = h + self.fc2[i](nn.functional.silu(a))
         return self.out(self.out_norm(h)).reshape(x_in.shape)
@@ -182,7 +215,7 @@ class _ResBlock(nn.Module):
         self.affine = nn.Linear(emb, 2 * c_out) if emb else None
         self.norm1, self.conv1 = nn.GroupNorm(_groups(c_out), c_out), nn.Conv2d(c_out, c_out, 3, padding=1)
         nn.init.zeros_(self.conv1.weight)
-        nn.init.zeros_(self.conv1.bias)
+        nn.init.zeros_(self.conv1.bias)  # type: ignore[arg-type]  # built with bias=True
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
         self.attn = _Attention(c_out) if attention else None
 
@@ -204,7 +237,7 @@ class _Attention(nn.Module):
         self.heads = max(1, c // head_channels)
         self.norm, self.qkv, self.proj = nn.GroupNorm(_groups(c), c), nn.Conv2d(c, 3 * c, 1), nn.Conv2d(c, c, 1)
         nn.init.zeros_(self.proj.weight)
-        nn.init.zeros_(self.proj.bias)
+        nn.init.zeros_(self.proj.bias)  # type: ignore[arg-type]  # built with bias=True
 
     def forward(self, x):
         b, c, h, w = x.shape
@@ -224,18 +257,33 @@ class UNet(ImageDenoiser):
     as a per-channel scale and shift. Standard GroupNorm layers, not EDM2's magnitude-preserving ones.
     """
 
-    def __init__(self, img_channels: int = 1, img_resolution: int = 8, hidden: int = 32, depth: int = 1,
-                 channel_mult: tuple[int, ...] | list[int] = (1, 2), attn_resolutions: tuple[int, ...] | list[int] = (4,),
-                 emb: int = 128, sigma_data: float = 0.5, num_classes: int = 0, noise_cond: bool = True,
-                 extra_scalar: str | None = None):
+    def __init__(
+        self,
+        img_channels: int = 1,
+        img_resolution: int = 8,
+        hidden: int = 32,
+        depth: int = 1,
+        channel_mult: tuple[int, ...] | list[int] = (1, 2),
+        attn_resolutions: tuple[int, ...] | list[int] = (4,),
+        emb: int = 128,
+        sigma_data: float = 0.5,
+        num_classes: int = 0,
+        noise_cond: bool = True,
+        extra_scalar: str | None = None,
+    ):
         super().__init__()
         self._init_cond(img_channels, img_resolution, sigma_data, num_classes, noise_cond, extra_scalar, emb)
         _int("hidden", hidden, 1)
         _int("depth", depth, 1)
         channel_mult, attn_resolutions = [int(m) for m in channel_mult], [int(r) for r in attn_resolutions]
-        check(len(channel_mult) >= 1 and all(m >= 1 for m in channel_mult), f"channel_mult must be integers >= 1, got {channel_mult}")
-        check(img_resolution % 2 ** (len(channel_mult) - 1) == 0,
-              f"img_resolution {img_resolution} must be divisible by 2^(levels - 1) = {2 ** (len(channel_mult) - 1)}")
+        check(
+            len(channel_mult) >= 1 and all(m >= 1 for m in channel_mult),
+            f"channel_mult must be integers >= 1, got {channel_mult}",
+        )
+        check(
+            img_resolution % 2 ** (len(channel_mult) - 1) == 0,
+            f"img_resolution {img_resolution} must be divisible by 2^(levels - 1) = {2 ** (len(channel_mult) - 1)}",
+        )
         self.hidden, self.depth = hidden, depth
         self.channel_mult, self.attn_resolutions = channel_mult, attn_resolutions
         e = emb if self.emb_layer is not None else None
@@ -261,11 +309,16 @@ class UNet(ImageDenoiser):
                 res *= 2
         self.norm_out, self.conv_out = nn.GroupNorm(_groups(c), c), nn.Conv2d(c, img_channels, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)
-        nn.init.zeros_(self.conv_out.bias)
+        nn.init.zeros_(self.conv_out.bias)  # type: ignore[arg-type]  # built with bias=True
 
     def config(self) -> dict:
-        return dict(self._cond_config(), hidden=self.hidden, depth=self.depth, channel_mult=list(self.channel_mult),
-                    attn_resolutions=list(self.attn_resolutions))
+        return dict(
+            self._cond_config(),
+            hidden=self.hidden,
+            depth=self.depth,
+            channel_mult=list(self.channel_mult),
+            attn_resolutions=list(self.attn_resolutions),
+        )
 
     def raw(self, x_in: torch.Tensor, emb: torch.Tensor | None) -> torch.Tensor:
         h = self.conv_in(x_in)

@@ -17,7 +17,8 @@ sigma, the network does not see it). Labels are integers in ``[0, num_classes]``
 is the null label (``label=None`` means null), declared to guiders as ``condition``.
 ``noise_embed_offset`` (optional) is the hook of time-step guidance (``guidance.tsg``) and never
 touches the preconditioning: a [batch] offset is added to the scalar ``c_noise``; a [batch, hidden]
-offset is added to the noise *embedding vector*, the first layer's image of ``c_noise`` (``W_0[:, c] c_noise``, added to that layer's output), the analogue of the
+offset is added to the noise *embedding vector*, the first layer's image of ``c_noise``
+(``W_0[:, c] c_noise``, added to that layer's output), the analogue of the
 time-embedding vector the TSG paper perturbs (``noise_embed_dim = hidden``).
 ``extra_scalar`` (e.g. ``"w"``, as in :class:`guidelab.models.image.PixelMLP`) names one more per-sample
 scalar input, passed as a keyword (``net(x, sigma, w=w)``, a number or a [batch] tensor) and appended
@@ -27,6 +28,7 @@ to the trunk features as is: the guidance weight of a distilled student (``train
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 from torch import nn
@@ -77,9 +79,11 @@ def _offset(c_noise: torch.Tensor, noise_embed_offset, hidden: int) -> tuple[tor
     if off.ndim == 2 and off.shape[1] == hidden and hidden > 1:
         check(off.shape[0] == c_noise.shape[0], f"noise_embed_offset must have batch {c_noise.shape[0]}, got {list(off.shape)}")
         return c_noise, off
-    check(off.numel() == c_noise.numel(),
-          f"noise_embed_offset must be [batch]={list(c_noise.shape)} or [batch, hidden]=[{c_noise.shape[0]}, {hidden}], "
-          f"got {list(off.shape)}")
+    check(
+        off.numel() == c_noise.numel(),
+        f"noise_embed_offset must be [batch]={list(c_noise.shape)} or [batch, hidden]=[{c_noise.shape[0]}, {hidden}], "
+        f"got {list(off.shape)}",
+    )
     return c_noise + off.reshape(c_noise.shape), None
 
 
@@ -98,9 +102,17 @@ class ToyMLP(nn.Module):
 
     OUTPUTS = ("energy", "denoiser")
 
-    def __init__(self, dim: int = 2, hidden: int = 64, depth: int = 4, sigma_data: float = 0.5,
-                 num_classes: int = 0, output: str = "energy", noise_cond: bool = True,
-                 extra_scalar: str | None = None):
+    def __init__(
+        self,
+        dim: int = 2,
+        hidden: int = 64,
+        depth: int = 4,
+        sigma_data: float = 0.5,
+        num_classes: int = 0,
+        output: str = "energy",
+        noise_cond: bool = True,
+        extra_scalar: str | None = None,
+    ):
         super().__init__()
         check(output in self.OUTPUTS, f"unknown output {output!r}; allowed: {list(self.OUTPUTS)}")
         for name, v, lo in (("dim", dim, 1), ("hidden", hidden, 1), ("depth", depth, 0), ("num_classes", num_classes, 0)):
@@ -108,9 +120,15 @@ class ToyMLP(nn.Module):
         check(isinstance(sigma_data, (int, float)) and sigma_data > 0, f"sigma_data must be > 0, got {sigma_data!r}")
         self.dim, self.hidden, self.depth, self.sigma_data = dim, hidden, depth, float(sigma_data)
         self.num_classes, self.output, self.noise_cond = num_classes, output, bool(noise_cond)
-        check(extra_scalar is None or (isinstance(extra_scalar, str) and extra_scalar.isidentifier()
-                                       and extra_scalar not in ("label", "noise_embed_offset")),
-              f"extra_scalar must be None or a keyword name other than label / noise_embed_offset, got {extra_scalar!r}")
+        check(
+            extra_scalar is None
+            or (
+                isinstance(extra_scalar, str)
+                and extra_scalar.isidentifier()
+                and extra_scalar not in ("label", "noise_embed_offset")
+            ),
+            f"extra_scalar must be None or a keyword name other than label / noise_embed_offset, got {extra_scalar!r}",
+        )
         self.extra_scalar = extra_scalar
         self.null_label = num_classes if num_classes else None  # label dropout's label; guiders read `condition`
         self.precond = EDMPrecond(self.sigma_data)
@@ -131,8 +149,15 @@ class ToyMLP(nn.Module):
         return self.hidden if self.noise_cond and self.hidden > 1 else None
 
     def config(self) -> dict:
-        d = dict(dim=self.dim, hidden=self.hidden, depth=self.depth, sigma_data=self.sigma_data,
-                 num_classes=self.num_classes, output=self.output, noise_cond=self.noise_cond)
+        d = dict(
+            dim=self.dim,
+            hidden=self.hidden,
+            depth=self.depth,
+            sigma_data=self.sigma_data,
+            num_classes=self.num_classes,
+            output=self.output,
+            noise_cond=self.noise_cond,
+        )
         if self.extra_scalar is not None:  # left out otherwise: older configs stay unchanged
             d["extra_scalar"] = self.extra_scalar
         return d
@@ -149,8 +174,10 @@ class ToyMLP(nn.Module):
         extra = extra or {}
         name = self.extra_scalar
         unknown = sorted(set(extra) - ({name} if name else set()))
-        check(not unknown, f"unknown conditioning {unknown}; this model takes label, noise_embed_offset"
-              + (f", {name}" if name else ""))
+        check(
+            not unknown,
+            f"unknown conditioning {unknown}; this model takes label, noise_embed_offset" + (f", {name}" if name else ""),
+        )
         if name is None:
             return []
         check(name in extra, f"this model needs the scalar {name}=... (a number or a [batch] tensor)")
@@ -162,8 +189,14 @@ class ToyMLP(nn.Module):
         feats = [x_in] + ([c_noise[:, None]] if self.noise_cond else []) + [torch.ones_like(x_in[:, :1])]
         return torch.cat(feats + self._label(label, x_in) + self._extra(extra, x_in), dim=1)
 
-    def trunk(self, x_in: torch.Tensor, c_noise: torch.Tensor, label=None, extra: dict | None = None,
-              embed_offset: torch.Tensor | None = None) -> torch.Tensor:
+    def trunk(
+        self,
+        x_in: torch.Tensor,
+        c_noise: torch.Tensor,
+        label=None,
+        extra: dict | None = None,
+        embed_offset: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Trunk features ``y`` [batch, hidden] from ``x_in = c_in x`` [batch, dim] and ``c_noise`` [batch].
 
         ``embed_offset`` [batch, hidden]: added to the first layer's output (TSG's vector perturbation).
@@ -185,7 +218,7 @@ class ToyMLP(nn.Module):
         """Unnormalised ``log p(x; sigma)`` [batch] (``output="energy"`` only)."""
         check(self.output == "energy", "logp needs output='energy'")
         sigma = as_sigma(sigma, x)
-        x_in = x / (self.sigma_data ** 2 + sigma ** 2).sqrt()[:, None]
+        x_in = x / (self.sigma_data**2 + sigma**2).sqrt()[:, None]
         c_noise, emb = _offset(sigma.log() / 4, noise_embed_offset, self.hidden)
         y = self.trunk(x_in, c_noise, label, extra, emb)
         return self.gain * y.square().mean(1) / sigma - 0.5 * x_in.square().sum(1)
@@ -200,32 +233,36 @@ class ToyMLP(nn.Module):
         sigma = as_sigma(sigma, x)
         if self.output == "denoiser":
             return (self(x, sigma, label, noise_embed_offset, **extra) - x) / bcast(sigma, x) ** 2
-        r = (self.sigma_data ** 2 + sigma ** 2).sqrt()[:, None]
+        r = (self.sigma_data**2 + sigma**2).sqrt()[:, None]
         x_in = x / r
-        w = [layer.effective_weight() for layer in self.layers]
-        w[1:] = [wl / 0.596 for wl in w[1:]]                       # MP-SiLU's 1/0.596 folded into weights
+        w = [cast(MPLinear, layer).effective_weight() for layer in self.layers]
+        w[1:] = [wl / 0.596 for wl in w[1:]]  # MP-SiLU's 1/0.596 folded into weights
         c_noise, emb = _offset(sigma.log() / 4, noise_embed_offset, self.hidden)
         h = self._features(x_in, c_noise, label, extra) @ w[0].t()
         if emb is not None:
-            h = h + emb                                            # TSG: perturbed noise embedding
+            h = h + emb  # TSG: perturbed noise embedding
         dsilu = []
         for wl in w[1:]:
             s = torch.sigmoid(h)
-            a = h * s                                              # silu(h)
-            dsilu.append(torch.addcmul(s, a, 1 - s))               # silu'(h) = s + h s (1 - s)
+            a = h * s  # silu(h)
+            dsilu.append(torch.addcmul(s, a, 1 - s))  # silu'(h) = s + h s (1 - s)
             h = a @ wl.t()
         # y = h; d logp / dy = 2 gain y / (hidden sigma): propagate y back, scale at the end.
         g = h
         for wl, d in zip(reversed(w[1:]), reversed(dsilu)):
             g = (g @ wl) * d
-        g = g @ w[0][:, :self.dim]                                 # d/dx_in of mean(y^2) * hidden / 2
+        g = g @ w[0][:, : self.dim]  # d/dx_in of mean(y^2) * hidden / 2
         return ((2 * self.gain / self.hidden) / sigma[:, None] * g - x_in) / r
 
     def forward(self, x: torch.Tensor, sigma, label=None, noise_embed_offset=None, **extra) -> torch.Tensor:
         """``D(x; sigma, label, <extra_scalar>)`` [batch, dim], the x0 estimate."""
-        check(isinstance(x, torch.Tensor) and x.ndim == 2 and x.shape[1] == self.dim,
-              f"x must be a tensor of shape [batch, {self.dim}], got {list(getattr(x, 'shape', []))}")
+        check(
+            isinstance(x, torch.Tensor) and x.ndim == 2 and x.shape[1] == self.dim,
+            f"x must be a tensor of shape [batch, {self.dim}], got {list(getattr(x, 'shape', []))}",
+        )
         sigma = as_sigma(sigma, x)
         if self.output == "energy":
-            return x + bcast(sigma, x) ** 2 * self.score(x, sigma, label, noise_embed_offset, **extra)  # Tweedie: D = x + sigma^2 s
+            return x + bcast(sigma, x) ** 2 * self.score(
+                x, sigma, label, noise_embed_offset, **extra
+            )  # Tweedie: D = x + sigma^2 s
         return self.precond.denoise(self._F, x, sigma, label=label, noise_embed_offset=noise_embed_offset, extra=extra)

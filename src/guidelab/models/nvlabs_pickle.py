@@ -32,9 +32,13 @@ class Persistent:
     """What ``_reconstruct_persistent_obj(meta)`` stands for: ``class_name``, ``state`` and the (unrun) ``module_src``."""
 
     def __init__(self, meta: dict):
-        check(isinstance(meta, dict) and meta.get("type") == "class" and isinstance(meta.get("class_name"), str)
-              and isinstance(meta.get("state"), dict),
-              "a torch_utils.persistence object must have type 'class', a class_name and a state dict")
+        check(
+            isinstance(meta, dict)
+            and meta.get("type") == "class"
+            and isinstance(meta.get("class_name"), str)
+            and isinstance(meta.get("state"), dict),
+            "a torch_utils.persistence object must have type 'class', a class_name and a state dict",
+        )
         self.class_name, self.state = meta["class_name"], meta["state"]
         self.module_src, self.version = meta.get("module_src"), meta.get("version")
 
@@ -79,14 +83,16 @@ def _numpy_globals() -> dict:
     """numpy's array reconstruction: the latent encoder of a published network holds its per-channel
     scale and bias as numpy arrays (edm2 ``training/encoders.py``, ``StabilityVAEEncoder``)."""
     import numpy as np
+
     try:
         from numpy._core.multiarray import scalar
     except ImportError:  # numpy < 2
-        from numpy.core.multiarray import scalar
+        from numpy.core.multiarray import scalar  # type: ignore[no-redef]
 
     def reconstruct(subtype, shape, dtype):
         check(subtype is _NDARRAY, "numpy arrays may only be rebuilt as numpy.ndarray")
         return np.ndarray.__new__(np.ndarray, shape, dtype)
+
     out = {("numpy", "ndarray"): _NDARRAY, ("numpy", "dtype"): np.dtype}
     for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
         out[(mod, "_reconstruct")], out[(mod, "scalar")] = reconstruct, scalar
@@ -139,6 +145,7 @@ def _tensors(obj, prefix: str, out: dict[str, torch.Tensor]) -> dict[str, torch.
     """Flatten a module record into ``{dotted name: tensor}`` (parameters, buffers, submodules)."""
     state = obj.state if isinstance(obj, (Persistent, ModuleDict)) else None
     check(isinstance(state, dict), f"{prefix or 'the network'} is not a module record ({type(obj).__name__})")
+    assert isinstance(state, dict)
     for group in ("_parameters", "_buffers"):
         for name, t in (state.get(group) or {}).items():
             if t is not None:
@@ -160,8 +167,10 @@ def network_record(path: str | os.PathLike, key: str = "ema") -> tuple[Persisten
     check(isinstance(data, dict), f"{path} does not hold a dict of networks (got {type(data).__name__})")
     check(key in data, f"{path} has no {key!r} entry; it has {sorted(map(str, data))}")
     rec = data[key]
-    check(isinstance(rec, Persistent) and rec.class_name == "Precond",
-          f"{path}[{key!r}] is not an EDM2 Precond network (got {getattr(rec, 'class_name', type(rec).__name__)})")
+    check(
+        isinstance(rec, Persistent) and rec.class_name == "Precond",
+        f"{path}[{key!r}] is not an EDM2 Precond network (got {getattr(rec, 'class_name', type(rec).__name__)})",
+    )
     return rec, data
 
 

@@ -23,7 +23,6 @@ from .noise import BrownianNoise
 from .sde import score_sde_pc
 from .unipc import unipc
 
-
 _REGISTRY = {name: globals()[name] for name in INFO}
 
 

@@ -29,11 +29,15 @@ Step = Callable[..., torch.Tensor]
 
 def check_inputs(x: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
     """Validate a sampler's ``x`` and ``sigmas``; return sigmas in x's dtype and device."""
-    check(isinstance(x, torch.Tensor) and x.ndim >= 1 and x.shape[0] >= 1,
-          f"x must be a tensor of shape [batch, ...], got {type(x).__name__} {getattr(x, 'shape', '')}")
+    check(
+        isinstance(x, torch.Tensor) and x.ndim >= 1 and x.shape[0] >= 1,
+        f"x must be a tensor of shape [batch, ...], got {type(x).__name__} {getattr(x, 'shape', '')}",
+    )
     sigmas = torch.as_tensor(sigmas)
-    check(sigmas.ndim == 1 and sigmas.numel() >= 2,
-          f"sigmas must be a 1-D tensor of at least 2 values (n steps + final 0), got shape {list(sigmas.shape)}")
+    check(
+        sigmas.ndim == 1 and sigmas.numel() >= 2,
+        f"sigmas must be a 1-D tensor of at least 2 values (n steps + final 0), got shape {list(sigmas.shape)}",
+    )
     check(bool(torch.isfinite(sigmas).all()), "sigmas must be finite")
     check(float(sigmas[-1]) == 0.0, f"sigmas must end in 0, got last value {float(sigmas[-1]):g}")
     check(bool((sigmas[1:] < sigmas[:-1]).all()), "sigmas must be strictly decreasing")
@@ -51,8 +55,10 @@ def resolve_noise(noise, x: torch.Tensor, sigmas: torch.Tensor | None = None) ->
     if isinstance(noise, BrownianNoise):
         return noise.tree_sampler(x, float(sigmas[0]) if sigmas is not None else None)
     if not callable(noise):
-        raise GuidelabError(f"noise must be None, a SampleNoise, a BrownianNoise or a callable (sigma, sigma_next) -> tensor, "
-                            f"got {type(noise).__name__}")
+        raise GuidelabError(
+            f"noise must be None, a SampleNoise, a BrownianNoise or a callable (sigma, sigma_next) -> tensor, "
+            f"got {type(noise).__name__}"
+        )
     return noise
 
 
@@ -68,8 +74,9 @@ def check_support(denoiser, sampler: str, supports: frozenset[str] | None = None
     missing = denoiser.requires - supports
     if missing:
         need = " and ".join(f"the {f} step" for f in sorted(missing))
-        raise GuidelabError(f"{denoiser.name} needs a sampler with {need}: "
-                            f"{', '.join(supporting(denoiser.requires)) or 'none'}; got {sampler}")
+        raise GuidelabError(
+            f"{denoiser.name} needs a sampler with {need}: {', '.join(supporting(denoiser.requires)) or 'none'}; got {sampler}"
+        )
 
 
 def noise_seeds(noise) -> list[int] | None:
@@ -77,8 +84,7 @@ def noise_seeds(noise) -> list[int] | None:
     return noise.seeds if isinstance(noise, (SampleNoise, BrownianNoise)) else None
 
 
-def begin_run(denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise, sampler: str,
-              supports: frozenset[str] | None = None):
+def begin_run(denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise, sampler: str, supports: frozenset[str] | None = None):
     """Start one sampling run: check the guider's ``requires`` (:func:`check_support`), create the
     :class:`~guidelab.samplers.run.Run` (seeds from a ``SampleNoise`` / ``BrownianNoise``) and bind
     the guider to it. Returns ``(denoiser, run)``; the loop iterates ``run.steps(...)``."""
@@ -96,6 +102,7 @@ def evaluator(denoiser, x: torch.Tensor, cond: dict | None, run: Run) -> Callabl
     def evaluate(x_, s):
         run.evaluations += 1
         return denoiser(x_, torch.full((batch,), s, dtype=dtype, device=device), **cond)
+
     return evaluate
 
 
@@ -110,6 +117,7 @@ def pair_evaluator(denoiser, x: torch.Tensor, cond: dict | None, run: Run):
     def pair(x_, s):
         D = evaluate(x_, s)
         return D, D
+
     return pair
 
 
@@ -126,14 +134,25 @@ def report(callback: Callback | None, x, i: int, sigmas: torch.Tensor, sigma_hat
         callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas.new_tensor(sigma_hat), "denoised": D})
 
 
-def churn(x: torch.Tensor, sigma: float, n_steps: int, noise: NoiseSampler | None, sigma_next: float, *,
-          s_churn: float, s_tmin: float, s_tmax: float, s_noise: float) -> tuple[torch.Tensor, float]:
+def churn(
+    x: torch.Tensor,
+    sigma: float,
+    n_steps: int,
+    noise: NoiseSampler | None,
+    sigma_next: float,
+    *,
+    s_churn: float,
+    s_tmin: float,
+    s_tmax: float,
+    s_noise: float,
+) -> tuple[torch.Tensor, float]:
     """EDM Algorithm 2, lines 4-6: raise the noise level to sigma_hat = (1 + gamma) sigma, adding fresh noise."""
     gamma = min(s_churn / n_steps, math.sqrt(2) - 1) if s_tmin <= sigma <= s_tmax else 0.0
     if gamma <= 0:
         return x, sigma
+    assert noise is not None, "churn with s_churn > 0 needs a noise sampler"
     sigma_hat = sigma * (gamma + 1)
-    return x.add(noise(sigma, sigma_next), alpha=math.sqrt(sigma_hat ** 2 - sigma ** 2) * s_noise), sigma_hat
+    return x.add(noise(sigma, sigma_next), alpha=math.sqrt(sigma_hat**2 - sigma**2) * s_noise), sigma_hat
 
 
 def ancestral_step(sigma: float, sigma_next: float, eta: float = 1.0) -> tuple[float, float]:
@@ -145,12 +164,13 @@ def ancestral_step(sigma: float, sigma_next: float, eta: float = 1.0) -> tuple[f
     """
     if not eta:
         return sigma_next, 0.0
-    sigma_up = min(sigma_next, eta * math.sqrt(sigma_next ** 2 * (sigma ** 2 - sigma_next ** 2) / sigma ** 2))
-    return math.sqrt(sigma_next ** 2 - sigma_up ** 2), sigma_up
+    sigma_up = min(sigma_next, eta * math.sqrt(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2))
+    return math.sqrt(sigma_next**2 - sigma_up**2), sigma_up
 
 
 # ---------------------------------------------------------------------------------------------
 # Single-step updates (deterministic; sigma -> sigma_next). d = (x - D) / sigma is dx/dsigma (EDM eq. 3).
+
 
 def euler_step(evaluate, x, D, sigma: float, sigma_next: float):
     """Euler on the PF-ODE: ``x + (sigma_next - sigma) (x - D) / sigma = D + (sigma_next / sigma) (x - D)``
@@ -177,7 +197,7 @@ def dpm2_step(evaluate, x, D, sigma: float, sigma_next: float):
     if sigma_next == 0:
         return torch.lerp(D, x, 0.0)
     s_mid = math.exp(0.5 * (math.log(sigma) + math.log(sigma_next)))
-    x_mid = torch.lerp(D, x, s_mid / sigma)                      # Euler to s_mid
+    x_mid = torch.lerp(D, x, s_mid / sigma)  # Euler to s_mid
     return x.add(x_mid - evaluate(x_mid, s_mid), alpha=(sigma_next - sigma) / s_mid)
 
 
@@ -188,7 +208,7 @@ def dpmpp_2s_step(evaluate, x, D, sigma: float, sigma_next: float):
     """
     if sigma_next == 0:
         return D
-    s_mid = math.sqrt(sigma * sigma_next)                       # lambda_mid = lambda + h / 2
+    s_mid = math.sqrt(sigma * sigma_next)  # lambda_mid = lambda + h / 2
     x_mid = torch.lerp(D, x, s_mid / sigma)
     return torch.lerp(evaluate(x_mid, s_mid), x, sigma_next / sigma)
 
@@ -196,9 +216,24 @@ def dpmpp_2s_step(evaluate, x, D, sigma: float, sigma_next: float):
 # ---------------------------------------------------------------------------------------------
 # The two loops every one-step sampler is made of.
 
+
 @torch.no_grad()
-def churn_loop(denoiser, x, sigmas, step: Step, *, name: str, cond, callback, progress,
-               s_churn: float, s_tmin: float, s_tmax: float, s_noise: float, noise):
+def churn_loop(
+    denoiser,
+    x,
+    sigmas,
+    step: Step,
+    *,
+    name: str,
+    cond,
+    callback,
+    progress,
+    s_churn: float,
+    s_tmin: float,
+    s_tmax: float,
+    s_noise: float,
+    noise,
+):
     """EDM Algorithm 2 with any ``step``: churn to sigma_hat, then a deterministic step to sigma_next.
 
     The renoise step (CFG++, where ``name`` supports it): the step starts from :func:`shifted`.
@@ -219,8 +254,21 @@ def churn_loop(denoiser, x, sigmas, step: Step, *, name: str, cond, callback, pr
 
 
 @torch.no_grad()
-def ancestral_loop(denoiser, x, sigmas, step: Step, *, name: str, cond, callback, progress, s_noise: float, noise,
-                   eta: float = 1.0, split: Callable[[float, float], tuple[float, float]] | None = None):
+def ancestral_loop(
+    denoiser,
+    x,
+    sigmas,
+    step: Step,
+    *,
+    name: str,
+    cond,
+    callback,
+    progress,
+    s_noise: float,
+    noise,
+    eta: float = 1.0,
+    split: Callable[[float, float], tuple[float, float]] | None = None,
+):
     """Ancestral sampling: a deterministic ``step`` to sigma_down, then fresh noise of std sigma_up.
 
     ``split(sigma, sigma_next) -> (sigma_down, sigma_up)`` defaults to :func:`ancestral_step` with ``eta``.
@@ -241,5 +289,5 @@ def ancestral_loop(denoiser, x, sigmas, step: Step, *, name: str, cond, callback
         sigma_down, sigma_up = split(sigma, sigma_next)
         x = step(evaluate, shifted(x, D, D_r), D, sigma, sigma_down)
         if sigma_next > 0 and sigma_up > 0:
-            x = x + noise(sigma, sigma_next) * (s_noise * sigma_up)   # (guidance.fkc relies on this exact form)
+            x = x + noise(sigma, sigma_next) * (s_noise * sigma_up)  # (guidance.fkc relies on this exact form)
     return x

@@ -10,6 +10,7 @@ class Info(NamedTuple):
     """``nfe``: network evaluations per step (the step to sigma = 0 may take fewer); ``order``: global
     order of the deterministic solver (0: not an ODE solver); ``stochastic``: draws noise by default;
     ``supports``: sampler features a guider may require (``guider.requires <= supports``)."""
+
     nfe: int
     order: int
     stochastic: bool

@@ -13,21 +13,40 @@ import math
 import torch
 
 from ..errors import check
-from .base import (Callback, ancestral_loop, begin_run, check_inputs, dpmpp_2s_step, pair_evaluator, report,
-                   resolve_noise, shifted)
+from .base import Callback, ancestral_loop, begin_run, check_inputs, dpmpp_2s_step, pair_evaluator, report, resolve_noise, shifted
 
 
-def dpmpp_2s_ancestral(denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, cond: dict | None = None,
-                       callback: Callback | None = None, progress: bool = False, eta: float = 1.0,
-                       s_noise: float = 1.0, noise=None) -> torch.Tensor:
+def dpmpp_2s_ancestral(
+    denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    cond: dict | None = None,
+    callback: Callback | None = None,
+    progress: bool = False,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+    noise=None,
+) -> torch.Tensor:
     """DPM-Solver++(2S) single-step to sigma_down, then ancestral noise (2 NFE per step, 1 on the last).
 
     With CFG++ (``guidance.cfgpp``, the renoise step) as ComfyUI's ``sample_dpmpp_2s_ancestral_cfg_pp``:
     both sub-steps start from ``x + (D_lam - D_u)`` with data terms ``D_lam`` (at sigma) and the guided
     midpoint ``D_lam(x_mid)``, so ``x_mid = D_lam + (s_mid / sigma)(x - D_u)``.
     """
-    return ancestral_loop(denoiser, x, sigmas, dpmpp_2s_step, name="dpmpp_2s_ancestral", cond=cond, callback=callback,
-                          progress=progress, eta=eta, s_noise=s_noise, noise=noise)
+    return ancestral_loop(
+        denoiser,
+        x,
+        sigmas,
+        dpmpp_2s_step,
+        name="dpmpp_2s_ancestral",
+        cond=cond,
+        callback=callback,
+        progress=progress,
+        eta=eta,
+        s_noise=s_noise,
+        noise=noise,
+    )
 
 
 @torch.no_grad()
@@ -46,26 +65,26 @@ def _multistep(denoiser, x, sigmas, *, name, order, eta, s_noise, noise, solver_
     # CFG++ (where name supports it: 2M): data term from D = D_lam, the e^{-h} and history terms from D_r = D_u.
     evaluate_pair = pair_evaluator(denoiser, x, cond, run)
     sig = sigmas.tolist()
-    D_1 = h_1 = h_2 = delta_1 = None                             # history: previous D, D_1 - D_2, step sizes
+    D_1 = h_1 = h_2 = delta_1 = None  # history: previous D, D_1 - D_2, step sizes
     for i in run.steps(progress, name):
         sigma, sigma_next = sig[i], sig[i + 1]
         D, D_r = evaluate_pair(x, sigma)
         report(callback, x, i, sigmas, sigma, D)
         if sigma_next == 0:
-            x = D                                                # first-order step to sigma = 0
+            x = D  # first-order step to sigma = 0
             break
         h = math.log(sigma) - math.log(sigma_next)
         h_eta = h * (1 + eta)
-        phi_1 = -math.expm1(-h_eta)                              # 1 - e^{-h_eta}; (sigma_next/sigma) e^{-eta h} = 1 - phi_1
-        x = torch.lerp(D, shifted(x, D, D_r), 1 - phi_1)        # first order: (1 - phi_1) x + phi_1 D
+        phi_1 = -math.expm1(-h_eta)  # 1 - e^{-h_eta}; (sigma_next/sigma) e^{-eta h} = 1 - phi_1
+        x = torch.lerp(D, shifted(x, D, D_r), 1 - phi_1)  # first order: (1 - phi_1) x + phi_1 D
         delta = None if D_1 is None else D - D_1
         phi_2 = -phi_1 / h_eta + 1
-        if order >= 3 and h_2 is not None:                       # 3rd order from 2nd divided differences:
-            r0, r1 = h_1 / h, h_2 / h                            # phi_2 d1 - phi_3 d2 with d1_0 = delta / r0,
-            phi_3 = phi_2 / h_eta - 0.5                          # d1_1 = delta_1 / r1, d2 = (d1_0 - d1_1)/(r0 + r1),
-            c2 = phi_2 * r0 / (r0 + r1) - phi_3 / (r0 + r1)      # d1 = d1_0 + r0 d2
+        if order >= 3 and h_2 is not None:  # 3rd order from 2nd divided differences:
+            r0, r1 = h_1 / h, h_2 / h  # phi_2 d1 - phi_3 d2 with d1_0 = delta / r0,
+            phi_3 = phi_2 / h_eta - 0.5  # d1_1 = delta_1 / r1, d2 = (d1_0 - d1_1)/(r0 + r1),
+            c2 = phi_2 * r0 / (r0 + r1) - phi_3 / (r0 + r1)  # d1 = d1_0 + r0 d2
             x.add_(delta, alpha=(phi_2 + c2) / r0).add_(delta_1, alpha=-c2 / r1)
-        elif delta is not None:                                  # 2nd order from one previous D
+        elif delta is not None:  # 2nd order from one previous D
             r = h_1 / h
             x.add_(delta, alpha=(0.5 * phi_1 if solver_type == "midpoint" else phi_2) / r)
         if eta > 0:
@@ -74,31 +93,94 @@ def _multistep(denoiser, x, sigmas, *, name, order, eta, s_noise, noise, solver_
     return x
 
 
-def dpmpp_2m(denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, cond: dict | None = None,
-             callback: Callback | None = None, progress: bool = False, noise=None) -> torch.Tensor:
+def dpmpp_2m(
+    denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    cond: dict | None = None,
+    callback: Callback | None = None,
+    progress: bool = False,
+    noise=None,
+) -> torch.Tensor:
     """DPM-Solver++(2M): 2nd-order multistep (1 NFE per step), first order on the first and last steps.
 
     Deterministic: ``noise`` is accepted (one signature for all samplers) and not used.
     """
-    return _multistep(denoiser, x, sigmas, name="dpmpp_2m", order=2, eta=0.0, s_noise=1.0, noise=None,
-                      solver_type="midpoint", cond=cond, callback=callback, progress=progress)
+    return _multistep(
+        denoiser,
+        x,
+        sigmas,
+        name="dpmpp_2m",
+        order=2,
+        eta=0.0,
+        s_noise=1.0,
+        noise=None,
+        solver_type="midpoint",
+        cond=cond,
+        callback=callback,
+        progress=progress,
+    )
 
 
-def dpmpp_2m_sde(denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, cond: dict | None = None,
-                 callback: Callback | None = None, progress: bool = False, eta: float = 1.0, s_noise: float = 1.0,
-                 solver_type: str = "midpoint", noise=None) -> torch.Tensor:
+def dpmpp_2m_sde(
+    denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    cond: dict | None = None,
+    callback: Callback | None = None,
+    progress: bool = False,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+    solver_type: str = "midpoint",
+    noise=None,
+) -> torch.Tensor:
     """DPM-Solver++(2M) SDE (1 NFE per step); ``solver_type`` "midpoint" or "heun"; ``eta = 0`` is ``dpmpp_2m``.
 
     ``noise``: a ``BrownianNoise`` keeps a run consistent when its schedule is refined.
     """
     check(solver_type in ("midpoint", "heun"), f"solver_type must be 'midpoint' or 'heun', got {solver_type!r}")
-    return _multistep(denoiser, x, sigmas, name="dpmpp_2m_sde", order=2, eta=eta, s_noise=s_noise, noise=noise,
-                      solver_type=solver_type, cond=cond, callback=callback, progress=progress)
+    return _multistep(
+        denoiser,
+        x,
+        sigmas,
+        name="dpmpp_2m_sde",
+        order=2,
+        eta=eta,
+        s_noise=s_noise,
+        noise=noise,
+        solver_type=solver_type,
+        cond=cond,
+        callback=callback,
+        progress=progress,
+    )
 
 
-def dpmpp_3m_sde(denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, cond: dict | None = None,
-                 callback: Callback | None = None, progress: bool = False, eta: float = 1.0, s_noise: float = 1.0,
-                 noise=None) -> torch.Tensor:
+def dpmpp_3m_sde(
+    denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    cond: dict | None = None,
+    callback: Callback | None = None,
+    progress: bool = False,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+    noise=None,
+) -> torch.Tensor:
     """DPM-Solver++(3M) SDE (1 NFE per step); ``eta = 0`` is the 3rd-order multistep ODE solver."""
-    return _multistep(denoiser, x, sigmas, name="dpmpp_3m_sde", order=3, eta=eta, s_noise=s_noise, noise=noise,
-                      solver_type="heun", cond=cond, callback=callback, progress=progress)
+    return _multistep(
+        denoiser,
+        x,
+        sigmas,
+        name="dpmpp_3m_sde",
+        order=3,
+        eta=eta,
+        s_noise=s_noise,
+        noise=noise,
+        solver_type="heun",
+        cond=cond,
+        callback=callback,
+        progress=progress,
+    )

@@ -9,25 +9,73 @@ import torch
 from .base import Callback, churn_loop, euler_step, heun_step
 
 
-def euler(denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, cond: dict | None = None,
-          callback: Callback | None = None, progress: bool = False, s_churn: float = 0.0, s_tmin: float = 0.0,
-          s_tmax: float = math.inf, s_noise: float = 1.0, noise=None) -> torch.Tensor:
+def euler(
+    denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    cond: dict | None = None,
+    callback: Callback | None = None,
+    progress: bool = False,
+    s_churn: float = 0.0,
+    s_tmin: float = 0.0,
+    s_tmax: float = math.inf,
+    s_noise: float = 1.0,
+    noise=None,
+) -> torch.Tensor:
     """Euler on the probability-flow ODE (1 NFE per step), with EDM churn when ``s_churn > 0``.
 
     ``x`` is the starting sample at ``sigmas[0]`` (noise already scaled); ``cond`` is passed to the
     denoiser as keyword arguments; ``noise`` is a ``SampleNoise`` (per-sample seeds), a
     ``BrownianNoise`` or a noise sampler ``(sigma, sigma_next) -> tensor like x``.
     """
-    return churn_loop(denoiser, x, sigmas, euler_step, name="euler", cond=cond, callback=callback, progress=progress,
-                      s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise, noise=noise)
+    return churn_loop(
+        denoiser,
+        x,
+        sigmas,
+        euler_step,
+        name="euler",
+        cond=cond,
+        callback=callback,
+        progress=progress,
+        s_churn=s_churn,
+        s_tmin=s_tmin,
+        s_tmax=s_tmax,
+        s_noise=s_noise,
+        noise=noise,
+    )
 
 
-def heun(denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, cond: dict | None = None,
-         callback: Callback | None = None, progress: bool = False, s_churn: float = 0.0, s_tmin: float = 0.0,
-         s_tmax: float = math.inf, s_noise: float = 1.0, noise=None) -> torch.Tensor:
+def heun(
+    denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    cond: dict | None = None,
+    callback: Callback | None = None,
+    progress: bool = False,
+    s_churn: float = 0.0,
+    s_tmin: float = 0.0,
+    s_tmax: float = math.inf,
+    s_noise: float = 1.0,
+    noise=None,
+) -> torch.Tensor:
     """The EDM sampler (Algorithm 2): Heun's 2nd-order method, Euler on the last step to sigma = 0.
 
     2 NFE per step except the last; arguments as in :func:`euler`.
     """
-    return churn_loop(denoiser, x, sigmas, heun_step, name="heun", cond=cond, callback=callback, progress=progress,
-                      s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise, noise=noise)
+    return churn_loop(
+        denoiser,
+        x,
+        sigmas,
+        heun_step,
+        name="heun",
+        cond=cond,
+        callback=callback,
+        progress=progress,
+        s_churn=s_churn,
+        s_tmin=s_tmin,
+        s_tmax=s_tmax,
+        s_noise=s_noise,
+        noise=noise,
+    )

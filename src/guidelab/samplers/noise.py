@@ -39,11 +39,24 @@ class BrownianNoise:
         check(x.shape[0] == len(self.seeds), f"x has batch {x.shape[0]} but BrownianNoise has {len(self.seeds)} seeds")
         t1 = self.sigma_max if self.sigma_max is not None else sigma_max
         check(t1 is not None, "BrownianNoise needs sigma_max (or a run that starts at it)")
-        trees = [torchsde.BrownianInterval(t0=0.0, t1=float(t1), size=tuple(x.shape[1:]), dtype=x.dtype, device=x.device,
-                                           entropy=s, tol=self.tol, halfway_tree=True) for s in self.seeds]
+        assert t1 is not None
+        trees = [
+            torchsde.BrownianInterval(
+                t0=0.0,
+                t1=float(t1),
+                size=tuple(x.shape[1:]),
+                dtype=x.dtype,
+                device=x.device,
+                entropy=s,
+                tol=self.tol,
+                halfway_tree=True,
+            )
+            for s in self.seeds
+        ]
 
         def sample(sigma, sigma_next):
             lo, hi = float(sigma_next), float(sigma)
             check(0 <= lo < hi <= t1 * (1 + 1e-12), f"BrownianNoise covers sigma in [0, {t1:g}], asked for ({lo:g}, {hi:g})")
             return torch.stack([tree(lo, min(hi, t1)) for tree in trees]) / math.sqrt(hi - lo)
+
         return sample

@@ -23,8 +23,10 @@ class Run:
         self.sigmas = torch.as_tensor(sigmas)
         self.batch = int(x.shape[0])
         self.seeds = None if seeds is None else [int(s) for s in seeds]
-        check(self.seeds is None or len(self.seeds) == self.batch,
-              f"x has batch {self.batch} but the run has {None if self.seeds is None else len(self.seeds)} seeds")
+        check(
+            self.seeds is None or len(self.seeds) == self.batch,
+            f"x has batch {self.batch} but the run has {None if self.seeds is None else len(self.seeds)} seeds",
+        )
         self.step = 0
         self.evaluations = 0
         self._state: dict[int, tuple[object, Any]] = {}
@@ -35,6 +37,7 @@ class Run:
         it: Any = range(n)
         if progress:
             from tqdm.auto import trange
+
             it = trange(n, desc=desc, leave=False)
         for i in it:
             self.step = i

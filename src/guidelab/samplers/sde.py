@@ -13,9 +13,18 @@ from .noise import BrownianNoise
 
 
 @torch.no_grad()
-def score_sde_pc(denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, cond: dict | None = None,
-                 callback: Callback | None = None, progress: bool = False, snr: float = 0.16,
-                 corrector_steps: int = 1, noise=None) -> torch.Tensor:
+def score_sde_pc(
+    denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    cond: dict | None = None,
+    callback: Callback | None = None,
+    progress: bool = False,
+    snr: float = 0.16,
+    corrector_steps: int = 1,
+    noise=None,
+) -> torch.Tensor:
     """Per step: ``corrector_steps`` Langevin corrections at sigma, then one reverse-diffusion step.
 
     Score ``s = (D - x) / sigma^2``. Corrector (their Alg. 4): ``x <- x + eps s + sqrt(2 eps) z`` with
@@ -25,11 +34,16 @@ def score_sde_pc(denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, cond: dict 
     Predictor (their eq. 46, VE): ``x <- x + (sigma^2 - sigma_next^2) s + sqrt(sigma^2 - sigma_next^2) z``,
     noise-free on the step to 0 (which returns D). 1 + corrector_steps NFE per step.
     """
-    check(isinstance(corrector_steps, int) and corrector_steps >= 0, f"corrector_steps must be an integer >= 0, got {corrector_steps!r}")
+    check(
+        isinstance(corrector_steps, int) and corrector_steps >= 0,
+        f"corrector_steps must be an integer >= 0, got {corrector_steps!r}",
+    )
     check(snr >= 0, f"snr must be >= 0, got {snr}")
     if isinstance(noise, BrownianNoise):
-        raise GuidelabError("score_sde_pc draws Langevin noise that belongs to no time interval: use SampleNoise or a noise "
-                            "sampler, not BrownianNoise")
+        raise GuidelabError(
+            "score_sde_pc draws Langevin noise that belongs to no time interval: use SampleNoise or a noise "
+            "sampler, not BrownianNoise"
+        )
     sigmas = check_inputs(x, sigmas)
     denoiser, run = begin_run(denoiser, x, sigmas, noise, "score_sde_pc")
     noise = resolve_noise(noise, x, sigmas)
@@ -37,15 +51,15 @@ def score_sde_pc(denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, cond: dict 
     sig = sigmas.tolist()
     for i in run.steps(progress, "score_sde_pc"):
         sigma, sigma_next = sig[i], sig[i + 1]
-        eps = 2 * (snr * sigma) ** 2                             # Langevin step size
+        eps = 2 * (snr * sigma) ** 2  # Langevin step size
         for _ in range(corrector_steps):
-            x = torch.lerp(x, evaluate(x, sigma), eps / sigma ** 2)     # x + eps s, s = (D - x) / sigma^2
+            x = torch.lerp(x, evaluate(x, sigma), eps / sigma**2)  # x + eps s, s = (D - x) / sigma^2
             x.add_(noise(sigma, sigma_next), alpha=math.sqrt(2 * eps))
         D = evaluate(x, sigma)
         report(callback, x, i, sigmas, sigma, D)
         if sigma_next == 0:
-            x = D                                               # x + sigma^2 s
+            x = D  # x + sigma^2 s
             break
-        g2 = sigma ** 2 - sigma_next ** 2
-        x = torch.lerp(x, D, g2 / sigma ** 2).add_(noise(sigma, sigma_next), alpha=math.sqrt(g2))
+        g2 = sigma**2 - sigma_next**2
+        x = torch.lerp(x, D, g2 / sigma**2).add_(noise(sigma, sigma_next), alpha=math.sqrt(g2))
     return x

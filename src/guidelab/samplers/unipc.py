@@ -23,8 +23,8 @@ def _step(x, sig: list[float], i: int, hist: list[torch.Tensor], p: int, variant
     """One UniP-p step sig[i] -> sig[i+1] from ``hist = [D_i, D_{i-1}, ...]``; with ``D_next`` (the
     evaluation at the predicted point) the UniC-p corrector of the same step instead."""
     sigma, sigma_next = sig[i], sig[i + 1]
-    h = math.log(sigma) - math.log(sigma_next)                  # lambda_next - lambda, lambda = -log sigma
-    hh = -h                                                     # data prediction
+    h = math.log(sigma) - math.log(sigma_next)  # lambda_next - lambda, lambda = -log sigma
+    hh = -h  # data prediction
     hphi_1 = math.expm1(hh)
     B = hh if variant == "bh1" else hphi_1
     rks = [(math.log(sigma) - math.log(sig[i - k])) / h for k in range(1, p)] + [1.0]
@@ -36,9 +36,9 @@ def _step(x, sig: list[float], i: int, hist: list[torch.Tensor], p: int, variant
         fact *= k + 1
         hphi_k = hphi_k / hh - 1 / fact
     R = np.array([[r ** (k - 1) for r in rks] for k in range(1, p + 1)])
-    if D_next is None:                                          # predictor: p - 1 weights
+    if D_next is None:  # predictor: p - 1 weights
         rho = [] if p == 1 else [0.5] if p == 2 else np.linalg.solve(R[:-1, :-1], b[:-1]).tolist()
-    else:                                                       # corrector: p weights, the last on D_next - D0
+    else:  # corrector: p weights, the last on D_next - D0
         rho = [0.5] if p == 1 else np.linalg.solve(R, b).tolist()
     # x_next = (sigma_next/sigma) x - hphi_1 D0 - B sum_k rho_k D1_k, with D1_k = (D_{-k} - D0) / r_k for the
     # history and D1 = D_next - D0 (r = 1) for the corrector's last term; hphi_1 = sigma_next/sigma - 1.
@@ -50,9 +50,20 @@ def _step(x, sig: list[float], i: int, hist: list[torch.Tensor], p: int, variant
 
 
 @torch.no_grad()
-def unipc(denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, cond: dict | None = None,
-          callback: Callback | None = None, progress: bool = False, order: int = 2, variant: str = "bh2",
-          corrector: bool = True, lower_order_final: bool = True, noise=None) -> torch.Tensor:
+def unipc(
+    denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    cond: dict | None = None,
+    callback: Callback | None = None,
+    progress: bool = False,
+    order: int = 2,
+    variant: str = "bh2",
+    corrector: bool = True,
+    lower_order_final: bool = True,
+    noise=None,
+) -> torch.Tensor:
     """UniPC-p (1 NFE per step). ``order`` 1..3; ``variant`` "bh1" or "bh2"; ``corrector=False`` gives UniP.
 
     Lower orders while the history fills up; with ``lower_order_final`` the order is at most the number
@@ -66,12 +77,13 @@ def unipc(denoiser, x: torch.Tensor, sigmas: torch.Tensor, *, cond: dict | None 
     evaluate = evaluator(denoiser, x, cond, run)
     sig = sigmas.tolist()
     n = len(sig) - 1
-    hist: list[torch.Tensor] = []                              # D_i, D_{i-1}, ... newest first
-    x_last = p_last = None
+    hist: list[torch.Tensor] = []  # D_i, D_{i-1}, ... newest first
+    x_last: torch.Tensor | None = None
+    p_last = 0
     for i in run.steps(progress, "unipc"):
         sigma, sigma_next = sig[i], sig[i + 1]
         D = evaluate(x, sigma)
-        if corrector and x_last is not None:                   # UniC-p_last: redo step i-1 -> i with D_i
+        if corrector and x_last is not None:  # UniC-p_last: redo step i-1 -> i with D_i
             x = _step(x_last, sig, i - 1, hist, p_last, variant, D_next=D)
         report(callback, x, i, sigmas, sigma, D)
         hist = ([D] + hist)[:order]
