@@ -11,6 +11,10 @@ class GuidelabError(ValueError):
     """A user mistake: the message says what was wrong and what is allowed."""
 
 
+class NonFiniteError(GuidelabError):
+    """A denoiser returned NaN or inf inside a sampler loop (names the sampler, step, sigma and rows)."""
+
+
 def check(ok: bool, message: str) -> None:
     if not ok:
         raise GuidelabError(message)

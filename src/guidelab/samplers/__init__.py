@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from ..errors import GuidelabError
 from .ancestral import euler_ancestral
+from .base import allow_nonfinite
 from .catalog import INFO, Info
 from .ddim import ddim, ddpm
 from .dpm import dpm_2, dpm_2_ancestral
@@ -45,4 +46,4 @@ def info(name: str) -> Info:
     return INFO[name]
 
 
-__all__ = ["get", "names", "info", "Info", "BrownianNoise", *INFO]
+__all__ = ["get", "names", "info", "Info", "BrownianNoise", "allow_nonfinite", *INFO]

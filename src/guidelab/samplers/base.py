@@ -9,13 +9,15 @@ with floats and return standard normal noise shaped like ``x``.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Any, Callable
+from contextvars import ContextVar
+from typing import Any, Callable, Iterator
 
 import torch
 
 from ..denoisers import Guider
-from ..errors import GuidelabError, check
+from ..errors import GuidelabError, NonFiniteError, check
 from ..rng import NoiseSampler, SampleNoise, global_noise
 from .catalog import INFO, supporting
 from .noise import BrownianNoise
@@ -90,6 +92,7 @@ def begin_run(denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise, sampler: s
     the guider to it. Returns ``(denoiser, run)``; the loop iterates ``run.steps(...)``."""
     check_support(denoiser, sampler, supports)
     run = Run(x, sigmas, noise_seeds(noise))
+    run.sampler = sampler
     return (denoiser.start(run) if isinstance(denoiser, Guider) else denoiser), run
 
 
@@ -101,9 +104,39 @@ def evaluator(denoiser, x: torch.Tensor, cond: dict | None, run: Run) -> Callabl
 
     def evaluate(x_, s):
         run.evaluations += 1
-        return denoiser(x_, torch.full((batch,), s, dtype=dtype, device=device), **cond)
+        out = denoiser(x_, torch.full((batch,), s, dtype=dtype, device=device), **cond)
+        for D in out if isinstance(out, tuple) else (out,):
+            check_finite_output(D, run, s)
+        return out
 
     return evaluate
+
+
+_ALLOW_NONFINITE: ContextVar[bool] = ContextVar("guidelab_allow_nonfinite", default=False)
+
+
+@contextlib.contextmanager
+def allow_nonfinite(allow: bool = True) -> Iterator[None]:
+    """Inside this context samplers do not check denoiser outputs for NaN / inf (``--allow-nonfinite``)."""
+    token = _ALLOW_NONFINITE.set(allow)
+    try:
+        yield
+    finally:
+        _ALLOW_NONFINITE.reset(token)
+
+
+def check_finite_output(D: torch.Tensor, run: Run, sigma: float) -> None:
+    """Raise :class:`NonFiniteError` naming the sampler, step, sigma and rows if ``D`` holds NaN or inf.
+
+    One reduction per evaluation (``isfinite(D).all()``); the rows are found only after a failure."""
+    if _ALLOW_NONFINITE.get() or bool(torch.isfinite(D).all()):
+        return
+    rows = (~torch.isfinite(D.detach().flatten(1))).any(1).nonzero().flatten().tolist()
+    more = f" (+{len(rows) - 8} more)" if len(rows) > 8 else ""
+    raise NonFiniteError(
+        f"{run.sampler or 'sampler'}: the denoiser returned NaN/inf at step {run.step} (sigma {sigma:g}) in rows "
+        f"{rows[:8]}{more}; samplers.allow_nonfinite() / --allow-nonfinite turns this check off"
+    )
 
 
 def pair_evaluator(denoiser, x: torch.Tensor, cond: dict | None, run: Run):

@@ -29,6 +29,7 @@ class Run:
         )
         self.step = 0
         self.evaluations = 0
+        self.sampler = ""  # the sampler's name, set by samplers.base.begin_run (for error messages)
         self._state: dict[int, tuple[object, Any]] = {}
 
     def steps(self, progress: bool = False, desc: str = "") -> Iterator[int]:
