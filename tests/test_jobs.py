@@ -31,11 +31,18 @@ def test_shards_hold_seeded_samples_equal_to_a_direct_run(tmp_path):
     assert json.loads((tmp_path / "job.json").read_text())["n"] == 10
 
 
+def _dead_pid() -> int:
+    import subprocess
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
+
+
 def test_resume_keeps_finished_shards_and_refuses_another_job(tmp_path):
     paths = jobs.sample(tmp_path, CFG, n=8, shard_size=4)
     first = paths[0].read_bytes()
     paths[1].unlink()                                            # as if killed before the 2nd shard
-    (tmp_path / f".{paths[1].name}.tmp999").write_bytes(b"partial")  # a killed writer's leftover
+    (tmp_path / f".{paths[1].name}.tmp{_dead_pid()}.x1").write_bytes(b"partial")  # a killed writer's leftover
     mtime = paths[0].stat().st_mtime_ns
     jobs.sample(tmp_path, CFG, n=8, shard_size=4)
     assert paths[0].stat().st_mtime_ns == mtime and paths[0].read_bytes() == first   # not recomputed

@@ -3,10 +3,14 @@ files guidelab writes (uint8 conversion, class grids, PNG)."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import hashlib
 import os
+import re
 import tempfile
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, Iterator
 
 import numpy as np
 
@@ -14,13 +18,14 @@ import numpy as np
 def atomic_write(path: str | os.PathLike, data: bytes | Callable[[BinaryIO], None]) -> Path:
     """Write ``data`` (bytes, or a function writing to a binary file) to ``path`` atomically.
 
-    The bytes go to a temporary ``.<name>.tmp*`` file in the same folder, are fsynced and renamed over
+    The bytes go to a temporary ``.<name>.tmp<pid>.*`` file in the same folder (:func:`stale_temps` finds
+    those whose writer is gone), are fsynced and renamed over
     ``path`` (``os.replace``): a killed process leaves the old file or the new one, never a partial one.
     The file gets the permissions a plain ``open`` would give it (0666 less the umask), not mkstemp's 0600.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp{os.getpid()}.")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data) if isinstance(data, (bytes, bytearray)) else data(f)
@@ -35,6 +40,69 @@ def atomic_write(path: str | os.PathLike, data: bytes | Callable[[BinaryIO], Non
             pass
         raise
     return path
+
+
+_TEMP = re.compile(r"\.(?P<name>.+)\.tmp(?P<pid>\d+)\..*")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def stale_temps(folder: str | os.PathLike, name: str | None = None) -> list[Path]:
+    """Temporary files of :func:`atomic_write` in ``folder`` (of target ``name``, or any) whose writing
+    process is gone (its pid is not alive on this host): safe to delete. A live writer's file is never listed."""
+    out = []
+    for p in Path(folder).glob(".*.tmp*"):
+        m = _TEMP.fullmatch(p.name)
+        if m and (name is None or m["name"] == name) and int(m["pid"]) != os.getpid() and not _alive(int(m["pid"])):
+            out.append(p)
+    return out
+
+
+def sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file; of a folder, of its files' relative names and contents (sorted; hidden files skipped)."""
+    path, h = Path(path), hashlib.sha256()
+    files = [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.is_file()
+                                                 and not any(part.startswith(".") for part in f.relative_to(path).parts))
+    for f in files:
+        if f != path:
+            h.update(str(f.relative_to(path)).encode() + b"\0")
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike, *, blocking: bool = True) -> Iterator[bool]:
+    """An exclusive ``fcntl.flock`` on ``path`` (created if missing) for the ``with`` block; yields whether
+    it was taken (``blocking=False``: False when another process holds it). The kernel drops the lock
+    when its holder dies, so a killed job never leaves a folder locked. Network file systems: flock is
+    honoured by NFSv4 and Lustre/GPFS with locking on; on file systems without it writers are not
+    serialised (docs/RELIABILITY.md)."""
+    import fcntl
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
 
 
 def _umask() -> int:

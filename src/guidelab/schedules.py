@@ -26,9 +26,17 @@ def _check_n(n: int) -> None:
     check(isinstance(n, int) and not isinstance(n, bool) and n >= 1, f"number of steps n must be an integer >= 1, got {n!r}")
 
 
+#: The largest sigma_max a schedule takes: x_T = sigma_max * N(0, I) must stay far inside float32 (3.4e38),
+#: and squared (sigma^2 + sigma_data^2 in the EDM preconditioning) too.
+SIGMA_LIMIT = 1e6
+
+
 def _check_range(n: int, sigma_min: float, sigma_max: float) -> None:
     _check_n(n)
-    check(0 < sigma_min < sigma_max, f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
+    check(all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (sigma_min, sigma_max)),
+          f"sigma_min and sigma_max must be finite numbers, got sigma_min={sigma_min!r}, sigma_max={sigma_max!r}")
+    check(0 < sigma_min < sigma_max <= SIGMA_LIMIT,
+          f"need 0 < sigma_min < sigma_max <= {SIGMA_LIMIT:g}, got sigma_min={sigma_min}, sigma_max={sigma_max}")
 
 
 def _ramp(n: int) -> torch.Tensor:

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from .._io import atomic_write
 from ..denoisers import edm_loss
 from ..errors import check
 from .loop import LoopConfig, train
@@ -166,7 +167,7 @@ def plot_loss(losses, path: str | Path) -> Path:
     ax.legend()
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path)
+    atomic_write(path, lambda f: fig.savefig(f, format="png"))  # a kill never leaves a partial PNG
     plt.close(fig)
     return path
 

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .._io import stale_temps
 from ..errors import GuidelabError, check
 from ..models import registry
 from . import checkpoint
@@ -204,7 +205,7 @@ def _train(run_dir, model_config, loss_fn, loop, meta, checkpoint_every, progres
     identity = {"model": model_config, "loop": asdict(loop), "meta": meta}
     final = snapshot_path(run_dir, loop.iters, loop.ema[0])
     state_path = run_dir / STATE_FILE
-    for tmp in run_dir.glob(".*.safetensors.*.tmp"):  # left by a process killed while writing
+    for tmp in stale_temps(run_dir) if run_dir.is_dir() else ():  # atomic_write temps of a killed writer
         tmp.unlink(missing_ok=True)
     trainer = None
     if state_path.exists():

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from ... import samplers, schedules, toy
-from ...errors import check
+from ...errors import GuidelabError, check
 from ...guidance import registry
 from ...rng import SampleNoise
 from ...training.phema import load_network
@@ -157,13 +157,27 @@ class Sampling:
         for k in self.counts:
             self.counts[k] = 0
 
+    def probe(self) -> None:
+        """Sample seed 0 on a 2-step grid (sigma_max, sigma_min, 0) and check the result is finite and shaped
+        ``shape``: a wrong guide, a broken checkpoint or NaN weights fail here, before a job writes anything."""
+        try:
+            x = self.generate([0], sigmas=self.sigmas[[0, -2, -1]])
+        except (RuntimeError, IndexError, TypeError) as e:       # shape / dtype mismatch between networks
+            raise GuidelabError(f"the guided denoiser fails on one sample: {str(e).splitlines()[0]}") from None
+        finally:
+            self.reset()
+        check(x.shape == (1, *self.shape), f"the guided denoiser returns shape {list(x.shape[1:])}, expected {list(self.shape)}")
+        check(bool(np.isfinite(x).all()), f"{self.cfg.model or self.cfg.world} with guider {self.cfg.guider} gives NaN or inf "
+                                          f"on a 2-step test sample (non-finite weights, or sigma_max too large?)")
+
     @torch.no_grad()
-    def generate(self, seeds) -> np.ndarray:
+    def generate(self, seeds, sigmas: torch.Tensor | None = None) -> np.ndarray:
         """Samples [len(seeds), *shape] (raw, not clipped): x_T = sigma_max * N(0, I) and the sampler's noise
-        from per-seed generators, so row i depends only on ``seeds[i]``."""
+        from per-seed generators, so row i depends only on ``seeds[i]``. ``sigmas``: another grid (default the job's)."""
         seeds = [int(s) for s in seeds]
+        sigmas = self.sigmas if sigmas is None else sigmas
         noise = SampleNoise(seeds, device=self.device)
-        x = noise.randn(self.shape, self.dtype) * self.sigmas[0]
+        x = noise.randn(self.shape, self.dtype) * sigmas[0]
         cond = {}
         labels = self.labels(seeds)
         if labels is not None and (not self.cfg.unconditional or self.cfg.guider == "classifier"):
@@ -173,7 +187,7 @@ class Sampling:
         for n in nets:
             n.seeds = seeds
         try:
-            out = samplers.get(self.sampler)(self.denoiser(seeds), x, self.sigmas, cond=cond or None, **kw, **self.cfg.sampler_options)
+            out = samplers.get(self.sampler)(self.denoiser(seeds), x, sigmas, cond=cond or None, **kw, **self.cfg.sampler_options)
         finally:
             for n in nets:
                 n.seeds = None
