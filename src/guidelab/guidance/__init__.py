@@ -26,7 +26,17 @@ from .rescale import rescale
 from .superdiff import superdiff
 from .tfg import tfg_sample
 from .tsg import tsg
+from .cads import cads
+from .cfg_norm import cfg_norm
+from .dynamic_thresholding import dynamic_thresholding
+from .fdg import fdg
+from .mag import mag
+from .perp_neg import perp_neg
+from .tcfg import tcfg
+from .weight_schedule import WeightSchedule, parse_weight, weight_schedule
 
 __all__ = ["autoguidance", "cfg", "rescale", "cfg_zero_star", "icg", "tsg", "cfgpp", "interval", "apg",
            "epsilon_scaling", "classifier", "tfg_sample", "fkc_sample", "superdiff", "ClassifierGuided",
-           "compose", "Composed", "Guider", "Condition", "Run", "OnePass", "APGMomentum", "CFGpp", "Branch", "Guided", "PerCall", "evaluate", "DROP"]
+           "compose", "Composed", "Guider", "Condition", "Run", "OnePass", "APGMomentum", "CFGpp", "Branch", "Guided", "PerCall", "evaluate", "DROP",
+           "tcfg", "fdg", "cfg_norm", "mag", "dynamic_thresholding", "perp_neg", "cads", "weight_schedule",
+           "WeightSchedule", "parse_weight"]

@@ -15,6 +15,7 @@ import torch
 from ..denoisers import bcast
 from ..errors import check, check_weight
 from .protocols import Guider, Run
+from .weight_schedule import WeightSchedule
 
 #: Override value that removes a conditioning key from a branch's call.
 DROP = object()
@@ -117,14 +118,16 @@ class Guided(Guider):
     run: Run | None = None
 
     def __init__(self, main: Branch, ref: Branch, w, name: str, rule: Rule | None = None):
-        check_weight(w)
+        if not isinstance(w, WeightSchedule):
+            check_weight(w)
         self.main, self.ref, self.w, self.name, self.rule = main, ref, w, name, rule
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
         if is_off(self.w):
             return self.unguided(x, sigma, **cond)
         D, D_ref = self.branches(x, sigma, cond)
-        w = bcast(self.w.to(D), D) if isinstance(self.w, torch.Tensor) else self.w
+        w = self.w.at(sigma, self.run) if isinstance(self.w, WeightSchedule) else self.w
+        w = bcast(w.to(D), D) if isinstance(w, torch.Tensor) else w
         if self.rule is not None:
             return self.rule(D, D_ref, w, x, sigma, self.run)
         return D_ref.lerp(D, w)
