@@ -3,6 +3,7 @@
 * :mod:`.adapter`: :class:`DiffusersDenoiser` (a diffusers network + its noise schedule in EDM space),
   :func:`load` / :func:`load_model` (local folders only), the model's sigmas;
 * :mod:`.hooks`: :class:`Perturbation` and :func:`perturbed_attention` (perturb only the marked rows);
+* :mod:`.flow`: :class:`FlowDenoiser` (rectified flow as an EDM denoiser), the flow scheduler's grid;
 * :mod:`.guiders`: :func:`attention_guidance` (:func:`pag`, :func:`seg`, :func:`slg`), SLG's step window.
 
 CFG, ICG and TSG are the generic ``guidance.cfg(den, w)``, ``guidance.icg(den, w)``, ``guidance.tsg(den, w)``: the
@@ -27,6 +28,7 @@ from .adapter import (
     load_model,
     make_sigmas,
 )
+from .flow import FLOW_MODELS, SIGMA_T1, FlowDenoiser, flow_sigmas, flux_mu
 from .guiders import (
     MARKED,
     SLG_WINDOW,
@@ -41,6 +43,11 @@ from .hooks import DEFAULT_LAYERS, Perturbation, perturbed_attention
 
 __all__ = [
     "DEFAULT_LAYERS",
+    "FLOW_MODELS",
+    "SIGMA_T1",
+    "FlowDenoiser",
+    "flow_sigmas",
+    "flux_mu",
     "MARKED",
     "MASK",
     "MICRO",
