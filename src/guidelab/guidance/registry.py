@@ -28,6 +28,11 @@ from .interval import interval
 from .protocols import OnePass
 from .rescale import rescale
 from .tsg import tsg
+from .cfg_norm import cfg_norm
+from .dynamic_thresholding import dynamic_thresholding
+from .fdg import fdg
+from .mag import mag
+from .tcfg import tcfg
 
 _TYPES = {int: "an integer", float: "a float", str: "a string", bool: "true or false", tuple: "a comma-separated list"}
 
@@ -219,6 +224,21 @@ def _cfg_zero_star(ctx: Context):
     return cfg_zero_star(_base(ctx), **_opts(ctx, "base"))
 
 
+def _rule(fn):
+    def build(ctx: Context):
+        return fn(_base(ctx), **_opts(ctx, "base"))
+    return build
+
+
+def _perp_neg(ctx: Context):
+    from .perp_neg import perp_neg
+    o = _opts(ctx, "base")
+    key = getattr(getattr(ctx.main, "condition", None), "key", "label")
+    neg = o.pop("negative", None)
+    check(neg is not None, "perp_neg needs --option negative=LABEL (the class to steer away from)")
+    return perp_neg(_base(ctx), {key: neg}, **o)
+
+
 def _classifier(ctx: Context):
     return classifier(ctx.main, ctx.classifier, ctx.w, pass_label=not ctx.unconditional)
 
@@ -290,6 +310,29 @@ GUIDERS: dict[str, GuiderSpec] = {s.name: s for s in [
           options=[_BASE, _arg(cfg_zero_star, "zero_steps", int, "first steps zeroed (default 1; 0: off)"),
                    _arg(cfg_zero_star, "zero_init_sigma", float, "zero where sigma >= this, instead of zero_steps"),
                    _arg(cfg_zero_star, "space", str, "space of the rule", ("flow", "eps", "x0", "v"))]),
+    _spec("tcfg", "TCFG: the unconditional branch's tangential component removed (SVD of both branches)",
+          "Kwon et al. 2025, arXiv 2503.18137", _rule(tcfg), needs=["null_label"],
+          options=[_BASE, _arg(tcfg, "space", str, "space of the SVD", ("eps", "x0", "v", "flow"))]),
+    _spec("fdg", "frequency-decoupled guidance: w on high frequencies, w_low on the low-pass band (images)",
+          "Sadat et al. 2025, arXiv 2506.19713", _rule(fdg), needs=["null_label"],
+          options=[_BASE, _arg(fdg, "w_low", float, "weight of the low-pass band"),
+                   _arg(fdg, "levels", int, "pyramid levels"), _arg(fdg, "space", str, "space", ("x0", "eps", "v", "flow"))]),
+    _spec("cfg_norm", "CFG-Renorm / CFGNorm: the guided norm capped at the conditional's",
+          "Zhuo et al. 2024 (Lumina-Next), arXiv 2406.18583", _rule(cfg_norm), needs=["null_label"],
+          options=[_BASE, _arg(cfg_norm, "per", str, "norm per channel vector or per sample", ("channel", "sample")),
+                   _arg(cfg_norm, "space", str, "space", ("x0", "flow", "eps", "v"))]),
+    _spec("mag", "MAMBO-G: the weight damped by exp(-alpha ||update|| / ||uncond||)",
+          "Zhu et al. 2025, arXiv 2508.03442", _rule(mag), needs=["null_label"],
+          options=[_BASE, _arg(mag, "alpha", float, "damping strength"),
+                   _arg(mag, "space", str, "space", ("flow", "eps", "x0", "v"))]),
+    _spec("dynamic_thresholding", "Imagen's dynamic thresholding of the guided x0 prediction",
+          "Saharia et al. 2022, arXiv 2205.11487", _rule(dynamic_thresholding), needs=["null_label"],
+          options=[_BASE, _arg(dynamic_thresholding, "percentile", float, "quantile of |x0|"),
+                   _arg(dynamic_thresholding, "max_value", float, "data range (Imagen: 1)")]),
+    _spec("perp_neg", "Perp-Neg: a negative label, its component along the positive direction removed",
+          "Armandpour et al. 2023, arXiv 2304.04968", _perp_neg, needs=["null_label", "condition"], nfe=3,
+          options=[_BASE, Option("negative", int, None, "the negative class label (required)"),
+                   Option("neg_w", float, 1.0, "weight of the negative direction")]),
     _spec("classifier", "classifier guidance: the gradient of a noise-aware classifier's log p(y | x)",
           "Dhariwal & Nichol 2021, arXiv 2105.05233", _classifier, needs=["classifier"], nfe=1),
     _spec("gft", "guidance-free training: a recipe=gft network at beta = 1/w, one evaluation",
