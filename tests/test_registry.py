@@ -36,7 +36,8 @@ SETUP = {"autoguidance": ("cond", ["--guide", "guide"], 2.0), "classifier": ("co
          "gft": ("gft", [], 2.0), "distilled": ("student", [], 2.0), "cfgpp": ("cond", [], 0.5),
          "apg": ("cond", ["--option", "eta=0.5", "--option", "r=4"], 2.0),
          "rescale": ("cond", ["--option", "phi=0.5", "--option", "base=cfg"], 2.0),
-         "tsg": ("cond", ["--option", "s=0.3", "--option", "alpha=0"], 2.0)}
+         "tsg": ("cond", ["--option", "s=0.3", "--option", "alpha=0"], 2.0),
+         "perp_neg": ("cond", ["--option", "negative=3"], 2.0)}
 
 
 def _sample(ckpts, out, guider, w, model="cond", extra=()):
