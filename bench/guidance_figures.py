@@ -112,6 +112,41 @@ def epsilon_scaling(n):
 ENTRIES = {f.__name__: f for f in (cfg, rescale, cfg_zero_star, autoguidance, icg, tsg, cfgpp, interval, apg, epsilon_scaling)}
 
 
+
+# Guidance zoo II (issue 16): post-CFG rules and weight schedules. FDG needs images (no 2-D picture);
+# Perp-Neg is CFG on the tree (the negative class lies on the positive line); CADS needs a float embedding.
+
+def tcfg(n):
+    return [("CFG w = 8", _heun(G.cfg(LEAKY, 8.0), n)), ("TCFG w = 8 (eps)", _heun(G.tcfg(G.cfg(LEAKY, 8.0)), n)),
+            ("TCFG w = 4 (eps)", _heun(G.tcfg(G.cfg(LEAKY, 4.0)), n))]
+
+
+def cfg_norm(n):
+    return [("CFG w = 8", _heun(G.cfg(LEAKY, 8.0), n)),
+            ("CFGNorm w = 8 (x0, per sample)", _heun(G.cfg_norm(G.cfg(LEAKY, 8.0), per="sample"), n)),
+            ("CFGNorm w = 8 (flow, per sample)", _heun(G.cfg_norm(G.cfg(LEAKY, 8.0), per="sample", space="flow"), n))]
+
+
+def mag(n):
+    return [("CFG w = 8", _heun(G.cfg(LEAKY, 8.0), n)), ("MAG w = 8, alpha = 1", _heun(G.mag(G.cfg(LEAKY, 8.0), alpha=1.0), n)),
+            ("MAG w = 8, alpha = 0.3", _heun(G.mag(G.cfg(LEAKY, 8.0), alpha=0.3), n))]
+
+
+def dynamic_thresholding(n):
+    return [("CFG w = 8", _heun(G.cfg(LEAKY, 8.0), n)),
+            ("dyn. threshold w = 8, c = 1", _heun(G.dynamic_thresholding(G.cfg(LEAKY, 8.0), max_value=1.0), n)),
+            ("dyn. threshold w = 8, c = 0.8", _heun(G.dynamic_thresholding(G.cfg(LEAKY, 8.0), max_value=0.8), n))]
+
+
+def weight_schedule(n):
+    ws = G.weight_schedule
+    return [("CFG w = 4", _heun(G.cfg(LEAKY, 4.0), n)), ("linear 1 -> 7 (time)", _heun(G.cfg(LEAKY, ws("linear", 1.0, 7.0)), n)),
+            ("cosine 7 -> 1 (time)", _heun(G.cfg(LEAKY, ws("cosine", 7.0, 1.0)), n)),
+            ("steps 4, [17, 22] of 32", _heun(G.cfg(LEAKY, ws("steps", 4.0, start=17, stop=22)), n))]
+
+
+ENTRIES.update({f.__name__: f for f in (tcfg, cfg_norm, mag, dynamic_thresholding, weight_schedule)})
+
 def draw(name: str, panels, n: int) -> pathlib.Path:
     import matplotlib
     matplotlib.use("Agg")
