@@ -4,6 +4,8 @@
   :func:`load` / :func:`load_model` (local folders only), the model's sigmas;
 * :mod:`.hooks`: :class:`Perturbation` and :func:`perturbed_attention` (perturb only the marked rows);
 * :mod:`.flow`: :class:`FlowDenoiser` (rectified flow as an EDM denoiser), the flow scheduler's grid;
+* :mod:`.scheduler`: the folder's scheduler config honoured (``schedule="pipeline"``, x0 clipping /
+  thresholding, the equal sampler, refused settings);
 * :mod:`.guiders`: :func:`attention_guidance` (:func:`pag`, :func:`seg`, :func:`slg`), SLG's step window.
 
 CFG, ICG and TSG are the generic ``guidance.cfg(den, w)``, ``guidance.icg(den, w)``, ``guidance.tsg(den, w)``: the
