@@ -83,3 +83,10 @@ def test_weight_syntax_and_misuse():
         G.weight_schedule("linear", 1.0, 2.0, start=3)
     with pytest.raises(GuidelabError):                                           # the step gate needs a run
         G.cfg(W, G.weight_schedule("steps", 2.0, start=0, stop=3))(X0, SIG[:1].expand(64), **COND)
+
+
+def test_compose_takes_a_schedule():
+    sched = G.weight_schedule("interval", 3.0, sigma_lo=0.28, sigma_hi=1.61)
+    both = G.compose(G.cfg(W, sched), G.icg(W, 1.0, seeds=range(64)))
+    torch.testing.assert_close(samplers.heun(both, X0, SIG, cond=COND), samplers.heun(G.cfg(W, sched), X0, SIG, cond=COND),
+                               rtol=0, atol=1e-12)

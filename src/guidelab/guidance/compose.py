@@ -10,6 +10,7 @@ import torch
 from ..denoisers import bcast
 from ..errors import check
 from ._base import Guided, evaluate, is_off
+from .weight_schedule import WeightSchedule
 from .protocols import Guider, Run
 
 
@@ -44,6 +45,7 @@ class Composed(Guider):
         D, *refs = evaluate([self.main, *(ref for ref, _ in parts)], x, sigma, cond, self.run)
         out = None
         for D_k, (_, w) in zip(refs, parts):
+            w = w.at(sigma, self.run) if isinstance(w, WeightSchedule) else w
             w = bcast(w.to(D), D) if isinstance(w, torch.Tensor) else w
             g_k = D_k.lerp(D, w)  # D + (w_k - 1)(D - D_k)
             out = g_k if out is None else out + (g_k - D)
