@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import math
 import os
 import sys
 from pathlib import Path
@@ -17,7 +19,30 @@ from .jobs.config import GUIDERS
 DIFFUSERS_GUIDERS = tuple(registry.names(needs={"null_label", "condition", "guide", "noise_embed", "attention"}))
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+class _UserError(click.ClickException):
+    """A GuidelabError at the command line: ``error: <message>`` on stderr, exit code 2, no traceback."""
+    exit_code = 2
+
+    def show(self, file=None) -> None:
+        click.echo(f"error: {self.format_message()}", err=True)
+
+
+class _Group(click.Group):
+    """Every command's user mistakes (GuidelabError; an OS refusal to read or write a path) become one
+    line and exit code 2, in the installed entry point and in ``click.testing.CliRunner`` alike."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except GuidelabError as e:
+            raise _UserError(str(e)) from None
+        except OSError as e:                                    # a path that cannot be read or written
+            if e.filename is None and e.errno not in (errno.ENOSPC, errno.EROFS, errno.EDQUOT):
+                raise
+            raise _UserError(f"cannot read or write {e.filename or 'the output'}: {e.strerror or e}") from None
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.version_option(package_name="guidelab")
 def main() -> None:
     """guidelab: guiding diffusion models (CFG, autoguidance, ...) behind one contract."""
@@ -118,6 +143,31 @@ def _guider_option(names):
                         help=f"Guider (guidance.registry): {registry.summaries(names)}.")
 
 
+def _device(ctx, param, value):
+    """A torch device string (cpu, cuda, cuda:1, ...) or None."""
+    if value is None:
+        return None
+    import torch
+    try:
+        torch.device(value)
+    except (RuntimeError, ValueError):
+        raise click.BadParameter(f"not a torch device: {value!r}; allowed: cpu, cuda, cuda:N, mps") from None
+    return value
+
+
+def _npz_samples(path) -> "np.ndarray":
+    """The ``samples`` array of a reference .npz (numbers only: object arrays are refused, never unpickled)."""
+    import numpy as np
+    try:
+        with np.load(path, allow_pickle=False) as d:
+            check("samples" in d.files, f"--reference {path} has no 'samples' array (it has {d.files})")
+            x = d["samples"]
+    except (OSError, ValueError, EOFError) as e:
+        raise GuidelabError(f"cannot read --reference {path} as an .npz of numbers: {str(e).splitlines()[0]}") from None
+    check(x.dtype.kind in "fiu" and x.ndim >= 2, f"--reference samples must be a numeric array [N, ...], got {x.dtype} {list(x.shape)}")
+    return x
+
+
 def _config(world, model, label=None, options=(), guider="none", **kw):
     from .jobs import SampleConfig
     if label is not None and label != "balanced":
@@ -183,7 +233,9 @@ def sample_cmd(out, n, seed_start, shard_size, guider, w, interval, png, preset,
 
 def _floats(text: str) -> list[float]:
     try:
-        return [float(v) for v in text.split(",") if v.strip()]
+        out = [float(v) for v in text.split(",") if v.strip()]
+        check(bool(out) and all(math.isfinite(v) for v in out), f"expected finite comma-separated numbers, got {text!r}")
+        return out
     except ValueError:
         raise GuidelabError(f"expected comma-separated numbers, got {text!r}") from None
 
@@ -200,9 +252,9 @@ def _floats(text: str) -> list[float]:
 @click.option("--quality", default="precision", help="Quality axis of the Pareto front.")
 @click.option("--diversity", default="recall", help="Diversity axis of the Pareto front.")
 @click.option("--uncond", type=click.Path(), default=None, help="cfg: unconditional model checkpoint.")
-@click.option("--noise-classifier", type=click.Path(dir_okay=False), default=None,
+@click.option("--noise-classifier", type=click.Path(dir_okay=False, exists=True), default=None,
               help="classifier: noise-aware classifier checkpoint (default: the cached digits one).")
-@click.option("--classifier", type=click.Path(dir_okay=False), default=None,
+@click.option("--classifier", type=click.Path(dir_okay=False, exists=True), default=None,
               help="Digits models: the clean digits classifier of the metrics (default: the cached one).")
 @click.option("--reference", type=click.Path(dir_okay=False), default=None,
               help="Reference samples (.npz with 'samples'); default: exact samples (world), the digits test "
@@ -216,12 +268,12 @@ def sweep_cmd(out, methods, weights, intervals, n, seed_start, shard_size, metri
 
     from . import sweep
     ivs = [_interval(s, "--intervals") for s in intervals.split(",") if s.strip()] or [None]
-    ref = torch.from_numpy(np.load(reference)["samples"]) if reference else None
+    ref = torch.from_numpy(_npz_samples(reference)) if reference else None
     names = [m.strip() for m in methods.split(",") if m.strip()]
     base = _config(world, model, guide=guide, **{**kw, "options": ()})
     settings = sweep.SweepConfig({m: _floats(weights) for m in names}, n=n, seed_start=seed_start, shard_size=shard_size,
                                  intervals=ivs, metric=metric, quality=quality, diversity=diversity,
-                                 guides={"cfg": uncond, "classifier": noise_classifier}, options=kw["options"],
+                                 guides={k: v for k, v in (("cfg", uncond), ("classifier", noise_classifier)) if v is not None}, options=kw["options"],
                                  classifier=classifier)
     res = sweep.run(out, base, settings, reference=ref)
     for r in res["rows"]:
@@ -251,10 +303,10 @@ def report_cmd(sweep_dir: Path, out) -> None:
 @click.option("--samples", "n", type=click.IntRange(min=10), default=1000, help="Number of samples (seeds seed-start ...).")
 @click.option("--seed-start", type=int, default=0, help="First seed.")
 @click.option("--shard-size", type=click.IntRange(min=1), default=256, help="Samples per shard (one batch; a multiple of 64 wastes nothing).")
-@click.option("--classifier", type=click.Path(dir_okay=False), default=None,
+@click.option("--classifier", type=click.Path(dir_okay=False, exists=True), default=None,
               help="Clean digits classifier of the metrics (default: the cached one, trained on first use).")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Torch CPU threads (default: torch's).")
-@click.option("--device", default=None, help="Sampling device (default cuda if available, else cpu).")
+@click.option("--device", default=None, callback=_device, help="Sampling device (default cuda if available, else cpu).")
 @_how_options
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def evaluate_cmd(model, out, guider, w, interval, n, seed_start, shard_size, classifier, threads, device, quiet, **kw) -> None:
@@ -329,7 +381,7 @@ def _read_config(path: Path | None, sets: tuple[str, ...], flag: str = "--set") 
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=256, help="Training state every this many steps.")
 @click.option("--grid/--no-grid", default=True, help="Write a sample grid (grid.png) of the final EMA at the end.")
 @click.option("--grid-w", type=click.FloatRange(min=1), default=1.0, help="recipe=gft: guidance weight of the grid (beta = 1/w).")
-@click.option("--device", default="cpu", help="Training device (cpu, cuda, cuda:1, ...).")
+@click.option("--device", default="cpu", callback=_device, help="Training device (cpu, cuda, cuda:1, ...).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def train_cmd(config_path, sets, out, threads, checkpoint_every, grid, grid_w, device, quiet) -> None:
     """Train an image denoiser (EDM loss; digits or an image folder); resumes an interrupted run."""
@@ -427,7 +479,7 @@ def phema_cmd(run_dir, sigma_rel, step, out) -> None:
 @click.option("--seed", type=click.IntRange(min=0), default=0)
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Torch CPU threads (default: torch's).")
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=256, help="Training state every this many steps.")
-@click.option("--device", default="cpu")
+@click.option("--device", default="cpu", callback=_device)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def distill_cmd(teacher, out, guider, guide, w_min, w_max, progressive, from_steps, to_steps, sigma_min, sigma_max, rho,
                 sigma_rel, step, guide_sigma_rel, guide_step, init, iters, batch, lr, lr_ref_steps, ema, snapshot_every,
@@ -489,7 +541,10 @@ def diffusers_cmd(model_dir, out, guider, w, guide, seeds, interval, prompt_embe
     emb = {}
     if prompt_embeds is not None:
         from safetensors.torch import load_file
-        emb = load_file(prompt_embeds)
+        try:
+            emb = load_file(prompt_embeds)
+        except Exception as e:                                  # not a safetensors file
+            raise GuidelabError(f"--prompt-embeds {prompt_embeds} is not a safetensors file: {str(e).splitlines()[0]}") from None
     try:
         if "-" in seeds:
             first, last = (int(v) for v in seeds.split("-"))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import html
+import re
 import io
 import json
 import os
@@ -19,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .._io import atomic_write, class_grid, png_bytes
-from ..errors import check
+from ..errors import GuidelabError, check
 from .sweep import HIGHER_IS_BETTER
 
 
@@ -92,12 +93,28 @@ def _describe(ref) -> str:
     return "; ".join(f"{k}: {v:.4g}" if isinstance(v, float) else f"{k}: {v}" for k, v in ref.items())
 
 
+def _results(path: Path) -> dict:
+    """A sweep's results.json, checked: an object with rows (each with a cell), metric, quality, diversity, best, pareto."""
+    try:
+        res = json.loads(path.read_text())
+    except ValueError as e:
+        raise GuidelabError(f"{path} is not JSON ({e}); rerun `guidelab sweep`") from None
+    keys = ("rows", "metric", "quality", "diversity", "best", "pareto")
+    check(isinstance(res, dict) and all(k in res for k in keys),
+          f"{path} is not a sweep's results.json (needs the keys {', '.join(keys)}); rerun `guidelab sweep`")
+    check(isinstance(res["rows"], list) and bool(res["rows"]) and all(isinstance(r, dict) and "cell" in r for r in res["rows"]),
+          f"{path} has no rows of cells; rerun `guidelab sweep`")
+    bad = [r["cell"] for r in res["rows"] if not (isinstance(r["cell"], str) and re.fullmatch(r"[\w+\-][\w.+\-]*", r["cell"]))]
+    check(not bad, f"{path}: cell {bad[0] if bad else ''!r} is not a folder name of samples/ (letters, digits, . _ + -)")
+    return res
+
+
 def render(sweep_dir: str | os.PathLike, out: str | os.PathLike | None = None, *, grid_samples: int = 2000) -> Path:
     """Write ``<sweep_dir>/report.html`` (or ``out``) from a sweep's results.json and samples."""
     from .jobs import load_shards
     sweep_dir = Path(sweep_dir)
     check((sweep_dir / "results.json").is_file(), f"{sweep_dir} has no results.json; run `guidelab sweep` first")
-    res = json.loads((sweep_dir / "results.json").read_text())
+    res = _results(sweep_dir / "results.json")
     rows, metric, quality, diversity = res["rows"], res["metric"], res["quality"], res["diversity"]
     shards = {r["cell"]: load_shards(sweep_dir / "samples" / r["cell"]) for r in rows}
     samples = {c: d["samples"][:grid_samples] for c, d in shards.items()}
@@ -143,7 +160,7 @@ Pareto front of {e(quality)} against {e(diversity)}: {e(', '.join(res['pareto'])
 <h2>Results</h2>{table}
 <p>Reference: {e(_describe(res['reference']))}. Features: {e(str(rows[0].get('extractor', '')))}
 (weights sha256 {e(str(rows[0].get('weights_sha256')))}, resize {e(str(rows[0].get('resize')))});
-sample count {rows[0].get('n')} per cell, seeds {e(str(rows[0].get('seeds')))}.</p>
+sample count {e(str(rows[0].get('n')))} per cell, seeds {e(str(rows[0].get('seeds')))}.</p>
 <script>/* for headless checks: how many images decoded */
 window.addEventListener("load", () => {{ const im = [...document.images];
 document.body.dataset.imagesLoaded = im.filter(i => i.complete && i.naturalWidth > 0).length + "/" + im.length; }});</script>

@@ -120,7 +120,6 @@ def run(out: str | os.PathLike, base: jobs.SampleConfig, sweep: SweepConfig, *,
     sweep.validate()
     n, metric, quality, diversity = sweep.n, sweep.metric, sweep.quality, sweep.diversity
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     world = toy.tree(base.world, dtype=torch.float64) if base.world is not None else None
     digits = None
     if base.model is not None:
@@ -132,7 +131,19 @@ def run(out: str | os.PathLike, base: jobs.SampleConfig, sweep: SweepConfig, *,
         check(world is not None, "a sweep on a model needs reference samples (--reference file.npz with 'samples'), "
               "except on a digits model (images [1, 8, 8])")
         reference = world.sample(n, 0.0, torch.Generator().manual_seed(sweep.ref_seed)).float()
+    shape = (world.dim,) if world is not None else probe.shape
+    check(tuple(reference.shape[1:]) == tuple(shape) if reference is not None else True,
+          f"reference samples have shape {list(reference.shape[1:]) if reference is not None else ''}, the sampled ones {list(shape)}")
     ref = reference.double().reshape(len(reference), -1) if digits is None else None
+    for method in sweep.methods:                                # every cell checked before the first write
+        for iv in (sweep.intervals if method != "none" else (None,)):
+            w = float(next(iter(sweep.methods[method]), 1.0)) if method != "none" else 1.0
+            cell = replace(base, guider=method, w=w, interval=tuple(iv) if iv else None,
+                           guide=sweep.guides.get(method, base.guide), guider_options=sweep.options_for(method))
+            jobs.build(cell).probe() if cell.world is not None else cell.validate()   # the exact world: cheap
+    check(isinstance(sweep.seed_start, int) and 0 <= sweep.seed_start and sweep.seed_start + n <= 2 ** 63,
+          f"seeds must be integers in [0, 2^63): seed_start={sweep.seed_start!r}, n={n}")
+    out.mkdir(parents=True, exist_ok=True)
     rows = []
     for method, weights in sweep.methods.items():
         for w in (weights if method != "none" else [1.0]):     # no guidance: one cell, whatever the weights

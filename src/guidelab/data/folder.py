@@ -66,6 +66,8 @@ def image_folder(root: str | Path, resolution: int | None = None, channels: int 
     if subdirs:
         check(not _files(root), f"{root} mixes images and class sub-folders; put every image in a class sub-folder")
         classes = [d.name for d in subdirs]
+        empty = [d.name for d in subdirs if not _files(d)]
+        check(not empty, f"class sub-folder(s) {empty} of {root} hold no images; remove them or add images")
         files = [(f, i) for i, d in enumerate(subdirs) for f in _files(d)]
     else:
         classes = []

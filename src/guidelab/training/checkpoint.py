@@ -77,6 +77,24 @@ def save_model(path: str | os.PathLike, model: torch.nn.Module, **info: Any) -> 
     return save(path, dict(model.state_dict()), {"model": registry.config(model), **info})
 
 
+def _check_sizes(path: Path, model_config: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """The config's network built on the meta device (no memory) must have the file's tensor shapes, so a
+    config asking for more than the file holds (e.g. a huge ``hidden``) fails before anything is allocated."""
+    try:
+        with torch.device("meta"):
+            shapes = {k: tuple(v.shape) for k, v in registry.build(model_config).state_dict().items()}
+    except GuidelabError:
+        raise
+    except Exception:                                           # a model that cannot be built on meta: checked below
+        return
+    wrong = [k for k, v in shapes.items() if k in tensors and tuple(tensors[k].shape) != v]
+    missing = [k for k in shapes if k not in tensors]
+    if wrong or missing:
+        k = (wrong or missing)[0]
+        raise GuidelabError(f"{path} does not match its model config: {k} is {list(shapes[k])} in the config, "
+                            f"{list(tensors[k].shape) if k in tensors else 'absent'} in the file")
+
+
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> torch.nn.Module:
     """Rebuild a model from a checkpoint: eval mode, parameters with ``requires_grad=False``.
 
@@ -88,6 +106,10 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
         tensors = {k[4:]: v for k, v in tensors.items() if k.startswith("net/")}
     if not isinstance(config.get("model"), dict):
         raise GuidelabError(f"{path} holds no model config")
+    _check_sizes(path, config["model"], tensors)
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise GuidelabError(f"{path} holds non-finite weights (NaN or inf) in {bad[:4]}; it cannot be sampled")
     model = registry.build(config["model"]).to(device)
     try:
         missing, unexpected = model.load_state_dict(tensors, strict=False)

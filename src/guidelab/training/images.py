@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,10 @@ from .loop import LoopConfig, train
 
 MODELS = ("PixelMLP", "UNet", "EDM2")
 RECIPES = ("images", "gft")
+
+
+#: The widest network a config may ask for (hidden, emb): beyond it a typo allocates terabytes.
+MAX_WIDTH = 65536
 
 
 @dataclass(frozen=True)
@@ -55,6 +60,25 @@ class ImageConfig:
     recipe: str = "images"            # "images": the EDM loss; "gft": guidance-free training (.gft)
 
     def __post_init__(self):
+        for f in fields(self):                                  # each key of the type of its default
+            v, d = getattr(self, f.name), f.default
+            if isinstance(d, bool):
+                ok = isinstance(v, bool)
+            elif isinstance(d, (int, float)):
+                ok = (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                      and (isinstance(v, int) or isinstance(d, float)))
+            elif isinstance(d, tuple):
+                ok = (isinstance(v, tuple) and bool(v) and all(isinstance(e, (int, float)) and not isinstance(e, bool)
+                                                               and math.isfinite(e) for e in v))
+            else:
+                ok = isinstance(v, type(d)) or (d is None and (v is None or isinstance(v, int) and not isinstance(v, bool)))
+            check(ok, f"image config key {f.name} must be like {d!r} ({type(d).__name__}), got {v!r}")
+        for k in ("hidden", "depth", "emb", "batch", "iters", "snapshot_every", "lr_ref_steps"):
+            check(getattr(self, k) >= 1, f"{k} must be >= 1, got {getattr(self, k)}")
+        check(self.hidden <= MAX_WIDTH and self.emb <= MAX_WIDTH and self.depth <= 256,
+              f"hidden / emb above the limit {MAX_WIDTH} (or depth above 256): {self.hidden}, {self.emb}, {self.depth}")
+        check(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        check(all(0 < e < 0.2887 for e in self.ema), f"ema sigma_rel values must be in (0, 0.2887), got {self.ema}")
         check(self.recipe in RECIPES, f"unknown recipe {self.recipe!r}; allowed: {list(RECIPES)}")
         check(self.recipe != "gft" or self.conditional, "recipe 'gft' needs conditional=true (it guides the class label)")
         check(self.model in MODELS, f"unknown model {self.model!r}; allowed: {list(MODELS)}")

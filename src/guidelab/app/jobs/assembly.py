@@ -131,6 +131,8 @@ class Sampling:
             check(self.shape == (1, 8, 8), "classifier guidance without --guide uses the digits classifier: needs a 1x8x8 model")
             return digits_classifier(noise_aware=True).to(self.device, self.dtype)
         clf = load_network(cfg.guide, device=self.device)
+        check("Classifier" in type(clf).__name__, f"{cfg.guide} is a {type(clf).__name__}, not a classifier; classifier "
+                                                   "guidance needs a noise-aware classifier (guidelab classifier --noise-aware)")
         check(getattr(clf, "noise_aware", False) or not isinstance(clf, DigitsClassifier),
               f"{cfg.guide} is a clean classifier; classifier guidance needs a noise-aware one (guidelab classifier --noise-aware)")
         return clf.to(self.dtype)

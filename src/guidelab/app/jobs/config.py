@@ -80,5 +80,13 @@ class SampleConfig:
             samplers.get(self.sampler)
         for path in (self.model, self.guide):
             check(path is None or Path(path).exists(), f"checkpoint not found: {path}")
+        check(self.world is None or self.guide is None,
+              f"the exact world's guide is fixed (tree('AB')); --guide {self.guide} applies to a --model only")
+        check(self.interval is None or self.guider != "none", "--interval needs a guider (it limits where guidance applies)")
+        for name, v in (("sigma_rel", self.sigma_rel), ("guide_sigma_rel", self.guide_sigma_rel)):
+            check(isinstance(v, (int, float)) and 0 < v < 0.2887, f"{name} must be in (0, 0.2887), got {v!r}")
+        for name, step, path in (("step", self.step, self.model), ("guide_step", self.guide_step, self.guide)):
+            check(step is None or (path is not None and Path(path).is_dir()),
+                  f"{name} picks a snapshot of a training run folder; {path or 'nothing'} is not one")
         check(self.interval is None or (len(self.interval) == 2 and 0 <= self.interval[0] < self.interval[1]),
               f"interval must be (lo, hi) with 0 <= lo < hi, got {self.interval!r}")

@@ -75,12 +75,20 @@ def _inputs(cfg: SampleConfig) -> dict:
 
 def _claim(out: Path, manifest: dict) -> None:
     """Create ``out/job.json`` or check that it is this job, under the folder's lock (never two jobs in one folder)."""
-    out.mkdir(parents=True, exist_ok=True)
     jf = out / "job.json"
+    if jf.exists():
+        _same_job(jf, manifest)                                 # a refused job touches nothing, not even the lock
+    out.mkdir(parents=True, exist_ok=True)
     with file_lock(out / LOCK):
         if not jf.exists():
             atomic_write(jf, json.dumps(manifest, indent=1).encode())
             return
+        _same_job(jf, manifest)
+
+
+def _same_job(jf: Path, manifest: dict) -> None:
+    out = jf.parent
+    if True:
         try:
             old = json.loads(jf.read_text())
         except ValueError:
