@@ -6,6 +6,7 @@
 * :mod:`.flow`: :class:`FlowDenoiser` (rectified flow as an EDM denoiser), the flow scheduler's grid;
 * :mod:`.scheduler`: the folder's scheduler config honoured (``schedule="pipeline"``, x0 clipping /
   thresholding, the equal sampler, refused settings);
+* :mod:`.pipelines`: :func:`load_pipeline` and ``Pipeline.generate``: prompt in, image out (docs/PIPELINES.md);
 * :mod:`.guiders`: :func:`attention_guidance` (:func:`pag`, :func:`seg`, :func:`slg`), SLG's step window.
 
 CFG, ICG and TSG are the generic ``guidance.cfg(den, w)``, ``guidance.icg(den, w)``, ``guidance.tsg(den, w)``: the
@@ -42,6 +43,7 @@ from .guiders import (
     step_window,
 )
 from .hooks import DEFAULT_LAYERS, Perturbation, perturbed_attention
+from .pipelines import PIPELINES, Pipeline, load_pipeline
 
 __all__ = [
     "DEFAULT_LAYERS",
@@ -56,6 +58,8 @@ __all__ = [
     "MODEL_CLASSES",
     "OFFSET",
     "PERTURB",
+    "PIPELINES",
+    "Pipeline",
     "PREDICTIONS",
     "SCHEDULES",
     "SLG_WINDOW",
@@ -66,6 +70,7 @@ __all__ = [
     "alphas_cumprod",
     "attention_guidance",
     "load",
+    "load_pipeline",
     "load_model",
     "make_sigmas",
     "pag",

@@ -1,0 +1,134 @@
+"""Prompt in, image out: gd.load_pipeline + generate on tiny pipelines built and saved here (no hub), equal to
+the diffusers pipeline call; guiders, seeds and misuse."""
+
+import json
+
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+
+from guidelab.errors import GuidelabError  # noqa: E402
+from guidelab.integrations.diffusers import pipelines as gp  # noqa: E402
+
+
+def clip_tokenizer(folder):
+    """A character-level CLIP BPE tokenizer (every byte a token, no merges) written to ``folder``."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) + \
+        list(range(ord("\xae"), ord("\xff") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    chars = [chr(c) for c in cs]                    # GPT-2's byte -> unicode table
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
+    vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    tok = transformers.CLIPTokenizer(vocab=vocab, merges=[], model_max_length=12)
+    return tok, len(vocab)
+
+
+def clip_text(vocab, dim=16, projection=False):
+    cfg = transformers.CLIPTextConfig(vocab_size=vocab, hidden_size=dim, intermediate_size=2 * dim,
+                                      num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=12,
+                                      projection_dim=dim, bos_token_id=vocab - 2, eos_token_id=vocab - 1,
+                                      pad_token_id=vocab - 1)
+    torch.manual_seed(0)
+    return (transformers.CLIPTextModelWithProjection if projection else transformers.CLIPTextModel)(cfg).eval()
+
+
+def tiny_vae(latent=4):
+    torch.manual_seed(0)
+    return diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=latent, block_out_channels=(8,),
+                                   down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
+                                   layers_per_block=1, norm_num_groups=4, sample_size=8).eval()
+
+
+SCHED = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
+
+
+def sd_folder(tmp, prediction="epsilon", sched="DDIMScheduler", **sched_kw):
+    tok, vocab = clip_tokenizer(tmp / "tok")
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
+        norm_num_groups=4, cross_attention_dim=16, attention_head_dim=2,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+    s = getattr(diffusers, sched).from_config({**SCHED, "prediction_type": prediction, **sched_kw})
+    pipe = diffusers.StableDiffusionPipeline(vae=tiny_vae(), text_encoder=clip_text(vocab), tokenizer=tok, unet=unet,
+                                             scheduler=s, safety_checker=None, feature_extractor=None,
+                                             requires_safety_checker=False)
+    out = tmp / f"sd-{prediction}-{sched}"
+    pipe.save_pretrained(out)
+    return out
+
+
+def reference(folder, cls, prompt, g, steps, latents, **kw):
+    pipe = getattr(diffusers, cls).from_pretrained(folder, local_files_only=True).to("cpu")
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        return pipe(prompt, guidance_scale=g, num_inference_steps=steps, latents=latents, output_type="pt",
+                    **kw).images
+
+
+@pytest.fixture(scope="module")
+def sd(tmp_path_factory):
+    return sd_folder(tmp_path_factory.mktemp("sd"))
+
+
+@pytest.mark.parametrize("prediction,sched,kw", [("epsilon", "DDIMScheduler", {}),
+                                                 ("v_prediction", "DDIMScheduler", {"clip_sample": True}),
+                                                 ("epsilon", "EulerDiscreteScheduler", {})])
+def test_sd_equals_diffusers(tmp_path, prediction, sched, kw):
+    folder = sd_folder(tmp_path, prediction, sched, **kw)
+    torch.manual_seed(3)
+    L = torch.randn(2, 4, 8, 8)
+    ref = reference(folder, "StableDiffusionPipeline", ["a red cube", "a blue ball"], 5.0, 6, L)
+    pipe = gp.load_pipeline(folder)
+    got = pipe.generate(["a red cube", "a blue ball"], guider="cfg", w=5.0, steps=6, latents=L, seeds=[0, 1])
+    assert got.shape == ref.shape == (2, 3, 8, 8)
+    assert (got - ref).abs().max() <= 1e-4
+
+
+def test_w1_is_unguided_and_seeds_per_sample(sd):
+    pipe = gp.load_pipeline(sd)
+    a = pipe.generate("a cube", guider="cfg", w=1.0, steps=4, seeds=[5])
+    b = pipe.generate("a cube", guider="none", steps=4, seeds=[5])
+    assert torch.equal(a, b)
+    c = pipe.generate("a cube", guider="cfg", w=3.0, steps=4, seeds=[7, 5, 9])
+    d = pipe.generate("a cube", guider="cfg", w=3.0, steps=4, seeds=[5])
+    assert (c[1] - d[0]).abs().max() < 1e-5
+    assert (c[0] - c[1]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("guider", ["apg", "cfgpp", "cfg_zero_star", "rescale", "icg", "tsg", "pag", "seg"])
+def test_every_guider_runs(sd, guider):
+    pipe = gp.load_pipeline(sd)
+    w = 0.5 if guider == "cfgpp" else 3.0
+    sampler = "euler" if guider != "cfgpp" else "euler"
+    x = pipe.generate("a cube", guider=guider, w=w, steps=3, seeds=[0], sampler=sampler)
+    base = pipe.generate("a cube", guider="none", steps=3, seeds=[0], sampler=sampler)
+    assert x.shape == (1, 3, 8, 8) and torch.isfinite(x).all()
+    assert (x - base).abs().max() > 1e-5
+
+
+def test_bad_inputs(sd, tmp_path):
+    pipe = gp.load_pipeline(sd)
+    with pytest.raises(GuidelabError, match="one prompt or one per seed"):
+        pipe.generate(["a", "b"], seeds=[0, 1, 2], steps=2)
+    with pytest.raises(GuidelabError, match="has none"):
+        pipe.generate("a", negative_prompt="b", guider="pag", steps=2)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyPipeline"}))
+    with pytest.raises(GuidelabError, match="not supported; allowed: StableDiffusionPipeline"):
+        gp.load_pipeline(bad)
+    (bad / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    with pytest.raises(GuidelabError, match="component 'unet' is missing"):
+        gp.load_pipeline(bad)
