@@ -6,7 +6,8 @@ import functools
 import pytest
 import torch
 
-from guidelab import guidance as G, samplers, schedules, toy
+from guidelab import guidance as G
+from guidelab import samplers, schedules, toy
 from guidelab.errors import GuidelabError
 from guidelab.guidance._spaces import to_space
 from guidelab.guidance.fdg import collapse, pyramid
@@ -147,7 +148,7 @@ def test_cads_anneals_the_condition_on_the_paper_schedule():
     y = torch.ones(16, 4, dtype=torch.float64)
     run = G.Run(x, torch.linspace(1, 0, 11, dtype=torch.float64), seeds=range(16))
     g = G.cads(spy, key="emb", psi=None, noise_scale=0.5).start(run)
-    for i in run.steps():
+    for _ in run.steps():
         g(x, s, emb=y)
     t = [1 - i / 10 for i in range(10)]
     for ti, e in zip(t, seen):

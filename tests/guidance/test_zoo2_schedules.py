@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from guidelab import guidance as G, samplers, schedules, toy
+from guidelab import guidance as G
+from guidelab import samplers, schedules, toy
 from guidelab.errors import GuidelabError
 
 W = toy.conditional_tree(leak=0.3, dtype=torch.float64)

@@ -13,26 +13,26 @@ from .protocols import Condition, Guider, OnePass, Run  # first: samplers import
 from ._base import DROP, Branch, Guided, PerCall, evaluate
 from .apg import APGMomentum, apg
 from .autoguidance import autoguidance
+from .cads import cads
 from .cfg import cfg
+from .cfg_norm import cfg_norm
 from .cfg_zero_star import cfg_zero_star
 from .cfgpp import CFGpp, cfgpp
 from .classifier import ClassifierGuided, classifier
 from .compose import Composed, compose
+from .dynamic_thresholding import dynamic_thresholding
 from .epsilon_scaling import epsilon_scaling
+from .fdg import fdg
 from .fkc import fkc_sample
 from .icg import icg
 from .interval import interval
-from .rescale import rescale
-from .superdiff import superdiff
-from .tfg import tfg_sample
-from .tsg import tsg
-from .cads import cads
-from .cfg_norm import cfg_norm
-from .dynamic_thresholding import dynamic_thresholding
-from .fdg import fdg
 from .mag import mag
 from .perp_neg import perp_neg
+from .rescale import rescale
+from .superdiff import superdiff
 from .tcfg import tcfg
+from .tfg import tfg_sample
+from .tsg import tsg
 from .weight_schedule import WeightSchedule, parse_weight, weight_schedule
 
 __all__ = ["autoguidance", "cfg", "rescale", "cfg_zero_star", "icg", "tsg", "cfgpp", "interval", "apg",

@@ -10,8 +10,8 @@ import torch
 from ..denoisers import bcast
 from ..errors import check
 from ._base import Guided, evaluate, is_off
-from .weight_schedule import WeightSchedule
 from .protocols import Guider, Run
+from .weight_schedule import WeightSchedule
 
 
 class Composed(Guider):

@@ -53,7 +53,7 @@ def perp_neg(guider: Guided, negative: Mapping[str, Any], neg_w: float = 1.0) ->
           "e.g. {'label': 1}")
     if neg_w == 0:
         return guider
-    new = copy.copy(guider)
+    new: PerpNeg = copy.copy(guider)  # type: ignore[assignment]
     new.__class__ = PerpNeg
     new.neg, new.neg_w, new.name = Branch(guider.main.denoiser, {**guider.main.overrides, **negative}), float(neg_w), \
         f"perp_neg[{guider.name}]"

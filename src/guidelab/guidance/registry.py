@@ -20,19 +20,19 @@ from ..errors import GuidelabError, check
 from .apg import apg
 from .autoguidance import autoguidance
 from .cfg import cfg
+from .cfg_norm import cfg_norm
 from .cfg_zero_star import cfg_zero_star
 from .cfgpp import cfgpp
 from .classifier import classifier
-from .icg import icg
-from .interval import interval
-from .protocols import OnePass
-from .rescale import rescale
-from .tsg import tsg
-from .cfg_norm import cfg_norm
 from .dynamic_thresholding import dynamic_thresholding
 from .fdg import fdg
+from .icg import icg
+from .interval import interval
 from .mag import mag
+from .protocols import OnePass
+from .rescale import rescale
 from .tcfg import tcfg
+from .tsg import tsg
 
 _TYPES = {int: "an integer", float: "a float", str: "a string", bool: "true or false", tuple: "a comma-separated list"}
 
