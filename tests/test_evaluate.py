@@ -66,6 +66,7 @@ def test_image_sample_is_batch_size_invariant(ckpts, tmp_path):
 
 
 MODEL_OF = {"gft": "gft", "distilled": "student"}
+OPTIONS_OF = {"perp_neg": {"negative": 3}}                # perp_neg needs the class to steer away from
 
 
 @pytest.mark.parametrize("guider", [g for g in jobs.GUIDERS if g not in ("none", "cfgpp")])   # cfgpp: w is lambda
@@ -73,7 +74,8 @@ def test_every_guider_builds_and_w1_is_unguided(ckpts, guider):
     model = MODEL_OF.get(guider, "cond")
     seeds = [3, 4, 5]
     plain = jobs.build(_cfg(ckpts, model, label="balanced")).generate(seeds)
-    cfg = _cfg(ckpts, model, guider=guider, guide=_guide(ckpts, guider), label="balanced")
+    cfg = _cfg(ckpts, model, guider=guider, guide=_guide(ckpts, guider), label="balanced",
+               guider_options=OPTIONS_OF.get(guider, {}))
     w1 = jobs.build(cfg).generate(seeds)
     w3 = jobs.build(jobs.SampleConfig(**{**cfg.__dict__, "w": 3.0})).generate(seeds)
     assert np.array_equal(w1, plain)                       # w = 1 is no guidance, bit for bit
@@ -113,7 +115,9 @@ def test_png_files_and_resume(ckpts, tmp_path):
     files[1].unlink()                                          # killed between PNGs ...
     (tmp_path / "shard-000000004-000000004.npz").unlink()      # ... or before the last shard
     files[4].unlink()
-    (tmp_path / "png" / ".000000004.png.tmpXYZ").write_bytes(b"partial")
+    dead = subprocess.Popen(["true"])
+    dead.wait()                                                  # a writer that is gone: its temp is stale
+    (tmp_path / "png" / f".000000004.png.tmp{dead.pid}.XYZ").write_bytes(b"partial")
     r = CliRunner().invoke(cli.main, args)
     assert r.exit_code == 0, r.output
     assert {f.name: f.read_bytes() for f in sorted((tmp_path / "png").iterdir())} == before

@@ -75,3 +75,7 @@ def test_reconstruct_from_a_run(tmp_path):
         reconstruct(tmp_path, 0.05)
     with pytest.raises(GuidelabError, match="sigma_rel must be in"):
         reconstruct(run, 0.5)
+    with pytest.raises(GuidelabError, match=r"step must be an integer in \[1, 12\]"):
+        reconstruct(run, 0.05, step=99999)                       # beyond the last snapshot: refused, not the last one
+    (run / "ema-0000004-0.05junk.safetensors").write_bytes(b"junk")  # not a snapshot name: ignored
+    assert len(snapshots(run)) == 6

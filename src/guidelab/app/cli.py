@@ -19,27 +19,17 @@ from .jobs.config import GUIDERS
 DIFFUSERS_GUIDERS = tuple(registry.names(needs={"null_label", "condition", "guide", "noise_embed", "attention"}))
 
 
-class _UserError(click.ClickException):
-    """A GuidelabError at the command line: ``error: <message>`` on stderr, exit code 2, no traceback."""
-    exit_code = 2
-
-    def show(self, file=None) -> None:
-        click.echo(f"error: {self.format_message()}", err=True)
-
-
 class _Group(click.Group):
-    """Every command's user mistakes (GuidelabError; an OS refusal to read or write a path) become one
-    line and exit code 2, in the installed entry point and in ``click.testing.CliRunner`` alike."""
+    """An OS refusal to read or write a path (missing, unwritable, a full disk) in any command becomes a
+    GuidelabError: :func:`run` prints every GuidelabError as one ``error:`` line with exit code 2."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except GuidelabError as e:
-            raise _UserError(str(e)) from None
         except OSError as e:                                    # a path that cannot be read or written
             if e.filename is None and e.errno not in (errno.ENOSPC, errno.EROFS, errno.EDQUOT):
                 raise
-            raise _UserError(f"cannot read or write {e.filename or 'the output'}: {e.strerror or e}") from None
+            raise GuidelabError(f"cannot read or write {e.filename or 'the output'}: {e.strerror or e}") from None
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})

@@ -59,14 +59,14 @@ def profile_error(ts, gammas, weights, t: float, gamma: float) -> float:
     return float(np.sqrt(max(sq, 0.0) / float(inner(t, gamma, t, gamma))))
 
 
-_SNAP = re.compile(r"ema-(\d+)-(.+)\.safetensors$")
+_SNAP = re.compile(r"ema-(\d+)-(\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)\.safetensors")
 
 
 def snapshots(run_dir: str | Path) -> list[tuple[Path, int, float]]:
     """``(path, step, sigma_rel)`` of every EMA snapshot in a run folder, sorted by step then sigma_rel."""
     out = []
     for p in Path(run_dir).glob("ema-*.safetensors"):
-        m = _SNAP.match(p.name)
+        m = _SNAP.fullmatch(p.name)
         if m:
             out.append((p, int(m.group(1)), float(m.group(2))))
     return sorted(out, key=lambda r: (r[1], r[2]))
@@ -81,8 +81,10 @@ def reconstruct(run_dir: str | Path, sigma_rel: float, step: int | None = None,
     """
     snaps = snapshots(run_dir)
     check(len(snaps) > 0, f"no EMA snapshots (ema-<step>-<sigma_rel>.safetensors) in {run_dir}")
-    step = max(s for _, s, _ in snaps) if step is None else step
-    check(isinstance(step, int) and step >= 1, f"step must be an integer >= 1, got {step!r}")
+    last = max(s for _, s, _ in snaps)
+    step = last if step is None else step
+    check(isinstance(step, int) and not isinstance(step, bool) and 1 <= step <= last,
+          f"step must be an integer in [1, {last}] (the last snapshot of {run_dir}), got {step!r}")
     snaps = [r for r in snaps if r[1] <= step]
     check(len(snaps) > 0, f"no EMA snapshots at or before step {step} in {run_dir}")
     gamma = sigma_rel_to_gamma(sigma_rel)
