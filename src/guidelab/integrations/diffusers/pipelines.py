@@ -43,13 +43,15 @@ def load_pipeline(folder, *, dtype: torch.dtype = torch.float32, device: str | t
         index = path / "model_index.json"
         check(index.exists(), f"{path} has no model_index.json (expected a local diffusers pipeline folder)")
         import json
-        name = json.loads(index.read_text()).get("_class_name")
+        spec = json.loads(index.read_text())
+        name = spec.get("_class_name")
         check(name in PIPELINES, f"{path}: pipeline class {name!r} is not supported; allowed: {', '.join(PIPELINES)}")
         for comp in COMPONENTS[name]:
             check((path / comp).is_dir(), f"{path}: component {comp!r} is missing (no {comp}/ folder); nothing is "
                   "downloaded")
         try:
-            pipe = getattr(diffusers, name).from_pretrained(path, local_files_only=True, torch_dtype=dtype)
+            absent = {k: None for k, v in spec.items() if isinstance(v, list) and v[0] is None}   # saved as None
+            pipe = getattr(diffusers, name).from_pretrained(path, local_files_only=True, torch_dtype=dtype, **absent)
         except (OSError, ValueError) as e:
             raise GuidelabError(f"{path}: cannot load {name}: {str(e).splitlines()[0]}") from None
     else:
