@@ -100,8 +100,16 @@ def train_digits_classifier(model: DigitsClassifier | None = None, *, steps: int
     """Fit on the digits train split (cross-entropy, Adam, lr decayed as ``1/sqrt(step / 500)``).
 
     Noise-aware models see ``x0 + sigma n`` with ``ln sigma ~ N(P_mean, P_std^2)`` (the denoiser's
-    training distribution). Deterministic given ``seed``; returns the model in eval mode.
+    training distribution). Deterministic given ``seed`` and the torch version, whatever the caller's
+    thread count: it runs on one thread (fixed reduction order). Returns the model in eval mode.
     """
+    from ..threads import threads
+
+    with threads(1):
+        return _train(model, steps=steps, batch=batch, lr=lr, P_mean=P_mean, P_std=P_std, seed=seed)
+
+
+def _train(model, *, steps, batch, lr, P_mean, P_std, seed) -> DigitsClassifier:
     from ..data import digits
 
     data = digits("train")
