@@ -26,18 +26,13 @@ def dist(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.cdist(a, b, compute_mode="donot_use_mm_for_euclid_dist")
 
 
-def knn_radii(x: torch.Tensor, k: int, chunk: int = 2048) -> torch.Tensor:
-    """Distance from each point of ``x`` to its k-th nearest neighbour in ``x`` (itself excluded)."""
-    check(isinstance(k, int) and 1 <= k < x.shape[0], f"k must be an integer in [1, N-1]={x.shape[0] - 1}, got {k!r}")
-    x = x.double()
-    return torch.cat([dist(c, x).kthvalue(k + 1, dim=1).values for c in x.split(chunk)])
+def knn_radii(x: torch.Tensor, k: int, chunk: int | None = None) -> torch.Tensor:
+    """Distance from each point of ``x`` to its k-th nearest neighbour in ``x`` (itself excluded); exact,
+    screened by matrix products (:func:`guidelab.metrics.knn.knn_radii_multi`). ``chunk`` is unused."""
+    from .knn import knn_radii_multi
 
-
-def _coverage(points: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor, chunk: int = 2048) -> float:
-    """Fraction of ``points`` inside the union of balls (centres, radii)."""
-    points, centres = points.double(), centres.double()
-    inside = [(dist(c, centres) <= radii).any(1) for c in points.split(chunk)]
-    return torch.cat(inside).double().mean().item()
+    check(isinstance(k, int) and not isinstance(k, bool), f"k must be an integer in [1, N-1]={x.shape[0] - 1}, got {k!r}")
+    return knn_radii_multi(x, (k,))[k]
 
 
 def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3) -> tuple[float, float]:
@@ -45,11 +40,14 @@ def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3) -> tupl
 
     precision = share of fake samples inside the real manifold (quality);
     recall = share of real samples inside the fake manifold (variation).
+    Both sets at once with density/coverage (one real-real pass): :func:`guidelab.metrics.knn.prdc`.
     """
+    from .knn import prdc
+
     _check_pair(real, fake)
-    precision = _coverage(fake, real, knn_radii(real, k))
-    recall = _coverage(real, fake, knn_radii(fake, k))
-    return precision, recall
+    check(isinstance(k, int) and not isinstance(k, bool), f"k must be an integer, got {k!r}")
+    out = prdc(real, fake, k_pr=k, k_dc=k)
+    return out["precision"], out["recall"]
 
 
 def _quantiles(sorted_cols: torch.Tensor, m: int) -> torch.Tensor:
