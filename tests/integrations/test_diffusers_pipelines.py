@@ -183,3 +183,16 @@ def test_sd3_w1_and_attention_guiders_refused(sd3):
                        pipe.generate("a", guider="none", steps=3, seeds=[2]))
     with pytest.raises(GuidelabError, match="slg needs a diffusers model"):   # SD3 joint-attention hooks: not yet
         pipe.generate("a", guider="slg", w=3.0, steps=3)
+
+
+def test_cli_generate(sd, tmp_path):
+    from click.testing import CliRunner
+
+    from guidelab.app.cli import main
+    out = tmp_path / "run"
+    r = CliRunner().invoke(main, ["generate", str(sd), "--prompt", "a cube", "--weight", "3", "--steps", "2",
+                                  "--seeds", "0-1", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in out.iterdir()) == ["000000.png", "000001.png", "grid.png"]
+    help_text = CliRunner().invoke(main, ["generate", "--help"]).output
+    assert "sd3" in help_text and "--negative-prompt" in help_text

@@ -550,6 +550,34 @@ def diffusers_cmd(model_dir, out, guider, w, guide, seeds, interval, prompt_embe
     click.echo(f"wrote {len(seed_list)} samples to {out}")
 
 
+@main.command("generate", epilog="""\b
+Examples (one per pipeline family; FOLDER is a local diffusers folder, nothing is downloaded):
+  guidelab generate sd15 --prompt "a red cube" --guider cfg --weight 7.5 --steps 20 --seeds 0-3 --out runs/sd
+  guidelab generate sd15 --prompt "a red cube" --guider pag --weight 3 --out runs/pag
+  guidelab generate sd3  --prompt "a red cube" --guider cfg_zero_star --weight 4 --steps 28 --out runs/sd3 --dtype bf16
+""")
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--prompt", "prompts", multiple=True, required=True, help="The prompt (repeat: one per seed).")
+@click.option("--negative-prompt", default=None, help="The reference branch of cfg and its relatives.")
+@click.option("--guider", default="cfg", help="A guider of the registry (guidelab guiders).")
+@click.option("--weight", "w", type=float, default=7.5, help="Guidance weight (1 = no guidance).")
+@click.option("--sampler", default=None, help="Default: the sampler equal to the folder's scheduler (DDIM -> ddim).")
+@click.option("--steps", type=click.IntRange(min=1), default=20)
+@click.option("--schedule", default="pipeline", help="pipeline (the folder's scheduler grid), karras, leading, ...")
+@click.option("--seeds", default="0", help="Seeds: a range 0-7 or a list 1,2,5.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="PNGs + grid.png.")
+@click.option("--device", default="cpu")
+@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32")
+@click.option("--option", "options", multiple=True, metavar="KEY=VALUE", help="Guider keyword (repeatable).")
+def generate_cmd(folder, prompts, seeds, options, out, **kw) -> None:
+    """Prompt in, image out: a local StableDiffusion / SD3 pipeline folder guided by any guider (docs/PIPELINES.md)."""
+    from . import diffusers_generate as dg
+    seed_list = dg.parse_seeds(seeds)
+    opts = dict(registry.parse_options(kw["guider"], list(options)))
+    dg.generate_images(folder, prompts, out=out, seeds=seed_list, **kw, **opts)
+    click.echo(f"wrote {len(seed_list)} images and grid.png to {out}")
+
+
 @main.command("inverse")
 @click.argument("model")
 @click.option("--task", type=click.Choice(["inpaint", "superres", "lowpass", "colorize"]), required=True)

@@ -19,7 +19,7 @@ import torch
 
 from .. import samplers
 from .._io import atomic_write, to_uint8, write_png
-from ..errors import check
+from ..errors import GuidelabError, check
 from ..guidance import registry
 from ..integrations.diffusers import (
     MASK,
@@ -211,3 +211,25 @@ def generate(model_dir: str | os.PathLike, config: DiffusersConfig | None = None
         extra = {"class_labels": cond_all["class_labels"].cpu()} if "class_labels" in cond_all else {}
         save_outputs(out, x, seeds, **extra)
     return x
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``0-7`` (a range, inclusive) or ``1,2,5``."""
+    try:
+        if "-" in text:
+            first, last = (int(v) for v in text.split("-"))
+            return list(range(first, last + 1))
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise GuidelabError(f"--seeds must look like 0-7 or 1,2,5, got {text!r}") from None
+
+
+def generate_images(folder: str | os.PathLike, prompts: Sequence[str], *, out: str | os.PathLike, seeds: Sequence[int],
+                    dtype: str = "fp32", device: str = "cpu", progress: bool = True, **kw) -> torch.Tensor:
+    """``guidelab generate``: prompt(s) -> ``out/<seed>.png`` + ``out/grid.png`` through
+    :func:`guidelab.integrations.diffusers.load_pipeline` (``kw``: :meth:`Pipeline.generate`'s keywords)."""
+    from ..integrations.diffusers import load_pipeline
+    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    check(dtype in dtypes, f"dtype must be one of {', '.join(dtypes)}, got {dtype!r}")
+    pipe = load_pipeline(folder, dtype=dtypes[dtype], device=device)
+    return pipe.generate(list(prompts), seeds=list(seeds), out=out, progress=progress, **kw)
