@@ -160,3 +160,19 @@ def test_report_escapes_every_field(tmp_path):
     (tmp_path / "results.json").write_text(json.dumps(res))
     html = report.render(tmp_path).read_text()
     assert mark not in html and "&lt;script&gt;" in html
+
+
+def test_nan_network_stops_at_its_step_unless_allowed(tmp_path):
+    class NaNAfter(torch.nn.Module):                             # finite at sigma_max, NaN below sigma 1
+        def forward(self, x, sigma, **cond):
+            return torch.where(sigma.reshape(-1, 1) < 1, torch.nan, x * 0.5)
+    cfg = jobs.SampleConfig(guider="none", **CFG)
+    job = jobs.build(cfg)
+    job.net = job.main.net = NaNAfter()
+    with pytest.raises(GuidelabError, match=r"step \d+ \(sigma"):
+        jobs.sample(tmp_path / "a", cfg, n=3, job=job)
+    assert not (tmp_path / "a").exists()                         # refused by the probe, before any write
+    from guidelab import samplers
+    with samplers.allow_nonfinite():                             # what --allow-nonfinite does
+        jobs.sample(tmp_path / "b", cfg, n=3, job=job)
+    assert np.isnan(jobs.load_samples(tmp_path / "b")[0]).all()

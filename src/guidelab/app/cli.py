@@ -192,6 +192,8 @@ def _interval(text, flag: str = "--interval"):
 @click.option("--weight", "w", type=float, default=1.0, help="Guidance weight (1 = no guidance).")
 @click.option("--interval", default=None, help="Guide only for sigma in (lo, hi], given as lo-hi (e.g. 1e-3-5).")
 @click.option("--png", is_flag=True, help="Image models: also one PNG per sample, OUT/png/<seed>.png.")
+@click.option("--allow-nonfinite", is_flag=True, help="Write NaN / inf samples instead of stopping at the first "
+                                                      "step where the denoiser returns them.")
 @click.option("--preset", default=None, help="An EDM2 preset (docs/EDM2.md; its networks, guider, weight, interval) "
                                              "from --models DIR; options given here override it.")
 @click.option("--models", type=click.Path(file_okay=False), default=None, help="--preset: the folder of its .pkl / .safetensors files.")
@@ -200,7 +202,7 @@ def _interval(text, flag: str = "--interval"):
                    "into OUT/png/<seed>.png.")
 @_sample_options
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def sample_cmd(out, n, seed_start, shard_size, guider, w, interval, png, preset, models, vae, world, model, quiet, **kw) -> None:
+def sample_cmd(out, n, seed_start, shard_size, guider, w, interval, png, allow_nonfinite, preset, models, vae, world, model, quiet, **kw) -> None:
     """Sample into OUT/shard-*.npz with per-sample seeds; resumable; splits shards over torchrun ranks."""
     from . import jobs
     interval = _interval(interval)
@@ -213,7 +215,9 @@ def sample_cmd(out, n, seed_start, shard_size, guider, w, interval, png, preset,
         model, guider, w, interval = set_.pop("model"), set_.pop("guider"), set_.pop("w"), set_.pop("interval")
         kw.update(set_)
     cfg = _config(world, model, guider=guider, w=w, interval=interval, **kw)
-    paths = jobs.sample(out, cfg, n=n, seed_start=seed_start, shard_size=shard_size, progress=not quiet, png=png and not vae)
+    from .. import samplers
+    with samplers.allow_nonfinite(allow_nonfinite):
+        paths = jobs.sample(out, cfg, n=n, seed_start=seed_start, shard_size=shard_size, progress=not quiet, png=png and not vae)
     if int(os.environ.get("RANK", "0")) == 0:
         click.echo(f"wrote {len(paths)} shards ({n} samples) to {out}")
         if vae is not None:
