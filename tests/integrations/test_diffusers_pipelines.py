@@ -91,10 +91,12 @@ def test_sd_equals_diffusers(tmp_path, prediction, sched, kw):
     folder = sd_folder(tmp_path, prediction, sched, **kw)
     torch.manual_seed(3)
     L = torch.randn(2, 4, 8, 8)
-    ref = reference(folder, "StableDiffusionPipeline", ["a red cube", "a blue ball"], 5.0, 6, L)
+    args = (folder, "StableDiffusionPipeline", ["a red cube", "a blue ball"])
+    ref = reference(*args, 5.0, 6, L)
     pipe = gp.load_pipeline(folder)
     got = pipe.generate(["a red cube", "a blue ball"], guider="cfg", w=5.0, steps=6, latents=L, seeds=[0, 1])
     assert got.shape == ref.shape == (2, 3, 8, 8)
+    assert ref.std() > 1e-2 and (ref - reference(*args, 1.0, 6, L)).abs().max() > 1e-3    # an image, and CFG bites
     assert (got - ref).abs().max() <= 1e-4
 
 
@@ -161,10 +163,12 @@ def sd3(tmp_path_factory):
 def test_sd3_equals_diffusers(sd3):
     torch.manual_seed(3)
     L = torch.randn(2, 4, 8, 8)
-    ref = reference(sd3, "StableDiffusion3Pipeline", ["a red cube", "a blue ball"], 4.0, 5, L)
+    args = (sd3, "StableDiffusion3Pipeline", ["a red cube", "a blue ball"])
+    ref = reference(*args, 4.0, 5, L)
     got = gp.load_pipeline(sd3).generate(["a red cube", "a blue ball"], guider="cfg", w=4.0, steps=5, latents=L,
                                          seeds=[0, 1])
     assert got.shape == ref.shape == (2, 3, 8, 8)
+    assert ref.std() > 1e-2 and (ref - reference(*args, 1.0, 5, L)).abs().max() > 1e-3    # an image, and CFG bites
     assert (got - ref).abs().max() <= 1e-4
 
 
