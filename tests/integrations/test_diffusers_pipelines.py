@@ -53,18 +53,22 @@ def tiny_vae(latent=4):
 SCHED = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
 
 
-def sd_folder(tmp, prediction="epsilon", sched="DDIMScheduler", **sched_kw):
+def sd_folder(tmp, prediction="epsilon", sched="DDIMScheduler", unet_seed=0, text_seed=0, **sched_kw):
     tok, vocab = clip_tokenizer(tmp / "tok")
-    torch.manual_seed(0)
+    torch.manual_seed(unet_seed)
     unet = diffusers.UNet2DConditionModel(
         sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
         norm_num_groups=4, cross_attention_dim=16, attention_head_dim=2,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
     s = getattr(diffusers, sched).from_config({**SCHED, "prediction_type": prediction, **sched_kw})
-    pipe = diffusers.StableDiffusionPipeline(vae=tiny_vae(), text_encoder=clip_text(vocab), tokenizer=tok, unet=unet,
+    text = clip_text(vocab)
+    if text_seed:
+        torch.manual_seed(text_seed)
+        text = type(text)(text.config).eval()
+    pipe = diffusers.StableDiffusionPipeline(vae=tiny_vae(), text_encoder=text, tokenizer=tok, unet=unet,
                                              scheduler=s, safety_checker=None, feature_extractor=None,
                                              requires_safety_checker=False)
-    out = tmp / f"sd-{prediction}-{sched}"
+    out = tmp / f"sd-{prediction}-{sched}-{unet_seed}-{text_seed}"
     pipe.save_pretrained(out)
     return out
 
@@ -200,3 +204,15 @@ def test_cli_generate(sd, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["000000.png", "000001.png", "grid.png"]
     help_text = CliRunner().invoke(main, ["generate", "--help"]).output
     assert "sd3" in help_text and "--negative-prompt" in help_text
+
+
+def test_autoguidance_second_folder(sd, tmp_path):
+    pipe = gp.load_pipeline(sd)
+    weak = sd_folder(tmp_path, unet_seed=1)
+    x = pipe.generate("a cube", guider="autoguidance", w=2.0, guide=weak, steps=3, seeds=[0])
+    base = pipe.generate("a cube", guider="none", steps=3, seeds=[0])
+    assert torch.isfinite(x).all() and (x - base).abs().max() > 1e-4
+    assert torch.equal(pipe.generate("a cube", guider="autoguidance", w=1.0, guide=weak, steps=3, seeds=[0]), base)
+    other_text = sd_folder(tmp_path, unet_seed=1, text_seed=5)
+    with pytest.raises(GuidelabError, match="guide's text_encoder differs"):
+        pipe.generate("a cube", guider="autoguidance", w=2.0, guide=other_text, steps=3)

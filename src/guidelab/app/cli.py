@@ -565,6 +565,8 @@ Examples (one per pipeline family; FOLDER is a local diffusers folder, nothing i
 @click.option("--negative-prompt", default=None, help="The reference branch of cfg and its relatives.")
 @click.option("--guider", default="cfg", help="A guider of the registry (guidelab guiders).")
 @click.option("--weight", "w", type=float, default=7.5, help="Guidance weight (1 = no guidance).")
+@click.option("--guide", type=click.Path(path_type=Path), default=None,
+              help="autoguidance: the weaker pipeline folder (same text encoders and VAE).")
 @click.option("--sampler", default=None, help="Default: the sampler equal to the folder's scheduler (DDIM -> ddim).")
 @click.option("--steps", type=click.IntRange(min=1), default=20)
 @click.option("--schedule", default="pipeline", help="pipeline (the folder's scheduler grid), karras, leading, ...")

@@ -109,10 +109,11 @@ class Pipeline:
     def generate(self, prompts: str | Sequence[str], negative_prompt: str | None = None, guider: str = "cfg",
                  w: float = 7.5, sampler: str | None = None, steps: int = 20, schedule: str = "pipeline",
                  seeds: Sequence[int] = (0,), latents: torch.Tensor | None = None, out=None, progress: bool = False,
-                 **options) -> torch.Tensor:
+                 guide: str | os.PathLike | Pipeline | None = None, **options) -> torch.Tensor:
         """Images [N, 3, H, W] in [0, 1], decoded by the pipeline's VAE. ``sampler``: default the one equal to the
         folder's scheduler; ``latents``: the unit-Gaussian start a diffusers pipeline takes (else from ``seeds``,
-        sample i from seed i); ``options``: the guider's keywords; ``out``: also write PNGs + a grid."""
+        sample i from seed i); ``options``: the guider's keywords; ``out``: also write PNGs + a grid; ``guide``:
+        autoguidance's weaker pipeline (a folder or a Pipeline of the same class with the same text encoders and VAE)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         seeds = [int(s) for s in seeds]
         N = len(seeds) if latents is None else latents.shape[0]
@@ -130,7 +131,9 @@ class Pipeline:
         L = noise.randn(self.latent_shape(), dtype=torch.float64) if latents is None else latents
         state = flow.STATE_DTYPE if self.flow else (torch.float32 if self.dtype != torch.float64 else torch.float64)
         x = scheduler.start(self.config, sig, L.to(self.device, state))
-        ctx = registry.Context(den, w=w, seeds=seeds, options=registry.parse_options(guider, options),
+        check(guide is None or guider == "autoguidance", f"guide= is autoguidance's second pipeline, not {guider!r}'s")
+        guide_den = self.guide(guide).denoiser(null) if guide is not None else None
+        ctx = registry.Context(den, w=w, guide=guide_den, seeds=seeds, options=registry.parse_options(guider, options),
                                sampler=sampler, what=f"this {self.kind}")
         guided = registry.build(guider, ctx)
         final = 0.0 if self.flow else scheduler.final_sigma(den)
@@ -143,6 +146,19 @@ class Pipeline:
         if out is not None:
             save_images(out, images, seeds)
         return images
+
+    def guide(self, other: str | os.PathLike | Pipeline) -> Pipeline:
+        """autoguidance's guide: same pipeline class, text encoders and VAE (weights equal), else one clear error."""
+        g = other if isinstance(other, Pipeline) else load_pipeline(other, dtype=self.dtype, device=self.device)
+        check(g.kind == self.kind, f"the guide is a {g.kind}, the main pipeline a {self.kind}: they must match")
+        shared = [c for c in COMPONENTS[self.kind] if c.startswith("text_encoder") or c == "vae"]
+        for comp in shared:
+            a, b = getattr(self.pipe, comp).state_dict(), getattr(g.pipe, comp).state_dict()
+            same = a.keys() == b.keys() and all(a[k].shape == b[k].shape and torch.equal(a[k], b[k].to(a[k])) for k in a)
+            check(same, f"the guide's {comp} differs from the main pipeline's: autoguidance needs the same text "
+                  "encoders and VAE (only the denoiser may differ)")
+        check(dict(g.pipe.scheduler.config) == self.config, "the guide's scheduler config differs from the main one's")
+        return g
 
     def decode(self, x: torch.Tensor, final: float) -> torch.Tensor:
         """The VAE's image of EDM-space latents at sigma ``final`` (as the pipeline: unscale, shift, decode, [0, 1])."""
