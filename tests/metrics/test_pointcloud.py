@@ -31,14 +31,15 @@ def test_precision_recall_separate_quality_from_variation():
 
 def test_sliced_wasserstein_of_a_shift():
     g = torch.Generator().manual_seed(1)
-    a = torch.randn(4000, 2, generator=g, dtype=torch.float64)
+    a = torch.randn(2000, 2, generator=g, dtype=torch.float64)
     delta = torch.tensor([0.3, -0.4], dtype=torch.float64)
-    # W2 between a set and its translate, on direction theta, is |delta . theta|; mean over the circle: |delta|^2 / 2.
+    # W2 between a set and its translate, on direction theta, is |delta . theta| for any set size (only the
+    # 1000 directions sample the circle: error 0.006); mean over the circle: |delta|^2 / 2.
     sw = metrics.sliced_wasserstein(a, a + delta, n_proj=1000)
     assert abs(sw - 0.5 / math.sqrt(2)) < 0.01
     assert metrics.sliced_wasserstein(a, a) == 0.0
-    # Unequal sizes go through quantiles.
-    assert abs(metrics.sliced_wasserstein(a, (a + delta)[:1500], n_proj=1000) - 0.5 / math.sqrt(2)) < 0.02
+    # Unequal sizes go through quantiles (error 0.002 at 2000 vs 750 points, 0.004 at 4000 vs 1500).
+    assert abs(metrics.sliced_wasserstein(a, (a + delta)[:750], n_proj=1000) - 0.5 / math.sqrt(2)) < 0.02
 
 
 def test_mmd_separates_distributions():
