@@ -172,6 +172,9 @@ ROWS = [
     ("train-ema-empty", TR + ["--set", "ema=[]"], "ema"),
     ("train-ema-big", TR + ["--set", "ema=0.5"], "ema"),
     ("train-ema-text", TR + ["--set", "ema=abc"], "ema"),
+    ("train-ema-scalar", TR + ["--set", "ema=0.05"], "ema"),
+    ("train-ema-bool", TR + ["--set", "conditional=3"], "conditional"),
+    ("train-resolution-text", TR + ["--set", "resolution=big"], "resolution"),
     ("train-key-unknown", TR + ["--set", "bogus=1"], "bogus"),
     ("train-model-unknown", TR + ["--set", "model=Bogus"], "model"),
     ("train-iters-0", TR + ["--set", "iters=0"], "iters"),
@@ -323,3 +326,11 @@ def test_table_has_150_rows_over_every_command():
     assert len(ROWS) >= 150
     assert {r[1][0] for r in ROWS} >= {"sample", "sweep", "report", "evaluate", "train", "classifier", "phema",
                                         "distill", "diffusers", "guiders", "samplers", "demo"}
+
+
+@pytest.mark.parametrize("args", [(8, 0.002, float("inf")), (8, 0.002, 1e30), (8, float("nan"), 80.0), (8.5, 0.002, 80.0),
+                                  (8, 0.002, True), (0, 0.002, 80.0)])
+def test_karras_refuses_bad_ranges(args):
+    from guidelab import schedules
+    with pytest.raises(GuidelabError):
+        schedules.karras(*args)
