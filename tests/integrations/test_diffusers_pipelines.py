@@ -115,7 +115,7 @@ def test_w1_is_unguided_and_seeds_per_sample(sd):
     assert (c[0] - c[1]).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("guider", ["apg", "cfgpp", "cfg_zero_star", "rescale", "icg", "tsg", "pag", "seg"])
+@pytest.mark.parametrize("guider", ["apg", "cfgpp", "cfg_zero_star", "rescale", "icg", "tsg", "pag", "seg", "slg"])
 def test_every_guider_runs(sd, guider):
     pipe = gp.load_pipeline(sd)
     w = 0.5 if guider == "cfgpp" else 3.0
@@ -216,3 +216,23 @@ def test_autoguidance_second_folder(sd, tmp_path):
     other_text = sd_folder(tmp_path, unet_seed=1, text_seed=5)
     with pytest.raises(GuidelabError, match="guide's text_encoder differs"):
         pipe.generate("a cube", guider="autoguidance", w=2.0, guide=other_text, steps=3)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16])
+def test_half_precision_end_to_end(sd, dtype):
+    """Text encoder, UNet and VAE in half precision, the sampler state float32; close to the float32 run."""
+    half = gp.load_pipeline(sd, dtype=dtype)
+    assert half.net.dtype == half.pipe.text_encoder.dtype == half.pipe.vae.dtype == dtype
+    x = half.generate("a cube", guider="cfg", w=3.0, steps=3, seeds=[0])
+    ref = gp.load_pipeline(sd).generate("a cube", guider="cfg", w=3.0, steps=3, seeds=[0])
+    assert x.dtype == torch.float32 and torch.isfinite(x).all()
+    assert 0 < (x - ref).abs().max() < 0.1
+
+
+def test_interval_guides_only_inside(sd):
+    pipe = gp.load_pipeline(sd)
+    full = pipe.generate("a cube", guider="cfg", w=3.0, steps=4, seeds=[0])
+    none = pipe.generate("a cube", guider="cfg", w=3.0, steps=4, seeds=[0], interval=(1e6, 1e7))   # no step inside
+    part = pipe.generate("a cube", guider="cfg", w=3.0, steps=4, seeds=[0], interval=(0.0, 2.0))
+    assert torch.equal(none, pipe.generate("a cube", guider="none", steps=4, seeds=[0]))
+    assert (part - full).abs().max() > 1e-5 and (part - none).abs().max() > 1e-5

@@ -26,8 +26,8 @@ from .adapter import DiffusersDenoiser, make_sigmas
 
 #: Pipeline class -> its denoiser's folder.
 PIPELINES = {"StableDiffusionPipeline": "unet", "StableDiffusion3Pipeline": "transformer"}
-#: Guiders whose reference branch is the negative / empty prompt.
-REFERENCE = ("cfg", "cfgpp", "apg", "rescale", "cfg_zero_star", "interval")
+#: Guiders whose reference branch is the negative / empty prompt (the registry's ``null_label`` need).
+REFERENCE = tuple(registry.names(needs={"null_label"}))
 #: Components each pipeline needs (a missing one is an error naming folder and component).
 COMPONENTS = {"StableDiffusionPipeline": ("unet", "vae", "text_encoder", "tokenizer", "scheduler"),
               "StableDiffusion3Pipeline": ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2",
@@ -109,11 +109,13 @@ class Pipeline:
     def generate(self, prompts: str | Sequence[str], negative_prompt: str | None = None, guider: str = "cfg",
                  w: float = 7.5, sampler: str | None = None, steps: int = 20, schedule: str = "pipeline",
                  seeds: Sequence[int] = (0,), latents: torch.Tensor | None = None, out=None, progress: bool = False,
-                 guide: str | os.PathLike | Pipeline | None = None, **options) -> torch.Tensor:
+                 guide: str | os.PathLike | Pipeline | None = None, interval: tuple[float, float] | None = None,
+                 **options) -> torch.Tensor:
         """Images [N, 3, H, W] in [0, 1], decoded by the pipeline's VAE. ``sampler``: default the one equal to the
         folder's scheduler; ``latents``: the unit-Gaussian start a diffusers pipeline takes (else from ``seeds``,
         sample i from seed i); ``options``: the guider's keywords; ``out``: also write PNGs + a grid; ``guide``:
-        autoguidance's weaker pipeline (a folder or a Pipeline of the same class with the same text encoders and VAE)."""
+        autoguidance's weaker pipeline (a folder or a Pipeline of the same class with the same text encoders and VAE);
+        ``interval = (lo, hi)``: guide only for lo < sigma <= hi (EDM sigma; flow: t / (1 - t))."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         seeds = [int(s) for s in seeds]
         N = len(seeds) if latents is None else latents.shape[0]
@@ -133,7 +135,7 @@ class Pipeline:
         x = scheduler.start(self.config, sig, L.to(self.device, state))
         check(guide is None or guider == "autoguidance", f"guide= is autoguidance's second pipeline, not {guider!r}'s")
         guide_den = self.guide(guide).denoiser(null) if guide is not None else None
-        ctx = registry.Context(den, w=w, guide=guide_den, seeds=seeds, options=registry.parse_options(guider, options),
+        ctx = registry.Context(den, w=w, guide=guide_den, seeds=seeds, interval=interval, options=registry.parse_options(guider, options),
                                sampler=sampler, what=f"this {self.kind}")
         guided = registry.build(guider, ctx)
         final = 0.0 if self.flow else scheduler.final_sigma(den)
