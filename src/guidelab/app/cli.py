@@ -145,7 +145,7 @@ def _device(ctx, param, value):
     return value
 
 
-def _npz_samples(path) -> "np.ndarray":
+def _npz_samples(path):
     """The ``samples`` array of a reference .npz (numbers only: object arrays are refused, never unpickled)."""
     import numpy as np
     try:
@@ -257,7 +257,6 @@ def _floats(text: str) -> list[float]:
 def sweep_cmd(out, methods, weights, intervals, n, seed_start, shard_size, metric, quality, diversity, uncond,
               noise_classifier, classifier, reference, world, model, guide, **kw) -> None:
     """Methods x weights (x intervals) -> OUT/results.csv and .json, best weight per method, Pareto front."""
-    import numpy as np
     import torch
 
     from . import sweep

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import base64
 import html
-import re
 import io
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np

@@ -169,8 +169,9 @@ class Sampling:
         finally:
             self.reset()
         check(x.shape == (1, *self.shape), f"the guided denoiser returns shape {list(x.shape[1:])}, expected {list(self.shape)}")
-        check(samplers.base._ALLOW_NONFINITE.get() or bool(np.isfinite(x).all()), f"{self.cfg.model or self.cfg.world} with guider {self.cfg.guider} gives NaN or inf "
-                                          f"on a 2-step test sample (non-finite weights, or sigma_max too large?)")
+        allowed = samplers.base._ALLOW_NONFINITE.get()          # --allow-nonfinite
+        check(allowed or bool(np.isfinite(x).all()), f"{self.cfg.model or self.cfg.world} with guider {self.cfg.guider} gives "
+                                                     "NaN or inf on a 2-step test sample (non-finite weights, or sigma_max too large?)")
 
     @torch.no_grad()
     def generate(self, seeds, sigmas: torch.Tensor | None = None) -> np.ndarray:

@@ -24,7 +24,6 @@ from ...errors import GuidelabError, check
 from .assembly import Sampling, build
 from .config import SampleConfig
 
-
 #: The folder lock of a job (job.json is created or compared under it).
 LOCK = ".job.lock"
 #: Seeds are int64 (shards, torch generators): seed_start + n must stay below 2^63.
