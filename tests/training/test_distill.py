@@ -7,8 +7,15 @@ from guidelab import guidance, samplers, schedules, toy
 from guidelab.denoisers import EDMPrecond
 from guidelab.errors import GuidelabError
 from guidelab.training import load_model
-from guidelab.training.distill import (DistillConfig, Runtime, distill_loss, distill_student, distilled_denoiser,
-                                       progressive_loss, progressive_round)
+from guidelab.training.distill import (
+    DistillConfig,
+    Runtime,
+    distill_loss,
+    distill_student,
+    distilled_denoiser,
+    progressive_loss,
+    progressive_round,
+)
 from guidelab.training.loop import LoopConfig, step_generator
 
 A, AB = toy.tree("A"), toy.tree("AB")
@@ -125,7 +132,6 @@ def distilled(tmp_path_factory):
     return get
 
 
-@pytest.mark.xdist_group("distilled")   # one worker trains each student once (pytest-xdist, --dist loadgroup)
 @pytest.mark.parametrize("name", sorted(GUIDERS))
 def test_student_tracks_the_guided_teacher_on_the_tree(name, distilled):
     """Distil exact CFG (A vs AB) / exact autoguidance (A vs blurred A) into a small ToyMLP with a w input."""
@@ -164,7 +170,6 @@ def test_progressive_loss_is_zero_for_a_linear_ode():
         progressive_loss(Const(0.3), schedules.karras(7, 0.002, 5), data_a, CFG)
 
 
-@pytest.mark.xdist_group("distilled")
 def test_progressive_round_halves_the_steps(distilled, tmp_path):
     """Stage 2 on the tree: a 4-step student of the distilled-CFG teacher's 8-step Euler sampler lands
     closer to the teacher's 8-step samples than the teacher itself does in 4 steps (largest ratio 0.064
@@ -172,7 +177,8 @@ def test_progressive_round_halves_the_steps(distilled, tmp_path):
     teacher_path = distilled("cfg")
     sigmas = schedules.karras(8, 0.002, 5)
     loop = LoopConfig(iters=300, batch=256, lr=0.003, lr_ref_steps=100, ema=(0.05,), snapshot_every=300)
-    path = progressive_round(tmp_path, teacher_path, sigmas, data_a, CFG, loop, runtime=Runtime(progress=False, checkpoint_every=300))
+    path = progressive_round(tmp_path, teacher_path, sigmas, data_a, CFG, loop,
+                             runtime=Runtime(progress=False, checkpoint_every=300))
     teacher, student = load_model(teacher_path), load_model(path)
     x = 5 * torch.randn(2000, 2, generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
