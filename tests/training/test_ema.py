@@ -65,7 +65,8 @@ def test_ema_tracks_power_function_profile():
         ema.update(net, t)
     ts = torch.arange(1, T + 1, dtype=torch.float64)
     expect = (ts ** (gamma + 1)).sum() / (ts ** gamma).sum()
-    torch.testing.assert_close(ema.state_dict(0)["weight"], torch.full((2, 3), expect.item(), dtype=torch.float64), rtol=2e-3, atol=0)
+    torch.testing.assert_close(ema.state_dict(0)["weight"], torch.full((2, 3), expect.item(), dtype=torch.float64),
+                               rtol=2e-3, atol=0)
 
 
 def test_state_dict_round_trip():

@@ -13,7 +13,6 @@ import torch
 
 from ..errors import as_sigma, check, check_finite
 
-
 _FLOOR = {torch.float16: -10.0, torch.bfloat16: -80.0, torch.float32: -80.0, torch.float64: -700.0}
 
 
