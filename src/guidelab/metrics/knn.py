@@ -26,11 +26,11 @@ def _rows(n_cols: int, budget: int) -> int:
     return max(1, budget // max(1, n_cols))
 
 
-def _sq(a: torch.Tensor, b: torch.Tensor, a2: torch.Tensor, b2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Screened squared distances [A, B] and their error bound (float64 GEMM, D eps (|a|^2 + |b|^2))."""
-    d2 = (a2[:, None] + b2[None, :] - 2 * (a @ b.T)).clamp_min_(0)
-    tol = (8 * a.shape[1] * _EPS) * (a2[:, None] + b2[None, :]) + 1e-300
-    return d2, tol
+def _margin(a: torch.Tensor, b: torch.Tensor, a2: torch.Tensor, bias: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``a2_i + bias_j - 2 a_i.b_j`` [A, B] (one fused GEMM; bias = |b|^2, or |b|^2 - r^2 for a ball test)
+    and a per-row bound [A, 1] on its rounding error (8 D eps (|a|^2 + scale), scale = max |b|^2 + max r^2)."""
+    m = torch.addmm(bias[None, :], a, b.T, alpha=-2).add_(a2[:, None])
+    return m, (8 * a.shape[1] * _EPS) * (a2[:, None] + scale) + 1e-300
 
 
 def knn_radii_multi(x: torch.Tensor, ks, budget: int = BUDGET) -> dict[int, torch.Tensor]:
@@ -45,7 +45,7 @@ def knn_radii_multi(x: torch.Tensor, ks, budget: int = BUDGET) -> dict[int, torc
     out = {k: torch.empty(n, dtype=torch.float64) for k in ks}
     for s in range(0, n, _rows(n, budget)):
         c = x[s:s + _rows(n, budget)]
-        d2, tol = _sq(c, x, x2[s:s + len(c)], x2)
+        d2, tol = _margin(c, x, x2[s:s + len(c)], x2, float(x2.max()))
         cand = d2.topk(m, dim=1, largest=False)
         rows = torch.arange(len(c))[:, None].expand(-1, m)
         exact = _exact(c[rows.reshape(-1)], x[cand.indices.reshape(-1)]).view(len(c), m)
@@ -53,7 +53,7 @@ def knn_radii_multi(x: torch.Tensor, ks, budget: int = BUDGET) -> dict[int, torc
         for k in ks:
             r = exact_sorted[:, k]
             # the screen is sure the k+1 nearest are among the candidates when the last candidate is farther
-            sure = (m == n) | (cand.values[:, -1] - tol.max(1).values > r * r * (1 + 16 * _EPS))
+            sure = (m == n) | (cand.values[:, -1] - tol[:, 0] > r * r * (1 + 16 * _EPS))
             for i in (~sure).nonzero()[:, 0].tolist():    # rare: redo the row exactly
                 r[i] = torch.cdist(c[i:i + 1], x, compute_mode="donot_use_mm_for_euclid_dist")[0].kthvalue(k + 1).values
             out[k][s:s + len(c)] = r
@@ -64,15 +64,14 @@ def inside(points: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor, s: 
            p2: torch.Tensor, c2: torch.Tensor) -> torch.Tensor:
     """Boolean [rows, C]: points[s:s+rows] inside the balls (centres, radii), exact on the boundary."""
     p = points[s:s + rows]
-    d2, tol = _sq(p, centres, p2[s:s + len(p)], c2)
-    r2 = radii[None, :] ** 2
-    res = d2 <= r2
-    unsure = (d2 - r2).abs() <= tol + 16 * _EPS * r2
+    r2 = radii * radii
+    margin, tol = _margin(p, centres, p2[s:s + len(p)], c2 - r2, float(c2.max() + r2.max()))   # |p - c|^2 - r^2
+    res = margin <= 0
+    unsure = margin.abs_() <= tol
     if bool(unsure.any()):
         i, j = unsure.nonzero(as_tuple=True)
         res[i, j] = _exact(p[i], centres[j]) <= radii[j]
     return res
-
 
 def prdc(real: torch.Tensor, fake: torch.Tensor, k_pr: int = 3, k_dc: int = 5, budget: int = BUDGET,
          real_radii: dict[int, torch.Tensor] | None = None, recall: bool = True) -> dict[str, float]:

@@ -1,0 +1,73 @@
+"""k-NN metrics speed: precision/recall + density/coverage, the former all-pairs implementation (exact
+cdist + kthvalue, real-real pass twice) vs metrics.prdc (GEMM screen + topk, one real-real pass), with
+the GEMM floor (the three N x N x D float64 matrix products alone) printed beside them.
+
+    OMP_NUM_THREADS=1 python bench/metrics_speed.py [--n 5000 20000] [--dim 128] [--old-max 5000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import time
+
+import torch
+
+from guidelab import metrics
+from guidelab.metrics.pointcloud import dist
+
+
+def old(real, fake, chunk=2048):
+    """The former implementation, kept here as the reference."""
+    def radii(x, k):
+        return torch.cat([dist(c, x).kthvalue(k + 1, dim=1).values for c in x.split(chunk)])
+
+    def cov(p, c, r):
+        return torch.cat([(dist(q, c) <= r).any(1) for q in p.split(chunk)]).double().mean().item()
+
+    out = {"precision": cov(fake, real, radii(real, 3)), "recall": cov(real, fake, radii(fake, 3))}
+    r5, count, covered = radii(real, 5), 0, torch.zeros(len(real), dtype=torch.bool)
+    for c in fake.split(chunk):
+        inside = dist(c, real) <= r5
+        count += inside.sum().item()
+        covered |= inside.any(0)
+    return {**out, "density": count / (5 * len(fake)), "coverage": covered.double().mean().item()}
+
+
+def floor(real, fake, budget=metrics.knn.BUDGET):
+    rows = max(1, budget // len(real))
+    t = time.perf_counter()
+    for a, b in ((real, real), (fake, fake), (fake, real)):
+        for s in range(0, len(a), rows):
+            a[s:s + rows] @ b.T
+    return time.perf_counter() - t
+
+
+def timed(fn, *args):
+    t = time.perf_counter()
+    out = fn(*args)
+    return out, time.perf_counter() - t
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, nargs="+", default=[5000, 20000])
+    ap.add_argument("--dim", type=int, default=128)
+    ap.add_argument("--old-max", type=int, default=5000, help="skip the old implementation above this N")
+    a = ap.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), D={a.dim}, float64")
+    for n in a.n:
+        g = torch.Generator().manual_seed(0)
+        real = torch.randn(n, a.dim, generator=g, dtype=torch.float64)
+        fake = torch.randn(n, a.dim, generator=g, dtype=torch.float64) * 1.1 + 0.1
+        new, t_new = timed(metrics.prdc, real, fake)
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        line = f"N={n}: new {t_new:.2f} s (peak RSS so far {rss:.0f} MiB), GEMM floor {floor(real, fake):.2f} s"
+        if n <= a.old_max:
+            ref, t_old = timed(old, real, fake)
+            line += f", old {t_old:.2f} s, identical={ref == new}"
+        print(line, {k: round(v, 4) for k, v in new.items()}, flush=True)
+
+
+if __name__ == "__main__":
+    main()
