@@ -143,9 +143,24 @@ def _noise_embed(ctx: Context) -> bool:
     return (opts.get("form") == "scalar" or opts.get("dim") is not None) and bool(getattr(ctx.main, "noise_cond", False))
 
 
+#: Model families whose attention can be perturbed on marked rows (PAG / SEG / SLG) register
+#: ``(denoiser class, attention_guidance(den, w, mode, **options))`` here when they are imported (the diffusers
+#: integration does), so the registry itself imports no integration (no import cycle).
+_ATTENTION: list[tuple[type, Callable[..., Any]]] = []
+
+
+def register_attention(cls: type, build: Callable[..., Any]) -> None:
+    """Declare that denoisers of ``cls`` support attention guidance, built by ``build(den, w, mode, **options)``."""
+    if all(c is not cls for c, _ in _ATTENTION):
+        _ATTENTION.append((cls, build))
+
+
+def _attention_builder(den) -> Callable[..., Any] | None:
+    return next((b for c, b in _ATTENTION if isinstance(den, c)), None)
+
+
 def _attention(den) -> bool:
-    from ..integrations.diffusers import DiffusersDenoiser
-    return isinstance(den, DiffusersDenoiser)
+    return _attention_builder(den) is not None
 
 
 #: need -> (is it met?, what is missing). ``null_label`` is also met by an unconditional ``guide``.
@@ -261,7 +276,9 @@ def _distilled(ctx: Context):
 
 def _attention_guidance(mode: str):
     def build(ctx: Context):
-        from ..integrations.diffusers import attention_guidance
+        attention_guidance = _attention_builder(ctx.main)
+        check(attention_guidance is not None, f"{mode} needs a diffusers model (attention hooks)")
+        assert attention_guidance is not None
         return attention_guidance(ctx.main, ctx.w, mode, **_opts(ctx))
     return build
 

@@ -11,6 +11,7 @@ import torch
 
 from ...errors import check
 from ...guidance._base import Branch, Guided, PerCall
+from ...guidance import registry
 from ...guidance.compose import Composed, compose
 from .adapter import PERTURB, DiffusersDenoiser
 from .hooks import Perturbation
@@ -83,3 +84,6 @@ def step_window(sigmas: torch.Tensor, start: float, stop: float) -> tuple[float,
     check(bool(steps), f"the step window ({start}, {stop}) of {n} steps holds no step (need start n < i < stop n); "
           "use more steps or give the interval")
     return float(sigmas[steps[-1] + 1]), float(sigmas[steps[0]])
+
+
+registry.register_attention(DiffusersDenoiser, attention_guidance)   # pag / seg / slg entries of the registry
