@@ -125,6 +125,11 @@ def allow_nonfinite(allow: bool = True) -> Iterator[None]:
         _ALLOW_NONFINITE.reset(token)
 
 
+def nonfinite_allowed() -> bool:
+    """Whether the caller is inside :func:`allow_nonfinite` (the non-finite check is off)."""
+    return _ALLOW_NONFINITE.get()
+
+
 def check_finite_output(D: torch.Tensor, run: Run, sigma: float) -> None:
     """Raise :class:`NonFiniteError` naming the sampler, step, sigma and rows if ``D`` holds NaN or inf.
 

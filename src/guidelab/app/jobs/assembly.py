@@ -169,7 +169,7 @@ class Sampling:
         finally:
             self.reset()
         check(x.shape == (1, *self.shape), f"the guided denoiser returns shape {list(x.shape[1:])}, expected {list(self.shape)}")
-        allowed = samplers.base._ALLOW_NONFINITE.get()          # --allow-nonfinite
+        allowed = samplers.base.nonfinite_allowed()          # --allow-nonfinite
         check(allowed or bool(np.isfinite(x).all()), f"{self.cfg.model or self.cfg.world} with guider {self.cfg.guider} gives "
                                                      "NaN or inf on a 2-step test sample (non-finite weights, or sigma_max too large?)")
 
