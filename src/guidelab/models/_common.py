@@ -8,6 +8,20 @@ from torch import nn
 from ..errors import check
 
 
+def check_extra_scalar(extra_scalar) -> None:
+    """``extra_scalar`` (the name of one more per-sample scalar input, e.g. GFT's ``beta``) must be None or a
+    keyword name other than the networks' own conditioning keys."""
+    check(
+        extra_scalar is None
+        or (
+            isinstance(extra_scalar, str)
+            and extra_scalar.isidentifier()
+            and extra_scalar not in ("label", "noise_embed_offset")
+        ),
+        f"extra_scalar must be None or a keyword name other than label / noise_embed_offset, got {extra_scalar!r}",
+    )
+
+
 def one_hot_label(label, num_classes: int, x: torch.Tensor) -> torch.Tensor | None:
     """Validated one-hot labels [batch, num_classes + 1]; ``label=None`` is the null label ``num_classes``.
 

@@ -30,7 +30,7 @@ from torch import nn
 
 from ..denoisers import Condition, EDMPrecond
 from ..errors import as_sigma, check
-from ._common import one_hot_label
+from ._common import check_extra_scalar, one_hot_label
 from .registry import register
 
 
@@ -67,15 +67,7 @@ class ImageDenoiser(nn.Module):
         ):
             _int(name, v, lo)
         check(isinstance(sigma_data, (int, float)) and sigma_data > 0, f"sigma_data must be > 0, got {sigma_data!r}")
-        check(
-            extra_scalar is None
-            or (
-                isinstance(extra_scalar, str)
-                and extra_scalar.isidentifier()
-                and extra_scalar not in ("label", "noise_embed_offset")
-            ),
-            f"extra_scalar must be None or a keyword name other than label / noise_embed_offset, got {extra_scalar!r}",
-        )
+        check_extra_scalar(extra_scalar)
         self.img_channels, self.img_resolution = img_channels, img_resolution
         self.sigma_data, self.num_classes = float(sigma_data), num_classes
         self.noise_cond, self.extra_scalar, self.emb = bool(noise_cond), extra_scalar, emb

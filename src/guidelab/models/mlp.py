@@ -35,7 +35,7 @@ from torch import nn
 
 from ..denoisers import Condition, EDMPrecond, bcast
 from ..errors import as_sigma, check
-from ._common import one_hot_label
+from ._common import check_extra_scalar, one_hot_label
 from .registry import register
 
 
@@ -120,15 +120,7 @@ class ToyMLP(nn.Module):
         check(isinstance(sigma_data, (int, float)) and sigma_data > 0, f"sigma_data must be > 0, got {sigma_data!r}")
         self.dim, self.hidden, self.depth, self.sigma_data = dim, hidden, depth, float(sigma_data)
         self.num_classes, self.output, self.noise_cond = num_classes, output, bool(noise_cond)
-        check(
-            extra_scalar is None
-            or (
-                isinstance(extra_scalar, str)
-                and extra_scalar.isidentifier()
-                and extra_scalar not in ("label", "noise_embed_offset")
-            ),
-            f"extra_scalar must be None or a keyword name other than label / noise_embed_offset, got {extra_scalar!r}",
-        )
+        check_extra_scalar(extra_scalar)
         self.extra_scalar = extra_scalar
         self.null_label = num_classes if num_classes else None  # label dropout's label; guiders read `condition`
         self.precond = EDMPrecond(self.sigma_data)
