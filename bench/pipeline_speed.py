@@ -44,8 +44,8 @@ def main() -> None:
             L = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(0))
             prompts = ["a red cube"] * 4
             pipe = load_pipeline(folder)
-            ours = best(lambda: pipe.generate(prompts, guider="cfg", w=5.0, steps=a.steps, latents=L, seeds=[0]),
-                        a.repeats)
+            ours = best(lambda pipe=pipe, prompts=prompts, L=L: pipe.generate(
+                prompts, guider="cfg", w=5.0, steps=a.steps, latents=L, seeds=[0]), a.repeats)
             spec = json.loads((folder / "model_index.json").read_text())
             absent = {k: None for k, v in spec.items() if isinstance(v, list) and v[0] is None}
             ref = getattr(diffusers, cls).from_pretrained(folder, local_files_only=True, **absent)

@@ -7,7 +7,6 @@ import torch
 
 diffusers = pytest.importorskip("diffusers")
 
-from guidelab import samplers  # noqa: E402
 from guidelab.errors import GuidelabError  # noqa: E402
 from guidelab.integrations.diffusers import DiffusersDenoiser  # noqa: E402
 from guidelab.integrations.diffusers import scheduler as sch  # noqa: E402

@@ -135,7 +135,8 @@ class Pipeline:
         x = scheduler.start(self.config, sig, L.to(self.device, state))
         check(guide is None or guider == "autoguidance", f"guide= is autoguidance's second pipeline, not {guider!r}'s")
         guide_den = self.guide(guide).denoiser(null) if guide is not None else None
-        ctx = registry.Context(den, w=w, guide=guide_den, seeds=seeds, interval=interval, options=registry.parse_options(guider, options),
+        ctx = registry.Context(den, w=w, guide=guide_den, seeds=seeds, interval=interval,
+                               options=registry.parse_options(guider, options),
                                sampler=sampler, what=f"this {self.kind}")
         guided = registry.build(guider, ctx)
         final = 0.0 if self.flow else scheduler.final_sigma(den)

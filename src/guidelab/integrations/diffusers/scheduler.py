@@ -4,7 +4,8 @@ error for every setting that cannot take effect.
 
 * DDIM / DDPM / PNDM: the grid timesteps of ``timestep_spacing`` with ``steps_offset`` (schedules.discrete); the
   last step goes to sigma 0, or with ``set_alpha_to_one=False`` (DDIM, PNDM) to ``sigma_0`` (alpha_bar_0), as the
-  scheduler's ``final_alpha_cumprod`` (:func:`final_sigma`, applied by :func:`sample`); ``clip_sample`` clamps x0 to ``±clip_sample_range``; ``thresholding``
+  scheduler's ``final_alpha_cumprod`` (:func:`final_sigma`, applied by :func:`sample`); ``clip_sample`` clamps
+  x0 to ``±clip_sample_range``; ``thresholding``
   is Imagen's dynamic thresholding (Saharia et al. 2022, Sec. 2.3) at ``dynamic_thresholding_ratio``.
 * Euler / Euler ancestral / DPM-Solver++ / Heun / LMS: the scheduler's own ``sigmas`` (``use_karras_sigmas``,
   ``final_sigmas_type``, spacing and offset as it applies them).
