@@ -97,8 +97,9 @@ def test_training_is_deterministic_across_thread_counts():
 
 
 def test_shipped_classifier_is_pinned_small_and_packaged():
-    import tomllib
     from pathlib import Path
+
+    import tomllib
 
     from guidelab.app import digits_cache
     from guidelab.metrics.features import sha256

@@ -26,7 +26,8 @@ def _rows(n_cols: int, budget: int) -> int:
     return max(1, budget // max(1, n_cols))
 
 
-def _margin(a: torch.Tensor, b: torch.Tensor, a2: torch.Tensor, bias: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _margin(a: torch.Tensor, b: torch.Tensor, a2: torch.Tensor, bias: torch.Tensor,
+            scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``a2_i + bias_j - 2 a_i.b_j`` [A, B] (one fused GEMM; bias = |b|^2, or |b|^2 - r^2 for a ball test)
     and a per-row bound [A, 1] on its rounding error (8 D eps (|a|^2 + scale), scale = max |b|^2 + max r^2)."""
     m = torch.addmm(bias[None, :], a, b.T, alpha=-2).add_(a2[:, None])
