@@ -41,10 +41,18 @@ NULL = 10
 
 def build(folder, size, width):
     torch.manual_seed(0)
-    UNet2DModel(sample_size=size, in_channels=3, out_channels=3, block_out_channels=(width, 2 * width, 2 * width),
-                layers_per_block=1, down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
-                up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"), norm_num_groups=min(32, width),
-                attention_head_dim=min(32, width), num_class_embeds=NULL + 1).save_pretrained(folder)
+    UNet2DModel(
+        sample_size=size,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(width, 2 * width, 2 * width),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=min(32, width),
+        attention_head_dim=min(32, width),
+        num_class_embeds=NULL + 1,
+    ).save_pretrained(folder)
     DDIMScheduler(clip_sample=False).save_config(folder)
 
 
@@ -82,9 +90,11 @@ def diffusers_pag_loop(model, pag_model, sched, x_vp, labels, w, pag_scale, sepa
 
 def overhead(den, guided, k, batches, rounds, size):
     """Microseconds per guided call with a stub network: guidelab's wrapper against the bare reference."""
+
     class Stub(torch.nn.Module):
         def forward(self, x, timestep, class_labels=None, return_dict=False):
             return (x,)
+
     stub = Stub()
     stub.register_parameter("p", torch.nn.Parameter(torch.zeros(1)))
     model, den.model = den.model, stub
@@ -100,6 +110,7 @@ def overhead(den, guided, k, batches, rounds, size):
             def bare(x=x, s=s, y=y):
                 labels = torch.cat([torch.full_like(y, NULL)] + [y] * (k - 1))
                 return stub(torch.cat([x] * k), s.repeat(k), class_labels=labels)[0].chunk(k)[0] * 3
+
             times = {"ours": [], "bare": []}
             with torch.no_grad():
                 for _ in range(rounds):
@@ -149,11 +160,15 @@ def main():
         if a.overhead:
             overhead(den, guided, k, batches, a.rounds, a.size)
             return
-        print(f"UNet2DModel {sum(p.numel() for p in den.model.parameters()) / 1e6:.1f} M params, "
-              f"{a.size}x{a.size}, DDIM {a.steps} steps, {a.guider} w={a.w}"
-              + (f" pag_scale={a.pag_scale}" if a.guider == "pag-cfg" else ""))
-        print(f"| batch | guidelab ({k} branches, one call) | diffusers, separate passes | diffusers, cat batch | "
-              "speed-up vs separate | max abs diff |")
+        print(
+            f"UNet2DModel {sum(p.numel() for p in den.model.parameters()) / 1e6:.1f} M params, "
+            f"{a.size}x{a.size}, DDIM {a.steps} steps, {a.guider} w={a.w}"
+            + (f" pag_scale={a.pag_scale}" if a.guider == "pag-cfg" else "")
+        )
+        print(
+            f"| batch | guidelab ({k} branches, one call) | diffusers, separate passes | diffusers, cat batch | "
+            "speed-up vs separate | max abs diff |"
+        )
         print("|---|---|---|---|---|---|")
         for B in batches:
             g = torch.Generator().manual_seed(B)
@@ -165,13 +180,15 @@ def main():
                 runs["separate"] = lambda x=x_vp, y=labels: diffusers_loop(den.model, sched, x, y, a.w, True)
                 runs["cat"] = lambda x=x_vp, y=labels: diffusers_loop(den.model, sched, x, y, a.w, False)
             else:
-                runs["separate"] = lambda x=x_vp, y=labels: diffusers_pag_loop(den.model, pag_model, sched, x, y, a.w,
-                                                                               a.pag_scale, True)
-                runs["cat"] = lambda x=x_vp, y=labels: diffusers_pag_loop(den.model, pag_model, sched, x, y, a.w,
-                                                                          a.pag_scale, False)
+                runs["separate"] = lambda x=x_vp, y=labels: diffusers_pag_loop(
+                    den.model, pag_model, sched, x, y, a.w, a.pag_scale, True
+                )
+                runs["cat"] = lambda x=x_vp, y=labels: diffusers_pag_loop(
+                    den.model, pag_model, sched, x, y, a.w, a.pag_scale, False
+                )
             times = {k: [] for k in runs}
             out = {}
-            for name, f in runs.items():                       # warm-up
+            for name, f in runs.items():  # warm-up
                 out[name] = f()
             for _ in range(a.rounds):
                 for name, f in runs.items():
@@ -180,8 +197,11 @@ def main():
                     times[name].append(time.perf_counter() - t)
             med = {name: statistics.median(v) for name, v in times.items()}
             diff = max((out["guidelab"] - out[ref]).abs().max().item() for ref in ("separate", "cat"))
-            print(f"| {B} | {med['guidelab']:.3f} s | {med['separate']:.3f} s | {med['cat']:.3f} s | "
-                  f"{med['separate'] / med['guidelab']:.2f}x | {diff:.1e} |", flush=True)
+            print(
+                f"| {B} | {med['guidelab']:.3f} s | {med['separate']:.3f} s | {med['cat']:.3f} s | "
+                f"{med['separate'] / med['guidelab']:.2f}x | {diff:.1e} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -25,8 +25,8 @@ from diffusers.models.attention_processor import (
     Attention,
     PAGCFGIdentitySelfAttnProcessor2_0,
 )
-from diffusers_guided import NULL, build
 
+from diffusers_guided import NULL, build
 from guidelab.integrations import diffusers as gd
 from guidelab.integrations.diffusers import adapter, hooks
 
@@ -101,8 +101,11 @@ def main():
                         times[k].append((time.perf_counter() - t0) / n * 1e3)
             med = {k: statistics.median(v) for k, v in times.items()}
             d = f"{med['diffusers']:.1f} ms" if "diffusers" in med else "-"
-            print(f"| {a.mode}+cfg | {params:.1f} M, {a.size}x{a.size} | {B} | {med['old']:.1f} ms | {med['new']:.1f} ms | "
-                  f"{d} | {med['old'] / med['new']:.2f}x | {diff:.0e} |", flush=True)
+            print(
+                f"| {a.mode}+cfg | {params:.1f} M, {a.size}x{a.size} | {B} | {med['old']:.1f} ms | {med['new']:.1f} ms | "
+                f"{d} | {med['old'] / med['new']:.2f}x | {diff:.0e} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -32,8 +32,11 @@ def main():
     for step in sorted({s for _, s, _ in snapshots(args.run_dir)}):
         cfg = SampleConfig(world=None, model=str(args.run_dir), sigma_rel=args.sigma_rel, step=step)
         r = evaluate(args.out / args.run_dir.name / f"step{step}", cfg, n=args.samples, measure=measure)
-        print(f"step {step:6d}  class accuracy {r['class_accuracy']:.3f}  FD {r['fd']:.2f}  precision {r['precision']:.3f}  "
-              f"recall {r['recall']:.3f}  NFE {r['nfe']:g}  ({r['sampling_seconds']:.0f} s)", flush=True)
+        print(
+            f"step {step:6d}  class accuracy {r['class_accuracy']:.3f}  FD {r['fd']:.2f}  precision {r['precision']:.3f}  "
+            f"recall {r['recall']:.3f}  NFE {r['nfe']:g}  ({r['sampling_seconds']:.0f} s)",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -23,11 +23,28 @@ from guidelab.models import UNet, edm2
 def nets(a):
     res, attn = a.size, [a.size // 4]
     torch.manual_seed(0)
-    e = edm2.EDM2(img_resolution=res, img_channels=3, label_dim=10, use_fp16=a.fp16, model_channels=a.edm2_width or a.width,
-                  channel_mult=[1, 2, 2], num_blocks=a.blocks, attn_resolutions=attn, channels_per_head=32,
-                  logvar_channels=32)
-    u = UNet(img_channels=3, img_resolution=res, hidden=a.width, depth=a.blocks, channel_mult=[1, 2, 2],
-             attn_resolutions=attn, emb=128, num_classes=10)
+    e = edm2.EDM2(
+        img_resolution=res,
+        img_channels=3,
+        label_dim=10,
+        use_fp16=a.fp16,
+        model_channels=a.edm2_width or a.width,
+        channel_mult=[1, 2, 2],
+        num_blocks=a.blocks,
+        attn_resolutions=attn,
+        channels_per_head=32,
+        logvar_channels=32,
+    )
+    u = UNet(
+        img_channels=3,
+        img_resolution=res,
+        hidden=a.width,
+        depth=a.blocks,
+        channel_mult=[1, 2, 2],
+        attn_resolutions=attn,
+        emb=128,
+        num_classes=10,
+    )
     return {"EDM2 (models.edm2)": (e, "class_labels"), "UNet (models.image)": (u, "label")}
 
 
@@ -50,8 +67,9 @@ def train_time(net, key, opt, x, sigma, y):
     net.train()
     sync(x.device)
     t = time.perf_counter()
-    loss = (net.precond.loss_weight(sigma) * (net(x + sigma[:, None, None, None] * torch.randn_like(x), sigma, **{key: y})
-                                              - x).square().flatten(1).mean(1))
+    loss = net.precond.loss_weight(sigma) * (
+        net(x + sigma[:, None, None, None] * torch.randn_like(x), sigma, **{key: y}) - x
+    ).square().flatten(1).mean(1)
     if isinstance(net, edm2.EDM2):  # the EDM2 loss: learned uncertainty weighting (eq. 21)
         u = net.logvar(sigma)
         loss = loss / u.exp() + u
@@ -82,15 +100,17 @@ def main():
     y = torch.randint(0, 10, (a.batch,), generator=g).to(dev)
     models = {name: (net.to(dev), key, torch.optim.Adam(net.parameters(), lr=1e-4)) for name, (net, key) in nets(a).items()}
     times = {name: ([], []) for name in models}
-    for name, (net, key, opt) in models.items():  # warm-up
+    for _name, (net, key, opt) in models.items():  # warm-up
         forward_time(net, key, x, sigma, y)
         train_time(net, key, opt, x, sigma, y)
     for _ in range(a.rounds):
         for name, (net, key, opt) in models.items():
             times[name][0].append(forward_time(net, key, x, sigma, y))
             times[name][1].append(train_time(net, key, opt, x, sigma, y))
-    print(f"{a.device}, {a.threads} thread(s), batch {a.batch}, {a.size}x{a.size}x3, {a.blocks} blocks/level, "
-          f"median of {a.rounds}{', EDM2 fp16' if a.fp16 else ''}")
+    print(
+        f"{a.device}, {a.threads} thread(s), batch {a.batch}, {a.size}x{a.size}x3, {a.blocks} blocks/level, "
+        f"median of {a.rounds}{', EDM2 fp16' if a.fp16 else ''}"
+    )
     print(f"{'model':22} {'params':>9} {'forward ms':>11} {'train ms':>9} {'fwd ms/Mparam':>14} {'train ms/Mparam':>16}")
     for name, (net, _, _) in models.items():
         n = sum(p.numel() for p in net.parameters()) / 1e6

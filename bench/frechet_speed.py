@@ -22,7 +22,7 @@ from guidelab.metrics import frechet_distance
 
 
 def scipy_fd(mu1, s1, mu2, s2):
-    covmean = scipy.linalg.sqrtm(s1.dot(s2))   # what pytorch-fid does
+    covmean = scipy.linalg.sqrtm(s1.dot(s2))  # what pytorch-fid does
     if np.iscomplexobj(covmean):
         covmean = covmean.real
     return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
@@ -49,26 +49,37 @@ def main():
     args = (s_a[0], s_a[1], s_b[0], s_b[1])
     ours_t, ref_t = [], []
     for r in range(a.rounds):
-        t = time.perf_counter(); ours = frechet_distance(*args); ours_t.append(time.perf_counter() - t)
-        t = time.perf_counter(); ref = scipy_fd(*args); ref_t.append(time.perf_counter() - t)
-        print(f"round {r}: ours {ours_t[-1]:.2f} s  scipy sqrtm {ref_t[-1]:.2f} s  ratio {ref_t[-1] / ours_t[-1]:.1f}x"
-              f"  FD ours {ours:.9g} scipy {ref:.9g}  rel diff {abs(ours - ref) / abs(ref):.2e}")
+        t = time.perf_counter()
+        ours = frechet_distance(*args)
+        ours_t.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        ref = scipy_fd(*args)
+        ref_t.append(time.perf_counter() - t)
+        print(
+            f"round {r}: ours {ours_t[-1]:.2f} s  scipy sqrtm {ref_t[-1]:.2f} s  ratio {ref_t[-1] / ours_t[-1]:.1f}x"
+            f"  FD ours {ours:.9g} scipy {ref:.9g}  rel diff {abs(ours - ref) / abs(ref):.2e}"
+        )
     ratios = [b / o for o, b in zip(ours_t, ref_t)]
     if ratios:
-        print(f"median: ours {statistics.median(ours_t):.2f} s, scipy {statistics.median(ref_t):.2f} s, "
-              f"speed-up {statistics.median(ratios):.1f}x (min {min(ratios):.1f}x, max {max(ratios):.1f}x)")
+        print(
+            f"median: ours {statistics.median(ours_t):.2f} s, scipy {statistics.median(ref_t):.2f} s, "
+            f"speed-up {statistics.median(ratios):.1f}x (min {min(ratios):.1f}x, max {max(ratios):.1f}x)"
+        )
 
     print("\nmemory against sample count (D=2048, batches of 500; peak RSS of a fresh process):")
     for n in (2_000, 8_000, 32_000):
         for mode in ("stream", "keep"):
-            code = ("import torch, resource; from guidelab.metrics import FeatureStats\n"
-                    f"st, kept = FeatureStats(2048), []\n"
-                    f"for i in range({n} // 500):\n"
-                    f"    f = torch.randn(500, 2048, generator=torch.Generator().manual_seed(i))\n"
-                    f"    st.update(f) if '{mode}' == 'stream' else kept.append(f)\n"
-                    "import re; print(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1))")
+            code = (
+                "import torch, resource; from guidelab.metrics import FeatureStats\n"
+                f"st, kept = FeatureStats(2048), []\n"
+                f"for i in range({n} // 500):\n"
+                f"    f = torch.randn(500, 2048, generator=torch.Generator().manual_seed(i))\n"
+                f"    st.update(f) if '{mode}' == 'stream' else kept.append(f)\n"
+                "import re; print(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1))"
+            )
             kib = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
             print(f"  n={n:>6} {'FeatureStats' if mode == 'stream' else 'keep features':>13}: peak RSS {kib / 1024:.0f} MiB")
+
 
 if __name__ == "__main__":
     main()

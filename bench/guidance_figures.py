@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import argparse
 import functools
-import tempfile
 import pathlib
+import tempfile
 import time
 
 import torch
 
-from guidelab import guidance as G, metrics, samplers, schedules, toy
+from guidelab import guidance as G
+from guidelab import metrics, samplers, schedules, toy
 from guidelab.training import load_model, snapshot_path, train_toy
 
 SIG = schedules.karras(32, 0.002, 5.0, dtype=torch.float32)
@@ -43,114 +44,170 @@ def _heun(d, n, sampler=samplers.heun, sigmas=SIG, label=True):
 @functools.lru_cache(None)
 def _toymlp():
     """A small ToyMLP on class A (300 iters) and its EMA snapshot at 40 iters (the autoguidance guide)."""
-    final = train_toy(tempfile.mkdtemp(prefix="guidelab-fig-"), classes="A", hidden=32, depth=3, output="denoiser",
-                      loss="edm", iters=300, batch=512, snapshot_every=20, progress=False)
+    final = train_toy(
+        tempfile.mkdtemp(prefix="guidelab-fig-"),
+        classes="A",
+        hidden=32,
+        depth=3,
+        output="denoiser",
+        loss="edm",
+        iters=300,
+        batch=512,
+        snapshot_every=20,
+        progress=False,
+    )
     return load_model(final), load_model(snapshot_path(final.parent, 40, 0.010))
 
 
 def cfg(n):
-    return [("unguided (leaky label A)", _heun(LEAKY, n)), ("CFG w = 2", _heun(G.cfg(LEAKY, 2.0), n)),
-            ("CFG w = 4", _heun(G.cfg(LEAKY, 4.0), n))]
+    return [
+        ("unguided (leaky label A)", _heun(LEAKY, n)),
+        ("CFG w = 2", _heun(G.cfg(LEAKY, 2.0), n)),
+        ("CFG w = 4", _heun(G.cfg(LEAKY, 4.0), n)),
+    ]
 
 
 def rescale(n):
-    return [("CFG w = 8", _heun(G.cfg(LEAKY, 8.0), n)), ("rescale phi = 0.7 (v), w = 8", _heun(G.rescale(G.cfg(LEAKY, 8.0), 0.7), n)),
-            ("rescale phi = 0.7 (x0), w = 8", _heun(G.rescale(G.cfg(LEAKY, 8.0), 0.7, space="x0"), n))]
+    return [
+        ("CFG w = 8", _heun(G.cfg(LEAKY, 8.0), n)),
+        ("rescale phi = 0.7 (v), w = 8", _heun(G.rescale(G.cfg(LEAKY, 8.0), 0.7), n)),
+        ("rescale phi = 0.7 (x0), w = 8", _heun(G.rescale(G.cfg(LEAKY, 8.0), 0.7, space="x0"), n)),
+    ]
 
 
 def cfg_zero_star(n):
-    return [("CFG w = 8", _heun(G.cfg(LEAKY, 8.0), n)), ("CFG-Zero* w = 8", _heun(G.cfg_zero_star(G.cfg(LEAKY, 8.0), zero_steps=0), n)),
-            ("CFG-Zero* w = 8, zero-init 1st step", _heun(G.cfg_zero_star(G.cfg(LEAKY, 8.0), zero_init_sigma=float(SIG[0])), n))]
+    return [
+        ("CFG w = 8", _heun(G.cfg(LEAKY, 8.0), n)),
+        ("CFG-Zero* w = 8", _heun(G.cfg_zero_star(G.cfg(LEAKY, 8.0), zero_steps=0), n)),
+        ("CFG-Zero* w = 8, zero-init 1st step", _heun(G.cfg_zero_star(G.cfg(LEAKY, 8.0), zero_init_sigma=float(SIG[0])), n)),
+    ]
 
 
 def autoguidance(n):
     net, early = _toymlp()
-    return [("ToyMLP (300 it), unguided", _heun(net, n, label=False)),
-            ("autoguidance w = 2, guide = 40-it snapshot", _heun(G.autoguidance(net, early, 2.0), n, label=False)),
-            ("autoguidance w = 3", _heun(G.autoguidance(net, early, 3.0), n, label=False))]
+    return [
+        ("ToyMLP (300 it), unguided", _heun(net, n, label=False)),
+        ("autoguidance w = 2, guide = 40-it snapshot", _heun(G.autoguidance(net, early, 2.0), n, label=False)),
+        ("autoguidance w = 3", _heun(G.autoguidance(net, early, 3.0), n, label=False)),
+    ]
 
 
 def icg(n):
-    return [("unguided (leaky label A)", _heun(LEAKY, n)), ("CFG w = 4 (null label)", _heun(G.cfg(LEAKY, 4.0), n)),
-            ("ICG w = 4 (random label)", _heun(G.icg(LEAKY, 4.0, seeds=range(n)), n))]
+    return [
+        ("unguided (leaky label A)", _heun(LEAKY, n)),
+        ("CFG w = 4 (null label)", _heun(G.cfg(LEAKY, 4.0), n)),
+        ("ICG w = 4 (random label)", _heun(G.icg(LEAKY, 4.0, seeds=range(n)), n)),
+    ]
 
 
 def tsg(n):
     net, _ = _toymlp()
-    return [("ToyMLP unguided", _heun(net, n, label=False)),
-            ("TSG vector (dim 32) w = 3, s = 0.3, alpha = 0",
-             _heun(G.tsg(net, 3.0, s=0.3, alpha=0.0, dim=net.hidden, seeds=range(n)), n, label=False)),
-            ("TSG scalar c_noise w = 2, s = 0.3, alpha = 0", _heun(G.tsg(net, 2.0, s=0.3, alpha=0.0, form="scalar", seeds=range(n)), n, label=False))]
+    return [
+        ("ToyMLP unguided", _heun(net, n, label=False)),
+        (
+            "TSG vector (dim 32) w = 3, s = 0.3, alpha = 0",
+            _heun(G.tsg(net, 3.0, s=0.3, alpha=0.0, dim=net.hidden, seeds=range(n)), n, label=False),
+        ),
+        (
+            "TSG scalar c_noise w = 2, s = 0.3, alpha = 0",
+            _heun(G.tsg(net, 2.0, s=0.3, alpha=0.0, form="scalar", seeds=range(n)), n, label=False),
+        ),
+    ]
 
 
 def cfgpp(n):
     sig = schedules.karras(16, 0.002, 5.0, dtype=torch.float32)
-    return [("CFG w = 2, Euler 16", _heun(G.cfg(LEAKY, 2.0), n, samplers.euler, sig)),
-            ("CFG++ lam = 0.5, Euler 16", _heun(G.cfgpp(LEAKY, 0.5), n, samplers.euler, sig)),
-            ("CFG++ lam = 0.5, DPM++ 2M 16", _heun(G.cfgpp(LEAKY, 0.5), n, samplers.dpmpp_2m, sig))]
+    return [
+        ("CFG w = 2, Euler 16", _heun(G.cfg(LEAKY, 2.0), n, samplers.euler, sig)),
+        ("CFG++ lam = 0.5, Euler 16", _heun(G.cfgpp(LEAKY, 0.5), n, samplers.euler, sig)),
+        ("CFG++ lam = 0.5, DPM++ 2M 16", _heun(G.cfgpp(LEAKY, 0.5), n, samplers.dpmpp_2m, sig)),
+    ]
 
 
 def interval(n):
-    return [("CFG w = 3 (perfect label A)", _heun(G.cfg(PERFECT, 3.0), n)),
-            ("interval (0.28, 1.61], w = 3", _heun(G.interval(G.cfg(PERFECT, 3.0), 0.28, 1.61), n)),
-            ("interval (0.28, 1.61], w = 5", _heun(G.interval(G.cfg(PERFECT, 5.0), 0.28, 1.61), n))]
+    return [
+        ("CFG w = 3 (perfect label A)", _heun(G.cfg(PERFECT, 3.0), n)),
+        ("interval (0.28, 1.61], w = 3", _heun(G.interval(G.cfg(PERFECT, 3.0), 0.28, 1.61), n)),
+        ("interval (0.28, 1.61], w = 5", _heun(G.interval(G.cfg(PERFECT, 5.0), 0.28, 1.61), n)),
+    ]
 
 
 def apg(n):
-    return [("CFG w = 8", _heun(G.cfg(LEAKY, 8.0), n)), ("APG w = 8, eta = 0", _heun(G.apg(G.cfg(LEAKY, 8.0), eta=0.0), n)),
-            ("APG w = 8, eta = 0, r = 1, beta = -0.5", _heun(G.apg(G.cfg(LEAKY, 8.0), eta=0.0, r=1.0, beta=-0.5), n))]
+    return [
+        ("CFG w = 8", _heun(G.cfg(LEAKY, 8.0), n)),
+        ("APG w = 8, eta = 0", _heun(G.apg(G.cfg(LEAKY, 8.0), eta=0.0), n)),
+        ("APG w = 8, eta = 0, r = 1, beta = -0.5", _heun(G.apg(G.cfg(LEAKY, 8.0), eta=0.0, r=1.0, beta=-0.5), n)),
+    ]
 
 
 def epsilon_scaling(n):
     net, _ = _toymlp()
     sig = schedules.karras(13, 0.002, 5.0, dtype=torch.float32)
-    return [("ToyMLP, Euler 13", _heun(net, n, samplers.euler, sig, label=False)),
-            ("eps scaling 1.0048 (EDM-ES Euler)", _heun(G.epsilon_scaling(net, 1.0048), n, samplers.euler, sig, label=False)),
-            ("eps scaling 1.02", _heun(G.epsilon_scaling(net, 1.02), n, samplers.euler, sig, label=False))]
+    return [
+        ("ToyMLP, Euler 13", _heun(net, n, samplers.euler, sig, label=False)),
+        ("eps scaling 1.0048 (EDM-ES Euler)", _heun(G.epsilon_scaling(net, 1.0048), n, samplers.euler, sig, label=False)),
+        ("eps scaling 1.02", _heun(G.epsilon_scaling(net, 1.02), n, samplers.euler, sig, label=False)),
+    ]
 
 
 ENTRIES = {f.__name__: f for f in (cfg, rescale, cfg_zero_star, autoguidance, icg, tsg, cfgpp, interval, apg, epsilon_scaling)}
 
 
-
 # Guidance zoo II (issue 16): post-CFG rules and weight schedules. FDG needs images (no 2-D picture);
 # Perp-Neg is CFG on the tree (the negative class lies on the positive line); CADS needs a float embedding.
 
+
 def tcfg(n):
-    return [("CFG w = 8", _heun(G.cfg(LEAKY, 8.0), n)), ("TCFG w = 8 (eps)", _heun(G.tcfg(G.cfg(LEAKY, 8.0)), n)),
-            ("TCFG w = 4 (eps)", _heun(G.tcfg(G.cfg(LEAKY, 4.0)), n))]
+    return [
+        ("CFG w = 8", _heun(G.cfg(LEAKY, 8.0), n)),
+        ("TCFG w = 8 (eps)", _heun(G.tcfg(G.cfg(LEAKY, 8.0)), n)),
+        ("TCFG w = 4 (eps)", _heun(G.tcfg(G.cfg(LEAKY, 4.0)), n)),
+    ]
 
 
 def cfg_norm(n):
-    return [("CFG w = 8", _heun(G.cfg(LEAKY, 8.0), n)),
-            ("CFGNorm w = 8 (x0, per sample)", _heun(G.cfg_norm(G.cfg(LEAKY, 8.0), per="sample"), n)),
-            ("CFGNorm w = 8 (flow, per sample)", _heun(G.cfg_norm(G.cfg(LEAKY, 8.0), per="sample", space="flow"), n))]
+    return [
+        ("CFG w = 8", _heun(G.cfg(LEAKY, 8.0), n)),
+        ("CFGNorm w = 8 (x0, per sample)", _heun(G.cfg_norm(G.cfg(LEAKY, 8.0), per="sample"), n)),
+        ("CFGNorm w = 8 (flow, per sample)", _heun(G.cfg_norm(G.cfg(LEAKY, 8.0), per="sample", space="flow"), n)),
+    ]
 
 
 def mag(n):
-    return [("CFG w = 8", _heun(G.cfg(LEAKY, 8.0), n)), ("MAG w = 8, alpha = 1", _heun(G.mag(G.cfg(LEAKY, 8.0), alpha=1.0), n)),
-            ("MAG w = 8, alpha = 0.3", _heun(G.mag(G.cfg(LEAKY, 8.0), alpha=0.3), n))]
+    return [
+        ("CFG w = 8", _heun(G.cfg(LEAKY, 8.0), n)),
+        ("MAG w = 8, alpha = 1", _heun(G.mag(G.cfg(LEAKY, 8.0), alpha=1.0), n)),
+        ("MAG w = 8, alpha = 0.3", _heun(G.mag(G.cfg(LEAKY, 8.0), alpha=0.3), n)),
+    ]
 
 
 def dynamic_thresholding(n):
-    return [("CFG w = 8", _heun(G.cfg(LEAKY, 8.0), n)),
-            ("dyn. threshold w = 8, c = 1", _heun(G.dynamic_thresholding(G.cfg(LEAKY, 8.0), max_value=1.0), n)),
-            ("dyn. threshold w = 8, c = 0.8", _heun(G.dynamic_thresholding(G.cfg(LEAKY, 8.0), max_value=0.8), n))]
+    return [
+        ("CFG w = 8", _heun(G.cfg(LEAKY, 8.0), n)),
+        ("dyn. threshold w = 8, c = 1", _heun(G.dynamic_thresholding(G.cfg(LEAKY, 8.0), max_value=1.0), n)),
+        ("dyn. threshold w = 8, c = 0.8", _heun(G.dynamic_thresholding(G.cfg(LEAKY, 8.0), max_value=0.8), n)),
+    ]
 
 
 def weight_schedule(n):
     ws = G.weight_schedule
-    return [("CFG w = 4", _heun(G.cfg(LEAKY, 4.0), n)), ("linear 1 -> 7 (time)", _heun(G.cfg(LEAKY, ws("linear", 1.0, 7.0)), n)),
-            ("cosine 7 -> 1 (time)", _heun(G.cfg(LEAKY, ws("cosine", 7.0, 1.0)), n)),
-            ("steps 4, [17, 22] of 32", _heun(G.cfg(LEAKY, ws("steps", 4.0, start=17, stop=22)), n))]
+    return [
+        ("CFG w = 4", _heun(G.cfg(LEAKY, 4.0), n)),
+        ("linear 1 -> 7 (time)", _heun(G.cfg(LEAKY, ws("linear", 1.0, 7.0)), n)),
+        ("cosine 7 -> 1 (time)", _heun(G.cfg(LEAKY, ws("cosine", 7.0, 1.0)), n)),
+        ("steps 4, [17, 22] of 32", _heun(G.cfg(LEAKY, ws("steps", 4.0, start=17, stop=22)), n)),
+    ]
 
 
 ENTRIES.update({f.__name__: f for f in (tcfg, cfg_norm, mag, dynamic_thresholding, weight_schedule)})
 
+
 def draw(name: str, panels, n: int) -> pathlib.Path:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     ref = toy.tree("A").sample(n, 0.0, generator=torch.Generator().manual_seed(1))
     refb = toy.tree("B").sample(n // 2, 0.0, generator=torch.Generator().manual_seed(2))
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.4), squeeze=False)

@@ -41,10 +41,12 @@ def classifier_panels(n: int):
     AB, x = toy.tree("AB"), _start(n)
     exact, net = tree_classifier(), train_tree_classifier(steps=600, n_data=16384)
     run = lambda clf, w: samplers.heun(classifier(AB, clf, w), x, SIGMAS, cond=_label(n))  # noqa: E731
-    return [("unguided p_AB (w = 1)", "AB", samplers.heun(AB, x, SIGMAS)),
-            ("exact classifier, w = 2 (= p_A)", "A", run(exact, 2.0)),
-            ("trained ToyClassifier, w = 2", "A", run(net, 2.0)),
-            ("trained ToyClassifier, w = 4", "A", run(net, 4.0))]
+    return [
+        ("unguided p_AB (w = 1)", "AB", samplers.heun(AB, x, SIGMAS)),
+        ("exact classifier, w = 2 (= p_A)", "A", run(exact, 2.0)),
+        ("trained ToyClassifier, w = 2", "A", run(net, 2.0)),
+        ("trained ToyClassifier, w = 4", "A", run(net, 4.0)),
+    ]
 
 
 def tfg_panels(n: int):
@@ -57,10 +59,12 @@ def tfg_panels(n: int):
     def run(preset, **kw):
         return tfg_sample(AB, x, SIGMAS, log_p_a, preset=preset, noise=SampleNoise(range(n)), **kw)
 
-    return [("unguided (DDPM steps)", "AB", samplers.euler_ancestral(AB, x, SIGMAS, noise=SampleNoise(range(n)))),
-            ("TFG-DPS, rho = 0.02", "A", run("dps", rho=0.02)),
-            ("TFG-MPGD, mu = 0.02", "A", run("mpgd", mu=0.02)),
-            ("TFG (rho = mu = 0.02, gamma 0.01)", "A", run("tfg", rho=0.02, mu=0.02))]
+    return [
+        ("unguided (DDPM steps)", "AB", samplers.euler_ancestral(AB, x, SIGMAS, noise=SampleNoise(range(n)))),
+        ("TFG-DPS, rho = 0.02", "A", run("dps", rho=0.02)),
+        ("TFG-MPGD, mu = 0.02", "A", run("mpgd", mu=0.02)),
+        ("TFG (rho = mu = 0.02, gamma 0.01)", "A", run("tfg", rho=0.02, mu=0.02)),
+    ]
 
 
 def fkc_panels(n: int, w: float = 3.0):
@@ -71,12 +75,12 @@ def fkc_panels(n: int, w: float = 3.0):
     pick = lambda k: proposal[torch.multinomial(torch.softmax(log_w, 0), k, replacement=True, generator=g)]  # noqa: E731
     ref, tilted = pick(8192), pick(n)
     x, guider = _start(n), cfg(ct, w)
-    panels = [(f"exact p_A^{w:g} p_AB^{1 - w:g}", tilted),
-              (f"CFG w = {w:g}, ODE (heun)", samplers.heun(guider, x, SIGMAS, cond=_label(n))),
-              (f"CFG w = {w:g}, SDE", samplers.euler_ancestral(guider, x, SIGMAS_SDE, cond=_label(n),
-                                                              noise=SampleNoise(range(n)))),
-              (f"FKC w = {w:g} (SDE + weights)", fkc_sample(guider, x, SIGMAS_SDE, cond=_label(n),
-                                                            noise=SampleNoise(range(n))))]
+    panels = [
+        (f"exact p_A^{w:g} p_AB^{1 - w:g}", tilted),
+        (f"CFG w = {w:g}, ODE (heun)", samplers.heun(guider, x, SIGMAS, cond=_label(n))),
+        (f"CFG w = {w:g}, SDE", samplers.euler_ancestral(guider, x, SIGMAS_SDE, cond=_label(n), noise=SampleNoise(range(n)))),
+        (f"FKC w = {w:g} (SDE + weights)", fkc_sample(guider, x, SIGMAS_SDE, cond=_label(n), noise=SampleNoise(range(n)))),
+    ]
     # Title: sliced Wasserstein distance to 8192 exact samples of the tilted density.
     return [(f"{t}\nSW to exact {sliced_wasserstein(pts, ref):.3f}", "tilted", pts) for t, pts in panels]
 
@@ -92,11 +96,12 @@ def superdiff_panels(n: int):
     A, A2, x = toy.tree("A"), _tree_a_moved((0.35, -0.35)), _start(n)
     g = torch.Generator().manual_seed(7)
     both = torch.cat([A.sample(2048, 0.0, generator=g), A2.sample(2048, 0.0, generator=g)])
-    return [("model 1: p_A", both, samplers.heun(A, x, SIGMAS)),
-            ("model 2: p_A moved by (0.35, -0.35)", both, samplers.heun(A2, x, SIGMAS)),
-            ("SuperDiff OR (mixture)", both, superdiff(A, A2, x, SIGMAS_SDE, mode="or", noise=SampleNoise(range(n)))),
-            ("SuperDiff AND (equal densities)", both,
-             superdiff(A, A2, x, SIGMAS_SDE, mode="and", noise=SampleNoise(range(n))))]
+    return [
+        ("model 1: p_A", both, samplers.heun(A, x, SIGMAS)),
+        ("model 2: p_A moved by (0.35, -0.35)", both, samplers.heun(A2, x, SIGMAS)),
+        ("SuperDiff OR (mixture)", both, superdiff(A, A2, x, SIGMAS_SDE, mode="or", noise=SampleNoise(range(n)))),
+        ("SuperDiff AND (equal densities)", both, superdiff(A, A2, x, SIGMAS_SDE, mode="and", noise=SampleNoise(range(n)))),
+    ]
 
 
 FIGURES = {"classifier": classifier_panels, "tfg": tfg_panels, "fkc": fkc_panels, "superdiff": superdiff_panels}
@@ -104,6 +109,7 @@ FIGURES = {"classifier": classifier_panels, "tfg": tfg_panels, "fkc": fkc_panels
 
 def render(name: str, n: int, out_dir: pathlib.Path) -> pathlib.Path:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -112,13 +118,13 @@ def render(name: str, n: int, out_dir: pathlib.Path) -> pathlib.Path:
     post = tree_classifier()
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.8))
     for ax, (title, bg, pts) in zip(axes, panels):
-        by_class = not isinstance(bg, torch.Tensor)          # tree panels: colour by exact class
+        by_class = not isinstance(bg, torch.Tensor)  # tree panels: colour by exact class
         ax.scatter(*(ref if by_class else bg).T, s=0.5, c="0.85", rasterized=True)
         is_a = post.posterior(pts.float(), 0.002)[:, 0] > 0.5 if by_class else torch.ones(len(pts), dtype=torch.bool)
         ax.scatter(*pts[is_a].T, s=1.5, c="tab:orange", rasterized=True)
         ax.scatter(*pts[~is_a].T, s=1.5, c="tab:blue", rasterized=True)
         ax.set_title(title, fontsize=9)
-        lo, hi = ((-1.4, 1.6) if by_class else (float(bg.min()) - 0.1, float(bg.max()) + 0.1))
+        lo, hi = (-1.4, 1.6) if by_class else (float(bg.min()) - 0.1, float(bg.max()) + 0.1)
         ax.set_xlim(lo, hi)
         ax.set_ylim(lo, hi)
         ax.set_aspect("equal")
@@ -138,7 +144,7 @@ def main() -> None:
     ap.add_argument("--only", choices=sorted(FIGURES), action="append", help="render only these figures")
     ap.add_argument("--out", default="docs/img/guidance", help="output folder")
     args = ap.parse_args()
-    torch.set_num_threads(1)                     # the exact world is many tiny ops: threads only spin
+    torch.set_num_threads(1)  # the exact world is many tiny ops: threads only spin
     for name in args.only or FIGURES:
         t = time.time()
         print(render(name, args.n, pathlib.Path(args.out)), f"{time.time() - t:.0f} s")

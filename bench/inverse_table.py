@@ -43,7 +43,7 @@ class Task:
     noise_std: float
     sigma_max: float
     truth: torch.Tensor | None = None
-    ref: torch.Tensor | None = None           # ILVR's reference image (the truth)
+    ref: torch.Tensor | None = None  # ILVR's reference image (the truth)
     post: object = field(init=False)
 
     def __post_init__(self):
@@ -53,17 +53,25 @@ class Task:
 def tasks() -> dict[str, Task]:
     tree = toy.tree("A")
     out = {
-        "tree-inpaint": Task("tree-inpaint", tree, inverse.Mask(torch.tensor([True, False])), torch.tensor([0.3]), 0.0, 5.0,
-                             ref=torch.tensor([0.3, 0.0])),
-        "tree-colorize": Task("tree-colorize", tree, inverse.Grayscale((2,), 0), torch.tensor(0.45), 0.0, 5.0,
-                              ref=torch.tensor([0.45, 0.45])),
+        "tree-inpaint": Task(
+            "tree-inpaint",
+            tree,
+            inverse.Mask(torch.tensor([True, False])),
+            torch.tensor([0.3]),
+            0.0,
+            5.0,
+            ref=torch.tensor([0.3, 0.0]),
+        ),
+        "tree-colorize": Task(
+            "tree-colorize", tree, inverse.Grayscale((2,), 0), torch.tensor(0.45), 0.0, 5.0, ref=torch.tensor([0.45, 0.45])
+        ),
         "tree-noisy": Task("tree-noisy", tree, inverse.Matrix(torch.tensor([[0.6, 0.8]])), torch.tensor([0.5]), 0.05, 5.0),
     }
     digits = toy.digits_gmm()
     truth = digits.sample(1, generator=torch.Generator().manual_seed(7))[0]
     m = torch.zeros(1, 8, 8, dtype=torch.bool)
     m[..., 2:6, 2:6] = True
-    centre = inverse.Mask(~m)                                                    # centre 4x4 missing
+    centre = inverse.Mask(~m)  # centre 4x4 missing
     down = inverse.Downsample((1, 8, 8), 2)
     blur = inverse.Blur((1, 8, 8), 3, 1.0)
     y_blur = blur(truth[None])[0] + 0.05 * torch.randn(1, 8, 8, generator=torch.Generator().manual_seed(3))
@@ -78,6 +86,7 @@ def tasks() -> dict[str, Task]:
 # ---------------------------------------------------------------------------------------------
 # Methods: run(denoiser, x, sigmas, task, noise, hp) with the step count chosen for the budget.
 
+
 def _repaint_steps(budget: int, jl: int = 4, jn: int = 2) -> int:
     """The most steps whose RePaint NFE (n + J (jn - 1) jl) fits the budget."""
     return max(n for n in range(1, budget + 1) if n + len(range(0, n - jl, jl)) * (jn - 1) * jl <= budget)
@@ -86,24 +95,66 @@ def _repaint_steps(budget: int, jl: int = 4, jn: int = 2) -> int:
 METHODS = {
     # name: (needs a projection operator (or "mask"), NFE per step, grid of the step-size option or None, run)
     "unconditional": (False, 1, None, lambda D, x, s, t, nz, hp: samplers.euler_ancestral(D, x, s, noise=nz)),
-    "repaint (j=1)": (True, 1, None, lambda D, x, s, t, nz, hp: inverse.repaint(D, x, s, t.op, t.y, jump_length=1,
-                                                                                 jump_n_sample=1, noise=nz)),
-    "repaint (j=4, r=2)": (True, None, None, lambda D, x, s, t, nz, hp: inverse.repaint(D, x, s, t.op, t.y, jump_length=4,
-                                                                                        jump_n_sample=2, noise=nz)),
-    "ilvr": (True, 1, None, lambda D, x, s, t, nz, hp: inverse.ilvr(D, x, s, t.ref if t.ref is not None else t.op.pinv(
-        t.y[None])[0], operator=t.op, noise=nz)),
+    "repaint (j=1)": (
+        True,
+        1,
+        None,
+        lambda D, x, s, t, nz, hp: inverse.repaint(D, x, s, t.op, t.y, jump_length=1, jump_n_sample=1, noise=nz),
+    ),
+    "repaint (j=4, r=2)": (
+        True,
+        None,
+        None,
+        lambda D, x, s, t, nz, hp: inverse.repaint(D, x, s, t.op, t.y, jump_length=4, jump_n_sample=2, noise=nz),
+    ),
+    "ilvr": (
+        True,
+        1,
+        None,
+        lambda D, x, s, t, nz, hp: inverse.ilvr(
+            D, x, s, t.ref if t.ref is not None else t.op.pinv(t.y[None])[0], operator=t.op, noise=nz
+        ),
+    ),
     "score-sde": (True, 2, None, lambda D, x, s, t, nz, hp: inverse.score_sde_impute(D, x, s, t.op, t.y, noise=nz)),
-    "steered (projection)": (True, 1, None, lambda D, x, s, t, nz, hp: inverse.steered(D, x, s, t.op, t.y,
-                                                                                        mode="projection", noise=nz)),
-    "steered (gradient)": (False, 1, (0.3, 1.0, 3.0, 10.0), lambda D, x, s, t, nz, hp: inverse.steered(D, x, s, t.op, t.y,
-                                                                                                 scale=hp, noise=nz)),
-    "dps": (False, 1, (0.01, 0.03, 0.1, 0.3, 1.0, 3.0),
-            lambda D, x, s, t, nz, hp: inverse.dps(D, x, s, t.op, t.y, zeta=hp, noise=nz)),
-    "tfg-dps": (False, 1, (0.01, 0.03, 0.1, 0.3, 1.0, 3.0), lambda D, x, s, t, nz, hp: tfg_sample(
-        D, x, s, measurement_objective(t.op, t.y), preset="dps", rho=hp, noise=nz)),
-    "tsdiff (mse)": ("mask", 1, (1.0, 4.0, 16.0, 64.0, 256.0), lambda D, x, s, t, nz, hp: inverse.tsdiff_guided(
-        D, x, s, t.op.pinv(t.y[None])[0].reshape(x.shape[1:]), t.op.mask.reshape(x.shape[1:]), scale=hp,
-        guidance="mse", noise=nz)),
+    "steered (projection)": (
+        True,
+        1,
+        None,
+        lambda D, x, s, t, nz, hp: inverse.steered(D, x, s, t.op, t.y, mode="projection", noise=nz),
+    ),
+    "steered (gradient)": (
+        False,
+        1,
+        (0.3, 1.0, 3.0, 10.0),
+        lambda D, x, s, t, nz, hp: inverse.steered(D, x, s, t.op, t.y, scale=hp, noise=nz),
+    ),
+    "dps": (
+        False,
+        1,
+        (0.01, 0.03, 0.1, 0.3, 1.0, 3.0),
+        lambda D, x, s, t, nz, hp: inverse.dps(D, x, s, t.op, t.y, zeta=hp, noise=nz),
+    ),
+    "tfg-dps": (
+        False,
+        1,
+        (0.01, 0.03, 0.1, 0.3, 1.0, 3.0),
+        lambda D, x, s, t, nz, hp: tfg_sample(D, x, s, measurement_objective(t.op, t.y), preset="dps", rho=hp, noise=nz),
+    ),
+    "tsdiff (mse)": (
+        "mask",
+        1,
+        (1.0, 4.0, 16.0, 64.0, 256.0),
+        lambda D, x, s, t, nz, hp: inverse.tsdiff_guided(
+            D,
+            x,
+            s,
+            t.op.pinv(t.y[None])[0].reshape(x.shape[1:]),
+            t.op.mask.reshape(x.shape[1:]),
+            scale=hp,
+            guidance="mse",
+            noise=nz,
+        ),
+    ),
     "exact posterior": (False, 1, None, lambda D, x, s, t, nz, hp: samplers.euler_ancestral(t.post, x, s, noise=nz)),
 }
 BACKWARD = {"steered (gradient)", "dps", "tfg-dps", "tsdiff (mse)"}
@@ -144,8 +195,14 @@ def class_of(prior, x: torch.Tensor) -> torch.Tensor:
 def score(task: Task, x: torch.Tensor, ref: torch.Tensor) -> dict:
     lp = task.post.logp(task.post.project(x)).double()
     prec, rec = metrics.precision_recall(ref, x, k=3)
-    row = {"logp": float(lp.mean()), "logp_med": float(lp.median()), "cons": float(task.post.consistency(x).mean()),
-           "sw": metrics.sliced_wasserstein(ref, x), "p": prec, "r": rec}
+    row = {
+        "logp": float(lp.mean()),
+        "logp_med": float(lp.median()),
+        "cons": float(task.post.consistency(x).mean()),
+        "sw": metrics.sliced_wasserstein(ref, x),
+        "p": prec,
+        "r": rec,
+    }
     if task.truth is not None:
         row["class"] = float((class_of(task.prior, x) == class_of(task.prior, task.truth[None])).float().mean())
     return row
@@ -153,29 +210,35 @@ def score(task: Task, x: torch.Tensor, ref: torch.Tensor) -> dict:
 
 def table(task: Task, n: int, budget: int, figures: str | None) -> str:
     ref = task.post.sample(4 * n, generator=torch.Generator().manual_seed(123))
-    lines = [f"### {task.name}: {task.op!r}, noise_std {task.noise_std:g}, budget {budget} NFE, {n} samples", "",
-             "| method | step size | logp mean | logp median | \\|Ax-y\\| | SW | P | R |"
-             + (" class |" if task.truth is not None else "") + " NFE | bwd | s |",
-             "|---|---|---|---|---|---|---|---|" + ("---|" if task.truth is not None else "") + "---|---|---|"]
+    lines = [
+        f"### {task.name}: {task.op!r}, noise_std {task.noise_std:g}, budget {budget} NFE, {n} samples",
+        "",
+        "| method | step size | logp mean | logp median | \\|Ax-y\\| | SW | P | R |"
+        + (" class |" if task.truth is not None else "")
+        + " NFE | bwd | s |",
+        "|---|---|---|---|---|---|---|---|" + ("---|" if task.truth is not None else "") + "---|---|---|",
+    ]
     outputs = {}
     for name, (projection, _, grid, _) in METHODS.items():
         if (projection and not task.op.projection) or (projection == "mask" and not isinstance(task.op, inverse.Mask)):
             continue
         hp = None
-        if grid:                                                      # tune on separate seeds
+        if grid:  # tune on separate seeds
             tune_n = max(32, n // 4)
             hp = max(grid, key=lambda h: tuning_score(task, name, tune_n, budget, h))
         try:
             x, nfe, secs = run(task, name, n, budget, 0, hp)
-        except GuidelabError as e:                                    # a step size that diverges
+        except GuidelabError as e:  # a step size that diverges
             lines.append(f"| {name} | {'' if hp is None else f'{hp:g}'} | diverged: {e} |")
             continue
         outputs[name] = x
         r = score(task, x, ref)
         cls = f" {r['class']:.2f} |" if "class" in r else ""
-        lines.append(f"| {name} | {'' if hp is None else f'{hp:g}'} | {r['logp']:.2f} | {r['logp_med']:.2f} | "
-                     f"{r['cons']:.4f} | {r['sw']:.4f} | {r['p']:.2f} | {r['r']:.2f} |{cls} {nfe} | "
-                     f"{nfe if name in BACKWARD else 0} | {secs:.1f} |")
+        lines.append(
+            f"| {name} | {'' if hp is None else f'{hp:g}'} | {r['logp']:.2f} | {r['logp_med']:.2f} | "
+            f"{r['cons']:.4f} | {r['sw']:.4f} | {r['p']:.2f} | {r['r']:.2f} |{cls} {nfe} | "
+            f"{nfe if name in BACKWARD else 0} | {secs:.1f} |"
+        )
         print(f"  {task.name}: {name} done ({secs:.1f} s)", flush=True)
     if figures:
         figure(task, outputs, ref, f"{figures}/{task.name}.png")
@@ -186,8 +249,10 @@ def figure(task: Task, outputs: dict, ref: torch.Tensor, path: str) -> None:
     import os
 
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     os.makedirs(os.path.dirname(path), exist_ok=True)
     names = list(outputs)
     if task.prior.dim == 2:
@@ -226,14 +291,15 @@ def stocks() -> list:
 
     import matplotlib
     import numpy as np
+
     path = matplotlib.get_data_path() + "/sample_data/Stocks.csv"
     with open(path) as f:
         rows = list(csv.reader(line for line in f if not line.startswith("#")))
-    data = [r for r in rows[1:] if r[0].endswith("-01") and any(r[1:])]       # month starts
+    data = [r for r in rows[1:] if r[0].endswith("-01") and any(r[1:])]  # month starts
     out = []
     for j, name in enumerate(rows[0][1:]):
         v = np.array([float(r[j + 1]) if r[j + 1] else np.nan for r in data])
-        v = v[int(np.argmax(~np.isnan(v))):]
+        v = v[int(np.argmax(~np.isnan(v))) :]
         out.append((name, np.log(v)))
     return out
 
@@ -242,13 +308,15 @@ def windows(series, horizons_back: tuple[int, ...]):
     """Training windows (ending before the first held-out horizon) and the evaluation windows whose
     forecast horizon is the k-th last block of HORIZON months, k in ``horizons_back``."""
     import numpy as np
+
     train, evals = [], []
     first = max(horizons_back)
     for _, s in series:
         T = len(s)
-        train += [s[end - L_WIN:end] for end in range(L_WIN, T - first * HORIZON + 1)]
-        evals += [s[T - (k - 1) * HORIZON - L_WIN:T - (k - 1) * HORIZON] for k in horizons_back
-                  if T - (k - 1) * HORIZON - L_WIN >= 0]
+        train += [s[end - L_WIN : end] for end in range(L_WIN, T - first * HORIZON + 1)]
+        evals += [
+            s[T - (k - 1) * HORIZON - L_WIN : T - (k - 1) * HORIZON] for k in horizons_back if T - (k - 1) * HORIZON - L_WIN >= 0
+        ]
     return torch.tensor(np.stack(train), dtype=torch.float32), torch.tensor(np.stack(evals), dtype=torch.float32)
 
 
@@ -260,6 +328,7 @@ def train_series_denoiser(X: torch.Tensor, iters: int = 3000):
     """A ToyMLP denoiser of 36-month windows (centred on their context mean), EDM loss, CPU minutes."""
     from guidelab.denoisers import edm_loss
     from guidelab.models.mlp import ToyMLP
+
     torch.manual_seed(0)
     net = ToyMLP(dim=L_WIN, hidden=256, depth=3, output="denoiser", sigma_data=float(X.std()))
     opt = torch.optim.Adam(net.parameters(), lr=2e-3)
@@ -283,16 +352,32 @@ def crps(samples: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 FORECASTERS = {
     # name: (option grid or None, run(denoiser, x, sigmas, window, mask, noise, S, hp) -> [S, L])
     "context mean only (unguided)": (None, lambda D, x, s, z, m, nz, S, hp: samplers.euler_ancestral(D, x, s, noise=nz)),
-    "tsdiff mse": ((0.25, 1.0, 4.0), lambda D, x, s, z, m, nz, S, hp: inverse.tsdiff_guided(
-        D, x, s, z, m, scale=hp, guidance="mse", noise=nz)),
-    "tsdiff quantile": ((0.25, 1.0, 4.0), lambda D, x, s, z, m, nz, S, hp: inverse.tsdiff_guided(
-        D, x, s, z, m, scale=hp, guidance="quantile", q=inverse.quantile_levels(S), noise=nz)),
-    "tsdiff refine lmc (seasonal naive)": (None, lambda D, x, s, z, m, nz, S, hp: inverse.tsdiff_refine(
-        D, _snaive(z).expand(S, -1), z, m, noise=nz)),
-    "repaint (j=1)": (None, lambda D, x, s, z, m, nz, S, hp: inverse.repaint(D, x, s, inverse.Mask(m), z[m], jump_length=1,
-                                                                             jump_n_sample=1, noise=nz)),
-    "repaint (j=4, r=2)": (None, lambda D, x, s, z, m, nz, S, hp: inverse.repaint(D, x, s, inverse.Mask(m), z[m],
-                                                                                  jump_length=4, jump_n_sample=2, noise=nz)),
+    "tsdiff mse": (
+        (0.25, 1.0, 4.0),
+        lambda D, x, s, z, m, nz, S, hp: inverse.tsdiff_guided(D, x, s, z, m, scale=hp, guidance="mse", noise=nz),
+    ),
+    "tsdiff quantile": (
+        (0.25, 1.0, 4.0),
+        lambda D, x, s, z, m, nz, S, hp: inverse.tsdiff_guided(
+            D, x, s, z, m, scale=hp, guidance="quantile", q=inverse.quantile_levels(S), noise=nz
+        ),
+    ),
+    "tsdiff refine lmc (seasonal naive)": (
+        None,
+        lambda D, x, s, z, m, nz, S, hp: inverse.tsdiff_refine(D, _snaive(z).expand(S, -1), z, m, noise=nz),
+    ),
+    "repaint (j=1)": (
+        None,
+        lambda D, x, s, z, m, nz, S, hp: inverse.repaint(
+            D, x, s, inverse.Mask(m), z[m], jump_length=1, jump_n_sample=1, noise=nz
+        ),
+    ),
+    "repaint (j=4, r=2)": (
+        None,
+        lambda D, x, s, z, m, nz, S, hp: inverse.repaint(
+            D, x, s, inverse.Mask(m), z[m], jump_length=4, jump_n_sample=2, noise=nz
+        ),
+    ),
     "dps": ((0.03, 0.1, 0.3), lambda D, x, s, z, m, nz, S, hp: inverse.dps(D, x, s, inverse.Mask(m), z[m], zeta=hp, noise=nz)),
 }
 
@@ -308,7 +393,7 @@ def _safe(forecasts, scores, name, W, hp) -> float:
 
 def _snaive(z: torch.Tensor) -> torch.Tensor:
     out = z.clone()
-    out[CONTEXT:] = z[CONTEXT - 12:CONTEXT - 12 + HORIZON]
+    out[CONTEXT:] = z[CONTEXT - 12 : CONTEXT - 12 + HORIZON]
     return out
 
 
@@ -327,7 +412,7 @@ def forecast_table(S: int = 64, steps: int = 64) -> str:
         for i in range(len(W)):
             noise = SampleNoise(range(1000 * i, 1000 * i + S))
             out.append(fn(net, noise.randn([L_WIN]) * sigmas[0], sigmas, Z[i], mask, noise, S, hp))
-        return torch.stack(out) + W[:, :CONTEXT].mean(1)[:, None, None]       # log prices [N, S, L]
+        return torch.stack(out) + W[:, :CONTEXT].mean(1)[:, None, None]  # log prices [N, S, L]
 
     def scores(F, W):
         P, Y = F.exp()[..., CONTEXT:], W.exp()[:, CONTEXT:]
@@ -338,14 +423,15 @@ def forecast_table(S: int = 64, steps: int = 64) -> str:
     rows = []
     for name, W in (("seasonal naive", test), ("naive (last value)", test)):
         Z = W.clone()
-        Z[:, CONTEXT:] = W[:, CONTEXT - 12:CONTEXT - 12 + HORIZON] if name.startswith("seasonal") else W[:, CONTEXT - 1:CONTEXT]
+        Z[:, CONTEXT:] = (
+            W[:, CONTEXT - 12 : CONTEXT - 12 + HORIZON] if name.startswith("seasonal") else W[:, CONTEXT - 1 : CONTEXT]
+        )
         rows.append((name, "", *scores(Z[:, None], W)))
     for name, (grid, _) in FORECASTERS.items():
         hp = min(grid, key=lambda h, name=name: _safe(forecasts, scores, name, val, h)) if grid else None
         rows.append((name, "" if hp is None else f"{hp:g}", *scores(forecasts(name, test, hp), test)))
         print(f"  stocks: {name} done", flush=True)
-    title = (f"### stocks-forecast: {len(test)} held-out 12-month horizons (10 series, last 3 years), {S} samples, "
-             f"{steps} steps")
+    title = f"### stocks-forecast: {len(test)} held-out 12-month horizons (10 series, last 3 years), {S} samples, {steps} steps"
     lines = [title, "", "| method | scale (picked on the year before) | NCRPS | NMSE of the mean |", "|---|---|---|---|"]
     lines += [f"| {n} | {h} | {c:.4f} | {m:.5f} |" for n, h, c, m in rows]
     return "\n".join(lines)

@@ -19,6 +19,7 @@ from guidelab.metrics.pointcloud import dist
 
 def old(real, fake, chunk=2048):
     """The former implementation, kept here as the reference."""
+
     def radii(x, k):
         return torch.cat([dist(c, x).kthvalue(k + 1, dim=1).values for c in x.split(chunk)])
 
@@ -39,7 +40,7 @@ def floor(real, fake, budget=metrics.knn.BUDGET):
     t = time.perf_counter()
     for a, b in ((real, real), (fake, fake), (fake, real)):
         for s in range(0, len(a), rows):
-            a[s:s + rows] @ b.T
+            a[s : s + rows] @ b.T
     return time.perf_counter() - t
 
 

@@ -37,18 +37,34 @@ def main():
     x0 = A.sample(args.samples, 5.0, generator=torch.Generator().manual_seed(1))
     print(f"{'seed':>4} {'noise_cond':>10} {'sampler':>8} {'NFE':>4} {'mean_logp':>9} {'precision':>9} {'recall':>6}")
     for seed in (int(s) for s in args.seeds.split(",")):
-        cfg = ToyConfig(output="denoiser", loss="edm", iters=args.iters, batch=args.batch, hidden=args.hidden,
-                        seed=seed, snapshot_every=args.iters)
+        cfg = ToyConfig(
+            output="denoiser",
+            loss="edm",
+            iters=args.iters,
+            batch=args.batch,
+            hidden=args.hidden,
+            seed=seed,
+            snapshot_every=args.iters,
+        )
         for nc in (True, False):
-            path = train(args.out / f"{cfg.name()}-nc{int(nc)}", {**cfg.model(), "noise_cond": nc}, toy_loss(cfg),
-                         cfg.loop(), meta={"recipe": "toy", "noise_cond": nc}, progress=False, checkpoint_every=args.iters)
+            path = train(
+                args.out / f"{cfg.name()}-nc{int(nc)}",
+                {**cfg.model(), "noise_cond": nc},
+                toy_loss(cfg),
+                cfg.loop(),
+                meta={"recipe": "toy", "noise_cond": nc},
+                progress=False,
+                checkpoint_every=args.iters,
+            )
             net = load_model(path)
             for name, steps, nfe in (("heun", 32, 63), ("ddim", 32, 32), ("ddim", 64, 64)):
                 with torch.no_grad():
                     x = getattr(samplers, name)(net, x0, schedules.karras(steps, 0.002, 5))
                 p, r = metrics.precision_recall(ref, x, k=3)
-                print(f"{seed:>4} {nc!s:>10} {name + str(steps):>8} {nfe:>4} {metrics.mean_logp(A, x):>9.3f} {p:>9.3f} {r:>6.3f}",
-                      flush=True)
+                print(
+                    f"{seed:>4} {nc!s:>10} {name + str(steps):>8} {nfe:>4} {metrics.mean_logp(A, x):>9.3f} {p:>9.3f} {r:>6.3f}",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

@@ -38,14 +38,20 @@ def main() -> None:
     a = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for family, make, cls in (("SD (DDIM)", sd_folder, "StableDiffusionPipeline"),
-                                  ("SD3 (flow Euler)", sd3_folder, "StableDiffusion3Pipeline")):
+        for family, make, cls in (
+            ("SD (DDIM)", sd_folder, "StableDiffusionPipeline"),
+            ("SD3 (flow Euler)", sd3_folder, "StableDiffusion3Pipeline"),
+        ):
             folder = make(Path(tmp) / family.split()[0])
             L = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(0))
             prompts = ["a red cube"] * 4
             pipe = load_pipeline(folder)
-            ours = best(lambda pipe=pipe, prompts=prompts, L=L: pipe.generate(
-                prompts, guider="cfg", w=5.0, steps=a.steps, latents=L, seeds=[0]), a.repeats)
+            ours = best(
+                lambda pipe=pipe, prompts=prompts, L=L: pipe.generate(
+                    prompts, guider="cfg", w=5.0, steps=a.steps, latents=L, seeds=[0]
+                ),
+                a.repeats,
+            )
             spec = json.loads((folder / "model_index.json").read_text())
             absent = {k: None for k, v in spec.items() if isinstance(v, list) and v[0] is None}
             ref = getattr(diffusers, cls).from_pretrained(folder, local_files_only=True, **absent)
@@ -54,9 +60,17 @@ def main() -> None:
             def call(ref=ref, L=L, prompts=prompts):
                 with torch.no_grad():
                     return ref(prompts, guidance_scale=5.0, num_inference_steps=a.steps, latents=L, output_type="pt")
-            theirs = best(call, a.repeats)                            # loading excluded on both sides
-            rows.append({"family": family, "steps": a.steps, "guidelab_s": round(ours, 4),
-                         "diffusers_s": round(theirs, 4), "ratio": round(ours / theirs, 3)})
+
+            theirs = best(call, a.repeats)  # loading excluded on both sides
+            rows.append(
+                {
+                    "family": family,
+                    "steps": a.steps,
+                    "guidelab_s": round(ours, 4),
+                    "diffusers_s": round(theirs, 4),
+                    "ratio": round(ours / theirs, 3),
+                }
+            )
     for r in rows:
         print(json.dumps(r))
 

@@ -38,14 +38,36 @@ def main():
         for r in range(a.rounds):
             for nproc in (1, 2):
                 out = Path(tmp) / f"r{r}_n{nproc}"
-                cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                       "-m", "guidelab", "sample", "--out", str(out), "--samples", str(a.samples), "--shard-size",
-                       str(a.shard_size), "--sampler", a.sampler, "--steps", str(a.steps), "--quiet", *extra]
+                cmd = [
+                    sys.executable,
+                    "-m",
+                    "torch.distributed.run",
+                    "--standalone",
+                    f"--nproc_per_node={nproc}",
+                    "-m",
+                    "guidelab",
+                    "sample",
+                    "--out",
+                    str(out),
+                    "--samples",
+                    str(a.samples),
+                    "--shard-size",
+                    str(a.shard_size),
+                    "--sampler",
+                    a.sampler,
+                    "--steps",
+                    str(a.steps),
+                    "--quiet",
+                    *extra,
+                ]
                 t = time.perf_counter()
                 subprocess.run(cmd, check=True, env=env, capture_output=True)
                 times[nproc].append(time.perf_counter() - t)
-                print(f"round {r} ranks {nproc}: {times[nproc][-1]:.1f} s  {a.samples / times[nproc][-1]:.0f} samples/s"
-                      " (includes process start-up)", flush=True)
+                print(
+                    f"round {r} ranks {nproc}: {times[nproc][-1]:.1f} s  {a.samples / times[nproc][-1]:.0f} samples/s"
+                    " (includes process start-up)",
+                    flush=True,
+                )
         x1, _ = load_samples(Path(tmp) / "r0_n1")
         x2, _ = load_samples(Path(tmp) / "r0_n2")
         print("union bit-identical across world sizes:", np.array_equal(x1, x2))

@@ -4,7 +4,8 @@
 
 1. Against k-diffusion (its ``sampling.py``, loaded alone as in the tests): the ten samplers both
    have, same denoiser, sigmas and noise, rounds alternating so both see the same machine load.
-   Reported: the ratio of the best rounds (least disturbed by other jobs) and the median of per-round ratios. Two cheap analytic denoisers
+   Reported: the ratio of the best rounds (least disturbed by other jobs) and the median of per-round ratios.
+   Two cheap analytic denoisers
    make the samplers' own cost visible: "tiny" ([64, 2], per-step Python overhead) and "image"
    ([16, 3, 64, 64], tensor arithmetic). Goal: ratio <= 1.0.
 2. Against the network: an EDM-preconditioned MLP ([256, 2] input, width 512, 4 layers) whose
@@ -31,8 +32,18 @@ from guidelab.denoisers import EDMPrecond
 from guidelab.rng import SampleNoise
 from guidelab.training.loop import keep_freed_memory
 
-SHARED = ["euler", "heun", "euler_ancestral", "dpm_2", "dpm_2_ancestral", "lms", "dpmpp_2s_ancestral", "dpmpp_2m",
-          "dpmpp_2m_sde", "dpmpp_3m_sde"]
+SHARED = [
+    "euler",
+    "heun",
+    "euler_ancestral",
+    "dpm_2",
+    "dpm_2_ancestral",
+    "lms",
+    "dpmpp_2s_ancestral",
+    "dpmpp_2m",
+    "dpmpp_2m_sde",
+    "dpmpp_3m_sde",
+]
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -63,12 +74,12 @@ def vs_kdiffusion(K, shape, rounds: int, steps: int = 50) -> dict:
         ours = samplers.get(name)
         ref = getattr(K, f"sample_{name}")
         stochastic = samplers.info(name).stochastic
-        noise = lambda s, s_next: torch.randn_like(x)                       # noqa: E731  the same source for both
+        noise = lambda s, s_next: torch.randn_like(x)  # noqa: E731  the same source for both
         run_ours = lambda: ours(gaussian, x, sigmas, **({"noise": noise} if stochastic else {}))  # noqa: E731
         run_ref = lambda: ref(gaussian, x, sigmas, disable=True, **({"noise_sampler": noise} if stochastic else {}))  # noqa: E731
-        run_ours(), run_ref()                                                 # warm-up
+        run_ours(), run_ref()  # warm-up
         t_ours, t_ref = [], []
-        for r in range(rounds):                                               # who goes first alternates too
+        for r in range(rounds):  # who goes first alternates too
             if r % 2:
                 t_ref.append(timed(run_ref))
                 t_ours.append(timed(run_ours))
@@ -76,10 +87,17 @@ def vs_kdiffusion(K, shape, rounds: int, steps: int = 50) -> dict:
                 t_ours.append(timed(run_ours))
                 t_ref.append(timed(run_ref))
         ratios = [a / b for a, b in zip(t_ours, t_ref)]
-        out[name] = {"guidelab_ms": 1e3 * min(t_ours), "kdiffusion_ms": 1e3 * min(t_ref),
-                     "ratio": min(t_ours) / min(t_ref), "ratio_median": statistics.median(ratios)}
-        print(f"  {name:20s} guidelab {out[name]['guidelab_ms']:8.2f} ms  k-diffusion {out[name]['kdiffusion_ms']:8.2f} ms"
-              f"  ratio {out[name]['ratio']:.3f} (median of rounds {out[name]['ratio_median']:.3f})", flush=True)
+        out[name] = {
+            "guidelab_ms": 1e3 * min(t_ours),
+            "kdiffusion_ms": 1e3 * min(t_ref),
+            "ratio": min(t_ours) / min(t_ref),
+            "ratio_median": statistics.median(ratios),
+        }
+        print(
+            f"  {name:20s} guidelab {out[name]['guidelab_ms']:8.2f} ms  k-diffusion {out[name]['kdiffusion_ms']:8.2f} ms"
+            f"  ratio {out[name]['ratio']:.3f} (median of rounds {out[name]['ratio_median']:.3f})",
+            flush=True,
+        )
     return out
 
 
@@ -100,7 +118,7 @@ def vs_forward(rounds: int, steps: int = 20) -> dict:
     torch.manual_seed(0)
     net = MLP().eval().requires_grad_(False)
     pre = EDMPrecond(sigma_data=0.5)
-    D = lambda x, sigma: pre.denoise(net, x, sigma)                          # noqa: E731
+    D = lambda x, sigma: pre.denoise(net, x, sigma)  # noqa: E731
     x = torch.randn(256, 2) * 5.0
     sigmas = schedules.karras(steps, 0.002, 5.0, dtype=torch.float32)
     s = torch.full((256,), 1.0)
@@ -114,6 +132,7 @@ def vs_forward(rounds: int, steps: int = 20) -> dict:
         def counted(x_, s_):
             count[0] += 1
             return D(x_, s_)
+
         samplers.get(name)(counted, x, sigmas, noise=SampleNoise(range(256)))
         nfe = count[0]
 
@@ -121,6 +140,7 @@ def vs_forward(rounds: int, steps: int = 20) -> dict:
             with torch.no_grad():
                 for _ in range(nfe):
                     D(x, s)
+
         stochastic = samplers.info(name).stochastic or name == "ddim"
         # The sampler's own cost, directly: the same run with a free denoiser (D = x).
         t_own = min(timed(lambda: samplers.get(name)(lambda x_, s_: x_, x, sigmas)) for _ in range(rounds))
@@ -128,15 +148,27 @@ def vs_forward(rounds: int, steps: int = 20) -> dict:
         for _ in range(rounds):
             t_bare.append(timed(bare))
             t_glob.append(timed(lambda: samplers.get(name)(D, x, sigmas)))
-            t_seed.append(timed(lambda: samplers.get(name)(D, x, sigmas, noise=SampleNoise(range(256)))) if stochastic else t_glob[-1])
+            t_seed.append(
+                timed(lambda: samplers.get(name)(D, x, sigmas, noise=SampleNoise(range(256)))) if stochastic else t_glob[-1]
+            )
         r_glob, r_seed = min(t_glob) / min(t_bare), min(t_seed) / min(t_bare)
         r_med = statistics.median(a / b for a, b in zip(t_glob, t_bare))
         r_own = 1 + t_own / min(t_bare)
-        out[name] = {"nfe": nfe, "forward_ms": 1e3 * min(t_bare) / nfe, "ratio": r_glob, "ratio_median": r_med,
-                     "ratio_sample_noise": r_seed, "own_ms_per_step": 1e3 * t_own / steps, "ratio_own": r_own}
-        print(f"  {name:20s} NFE {nfe:3d}  forward {out[name]['forward_ms']:.2f} ms  ratio {r_glob:.3f}"
-              f" (median of rounds {r_med:.3f}, per-sample seeds {r_seed:.3f}; own cost {1e3 * t_own / steps:.3f} ms/step"
-              f" -> {r_own:.4f})", flush=True)
+        out[name] = {
+            "nfe": nfe,
+            "forward_ms": 1e3 * min(t_bare) / nfe,
+            "ratio": r_glob,
+            "ratio_median": r_med,
+            "ratio_sample_noise": r_seed,
+            "own_ms_per_step": 1e3 * t_own / steps,
+            "ratio_own": r_own,
+        }
+        print(
+            f"  {name:20s} NFE {nfe:3d}  forward {out[name]['forward_ms']:.2f} ms  ratio {r_glob:.3f}"
+            f" (median of rounds {r_med:.3f}, per-sample seeds {r_seed:.3f}; own cost {1e3 * t_own / steps:.3f} ms/step"
+            f" -> {r_own:.4f})",
+            flush=True,
+        )
     return out
 
 
@@ -159,18 +191,30 @@ def main() -> None:
     results["forward"] = vs_forward(args.forward_rounds)
 
     import os
-    lines = [f"load average while measuring: {os.getloadavg()[0]:.1f} (2 cores)", "",
-             "| sampler | tiny: guidelab / k-diffusion (ms) | ratio (median) | image: guidelab / k-diffusion (ms) | ratio (median) |",
-             "|---|---:|---:|---:|---:|"]
+
+    lines = [
+        f"load average while measuring: {os.getloadavg()[0]:.1f} (2 cores)",
+        "",
+        "| sampler | tiny: guidelab / k-diffusion (ms) | ratio (median) | image: guidelab / k-diffusion (ms) | ratio (median) |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for name in SHARED:
         a, b = results["kdiffusion_tiny"][name], results["kdiffusion_image"][name]
-        lines.append(f"| {name} | {a['guidelab_ms']:.1f} / {a['kdiffusion_ms']:.1f} | {a['ratio']:.2f} ({a['ratio_median']:.2f}) | "
-                     f"{b['guidelab_ms']:.1f} / {b['kdiffusion_ms']:.1f} | {b['ratio']:.2f} ({b['ratio_median']:.2f}) |")
-    lines += ["", "| sampler | NFE | forward (ms) | time / (NFE x forward) (median) | with per-sample seeds | own cost (ms/step) | 1 + own / (NFE x forward) |",
-              "|---|---:|---:|---:|---:|---:|---:|"]
+        lines.append(
+            f"| {name} | {a['guidelab_ms']:.1f} / {a['kdiffusion_ms']:.1f} | {a['ratio']:.2f} ({a['ratio_median']:.2f}) | "
+            f"{b['guidelab_ms']:.1f} / {b['kdiffusion_ms']:.1f} | {b['ratio']:.2f} ({b['ratio_median']:.2f}) |"
+        )
+    lines += [
+        "",
+        "| sampler | NFE | forward (ms) | time / (NFE x forward) (median) | with per-sample seeds | own cost (ms/step) "
+        "| 1 + own / (NFE x forward) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for name, r in results["forward"].items():
-        lines.append(f"| {name} | {r['nfe']} | {r['forward_ms']:.2f} | {r['ratio']:.3f} ({r['ratio_median']:.3f}) | "
-                     f"{r['ratio_sample_noise']:.3f} | {r['own_ms_per_step']:.3f} | {r['ratio_own']:.4f} |")
+        lines.append(
+            f"| {name} | {r['nfe']} | {r['forward_ms']:.2f} | {r['ratio']:.3f} ({r['ratio_median']:.3f}) | "
+            f"{r['ratio_sample_noise']:.3f} | {r['own_ms_per_step']:.3f} | {r['ratio_own']:.4f} |"
+        )
     table = "\n".join(lines)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -42,8 +42,9 @@ class Counted:
 def nfe_of(name: str, steps: int) -> int:
     """NFE of ``steps`` steps, counted on a 1-point run."""
     D = Counted(lambda x, s: x / (1 + s[:, None] ** 2))
-    samplers.get(name)(D, torch.zeros(1, 2, dtype=torch.float64), schedules.karras(steps, SIGMA_MIN, SIGMA_MAX),
-                       noise=SampleNoise([0]))
+    samplers.get(name)(
+        D, torch.zeros(1, 2, dtype=torch.float64), schedules.karras(steps, SIGMA_MIN, SIGMA_MAX), noise=SampleNoise([0])
+    )
     return D.nfe
 
 
@@ -60,10 +61,14 @@ def main() -> None:
     args = ap.parse_args()
     if args.replot:
         saved = json.loads((pathlib.Path(args.out) / "samplers_quality.json").read_text())
-        plot(saved["rows"], saved["floor"], saved["n"],
-             [pathlib.Path(args.out) / "samplers_quality.png"] + ([pathlib.Path(args.plot)] if args.plot else []))
+        plot(
+            saved["rows"],
+            saved["floor"],
+            saved["n"],
+            [pathlib.Path(args.out) / "samplers_quality.png"] + ([pathlib.Path(args.plot)] if args.plot else []),
+        )
         return
-    torch.set_num_threads(1)                     # the exact world is many tiny matmuls: threads only spin
+    torch.set_num_threads(1)  # the exact world is many tiny matmuls: threads only spin
     world = toy.tree("A", dtype=torch.float64)
     exact = [world.sample(args.n, 0.0, torch.Generator().manual_seed(s)) for s in (1, 2, 3)]
     floor = sum(sliced_wasserstein(a, b) for a, b in [(exact[0], exact[1]), (exact[0], exact[2]), (exact[1], exact[2])]) / 3
@@ -97,24 +102,39 @@ def main() -> None:
 
 def plot(rows: dict, floor: float, n: int, paths: list) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import NullFormatter
+
     fig, ax = plt.subplots(figsize=(7.5, 5))
     styles, colors = ["-", "--", ":", "-."], plt.cm.tab20.colors
     for k, (name, r) in enumerate(sorted(rows.items())):
         budgets = sorted(int(b) for b in r)
-        ax.plot(budgets, [r[b if b in r else str(b)]["sw"] for b in budgets], styles[k % 4], color=colors[k % 20],
-                marker="o", ms=3, label=name + (" (stoch.)" if samplers.info(name).stochastic else ""))
+        ax.plot(
+            budgets,
+            [r[b if b in r else str(b)]["sw"] for b in budgets],
+            styles[k % 4],
+            color=colors[k % 20],
+            marker="o",
+            ms=3,
+            label=name + (" (stoch.)" if samplers.info(name).stochastic else ""),
+        )
     ax.axhline(floor, color="k", lw=0.8, label="exact vs exact")
-    ax.set(xscale="log", yscale="log", xlabel="NFE", ylabel="sliced W2 to exact samples",
-           title=f"Tree world (class A), Karras schedule, {n} samples")
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="NFE",
+        ylabel="sliced W2 to exact samples",
+        title=f"Tree world (class A), Karras schedule, {n} samples",
+    )
     ax.set_xticks(BUDGETS, [str(b) for b in BUDGETS])
     ax.xaxis.set_minor_formatter(NullFormatter())
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     for path in paths:
         fig.savefig(path, dpi=110)
+
 
 if __name__ == "__main__":
     main()

@@ -37,6 +37,7 @@ def load_reference(path: str):
         except ImportError:
             sys.modules[name] = types.ModuleType(name)
     import toy_example  # noqa: E402
+
     toy_example.tqdm.tqdm = lambda it, **kwargs: it  # no progress bar inside the timed loop
     return toy_example
 
@@ -51,8 +52,7 @@ def time_ours(trainer, n: int) -> float:
 def time_reference(ref, n: int, batch: int, hidden: int) -> float:
     cpu = torch.device("cpu")
     t0 = time.perf_counter()
-    ref.do_train(classes="A", hidden_dim=hidden, batch_size=batch, total_iter=n, viz_iter=None,
-                 pkl_pattern=None, device=cpu)
+    ref.do_train(classes="A", hidden_dim=hidden, batch_size=batch, total_iter=n, viz_iter=None, pkl_pattern=None, device=cpu)
     return (time.perf_counter() - t0) / n
 
 
@@ -65,14 +65,24 @@ def main(argv=None):
     ap.add_argument("--iters", type=int, default=20, help="our iterations per round")
     ap.add_argument("--ref-iters", type=int, default=2, help="reference iterations per round")
     default_threads = torch.get_num_threads()
-    ap.add_argument("--threads", type=int, default=default_threads,
-                    help=f"torch threads for guidelab (default: torch's default, as train_toy; here {default_threads})")
-    ap.add_argument("--ref-threads", type=int, default=default_threads,
-                    help=f"torch threads for the reference (default: torch's default, here {default_threads})")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=default_threads,
+        help=f"torch threads for guidelab (default: torch's default, as train_toy; here {default_threads})",
+    )
+    ap.add_argument(
+        "--ref-threads",
+        type=int,
+        default=default_threads,
+        help=f"torch threads for the reference (default: torch's default, here {default_threads})",
+    )
     args = ap.parse_args(argv)
 
-    print(f"torch {torch.__version__}, batch {args.batch}, hidden {args.hidden}, threads: guidelab {args.threads}"
-          + (f", reference {args.ref_threads}" if args.edm2 else ""))
+    print(
+        f"torch {torch.__version__}, batch {args.batch}, hidden {args.hidden}, threads: guidelab {args.threads}"
+        + (f", reference {args.ref_threads}" if args.edm2 else "")
+    )
     torch.set_num_threads(args.threads)
     trainer = toy_trainer(ToyConfig(batch=args.batch, hidden=args.hidden))
     time_ours(trainer, 3)  # warm-up
@@ -106,8 +116,10 @@ def main(argv=None):
 
     med = statistics.median
     print(f"load average over the last minute: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
-    print(f"guidelab: {med(ours) * 1e3:.1f} ms per iteration (median of {args.rounds} rounds of {args.iters}); "
-          f"exact score alone {med(scores) * 1e3:.1f} ms")
+    print(
+        f"guidelab: {med(ours) * 1e3:.1f} ms per iteration (median of {args.rounds} rounds of {args.iters}); "
+        f"exact score alone {med(scores) * 1e3:.1f} ms"
+    )
     if ref is not None:
         print(f"reference: {med(refs) * 1e3:.0f} ms per iteration (median of {args.rounds} rounds of {args.ref_iters})")
         print(f"speed-up: {med(ratios):.1f}x (median per-round ratio; min {min(ratios):.1f}x, max {max(ratios):.1f}x)")

@@ -19,7 +19,8 @@ import tempfile
 
 import torch
 
-from guidelab import guidance as G, metrics, samplers, schedules, toy
+from guidelab import guidance as G
+from guidelab import metrics, samplers, schedules, toy
 from guidelab.guidance._base import Branch, Guided, PerCall, draw_normal
 from guidelab.training import load_model, train_toy
 
@@ -58,9 +59,22 @@ def main():
     res = {k: [] for k in CONFIGS}
     tmp = tempfile.mkdtemp(prefix="guidelab-tsg-")
     for tseed in range(args.seeds):
-        net = load_model(train_toy(tmp, classes="AB", hidden=32, depth=3, output=args.output,
-                                   loss="edm" if args.output == "denoiser" else "score", iters=300,
-                                   batch=512, snapshot_every=100, progress=False, threads=1, seed=tseed))
+        net = load_model(
+            train_toy(
+                tmp,
+                classes="AB",
+                hidden=32,
+                depth=3,
+                output=args.output,
+                loss="edm" if args.output == "denoiser" else "score",
+                iters=300,
+                batch=512,
+                snapshot_every=100,
+                progress=False,
+                threads=1,
+                seed=tseed,
+            )
+        )
         for sseed in range(1, args.seeds + 1):
             x = world.sample(args.n, 5.0, generator=torch.Generator().manual_seed(sseed))
             for name, make in CONFIGS.items():

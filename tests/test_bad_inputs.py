@@ -43,8 +43,8 @@ ROWS = [
     ("seed-text", W + ["--seed-start", "abc"], "seed-start"),
     ("seed-float", W + ["--seed-start", "1.5"], "seed-start"),
     ("seed-neg", W + ["--seed-start", "-1"], "seeds"),
-    ("seed-2^63", W + ["--seed-start", str(2 ** 63)], "seeds"),
-    ("seed-near-2^63", W + ["--seed-start", str(2 ** 63 - 2)], "seeds"),
+    ("seed-2^63", W + ["--seed-start", str(2**63)], "seeds"),
+    ("seed-near-2^63", W + ["--seed-start", str(2**63 - 2)], "seeds"),
     ("seed-huge", W + ["--seed-start", "1" + "0" * 40], "seeds"),
     ("sigma-max-1e30", W + ["--sigma-max", "1e30"], "sigma_max"),
     ("sigma-max-inf", W + ["--sigma-max", "inf"], "sigma"),
@@ -103,7 +103,11 @@ ROWS = [
     ("model-guide-garbage", M + ["--guider", "autoguidance", "--weight", "2", "--guide", "{d}/garbage.safetensors"], "garbage"),
     ("model-guide-nan", M + ["--guider", "autoguidance", "--weight", "2", "--guide", "{d}/nan.safetensors"], "non-finite"),
     ("model-autoguidance-no-guide", M + ["--guider", "autoguidance", "--weight", "2"], "guide"),
-    ("model-classifier-denoiser", M + ["--guider", "classifier", "--weight", "2", "--label", "1", "--guide", "{d}/cond.safetensors"], "classifier"),
+    (
+        "model-classifier-denoiser",
+        M + ["--guider", "classifier", "--weight", "2", "--label", "1", "--guide", "{d}/cond.safetensors"],
+        "classifier",
+    ),
     ("model-classifier-no-label", M + ["--guider", "classifier", "--weight", "2"], "label"),
     ("model-tsg-option-text", M + ["--guider", "tsg", "--weight", "2", "--option", "s=abc"], "abc"),
     ("model-tsg-option-bogus", M + ["--guider", "tsg", "--weight", "2", "--option", "bogus=1"], "bogus"),
@@ -132,7 +136,7 @@ ROWS = [
     ("sweep-steps-1", SW + ["--steps", "1"], "steps"),
     ("sweep-sigma-max-inf", SW + ["--sigma-max", "inf"], "sigma"),
     ("sweep-world-unknown", SW + ["--world", "Q"], "tree"),
-    ("sweep-seed-2^63", SW + ["--seed-start", str(2 ** 63)], "seeds"),
+    ("sweep-seed-2^63", SW + ["--seed-start", str(2**63)], "seeds"),
     ("sweep-model-missing", SW + ["--model", "{d}/missing.safetensors"], "not found"),
     ("sweep-model-nan", SW + ["--model", "{d}/nan.safetensors"], "non-finite"),
     ("sweep-option-bogus", SW + ["--option", "bogus=1"], "bogus"),
@@ -230,10 +234,18 @@ ROWS = [
     ("diffusers-seeds-empty", ["diffusers", "{d}/emptydir", "--out", "{out}", "--seeds", ""], "seed"),
     ("diffusers-guider", ["diffusers", "{d}/emptydir", "--out", "{out}", "--guider", "bogus"], "unknown guider"),
     ("diffusers-interval", ["diffusers", "{d}/emptydir", "--out", "{out}", "--interval", "x"], "interval"),
-    ("diffusers-weight-nan", ["diffusers", "{d}/emptydir", "--out", "{out}", "--guider", "cfg", "--weight", "nan"], "config.json"),
+    (
+        "diffusers-weight-nan",
+        ["diffusers", "{d}/emptydir", "--out", "{out}", "--guider", "cfg", "--weight", "nan"],
+        "config.json",
+    ),
     ("diffusers-steps-0", ["diffusers", "{d}/emptydir", "--out", "{out}", "--steps", "0"], "steps"),
     ("diffusers-prompt-missing", ["diffusers", "{d}/emptydir", "--out", "{out}", "--prompt-embeds", "{d}/missing.st"], "missing"),
-    ("diffusers-prompt-garbage", ["diffusers", "{d}/emptydir", "--out", "{out}", "--prompt-embeds", "{d}/garbage.safetensors"], "garbage"),
+    (
+        "diffusers-prompt-garbage",
+        ["diffusers", "{d}/emptydir", "--out", "{out}", "--prompt-embeds", "{d}/garbage.safetensors"],
+        "garbage",
+    ),
     # --- guiders / samplers / demo / convert-edm2
     ("guiders-arg", ["guiders", "extra"], "extra"),
     ("samplers-arg", ["samplers", "extra"], "extra"),
@@ -260,11 +272,13 @@ def _save_net(path, **kw):
 def d(tmp_path_factory):
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
+
     d = tmp_path_factory.mktemp("bad")
     _save_net(d / "cond.safetensors", num_classes=10)
     _save_net(d / "uncond.safetensors", num_classes=0)
     _save_net(d / "other-shape.safetensors", num_classes=10, img_channels=3)
     from guidelab.models import registry
+
     save_model(d / "toy.safetensors", registry.build({"name": "ToyMLP", "dim": 2}))
     with safe_open(str(d / "cond.safetensors"), "pt") as f:
         meta = f.metadata()
@@ -295,6 +309,7 @@ def d(tmp_path_factory):
     (d / "images" / "0").mkdir(parents=True)
     (d / "images" / "1").mkdir()
     from PIL import Image
+
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(d / "images" / "0" / "a.png")
     return d
 
@@ -310,10 +325,10 @@ def test_bad_input_is_one_clear_error_and_writes_nothing(d, tmp_path, name, args
     before = _tree(d)
     r = CliRunner().invoke(cli.main, args)
     text, code = r.output + (r.stderr if r.stderr_bytes is not None else ""), r.exit_code
-    if isinstance(r.exception, GuidelabError):                   # what cli.run prints: "error: ...", exit 2
+    if isinstance(r.exception, GuidelabError):  # what cli.run prints: "error: ...", exit 2
         text, code = text + f"error: {r.exception}", 2
     else:
-        assert isinstance(r.exception, SystemExit), f"{r.exception!r}: {text[-500:]}"   # a click usage error
+        assert isinstance(r.exception, SystemExit), f"{r.exception!r}: {text[-500:]}"  # a click usage error
     assert code == 2, f"exit {code}: {text[-500:]}"
     assert "Traceback" not in text and len(str(r.exception or "").splitlines()) <= 1
     assert "error:" in text.lower()
@@ -324,13 +339,28 @@ def test_bad_input_is_one_clear_error_and_writes_nothing(d, tmp_path, name, args
 
 def test_table_has_150_rows_over_every_command():
     assert len(ROWS) >= 150
-    assert {r[1][0] for r in ROWS} >= {"sample", "sweep", "report", "evaluate", "train", "classifier", "phema",
-                                        "distill", "diffusers", "guiders", "samplers", "demo"}
+    assert {r[1][0] for r in ROWS} >= {
+        "sample",
+        "sweep",
+        "report",
+        "evaluate",
+        "train",
+        "classifier",
+        "phema",
+        "distill",
+        "diffusers",
+        "guiders",
+        "samplers",
+        "demo",
+    }
 
 
-@pytest.mark.parametrize("args", [(8, 0.002, float("inf")), (8, 0.002, 1e30), (8, float("nan"), 80.0), (8.5, 0.002, 80.0),
-                                  (8, 0.002, True), (0, 0.002, 80.0)])
+@pytest.mark.parametrize(
+    "args",
+    [(8, 0.002, float("inf")), (8, 0.002, 1e30), (8, float("nan"), 80.0), (8.5, 0.002, 80.0), (8, 0.002, True), (0, 0.002, 80.0)],
+)
 def test_karras_refuses_bad_ranges(args):
     from guidelab import schedules
+
     with pytest.raises(GuidelabError):
         schedules.karras(*args)

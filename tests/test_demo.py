@@ -38,6 +38,7 @@ def test_demo_reuses_cached_models(quick_run, monkeypatch):
     out, _ = quick_run
     calls = []
     import guidelab.training.loop as loop
+
     original = loop.Trainer.train_step
     monkeypatch.setattr(loop.Trainer, "train_step", lambda self: calls.append(1) or original(self))
     demo.train_models(out, progress=False, **demo.QUICK)

@@ -33,7 +33,7 @@ def test_v_prediction_matches_vp_definition():
     x, sigma = _x_sigma(seed=1)
     g = torch.Generator().manual_seed(2)
     x0, eps = torch.randn(x.shape, generator=g, dtype=x.dtype), torch.randn(x.shape, generator=g, dtype=x.dtype)
-    alpha, s = (1 / (1 + sigma ** 2).sqrt())[:, None], (sigma / (1 + sigma ** 2).sqrt())[:, None]
+    alpha, s = (1 / (1 + sigma**2).sqrt())[:, None], (sigma / (1 + sigma**2).sqrt())[:, None]
     z = alpha * x0 + s * eps
     x_edm = z / alpha
     v = alpha * eps - s * x0
@@ -42,6 +42,7 @@ def test_v_prediction_matches_vp_definition():
     def v_model(x_in, sig):
         seen["x_in"] = x_in
         return v
+
     torch.testing.assert_close(dn.from_v(v_model)(x_edm, sigma), x0)
     torch.testing.assert_close(seen["x_in"], z)  # the model sees the VP-scaled input
 
@@ -53,6 +54,7 @@ def test_eps_model_vp_input():
     def eps_model(x_in, sig):
         seen["x_in"] = x_in
         return torch.zeros_like(x_in)
+
     torch.testing.assert_close(dn.from_eps(eps_model, vp_input=True)(x, sigma), x)
     torch.testing.assert_close(seen["x_in"], x / (1 + sigma[:, None] ** 2).sqrt())
 
@@ -62,10 +64,10 @@ def test_edm_precond_scalings():
     sigma = torch.tensor([0.002, 0.5, 80.0], dtype=torch.float64)
     c_skip, c_out, c_in, c_noise = pre.scalings(sigma)
     # Table 1 of EDM, and the identity c_skip^2 sd^2 ... : unit-variance input, and c_skip + c_out^2/sd^2 = 1.
-    torch.testing.assert_close(c_in ** 2 * (sigma ** 2 + 0.25), torch.ones(3, dtype=torch.float64))
-    torch.testing.assert_close(c_skip + c_out ** 2 / 0.25, torch.ones(3, dtype=torch.float64))
+    torch.testing.assert_close(c_in**2 * (sigma**2 + 0.25), torch.ones(3, dtype=torch.float64))
+    torch.testing.assert_close(c_skip + c_out**2 / 0.25, torch.ones(3, dtype=torch.float64))
     torch.testing.assert_close(c_noise, sigma.log() / 4)
-    torch.testing.assert_close(pre.loss_weight(sigma), 1 / c_out ** 2)
+    torch.testing.assert_close(pre.loss_weight(sigma), 1 / c_out**2)
 
 
 def test_edm_precond_forward_and_loss_share_scalings():

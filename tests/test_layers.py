@@ -9,7 +9,7 @@ from pathlib import Path
 import guidelab
 
 SRC = Path(guidelab.__file__).parent
-APP = ("guidelab.app", "guidelab.__main__")      # the application layer and the `python -m guidelab` entry point
+APP = ("guidelab.app", "guidelab.__main__")  # the application layer and the `python -m guidelab` entry point
 
 
 def _modules() -> dict[str, Path]:
@@ -47,7 +47,7 @@ def imports(modules: dict[str, Path]) -> dict[str, set[str]]:
             elif isinstance(node, ast.ImportFrom):
                 base = node.module or ""
                 if node.level:
-                    up = package.split(".")[:len(package.split(".")) - (node.level - 1)]
+                    up = package.split(".")[: len(package.split(".")) - (node.level - 1)]
                     base = ".".join(up + ([base] if base else []))
                 names = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
             else:
@@ -61,7 +61,7 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     """One cycle (a list of modules, first == last) per strongly connected component of more than one module."""
     index, low, stack, on, comps = {}, {}, [], set(), []
 
-    def visit(v):                                      # Tarjan
+    def visit(v):  # Tarjan
         index[v] = low[v] = len(index)
         stack.append(v)
         on.add(v)
@@ -86,7 +86,7 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
         if v not in index:
             visit(v)
     out = []
-    for comp in comps:                                 # shortest loops until every module of the component is on one
+    for comp in comps:  # shortest loops until every module of the component is on one
         left = set(comp)
         while left:
             loop = _loop(graph, min(left), comp)
@@ -130,5 +130,5 @@ def test_the_checks_see_lazy_relative_imports_and_cycles():
     assert cycles(graph) == [["guidelab.a", "guidelab.b", "guidelab.c", "guidelab.a"]]
     mods = _modules()
     graph = imports(mods)
-    assert "guidelab.guidance.registry" in graph["guidelab.training.distill"]        # from ..guidance import registry
+    assert "guidelab.guidance.registry" in graph["guidelab.training.distill"]  # from ..guidance import registry
     assert "guidelab.app.cli" in graph["guidelab.__main__"]

@@ -15,12 +15,14 @@ SIGMAS = schedules.karras(6, 0.01, 5.0, dtype=torch.float32)
 
 def _nan_at(sigma_bad: float):
     """x0 = x / (1 + sigma^2), NaN in row 1 once sigma <= sigma_bad (the first evaluation at that step)."""
+
     def D(x, sigma, **cond):
         out = x / (1 + sigma.reshape(-1, 1) ** 2)
         if float(sigma[0]) <= sigma_bad * (1 + 1e-6):
             out = out.clone()
             out[1] = float("nan")
         return out
+
     return D
 
 

@@ -22,28 +22,57 @@ from test_evaluate import _net  # tests/ is on sys.path (rootdir imports): the s
 def ckpts(tmp_path_factory):
     d = tmp_path_factory.mktemp("reg")
     torch.manual_seed(0)
-    paths = {name: str(save_model(d / f"{name}.safetensors", _net(d / name, **kw), **info)) for name, kw, info in [
-        ("cond", dict(num_classes=10), {}), ("guide", dict(num_classes=10), {}),
-        ("blind", dict(num_classes=10, noise_cond=False), {}),
-        ("gft", dict(num_classes=10, extra_scalar="beta"), {"meta": {"recipe": "gft"}}),
-        ("student", dict(num_classes=10, extra_scalar="w"), {"meta": {"distilled": {"key": "w"}}})]}
+    paths = {
+        name: str(save_model(d / f"{name}.safetensors", _net(d / name, **kw), **info))
+        for name, kw, info in [
+            ("cond", dict(num_classes=10), {}),
+            ("guide", dict(num_classes=10), {}),
+            ("blind", dict(num_classes=10, noise_cond=False), {}),
+            ("gft", dict(num_classes=10, extra_scalar="beta"), {"meta": {"recipe": "gft"}}),
+            ("student", dict(num_classes=10, extra_scalar="w"), {"meta": {"distilled": {"key": "w"}}}),
+        ]
+    }
     paths["noisy_clf"] = str(save_model(d / "noisy.safetensors", DigitsClassifier(channels=4, features=8, noise_aware=True)))
     return paths
 
 
 #: guider -> (model, extra CLI arguments, weight) meeting its needs
-SETUP = {"autoguidance": ("cond", ["--guide", "guide"], 2.0), "classifier": ("cond", ["--guide", "noisy_clf"], 2.0),
-         "gft": ("gft", [], 2.0), "distilled": ("student", [], 2.0), "cfgpp": ("cond", [], 0.5),
-         "apg": ("cond", ["--option", "eta=0.5", "--option", "r=4"], 2.0),
-         "rescale": ("cond", ["--option", "phi=0.5", "--option", "base=cfg"], 2.0),
-         "tsg": ("cond", ["--option", "s=0.3", "--option", "alpha=0"], 2.0),
-         "perp_neg": ("cond", ["--option", "negative=3"], 2.0)}
+SETUP = {
+    "autoguidance": ("cond", ["--guide", "guide"], 2.0),
+    "classifier": ("cond", ["--guide", "noisy_clf"], 2.0),
+    "gft": ("gft", [], 2.0),
+    "distilled": ("student", [], 2.0),
+    "cfgpp": ("cond", [], 0.5),
+    "apg": ("cond", ["--option", "eta=0.5", "--option", "r=4"], 2.0),
+    "rescale": ("cond", ["--option", "phi=0.5", "--option", "base=cfg"], 2.0),
+    "tsg": ("cond", ["--option", "s=0.3", "--option", "alpha=0"], 2.0),
+    "perp_neg": ("cond", ["--option", "negative=3"], 2.0),
+}
 
 
 def _sample(ckpts, out, guider, w, model="cond", extra=()):
     extra = [ckpts.get(a, a) for a in extra]
-    args = ["sample", "--model", ckpts[model], "--guider", guider, "--weight", str(w), "--label", "balanced",
-            "--samples", "3", "--sampler", "euler", "--steps", "3", "--quiet", "--out", str(out), *extra]
+    args = [
+        "sample",
+        "--model",
+        ckpts[model],
+        "--guider",
+        guider,
+        "--weight",
+        str(w),
+        "--label",
+        "balanced",
+        "--samples",
+        "3",
+        "--sampler",
+        "euler",
+        "--steps",
+        "3",
+        "--quiet",
+        "--out",
+        str(out),
+        *extra,
+    ]
     r = CliRunner().invoke(cli.main, args)
     assert r.exit_code == 0, (guider, r.output, r.exception)
     return jobs.load_samples(out)[0]
@@ -55,7 +84,7 @@ def test_every_guider_samples_from_the_cli_where_its_needs_are_met(ckpts, tmp_pa
     plain = _sample(ckpts, tmp_path / "plain", "none", 1.0, model)
     guided = _sample(ckpts, tmp_path / "guided", guider, w, model, extra)
     assert guided.shape == plain.shape == (3, 1, 8, 8) and np.isfinite(guided).all()
-    assert not np.allclose(guided, plain)                 # the guider acted
+    assert not np.allclose(guided, plain)  # the guider acted
 
 
 def test_jobs_and_cli_offer_exactly_the_registry():
@@ -64,7 +93,7 @@ def test_jobs_and_cli_offer_exactly_the_registry():
     assert not {"gft", "distilled", "classifier"} & set(cli.DIFFUSERS_GUIDERS)
     sample = next(p for p in cli.main.commands["sample"].params if p.name == "guider")
     assert list(sample.type.choices) == list(jobs.GUIDERS)
-    for name in jobs.GUIDERS:                             # help text from the summaries
+    for name in jobs.GUIDERS:  # help text from the summaries
         assert registry.get(name).summary in sample.help
 
 
@@ -79,16 +108,18 @@ def test_guiders_command_lists_the_registry():
 def test_unmet_needs_are_one_clear_error_each():
     torch.manual_seed(0)
     plain, blind = _net("plain"), _net("blind", num_classes=10, noise_cond=False)
-    cases = [("cfg", registry.Context(plain), "cfg needs a class-conditional network"),
-             ("autoguidance", registry.Context(_net("cond", num_classes=10)), "autoguidance needs --guide"),
-             ("icg", registry.Context(plain), "icg needs a conditional network"),
-             ("tsg", registry.Context(blind), "tsg needs a network with a noise-level embedding"),
-             ("classifier", registry.Context(plain), "classifier needs a noise-aware classifier"),
-             ("gft", registry.Context(plain), "recipe=gft"),
-             ("distilled", registry.Context(plain), "distilled student"),
-             ("pag", registry.Context(plain), "pag needs a diffusers model"),
-             ("apg", registry.Context(plain, options={"base": "autoguidance"}), "apg needs --guide"),
-             ("cfg", registry.Context(_net("gft", num_classes=10, extra_scalar="beta")), "use --guider gft")]
+    cases = [
+        ("cfg", registry.Context(plain), "cfg needs a class-conditional network"),
+        ("autoguidance", registry.Context(_net("cond", num_classes=10)), "autoguidance needs --guide"),
+        ("icg", registry.Context(plain), "icg needs a conditional network"),
+        ("tsg", registry.Context(blind), "tsg needs a network with a noise-level embedding"),
+        ("classifier", registry.Context(plain), "classifier needs a noise-aware classifier"),
+        ("gft", registry.Context(plain), "recipe=gft"),
+        ("distilled", registry.Context(plain), "distilled student"),
+        ("pag", registry.Context(plain), "pag needs a diffusers model"),
+        ("apg", registry.Context(plain, options={"base": "autoguidance"}), "apg needs --guide"),
+        ("cfg", registry.Context(_net("gft", num_classes=10, extra_scalar="beta")), "use --guider gft"),
+    ]
     for name, ctx, msg in cases:
         with pytest.raises(GuidelabError, match=msg) as e:
             registry.build(name, ctx)
@@ -99,27 +130,41 @@ def test_unmet_needs_are_one_clear_error_each():
 
 
 def test_options_are_typed_and_checked():
-    assert registry.parse_options("tsg", ["s=0.3", "alpha=0", "dim=16", "form=scalar"]) == {"s": 0.3, "alpha": 0.0,
-                                                                                            "dim": 16, "form": "scalar"}
+    assert registry.parse_options("tsg", ["s=0.3", "alpha=0", "dim=16", "form=scalar"]) == {
+        "s": 0.3,
+        "alpha": 0.0,
+        "dim": 16,
+        "form": "scalar",
+    }
     assert registry.parse_options("apg", {"r": "none", "beta": -0.5, "base": "icg"}) == {"r": None, "beta": -0.5, "base": "icg"}
     assert registry.parse_options("pag", ["layers=mid, up.0", "cfg_weight=3"]) == {"layers": ("mid", "up.0"), "cfg_weight": 3.0}
-    assert registry.parse_options("seg", ["layers=mid,up.0", "blur_sigma=inf"]) == {"layers": ("mid", "up.0"), "blur_sigma": math.inf}
-    for name, opts, msg in [("tsg", ["s=abc"], "tsg option s must be a float, got 'abc'"),
-                            ("tsg", ["q=1"], "tsg takes no option q; allowed: s, alpha, form, dim"),
-                            ("cfg", ["s=1"], "cfg takes no option s; allowed: none"),
-                            ("icg", ["num_classes=2.5"], "icg option num_classes must be an integer"),
-                            ("rescale", ["space=pixels"], "rescale option space must be one of v, eps, x0"),
-                            ("apg", ["base=classifier"], "apg option base must be one of cfg, autoguidance, icg, tsg"),
-                            ("tsg", ["s"], "--option takes KEY=VALUE"),
-                            ("tsg", {"s": None}, "tsg option s cannot be None"),
-                            ("magic", [], "unknown guider 'magic'; allowed: none, cfg")]:
+    assert registry.parse_options("seg", ["layers=mid,up.0", "blur_sigma=inf"]) == {
+        "layers": ("mid", "up.0"),
+        "blur_sigma": math.inf,
+    }
+    for name, opts, msg in [
+        ("tsg", ["s=abc"], "tsg option s must be a float, got 'abc'"),
+        ("tsg", ["q=1"], "tsg takes no option q; allowed: s, alpha, form, dim"),
+        ("cfg", ["s=1"], "cfg takes no option s; allowed: none"),
+        ("icg", ["num_classes=2.5"], "icg option num_classes must be an integer"),
+        ("rescale", ["space=pixels"], "rescale option space must be one of v, eps, x0"),
+        ("apg", ["base=classifier"], "apg option base must be one of cfg, autoguidance, icg, tsg"),
+        ("tsg", ["s"], "--option takes KEY=VALUE"),
+        ("tsg", {"s": None}, "tsg option s cannot be None"),
+        ("magic", [], "unknown guider 'magic'; allowed: none, cfg"),
+    ]:
         with pytest.raises(GuidelabError, match=msg):
             registry.parse_options(name, opts)
 
 
 def test_option_defaults_are_the_guidance_functions_own():
-    fns = {"icg": guidance.icg, "tsg": guidance.tsg, "apg": guidance.apg, "rescale": guidance.rescale,
-           "cfg_zero_star": guidance.cfg_zero_star}
+    fns = {
+        "icg": guidance.icg,
+        "tsg": guidance.tsg,
+        "apg": guidance.apg,
+        "rescale": guidance.rescale,
+        "cfg_zero_star": guidance.cfg_zero_star,
+    }
     for name, fn in fns.items():
         params = inspect.signature(fn).parameters
         for o in registry.get(name).options:
@@ -128,8 +173,9 @@ def test_option_defaults_are_the_guidance_functions_own():
 
 
 def test_bad_option_from_the_cli_is_one_line(ckpts, tmp_path):
-    r = CliRunner().invoke(cli.main, ["sample", "--model", ckpts["cond"], "--guider", "tsg", "--option", "s=abc",
-                                      "--out", str(tmp_path / "x")])
+    r = CliRunner().invoke(
+        cli.main, ["sample", "--model", ckpts["cond"], "--guider", "tsg", "--option", "s=abc", "--out", str(tmp_path / "x")]
+    )
     assert isinstance(r.exception, GuidelabError) and str(r.exception) == "tsg option s must be a float, got 'abc'"
     r = CliRunner().invoke(cli.main, ["sample", "--model", ckpts["blind"], "--guider", "tsg", "--out", str(tmp_path / "x")])
     assert isinstance(r.exception, GuidelabError) and "noise-level embedding" in str(r.exception)
@@ -138,6 +184,7 @@ def test_bad_option_from_the_cli_is_one_line(ckpts, tmp_path):
 
 def test_sampler_needs_are_checked_before_sampling(ckpts, tmp_path):
     from guidelab import samplers
+
     torch.manual_seed(0)
     net = _net("cond", num_classes=10)
     can = [s for s in samplers.names() if "renoise" in samplers.info(s).supports]
@@ -145,10 +192,24 @@ def test_sampler_needs_are_checked_before_sampling(ckpts, tmp_path):
     with pytest.raises(GuidelabError, match=f"cfgpp needs a sampler with renoise: {', '.join(can)}; got heun"):
         registry.build("cfgpp", registry.Context(net, 0.5, sampler="heun"))
     registry.build("cfgpp", registry.Context(net, 0.5, sampler="euler"))
-    r = CliRunner().invoke(cli.main, ["sample", "--model", ckpts["cond"], "--guider", "cfgpp", "--weight", "0.5",
-                                      "--sampler", "heun", "--out", str(tmp_path / "x")])
+    r = CliRunner().invoke(
+        cli.main,
+        [
+            "sample",
+            "--model",
+            ckpts["cond"],
+            "--guider",
+            "cfgpp",
+            "--weight",
+            "0.5",
+            "--sampler",
+            "heun",
+            "--out",
+            str(tmp_path / "x"),
+        ],
+    )
     assert isinstance(r.exception, GuidelabError) and "renoise" in str(r.exception)
-    assert not (tmp_path / "x").exists()                 # refused before anything is written
+    assert not (tmp_path / "x").exists()  # refused before anything is written
 
 
 def test_rules_take_a_base_guider(ckpts):
@@ -176,16 +237,27 @@ def test_interval_applies_to_any_entry_and_parses_exponents():
 
 
 def test_a_new_guider_is_one_entry(monkeypatch):
-    def build(ctx):                                       # a made-up linear guider: main vs the same net at 2 sigma
-        return guidance.Guided(guidance.Branch(ctx.main), guidance.Branch(lambda x, s, **c: ctx.main(x, 2 * s, **c)),
-                               ctx.w, "blurry")
-    spec = registry.GuiderSpec("blurry", "guide away from a blurrier self", "", (registry.Option("k", int, 1, "unused"),),
-                               frozenset(), frozenset(), 2, build, linear=True)
+    def build(ctx):  # a made-up linear guider: main vs the same net at 2 sigma
+        return guidance.Guided(
+            guidance.Branch(ctx.main), guidance.Branch(lambda x, s, **c: ctx.main(x, 2 * s, **c)), ctx.w, "blurry"
+        )
+
+    spec = registry.GuiderSpec(
+        "blurry",
+        "guide away from a blurrier self",
+        "",
+        (registry.Option("k", int, 1, "unused"),),
+        frozenset(),
+        frozenset(),
+        2,
+        build,
+        linear=True,
+    )
     monkeypatch.setitem(registry.GUIDERS, "blurry", spec)
     assert "blurry" in registry.names() and registry.parse_options("blurry", ["k=3"]) == {"k": 3}
     net = _net("plain")
     x, s = torch.randn(2, 1, 8, 8), torch.tensor([1.0, 2.0])
     den = registry.build("blurry", registry.Context(net, 1.0, options={}))
-    torch.testing.assert_close(den(x, s), net(x, s))      # w = 1: no guidance
+    torch.testing.assert_close(den(x, s), net(x, s))  # w = 1: no guidance
     # and rules accept it as a base once it is listed there: bases are the registry's linear guiders
     assert all(registry.get(b).linear for b in registry.get("apg").options[0].choices)

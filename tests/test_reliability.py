@@ -27,7 +27,7 @@ def _job(out, w, q):
         q.put("ok")
     except GuidelabError as e:
         q.put(f"refused: {e}")
-    except BaseException as e:                       # a traceback: the test fails on it
+    except BaseException as e:  # a traceback: the test fails on it
         q.put(f"crash: {e!r}")
 
 
@@ -67,13 +67,13 @@ def test_two_writers_other_settings_one_refused_never_mixed(tmp_path, single, tr
     assert res[0] == "ok" and res[1].startswith("refused") and "another job" in res[1], res
     w = json.loads((tmp_path / "job.json").read_text())["config"]["w"]
     x, s = jobs.load_samples(tmp_path)
-    assert np.array_equal(x, single[w][0])                       # every shard of the job that owns the folder
+    assert np.array_equal(x, single[w][0])  # every shard of the job that owns the folder
 
 
 def test_truncated_shard_is_redone_on_resume(tmp_path, single):
     cfg = jobs.SampleConfig(guider="cfg", w=2.0, **CFG)
     paths = jobs.sample(tmp_path, cfg, n=24, shard_size=3)
-    paths[2].write_bytes(paths[2].read_bytes()[:100])            # a disk that lost the tail
+    paths[2].write_bytes(paths[2].read_bytes()[:100])  # a disk that lost the tail
     paths[4].write_bytes(b"")
     jobs.sample(tmp_path, cfg, n=24, shard_size=3)
     x, _ = jobs.load_samples(tmp_path)
@@ -83,7 +83,7 @@ def test_truncated_shard_is_redone_on_resume(tmp_path, single):
 def test_shard_with_wrong_seeds_is_redone(tmp_path, single):
     cfg = jobs.SampleConfig(guider="cfg", w=2.0, **CFG)
     paths = jobs.sample(tmp_path, cfg, n=24, shard_size=3)
-    paths[1].write_bytes(paths[0].read_bytes())                  # shard 1 holds shard 0's seeds
+    paths[1].write_bytes(paths[0].read_bytes())  # shard 1 holds shard 0's seeds
     jobs.sample(tmp_path, cfg, n=24, shard_size=3)
     assert np.array_equal(jobs.load_samples(tmp_path)[0], single[2.0][0])
 
@@ -103,8 +103,8 @@ def test_swapped_checkpoint_is_refused_on_resume(tmp_path):
     cfg = jobs.SampleConfig(world=None, model=str(ck), steps=2, chunk=0)
     out = tmp_path / "job"
     jobs.sample(out, cfg, n=4, shard_size=2)
-    (out / jobs.shard_name(2, 4)).unlink()                       # interrupted
-    _net(ck, 1)                                                  # replaced at the same path
+    (out / jobs.shard_name(2, 4)).unlink()  # interrupted
+    _net(ck, 1)  # replaced at the same path
     with pytest.raises(GuidelabError, match="model file changed"):
         jobs.sample(out, cfg, n=4, shard_size=2)
     assert not (out / jobs.shard_name(2, 4)).exists()
@@ -124,6 +124,7 @@ def test_nan_checkpoint_refused_at_load(tmp_path):
     from safetensors.torch import load_file, save_file
 
     from guidelab.training import load_model
+
     ck = tmp_path / "m.safetensors"
     _net(ck, 0)
     with safe_open(str(ck), "pt") as f:
@@ -144,35 +145,55 @@ def test_stale_temps_lists_dead_writers_only(tmp_path):
     for f in (dead, live):
         f.write_bytes(b"x")
     assert stale_temps(tmp_path, "a.npz") == [dead] and stale_temps(tmp_path, "b.npz") == []
-    atomic_write(tmp_path / "a.npz", b"data")                    # its own temp matches the pattern and is gone
+    atomic_write(tmp_path / "a.npz", b"data")  # its own temp matches the pattern and is gone
     assert sorted(tmp_path.iterdir()) == sorted([dead, live, tmp_path / "a.npz"])
 
 
 def test_report_escapes_every_field(tmp_path):
     from guidelab.app import report
+
     mark = "<script>alert(1)</script>"
     cell = "cfg_w2"
     jobs.sample(tmp_path / "samples" / cell, jobs.SampleConfig(guider="cfg", w=2.0, **CFG), n=16, shard_size=16)
-    row = {"cell": cell, "method": "cfg", "w": 2.0, "interval": mark, "fd": 1.0, "precision": 0.5, "recall": 0.5,
-           "n": mark, "note": mark}
-    res = {"rows": [row], "metric": "fd", "quality": "precision", "diversity": "recall",
-           "best": {mark: mark}, "pareto": [mark], "n": mark, "reference": {mark: mark}}
+    row = {
+        "cell": cell,
+        "method": "cfg",
+        "w": 2.0,
+        "interval": mark,
+        "fd": 1.0,
+        "precision": 0.5,
+        "recall": 0.5,
+        "n": mark,
+        "note": mark,
+    }
+    res = {
+        "rows": [row],
+        "metric": "fd",
+        "quality": "precision",
+        "diversity": "recall",
+        "best": {mark: mark},
+        "pareto": [mark],
+        "n": mark,
+        "reference": {mark: mark},
+    }
     (tmp_path / "results.json").write_text(json.dumps(res))
     html = report.render(tmp_path).read_text()
     assert mark not in html and "&lt;script&gt;" in html
 
 
 def test_nan_network_stops_at_its_step_unless_allowed(tmp_path):
-    class NaNAfter(torch.nn.Module):                             # finite at sigma_max, NaN below sigma 1
+    class NaNAfter(torch.nn.Module):  # finite at sigma_max, NaN below sigma 1
         def forward(self, x, sigma, **cond):
             return torch.where(sigma.reshape(-1, 1) < 1, torch.nan, x * 0.5)
+
     cfg = jobs.SampleConfig(guider="none", **CFG)
     job = jobs.build(cfg)
     job.net = job.main.net = NaNAfter()
     with pytest.raises(GuidelabError, match=r"step \d+ \(sigma"):
         jobs.sample(tmp_path / "a", cfg, n=3, job=job)
-    assert not (tmp_path / "a").exists()                         # refused by the probe, before any write
+    assert not (tmp_path / "a").exists()  # refused by the probe, before any write
     from guidelab import samplers
-    with samplers.allow_nonfinite():                             # what --allow-nonfinite does
+
+    with samplers.allow_nonfinite():  # what --allow-nonfinite does
         jobs.sample(tmp_path / "b", cfg, n=3, job=job)
     assert np.isnan(jobs.load_samples(tmp_path / "b")[0]).all()

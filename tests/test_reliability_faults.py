@@ -40,7 +40,7 @@ def test_sigkill_then_rerun_is_identical(tmp_path, clean, seed):
     p = subprocess.Popen(_cli(tmp_path), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     t0 = time.monotonic()
     while not list(tmp_path.glob("shard-*.npz")) and time.monotonic() - t0 < 60 and p.poll() is None:
-        time.sleep(0.01)                                          # killed while writing shards
+        time.sleep(0.01)  # killed while writing shards
     time.sleep(random.Random(seed).uniform(0, 0.05))
     p.send_signal(signal.SIGKILL)
     p.wait()
@@ -54,15 +54,19 @@ def test_sigkill_then_rerun_is_identical(tmp_path, clean, seed):
 def test_disk_full_midway_then_rerun_is_identical(tmp_path, clean, monkeypatch):
     real, calls = _io.atomic_write, []
 
-    def full(path, data):                                         # the 5th write finds the disk full
+    def full(path, data):  # the 5th write finds the disk full
         calls.append(path)
         if len(calls) == 5:
+
             def partial(f):
                 f.write(b"x" * 10)
                 raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
             return real(path, partial)
         return real(path, data)
+
     import guidelab.app.jobs.shards as shards
+
     monkeypatch.setattr(shards, "atomic_write", full)
     with pytest.raises(OSError):
         jobs.sample(tmp_path, CFG, n=60, shard_size=3)

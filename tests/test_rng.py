@@ -19,9 +19,14 @@ def test_sample_noise_rejects_mismatched_batch():
         rng.SampleNoise([])
 
 
-@pytest.mark.parametrize("call, message", [(lambda: rng.SampleNoise([1, 2]).sampler(torch.zeros(3, 2)), "batch 3"),
-                                           (lambda: rng.SampleNoise([]), "at least one seed"),
-                                           (lambda: rng.SampleNoise([1 << 64]), "64-bit")])
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: rng.SampleNoise([1, 2]).sampler(torch.zeros(3, 2)), "batch 3"),
+        (lambda: rng.SampleNoise([]), "at least one seed"),
+        (lambda: rng.SampleNoise([1 << 64]), "64-bit"),
+    ],
+)
 def test_sample_noise_misuse_is_a_guidelab_error(call, message):
     with pytest.raises(GuidelabError, match=message):
         call()
@@ -40,7 +45,7 @@ def test_same_seeds_same_samples_at_any_batch_size(sampler):
         return samplers.get(sampler)(world, x, sigmas, s_churn=20.0, noise=noise)
 
     full = run(seeds)
-    sevens = torch.cat([run(seeds[i:i + 7]) for i in range(0, 64, 7)])
+    sevens = torch.cat([run(seeds[i : i + 7]) for i in range(0, 64, 7)])
     ones = torch.cat([run([s]) for s in seeds[:9]])
     assert torch.equal(full, sevens)
     assert torch.equal(full[:9], ones)
@@ -50,6 +55,7 @@ def test_same_seeds_same_samples_at_any_batch_size(sampler):
 
 def test_sample_noise_is_standard_normal_and_independent_across_seeds_and_draws():
     from scipy import stats
+
     noise = rng.SampleNoise(range(4000))
     a, b = noise.randn([64]).double(), noise.randn([64]).double()
     assert stats.kstest(a.flatten().numpy(), "norm").pvalue > 1e-3

@@ -12,7 +12,7 @@ def test_choose_threads_small_models_one_thread_and_choice_logged():
     assert threads.choose_threads(parameters=100_000)[0] == 1
     assert threads.choose_threads(None)[0] == 1
     assert threads.choose_threads(3, parameters=100_000) == (3, "asked for")
-    assert threads.choose_threads(parameters=10 ** 9, processes=10 ** 6)[0] == 1
+    assert threads.choose_threads(parameters=10**9, processes=10**6)[0] == 1
     with pytest.raises(GuidelabError, match="threads"):
         threads.choose_threads(0)
     stream, before = io.StringIO(), torch.get_num_threads()

@@ -1,4 +1,3 @@
-
 import pytest
 import torch
 from click.testing import CliRunner
@@ -15,9 +14,21 @@ TINY = dict(hidden=16, depth=1, emb=8, batch=16, snapshot_every=4, lr_ref_steps=
 
 
 def test_train_command_config_file_and_overrides(tmp_path):
-    (tmp_path / "c.toml").write_text('hidden = 16\ndepth = 1\nemb = 8\nbatch = 8\niters = 40\nema = [0.05, 0.1]\n')
-    args = ["train", "--config", str(tmp_path / "c.toml"), "--set", "iters=6", "--set", "snapshot_every=3",
-            "--out", str(tmp_path / "runs"), "--quiet", "--threads", "1"]
+    (tmp_path / "c.toml").write_text("hidden = 16\ndepth = 1\nemb = 8\nbatch = 8\niters = 40\nema = [0.05, 0.1]\n")
+    args = [
+        "train",
+        "--config",
+        str(tmp_path / "c.toml"),
+        "--set",
+        "iters=6",
+        "--set",
+        "snapshot_every=3",
+        "--out",
+        str(tmp_path / "runs"),
+        "--quiet",
+        "--threads",
+        "1",
+    ]
     r = CliRunner().invoke(cli.main, args)
     assert r.exit_code == 0, r.output
     (run,) = (tmp_path / "runs").iterdir()
@@ -34,9 +45,14 @@ def test_train_command_config_file_and_overrides(tmp_path):
     assert r2.exit_code == 0 and str(run) in r2.output and (run / "state.safetensors").read_bytes() == state
 
 
-@pytest.mark.parametrize("args, match", [(["--set", "hiden=3"], "unknown image config keys"),
-                                         (["--set", "label_dropout=2"], "label_dropout"),
-                                         (["--set", "oops"], "KEY=VALUE")])
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["--set", "hiden=3"], "unknown image config keys"),
+        (["--set", "label_dropout=2"], "label_dropout"),
+        (["--set", "oops"], "KEY=VALUE"),
+    ],
+)
 def test_train_command_errors(tmp_path, args, match):
     r = CliRunner().invoke(cli.main, ["train", "--out", str(tmp_path), "--quiet"] + args)
     assert isinstance(r.exception, GuidelabError) and r.exception.args[0].count("\n") == 0
@@ -91,9 +107,30 @@ def test_phema_command(tmp_path):
 
 
 def test_train_command_unet(tmp_path):
-    r = CliRunner().invoke(cli.main, ["train", "--set", "model=UNet", "--set", "hidden=8", "--set", "depth=1",
-                                      "--set", "emb=16", "--set", "batch=8", "--set", "iters=4", "--set", "snapshot_every=2",
-                                      "--out", str(tmp_path), "--quiet", "--no-grid"])
+    r = CliRunner().invoke(
+        cli.main,
+        [
+            "train",
+            "--set",
+            "model=UNet",
+            "--set",
+            "hidden=8",
+            "--set",
+            "depth=1",
+            "--set",
+            "emb=16",
+            "--set",
+            "batch=8",
+            "--set",
+            "iters=4",
+            "--set",
+            "snapshot_every=2",
+            "--out",
+            str(tmp_path),
+            "--quiet",
+            "--no-grid",
+        ],
+    )
     assert r.exit_code == 0, r.output
     (run,) = tmp_path.iterdir()
     m = load_model(run / "ema-0000004-0.05.safetensors")

@@ -69,8 +69,13 @@ def stale_temps(folder: str | os.PathLike, name: str | None = None) -> list[Path
 def sha256(path: str | os.PathLike) -> str:
     """Hex sha256 of a file; of a folder, of its files' relative names and contents (sorted; hidden files skipped)."""
     path, h = Path(path), hashlib.sha256()
-    files = [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.is_file()
-                                                 and not any(part.startswith(".") for part in f.relative_to(path).parts))
+    files = (
+        [path]
+        if path.is_file()
+        else sorted(
+            f for f in path.rglob("*") if f.is_file() and not any(part.startswith(".") for part in f.relative_to(path).parts)
+        )
+    )
     for f in files:
         if f != path:
             h.update(str(f.relative_to(path)).encode() + b"\0")
@@ -88,6 +93,7 @@ def file_lock(path: str | os.PathLike, *, blocking: bool = True) -> Iterator[boo
     honoured by NFSv4 and Lustre/GPFS with locking on; on file systems without it writers are not
     serialised (docs/RELIABILITY.md)."""
     import fcntl
+
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
         try:
@@ -124,7 +130,7 @@ def class_grid(x, labels, seeds, per_row: int = 10, scale: int = 4) -> np.ndarra
     order = np.argsort(np.asarray(seeds), kind="stable")
     x = np.asarray(x.detach().cpu() if hasattr(x, "detach") else x)[order]
     if labels is None:
-        rows = [x[i * per_row:(i + 1) * per_row] for i in range(min(per_row, -(-len(x) // per_row)))]
+        rows = [x[i * per_row : (i + 1) * per_row] for i in range(min(per_row, -(-len(x) // per_row)))]
     else:
         labels = np.asarray(labels)[order]
         rows = [x[labels == c][:per_row] for c in np.unique(labels)]
@@ -136,7 +142,7 @@ def class_grid(x, labels, seeds, per_row: int = 10, scale: int = 4) -> np.ndarra
     k = 0
     for i, r in enumerate(rows):
         for j in range(len(r)):
-            grid[i * cell_h:i * cell_h + h * scale, j * cell_w:j * cell_w + w * scale] = img[k]
+            grid[i * cell_h : i * cell_h + h * scale, j * cell_w : j * cell_w + w * scale] = img[k]
             k += 1
     return grid
 
@@ -146,6 +152,7 @@ def png_bytes(img: np.ndarray) -> bytes:
     import io
 
     from PIL import Image
+
     buf = io.BytesIO()
     Image.fromarray(img[:, :, 0] if img.shape[2] == 1 else img).save(buf, format="PNG")
     return buf.getvalue()

@@ -34,8 +34,10 @@ def choose_threads(requested: int | None = None, *, parameters: int | None = Non
     """``(n, why)``: ``requested`` when given (>= 1); else 1 for a model of at most :data:`SMALL_MODEL`
     ``parameters`` (or unknown size), else ``available_cores() // processes``."""
     if requested is not None:
-        check(isinstance(requested, int) and not isinstance(requested, bool) and requested >= 1,
-              f"threads must be an integer >= 1, got {requested!r}")
+        check(
+            isinstance(requested, int) and not isinstance(requested, bool) and requested >= 1,
+            f"threads must be an integer >= 1, got {requested!r}",
+        )
         return requested, "asked for"
     check(processes >= 1, f"processes must be >= 1, got {processes!r}")
     if parameters is None or parameters <= SMALL_MODEL:

@@ -1,9 +1,9 @@
 import pytest
 import torch
+from counting import Counting, inputs
 
 from guidelab import guidance, samplers, schedules, toy
 from guidelab.errors import GuidelabError
-from counting import Counting, inputs
 
 
 def _inputs(B=8):
@@ -41,6 +41,7 @@ def test_autoguidance_and_separate_uncond_formula():
     def uncond(x, sigma, **cond):
         seen.update(cond)
         return 0.5 * x
+
     guidance.cfg(net, 2.0, uncond=uncond)(x, sigma, label=label)
     assert "label" not in seen
 
@@ -51,8 +52,8 @@ def test_per_sample_weights():
     w = torch.tensor([1.0, 2, 3, 4, 1, 2, 3, 4], dtype=torch.float64)
     out = guidance.autoguidance(net, guide, w)(x, sigma, label=label)
     for i in range(8):
-        one = guidance.autoguidance(net, guide, float(w[i]))(x[i:i + 1], sigma[i:i + 1], label=label[i:i + 1])
-        torch.testing.assert_close(out[i:i + 1], one, rtol=1e-12, atol=1e-12)
+        one = guidance.autoguidance(net, guide, float(w[i]))(x[i : i + 1], sigma[i : i + 1], label=label[i : i + 1])
+        torch.testing.assert_close(out[i : i + 1], one, rtol=1e-12, atol=1e-12)
 
 
 def test_batched_branches_fall_back_when_not_batchable():
@@ -65,7 +66,10 @@ def test_batched_branches_fall_back_when_not_batchable():
     def flexible(x, sigma, label=None):
         calls.append(label is None)
         return x
-    outs = guidance.evaluate([guidance.Branch(flexible), guidance.Branch(flexible, {"label": guidance.DROP})], x, sigma, {"label": label})
+
+    outs = guidance.evaluate(
+        [guidance.Branch(flexible), guidance.Branch(flexible, {"label": guidance.DROP})], x, sigma, {"label": label}
+    )
     assert calls == [False, True] and len(outs) == 2
     with pytest.raises(TypeError):  # Counting requires a label: dropping it is the network's error, not ours.
         guidance.evaluate([a, b], x, sigma, {"label": label})

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from guidelab import guidance as G, samplers, schedules, toy
+from guidelab import guidance as G
+from guidelab import samplers, schedules, toy
 from guidelab.rng import SampleNoise
 from guidelab.samplers.base import ancestral_step
 
@@ -36,7 +37,7 @@ def ref_euler_ancestral(W, x, label, eta):
     for s, s_next in zip(sig[:-1], sig[1:]):
         D_lam, D_u = _branches(W, x, s, label)
         s_down, s_up = ancestral_step(s, s_next, eta)
-        x = D_lam + s_down * (x - D_u) / s                              # CFG++ Euler(-ancestral)
+        x = D_lam + s_down * (x - D_u) / s  # CFG++ Euler(-ancestral)
         if s_next > 0 and s_up > 0:
             x = x + s_up * _noise(s, s_next)
     return x
@@ -47,7 +48,7 @@ def ref_ddim(W, x, label):
     sig = SIG.tolist()
     for s, s_next in zip(sig[:-1], sig[1:]):
         D_lam, D_u = _branches(W, x, s, label)
-        a_next = 1 / (1 + s_next ** 2)
+        a_next = 1 / (1 + s_next**2)
         eps_u = (x - D_u) / s
         z_next = math.sqrt(a_next) * D_lam + math.sqrt(1 - a_next) * eps_u
         x = z_next / math.sqrt(a_next)
@@ -125,7 +126,7 @@ def ref_dpmpp_2s_ancestral(W, x, label, eta):
             h = math.log(s) - math.log(s_down)
             s_mid = math.exp(-(-math.log(s) + h / 2))
             x_2 = (s_mid / s) * (x + (D - U)) - math.expm1(-h / 2) * D
-            D_2, _ = _branches(W, x_2, s_mid, label)                  # the guided D_lam at the midpoint
+            D_2, _ = _branches(W, x_2, s_mid, label)  # the guided D_lam at the midpoint
             x = (s_down / s) * (x + (D - U)) - math.expm1(-h) * D_2
         if s_next > 0:
             x = x + s_up * _noise(s, s_next)
@@ -151,6 +152,7 @@ def test_cfgpp_dpmpp_2s_ancestral_guides_on_the_exact_world():
     def frac_a(den):
         out = samplers.dpmpp_2s_ancestral(den, x, sig, cond=cond, noise=SampleNoise(range(n)))
         return float((A.logp(out) > B.logp(out)).float().mean())
+
     base, pp, weak = frac_a(W), frac_a(G.cfgpp(W, 0.6)), frac_a(G.cfg(W, 0.6))
     print(f"\nfraction in A: unguided {base:.3f}, CFG++ lam 0.6 {pp:.3f}, CFG w 0.6 {weak:.3f}")
-    assert pp > base + 0.04 and weak < base - 0.04          # paired seeds; measured 0.693, 0.766, 0.598
+    assert pp > base + 0.04 and weak < base - 0.04  # paired seeds; measured 0.693, 0.766, 0.598

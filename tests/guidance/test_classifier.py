@@ -8,7 +8,6 @@ from guidelab.models import registry
 from guidelab.models.classifier import ToyClassifier, train_tree_classifier, tree_classifier
 
 
-
 @pytest.fixture(scope="module")
 def trained():
     return train_tree_classifier(steps=600, n_data=16384, seed=0)
@@ -79,8 +78,8 @@ def test_per_sample_weight_matches_scalar_weights(tree_ab64):
     w = torch.tensor([1.0, 2.0, 3.5, 1.0, 2.0, 3.5], dtype=torch.float64)
     out = classifier(tree_ab64, clf, w)(x, sigma, label=0)
     for i, wi in enumerate(w.tolist()):
-        ref = classifier(tree_ab64, clf, wi)(x[i:i + 1], sigma[i:i + 1], label=0)
-        torch.testing.assert_close(out[i:i + 1], ref, rtol=1e-12, atol=1e-12)
+        ref = classifier(tree_ab64, clf, wi)(x[i : i + 1], sigma[i : i + 1], label=0)
+        torch.testing.assert_close(out[i : i + 1], ref, rtol=1e-12, atol=1e-12)
 
 
 def test_trained_classifier_matches_the_exact_posterior(trained):
@@ -96,7 +95,7 @@ def test_trained_classifier_matches_the_exact_posterior(trained):
 def test_guidance_raises_the_target_class_fraction(trained):
     clf_exact = tree_classifier()
     base = _fraction_a(_sample(classifier(toy.tree("AB"), clf_exact, 1.0), 0))
-    assert 0.35 < base < 0.65                                    # unguided: the class prior (~0.5)
+    assert 0.35 < base < 0.65  # unguided: the class prior (~0.5)
     assert _fraction_a(_sample(classifier(toy.tree("AB"), trained, 3.0), 0)) > 0.97
     assert _fraction_a(_sample(classifier(toy.tree("AB"), trained, 3.0), 1)) < 0.03
 

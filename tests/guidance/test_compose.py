@@ -2,12 +2,12 @@
 
 import pytest
 import torch
+from counting import Counting, inputs
 
 from guidelab import guidance, toy
 from guidelab.errors import GuidelabError
 from guidelab.guidance import Branch, Guided
 from guidelab.guidance.compose import compose
-from counting import Counting, inputs
 
 
 def _inputs(B=6):
@@ -41,9 +41,10 @@ def test_one_guider_or_weights_one_reduce_exactly():
     both_off = compose(guidance.cfg(net, 1.0), off)
     assert torch.equal(both_off(x, sigma, label=label), net(x, sigma, label=label))
     assert [n for n, _ in net.calls] == [6, 6]
-    w = torch.tensor([1.0, 2.0, 3.0, 1.0, 2.0, 3.0], dtype=torch.float64)    # per-sample weights
-    torch.testing.assert_close(compose(guidance.cfg(net, w), off)(x, sigma, label=label),
-                               guidance.cfg(net, w)(x, sigma, label=label), rtol=0, atol=0)
+    w = torch.tensor([1.0, 2.0, 3.0, 1.0, 2.0, 3.0], dtype=torch.float64)  # per-sample weights
+    torch.testing.assert_close(
+        compose(guidance.cfg(net, w), off)(x, sigma, label=label), guidance.cfg(net, w)(x, sigma, label=label), rtol=0, atol=0
+    )
 
 
 def test_exact_world_cfg_plus_autoguidance_and_interval():
@@ -54,7 +55,7 @@ def test_exact_world_cfg_plus_autoguidance_and_interval():
     g = compose(guidance.autoguidance(A, AB, 2.0), guidance.autoguidance(A, Bt, 1.5))
     D = A(x, sigma)
     torch.testing.assert_close(g(x, sigma), D + 1.0 * (D - AB(x, sigma)) + 0.5 * (D - Bt(x, sigma)))
-    gated = guidance.interval(g, 0.5, 5.0)                      # outside the interval: the main branch
+    gated = guidance.interval(g, 0.5, 5.0)  # outside the interval: the main branch
     assert torch.equal(gated(x, sigma), D)
 
 

@@ -9,7 +9,8 @@ and EDM-ES's uniform schedule (one constant b) gets most of the way.
 import pytest
 import torch
 
-from guidelab import guidance as G, metrics, samplers, schedules, toy
+from guidelab import guidance as G
+from guidelab import metrics, samplers, schedules, toy
 
 SIG = schedules.karras(32, 0.002, 5.0)
 N = 1024
@@ -28,7 +29,7 @@ def world():
 
 
 def _biased(W):
-    return lambda x, sigma: x - lam(sigma)[:, None] * (x - W(x, sigma))      # eps' = lambda eps
+    return lambda x, sigma: x - lam(sigma)[:, None] * (x - W(x, sigma))  # eps' = lambda eps
 
 
 def test_matching_lambda_undoes_the_exposure_bias_through_the_sampler(world):
@@ -40,9 +41,9 @@ def test_matching_lambda_undoes_the_exposure_bias_through_the_sampler(world):
 def test_uniform_schedule_moves_biased_samples_toward_the_exact_distribution(world):
     W, x, ref, exact = world
     biased = samplers.heun(_biased(W), x, SIG)
-    fixed = samplers.heun(G.epsilon_scaling(_biased(W), 1.02), x, SIG)            # EDM-ES: lambda(t) = b
+    fixed = samplers.heun(G.epsilon_scaling(_biased(W), 1.02), x, SIG)  # EDM-ES: lambda(t) = b
     sw = {k: metrics.sliced_wasserstein(v, ref) for k, v in (("exact", exact), ("biased", biased), ("fixed", fixed))}
-    assert sw["biased"] > 1.4 * sw["exact"]                       # the bias is visible above the sampling floor
+    assert sw["biased"] > 1.4 * sw["exact"]  # the bias is visible above the sampling floor
     assert sw["fixed"] < sw["exact"] + 0.25 * (sw["biased"] - sw["exact"])
     # over-denoising concentrates samples on the modes (higher mean log p than the data's); b undoes it
     lp = {k: metrics.mean_logp(W, v) for k, v in (("exact", exact), ("biased", biased), ("fixed", fixed))}

@@ -9,7 +9,6 @@ from guidelab.rng import SampleNoise
 from guidelab.toy.mixture import GaussianMixture
 
 
-
 def test_systematic_resampling_copies_each_particle_floor_or_ceil_of_k_times_its_weight():
     g = torch.Generator().manual_seed(0)
     log_w = torch.randn(50, generator=g, dtype=torch.float64) * 2
@@ -71,14 +70,14 @@ def test_fkc_anneals_a_mixture_to_p_beta():
         return 0.5 * float((torch.histc(s[:, 0], 50, -2.5, 2.5).double() / len(s) - binned).abs().sum())
 
     g = torch.Generator().manual_seed(0)
-    var = 0.09 + 1 - 0.4 ** 2 + 20 ** 2                      # p at sigma = 20 is ~ N(0.4, var); p^beta ~ N(0.4, var / beta)
+    var = 0.09 + 1 - 0.4**2 + 20**2  # p at sigma = 20 is ~ N(0.4, var); p^beta ~ N(0.4, var / beta)
     x = 0.4 + torch.randn(n, 1, generator=g, dtype=torch.float64) * (var / beta) ** 0.5
     sigmas = schedules.karras(128, 0.002, 20)
     plain = samplers.euler_ancestral(lambda x, s: x.lerp(p(x, s), beta), x, sigmas, noise=SampleNoise(range(n)))
     fkc = fkc_sample(p, x, sigmas, beta=beta, noise=SampleNoise(range(n)))
     # measured: 0.059 vs 0.129 (exact samples: 0.032); ratio 0.35-0.53 over 4 seeds
     assert tv(fkc) < 0.65 * tv(plain)
-    assert abs(float((fkc < 0).double().mean()) - 0.09 / 0.58) < 0.06   # SMC spread over seeds: 0.12-0.17
+    assert abs(float((fkc < 0).double().mean()) - 0.09 / 0.58) < 0.06  # SMC spread over seeds: 0.12-0.17
 
 
 def test_cost_one_batched_call_per_step_and_groups_are_batch_invariant():
@@ -92,9 +91,9 @@ def test_cost_one_batched_call_per_step_and_groups_are_batch_invariant():
     x = toy.tree("AB").sample(n, 5.0, generator=torch.Generator().manual_seed(3))
     sigmas = schedules.karras(8, 0.002, 5, dtype=torch.float32)
     full = fkc_sample(cfg(D, 2.0, null=2), x, sigmas, cond=_label(n), noise=SampleNoise(range(n)), particles=K)
-    assert calls == [2 * n] * 8                                # both branches in one batched call per step
-    part = fkc_sample(cfg(D, 2.0, null=2), x[K:2 * K], sigmas, cond=_label(K), noise=SampleNoise(range(K, 2 * K)), particles=K)
-    assert torch.equal(full[K:2 * K], part)
+    assert calls == [2 * n] * 8  # both branches in one batched call per step
+    part = fkc_sample(cfg(D, 2.0, null=2), x[K : 2 * K], sigmas, cond=_label(K), noise=SampleNoise(range(K, 2 * K)), particles=K)
+    assert torch.equal(full[K : 2 * K], part)
 
 
 def test_user_errors():

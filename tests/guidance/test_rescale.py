@@ -11,7 +11,8 @@ import math
 import pytest
 import torch
 
-from guidelab import guidance as G, samplers, schedules
+from guidelab import guidance as G
+from guidelab import samplers, schedules
 from guidelab.guidance._spaces import to_space
 from guidelab.toy import GaussianMixture
 
@@ -22,7 +23,7 @@ SIG = schedules.karras(32, 0.002, 5.0)
 def _world(phi_bright):
     i = torch.arange(D_PIX, dtype=torch.float64)
     pattern = torch.sin(2 * math.pi * i / D_PIX)
-    cov = (0.1 ** 2 * torch.eye(D_PIX, dtype=torch.float64))[None].repeat(2, 1, 1)
+    cov = (0.1**2 * torch.eye(D_PIX, dtype=torch.float64))[None].repeat(2, 1, 1)
     return GaussianMixture([phi_bright, 1 - phi_bright], torch.stack([0.6 * pattern, 0.3 * pattern]), cov, dtype=torch.float64)
 
 
@@ -43,13 +44,13 @@ def test_rescale_undoes_the_over_saturation_of_high_weight_cfg(start):
     cond = _contrast(samplers.heun(COND, start, SIG))
     bright = _contrast(BRIGHT.sample(1024, 0.0, generator=torch.Generator().manual_seed(1)))
     cfg = _contrast(samplers.heun(G.cfg(COND, 8.0, uncond=UNCOND), start, SIG))
-    assert cfg > bright > cond                                   # CFG: more contrast than any data image
+    assert cfg > bright > cond  # CFG: more contrast than any data image
     full = _contrast(samplers.heun(G.rescale(G.cfg(COND, 8.0, uncond=UNCOND), 1.0, space="x0"), start, SIG))
     part = _contrast(samplers.heun(G.rescale(G.cfg(COND, 8.0, uncond=UNCOND), 0.7, space="x0"), start, SIG))
-    assert abs(full - cond) < 0.05 * (cfg - cond)                # phi = 1: the conditional model's contrast
-    assert cond < part < cfg                                     # phi = 0.7: in between (eq. 17)
+    assert abs(full - cond) < 0.05 * (cfg - cond)  # phi = 1: the conditional model's contrast
+    assert cond < part < cfg  # phi = 0.7: in between (eq. 17)
     v = _contrast(samplers.heun(G.rescale(G.cfg(COND, 8.0, uncond=UNCOND), 0.7), start, SIG))
-    assert v < cfg                                               # the paper's v space lowers it too, less
+    assert v < cfg  # the paper's v space lowers it too, less
 
 
 @pytest.mark.parametrize("space", ["x0", "eps", "v"])
@@ -63,8 +64,9 @@ def test_each_evaluation_mixes_the_stds_exactly(start, space, phi):
     def spy(x, sigma):
         seen.append((x, sigma))
         return guided(x, sigma)
+
     samplers.heun(spy, start[:16], SIG)
-    assert len(seen) == 2 * (len(SIG) - 1) - 1                    # Heun: no second evaluation at sigma = 0
+    assert len(seen) == 2 * (len(SIG) - 1) - 1  # Heun: no second evaluation at sigma = 0
     for x, sigma in seen[::7]:
         y_c, y_u = (to_space(D(x, sigma), x, sigma, space) for D in (COND, UNCOND))
         y_cfg = y_u + 8.0 * (y_c - y_u)

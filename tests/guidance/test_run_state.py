@@ -4,7 +4,8 @@ CFG-Zero*'s zero-init reads its step index, ICG / TSG draw from its per-sample s
 import pytest
 import torch
 
-from guidelab import guidance as G, samplers, schedules, toy
+from guidelab import guidance as G
+from guidelab import samplers, schedules, toy
 from guidelab.errors import GuidelabError
 from guidelab.guidance import tfg_sample
 from guidelab.rng import SampleNoise
@@ -32,14 +33,28 @@ class Constant:
 def _denoised(sampler, g, **kw):
     x = torch.zeros(4, 2, dtype=torch.float64) + 3.0
     seen = []
-    sampler(g, x, SIG, cond={"label": torch.ones(4, dtype=torch.long)}, noise=SampleNoise(range(4)),
-            callback=lambda d: seen.append(d["denoised"][0].clone()), **kw)
+    sampler(
+        g,
+        x,
+        SIG,
+        cond={"label": torch.ones(4, dtype=torch.long)},
+        noise=SampleNoise(range(4)),
+        callback=lambda d: seen.append(d["denoised"][0].clone()),
+        **kw,
+    )
     return seen
 
 
-@pytest.mark.parametrize("sampler, kw", [(samplers.euler, {}), (samplers.heun, {"s_churn": 40.0}),
-                                         (samplers.dpm_2_ancestral, {"eta": 1.0}), (samplers.heun, {}),
-                                         (samplers.dpmpp_2s_ancestral, {})])
+@pytest.mark.parametrize(
+    "sampler, kw",
+    [
+        (samplers.euler, {}),
+        (samplers.heun, {"s_churn": 40.0}),
+        (samplers.dpm_2_ancestral, {"eta": 1.0}),
+        (samplers.heun, {}),
+        (samplers.dpmpp_2s_ancestral, {}),
+    ],
+)
 def test_apg_momentum_advances_once_per_step_and_never_resets_mid_run(sampler, kw):
     """m_i = c (1 - beta^(i+1)) / (1 - beta) at step i. Old code: heun + churn reset the momentum at every step
     (sigma rose between calls), dpm_2_ancestral at eta = 1 from float rounding; Heun counted two updates a step."""
@@ -58,7 +73,7 @@ def test_apg_momentum_is_fresh_for_every_run_and_refused_outside_one():
     x, s = torch.zeros(4, 2, dtype=torch.float64), torch.ones(4, dtype=torch.float64)
     with pytest.raises(GuidelabError, match="apg with momentum"):
         g(x, s, label=torch.ones(4, dtype=torch.long))
-    G.apg(G.cfg(Constant(), 3.0), eta=0.0)(x, s, label=torch.ones(4, dtype=torch.long))   # beta = 0: stateless
+    G.apg(G.cfg(Constant(), 3.0), eta=0.0)(x, s, label=torch.ones(4, dtype=torch.long))  # beta = 0: stateless
 
 
 def test_run_steps_set_the_step_index_and_state_is_per_owner():
@@ -78,11 +93,12 @@ def test_cfg_zero_star_zero_initialises_the_first_step_by_default():
     cond = {"label": torch.zeros(8, dtype=torch.long)}
     for sampler in (samplers.euler, samplers.heun):
         xs, Ds = [], []
-        sampler(G.cfg_zero_star(G.cfg(W, 4.0)), x, SIG, cond=cond,
-                callback=lambda d: (xs.append(d["x"]), Ds.append(d["denoised"])))
+        sampler(
+            G.cfg_zero_star(G.cfg(W, 4.0)), x, SIG, cond=cond, callback=lambda d: (xs.append(d["x"]), Ds.append(d["denoised"]))
+        )
         s0, s1 = float(SIG[0]), float(SIG[1])
         torch.testing.assert_close(Ds[0], x / (1 + s0))
-        torch.testing.assert_close(xs[1] / (1 + s1), x / (1 + s0))       # the rescaled sample did not move
+        torch.testing.assert_close(xs[1] / (1 + s1), x / (1 + s0))  # the rescaled sample did not move
         assert (Ds[1] - xs[1] / (1 + s1)).abs().max() > 1e-3
     with pytest.raises(GuidelabError, match="zero-initialises the first 1 steps"):
         G.cfg_zero_star(G.cfg(W, 4.0))(x, SIG[:1].expand(8), **cond)
@@ -142,12 +158,15 @@ def test_tfg_refuses_brownian_noise():
 
 def test_tfg_clips_images_to_the_data_range_by_default():
     """Official default clip_x0=True, range 1: image batches [B, C, H, W] clipped to [-1, 1]; points are not."""
+
     def loud(x, sigma):
         return 3.0 * x / (1 + sigma.reshape(-1, *[1] * (x.ndim - 1)) ** 2)
 
     def run(x, **kw):
-        return tfg_sample(loud, x, SIG, lambda y: -y.flatten(1).square().sum(1), preset="dps", rho=0.0,
-                          noise=SampleNoise(range(4)), **kw)
+        return tfg_sample(
+            loud, x, SIG, lambda y: -y.flatten(1).square().sum(1), preset="dps", rho=0.0, noise=SampleNoise(range(4)), **kw
+        )
+
     img = torch.randn(4, 1, 2, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 5
     assert torch.equal(run(img), run(img, clip_x0=1.0)) and not torch.equal(run(img), run(img, clip_x0=None))
     pts = img.flatten(1)

@@ -7,7 +7,6 @@ from guidelab.guidance.tfg import PRESETS, measurement_objective, tfg_sample
 from guidelab.models.classifier import tree_classifier
 from guidelab.rng import SampleNoise
 
-
 SIGMAS = schedules.karras(32, 0.002, 5, dtype=torch.float32)
 
 
@@ -28,8 +27,9 @@ def test_zero_strength_is_the_ancestral_sampler_bit_for_bit():
     world, x = toy.tree("AB"), _start(32)
     ref = samplers.euler_ancestral(world, x, SIGMAS, noise=SampleNoise(range(32)))
     for preset in PRESETS:
-        out = tfg_sample(world, x, SIGMAS, log_p_a, preset=preset, rho=0.0, mu=0.0, gamma=0.0, n_recur=1,
-                         noise=SampleNoise(range(32)))
+        out = tfg_sample(
+            world, x, SIGMAS, log_p_a, preset=preset, rho=0.0, mu=0.0, gamma=0.0, n_recur=1, noise=SampleNoise(range(32))
+        )
         assert torch.equal(out, ref), preset
 
 
@@ -51,15 +51,15 @@ def test_user_energy_objective_pulls_samples_toward_the_target():
     world, n, c = toy.tree("AB"), 128, torch.tensor([0.6, 0.9])
     x = _start(n, seed=1)
     base = samplers.euler_ancestral(world, x, SIGMAS, noise=SampleNoise(range(n)))
-    out = tfg_sample(world, x, SIGMAS, lambda y: -((y - c) ** 2).sum(1) / (2 * 0.3 ** 2), preset="dps", rho=0.05,
-                     noise=SampleNoise(range(n)))
+    out = tfg_sample(
+        world, x, SIGMAS, lambda y: -((y - c) ** 2).sum(1) / (2 * 0.3**2), preset="dps", rho=0.05, noise=SampleNoise(range(n))
+    )
     assert float((out - c).norm(dim=1).median()) < 0.5 * float((base - c).norm(dim=1).median())
 
 
 def test_per_sample_seeds_make_tfg_batch_size_invariant():
     world, x = toy.tree("AB"), _start(12, seed=2)
-    full = tfg_sample(world, x, SIGMAS, log_p_a, preset="tfg", rho=0.02, mu=0.02,
-                      noise=SampleNoise(range(12)))
+    full = tfg_sample(world, x, SIGMAS, log_p_a, preset="tfg", rho=0.02, mu=0.02, noise=SampleNoise(range(12)))
     part = tfg_sample(world, x[4:9], SIGMAS, log_p_a, preset="tfg", rho=0.02, mu=0.02, noise=SampleNoise(range(4, 9)))
     assert torch.equal(full[4:9], part)
 
@@ -81,7 +81,7 @@ def test_cost_per_step(preset):
     tfg_sample(D, _start(n), sigmas, f, preset=preset, noise=SampleNoise(range(n)))
     p = PRESETS[preset]
     steps = len(sigmas) - 1
-    assert calls["D"] == steps * p["n_recur"]                            # n_recur NFE per step
+    assert calls["D"] == steps * p["n_recur"]  # n_recur NFE per step
     eps = p["eps_bsz"] if p["gamma"] > 0 else 1
     per_recur = eps * ((p["rho"] != 0) + (p["mu"] != 0) * p["n_iter"])
     assert calls["f"] == steps * p["n_recur"] * per_recur
@@ -115,11 +115,12 @@ def test_step_size_schedules_follow_the_official_code():
     alpha = torch.tensor([(1 + b * b) / (1 + a * a) for a, b in zip(sig[:-1], sig[1:])], dtype=torch.float64)
     for kind, s in (("increase", alpha), ("decrease", 1 - alpha), ("constant", torch.ones_like(alpha))):
         got = torch.tensor(_step_weights(sig, kind), dtype=torch.float64)
-        torch.testing.assert_close(got, s * len(s) / s.sum())           # rho_t = rho s_t N / sum(s): mean rho
+        torch.testing.assert_close(got, s * len(s) / s.sum())  # rho_t = rho s_t N / sum(s): mean rho
     assert PRESETS["dps"]["rho_schedule"] == "constant" and "rho_schedule" not in PRESETS["tfg"]
 
 
 # --- clip_x0 (official _predict_x0 clipping) ------------------------------------------------------------
+
 
 def _bounded_world():
     """A 1-D world in [-1, 1] (the image range): two narrow modes at -0.8 and 0.8."""
@@ -128,11 +129,20 @@ def _bounded_world():
 
 def test_clip_x0_off_is_unchanged_and_a_range_containing_everything_is_bit_identical():
     world, x = toy.tree("AB"), _start(16, seed=4)
-    run = lambda **kw: tfg_sample(world, x, SIGMAS, log_p_a, preset="tfg", rho=0.02, mu=0.02,  # noqa: E731
-                                  noise=SampleNoise(range(16)), **kw)
+    run = lambda **kw: tfg_sample(
+        world,
+        x,
+        SIGMAS,
+        log_p_a,
+        preset="tfg",
+        rho=0.02,
+        mu=0.02,  # noqa: E731
+        noise=SampleNoise(range(16)),
+        **kw,
+    )
     ref = run()
     assert torch.equal(run(clip_x0=None), ref)
-    assert torch.equal(run(clip_x0=1e6), ref)                    # clamp in range: value and gradient exact
+    assert torch.equal(run(clip_x0=1e6), ref)  # clamp in range: value and gradient exact
     assert torch.equal(run(clip_x0=(-1e6, 1e6)), ref)
 
 
@@ -155,9 +165,9 @@ def test_clip_x0_stops_an_unbounded_objective_from_leaving_the_range():
     f = lambda y: k * y[:, 0]
     free = tfg_sample(world, x, SIGMAS, f, preset="dps", rho=rho, noise=SampleNoise(range(n)))
     clipped = tfg_sample(world, x, SIGMAS, f, preset="dps", rho=rho, clip_x0=1.0, noise=SampleNoise(range(n)))
-    assert float(free.max()) > 1 + 5 * rho * k                   # unclipped: far outside the data range
-    assert float(clipped.max()) <= 1 + 1.05 * rho * k            # D' <= 1 + o(1) at sigma_min for these modes
-    assert float((clipped > 0).float().mean()) > 0.95            # ... and the guidance still works
+    assert float(free.max()) > 1 + 5 * rho * k  # unclipped: far outside the data range
+    assert float(clipped.max()) <= 1 + 1.05 * rho * k  # D' <= 1 + o(1) at sigma_min for these modes
+    assert float((clipped > 0).float().mean()) > 0.95  # ... and the guidance still works
 
 
 def test_clip_x0_user_errors():
@@ -168,6 +178,7 @@ def test_clip_x0_user_errors():
 
 
 # --- DPS normalisation: measurement_objective ------------------------------------------------------------
+
 
 def test_dps_step_is_the_gradient_of_the_residual_norm():
     """One DPS step on a linear denoiser D = k x and a linear A, against the gradient written out by hand.
@@ -181,15 +192,14 @@ def test_dps_step_is_the_gradient_of_the_residual_norm():
     A = torch.randn(m, d, generator=g, dtype=torch.float64)
     y = torch.randn(B, m, generator=g, dtype=torch.float64)
     x = torch.randn(B, d, generator=g, dtype=torch.float64)
-    k = sd ** 2 / (sd ** 2 + sigma ** 2)
-    D = lambda x_, s: x_ * (sd ** 2 / (sd ** 2 + s[:, None] ** 2))                 # exact denoiser of N(0, sd^2 I)
-    sig = torch.tensor([sigma, 0.0], dtype=torch.float64)                          # one step to sigma = 0: DDIM gives D
+    k = sd**2 / (sd**2 + sigma**2)
+    D = lambda x_, s: x_ * (sd**2 / (sd**2 + s[:, None] ** 2))  # exact denoiser of N(0, sd^2 I)
+    sig = torch.tensor([sigma, 0.0], dtype=torch.float64)  # one step to sigma = 0: DDIM gives D
     r = y - (k * x) @ A.t()
-    for kind, grad in (("dps", k * (r / r.norm(dim=1, keepdim=True)) @ A),
-                       ("gaussian", k * r @ A / 0.5 ** 2)):
+    for kind, grad in (("dps", k * (r / r.norm(dim=1, keepdim=True)) @ A), ("gaussian", k * r @ A / 0.5**2)):
         obj = measurement_objective(A, y, kind=kind, sigma_y=0.5)
         out = tfg_sample(D, x, sig, obj, preset="dps", rho=rho, noise=SampleNoise(range(B)))
-        torch.testing.assert_close(out, k * x + rho * (1 + sigma ** 2) * grad, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(out, k * x + rho * (1 + sigma**2) * grad, rtol=1e-12, atol=1e-12)
     # a callable A and one measurement for the whole batch give the same objective
     obj_m = measurement_objective(A, y[0], kind="dps")
     obj_c = measurement_objective(lambda x0: x0 @ A.t(), y[0], kind="dps")
@@ -206,8 +216,19 @@ def test_dps_step_size_does_not_depend_on_the_residual_size():
     sig = torch.tensor([0.5, 0.0], dtype=torch.float64)
     steps = {}
     for kind in ("dps", "gaussian"):
-        steps[kind] = [float(tfg_sample(D, x, sig, measurement_objective(A, torch.tensor([[c, 0.0]], dtype=torch.float64), kind=kind),
-                                        preset="dps", rho=0.1).norm()) for c in (1.0, 10.0)]
+        steps[kind] = [
+            float(
+                tfg_sample(
+                    D,
+                    x,
+                    sig,
+                    measurement_objective(A, torch.tensor([[c, 0.0]], dtype=torch.float64), kind=kind),
+                    preset="dps",
+                    rho=0.1,
+                ).norm()
+            )
+            for c in (1.0, 10.0)
+        ]
     assert steps["dps"][0] == pytest.approx(steps["dps"][1]) == pytest.approx(0.1 * 1.25)
     assert steps["gaussian"][1] == pytest.approx(10 * steps["gaussian"][0])
 

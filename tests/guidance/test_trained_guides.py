@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from guidelab import guidance as G, metrics, samplers, schedules, toy
+from guidelab import guidance as G
+from guidelab import metrics, samplers, schedules, toy
 from guidelab.training import load_model, snapshot_path, train_toy
 
 N = 512
@@ -13,8 +14,18 @@ SIG = schedules.karras(32, 0.002, 5.0, dtype=torch.float32)
 @pytest.fixture(scope="module")
 def run_snapshots(tmp_path_factory):
     """A small ToyMLP trained on class A by exact-score matching; returns (EMA snapshot at 40 iters, final at 300)."""
-    final = train_toy(tmp_path_factory.mktemp("run"), classes="A", hidden=32, depth=3, output="denoiser", loss="edm",
-                      iters=300, batch=512, snapshot_every=20, progress=False)
+    final = train_toy(
+        tmp_path_factory.mktemp("run"),
+        classes="A",
+        hidden=32,
+        depth=3,
+        output="denoiser",
+        loss="edm",
+        iters=300,
+        batch=512,
+        snapshot_every=20,
+        progress=False,
+    )
     early = snapshot_path(final.parent, 40, 0.010)
     return load_model(early), load_model(final)
 

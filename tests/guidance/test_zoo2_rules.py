@@ -22,9 +22,14 @@ A, B = toy.tree("A", dtype=torch.float64), toy.tree("B", dtype=torch.float64)
 x, s = X0[:16] * 0.3, torch.full((16,), 0.7, dtype=torch.float64)
 lab = {"label": torch.zeros(16, dtype=torch.long)}
 
-RULES = {"tcfg": G.tcfg, "cfg_norm": G.cfg_norm, "mag": G.mag, "dynamic_thresholding": G.dynamic_thresholding,
-         "perp_neg": lambda g: G.perp_neg(g, {"label": 1}),
-         "cads": lambda g: G.cads(g, key="emb")}
+RULES = {
+    "tcfg": G.tcfg,
+    "cfg_norm": G.cfg_norm,
+    "mag": G.mag,
+    "dynamic_thresholding": G.dynamic_thresholding,
+    "perp_neg": lambda g: G.perp_neg(g, {"label": 1}),
+    "cads": lambda g: G.cads(g, key="emb"),
+}
 
 
 class Images:
@@ -34,7 +39,7 @@ class Images:
     condition = G.Condition("label", {"label": 2}, 2)
 
     def __call__(self, x, sigma, label=None, emb=None):
-        y = x.permute(0, 3, 1, 2).reshape(-1, 2)                    # pixel pairs [B*8, 2]
+        y = x.permute(0, 3, 1, 2).reshape(-1, 2)  # pixel pairs [B*8, 2]
         lab_ = (label if label is not None else torch.zeros(x.shape[0], dtype=torch.long)).repeat_interleave(8)
         out = W(y, sigma.repeat_interleave(8), lab_).reshape(x.shape[0], 8, 1, 2).permute(0, 2, 3, 1)
         return out if emb is None else out + 0.1 * emb[:, None, None, :1]
@@ -51,8 +56,10 @@ def test_neutral_settings_are_bit_identical():
     torch.testing.assert_close(G.mag(cfg4, alpha=0)(x, s, **lab), cfg4(x, s, **lab), rtol=0, atol=1e-14)
     run = G.Run(x, SIG)
     emb = {"emb": torch.randn(16, 4, dtype=torch.float64)}
+
     def WE(x_, sigma, label, emb):
         return W(x_, sigma, label) + 0.1 * emb[:, :2]
+
     off = G.cads(WE, key="emb", tau1=1.0, tau2=2.0).start(run)
     assert torch.equal(off(x, s, **emb, **lab), WE(x, s, emb=emb["emb"], **lab))
 
@@ -61,11 +68,11 @@ def test_tcfg_drops_exactly_the_second_singular_direction():
     D_c, D_u = W(x, s, **lab), W(x, s, label=2)
     e_c, e_u = to_space(D_c, x, s, "eps"), to_space(D_u, x, s, "eps")
     u = damp_tangent(e_c, e_u)
-    X = torch.stack([e_c, e_u], 1)                                   # [B, 2, 2]
-    v1 = torch.linalg.eigh(X.transpose(1, 2) @ X).eigenvectors[..., -1]   # top eigenvector of X^T X
+    X = torch.stack([e_c, e_u], 1)  # [B, 2, 2]
+    v1 = torch.linalg.eigh(X.transpose(1, 2) @ X).eigenvectors[..., -1]  # top eigenvector of X^T X
     torch.testing.assert_close(u, (e_u * v1).sum(1, keepdim=True) * v1, rtol=1e-10, atol=1e-12)
-    assert ((e_u - u) * v1).sum(1).abs().max() < 1e-10             # what is removed is orthogonal to v1
-    torch.testing.assert_close(damp_tangent(e_c, 0.5 * e_c), 0.5 * e_c)   # parallel branches: nothing removed
+    assert ((e_u - u) * v1).sum(1).abs().max() < 1e-10  # what is removed is orthogonal to v1
+    torch.testing.assert_close(damp_tangent(e_c, 0.5 * e_c), 0.5 * e_c)  # parallel branches: nothing removed
     got = G.tcfg(G.cfg(W, 3.0))(x, s, **lab)
     torch.testing.assert_close(to_space(got, x, s, "eps"), u + 3.0 * (e_c - u))
 
@@ -82,11 +89,11 @@ def test_fdg_bands_sum_back_and_equal_weights_are_cfg():
     # w_low = 1: the conditional's low-pass band with CFG's high band, collapsed (by hand, with F.avg_pool2d)
     c, u = D(xi, si, **li), D(xi, si, label=torch.full((4,), 2))
     low_c, low_u = (torch.nn.functional.avg_pool2d(t, 2) for t in (c, u))
-    up = lambda t: torch.nn.functional.interpolate(t, size=(2, 8), mode="bilinear", align_corners=False)   # noqa: E731
+    up = lambda t: torch.nn.functional.interpolate(t, size=(2, 8), mode="bilinear", align_corners=False)  # noqa: E731
     high = (u - up(low_u)) + 3.0 * ((c - up(low_c)) - (u - up(low_u)))
     torch.testing.assert_close(G.fdg(cfg, 1.0)(xi, si, **li), up(low_c) + high, rtol=0, atol=1e-12)
     with pytest.raises(GuidelabError):
-        G.fdg(G.cfg(D, 1.0), 2.0)                                    # w = 1 would silently skip w_low
+        G.fdg(G.cfg(D, 1.0), 2.0)  # w = 1 would silently skip w_low
 
 
 def test_cfg_norm_caps_the_norm_at_the_conditional():
@@ -98,8 +105,8 @@ def test_cfg_norm_caps_the_norm_at_the_conditional():
     n_c, n_cfg, n = c.norm(dim=1), cfg.norm(dim=1), got.norm(dim=1)
     assert (n <= n_c + 1e-12).all()
     keep = n_cfg <= n_c
-    torch.testing.assert_close(n[~keep], n_c[~keep])                 # shrunk exactly to the conditional's norm
-    torch.testing.assert_close(got.movedim(1, -1)[keep], cfg.movedim(1, -1)[keep])   # untouched where smaller
+    torch.testing.assert_close(n[~keep], n_c[~keep])  # shrunk exactly to the conditional's norm
+    torch.testing.assert_close(got.movedim(1, -1)[keep], cfg.movedim(1, -1)[keep])  # untouched where smaller
 
 
 def test_mag_weight_is_damped_by_the_magnitude_ratio():
@@ -117,7 +124,7 @@ def test_dynamic_thresholding_bounds_and_leaves_small_outputs():
     assert big.abs().max() <= 0.5 + 1e-12
     ref = cfg(x, s, **lab)
     s_ = ref.abs().max(1).values.clamp_min(0.5)
-    torch.testing.assert_close(big, ref * (0.5 / s_)[:, None])       # p = 1: a rescale by max(|x0|, c) / c
+    torch.testing.assert_close(big, ref * (0.5 / s_)[:, None])  # p = 1: a rescale by max(|x0|, c) / c
     torch.testing.assert_close(G.dynamic_thresholding(cfg, max_value=100.0)(x, s, **lab), ref)
 
 
@@ -127,9 +134,10 @@ def test_perp_neg_adds_only_a_direction_orthogonal_to_the_positive_one():
     def counted(x_, sigma, label):
         calls.append(x_.shape[0])
         return W(x_, sigma, label)
+
     counted.condition = W.condition
     got = G.perp_neg(G.cfg(counted, 3.0), {"label": 1}, neg_w=2.0)(x, s, **lab)
-    assert calls == [48]                                               # three branches, one batched call
+    assert calls == [48]  # three branches, one batched call
     D_c, D_u, D_n = W(x, s, **lab), W(x, s, label=2), W(x, s, label=1)
     e_pos, e_neg = D_c - D_u, D_n - D_u
     extra = got - G.cfg(W, 3.0)(x, s, **lab)
@@ -145,6 +153,7 @@ def test_cads_anneals_the_condition_on_the_paper_schedule():
     def spy(x_, sigma, emb):
         seen.append(emb.clone())
         return x_ * 0
+
     y = torch.ones(16, 4, dtype=torch.float64)
     run = G.Run(x, torch.linspace(1, 0, 11, dtype=torch.float64), seeds=range(16))
     g = G.cads(spy, key="emb", psi=None, noise_scale=0.5).start(run)
@@ -156,29 +165,37 @@ def test_cads_anneals_the_condition_on_the_paper_schedule():
         if gam == 1:
             assert torch.equal(e, y)
         elif gam == 0:
-            assert abs(float(e.std()) - 0.5) < 0.2 and e.mean().abs() < 0.25          # pure noise, s n
+            assert abs(float(e.std()) - 0.5) < 0.2 and e.mean().abs() < 0.25  # pure noise, s n
     first = seen[0]
     again = G.cads(spy, key="emb", psi=None, noise_scale=0.5).start(G.Run(x, run.sigmas, seeds=range(16)))
     seen.clear()
     again(x, s, emb=y)
-    assert torch.equal(seen[0], first)                                               # per-sample seeded
+    assert torch.equal(seen[0], first)  # per-sample seeded
     with pytest.raises(GuidelabError):
-        G.cads(spy, key="emb")(x, s, emb=y)                                          # outside a run
+        G.cads(spy, key="emb")(x, s, emb=y)  # outside a run
     with pytest.raises(GuidelabError):
-        G.cads(W).start(run)(x, s, **lab)                                             # integer labels
+        G.cads(W).start(run)(x, s, **lab)  # integer labels
 
 
 @functools.lru_cache(None)
 def stats(name):
-    gs = {"cfg8": lambda: G.cfg(W, 8.0), "norm8": lambda: G.cfg_norm(G.cfg(W, 8.0), per="sample"),
-          "dt8": lambda: G.dynamic_thresholding(G.cfg(W, 8.0), max_value=1.0), "mag8": lambda: G.mag(G.cfg(W, 8.0), alpha=1.0),
-          "tcfg8": lambda: G.tcfg(G.cfg(W, 8.0)), "cfg3": lambda: G.cfg(W, 3.0),
-          "perp3": lambda: G.perp_neg(G.cfg(W, 3.0), {"label": 1}, neg_w=1.0), "unguided": lambda: W}
+    gs = {
+        "cfg8": lambda: G.cfg(W, 8.0),
+        "norm8": lambda: G.cfg_norm(G.cfg(W, 8.0), per="sample"),
+        "dt8": lambda: G.dynamic_thresholding(G.cfg(W, 8.0), max_value=1.0),
+        "mag8": lambda: G.mag(G.cfg(W, 8.0), alpha=1.0),
+        "tcfg8": lambda: G.tcfg(G.cfg(W, 8.0)),
+        "cfg3": lambda: G.cfg(W, 3.0),
+        "perp3": lambda: G.perp_neg(G.cfg(W, 3.0), {"label": 1}, neg_w=1.0),
+        "unguided": lambda: W,
+    }
     out = samplers.heun(gs[name](), X0, SIG, cond=COND)
     ref = A.sample(N, 0.0, generator=torch.Generator().manual_seed(1))
     centre = ref.mean(0)
-    return {"fracA": (A.logp(out) > B.logp(out)).double().mean().item(),
-            "overshoot": (out - centre).norm(dim=1).mean().item() - (ref - centre).norm(dim=1).mean().item()}
+    return {
+        "fracA": (A.logp(out) > B.logp(out)).double().mean().item(),
+        "overshoot": (out - centre).norm(dim=1).mean().item() - (ref - centre).norm(dim=1).mean().item(),
+    }
 
 
 @pytest.mark.parametrize("name", ["norm8", "dt8", "mag8", "tcfg8"])

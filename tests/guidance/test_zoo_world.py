@@ -13,7 +13,8 @@ import functools
 import pytest
 import torch
 
-from guidelab import guidance as G, metrics, samplers, schedules, toy
+from guidelab import guidance as G
+from guidelab import metrics, samplers, schedules, toy
 
 N = 256
 SIG = schedules.karras(32, 0.002, 5.0, dtype=torch.float32)
@@ -29,7 +30,7 @@ GUIDERS = {
     "cfg4": lambda: G.cfg(W, 4.0),
     "icg4": lambda: G.icg(W, 4.0, seeds=range(N)),
     "cfg3_perfect": lambda: G.cfg(W0, 3.0),
-    "interval3_perfect": lambda: G.interval(G.cfg(W0, 3.0), 0.28, 1.61),    # EDM2-XXL FID interval
+    "interval3_perfect": lambda: G.interval(G.cfg(W0, 3.0), 0.28, 1.61),  # EDM2-XXL FID interval
     "cfg8": lambda: G.cfg(W, 8.0),
     "apg8": lambda: G.apg(G.cfg(W, 8.0), eta=0.0),
     "zero_star8": lambda: G.cfg_zero_star(G.cfg(W, 8.0)),
@@ -41,8 +42,12 @@ def stats(name: str) -> dict:
     out = samplers.heun(GUIDERS[name](), X0, SIG, cond=COND)
     p, r = metrics.precision_recall(REF, out)
     centre = REF.mean(0)
-    return {"P": p, "R": r, "fracA": (A.logp(out) > B.logp(out)).float().mean().item(),
-            "overshoot": (out - centre).norm(dim=1).mean().item() - (REF - centre).norm(dim=1).mean().item()}
+    return {
+        "P": p,
+        "R": r,
+        "fracA": (A.logp(out) > B.logp(out)).float().mean().item(),
+        "overshoot": (out - centre).norm(dim=1).mean().item() - (REF - centre).norm(dim=1).mean().item(),
+    }
 
 
 def test_cfg_raises_class_fraction_and_precision():
@@ -68,6 +73,6 @@ def test_interval_keeps_more_recall_at_equal_quality():
 @pytest.mark.parametrize("name", ["apg8", "zero_star8"])
 def test_apg_and_cfg_zero_star_reduce_the_overshoot_of_high_weight_cfg(name):
     c, g = stats("cfg8"), stats(name)
-    assert c["overshoot"] > 0.05                              # CFG at w = 8 pushes samples outwards
+    assert c["overshoot"] > 0.05  # CFG at w = 8 pushes samples outwards
     assert abs(g["overshoot"]) < 0.5 * c["overshoot"]
-    assert g["fracA"] > stats("unguided")["fracA"] + 0.15    # while still guiding towards class A
+    assert g["fracA"] > stats("unguided")["fracA"] + 0.15  # while still guiding towards class A

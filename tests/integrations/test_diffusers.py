@@ -29,35 +29,68 @@ from guidelab.errors import GuidelabError
 from guidelab.integrations import diffusers as gd
 
 B, C, H = 2, 3, 8
-NULL = 10                                                     # null class id of the tiny class-conditional UNet
+NULL = 10  # null class id of the tiny class-conditional UNet
 
 
 def _unet(seed):
     torch.manual_seed(seed)
-    return UNet2DModel(sample_size=H, in_channels=C, out_channels=C, block_out_channels=(16, 32), layers_per_block=1,
-                       down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-                       norm_num_groups=8, attention_head_dim=8, num_class_embeds=NULL + 1)
+    return UNet2DModel(
+        sample_size=H,
+        in_channels=C,
+        out_channels=C,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+        attention_head_dim=8,
+        num_class_embeds=NULL + 1,
+    )
 
 
 def _text_unet(seed):
     torch.manual_seed(seed)
-    return UNet2DConditionModel(sample_size=H, in_channels=C, out_channels=C, block_out_channels=(16, 32),
-                                layers_per_block=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), norm_num_groups=8,
-                                cross_attention_dim=16, attention_head_dim=8)
+    return UNet2DConditionModel(
+        sample_size=H,
+        in_channels=C,
+        out_channels=C,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+        cross_attention_dim=16,
+        attention_head_dim=8,
+    )
 
 
 def _dit(seed):
     torch.manual_seed(seed)
-    return DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=C, out_channels=2 * C,
-                                 num_layers=2, sample_size=H, patch_size=2, num_embeds_ada_norm=NULL)
+    return DiTTransformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=C,
+        out_channels=2 * C,
+        num_layers=2,
+        sample_size=H,
+        patch_size=2,
+        num_embeds_ada_norm=NULL,
+    )
 
 
 def _dit_legacy(seed):
     torch.manual_seed(seed)
-    return Transformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=C, out_channels=2 * C,
-                              num_layers=2, sample_size=H, patch_size=2, num_embeds_ada_norm=NULL,
-                              norm_type="ada_norm_zero")
+    return Transformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=C,
+        out_channels=2 * C,
+        num_layers=2,
+        sample_size=H,
+        patch_size=2,
+        num_embeds_ada_norm=NULL,
+        norm_type="ada_norm_zero",
+    )
 
 
 MODELS = {"unet": _unet, "text_unet": _text_unet, "dit": _dit, "dit_legacy": _dit_legacy}
@@ -84,20 +117,26 @@ def _null(kind, cond):
 
 def _guided_output(model, kind, prediction_type, x_in, t, cond, w):
     """diffusers' way: two separate passes, ``out_u + w (out_c - out_u)`` on the model output."""
-    t = torch.as_tensor(t).expand(x_in.shape[0])               # DiT needs a [B] timestep
+    t = torch.as_tensor(t).expand(x_in.shape[0])  # DiT needs a [B] timestep
     out_c = model(x_in, timestep=t, **cond).sample[:, :C]
     out_u = model(x_in, timestep=t, **_null(kind, cond)).sample[:, :C]
     return out_u + w * (out_c - out_u)
 
 
 def _denoiser(folder, kind):
-    den = gd.load(folder, dtype=torch.float64, null_text=torch.zeros(1, 4, 16) if kind == "text_unet" else None,
-                  null_label=NULL if kind == "unet" else None)
+    den = gd.load(
+        folder,
+        dtype=torch.float64,
+        null_text=torch.zeros(1, 4, 16) if kind == "text_unet" else None,
+        null_label=NULL if kind == "unet" else None,
+    )
     return den, guidance.cfg(den, 2.5)
 
 
-@pytest.mark.parametrize("kind,prediction_type", [("unet", "epsilon"), ("text_unet", "v_prediction"),
-                                                  ("dit", "epsilon"), ("unet", "sample"), ("dit_legacy", "epsilon")])
+@pytest.mark.parametrize(
+    "kind,prediction_type",
+    [("unet", "epsilon"), ("text_unet", "v_prediction"), ("dit", "epsilon"), ("unet", "sample"), ("dit_legacy", "epsilon")],
+)
 def test_ddim_cfg_equals_diffusers_loop(tmp_path, kind, prediction_type):
     folder = _save(tmp_path, kind, prediction_type)
     den, guided = _denoiser(folder, kind)
@@ -117,7 +156,7 @@ def test_ddim_cfg_equals_diffusers_loop(tmp_path, kind, prediction_type):
     x = x_vp * (1 + sigmas[0] ** 2).sqrt()
     ours = samplers.ddim(guided, x, sigmas, cond=cond)
     assert (ours - ref).abs().max() < 1e-4, (ours - ref).abs().max()
-    assert (ours - samplers.ddim(den, x, sigmas, cond=cond)).abs().max() > 1e-2   # guidance matters
+    assert (ours - samplers.ddim(den, x, sigmas, cond=cond)).abs().max() > 1e-2  # guidance matters
 
 
 @pytest.mark.parametrize("kind,prediction_type", [("unet", "epsilon"), ("text_unet", "v_prediction"), ("dit", "epsilon")])
@@ -129,7 +168,7 @@ def test_euler_cfg_equals_euler_discrete_scheduler(tmp_path, kind, prediction_ty
     den, guided = _denoiser(folder, kind)
     sched = EulerDiscreteScheduler.from_pretrained(folder, local_files_only=True)
     sched.set_timesteps(10)
-    spacing = sched.config.timestep_spacing                    # "leading", from the saved DDIM config
+    spacing = sched.config.timestep_spacing  # "leading", from the saved DDIM config
     assert torch.allclose(sched.sigmas.double(), den.sigmas(10, spacing), rtol=1e-6)
     gen = torch.Generator().manual_seed(1)
     cond = _cond(kind, gen)
@@ -164,11 +203,12 @@ def test_dpmpp_2m_cfg_equals_dpm_solver_multistep(tmp_path, kind, prediction_typ
     x = x_vp * (1 + sigmas[0].double() ** 2).sqrt()
     ours = samplers.dpmpp_2m(guided, x, sigmas, cond=cond)
     assert (ours - ref).abs().max() < 1e-4, (ours - ref).abs().max()
-    assert (ours - samplers.euler(guided, x, sigmas, cond=cond)).abs().max() > 1e-3   # the 2nd order matters
+    assert (ours - samplers.euler(guided, x, sigmas, cond=cond)).abs().max() > 1e-3  # the 2nd order matters
 
 
 # ---------------------------------------------------------------------------------------------
 # Loading, timesteps, prediction types.
+
 
 def test_missing_folder_is_one_clear_error(tmp_path):
     with pytest.raises(GuidelabError, match="does not exist .*nothing is downloaded"):
@@ -213,13 +253,17 @@ def test_prediction_types_convert_to_x0(tmp_path, prediction_type):
     with torch.no_grad():
         F_ = den.model(x_vp, torch.full((B,), float(t)), class_labels=labels).sample
         D = den(x, den.grid[t].expand(B), class_labels=labels)
-    x0 = {"epsilon": (x_vp - (1 - abar).sqrt() * F_) / abar.sqrt(),
-          "v_prediction": abar.sqrt() * x_vp - (1 - abar).sqrt() * F_, "sample": F_}[prediction_type]
+    x0 = {
+        "epsilon": (x_vp - (1 - abar).sqrt() * F_) / abar.sqrt(),
+        "v_prediction": abar.sqrt() * x_vp - (1 - abar).sqrt() * F_,
+        "sample": F_,
+    }[prediction_type]
     assert torch.allclose(D, x0, atol=1e-9)
 
 
 # ---------------------------------------------------------------------------------------------
 # Attention perturbation.
+
 
 def _count_calls(model):
     calls = []
@@ -231,9 +275,10 @@ def test_attention_hooks_on_a_single_layer():
     """PAG: softmax(QK^T)V -> V; SEG at infinite blur: every query replaced by the mean query; a tiny blur is
     no blur; only the marked rows change."""
     from diffusers.models.attention_processor import Attention
+
     torch.manual_seed(0)
     attn = Attention(query_dim=16, heads=2, dim_head=8).double()
-    h = torch.randn(3, 16, 16, dtype=torch.float64)            # [B, L = 4 x 4 tokens, dim]
+    h = torch.randn(3, 16, 16, dtype=torch.float64)  # [B, L = 4 x 4 tokens, dim]
     mask = torch.tensor([False, True, True])
     with torch.no_grad():
         plain = attn(h)
@@ -243,7 +288,7 @@ def test_attention_hooks_on_a_single_layer():
         with gd.perturbed_attention(attn, gd.Perturbation("seg", "all"), mask):
             seg = attn(h)
         q, k, v = (f(h).view(3, 16, 2, 8).transpose(1, 2) for f in (attn.to_q, attn.to_k, attn.to_v))
-        uniform = torch.softmax(q.mean(2, keepdim=True) @ k.transpose(-1, -2) / 8 ** 0.5, -1) @ v
+        uniform = torch.softmax(q.mean(2, keepdim=True) @ k.transpose(-1, -2) / 8**0.5, -1) @ v
         uniform = attn.to_out[0](uniform.expand(-1, -1, 16, -1).transpose(1, 2).reshape(3, 16, 16))
         with gd.perturbed_attention(attn, gd.Perturbation("seg", "all", blur_sigma=0.05), mask):
             seg_tiny = attn(h)
@@ -252,7 +297,7 @@ def test_attention_hooks_on_a_single_layer():
     assert torch.allclose(seg_tiny, plain, atol=1e-12)
     assert (pag[1:] - plain[1:]).abs().max() > 1e-2 and (seg[1:] - plain[1:]).abs().max() > 1e-2
     with torch.no_grad():
-        assert torch.equal(attn(h), plain)                     # hooks and the patched attention are gone
+        assert torch.equal(attn(h), plain)  # hooks and the patched attention are gone
 
 
 @pytest.mark.parametrize("mode", ["pag", "seg"])
@@ -260,20 +305,21 @@ def test_attention_hooks_on_scattered_rows_with_an_attention_mask(mode):
     """Marks [T, F, T, F] (four runs) with a per-row attention bias: every row equals that row run alone,
     perturbed or not, so batch-sized arguments of the attention are sliced with the rows."""
     from diffusers.models.attention_processor import Attention
+
     torch.manual_seed(1)
     attn = Attention(query_dim=16, heads=2, dim_head=8).double()
     h = torch.randn(4, 16, 16, dtype=torch.float64)
     bias = torch.zeros(4, 1, 16, dtype=torch.float64)
-    bias[:, :, 8:] = torch.tensor([0.0, -1e4, -3.0, -1e4], dtype=torch.float64)[:, None, None]   # rows differ
+    bias[:, :, 8:] = torch.tensor([0.0, -1e4, -3.0, -1e4], dtype=torch.float64)[:, None, None]  # rows differ
     marks = torch.tensor([True, False, True, False])
     pert = gd.Perturbation(mode, "all", blur_sigma=1.0)
     with torch.no_grad():
         with gd.perturbed_attention(attn, pert, marks):
             out = attn(h, attention_mask=bias)
         for i in range(4):
-            with gd.perturbed_attention(attn, pert, marks[i:i + 1]):
-                alone = attn(h[i:i + 1], attention_mask=bias[i:i + 1])
-            assert torch.allclose(out[i:i + 1], alone, atol=1e-12), i
+            with gd.perturbed_attention(attn, pert, marks[i : i + 1]):
+                alone = attn(h[i : i + 1], attention_mask=bias[i : i + 1])
+            assert torch.allclose(out[i : i + 1], alone, atol=1e-12), i
         plain = attn(h, attention_mask=bias)
     assert torch.allclose(out[1::2], plain[1::2], atol=1e-12) and (out[::2] - plain[::2]).abs().max() > 1e-2
 
@@ -293,7 +339,7 @@ def test_slg_skips_the_selected_blocks(tmp_path):
     with torch.no_grad():
         skipped = den.with_perturbation(pert)(x, sigma, class_labels=labels, perturb=torch.tensor([True, False]))
         plain = den(x, sigma, class_labels=labels)
-        mods[0][1].forward = lambda hidden_states, *a, **k: hidden_states     # the block removed by hand
+        mods[0][1].forward = lambda hidden_states, *a, **k: hidden_states  # the block removed by hand
         removed = den(x, sigma, class_labels=labels)
     assert torch.allclose(skipped[0], removed[0], atol=1e-12) and torch.equal(skipped[1], plain[1])
     assert (skipped[0] - plain[0]).abs().max() > 1e-4
@@ -308,7 +354,7 @@ def test_perturbation_guiders_batched_equal_separate_passes(tmp_path, mode, kind
     cond = _cond(kind, torch.Generator().manual_seed(4))
     sigmas = den.sigmas(5, "trailing")
     x = torch.randn(B, C, H, H, dtype=torch.float64) * sigmas[0]
-    guider = functools.partial(getattr(gd, mode), layers="all")   # every candidate layer of the 2-block DiT
+    guider = functools.partial(getattr(gd, mode), layers="all")  # every candidate layer of the 2-block DiT
     batched = samplers.euler(guider(den, 3.0), x, sigmas, cond=cond)
     assert calls == [2 * B] * 5
     calls.clear()
@@ -324,6 +370,7 @@ def test_perturbation_guiders_batched_equal_separate_passes(tmp_path, mode, kind
 # ---------------------------------------------------------------------------------------------
 # generate().
 
+
 def test_generate_seeds_batches_guiders_and_files(tmp_path):
     """Per-sample seeds: batch 1 and batch 3 give the same samples; autoguidance with a second diffusers
     model equals the guider built by hand; PNGs and the npz are written."""
@@ -334,17 +381,20 @@ def test_generate_seeds_batches_guiders_and_files(tmp_path):
     assert torch.allclose(a, b, atol=1e-10)
     den, g = gd.load(main, dtype=torch.float64), gd.load(guide, dtype=torch.float64)
     from guidelab.rng import SampleNoise
+
     noise = SampleNoise([5, 6, 7])
     sigmas = gd.make_sigmas(den, 4)
     x = noise.randn([C, H, H], dtype=torch.float64) * sigmas[0]
-    ref = samplers.dpmpp_2m_sde(guidance.autoguidance(den, g, 2.0), x, sigmas,
-                                cond={"class_labels": torch.full((3,), 3)}, noise=noise)
+    ref = samplers.dpmpp_2m_sde(
+        guidance.autoguidance(den, g, 2.0), x, sigmas, cond={"class_labels": torch.full((3,), 3)}, noise=noise
+    )
     assert torch.allclose(a, ref, atol=1e-10)
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["000005.png", "000006.png", "000007.png", "samples.npz"]
     import numpy as np
+
     with np.load(tmp_path / "a" / "samples.npz") as f:
         assert np.allclose(f["x"], a.numpy(), atol=1e-6) and f["seeds"].tolist() == [5, 6, 7]
-    for guider in ["cfg", "pag", "seg", "slg"]:                # slg: every step (its default window holds none of 4)
+    for guider in ["cfg", "pag", "seg", "slg"]:  # slg: every step (its default window holds none of 4)
         y = generate(main, guider=guider, w=2.0, null_label=NULL, interval=(0, math.inf) if guider == "slg" else None, **kw)
         assert y.shape == a.shape and torch.isfinite(y).all()
     with pytest.raises(GuidelabError, match="autoguidance needs --guide"):
@@ -358,12 +408,33 @@ def test_cli_diffusers_text_model_with_cfg(tmp_path, monkeypatch, capsys):
     from safetensors.torch import save_file
 
     from guidelab.app import cli
+
     folder = _save(tmp_path, "text_unet")
     emb = tmp_path / "emb.safetensors"
     save_file({"prompt_embeds": torch.randn(1, 4, 16), "null_embeds": torch.zeros(1, 4, 16)}, str(emb))
     out = tmp_path / "out"
-    args = ["diffusers", str(folder), "--out", str(out), "--guider", "cfg", "--weight", "3", "--sampler", "heun",
-            "--steps", "3", "--seeds", "4-6", "--batch", "2", "--prompt-embeds", str(emb), "--interval", "0.5-50"]
+    args = [
+        "diffusers",
+        str(folder),
+        "--out",
+        str(out),
+        "--guider",
+        "cfg",
+        "--weight",
+        "3",
+        "--sampler",
+        "heun",
+        "--steps",
+        "3",
+        "--seeds",
+        "4-6",
+        "--batch",
+        "2",
+        "--prompt-embeds",
+        str(emb),
+        "--interval",
+        "0.5-50",
+    ]
     result = CliRunner().invoke(cli.main, args)
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in out.iterdir()) == ["000004.png", "000005.png", "000006.png", "samples.npz"]
@@ -381,7 +452,7 @@ def test_euler_karras_sigmas_fractional_timesteps_match(tmp_path):
     sched = EulerDiscreteScheduler.from_pretrained(folder, local_files_only=True, use_karras_sigmas=True)
     sched.set_timesteps(6)
     frac = sched.timesteps - sched.timesteps.round()
-    assert frac.abs().max() > 0.05                              # really off the grid
+    assert frac.abs().max() > 0.05  # really off the grid
     assert torch.allclose(den.timestep(sched.sigmas[:-1].double()), sched.timesteps.double(), atol=1e-3)
     gen = torch.Generator().manual_seed(6)
     cond = _cond("unet", gen)
@@ -401,4 +472,4 @@ def test_generate_half_precision_model_keeps_a_float32_sampler(tmp_path):
     full = generate(folder, **kw)
     half = generate(folder, dtype=torch.bfloat16, **kw)
     assert half.dtype == torch.float32 and torch.isfinite(half).all()
-    assert (half - full).norm() < 0.05 * full.norm()             # bfloat16 network, same trajectory
+    assert (half - full).norm() < 0.05 * full.norm()  # bfloat16 network, same trajectory

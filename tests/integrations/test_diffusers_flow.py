@@ -31,8 +31,10 @@ def diffusers_loop(config, steps, latents, mu=None):
     return x
 
 
-@pytest.mark.parametrize("config,mu", [({"shift": 3.0}, None), ({"shift": 1.0}, None),
-                                       ({"use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15}, 0.8)])
+@pytest.mark.parametrize(
+    "config,mu",
+    [({"shift": 3.0}, None), ({"shift": 1.0}, None), ({"use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15}, 0.8)],
+)
 def test_euler_equals_flow_match_euler(config, mu):
     latents = torch.randn(3, 4, 2, 2)
     steps = 7
@@ -40,7 +42,7 @@ def test_euler_equals_flow_match_euler(config, mu):
     sig = flow.flow_sigmas(config, steps, mu=mu)
     assert sig[0] == flow.SIGMA_T1 and sig[-1] == 0
     den = flow.FlowDenoiser(velocity)
-    x = latents.to(flow.STATE_DTYPE) * (1 + sig[0])                  # x = x_t / (1 - t)
+    x = latents.to(flow.STATE_DTYPE) * (1 + sig[0])  # x = x_t / (1 - t)
     out = samplers.get("euler")(den, x, sig)
     assert (out.float() - ref).abs().max() < 1e-5
 
@@ -58,6 +60,7 @@ def test_map_identities():
 
 def test_flux_mu_matches_diffusers():
     from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
     assert flow.flux_mu(1024, {}) == pytest.approx(calculate_shift(1024))
 
 

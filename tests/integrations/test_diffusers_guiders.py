@@ -55,9 +55,13 @@ def _load(folder, **kw):
 @pytest.mark.parametrize("kind", ["unet", "dit", "text_unet", "pixart"])
 @pytest.mark.parametrize("guider", ["icg", "tsg", "apg"])
 def test_weight_one_is_the_unguided_model_bit_for_bit(tmp_path, kind, guider):
-    den = _load(_folder(tmp_path, kind), null_label=NULL if kind == "unet" else None,
-                null_text=torch.zeros(1, *_cond(kind)["encoder_hidden_states"].shape[1:], dtype=torch.float64)
-                if kind in ("text_unet", "pixart") else None)
+    den = _load(
+        _folder(tmp_path, kind),
+        null_label=NULL if kind == "unet" else None,
+        null_text=torch.zeros(1, *_cond(kind)["encoder_hidden_states"].shape[1:], dtype=torch.float64)
+        if kind in ("text_unet", "pixart")
+        else None,
+    )
     x, sigma = _inputs()
     cond = _cond(kind)
     calls = _calls(den.model)
@@ -66,7 +70,7 @@ def test_weight_one_is_the_unguided_model_bit_for_bit(tmp_path, kind, guider):
         D = make_guider(den, guider, 1.0, seeds=SEEDS)(x, sigma, **cond)
         D2 = make_guider(den, guider, 2.0, seeds=SEEDS)(x, sigma, **cond)
     assert torch.equal(D, plain)
-    assert [c[0].shape[0] for c in calls] == [B, B, 2 * B]          # w = 1: one call of B rows; w = 2: one of 2B
+    assert [c[0].shape[0] for c in calls] == [B, B, 2 * B]  # w = 1: one call of B rows; w = 2: one of 2B
     assert (D2 - plain).abs().max() > 1e-6
 
 
@@ -104,16 +108,16 @@ def test_icg_reference_rows_get_a_gaussian_embedding_with_the_prompts_mean_and_s
     x, sigma = _inputs()
     with torch.no_grad():
         guidance.icg(den, 3.0, seeds=SEEDS)(x, sigma, **cond)
-    (x_vp, t, kw), = calls
+    ((x_vp, t, kw),) = calls
     e = cond["encoder_hidden_states"]
     flat = e.flatten(1)
     n = draw_normal(SEEDS, sigma, e.shape[1:], ICG_SALT, e)
     expect = flat.mean(1)[:, None, None] + flat.std(1)[:, None, None] * n
     got = kw["encoder_hidden_states"]
     assert torch.equal(got[:B], e) and torch.allclose(got[B:], expect, atol=1e-12)
-    assert (got[B:] - e).abs().min() > 0                              # every coordinate is a new draw
+    assert (got[B:] - e).abs().min() > 0  # every coordinate is a new draw
     assert torch.equal(x_vp[:B], x_vp[B:]) and torch.equal(t[:B], t[B:])
-    if kind == "pixart":                                              # the prompt's mask on both halves
+    if kind == "pixart":  # the prompt's mask on both halves
         assert torch.equal(kw["encoder_attention_mask"], torch.cat([cond[gd.MASK]] * 2))
 
 
@@ -145,18 +149,18 @@ def test_tsg_perturbs_only_the_marked_rows_time_embedding(tmp_path, kind):
         D, D_ref = g.branches(x, sigma, cond)
         cond2 = {k: torch.cat([v, v]) for k, v in cond.items()}
         plain = den(torch.cat([x, x]), torch.cat([sigma, sigma]), **cond2)
-    n_emb = len(emb) // 2                                             # DiT calls its first embedder twice
+    n_emb = len(emb) // 2  # DiT calls its first embedder twice
     assert n_emb >= 1 and len(emb) == 2 * n_emb
     (xg, tg, _), (xp, tp, _) = calls
-    assert torch.equal(xg, xp) and torch.equal(tg, tp)                # preconditioning and timesteps unchanged
+    assert torch.equal(xg, xp) and torch.equal(tg, tp)  # preconditioning and timesteps unchanged
     assert torch.equal(D, plain[:B]) and (D_ref - plain[B:]).abs().max() > 1e-6
     dim = den.noise_embed_dim
-    t = sigma ** 2 / (1 + sigma ** 2)
+    t = sigma**2 / (1 + sigma**2)
     offset = s * t[:, None] ** alpha * draw_normal(SEEDS, sigma, (dim,), TSG_SALT, x)
     for e_g, e_p in zip(emb[:n_emb], emb[n_emb:]):
         assert torch.equal(e_g[:B], e_p[:B])
         assert torch.allclose(e_g[B:] - e_p[B:], offset, atol=1e-12)
-    with torch.no_grad():                                             # the hooks are gone after the call
+    with torch.no_grad():  # the hooks are gone after the call
         assert torch.equal(den(torch.cat([x, x]), torch.cat([sigma, sigma]), **cond2), plain)
 
 
@@ -202,8 +206,8 @@ def test_apg_through_make_guider(tmp_path):
         cfg = make_guider(den, "cfg", 3.0)(x, sigma, class_labels=y)
         same = make_guider(den, "apg", 3.0, options={"eta": 1.0})(x, sigma, class_labels=y)
         apg = make_guider(den, "apg", 3.0, options=opts)
-        first, second = _in_a_run(apg, x, sigmas, class_labels=y)        # momentum carried within a run
-        fresh, = _in_a_run(apg, x, sigmas[1:], class_labels=y)
+        first, second = _in_a_run(apg, x, sigmas, class_labels=y)  # momentum carried within a run
+        (fresh,) = _in_a_run(apg, x, sigmas[1:], class_labels=y)
         again, _ = _in_a_run(apg, x, sigmas, class_labels=y)
     assert torch.allclose(same, cfg, atol=1e-10) and (first - cfg).abs().max() > 1e-6
     assert (second - fresh).abs().max() > 1e-8 and torch.equal(again, first)
@@ -220,8 +224,14 @@ def test_generate_per_sample_seeds_and_calls(tmp_path, guider):
     """batch 1 == batch 3; every evaluation is one call of 2 x batch rows (B rows outside an interval);
     w = 1 equals the unguided run; a fresh APG momentum per call (two runs agree)."""
     folder = _folder(tmp_path, "dit")
-    kw = {"sampler": "euler", "steps": 3, "seeds": [5, 6, 7], "label": [1, 2, 3], "dtype": torch.float64,
-          "guider_options": {"beta": -0.5, "r": 5.0} if guider == "apg" else {}}
+    kw = {
+        "sampler": "euler",
+        "steps": 3,
+        "seeds": [5, 6, 7],
+        "label": [1, 2, 3],
+        "dtype": torch.float64,
+        "guider_options": {"beta": -0.5, "r": 5.0} if guider == "apg" else {},
+    }
     one = generate(folder, guider=guider, w=2.5, batch=1, **kw)
     three = generate(folder, guider=guider, w=2.5, batch=3, **kw)
     assert torch.allclose(one, three, atol=1e-10) and torch.equal(three, generate(folder, guider=guider, w=2.5, **kw))
@@ -229,12 +239,14 @@ def test_generate_per_sample_seeds_and_calls(tmp_path, guider):
     assert torch.equal(generate(folder, guider=guider, w=1.0, **kw), unguided)
     assert (three - unguided).abs().max() > 1e-4
     import diffusers
+
     calls = []
     orig = diffusers.DiTTransformer2DModel.forward
 
     def counted(self, hidden_states, *a, **k):
         calls.append(hidden_states.shape[0])
         return orig(self, hidden_states, *a, **k)
+
     diffusers.DiTTransformer2DModel.forward = counted
     try:
         generate(folder, guider=guider, w=2.5, batch=3, **kw)
@@ -243,45 +255,79 @@ def test_generate_per_sample_seeds_and_calls(tmp_path, guider):
         generate(folder, guider=guider, w=2.5, batch=3, interval=(0.0, float(sig[1]) + 1e-3), **kw)
     finally:
         diffusers.DiTTransformer2DModel.forward = orig
-    assert calls[:n] == [6] * 3 and calls[n:] == [3, 6, 6]           # euler: 3 evaluations; first outside (lo, hi]
+    assert calls[:n] == [6] * 3 and calls[n:] == [3, 6, 6]  # euler: 3 evaluations; first outside (lo, hi]
 
 
 def test_generate_bad_combinations_are_one_line_errors(tmp_path):
     folder, text = _folder(tmp_path, "unet"), _folder(tmp_path, "text_unet")
-    for guider, kw, msg in [("icg", {}, "icg on this model needs class_labels"),
-                            ("icg", {"label": 1, "guider_options": {"num_classes": "x"}},
-                             "icg option num_classes must be an integer"),
-                            ("icg", {"label": 1, "guider_options": {"num_classes": 1}}, "num_classes >= 2"),
-                            ("tsg", {"guider_options": {"num_classes": 3}}, "tsg takes no option num_classes"),
-                            ("apg", {"label": 1}, r"apg needs a class-conditional network \(its null label\)"),
-                            ("cfg", {"label": 1, "guide_options": 1}, "generate takes no guide_options; allowed: guider,")]:
+    for guider, kw, msg in [
+        ("icg", {}, "icg on this model needs class_labels"),
+        ("icg", {"label": 1, "guider_options": {"num_classes": "x"}}, "icg option num_classes must be an integer"),
+        ("icg", {"label": 1, "guider_options": {"num_classes": 1}}, "num_classes >= 2"),
+        ("tsg", {"guider_options": {"num_classes": 3}}, "tsg takes no option num_classes"),
+        ("apg", {"label": 1}, r"apg needs a class-conditional network \(its null label\)"),
+        ("cfg", {"label": 1, "guide_options": 1}, "generate takes no guide_options; allowed: guider,"),
+    ]:
         with pytest.raises(GuidelabError, match=msg) as e:
             generate(folder, guider=guider, w=2.0, steps=2, **kw)
         assert "\n" not in str(e.value)
     with pytest.raises(GuidelabError, match="num_classes is for class-conditional models"):
-        generate(text, guider="icg", w=2.0, steps=2, prompt_embeds=torch.randn(1, 4, 16),
-                 guider_options={"num_classes": 3})
+        generate(text, guider="icg", w=2.0, steps=2, prompt_embeds=torch.randn(1, 4, 16), guider_options={"num_classes": 3})
 
 
-@pytest.mark.parametrize("guider, extra", [("icg", ["--null-label", str(NULL)]),
-                                           ("tsg", ["--option", "s=1.0", "--option", "alpha=0.5"]),
-                                           ("apg", ["--null-label", str(NULL), "--option", "eta=0", "--option", "r=4",
-                                                    "--option", "beta=-0.5", "--interval", "0.2-100"])])
+@pytest.mark.parametrize(
+    "guider, extra",
+    [
+        ("icg", ["--null-label", str(NULL)]),
+        ("tsg", ["--option", "s=1.0", "--option", "alpha=0.5"]),
+        (
+            "apg",
+            ["--null-label", str(NULL), "--option", "eta=0", "--option", "r=4", "--option", "beta=-0.5", "--interval", "0.2-100"],
+        ),
+    ],
+)
 def test_cli(tmp_path, guider, extra):
     """``guidelab diffusers --guider icg|tsg|apg`` equals ``generate`` with the same arguments (float32)."""
     from click.testing import CliRunner
 
     from guidelab.app import cli
+
     folder = _folder(tmp_path, "unet")
     out = tmp_path / "out"
-    args = ["diffusers", str(folder), "--out", str(out), "--guider", guider, "--weight", "2", "--steps", "3",
-            "--seeds", "2-4", "--batch", "2", "--label", "3", *extra]
+    args = [
+        "diffusers",
+        str(folder),
+        "--out",
+        str(out),
+        "--guider",
+        guider,
+        "--weight",
+        "2",
+        "--steps",
+        "3",
+        "--seeds",
+        "2-4",
+        "--batch",
+        "2",
+        "--label",
+        "3",
+        *extra,
+    ]
     result = CliRunner().invoke(cli.main, args)
     assert result.exit_code == 0, result.output
     opts = {"icg": {}, "tsg": {"s": 1.0, "alpha": 0.5}, "apg": {"eta": 0, "r": 4, "beta": -0.5}}[guider]
-    ref = generate(folder, guider=guider, w=2.0, steps=3, seeds=[2, 3, 4], batch=2, label=3,
-                   null_label=NULL if guider != "tsg" else None, guider_options=opts,
-                   interval=(0.2, 100.0) if guider == "apg" else None)
+    ref = generate(
+        folder,
+        guider=guider,
+        w=2.0,
+        steps=3,
+        seeds=[2, 3, 4],
+        batch=2,
+        label=3,
+        null_label=NULL if guider != "tsg" else None,
+        guider_options=opts,
+        interval=(0.2, 100.0) if guider == "apg" else None,
+    )
     with np.load(out / "samples.npz") as f:
         assert np.allclose(f["x"], ref.numpy(), rtol=1e-6, atol=1e-5)
     bad = CliRunner().invoke(cli.main, [*args, "--option", "bogus=1"])
@@ -295,8 +341,12 @@ def test_generic_cfg_icg_tsg_equal_the_one_call_built_by_hand(tmp_path, kind):
     its mask; ICG's per-sample labels / Gaussian embedding; TSG's offset s t^alpha n added by a hand-written
     hook to the reference rows' time embedding (the former diffusers-only wrappers built exactly these)."""
     _, _, null, null_mask = pixart._prompts()
-    den = _load(_folder(tmp_path, kind), null_label=NULL if kind == "unet" else None,
-                null_text=null if kind == "pixart" else None, null_mask=null_mask if kind == "pixart" else None)
+    den = _load(
+        _folder(tmp_path, kind),
+        null_label=NULL if kind == "unet" else None,
+        null_text=null if kind == "pixart" else None,
+        null_mask=null_mask if kind == "pixart" else None,
+    )
     cond = _cond(kind)
     key = den.condition.key
     x, _ = _inputs()
@@ -312,6 +362,7 @@ def test_generic_cfg_icg_tsg_equal_the_one_call_built_by_hand(tmp_path, kind):
     def ours(g):
         with torch.no_grad():
             return g(x, sigma, **cond)
+
     y = cond[key]
     if kind == "unet":
         null_ref = {key: torch.cat([y, torch.full_like(y, NULL)])}
@@ -323,12 +374,14 @@ def test_generic_cfg_icg_tsg_equal_the_one_call_built_by_hand(tmp_path, kind):
         icg_ref = {key: torch.cat([y, y_hat])}
     assert torch.equal(ours(guidance.cfg(den, w)), by_hand(**null_ref))
     assert torch.equal(ours(guidance.icg(den, w, seeds=SEEDS)), by_hand(**icg_ref))
-    t = sigma ** 2 / (1 + sigma ** 2)
+    t = sigma**2 / (1 + sigma**2)
     offset = s * t[:, None] ** alpha * draw_normal(SEEDS, sigma, (den.noise_embed_dim,), TSG_SALT, x)
     rows = torch.tensor([False] * B + [True] * B)
     full = torch.cat([torch.zeros_like(offset), offset])
-    handles = [m.register_forward_hook(lambda m, a, o: torch.where(rows[:, None], o + full.to(o), o))
-               for _, m in den.embedders.modules(den.model)]
+    handles = [
+        m.register_forward_hook(lambda m, a, o: torch.where(rows[:, None], o + full.to(o), o))
+        for _, m in den.embedders.modules(den.model)
+    ]
     try:
         tsg_ref = by_hand()
     finally:
@@ -342,6 +395,7 @@ def test_icg_tsg_draw_from_the_runs_per_sample_seeds_by_default(tmp_path, guider
     """Without seeds=, ICG / TSG on a diffusers model draw from the sampler's per-sample seeds (SampleNoise): the
     same samples as with seeds= given, and batch invariant."""
     from guidelab.rng import SampleNoise
+
     den = _load(_folder(tmp_path, "dit"))
     make = getattr(guidance, guider)
     sigmas = gd.make_sigmas(den, 3)
@@ -353,6 +407,7 @@ def test_icg_tsg_draw_from_the_runs_per_sample_seeds_by_default(tmp_path, guider
         x = noise.randn([C, H, H], dtype=torch.float64) * sigmas[0]
         with torch.no_grad():
             return samplers.euler_ancestral(g, x, sigmas, cond={"class_labels": y[rows]}, noise=noise)
+
     default = run(make(den, 2.0), [0, 1, 2])
     assert torch.equal(default, run(make(den, 2.0, seeds=seeds), [0, 1, 2]))
     assert torch.allclose(default[1:], run(make(den, 2.0), [1, 2]), atol=1e-10)

@@ -30,6 +30,7 @@ def _process_wide_patch(model, perturbation, mask, offset=None):
     mods = perturbation.modules(model)
     marks = mask.bool().tolist()
     if perturbation.mode in ("slg", "tsg"):
+
         def hook(m, args, kwargs, out):
             keep = mask.bool()
             if perturbation.mode == "tsg":
@@ -37,6 +38,7 @@ def _process_wide_patch(model, perturbation, mask, offset=None):
             o = out[0] if isinstance(out, tuple) else out
             o = torch.where(keep.view(-1, *[1] * (o.ndim - 1)), args[0] if args else kwargs["hidden_states"], o)
             return (o, *out[1:]) if isinstance(out, tuple) else o
+
         handles = [m.register_forward_hook(hook, with_kwargs=True) for _, m in mods]
 
     def sdpa(q, k, v, *a, **kw):
@@ -48,8 +50,7 @@ def _process_wide_patch(model, perturbation, mask, offset=None):
             while j < len(marks) and marks[j] == marks[i]:
                 j += 1
             cut = [x[i:j] if isinstance(x, torch.Tensor) and x.ndim and x.shape[0] == len(marks) else x for x in a]
-            kwc = {n: x[i:j] if isinstance(x, torch.Tensor) and x.ndim and x.shape[0] == len(marks) else x
-                   for n, x in kw.items()}
+            kwc = {n: x[i:j] if isinstance(x, torch.Tensor) and x.ndim and x.shape[0] == len(marks) else x for n, x in kw.items()}
             if not marks[i]:
                 out.append(original(q[i:j], k[i:j], v[i:j], *cut, **kwc))
             elif perturbation.mode == "pag":
@@ -86,8 +87,12 @@ def _load(tmp_path, kind):
         emb, mask, null, null_mask = pixart._prompts()
         den = gd.load(pixart._save(tmp_path), dtype=torch.float64, null_text=null, null_mask=null_mask)
         return den, {"encoder_hidden_states": emb, gd.MASK: mask}
-    den = gd.load(base._save(tmp_path, kind), dtype=torch.float64, null_label=NULL if kind == "unet" else None,
-                  null_text=torch.zeros(1, 4, 16, dtype=torch.float64) if kind == "text_unet" else None)
+    den = gd.load(
+        base._save(tmp_path, kind),
+        dtype=torch.float64,
+        null_label=NULL if kind == "unet" else None,
+        null_text=torch.zeros(1, 4, 16, dtype=torch.float64) if kind == "text_unet" else None,
+    )
     return den, base._cond(kind, torch.Generator().manual_seed(3))
 
 
@@ -99,11 +104,16 @@ def test_scoped_hooks_equal_the_process_wide_patch_bit_for_bit(tmp_path, kind, m
     processors = _processors(den.model)
     sigmas = den.sigmas(3, "trailing")
     x = torch.randn(B, C, H, H, generator=torch.Generator().manual_seed(5), dtype=torch.float64) * sigmas[0]
-    every = {"layers": "all"}                                   # the tiny models have no block 7, 8, 9
-    guiders = {"pag": lambda: gd.pag(den, 2.5, **every), "seg": lambda: gd.seg(den, 2.5, blur_sigma=1.0, **every),
-               "seg_inf": lambda: gd.seg(den, 2.5, **every), "slg": lambda: gd.slg(den, 2.5, **every),
-               "tsg": lambda: guidance.tsg(den, 2.0, s=0.5, alpha=1.0, seeds=[1, 2]), "pag_mid": lambda: gd.pag(den, 2.5),
-               "pag_cfg": lambda: gd.pag(den, 2.5, cfg_weight=3.0, **every)}
+    every = {"layers": "all"}  # the tiny models have no block 7, 8, 9
+    guiders = {
+        "pag": lambda: gd.pag(den, 2.5, **every),
+        "seg": lambda: gd.seg(den, 2.5, blur_sigma=1.0, **every),
+        "seg_inf": lambda: gd.seg(den, 2.5, **every),
+        "slg": lambda: gd.slg(den, 2.5, **every),
+        "tsg": lambda: guidance.tsg(den, 2.0, s=0.5, alpha=1.0, seeds=[1, 2]),
+        "pag_mid": lambda: gd.pag(den, 2.5),
+        "pag_cfg": lambda: gd.pag(den, 2.5, cfg_weight=3.0, **every),
+    }
     with torch.no_grad():
         ours = {k: samplers.euler(g(), x, sigmas, cond=cond) for k, g in guiders.items()}
         monkeypatch.setattr(adapter, "perturbed_attention", _process_wide_patch)
@@ -132,13 +142,14 @@ def test_another_thread_and_another_model_at_the_same_time_are_unaffected(tmp_pa
         perturbed = _perturbed_call(den, pert, x, sigma, cond)
     assert (perturbed - plain).abs().max() > 1e-6
     _, layer = pert.modules(den.model)[0]
-    inside = layer.to_out[0] if mode != "slg" else layer        # a point inside the perturbation's scope
+    inside = layer.to_out[0] if mode != "slg" else layer  # a point inside the perturbation's scope
     a_inside, b_done, out = threading.Event(), threading.Event(), {}
 
     def stop_in_a(module, args):
         if threading.current_thread().name == "A" and not a_inside.is_set():
             a_inside.set()
             assert b_done.wait(30), "thread B did not finish"
+
     handle = inside.register_forward_pre_hook(stop_in_a)
 
     def run_a():
@@ -150,6 +161,7 @@ def test_another_thread_and_another_model_at_the_same_time_are_unaffected(tmp_pa
         with torch.no_grad():
             out["b"], out["b_other"] = den(x, sigma, **cond), other(x, sigma, **cond)
         b_done.set()
+
     threads = [threading.Thread(target=run_a, name="A"), threading.Thread(target=run_b, name="B")]
     try:
         for t in threads:
@@ -167,15 +179,16 @@ def test_overlapping_scopes_install_once_and_clean_up(tmp_path):
     """Nested contexts on one model share one wrapper per layer and remove it after the last; an attention
     processor that never calls scaled_dot_product_attention is refused, not silently left unperturbed."""
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
     den, cond = _load(tmp_path, "unet")
-    (_, layer), = gd.Perturbation("pag", layers=["mid_block"]).modules(den.model)
+    ((_, layer),) = gd.Perturbation("pag", layers=["mid_block"]).modules(den.model)
     inner = layer.processor
     pert = gd.Perturbation("pag", layers=["mid_block"])
     mask = torch.tensor([True, False])
     with hooks.perturbed_attention(den.model, pert, mask):
         wrapper = layer.processor
         assert isinstance(wrapper, hooks._Processor) and wrapper.inner is inner
-        assert inspect.signature(wrapper.__call__) == inspect.signature(inner.__call__)   # same keywords passed on
+        assert inspect.signature(wrapper.__call__) == inspect.signature(inner.__call__)  # same keywords passed on
         with hooks.perturbed_attention(den.model, pert, mask):
             assert layer.processor is wrapper
         assert layer.processor is wrapper
@@ -186,12 +199,13 @@ def test_overlapping_scopes_install_once_and_clean_up(tmp_path):
         _perturbed_call(den, pert, x, sigma, cond)
     assert isinstance(layer.processor, AttnProcessor) and hooks._INSTALLED == {}
     layer.set_processor(AttnProcessor2_0())
-    with torch.no_grad():                                       # guiders still work after an error
+    with torch.no_grad():  # guiders still work after an error
         assert torch.isfinite(samplers.euler(guidance.interval(gd.pag(den, 2.0), 0.0, 1e9), x, den.sigmas(2), cond=cond)).all()
 
 
 # ---------------------------------------------------------------------------------------------
 # Default layers and SLG's step window (diffusers' recommendations).
+
 
 def _names(mode, model, layers=None):
     return [n for n, _ in gd.Perturbation(mode, layers).modules(model)]
@@ -204,6 +218,7 @@ def _diffusers_pag_selection(model, layers):
 
     class Pipe(PAGMixin):
         pass
+
     pipe = Pipe()
     pipe.transformer = model
     if type(model).__name__.startswith("UNet"):
@@ -224,6 +239,7 @@ def test_default_layers_are_diffusers_recommendations():
     SEG and SLG on blocks 7, 8, 9 (its SkipLayerGuidance / SmoothedEnergyGuidance); TSG every time embedder;
     layers=... overrides; a model without the default layers is one clear error."""
     from diffusers import DiTTransformer2DModel
+
     unet, text_unet = base._unet(0), base._text_unet(0)
     for mode in ("pag", "seg", "slg"):
         assert _names(mode, unet) == ["mid_block.attentions.0"]
@@ -232,19 +248,27 @@ def test_default_layers_are_diffusers_recommendations():
     assert _names("pag", text_unet) == _names("seg", text_unet) == attn == _diffusers_pag_selection(text_unet, "mid")
     assert _names("slg", text_unet) == ["mid_block.attentions.0.transformer_blocks.0"]
     torch.manual_seed(0)
-    dit = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=C, out_channels=2 * C,
-                                num_layers=12, sample_size=H, patch_size=2, num_embeds_ada_norm=NULL)
+    dit = DiTTransformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=C,
+        out_channels=2 * C,
+        num_layers=12,
+        sample_size=H,
+        patch_size=2,
+        num_embeds_ada_norm=NULL,
+    )
     assert _names("pag", dit) == ["transformer_blocks.1.attn1"]
     assert _names("seg", dit) == [f"transformer_blocks.{i}.attn1" for i in (7, 8, 9)]
     assert _names("slg", dit) == [f"transformer_blocks.{i}" for i in (7, 8, 9)]
     assert len(_names("tsg", dit)) == 12 and _names("tsg", unet) == ["time_embedding"]
     px = pixart._model("pixart")
     assert _names("pag", px) == ["transformer_blocks.1.attn1"] == _diffusers_pag_selection(px, "blocks.1")
-    assert _names("slg", dit, ["blocks.1"]) == ["transformer_blocks.1"]            # not blocks.10, blocks.11
+    assert _names("slg", dit, ["blocks.1"]) == ["transformer_blocks.1"]  # not blocks.10, blocks.11
     assert _names("slg", dit, "all") == [f"transformer_blocks.{i}" for i in range(12)]
     assert _names("pag", unet, ["down_blocks"]) == ["down_blocks.1.attentions.0"]
     with pytest.raises(GuidelabError, match=r"slg: no layer of DiTTransformer2DModel matches .*\(the default"):
-        gd.Perturbation("slg").modules(base._dit(0))                              # 2 blocks: no block 7
+        gd.Perturbation("slg").modules(base._dit(0))  # 2 blocks: no block 7
     with pytest.raises(GuidelabError, match="layers must be"):
         gd.Perturbation("pag", [])
 
@@ -256,7 +280,7 @@ def test_slg_step_window_is_diffusers_sd3_gate(tmp_path):
     sig = gd.make_sigmas(den, 32)
     assert gd.step_window(sig, *gd.SLG_WINDOW) == (float(sig[7]), float(sig[1]))
     sig = gd.make_sigmas(den, 10)
-    lo, hi = gd.step_window(sig, *gd.SLG_WINDOW)                              # 0.1 < i < 2: step 1 only
+    lo, hi = gd.step_window(sig, *gd.SLG_WINDOW)  # 0.1 < i < 2: step 1 only
     calls = base._count_calls(den.model)
     x = torch.randn(B, C, H, H, dtype=torch.float64) * sig[0]
     with torch.no_grad():

@@ -15,15 +15,18 @@ from guidelab.integrations.diffusers import pipelines as gp  # noqa: E402
 
 def clip_tokenizer(folder):
     """A character-level CLIP BPE tokenizer (every byte a token, no merges) written to ``folder``."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) + \
-        list(range(ord("\xae"), ord("\xff") + 1))
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("\xa1"), ord("\xac") + 1))
+        + list(range(ord("\xae"), ord("\xff") + 1))
+    )
     cs, n = bs[:], 0
     for b in range(256):
         if b not in bs:
             bs.append(b)
             cs.append(256 + n)
             n += 1
-    chars = [chr(c) for c in cs]                    # GPT-2's byte -> unicode table
+    chars = [chr(c) for c in cs]  # GPT-2's byte -> unicode table
     vocab = {c: i for i, c in enumerate(chars)}
     vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
     vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
@@ -35,19 +38,35 @@ def clip_tokenizer(folder):
 
 
 def clip_text(vocab, dim=16, projection=False):
-    cfg = transformers.CLIPTextConfig(vocab_size=vocab, hidden_size=dim, intermediate_size=2 * dim,
-                                      num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=12,
-                                      projection_dim=dim, bos_token_id=vocab - 2, eos_token_id=vocab - 1,
-                                      pad_token_id=vocab - 1)
+    cfg = transformers.CLIPTextConfig(
+        vocab_size=vocab,
+        hidden_size=dim,
+        intermediate_size=2 * dim,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=12,
+        projection_dim=dim,
+        bos_token_id=vocab - 2,
+        eos_token_id=vocab - 1,
+        pad_token_id=vocab - 1,
+    )
     torch.manual_seed(0)
     return (transformers.CLIPTextModelWithProjection if projection else transformers.CLIPTextModel)(cfg).eval()
 
 
 def tiny_vae(latent=4):
     torch.manual_seed(0)
-    return diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=latent, block_out_channels=(8,),
-                                   down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",),
-                                   layers_per_block=1, norm_num_groups=4, sample_size=8).eval()
+    return diffusers.AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=latent,
+        block_out_channels=(8,),
+        down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",),
+        layers_per_block=1,
+        norm_num_groups=4,
+        sample_size=8,
+    ).eval()
 
 
 SCHED = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
@@ -57,17 +76,32 @@ def sd_folder(tmp, prediction="epsilon", sched="DDIMScheduler", unet_seed=0, tex
     tok, vocab = clip_tokenizer(tmp / "tok")
     torch.manual_seed(unet_seed)
     unet = diffusers.UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
-        norm_num_groups=4, cross_attention_dim=16, attention_head_dim=2,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        norm_num_groups=4,
+        cross_attention_dim=16,
+        attention_head_dim=2,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    )
     s = getattr(diffusers, sched).from_config({**SCHED, "prediction_type": prediction, **sched_kw})
     text = clip_text(vocab)
     if text_seed:
         torch.manual_seed(text_seed)
         text = type(text)(text.config).eval()
-    pipe = diffusers.StableDiffusionPipeline(vae=tiny_vae(), text_encoder=text, tokenizer=tok, unet=unet,
-                                             scheduler=s, safety_checker=None, feature_extractor=None,
-                                             requires_safety_checker=False)
+    pipe = diffusers.StableDiffusionPipeline(
+        vae=tiny_vae(),
+        text_encoder=text,
+        tokenizer=tok,
+        unet=unet,
+        scheduler=s,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     out = tmp / f"sd-{prediction}-{sched}-{unet_seed}-{text_seed}"
     pipe.save_pretrained(out)
     return out
@@ -79,8 +113,7 @@ def reference(folder, cls, prompt, g, steps, latents, **kw):
     pipe = getattr(diffusers, cls).from_pretrained(folder, local_files_only=True, **absent).to("cpu")
     pipe.set_progress_bar_config(disable=True)
     with torch.no_grad():
-        return pipe(prompt, guidance_scale=g, num_inference_steps=steps, latents=latents, output_type="pt",
-                    **kw).images
+        return pipe(prompt, guidance_scale=g, num_inference_steps=steps, latents=latents, output_type="pt", **kw).images
 
 
 @pytest.fixture(scope="module")
@@ -88,9 +121,14 @@ def sd(tmp_path_factory):
     return sd_folder(tmp_path_factory.mktemp("sd"))
 
 
-@pytest.mark.parametrize("prediction,sched,kw", [("epsilon", "DDIMScheduler", {}),
-                                                 ("v_prediction", "DDIMScheduler", {"clip_sample": True}),
-                                                 ("epsilon", "EulerDiscreteScheduler", {})])
+@pytest.mark.parametrize(
+    "prediction,sched,kw",
+    [
+        ("epsilon", "DDIMScheduler", {}),
+        ("v_prediction", "DDIMScheduler", {"clip_sample": True}),
+        ("epsilon", "EulerDiscreteScheduler", {}),
+    ],
+)
 def test_sd_equals_diffusers(tmp_path, prediction, sched, kw):
     folder = sd_folder(tmp_path, prediction, sched, **kw)
     torch.manual_seed(3)
@@ -100,7 +138,7 @@ def test_sd_equals_diffusers(tmp_path, prediction, sched, kw):
     pipe = gp.load_pipeline(folder)
     got = pipe.generate(["a red cube", "a blue ball"], guider="cfg", w=5.0, steps=6, latents=L, seeds=[0, 1])
     assert got.shape == ref.shape == (2, 3, 8, 8)
-    assert ref.std() > 1e-2 and (ref - reference(*args, 1.0, 6, L)).abs().max() > 1e-3    # an image, and CFG bites
+    assert ref.std() > 1e-2 and (ref - reference(*args, 1.0, 6, L)).abs().max() > 1e-3  # an image, and CFG bites
     assert (got - ref).abs().max() <= 1e-4
 
 
@@ -145,15 +183,32 @@ def test_bad_inputs(sd, tmp_path):
 def sd3_folder(tmp):
     tok, vocab = clip_tokenizer(tmp / "tok")
     torch.manual_seed(0)
-    net = diffusers.SD3Transformer2DModel(sample_size=8, patch_size=1, in_channels=4, out_channels=4, num_layers=1,
-                                          attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
-                                          caption_projection_dim=16, pooled_projection_dim=32, pos_embed_max_size=8)
+    net = diffusers.SD3Transformer2DModel(
+        sample_size=8,
+        patch_size=1,
+        in_channels=4,
+        out_channels=4,
+        num_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        caption_projection_dim=16,
+        pooled_projection_dim=32,
+        pos_embed_max_size=8,
+    )
     vae = tiny_vae()
     vae.register_to_config(shift_factor=0.1, scaling_factor=1.5)
     pipe = diffusers.StableDiffusion3Pipeline(
-        transformer=net, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
-        text_encoder=clip_text(vocab, projection=True), tokenizer=tok,
-        text_encoder_2=clip_text(vocab, projection=True), tokenizer_2=tok, text_encoder_3=None, tokenizer_3=None)
+        transformer=net,
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=vae,
+        text_encoder=clip_text(vocab, projection=True),
+        tokenizer=tok,
+        text_encoder_2=clip_text(vocab, projection=True),
+        tokenizer_2=tok,
+        text_encoder_3=None,
+        tokenizer_3=None,
+    )
     out = tmp / "sd3"
     pipe.save_pretrained(out)
     return out
@@ -169,10 +224,9 @@ def test_sd3_equals_diffusers(sd3):
     L = torch.randn(2, 4, 8, 8)
     args = (sd3, "StableDiffusion3Pipeline", ["a red cube", "a blue ball"])
     ref = reference(*args, 4.0, 5, L)
-    got = gp.load_pipeline(sd3).generate(["a red cube", "a blue ball"], guider="cfg", w=4.0, steps=5, latents=L,
-                                         seeds=[0, 1])
+    got = gp.load_pipeline(sd3).generate(["a red cube", "a blue ball"], guider="cfg", w=4.0, steps=5, latents=L, seeds=[0, 1])
     assert got.shape == ref.shape == (2, 3, 8, 8)
-    assert ref.std() > 1e-2 and (ref - reference(*args, 1.0, 5, L)).abs().max() > 1e-3    # an image, and CFG bites
+    assert ref.std() > 1e-2 and (ref - reference(*args, 1.0, 5, L)).abs().max() > 1e-3  # an image, and CFG bites
     assert (got - ref).abs().max() <= 1e-4
 
 
@@ -187,9 +241,10 @@ def test_sd3_guiders(sd3, guider):
 
 def test_sd3_w1_and_attention_guiders_refused(sd3):
     pipe = gp.load_pipeline(sd3)
-    assert torch.equal(pipe.generate("a", guider="cfg", w=1.0, steps=3, seeds=[2]),
-                       pipe.generate("a", guider="none", steps=3, seeds=[2]))
-    with pytest.raises(GuidelabError, match="slg needs a diffusers model"):   # SD3 joint-attention hooks: not yet
+    assert torch.equal(
+        pipe.generate("a", guider="cfg", w=1.0, steps=3, seeds=[2]), pipe.generate("a", guider="none", steps=3, seeds=[2])
+    )
+    with pytest.raises(GuidelabError, match="slg needs a diffusers model"):  # SD3 joint-attention hooks: not yet
         pipe.generate("a", guider="slg", w=3.0, steps=3)
 
 
@@ -197,9 +252,11 @@ def test_cli_generate(sd, tmp_path):
     from click.testing import CliRunner
 
     from guidelab.app.cli import main
+
     out = tmp_path / "run"
-    r = CliRunner().invoke(main, ["generate", str(sd), "--prompt", "a cube", "--weight", "3", "--steps", "2",
-                                  "--seeds", "0-1", "--out", str(out)])
+    r = CliRunner().invoke(
+        main, ["generate", str(sd), "--prompt", "a cube", "--weight", "3", "--steps", "2", "--seeds", "0-1", "--out", str(out)]
+    )
     assert r.exit_code == 0, r.output
     assert sorted(p.name for p in out.iterdir()) == ["000000.png", "000001.png", "grid.png"]
     help_text = CliRunner().invoke(main, ["generate", "--help"]).output
@@ -232,7 +289,7 @@ def test_half_precision_end_to_end(sd, dtype):
 def test_interval_guides_only_inside(sd):
     pipe = gp.load_pipeline(sd)
     full = pipe.generate("a cube", guider="cfg", w=3.0, steps=4, seeds=[0])
-    none = pipe.generate("a cube", guider="cfg", w=3.0, steps=4, seeds=[0], interval=(1e6, 1e7))   # no step inside
+    none = pipe.generate("a cube", guider="cfg", w=3.0, steps=4, seeds=[0], interval=(1e6, 1e7))  # no step inside
     part = pipe.generate("a cube", guider="cfg", w=3.0, steps=4, seeds=[0], interval=(0.0, 2.0))
     assert torch.equal(none, pipe.generate("a cube", guider="none", steps=4, seeds=[0]))
     assert (part - full).abs().max() > 1e-5 and (part - none).abs().max() > 1e-5

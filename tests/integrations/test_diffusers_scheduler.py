@@ -17,10 +17,16 @@ BASE = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_sta
 @pytest.fixture(scope="module")
 def unet():
     torch.manual_seed(0)
-    return diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1,
-                                 block_out_channels=(8, 16), norm_num_groups=4,
-                                 down_block_types=("DownBlock2D", "DownBlock2D"),
-                                 up_block_types=("UpBlock2D", "UpBlock2D")).eval()
+    return diffusers.UNet2DModel(
+        sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        layers_per_block=1,
+        block_out_channels=(8, 16),
+        norm_num_groups=4,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+    ).eval()
 
 
 def reference(unet, config, steps, latents):
@@ -40,7 +46,7 @@ def ours(unet, config, steps, latents):
     final = sch.final_sigma(den)
     x = sch.start(den, sig, latents.double())
     x = sch.sample(sch.default_sampler(config), sch.x0_wrapper(den), x, sig, final=final)
-    return (x / (1 + final ** 2) ** 0.5).float(), final
+    return (x / (1 + final**2) ** 0.5).float(), final
 
 
 CASES = [
@@ -58,7 +64,7 @@ def test_equals_scheduler_loop(unet, case):
     torch.manual_seed(1)
     latents = torch.randn(2, 3, 8, 8)
     if case["_class_name"] == "DDIMScheduler":
-        latents = latents * 3                        # x0 large enough that clipping / thresholding bites
+        latents = latents * 3  # x0 large enough that clipping / thresholding bites
     with torch.no_grad():
         ref = reference(unet, config, 10, latents)
         got, final = ours(unet, config, 10, latents)
@@ -80,12 +86,15 @@ def test_clipping_takes_effect(unet):
     assert (raw.float() - ref).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("case,match", [
-    ({"_class_name": "DDIMScheduler", "rescale_betas_zero_snr": True}, "zero terminal SNR"),
-    ({"_class_name": "EulerDiscreteScheduler", "use_exponential_sigmas": True}, "use_exponential_sigmas"),
-    ({"_class_name": "DPMSolverMultistepScheduler", "solver_order": 3}, "solver_order 2"),
-    ({"_class_name": "UniPCMultistepScheduler"}, "not supported; allowed"),
-])
+@pytest.mark.parametrize(
+    "case,match",
+    [
+        ({"_class_name": "DDIMScheduler", "rescale_betas_zero_snr": True}, "zero terminal SNR"),
+        ({"_class_name": "EulerDiscreteScheduler", "use_exponential_sigmas": True}, "use_exponential_sigmas"),
+        ({"_class_name": "DPMSolverMultistepScheduler", "solver_order": 3}, "solver_order 2"),
+        ({"_class_name": "UniPCMultistepScheduler"}, "not supported; allowed"),
+    ],
+)
 def test_refused(case, match):
     with pytest.raises(GuidelabError, match=match):
         sch.check_config({**BASE, **case})

@@ -2,5 +2,5 @@
 
 from guidelab import schedules
 
-N = 256                                        # samples per method run
-SIGMAS = schedules.karras(24, 0.002, 5.0)      # one budget for every method
+N = 256  # samples per method run
+SIGMAS = schedules.karras(24, 0.002, 5.0)  # one budget for every method

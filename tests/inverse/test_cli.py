@@ -23,28 +23,65 @@ def _run(*args):
 
 
 def test_inpaint_writes_samples_that_keep_the_known_pixels(digit, tmp_path):
-    r = _run("--task", "inpaint", "--method", "repaint", "--input", digit, "--out", tmp_path, "--n", 3, "--steps", 8,
-             "--jump-length", 2, "--jump-n-sample", 2, "--sigma-max", 20)
+    r = _run(
+        "--task",
+        "inpaint",
+        "--method",
+        "repaint",
+        "--input",
+        digit,
+        "--out",
+        tmp_path,
+        "--n",
+        3,
+        "--steps",
+        8,
+        "--jump-length",
+        2,
+        "--jump-n-sample",
+        2,
+        "--sigma-max",
+        20,
+    )
     assert r.exit_code == 0, r.output
     out = np.load(tmp_path / "samples.npz")
     assert out["x"].shape == (3, 1, 8, 8)
     known = np.ones((1, 8, 8), bool)
-    known[:, 2:6, 2:6] = False                                     # the centre mask
+    known[:, 2:6, 2:6] = False  # the centre mask
     np.testing.assert_array_equal(out["x"][:, known], np.broadcast_to(out["truth"][known], (3, known.sum())))
     assert (tmp_path / "grid.png").stat().st_size > 0
 
 
 def test_superres_with_dps(digit, tmp_path):
-    r = _run("--task", "superres", "--method", "dps", "--input", digit, "--out", tmp_path, "--n", 2, "--steps", 6,
-             "--zeta", 1.0, "--sigma-max", 20)
+    r = _run(
+        "--task",
+        "superres",
+        "--method",
+        "dps",
+        "--input",
+        digit,
+        "--out",
+        tmp_path,
+        "--n",
+        2,
+        "--steps",
+        6,
+        "--zeta",
+        1.0,
+        "--sigma-max",
+        20,
+    )
     assert r.exit_code == 0, r.output
     assert np.load(tmp_path / "samples.npz")["y"].shape == (1, 4, 4)
 
 
 def test_misuse_is_one_clear_error(digit, tmp_path):
-    for args, message in ((("--task", "inpaint", "--method", "ilvr", "--zeta", 1), "--zeta does not apply to --method ilvr"),
-                          (("--task", "colorize", "--method", "repaint"), "at least 2 channels")):
+    for args, message in (
+        (("--task", "inpaint", "--method", "ilvr", "--zeta", 1), "--zeta does not apply to --method ilvr"),
+        (("--task", "colorize", "--method", "repaint"), "at least 2 channels"),
+    ):
         r = _run(*args, "--input", digit, "--out", tmp_path, "--steps", 4)
         # one line, whether the group reports it (exit code 2) or leaves the GuidelabError to `run()`
-        assert r.exit_code != 0 and (message in r.output or (isinstance(r.exception, GuidelabError)
-                                                              and message in str(r.exception)))
+        assert r.exit_code != 0 and (
+            message in r.output or (isinstance(r.exception, GuidelabError) and message in str(r.exception))
+        )

@@ -34,8 +34,9 @@ def test_moves_samples_toward_the_exact_posterior_next_to_tfg(noisy_task, unguid
 
 def test_a_callable_non_linear_operator_is_accepted(noisy_task):
     x, noise = noisy_task.start(64)
-    out = dps(noisy_task.prior, x, SIGMAS, lambda x0: x0.square().sum(1, keepdim=True), torch.tensor([0.5]),
-              zeta=0.05, noise=noise)
+    out = dps(
+        noisy_task.prior, x, SIGMAS, lambda x0: x0.square().sum(1, keepdim=True), torch.tensor([0.5]), zeta=0.05, noise=noise
+    )
     x, noise = noisy_task.start(64)
     base = samplers.euler_ancestral(noisy_task.prior, x, SIGMAS, noise=noise)
     assert float((out.square().sum(1) - 0.5).abs().mean()) < 0.7 * float((base.square().sum(1) - 0.5).abs().mean())

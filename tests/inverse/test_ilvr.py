@@ -26,8 +26,9 @@ def test_applies_exactly_the_low_pass_of_the_reference():
     op = Downsample((1, 4, 4), 2)
     noise = SampleNoise(range(8))
     seen = []
-    out = ilvr(world, noise.randn([16]) * SIGMAS[0], SIGMAS, ref, operator=op, noise=noise,
-               callback=lambda d: seen.append(d["x"]))
+    out = ilvr(
+        world, noise.randn([16]) * SIGMAS[0], SIGMAS, ref, operator=op, noise=noise, callback=lambda d: seen.append(d["x"])
+    )
     # after every conditioned step phi_N(x) is the reference's forward-noised low pass; at sigma 0, phi_N(ref)
     torch.testing.assert_close(op.project(out), op.project(ref.expand(8, 16)), rtol=0, atol=1e-6)
     # ... while the high frequencies are the model's own (they differ between samples)
@@ -36,8 +37,7 @@ def test_applies_exactly_the_low_pass_of_the_reference():
 
 def test_range_t_covering_every_step_is_unconditional_ddpm_bit_for_bit(mask_task):
     x, noise = mask_task.start(32)
-    out = ilvr(mask_task.prior, x, SIGMAS, torch.tensor([0.3, 0.0]), operator=mask_task.op, range_t=len(SIGMAS) - 1,
-               noise=noise)
+    out = ilvr(mask_task.prior, x, SIGMAS, torch.tensor([0.3, 0.0]), operator=mask_task.op, range_t=len(SIGMAS) - 1, noise=noise)
     x, noise = mask_task.start(32)
     assert torch.equal(out, samplers.euler_ancestral(mask_task.prior, x, SIGMAS, noise=noise))
 
@@ -50,8 +50,9 @@ def test_moves_samples_toward_the_exact_posterior(mask_task, unguided):
     assert err < 1e-6 < base_err and lp > base_lp + 5
     # leaving the last steps free gives the model the final word: consistency is no longer exact
     x, noise = mask_task.start()
-    _, err_free = mask_task.score(ilvr(mask_task.prior, x, SIGMAS, torch.tensor([0.3, 0.0]), operator=mask_task.op,
-                                       range_t=4, noise=noise))
+    _, err_free = mask_task.score(
+        ilvr(mask_task.prior, x, SIGMAS, torch.tensor([0.3, 0.0]), operator=mask_task.op, range_t=4, noise=noise)
+    )
     assert 1e-6 < err_free < base_err
 
 

@@ -30,20 +30,20 @@ def test_forward_pinv_and_projection_are_the_linear_algebra(name):
     A = op.matrix()
     x = torch.randn(5, *op.shape, generator=torch.Generator().manual_seed(1), dtype=F64)
     torch.testing.assert_close(op(x).reshape(5, -1), x.reshape(5, -1) @ A.T)
-    torch.testing.assert_close(op(x.reshape(5, -1)), op(x))                 # the flat view of a sample is accepted
+    torch.testing.assert_close(op(x.reshape(5, -1)), op(x))  # the flat view of a sample is accepted
     A_pinv = torch.linalg.pinv(A)
     y = op(x)
     torch.testing.assert_close(op.pinv(y).reshape(5, -1), y.reshape(5, -1) @ A_pinv.T)
     P = op.project(x)
     torch.testing.assert_close(P.reshape(5, -1), x.reshape(5, -1) @ (A_pinv @ A).T)
-    torch.testing.assert_close(op.project(P), P)                            # idempotent
-    torch.testing.assert_close(op(P), y)                                    # keeps the measurement
+    torch.testing.assert_close(op.project(P), P)  # idempotent
+    torch.testing.assert_close(op(P), y)  # keeps the measurement
 
 
 def test_blur_is_a_normalised_convolution_without_projection():
     op = Blur((1, 5, 5), 3, 1.0)
     x = torch.ones(2, 1, 5, 5, dtype=F64)
-    torch.testing.assert_close(op(x)[:, :, 2, 2], torch.ones(2, 1, dtype=F64))   # interior of a constant image
+    torch.testing.assert_close(op(x)[:, :, 2, 2], torch.ones(2, 1, dtype=F64))  # interior of a constant image
     torch.testing.assert_close(op(x).reshape(2, -1), x.reshape(2, -1) @ op.matrix().T)
     with pytest.raises(GuidelabError, match="no exact pseudo-inverse"):
         op.project(x)

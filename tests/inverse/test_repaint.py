@@ -18,7 +18,7 @@ def test_jump_schedule_length_and_walk_at_the_paper_defaults():
     assert len(s) == 1 + 250 + 2 * 24 * 9 * 10 == 4571
     assert s[0] == 0 and s[-1] == 250
     assert all(abs(b - a) == 1 for a, b in itertools.pairwise(s))
-    assert sum(b > a for a, b in itertools.pairwise(s)) == 250 + 24 * 9 * 10 == 2410      # reverse steps = NFE
+    assert sum(b > a for a, b in itertools.pairwise(s)) == 250 + 24 * 9 * 10 == 2410  # reverse steps = NFE
     assert jump_schedule(7, 1, 1) == list(range(8))
 
 
@@ -42,14 +42,16 @@ def test_known_region_is_the_observation_and_nfe_is_counted(mask_task):
 def test_moves_samples_toward_the_exact_posterior(mask_task, unguided):
     base_lp, base_err = mask_task.score(unguided)
     x, noise = mask_task.start()
-    lp1, err1 = mask_task.score(repaint(mask_task.prior, x, SIGMAS, mask_task.op, mask_task.y, jump_length=1,
-                                        jump_n_sample=1, noise=noise))
+    lp1, err1 = mask_task.score(
+        repaint(mask_task.prior, x, SIGMAS, mask_task.op, mask_task.y, jump_length=1, jump_n_sample=1, noise=noise)
+    )
     x, noise = mask_task.start()
-    lp4, err4 = mask_task.score(repaint(mask_task.prior, x, SIGMAS, mask_task.op, mask_task.y, jump_length=4,
-                                        jump_n_sample=4, noise=noise))
+    lp4, err4 = mask_task.score(
+        repaint(mask_task.prior, x, SIGMAS, mask_task.op, mask_task.y, jump_length=4, jump_n_sample=4, noise=noise)
+    )
     assert err1 == err4 == 0.0 < base_err
     assert lp1 > base_lp + 5
-    assert lp4 > lp1                                           # resampling harmonises further (RePaint Sec. 4.2)
+    assert lp4 > lp1  # resampling harmonises further (RePaint Sec. 4.2)
 
 
 def test_per_sample_seeds_make_it_batch_size_invariant(mask_task):

@@ -32,10 +32,10 @@ def test_classifier_guidance_is_the_class_energy_bit_for_bit():
 def test_exact_energy_at_w2_is_the_exact_conditional_denoiser():
     # Bayes: grad log p(x | A; sigma) = grad log p(x; sigma) + grad log p(A | x; sigma)
     x, sigma = _points(dtype=torch.float64)
-    guided = energy(toy.tree("AB", dtype=torch.float64), class_energy(tree_classifier(dtype=torch.float64)), 2.0,
-                    keys=("label",))
-    torch.testing.assert_close(guided(x, sigma, label=0), toy.tree("A", dtype=torch.float64).denoise(x, sigma),
-                               rtol=1e-6, atol=1e-8)
+    guided = energy(toy.tree("AB", dtype=torch.float64), class_energy(tree_classifier(dtype=torch.float64)), 2.0, keys=("label",))
+    torch.testing.assert_close(
+        guided(x, sigma, label=0), toy.tree("A", dtype=torch.float64).denoise(x, sigma), rtol=1e-6, atol=1e-8
+    )
 
 
 def test_guided_tts_scales_the_gradient_to_the_score_norm():
@@ -57,7 +57,7 @@ def test_user_and_reference_energies_pull_samples():
     noise = SampleNoise(range(n))
     x0 = noise.randn([2]) * SIGMAS[0]
     base = samplers.euler_ancestral(world, x0, SIGMAS, noise=SampleNoise(range(n)))
-    user = energy(world, lambda x, sigma: -(x - c).square().sum(1) / (2 * (0.3 ** 2 + sigma ** 2)), 2.0)
+    user = energy(world, lambda x, sigma: -(x - c).square().sum(1) / (2 * (0.3**2 + sigma**2)), 2.0)
     out = samplers.euler_ancestral(user, x0, SIGMAS, noise=SampleNoise(range(n)))
     assert float((out - c).norm(dim=1).median()) < 0.6 * float((base - c).norm(dim=1).median())
     # SDG image-content energy with an identity "encoder": cosine similarity to the reference direction

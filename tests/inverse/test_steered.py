@@ -21,11 +21,10 @@ def test_zero_scale_is_ddim_eta_one_bit_for_bit(mask_task):
 def test_moves_samples_toward_the_exact_posterior(mode, scale, mask_task, unguided):
     base_lp, base_err = mask_task.score(unguided)
     x, noise = mask_task.start()
-    lp, err = mask_task.score(steered(mask_task.prior, x, SIGMAS, mask_task.op, mask_task.y, mode=mode, scale=scale,
-                                      noise=noise))
+    lp, err = mask_task.score(steered(mask_task.prior, x, SIGMAS, mask_task.op, mask_task.y, mode=mode, scale=scale, noise=noise))
     assert lp > base_lp + 5 and err < 0.5 * base_err
     if mode == "projection":
-        assert err < 1e-6                           # the final estimate is projected onto {A x = y}
+        assert err < 1e-6  # the final estimate is projected onto {A x = y}
 
 
 def test_loop_costs_n_iter_evaluations_per_step(mask_task):

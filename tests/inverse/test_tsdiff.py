@@ -26,7 +26,7 @@ def _series_world():
     """Three noisy sinusoids (phases 0, 2pi/3, 4pi/3) with a smooth (RBF) covariance: exact series."""
     t = torch.arange(L, dtype=torch.float64)
     mu = torch.stack([0.8 * torch.sin(2 * math.pi * t / 6 + p) for p in (0, 2 * math.pi / 3, 4 * math.pi / 3)])
-    K = 0.04 * torch.exp(-0.5 * (t[:, None] - t[None]) ** 2 / 2.0 ** 2) + 0.002 * torch.eye(L, dtype=torch.float64)
+    K = 0.04 * torch.exp(-0.5 * (t[:, None] - t[None]) ** 2 / 2.0**2) + 0.002 * torch.eye(L, dtype=torch.float64)
     return toy.GaussianMixture(torch.ones(3), mu, K.expand(3, L, L))
 
 
@@ -73,7 +73,7 @@ def test_quantile_guidance_is_asymmetric_like_its_pinball_loss(forecast):
     for q in (0.1, 0.9):
         x, noise = _start()
         out = tsdiff_guided(world, x, SIGMAS, truth, mask, scale=4.0, guidance="quantile", q=q, noise=noise)
-        resid[q] = float((truth[mask] - out[:, mask]).mean())               # y - prediction on the context
+        resid[q] = float((truth[mask] - out[:, mask]).mean())  # y - prediction on the context
     # q = 0.9 penalises predictions below y nine times more: they end above it, and q = 0.1 below
     assert resid[0.9] < 0 < resid[0.1]
     torch.testing.assert_close(quantile_levels(3), torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64))
@@ -83,11 +83,12 @@ def test_refine_improves_a_base_forecast(forecast):
     world, truth, mask, post = forecast
     n = 64
     init = truth.clone().expand(n, L).contiguous()
-    init[:, ~mask] = truth[CONTEXT - 6:CONTEXT - 6 + (L - CONTEXT)]            # seasonal naive: period 6
+    init[:, ~mask] = truth[CONTEXT - 6 : CONTEXT - 6 + (L - CONTEXT)]  # seasonal naive: period 6
     init = init + 0.2 * torch.randn(n, L, generator=torch.Generator().manual_seed(0))
     for method in ("most_likely", "lmc"):
-        out = tsdiff_refine(world, init, truth, mask, method=method, iterations=30, step_size=0.01, sigma=0.2,
-                            noise=SampleNoise(range(n)))
+        out = tsdiff_refine(
+            world, init, truth, mask, method=method, iterations=30, step_size=0.01, sigma=0.2, noise=SampleNoise(range(n))
+        )
         assert float(world.logp(out).mean()) > float(world.logp(init).mean()) + 1, method
         assert float(post.consistency(out).mean()) < float(post.consistency(init).mean()), method
 
@@ -104,7 +105,7 @@ def test_misuse_is_one_clear_error(forecast):
     world, truth, mask, _ = forecast
     x, _ = _start(4)
     y_nan_unobserved = truth.clone()
-    y_nan_unobserved[~mask] = float("nan")                                    # unobserved values may be NaN
+    y_nan_unobserved[~mask] = float("nan")  # unobserved values may be NaN
     tsdiff_guided(world, x, SIGMAS[-3:], y_nan_unobserved, mask, guidance="mse")
     y_nan = truth.clone()
     y_nan[0] = float("nan")

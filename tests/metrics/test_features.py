@@ -49,8 +49,8 @@ def test_fid_inception_from_installed_wheel():
     g = torch.Generator().manual_seed(0)
     x = torch.rand(4, 3, 64, 64, generator=g)
     f = ex(x)
-    assert f.shape == (4, 2048) and torch.isfinite(f).all() and (f >= 0).all()   # pool of ReLU activations
-    assert torch.allclose(ex(x[2:3]), f[2:3], rtol=1e-4, atol=1e-5)                 # row-wise (batch 1 == batch 4)
+    assert f.shape == (4, 2048) and torch.isfinite(f).all() and (f >= 0).all()  # pool of ReLU activations
+    assert torch.allclose(ex(x[2:3]), f[2:3], rtol=1e-4, atol=1e-5)  # row-wise (batch 1 == batch 4)
     # The [0, 1] -> [-1, 0.992] mapping happens inside: a 299x299 input is used as given with resize="none".
     big = torch.rand(1, 3, 299, 299, generator=g)
     assert torch.allclose(features.inception(resize="none")(big), ex(big))

@@ -52,7 +52,7 @@ def test_eigh_path_equals_cholesky_path(monkeypatch):
 def test_one_dimensional_closed_form_and_identity():
     # W2^2 of two 1-D Gaussians: (m1 - m2)^2 + (s1 - s2)^2
     d = frechet_distance(np.array([1.0]), np.array([[4.0]]), np.array([-0.5]), np.array([[0.25]]))
-    assert d == pytest.approx(1.5 ** 2 + (2 - 0.5) ** 2, rel=1e-12)
+    assert d == pytest.approx(1.5**2 + (2 - 0.5) ** 2, rel=1e-12)
     rng = np.random.default_rng(1)
     mu, s = _stats(rng, 50, 6)
     assert abs(frechet_distance(mu, s, mu, s)) < 1e-9
@@ -89,4 +89,4 @@ def test_stats_errors():
     with pytest.raises(GuidelabError, match=r"\[N, 3\]"):
         FeatureStats(3).update(np.zeros((4, 2)))
     with pytest.raises(GuidelabError, match="empty"):
-        FeatureStats(3).mean
+        _ = FeatureStats(3).mean

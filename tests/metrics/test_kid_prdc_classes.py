@@ -30,7 +30,7 @@ def test_kid_separates_distributions_and_is_deterministic():
     a, b, c = (torch.randn(200, 4, generator=g) for _ in range(3))
     same = kid(a, b, subsets=10, subset_size=100)
     far = kid(a, c + 1.0, subsets=10, subset_size=100)
-    assert abs(same[0]) < 3 * same[1] + 1e-3    # unbiased: zero within noise for equal distributions
+    assert abs(same[0]) < 3 * same[1] + 1e-3  # unbiased: zero within noise for equal distributions
     assert far[0] > 10 * abs(same[0]) and far[0] > 5 * far[1]
     assert kid(a, c + 1.0, subsets=10, subset_size=100) == far
     with pytest.raises(GuidelabError, match="dimensions"):
@@ -53,10 +53,10 @@ def test_density_coverage_known_cases():
 
 def test_inception_score_known_cases():
     C = 8
-    onehot = torch.eye(C).repeat(5, 1)          # confident and evenly spread over C classes
+    onehot = torch.eye(C).repeat(5, 1)  # confident and evenly spread over C classes
     assert inception_score(onehot, splits=1)[0] == pytest.approx(C)
     assert inception_score(onehot, splits=5) == (pytest.approx(C), pytest.approx(0.0))
-    same = torch.softmax(torch.randn(1, C), 1).repeat(40, 1)   # no information in x: IS = 1
+    same = torch.softmax(torch.randn(1, C), 1).repeat(40, 1)  # no information in x: IS = 1
     assert inception_score(same, splits=4)[0] == pytest.approx(1.0)
     # two classes, p(y|x) = (q, 1-q) and (1-q, q) half the time each: IS = exp(log 2 - H(q))
     q = 0.9
@@ -69,7 +69,7 @@ def test_inception_score_known_cases():
 
 def test_class_accuracy():
     x = torch.tensor([[1.0], [-2.0], [3.0], [-0.5]])
-    clf = lambda x: torch.cat([-x, x], 1)   # noqa: E731 -- class 1 iff x > 0
+    clf = lambda x: torch.cat([-x, x], 1)  # noqa: E731 -- class 1 iff x > 0
     assert class_accuracy(clf, x, [1, 0, 1, 1], batch=3) == pytest.approx(0.75)
     assert class_accuracy(clf, x, 1) == pytest.approx(0.5)
     with pytest.raises(GuidelabError, match="labels"):

@@ -18,8 +18,12 @@ def _reference(real, fake, k_pr=3, k_dc=5):
     """The former all-pairs implementation (exact cdist + kthvalue)."""
     real, fake = real.double(), fake.double()
     inside = dist(fake, real) <= _radii(real, k_dc)
-    return {"precision": _cov(fake, real, _radii(real, k_pr)), "recall": _cov(real, fake, _radii(fake, k_pr)),
-            "density": inside.sum().item() / (k_dc * fake.shape[0]), "coverage": inside.any(0).double().mean().item()}
+    return {
+        "precision": _cov(fake, real, _radii(real, k_pr)),
+        "recall": _cov(real, fake, _radii(fake, k_pr)),
+        "density": inside.sum().item() / (k_dc * fake.shape[0]),
+        "coverage": inside.any(0).double().mean().item(),
+    }
 
 
 @pytest.mark.parametrize("budget", [1 << 23, 997])
@@ -27,8 +31,8 @@ def test_prdc_equals_all_pairs_reference(budget):
     g = torch.Generator().manual_seed(0)
     real = torch.randn(700, 16, generator=g, dtype=torch.float64)
     fake = torch.randn(500, 16, generator=g, dtype=torch.float64) * 1.1 + 0.2
-    fake[:50] = real[:50]                     # points exactly on other balls' boundaries
-    grid = torch.cartesian_prod(torch.arange(8.0), torch.arange(8.0))   # ties everywhere
+    fake[:50] = real[:50]  # points exactly on other balls' boundaries
+    grid = torch.cartesian_prod(torch.arange(8.0), torch.arange(8.0))  # ties everywhere
     for r, f in ((real, fake), (grid, grid[::3] + 0.5), (grid, grid.clone())):
         got = metrics.prdc(r, f, budget=budget)
         assert got == _reference(r, f)

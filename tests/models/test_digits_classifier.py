@@ -20,7 +20,7 @@ def _acc(m, x, labels, sigma=None):
 
 def test_clean_classifier_and_features(test_set):
     m = train_digits_classifier(steps=150, batch=64)
-    assert _acc(m, test_set.images, test_set.labels) > 0.9   # held-out split
+    assert _acc(m, test_set.images, test_set.labels) > 0.9  # held-out split
     ex = m.extractor()
     f = ex(test_set.images)
     assert f.shape == (len(test_set), 128) and ex.info["weights_sha256"] == m.weights_sha256()
@@ -28,10 +28,12 @@ def test_clean_classifier_and_features(test_set):
     means = torch.stack([f[test_set.labels == c].mean(0) for c in range(10)])
     assert (torch.cdist(f, means).argmin(1) == test_set.labels).float().mean() > 0.85
     assert build(config(m)).config() == m.config()
+
     # Deterministic given the seed.
     def small():
         torch.manual_seed(1)
         return DigitsClassifier(channels=4, features=8)
+
     a, b = (train_digits_classifier(small(), steps=5, batch=8) for _ in range(2))
     assert a.weights_sha256() == b.weights_sha256()
 
@@ -58,9 +60,9 @@ def test_digits_classifier_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("GUIDELAB_CACHE", str(tmp_path))
     path = default_path(steps=3)
     assert path.parent == tmp_path and not path.exists()
-    a = digits_classifier(steps=3)                      # trained, then saved atomically
+    a = digits_classifier(steps=3)  # trained, then saved atomically
     assert path.is_file()
-    b = digits_classifier(steps=3)                      # loaded: same weights
+    b = digits_classifier(steps=3)  # loaded: same weights
     assert a.weights_sha256() == b.weights_sha256() == digits_classifier(tmp_path / "again.safetensors", steps=3).weights_sha256()
     ex = digits_cache.extractor(path)
     assert ex.info["weights_sha256"] == a.weights_sha256() and ex(digits("test").images[:5]).shape == (5, 128)
@@ -106,7 +108,7 @@ def test_shipped_classifier_is_pinned_small_and_packaged():
 
     path = digits_cache.SHIPPED
     assert path.stat().st_size < 512 * 1024 and sha256(path) == digits_cache.SHIPPED_SHA256
-    clf = digits_cache.digits_classifier()                  # the default is the packaged file, never trained
+    clf = digits_cache.digits_classifier()  # the default is the packaged file, never trained
     assert clf.weights_sha256() == digits_cache.SHIPPED_WEIGHTS_SHA256
     assert digits_cache.extractor().info["weights_sha256"] == digits_cache.SHIPPED_WEIGHTS_SHA256
     pyproject = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())

@@ -18,8 +18,18 @@ REF = Path(__file__).resolve().parents[3] / "shared" / "reference" / "edm2" / "e
 
 def tiny(**kw) -> edm2.EDM2:
     """A small EDM2 network with non-zero gains (at init out_gain = 0 makes F = 0)."""
-    args = dict(img_resolution=8, img_channels=3, label_dim=5, use_fp16=False, model_channels=8,
-                channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], channels_per_head=8, logvar_channels=8)
+    args = dict(
+        img_resolution=8,
+        img_channels=3,
+        label_dim=5,
+        use_fp16=False,
+        model_channels=8,
+        channel_mult=[1, 2],
+        num_blocks=1,
+        attn_resolutions=[4],
+        channels_per_head=8,
+        logvar_channels=8,
+    )
     torch.manual_seed(0)
     net = edm2.EDM2(**{**args, **kw})
     with torch.no_grad():
@@ -75,11 +85,15 @@ def test_labels_forms_and_null():
     D = net(x, sigma, class_labels=y)
     assert torch.equal(D, net(x, sigma, class_labels=onehot))
     D_null = net(x, sigma, class_labels=torch.full((4,), 5))
-    assert torch.equal(D_null, net(x, sigma))                       # None = the zero vector
+    assert torch.equal(D_null, net(x, sigma))  # None = the zero vector
     assert torch.equal(D_null, net(x, sigma, class_labels=torch.zeros(4, 5)))
     assert torch.equal(D[3], D_null[3]) and not torch.equal(D[0], D_null[0])
-    for bad, msg in ((torch.tensor([0, 1, 2, 6]), r"\[0, 5\]"), (torch.zeros(4, 3), "one-hot"),
-                     (torch.full((4, 5), 5.0), r"\[0, 1\]"), (torch.zeros(3, dtype=torch.long), "integers")):
+    for bad, msg in (
+        (torch.tensor([0, 1, 2, 6]), r"\[0, 5\]"),
+        (torch.zeros(4, 3), "one-hot"),
+        (torch.full((4, 5), 5.0), r"\[0, 1\]"),
+        (torch.zeros(3, dtype=torch.long), "integers"),
+    ):
         with pytest.raises(GuidelabError, match=msg):
             net(x, sigma, class_labels=bad)
     with pytest.raises(GuidelabError, match="class_labels, noise_embed_offset"):
@@ -109,7 +123,9 @@ def test_noise_embed_offset_reaches_only_the_embedding():
     assert net.noise_embed_dim == 8
     c_skip, c_out, c_in, c_noise = net.precond.scalings(sigma)
     off = torch.tensor([0.5, -0.2, 0.1, 0.3])
-    want = c_skip[:, None, None, None] * x + c_out[:, None, None, None] * net.unet(c_in[:, None, None, None] * x, c_noise + off, net.one_hot(y, x))
+    want = c_skip[:, None, None, None] * x + c_out[:, None, None, None] * net.unet(
+        c_in[:, None, None, None] * x, c_noise + off, net.one_hot(y, x)
+    )
     torch.testing.assert_close(net(x, sigma, class_labels=y, noise_embed_offset=off), want, rtol=0, atol=1e-6)
     D = net(x, sigma, class_labels=y)
     assert torch.equal(net(x, sigma, class_labels=y, noise_embed_offset=torch.zeros(4, 8)), D)
@@ -125,11 +141,11 @@ def test_noise_cond_false():
     assert net.noise_embed_dim is None and not any("emb_fourier" in k or "emb_noise" in k for k in net.state_dict())
     assert torch.equal(net.unet(x, torch.zeros(4), y), net.unet(x, torch.ones(4), y))
     D1, D2 = net(x, sigma), net(x, sigma * 2)
-    assert not torch.allclose(D1, D2)                                   # the preconditioning still uses sigma
+    assert not torch.allclose(D1, D2)  # the preconditioning still uses sigma
     assert net.logvar(sigma).shape == (4,) and not torch.equal(net.logvar(sigma), net.logvar(sigma * 2))
     with pytest.raises(GuidelabError, match="noise_cond"):
         net(x, sigma, noise_embed_offset=torch.zeros(4))
-    bare = tiny(noise_cond=False, label_dim=0)                          # no conditioning at all
+    bare = tiny(noise_cond=False, label_dim=0)  # no conditioning at all
     assert bare(x, sigma).shape == x.shape and not any("emb_" in k for k in bare.state_dict())
 
 
@@ -152,10 +168,11 @@ def test_magnitude_preserving_pieces():
 
     def rms(t):
         return t.square().mean().sqrt().item()
+
     assert rms(edm2.mp_sum(a, b[:, :32], 0.3)) == pytest.approx(1, abs=0.02)
     assert rms(edm2.mp_cat(a, b, t=0.7)) == pytest.approx(1, abs=0.02)
     assert rms(edm2.mp_silu(a)) == pytest.approx(1, abs=0.02)
-    assert rms(edm2.MPConv(32, 48, [1, 1])(a)) == pytest.approx(1, abs=0.05)   # (3x3: zero padding lowers the border)
+    assert rms(edm2.MPConv(32, 48, [1, 1])(a)) == pytest.approx(1, abs=0.05)  # (3x3: zero padding lowers the border)
     assert rms(edm2.MPConv(96, 16, [])(b.flatten(2).mean(2) * 8)) == pytest.approx(1, abs=0.1)
     assert rms(edm2.normalize(b * 7, dim=1)) == pytest.approx(1, abs=1e-3)
     f = edm2.MPFourier(4096)(torch.randn(16, generator=g))
@@ -184,6 +201,7 @@ def test_forced_weight_normalisation_and_training_step():
         err = (net(x0 + n, sigma, class_labels=y) - x0).square().flatten(1).mean(1)
         u = net.logvar(sigma)
         return (net.precond.loss_weight(sigma) / u.exp() * err + u).mean()
+
     first = loss()
     fan_in = conv.weight[0].numel()
     assert conv.weight.flatten(1).norm(dim=1).div(math.sqrt(fan_in)).sub(1).abs().max() < 1e-3  # renormalised in place
@@ -197,7 +215,7 @@ def test_forced_weight_normalisation_and_training_step():
         conv.weight.mul_(3.0)
     w = conv.weight.clone()
     net(x, sigma, class_labels=y)
-    assert torch.equal(conv.weight, w)                                 # eval mode leaves the weights alone
+    assert torch.equal(conv.weight, w)  # eval mode leaves the weights alone
 
 
 def test_bad_configs():

@@ -15,9 +15,18 @@ from guidelab.training import load_model, save_model
 
 def _net(label_dim, channels, seed, img_channels=3):
     torch.manual_seed(seed)
-    net = edm2.EDM2(img_resolution=8, img_channels=img_channels, label_dim=label_dim, use_fp16=False,
-                    model_channels=channels, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4],
-                    channels_per_head=8, logvar_channels=8)
+    net = edm2.EDM2(
+        img_resolution=8,
+        img_channels=img_channels,
+        label_dim=label_dim,
+        use_fp16=False,
+        model_channels=channels,
+        channel_mult=[1, 2],
+        num_blocks=1,
+        attn_resolutions=[4],
+        channels_per_head=8,
+        logvar_channels=8,
+    )
     with torch.no_grad():
         for name, p in net.named_parameters():
             if name.endswith("gain"):
@@ -53,13 +62,23 @@ def test_sample_preset_from_local_files(tmp_path):
     models.mkdir()
     save_model(models / f"{p.net}.safetensors", _net(10, 16, 0))
     r = run("sample", "--preset", p.name, "--models", models, "--out", tmp_path / "x")
-    assert refused(r, f"needs {p.gnet}.pkl")         # the missing guide, by name
-    write_pkl(models / f"{p.gnet}.pkl", _net(10, 8, 1))                     # an NVlabs pickle as the guide
+    assert refused(r, f"needs {p.gnet}.pkl")  # the missing guide, by name
+    write_pkl(models / f"{p.gnet}.pkl", _net(10, 8, 1))  # an NVlabs pickle as the guide
     common = ["--samples", 3, "--steps", 3, "--shard-size", 3, "--quiet"]
     r = run("sample", "--preset", p.name, "--models", models, "--out", tmp_path / "preset", *common)
     assert r.exit_code == 0, r.output
-    explicit = ["--model", models / f"{p.net}.safetensors", "--guide", models / f"{p.gnet}.pkl",
-                "--guider", "autoguidance", "--weight", 1.7, "--label", "balanced"]
+    explicit = [
+        "--model",
+        models / f"{p.net}.safetensors",
+        "--guide",
+        models / f"{p.gnet}.pkl",
+        "--guider",
+        "autoguidance",
+        "--weight",
+        1.7,
+        "--label",
+        "balanced",
+    ]
     r = run("sample", *explicit, "--out", tmp_path / "explicit", *common)
     assert r.exit_code == 0, r.output
     a, b = load_shards(tmp_path / "preset"), load_shards(tmp_path / "explicit")
@@ -81,17 +100,40 @@ def test_sample_latent_preset_decodes_through_a_local_vae(tmp_path):
     save_model(models / f"{p.net}.safetensors", _net(10, 8, 0, img_channels=4))
     save_model(models / f"{p.gnet}.safetensors", _net(0, 8, 1, img_channels=4))
     torch.manual_seed(0)
-    diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
-                            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                            layers_per_block=1, norm_num_groups=4, sample_size=16).save_pretrained(tmp_path / "vae")
-    r = run("sample", "--preset", p.name, "--models", models, "--vae", tmp_path / "vae", "--out", tmp_path / "o",
-            "--samples", 2, "--steps", 2, "--quiet")
+    diffusers.AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1,
+        norm_num_groups=4,
+        sample_size=16,
+    ).save_pretrained(tmp_path / "vae")
+    r = run(
+        "sample",
+        "--preset",
+        p.name,
+        "--models",
+        models,
+        "--vae",
+        tmp_path / "vae",
+        "--out",
+        tmp_path / "o",
+        "--samples",
+        2,
+        "--steps",
+        2,
+        "--quiet",
+    )
     assert r.exit_code == 0, r.output
     z = load_shards(tmp_path / "o")
     assert z["samples"].shape == (2, 4, 8, 8) and z["rows"]["guide"] > 0
     pngs = sorted((tmp_path / "o" / "png").glob("*.png"))
     assert len(pngs) == 2 and pngs[0].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     from PIL import Image
+
     codec = edm2.VAELatents(edm2.load_vae(tmp_path / "vae"))
     want = codec.decode(torch.from_numpy(z["samples"][:1]))[0].permute(1, 2, 0).numpy()
     assert np.array_equal(np.asarray(Image.open(pngs[0])), want)

@@ -20,8 +20,7 @@ from guidelab.training.phema import load_network
 
 REF = Path(__file__).resolve().parents[3] / "shared" / "reference" / "edm2" / "edm2_tiny_cond.safetensors"
 HARMLESS_SRC = "# networks_edm2.py\nimport torch\nclass Precond(torch.nn.Module):\n    pass\n"
-NV_NAMES = {edm2.EDM2: "Precond", edm2.UNet: "UNet", edm2.Block: "Block", edm2.MPConv: "MPConv",
-            edm2.MPFourier: "MPFourier"}
+NV_NAMES = {edm2.EDM2: "Precond", edm2.UNet: "UNet", edm2.Block: "Block", edm2.MPConv: "MPConv", edm2.MPFourier: "MPFourier"}
 
 
 class Record:
@@ -44,8 +43,12 @@ def fake_modules(reconstruct=_exec_like_nvlabs):
     reconstruct.__module__, reconstruct.__qualname__ = "torch_utils.persistence", "_reconstruct_persistent_obj"
     persistence = types.SimpleNamespace(_reconstruct_persistent_obj=reconstruct)
     util = types.SimpleNamespace(EasyDict=easy)
-    return {"torch_utils": types.SimpleNamespace(persistence=persistence), "torch_utils.persistence": persistence,
-            "dnnlib": types.SimpleNamespace(util=util), "dnnlib.util": util}, easy
+    return {
+        "torch_utils": types.SimpleNamespace(persistence=persistence),
+        "torch_utils.persistence": persistence,
+        "dnnlib": types.SimpleNamespace(util=util),
+        "dnnlib.util": util,
+    }, easy
 
 
 class NVPickler(pickle.Pickler):
@@ -60,8 +63,11 @@ class NVPickler(pickle.Pickler):
             name, state = obj.class_name, obj.state
         elif type(obj) in NV_NAMES:
             name = NV_NAMES[type(obj)]
-            state = {k: v for k, v in obj.__dict__.items()  # torch's module state and plain attributes, as NVlabs'
-                     if k.startswith("_") or isinstance(v, (int, float, str, list, tuple, type(None)))}
+            state = {
+                k: v
+                for k, v in obj.__dict__.items()  # torch's module state and plain attributes, as NVlabs'
+                if k.startswith("_") or isinstance(v, (int, float, str, list, tuple, type(None)))
+            }
             state["_init_args"], state["_init_kwargs"] = (), (obj.config() if name == "Precond" else {})
         else:
             return NotImplemented
@@ -72,13 +78,27 @@ class NVPickler(pickle.Pickler):
 def write_pkl(path, net, module_src=HARMLESS_SRC, latent=False, extra=None):
     """An NVlabs-structured network pickle: EasyDict(dataset_kwargs, loss_fn, encoder, ema)."""
     modules, easy = fake_modules()
-    encoder = (Record("StabilityVAEEncoder", vae_name="stabilityai/sd-vae-ft-mse", batch_size=8, _vae=None,
-                      scale=np.float32(0.5) / np.float32([4.17, 4.62, 3.71, 3.28]), bias=np.zeros(4, np.float32),
-                      _init_args=(), _init_kwargs={"final_std": 0.5})
-               if latent else Record("StandardRGBEncoder", _init_args=(), _init_kwargs={}))
-    data = easy(dataset_kwargs=easy(class_name="training.dataset.ImageFolderDataset", path="x.zip", use_labels=True),
-                loss_fn=Record("EDM2Loss", P_mean=-0.4, P_std=1.0, sigma_data=0.5, _init_args=(), _init_kwargs={}),
-                encoder=encoder, ema=net, **(extra or {}))
+    encoder = (
+        Record(
+            "StabilityVAEEncoder",
+            vae_name="stabilityai/sd-vae-ft-mse",
+            batch_size=8,
+            _vae=None,
+            scale=np.float32(0.5) / np.float32([4.17, 4.62, 3.71, 3.28]),
+            bias=np.zeros(4, np.float32),
+            _init_args=(),
+            _init_kwargs={"final_std": 0.5},
+        )
+        if latent
+        else Record("StandardRGBEncoder", _init_args=(), _init_kwargs={})
+    )
+    data = easy(
+        dataset_kwargs=easy(class_name="training.dataset.ImageFolderDataset", path="x.zip", use_labels=True),
+        loss_fn=Record("EDM2Loss", P_mean=-0.4, P_std=1.0, sigma_data=0.5, _init_args=(), _init_kwargs={}),
+        encoder=encoder,
+        ema=net,
+        **(extra or {}),
+    )
     with mock.patch.dict(sys.modules, modules), open(path, "wb") as f:
         NVPickler(f, module_src, modules["torch_utils.persistence"]._reconstruct_persistent_obj).dump(data)
     return path
@@ -92,6 +112,7 @@ def globals_in(path):
         def find_class(self, module, name):
             names.add(f"{module}.{name}")
             return super().find_class(module, name)
+
     with open(path, "rb") as f:
         Trace(f).load()
     return names
@@ -107,10 +128,15 @@ def reference_net():
 def test_reference_network_through_a_pickle(tmp_path):
     net, t = reference_net()
     path = write_pkl(tmp_path / "edm2-tiny.pkl", net)
-    assert globals_in(path) == {"torch_utils.persistence._reconstruct_persistent_obj", "collections.OrderedDict",
-                                "dnnlib.util.EasyDict", "torch._utils._rebuild_parameter",
-                                "torch._utils._rebuild_tensor_v2", "torch.storage._load_from_bytes",
-                                "torch.nn.modules.container.ModuleDict"}  # exactly the issue's list
+    assert globals_in(path) == {
+        "torch_utils.persistence._reconstruct_persistent_obj",
+        "collections.OrderedDict",
+        "dnnlib.util.EasyDict",
+        "torch._utils._rebuild_parameter",
+        "torch._utils._rebuild_tensor_v2",
+        "torch.storage._load_from_bytes",
+        "torch.nn.modules.container.ModuleDict",
+    }  # exactly the issue's list
     back = edm2.load_pkl(path)
     assert "torch_utils" not in sys.modules and "dnnlib" not in sys.modules
     x, sigma, y = t["input.x"], t["input.sigma"], t["input.class_labels"]
@@ -121,9 +147,23 @@ def test_reference_network_through_a_pickle(tmp_path):
 
 def test_second_config_round_trips_pkl_and_safetensors(tmp_path):
     torch.manual_seed(0)
-    net = edm2.EDM2(img_resolution=16, img_channels=4, label_dim=0, use_fp16=True, logvar_channels=8,
-                    model_channels=8, channel_mult=[1, 2, 3], num_blocks=2, attn_resolutions=[4], channels_per_head=8,
-                    res_balance=0.4, attn_balance=0.2, concat_balance=0.6, clip_act=2.0, dropout=0.1).eval()
+    net = edm2.EDM2(
+        img_resolution=16,
+        img_channels=4,
+        label_dim=0,
+        use_fp16=True,
+        logvar_channels=8,
+        model_channels=8,
+        channel_mult=[1, 2, 3],
+        num_blocks=2,
+        attn_resolutions=[4],
+        channels_per_head=8,
+        res_balance=0.4,
+        attn_balance=0.2,
+        concat_balance=0.6,
+        clip_act=2.0,
+        dropout=0.1,
+    ).eval()
     with torch.no_grad():
         for name, p in net.named_parameters():
             if name.endswith("gain"):
@@ -142,7 +182,7 @@ def test_second_config_round_trips_pkl_and_safetensors(tmp_path):
     assert edm2.Standardization.of(info["encoder"]).final_std == 0.5
     again = load_model(save_model(tmp_path / "net.safetensors", back, encoder=info["encoder"]))
     assert torch.equal(again(x, sigma), D)
-    assert torch.equal(load_network(path)(x, sigma), D)               # every command's loader takes the .pkl
+    assert torch.equal(load_network(path)(x, sigma), D)  # every command's loader takes the .pkl
 
 
 def test_module_src_never_runs(tmp_path):
@@ -151,12 +191,12 @@ def test_module_src_never_runs(tmp_path):
     net, _ = reference_net()
     path = write_pkl(tmp_path / "evil.pkl", net, module_src=evil_src)
     modules, _ = fake_modules()
-    with mock.patch.dict(sys.modules, modules):   # even with NVlabs-like modules importable, none is used
+    with mock.patch.dict(sys.modules, modules):  # even with NVlabs-like modules importable, none is used
         back = edm2.load_pkl(path)
     assert not marker.exists() and isinstance(back, edm2.EDM2)
     rec, _ = nvlabs_pickle.network_record(path)
-    assert rec.module_src == evil_src                              # kept as text
-    with mock.patch.dict(sys.modules, modules):                    # the file is truly malicious: pickle.load runs it
+    assert rec.module_src == evil_src  # kept as text
+    with mock.patch.dict(sys.modules, modules):  # the file is truly malicious: pickle.load runs it
         pickle.loads(path.read_bytes())
     assert marker.read_text() == "ran"
 
@@ -167,6 +207,7 @@ class _System:
 
     def __reduce__(self):
         import os
+
         return os.system, (self.cmd,)
 
 
@@ -177,7 +218,7 @@ def test_unknown_globals_are_refused(tmp_path):
     with pytest.raises(GuidelabError, match=r"refused global (posix|os)\.system"):
         edm2.load_pkl(path)
     assert not marker.exists()
-    raw = tmp_path / "raw.pkl"   # protocol 0, GLOBAL opcode naming os.system directly
+    raw = tmp_path / "raw.pkl"  # protocol 0, GLOBAL opcode naming os.system directly
     raw.write_bytes(f"cos\nsystem\n(V touch {marker}\ntR.".encode())
     with pytest.raises(GuidelabError, match=r"refused global os\.system"):
         edm2.load_pkl(raw)

@@ -13,14 +13,23 @@ from guidelab.training.phema import load_network
 def test_table_matches_the_published_presets():
     assert len(edm2.PRESETS) == 38  # edm2's 36 config_presets + the two guidance-interval ones
     p = edm2.PRESETS["edm2-img512-xxl-autog-fid"]
-    assert (p.net, p.gnet, p.w, p.guider, p.value) == ("edm2-img512-xxl-0939524-0.075", "edm2-img512-m-0268435-0.155",
-                                                       2.05, "autoguidance", 1.25)
+    assert (p.net, p.gnet, p.w, p.guider, p.value) == (
+        "edm2-img512-xxl-0939524-0.075",
+        "edm2-img512-m-0268435-0.155",
+        2.05,
+        "autoguidance",
+        1.25,
+    )
     p = edm2.PRESETS["edm2-img64-s-autog-fid"]
-    assert (p.net, p.gnet, p.w, p.value, p.latent) == ("edm2-img64-s-1073741-0.045", "edm2-img64-xs-0134217-0.110",
-                                                       1.70, 1.01, False)
+    assert (p.net, p.gnet, p.w, p.value, p.latent) == (
+        "edm2-img64-s-1073741-0.045",
+        "edm2-img64-xs-0134217-0.110",
+        1.70,
+        1.01,
+        False,
+    )
     p = edm2.PRESETS["edm2-img512-s-guid-dino"]
-    assert (p.gnet, p.w, p.guider, p.metric, p.latent) == ("edm2-img512-xs-uncond-2147483-0.085", 1.90, "cfg",
-                                                           "fd_dinov2", True)
+    assert (p.gnet, p.w, p.guider, p.metric, p.latent) == ("edm2-img512-xs-uncond-2147483-0.085", 1.90, "cfg", "fd_dinov2", True)
     assert edm2.PRESETS["edm2-img512-xxl-fid"].guider == "none" and edm2.PRESETS["edm2-img512-xxl-fid"].gnet is None
     assert edm2_presets.ema(p.net) == 0.085
     for q in edm2.PRESETS.values():  # guide and main share the training set: same resolution, EDM2's naming
@@ -57,8 +66,18 @@ def test_resolve_names_the_missing_file(tmp_path):
 
 def _net(label_dim, channels, seed):
     torch.manual_seed(seed)
-    net = edm2.EDM2(img_resolution=8, img_channels=4, label_dim=label_dim, use_fp16=False, model_channels=channels,
-                    channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], channels_per_head=8, logvar_channels=8)
+    net = edm2.EDM2(
+        img_resolution=8,
+        img_channels=4,
+        label_dim=label_dim,
+        use_fp16=False,
+        model_channels=channels,
+        channel_mult=[1, 2],
+        num_blocks=1,
+        attn_resolutions=[4],
+        channels_per_head=8,
+        logvar_channels=8,
+    )
     with torch.no_grad():
         for name, p in net.named_parameters():
             if name.endswith("gain"):
@@ -103,9 +122,17 @@ def test_latent_standardisation_constants():
 def test_vae_decode_from_a_local_folder(tmp_path):
     diffusers = pytest.importorskip("diffusers")
     torch.manual_seed(0)
-    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
-                                  down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                                  layers_per_block=1, norm_num_groups=4, sample_size=16)
+    vae = diffusers.AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1,
+        norm_num_groups=4,
+        sample_size=16,
+    )
     vae.save_pretrained(tmp_path / "vae")
     codec = edm2.VAELatents(edm2.load_vae(tmp_path / "vae"))
     z = torch.randn(3, 4, 8, 8) * 0.5
@@ -119,7 +146,9 @@ def test_vae_decode_from_a_local_folder(tmp_path):
     pixels = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8)
     with torch.no_grad():
         mean = vae.encode(pixels.float() / 255).latent_dist.mean
-    torch.testing.assert_close(codec.encode(pixels), mean * scale[None, :, None, None]
-                               + (-torch.tensor([5.81, 3.25, 0.12, -2.15]) * scale)[None, :, None, None])
+    torch.testing.assert_close(
+        codec.encode(pixels),
+        mean * scale[None, :, None, None] + (-torch.tensor([5.81, 3.25, 0.12, -2.15]) * scale)[None, :, None, None],
+    )
     with pytest.raises(GuidelabError, match="not a diffusers AutoencoderKL folder"):
         edm2.load_vae(tmp_path)

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
+from guidelab.denoisers import edm_loss
 from guidelab.errors import GuidelabError
 from guidelab.guidance import cfg
-from guidelab.denoisers import edm_loss
 from guidelab.models import PixelMLP, UNet, build, config
 from guidelab.training import load_model, save_model
 
@@ -98,15 +98,15 @@ def test_vector_noise_embed_offset(cls, small):
 
     m = _trained_like(cls=cls, small=small, num_classes=2)
     x, sigma = _inputs()
-    e = m.emb_layer.in_features - 3            # Fourier(emb) of c_noise + one-hot of 2 classes + null
+    e = m.emb_layer.in_features - 3  # Fourier(emb) of c_noise + one-hot of 2 classes + null
     with torch.no_grad():
         base = m(x, sigma, label=1)
         assert torch.equal(m(x, sigma, label=1, noise_embed_offset=torch.zeros(6, e)), base)
         off = torch.zeros(6, e)
-        off[3] = 0.5                               # only row 3 perturbed
+        off[3] = 0.5  # only row 3 perturbed
         out = m(x, sigma, label=1, noise_embed_offset=off)
         assert torch.equal(out[:3], base[:3]) and not torch.equal(out[3], base[3])
-        assert torch.equal(tsg(m, 1.0, dim=e, seeds=range(6))(x, sigma, label=1), base)   # w = 1: no guidance
+        assert torch.equal(tsg(m, 1.0, dim=e, seeds=range(6))(x, sigma, label=1), base)  # w = 1: no guidance
         assert not torch.equal(tsg(m, 2.0, dim=e, seeds=range(6))(x, sigma, label=1), base)
     with pytest.raises(GuidelabError, match=r"noise_embed_offset must be \[batch\] or \[batch, "):
         m(x, sigma, label=1, noise_embed_offset=torch.zeros(6, e + 1))
@@ -140,8 +140,16 @@ def test_batch_rows_independent(cls, small):
 
 
 def test_unet_shapes_levels_and_attention():
-    m = UNet(img_channels=3, img_resolution=16, hidden=8, depth=2, channel_mult=(1, 2, 2), attn_resolutions=(8, 4),
-             emb=16, num_classes=4)
+    m = UNet(
+        img_channels=3,
+        img_resolution=16,
+        hidden=8,
+        depth=2,
+        channel_mult=(1, 2, 2),
+        attn_resolutions=(8, 4),
+        emb=16,
+        num_classes=4,
+    )
     x, sigma = _inputs(n=3, c=3, r=16)
     assert m(x, sigma, label=torch.tensor([0, 4, 2])).shape == x.shape
     assert sum(b.attn is not None for b in m.modules() if hasattr(b, "attn")) > 0

@@ -20,8 +20,16 @@ def _inputs(n=9, dim=2, seed=1):
     return torch.randn(n, dim, generator=g, dtype=torch.float64), torch.rand(n, generator=g, dtype=torch.float64) + 0.02
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(output="denoiser"), dict(num_classes=3), dict(noise_cond=False),
-                                dict(dim=3, hidden=16, depth=2, output="denoiser", num_classes=2)])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(),
+        dict(output="denoiser"),
+        dict(num_classes=3),
+        dict(noise_cond=False),
+        dict(dim=3, hidden=16, depth=2, output="denoiser", num_classes=2),
+    ],
+)
 def test_shapes(kw):
     m = ToyMLP(**kw)
     x = torch.randn(5, m.dim)
@@ -35,7 +43,7 @@ def test_energy_denoiser_is_tweedie_of_its_log_density():
     x, sigma = _inputs()
     label = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2])
     xr = x.clone().requires_grad_(True)
-    grad, = torch.autograd.grad(m.logp(xr, sigma, label).sum(), xr)
+    (grad,) = torch.autograd.grad(m.logp(xr, sigma, label).sum(), xr)
     torch.testing.assert_close(m.score(x, sigma, label), grad, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(m(x, sigma, label), x + sigma[:, None] ** 2 * grad, rtol=1e-12, atol=1e-12)
 
@@ -49,7 +57,7 @@ def test_energy_parameter_gradients_match_double_backward():
 
     def grads(score):
         m.zero_grad()
-        (sigma ** 2 * (score - target).square().mean(1)).mean().backward()
+        (sigma**2 * (score - target).square().mean(1)).mean().backward()
         return [p.grad.clone() for p in m.parameters()]
 
     xr = x.clone().requires_grad_(True)
@@ -93,8 +101,8 @@ def test_conditional_null_label_and_cfg():
     x, sigma = _inputs()
     lab = torch.full((9,), 1)
     null = m(x, sigma, torch.full((9,), 3))
-    assert torch.equal(m(x, sigma), null)                 # label=None means null
-    assert torch.equal(m(x, sigma, 3), null)              # a scalar label is broadcast
+    assert torch.equal(m(x, sigma), null)  # label=None means null
+    assert torch.equal(m(x, sigma, 3), null)  # a scalar label is broadcast
     D = m(x, sigma, lab)
     assert not torch.allclose(D, null)
     assert not torch.allclose(D, m(x, sigma, torch.full((9,), 0)))
@@ -114,16 +122,19 @@ def test_declares_condition_and_noise_embedding_to_guiders():
     assert not torch.equal(m(x, sigma, lab, noise_embed_offset=torch.ones(9, m.noise_embed_dim)), m(x, sigma, lab))
 
 
-@pytest.mark.parametrize("call", [
-    lambda m, x, s: m(x, s, torch.full((9,), 4)),          # out of range
-    lambda m, x, s: m(x, s, torch.full((9,), 0.5)),        # not integer
-    lambda m, x, s: m(x, s, torch.zeros(3, dtype=torch.long)),
-    lambda m, x, s: ToyMLP().double()(x, s, torch.zeros(9, dtype=torch.long)),  # unconditional
-    lambda m, x, s: m(x[:, :1], s),
-    lambda m, x, s: m(x, -s),
-    lambda m, x, s: ToyMLP(output="eps"),
-    lambda m, x, s: ToyMLP(hidden=0),
-])
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda m, x, s: m(x, s, torch.full((9,), 4)),  # out of range
+        lambda m, x, s: m(x, s, torch.full((9,), 0.5)),  # not integer
+        lambda m, x, s: m(x, s, torch.zeros(3, dtype=torch.long)),
+        lambda m, x, s: ToyMLP().double()(x, s, torch.zeros(9, dtype=torch.long)),  # unconditional
+        lambda m, x, s: m(x[:, :1], s),
+        lambda m, x, s: m(x, -s),
+        lambda m, x, s: ToyMLP(output="eps"),
+        lambda m, x, s: ToyMLP(hidden=0),
+    ],
+)
 def test_bad_input_is_one_clear_line(call):
     m = _model(num_classes=3)
     x, s = _inputs()

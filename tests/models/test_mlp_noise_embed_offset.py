@@ -12,20 +12,20 @@ from guidelab.models.mlp import mp_silu
 @pytest.mark.parametrize("output", ["denoiser", "energy"])
 def test_offset_reaches_only_the_noise_embedding(output):
     torch.manual_seed(0)
-    net = ToyMLP(hidden=16, depth=2, output=output).double().eval()   # eval: no in-place weight normalisation
+    net = ToyMLP(hidden=16, depth=2, output=output).double().eval()  # eval: no in-place weight normalisation
     with torch.no_grad():
-        net.gain.fill_(1.0)                                   # gain 0 at init would hide the trunk
+        net.gain.fill_(1.0)  # gain 0 at init would hide the trunk
     x = torch.randn(6, 2, dtype=torch.float64)
     sigma = torch.tensor([0.01, 0.1, 0.5, 1.0, 2.0, 5.0], dtype=torch.float64)
     delta = torch.linspace(-0.3, 0.3, 6, dtype=torch.float64)
     assert torch.equal(net(x, sigma, noise_embed_offset=torch.zeros(6, dtype=torch.float64)), net(x, sigma))
     out = net(x, sigma, noise_embed_offset=delta)
     c_skip, c_out, c_in, c_noise = net.precond.scalings(sigma)
-    if output == "denoiser":                                  # D = c_skip x + c_out F(c_in x; c_noise + delta)
+    if output == "denoiser":  # D = c_skip x + c_out F(c_in x; c_noise + delta)
         ref = c_skip[:, None] * x + c_out[:, None] * net._F(c_in[:, None] * x, c_noise + delta)
-    else:                                                     # logp(x; sigma) with the trunk at c_noise + delta
+    else:  # logp(x; sigma) with the trunk at c_noise + delta
         xg = x.clone().requires_grad_(True)
-        x_in = xg / (net.sigma_data ** 2 + sigma ** 2).sqrt()[:, None]
+        x_in = xg / (net.sigma_data**2 + sigma**2).sqrt()[:, None]
         y = net.trunk(x_in, c_noise + delta)
         logp = net.gain * y.square().mean(1) / sigma - 0.5 * x_in.square().sum(1)
         (score,) = torch.autograd.grad(logp.sum(), xg)
@@ -54,13 +54,13 @@ def test_vector_offset_moves_the_noise_embedding_vector(output):
     assert torch.equal(net(x, sigma, noise_embed_offset=torch.zeros(5, 8, dtype=torch.float64)), net(x, sigma))
     c_skip, c_out, c_in, c_noise = net.precond.scalings(sigma)
     xg = x.clone().requires_grad_(True)
-    x_in = xg / (net.sigma_data ** 2 + sigma ** 2).sqrt()[:, None]
-    y = net.layers[0](net._features(x_in, c_noise)) + e                   # written out: layer 0, + e, the rest
+    x_in = xg / (net.sigma_data**2 + sigma**2).sqrt()[:, None]
+    y = net.layers[0](net._features(x_in, c_noise)) + e  # written out: layer 0, + e, the rest
     for layer in net.layers[1:]:
         y = layer(mp_silu(y))
     if output == "denoiser":
         ref = c_skip[:, None] * x + c_out[:, None] * net.gain * net.out(mp_silu(y))
-    else:                                                                   # explicit backward == autograd
+    else:  # explicit backward == autograd
         logp = net.gain * y.square().mean(1) / sigma - 0.5 * x_in.square().sum(1)
         (score,) = torch.autograd.grad(logp.sum(), xg)
         ref = x + sigma[:, None] ** 2 * score

@@ -52,7 +52,7 @@ def test_stage1_student_records_its_w_input(stage1):
     meta = student.checkpoint_info["meta"]
     assert meta["recipe"] == "distill" and "cfg of" in meta["teacher"] and meta["images"]["data"] == "digits"
     x = torch.randn(4, 1, 8, 8)
-    with torch.no_grad():   # the student is a one-call denoiser at any w
+    with torch.no_grad():  # the student is a one-call denoiser at any w
         out = distilled_denoiser(student, 2.0)(x, torch.full((4,), 0.5), label=torch.arange(4))
     assert out.shape == x.shape and torch.isfinite(out).all()
 
@@ -60,8 +60,9 @@ def test_stage1_student_records_its_w_input(stage1):
 def test_student_starts_as_the_unguided_teacher(teacher):
     from guidelab.models import registry
     from guidelab.training.phema import reconstruct
+
     net = reconstruct(teacher, 0.10)
-    with torch.no_grad():   # a real teacher output, not the zero-initialised one
+    with torch.no_grad():  # a real teacher output, not the zero-initialised one
         net.out.weight.normal_(0, 0.1)
     cfg = student_config(net)
     student = registry.build(cfg).eval()
@@ -69,14 +70,27 @@ def test_student_starts_as_the_unguided_teacher(teacher):
     x, s, y = torch.randn(8, 1, 8, 8), torch.rand(8) * 3 + 0.05, torch.arange(8)
     with torch.no_grad():
         ref = net(x, s, label=y)
-        assert (ref - net(x, s + 1, label=y)).abs().max() > 1e-3          # sigma matters: a non-trivial check
+        assert (ref - net(x, s + 1, label=y)).abs().max() > 1e-3  # sigma matters: a non-trivial check
         for w in (1.0, 2.5, torch.linspace(1, 5, 8)):
             torch.testing.assert_close(student(x, s, label=y, w=w), ref, rtol=1e-5, atol=1e-6)
 
 
 def test_autoguidance_stage1(teacher, tmp_path):
-    invoke("distill", teacher, "--out", tmp_path / "ag", "--guider", "autoguidance", "--guide", teacher,
-           "--guide-step", 2, "--iters", 2, *FAST)
+    invoke(
+        "distill",
+        teacher,
+        "--out",
+        tmp_path / "ag",
+        "--guider",
+        "autoguidance",
+        "--guide",
+        teacher,
+        "--guide-step",
+        2,
+        "--iters",
+        2,
+        *FAST,
+    )
     student = load_model(tmp_path / "ag" / "ema-0000002-0.05.safetensors")
     assert "autoguidance" in student.checkpoint_info["meta"]["teacher"] and "step 2" in student.checkpoint_info["meta"]["teacher"]
     with pytest.raises(GuidelabError, match="needs --guide"):
@@ -91,20 +105,34 @@ def test_progressive_rounds_record_their_grid(teacher, stage1, tmp_path):
         student = load_model(path / "ema-0000002-0.05.safetensors")
         info = distilled_info(student)
         assert info["sampler"] == "euler" and info["key"] == "w" and (info["w_min"], info["w_max"]) == (1.0, 3.0)
-        assert info["sigmas"] == grid[::8 // k].tolist()
-        assert student.checkpoint_info["meta"]["teacher_sigmas"] == grid[::4 // k].tolist()
+        assert info["sigmas"] == grid[:: 8 // k].tolist()
+        assert student.checkpoint_info["meta"]["teacher_sigmas"] == grid[:: 4 // k].tolist()
         x = 80 * torch.randn(3, 1, 8, 8)
-        with torch.no_grad():   # samples on exactly its grid
-            out = samplers.euler(distilled_denoiser(student, 2.0), x, torch.tensor(info["sigmas"]), cond={"label": torch.arange(3)})
+        with torch.no_grad():  # samples on exactly its grid
+            out = samplers.euler(
+                distilled_denoiser(student, 2.0), x, torch.tensor(info["sigmas"]), cond={"label": torch.arange(3)}
+            )
         assert torch.isfinite(out).all()
     # a progressive student continues from its own grid; a contradicting --from-steps is refused
     invoke("distill", tmp_path / "steps-2", "--progressive", "--to-steps", 1, "--out", tmp_path / "more", "--iters", 1, *FAST)
     assert distilled_info(load_model(tmp_path / "more" / "steps-1" / "ema-0000001-0.05.safetensors"))["sigmas"] == [80.0, 0.0]
     with pytest.raises(GuidelabError, match="--from-steps must be"):
-        invoke("distill", tmp_path / "steps-2", "--progressive", "--from-steps", 8, "--to-steps", 1, "--out", tmp_path / "bad", *FAST)
+        invoke(
+            "distill", tmp_path / "steps-2", "--progressive", "--from-steps", 8, "--to-steps", 1, "--out", tmp_path / "bad", *FAST
+        )
     with pytest.raises(GuidelabError, match="not a distilled student"):
-        invoke("distill", teacher / "ema-0000004-0.1.safetensors", "--progressive", "--from-steps", 4, "--to-steps", 2,
-               "--out", tmp_path / "bad", *FAST)
+        invoke(
+            "distill",
+            teacher / "ema-0000004-0.1.safetensors",
+            "--progressive",
+            "--from-steps",
+            4,
+            "--to-steps",
+            2,
+            "--out",
+            tmp_path / "bad",
+            *FAST,
+        )
 
 
 class Killed(Exception):
@@ -121,8 +149,9 @@ def test_interrupted_distillation_resumes_to_the_same_weights(teacher, stage1, t
         return step(self)
 
     monkeypatch.setattr(Trainer, "train_step", dying)
-    res = CliRunner().invoke(main, ["distill", str(teacher), "--out", str(out), "--w-min", "1", "--w-max", "3",
-                                    "--iters", "6", *FAST])
+    res = CliRunner().invoke(
+        main, ["distill", str(teacher), "--out", str(out), "--w-min", "1", "--w-max", "3", "--iters", "6", *FAST]
+    )
     assert isinstance(res.exception, Killed)
     assert load(out / "state.safetensors")[1]["step"] == 4
     monkeypatch.setattr(Trainer, "train_step", step)
@@ -138,6 +167,7 @@ def test_interrupted_distillation_resumes_to_the_same_weights(teacher, stage1, t
 
 def test_toy_student_starts_as_the_teacher_and_bare_teachers_are_refused():
     from guidelab.models import registry
+
     torch.manual_seed(0)
     toy = registry.build({"name": "ToyMLP", "hidden": 8, "depth": 1, "output": "denoiser"})
     with torch.no_grad():

@@ -26,7 +26,7 @@ class _Group(click.Group):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except OSError as e:                                    # a path that cannot be read or written
+        except OSError as e:  # a path that cannot be read or written
             if e.filename is None and e.errno not in (errno.ENOSPC, errno.EROFS, errno.EDQUOT):
                 raise
             raise GuidelabError(f"cannot read or write {e.filename or 'the output'}: {e.strerror or e}") from None
@@ -39,8 +39,12 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/demo"),
-              help="Output folder (models are cached in OUT/models).")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("runs/demo"),
+    help="Output folder (models are cached in OUT/models).",
+)
 @click.option("--samples", "n", type=click.IntRange(min=16), default=4096, help="Samples per method and weight.")
 @click.option("--seed", type=int, default=0, help="Seed of the initial points and the reference set.")
 @click.option("--quick", is_flag=True, help="Tiny models, for a smoke test; too short to show the paper's finding.")
@@ -48,8 +52,8 @@ def main() -> None:
 def demo(out: Path, n: int, seed: int, quick: bool, quiet: bool) -> None:
     """Autoguidance vs CFG on the exact 2-D tree: train, sample, measure, write OUT/report.html."""
     from . import demo as demo_mod
-    records = demo_mod.run(out, n=n, seed=seed, progress=not quiet,
-                           model_overrides=demo_mod.QUICK if quick else None)
+
+    records = demo_mod.run(out, n=n, seed=seed, progress=not quiet, model_overrides=demo_mod.QUICK if quick else None)
     click.echo(f"{'method':>13} {'w':>4} {'mean_logp':>9} {'precision':>9} {'recall':>7}")
     for r in records:
         click.echo(f"{r.method:>13} {r.w:>4g} {r.mean_logp:>9.3f} {r.precision:>9.3f} {r.recall:>7.3f}")
@@ -62,6 +66,7 @@ def demo(out: Path, n: int, seed: int, quick: bool, quiet: bool) -> None:
 def list_samplers() -> None:
     """List the available samplers."""
     from .. import samplers
+
     for name in samplers.names():
         click.echo(name)
 
@@ -78,14 +83,24 @@ def list_guiders() -> None:
 def _how_options(f):
     """How to sample (``sample``, ``sweep``, ``evaluate``; see guidelab.app.jobs.SampleConfig)."""
     opts = [
-        click.option("--guide", type=click.Path(), default=None,
-                     help="Guide: the weaker model (autoguidance, checkpoint or run folder), the unconditional model "
-                          "(cfg; default: the null label), the noise-aware classifier (classifier; default: the cached digits one)."),
+        click.option(
+            "--guide",
+            type=click.Path(),
+            default=None,
+            help="Guide: the weaker model (autoguidance, checkpoint or run folder), the unconditional model "
+            "(cfg; default: the null label), the noise-aware classifier (classifier; default: the cached digits one).",
+        ),
         click.option("--label", default=None, help="Class label: an integer, or 'balanced' (seed % classes)."),
-        click.option("--unconditional", is_flag=True, help="Call the network without the label (its null label); "
-                                                            "--label stays the target of classifier guidance."),
-        click.option("--sampler", default=None, help="Sampler name (guidelab samplers; default heun, or euler on a "
-                                                      "distilled student's own grid)."),
+        click.option(
+            "--unconditional",
+            is_flag=True,
+            help="Call the network without the label (its null label); --label stays the target of classifier guidance.",
+        ),
+        click.option(
+            "--sampler",
+            default=None,
+            help="Sampler name (guidelab samplers; default heun, or euler on a distilled student's own grid).",
+        ),
         click.option("--steps", type=click.IntRange(min=2), default=32, help="Karras schedule steps."),
         click.option("--sigma-min", type=float, default=0.002),
         click.option("--sigma-max", type=float, default=None, help="Default: 80 for image models, 5 otherwise."),
@@ -94,8 +109,13 @@ def _how_options(f):
         click.option("--step", type=click.IntRange(min=1), default=None, help="A run folder as model: the step (default last)."),
         click.option("--guide-sigma-rel", type=float, default=0.10, help="A run folder as guide: its post-hoc EMA length."),
         click.option("--guide-step", type=click.IntRange(min=1), default=None, help="A run folder as guide: the step."),
-        click.option("--option", "options", multiple=True, metavar="KEY=VALUE",
-                     help=f"Guider keyword (repeatable), checked against the guider's options: {_option_help(GUIDERS)}."),
+        click.option(
+            "--option",
+            "options",
+            multiple=True,
+            metavar="KEY=VALUE",
+            help=f"Guider keyword (repeatable), checked against the guider's options: {_option_help(GUIDERS)}.",
+        ),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -105,8 +125,12 @@ def _how_options(f):
 def _sample_options(f):
     """Options shared by ``sample`` and ``sweep``: what to sample (--world, --model) and how."""
     f = _how_options(f)
-    f = click.option("--model", type=click.Path(), default=None,
-                     help="Model: a checkpoint (.safetensors, or an NVlabs EDM2 .pkl) or a training run folder (post-hoc EMA).")(f)
+    f = click.option(
+        "--model",
+        type=click.Path(),
+        default=None,
+        help="Model: a checkpoint (.safetensors, or an NVlabs EDM2 .pkl) or a training run folder (post-hoc EMA).",
+    )(f)
     return click.option("--world", default=None, help="Exact tree to sample: A, B or AB (default A when no --model).")(f)
 
 
@@ -129,8 +153,9 @@ class _Guider(click.Choice):
 
 
 def _guider_option(names):
-    return click.option("--guider", type=_Guider(list(names)), default="none",
-                        help=f"Guider (guidance.registry): {registry.summaries(names)}.")
+    return click.option(
+        "--guider", type=_Guider(list(names)), default="none", help=f"Guider (guidance.registry): {registry.summaries(names)}."
+    )
 
 
 def _device(ctx, param, value):
@@ -138,6 +163,7 @@ def _device(ctx, param, value):
     if value is None:
         return None
     import torch
+
     try:
         torch.device(value)
     except (RuntimeError, ValueError):
@@ -148,25 +174,36 @@ def _device(ctx, param, value):
 def _npz_samples(path):
     """The ``samples`` array of a reference .npz (numbers only: object arrays are refused, never unpickled)."""
     import numpy as np
+
     try:
         with np.load(path, allow_pickle=False) as d:
             check("samples" in d.files, f"--reference {path} has no 'samples' array (it has {d.files})")
             x = d["samples"]
     except (OSError, ValueError, EOFError) as e:
         raise GuidelabError(f"cannot read --reference {path} as an .npz of numbers: {str(e).splitlines()[0]}") from None
-    check(x.dtype.kind in "fiu" and x.ndim >= 2, f"--reference samples must be a numeric array [N, ...], got {x.dtype} {list(x.shape)}")
+    check(
+        x.dtype.kind in "fiu" and x.ndim >= 2,
+        f"--reference samples must be a numeric array [N, ...], got {x.dtype} {list(x.shape)}",
+    )
     return x
 
 
 def _config(world, model, label=None, options=(), guider="none", **kw):
     from .jobs import SampleConfig
+
     if label is not None and label != "balanced":
         try:
             label = int(label)
         except ValueError:
             raise GuidelabError(f"--label must be an integer or 'balanced', got {label!r}") from None
-    return SampleConfig(world=world if (world or model) else "A", model=model, label=label, guider=guider,
-                        guider_options=registry.parse_options(guider, options), **kw)
+    return SampleConfig(
+        world=world if (world or model) else "A",
+        model=model,
+        label=label,
+        guider=guider,
+        guider_options=registry.parse_options(guider, options),
+        **kw,
+    )
 
 
 _NUMBER = r"\s*((?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|inf)\s*"
@@ -192,36 +229,58 @@ def _interval(text, flag: str = "--interval"):
 @click.option("--weight", "w", type=float, default=1.0, help="Guidance weight (1 = no guidance).")
 @click.option("--interval", default=None, help="Guide only for sigma in (lo, hi], given as lo-hi (e.g. 1e-3-5).")
 @click.option("--png", is_flag=True, help="Image models: also one PNG per sample, OUT/png/<seed>.png.")
-@click.option("--allow-nonfinite", is_flag=True, help="Write NaN / inf samples instead of stopping at the first "
-                                                      "step where the denoiser returns them.")
-@click.option("--preset", default=None, help="An EDM2 preset (docs/EDM2.md; its networks, guider, weight, interval) "
-                                             "from --models DIR; options given here override it.")
-@click.option("--models", type=click.Path(file_okay=False), default=None, help="--preset: the folder of its .pkl / .safetensors files.")
-@click.option("--vae", type=click.Path(file_okay=False), default=None,
-              help="Latent models (EDM2 img512): decode the samples through this local diffusers AutoencoderKL folder "
-                   "into OUT/png/<seed>.png.")
+@click.option(
+    "--allow-nonfinite",
+    is_flag=True,
+    help="Write NaN / inf samples instead of stopping at the first step where the denoiser returns them.",
+)
+@click.option(
+    "--preset",
+    default=None,
+    help="An EDM2 preset (docs/EDM2.md; its networks, guider, weight, interval) "
+    "from --models DIR; options given here override it.",
+)
+@click.option(
+    "--models", type=click.Path(file_okay=False), default=None, help="--preset: the folder of its .pkl / .safetensors files."
+)
+@click.option(
+    "--vae",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Latent models (EDM2 img512): decode the samples through this local diffusers AutoencoderKL folder "
+    "into OUT/png/<seed>.png.",
+)
 @_sample_options
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def sample_cmd(out, n, seed_start, shard_size, guider, w, interval, png, allow_nonfinite, preset, models, vae, world, model, quiet, **kw) -> None:
+def sample_cmd(
+    out, n, seed_start, shard_size, guider, w, interval, png, allow_nonfinite, preset, models, vae, world, model, quiet, **kw
+) -> None:
     """Sample into OUT/shard-*.npz with per-sample seeds; resumable; splits shards over torchrun ranks."""
     from . import jobs
+
     interval = _interval(interval)
     if preset is not None:
         from .edm2 import preset_settings
+
         ctx = click.get_current_context()
-        explicit = {k for k in ("guider", "w", "interval", "guide", "label")
-                    if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}
+        explicit = {
+            k
+            for k in ("guider", "w", "interval", "guide", "label")
+            if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE
+        }
         set_ = preset_settings(preset, models, dict(model=model, guider=guider, w=w, interval=interval, **kw), explicit)
         model, guider, w, interval = set_.pop("model"), set_.pop("guider"), set_.pop("w"), set_.pop("interval")
         kw.update(set_)
     cfg = _config(world, model, guider=guider, w=w, interval=interval, **kw)
     from .. import samplers
+
     with samplers.allow_nonfinite(allow_nonfinite):
         paths = jobs.sample(out, cfg, n=n, seed_start=seed_start, shard_size=shard_size, progress=not quiet, png=png and not vae)
     if int(os.environ.get("RANK", "0")) == 0:
         click.echo(f"wrote {len(paths)} shards ({n} samples) to {out}")
         if vae is not None:
             from .edm2 import decode_pngs
+
             click.echo(f"decoded {decode_pngs(out, vae)} images to {out}/png")
 
 
@@ -246,32 +305,74 @@ def _floats(text: str) -> list[float]:
 @click.option("--quality", default="precision", help="Quality axis of the Pareto front.")
 @click.option("--diversity", default="recall", help="Diversity axis of the Pareto front.")
 @click.option("--uncond", type=click.Path(), default=None, help="cfg: unconditional model checkpoint.")
-@click.option("--noise-classifier", type=click.Path(dir_okay=False, exists=True), default=None,
-              help="classifier: noise-aware classifier checkpoint (default: the cached digits one).")
-@click.option("--classifier", type=click.Path(dir_okay=False, exists=True), default=None,
-              help="Digits models: the clean digits classifier of the metrics (default: the cached one).")
-@click.option("--reference", type=click.Path(dir_okay=False), default=None,
-              help="Reference samples (.npz with 'samples'); default: exact samples (world), the digits test "
-                   "split in digits-classifier features (1x8x8 image models).")
+@click.option(
+    "--noise-classifier",
+    type=click.Path(dir_okay=False, exists=True),
+    default=None,
+    help="classifier: noise-aware classifier checkpoint (default: the cached digits one).",
+)
+@click.option(
+    "--classifier",
+    type=click.Path(dir_okay=False, exists=True),
+    default=None,
+    help="Digits models: the clean digits classifier of the metrics (default: the cached one).",
+)
+@click.option(
+    "--reference",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Reference samples (.npz with 'samples'); default: exact samples (world), the digits test "
+    "split in digits-classifier features (1x8x8 image models).",
+)
 @_sample_options
-def sweep_cmd(out, methods, weights, intervals, n, seed_start, shard_size, metric, quality, diversity, uncond,
-              noise_classifier, classifier, reference, world, model, guide, **kw) -> None:
+def sweep_cmd(
+    out,
+    methods,
+    weights,
+    intervals,
+    n,
+    seed_start,
+    shard_size,
+    metric,
+    quality,
+    diversity,
+    uncond,
+    noise_classifier,
+    classifier,
+    reference,
+    world,
+    model,
+    guide,
+    **kw,
+) -> None:
     """Methods x weights (x intervals) -> OUT/results.csv and .json, best weight per method, Pareto front."""
     import torch
 
     from . import sweep
+
     ivs = [_interval(s, "--intervals") for s in intervals.split(",") if s.strip()] or [None]
     ref = torch.from_numpy(_npz_samples(reference)) if reference else None
     names = [m.strip() for m in methods.split(",") if m.strip()]
     base = _config(world, model, guide=guide, **{**kw, "options": ()})
-    settings = sweep.SweepConfig({m: _floats(weights) for m in names}, n=n, seed_start=seed_start, shard_size=shard_size,
-                                 intervals=ivs, metric=metric, quality=quality, diversity=diversity,
-                                 guides={k: v for k, v in (("cfg", uncond), ("classifier", noise_classifier)) if v is not None}, options=kw["options"],
-                                 classifier=classifier)
+    settings = sweep.SweepConfig(
+        {m: _floats(weights) for m in names},
+        n=n,
+        seed_start=seed_start,
+        shard_size=shard_size,
+        intervals=ivs,
+        metric=metric,
+        quality=quality,
+        diversity=diversity,
+        guides={k: v for k, v in (("cfg", uncond), ("classifier", noise_classifier)) if v is not None},
+        options=kw["options"],
+        classifier=classifier,
+    )
     res = sweep.run(out, base, settings, reference=ref)
     for r in res["rows"]:
-        click.echo(f"{r['cell']:>24} {metric}={r[metric]:.4g} {quality}={r[quality]:.3f} {diversity}={r[diversity]:.3f}"
-                   + (f" class_accuracy={r['class_accuracy']:.3f}" if r.get("class_accuracy") is not None else ""))
+        click.echo(
+            f"{r['cell']:>24} {metric}={r[metric]:.4g} {quality}={r[quality]:.3f} {diversity}={r[diversity]:.3f}"
+            + (f" class_accuracy={r['class_accuracy']:.3f}" if r.get("class_accuracy") is not None else "")
+        )
     click.echo(f"best by {metric}: {res['best']}")
     click.echo(f"Pareto front ({quality} vs {diversity}): {res['pareto']}")
     click.echo(f"wrote {out / 'results.csv'} and {out / 'results.json'}")
@@ -283,21 +384,35 @@ def sweep_cmd(out, methods, weights, intervals, n, seed_start, shard_size, metri
 def report_cmd(sweep_dir: Path, out) -> None:
     """Static HTML report of a sweep (trade-off plots, sample grids, table); opens from disk."""
     from . import report
+
     click.echo(f"wrote {report.render(sweep_dir, out)}")
 
 
 @main.command("evaluate")
 @click.argument("model", type=click.Path())
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
-              help="Output folder: metrics.json, grid.png, samples/ (resumable shards).")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Output folder: metrics.json, grid.png, samples/ (resumable shards).",
+)
 @_guider_option(GUIDERS)
 @click.option("--weight", "w", type=float, default=1.0, help="Guidance weight (1 = no guidance).")
 @click.option("--interval", default=None, help="Guide only for sigma in (lo, hi], given as lo-hi (e.g. 1e-3-5).")
 @click.option("--samples", "n", type=click.IntRange(min=10), default=1000, help="Number of samples (seeds seed-start ...).")
 @click.option("--seed-start", type=int, default=0, help="First seed.")
-@click.option("--shard-size", type=click.IntRange(min=1), default=256, help="Samples per shard (one batch; a multiple of 64 wastes nothing).")
-@click.option("--classifier", type=click.Path(dir_okay=False, exists=True), default=None,
-              help="Clean digits classifier of the metrics (default: the cached one, trained on first use).")
+@click.option(
+    "--shard-size",
+    type=click.IntRange(min=1),
+    default=256,
+    help="Samples per shard (one batch; a multiple of 64 wastes nothing).",
+)
+@click.option(
+    "--classifier",
+    type=click.Path(dir_okay=False, exists=True),
+    default=None,
+    help="Clean digits classifier of the metrics (default: the cached one, trained on first use).",
+)
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Torch CPU threads (default: torch's).")
 @click.option("--device", default=None, callback=_device, help="Sampling device (default cuda if available, else cpu).")
 @_how_options
@@ -321,15 +436,19 @@ def evaluate_cmd(model, out, guider, w, interval, n, seed_start, shard_size, cla
     import torch
 
     from . import evaluate as ev
+
     if threads:
         torch.set_num_threads(threads)
     cfg = _config(None, model, guider=guider, w=w, interval=_interval(interval), **kw)
-    r = ev.evaluate(out, cfg, n=n, seed_start=seed_start, shard_size=shard_size, classifier=classifier,
-                    device=device, progress=not quiet)
+    r = ev.evaluate(
+        out, cfg, n=n, seed_start=seed_start, shard_size=shard_size, classifier=classifier, device=device, progress=not quiet
+    )
     acc = "n/a" if r["class_accuracy"] is None else f"{r['class_accuracy']:.3f}"
-    click.echo(f"FD {r['fd']:.2f}  class accuracy {acc}  precision {r['precision']:.3f}  recall {r['recall']:.3f}  "
-               f"density {r['density']:.3f}  coverage {r['coverage']:.3f}  NFE {r['nfe']:g}  "
-               f"sampling {r['sampling_seconds']:.0f} s")
+    click.echo(
+        f"FD {r['fd']:.2f}  class accuracy {acc}  precision {r['precision']:.3f}  recall {r['recall']:.3f}  "
+        f"density {r['density']:.3f}  coverage {r['coverage']:.3f}  NFE {r['nfe']:g}  "
+        f"sampling {r['sampling_seconds']:.0f} s"
+    )
     click.echo(f"wrote {out / 'metrics.json'} and {out / 'grid.png'}")
 
 
@@ -365,11 +484,22 @@ def _read_config(path: Path | None, sets: tuple[str, ...], flag: str = "--set") 
 
 
 @main.command("train")
-@click.option("--config", "config_path", type=click.Path(dir_okay=False, exists=True, path_type=Path), default=None,
-              help="JSON or TOML file of ImageConfig keys (guidelab.training.images).")
-@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a config key (repeatable); VALUE is JSON or a string.")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("runs/images"),
-              help="Parent folder; the run lives in OUT/<name-hash> (resumed if it exists).")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    default=None,
+    help="JSON or TOML file of ImageConfig keys (guidelab.training.images).",
+)
+@click.option(
+    "--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a config key (repeatable); VALUE is JSON or a string."
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("runs/images"),
+    help="Parent folder; the run lives in OUT/<name-hash> (resumed if it exists).",
+)
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="Torch CPU threads (default: torch's).")
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=256, help="Training state every this many steps.")
 @click.option("--grid/--no-grid", default=True, help="Write a sample grid (grid.png) of the final EMA at the end.")
@@ -390,8 +520,12 @@ def train_cmd(config_path, sets, out, threads, checkpoint_every, grid, grid_w, d
 
 
 @main.command("classifier")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Output .safetensors (default: the cache path the metrics use, see guidelab.app.digits_cache.default_path).")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Output .safetensors (default: the cache path the metrics use, see guidelab.app.digits_cache.default_path).",
+)
 @click.option("--noise-aware", is_flag=True, help="A noise-aware classifier p(y | x; sigma) for classifier guidance.")
 @click.option("--steps", type=click.IntRange(min=1), default=2000, help="Adam steps on the digits train split.")
 @click.option("--seed", type=int, default=0)
@@ -417,11 +551,14 @@ def classifier_cmd(out, noise_aware, steps, seed, threads) -> None:
 
 @main.command("convert-edm2")
 @click.argument("pkl", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="The .safetensors checkpoint to write.")
+@click.option(
+    "--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="The .safetensors checkpoint to write."
+)
 @click.option("--key", default="ema", help="The pickle's entry holding the network.")
 def convert_edm2_cmd(pkl, out, key) -> None:
     """Convert an NVlabs EDM2 network pickle (read without running any code from it) to safetensors."""
     from .edm2 import convert
+
     click.echo(f"wrote {convert(pkl, out, key)}")
 
 
@@ -443,17 +580,33 @@ def phema_cmd(run_dir, sigma_rel, step, out) -> None:
 
 @main.command("distill")
 @click.argument("teacher", type=click.Path(exists=True, path_type=Path))
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
-              help="Run folder (stage 1; resumed if it exists) or, with --progressive, the parent of OUT/steps-<K>.")
-@click.option("--guider", type=_Guider(list(DISTILL_GUIDERS)), default="cfg",
-              help=f"Stage 1: the guider to distil: {registry.summaries(DISTILL_GUIDERS)}.")
-@click.option("--guide", type=click.Path(exists=True, path_type=Path), default=None,
-              help="autoguidance: the weaker model; cfg: an unconditional model (checkpoint or run folder).")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Run folder (stage 1; resumed if it exists) or, with --progressive, the parent of OUT/steps-<K>.",
+)
+@click.option(
+    "--guider",
+    type=_Guider(list(DISTILL_GUIDERS)),
+    default="cfg",
+    help=f"Stage 1: the guider to distil: {registry.summaries(DISTILL_GUIDERS)}.",
+)
+@click.option(
+    "--guide",
+    type=click.Path(exists=True, path_type=Path),
+    default=None,
+    help="autoguidance: the weaker model; cfg: an unconditional model (checkpoint or run folder).",
+)
 @click.option("--w-min", type=float, default=1.0, help="Stage 1: smallest guidance weight (1 = no guidance).")
 @click.option("--w-max", type=float, default=5.0, help="Stage 1: largest guidance weight.")
 @click.option("--progressive", is_flag=True, help="Stage 2: halve the Euler steps of a distilled TEACHER round by round.")
-@click.option("--from-steps", type=click.IntRange(min=2), default=None,
-              help="--progressive from a stage-1 student: its Euler steps on karras(N, sigma-min, sigma-max, rho).")
+@click.option(
+    "--from-steps",
+    type=click.IntRange(min=2),
+    default=None,
+    help="--progressive from a stage-1 student: its Euler steps on karras(N, sigma-min, sigma-max, rho).",
+)
 @click.option("--to-steps", type=click.IntRange(min=1), default=None, help="--progressive: the final step count.")
 @click.option("--sigma-min", type=float, default=0.002)
 @click.option("--sigma-max", type=float, default=80.0)
@@ -474,27 +627,78 @@ def phema_cmd(run_dir, sigma_rel, step, out) -> None:
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=256, help="Training state every this many steps.")
 @click.option("--device", default="cpu", callback=_device)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def distill_cmd(teacher, out, guider, guide, w_min, w_max, progressive, from_steps, to_steps, sigma_min, sigma_max, rho,
-                sigma_rel, step, guide_sigma_rel, guide_step, init, iters, batch, lr, lr_ref_steps, ema, snapshot_every,
-                seed, threads, checkpoint_every, device, quiet) -> None:
+def distill_cmd(
+    teacher,
+    out,
+    guider,
+    guide,
+    w_min,
+    w_max,
+    progressive,
+    from_steps,
+    to_steps,
+    sigma_min,
+    sigma_max,
+    rho,
+    sigma_rel,
+    step,
+    guide_sigma_rel,
+    guide_step,
+    init,
+    iters,
+    batch,
+    lr,
+    lr_ref_steps,
+    ema,
+    snapshot_every,
+    seed,
+    threads,
+    checkpoint_every,
+    device,
+    quiet,
+) -> None:
     """Guidance distillation (Meng et al. 2023): stage 1 (a w-conditioned student of CFG / autoguidance)
     or, with --progressive, stage 2 (halving the Euler steps); resumes an interrupted run."""
     from ..training import LoopConfig, load_model
     from ..training import distill as ds
 
-    loop = LoopConfig(iters=iters, batch=batch, lr=lr, lr_ref_steps=lr_ref_steps, ema=tuple(_floats(ema)),
-                      snapshot_every=snapshot_every, seed=seed)
+    loop = LoopConfig(
+        iters=iters,
+        batch=batch,
+        lr=lr,
+        lr_ref_steps=lr_ref_steps,
+        ema=tuple(_floats(ema)),
+        snapshot_every=snapshot_every,
+        seed=seed,
+    )
     rt = ds.Runtime(progress=not quiet, checkpoint_every=checkpoint_every, device=device, threads=threads)
     teacher_ref = ds.NetworkRef(teacher, sigma_rel, step)
     if progressive:
         check(to_steps is not None, "--progressive needs --to-steps")
-        for path in ds.progressive_images(out, teacher_ref, to_steps=to_steps, from_steps=from_steps, sigma_min=sigma_min,
-                                          sigma_max=sigma_max, rho=rho, loop=loop, runtime=rt):
+        for path in ds.progressive_images(
+            out,
+            teacher_ref,
+            to_steps=to_steps,
+            from_steps=from_steps,
+            sigma_min=sigma_min,
+            sigma_max=sigma_max,
+            rho=rho,
+            loop=loop,
+            runtime=rt,
+        ):
             click.echo(f"student ({len(ds.distilled_info(load_model(path))['sigmas']) - 1} Euler steps): {path}")
         return
     check(to_steps is None and from_steps is None, "--from-steps / --to-steps need --progressive")
-    final = ds.distill_images(out, teacher_ref, guider=guider, guide=guide and ds.NetworkRef(guide, guide_sigma_rel, guide_step),
-                              cfg=ds.DistillConfig(w_min=w_min, w_max=w_max), init=init, loop=loop, runtime=rt)
+    final = ds.distill_images(
+        out,
+        teacher_ref,
+        guider=guider,
+        guide=guide and ds.NetworkRef(guide, guide_sigma_rel, guide_step),
+        cfg=ds.DistillConfig(w_min=w_min, w_max=w_max),
+        init=init,
+        loop=loop,
+        runtime=rt,
+    )
     click.echo(f"student (w in [{w_min:g}, {w_max:g}], input 'w'): {final}")
 
 
@@ -506,37 +710,68 @@ def distill_cmd(teacher, out, guider, guide, w_min, w_max, progressive, from_ste
 @click.option("--guide", type=click.Path(path_type=Path), default=None, help="Guide model folder (autoguidance).")
 @click.option("--sampler", default="euler", help="Sampler name (guidelab samplers).")
 @click.option("--steps", type=click.IntRange(min=1), default=32)
-@click.option("--schedule", type=click.Choice(["karras", "leading", "trailing", "linspace"]), default="karras",
-              help="karras between the model's sigma ends, or its timesteps with diffusers' spacing.")
-@click.option("--timesteps", type=click.Choice(["interpolate", "nearest"]), default="interpolate",
-              help="sigma -> timestep: fractional t (log-sigma interpolation) or the nearest grid t.")
+@click.option(
+    "--schedule",
+    type=click.Choice(["karras", "leading", "trailing", "linspace"]),
+    default="karras",
+    help="karras between the model's sigma ends, or its timesteps with diffusers' spacing.",
+)
+@click.option(
+    "--timesteps",
+    type=click.Choice(["interpolate", "nearest"]),
+    default="interpolate",
+    help="sigma -> timestep: fractional t (log-sigma interpolation) or the nearest grid t.",
+)
 @click.option("--seeds", default="0-7", help="Seeds: a range 0-7 or a list 1,2,5.")
 @click.option("--batch", type=click.IntRange(min=1), default=16)
 @click.option("--label", type=int, default=None, help="Class label for class-conditional models.")
 @click.option("--null-label", type=int, default=None, help="The null label cfg uses (DiT: its num_classes by default).")
-@click.option("--prompt-embeds", type=click.Path(dir_okay=False, exists=True), default=None,
-              help="safetensors with 'prompt_embeds' [1 or N, L, dim], optionally 'null_embeds' [1, L, dim] and "
-                   "attention masks 'prompt_attention_mask' / 'null_attention_mask' [1 or N, L] (text models).")
-@click.option("--layers", default=None, help="pag/seg/slg/tsg: comma-separated substrings of layer names or 'all' "
-              "(default: diffusers' recommended layers; tsg: every time embedder).")
-@click.option("--cfg-weight", type=float, default=None,
-              help="pag/seg/slg: CFG at this weight as well, in the same batched call: "
-                   "D = D_u + CFG_WEIGHT (D_c - D_u) + (WEIGHT - 1)(D_c - D_pert).")
-@click.option("--interval", default=None, help="Guide only for sigma in (lo, hi], given as lo-hi (e.g. 1e-3-5); "
-              "slg default: diffusers' step window (0.01 n < step < 0.2 n).")
-@click.option("--option", "options", multiple=True, metavar="KEY=VALUE",
-              help=f"Guider keyword (repeatable): {_option_help(DIFFUSERS_GUIDERS)}.")
+@click.option(
+    "--prompt-embeds",
+    type=click.Path(dir_okay=False, exists=True),
+    default=None,
+    help="safetensors with 'prompt_embeds' [1 or N, L, dim], optionally 'null_embeds' [1, L, dim] and "
+    "attention masks 'prompt_attention_mask' / 'null_attention_mask' [1 or N, L] (text models).",
+)
+@click.option(
+    "--layers",
+    default=None,
+    help="pag/seg/slg/tsg: comma-separated substrings of layer names or 'all' "
+    "(default: diffusers' recommended layers; tsg: every time embedder).",
+)
+@click.option(
+    "--cfg-weight",
+    type=float,
+    default=None,
+    help="pag/seg/slg: CFG at this weight as well, in the same batched call: "
+    "D = D_u + CFG_WEIGHT (D_c - D_u) + (WEIGHT - 1)(D_c - D_pert).",
+)
+@click.option(
+    "--interval",
+    default=None,
+    help="Guide only for sigma in (lo, hi], given as lo-hi (e.g. 1e-3-5); "
+    "slg default: diffusers' step window (0.01 n < step < 0.2 n).",
+)
+@click.option(
+    "--option",
+    "options",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help=f"Guider keyword (repeatable): {_option_help(DIFFUSERS_GUIDERS)}.",
+)
 @click.option("--device", default="cpu")
 @click.option("--dtype", type=click.Choice(["float32", "float64", "float16", "bfloat16"]), default="float32")
 def diffusers_cmd(model_dir, out, guider, w, guide, seeds, interval, prompt_embeds, layers, dtype, options, **kw) -> None:
     """Sample a local diffusers model (UNet2DModel, UNet2DConditionModel, DiT, PixArt) with any sampler and guider."""
     from .diffusers_generate import generate
+
     emb = {}
     if prompt_embeds is not None:
         from safetensors.torch import load_file
+
         try:
             emb = load_file(prompt_embeds)
-        except Exception as e:                                  # not a safetensors file
+        except Exception as e:  # not a safetensors file
             raise GuidelabError(f"--prompt-embeds {prompt_embeds} is not a safetensors file: {str(e).splitlines()[0]}") from None
     try:
         if "-" in seeds:
@@ -546,26 +781,46 @@ def diffusers_cmd(model_dir, out, guider, w, guide, seeds, interval, prompt_embe
             seed_list = [int(v) for v in seeds.split(",") if v.strip()]
     except ValueError:
         raise GuidelabError(f"--seeds must look like 0-7 or 1,2,5, got {seeds!r}") from None
-    generate(model_dir, out=out, guider=guider, w=w, guide=guide, seeds=seed_list, interval=_interval(interval),
-             prompt_embeds=emb.get("prompt_embeds"), null_text=emb.get("null_embeds"),
-             prompt_mask=emb.get("prompt_attention_mask"), null_mask=emb.get("null_attention_mask"),
-             layers=layers.split(",") if layers else None, dtype=dtype, guider_options=list(options), **kw)
+    generate(
+        model_dir,
+        out=out,
+        guider=guider,
+        w=w,
+        guide=guide,
+        seeds=seed_list,
+        interval=_interval(interval),
+        prompt_embeds=emb.get("prompt_embeds"),
+        null_text=emb.get("null_embeds"),
+        prompt_mask=emb.get("prompt_attention_mask"),
+        null_mask=emb.get("null_attention_mask"),
+        layers=layers.split(",") if layers else None,
+        dtype=dtype,
+        guider_options=list(options),
+        **kw,
+    )
     click.echo(f"wrote {len(seed_list)} samples to {out}")
 
 
-@main.command("generate", epilog="""\b
+@main.command(
+    "generate",
+    epilog="""\b
 Examples (one per pipeline family; FOLDER is a local diffusers folder, nothing is downloaded):
   guidelab generate sd15 --prompt "a red cube" --guider cfg --weight 7.5 --steps 20 --seeds 0-3 --out runs/sd
   guidelab generate sd15 --prompt "a red cube" --guider pag --weight 3 --out runs/pag
   guidelab generate sd3  --prompt "a red cube" --guider cfg_zero_star --weight 4 --steps 28 --out runs/sd3 --dtype bf16
-""")
+""",
+)
 @click.argument("folder", type=click.Path(path_type=Path))
 @click.option("--prompt", "prompts", multiple=True, required=True, help="The prompt (repeat: one per seed).")
 @click.option("--negative-prompt", default=None, help="The reference branch of cfg and its relatives.")
 @click.option("--guider", default="cfg", help="A guider of the registry (guidelab guiders).")
 @click.option("--weight", "w", type=float, default=7.5, help="Guidance weight (1 = no guidance).")
-@click.option("--guide", type=click.Path(path_type=Path), default=None,
-              help="autoguidance: the weaker pipeline folder (same text encoders and VAE).")
+@click.option(
+    "--guide",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="autoguidance: the weaker pipeline folder (same text encoders and VAE).",
+)
 @click.option("--sampler", default=None, help="Default: the sampler equal to the folder's scheduler (DDIM -> ddim).")
 @click.option("--steps", type=click.IntRange(min=1), default=20)
 @click.option("--schedule", default="pipeline", help="pipeline (the folder's scheduler grid), karras, leading, ...")
@@ -577,6 +832,7 @@ Examples (one per pipeline family; FOLDER is a local diffusers folder, nothing i
 def generate_cmd(folder, prompts, seeds, options, out, **kw) -> None:
     """Prompt in, image out: a local StableDiffusion / SD3 pipeline folder guided by any guider (docs/PIPELINES.md)."""
     from . import diffusers_generate as dg
+
     seed_list = dg.parse_seeds(seeds)
     opts = dict(registry.parse_options(kw["guider"], list(options)))
     dg.generate_images(folder, prompts, out=out, seeds=seed_list, **kw, **opts)
@@ -587,11 +843,17 @@ def generate_cmd(folder, prompts, seeds, options, out, **kw) -> None:
 @click.argument("model")
 @click.option("--task", type=click.Choice(["inpaint", "superres", "lowpass", "colorize"]), required=True)
 @click.option("--method", type=click.Choice(["repaint", "ilvr", "dps", "steered", "tfg", "sdg", "score_sde"]), required=True)
-@click.option("--input", "input_path", type=click.Path(dir_okay=False, exists=True), required=True,
-              help="The clean image (PNG/JPEG, or .npz/.npy [C, H, W] in [-1, 1]); the measurement is made from it.")
+@click.option(
+    "--input",
+    "input_path",
+    type=click.Path(dir_okay=False, exists=True),
+    required=True,
+    help="The clean image (PNG/JPEG, or .npz/.npy [C, H, W] in [-1, 1]); the measurement is made from it.",
+)
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="Writes OUT/samples.npz and OUT/grid.png.")
-@click.option("--mask", type=click.Choice(["centre", "left", "right", "random"]), default="centre",
-              help="inpaint: the known region.")
+@click.option(
+    "--mask", type=click.Choice(["centre", "left", "right", "random"]), default="centre", help="inpaint: the known region."
+)
 @click.option("--factor", type=click.IntRange(min=1), default=2, help="superres / lowpass: the downsampling factor N.")
 @click.option("--n", type=click.IntRange(min=1), default=8, help="Samples (seeds SEED .. SEED + n - 1).")
 @click.option("--seed", type=int, default=0)
@@ -604,11 +866,24 @@ def generate_cmd(folder, prompts, seeds, options, out, **kw) -> None:
 def inverse_cmd(model, task, method, input_path, out, mask, factor, n, seed, steps, sigma_max, **options) -> None:
     """Condition an unconditional MODEL (checkpoint, run folder, or digits-gmm) on a measurement of --input."""
     from .inverse import run_inverse
+
     keep = {"repaint": ("jump_length", "jump_n_sample"), "dps": ("zeta",), "sdg": ("w",)}.get(method, ())
     extra = [k for k, v in options.items() if v is not None and k not in keep]
     check(not extra, f"--{extra[0].replace('_', '-') if extra else ''} does not apply to --method {method}")
-    path = run_inverse(model, task, method, input_path, out, n=n, seed=seed, mask=mask, factor=factor, steps=steps,
-                       sigma_max=sigma_max, **{k: v for k, v in options.items() if k in keep})
+    path = run_inverse(
+        model,
+        task,
+        method,
+        input_path,
+        out,
+        n=n,
+        seed=seed,
+        mask=mask,
+        factor=factor,
+        steps=steps,
+        sigma_max=sigma_max,
+        **{k: v for k, v in options.items() if k in keep},
+    )
     click.echo(f"wrote {path}/samples.npz and {path}/grid.png")
 
 

@@ -25,9 +25,9 @@ from ..training import load_model, train_toy
 
 #: The paper's toy setup (methods.md §2.3): models and sampler.
 MODELS = {
-    "main": dict(classes="A", hidden=64, iters=4096),        # the model being guided
-    "guide": dict(classes="A", hidden=32, iters=512),        # autoguidance: smaller, trained 8x shorter
-    "uncond": dict(classes="AB", hidden=32, iters=512),      # CFG: unconditional model (both classes)
+    "main": dict(classes="A", hidden=64, iters=4096),  # the model being guided
+    "guide": dict(classes="A", hidden=32, iters=512),  # autoguidance: smaller, trained 8x shorter
+    "uncond": dict(classes="AB", hidden=32, iters=512),  # CFG: unconditional model (both classes)
 }
 #: ``--quick``: tiny models for a smoke test (seconds, not minutes); too short to show the finding.
 QUICK = {k: {"iters": max(v["iters"] // 16, 32), "batch": 1024} for k, v in MODELS.items()}
@@ -68,8 +68,15 @@ def train_models(out: Path, progress: bool = True, **overrides) -> dict[str, tor
     return nets
 
 
-def run(out: str | os.PathLike = "runs/demo", *, n: int = 4096, seed: int = 0, progress: bool = True,
-        weights: dict | None = None, model_overrides: dict | None = None) -> list[Record]:
+def run(
+    out: str | os.PathLike = "runs/demo",
+    *,
+    n: int = 4096,
+    seed: int = 0,
+    progress: bool = True,
+    weights: dict | None = None,
+    model_overrides: dict | None = None,
+) -> list[Record]:
     """Run the whole demo; returns the records also written to ``out/metrics.json``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -77,13 +84,14 @@ def run(out: str | os.PathLike = "runs/demo", *, n: int = 4096, seed: int = 0, p
     nets = train_models(out, progress, **(model_overrides or {}))
     world = toy.tree("A")
     g = torch.Generator().manual_seed(seed)
-    reference = world.sample(n, generator=g)              # exact samples: the metrics' reference set
-    x_init = world.sample(n, SIGMA_MAX, generator=g)      # as in the paper: exact class-A points at sigma_max
+    reference = world.sample(n, generator=g)  # exact samples: the metrics' reference set
+    x_init = world.sample(n, SIGMA_MAX, generator=g)  # as in the paper: exact class-A points at sigma_max
     sigmas = schedules.karras(STEPS, SIGMA_MIN, SIGMA_MAX, RHO)
 
     jobs = [("none", 1.0)] + [(m, w) for m, ws in (weights or WEIGHTS).items() for w in ws]
     records, samples = [], {}
     from tqdm.auto import tqdm
+
     for method, w in tqdm(jobs, desc="sample + metrics", disable=not progress):
         main, guide, uncond = (_Counter(nets[k]) for k in ("main", "guide", "uncond"))
         if method == "cfg":
@@ -96,13 +104,27 @@ def run(out: str | os.PathLike = "runs/demo", *, n: int = 4096, seed: int = 0, p
         x = samplers.heun(D, x_init, sigmas)
         nfe = (main.rows + guide.rows + uncond.rows) // n
         precision, recall = metrics.precision_recall(reference, x, k=3)
-        records.append(Record(method, float(w), metrics.mean_logp(world, x), precision, recall,
-                              metrics.sliced_wasserstein(reference, x), nfe, time.time() - t))
+        records.append(
+            Record(
+                method,
+                float(w),
+                metrics.mean_logp(world, x),
+                precision,
+                recall,
+                metrics.sliced_wasserstein(reference, x),
+                nfe,
+                time.time() - t,
+            )
+        )
         samples[(method, w)] = x
     exact = world.sample(n, generator=g)
     p, r = metrics.precision_recall(reference, exact, k=3)
-    baseline = {"mean_logp": metrics.mean_logp(world, exact), "precision": p, "recall": r,
-                "sliced_wasserstein": metrics.sliced_wasserstein(reference, exact)}
+    baseline = {
+        "mean_logp": metrics.mean_logp(world, exact),
+        "precision": p,
+        "recall": r,
+        "sliced_wasserstein": metrics.sliced_wasserstein(reference, exact),
+    }
 
     atomic_write(out / "metrics.json", json.dumps([r.__dict__ for r in records], indent=2).encode())
     findings = check_finding(records)
@@ -116,6 +138,7 @@ def run(out: str | os.PathLike = "runs/demo", *, n: int = 4096, seed: int = 0, p
 # ---------------------------------------------------------------------------------------------
 # The paper's claim, checked on the measured numbers (never tuned to agree).
 
+
 def check_finding(records: list[Record]) -> list[tuple[str, bool, str]]:
     """Evaluate the paper's three claims on the records: (claim, holds, evidence)."""
     none = next(r for r in records if r.method == "none")
@@ -125,26 +148,41 @@ def check_finding(records: list[Record]) -> list[tuple[str, bool, str]]:
     if not ag or not cfg:
         return out
     best = max(ag, key=lambda r: r.mean_logp)
-    out.append(("Autoguidance raises quality over no guidance (mean log p and precision)",
-                best.mean_logp > none.mean_logp and best.precision > none.precision,
-                f"w={best.w:g}: mean log p {none.mean_logp:.3f} -> {best.mean_logp:.3f}, "
-                f"precision {none.precision:.3f} -> {best.precision:.3f}"))
-    out.append(("...while recall stays close to unguided (>= 0.9x)", best.recall >= 0.9 * none.recall,
-                f"recall {none.recall:.3f} -> {best.recall:.3f} ({best.recall / none.recall:.2f}x)"))
+    out.append(
+        (
+            "Autoguidance raises quality over no guidance (mean log p and precision)",
+            best.mean_logp > none.mean_logp and best.precision > none.precision,
+            f"w={best.w:g}: mean log p {none.mean_logp:.3f} -> {best.mean_logp:.3f}, "
+            f"precision {none.precision:.3f} -> {best.precision:.3f}",
+        )
+    )
+    out.append(
+        (
+            "...while recall stays close to unguided (>= 0.9x)",
+            best.recall >= 0.9 * none.recall,
+            f"recall {none.recall:.3f} -> {best.recall:.3f} ({best.recall / none.recall:.2f}x)",
+        )
+    )
     # CFG at the weight whose quality is closest to autoguidance's (or the best CFG if none reaches it).
     match = min(cfg, key=lambda r: abs(r.mean_logp - best.mean_logp))
-    out.append(("CFG at similar quality loses clearly more recall",
-                match.recall < best.recall - 0.05,
-                f"CFG w={match.w:g}: mean log p {match.mean_logp:.3f}, recall {match.recall:.3f} vs "
-                f"autoguidance recall {best.recall:.3f}"))
+    out.append(
+        (
+            "CFG at similar quality loses clearly more recall",
+            match.recall < best.recall - 0.05,
+            f"CFG w={match.w:g}: mean log p {match.mean_logp:.3f}, recall {match.recall:.3f} vs "
+            f"autoguidance recall {best.recall:.3f}",
+        )
+    )
     return out
 
 
 # ---------------------------------------------------------------------------------------------
 # Report.
 
+
 def _png(fig) -> bytes:
     import matplotlib.pyplot as plt
+
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
     plt.close(fig)
@@ -163,8 +201,11 @@ def _outline_grid(grid: int = 220):
     ys = torch.linspace(cy - h, cy + h, grid, dtype=torch.float64)
     X, Y = torch.meshgrid(xs, ys, indexing="xy")
     pts = torch.stack([X.flatten(), Y.flatten()], 1)
-    return X.numpy(), Y.numpy(), {c: toy.tree(c, dtype=torch.float64).logp(pts, 0.0).view(grid, grid).numpy()
-                                  for c in ("AB", "A")}
+    return (
+        X.numpy(),
+        Y.numpy(),
+        {c: toy.tree(c, dtype=torch.float64).logp(pts, 0.0).view(grid, grid).numpy() for c in ("AB", "A")},
+    )
 
 
 def _outline(ax) -> None:
@@ -172,14 +213,16 @@ def _outline(ax) -> None:
     X, Y, lps = _outline_grid()
     for classes, color in (("AB", "0.6"), ("A", "tab:orange")):
         lp = lps[classes]
-        ax.contour(X, Y, lp, levels=[lp.max() - 2.12 ** 2], colors=[color], linewidths=0.8, linestyles="solid")
+        ax.contour(X, Y, lp, levels=[lp.max() - 2.12**2], colors=[color], linewidths=0.8, linestyles="solid")
 
 
 def scatter_figure(panels: list[tuple[str, torch.Tensor]]):
     """A row/grid of scatter plots with the exact outlines."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     cols = min(4, len(panels))
     rows = (len(panels) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.2 * rows), squeeze=False)
@@ -193,7 +236,7 @@ def scatter_figure(panels: list[tuple[str, torch.Tensor]]):
         ax.set_xticks([])
         ax.set_yticks([])
         ax.set_title(title, fontsize=10)
-    for ax in list(axes.flat)[len(panels):]:
+    for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     fig.tight_layout()
     return fig
@@ -201,19 +244,28 @@ def scatter_figure(panels: list[tuple[str, torch.Tensor]]):
 
 def tradeoff_figure(records: list[Record], baseline: dict):
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     styles = {"none": ("k", "o"), "cfg": ("tab:red", "s"), "autoguidance": ("tab:green", "^")}
     for ax, quality in zip(axes, ("mean_logp", "precision")):
         for method, (color, marker) in styles.items():
             rs = [r for r in records if r.method == method]
-            ax.plot([r.recall for r in rs], [getattr(r, quality) for r in rs], marker=marker, color=color,
-                    label=method, linestyle="-" if len(rs) > 1 else "none")
+            ax.plot(
+                [r.recall for r in rs],
+                [getattr(r, quality) for r in rs],
+                marker=marker,
+                color=color,
+                label=method,
+                linestyle="-" if len(rs) > 1 else "none",
+            )
             for r in rs:
                 if method != "none":
-                    ax.annotate(f"{r.w:g}", (r.recall, getattr(r, quality)), fontsize=7, xytext=(3, 3),
-                                textcoords="offset points")
+                    ax.annotate(
+                        f"{r.w:g}", (r.recall, getattr(r, quality)), fontsize=7, xytext=(3, 3), textcoords="offset points"
+                    )
         ax.axhline(baseline[quality], color="0.5", linestyle=":", label="exact samples")
         ax.set_xlabel("recall (variation)")
         ax.set_ylabel({"mean_logp": "mean exact log p (quality)", "precision": "precision (quality)"}[quality])
@@ -225,33 +277,49 @@ def tradeoff_figure(records: list[Record], baseline: dict):
 
 def render_report(records, samples, exact, baseline, findings, nets, *, n: int, seconds: float) -> tuple[str, dict]:
     """The HTML report (images inlined, opens from disk) and its figures as PNG bytes by name."""
-    best = {m: max((r for r in records if r.method == m), key=lambda r: r.mean_logp, default=None)
-            for m in ("cfg", "autoguidance")}
+    best = {
+        m: max((r for r in records if r.method == m), key=lambda r: r.mean_logp, default=None) for m in ("cfg", "autoguidance")
+    }
     ag = best["autoguidance"]
-    cfg_match = min((r for r in records if r.method == "cfg"), key=lambda r: abs(r.mean_logp - ag.mean_logp),
-                    default=None) if ag else None
+    cfg_match = (
+        min((r for r in records if r.method == "cfg"), key=lambda r: abs(r.mean_logp - ag.mean_logp), default=None)
+        if ag
+        else None
+    )
     panels = [("exact class A", exact), ("no guidance", samples[("none", 1.0)])]
     if cfg_match:
         panels.append((f"CFG w={cfg_match.w:g}", samples[("cfg", cfg_match.w)]))
     if ag:
         panels.append((f"autoguidance w={ag.w:g}", samples[("autoguidance", ag.w)]))
-    figures = {"samples.png": _png(scatter_figure(panels)),
-               "tradeoff.png": _png(tradeoff_figure(records, baseline)),
-               "all_samples.png": _png(scatter_figure([(f"{k[0]} w={k[1]:g}", v) for k, v in samples.items()]))}
+    figures = {
+        "samples.png": _png(scatter_figure(panels)),
+        "tradeoff.png": _png(tradeoff_figure(records, baseline)),
+        "all_samples.png": _png(scatter_figure([(f"{k[0]} w={k[1]:g}", v) for k, v in samples.items()])),
+    }
     main_fig, trade, all_fig = (_b64(figures[k]) for k in ("samples.png", "tradeoff.png", "all_samples.png"))
 
     rows = "".join(
         f"<tr><td>{r.method}</td><td>{r.w:g}</td><td>{r.mean_logp:.3f}</td><td>{r.precision:.3f}</td>"
-        f"<td>{r.recall:.3f}</td><td>{r.sliced_wasserstein:.4f}</td><td>{r.nfe_per_sample}</td></tr>" for r in records)
-    rows += (f"<tr class='ref'><td>exact samples</td><td></td><td>{baseline['mean_logp']:.3f}</td>"
-             f"<td>{baseline['precision']:.3f}</td><td>{baseline['recall']:.3f}</td>"
-             f"<td>{baseline['sliced_wasserstein']:.4f}</td><td></td></tr>")
-    claims = "".join(f"<li class='{'ok' if ok else 'no'}'><b>{'holds' if ok else 'does NOT hold'}</b>: "
-                     f"{html.escape(c)} &mdash; {html.escape(ev)}</li>" for c, ok, ev in findings)
+        f"<td>{r.recall:.3f}</td><td>{r.sliced_wasserstein:.4f}</td><td>{r.nfe_per_sample}</td></tr>"
+        for r in records
+    )
+    rows += (
+        f"<tr class='ref'><td>exact samples</td><td></td><td>{baseline['mean_logp']:.3f}</td>"
+        f"<td>{baseline['precision']:.3f}</td><td>{baseline['recall']:.3f}</td>"
+        f"<td>{baseline['sliced_wasserstein']:.4f}</td><td></td></tr>"
+    )
+    claims = "".join(
+        f"<li class='{'ok' if ok else 'no'}'><b>{'holds' if ok else 'does NOT hold'}</b>: "
+        f"{html.escape(c)} &mdash; {html.escape(ev)}</li>"
+        for c, ok, ev in findings
+    )
     params = {k: sum(p.numel() for p in v.parameters()) for k, v in nets.items()}
-    setup = "".join(f"<li><b>{k}</b>: classes {v['classes']}, width {v['hidden']}, {v['iters']} iterations, "
-                    f"{params[k]:,} parameters</li>" for k, v in MODELS.items())
-    return f"""<!doctype html>
+    setup = "".join(
+        f"<li><b>{k}</b>: classes {v['classes']}, width {v['hidden']}, {v['iters']} iterations, {params[k]:,} parameters</li>"
+        for k, v in MODELS.items()
+    )
+    return (
+        f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>guidelab demo: autoguidance vs CFG</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}}
 table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}
@@ -276,4 +344,6 @@ Metrics against {n} exact class-A samples: mean exact log-density (quality), k-N
 <h2>All samples</h2>
 <img src="data:image/png;base64,{all_fig}" alt="all samples">
 </body></html>
-""", figures
+""",
+        figures,
+    )

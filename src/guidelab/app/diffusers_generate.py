@@ -54,6 +54,7 @@ class DiffusersConfig:
     "nearest"). ``sampler_options``: the sampler's keywords. ``dtype``: the network's (half precision: a float32
     sampler).
     """
+
     guider: str = "none"
     w: float = 1.0
     guide: str | os.PathLike | None = None
@@ -80,29 +81,53 @@ class DiffusersConfig:
     progress: bool = False
 
 
-def make_guider(den: DiffusersDenoiser, guider: str, w, *, guide: DiffusersDenoiser | None = None, seeds=None,
-                options: Mapping[str, Any] | Sequence[str] | None = None, layers: Sequence[str] | None = None,
-                cfg_weight: float | None = None, interval=None, sampler: str | None = None):
+def make_guider(
+    den: DiffusersDenoiser,
+    guider: str,
+    w,
+    *,
+    guide: DiffusersDenoiser | None = None,
+    seeds=None,
+    options: Mapping[str, Any] | Sequence[str] | None = None,
+    layers: Sequence[str] | None = None,
+    cfg_weight: float | None = None,
+    interval=None,
+    sampler: str | None = None,
+):
     """The registry's guider ``guider`` on ``den`` (``registry.build``: options parsed and checked, needs checked,
     ``interval`` applied); ``layers`` / ``cfg_weight`` join the options of pag, seg, slg (``layers`` of tsg picks
     its time embedders); ``seeds``: the batch's per-sample seeds (icg, tsg)."""
     options = registry.parse_options(guider, options)
     check(layers is None or guider in (*ATTENTION, "tsg"), f"layers is for pag, seg, slg or tsg, not {guider!r}")
-    check(cfg_weight is None or guider in ATTENTION,
-          f"cfg_weight combines CFG with pag, seg or slg; for {guider!r} use guider='cfg' or leave it unset")
+    check(
+        cfg_weight is None or guider in ATTENTION,
+        f"cfg_weight combines CFG with pag, seg or slg; for {guider!r} use guider='cfg' or leave it unset",
+    )
     for key, value in (("layers", layers), ("cfg_weight", cfg_weight)):
         if value is not None and guider in ATTENTION:
             check(key not in options, f"{key} is given twice (as {key}= and as a guider option)")
             options[key] = registry.parse_options(guider, {key: list(value) if key == "layers" else value})[key]
-    check(not (guider == "icg" and "num_classes" in options and den.cond_key == "encoder_hidden_states"),
-          "num_classes is for class-conditional models; text models get a Gaussian embedding")
+    check(
+        not (guider == "icg" and "num_classes" in options and den.cond_key == "encoder_hidden_states"),
+        "num_classes is for class-conditional models; text models get a Gaussian embedding",
+    )
     if guider == "tsg" and layers is not None:
         den = den.with_perturbation(Perturbation("tsg", layers))
     if guider == "autoguidance" and guide is not None:
-        check(guide.grid.shape == den.grid.shape and torch.allclose(guide.grid, den.grid),
-              "the guide model's noise schedule differs from the main model's")
-    ctx = registry.Context(den, w=w, guide=guide, seeds=seeds, options=options, interval=interval, sampler=sampler,
-                           what=f"this {type(den.model).__name__}")
+        check(
+            guide.grid.shape == den.grid.shape and torch.allclose(guide.grid, den.grid),
+            "the guide model's noise schedule differs from the main model's",
+        )
+    ctx = registry.Context(
+        den,
+        w=w,
+        guide=guide,
+        seeds=seeds,
+        options=options,
+        interval=interval,
+        sampler=sampler,
+        what=f"this {type(den.model).__name__}",
+    )
     return registry.build(guider, ctx)
 
 
@@ -116,8 +141,12 @@ def save_outputs(out: str | os.PathLike, x: torch.Tensor, seeds: Sequence[int], 
         for s, im in zip(seeds, to_uint8(arr), strict=True):
             write_png(out / f"{int(s):06d}.png", im)
     path = out / "samples.npz"
-    atomic_write(path, lambda f: np.savez(f, x=arr, seeds=np.asarray(list(seeds), dtype=np.int64),
-                                           **{k: np.asarray(v) for k, v in extra.items()}))
+    atomic_write(
+        path,
+        lambda f: np.savez(
+            f, x=arr, seeds=np.asarray(list(seeds), dtype=np.int64), **{k: np.asarray(v) for k, v in extra.items()}
+        ),
+    )
     return path
 
 
@@ -137,15 +166,19 @@ def _conditioning(cfg: DiffusersConfig, den: DiffusersDenoiser, N: int, size: in
         out["class_labels"] = labels.expand(N).to(cfg.device)
     emb, mask = cfg.prompt_embeds, cfg.prompt_mask
     if emb is not None:
-        check(emb.ndim == 3 and emb.shape[0] in (1, N), f"prompt_embeds must have shape [1 or {N}, L, dim], got {list(emb.shape)}")
+        check(
+            emb.ndim == 3 and emb.shape[0] in (1, N), f"prompt_embeds must have shape [1 or {N}, L, dim], got {list(emb.shape)}"
+        )
         out["encoder_hidden_states"] = emb.to(device=cfg.device, dtype=_dtype(cfg.dtype)).expand(N, -1, -1)
-    if mask is None and emb is not None and cfg.null_mask is not None:     # both CFG branches carry a mask: one call
+    if mask is None and emb is not None and cfg.null_mask is not None:  # both CFG branches carry a mask: one call
         mask = torch.ones(1, emb.shape[1], dtype=cfg.null_mask.dtype)
     if mask is not None:
-        check(emb is not None and tuple(mask.shape) in ((1, emb.shape[1]), (N, emb.shape[1])),
-              f"prompt_mask must have shape [1 or {N}, L] next to prompt_embeds, got {list(mask.shape)}")
+        check(
+            emb is not None and tuple(mask.shape) in ((1, emb.shape[1]), (N, emb.shape[1])),
+            f"prompt_mask must have shape [1 or {N}, L] next to prompt_embeds, got {list(mask.shape)}",
+        )
         out[MASK] = mask.to(cfg.device).expand(N, -1)
-    if den.micro:                                                    # PixArt micro-conditions, as its pipeline
+    if den.micro:  # PixArt micro-conditions, as its pipeline
         px = 8 * size if cfg.resolution is None else int(cfg.resolution)
         out["resolution"] = torch.tensor([[px, px]], dtype=torch.float64, device=cfg.device).expand(N, -1)
         out["aspect_ratio"] = torch.ones(N, 1, dtype=torch.float64, device=cfg.device)
@@ -160,8 +193,9 @@ def _dtype(dtype: str | torch.dtype) -> torch.dtype:
     return getattr(torch, dtype)
 
 
-def generate(model_dir: str | os.PathLike, config: DiffusersConfig | None = None, *,
-             out: str | os.PathLike | None = None, **fields) -> torch.Tensor:
+def generate(
+    model_dir: str | os.PathLike, config: DiffusersConfig | None = None, *, out: str | os.PathLike | None = None, **fields
+) -> torch.Tensor:
     """Sample a local diffusers model as ``config`` says (fields may also be given as keywords); returns x0
     [N, C, H, W] in model space (latent models: latents, no VAE decoding); ``out``: also write the files
     (:func:`save_outputs`).
@@ -175,8 +209,14 @@ def generate(model_dir: str | os.PathLike, config: DiffusersConfig | None = None
     check(len(seeds) >= 1, "need at least one seed")
     check(cfg.batch >= 1, f"batch must be >= 1, got {cfg.batch}")
     dtype = _dtype(cfg.dtype)
-    kw = {"dtype": dtype, "device": cfg.device, "timesteps": cfg.timesteps, "null_label": cfg.null_label,
-          "null_text": cfg.null_text, "null_mask": cfg.null_mask}
+    kw = {
+        "dtype": dtype,
+        "device": cfg.device,
+        "timesteps": cfg.timesteps,
+        "null_label": cfg.null_label,
+        "null_text": cfg.null_text,
+        "null_mask": cfg.null_mask,
+    }
     den = load(model_dir, **kw)
     guide = load(cfg.guide, **kw) if cfg.guide is not None else None
     sigmas = make_sigmas(den, cfg.steps, cfg.schedule)
@@ -185,9 +225,20 @@ def generate(model_dir: str | os.PathLike, config: DiffusersConfig | None = None
         interval = step_window(sigmas, *SLG_WINDOW)
 
     def guided(batch_seeds):
-        return make_guider(den, cfg.guider, cfg.w, guide=guide, seeds=batch_seeds, options=cfg.guider_options,
-                           layers=cfg.layers, cfg_weight=cfg.cfg_weight, interval=interval, sampler=cfg.sampler)
-    guided(seeds[:cfg.batch])                                        # bad combinations fail before any sampling
+        return make_guider(
+            den,
+            cfg.guider,
+            cfg.w,
+            guide=guide,
+            seeds=batch_seeds,
+            options=cfg.guider_options,
+            layers=cfg.layers,
+            cfg_weight=cfg.cfg_weight,
+            interval=interval,
+            sampler=cfg.sampler,
+        )
+
+    guided(seeds[: cfg.batch])  # bad combinations fail before any sampling
     run = samplers.get(cfg.sampler)
     mc = den.model.config
     size = mc.sample_size if isinstance(mc.sample_size, int) else mc.sample_size[0]
@@ -195,17 +246,30 @@ def generate(model_dir: str | os.PathLike, config: DiffusersConfig | None = None
     cond_all = _conditioning(cfg, den, N, size)
     needs = registry.get(cfg.guider).needs
     key = None if den.condition is None else den.condition.key
-    check(key is None or key in cond_all or (not needs & {"null_label", "condition"} and cfg.cfg_weight is None),
-          f"{cfg.guider} on this model needs {key} (label= / --label, or prompt embeddings)")
-    check(key != "encoder_hidden_states" or key in cond_all, "a text-conditioned model needs prompt_embeds (encoder_hidden_states)")
-    xdtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32   # half models: float32 sampler
+    check(
+        key is None or key in cond_all or (not needs & {"null_label", "condition"} and cfg.cfg_weight is None),
+        f"{cfg.guider} on this model needs {key} (label= / --label, or prompt embeddings)",
+    )
+    check(
+        key != "encoder_hidden_states" or key in cond_all, "a text-conditioned model needs prompt_embeds (encoder_hidden_states)"
+    )
+    xdtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32  # half models: float32 sampler
     xs = []
     for i in range(0, N, cfg.batch):
-        noise = SampleNoise(seeds[i:i + cfg.batch], device=cfg.device)
+        noise = SampleNoise(seeds[i : i + cfg.batch], device=cfg.device)
         x = noise.randn([mc.in_channels, size, size], dtype=xdtype) * sigmas[0].to(xdtype)
-        cond = {k: v[i:i + cfg.batch] for k, v in cond_all.items()}
-        xs.append(run(guided(seeds[i:i + cfg.batch]), x, sigmas.to(xdtype), cond=cond, noise=noise,
-                      progress=cfg.progress, **dict(cfg.sampler_options)))
+        cond = {k: v[i : i + cfg.batch] for k, v in cond_all.items()}
+        xs.append(
+            run(
+                guided(seeds[i : i + cfg.batch]),
+                x,
+                sigmas.to(xdtype),
+                cond=cond,
+                noise=noise,
+                progress=cfg.progress,
+                **dict(cfg.sampler_options),
+            )
+        )
     x = torch.cat(xs)
     if out is not None:
         extra = {"class_labels": cond_all["class_labels"].cpu()} if "class_labels" in cond_all else {}
@@ -224,11 +288,21 @@ def parse_seeds(text: str) -> list[int]:
         raise GuidelabError(f"--seeds must look like 0-7 or 1,2,5, got {text!r}") from None
 
 
-def generate_images(folder: str | os.PathLike, prompts: Sequence[str], *, out: str | os.PathLike, seeds: Sequence[int],
-                    dtype: str = "fp32", device: str = "cpu", progress: bool = True, **kw) -> torch.Tensor:
+def generate_images(
+    folder: str | os.PathLike,
+    prompts: Sequence[str],
+    *,
+    out: str | os.PathLike,
+    seeds: Sequence[int],
+    dtype: str = "fp32",
+    device: str = "cpu",
+    progress: bool = True,
+    **kw,
+) -> torch.Tensor:
     """``guidelab generate``: prompt(s) -> ``out/<seed>.png`` + ``out/grid.png`` through
     :func:`guidelab.integrations.diffusers.load_pipeline` (``kw``: :meth:`Pipeline.generate`'s keywords)."""
     from ..integrations.diffusers import load_pipeline
+
     dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     check(dtype in dtypes, f"dtype must be one of {', '.join(dtypes)}, got {dtype!r}")
     pipe = load_pipeline(folder, dtype=dtypes[dtype], device=device)

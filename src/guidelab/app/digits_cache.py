@@ -35,16 +35,20 @@ def shipped_classifier(path: str | os.PathLike = SHIPPED, expected: str = SHIPPE
     check(path.is_file(), f"the packaged digits classifier is missing ({path}); reinstall guidelab")
     got = sha256(path)
     if got != expected:
-        raise GuidelabError(f"the packaged digits classifier {path} has sha256 {got[:12]}..., expected {expected[:12]}...; "
-                            "reinstall guidelab (or pass a classifier path / train=True to use your own)")
+        raise GuidelabError(
+            f"the packaged digits classifier {path} has sha256 {got[:12]}..., expected {expected[:12]}...; "
+            "reinstall guidelab (or pass a classifier path / train=True to use your own)"
+        )
     return _load(path, noise_aware=False)
 
 
 def _load(path: Path, *, noise_aware: bool) -> DigitsClassifier:
     model = load_model(path)
     check(isinstance(model, DigitsClassifier), f"{path} holds a {type(model).__name__}, not a DigitsClassifier")
-    check(model.noise_aware == noise_aware,
-          f"{path} holds a {'noise-aware' if model.noise_aware else 'clean'} classifier; asked for noise_aware={noise_aware}")
+    check(
+        model.noise_aware == noise_aware,
+        f"{path} holds a {'noise-aware' if model.noise_aware else 'clean'} classifier; asked for noise_aware={noise_aware}",
+    )
     return model.eval().requires_grad_(False)
 
 
@@ -55,8 +59,15 @@ def default_path(*, noise_aware: bool = False, steps: int = 2000, seed: int = 0)
     return root / f"digits-classifier{'-noise' if noise_aware else ''}-s{steps}-seed{seed}.safetensors"
 
 
-def digits_classifier(path: str | os.PathLike | None = None, *, noise_aware: bool = False, steps: int = 2000,
-                      seed: int = 0, train: bool = False, progress: bool = False) -> DigitsClassifier:
+def digits_classifier(
+    path: str | os.PathLike | None = None,
+    *,
+    noise_aware: bool = False,
+    steps: int = 2000,
+    seed: int = 0,
+    train: bool = False,
+    progress: bool = False,
+) -> DigitsClassifier:
     """The digits classifier saved at ``path``. Without ``path``: the packaged one
     (:func:`shipped_classifier`) for the clean defaults unless ``train``, else the cache
     (:func:`default_path`). A missing file is trained (:func:`train_digits_classifier`, deterministic given
@@ -67,8 +78,13 @@ def digits_classifier(path: str | os.PathLike | None = None, *, noise_aware: boo
     path = Path(path) if path is not None else default_path(noise_aware=noise_aware, steps=steps, seed=seed)
     if path.exists():
         return _load(path, noise_aware=noise_aware)
-    log.info("training the digits classifier (first use, %d steps, noise_aware=%s, ~%d s) -> %s",
-             steps, noise_aware, max(1, round(steps * (0.1 if noise_aware else 0.05))), path)
+    log.info(
+        "training the digits classifier (first use, %d steps, noise_aware=%s, ~%d s) -> %s",
+        steps,
+        noise_aware,
+        max(1, round(steps * (0.1 if noise_aware else 0.05))),
+        path,
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = DigitsClassifier(noise_aware=noise_aware)

@@ -48,12 +48,15 @@ def decode_pngs(out: str | os.PathLike, vae: str | os.PathLike, device: str | No
     """Decode the latent samples of a ``guidelab sample`` folder through the local VAE into ``out/png/<seed>.png``
     (EDM2's standardisation; default device cuda if available); returns the number of images."""
     from .jobs import load_samples, png_path
+
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     samples, seeds = load_samples(out)
-    check(samples.ndim == 4 and samples.shape[1] == 4, f"--vae decodes 4-channel latents, the samples are {list(samples.shape[1:])}")
+    check(
+        samples.ndim == 4 and samples.shape[1] == 4, f"--vae decodes 4-channel latents, the samples are {list(samples.shape[1:])}"
+    )
     codec = edm2.VAELatents(edm2.load_vae(vae, device), batch_size=batch)
     for i in range(0, len(seeds), batch):
-        images = codec.decode(torch.from_numpy(samples[i:i + batch]).to(device)).cpu().numpy()
-        for seed, im in zip(seeds[i:i + batch], images):
+        images = codec.decode(torch.from_numpy(samples[i : i + batch]).to(device)).cpu().numpy()
+        for seed, im in zip(seeds[i : i + batch], images):
             write_png(png_path(out, seed), np.ascontiguousarray(im.transpose(1, 2, 0)))
     return len(seeds)

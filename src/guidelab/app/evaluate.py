@@ -37,12 +37,14 @@ from ..errors import check
 from ..metrics import features
 from . import jobs
 
+
 class DigitsMetrics:
     """Digits metrics of images [N, 1, 8, 8] in [-1, 1] against the digits test split (see module doc)."""
 
     def __init__(self, classifier: str | os.PathLike | None = None):
         from ..data import digits
         from .digits_cache import digits_classifier
+
         self.clf = digits_classifier(classifier)
         self.extractor = self.clf.extractor()
         self.classifier_path = str(classifier) if classifier is not None else "default cache (models.digits.default_path)"
@@ -50,9 +52,11 @@ class DigitsMetrics:
         self.ref = self.extractor(test.images)
         self.ref_stats = metrics.FeatureStats(self.ref.shape[1]).update(self.ref)
         train_f = self.extractor(train.images)
-        self.floor = {"fd_train_vs_test": metrics.fid_from_stats(self.ref_stats, metrics.FeatureStats(train_f.shape[1]).update(train_f)),
-                      "classifier_test_accuracy": metrics.class_accuracy(self.clf, test.images, test.labels),
-                      "reference": f"digits test split ({len(test.labels)} images)"}
+        self.floor = {
+            "fd_train_vs_test": metrics.fid_from_stats(self.ref_stats, metrics.FeatureStats(train_f.shape[1]).update(train_f)),
+            "classifier_test_accuracy": metrics.class_accuracy(self.clf, test.images, test.labels),
+            "reference": f"digits test split ({len(test.labels)} images)",
+        }
 
     @torch.no_grad()
     def __call__(self, x, labels=None) -> dict:
@@ -63,10 +67,15 @@ class DigitsMetrics:
         p, r = metrics.precision_recall(self.ref, f, k=3)
         d, c = metrics.density_coverage(self.ref, f, k=5)
         pred = torch.cat([self.clf(b).argmax(1) for b in x.split(1024)])
-        return {"fd": metrics.fid_from_stats(self.ref_stats, metrics.FeatureStats(f.shape[1]).update(f)),
-                "class_accuracy": None if labels is None else float((pred == torch.as_tensor(labels)).double().mean()),
-                "precision": p, "recall": r, "density": d, "coverage": c,
-                "class_histogram": torch.bincount(pred, minlength=self.clf.num_classes).tolist()}
+        return {
+            "fd": metrics.fid_from_stats(self.ref_stats, metrics.FeatureStats(f.shape[1]).update(f)),
+            "class_accuracy": None if labels is None else float((pred == torch.as_tensor(labels)).double().mean()),
+            "precision": p,
+            "recall": r,
+            "density": d,
+            "coverage": c,
+            "class_histogram": torch.bincount(pred, minlength=self.clf.num_classes).tolist(),
+        }
 
 
 def nfe_of(rows: dict, n: int) -> dict:
@@ -74,30 +83,47 @@ def nfe_of(rows: dict, n: int) -> dict:
     return {"nfe": (rows.get("model", 0) + rows.get("guide", 0)) / n, "classifier_evals": rows.get("classifier", 0) / n}
 
 
-def evaluate(out: str | os.PathLike, cfg: jobs.SampleConfig, *, n: int = 1000, seed_start: int = 0,
-             shard_size: int = 256, classifier: str | os.PathLike | None = None, device: str | None = None,
-             progress: bool = False, measure: DigitsMetrics | None = None) -> dict:
+def evaluate(
+    out: str | os.PathLike,
+    cfg: jobs.SampleConfig,
+    *,
+    n: int = 1000,
+    seed_start: int = 0,
+    shard_size: int = 256,
+    classifier: str | os.PathLike | None = None,
+    device: str | None = None,
+    progress: bool = False,
+    measure: DigitsMetrics | None = None,
+) -> dict:
     """Sample ``n`` images of ``cfg`` into ``out/samples`` and write ``out/metrics.json`` and ``out/grid.png``.
 
     ``cfg.label`` None on a class-conditional model (or with classifier guidance) means ``"balanced"``. ``classifier``: the clean
     digits classifier's checkpoint (default: the cached one). Returns the metrics dict.
     """
     out = Path(out)
-    job = jobs.build_balanced(cfg, device or "cpu")              # validates and loads before anything is written
+    job = jobs.build_balanced(cfg, device or "cpu")  # validates and loads before anything is written
     cfg = job.cfg
     check(job.shape == (1, 8, 8), f"evaluate measures digits models (images [1, 8, 8]); {cfg.model} samples {list(job.shape)}")
     measure = measure or DigitsMetrics(classifier)
-    jobs.sample(out / "samples", cfg, n=n, seed_start=seed_start, shard_size=shard_size, device=device,
-                progress=progress, job=job)
+    jobs.sample(
+        out / "samples", cfg, n=n, seed_start=seed_start, shard_size=shard_size, device=device, progress=progress, job=job
+    )
     t = time.perf_counter()
     d = jobs.load_shards(out / "samples")
     target = d["labels"] if (not cfg.unconditional or cfg.guider == "classifier") else None
     row = measure(d["samples"], target)
     grid_path = write_png(out / "grid.png", class_grid(d["samples"], target, d["seeds"]))
-    result = {**row, **nfe_of(d["rows"], len(d["seeds"])), "sampling_seconds": d["seconds"],
-              "metrics_seconds": time.perf_counter() - t,
-              **features.describe(measure.extractor, len(d["seeds"]), d["seeds"]),
-              "classifier": measure.classifier_path, **measure.floor, **job.describe(),
-              "config": json.loads(json.dumps(asdict(cfg))), "grid": grid_path.name}
+    result = {
+        **row,
+        **nfe_of(d["rows"], len(d["seeds"])),
+        "sampling_seconds": d["seconds"],
+        "metrics_seconds": time.perf_counter() - t,
+        **features.describe(measure.extractor, len(d["seeds"]), d["seeds"]),
+        "classifier": measure.classifier_path,
+        **measure.floor,
+        **job.describe(),
+        "config": json.loads(json.dumps(asdict(cfg))),
+        "grid": grid_path.name,
+    }
     atomic_write(out / "metrics.json", json.dumps(result, indent=1).encode())
     return result

@@ -17,9 +17,11 @@ def load_model(model: str):
     8x8 digits world of ``toy.digits_gmm`` as a denoiser of [B, 1, 8, 8] images)."""
     if model == "digits-gmm":
         from ..toy import digits_gmm
+
         world = digits_gmm()
         return lambda x, sigma, **cond: world(x.flatten(1), sigma).view_as(x)
     from ..training.phema import load_network
+
     net = load_network(model)
     net.eval().requires_grad_(False)
     return net
@@ -40,6 +42,7 @@ def load_image(path: str | Path, channels: int | None = None) -> torch.Tensor:
         check(a.ndim == 3, f"{path}: the array must be [C, H, W] (or [1, C, H, W]), got {list(a.shape)}")
         return a
     from PIL import Image, UnidentifiedImageError
+
     try:
         with Image.open(path) as im:
             im = im.convert("L" if channels == 1 else "RGB") if channels in (1, 3) else im
@@ -50,21 +53,35 @@ def load_image(path: str | Path, channels: int | None = None) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(np.moveaxis(a / 127.5 - 1.0, -1, 0)))
 
 
-def run_inverse(model: str, task: str, method: str, input_path: str | Path, out: str | Path, *, n: int = 8, seed: int = 0,
-                mask: str = "centre", factor: int = 2, steps: int | None = None, sigma_max: float = 80.0,
-                progress: bool = True, **options) -> Path:
+def run_inverse(
+    model: str,
+    task: str,
+    method: str,
+    input_path: str | Path,
+    out: str | Path,
+    *,
+    n: int = 8,
+    seed: int = 0,
+    mask: str = "centre",
+    factor: int = 2,
+    steps: int | None = None,
+    sigma_max: float = 80.0,
+    progress: bool = True,
+    **options,
+) -> Path:
     """Write ``OUT/samples.npz`` (``x`` [n, C, H, W], ``truth``, ``y``) and ``OUT/grid.png`` (input, the
     observation lifted to image space, then the samples)."""
     image = load_image(input_path)
     op, y = tasks.make_task(task, image, mask=mask, factor=factor, seed=seed)
-    x = tasks.solve(load_model(model), op, y, method, n=n, seed=seed, steps=steps, sigma_max=sigma_max,
-                    progress=progress, **options)
+    x = tasks.solve(
+        load_model(model), op, y, method, n=n, seed=seed, steps=steps, sigma_max=sigma_max, progress=progress, **options
+    )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     np.savez(out / "samples.npz", x=x.numpy(), truth=image.numpy(), y=y.numpy())
     shown = torch.cat([image[None], op.pinv(y[None]).reshape(1, *image.shape), x.clamp(-1, 1)])
-    cells = to_uint8(shown)                                        # [n + 2, H, W, C]
-    k = max(1, 64 // cells.shape[1])                               # small images upscaled to >= 64 px
+    cells = to_uint8(shown)  # [n + 2, H, W, C]
+    k = max(1, 64 // cells.shape[1])  # small images upscaled to >= 64 px
     cells = cells.repeat(k, 1).repeat(k, 2)
     gap = np.full((cells.shape[1], 2, cells.shape[3]), 128, np.uint8)
     write_png(out / "grid.png", np.concatenate([c for cell in cells for c in (cell, gap)][:-1], axis=1))

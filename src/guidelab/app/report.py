@@ -26,6 +26,7 @@ from .sweep import HIGHER_IS_BETTER
 
 def _png(fig) -> str:
     import matplotlib.pyplot as plt
+
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
     plt.close(fig)
@@ -34,8 +35,10 @@ def _png(fig) -> str:
 
 def _tradeoff(rows, pareto, quality, diversity) -> str:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(5, 4))
     for method in dict.fromkeys(r["method"] for r in rows):
         rs = sorted((r for r in rows if r["method"] == method), key=lambda r: (r["interval"], r["w"]))
@@ -52,6 +55,7 @@ def _tradeoff(rows, pareto, quality, diversity) -> str:
 
 def _metric_vs_weight(rows, metric) -> str:
     import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(5, 4))
     for key in dict.fromkeys((r["method"], r["interval"]) for r in rows):
         rs = sorted((r for r in rows if (r["method"], r["interval"]) == key), key=lambda r: r["w"])
@@ -71,6 +75,7 @@ def _image_grid(x: np.ndarray, labels, seeds) -> str:
 def _grid(x: np.ndarray, title: str, view=None) -> str:
     """2-D points: a scatter; other shapes: the first two coordinates as lines."""
     import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(2.4, 2.4))
     if x.ndim == 2 and x.shape[1] == 2:
         ax.scatter(x[:, 0], x[:, 1], s=1, alpha=0.5, lw=0)
@@ -100,10 +105,14 @@ def _results(path: Path) -> dict:
     except ValueError as e:
         raise GuidelabError(f"{path} is not JSON ({e}); rerun `guidelab sweep`") from None
     keys = ("rows", "metric", "quality", "diversity", "best", "pareto")
-    check(isinstance(res, dict) and all(k in res for k in keys),
-          f"{path} is not a sweep's results.json (needs the keys {', '.join(keys)}); rerun `guidelab sweep`")
-    check(isinstance(res["rows"], list) and bool(res["rows"]) and all(isinstance(r, dict) and "cell" in r for r in res["rows"]),
-          f"{path} has no rows of cells; rerun `guidelab sweep`")
+    check(
+        isinstance(res, dict) and all(k in res for k in keys),
+        f"{path} is not a sweep's results.json (needs the keys {', '.join(keys)}); rerun `guidelab sweep`",
+    )
+    check(
+        isinstance(res["rows"], list) and bool(res["rows"]) and all(isinstance(r, dict) and "cell" in r for r in res["rows"]),
+        f"{path} has no rows of cells; rerun `guidelab sweep`",
+    )
     bad = [r["cell"] for r in res["rows"] if not (isinstance(r["cell"], str) and re.fullmatch(r"[\w+\-][\w.+\-]*", r["cell"]))]
     check(not bad, f"{path}: cell {bad[0] if bad else ''!r} is not a folder name of samples/ (letters, digits, . _ + -)")
     return res
@@ -112,6 +121,7 @@ def _results(path: Path) -> dict:
 def render(sweep_dir: str | os.PathLike, out: str | os.PathLike | None = None, *, grid_samples: int = 2000) -> Path:
     """Write ``<sweep_dir>/report.html`` (or ``out``) from a sweep's results.json and samples."""
     from .jobs import load_shards
+
     sweep_dir = Path(sweep_dir)
     check((sweep_dir / "results.json").is_file(), f"{sweep_dir} has no results.json; run `guidelab sweep` first")
     res = _results(sweep_dir / "results.json")
@@ -124,13 +134,16 @@ def render(sweep_dir: str | os.PathLike, out: str | os.PathLike | None = None, *
         lo, hi = np.percentile(allx, 0.5, axis=0), np.percentile(allx, 99.5, axis=0)
         view = (lo[0], hi[0], lo[1], hi[1])
     e = html.escape
-    record = ("extractor", "weights_sha256", "resize", "n")                # the same for every cell: shown once
+    record = ("extractor", "weights_sha256", "resize", "n")  # the same for every cell: shown once
     keys = [k for k in rows[0] if k not in ("seeds", *record)]
     table = "<table><tr>" + "".join(f"<th>{e(k)}</th>" for k in keys) + "</tr>"
     for r in rows:
         cls = ' class="best"' if r["cell"] in res["best"].values() else ""
-        table += f"<tr{cls}>" + "".join(
-            f"<td>{r[k]:.4g}</td>" if isinstance(r[k], float) else f"<td>{e(str(r[k]))}</td>" for k in keys) + "</tr>"
+        table += (
+            f"<tr{cls}>"
+            + "".join(f"<td>{r[k]:.4g}</td>" if isinstance(r[k], float) else f"<td>{e(str(r[k]))}</td>" for k in keys)
+            + "</tr>"
+        )
     table += "</table>"
     grids = ""
     for method in dict.fromkeys(r["method"] for r in rows):
@@ -140,8 +153,10 @@ def render(sweep_dir: str | os.PathLike, out: str | os.PathLike | None = None, *
             d = shards[r["cell"]]
             if d["samples"].ndim == 4:
                 labels = d["labels"] if r.get("class_accuracy") is not None else None
-                grids += (f"<figure><img alt='{e(r['cell'])}' src='{_image_grid(d['samples'], labels, d['seeds'])}'>"
-                          f"<figcaption>{e(r['cell'])}</figcaption></figure>")
+                grids += (
+                    f"<figure><img alt='{e(r['cell'])}' src='{_image_grid(d['samples'], labels, d['seeds'])}'>"
+                    f"<figcaption>{e(r['cell'])}</figcaption></figure>"
+                )
             else:
                 grids += f"<img alt='{e(r['cell'])}' src='{_grid(samples[r['cell']], r['cell'], view)}'>"
         grids += "</div>"
@@ -149,18 +164,19 @@ def render(sweep_dir: str | os.PathLike, out: str | os.PathLike | None = None, *
 <html><head><meta charset="utf-8"><title>guidelab sweep report</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:1200px}} table{{border-collapse:collapse;font-size:12px}}
 td,th{{border:1px solid #ccc;padding:2px 6px;text-align:right}} tr.best{{background:#e6ffe6}}
-.row{{display:flex;flex-wrap:wrap;gap:4px}} img{{border:1px solid #eee}} figure{{margin:0;font-size:11px;text-align:center}}</style></head>
+.row{{display:flex;flex-wrap:wrap;gap:4px}} img{{border:1px solid #eee}}
+figure{{margin:0;font-size:11px;text-align:center}}</style></head>
 <body><h1>guidelab sweep</h1>
-<p>Best weight per method by <b>{e(metric)}</b> ({'higher' if HIGHER_IS_BETTER[metric] else 'lower'} is better):
-{e(', '.join(f'{m}: {c}' for m, c in res['best'].items()))}.
-Pareto front of {e(quality)} against {e(diversity)}: {e(', '.join(res['pareto']))}.</p>
-<h2>Trade-offs</h2><div class="row"><img alt="tradeoff" src="{_tradeoff(rows, res['pareto'], quality, diversity)}">
+<p>Best weight per method by <b>{e(metric)}</b> ({"higher" if HIGHER_IS_BETTER[metric] else "lower"} is better):
+{e(", ".join(f"{m}: {c}" for m, c in res["best"].items()))}.
+Pareto front of {e(quality)} against {e(diversity)}: {e(", ".join(res["pareto"]))}.</p>
+<h2>Trade-offs</h2><div class="row"><img alt="tradeoff" src="{_tradeoff(rows, res["pareto"], quality, diversity)}">
 <img alt="metric vs weight" src="{_metric_vs_weight(rows, metric)}"></div>
 <h2>Samples</h2>{grids}
 <h2>Results</h2>{table}
-<p>Reference: {e(_describe(res['reference']))}. Features: {e(str(rows[0].get('extractor', '')))}
-(weights sha256 {e(str(rows[0].get('weights_sha256')))}, resize {e(str(rows[0].get('resize')))});
-sample count {e(str(rows[0].get('n')))} per cell, seeds {e(str(rows[0].get('seeds')))}.</p>
+<p>Reference: {e(_describe(res["reference"]))}. Features: {e(str(rows[0].get("extractor", "")))}
+(weights sha256 {e(str(rows[0].get("weights_sha256")))}, resize {e(str(rows[0].get("resize")))});
+sample count {e(str(rows[0].get("n")))} per cell, seeds {e(str(rows[0].get("seeds")))}.</p>
 <script>/* for headless checks: how many images decoded */
 window.addEventListener("load", () => {{ const im = [...document.images];
 document.body.dataset.imagesLoaded = im.filter(i => i.complete && i.naturalWidth > 0).length + "/" + im.length; }});</script>

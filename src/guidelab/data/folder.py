@@ -60,8 +60,10 @@ def image_folder(root: str | Path, resolution: int | None = None, channels: int 
     root = Path(root)
     check(root.is_dir(), f"image folder {root} does not exist or is not a folder")
     check(channels in (1, 3), f"channels must be 1 or 3, got {channels!r}")
-    check(resolution is None or (isinstance(resolution, int) and resolution >= 1),
-          f"resolution must be an integer >= 1 or None, got {resolution!r}")
+    check(
+        resolution is None or (isinstance(resolution, int) and resolution >= 1),
+        f"resolution must be an integer >= 1 or None, got {resolution!r}",
+    )
     subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if subdirs:
         check(not _files(root), f"{root} mixes images and class sub-folders; put every image in a class sub-folder")
@@ -78,8 +80,10 @@ def image_folder(root: str | Path, resolution: int | None = None, channels: int 
     for f, _ in files:
         a = _read(f, mode, resolution)
         if arrays and a.shape != arrays[0].shape:
-            raise GuidelabError(f"images have different sizes ({files[0][0].name}: {arrays[0].shape[1]}x{arrays[0].shape[0]}, "
-                                f"{f.name}: {a.shape[1]}x{a.shape[0]}); pass a resolution to resize them")
+            raise GuidelabError(
+                f"images have different sizes ({files[0][0].name}: {arrays[0].shape[1]}x{arrays[0].shape[0]}, "
+                f"{f.name}: {a.shape[1]}x{a.shape[0]}); pass a resolution to resize them"
+            )
         arrays.append(a)
     x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     labels = torch.tensor([i for _, i in files], dtype=torch.int64) if classes else None

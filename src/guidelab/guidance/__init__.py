@@ -9,7 +9,6 @@ The contract (:mod:`.protocols`): every guider is a :class:`Guider` (``requires`
 :class:`Run` per run. See docs/GUIDANCE.md for the table of methods.
 """
 
-from .protocols import Condition, Guider, OnePass, Run  # first: samplers import it
 from ._base import DROP, Branch, Guided, PerCall, evaluate
 from .apg import APGMomentum, apg
 from .autoguidance import autoguidance
@@ -28,6 +27,7 @@ from .icg import icg
 from .interval import interval
 from .mag import mag
 from .perp_neg import perp_neg
+from .protocols import Condition, Guider, OnePass, Run  # first: samplers import it
 from .rescale import rescale
 from .superdiff import superdiff
 from .tcfg import tcfg
@@ -35,8 +35,43 @@ from .tfg import tfg_sample
 from .tsg import tsg
 from .weight_schedule import WeightSchedule, parse_weight, weight_schedule
 
-__all__ = ["autoguidance", "cfg", "rescale", "cfg_zero_star", "icg", "tsg", "cfgpp", "interval", "apg",
-           "epsilon_scaling", "classifier", "tfg_sample", "fkc_sample", "superdiff", "ClassifierGuided",
-           "compose", "Composed", "Guider", "Condition", "Run", "OnePass", "APGMomentum", "CFGpp", "Branch", "Guided", "PerCall", "evaluate", "DROP",
-           "tcfg", "fdg", "cfg_norm", "mag", "dynamic_thresholding", "perp_neg", "cads", "weight_schedule",
-           "WeightSchedule", "parse_weight"]
+__all__ = [
+    "autoguidance",
+    "cfg",
+    "rescale",
+    "cfg_zero_star",
+    "icg",
+    "tsg",
+    "cfgpp",
+    "interval",
+    "apg",
+    "epsilon_scaling",
+    "classifier",
+    "tfg_sample",
+    "fkc_sample",
+    "superdiff",
+    "ClassifierGuided",
+    "compose",
+    "Composed",
+    "Guider",
+    "Condition",
+    "Run",
+    "OnePass",
+    "APGMomentum",
+    "CFGpp",
+    "Branch",
+    "Guided",
+    "PerCall",
+    "evaluate",
+    "DROP",
+    "tcfg",
+    "fdg",
+    "cfg_norm",
+    "mag",
+    "dynamic_thresholding",
+    "perp_neg",
+    "cads",
+    "weight_schedule",
+    "WeightSchedule",
+    "parse_weight",
+]

@@ -42,8 +42,9 @@ class Branch:
     denoiser: Callable[..., torch.Tensor]
     overrides: Mapping[str, Any] = field(default_factory=dict)
 
-    def cond(self, cond: Mapping[str, Any], x: torch.Tensor | None = None, sigma: torch.Tensor | None = None,
-             run: Run | None = None) -> dict:
+    def cond(
+        self, cond: Mapping[str, Any], x: torch.Tensor | None = None, sigma: torch.Tensor | None = None, run: Run | None = None
+    ) -> dict:
         out = dict(cond)
         for key, value in self.overrides.items():
             old = cond.get(key)
@@ -73,8 +74,9 @@ def _batchable(conds: Sequence[dict], batch: int) -> bool:
     return True
 
 
-def evaluate(branches: Sequence[Branch], x: torch.Tensor, sigma: torch.Tensor, cond: Mapping[str, Any],
-             run: Run | None = None) -> list[torch.Tensor]:
+def evaluate(
+    branches: Sequence[Branch], x: torch.Tensor, sigma: torch.Tensor, cond: Mapping[str, Any], run: Run | None = None
+) -> list[torch.Tensor]:
     """Evaluate every branch at (x, sigma); branches on the same network share one batched call."""
     out: list[torch.Tensor | None] = [None] * len(branches)
     groups: dict[int, list[int]] = {}
@@ -86,8 +88,10 @@ def evaluate(branches: Sequence[Branch], x: torch.Tensor, sigma: torch.Tensor, c
         conds = [branches[i].cond(cond, x, sigma, run) for i in idx]
         if len(idx) > 1 and _batchable(conds, B):
             k = len(idx)
-            merged = {key: torch.cat([c[key] for c in conds]) if isinstance(conds[0][key], torch.Tensor) else conds[0][key]
-                      for key in conds[0]}
+            merged = {
+                key: torch.cat([c[key] for c in conds]) if isinstance(conds[0][key], torch.Tensor) else conds[0][key]
+                for key in conds[0]
+            }
             for i, chunk in zip(idx, D(x.repeat((k,) + (1,) * (x.ndim - 1)), sigma.repeat(k), **merged).chunk(k)):
                 out[i] = chunk
         else:
@@ -148,8 +152,11 @@ class Guided(Guider):
     def with_rule(self, rule: Rule, name: str) -> "Guided":
         """The same branches and weight combined by ``rule`` (only one non-linear rule per guider)."""
         check(self.rule is None, f"{name} needs a linear guider (cfg, autoguidance, icg, tsg), got {self.name}")
-        check("renoise" not in self.requires, f"{name} cannot honour {self.name}'s renoise step (it rewrites the "
-              f"guided output, CFG++ the sampler's step): use {name} on cfg, or {self.name} alone")
+        check(
+            "renoise" not in self.requires,
+            f"{name} cannot honour {self.name}'s renoise step (it rewrites the "
+            f"guided output, CFG++ the sampler's step): use {name} on cfg, or {self.name} alone",
+        )
         new = copy.copy(self)
         new.rule, new.name = rule, name
         return new

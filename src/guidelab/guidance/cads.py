@@ -24,33 +24,37 @@ class CADS(Guider):
 
     run: Run | None = None
 
-    def __init__(self, guider: Guider, key: str, tau1: float, tau2: float, noise_scale: float, psi: float | None,
-                 seeds):
+    def __init__(self, guider: Guider, key: str, tau1: float, tau2: float, noise_scale: float, psi: float | None, seeds):
         self.guider, self.key, self.tau1, self.tau2 = guider, key, tau1, tau2
         self.noise_scale, self.psi, self.seeds = noise_scale, psi, seeds
         self.name, self.requires = f"cads[{getattr(guider, 'name', 'denoiser')}]", getattr(guider, "requires", frozenset())
 
     def anneal(self, y: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         if self.run is None:
-            raise GuidelabError("cads anneals over the sampler run's steps: call it through a sampler or bind it "
-                                "with .start(guidance.Run(x, sigmas))")
-        t = 1 - self.run.step / (len(self.run.sigmas) - 1)               # normalised time, 1 at the first step
+            raise GuidelabError(
+                "cads anneals over the sampler run's steps: call it through a sampler or bind it "
+                "with .start(guidance.Run(x, sigmas))"
+            )
+        t = 1 - self.run.step / (len(self.run.sigmas) - 1)  # normalised time, 1 at the first step
         g = gamma(t, self.tau1, self.tau2)
         if g == 1:
             return y
         n = draw_normal(draw_seeds(self.seeds, self.run), sigma, y.shape[1:], _SALT, y)
-        y_hat = math.sqrt(g) * y + self.noise_scale * math.sqrt(1 - g) * n          # eq. 3
+        y_hat = math.sqrt(g) * y + self.noise_scale * math.sqrt(1 - g) * n  # eq. 3
         if self.psi is None:
             return y_hat
         dims = tuple(range(1, y.ndim))
-        scaled = (y_hat - y_hat.mean(dims, keepdim=True)) / y_hat.std(dims, keepdim=True) * y.std(dims, keepdim=True) \
-            + y.mean(dims, keepdim=True)                                            # eq. 5
-        return self.psi * scaled + (1 - self.psi) * y_hat                           # eq. 6
+        scaled = (y_hat - y_hat.mean(dims, keepdim=True)) / y_hat.std(dims, keepdim=True) * y.std(dims, keepdim=True) + y.mean(
+            dims, keepdim=True
+        )  # eq. 5
+        return self.psi * scaled + (1 - self.psi) * y_hat  # eq. 6
 
     def _cond(self, sigma, cond):
         y = cond.get(self.key)
-        check(isinstance(y, torch.Tensor) and y.is_floating_point(),
-              f"cads needs a continuous condition (a float tensor) under {self.key!r}, got {type(y).__name__}")
+        check(
+            isinstance(y, torch.Tensor) and y.is_floating_point(),
+            f"cads needs a continuous condition (a float tensor) under {self.key!r}, got {type(y).__name__}",
+        )
         return {**cond, self.key: self.anneal(y, sigma)}
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
@@ -67,8 +71,16 @@ class CADS(Guider):
         return new
 
 
-def cads(guider, *, key: str | None = None, tau1: float = 0.6, tau2: float = 0.9, noise_scale: float = 0.25,
-         psi: float | None = 1.0, seeds=None) -> CADS:
+def cads(
+    guider,
+    *,
+    key: str | None = None,
+    tau1: float = 0.6,
+    tau2: float = 0.9,
+    noise_scale: float = 0.25,
+    psi: float | None = 1.0,
+    seeds=None,
+) -> CADS:
     """CADS, condition-annealed diffusion sampling (Sadat et al., ICLR 2024, arXiv 2310.17347, eqs. 3-6):
     a guider (cfg, autoguidance, ...; the null branch keeps its null condition) or a plain denoiser
     called with a noisy condition early in the run::
@@ -83,8 +95,10 @@ def cads(guider, *, key: str | None = None, tau1: float = 0.6, tau2: float = 0.9
     Paper defaults tau1 0.6, tau2 0.9, s 0.25, psi 1.
     """
     check(0 <= tau1 < tau2 or tau1 >= 1, f"cads needs 0 <= tau1 < tau2, got tau1={tau1}, tau2={tau2}")
-    check(noise_scale >= 0 and (psi is None or 0 <= psi <= 1), f"cads needs noise_scale >= 0 and psi in [0, 1], "
-          f"got {noise_scale}, {psi}")
+    check(
+        noise_scale >= 0 and (psi is None or 0 <= psi <= 1),
+        f"cads needs noise_scale >= 0 and psi in [0, 1], got {noise_scale}, {psi}",
+    )
     if key is None:
         base = getattr(guider, "main", None)
         condition = getattr(getattr(base, "denoiser", guider), "condition", None)

@@ -12,7 +12,7 @@ from ._spaces import check_space, from_space, to_space
 def _norm(y: torch.Tensor, per: str) -> torch.Tensor:
     if per == "sample":
         return y.flatten(1).norm(dim=1).reshape((-1,) + (1,) * (y.ndim - 1))
-    return y.norm(dim=1, keepdim=True)                                     # over channels, per position
+    return y.norm(dim=1, keepdim=True)  # over channels, per position
 
 
 def cfg_norm(guider: Guided, *, per: str = "channel", space: str = "x0") -> Guided:

@@ -52,8 +52,11 @@ def fdg(guider: Guided, w_low: float = 1.0, *, levels: int = 2, space: str = "x0
     """
     check_space(space)
     check(isinstance(levels, int) and levels >= 2, f"fdg levels must be an integer >= 2, got {levels!r}")
-    check(not is_off(guider.w) or w_low == 1, f"fdg with w = 1 evaluates only the main branch; w_low={w_low} "
-          "needs w != 1 (use w = 1 + tiny for low-band-only guidance)")
+    check(
+        not is_off(guider.w) or w_low == 1,
+        f"fdg with w = 1 evaluates only the main branch; w_low={w_low} "
+        "needs w != 1 (use w = 1 + tiny for low-band-only guidance)",
+    )
 
     def rule(D, D_ref, w, x, sigma, run):
         check(D.ndim in (3, 4), f"fdg needs [B, C, L] or [B, C, H, W] predictions, got shape {list(D.shape)}")

@@ -46,15 +46,22 @@ def perp_neg(guider: Guided, negative: Mapping[str, Any], neg_w: float = 1.0) ->
     scales differences by -1/sigma). ``neg_w = 0`` is the guider itself; ``w = 1``: no guidance. Cost: one
     more branch, in the same batched call when the negative runs on the main network.
     """
-    check(type(guider) is Guided and guider.rule is None,
-          f"perp_neg needs a linear guider (cfg, autoguidance, icg, tsg), got {getattr(guider, 'name', guider)!r}")
+    check(
+        type(guider) is Guided and guider.rule is None,
+        f"perp_neg needs a linear guider (cfg, autoguidance, icg, tsg), got {getattr(guider, 'name', guider)!r}",
+    )
     check("renoise" not in guider.requires, f"perp_neg cannot honour {guider.name}'s renoise step")
-    check(isinstance(negative, Mapping) and len(negative) > 0, "perp_neg needs the negative condition as overrides, "
-          "e.g. {'label': 1}")
+    check(
+        isinstance(negative, Mapping) and len(negative) > 0,
+        "perp_neg needs the negative condition as overrides, e.g. {'label': 1}",
+    )
     if neg_w == 0:
         return guider
     new: PerpNeg = copy.copy(guider)  # type: ignore[assignment]
     new.__class__ = PerpNeg
-    new.neg, new.neg_w, new.name = Branch(guider.main.denoiser, {**guider.main.overrides, **negative}), float(neg_w), \
-        f"perp_neg[{guider.name}]"
+    new.neg, new.neg_w, new.name = (
+        Branch(guider.main.denoiser, {**guider.main.overrides, **negative}),
+        float(neg_w),
+        f"perp_neg[{guider.name}]",
+    )
     return new

@@ -41,6 +41,7 @@ _TYPES = {int: "an integer", float: "a float", str: "a string", bool: "true or f
 class Option:
     """A guider keyword: ``--option name=VALUE`` is parsed to ``type`` (``tuple``: comma-separated strings;
     ``none`` / ``null`` give None where the default is None)."""
+
     name: str
     type: type
     default: Any
@@ -73,8 +74,10 @@ class Option:
             v = value
         else:
             raise bad
-        check(not self.choices or v in self.choices,
-              f"{guider} option {self.name} must be one of {', '.join(map(str, self.choices))}, got {v!r}".lstrip())
+        check(
+            not self.choices or v in self.choices,
+            f"{guider} option {self.name} must be one of {', '.join(map(str, self.choices))}, got {v!r}".lstrip(),
+        )
         return v
 
 
@@ -87,6 +90,7 @@ class Context:
     ``interval``: guide only for ``lo < sigma <= hi``; ``unconditional``: the network is called without the
     label (classifier guidance: the label is only the classifier's target); ``sampler``: checked against the
     entry's ``sampler_needs`` when given; ``what``: how errors name the main model."""
+
     main: Any
     w: Any = 1.0
     guide: Any = None
@@ -105,6 +109,7 @@ class GuiderSpec:
     ``samplers.info(name).supports``), ``nfe`` (network evaluations per denoiser call at ``w != 1``),
     ``linear`` (``D_ref + w (D - D_ref)`` of two branches: a base for the rules apg / rescale /
     cfg_zero_star, composable and distillable) and ``build(ctx) -> denoiser`` (options already parsed)."""
+
     name: str
     summary: str
     reference: str
@@ -122,11 +127,12 @@ def _extra_scalar(den) -> str | None:
 
 def _distilled_key(den) -> str:
     from ..training.student import distilled_info
+
     return (distilled_info(den) or {}).get("key") or "w"
 
 
 def _conditional(den) -> bool:
-    return getattr(den, "condition", None) is not None        # guidance.Condition, declared by the denoiser
+    return getattr(den, "condition", None) is not None  # guidance.Condition, declared by the denoiser
 
 
 def _null(den) -> bool:
@@ -165,17 +171,20 @@ def _attention(den) -> bool:
 
 #: need -> (is it met?, what is missing). ``null_label`` is also met by an unconditional ``guide``.
 NEEDS: dict[str, tuple[Callable[[Context], bool], str]] = {
-    "null_label": (lambda c: c.guide is not None or _null(c.main),
-                   "a class-conditional network (its null label) or an unconditional guide network (--guide)"),
+    "null_label": (
+        lambda c: c.guide is not None or _null(c.main),
+        "a class-conditional network (its null label) or an unconditional guide network (--guide)",
+    ),
     "condition": (lambda c: _conditional(c.main), "a conditional network (class labels or an embedding)"),
     "guide": (lambda c: c.guide is not None, "--guide (a weaker checkpoint or run folder)"),
     "classifier": (lambda c: c.classifier is not None, "a noise-aware classifier"),
     "noise_embed": (_noise_embed, "a network with a noise-level embedding (noise_embed_dim; or --option form=scalar)"),
     "attention": (lambda c: _attention(c.main), "a diffusers model (attention hooks; guidelab diffusers)"),
-    "scalar:beta": (lambda c: _extra_scalar(c.main) == "beta",
-                    "a network trained with recipe=gft (extra scalar input 'beta')"),
-    "scalar:w": (lambda c: _extra_scalar(c.main) is not None and _extra_scalar(c.main) == _distilled_key(c.main),
-                 "a distilled student (extra scalar input 'w', guidelab distill)"),
+    "scalar:beta": (lambda c: _extra_scalar(c.main) == "beta", "a network trained with recipe=gft (extra scalar input 'beta')"),
+    "scalar:w": (
+        lambda c: _extra_scalar(c.main) is not None and _extra_scalar(c.main) == _distilled_key(c.main),
+        "a distilled student (extra scalar input 'w', guidelab distill)",
+    ),
 }
 
 
@@ -188,16 +197,19 @@ def _arg(fn, name: str, type_: type, help: str, choices: tuple = ()) -> Option:
 # Builders: the generic guidance functions (they read the denoiser's condition / noise embedding,
 # so one entry serves guidelab networks and diffusers models).
 
+
 def _opts(ctx: Context, *drop: str) -> dict:
     return {k: v for k, v in dict(ctx.options).items() if k not in drop}
 
 
 def _none(ctx: Context):
-    if _extra_scalar(ctx.main) == "beta":                  # a GFT network at w = 1 is the conditional model
+    if _extra_scalar(ctx.main) == "beta":  # a GFT network at w = 1 is the conditional model
         from ..training.gft import gft_denoiser
+
         return gft_denoiser(ctx.main, 1.0)
-    if _extra_scalar(ctx.main) is not None:                # a distilled student at w = 1
+    if _extra_scalar(ctx.main) is not None:  # a distilled student at w = 1
         from ..training.student import distilled_denoiser
+
         return distilled_denoiser(ctx.main, 1.0, key=_distilled_key(ctx.main))
     return ctx.main
 
@@ -242,11 +254,13 @@ def _cfg_zero_star(ctx: Context):
 def _rule(fn):
     def build(ctx: Context):
         return fn(_base(ctx), **_opts(ctx, "base"))
+
     return build
 
 
 def _perp_neg(ctx: Context):
     from .perp_neg import perp_neg
+
     o = _opts(ctx, "base")
     key = getattr(getattr(ctx.main, "condition", None), "key", "label")
     neg = o.pop("negative", None)
@@ -265,11 +279,13 @@ def _one_pass(at, ctx: Context, name: str) -> OnePass:
 
 def _gft(ctx: Context):
     from ..training.gft import gft_denoiser
+
     return _one_pass(lambda w: gft_denoiser(ctx.main, w), ctx, "gft")
 
 
 def _distilled(ctx: Context):
     from ..training.student import distilled_denoiser
+
     key = _distilled_key(ctx.main)
     return _one_pass(lambda w: distilled_denoiser(ctx.main, w, key=key), ctx, "distilled")
 
@@ -280,6 +296,7 @@ def _attention_guidance(mode: str):
         check(attention_guidance is not None, f"{mode} needs a diffusers model (attention hooks)")
         assert attention_guidance is not None
         return attention_guidance(ctx.main, ctx.w, mode, **_opts(ctx))
+
     return build
 
 
@@ -289,8 +306,9 @@ def _attention_guidance(mode: str):
 _BASES = ("cfg", "autoguidance", "icg", "tsg")
 _BASE = Option("base", str, "cfg", "the linear guider the rule acts on", _BASES)
 _F = frozenset
-_LAYERS = Option("layers", tuple, None, "comma-separated substrings of attention layer names (default: the "
-                 "integration's recommended layers)")
+_LAYERS = Option(
+    "layers", tuple, None, "comma-separated substrings of attention layer names (default: the integration's recommended layers)"
+)
 _CFG_WEIGHT = Option("cfg_weight", float, None, "CFG at this weight as well, in the same batched call")
 
 
@@ -298,73 +316,218 @@ def _spec(name, summary, reference, build, *, options=(), needs=(), sampler_need
     return GuiderSpec(name, summary, reference, tuple(options), _F(needs), _F(sampler_needs), nfe, build, linear)
 
 
-GUIDERS: dict[str, GuiderSpec] = {s.name: s for s in [
-    _spec("none", "no guidance (a gft network or distilled student at w = 1)", "", _none, nfe=1),
-    _spec("cfg", "classifier-free guidance: the null label, or --guide an unconditional network",
-          "Ho & Salimans 2022, arXiv 2207.12598", _cfg, needs=["null_label"], linear=True),
-    _spec("autoguidance", "guide with a weaker version of the model (--guide)",
-          "Karras et al. 2024, arXiv 2406.02507", _autoguidance, needs=["guide"], linear=True),
-    _spec("icg", "independent condition guidance: a random condition as the reference",
-          "Sadat et al. 2025, arXiv 2407.02687", _icg, needs=["condition"], linear=True,
-          options=[_arg(icg, "num_classes", int, "classes the random label is drawn from (default: the network's)")]),
-    _spec("tsg", "time-step guidance: a perturbed noise-level embedding as the reference",
-          "Sadat et al. 2025, arXiv 2407.02687", _tsg, needs=["noise_embed"], linear=True,
-          options=[_arg(tsg, "s", float, "perturbation scale"), _arg(tsg, "alpha", float, "time exponent"),
-                   _arg(tsg, "form", str, "vector (the embedding vector, default) or scalar (c_noise)", ("vector", "scalar")),
-                   _arg(tsg, "dim", int, "size of the perturbed vector (default: the network's noise_embed_dim)")]),
-    _spec("cfgpp", "CFG++: CFG inside the step, renoised with the unconditional prediction; w is lambda in [0, 1]",
-          "Chung et al. 2024, arXiv 2406.08070", _cfgpp, needs=["null_label"], sampler_needs=["renoise"]),
-    _spec("apg", "adaptive projected guidance on a linear guider (--option base=cfg)",
-          "Sadat et al. 2024, arXiv 2410.02416", _apg, needs=["null_label"],
-          options=[_BASE, _arg(apg, "eta", float, "weight of the parallel component"),
-                   _arg(apg, "r", float, "norm threshold of the update (none: no clipping)"),
-                   _arg(apg, "beta", float, "momentum (negative in the paper)")]),
-    _spec("rescale", "CFG with the result's std rescaled to the main branch's", "Lin et al. 2024, arXiv 2305.08891",
-          _rescale, needs=["null_label"], options=[_BASE, _arg(rescale, "phi", float, "rescale mix"),
-                                                   _arg(rescale, "space", str, "space of the std", ("v", "eps", "x0"))]),
-    _spec("cfg_zero_star", "CFG-Zero*: optimised scale and zero-initialised first steps",
-          "Fan et al. 2025, arXiv 2503.18886", _cfg_zero_star, needs=["null_label"],
-          options=[_BASE, _arg(cfg_zero_star, "zero_steps", int, "first steps zeroed (default 1; 0: off)"),
-                   _arg(cfg_zero_star, "zero_init_sigma", float, "zero where sigma >= this, instead of zero_steps"),
-                   _arg(cfg_zero_star, "space", str, "space of the rule", ("flow", "eps", "x0", "v"))]),
-    _spec("tcfg", "TCFG: the unconditional branch's tangential component removed (SVD of both branches)",
-          "Kwon et al. 2025, arXiv 2503.18137", _rule(tcfg), needs=["null_label"],
-          options=[_BASE, _arg(tcfg, "space", str, "space of the SVD", ("eps", "x0", "v", "flow"))]),
-    _spec("fdg", "frequency-decoupled guidance: w on high frequencies, w_low on the low-pass band (images)",
-          "Sadat et al. 2025, arXiv 2506.19713", _rule(fdg), needs=["null_label"],
-          options=[_BASE, _arg(fdg, "w_low", float, "weight of the low-pass band"),
-                   _arg(fdg, "levels", int, "pyramid levels"), _arg(fdg, "space", str, "space", ("x0", "eps", "v", "flow"))]),
-    _spec("cfg_norm", "CFG-Renorm / CFGNorm: the guided norm capped at the conditional's",
-          "Zhuo et al. 2024 (Lumina-Next), arXiv 2406.18583", _rule(cfg_norm), needs=["null_label"],
-          options=[_BASE, _arg(cfg_norm, "per", str, "norm per channel vector or per sample", ("channel", "sample")),
-                   _arg(cfg_norm, "space", str, "space", ("x0", "flow", "eps", "v"))]),
-    _spec("mag", "MAMBO-G: the weight damped by exp(-alpha ||update|| / ||uncond||)",
-          "Zhu et al. 2025, arXiv 2508.03442", _rule(mag), needs=["null_label"],
-          options=[_BASE, _arg(mag, "alpha", float, "damping strength"),
-                   _arg(mag, "space", str, "space", ("flow", "eps", "x0", "v"))]),
-    _spec("dynamic_thresholding", "Imagen's dynamic thresholding of the guided x0 prediction",
-          "Saharia et al. 2022, arXiv 2205.11487", _rule(dynamic_thresholding), needs=["null_label"],
-          options=[_BASE, _arg(dynamic_thresholding, "percentile", float, "quantile of |x0|"),
-                   _arg(dynamic_thresholding, "max_value", float, "data range (Imagen: 1)")]),
-    _spec("perp_neg", "Perp-Neg: a negative label, its component along the positive direction removed",
-          "Armandpour et al. 2023, arXiv 2304.04968", _perp_neg, needs=["null_label", "condition"], nfe=3,
-          options=[_BASE, Option("negative", int, None, "the negative class label (required)"),
-                   Option("neg_w", float, 1.0, "weight of the negative direction")]),
-    _spec("classifier", "classifier guidance: the gradient of a noise-aware classifier's log p(y | x)",
-          "Dhariwal & Nichol 2021, arXiv 2105.05233", _classifier, needs=["classifier"], nfe=1),
-    _spec("gft", "guidance-free training: a recipe=gft network at beta = 1/w, one evaluation",
-          "Chen et al. 2025, arXiv 2501.15420", _gft, needs=["scalar:beta"], nfe=1),
-    _spec("distilled", "a guidance-distilled student with the scalar input w, one evaluation",
-          "Meng et al. 2023, arXiv 2210.03142", _distilled, needs=["scalar:w"], nfe=1),
-    _spec("pag", "perturbed-attention guidance (diffusers models)", "Ahn et al. 2024, arXiv 2403.17377",
-          _attention_guidance("pag"), needs=["attention"], linear=True, options=[_LAYERS, _CFG_WEIGHT]),
-    _spec("seg", "smoothed-energy guidance: blurred attention queries (diffusers models)",
-          "Hong 2024, arXiv 2408.00760", _attention_guidance("seg"), needs=["attention"], linear=True,
-          options=[_LAYERS, Option("blur_sigma", float, math.inf, "query blur (inf: uniform attention)"), _CFG_WEIGHT]),
-    _spec("slg", "skip-layer guidance: the reference skips the selected blocks (diffusers models)",
-          "Stable Diffusion 3.5", _attention_guidance("slg"), needs=["attention"], linear=True,
-          options=[_LAYERS, _CFG_WEIGHT]),
-]}
+GUIDERS: dict[str, GuiderSpec] = {
+    s.name: s
+    for s in [
+        _spec("none", "no guidance (a gft network or distilled student at w = 1)", "", _none, nfe=1),
+        _spec(
+            "cfg",
+            "classifier-free guidance: the null label, or --guide an unconditional network",
+            "Ho & Salimans 2022, arXiv 2207.12598",
+            _cfg,
+            needs=["null_label"],
+            linear=True,
+        ),
+        _spec(
+            "autoguidance",
+            "guide with a weaker version of the model (--guide)",
+            "Karras et al. 2024, arXiv 2406.02507",
+            _autoguidance,
+            needs=["guide"],
+            linear=True,
+        ),
+        _spec(
+            "icg",
+            "independent condition guidance: a random condition as the reference",
+            "Sadat et al. 2025, arXiv 2407.02687",
+            _icg,
+            needs=["condition"],
+            linear=True,
+            options=[_arg(icg, "num_classes", int, "classes the random label is drawn from (default: the network's)")],
+        ),
+        _spec(
+            "tsg",
+            "time-step guidance: a perturbed noise-level embedding as the reference",
+            "Sadat et al. 2025, arXiv 2407.02687",
+            _tsg,
+            needs=["noise_embed"],
+            linear=True,
+            options=[
+                _arg(tsg, "s", float, "perturbation scale"),
+                _arg(tsg, "alpha", float, "time exponent"),
+                _arg(tsg, "form", str, "vector (the embedding vector, default) or scalar (c_noise)", ("vector", "scalar")),
+                _arg(tsg, "dim", int, "size of the perturbed vector (default: the network's noise_embed_dim)"),
+            ],
+        ),
+        _spec(
+            "cfgpp",
+            "CFG++: CFG inside the step, renoised with the unconditional prediction; w is lambda in [0, 1]",
+            "Chung et al. 2024, arXiv 2406.08070",
+            _cfgpp,
+            needs=["null_label"],
+            sampler_needs=["renoise"],
+        ),
+        _spec(
+            "apg",
+            "adaptive projected guidance on a linear guider (--option base=cfg)",
+            "Sadat et al. 2024, arXiv 2410.02416",
+            _apg,
+            needs=["null_label"],
+            options=[
+                _BASE,
+                _arg(apg, "eta", float, "weight of the parallel component"),
+                _arg(apg, "r", float, "norm threshold of the update (none: no clipping)"),
+                _arg(apg, "beta", float, "momentum (negative in the paper)"),
+            ],
+        ),
+        _spec(
+            "rescale",
+            "CFG with the result's std rescaled to the main branch's",
+            "Lin et al. 2024, arXiv 2305.08891",
+            _rescale,
+            needs=["null_label"],
+            options=[
+                _BASE,
+                _arg(rescale, "phi", float, "rescale mix"),
+                _arg(rescale, "space", str, "space of the std", ("v", "eps", "x0")),
+            ],
+        ),
+        _spec(
+            "cfg_zero_star",
+            "CFG-Zero*: optimised scale and zero-initialised first steps",
+            "Fan et al. 2025, arXiv 2503.18886",
+            _cfg_zero_star,
+            needs=["null_label"],
+            options=[
+                _BASE,
+                _arg(cfg_zero_star, "zero_steps", int, "first steps zeroed (default 1; 0: off)"),
+                _arg(cfg_zero_star, "zero_init_sigma", float, "zero where sigma >= this, instead of zero_steps"),
+                _arg(cfg_zero_star, "space", str, "space of the rule", ("flow", "eps", "x0", "v")),
+            ],
+        ),
+        _spec(
+            "tcfg",
+            "TCFG: the unconditional branch's tangential component removed (SVD of both branches)",
+            "Kwon et al. 2025, arXiv 2503.18137",
+            _rule(tcfg),
+            needs=["null_label"],
+            options=[_BASE, _arg(tcfg, "space", str, "space of the SVD", ("eps", "x0", "v", "flow"))],
+        ),
+        _spec(
+            "fdg",
+            "frequency-decoupled guidance: w on high frequencies, w_low on the low-pass band (images)",
+            "Sadat et al. 2025, arXiv 2506.19713",
+            _rule(fdg),
+            needs=["null_label"],
+            options=[
+                _BASE,
+                _arg(fdg, "w_low", float, "weight of the low-pass band"),
+                _arg(fdg, "levels", int, "pyramid levels"),
+                _arg(fdg, "space", str, "space", ("x0", "eps", "v", "flow")),
+            ],
+        ),
+        _spec(
+            "cfg_norm",
+            "CFG-Renorm / CFGNorm: the guided norm capped at the conditional's",
+            "Zhuo et al. 2024 (Lumina-Next), arXiv 2406.18583",
+            _rule(cfg_norm),
+            needs=["null_label"],
+            options=[
+                _BASE,
+                _arg(cfg_norm, "per", str, "norm per channel vector or per sample", ("channel", "sample")),
+                _arg(cfg_norm, "space", str, "space", ("x0", "flow", "eps", "v")),
+            ],
+        ),
+        _spec(
+            "mag",
+            "MAMBO-G: the weight damped by exp(-alpha ||update|| / ||uncond||)",
+            "Zhu et al. 2025, arXiv 2508.03442",
+            _rule(mag),
+            needs=["null_label"],
+            options=[
+                _BASE,
+                _arg(mag, "alpha", float, "damping strength"),
+                _arg(mag, "space", str, "space", ("flow", "eps", "x0", "v")),
+            ],
+        ),
+        _spec(
+            "dynamic_thresholding",
+            "Imagen's dynamic thresholding of the guided x0 prediction",
+            "Saharia et al. 2022, arXiv 2205.11487",
+            _rule(dynamic_thresholding),
+            needs=["null_label"],
+            options=[
+                _BASE,
+                _arg(dynamic_thresholding, "percentile", float, "quantile of |x0|"),
+                _arg(dynamic_thresholding, "max_value", float, "data range (Imagen: 1)"),
+            ],
+        ),
+        _spec(
+            "perp_neg",
+            "Perp-Neg: a negative label, its component along the positive direction removed",
+            "Armandpour et al. 2023, arXiv 2304.04968",
+            _perp_neg,
+            needs=["null_label", "condition"],
+            nfe=3,
+            options=[
+                _BASE,
+                Option("negative", int, None, "the negative class label (required)"),
+                Option("neg_w", float, 1.0, "weight of the negative direction"),
+            ],
+        ),
+        _spec(
+            "classifier",
+            "classifier guidance: the gradient of a noise-aware classifier's log p(y | x)",
+            "Dhariwal & Nichol 2021, arXiv 2105.05233",
+            _classifier,
+            needs=["classifier"],
+            nfe=1,
+        ),
+        _spec(
+            "gft",
+            "guidance-free training: a recipe=gft network at beta = 1/w, one evaluation",
+            "Chen et al. 2025, arXiv 2501.15420",
+            _gft,
+            needs=["scalar:beta"],
+            nfe=1,
+        ),
+        _spec(
+            "distilled",
+            "a guidance-distilled student with the scalar input w, one evaluation",
+            "Meng et al. 2023, arXiv 2210.03142",
+            _distilled,
+            needs=["scalar:w"],
+            nfe=1,
+        ),
+        _spec(
+            "pag",
+            "perturbed-attention guidance (diffusers models)",
+            "Ahn et al. 2024, arXiv 2403.17377",
+            _attention_guidance("pag"),
+            needs=["attention"],
+            linear=True,
+            options=[_LAYERS, _CFG_WEIGHT],
+        ),
+        _spec(
+            "seg",
+            "smoothed-energy guidance: blurred attention queries (diffusers models)",
+            "Hong 2024, arXiv 2408.00760",
+            _attention_guidance("seg"),
+            needs=["attention"],
+            linear=True,
+            options=[_LAYERS, Option("blur_sigma", float, math.inf, "query blur (inf: uniform attention)"), _CFG_WEIGHT],
+        ),
+        _spec(
+            "slg",
+            "skip-layer guidance: the reference skips the selected blocks (diffusers models)",
+            "Stable Diffusion 3.5",
+            _attention_guidance("slg"),
+            needs=["attention"],
+            linear=True,
+            options=[_LAYERS, _CFG_WEIGHT],
+        ),
+    ]
+}
 
 
 def names(*, needs: Iterable[str] | None = None, without: Iterable[str] = ()) -> list[str]:
@@ -409,13 +572,15 @@ def unmet(name: str, ctx: Context) -> list[str]:
     spec = get(name)
     needs = spec.needs
     base = dict(ctx.options).get("base") if isinstance(ctx.options, Mapping) else None
-    if base is not None:                                   # a rule needs what its base needs
+    if base is not None:  # a rule needs what its base needs
         needs = get(base).needs
     out = [f"{name} needs {NEEDS[n][1]}; {ctx.what} has none" for n in sorted(needs) if not NEEDS[n][0](ctx)]
     if name != "none" and not needs & {"scalar:beta", "scalar:w"} and _extra_scalar(ctx.main) is not None:
         s = _extra_scalar(ctx.main)
-        out.append(f"{name} needs a network without an extra scalar input; {ctx.what} has {s!r} "
-                   f"(use --guider {'gft' if s == 'beta' else 'distilled'})")
+        out.append(
+            f"{name} needs a network without an extra scalar input; {ctx.what} has {s!r} "
+            f"(use --guider {'gft' if s == 'beta' else 'distilled'})"
+        )
     return out
 
 
@@ -428,9 +593,12 @@ def build(name: str, ctx: Context):
     check(not problems, "; ".join(problems))
     if ctx.sampler is not None and spec.sampler_needs:
         from .. import samplers
+
         can = [s for s in samplers.names() if spec.sampler_needs <= samplers.info(s).supports]
-        check(spec.sampler_needs <= samplers.info(ctx.sampler).supports,
-              f"{name} needs a sampler with {', '.join(sorted(spec.sampler_needs))}: {', '.join(can)}; got {ctx.sampler}")
+        check(
+            spec.sampler_needs <= samplers.info(ctx.sampler).supports,
+            f"{name} needs a sampler with {', '.join(sorted(spec.sampler_needs))}: {', '.join(can)}; got {ctx.sampler}",
+        )
     den = spec.build(ctx)
     if ctx.interval is not None and name != "none":
         den = interval(den, float(ctx.interval[0]), float(ctx.interval[1]))

@@ -11,9 +11,9 @@ from ._spaces import check_space, from_space, to_space
 def damp_tangent(y_c: torch.Tensor, y_u: torch.Tensor) -> torch.Tensor:
     """``y_u`` projected on the first right singular vector ``v1`` of ``[y_c; y_u]`` (per sample, float64):
     the tangential component of ``y_u`` (along ``v2``) removed. Shapes [batch, ...] -> [batch, ...]."""
-    X = torch.stack([y_c.flatten(1), y_u.flatten(1)], 1).double()          # [B, 2, d]
+    X = torch.stack([y_c.flatten(1), y_u.flatten(1)], 1).double()  # [B, 2, d]
     _, _, Vh = torch.linalg.svd(X, full_matrices=False)
-    v1 = Vh[:, 0]                                                            # [B, d]
+    v1 = Vh[:, 0]  # [B, d]
     u = (X[:, 1] * v1).sum(1, keepdim=True) * v1
     return u.reshape(y_u.shape).to(y_u.dtype)
 

@@ -27,8 +27,10 @@ class WeightSchedule:
         o = self.options
         if o.get("over", "time") == "time":
             if run is None:
-                raise GuidelabError(f"a {self.kind} weight schedule over time reads the sampler run's step: call the "
-                                    "guider through a sampler, or use over='sigma' with sigma_max / sigma_min")
+                raise GuidelabError(
+                    f"a {self.kind} weight schedule over time reads the sampler run's step: call the "
+                    "guider through a sampler, or use over='sigma' with sigma_max / sigma_min"
+                )
             n = len(run.sigmas) - 1
             return torch.full(sigma.shape, run.step / max(n - 1, 1), dtype=torch.float64)
         hi, lo = o.get("sigma_max"), o.get("sigma_min")
@@ -43,13 +45,14 @@ class WeightSchedule:
         a, b, o = self.w_start, self.w_end, self.options
         if self.kind == "constant":
             w = torch.full(sigma.shape, a, dtype=torch.float64)
-        elif self.kind == "interval":                                   # Kynkäänniemi et al. 2024, sigma gate
+        elif self.kind == "interval":  # Kynkäänniemi et al. 2024, sigma gate
             s = sigma.double().cpu()
             w = torch.where((s > o["sigma_lo"]) & (s <= o["sigma_hi"]), a, b)
-        elif self.kind == "steps":                                      # official code: start <= i <= stop
+        elif self.kind == "steps":  # official code: start <= i <= stop
             if run is None:
-                raise GuidelabError("a steps weight schedule gates by the sampler run's step index: call the guider "
-                                    "through a sampler")
+                raise GuidelabError(
+                    "a steps weight schedule gates by the sampler run's step index: call the guider through a sampler"
+                )
             w = torch.full(sigma.shape, a if o["start"] <= run.step <= o["stop"] else b, dtype=torch.float64)
         else:
             p = self.progress(sigma, run)
@@ -84,20 +87,31 @@ def weight_schedule(kind: str, w_start: float, w_end: float | None = None, **opt
     default_end = 1.0 if kind in ("interval", "steps") else w_start
     w_end = default_end if w_end is None else w_end
     for name, v in (("w_start", w_start), ("w_end", w_end)):
-        check(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
-              f"weight schedule {name} must be a finite number, got {v!r}")
-    allowed = {"constant": (), "linear": ("over", "sigma_max", "sigma_min"), "cosine": ("over", "sigma_max", "sigma_min"),
-               "interval": ("sigma_lo", "sigma_hi"), "steps": ("start", "stop")}[kind]
+        check(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+            f"weight schedule {name} must be a finite number, got {v!r}",
+        )
+    allowed = {
+        "constant": (),
+        "linear": ("over", "sigma_max", "sigma_min"),
+        "cosine": ("over", "sigma_max", "sigma_min"),
+        "interval": ("sigma_lo", "sigma_hi"),
+        "steps": ("start", "stop"),
+    }[kind]
     bad = set(options) - set(allowed)
     check(not bad, f"{kind} weight schedule takes no option {', '.join(sorted(bad))}; allowed: {', '.join(allowed) or 'none'}")
     check(kind != "constant" or w_end == w_start, f"a constant weight schedule has one weight, got {w_start} and {w_end}")
     check(options.get("over", "time") in ("time", "sigma"), f"over must be 'time' or 'sigma', got {options.get('over')!r}")
     if kind == "interval":
-        check("sigma_lo" in options and "sigma_hi" in options and 0 <= options["sigma_lo"] < options["sigma_hi"],
-              f"an interval weight schedule needs 0 <= sigma_lo < sigma_hi, got {options}")
+        check(
+            "sigma_lo" in options and "sigma_hi" in options and 0 <= options["sigma_lo"] < options["sigma_hi"],
+            f"an interval weight schedule needs 0 <= sigma_lo < sigma_hi, got {options}",
+        )
     if kind == "steps":
-        check(all(isinstance(options.get(k), int) for k in ("start", "stop")) and 0 <= options["start"] <= options["stop"],
-              f"a steps weight schedule needs integer steps 0 <= start <= stop, got {options}")
+        check(
+            all(isinstance(options.get(k), int) for k in ("start", "stop")) and 0 <= options["start"] <= options["stop"],
+            f"a steps weight schedule needs integer steps 0 <= start <= stop, got {options}",
+        )
     return WeightSchedule(kind, float(w_start), float(w_end), dict(options))
 
 
@@ -120,6 +134,7 @@ def parse_weight(text: str):
             check(bool(eq), "")
             options[k.strip()] = v.strip() if k.strip() == "over" else (int(v) if k.strip() in ("start", "stop") else float(v))
     except (ValueError, GuidelabError):
-        raise GuidelabError(f"--weight must be a number or KIND:START-END[:key=value,...] (e.g. linear:1-4), "
-                            f"got {text!r}") from None
+        raise GuidelabError(
+            f"--weight must be a number or KIND:START-END[:key=value,...] (e.g. linear:1-4), got {text!r}"
+        ) from None
     return weight_schedule(kind.strip(), w_start, w_end, **options)

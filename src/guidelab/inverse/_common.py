@@ -38,23 +38,28 @@ def grad(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> tuple[t
     with torch.inference_mode(False), torch.enable_grad():
         xg = x.detach().clone().requires_grad_(True)
         out = fn(xg)
-        check(isinstance(out, torch.Tensor) and out.shape == x.shape[:1],
-              f"the objective must return one value per sample, shape [{x.shape[0]}], "
-              f"got {getattr(out, 'shape', type(out).__name__)}")
+        check(
+            isinstance(out, torch.Tensor) and out.shape == x.shape[:1],
+            f"the objective must return one value per sample, shape [{x.shape[0]}], "
+            f"got {getattr(out, 'shape', type(out).__name__)}",
+        )
         (g,) = torch.autograd.grad(out.sum(), xg)
     return out.detach(), g.detach()
 
 
-def through_denoiser(denoiser, x: torch.Tensor, sigma: torch.Tensor, cond: dict,
-                     objective: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def through_denoiser(
+    denoiser, x: torch.Tensor, sigma: torch.Tensor, cond: dict, objective: Callable[[torch.Tensor], torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(D(x), grad_x objective(D(x)).sum())``: a gradient taken through the denoiser (DPS, TSDiff, steered)."""
     with torch.inference_mode(False), torch.enable_grad():
         xg = x.detach().clone().requires_grad_(True)
         D = denoiser(xg, sigma.clone(), **cond)
         out = objective(D)
-        check(isinstance(out, torch.Tensor) and out.shape == x.shape[:1],
-              f"the objective must return one value per sample, shape [{x.shape[0]}], "
-              f"got {getattr(out, 'shape', type(out).__name__)}")
+        check(
+            isinstance(out, torch.Tensor) and out.shape == x.shape[:1],
+            f"the objective must return one value per sample, shape [{x.shape[0]}], "
+            f"got {getattr(out, 'shape', type(out).__name__)}",
+        )
         (g,) = torch.autograd.grad(out.sum(), xg)
     return D.detach(), g.detach()
 
@@ -65,14 +70,18 @@ def vp(sigma: float) -> float:
 
 
 def check_int(value, name: str, lo: int) -> None:
-    check(isinstance(value, int) and not isinstance(value, bool) and value >= lo,
-          f"{name} must be an integer >= {lo}, got {value!r}")
+    check(
+        isinstance(value, int) and not isinstance(value, bool) and value >= lo,
+        f"{name} must be an integer >= {lo}, got {value!r}",
+    )
 
 
 def check_number(value, name: str, *, positive: bool = False) -> None:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    check(ok and (value > 0 if positive else value >= 0),
-          f"{name} must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}")
+    check(
+        ok and (value > 0 if positive else value >= 0),
+        f"{name} must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}",
+    )
 
 
 class Counting:

@@ -42,9 +42,11 @@ from .operators import Operator
 
 def residual_norm(A, y: torch.Tensor):
     """``x0 -> |y - A(x0)|`` per sample [B] (``A`` an operator or a callable ``A(x0) -> [B, ...]``)."""
+
     def norm(x0):
         r = (y - A(x0)).reshape(x0.shape[0], -1)
         return torch.linalg.vector_norm(r, dim=1)
+
     return norm
 
 
@@ -60,8 +62,19 @@ def _measurement(operator, y, x):
 
 
 @torch.no_grad()
-def dps(denoiser, x: torch.Tensor, sigmas: torch.Tensor, operator, y, *, zeta: float = 1.0,
-        cond: dict | None = None, callback: Callback | None = None, progress: bool = False, noise=None) -> torch.Tensor:
+def dps(
+    denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    operator,
+    y,
+    *,
+    zeta: float = 1.0,
+    cond: dict | None = None,
+    callback: Callback | None = None,
+    progress: bool = False,
+    noise=None,
+) -> torch.Tensor:
     """Posterior sampling for ``y = A(x0) + noise`` (DPS), from ``x`` at ``sigmas[0]``; ``zeta`` = the code's ``scale``."""
     sigmas = check_inputs(x, sigmas)
     A, y = _measurement(operator, y, x)
@@ -73,11 +86,11 @@ def dps(denoiser, x: torch.Tensor, sigmas: torch.Tensor, operator, y, *, zeta: f
     for i in run.steps(progress, "dps"):
         sigma, sigma_next = sig[i], sig[i + 1]
         s = torch.full((batch,), sigma, dtype=x.dtype, device=x.device)
-        D, g = through_denoiser(denoiser, x, s, cond, norm)                 # grad_{x_i} |y - A(x0_hat)|
+        D, g = through_denoiser(denoiser, x, s, cond, norm)  # grad_{x_i} |y - A(x0_hat)|
         report(callback, x, i, sigmas, sigma, D)
         sigma_down, sigma_up = ancestral_step(sigma, sigma_next)
         x_next = euler_step(None, x, D, sigma, sigma_down)
         if sigma_next > 0:
             x_next = x_next + sigma_up * noise(sigma, sigma_next)
-        x = x_next - (zeta * vp(sigma) * vp(sigma_next)) * g                # Alg. 1, line 7 (VP units)
+        x = x_next - (zeta * vp(sigma) * vp(sigma_next)) * g  # Alg. 1, line 7 (VP units)
     return x

@@ -41,9 +41,20 @@ from .operators import Downsample, need_projection
 
 
 @torch.no_grad()
-def ilvr(denoiser, x: torch.Tensor, sigmas: torch.Tensor, ref: torch.Tensor, *, factor: int | None = None,
-         operator=None, range_t: int = 0, cond: dict | None = None, callback: Callback | None = None,
-         progress: bool = False, noise=None) -> torch.Tensor:
+def ilvr(
+    denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    ref: torch.Tensor,
+    *,
+    factor: int | None = None,
+    operator=None,
+    range_t: int = 0,
+    cond: dict | None = None,
+    callback: Callback | None = None,
+    progress: bool = False,
+    noise=None,
+) -> torch.Tensor:
     """Sample ``x`` (noise at ``sigmas[0]``) following the low frequencies of ``ref`` (ILVR).
 
     ``ref``: the reference, shaped like one sample or like ``x``. Give either ``factor`` (N: the
@@ -57,8 +68,10 @@ def ilvr(denoiser, x: torch.Tensor, sigmas: torch.Tensor, ref: torch.Tensor, *, 
     op = need_projection(operator, "ILVR")
     ref = torch.as_tensor(ref)
     ref = ref.expand_as(x) if ref.shape == x.shape[1:] else ref
-    check(ref.shape == x.shape, f"ref must be shaped like one sample {list(x.shape[1:])} or like x {list(x.shape)}, "
-                                f"got {list(ref.shape)}")
+    check(
+        ref.shape == x.shape,
+        f"ref must be shaped like one sample {list(x.shape[1:])} or like x {list(x.shape)}, got {list(ref.shape)}",
+    )
     op, y = prepared(op, op(ref.to(x)), x)
     n = len(sigmas) - 1
     check_int(range_t, "range_t", 0)
@@ -75,6 +88,6 @@ def ilvr(denoiser, x: torch.Tensor, sigmas: torch.Tensor, ref: torch.Tensor, *, 
         x = euler_step(None, x, D, sigma, sigma_down)
         if sigma_next > 0:
             x = x + sigma_up * noise(sigma, sigma_next)
-        if i < n - range_t:                                              # eq. 5
+        if i < n - range_t:  # eq. 5
             x = replace_known(x, op, y_lift, sigma_next, noise(sigma, sigma_next) if sigma_next > 0 else None)
     return x

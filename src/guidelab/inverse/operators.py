@@ -24,7 +24,7 @@ class Operator:
 
     shape: tuple[int, ...]
     out_shape: tuple[int, ...]
-    projection = True            # has an exact pinv / project (RePaint, ILVR, Score-SDE, steered "projection")
+    projection = True  # has an exact pinv / project (RePaint, ILVR, Score-SDE, steered "projection")
 
     @property
     def dim(self) -> int:
@@ -33,8 +33,11 @@ class Operator:
     def _as_sample(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` viewed as [B, *shape]; [B, *shape] and the flat [B, d] are accepted."""
         ok = isinstance(x, torch.Tensor) and x.ndim >= 2 and (tuple(x.shape[1:]) == self.shape or x[0].numel() == self.dim)
-        check(ok, f"{self.name} was built for samples of shape {list(self.shape)} (or {self.dim} values), "
-                  f"got x of shape {list(getattr(x, 'shape', []))}")
+        check(
+            ok,
+            f"{self.name} was built for samples of shape {list(self.shape)} (or {self.dim} values), "
+            f"got x of shape {list(getattr(x, 'shape', []))}",
+        )
         return x.reshape(x.shape[0], *self.shape)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -46,8 +49,10 @@ class Operator:
 
     def pinv(self, y: torch.Tensor) -> torch.Tensor:
         """``A^+ y``: [B, *shape]."""
-        raise GuidelabError(f"{self.name} has no exact pseudo-inverse: use a gradient method (dps, steered "
-                            f"mode='gradient', tfg) or a projection operator (Mask, Downsample, Grayscale, Matrix)")
+        raise GuidelabError(
+            f"{self.name} has no exact pseudo-inverse: use a gradient method (dps, steered "
+            f"mode='gradient', tfg) or a projection operator (Mask, Downsample, Grayscale, Matrix)"
+        )
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """``A^+ A x``, the orthogonal projection onto the row space of A, shaped like ``x``."""
@@ -63,9 +68,11 @@ class Operator:
         y = torch.as_tensor(y)
         if tuple(y.shape) == self.out_shape:
             y = y.expand(batch, *self.out_shape)
-        check(tuple(y.shape) == (batch, *self.out_shape),
-              f"the observation y must have shape {list(self.out_shape)} or "
-              f"[batch={batch}, {', '.join(map(str, self.out_shape))}] for {self.name}, got {list(y.shape)}")
+        check(
+            tuple(y.shape) == (batch, *self.out_shape),
+            f"the observation y must have shape {list(self.out_shape)} or "
+            f"[batch={batch}, {', '.join(map(str, self.out_shape))}] for {self.name}, got {list(y.shape)}",
+        )
         check_finite(y, "the observation y")
         return y.to(dtype=like.dtype, device=like.device)
 
@@ -78,9 +85,10 @@ class Operator:
 
 
 def _shape(shape) -> tuple[int, ...]:
-    check(isinstance(shape, (tuple, list, torch.Size)) and len(shape) >= 1
-          and all(isinstance(s, int) and s >= 1 for s in shape),
-          f"shape must be a sample shape of positive integers, e.g. (1, 8, 8), got {shape!r}")
+    check(
+        isinstance(shape, (tuple, list, torch.Size)) and len(shape) >= 1 and all(isinstance(s, int) and s >= 1 for s in shape),
+        f"shape must be a sample shape of positive integers, e.g. (1, 8, 8), got {shape!r}",
+    )
     return tuple(int(s) for s in shape)
 
 
@@ -120,8 +128,10 @@ class Downsample(Operator):
     def __init__(self, shape, factor: int):
         self.shape = _shape(shape)
         check(len(self.shape) >= 2, f"Downsample needs samples of shape [..., H, W], got {list(self.shape)}")
-        check(isinstance(factor, int) and factor >= 1 and self.shape[-1] % factor == 0 and self.shape[-2] % factor == 0,
-              f"factor must be an integer >= 1 dividing H and W of {list(self.shape)}, got {factor!r}")
+        check(
+            isinstance(factor, int) and factor >= 1 and self.shape[-1] % factor == 0 and self.shape[-2] % factor == 0,
+            f"factor must be an integer >= 1 dividing H and W of {list(self.shape)}, got {factor!r}",
+        )
         self.factor = factor
         self.out_shape = (*self.shape[:-2], self.shape[-2] // factor, self.shape[-1] // factor)
 
@@ -145,8 +155,10 @@ class Grayscale(Operator):
 
     def __init__(self, shape, channel: int = 0):
         self.shape = _shape(shape)
-        check(isinstance(channel, int) and 0 <= channel < len(self.shape) and self.shape[channel] >= 2,
-              f"channel must index an axis of {list(self.shape)} with at least 2 channels, got {channel!r}")
+        check(
+            isinstance(channel, int) and 0 <= channel < len(self.shape) and self.shape[channel] >= 2,
+            f"channel must index an axis of {list(self.shape)} with at least 2 channels, got {channel!r}",
+        )
         self.channel = channel
         self.out_shape = tuple(s for i, s in enumerate(self.shape) if i != channel)
 
@@ -164,8 +176,10 @@ class Matrix(Operator):
         check(isinstance(A, torch.Tensor) and A.ndim == 2 and A.shape[0] >= 1, "A must be a matrix [m, d]")
         check_finite(A, "A")
         self.shape = _shape(shape) if shape is not None else (A.shape[1],)
-        check(math.prod(self.shape) == A.shape[1], f"A has {A.shape[1]} columns but the sample shape {list(self.shape)} "
-                                                   f"has {math.prod(self.shape)} values")
+        check(
+            math.prod(self.shape) == A.shape[1],
+            f"A has {A.shape[1]} columns but the sample shape {list(self.shape)} has {math.prod(self.shape)} values",
+        )
         self.A = A
         self._pinv = torch.linalg.pinv(A.double()).to(A.dtype)
         self.out_shape = (A.shape[0],)
@@ -204,15 +218,20 @@ class Blur(Operator):
 
 def as_operator(operator) -> Operator:
     """Check that ``operator`` is an :class:`Operator` (a clear error otherwise)."""
-    check(isinstance(operator, Operator),
-          f"operator must be a guidelab.inverse operator (Mask, Downsample, Grayscale, Matrix, Blur), "
-          f"got {type(operator).__name__}")
+    check(
+        isinstance(operator, Operator),
+        f"operator must be a guidelab.inverse operator (Mask, Downsample, Grayscale, Matrix, Blur), "
+        f"got {type(operator).__name__}",
+    )
     return operator
 
 
 def need_projection(operator, method: str) -> Operator:
     """The operator, if it has an exact projection (RePaint, ILVR, Score-SDE need one)."""
     op = as_operator(operator)
-    check(op.projection, f"{method} replaces the known component and needs a projection operator "
-                         f"(Mask, Downsample, Grayscale, Matrix), got {op.name}")
+    check(
+        op.projection,
+        f"{method} replaces the known component and needs a projection operator "
+        f"(Mask, Downsample, Grayscale, Matrix), got {op.name}",
+    )
     return op

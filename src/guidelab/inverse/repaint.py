@@ -56,9 +56,11 @@ def jump_schedule(n_steps: int, jump_length: int = 10, jump_n_sample: int = 10) 
     check_int(n_steps, "the number of steps", 1)
     check_int(jump_length, "jump_length", 1)
     check_int(jump_n_sample, "jump_n_sample", 1)
-    check(jump_n_sample == 1 or jump_length < n_steps,
-          f"jump_length ({jump_length}) must be smaller than the number of steps ({n_steps}) when jump_n_sample > 1")
-    left = {t: jump_n_sample - 1 for t in range(0, n_steps - jump_length, jump_length)}   # jumps left per time
+    check(
+        jump_n_sample == 1 or jump_length < n_steps,
+        f"jump_length ({jump_length}) must be smaller than the number of steps ({n_steps}) when jump_n_sample > 1",
+    )
+    left = {t: jump_n_sample - 1 for t in range(0, n_steps - jump_length, jump_length)}  # jumps left per time
     t, times = n_steps - 1, [n_steps - 1]
     while t >= 0:
         t -= 1
@@ -72,9 +74,20 @@ def jump_schedule(n_steps: int, jump_length: int = 10, jump_n_sample: int = 10) 
 
 
 @torch.no_grad()
-def repaint(denoiser, x: torch.Tensor, sigmas: torch.Tensor, operator, y, *, jump_length: int = 10,
-            jump_n_sample: int = 10, cond: dict | None = None, callback: Callback | None = None,
-            progress: bool = False, noise=None) -> torch.Tensor:
+def repaint(
+    denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    operator,
+    y,
+    *,
+    jump_length: int = 10,
+    jump_n_sample: int = 10,
+    cond: dict | None = None,
+    callback: Callback | None = None,
+    progress: bool = False,
+    noise=None,
+) -> torch.Tensor:
     """Inpaint ``x`` (noise at ``sigmas[0]``) so that ``operator(x) = y``: RePaint with resampling.
 
     ``operator``: a :class:`~guidelab.inverse.Mask` (the paper) or any projection operator; ``y``: the
@@ -92,13 +105,14 @@ def repaint(denoiser, x: torch.Tensor, sigmas: torch.Tensor, operator, y, *, jum
     progress_bar = None
     if progress:
         from tqdm.auto import tqdm
+
         progress_bar = tqdm(total=len(schedule) - 1, desc="repaint", leave=False)
     for k, k_next in itertools.pairwise(schedule):
         sigma, sigma_next = sig[k], sig[k_next]
-        if k_next < k:                                               # re-noise back up (resampling jump)
-            x = x + math.sqrt(sigma_next ** 2 - sigma ** 2) * noise(sigma, sigma_next)
+        if k_next < k:  # re-noise back up (resampling jump)
+            x = x + math.sqrt(sigma_next**2 - sigma**2) * noise(sigma, sigma_next)
         else:
-            run.step = k                                             # the step sigmas[k] -> sigmas[k + 1]
+            run.step = k  # the step sigmas[k] -> sigmas[k + 1]
             D = denoiser(x, torch.full((batch,), sigma, dtype=x.dtype, device=x.device), **cond)
             report(callback, x, k, sigmas, sigma, D)
             sigma_down, sigma_up = ancestral_step(sigma, sigma_next)  # DDPM posterior (eta = 1)

@@ -29,9 +29,20 @@ from .operators import Grayscale, need_projection
 
 
 @torch.no_grad()
-def score_sde_impute(denoiser, x: torch.Tensor, sigmas: torch.Tensor, operator, y, *, snr: float = 0.16,
-                     corrector_steps: int = 1, cond: dict | None = None, callback: Callback | None = None,
-                     progress: bool = False, noise=None) -> torch.Tensor:
+def score_sde_impute(
+    denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    operator,
+    y,
+    *,
+    snr: float = 0.16,
+    corrector_steps: int = 1,
+    cond: dict | None = None,
+    callback: Callback | None = None,
+    progress: bool = False,
+    noise=None,
+) -> torch.Tensor:
     """Impute ``x`` (noise at ``sigmas[0]``) so that ``operator(x) = y``: PC sampling with the known part replaced.
 
     ``snr = 0.16`` and one corrector step are Song et al.'s CIFAR-10 / VE defaults.
@@ -54,22 +65,23 @@ def score_sde_impute(denoiser, x: torch.Tensor, sigmas: torch.Tensor, operator, 
     for i in run.steps(progress, "score_sde_impute"):
         sigma, sigma_next = sig[i], sig[i + 1]
         eps = 2 * (snr * sigma) ** 2
-        for _ in range(corrector_steps):                                 # Langevin corrector (their Alg. 4)
-            x = torch.lerp(x, D_of(x, sigma), eps / sigma ** 2)
+        for _ in range(corrector_steps):  # Langevin corrector (their Alg. 4)
+            x = torch.lerp(x, D_of(x, sigma), eps / sigma**2)
             x = x + math.sqrt(2 * eps) * noise(sigma, sigma_next)
             x = replace_known(x, op, y_lift, sigma, noise(sigma, sigma_next))
         D = D_of(x, sigma)
         report(callback, x, i, sigmas, sigma, D)
         if sigma_next == 0:
-            return replace_known(D, op, y_lift, 0.0, None)               # denoised mean, known part = y
-        g2 = sigma ** 2 - sigma_next ** 2                                # reverse-diffusion predictor (eq. 46)
-        x = torch.lerp(x, D, g2 / sigma ** 2) + math.sqrt(g2) * noise(sigma, sigma_next)
+            return replace_known(D, op, y_lift, 0.0, None)  # denoised mean, known part = y
+        g2 = sigma**2 - sigma_next**2  # reverse-diffusion predictor (eq. 46)
+        x = torch.lerp(x, D, g2 / sigma**2) + math.sqrt(g2) * noise(sigma, sigma_next)
         x = replace_known(x, op, y_lift, sigma_next, noise(sigma, sigma_next))
     return x
 
 
-def score_sde_colorize(denoiser, x: torch.Tensor, sigmas: torch.Tensor, gray: torch.Tensor, *, channel: int = 0,
-                       **options) -> torch.Tensor:
+def score_sde_colorize(
+    denoiser, x: torch.Tensor, sigmas: torch.Tensor, gray: torch.Tensor, *, channel: int = 0, **options
+) -> torch.Tensor:
     """Colourise: ``gray`` is the channel mean of the wanted sample (shaped like one sample without the
     channel axis, or [B, ...]); ``channel`` the channel axis of a sample. Options as :func:`score_sde_impute`."""
     return score_sde_impute(denoiser, x, sigmas, Grayscale(tuple(x.shape[1:]), channel), gray, **options)

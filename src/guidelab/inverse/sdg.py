@@ -60,13 +60,13 @@ class EnergyGuided(Guider):
         theirs = self._split(cond)[1]
         _, g = grad(lambda xg: self.F(xg, sigma.clone(), **theirs), x)
         g = g.to(D)
-        if self.norm == "score":                                      # Guided-TTS: |score| / |grad F|
+        if self.norm == "score":  # Guided-TTS: |score| / |grad F|
             score = (D - x) / bcast(sigma, D) ** 2
             gn = g.flatten(1).norm(dim=1)
-            unit = g / bcast(torch.where(gn > 0, gn, torch.ones_like(gn)), g)     # a zero gradient adds nothing
+            unit = g / bcast(torch.where(gn > 0, gn, torch.ones_like(gn)), g)  # a zero gradient adds nothing
             g = unit * bcast(score.flatten(1).norm(dim=1), g)
         s = self.w - 1 if not isinstance(self.w, torch.Tensor) else bcast(self.w.to(D) - 1, D)
-        return D + s * bcast(sigma, D) ** 2 * g                         # score + s grad F (SDG / ADM condition_mean)
+        return D + s * bcast(sigma, D) ** 2 * g  # score + s grad F (SDG / ADM condition_mean)
 
     def __repr__(self) -> str:
         return f"{self.name}(w={self.w}{', norm=' + self.norm if self.norm else ''})"
@@ -83,14 +83,18 @@ def energy(denoiser, F: Callable, w, *, keys: tuple[str, ...] = (), norm: str | 
 
 def class_energy(clf: Callable) -> Callable:
     """``F(x, sigma, label) = log softmax(clf(x, sigma))[label]``: classifier guidance as an energy."""
+
     def F(x, sigma, label):
         logp = clf(x, sigma).log_softmax(1)
         label = torch.as_tensor(label, device=x.device)
         label = label.expand(x.shape[0]) if label.ndim == 0 else label
         ok = label.shape == (x.shape[0],) and not label.is_floating_point()
-        check(ok and bool(((label >= 0) & (label < logp.shape[1])).all()),
-              f"the class label must be an int or [batch] ints in [0, {logp.shape[1]})")
+        check(
+            ok and bool(((label >= 0) & (label < logp.shape[1])).all()),
+            f"the class label must be an int or [batch] ints in [0, {logp.shape[1]})",
+        )
         return logp.gather(1, label.long()[:, None])[:, 0]
+
     return F
 
 
@@ -102,6 +106,7 @@ def reference_energy(encoder: Callable, ref: torch.Tensor, ref_noise: torch.Tens
     clean reference). SDG draws fresh noise at every step, which would tie the guided denoiser to a
     random state; pass a per-sample ``n`` to reproduce that in expectation.
     """
+
     def F(x, sigma):
         r = ref.expand_as(x) if ref.shape == x.shape[1:] else ref
         n = torch.zeros_like(r) if ref_noise is None else ref_noise.expand_as(r)
@@ -109,6 +114,7 @@ def reference_energy(encoder: Callable, ref: torch.Tensor, ref_noise: torch.Tens
             target = encoder(r + bcast(sigma, r) * n, sigma).flatten(1)
         feat = encoder(x, sigma).flatten(1)
         return torch.nn.functional.cosine_similarity(feat, target, dim=1)
+
     return F
 
 

@@ -43,16 +43,31 @@ from .operators import need_projection
 
 def measurement_loss(A, y: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     """``x0 -> |y - A(x0)|^2`` per sample [B]."""
+
     def loss(x0):
         return (y - A(x0)).reshape(x0.shape[0], -1).square().sum(1)
+
     return loss
 
 
 @torch.no_grad()
-def steered(denoiser, x: torch.Tensor, sigmas: torch.Tensor, operator=None, y=None, *, mode: str = "gradient",
-            scale: float = 1.0, loss: Callable[[torch.Tensor], torch.Tensor] | None = None, n_iter: int = 1,
-            eta: float = 1.0, cond: dict | None = None, callback: Callback | None = None, progress: bool = False,
-            noise=None) -> torch.Tensor:
+def steered(
+    denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    operator=None,
+    y=None,
+    *,
+    mode: str = "gradient",
+    scale: float = 1.0,
+    loss: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    n_iter: int = 1,
+    eta: float = 1.0,
+    cond: dict | None = None,
+    callback: Callback | None = None,
+    progress: bool = False,
+    noise=None,
+) -> torch.Tensor:
     """Steered Diffusion from ``x`` at ``sigmas[0]``.
 
     ``mode="gradient"``: steer by ``loss(x0) -> [B]`` (default ``|y - operator(x0)|^2``; ``operator`` may
@@ -89,10 +104,10 @@ def steered(denoiser, x: torch.Tensor, sigmas: torch.Tensor, operator=None, y=No
                 x0 = D - (scale * sigma) * g
             if r == 0:
                 report(callback, x, i, sigmas, sigma, D)
-            x_next = euler_step(None, x, x0, sigma, sigma_down)               # DDIM from the steered estimate
+            x_next = euler_step(None, x, x0, sigma, sigma_down)  # DDIM from the steered estimate
             if sigma_next > 0 and sigma_up > 0:
                 x_next = x_next + sigma_up * noise(sigma, sigma_next)
-            if r < n_iter - 1:                                                 # loop: re-noise to sigma
-                x = x_next + math.sqrt(sigma ** 2 - sigma_next ** 2) * noise(sigma, sigma_next)
+            if r < n_iter - 1:  # loop: re-noise to sigma
+                x = x_next + math.sqrt(sigma**2 - sigma_next**2) * noise(sigma, sigma_next)
         x = x_next
     return x

@@ -41,21 +41,24 @@ DEFAULTS = {
 METHODS = tuple(DEFAULTS)
 
 
-def make_task(task: str, image: torch.Tensor, *, mask: str = "centre", factor: int = 2,
-              seed: int = 0) -> tuple[Operator, torch.Tensor]:
+def make_task(
+    task: str, image: torch.Tensor, *, mask: str = "centre", factor: int = 2, seed: int = 0
+) -> tuple[Operator, torch.Tensor]:
     """``(operator, y)`` for ``task`` on a clean ``image`` [C, H, W]."""
     check(task in TASKS, f"unknown inverse task {task!r}; allowed: {', '.join(TASKS)}")
-    check(isinstance(image, torch.Tensor) and image.ndim == 3,
-          f"image must be a tensor [C, H, W], got {list(getattr(image, 'shape', []))}")
+    check(
+        isinstance(image, torch.Tensor) and image.ndim == 3,
+        f"image must be a tensor [C, H, W], got {list(getattr(image, 'shape', []))}",
+    )
     shape = tuple(image.shape)
     if task == "inpaint":
         check(mask in MASKS, f"unknown mask {mask!r}; allowed: {', '.join(MASKS)}")
         C, H, W = shape
         known = torch.ones(shape, dtype=torch.bool)
         if mask == "centre":
-            known[:, H // 4:H - H // 4, W // 4:W - W // 4] = False
+            known[:, H // 4 : H - H // 4, W // 4 : W - W // 4] = False
         elif mask in ("left", "right"):
-            known[:, :, W // 2:] = False
+            known[:, :, W // 2 :] = False
             known = known if mask == "left" else known.flip(-1)
         else:
             keep = torch.rand(H, W, generator=torch.Generator().manual_seed(seed)) < 0.5
@@ -68,9 +71,21 @@ def make_task(task: str, image: torch.Tensor, *, mask: str = "centre", factor: i
     return op, op(image[None])[0]
 
 
-def solve(denoiser, op: Operator, y: torch.Tensor, method: str, *, n: int = 8, seed: int = 0, steps: int | None = None,
-          sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0, progress: bool = False,
-          **options) -> torch.Tensor:
+def solve(
+    denoiser,
+    op: Operator,
+    y: torch.Tensor,
+    method: str,
+    *,
+    n: int = 8,
+    seed: int = 0,
+    steps: int | None = None,
+    sigma_min: float = 0.002,
+    sigma_max: float = 80.0,
+    rho: float = 7.0,
+    progress: bool = False,
+    **options,
+) -> torch.Tensor:
     """``n`` samples [n, *op.shape] of ``method`` for the measurement ``y`` (seeds ``seed .. seed + n - 1``)."""
     from ..guidance.tfg import measurement_objective, tfg_sample
     from ..samplers import euler_ancestral
@@ -104,4 +119,5 @@ def solve(denoiser, op: Operator, y: torch.Tensor, method: str, *, n: int = 8, s
     def F(x_, sigma):
         r = (y - op(x_)).flatten(1)
         return -r.square().sum(1) / (2 * sigma.clamp_min(sigma_min) ** 2)
+
     return euler_ancestral(energy(denoiser, F, w), x, sigmas, **common)

@@ -80,13 +80,18 @@ def _observed(y, mask, x):
     if mask.dtype != torch.bool:
         check(bool(((mask == 0) | (mask == 1)).all()), "mask must be boolean or contain only 0 and 1 (1 = observed)")
         mask = mask == 1
-    check(mask.shape in (x.shape, x.shape[1:]), f"mask must be shaped like one sample {list(x.shape[1:])} or like x, "
-                                                f"got {list(mask.shape)}")
+    check(
+        mask.shape in (x.shape, x.shape[1:]),
+        f"mask must be shaped like one sample {list(x.shape[1:])} or like x, got {list(mask.shape)}",
+    )
     y = torch.as_tensor(y).to(x)
-    check(y.shape in (x.shape, x.shape[1:]),
-          f"y must be shaped like one sample {list(x.shape[1:])} or like x, got {list(y.shape)}")
-    check(bool(torch.isfinite(torch.where(mask.expand_as(x), y.expand_as(x), 0.0)).all()),
-          "the observed values y contain NaN or inf")
+    check(
+        y.shape in (x.shape, x.shape[1:]), f"y must be shaped like one sample {list(x.shape[1:])} or like x, got {list(y.shape)}"
+    )
+    check(
+        bool(torch.isfinite(torch.where(mask.expand_as(x), y.expand_as(x), 0.0)).all()),
+        "the observed values y contain NaN or inf",
+    )
     return torch.where(mask.expand_as(x), y.expand_as(x), 0.0), mask.expand_as(x).to(x.dtype)
 
 
@@ -102,14 +107,27 @@ def _loss(kind: str, q, x):
 
     def quantile(pred, y):
         e = y - pred
-        return torch.maximum(qb * e, (qb - 1) * e)                      # pinball loss rho_q
+        return torch.maximum(qb * e, (qb - 1) * e)  # pinball loss rho_q
+
     return quantile
 
 
 @torch.no_grad()
-def tsdiff_guided(denoiser, x: torch.Tensor, sigmas: torch.Tensor, y, mask, *, scale: float = 4.0,
-                  guidance: str = "quantile", q=None, cond: dict | None = None, callback: Callback | None = None,
-                  progress: bool = False, noise=None) -> torch.Tensor:
+def tsdiff_guided(
+    denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    y,
+    mask,
+    *,
+    scale: float = 4.0,
+    guidance: str = "quantile",
+    q=None,
+    cond: dict | None = None,
+    callback: Callback | None = None,
+    progress: bool = False,
+    noise=None,
+) -> torch.Tensor:
     """TSDiff observation self-guidance: DDPM sampling of ``x`` (noise at ``sigmas[0]``, series [B, L] or
     [B, C, L]) guided toward ``y`` at the positions ``mask`` (True = observed)."""
     sigmas = check_inputs(x, sigmas)
@@ -128,14 +146,28 @@ def tsdiff_guided(denoiser, x: torch.Tensor, sigmas: torch.Tensor, y, mask, *, s
         x_next = euler_step(None, x, D, sigma, sigma_down)
         if sigma_next > 0:
             x_next = x_next + sigma_up * noise(sigma, sigma_next)
-        x = x_next - (scale * sigma_up ** 2 * vp(sigma) / vp(sigma_next)) * g   # - s beta~ grad E, VP units
+        x = x_next - (scale * sigma_up**2 * vp(sigma) / vp(sigma_next)) * g  # - s beta~ grad E, VP units
     return x
 
 
 @torch.no_grad()
-def tsdiff_refine(denoiser, init: torch.Tensor, y, mask, *, sigma: float | None = None, iterations: int = 20,
-                  step_size: float = 0.1, noise_scale: float = 0.1, method: str = "lmc", guidance: str = "mse",
-                  scale: float = 1.0, q=None, cond: dict | None = None, noise=None) -> torch.Tensor:
+def tsdiff_refine(
+    denoiser,
+    init: torch.Tensor,
+    y,
+    mask,
+    *,
+    sigma: float | None = None,
+    iterations: int = 20,
+    step_size: float = 0.1,
+    noise_scale: float = 0.1,
+    method: str = "lmc",
+    guidance: str = "mse",
+    scale: float = 1.0,
+    q=None,
+    cond: dict | None = None,
+    noise=None,
+) -> torch.Tensor:
     """TSDiff refine: improve a base forecast ``init`` (the whole window, [B, L] or [B, C, L]) under the
     denoiser's implicit density and the observations ``y`` at ``mask``. ``sigma``: the fixed noise level
     of the denoising energy (default :func:`tsdiff_sigma`, t = 20). ``noise``: ``SampleNoise`` for seeds."""
@@ -158,7 +190,7 @@ def tsdiff_refine(denoiser, init: torch.Tensor, y, mask, *, sigma: float | None 
         eps = draw(sigma, 0.0)
 
         def E(yg, eps=eps):
-            denoising = (yg - denoiser(yg + sigma * eps, s, **cond)).flatten(1).square().sum(1) / sigma ** 2
+            denoising = (yg - denoiser(yg + sigma * eps, s, **cond)).flatten(1).square().sum(1) / sigma**2
             return denoising + scale * (m * loss(yg, yo)).flatten(1).sum(1)
 
         _, g = grad(E, x)

@@ -10,6 +10,19 @@ from .prdc import density_coverage
 from .knn import knn_radii_multi, prdc  # after .prdc: the name prdc is the function, not the module
 # isort: on
 
-__all__ = ["precision_recall", "knn_radii", "sliced_wasserstein", "mmd", "mean_logp",
-           "frechet_distance", "FeatureStats", "fid_from_stats", "kid", "density_coverage",
-           "inception_score", "class_accuracy", "prdc", "knn_radii_multi"]
+__all__ = [
+    "precision_recall",
+    "knn_radii",
+    "sliced_wasserstein",
+    "mmd",
+    "mean_logp",
+    "frechet_distance",
+    "FeatureStats",
+    "fid_from_stats",
+    "kid",
+    "density_coverage",
+    "inception_score",
+    "class_accuracy",
+    "prdc",
+    "knn_radii_multi",
+]

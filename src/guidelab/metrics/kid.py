@@ -23,16 +23,19 @@ def _mmd2_poly(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return off(kxx) + off(kyy) - 2 * kxy.mean()
 
 
-def kid(real: torch.Tensor, fake: torch.Tensor, *, subsets: int = 100, subset_size: int = 1000,
-        seed: int = 0) -> tuple[float, float]:
+def kid(
+    real: torch.Tensor, fake: torch.Tensor, *, subsets: int = 100, subset_size: int = 1000, seed: int = 0
+) -> tuple[float, float]:
     """KID between features ``real`` [N, D] and ``fake`` [M, D]: (mean, std) over ``subsets`` subsets.
 
     ``subset_size`` is capped at min(N, M); subsets are drawn without replacement from a generator
     seeded by ``seed`` (deterministic). With one subset covering both sets it is the full unbiased MMD^2.
     """
     for name, t in (("real", real), ("fake", fake)):
-        check(isinstance(t, torch.Tensor) and t.ndim == 2 and t.shape[0] >= 2,
-              f"{name} must be a tensor of shape [N, D] with N >= 2, got {list(getattr(t, 'shape', []))}")
+        check(
+            isinstance(t, torch.Tensor) and t.ndim == 2 and t.shape[0] >= 2,
+            f"{name} must be a tensor of shape [N, D] with N >= 2, got {list(getattr(t, 'shape', []))}",
+        )
     check(real.shape[1] == fake.shape[1], f"real and fake dimensions differ: {real.shape[1]} vs {fake.shape[1]}")
     check(isinstance(subsets, int) and subsets >= 1, f"subsets must be an integer >= 1, got {subsets!r}")
     m = min(subset_size, real.shape[0], fake.shape[0])

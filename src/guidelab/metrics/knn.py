@@ -26,8 +26,9 @@ def _rows(n_cols: int, budget: int) -> int:
     return max(1, budget // max(1, n_cols))
 
 
-def _margin(a: torch.Tensor, b: torch.Tensor, a2: torch.Tensor, bias: torch.Tensor,
-            scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _margin(
+    a: torch.Tensor, b: torch.Tensor, a2: torch.Tensor, bias: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``a2_i + bias_j - 2 a_i.b_j`` [A, B] (one fused GEMM; bias = |b|^2, or |b|^2 - r^2 for a ball test)
     and a per-row bound [A, 1] on its rounding error (8 D eps (|a|^2 + scale), scale = max |b|^2 + max r^2)."""
     m = torch.addmm(bias[None, :], a, b.T, alpha=-2).add_(a2[:, None])
@@ -42,11 +43,11 @@ def knn_radii_multi(x: torch.Tensor, ks, budget: int = BUDGET) -> dict[int, torc
     ks = sorted({int(k) for k in ks})
     check(all(1 <= k < n for k in ks), f"k must be an integer in [1, N-1]={n - 1}, got {ks}")
     x2 = (x * x).sum(1)
-    m = min(n, ks[-1] + 1 + 8)                      # candidates per row: k + 1 plus a margin for screening error
+    m = min(n, ks[-1] + 1 + 8)  # candidates per row: k + 1 plus a margin for screening error
     out = {k: torch.empty(n, dtype=torch.float64) for k in ks}
     for s in range(0, n, _rows(n, budget)):
-        c = x[s:s + _rows(n, budget)]
-        d2, tol = _margin(c, x, x2[s:s + len(c)], x2, float(x2.max()))
+        c = x[s : s + _rows(n, budget)]
+        d2, tol = _margin(c, x, x2[s : s + len(c)], x2, float(x2.max()))
         cand = d2.topk(m, dim=1, largest=False)
         rows = torch.arange(len(c))[:, None].expand(-1, m)
         exact = _exact(c[rows.reshape(-1)], x[cand.indices.reshape(-1)]).view(len(c), m)
@@ -55,18 +56,19 @@ def knn_radii_multi(x: torch.Tensor, ks, budget: int = BUDGET) -> dict[int, torc
             r = exact_sorted[:, k]
             # the screen is sure the k+1 nearest are among the candidates when the last candidate is farther
             sure = (m == n) | (cand.values[:, -1] - tol[:, 0] > r * r * (1 + 16 * _EPS))
-            for i in (~sure).nonzero()[:, 0].tolist():    # rare: redo the row exactly
-                r[i] = torch.cdist(c[i:i + 1], x, compute_mode="donot_use_mm_for_euclid_dist")[0].kthvalue(k + 1).values
-            out[k][s:s + len(c)] = r
+            for i in (~sure).nonzero()[:, 0].tolist():  # rare: redo the row exactly
+                r[i] = torch.cdist(c[i : i + 1], x, compute_mode="donot_use_mm_for_euclid_dist")[0].kthvalue(k + 1).values
+            out[k][s : s + len(c)] = r
     return out
 
 
-def inside(points: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor, s: int, rows: int,
-           p2: torch.Tensor, c2: torch.Tensor) -> torch.Tensor:
+def inside(
+    points: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor, s: int, rows: int, p2: torch.Tensor, c2: torch.Tensor
+) -> torch.Tensor:
     """Boolean [rows, C]: points[s:s+rows] inside the balls (centres, radii), exact on the boundary."""
-    p = points[s:s + rows]
+    p = points[s : s + rows]
     r2 = radii * radii
-    margin, tol = _margin(p, centres, p2[s:s + len(p)], c2 - r2, float(c2.max() + r2.max()))   # |p - c|^2 - r^2
+    margin, tol = _margin(p, centres, p2[s : s + len(p)], c2 - r2, float(c2.max() + r2.max()))  # |p - c|^2 - r^2
     res = margin <= 0
     unsure = margin.abs_() <= tol
     if bool(unsure.any()):
@@ -74,8 +76,16 @@ def inside(points: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor, s: 
         res[i, j] = _exact(p[i], centres[j]) <= radii[j]
     return res
 
-def prdc(real: torch.Tensor, fake: torch.Tensor, k_pr: int = 3, k_dc: int = 5, budget: int = BUDGET,
-         real_radii: dict[int, torch.Tensor] | None = None, recall: bool = True) -> dict[str, float]:
+
+def prdc(
+    real: torch.Tensor,
+    fake: torch.Tensor,
+    k_pr: int = 3,
+    k_dc: int = 5,
+    budget: int = BUDGET,
+    real_radii: dict[int, torch.Tensor] | None = None,
+    recall: bool = True,
+) -> dict[str, float]:
     """Precision/recall (k-NN manifolds, k=``k_pr``) and density/coverage (k=``k_dc``) of ``fake`` [M, D]
     against ``real`` [N, D] from three passes: real-real (once, both k; or ``real_radii`` from
     :func:`knn_radii_multi`), fake-fake (skipped when not ``recall``) and fake-real. Values equal the
@@ -91,12 +101,16 @@ def prdc(real: torch.Tensor, fake: torch.Tensor, k_pr: int = 3, k_dc: int = 5, b
     recalled = torch.zeros(n, dtype=torch.bool)
     rows = _rows(n, budget)
     for s in range(0, m, rows):
-        pr = inside(fake, real, rr[k_pr], s, rows, f2, r2)       # fake j in real ball i (k_pr)
+        pr = inside(fake, real, rr[k_pr], s, rows, f2, r2)  # fake j in real ball i (k_pr)
         in_pr += int(pr.any(1).sum())
         dc = pr if k_dc == k_pr else inside(fake, real, rr[k_dc], s, rows, f2, r2)
         in_dc += int(dc.sum())
         covered |= dc.any(0)
-        if r_fake is not None:              # real i in fake ball j
-            recalled |= inside(real, fake[s:s + rows], r_fake[s:s + rows], 0, n, r2, f2[s:s + rows]).any(1)
-    return {"precision": in_pr / m, "recall": recalled.double().mean().item() if recall else float("nan"),
-            "density": in_dc / (k_dc * m), "coverage": covered.double().mean().item()}
+        if r_fake is not None:  # real i in fake ball j
+            recalled |= inside(real, fake[s : s + rows], r_fake[s : s + rows], 0, n, r2, f2[s : s + rows]).any(1)
+    return {
+        "precision": in_pr / m,
+        "recall": recalled.double().mean().item() if recall else float("nan"),
+        "density": in_dc / (k_dc * m),
+        "coverage": covered.double().mean().item(),
+    }

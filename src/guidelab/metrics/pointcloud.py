@@ -14,8 +14,10 @@ from ..errors import check
 
 def _check_pair(real: torch.Tensor, fake: torch.Tensor) -> None:
     for name, t in (("real", real), ("fake", fake)):
-        check(isinstance(t, torch.Tensor) and t.ndim == 2 and t.shape[0] > 0,
-              f"{name} must be a tensor of shape [N, D] with N > 0, got {list(getattr(t, 'shape', []))}")
+        check(
+            isinstance(t, torch.Tensor) and t.ndim == 2 and t.shape[0] > 0,
+            f"{name} must be a tensor of shape [N, D] with N > 0, got {list(getattr(t, 'shape', []))}",
+        )
         check(bool(torch.isfinite(t).all()), f"{name} contains NaN or inf values")
     check(real.shape[1] == fake.shape[1], f"real and fake dimensions differ: {real.shape[1]} vs {fake.shape[1]}")
 

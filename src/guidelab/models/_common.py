@@ -14,9 +14,7 @@ def check_extra_scalar(extra_scalar) -> None:
     check(
         extra_scalar is None
         or (
-            isinstance(extra_scalar, str)
-            and extra_scalar.isidentifier()
-            and extra_scalar not in ("label", "noise_embed_offset")
+            isinstance(extra_scalar, str) and extra_scalar.isidentifier() and extra_scalar not in ("label", "noise_embed_offset")
         ),
         f"extra_scalar must be None or a keyword name other than label / noise_embed_offset, got {extra_scalar!r}",
     )

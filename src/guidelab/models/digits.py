@@ -29,17 +29,34 @@ from .registry import register
 class DigitsClassifier(nn.Module):
     """Conv(1->c) -> Conv(c->2c, /2) -> Conv(2c->2c, /2) -> Linear(features) -> Linear(num_classes), SiLU between."""
 
-    def __init__(self, channels: int = 32, features: int = 128, num_classes: int = 10, img_resolution: int = 8,
-                 noise_aware: bool = False, sigma_data: float = 0.5):
+    def __init__(
+        self,
+        channels: int = 32,
+        features: int = 128,
+        num_classes: int = 10,
+        img_resolution: int = 8,
+        noise_aware: bool = False,
+        sigma_data: float = 0.5,
+    ):
         super().__init__()
-        for name, v in (("channels", channels), ("features", features), ("num_classes", num_classes), ("img_resolution", img_resolution)):
+        for name, v in (
+            ("channels", channels),
+            ("features", features),
+            ("num_classes", num_classes),
+            ("img_resolution", img_resolution),
+        ):
             check(isinstance(v, int) and not isinstance(v, bool) and v >= 1, f"{name} must be an integer >= 1, got {v!r}")
         check(img_resolution % 4 == 0, f"img_resolution must be divisible by 4, got {img_resolution}")
         self.channels, self.num_features, self.num_classes = channels, features, num_classes
         self.img_resolution, self.noise_aware, self.sigma_data = img_resolution, bool(noise_aware), float(sigma_data)
         c = channels
-        self.convs = nn.ModuleList([nn.Conv2d(1, c, 3, padding=1), nn.Conv2d(c, 2 * c, 3, stride=2, padding=1),
-                                    nn.Conv2d(2 * c, 2 * c, 3, stride=2, padding=1)])
+        self.convs = nn.ModuleList(
+            [
+                nn.Conv2d(1, c, 3, padding=1),
+                nn.Conv2d(c, 2 * c, 3, stride=2, padding=1),
+                nn.Conv2d(2 * c, 2 * c, 3, stride=2, padding=1),
+            ]
+        )
         self.fc = nn.Linear(2 * c * (img_resolution // 4) ** 2, features)
         self.head = nn.Linear(features, num_classes)
         if self.noise_aware:
@@ -48,14 +65,22 @@ class DigitsClassifier(nn.Module):
             self.noise_bias = nn.ModuleList([nn.Linear(32, m.out_channels) for m in self.convs] + [nn.Linear(32, features)])
 
     def config(self) -> dict:
-        return dict(channels=self.channels, features=self.num_features, num_classes=self.num_classes,
-                    img_resolution=self.img_resolution, noise_aware=self.noise_aware, sigma_data=self.sigma_data)
+        return dict(
+            channels=self.channels,
+            features=self.num_features,
+            num_classes=self.num_classes,
+            img_resolution=self.img_resolution,
+            noise_aware=self.noise_aware,
+            sigma_data=self.sigma_data,
+        )
 
     def features(self, x: torch.Tensor, sigma=None) -> torch.Tensor:
         """Penultimate features [batch, features] (after the SiLU)."""
         r = self.img_resolution
-        check(isinstance(x, torch.Tensor) and x.ndim == 4 and list(x.shape[1:]) == [1, r, r],
-              f"x must be a tensor of shape [batch, 1, {r}, {r}], got {list(getattr(x, 'shape', []))}")
+        check(
+            isinstance(x, torch.Tensor) and x.ndim == 4 and list(x.shape[1:]) == [1, r, r],
+            f"x must be a tensor of shape [batch, 1, {r}, {r}], got {list(getattr(x, 'shape', []))}",
+        )
         e = None
         if self.noise_aware:
             check(sigma is not None, "this classifier is noise-aware: call it as clf(x, sigma)")
@@ -91,12 +116,24 @@ class DigitsClassifier(nn.Module):
         from ..metrics.features import Extractor
 
         check(not self.noise_aware, "use a clean (noise_aware=False) digits classifier for metric features")
-        return Extractor("digits", lambda x: self.features(x.float()), self.num_features,
-                         {"extractor": "digits-classifier", "weights_sha256": self.weights_sha256(), "resize": None})
+        return Extractor(
+            "digits",
+            lambda x: self.features(x.float()),
+            self.num_features,
+            {"extractor": "digits-classifier", "weights_sha256": self.weights_sha256(), "resize": None},
+        )
 
 
-def train_digits_classifier(model: DigitsClassifier | None = None, *, steps: int = 2000, batch: int = 128,
-                            lr: float = 2e-3, P_mean: float = -1.2, P_std: float = 1.5, seed: int = 0) -> DigitsClassifier:
+def train_digits_classifier(
+    model: DigitsClassifier | None = None,
+    *,
+    steps: int = 2000,
+    batch: int = 128,
+    lr: float = 2e-3,
+    P_mean: float = -1.2,
+    P_std: float = 1.5,
+    seed: int = 0,
+) -> DigitsClassifier:
     """Fit on the digits train split (cross-entropy, Adam, lr decayed as ``1/sqrt(step / 500)``).
 
     Noise-aware models see ``x0 + sigma n`` with ``ln sigma ~ N(P_mean, P_std^2)`` (the denoiser's

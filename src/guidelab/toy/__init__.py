@@ -5,5 +5,13 @@ from .mixture import GaussianMixture
 from .posterior import LinearPosterior, digits_gmm, linear_posterior
 from .tree import SIGMA_DATA, tree
 
-__all__ = ["GaussianMixture", "tree", "SIGMA_DATA", "ConditionalTree", "conditional_tree",
-           "linear_posterior", "LinearPosterior", "digits_gmm"]
+__all__ = [
+    "GaussianMixture",
+    "tree",
+    "SIGMA_DATA",
+    "ConditionalTree",
+    "conditional_tree",
+    "linear_posterior",
+    "LinearPosterior",
+    "digits_gmm",
+]

@@ -36,9 +36,11 @@ from .mixture import GaussianMixture
 
 def _components(prior) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(phi [K], mu [K, d], Sigma [K, d, d])`` of a toy mixture, in float64."""
-    check(isinstance(prior, GaussianMixture),
-          f"prior must be a toy Gaussian-mixture world (toy.tree('A'), toy.GaussianMixture, "
-          f"conditional_tree().world(label), toy.digits_gmm()), got {type(prior).__name__}")
+    check(
+        isinstance(prior, GaussianMixture),
+        f"prior must be a toy Gaussian-mixture world (toy.tree('A'), toy.GaussianMixture, "
+        f"conditional_tree().world(label), toy.digits_gmm()), got {type(prior).__name__}",
+    )
     p = prior.to(torch.float64)
     Sigma = torch.einsum("kij,kj,klj->kil", p.Q, p.L, p.Q)
     return p.log_phi.exp(), p.mu, 0.5 * (Sigma + Sigma.transpose(1, 2))
@@ -75,14 +77,23 @@ class LinearPosterior:
     def __init__(self, prior: GaussianMixture, A: torch.Tensor, y: torch.Tensor, noise_std: float):
         phi, mu, S = _components(prior)
         d = mu.shape[1]
-        check(isinstance(A, torch.Tensor) and A.ndim == 2 and A.shape[1] == d and A.shape[0] >= 1,
-              f"A must be a tensor of shape [m, d={d}], got {list(getattr(A, 'shape', []))}")
-        check(isinstance(y, torch.Tensor) and y.shape == A.shape[:1],
-              f"y must be a tensor of shape [m={A.shape[0]}], got {list(getattr(y, 'shape', []))}")
+        check(
+            isinstance(A, torch.Tensor) and A.ndim == 2 and A.shape[1] == d and A.shape[0] >= 1,
+            f"A must be a tensor of shape [m, d={d}], got {list(getattr(A, 'shape', []))}",
+        )
+        check(
+            isinstance(y, torch.Tensor) and y.shape == A.shape[:1],
+            f"y must be a tensor of shape [m={A.shape[0]}], got {list(getattr(y, 'shape', []))}",
+        )
         check_finite(A, "A")
         check_finite(y, "the observation y")
-        check(isinstance(noise_std, (int, float)) and not isinstance(noise_std, bool) and math.isfinite(noise_std)
-              and noise_std >= 0, f"noise_std must be a finite number >= 0, got {noise_std!r}")
+        check(
+            isinstance(noise_std, (int, float))
+            and not isinstance(noise_std, bool)
+            and math.isfinite(noise_std)
+            and noise_std >= 0,
+            f"noise_std must be a finite number >= 0, got {noise_std!r}",
+        )
         self.prior, self.dim, self.dtype = prior, d, prior.dtype
         self.noise_std = float(noise_std)
         self.A, self.y = A.to(torch.float64), y.to(torch.float64)
@@ -90,23 +101,23 @@ class LinearPosterior:
             w, m, C, self.log_evidence = self._noisy(phi, mu, S)
             self._Vr = self._Vn = self._c = None
         else:
-            w, m, C, self.log_evidence = self._noise_free(phi, mu, S)      # m, C: of the free coordinates z
-        self.weights = w.to(self.dtype)                                    # [K], one per prior component
-        keep = w > 0                    # components whose weight underflows float64 (< 1e-308) drop out
+            w, m, C, self.log_evidence = self._noise_free(phi, mu, S)  # m, C: of the free coordinates z
+        self.weights = w.to(self.dtype)  # [K], one per prior component
+        keep = w > 0  # components whose weight underflows float64 (< 1e-308) drop out
         self.mixture = GaussianMixture(w[keep], m[keep], C[keep], dtype=self.dtype)
 
     # -- construction ---------------------------------------------------------------------------
 
     def _noisy(self, phi, mu, S):
-        A, y, s2 = self.A, self.y, self.noise_std ** 2
+        A, y, s2 = self.A, self.y, self.noise_std**2
         first, run = _groups(S)
-        Sg = S[first]                                                      # one per covariance group
-        M = A @ Sg @ A.T + s2 * torch.eye(len(y), dtype=torch.float64)     # A S A^T + s^2 I
-        K = torch.linalg.solve(M, A @ Sg).transpose(1, 2)                  # S A^T M^-1 (M symmetric)
+        Sg = S[first]  # one per covariance group
+        M = A @ Sg @ A.T + s2 * torch.eye(len(y), dtype=torch.float64)  # A S A^T + s^2 I
+        K = torch.linalg.solve(M, A @ Sg).transpose(1, 2)  # S A^T M^-1 (M symmetric)
         IKA = torch.eye(self.dim, dtype=torch.float64) - K @ A
-        C = IKA @ Sg @ IKA.transpose(1, 2) + s2 * K @ K.transpose(1, 2)    # Joseph form: PSD by construction
+        C = IKA @ Sg @ IKA.transpose(1, 2) + s2 * K @ K.transpose(1, 2)  # Joseph form: PSD by construction
         C = 0.5 * (C + C.transpose(1, 2))
-        r = y - mu @ A.T                                                   # y - A mu_k
+        r = y - mu @ A.T  # y - A mu_k
         m = mu + torch.einsum("kij,kj->ki", K[run], r)
         logw = phi.log() + _gauss_logpdf(r, M[run])
         log_ev = torch.logsumexp(logw, 0)
@@ -116,24 +127,29 @@ class LinearPosterior:
         A, y, d = self.A, self.y, self.dim
         U, sv, Vh = torch.linalg.svd(A, full_matrices=True)
         r = int((sv > max(A.shape) * torch.finfo(torch.float64).eps * sv.max()).sum())
-        check(r < d, f"a noise-free A of full column rank ({r} = d) determines x0 exactly; use noise_std > 0 "
-                     f"or an A with fewer than {d} independent rows")
+        check(
+            r < d,
+            f"a noise-free A of full column rank ({r} = d) determines x0 exactly; use noise_std > 0 "
+            f"or an A with fewer than {d} independent rows",
+        )
         Ur, Vr, Vn = U[:, :r], Vh[:r].T, Vh[r:].T
         resid = y - Ur @ (Ur.T @ y)
-        check(bool(resid.norm() <= 1e-9 * (1 + y.norm())),
-              f"noise-free observation y is not in the range of A (|residual| = {float(resid.norm()):.3g}): "
-              f"no x0 has A x0 = y; use noise_std > 0")
-        c = (Ur.T @ y) / sv[:r]                                            # V_r^T x0 = c on the subspace
+        check(
+            bool(resid.norm() <= 1e-9 * (1 + y.norm())),
+            f"noise-free observation y is not in the range of A (|residual| = {float(resid.norm()):.3g}): "
+            f"no x0 has A x0 = y; use noise_std > 0",
+        )
+        c = (Ur.T @ y) / sv[:r]  # V_r^T x0 = c on the subspace
         self._Vr, self._Vn, self._c = Vr, Vn, c
         self._Vr_t, self._Vn_t, self._c_t = Vr.to(self.dtype), Vn.to(self.dtype), c.to(self.dtype)
-        self._xc = (Vr @ c).to(self.dtype)                                 # minimum-norm solution
+        self._xc = (Vr @ c).to(self.dtype)  # minimum-norm solution
         first, run = _groups(S)
         Sg = S[first]
         Saa, Sza, Szz = Vr.T @ Sg @ Vr, Vn.T @ Sg @ Vr, Vn.T @ Sg @ Vn
-        G = torch.linalg.solve(Saa, Sza.transpose(1, 2)).transpose(1, 2)   # S_za S_aa^-1
-        Cz = Szz - G @ Sza.transpose(1, 2)                                 # Schur complement
+        G = torch.linalg.solve(Saa, Sza.transpose(1, 2)).transpose(1, 2)  # S_za S_aa^-1
+        Cz = Szz - G @ Sza.transpose(1, 2)  # Schur complement
         Cz = 0.5 * (Cz + Cz.transpose(1, 2))
-        ra = c - mu @ Vr                                                   # c - V_r^T mu_k
+        ra = c - mu @ Vr  # c - V_r^T mu_k
         mz = mu @ Vn + torch.einsum("kij,kj->ki", G[run], ra)
         logw = phi.log() + _gauss_logpdf(ra, Saa[run])
         log_ev = torch.logsumexp(logw, 0)
@@ -143,8 +159,10 @@ class LinearPosterior:
     # -- evaluation -----------------------------------------------------------------------------
 
     def _prepare(self, x, sigma):
-        check(isinstance(x, torch.Tensor) and x.ndim == 2 and x.shape[1] == self.dim,
-              f"x must be a tensor of shape [batch, {self.dim}], got {list(getattr(x, 'shape', []))}")
+        check(
+            isinstance(x, torch.Tensor) and x.ndim == 2 and x.shape[1] == self.dim,
+            f"x must be a tensor of shape [batch, {self.dim}], got {list(getattr(x, 'shape', []))}",
+        )
         check_finite(x)
         return as_sigma(sigma, x)
 
@@ -210,8 +228,10 @@ class LinearPosterior:
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """The nearest point of the posterior's support: noise-free, the orthogonal projection onto
         ``{A x = y}``; noisy, ``x`` itself (full support). Shape [batch, d]."""
-        check(isinstance(x, torch.Tensor) and x.ndim == 2 and x.shape[1] == self.dim,
-              f"x must be a tensor of shape [batch, {self.dim}], got {list(getattr(x, 'shape', []))}")
+        check(
+            isinstance(x, torch.Tensor) and x.ndim == 2 and x.shape[1] == self.dim,
+            f"x must be a tensor of shape [batch, {self.dim}], got {list(getattr(x, 'shape', []))}",
+        )
         if self._Vr is None:
             return x
         a = _project(x.to(self.dtype), self._Vr_t)
@@ -224,8 +244,9 @@ class LinearPosterior:
         return self._xc + self._Vn_t @ self.mixture.mean()
 
     def __repr__(self) -> str:
-        return (f"linear_posterior(d={self.dim}, m={self.A.shape[0]}, noise_std={self.noise_std:g}, "
-                f"components={len(self.mixture)})")
+        return (
+            f"linear_posterior(d={self.dim}, m={self.A.shape[0]}, noise_std={self.noise_std:g}, components={len(self.mixture)})"
+        )
 
 
 def linear_posterior(prior: GaussianMixture, A: torch.Tensor, y: torch.Tensor, noise_std: float) -> LinearPosterior:
@@ -240,6 +261,7 @@ def linear_posterior(prior: GaussianMixture, A: torch.Tensor, y: torch.Tensor, n
 # ---------------------------------------------------------------------------------------------
 # An image-sized exact world: one Gaussian per digit class, low rank plus diagonal.
 
+
 @functools.lru_cache(None)
 def _digits_components(rank: int):
     try:
@@ -247,14 +269,14 @@ def _digits_components(rank: int):
     except ImportError:
         raise GuidelabError("toy.digits_gmm needs scikit-learn (its bundled digits): pip install 'guidelab[data]'") from None
     d = load_digits()
-    X = np.asarray(d.images, dtype=np.float64).reshape(-1, 64) / 8.0 - 1.0     # pixels in [-1, 1]
+    X = np.asarray(d.images, dtype=np.float64).reshape(-1, 64) / 8.0 - 1.0  # pixels in [-1, 1]
     mu, Sigma = [], []
     for k in range(10):
         Xk = X[d.target == k]
         m = Xk.mean(0)
         lam, V = np.linalg.eigh(np.cov(Xk - m, rowvar=False))
         lam, V = lam[::-1], V[:, ::-1]
-        noise = max(lam[rank:].mean(), 1e-3)                                   # probabilistic PCA (Tipping & Bishop 1999)
+        noise = max(lam[rank:].mean(), 1e-3)  # probabilistic PCA (Tipping & Bishop 1999)
         Sigma.append((V[:, :rank] * (lam[:rank] - noise)) @ V[:, :rank].T + noise * np.eye(64))
         mu.append(m)
     phi = np.bincount(d.target, minlength=10).astype(np.float64)

@@ -44,7 +44,7 @@ def _header(data: bytes, path: Path) -> dict:
         hint = " (it looks like a pickle; guidelab never loads pickles)" if data[:1] == b"\x80" else ""
         raise GuidelabError(f"{bad}: bad header{hint}")
     try:
-        return json.loads(data[8:8 + n])
+        return json.loads(data[8 : 8 + n])
     except ValueError:
         raise GuidelabError(f"{bad}: its header is not JSON") from None
 
@@ -85,14 +85,16 @@ def _check_sizes(path: Path, model_config: dict, tensors: dict[str, torch.Tensor
             shapes = {k: tuple(v.shape) for k, v in registry.build(model_config).state_dict().items()}
     except GuidelabError:
         raise
-    except Exception:                                           # a model that cannot be built on meta: checked below
+    except Exception:  # a model that cannot be built on meta: checked below
         return
     wrong = [k for k, v in shapes.items() if k in tensors and tuple(tensors[k].shape) != v]
     missing = [k for k in shapes if k not in tensors]
     if wrong or missing:
         k = (wrong or missing)[0]
-        raise GuidelabError(f"{path} does not match its model config: {k} is {list(shapes[k])} in the config, "
-                            f"{list(tensors[k].shape) if k in tensors else 'absent'} in the file")
+        raise GuidelabError(
+            f"{path} does not match its model config: {k} is {list(shapes[k])} in the config, "
+            f"{list(tensors[k].shape) if k in tensors else 'absent'} in the file"
+        )
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> torch.nn.Module:

@@ -54,10 +54,10 @@ class DistillConfig:
     """The distillation loss settings (the optimisation settings are a :class:`LoopConfig`)."""
 
     w_min: float = 1.0
-    w_max: float = 5.0                 # Meng's pixel range w_Meng in [0, 4]
-    P_mean: float = -1.2               # ln(sigma) ~ N(P_mean, P_std^2), EDM's defaults
+    w_max: float = 5.0  # Meng's pixel range w_Meng in [0, 4]
+    P_mean: float = -1.2  # ln(sigma) ~ N(P_mean, P_std^2), EDM's defaults
     P_std: float = 1.2
-    key: str = "w"                     # the student's extra scalar keyword
+    key: str = "w"  # the student's extra scalar keyword
 
     def __post_init__(self):
         check(self.w_min <= self.w_max, f"need w_min <= w_max, got [{self.w_min}, {self.w_max}]")
@@ -68,6 +68,7 @@ class DistillConfig:
 @dataclass(frozen=True)
 class NetworkRef:
     """A checkpoint or a training run folder (its post-hoc EMA of ``sigma_rel`` at ``step``, default the last)."""
+
     path: str | Path
     sigma_rel: float = 0.10
     step: int | None = None
@@ -79,6 +80,7 @@ class NetworkRef:
 @dataclass(frozen=True)
 class Runtime:
     """How a run executes, not what it learns: progress bar, training-state period, device, CPU threads."""
+
     progress: bool = True
     checkpoint_every: int = 256
     device: str = "cpu"
@@ -86,8 +88,17 @@ class Runtime:
 
 
 def _train(run_dir, model_config, loss_fn, loop, rt: Runtime, **kw) -> Path:
-    return train(run_dir, model_config, loss_fn, loop, checkpoint_every=rt.checkpoint_every, progress=rt.progress,
-                 device=rt.device, threads=rt.threads, **kw)
+    return train(
+        run_dir,
+        model_config,
+        loss_fn,
+        loop,
+        checkpoint_every=rt.checkpoint_every,
+        progress=rt.progress,
+        device=rt.device,
+        threads=rt.threads,
+        **kw,
+    )
 
 
 def _split(out) -> tuple[torch.Tensor, dict]:
@@ -102,21 +113,31 @@ def distill_loss(guider: Guider, data: Data, cfg: DistillConfig = DistillConfig(
 
     The student must have a ``precond`` (:class:`guidelab.denoisers.EDMPrecond`) for ``lambda(sigma)``.
     """
+
     def loss_fn(student, batch: int, gen: torch.Generator) -> torch.Tensor:
         x0, cond = _split(data(batch, gen))
         dev = x0.device
         sigma = (torch.randn(batch, generator=gen, device=dev) * cfg.P_std + cfg.P_mean).exp().to(x0.dtype)
         x = x0 + sigma.reshape((-1,) + (1,) * (x0.ndim - 1)) * torch.randn(x0.shape, generator=gen, device=dev, dtype=x0.dtype)
         w = cfg.w_min + (cfg.w_max - cfg.w_min) * torch.rand(batch, generator=gen, device=dev, dtype=x0.dtype)
-        with torch.no_grad():                                    # sg[.]: the teacher is a fixed target
+        with torch.no_grad():  # sg[.]: the teacher is a fixed target
             target = guider(w)(x, sigma, **cond)
         return edm_loss(student, x, sigma, target.to(x0.dtype), student.precond, **cond, **{cfg.key: w})
+
     return loss_fn
 
 
-def distill_student(run_dir: str | Path, model_config: dict, guider: Guider, data: Data,
-                    cfg: DistillConfig = DistillConfig(), loop: LoopConfig = LoopConfig(), *,
-                    teacher: str = "", runtime: Runtime = Runtime()) -> Path:
+def distill_student(
+    run_dir: str | Path,
+    model_config: dict,
+    guider: Guider,
+    data: Data,
+    cfg: DistillConfig = DistillConfig(),
+    loop: LoopConfig = LoopConfig(),  # noqa: B008  (frozen dataclass: an immutable default)
+    *,
+    teacher: str = "",
+    runtime: Runtime = Runtime(),
+) -> Path:
     """Distil ``guider`` into a fresh ``model_config`` network; return the final EMA snapshot's path.
 
     Resumable and reused like any :func:`guidelab.training.train` run. ``model_config`` must name a
@@ -124,14 +145,17 @@ def distill_student(run_dir: str | Path, model_config: dict, guider: Guider, dat
     config: ``teacher`` (a free-form description, e.g. checkpoint paths and the guider's name) is stored
     in the run's metadata so a folder is not silently reused for another teacher.
     """
-    check(model_config.get("extra_scalar") == cfg.key,
-          f"the student needs extra_scalar={cfg.key!r} in its model config, got {model_config.get('extra_scalar')!r}")
+    check(
+        model_config.get("extra_scalar") == cfg.key,
+        f"the student needs extra_scalar={cfg.key!r} in its model config, got {model_config.get('extra_scalar')!r}",
+    )
     meta = {"recipe": "distill", **asdict(cfg), "teacher": teacher}
     return _train(run_dir, model_config, distill_loss(guider, data, cfg), loop, runtime, meta=meta, desc="distill")
 
 
 # ----------------------------------------------------------------------------------------------
 # Stage 2: progressive distillation (Salimans & Ho 2022), w kept as an input.
+
 
 def euler_step(D: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
     """One deterministic Euler / DDIM step of the PF-ODE, per-sample sigmas [batch] (as ``samplers.euler``):
@@ -142,8 +166,10 @@ def euler_step(D: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor, sigma_next
 def _check_grid(sigmas: torch.Tensor) -> torch.Tensor:
     sigmas = torch.as_tensor(sigmas, dtype=torch.float64)
     n = sigmas.numel() - 1
-    check(sigmas.ndim == 1 and n >= 2 and n % 2 == 0 and bool((sigmas[1:] < sigmas[:-1]).all()) and sigmas[-1] == 0,
-          f"the teacher's sigmas must strictly decrease to 0 over an even number of steps, got {sigmas.tolist()}")
+    check(
+        sigmas.ndim == 1 and n >= 2 and n % 2 == 0 and bool((sigmas[1:] < sigmas[:-1]).all()) and sigmas[-1] == 0,
+        f"the teacher's sigmas must strictly decrease to 0 over an even number of steps, got {sigmas.tolist()}",
+    )
     return sigmas
 
 
@@ -168,17 +194,27 @@ def progressive_loss(teacher, sigmas, data: Data, cfg: DistillConfig = DistillCo
         s0, s1, s2 = g[i], g[i + 1], g[i + 2]
         x = x0 + bcast(s0, x0) * torch.randn(x0.shape, generator=gen, device=dev, dtype=dt)
         w = cfg.w_min + (cfg.w_max - cfg.w_min) * torch.rand(batch, generator=gen, device=dev, dtype=dt)
-        with torch.no_grad():                                   # two teacher steps, a fixed target
+        with torch.no_grad():  # two teacher steps, a fixed target
             x1 = euler_step(teacher(x, s0, **cond, **{cfg.key: w}), x, s0, s1)
             x2 = euler_step(teacher(x1, s1, **cond, **{cfg.key: w}), x1, s1, s2)  # s1 > 0: only the last level is 0
             target = x - bcast(s0, x) * (x2 - x) / bcast(s2 - s0, x)
         return edm_loss(student, x, s0, target, student.precond, **cond, **{cfg.key: w})
+
     return loss_fn
 
 
-def progressive_round(run_dir: str | Path, teacher_path, sigmas, data: Data,
-                      cfg: DistillConfig = DistillConfig(), loop: LoopConfig = LoopConfig(), *,
-                      teacher: str = "", meta: dict | None = None, runtime: Runtime = Runtime()) -> Path:
+def progressive_round(
+    run_dir: str | Path,
+    teacher_path,
+    sigmas,
+    data: Data,
+    cfg: DistillConfig = DistillConfig(),
+    loop: LoopConfig = LoopConfig(),  # noqa: B008  (frozen dataclass: an immutable default)
+    *,
+    teacher: str = "",
+    meta: dict | None = None,
+    runtime: Runtime = Runtime(),
+) -> Path:
     """One halving round: distil the teacher (a checkpoint path, or a loaded model; Euler on ``sigmas``,
     2K steps) into a student with the same config and the teacher's initial weights that samples on
     ``sigmas[::2]``.
@@ -191,23 +227,43 @@ def progressive_round(run_dir: str | Path, teacher_path, sigmas, data: Data,
     grid = _check_grid(sigmas)
     net = checkpoint.load_model(teacher_path, runtime.device) if isinstance(teacher_path, (str, Path)) else teacher_path
     model_config = registry.config(net)
-    check(model_config.get("extra_scalar") == cfg.key,
-          f"the teacher needs extra_scalar={cfg.key!r}, got {model_config.get('extra_scalar')!r}")
-    meta = {"recipe": "progressive", "teacher": teacher or str(teacher_path),   # cfg.P_mean / P_std unused here
-            "teacher_sigmas": grid.tolist(), "distilled": _info(cfg, grid[::2]), **(meta or {})}
+    check(
+        model_config.get("extra_scalar") == cfg.key,
+        f"the teacher needs extra_scalar={cfg.key!r}, got {model_config.get('extra_scalar')!r}",
+    )
+    meta = {
+        "recipe": "progressive",
+        "teacher": teacher or str(teacher_path),  # cfg.P_mean / P_std unused here
+        "teacher_sigmas": grid.tolist(),
+        "distilled": _info(cfg, grid[::2]),
+        **(meta or {}),
+    }
     init = {k: v.detach().clone() for k, v in net.state_dict().items()}
-    return _train(run_dir, model_config, progressive_loss(net, grid, data, cfg), loop, runtime, meta=meta,
-                  desc=f"progressive {grid.numel() - 1}->{(grid.numel() - 1) // 2}", init=init)
+    return _train(
+        run_dir,
+        model_config,
+        progressive_loss(net, grid, data, cfg),
+        loop,
+        runtime,
+        meta=meta,
+        desc=f"progressive {grid.numel() - 1}->{(grid.numel() - 1) // 2}",
+        init=init,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
 # What a sampler needs to know about a student, and the image recipes behind `guidelab distill`.
 
+
 def _info(cfg: DistillConfig, sigmas=None) -> dict:
     """``meta["distilled"]``: the scalar input, the weight range and (stage 2) the exact Euler grid."""
-    return {"key": cfg.key, "w_min": cfg.w_min, "w_max": cfg.w_max,
-            "sampler": None if sigmas is None else "euler",
-            "sigmas": None if sigmas is None else [float(s) for s in sigmas]}
+    return {
+        "key": cfg.key,
+        "w_min": cfg.w_min,
+        "w_max": cfg.w_max,
+        "sampler": None if sigmas is None else "euler",
+        "sigmas": None if sigmas is None else [float(s) for s in sigmas],
+    }
 
 
 def describe(spec: str | Path, model) -> str:
@@ -230,7 +286,9 @@ def init_from_teacher(teacher: torch.nn.Module, student_config: dict) -> dict[st
 
     t_cfg = registry.config(teacher)
     check(t_cfg.get("extra_scalar") is None, f"the teacher already has an extra scalar input {t_cfg.get('extra_scalar')!r}")
-    same = {k: v for k, v in student_config.items() if k != "extra_scalar"} == {k: v for k, v in t_cfg.items() if k != "extra_scalar"}
+    same = {k: v for k, v in student_config.items() if k != "extra_scalar"} == {
+        k: v for k, v in t_cfg.items() if k != "extra_scalar"
+    }
     check(same, "the student must have the teacher's config plus extra_scalar")
     with torch.random.fork_rng(devices=[]):
         student = registry.build(student_config)
@@ -242,14 +300,18 @@ def init_from_teacher(teacher: torch.nn.Module, student_config: dict) -> dict[st
     elif isinstance(teacher, ToyMLP):
         key, at, n = "layers.0.weight", t_state["layers.0.weight"].shape[1], 1
     else:
-        raise GuidelabError(f"init from the teacher supports the image networks and ToyMLP, not {type(teacher).__name__}; "
-                            "train the student from scratch")
+        raise GuidelabError(
+            f"init from the teacher supports the image networks and ToyMLP, not {type(teacher).__name__}; "
+            "train the student from scratch"
+        )
     new = sorted(k for k in state if k not in t_state and not k.startswith("extra_fourier."))
-    check(not new, f"the student has layers the teacher lacks ({new[:3]}): a teacher without any conditioning; use init='scratch'")
+    check(
+        not new, f"the student has layers the teacher lacks ({new[:3]}): a teacher without any conditioning; use init='scratch'"
+    )
     for k, v in t_state.items():
         if k == key:
             w = torch.zeros_like(state[k])
-            w[:, :at], w[:, at + n:] = v[:, :at], v[:, at:]
+            w[:, :at], w[:, at + n :] = v[:, :at], v[:, at:]
             state[k] = w
         else:
             check(state[k].shape == v.shape, f"teacher and student differ in {k}")
@@ -267,8 +329,10 @@ def image_source(model: torch.nn.Module) -> dict:
     or behind a student (copied into its metadata by :func:`distill_images`)."""
     meta = (getattr(model, "checkpoint_info", {}) or {}).get("meta") or {}
     src = meta.get("images") if meta.get("recipe") in ("distill", "progressive") else meta
-    check(isinstance(src, dict) and "data" in src,
-          "the teacher must be a checkpoint (or run) of the image recipe (guidelab train), whose config names its data")
+    check(
+        isinstance(src, dict) and "data" in src,
+        "the teacher must be a checkpoint (or run) of the image recipe (guidelab train), whose config names its data",
+    )
     return {"data": src["data"], "resolution": src.get("resolution"), "channels": src.get("channels", 1)}
 
 
@@ -284,6 +348,7 @@ def image_data(source: dict, conditional: bool) -> Data:
     def draw(batch: int, gen: torch.Generator):
         x0, y = images(batch, gen)
         return x0, ({"label": y} if conditional else {})
+
     return draw
 
 
@@ -291,9 +356,17 @@ def image_data(source: dict, conditional: bool) -> Data:
 GUIDERS = tuple(n for n in guiders.names(needs={"null_label", "guide"}) if guiders.get(n).linear)
 
 
-def distill_images(run_dir: str | Path, teacher: NetworkRef, *, guider: str = "cfg", guide: NetworkRef | None = None,
-                   cfg: DistillConfig = DistillConfig(), loop: LoopConfig | None = None, init: str = "teacher",
-                   runtime: Runtime = Runtime()) -> Path:
+def distill_images(
+    run_dir: str | Path,
+    teacher: NetworkRef,
+    *,
+    guider: str = "cfg",
+    guide: NetworkRef | None = None,
+    cfg: DistillConfig = DistillConfig(),
+    loop: LoopConfig | None = None,
+    init: str = "teacher",
+    runtime: Runtime = Runtime(),
+) -> Path:
     """Stage 1 on an image model (``guidelab distill``): a w-conditioned student of ``guider`` (one of
     :data:`GUIDERS`, built by the guider registry) applied to ``teacher``; ``guide``: autoguidance's weaker
     model, or cfg's unconditional one. ``init``: ``"teacher"`` (:func:`init_from_teacher`) or ``"scratch"``.
@@ -312,19 +385,36 @@ def distill_images(run_dir: str | Path, teacher: NetworkRef, *, guider: str = "c
 
     def make(w):
         return guiders.build(guider, replace(ctx, w=w))
+
     model_config = student_config(net, cfg.key)
     weights = init_from_teacher(net, model_config) if init == "teacher" else None
     source = image_source(net)
-    meta = {"recipe": "distill", **asdict(cfg), "teacher": desc, "init": init, "images": source,
-            "distilled": _info(cfg)}
+    meta = {"recipe": "distill", **asdict(cfg), "teacher": desc, "init": init, "images": source, "distilled": _info(cfg)}
     data = image_data(source, bool(getattr(net, "num_classes", 0)))
-    return _train(run_dir, model_config, distill_loss(make, data, cfg), loop or LoopConfig(), runtime, meta=meta,
-                  desc="distill", init=weights)
+    return _train(
+        run_dir,
+        model_config,
+        distill_loss(make, data, cfg),
+        loop or LoopConfig(),
+        runtime,
+        meta=meta,
+        desc="distill",
+        init=weights,
+    )
 
 
-def progressive_images(out_dir: str | Path, student: NetworkRef, *, to_steps: int, from_steps: int | None = None,
-                       sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0, loop: LoopConfig | None = None,
-                       runtime: Runtime = Runtime()) -> list[Path]:
+def progressive_images(
+    out_dir: str | Path,
+    student: NetworkRef,
+    *,
+    to_steps: int,
+    from_steps: int | None = None,
+    sigma_min: float = 0.002,
+    sigma_max: float = 80.0,
+    rho: float = 7.0,
+    loop: LoopConfig | None = None,
+    runtime: Runtime = Runtime(),
+) -> list[Path]:
     """Stage 2 on an image student (``guidelab distill --progressive``): halving rounds from ``from_steps``
     to ``to_steps`` Euler steps, round ``k`` in ``out_dir/steps-<K>``; returns each round's final snapshot.
 
@@ -339,21 +429,34 @@ def progressive_images(out_dir: str | Path, student: NetworkRef, *, to_steps: in
     check(info is not None, f"{student.path} is not a distilled student (guidelab distill)")
     if info["sigmas"] is not None:
         grid = torch.tensor(info["sigmas"], dtype=torch.float64)
-        check(from_steps in (None, grid.numel() - 1),
-              f"{student.path} samples on {grid.numel() - 1} steps; --from-steps must be that or left out, got {from_steps}")
+        check(
+            from_steps in (None, grid.numel() - 1),
+            f"{student.path} samples on {grid.numel() - 1} steps; --from-steps must be that or left out, got {from_steps}",
+        )
     else:
         check(from_steps is not None, "a stage-1 student needs --from-steps (its teacher grid: karras(from_steps, ...))")
         grid = karras(from_steps, sigma_min, sigma_max, rho=rho).double()
     n = grid.numel() - 1
-    check(isinstance(to_steps, int) and 1 <= to_steps < n and n % to_steps == 0 and (n // to_steps) & (n // to_steps - 1) == 0,
-          f"--to-steps must be {n} halved one or more times (e.g. {n // 2}), got {to_steps}")
+    check(
+        isinstance(to_steps, int) and 1 <= to_steps < n and n % to_steps == 0 and (n // to_steps) & (n // to_steps - 1) == 0,
+        f"--to-steps must be {n} halved one or more times (e.g. {n // 2}), got {to_steps}",
+    )
     cfg, loop = DistillConfig(w_min=info["w_min"], w_max=info["w_max"], key=info["key"]), loop or LoopConfig()
     source = image_source(net)
     data = image_data(source, bool(getattr(net, "num_classes", 0)))
     teacher, desc, paths = net, describe(student.path, net), []
     while n > to_steps:
-        path = progressive_round(Path(out_dir) / f"steps-{n // 2}", teacher, grid, data, cfg, loop, teacher=desc,
-                                 meta={"images": source}, runtime=runtime)
+        path = progressive_round(
+            Path(out_dir) / f"steps-{n // 2}",
+            teacher,
+            grid,
+            data,
+            cfg,
+            loop,
+            teacher=desc,
+            meta={"images": source},
+            runtime=runtime,
+        )
         paths.append(path)
         teacher, desc, grid, n = checkpoint.load_model(path, runtime.device), str(path), grid[::2], n // 2
     return paths

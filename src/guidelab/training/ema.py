@@ -37,9 +37,11 @@ def sigma_rel_to_gamma(sigma_rel: float) -> float:
     ``sigma_rel^2 (gamma + 2)^2 (gamma + 3) = gamma + 1`` is the cubic
     ``gamma^3 + 7 gamma^2 + (16 - 1/sigma_rel^2) gamma + 12 - 1/sigma_rel^2 = 0``; its largest real root.
     """
-    check(isinstance(sigma_rel, (int, float)) and 0 < sigma_rel < MAX_SIGMA_REL,
-          f"sigma_rel must be in (0, {MAX_SIGMA_REL:.4f}), got {sigma_rel!r}")
-    k = sigma_rel ** -2
+    check(
+        isinstance(sigma_rel, (int, float)) and 0 < sigma_rel < MAX_SIGMA_REL,
+        f"sigma_rel must be in (0, {MAX_SIGMA_REL:.4f}), got {sigma_rel!r}",
+    )
+    k = sigma_rel**-2
     roots = np.roots([1.0, 7.0, 16.0 - k, 12.0 - k])
     return float(max(r.real for r in roots if abs(r.imag) < 1e-9 * max(1.0, abs(r))))
 

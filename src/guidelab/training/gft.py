@@ -35,8 +35,17 @@ from ..errors import check
 SCALAR = "beta"  # the keyword of the extra scalar input of a GFT network
 
 
-def gft_loss(net, x: torch.Tensor, sigma: torch.Tensor, target: torch.Tensor, precond: EDMPrecond, *,
-             beta: torch.Tensor, label: torch.Tensor, null_label: int) -> torch.Tensor:
+def gft_loss(
+    net,
+    x: torch.Tensor,
+    sigma: torch.Tensor,
+    target: torch.Tensor,
+    precond: EDMPrecond,
+    *,
+    beta: torch.Tensor,
+    label: torch.Tensor,
+    null_label: int,
+) -> torch.Tensor:
     """Per-sample GFT loss ``lambda(sigma) mean ||beta D_theta + (1 - beta) D_u - target||^2`` [batch].
 
     ``x`` [batch, ...] noisy input, ``sigma``/``beta``/``label`` [batch]; ``target`` is ``x0`` (or the
@@ -65,15 +74,20 @@ def gft_denoiser(net, w: float) -> Denoiser:
     One network evaluation per call; ``w = 1`` is ``net`` at ``beta = 1`` (the conditional model),
     bit-identical. ``w < 1`` would need ``beta > 1``, outside the trained range ``(0, 1]``.
     """
-    check(isinstance(w, (int, float)) and not isinstance(w, bool) and w >= 1,
-          f"GFT guidance weight w must be a number >= 1 (beta = 1/w in (0, 1]), got {w!r}")
-    check(getattr(net, "extra_scalar", SCALAR) == SCALAR,
-          f"gft_denoiser needs a network with the extra scalar {SCALAR!r}, got {getattr(net, 'extra_scalar', None)!r}")
+    check(
+        isinstance(w, (int, float)) and not isinstance(w, bool) and w >= 1,
+        f"GFT guidance weight w must be a number >= 1 (beta = 1/w in (0, 1]), got {w!r}",
+    )
+    check(
+        getattr(net, "extra_scalar", SCALAR) == SCALAR,
+        f"gft_denoiser needs a network with the extra scalar {SCALAR!r}, got {getattr(net, 'extra_scalar', None)!r}",
+    )
     beta = 1.0 / float(w)
 
     def denoiser(x, sigma, **cond):
         check(SCALAR not in cond, f"gft_denoiser sets {SCALAR} itself (= 1/w); do not pass it in cond")
         return net(x, sigma, **cond, **{SCALAR: beta})
+
     return denoiser
 
 

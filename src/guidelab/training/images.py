@@ -36,16 +36,16 @@ MAX_WIDTH = 65536
 class ImageConfig:
     """Everything that determines an image model. Defaults: the digits model of docs/RESULTS.md."""
 
-    data: str = "digits"              # "digits" (train split) or an image folder
-    resolution: int | None = None     # folder images resized to this (None: keep; digits are 8x8)
-    channels: int = 1                 # folder images: 1 (grey) or 3 (RGB)
+    data: str = "digits"  # "digits" (train split) or an image folder
+    resolution: int | None = None  # folder images resized to this (None: keep; digits are 8x8)
+    channels: int = 1  # folder images: 1 (grey) or 3 (RGB)
     model: str = "PixelMLP"
     hidden: int = 512
     depth: int = 4
     emb: int = 128
     sigma_data: float = 0.5
-    conditional: bool = True          # class-conditional (needs labels) with a null label
-    noise_cond: bool = True           # False: a noise-unconditional network
+    conditional: bool = True  # class-conditional (needs labels) with a null label
+    noise_cond: bool = True  # False: a noise-unconditional network
     label_dropout: float = 0.1
     P_mean: float = -1.2
     P_std: float = 1.2
@@ -54,29 +54,38 @@ class ImageConfig:
     lr: float = 2e-3
     lr_ref_steps: int = 2048
     betas: tuple[float, float] = (0.9, 0.99)
-    ema: tuple[float, ...] = (0.05, 0.10)   # two profiles, as EDM2 keeps for post-hoc EMA
+    ema: tuple[float, ...] = (0.05, 0.10)  # two profiles, as EDM2 keeps for post-hoc EMA
     snapshot_every: int = 1024
     seed: int = 0
-    recipe: str = "images"            # "images": the EDM loss; "gft": guidance-free training (.gft)
+    recipe: str = "images"  # "images": the EDM loss; "gft": guidance-free training (.gft)
 
     def __post_init__(self):
-        for f in fields(self):                                  # each key of the type of its default
+        for f in fields(self):  # each key of the type of its default
             v, d = getattr(self, f.name), f.default
             if isinstance(d, bool):
                 ok = isinstance(v, bool)
             elif isinstance(d, (int, float)):
-                ok = (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-                      and (isinstance(v, int) or isinstance(d, float)))
+                ok = (
+                    isinstance(v, (int, float))
+                    and not isinstance(v, bool)
+                    and math.isfinite(v)
+                    and (isinstance(v, int) or isinstance(d, float))
+                )
             elif isinstance(d, tuple):
-                ok = (isinstance(v, tuple) and bool(v) and all(isinstance(e, (int, float)) and not isinstance(e, bool)
-                                                               and math.isfinite(e) for e in v))
+                ok = (
+                    isinstance(v, tuple)
+                    and bool(v)
+                    and all(isinstance(e, (int, float)) and not isinstance(e, bool) and math.isfinite(e) for e in v)
+                )
             else:
                 ok = isinstance(v, type(d)) or (d is None and (v is None or isinstance(v, int) and not isinstance(v, bool)))
             check(ok, f"image config key {f.name} must be like {d!r} ({type(d).__name__}), got {v!r}")
         for k in ("hidden", "depth", "emb", "batch", "iters", "snapshot_every", "lr_ref_steps"):
             check(getattr(self, k) >= 1, f"{k} must be >= 1, got {getattr(self, k)}")
-        check(self.hidden <= MAX_WIDTH and self.emb <= MAX_WIDTH and self.depth <= 256,
-              f"hidden / emb above the limit {MAX_WIDTH} (or depth above 256): {self.hidden}, {self.emb}, {self.depth}")
+        check(
+            self.hidden <= MAX_WIDTH and self.emb <= MAX_WIDTH and self.depth <= 256,
+            f"hidden / emb above the limit {MAX_WIDTH} (or depth above 256): {self.hidden}, {self.emb}, {self.depth}",
+        )
         check(self.lr > 0, f"lr must be > 0, got {self.lr}")
         check(all(0 < e < 0.2887 for e in self.ema), f"ema sigma_rel values must be in (0, 0.2887), got {self.ema}")
         check(self.recipe in RECIPES, f"unknown recipe {self.recipe!r}; allowed: {list(RECIPES)}")
@@ -96,8 +105,16 @@ class ImageConfig:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names})
 
     def loop(self) -> LoopConfig:
-        return LoopConfig(iters=self.iters, batch=self.batch, lr=self.lr, lr_ref_steps=self.lr_ref_steps,
-                          betas=self.betas, ema=self.ema, snapshot_every=self.snapshot_every, seed=self.seed)
+        return LoopConfig(
+            iters=self.iters,
+            batch=self.batch,
+            lr=self.lr,
+            lr_ref_steps=self.lr_ref_steps,
+            betas=self.betas,
+            ema=self.ema,
+            snapshot_every=self.snapshot_every,
+            seed=self.seed,
+        )
 
     def name(self) -> str:
         d = asdict(self)
@@ -125,13 +142,33 @@ def model_config(cfg: ImageConfig, data) -> dict[str, Any]:
     _, c, h, w = data.images.shape
     check(h == w, f"images must be square, got {h}x{w}; pass a resolution")
     if cfg.model == "EDM2":  # models.edm2: hidden = model_channels, depth = num_blocks, emb = logvar_channels
-        return {"name": "EDM2", "img_channels": c, "img_resolution": h, "label_dim": data.num_classes if cfg.conditional else 0,
-                "use_fp16": False, "sigma_data": cfg.sigma_data, "logvar_channels": cfg.emb, "model_channels": cfg.hidden,
-                "channel_mult": [1, 2], "num_blocks": cfg.depth, "attn_resolutions": [h // 2],
-                "channels_per_head": min(64, cfg.hidden), "noise_cond": cfg.noise_cond}
-    return {"name": cfg.model, "img_channels": c, "img_resolution": h, "hidden": cfg.hidden, "depth": cfg.depth,
-            "emb": cfg.emb, "sigma_data": cfg.sigma_data, "num_classes": data.num_classes if cfg.conditional else 0,
-            "noise_cond": cfg.noise_cond, "extra_scalar": "beta" if cfg.recipe == "gft" else None}
+        return {
+            "name": "EDM2",
+            "img_channels": c,
+            "img_resolution": h,
+            "label_dim": data.num_classes if cfg.conditional else 0,
+            "use_fp16": False,
+            "sigma_data": cfg.sigma_data,
+            "logvar_channels": cfg.emb,
+            "model_channels": cfg.hidden,
+            "channel_mult": [1, 2],
+            "num_blocks": cfg.depth,
+            "attn_resolutions": [h // 2],
+            "channels_per_head": min(64, cfg.hidden),
+            "noise_cond": cfg.noise_cond,
+        }
+    return {
+        "name": cfg.model,
+        "img_channels": c,
+        "img_resolution": h,
+        "hidden": cfg.hidden,
+        "depth": cfg.depth,
+        "emb": cfg.emb,
+        "sigma_data": cfg.sigma_data,
+        "num_classes": data.num_classes if cfg.conditional else 0,
+        "noise_cond": cfg.noise_cond,
+        "extra_scalar": "beta" if cfg.recipe == "gft" else None,
+    }
 
 
 def image_draw(data):
@@ -146,6 +183,7 @@ def image_draw(data):
         x0_all, labels_all = on_device[dev]
         i = torch.randint(len(x0_all), (batch,), generator=gen, device=dev)
         return x0_all[i], None if labels_all is None else labels_all[i]
+
     return draw
 
 
@@ -164,19 +202,30 @@ def image_loss(cfg: ImageConfig, data):
             cond[key] = torch.where(drop, net.null_label, labels)
         if cfg.recipe == "gft":
             from .gft import draw_beta, gft_loss
-            return gft_loss(net, x0 + sigma[:, None, None, None] * n, sigma, x0, net.precond,
-                            beta=draw_beta(batch, gen, dev), label=cond["label"], null_label=net.null_label)
+
+            return gft_loss(
+                net,
+                x0 + sigma[:, None, None, None] * n,
+                sigma,
+                x0,
+                net.precond,
+                beta=draw_beta(batch, gen, dev),
+                label=cond["label"],
+                null_label=net.null_label,
+            )
         loss = edm_loss(net, x0 + sigma[:, None, None, None] * n, sigma, x0, net.precond, **cond)
         if hasattr(net, "logvar"):  # EDM2's learned uncertainty u(sigma): loss / e^u + u (EDM2 eq. 21)
             u = net.logvar(sigma)
             loss = loss / u.exp() + u
         return loss
+
     return loss_fn
 
 
 def plot_loss(losses, path: str | Path) -> Path:
     """Loss curve (raw and smoothed, log scale) as a PNG."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
@@ -197,8 +246,9 @@ def plot_loss(losses, path: str | Path) -> Path:
 
 
 @torch.no_grad()
-def sample_grid(model, path: str | Path, *, per_class: int = 10, steps: int = 32, seed: int = 0,
-                sigma_max: float = 80.0, w: float = 1.0) -> Path:
+def sample_grid(
+    model, path: str | Path, *, per_class: int = 10, steps: int = 32, seed: int = 0, sigma_max: float = 80.0, w: float = 1.0
+) -> Path:
     """A PNG grid of samples (EDM Heun, ``karras(steps, 0.002, sigma_max)``): one row per class
     (``per_class`` seeds each) or, unconditional, a square of ``per_class^2``. Seeds ``seed, seed+1, ...``.
     A GFT network (extra scalar ``beta``) is sampled at ``beta = 1 / w``. Written atomically."""
@@ -219,6 +269,7 @@ def sample_grid(model, path: str | Path, *, per_class: int = 10, steps: int = 32
     den = model
     if getattr(model, "extra_scalar", None) == "beta":
         from .gft import gft_denoiser
+
         den = gft_denoiser(model, w)
     x = heun(den, x, sigmas, cond=cond)
     labels = None if cond is None else cond[key].cpu()
@@ -226,9 +277,17 @@ def sample_grid(model, path: str | Path, *, per_class: int = 10, steps: int = 32
     return write_png(path, class_grid(x.cpu(), labels, range(n), per_row=per_class, scale=scale))
 
 
-def train_images(out_dir: str | Path = "runs/images", cfg: ImageConfig | None = None, *, progress: bool = True,
-                 checkpoint_every: int = 256, threads: int | None = None, plot: bool = True, on_step=None,
-                 device: str = "cpu") -> Path:
+def train_images(
+    out_dir: str | Path = "runs/images",
+    cfg: ImageConfig | None = None,
+    *,
+    progress: bool = True,
+    checkpoint_every: int = 256,
+    threads: int | None = None,
+    plot: bool = True,
+    on_step=None,
+    device: str = "cpu",
+) -> Path:
     """Train (or resume, or reuse) the image run ``out_dir/<cfg.name()>``; return its final EMA snapshot.
 
     At the end ``loss.png`` (the loss curve) is written next to the checkpoints. Load the result
@@ -239,10 +298,21 @@ def train_images(out_dir: str | Path = "runs/images", cfg: ImageConfig | None = 
     cfg = cfg or ImageConfig()
     data = load_data(cfg)
     run_dir = Path(out_dir) / cfg.name()
-    final = train(run_dir, model_config(cfg, data), image_loss(cfg, data), cfg.loop(),
-                  meta=asdict(cfg), checkpoint_every=checkpoint_every, progress=progress,
-                  desc=cfg.name(), device=device, threads=threads, on_step=on_step)
+    final = train(
+        run_dir,
+        model_config(cfg, data),
+        image_loss(cfg, data),
+        cfg.loop(),
+        meta=asdict(cfg),
+        checkpoint_every=checkpoint_every,
+        progress=progress,
+        desc=cfg.name(),
+        device=device,
+        threads=threads,
+        on_step=on_step,
+    )
     if plot:
         from .checkpoint import load
+
         plot_loss(load(run_dir / "state.safetensors")[0]["log/loss"].tolist(), run_dir / "loss.png")
     return final

@@ -43,8 +43,8 @@ class LoopConfig:
     lr: float = 0.01
     lr_ref_steps: int = 512
     betas: tuple[float, float] = (0.9, 0.99)
-    ema: tuple[float, ...] = (0.010,)        # sigma_rel of each power-function EMA profile
-    snapshot_every: int = 256                # EMA snapshots (every profile) every this many steps
+    ema: tuple[float, ...] = (0.010,)  # sigma_rel of each power-function EMA profile
+    snapshot_every: int = 256  # EMA snapshots (every profile) every this many steps
     seed: int = 0
 
     def __post_init__(self):
@@ -53,7 +53,10 @@ class LoopConfig:
             check(isinstance(v, int) and not isinstance(v, bool) and v >= 1, f"{name} must be an integer >= 1, got {v!r}")
         check(isinstance(self.seed, int) and self.seed >= 0, f"seed must be an integer >= 0, got {self.seed!r}")
         check(self.lr > 0, f"lr must be > 0, got {self.lr!r}")
-        check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"betas must be two numbers in [0, 1), got {self.betas!r}")
+        check(
+            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+            f"betas must be two numbers in [0, 1), got {self.betas!r}",
+        )
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
         object.__setattr__(self, "ema", tuple(float(s) for s in self.ema))
 
@@ -87,7 +90,7 @@ def keep_freed_memory() -> None:
     except (OSError, AttributeError):  # not glibc
         return
     mallopt(-1, 256 << 20)  # M_TRIM_THRESHOLD: keep up to 256 MiB of free heap
-    mallopt(-3, 32 << 20)   # M_MMAP_THRESHOLD: blocks below 32 MiB come from the heap
+    mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: blocks below 32 MiB come from the heap
 
 
 @contextlib.contextmanager
@@ -119,7 +122,7 @@ class Trainer:
     device: str = "cpu"
     step: int = 0
     losses: list = field(default_factory=list)
-    init: dict | None = None     # optional initial network weights (a state dict), e.g. a teacher's
+    init: dict | None = None  # optional initial network weights (a state dict), e.g. a teacher's
 
     def __post_init__(self):
         if torch.device(self.device).type == "cpu":
@@ -179,10 +182,21 @@ def _canon(obj) -> str:
     return json.dumps(obj, sort_keys=True)
 
 
-def train(run_dir: str | Path, model_config: dict, loss_fn: LossFn, loop: LoopConfig, *,
-          meta: dict | None = None, checkpoint_every: int = 256, progress: bool = True,
-          desc: str = "train", device: str = "cpu", threads: int | None = None,
-          on_step: Callable[[int, float], None] | None = None, init: dict | None = None) -> Path:
+def train(
+    run_dir: str | Path,
+    model_config: dict,
+    loss_fn: LossFn,
+    loop: LoopConfig,
+    *,
+    meta: dict | None = None,
+    checkpoint_every: int = 256,
+    progress: bool = True,
+    desc: str = "train",
+    device: str = "cpu",
+    threads: int | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+    init: dict | None = None,
+) -> Path:
     """Train (or resume, or reuse) the run in ``run_dir``; return the final EMA snapshot's path.
 
     Files in ``run_dir``: ``state.safetensors`` (network, EMA, Adam state, loss log; written every
@@ -224,8 +238,11 @@ def _train(run_dir, model_config, loss_fn, loop, meta, checkpoint_every, progres
 
     def save_snapshots():
         for i, (sigma_rel, gamma) in enumerate(zip(trainer.ema.sigma_rels, trainer.ema.gammas)):
-            checkpoint.save(snapshot_path(run_dir, trainer.step, sigma_rel), trainer.ema.model_state(trainer.net, i),
-                            {"kind": "ema", **identity, "step": trainer.step, "sigma_rel": sigma_rel, "gamma": gamma})
+            checkpoint.save(
+                snapshot_path(run_dir, trainer.step, sigma_rel),
+                trainer.ema.model_state(trainer.net, i),
+                {"kind": "ema", **identity, "step": trainer.step, "sigma_rel": sigma_rel, "gamma": gamma},
+            )
 
     if trainer.step >= loop.iters:  # finished, but the final snapshots were removed
         save_snapshots()

@@ -72,8 +72,9 @@ def snapshots(run_dir: str | Path) -> list[tuple[Path, int, float]]:
     return sorted(out, key=lambda r: (r[1], r[2]))
 
 
-def reconstruct(run_dir: str | Path, sigma_rel: float, step: int | None = None,
-                device: str | torch.device = "cpu") -> torch.nn.Module:
+def reconstruct(
+    run_dir: str | Path, sigma_rel: float, step: int | None = None, device: str | torch.device = "cpu"
+) -> torch.nn.Module:
     """The network with the post-hoc EMA of ``sigma_rel`` at ``step`` (default: the last snapshot step).
 
     Uses every snapshot taken at or before ``step``; the result is a model (eval mode, as
@@ -83,8 +84,10 @@ def reconstruct(run_dir: str | Path, sigma_rel: float, step: int | None = None,
     check(len(snaps) > 0, f"no EMA snapshots (ema-<step>-<sigma_rel>.safetensors) in {run_dir}")
     last = max(s for _, s, _ in snaps)
     step = last if step is None else step
-    check(isinstance(step, int) and not isinstance(step, bool) and 1 <= step <= last,
-          f"step must be an integer in [1, {last}] (the last snapshot of {run_dir}), got {step!r}")
+    check(
+        isinstance(step, int) and not isinstance(step, bool) and 1 <= step <= last,
+        f"step must be an integer in [1, {last}] (the last snapshot of {run_dir}), got {step!r}",
+    )
     snaps = [r for r in snaps if r[1] <= step]
     check(len(snaps) > 0, f"no EMA snapshots at or before step {step} in {run_dir}")
     gamma = sigma_rel_to_gamma(sigma_rel)
@@ -107,19 +110,28 @@ def reconstruct(run_dir: str | Path, sigma_rel: float, step: int | None = None,
     model = registry.build(config["model"]).to(device)
     state = model.state_dict()
     model.load_state_dict({k: v.to(state[k].dtype) for k, v in total.items()})
-    model.checkpoint_info = {**config, "kind": "phema", "step": step, "sigma_rel": float(sigma_rel), "gamma": gamma,
-                             "phema_weights": [float(w) for w in x], "phema_snapshots": [p.name for p, _, _ in snaps],
-                             "phema_error": profile_error(ts, gammas, x, step, gamma)}
+    model.checkpoint_info = {
+        **config,
+        "kind": "phema",
+        "step": step,
+        "sigma_rel": float(sigma_rel),
+        "gamma": gamma,
+        "phema_weights": [float(w) for w in x],
+        "phema_snapshots": [p.name for p, _, _ in snaps],
+        "phema_error": profile_error(ts, gammas, x, step, gamma),
+    }
     return model.eval().requires_grad_(False)
 
 
-def load_network(path: str | Path, sigma_rel: float = 0.10, step: int | None = None,
-                 device: str | torch.device = "cpu") -> torch.nn.Module:
+def load_network(
+    path: str | Path, sigma_rel: float = 0.10, step: int | None = None, device: str | torch.device = "cpu"
+) -> torch.nn.Module:
     """A checkpoint (.safetensors), an NVlabs EDM2 ``.pkl`` (read without running it, :func:`guidelab.models.edm2.load_pkl`),
     or a training run folder's post-hoc EMA of ``sigma_rel`` at ``step`` (:func:`reconstruct`; default the last snapshot)."""
     path = Path(path)
     check(path.exists(), f"checkpoint not found: {path} (pass a .safetensors checkpoint, an EDM2 .pkl or a training run folder)")
     if path.suffix == ".pkl" and path.is_file():
         from ..models.edm2 import load_pkl
+
         return load_pkl(path).to(device)
     return reconstruct(path, sigma_rel, step, device) if path.is_dir() else checkpoint.load_model(path, device)

@@ -15,9 +15,11 @@ def distilled_denoiser(student, w, *, key: str = "w") -> Callable[..., torch.Ten
     ``D(x, sigma, **cond) = student(x, sigma, **cond, w=w)``: one network evaluation per call, so a
     sampler pays one evaluation per step instead of the teacher's two.
     """
+
     def D(x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
         wt = torch.as_tensor(w, dtype=x.dtype, device=x.device)
         return student(x, sigma, **cond, **{key: wt.expand(x.shape[0]) if wt.ndim == 0 else wt})
+
     return D
 
 

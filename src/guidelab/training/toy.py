@@ -32,13 +32,13 @@ LOSSES = ("score", "edm")
 class ToyConfig:
     """Everything that determines a toy model; defaults are the paper's main model."""
 
-    classes: str = "A"                # tree classes: "A", "B" or "AB" (AB = the unconditional data)
+    classes: str = "A"  # tree classes: "A", "B" or "AB" (AB = the unconditional data)
     hidden: int = 64
     depth: int = 4
-    output: str = "energy"            # ToyMLP output: "energy" (the paper's) or "denoiser"
+    output: str = "energy"  # ToyMLP output: "energy" (the paper's) or "denoiser"
     sigma_data: float = 0.5
     loss: str = "score"
-    P_mean: float = -2.3              # ln(sigma) ~ N(P_mean, P_std^2)
+    P_mean: float = -2.3  # ln(sigma) ~ N(P_mean, P_std^2)
     P_std: float = 1.5
     batch: int = 4096
     iters: int = 4096
@@ -63,12 +63,28 @@ class ToyConfig:
         return cls(**d)
 
     def model(self) -> dict:
-        return {"name": "ToyMLP", "dim": 2, "hidden": self.hidden, "depth": self.depth, "sigma_data": self.sigma_data,
-                "num_classes": 0, "output": self.output, "noise_cond": True}
+        return {
+            "name": "ToyMLP",
+            "dim": 2,
+            "hidden": self.hidden,
+            "depth": self.depth,
+            "sigma_data": self.sigma_data,
+            "num_classes": 0,
+            "output": self.output,
+            "noise_cond": True,
+        }
 
     def loop(self) -> LoopConfig:
-        return LoopConfig(iters=self.iters, batch=self.batch, lr=self.lr, lr_ref_steps=self.lr_ref_steps,
-                          betas=self.betas, ema=self.ema, snapshot_every=self.snapshot_every, seed=self.seed)
+        return LoopConfig(
+            iters=self.iters,
+            batch=self.batch,
+            lr=self.lr,
+            lr_ref_steps=self.lr_ref_steps,
+            betas=self.betas,
+            ema=self.ema,
+            snapshot_every=self.snapshot_every,
+            seed=self.seed,
+        )
 
     def name(self) -> str:
         """Run folder name: readable fields plus a hash of the whole config."""
@@ -82,10 +98,11 @@ def toy_loss(cfg: ToyConfig):
 
     def loss_fn(net, batch: int, gen: torch.Generator) -> torch.Tensor:
         sigma = (torch.randn(batch, generator=gen) * cfg.P_std + cfg.P_mean).exp()
-        x = world.sample(batch, sigma, generator=gen)                  # exact samples of p(x; sigma)
+        x = world.sample(batch, sigma, generator=gen)  # exact samples of p(x; sigma)
         if cfg.loss == "score":
-            return sigma ** 2 * (net.score(x, sigma) - world.score(x, sigma)).square().mean(1)
+            return sigma**2 * (net.score(x, sigma) - world.score(x, sigma)).square().mean(1)
         return edm_loss(net, x, sigma, world.denoise(x, sigma), net.precond)
+
     return loss_fn
 
 
@@ -94,8 +111,17 @@ def toy_trainer(cfg: ToyConfig) -> Trainer:
     return Trainer(cfg.model(), toy_loss(cfg), cfg.loop())
 
 
-def train_toy(out_dir: str | Path = "runs/toy", classes: str = "A", hidden: int = 64, iters: int = 4096, *,
-              progress: bool = True, checkpoint_every: int = 256, threads: int | None = None, **overrides) -> Path:
+def train_toy(
+    out_dir: str | Path = "runs/toy",
+    classes: str = "A",
+    hidden: int = 64,
+    iters: int = 4096,
+    *,
+    progress: bool = True,
+    checkpoint_every: int = 256,
+    threads: int | None = None,
+    **overrides,
+) -> Path:
     """Train a toy model (or resume it, or reuse a finished run) and return its final EMA snapshot.
 
     The run lives in ``out_dir/<ToyConfig.name()>``; ``overrides`` are other :class:`ToyConfig`
@@ -109,6 +135,14 @@ def train_toy(out_dir: str | Path = "runs/toy", classes: str = "A", hidden: int 
     if unknown:
         raise GuidelabError(f"unknown toy config fields {unknown}; allowed: {sorted(names)}")
     cfg = ToyConfig(classes=classes, hidden=hidden, iters=iters, **overrides)
-    return train(Path(out_dir) / cfg.name(), cfg.model(), toy_loss(cfg), cfg.loop(),
-                 meta={"recipe": "toy", **asdict(cfg)}, checkpoint_every=checkpoint_every,
-                 progress=progress, desc=f"toy {cfg.classes} h{cfg.hidden}", threads=threads)
+    return train(
+        Path(out_dir) / cfg.name(),
+        cfg.model(),
+        toy_loss(cfg),
+        cfg.loop(),
+        meta={"recipe": "toy", **asdict(cfg)},
+        checkpoint_every=checkpoint_every,
+        progress=progress,
+        desc=f"toy {cfg.classes} h{cfg.hidden}",
+        threads=threads,
+    )

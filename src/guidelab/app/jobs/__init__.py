@@ -12,5 +12,19 @@ from .assembly import Counted, Sampling, build, build_balanced, distilled_meta, 
 from .config import GUIDERS, WORLD_GUIDERS, SampleConfig
 from .shards import load_samples, load_shards, png_path, sample, shard_name
 
-__all__ = ["SampleConfig", "GUIDERS", "WORLD_GUIDERS", "Counted", "Sampling", "build", "build_balanced",
-           "distilled_meta", "network_info", "sample", "load_shards", "load_samples", "png_path", "shard_name"]
+__all__ = [
+    "SampleConfig",
+    "GUIDERS",
+    "WORLD_GUIDERS",
+    "Counted",
+    "Sampling",
+    "build",
+    "build_balanced",
+    "distilled_meta",
+    "network_info",
+    "sample",
+    "load_shards",
+    "load_samples",
+    "png_path",
+    "shard_name",
+]

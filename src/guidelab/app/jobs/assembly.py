@@ -21,8 +21,12 @@ def network_info(net) -> dict:
     """What a result records about a loaded network: class, step, post-hoc EMA and recipe."""
     info = getattr(net, "checkpoint_info", {}) or {}
     meta = info.get("meta") or {}
-    out = {"model": (info.get("model") or {}).get("name"), "step": info.get("step"), "sigma_rel": info.get("sigma_rel"),
-           "recipe": meta.get("recipe") if isinstance(meta, dict) else None}
+    out = {
+        "model": (info.get("model") or {}).get("name"),
+        "step": info.get("step"),
+        "sigma_rel": info.get("sigma_rel"),
+        "recipe": meta.get("recipe") if isinstance(meta, dict) else None,
+    }
     if "phema_error" in info:
         out["phema_error"] = info["phema_error"]
     return out
@@ -52,7 +56,7 @@ class Counted:
         B, dev = len(seeds), x.device
         sigma = torch.as_tensor(sigma, dtype=x.dtype, device=dev).expand(R)
         groups: dict[tuple[int, int], list[int]] = {}
-        for r in range(R):                                      # block (branch, seed // C), row seed % C
+        for r in range(R):  # block (branch, seed // C), row seed % C
             groups.setdefault((r // B, seeds[r % B] // C), []).append(r)
         parts, order = [], []
         for rows in groups.values():
@@ -106,13 +110,17 @@ class Sampling:
             elif cfg.guide is not None:
                 guide = load_network(cfg.guide, cfg.guide_sigma_rel, cfg.guide_step, device).to(dtype)
         if cfg.label is not None:
-            check(self.num_classes > 0 or cfg.guider == "classifier",
-                  f"{cfg.model or cfg.world} is unconditional: it takes no --label")
+            check(
+                self.num_classes > 0 or cfg.guider == "classifier",
+                f"{cfg.model or cfg.world} is unconditional: it takes no --label",
+            )
             n_cls = self.num_classes or getattr(guide, "num_classes", 0)
             check(cfg.label == "balanced" or cfg.label < n_cls, f"label {cfg.label} out of range: {n_cls} classes")
-        chunk = cfg.chunk if cfg.world is None else 0           # the exact world uses no GEMM
+        chunk = cfg.chunk if cfg.world is None else 0  # the exact world uses no GEMM
         self.main = Counted(self.net, self.counts, "model", chunk)
-        self.guide = None if guide is None else Counted(guide, self.counts, "classifier" if cfg.guider == "classifier" else "guide", chunk)
+        self.guide = (
+            None if guide is None else Counted(guide, self.counts, "classifier" if cfg.guider == "classifier" else "guide", chunk)
+        )
         self.sampler = cfg.sampler or (distilled_meta(self.net).get("sampler") or "euler" if grid is not None else "heun")
         if grid is not None:
             self.sigmas = torch.tensor(grid, dtype=dtype, device=device)
@@ -121,20 +129,26 @@ class Sampling:
             sigma_max = cfg.sigma_max if cfg.sigma_max is not None else (80.0 if self.image else 5.0)
             self.sigmas = schedules.karras(cfg.steps, cfg.sigma_min, sigma_max, cfg.rho, dtype=dtype, device=device)
             self.schedule = f"karras({cfg.steps}, {cfg.sigma_min:g}, {sigma_max:g}, rho={cfg.rho:g})"
-        self.denoiser([0])                                      # build once: a bad guider fails before sampling
+        self.denoiser([0])  # build once: a bad guider fails before sampling
 
     def _classifier(self):
         from ...models.digits import DigitsClassifier
         from ..digits_cache import digits_classifier
+
         cfg = self.cfg
         if cfg.guide is None:
             check(self.shape == (1, 8, 8), "classifier guidance without --guide uses the digits classifier: needs a 1x8x8 model")
             return digits_classifier(noise_aware=True).to(self.device, self.dtype)
         clf = load_network(cfg.guide, device=self.device)
-        check("Classifier" in type(clf).__name__, f"{cfg.guide} is a {type(clf).__name__}, not a classifier; classifier "
-                                                   "guidance needs a noise-aware classifier (guidelab classifier --noise-aware)")
-        check(getattr(clf, "noise_aware", False) or not isinstance(clf, DigitsClassifier),
-              f"{cfg.guide} is a clean classifier; classifier guidance needs a noise-aware one (guidelab classifier --noise-aware)")
+        check(
+            "Classifier" in type(clf).__name__,
+            f"{cfg.guide} is a {type(clf).__name__}, not a classifier; classifier "
+            "guidance needs a noise-aware classifier (guidelab classifier --noise-aware)",
+        )
+        check(
+            getattr(clf, "noise_aware", False) or not isinstance(clf, DigitsClassifier),
+            f"{cfg.guide} is a clean classifier; classifier guidance needs a noise-aware one (guidelab classifier --noise-aware)",
+        )
         return clf.to(self.dtype)
 
     def labels(self, seeds) -> torch.Tensor | None:
@@ -149,10 +163,18 @@ class Sampling:
     def denoiser(self, seeds):
         """The guided denoiser for one batch of ``seeds`` (icg / tsg draw per-sample noise from them)."""
         cfg, clf = self.cfg, self.cfg.guider == "classifier"
-        ctx = registry.Context(self.main, cfg.w, guide=None if clf else self.guide, classifier=self.guide if clf else None,
-                               seeds=[int(s) for s in seeds], options=cfg.guider_options, interval=cfg.interval,
-                               unconditional=cfg.unconditional, sampler=self.sampler,
-                               what=cfg.model or f"the exact world {cfg.world}")
+        ctx = registry.Context(
+            self.main,
+            cfg.w,
+            guide=None if clf else self.guide,
+            classifier=self.guide if clf else None,
+            seeds=[int(s) for s in seeds],
+            options=cfg.guider_options,
+            interval=cfg.interval,
+            unconditional=cfg.unconditional,
+            sampler=self.sampler,
+            what=cfg.model or f"the exact world {cfg.world}",
+        )
         return registry.build(cfg.guider, ctx)
 
     def reset(self) -> None:
@@ -164,14 +186,17 @@ class Sampling:
         ``shape``: a wrong guide, a broken checkpoint or NaN weights fail here, before a job writes anything."""
         try:
             x = self.generate([0], sigmas=self.sigmas[[0, -2, -1]])
-        except (RuntimeError, IndexError, TypeError) as e:       # shape / dtype mismatch between networks
+        except (RuntimeError, IndexError, TypeError) as e:  # shape / dtype mismatch between networks
             raise GuidelabError(f"the guided denoiser fails on one sample: {str(e).splitlines()[0]}") from None
         finally:
             self.reset()
         check(x.shape == (1, *self.shape), f"the guided denoiser returns shape {list(x.shape[1:])}, expected {list(self.shape)}")
-        allowed = samplers.base.nonfinite_allowed()          # --allow-nonfinite
-        check(allowed or bool(np.isfinite(x).all()), f"{self.cfg.model or self.cfg.world} with guider {self.cfg.guider} gives "
-                                                     "NaN or inf on a 2-step test sample (non-finite weights, or sigma_max too large?)")
+        allowed = samplers.base.nonfinite_allowed()  # --allow-nonfinite
+        check(
+            allowed or bool(np.isfinite(x).all()),
+            f"{self.cfg.model or self.cfg.world} with guider {self.cfg.guider} gives "
+            "NaN or inf on a 2-step test sample (non-finite weights, or sigma_max too large?)",
+        )
 
     @torch.no_grad()
     def generate(self, seeds, sigmas: torch.Tensor | None = None) -> np.ndarray:
@@ -199,15 +224,26 @@ class Sampling:
     def describe(self) -> dict:
         """Sampler, grid, guider and networks, for results files."""
         cfg = self.cfg
-        d = {"sampler": self.sampler, "schedule": self.schedule, "steps": len(self.sigmas) - 1,
-             "guider": cfg.guider, "w": cfg.w, "interval": list(cfg.interval) if cfg.interval else None,
-             "label": cfg.label, "unconditional": cfg.unconditional, "guider_options": cfg.guider_options,
-             "nfe_per_call": registry.get(cfg.guider).nfe, "world": cfg.world}
+        d = {
+            "sampler": self.sampler,
+            "schedule": self.schedule,
+            "steps": len(self.sigmas) - 1,
+            "guider": cfg.guider,
+            "w": cfg.w,
+            "interval": list(cfg.interval) if cfg.interval else None,
+            "label": cfg.label,
+            "unconditional": cfg.unconditional,
+            "guider_options": cfg.guider_options,
+            "nfe_per_call": registry.get(cfg.guider).nfe,
+            "world": cfg.world,
+        }
         if cfg.model is not None:
             d["model"] = {"path": str(cfg.model), **network_info(self.net)}
         if self.guide is not None and cfg.world is None:
-            d["guide"] = {"path": str(cfg.guide) if cfg.guide else "cached digits classifier (noise-aware)",
-                          **network_info(self.guide.net)}
+            d["guide"] = {
+                "path": str(cfg.guide) if cfg.guide else "cached digits classifier (noise-aware)",
+                **network_info(self.guide.net),
+            }
         return d
 
 
@@ -226,5 +262,3 @@ def build_balanced(cfg: SampleConfig, device: str | torch.device = "cpu", *, cla
     if cfg.label is None and job.num_classes:
         job.cfg = replace(cfg, label="balanced")
     return job
-
-

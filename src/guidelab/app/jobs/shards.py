@@ -27,7 +27,7 @@ from .config import SampleConfig
 #: The folder lock of a job (job.json is created or compared under it).
 LOCK = ".job.lock"
 #: Seeds are int64 (shards, torch generators): seed_start + n must stay below 2^63.
-SEED_LIMIT = 2 ** 63
+SEED_LIMIT = 2**63
 
 
 def shard_name(start: int, stop: int) -> str:
@@ -49,6 +49,7 @@ def _write_pngs(out: Path, seeds, x: np.ndarray) -> None:
 def _dist_context():
     """(rank, world_size, owns_group): from torchrun's environment; gloo on CPU, nccl with CUDA."""
     import torch.distributed as dist
+
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0, 1, False
@@ -64,6 +65,7 @@ def _dist_context():
 def _barrier(world: int) -> None:
     if world > 1:
         import torch.distributed as dist
+
         dist.barrier()
 
 
@@ -76,7 +78,7 @@ def _claim(out: Path, manifest: dict) -> None:
     """Create ``out/job.json`` or check that it is this job, under the folder's lock (never two jobs in one folder)."""
     jf = out / "job.json"
     if jf.exists():
-        _same_job(jf, manifest)                                 # a refused job touches nothing, not even the lock
+        _same_job(jf, manifest)  # a refused job touches nothing, not even the lock
     out.mkdir(parents=True, exist_ok=True)
     with file_lock(out / LOCK):
         if not jf.exists():
@@ -93,10 +95,16 @@ def _same_job(jf: Path, manifest: dict) -> None:
         except ValueError:
             raise GuidelabError(f"{jf} is not a job file (not JSON); use a new --out") from None
         check(isinstance(old, dict), f"{jf} is not a job file; use a new --out")
-        changed = [k for k, h in manifest["inputs"].items() if old.get("config") == manifest["config"]
-                   and (old.get("inputs") or {}).get(k) not in (None, h)]
-        check(not changed, f"the {changed[0] if changed else ''} file changed since this job began (sha256 differs from "
-                           f"{jf}); restore it or use a new --out")
+        changed = [
+            k
+            for k, h in manifest["inputs"].items()
+            if old.get("config") == manifest["config"] and (old.get("inputs") or {}).get(k) not in (None, h)
+        ]
+        check(
+            not changed,
+            f"the {changed[0] if changed else ''} file changed since this job began (sha256 differs from "
+            f"{jf}); restore it or use a new --out",
+        )
         check(old == manifest, f"{out} holds another job ({jf}); use a new --out or the same settings to resume")
 
 
@@ -105,13 +113,14 @@ def _shard_ok(p: Path, seeds: np.ndarray, shape: tuple) -> bool:
     try:
         with np.load(p) as d:
             return np.array_equal(d["seeds"], seeds) and d["samples"].shape == (len(seeds), *shape)
-    except Exception:                                           # truncated / garbled file: redo it
+    except Exception:  # truncated / garbled file: redo it
         return False
 
 
 def _png_ok(path: Path) -> bool:
     try:
         from PIL import Image
+
         with Image.open(path) as im:
             im.load()
         return True
@@ -122,7 +131,7 @@ def _png_ok(path: Path) -> bool:
 def _write_shard(out: Path, p: Path, seeds: np.ndarray, job: Sampling, png: bool) -> None:
     """Shard ``p`` (and its PNGs) unless a whole one is there; the caller holds the shard's lock."""
     for f in stale_temps(out, p.name) + [t for seed in seeds if png for t in stale_temps(out / "png", png_path(out, seed).name)]:
-        f.unlink(missing_ok=True)                               # left by a killed writer of this shard
+        f.unlink(missing_ok=True)  # left by a killed writer of this shard
     if p.exists() and _shard_ok(p, seeds, job.shape):
         if png:
             _write_pngs(out, seeds, np.load(p)["samples"])
@@ -140,9 +149,18 @@ def _write_shard(out: Path, p: Path, seeds: np.ndarray, job: Sampling, png: bool
     atomic_write(p, lambda f, a=arrays: np.savez(f, **a))
 
 
-def sample(out: str | os.PathLike, cfg: SampleConfig, *, n: int, seed_start: int = 0, shard_size: int = 1024,
-           device: str | None = None, progress: bool = False, png: bool = False,
-           job: Sampling | None = None) -> list[Path]:
+def sample(
+    out: str | os.PathLike,
+    cfg: SampleConfig,
+    *,
+    n: int,
+    seed_start: int = 0,
+    shard_size: int = 1024,
+    device: str | None = None,
+    progress: bool = False,
+    png: bool = False,
+    job: Sampling | None = None,
+) -> list[Path]:
     """Write samples of seeds ``seed_start .. seed_start + n - 1`` to ``out/shard-*.npz`` (keys
     ``samples`` [k, *shape] raw, ``seeds`` [k] int64, ``labels`` [k] when labelled, ``info`` a JSON
     string: rows evaluated per network and seconds). ``png`` (images only): also one PNG per sample,
@@ -159,25 +177,34 @@ def sample(out: str | os.PathLike, cfg: SampleConfig, *, n: int, seed_start: int
     int_ = (int, np.integer)
     check(isinstance(n, int_) and not isinstance(n, bool) and n >= 1, f"n must be an integer >= 1, got {n!r}")
     check(isinstance(shard_size, int_) and shard_size >= 1, f"shard_size must be an integer >= 1, got {shard_size!r}")
-    check(isinstance(seed_start, int_) and not isinstance(seed_start, bool) and 0 <= seed_start and seed_start + n <= SEED_LIMIT,
-          f"seeds must be integers in [0, 2^63): seed_start={seed_start!r}, n={n}")
+    check(
+        isinstance(seed_start, int_) and not isinstance(seed_start, bool) and 0 <= seed_start and seed_start + n <= SEED_LIMIT,
+        f"seeds must be integers in [0, 2^63): seed_start={seed_start!r}, n={n}",
+    )
     n, shard_size, seed_start = int(n), int(shard_size), int(seed_start)
     cfg.validate()
     rank, world, owns = _dist_context()
     device = device or (f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
     out = Path(out)
     check(not out.exists() or out.is_dir(), f"--out {out} exists and is not a folder")
-    manifest = {"config": json.loads(json.dumps(asdict(cfg))), "n": n, "seed_start": seed_start, "shard_size": shard_size,
-                "inputs": _inputs(cfg)}
+    manifest = {
+        "config": json.loads(json.dumps(asdict(cfg))),
+        "n": n,
+        "seed_start": seed_start,
+        "shard_size": shard_size,
+        "inputs": _inputs(cfg),
+    }
     try:
-        job = job or build(cfg, device)                          # before any file: a refused job writes nothing
+        job = job or build(cfg, device)  # before any file: a refused job writes nothing
         check(not png or job.image, "--png needs an image model (samples of shape [C, H, W])")
         job.probe()
         if rank == 0:
             _claim(out, manifest)
         _barrier(world)
-        check((out / "job.json").exists() and json.loads((out / "job.json").read_text()) == manifest,
-              f"{out} holds another job; use a new --out or the same settings to resume")
+        check(
+            (out / "job.json").exists() and json.loads((out / "job.json").read_text()) == manifest,
+            f"{out} holds another job; use a new --out or the same settings to resume",
+        )
         starts = list(range(seed_start, seed_start + n, shard_size))
         paths = [out / shard_name(s, min(s + shard_size, seed_start + n)) for s in starts]
         mine = [(s, p) for i, (s, p) in enumerate(zip(starts, paths)) if i % world == rank]
@@ -185,6 +212,7 @@ def sample(out: str | os.PathLike, cfg: SampleConfig, *, n: int, seed_start: int
         it = mine
         if progress and rank == 0:
             from tqdm import tqdm
+
             it = tqdm(mine, desc=f"shards (rank 0 of {world})")
         for s, p in it:
             seeds = np.arange(s, min(s + shard_size, seed_start + n), dtype=np.int64)
@@ -192,14 +220,15 @@ def sample(out: str | os.PathLike, cfg: SampleConfig, *, n: int, seed_start: int
                 if mine_now:
                     _write_shard(out, p, seeds, job, png)
                 else:
-                    busy.append((p, seeds))                      # another writer is on it
-        for p, seeds in busy:                                    # wait for it, then check (redo if it died)
+                    busy.append((p, seeds))  # another writer is on it
+        for p, seeds in busy:  # wait for it, then check (redo if it died)
             with file_lock(out / f".{p.name}.lock"):
                 _write_shard(out, p, seeds, job, png)
         _barrier(world)
     finally:
         if owns:
             import torch.distributed as dist
+
             dist.destroy_process_group()
     return paths
 
@@ -221,8 +250,13 @@ def load_shards(out: str | os.PathLike) -> dict:
             for k, v in info["rows"].items():
                 rows[k] = rows.get(k, 0) + v
     labels = np.concatenate([p["labels"] for p in parts])[order] if all("labels" in p.files for p in parts) else None
-    return {"samples": np.concatenate([p["samples"] for p in parts])[order], "seeds": s[order], "labels": labels,
-            "rows": rows, "seconds": seconds}
+    return {
+        "samples": np.concatenate([p["samples"] for p in parts])[order],
+        "seeds": s[order],
+        "labels": labels,
+        "rows": rows,
+        "seconds": seconds,
+    }
 
 
 def load_samples(out: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:

@@ -40,8 +40,7 @@ from ...guidance.protocols import Condition
 from ...guidance.tsg import KEY as TSG_KEY
 from .hooks import Perturbation, perturbed_attention
 
-MODEL_CLASSES = ("UNet2DModel", "UNet2DConditionModel", "DiTTransformer2DModel", "Transformer2DModel",
-                 "PixArtTransformer2DModel")
+MODEL_CLASSES = ("UNet2DModel", "UNet2DConditionModel", "DiTTransformer2DModel", "Transformer2DModel", "PixArtTransformer2DModel")
 PREDICTIONS = ("epsilon", "v_prediction", "sample")
 TIMESTEP_MODES = ("interpolate", "nearest")
 #: Conditioning key that marks the rows of a batch whose attention is perturbed (PAG/SEG/SLG).
@@ -57,6 +56,7 @@ OFFSET = TSG_KEY
 def alphas_cumprod(scheduler_config: dict) -> torch.Tensor:
     """``alpha_bar_t`` for t = 0..T-1 exactly as diffusers computes it (float32 betas), returned in float64."""
     from diffusers import DDPMScheduler
+
     cfg = {k: v for k, v in dict(scheduler_config).items() if not k.startswith("_")}
     try:
         sched = DDPMScheduler.from_config(cfg)
@@ -81,9 +81,17 @@ class DiffusersDenoiser:
     attention mask ``null_mask`` ([1, L]).
     """
 
-    def __init__(self, model: torch.nn.Module, scheduler_config: dict, *, timesteps: str = "interpolate",
-                 null_label: int | None = None, null_text: torch.Tensor | None = None,
-                 null_mask: torch.Tensor | None = None, perturbation: Perturbation | None = None):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        scheduler_config: dict,
+        *,
+        timesteps: str = "interpolate",
+        null_label: int | None = None,
+        null_text: torch.Tensor | None = None,
+        null_mask: torch.Tensor | None = None,
+        perturbation: Perturbation | None = None,
+    ):
         check(timesteps in TIMESTEP_MODES, f"timesteps must be one of {TIMESTEP_MODES}, got {timesteps!r}")
         pred = dict(scheduler_config).get("prediction_type", "epsilon")
         check(pred in PREDICTIONS, f"prediction_type {pred!r} is not supported; allowed: {', '.join(PREDICTIONS)}")
@@ -92,21 +100,23 @@ class DiffusersDenoiser:
         self.model = model.eval()
         self.config = dict(scheduler_config)
         self.prediction_type, self.timestep_mode = pred, timesteps
-        self.grid = ((1 - abar) / abar).sqrt()                      # sigma_t, t = 0..T-1, increasing
+        self.grid = ((1 - abar) / abar).sqrt()  # sigma_t, t = 0..T-1, increasing
         self._log_grid = self.grid.log()
         self.cond_key = "encoder_hidden_states" if _takes_text(model) else "class_labels"
         if null_label is None and type(model).__name__ in ("DiTTransformer2DModel", "Transformer2DModel"):
             n = getattr(model.config, "num_embeds_ada_norm", None)  # DiT's label table has num_classes + 1 rows:
             null_label = n if self.cond_key == "class_labels" else None  # the last is the dropped label
-        check(null_label is None or self.cond_key == "class_labels",
-              "null_label is the null class of a class-conditional model; text models take null_text (and null_mask)")
+        check(
+            null_label is None or self.cond_key == "class_labels",
+            "null_label is the null class of a class-conditional model; text models take null_text (and null_mask)",
+        )
         check(null_mask is None or null_text is not None, "null_mask needs null_text (the embedding it masks)")
         self.null_label, self.null_text, self.null_mask = null_label, null_text, null_mask
         # PixArt (adaLN-single): added_cond_kwargs always, micro-conditions only if the model was trained with them
         self.adaln_single = getattr(model.config, "norm_type", None) == "ada_norm_single"
         self.micro = self.adaln_single and bool(getattr(model, "use_additional_conditions", False))
         self.perturbation = perturbation
-        self.embedders = Perturbation("tsg")                         # where noise_embed_offset goes
+        self.embedders = Perturbation("tsg")  # where noise_embed_offset goes
 
     # -- schedule ---------------------------------------------------------------------------
     @property
@@ -123,14 +133,14 @@ class DiffusersDenoiser:
 
     def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
         """Continuous (or snapped) timestep of each sigma, float64 [B] (see the module docstring)."""
-        dev = sigma.device if sigma.device.type in ("cpu", "cuda") else torch.device("cpu")   # float64 there
+        dev = sigma.device if sigma.device.type in ("cpu", "cuda") else torch.device("cpu")  # float64 there
         ls = sigma.detach().to(dev, torch.float64).clamp_min(1e-30).log()
         if self._log_grid.device != dev:
             self._log_grid = self._log_grid.to(dev)
         lg = self._log_grid
         if self.timestep_mode == "nearest":
             return (ls[:, None] - lg[None, :]).abs().argmin(1).double()
-        i = torch.searchsorted(lg, ls).clamp(1, lg.numel() - 1)     # lg[i-1] <= ls < lg[i]
+        i = torch.searchsorted(lg, ls).clamp(1, lg.numel() - 1)  # lg[i-1] <= ls < lg[i]
         frac = (ls - lg[i - 1]) / (lg[i] - lg[i - 1])
         return ((i - 1).double() + frac).clamp(0, lg.numel() - 1)
 
@@ -143,8 +153,7 @@ class DiffusersDenoiser:
             return Condition(self.cond_key, self.null_text_overrides())
         if not _class_conditional(self.model):
             return None
-        return Condition(self.cond_key, {} if self.null_label is None else {self.cond_key: self.null_label},
-                         self.num_classes)
+        return Condition(self.cond_key, {} if self.null_label is None else {self.cond_key: self.null_label}, self.num_classes)
 
     def null_text_overrides(self) -> dict:
         """The null branch of a text model: ``null_text`` expanded to the batch and, if given, ``null_mask``
@@ -156,9 +165,13 @@ class DiffusersDenoiser:
         null, null_mask = self.null_text, self.null_mask
 
         def embedding(old):
-            check(old.shape[1:] == null.shape[1:], f"null/negative embedding {list(null.shape[1:])} and prompt "
-                  f"embedding {list(old.shape[1:])} differ: pad both to the same length (and pass attention masks)")
+            check(
+                old.shape[1:] == null.shape[1:],
+                f"null/negative embedding {list(null.shape[1:])} and prompt "
+                f"embedding {list(old.shape[1:])} differ: pad both to the same length (and pass attention masks)",
+            )
             return null.to(old).expand(old.shape[0], *null.shape[1:])
+
         out: dict = {self.cond_key: embedding}
         if null_mask is not None:
             out[MASK] = PerCall(lambda old, x, sigma: null_mask.to(x.device).expand(x.shape[0], -1))
@@ -189,19 +202,21 @@ class DiffusersDenoiser:
 
     # -- the denoiser -----------------------------------------------------------------------
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
-        cond = {k: v for k, v in cond.items() if v is not None}   # e.g. no attention mask on either CFG branch
+        cond = {k: v for k, v in cond.items() if v is not None}  # e.g. no attention mask on either CFG branch
         marks = cond.pop(PERTURB, None)
         offset = cond.pop(OFFSET, None)
         s = bcast(sigma.to(x.dtype), x)
         dtype = next(self.model.parameters()).dtype
-        x_vp = (x / (1 + s ** 2).sqrt()).to(dtype)
+        x_vp = (x / (1 + s**2).sqrt()).to(dtype)
         t = self.timestep(sigma).to(device=x.device, dtype=torch.float32)
         cond = {k: (v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in cond.items()}
-        if self.adaln_single:                                        # PixArt: micro-conditions or None
+        if self.adaln_single:  # PixArt: micro-conditions or None
             added = {k: cond.pop(k, None) for k in MICRO}
-            check(not self.micro or all(v is not None for v in added.values()),
-                  "this PixArt model is micro-conditioned (use_additional_conditions): pass resolution [B, 2] "
-                  "(height, width in pixels) and aspect_ratio [B, 1] in cond")
+            check(
+                not self.micro or all(v is not None for v in added.values()),
+                "this PixArt model is micro-conditioned (use_additional_conditions): pass resolution [B, 2] "
+                "(height, width in pixels) and aspect_ratio [B, 1] in cond",
+            )
             cond["added_cond_kwargs"] = added
         with contextlib.ExitStack() as hooks:
             if marks is not None and bool(marks.any()):
@@ -209,21 +224,24 @@ class DiffusersDenoiser:
                 hooks.enter_context(perturbed_attention(self.model, self.perturbation, marks.bool()))
             if offset is not None:
                 hooks.enter_context(self._time_embedding_offset(offset, x.shape[0]))
-            out = self.model(x_vp, timestep=t, **cond, return_dict=False)[0]   # Transformer2DModel: keyword only
-        if out.shape[1] == 2 * x.shape[1]:                           # learned variance: keep the mean part
+            out = self.model(x_vp, timestep=t, **cond, return_dict=False)[0]  # Transformer2DModel: keyword only
+        if out.shape[1] == 2 * x.shape[1]:  # learned variance: keep the mean part
             out = out[:, : x.shape[1]]
         out = out.to(x.dtype)
         if self.prediction_type == "epsilon":
             return x - s * out
         if self.prediction_type == "v_prediction":
-            return x / (1 + s ** 2) - s / (1 + s ** 2).sqrt() * out
+            return x / (1 + s**2) - s / (1 + s**2).sqrt() * out
         return out
 
     def _time_embedding_offset(self, offset: torch.Tensor, B: int):
         """The hook adding ``offset`` [B, dim] to the time embedding of its non-zero rows (a no-op if none)."""
         dim = self.noise_embed_dim
-        check(offset.ndim == 2 and offset.shape == (B, dim), f"{OFFSET} must be [batch, noise_embed_dim] = [{B}, {dim}] "
-              f"(the time-embedding vector of {type(self.model).__name__}), got {list(offset.shape)}")
+        check(
+            offset.ndim == 2 and offset.shape == (B, dim),
+            f"{OFFSET} must be [batch, noise_embed_dim] = [{B}, {dim}] "
+            f"(the time-embedding vector of {type(self.model).__name__}), got {list(offset.shape)}",
+        )
         rows = offset.ne(0).any(1)
         if not bool(rows.any()):
             return contextlib.nullcontext()
@@ -250,11 +268,13 @@ def _class_conditional(model) -> bool:
 
 def _takes_text(model) -> bool:
     return type(model).__name__ in ("UNet2DConditionModel", "PixArtTransformer2DModel") or (
-        type(model).__name__ == "Transformer2DModel" and getattr(model.config, "cross_attention_dim", None) is not None)
+        type(model).__name__ == "Transformer2DModel" and getattr(model.config, "cross_attention_dim", None) is not None
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # Loading from a local folder.
+
 
 def _read_json(p: Path) -> dict:
     with open(p) as f:
@@ -264,39 +284,53 @@ def _read_json(p: Path) -> dict:
 def _find(path: Path, subfolder: str | None) -> tuple[Path, dict]:
     """(model folder, scheduler config) of a pipeline folder (model_index.json, unet/ or transformer/,
     scheduler/) or of a model folder with config.json and scheduler_config.json."""
-    check(path.is_dir(), f"diffusers model folder {str(path)!r} does not exist (models load from local folders only; "
-          "nothing is downloaded from the hub)")
+    check(
+        path.is_dir(),
+        f"diffusers model folder {str(path)!r} does not exist (models load from local folders only; "
+        "nothing is downloaded from the hub)",
+    )
     if subfolder is None and (path / "model_index.json").exists():
         subfolder = next((s for s in ("unet", "transformer") if (path / s / "config.json").exists()), None)
         check(subfolder is not None, f"{path} has model_index.json but no unet/ or transformer/ with a config.json")
     model_dir = path / subfolder if subfolder else path
     check((model_dir / "config.json").exists(), f"{model_dir} has no config.json (expected a diffusers model folder)")
-    for p in (path / "scheduler" / "scheduler_config.json", model_dir / "scheduler_config.json",
-              path / "scheduler_config.json"):
+    for p in (path / "scheduler" / "scheduler_config.json", model_dir / "scheduler_config.json", path / "scheduler_config.json"):
         if p.exists():
             return model_dir, _read_json(p)
     raise GuidelabError(f"no scheduler_config.json in {path}/scheduler, {model_dir} or {path}: the noise schedule is needed")
 
 
-def load_model(path: str | os.PathLike, *, subfolder: str | None = None, dtype: torch.dtype = torch.float32,
-               device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
+def load_model(
+    path: str | os.PathLike,
+    *,
+    subfolder: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> tuple[torch.nn.Module, dict]:
     """``(model, scheduler_config)`` from a local folder; ``from_pretrained(..., local_files_only=True)``."""
     import diffusers
+
     model_dir, sched = _find(Path(path), subfolder)
     name = _read_json(model_dir / "config.json").get("_class_name")
     check(name in MODEL_CLASSES, f"{model_dir}: model class {name!r} is not supported; allowed: {', '.join(MODEL_CLASSES)}")
-    model = getattr(diffusers, name).from_pretrained(model_dir, local_files_only=True, torch_dtype=dtype,
-                                                 low_cpu_mem_usage=False)
+    model = getattr(diffusers, name).from_pretrained(model_dir, local_files_only=True, torch_dtype=dtype, low_cpu_mem_usage=False)
     return model.to(device).eval(), sched
 
 
-def load(path: str | os.PathLike, *, subfolder: str | None = None, dtype: torch.dtype = torch.float32,
-         device: str | torch.device = "cpu", timesteps: str = "interpolate", null_label: int | None = None,
-         null_text: torch.Tensor | None = None, null_mask: torch.Tensor | None = None) -> DiffusersDenoiser:
+def load(
+    path: str | os.PathLike,
+    *,
+    subfolder: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    timesteps: str = "interpolate",
+    null_label: int | None = None,
+    null_text: torch.Tensor | None = None,
+    null_mask: torch.Tensor | None = None,
+) -> DiffusersDenoiser:
     """A :class:`DiffusersDenoiser` from a local diffusers folder (a missing folder is one clear error)."""
     model, sched = load_model(path, subfolder=subfolder, dtype=dtype, device=device)
-    return DiffusersDenoiser(model, sched, timesteps=timesteps, null_label=null_label, null_text=null_text,
-                             null_mask=null_mask)
+    return DiffusersDenoiser(model, sched, timesteps=timesteps, null_label=null_label, null_text=null_text, null_mask=null_mask)
 
 
 SCHEDULES = ("karras", "leading", "trailing", "linspace")

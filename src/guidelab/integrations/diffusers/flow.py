@@ -53,6 +53,7 @@ def velocity_call(model: torch.nn.Module) -> Callable:
 
     def v(x_t, timestep, **cond):
         return model(hidden_states=x_t, timestep=timestep * scale, **cond, return_dict=False)[0]
+
     return v
 
 
@@ -63,29 +64,41 @@ class FlowDenoiser:
     the network takes (x_t and floating conditioning are cast to it; D comes back in x's dtype).
     """
 
-    def __init__(self, velocity: Callable, *, num_train_timesteps: int = 1000, dtype: torch.dtype = torch.float32,
-                 condition=None, model: torch.nn.Module | None = None):
+    def __init__(
+        self,
+        velocity: Callable,
+        *,
+        num_train_timesteps: int = 1000,
+        dtype: torch.dtype = torch.float32,
+        condition=None,
+        model: torch.nn.Module | None = None,
+    ):
         self.velocity, self.T, self.dtype = velocity, num_train_timesteps, dtype
         self.condition, self.model = condition, model
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
-        cond = {k: (v.to(self.dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
-                for k, v in cond.items() if v is not None}
+        cond = {
+            k: (v.to(self.dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+            for k, v in cond.items()
+            if v is not None
+        }
         t = to_t(sigma.to(torch.float64))
         tb = bcast(t, x).to(x.dtype)
-        x_t = x / (1 + bcast(sigma.to(x.dtype), x))                 # = (1 - t) x
+        x_t = x / (1 + bcast(sigma.to(x.dtype), x))  # = (1 - t) x
         v = self.velocity(x_t.to(self.dtype), (t * self.T).to(device=x.device, dtype=torch.float32), **cond)
-        return x_t - tb * v.to(x.dtype)                              # x0 = x_t - t v
+        return x_t - tb * v.to(x.dtype)  # x0 = x_t - t v
 
 
 def flow_scheduler(scheduler_config: dict):
     """diffusers' FlowMatchEulerDiscreteScheduler from a folder's config; settings that change the sampler (not
     the grid) are refused."""
     from diffusers import FlowMatchEulerDiscreteScheduler
+
     cfg = {k: v for k, v in dict(scheduler_config).items() if not k.startswith("_")}
     bad = [k for k in REFUSED if cfg.get(k)]
-    check(not bad, f"scheduler setting {', '.join(bad)} is not supported (it changes the sampler, not the time grid); "
-          f"set it false")
+    check(
+        not bad, f"scheduler setting {', '.join(bad)} is not supported (it changes the sampler, not the time grid); set it false"
+    )
     try:
         return FlowMatchEulerDiscreteScheduler.from_config(cfg)
     except (NotImplementedError, ValueError) as e:
@@ -98,8 +111,10 @@ def flow_sigmas(scheduler_config: dict, steps: int, *, mu: float | None = None) 
     sigmas all as the scheduler applies them; t = 1 becomes :data:`SIGMA_T1`."""
     check(isinstance(steps, int) and steps >= 1, f"steps must be an integer >= 1, got {steps!r}")
     sched = flow_scheduler(scheduler_config)
-    check(not sched.config.use_dynamic_shifting or mu is not None,
-          "this flow scheduler uses dynamic shifting: pass mu (the resolution-dependent shift, flux_mu(...))")
+    check(
+        not sched.config.use_dynamic_shifting or mu is not None,
+        "this flow scheduler uses dynamic shifting: pass mu (the resolution-dependent shift, flux_mu(...))",
+    )
     sched.set_timesteps(steps, mu=mu)
     t = sched.sigmas.double()
     sig = to_sigma(t)

@@ -10,8 +10,8 @@ from collections.abc import Sequence
 import torch
 
 from ...errors import check
-from ...guidance._base import Branch, Guided, PerCall
 from ...guidance import registry
+from ...guidance._base import Branch, Guided, PerCall
 from ...guidance.compose import Composed, compose
 from .adapter import PERTURB, DiffusersDenoiser
 from .hooks import Perturbation
@@ -24,8 +24,16 @@ def _mark(value: bool) -> PerCall:
 MARKED, UNMARKED = _mark(True), _mark(False)
 
 
-def attention_guidance(denoiser: DiffusersDenoiser, w, mode: str, *, layers: str | Sequence[str] | None = None,
-                       blur_sigma: float = math.inf, cfg_weight=None, batched: bool = True) -> Guided | Composed:
+def attention_guidance(
+    denoiser: DiffusersDenoiser,
+    w,
+    mode: str,
+    *,
+    layers: str | Sequence[str] | None = None,
+    blur_sigma: float = math.inf,
+    cfg_weight=None,
+    batched: bool = True,
+) -> Guided | Composed:
     """``D = D_pert + w (D - D_pert)``: guide a diffusers denoiser with its own attention-perturbed branch.
 
     ``layers``: the perturbed layers (:class:`Perturbation`; default diffusers' recommended ones,
@@ -40,9 +48,11 @@ def attention_guidance(denoiser: DiffusersDenoiser, w, mode: str, *, layers: str
     check(mode in ("pag", "seg", "slg"), f"attention guidance mode must be 'pag', 'seg' or 'slg', got {mode!r}")
     den = denoiser.with_perturbation(Perturbation(mode, layers, blur_sigma))
     condition = den.condition
-    check(cfg_weight is None or (condition is not None and bool(condition.null)),
-          f"cfg_weight needs the null condition: pass null_label=... (class models) or null_text=... (text models); "
-          f"{type(den.model).__name__} has no default")
+    check(
+        cfg_weight is None or (condition is not None and bool(condition.null)),
+        f"cfg_weight needs the null condition: pass null_label=... (class models) or null_text=... (text models); "
+        f"{type(den.model).__name__} has no default",
+    )
     # distinct objects are evaluated separately (evaluate groups branches by denoiser)
     other = (lambda: den) if batched else (lambda: den.with_perturbation(den.perturbation))
     main = Branch(den, {PERTURB: UNMARKED})
@@ -58,11 +68,9 @@ def pag(denoiser, w, *, layers=None, cfg_weight=None, batched: bool = True) -> G
     return attention_guidance(denoiser, w, "pag", layers=layers, cfg_weight=cfg_weight, batched=batched)
 
 
-def seg(denoiser, w, *, layers=None, blur_sigma: float = math.inf, cfg_weight=None,
-        batched: bool = True) -> Guided | Composed:
+def seg(denoiser, w, *, layers=None, blur_sigma: float = math.inf, cfg_weight=None, batched: bool = True) -> Guided | Composed:
     """Smoothed-energy guidance (Hong 2024, arXiv 2408.00760): blurred queries; paper scale = w - 1."""
-    return attention_guidance(denoiser, w, "seg", layers=layers, blur_sigma=blur_sigma, cfg_weight=cfg_weight,
-                              batched=batched)
+    return attention_guidance(denoiser, w, "seg", layers=layers, blur_sigma=blur_sigma, cfg_weight=cfg_weight, batched=batched)
 
 
 def slg(denoiser, w, *, layers=None, cfg_weight=None, batched: bool = True) -> Guided | Composed:
@@ -81,9 +89,12 @@ def step_window(sigmas: torch.Tensor, start: float, stop: float) -> tuple[float,
     (a second-order sampler's in-step evaluation follows the sigma, not the step)."""
     n = len(sigmas) - 1
     steps = [i for i in range(n) if start * n < i < stop * n]
-    check(bool(steps), f"the step window ({start}, {stop}) of {n} steps holds no step (need start n < i < stop n); "
-          "use more steps or give the interval")
+    check(
+        bool(steps),
+        f"the step window ({start}, {stop}) of {n} steps holds no step (need start n < i < stop n); "
+        "use more steps or give the interval",
+    )
     return float(sigmas[steps[-1] + 1]), float(sigmas[steps[0]])
 
 
-registry.register_attention(DiffusersDenoiser, attention_guidance)   # pag / seg / slg entries of the registry
+registry.register_attention(DiffusersDenoiser, attention_guidance)  # pag / seg / slg entries of the registry

@@ -64,10 +64,12 @@ class Perturbation:
         check(mode in ("pag", "seg", "slg", "tsg"), f"perturbation mode must be 'pag', 'seg', 'slg' or 'tsg', got {mode!r}")
         check(blur_sigma > 0, f"blur_sigma must be > 0, got {blur_sigma}")
         layers = [layers] if isinstance(layers, str) else layers
-        check(layers is None or (len(layers) > 0 and all(isinstance(s, str) and s for s in layers)),
-              f"layers must be module-name substrings, 'all' or None (the defaults), got {layers!r}")
+        check(
+            layers is None or (len(layers) > 0 and all(isinstance(s, str) and s for s in layers)),
+            f"layers must be module-name substrings, 'all' or None (the defaults), got {layers!r}",
+        )
         self.mode, self.layers, self.blur_sigma = mode, None if layers is None else list(layers), blur_sigma
-        self._found: tuple = (None, [])                             # (model, its modules): searched once
+        self._found: tuple = (None, [])  # (model, its modules): searched once
 
     def modules(self, model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
         if self._found[0] is not model:
@@ -81,13 +83,13 @@ class Perturbation:
 
     def _search(self, model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
         from diffusers.models.attention_processor import Attention
-        if self.mode == "tsg":                                       # not class_embedding (also a TimestepEmbedding)
+
+        if self.mode == "tsg":  # not class_embedding (also a TimestepEmbedding)
             blocks = [(n, m) for n, m in model.named_modules() if n == "time_embedding" or n.endswith("timestep_embedder")]
         elif self.mode == "slg":
             blocks = [(n, m) for n, m in model.named_modules() if type(m).__name__.endswith("TransformerBlock")]
-            if not blocks:                                           # UNet2DModel: attention with its own residual
-                blocks = [(n, m) for n, m in model.named_modules()
-                          if isinstance(m, Attention) and m.residual_connection]
+            if not blocks:  # UNet2DModel: attention with its own residual
+                blocks = [(n, m) for n, m in model.named_modules() if isinstance(m, Attention) and m.residual_connection]
         else:
             blocks = [(n, m) for n, m in model.named_modules() if isinstance(m, Attention) and not m.is_cross_attention]
         layers = self.selection(model)
@@ -100,8 +102,11 @@ class Perturbation:
     def embed_dim(self, model: torch.nn.Module) -> int:
         """TSG: size of the time embedding vector the offset is added to (the same for every selected embedder)."""
         dims = {m.linear_2.out_features for _, m in self.modules(model) if hasattr(m, "linear_2")}
-        check(len(dims) == 1, f"tsg: the time embedders of {type(model).__name__} have sizes {sorted(dims)}; "
-              "select embedders of one size with layers=...")
+        check(
+            len(dims) == 1,
+            f"tsg: the time embedders of {type(model).__name__} have sizes {sorted(dims)}; "
+            "select embedders of one size with layers=...",
+        )
         return dims.pop()
 
 
@@ -111,7 +116,7 @@ def _blur_queries(q: torch.Tensor, sigma: float) -> torch.Tensor:
     h = math.isqrt(L)
     check(h * h == L, f"seg needs a square token grid, got {L} tokens")
     r = math.ceil(3 * sigma) if math.isfinite(sigma) else h
-    if r >= h:                          # wider than the grid: the mean query
+    if r >= h:  # wider than the grid: the mean query
         return q.mean(-2, keepdim=True).expand_as(q)
     k = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=q.dtype, device=q.device) / sigma) ** 2)
     k = k / k.sum()
@@ -128,6 +133,7 @@ def _blur_queries(q: torch.Tensor, sigma: float) -> torch.Tensor:
 # after the last. Both act only where the calling thread's context (a ContextVar, so per thread and per asyncio
 # task) holds a scope for that very module: other threads and other models running at the same time are untouched.
 
+
 @dataclass(frozen=True)
 class _Scope:
     """One perturbed call: the mode, the marks [B] as runs of equal marks, TSG's offset [B, dim]."""
@@ -142,7 +148,7 @@ class _Scope:
 #: id(module) -> the scope perturbing it, in the current thread / task.
 _ACTIVE: ContextVar[dict[int, _Scope] | None] = ContextVar("guidelab_perturbation", default=None)
 _LOCK = threading.Lock()
-_INSTALLED: dict[tuple[int, str], list] = {}                        # (id(module), kind) -> [users, undo]
+_INSTALLED: dict[tuple[int, str], list] = {}  # (id(module), kind) -> [users, undo]
 
 
 def _runs(mask: torch.Tensor) -> tuple[tuple[int, int, bool], ...]:
@@ -158,18 +164,19 @@ def _sdpa(scope: _Scope, query, key, value, *args, **kwargs) -> torch.Tensor:
     B = scope.mask.shape[0]
     check(query.shape[0] == B, f"{scope.mode}: attention batch {query.shape[0]} != mask {B}")
 
-    def rows(v, i, j):                                               # a batch-sized tensor argument, sliced
+    def rows(v, i, j):  # a batch-sized tensor argument, sliced
         return v[i:j] if isinstance(v, torch.Tensor) and v.ndim >= 1 and v.shape[0] == B else v
+
     out = []
     for i, j, perturbed in scope.runs:
         q, k, v = query[i:j], key[i:j], value[i:j]
         a, kw = [rows(x, i, j) for x in args], {n: rows(x, i, j) for n, x in kwargs.items()}
         if not perturbed:
             out.append(F.scaled_dot_product_attention(q, k, v, *a, **kw))
-        elif scope.mode == "pag":                                    # identity attention map: output = V
+        elif scope.mode == "pag":  # identity attention map: output = V
             check(v.shape[-2] == q.shape[-2], "pag needs self-attention (as many keys as queries)")
             out.append(v)
-        else:                                                        # seg: attention of blurred queries
+        else:  # seg: attention of blurred queries
             out.append(F.scaled_dot_product_attention(_blur_queries(q, scope.blur_sigma), k, v, *a, **kw))
     return out[0] if len(out) == 1 else torch.cat(out)
 
@@ -196,7 +203,7 @@ class _Processor:
         self.inner = inner
         # Attention.forward passes on only the keywords named by inspect.signature(processor.__call__): the inner's
         call = functools.partial(type(self).__call__, self)
-        call.__signature__ = inspect.signature(inner.__call__)      # type: ignore[attr-defined]
+        call.__signature__ = inspect.signature(inner.__call__)  # type: ignore[attr-defined]
         self.__call__ = call
 
     def __call__(self, attn, hidden_states, *args, **kwargs):
@@ -206,8 +213,11 @@ class _Processor:
         mode = _PerturbedSDPA(scope)
         with mode:
             out = self.inner(attn, hidden_states, *args, **kwargs)
-        check(mode.calls > 0, f"{scope.mode}: attention processor {type(self.inner).__name__} does not call "
-              "F.scaled_dot_product_attention, so it cannot be perturbed; use AttnProcessor2_0 (diffusers' default)")
+        check(
+            mode.calls > 0,
+            f"{scope.mode}: attention processor {type(self.inner).__name__} does not call "
+            "F.scaled_dot_product_attention, so it cannot be perturbed; use AttnProcessor2_0 (diffusers' default)",
+        )
         return out
 
 
@@ -252,8 +262,9 @@ def _release(module: torch.nn.Module, kind: str) -> None:
 
 
 @contextlib.contextmanager
-def perturbed_attention(model: torch.nn.Module, perturbation: Perturbation, mask: torch.Tensor,
-                        offset: torch.Tensor | None = None):
+def perturbed_attention(
+    model: torch.nn.Module, perturbation: Perturbation, mask: torch.Tensor, offset: torch.Tensor | None = None
+):
     """Perturb the rows ``mask`` ([B] bool) of every forward call of ``model`` made inside the context, in this
     thread (or asyncio task) only.
 
@@ -266,8 +277,10 @@ def perturbed_attention(model: torch.nn.Module, perturbation: Perturbation, mask
     """
     mods = perturbation.modules(model)
     if perturbation.mode == "tsg":
-        check(offset is not None and offset.ndim == 2 and offset.shape[0] == mask.shape[0],
-              f"tsg needs {OFFSET} [B, dim] next to the perturb marks")
+        check(
+            offset is not None and offset.ndim == 2 and offset.shape[0] == mask.shape[0],
+            f"tsg needs {OFFSET} [B, dim] next to the perturb marks",
+        )
     mask = mask.bool()
     scope = _Scope(perturbation.mode, perturbation.blur_sigma, mask, _runs(mask), offset)
     kind = "processor" if perturbation.mode in ("pag", "seg") else "hook"

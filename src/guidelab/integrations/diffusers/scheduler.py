@@ -27,13 +27,24 @@ from . import flow
 
 #: Scheduler class -> the guidelab sampler whose update it is (the CLI's default sampler for the folder).
 SAMPLERS = {
-    "DDIMScheduler": "ddim", "DDPMScheduler": "ddpm", "PNDMScheduler": "ddim", "EulerDiscreteScheduler": "euler",
-    "EulerAncestralDiscreteScheduler": "euler_ancestral", "DPMSolverMultistepScheduler": "dpmpp_2m",
-    "HeunDiscreteScheduler": "heun", "LMSDiscreteScheduler": "lms", "FlowMatchEulerDiscreteScheduler": "euler",
+    "DDIMScheduler": "ddim",
+    "DDPMScheduler": "ddpm",
+    "PNDMScheduler": "ddim",
+    "EulerDiscreteScheduler": "euler",
+    "EulerAncestralDiscreteScheduler": "euler_ancestral",
+    "DPMSolverMultistepScheduler": "dpmpp_2m",
+    "HeunDiscreteScheduler": "heun",
+    "LMSDiscreteScheduler": "lms",
+    "FlowMatchEulerDiscreteScheduler": "euler",
 }
 _DISCRETE = ("DDIMScheduler", "DDPMScheduler", "PNDMScheduler")
-_KARRAS_SIGMAS = ("EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "DPMSolverMultistepScheduler",
-                  "HeunDiscreteScheduler", "LMSDiscreteScheduler")
+_KARRAS_SIGMAS = (
+    "EulerDiscreteScheduler",
+    "EulerAncestralDiscreteScheduler",
+    "DPMSolverMultistepScheduler",
+    "HeunDiscreteScheduler",
+    "LMSDiscreteScheduler",
+)
 
 
 def class_name(config: dict) -> str:
@@ -51,16 +62,22 @@ def check_config(config: dict) -> None:
     """Refuse the settings no guidelab sampler or wrapper reproduces (one clear error)."""
     c, name = dict(config), class_name(config)
     if name in _DISCRETE:
-        check(c.get("variance_type") in (None, "fixed_small", "fixed_small_log", "learned_range"),
-              f"{name} variance_type {c.get('variance_type')!r} is not supported")
-        check(not c.get("rescale_betas_zero_snr"), "rescale_betas_zero_snr (zero terminal SNR) is not supported: "
-              "its last timestep has infinite sigma")
+        check(
+            c.get("variance_type") in (None, "fixed_small", "fixed_small_log", "learned_range"),
+            f"{name} variance_type {c.get('variance_type')!r} is not supported",
+        )
+        check(
+            not c.get("rescale_betas_zero_snr"),
+            "rescale_betas_zero_snr (zero terminal SNR) is not supported: its last timestep has infinite sigma",
+        )
     if name in _KARRAS_SIGMAS:
         for k in ("use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas"):
             check(not c.get(k), f"{name} {k} is not supported; use use_karras_sigmas or the default sigmas")
     if name == "DPMSolverMultistepScheduler":
-        check(c.get("algorithm_type", "dpmsolver++") == "dpmsolver++" and c.get("solver_order", 2) == 2,
-              "DPMSolverMultistepScheduler: only algorithm_type dpmsolver++ with solver_order 2 (= dpmpp_2m)")
+        check(
+            c.get("algorithm_type", "dpmsolver++") == "dpmsolver++" and c.get("solver_order", 2) == 2,
+            "DPMSolverMultistepScheduler: only algorithm_type dpmsolver++ with solver_order 2 (= dpmpp_2m)",
+        )
 
 
 def pipeline_sigmas(den, steps: int, *, mu: float | None = None) -> torch.Tensor:
@@ -75,13 +92,14 @@ def pipeline_sigmas(den, steps: int, *, mu: float | None = None) -> torch.Tensor
     if name in _DISCRETE:
         return den.sigmas(steps, c.get("timestep_spacing", "leading"), offset=int(c.get("steps_offset", 0)))
     import diffusers
+
     try:
         sched = getattr(diffusers, name).from_config({k: v for k, v in c.items() if not k.startswith("_")})
         sched.set_timesteps(steps)
     except (NotImplementedError, ValueError) as e:
         raise GuidelabError(f"unsupported {name} config: {e}") from None
     sig = sched.sigmas.double()
-    if name == "HeunDiscreteScheduler":                          # it repeats each inner sigma for its two stages
+    if name == "HeunDiscreteScheduler":  # it repeats each inner sigma for its two stages
         sig = torch.cat([sig[:1], sig[1:-1:2], sig[-1:]])
     return sig
 
@@ -95,7 +113,7 @@ def start(den, sigmas: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
     if name == "FlowMatchEulerDiscreteScheduler":
         scale = 1 + s0
     elif name in _DISCRETE or c.get("timestep_spacing", "linspace") not in ("linspace", "trailing"):
-        scale = (1 + s0 ** 2).sqrt()
+        scale = (1 + s0**2).sqrt()
     else:
         scale = s0
     return latents * scale.to(latents)
@@ -114,11 +132,15 @@ def sample(sampler: str, den, x: torch.Tensor, sigmas: torch.Tensor, *, final: f
     ``final`` instead of 0: ``x_f = D + (final / sigma_last)(x_last - D)`` from the last step's x and D (no extra
     network call)."""
     from ... import samplers
+
     run = samplers.get(sampler)
     if final == 0:
         return run(den, x, sigmas, **kw)
-    check(sampler == "ddim" and not kw.get("eta"), f"a last step to sigma {final:g} (set_alpha_to_one=False) is "
-          f"DDIM's deterministic step: use sampler 'ddim' (eta 0), not {sampler!r}")
+    check(
+        sampler == "ddim" and not kw.get("eta"),
+        f"a last step to sigma {final:g} (set_alpha_to_one=False) is "
+        f"DDIM's deterministic step: use sampler 'ddim' (eta 0), not {sampler!r}",
+    )
     last: dict = {}
     user = kw.pop("callback", None)
 
@@ -126,6 +148,7 @@ def sample(sampler: str, den, x: torch.Tensor, sigmas: torch.Tensor, *, final: f
         last.update(info)
         if user is not None:
             user(info)
+
     run(den, x, sigmas, callback=callback, **kw)
     D, s = last["denoised"], float(last["sigma"])
     return D + (final / s) * (last["x"] - D)
@@ -143,13 +166,21 @@ class SchedulerX0(Guider):
 
     name = "scheduler_x0"
 
-    def __init__(self, den, *, clip: float | None = None, ratio: float | None = None, max_value: float = 1.0,
-                 ddim: bool = False, final: float = 0.0):
+    def __init__(
+        self,
+        den,
+        *,
+        clip: float | None = None,
+        ratio: float | None = None,
+        max_value: float = 1.0,
+        ddim: bool = False,
+        final: float = 0.0,
+    ):
         self.den, self.clip, self.ratio, self.max_value = den, clip, ratio, max_value
         self.ddim, self.final, self.grid_next = ddim, final, None
         self.requires = getattr(den, "requires", frozenset())
 
-    def __getattr__(self, name):                                 # condition, model, ... of the denoiser
+    def __getattr__(self, name):  # condition, model, ... of the denoiser
         if name == "den":
             raise AttributeError(name)
         return getattr(self.den, name)
@@ -201,8 +232,9 @@ def x0_wrapper(den, base=None):
         return den
     kw = {"ddim": name == "DDIMScheduler", "final": final_sigma(base)}
     if c.get("thresholding"):
-        return SchedulerX0(den, ratio=float(c.get("dynamic_thresholding_ratio", 0.995)),
-                           max_value=float(c.get("sample_max_value", 1.0)), **kw)
+        return SchedulerX0(
+            den, ratio=float(c.get("dynamic_thresholding_ratio", 0.995)), max_value=float(c.get("sample_max_value", 1.0)), **kw
+        )
     if c.get("clip_sample", True):
         return SchedulerX0(den, clip=float(c.get("clip_sample_range", 1.0)), **kw)
     return den
