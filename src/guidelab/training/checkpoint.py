@@ -77,7 +77,7 @@ def save_model(path: str | os.PathLike, model: torch.nn.Module, **info: Any) -> 
     return save(path, dict(model.state_dict()), {"model": registry.config(model), **info})
 
 
-def _check_sizes(path: Path, model_config: dict, tensors: dict[str, torch.Tensor]) -> None:
+def _check_sizes(path: str | os.PathLike, model_config: dict, tensors: dict[str, torch.Tensor]) -> None:
     """The config's network built on the meta device (no memory) must have the file's tensor shapes, so a
     config asking for more than the file holds (e.g. a huge ``hidden``) fails before anything is allocated."""
     try:
@@ -119,5 +119,5 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> t
         raise GuidelabError(f"{path} does not match its model config: {str(e).splitlines()[-1].strip()}") from None
     if missing or unexpected:
         raise GuidelabError(f"{path} does not match its model config: missing {missing[:4]}, unexpected {unexpected[:4]}")
-    model.checkpoint_info = config
+    model.checkpoint_info = config  # type: ignore[assignment]  # dynamic attribute on nn.Module
     return model.eval().requires_grad_(False)

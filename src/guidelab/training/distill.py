@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import torch
 
@@ -167,7 +167,7 @@ def _check_grid(sigmas: torch.Tensor) -> torch.Tensor:
     sigmas = torch.as_tensor(sigmas, dtype=torch.float64)
     n = sigmas.numel() - 1
     check(
-        sigmas.ndim == 1 and n >= 2 and n % 2 == 0 and bool((sigmas[1:] < sigmas[:-1]).all()) and sigmas[-1] == 0,
+        sigmas.ndim == 1 and n >= 2 and n % 2 == 0 and bool((sigmas[1:] < sigmas[:-1]).all()) and bool(sigmas[-1] == 0),
         f"the teacher's sigmas must strictly decrease to 0 over an even number of steps, got {sigmas.tolist()}",
     )
     return sigmas
@@ -294,9 +294,11 @@ def init_from_teacher(teacher: torch.nn.Module, student_config: dict) -> dict[st
         student = registry.build(student_config)
     state = {k: v.detach().clone() for k, v in student.state_dict().items()}
     t_state = teacher.state_dict()
+    at: int
+    n: int
     if isinstance(teacher, ImageDenoiser):
-        key, at = "emb_layer.weight", (teacher.emb if teacher.noise_cond else 0)
-        n = student.emb
+        key, at = "emb_layer.weight", (cast(int, teacher.emb) if teacher.noise_cond else 0)
+        n = cast(int, student.emb)
     elif isinstance(teacher, ToyMLP):
         key, at, n = "layers.0.weight", t_state["layers.0.weight"].shape[1], 1
     else:
@@ -333,6 +335,7 @@ def image_source(model: torch.nn.Module) -> dict:
         isinstance(src, dict) and "data" in src,
         "the teacher must be a checkpoint (or run) of the image recipe (guidelab train), whose config names its data",
     )
+    assert isinstance(src, dict)  # checked above
     return {"data": src["data"], "resolution": src.get("resolution"), "channels": src.get("channels", 1)}
 
 
@@ -427,6 +430,7 @@ def progressive_images(
     net = student.load(runtime.device)
     info = distilled_info(net)
     check(info is not None, f"{student.path} is not a distilled student (guidelab distill)")
+    assert info is not None  # checked above
     if info["sigmas"] is not None:
         grid = torch.tensor(info["sigmas"], dtype=torch.float64)
         check(
@@ -435,6 +439,7 @@ def progressive_images(
         )
     else:
         check(from_steps is not None, "a stage-1 student needs --from-steps (its teacher grid: karras(from_steps, ...))")
+        assert from_steps is not None  # checked above
         grid = karras(from_steps, sigma_min, sigma_max, rho=rho).double()
     n = grid.numel() - 1
     check(

@@ -102,7 +102,8 @@ class ImageConfig:
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - names)
         check(not unknown, f"unknown image config keys {unknown}; allowed: {sorted(names)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names})
+        kwargs: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names}
+        return cls(**kwargs)
 
     def loop(self) -> LoopConfig:
         return LoopConfig(

@@ -42,11 +42,11 @@ def inner(t_a, g_a, t_b, g_b) -> np.ndarray:
 
 def solve_weights(ts: Sequence[float], gammas: Sequence[float], t: float, gamma: float) -> np.ndarray:
     """Least-squares weights [n] of snapshots ``(ts[i], gammas[i])`` reproducing the profile ``(t, gamma)``."""
-    ts, gammas = np.asarray(ts, dtype=np.float64), np.asarray(gammas, dtype=np.float64)
-    check(ts.shape == gammas.shape and ts.ndim == 1 and len(ts) > 0, "need one gamma per snapshot time, at least one")
-    check(bool((ts > 0).all()) and t > 0, "snapshot and target steps must be > 0")
-    A = inner(ts[:, None], gammas[:, None], ts[None, :], gammas[None, :])
-    b = inner(ts, gammas, t, gamma)
+    ts_a, gammas_a = np.asarray(ts, dtype=np.float64), np.asarray(gammas, dtype=np.float64)
+    check(ts_a.shape == gammas_a.shape and ts_a.ndim == 1 and len(ts_a) > 0, "need one gamma per snapshot time, at least one")
+    check(bool((ts_a > 0).all()) and t > 0, "snapshot and target steps must be > 0")
+    A = inner(ts_a[:, None], gammas_a[:, None], ts_a[None, :], gammas_a[None, :])
+    b = inner(ts_a, gammas_a, t, gamma)
     return np.linalg.lstsq(A, b, rcond=None)[0]
 
 
@@ -107,10 +107,11 @@ def reconstruct(
                 total[k] = total.get(k, 0) + float(w) * v.double()
             else:
                 total[k] = v
+    assert config is not None  # snaps is non-empty (checked above)
     model = registry.build(config["model"]).to(device)
     state = model.state_dict()
     model.load_state_dict({k: v.to(state[k].dtype) for k, v in total.items()})
-    model.checkpoint_info = {
+    model.checkpoint_info = {  # type: ignore[assignment]  # dynamic attribute on nn.Module
         **config,
         "kind": "phema",
         "step": step,
