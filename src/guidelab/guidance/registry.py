@@ -14,7 +14,7 @@ from __future__ import annotations
 import inspect
 import math
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence, cast
 
 from ..errors import GuidelabError, check
 from .apg import apg
@@ -199,7 +199,7 @@ def _arg(fn, name: str, type_: type, help: str, choices: tuple = ()) -> Option:
 
 
 def _opts(ctx: Context, *drop: str) -> dict:
-    return {k: v for k, v in dict(ctx.options).items() if k not in drop}
+    return {k: v for k, v in dict(cast(Mapping[str, Any], ctx.options)).items() if k not in drop}
 
 
 def _none(ctx: Context):
@@ -236,7 +236,7 @@ def _cfgpp(ctx: Context):
 
 def _base(ctx: Context):
     """The linear guider a rule (apg, rescale, cfg_zero_star) acts on: option ``base``, default cfg."""
-    return get(dict(ctx.options).get("base", "cfg")).build(replace(ctx, options={}))
+    return get(dict(cast(Mapping[str, Any], ctx.options)).get("base", "cfg")).build(replace(ctx, options={}))
 
 
 def _apg(ctx: Context):

@@ -24,6 +24,7 @@ def replace_known(x: torch.Tensor, op: Operator, y_lift: torch.Tensor, sigma: fl
     forward-noised to ``sigma`` (``P = A^+ A``; for a mask ``m * known + (1 - m) * x``, RePaint eq. 8)."""
     x = x - op.project(x) + y_lift
     if sigma > 0:
+        assert n is not None  # callers pass noise whenever sigma > 0
         x = x + sigma * op.project(n)
     return x
 

@@ -64,6 +64,7 @@ def ilvr(
     sigmas = check_inputs(x, sigmas)
     check((factor is None) != (operator is None), "ilvr needs exactly one of factor (the downsampling N) or operator")
     if operator is None:
+        assert factor is not None  # checked above: exactly one of factor / operator
         operator = Downsample(tuple(x.shape[1:]), factor)
     op = need_projection(operator, "ILVR")
     ref = torch.as_tensor(ref)

@@ -100,6 +100,7 @@ def steered(
                 D = denoiser(x, s, **cond)
                 x0 = D - op.project(D) + y_lift
             else:
+                assert loss is not None  # set above in gradient mode
                 D, g = through_denoiser(denoiser, x, s, cond, loss)
                 x0 = D - (scale * sigma) * g
             if r == 0:

@@ -13,6 +13,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from ..errors import GuidelabError, check
@@ -29,7 +31,7 @@ TASKS = ("inpaint", "superres", "lowpass", "colorize")
 MASKS = ("centre", "left", "right", "random")
 #: The papers' number of steps and options (RePaint 250 steps, j = r = 10; ILVR / DPS 1000 DDPM steps; steered
 #: 100 respaced; Score-SDE 1000 (VE, CIFAR-10); TFG 50 (its DDIM default); SDG 100 respaced).
-DEFAULTS = {
+DEFAULTS: dict[str, dict[str, Any]] = {
     "repaint": dict(steps=250, jump_length=10, jump_n_sample=10),
     "ilvr": dict(steps=1000),
     "score_sde": dict(steps=1000, snr=0.16),
@@ -63,7 +65,7 @@ def make_task(
         else:
             keep = torch.rand(H, W, generator=torch.Generator().manual_seed(seed)) < 0.5
             known = keep.expand(C, H, W).clone()
-        op = Mask(known)
+        op: Operator = Mask(known)
     elif task in ("superres", "lowpass"):
         op = Downsample(shape, factor)
     else:
@@ -92,13 +94,13 @@ def solve(
     from ..schedules import karras
 
     check(method in METHODS, f"unknown inverse method {method!r}; allowed: {', '.join(METHODS)}")
-    opts = {**DEFAULTS[method], **{k: v for k, v in options.items() if v is not None}}
+    opts: dict[str, Any] = {**DEFAULTS[method], **{k: v for k, v in options.items() if v is not None}}
     steps = opts.pop("steps") if steps is None else steps
     opts.pop("steps", None)
     sigmas = karras(steps, sigma_min, sigma_max, rho)
     noise = SampleNoise(range(seed, seed + n))
     x = noise.randn(list(op.shape)) * sigmas[0]
-    common = dict(noise=noise, progress=progress)
+    common: dict[str, Any] = dict(noise=noise, progress=progress)
     if method == "repaint":
         return repaint(denoiser, x, sigmas, op, y, **opts, **common)
     if method == "ilvr":

@@ -221,6 +221,7 @@ class DiffusersDenoiser:
         with contextlib.ExitStack() as hooks:
             if marks is not None and bool(marks.any()):
                 check(self.perturbation is not None, "perturb= needs a denoiser made with perturbation=Perturbation(...)")
+                assert self.perturbation is not None  # checked above
                 hooks.enter_context(perturbed_attention(self.model, self.perturbation, marks.bool()))
             if offset is not None:
                 hooks.enter_context(self._time_embedding_offset(offset, x.shape[0]))
@@ -313,6 +314,7 @@ def load_model(
     model_dir, sched = _find(Path(path), subfolder)
     name = _read_json(model_dir / "config.json").get("_class_name")
     check(name in MODEL_CLASSES, f"{model_dir}: model class {name!r} is not supported; allowed: {', '.join(MODEL_CLASSES)}")
+    assert name is not None  # checked above: one of MODEL_CLASSES
     model = getattr(diffusers, name).from_pretrained(model_dir, local_files_only=True, torch_dtype=dtype, low_cpu_mem_usage=False)
     return model.to(device).eval(), sched
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 
@@ -54,11 +55,12 @@ def attention_guidance(
         f"{type(den.model).__name__} has no default",
     )
     # distinct objects are evaluated separately (evaluate groups branches by denoiser)
-    other = (lambda: den) if batched else (lambda: den.with_perturbation(den.perturbation))
+    other = (lambda: den) if batched else (lambda: den.with_perturbation(cast(Perturbation, den.perturbation)))
     main = Branch(den, {PERTURB: UNMARKED})
     perturbed = Guided(main, Branch(other(), {PERTURB: MARKED}), w, mode)
     if cfg_weight is None:
         return perturbed
+    assert condition is not None  # checked above: cfg_weight needs the null condition
     return compose(Guided(main, Branch(other(), {**condition.null, PERTURB: UNMARKED}), cfg_weight, "cfg"), perturbed)
 
 

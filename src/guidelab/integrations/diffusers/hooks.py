@@ -101,7 +101,8 @@ class Perturbation:
 
     def embed_dim(self, model: torch.nn.Module) -> int:
         """TSG: size of the time embedding vector the offset is added to (the same for every selected embedder)."""
-        dims = {m.linear_2.out_features for _, m in self.modules(model) if hasattr(m, "linear_2")}
+        # torch types a submodule attribute as Tensor | Module
+        dims: set[int] = {m.linear_2.out_features for _, m in self.modules(model) if hasattr(m, "linear_2")}  # type: ignore[union-attr, misc]
         check(
             len(dims) == 1,
             f"tsg: the time embedders of {type(model).__name__} have sizes {sorted(dims)}; "
@@ -203,7 +204,7 @@ class _Processor:
         self.inner = inner
         # Attention.forward passes on only the keywords named by inspect.signature(processor.__call__): the inner's
         call = functools.partial(type(self).__call__, self)
-        call.__signature__ = inspect.signature(inner.__call__)  # type: ignore[attr-defined]
+        call.__signature__ = inspect.signature(inner.__call__)
         self.__call__ = call
 
     def __call__(self, attn, hidden_states, *args, **kwargs):
@@ -240,8 +241,9 @@ def _attach(module: torch.nn.Module, kind: str):
     if kind == "hook":
         return module.register_forward_hook(_hook, with_kwargs=True).remove
     inner = module.processor
-    module.set_processor(_Processor(inner))
-    return lambda: module.set_processor(inner)
+    # diffusers' Attention.set_processor, typed by torch's Module.__getattr__ as Tensor | Module
+    module.set_processor(_Processor(inner))  # type: ignore[operator]
+    return lambda: module.set_processor(inner)  # type: ignore[operator]
 
 
 def _acquire(module: torch.nn.Module, kind: str) -> None:

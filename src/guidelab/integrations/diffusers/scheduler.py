@@ -177,7 +177,8 @@ class SchedulerX0(Guider):
         final: float = 0.0,
     ):
         self.den, self.clip, self.ratio, self.max_value = den, clip, ratio, max_value
-        self.ddim, self.final, self.grid_next = ddim, final, None
+        self.ddim, self.final = ddim, final
+        self.grid_next: dict[float, float] | None = None
         self.requires = getattr(den, "requires", frozenset())
 
     def __getattr__(self, name):  # condition, model, ... of the denoiser
@@ -198,7 +199,7 @@ class SchedulerX0(Guider):
             s = torch.quantile(a, self.ratio, dim=1).clamp(1, self.max_value).to(x0)
             s = s.reshape(-1, *[1] * (x0.ndim - 1))
             return torch.maximum(torch.minimum(x0, s), -s) / s
-        return x0.clamp(-self.clip, self.clip)
+        return x0.clamp(-self.clip, self.clip)  # type: ignore[operator]  # clip is given whenever ratio is None
 
     def _out(self, D: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         D_c = self.treat(D)
@@ -207,6 +208,7 @@ class SchedulerX0(Guider):
         s = float(sigma.reshape(-1)[0])
         near = [g for g in (self.grid_next or {}) if abs(g - s) <= 1e-5 * g]
         check(bool(near), "the DDIM x0 treatment needs the run's grid: sample with a guidelab sampler on pipeline sigmas")
+        assert self.grid_next is not None  # near is non-empty, so the grid is set
         r = self.grid_next[near[0]] / s
         return (D_c - r * D) / (1 - r)
 
