@@ -1,6 +1,7 @@
 # Two commands do all set-up on a fresh machine:
 #   make demo   -- create .venv, install guidelab, run the autoguidance-vs-CFG demo (runs/demo/report.html)
-#   make test   -- create .venv, install guidelab with test extras, run the default test suite
+#   make test   -- create .venv, install guidelab with test extras, run the linters (ruff check, ruff format
+#                  --check, mypy on the library core) and the default test suite
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -22,10 +23,16 @@ $(BIN)/python:
 demo: .installed
 	$(BIN)/guidelab demo $(ARGS)
 
-test: .installed
+lint: .installed
+	$(BIN)/ruff check src tests bench examples
+	$(BIN)/ruff format --check src tests bench examples
+	# the type checker covers the library core (everything but the application layer guidelab.app)
+	$(BIN)/mypy src/guidelab --exclude 'src/guidelab/app/'
+
+test: lint
 	$(BIN)/python -m pytest $(ARGS)
 
 bench: .installed
 	$(BIN)/python bench/toy_train_speed.py
 
-.PHONY: demo test bench
+.PHONY: demo lint test bench

@@ -55,12 +55,15 @@ def test_mean_logp_uses_the_exact_density(tree_a64):
     assert metrics.mean_logp(tree_a64, x) == pytest.approx(tree_a64.logp(x).mean().item())
 
 
-@pytest.mark.parametrize("call", [
-    lambda: metrics.precision_recall(torch.zeros(10, 2), torch.zeros(10, 3)),
-    lambda: metrics.precision_recall(torch.zeros(10), torch.zeros(10)),
-    lambda: metrics.precision_recall(torch.zeros(3, 2), torch.zeros(10, 2), k=3),
-    lambda: metrics.sliced_wasserstein(torch.full((4, 2), math.nan), torch.zeros(4, 2)),
-])
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: metrics.precision_recall(torch.zeros(10, 2), torch.zeros(10, 3)),
+        lambda: metrics.precision_recall(torch.zeros(10), torch.zeros(10)),
+        lambda: metrics.precision_recall(torch.zeros(3, 2), torch.zeros(10, 2), k=3),
+        lambda: metrics.sliced_wasserstein(torch.full((4, 2), math.nan), torch.zeros(4, 2)),
+    ],
+)
 def test_bad_input(call):
     with pytest.raises(GuidelabError):
         call()

@@ -24,7 +24,9 @@ def test_leaky_labels_mix_the_other_class_in():
     W = toy.conditional_tree(leak=0.3, dtype=torch.float64)
     A, B = toy.tree("A", dtype=torch.float64), toy.tree("B", dtype=torch.float64)
     x = torch.randn(8, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    expected = torch.logaddexp(A.logp(x, 0.3) + torch.log(torch.tensor(0.7, dtype=torch.float64)),
-                               B.logp(x, 0.3) + torch.log(torch.tensor(0.3, dtype=torch.float64)))
+    expected = torch.logaddexp(
+        A.logp(x, 0.3) + torch.log(torch.tensor(0.7, dtype=torch.float64)),
+        B.logp(x, 0.3) + torch.log(torch.tensor(0.3, dtype=torch.float64)),
+    )
     torch.testing.assert_close(W.logp(x, 0.3, 0), expected)
     torch.testing.assert_close(W(x, 0.3, label=2), toy.tree("AB", dtype=torch.float64)(x, 0.3))

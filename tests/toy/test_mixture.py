@@ -19,7 +19,7 @@ def _random_mixture(D, K, group, seed):
 
 
 def _direct_logp(phi, mu, Sigma, x, sigma):
-    cov = Sigma[None] + (sigma ** 2)[:, None, None, None] * torch.eye(mu.shape[1], dtype=x.dtype)
+    cov = Sigma[None] + (sigma**2)[:, None, None, None] * torch.eye(mu.shape[1], dtype=x.dtype)
     comp = torch.distributions.MultivariateNormal(mu[None].expand(len(x), -1, -1), covariance_matrix=cov)
     return torch.logsumexp(comp.log_prob(x[:, None]) + (phi / phi.sum()).log(), 1)
 
@@ -27,14 +27,14 @@ def _direct_logp(phi, mu, Sigma, x, sigma):
 @pytest.mark.parametrize("D,K,group", [(2, 24, 8), (3, 12, 4), (3, 10, 1)])
 def test_matches_direct_evaluation(D, K, group):
     phi, mu, Sigma = _random_mixture(D, K, group, seed=D + K)
-    mix = GaussianMixture(phi, mu, Sigma, dtype=torch.float64, chunk=5)   # several chunks
+    mix = GaussianMixture(phi, mu, Sigma, dtype=torch.float64, chunk=5)  # several chunks
     assert mix._group == group
     g = torch.Generator().manual_seed(0)
     x = torch.randn(13, D, generator=g, dtype=torch.float64) * 2
     sigma = torch.rand(13, generator=g, dtype=torch.float64) + 0.01
     xr = x.clone().requires_grad_(True)
     ref = _direct_logp(phi, mu, Sigma, xr, sigma)
-    ref_score, = torch.autograd.grad(ref.sum(), xr)
+    (ref_score,) = torch.autograd.grad(ref.sum(), xr)
     torch.testing.assert_close(mix.logp(x, sigma), ref.detach(), rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(mix.score(x, sigma), ref_score, rtol=1e-9, atol=1e-9)
 
@@ -44,8 +44,9 @@ def test_float32_score_close_to_float64():
     m64 = GaussianMixture(phi, mu, Sigma, dtype=torch.float64)
     x = torch.randn(300, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     sigma = torch.full((300,), 0.2, dtype=torch.float64)
-    torch.testing.assert_close(m64.to(torch.float32).score(x.float(), sigma.float()).double(),
-                               m64.score(x, sigma), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        m64.to(torch.float32).score(x.float(), sigma.float()).double(), m64.score(x, sigma), rtol=1e-4, atol=1e-4
+    )
 
 
 def test_chunk_size_changes_nothing():

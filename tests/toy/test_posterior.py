@@ -23,7 +23,7 @@ def _random_mixture(D=3, K=6, seed=0):
 
 def _loglik(x, A, y, s):
     r = x @ A.T - y
-    return -0.5 * r.square().sum(1) / s ** 2 - 0.5 * len(y) * math.log(2 * math.pi * s ** 2)
+    return -0.5 * r.square().sum(1) / s**2 - 0.5 * len(y) * math.log(2 * math.pi * s**2)
 
 
 @pytest.mark.parametrize("which", ["tree", "random"])
@@ -35,8 +35,7 @@ def test_bayes_rule_noisy(which, tree_a64):
     post = toy.linear_posterior(prior, A, y, 0.1)
     x = prior.sample(64, generator=torch.Generator().manual_seed(1)) + 0.05
     # log p(x | y) = log p(x) + log p(y | x) - log p(y)
-    torch.testing.assert_close(post.logp(x), prior.logp(x) + _loglik(x, A, y, 0.1) - post.log_evidence,
-                               rtol=0, atol=1e-9)
+    torch.testing.assert_close(post.logp(x), prior.logp(x) + _loglik(x, A, y, 0.1) - post.log_evidence, rtol=0, atol=1e-9)
 
 
 def test_evidence_and_moments_match_importance_weighted_prior_samples(tree_a64):
@@ -67,8 +66,8 @@ def test_noise_free_mask_is_the_prior_restricted_to_the_line(tree_a64):
     t = torch.linspace(-1.0, 2.5, 20001, dtype=F64)
     line = torch.stack([torch.full_like(t, c), t], 1)
     lp = tree_a64.logp(line)
-    log_norm = float(torch.logsumexp(lp, 0) + math.log(float(t[1] - t[0])))   # quadrature of the marginal
-    on = lp > lp.max() - 200                       # (components of weight < 1e-308 drop out: far tails differ)
+    log_norm = float(torch.logsumexp(lp, 0) + math.log(float(t[1] - t[0])))  # quadrature of the marginal
+    on = lp > lp.max() - 200  # (components of weight < 1e-308 drop out: far tails differ)
     torch.testing.assert_close(post.logp(line[on][::200]), lp[on][::200] - log_norm, rtol=0, atol=1e-4)
     assert bool(torch.isinf(post.logp(torch.tensor([[c + 0.01, 0.5]], dtype=F64))).all())
     xs = post.sample(1000, generator=torch.Generator().manual_seed(0))
@@ -108,7 +107,7 @@ def test_image_world_mask_posterior_keeps_the_known_pixels():
     assert world.dim == 64 and len(world) == 10
     truth = world.sample(1, generator=torch.Generator().manual_seed(0))[0]
     known = torch.zeros(8, 8, dtype=torch.bool)
-    known[:, :4] = True                                                   # left half observed
+    known[:, :4] = True  # left half observed
     A = torch.eye(64, dtype=F64)[known.flatten()]
     post = toy.linear_posterior(world, A, truth[known.flatten()], 0.0)
     xs = post.sample(8, generator=torch.Generator().manual_seed(1))
@@ -124,8 +123,10 @@ def test_misuse_is_one_clear_error(tree_a64):
         (lambda: toy.linear_posterior(tree_a64, A, torch.tensor([math.nan], dtype=F64), 0.1), "NaN"),
         (lambda: toy.linear_posterior(tree_a64, A, y, -1.0), "noise_std"),
         (lambda: toy.linear_posterior(tree_a64, torch.eye(2, dtype=F64), torch.zeros(2, dtype=F64), 0.0), "full column rank"),
-        (lambda: toy.linear_posterior(tree_a64, torch.ones(2, 2, dtype=F64), torch.tensor([0.0, 1.0], dtype=F64), 0.0),
-         "not in the range of A"),
+        (
+            lambda: toy.linear_posterior(tree_a64, torch.ones(2, 2, dtype=F64), torch.tensor([0.0, 1.0], dtype=F64), 0.0),
+            "not in the range of A",
+        ),
         (lambda: toy.linear_posterior(toy.conditional_tree(), A, y, 0.1), "toy Gaussian-mixture world"),
     ]
     for make, message in bad:

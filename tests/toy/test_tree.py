@@ -42,7 +42,7 @@ def test_score_is_gradient_of_logp(tree_a64):
     x = tree_a64.sample(512, 0.3, generator=g).requires_grad_(True)
     sigma = torch.rand(512, generator=g, dtype=torch.float64) * 0.5 + 1e-3
     lp = tree_a64.logp(x, sigma)
-    grad, = torch.autograd.grad(lp.sum(), x)
+    (grad,) = torch.autograd.grad(lp.sum(), x)
     torch.testing.assert_close(tree_a64.score(x.detach(), sigma), grad, rtol=1e-9, atol=1e-9)
 
 
@@ -60,7 +60,7 @@ def test_denoiser_is_posterior_mean_by_monte_carlo(tree_a64):
     x0 = tree_a64.sample(400_000, generator=g)
     sigma = 0.3
     x = torch.tensor([[0.3, 0.3], [0.8, 0.9], [0.0, 0.5]], dtype=torch.float64)
-    logw = -((x[:, None, :] - x0[None]) ** 2).sum(-1) / (2 * sigma ** 2)
+    logw = -((x[:, None, :] - x0[None]) ** 2).sum(-1) / (2 * sigma**2)
     w = torch.softmax(logw, dim=1)
     mc = w @ x0
     torch.testing.assert_close(tree_a64.denoise(x, sigma), mc, atol=5e-3, rtol=0)
@@ -74,9 +74,14 @@ def test_sample_matches_noisy_density(tree_a64):
     x = tree_a64.sample(100_000, sigma, generator=g)
     phi = tree_a64.log_phi.exp()
     mean = (phi[:, None] * tree_a64.mu).sum(0)
-    cov = (phi[:, None, None] * (torch.einsum("kij,kj,klj->kil", tree_a64.Q, tree_a64.L, tree_a64.Q)
-                                  + tree_a64.mu[:, :, None] * tree_a64.mu[:, None, :])).sum(0) - mean[:, None] * mean[None]
-    cov = cov + sigma ** 2 * torch.eye(2, dtype=torch.float64)
+    cov = (
+        phi[:, None, None]
+        * (
+            torch.einsum("kij,kj,klj->kil", tree_a64.Q, tree_a64.L, tree_a64.Q)
+            + tree_a64.mu[:, :, None] * tree_a64.mu[:, None, :]
+        )
+    ).sum(0) - mean[:, None] * mean[None]
+    cov = cov + sigma**2 * torch.eye(2, dtype=torch.float64)
     torch.testing.assert_close(x.mean(0), mean, atol=6e-3, rtol=0)
     torch.testing.assert_close(torch.cov(x.T), cov, atol=6e-3, rtol=0)
 
@@ -107,16 +112,19 @@ def test_sample_is_reproducible():
     assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("call", [
-    lambda t: toy.tree("C"),
-    lambda t: t.logp(torch.zeros(4, 3), 0.1),
-    lambda t: t.logp(torch.zeros(4), 0.1),
-    lambda t: t.score(torch.zeros(4, 2), -0.1),
-    lambda t: t.score(torch.zeros(4, 2), torch.ones(3)),
-    lambda t: t.denoise(torch.full((4, 2), math.nan), 0.1),
-    lambda t: t.denoise(torch.zeros(4, 2), math.inf),
-    lambda t: t.sample(-1),
-])
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda t: toy.tree("C"),
+        lambda t: t.logp(torch.zeros(4, 3), 0.1),
+        lambda t: t.logp(torch.zeros(4), 0.1),
+        lambda t: t.score(torch.zeros(4, 2), -0.1),
+        lambda t: t.score(torch.zeros(4, 2), torch.ones(3)),
+        lambda t: t.denoise(torch.full((4, 2), math.nan), 0.1),
+        lambda t: t.denoise(torch.zeros(4, 2), math.inf),
+        lambda t: t.sample(-1),
+    ],
+)
 def test_bad_input_is_one_clear_line(call):
     with pytest.raises(GuidelabError) as e:
         call(toy.tree("A"))

@@ -10,8 +10,11 @@ from guidelab.training import checkpoint, load, load_model, save, save_model
 
 
 def test_round_trip(tmp_path):
-    tensors = {"a": torch.arange(6.0).view(2, 3), "b/c": torch.tensor([1, 2], dtype=torch.int64),
-               "view": torch.arange(10.0)[::2]}  # non-contiguous input is fine
+    tensors = {
+        "a": torch.arange(6.0).view(2, 3),
+        "b/c": torch.tensor([1, 2], dtype=torch.int64),
+        "view": torch.arange(10.0)[::2],
+    }  # non-contiguous input is fine
     config = {"model": {"name": "X", "n": 3}, "lr": 0.01, "betas": [0.9, 0.99], "text": "é", "flag": None}
     save(tmp_path / "c.safetensors", tensors, config)
     t, c = load(tmp_path / "c.safetensors")
@@ -60,6 +63,7 @@ def _bad_files(tmp_path):
     save(good, {"a": torch.zeros(100)}, {"v": 1})
     data = good.read_bytes()
     import safetensors.torch
+
     files = {
         "pickle": pickle.dumps({"a": [1, 2, 3]}),
         "text": b"hello, this is a text file\n" * 4,
@@ -106,7 +110,7 @@ def test_atomic_write_helper(tmp_path):
     p = checkpoint.atomic_write(tmp_path / "sub" / "f.bin", b"abc")
     assert p.read_bytes() == b"abc" and [q.name for q in p.parent.iterdir()] == ["f.bin"]
     mask = os.umask(0o022)
-    try:   # the permissions of a plain open(), not mkstemp's owner-only 0600
+    try:  # the permissions of a plain open(), not mkstemp's owner-only 0600
         plain = tmp_path / "plain.bin"
         plain.write_bytes(b"")
         q = checkpoint.atomic_write(tmp_path / "g.bin", lambda f: f.write(b"x"))

@@ -28,13 +28,12 @@ def blurred_a(x, sigma, **cond):
     Its noisy density at sigma is A's at s = sqrt(sigma^2 + TAU^2), so its score is A's score at s and
     Tweedie gives D = x + sigma^2 / s^2 (D_A(x; s) - x).
     """
-    s = (sigma ** 2 + TAU ** 2).sqrt()
-    r = (sigma ** 2 / s ** 2)[:, None]
+    s = (sigma**2 + TAU**2).sqrt()
+    r = (sigma**2 / s**2)[:, None]
     return x + r * (A(x, s) - x)
 
 
-GUIDERS = {"cfg": lambda w: guidance.cfg(A, w, uncond=AB),
-           "autoguidance": lambda w: guidance.autoguidance(A, blurred_a, w)}
+GUIDERS = {"cfg": lambda w: guidance.cfg(A, w, uncond=AB), "autoguidance": lambda w: guidance.autoguidance(A, blurred_a, w)}
 
 
 def data_a(batch, gen):
@@ -64,8 +63,10 @@ def test_loss_is_zero_when_the_student_is_the_teacher(name):
     (w,) = student.ws
     assert w.shape == (64,) and 1.0 <= w.min() and w.max() <= 4.0 and w.std() > 0.5  # per-sample U[1, 4]
     # A student that ignores w (always unguided) does not match: the loss can fail.
-    assert distill_loss(GUIDERS[name], data_a, cfg)(TeacherAsStudent(GUIDERS[name], ignore_w=True), 64,
-                                                    step_generator(0, 0)).mean() > 1e-2
+    assert (
+        distill_loss(GUIDERS[name], data_a, cfg)(TeacherAsStudent(GUIDERS[name], ignore_w=True), 64, step_generator(0, 0)).mean()
+        > 1e-2
+    )
 
 
 def test_config_errors():
@@ -78,6 +79,7 @@ def test_config_errors():
 
 def test_distilled_student_samples_with_one_call_per_evaluation():
     from guidelab.models.mlp import ToyMLP
+
     torch.manual_seed(0)
     net = ToyMLP(hidden=16, depth=1, output="denoiser", extra_scalar="w").eval()
     with torch.no_grad():
@@ -98,7 +100,7 @@ def test_distilled_student_samples_with_one_call_per_evaluation():
     with torch.no_grad():
         out = samplers.heun(counted_D, x, schedules.karras(6, 0.002, 5))
     assert out.shape == (10, 2) and torch.isfinite(out).all()
-    assert len(evals) > 0 and len(calls) == len(evals)                # one network call per evaluation
+    assert len(evals) > 0 and len(calls) == len(evals)  # one network call per evaluation
     assert all(b == 10 and torch.equal(w, torch.full((10,), 3.0)) for b, w in calls)  # not a doubled batch
     with torch.no_grad():  # w changes the output; a per-sample w tensor is passed through
         s = torch.full((10,), 0.5)
@@ -118,17 +120,35 @@ ITERS = {"cfg": 400, "autoguidance": 600}
 @pytest.fixture(scope="module")
 def distilled(tmp_path_factory):
     """``get(name)``: the path of a small ToyMLP (w input) distilled from the exact guider ``name`` (trained once)."""
-    model = {"name": "ToyMLP", "dim": 2, "hidden": 64, "depth": 3, "sigma_data": 0.5, "num_classes": 0,
-             "output": "denoiser", "noise_cond": True, "extra_scalar": "w"}
+    model = {
+        "name": "ToyMLP",
+        "dim": 2,
+        "hidden": 64,
+        "depth": 3,
+        "sigma_data": 0.5,
+        "num_classes": 0,
+        "output": "denoiser",
+        "noise_cond": True,
+        "extra_scalar": "w",
+    }
     cache = {}
 
     def get(name):
         if name not in cache:
             n = ITERS[name]
             loop = LoopConfig(iters=n, batch=256, lr=0.01, lr_ref_steps=n // 4, ema=(0.05,), snapshot_every=n)
-            cache[name] = distill_student(tmp_path_factory.mktemp(name), model, GUIDERS[name], data_a, CFG, loop,
-                                          teacher=f"exact tree A, {name}", runtime=Runtime(progress=False, checkpoint_every=n))
+            cache[name] = distill_student(
+                tmp_path_factory.mktemp(name),
+                model,
+                GUIDERS[name],
+                data_a,
+                CFG,
+                loop,
+                teacher=f"exact tree A, {name}",
+                runtime=Runtime(progress=False, checkpoint_every=n),
+            )
         return cache[name]
+
     return get
 
 
@@ -139,7 +159,7 @@ def test_student_tracks_the_guided_teacher_on_the_tree(name, distilled):
     student = load_model(distilled(name))
     g = torch.Generator().manual_seed(123)
     n = 2000
-    sigma = torch.empty(n).uniform_(-2.3, 0.0, generator=g).exp()      # sigma in [0.1, 1]
+    sigma = torch.empty(n).uniform_(-2.3, 0.0, generator=g).exp()  # sigma in [0.1, 1]
     x = A.sample(n, sigma, generator=g)
     with torch.no_grad():
         for w in (2.0, 3.0):
@@ -154,6 +174,7 @@ def test_student_tracks_the_guided_teacher_on_the_tree(name, distilled):
 def test_progressive_loss_is_zero_for_a_linear_ode():
     """If D does not depend on x (D = c), the PF-ODE is linear in sigma: two Euler steps = one, so a student
     equal to the teacher has zero loss; a different student does not."""
+
     class Const(torch.nn.Module):
         def __init__(self, c):
             super().__init__()
@@ -177,8 +198,9 @@ def test_progressive_round_halves_the_steps(distilled, tmp_path):
     teacher_path = distilled("cfg")
     sigmas = schedules.karras(8, 0.002, 5)
     loop = LoopConfig(iters=300, batch=256, lr=0.003, lr_ref_steps=100, ema=(0.05,), snapshot_every=300)
-    path = progressive_round(tmp_path, teacher_path, sigmas, data_a, CFG, loop,
-                             runtime=Runtime(progress=False, checkpoint_every=300))
+    path = progressive_round(
+        tmp_path, teacher_path, sigmas, data_a, CFG, loop, runtime=Runtime(progress=False, checkpoint_every=300)
+    )
     teacher, student = load_model(teacher_path), load_model(path)
     x = 5 * torch.randn(2000, 2, generator=torch.Generator().manual_seed(7))
     with torch.no_grad():

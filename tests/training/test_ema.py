@@ -13,7 +13,7 @@ def test_sigma_rel_gamma_round_trip(sigma_rel):
     assert gamma > 0
     assert math.isclose(gamma_to_sigma_rel(gamma), sigma_rel, rel_tol=1e-9)
     # sigma_rel^2 = (g + 1) / ((g + 2)^2 (g + 3)) (EDM2 eq. 123)
-    assert math.isclose(sigma_rel ** 2 * (gamma + 2) ** 2 * (gamma + 3), gamma + 1, rel_tol=1e-9)
+    assert math.isclose(sigma_rel**2 * (gamma + 2) ** 2 * (gamma + 3), gamma + 1, rel_tol=1e-9)
 
 
 def test_longer_ema_has_smaller_gamma():
@@ -28,7 +28,7 @@ def test_bad_sigma_rel(bad):
 
 def test_beta():
     assert power_beta(1, 5.0) == 0.0  # the first step copies the network
-    assert math.isclose(power_beta(10, 1.0), 0.9 ** 2)
+    assert math.isclose(power_beta(10, 1.0), 0.9**2)
     with pytest.raises(GuidelabError):
         power_beta(0, 1.0)
 
@@ -43,7 +43,7 @@ def _net(value):
 
 def test_ema_of_constant_sequence_is_the_constant():
     net = _net(0.37)
-    ema = PowerEMA(_net(-5.0), (0.01, 0.1))   # starts elsewhere; beta_1 = 0 forgets it
+    ema = PowerEMA(_net(-5.0), (0.01, 0.1))  # starts elsewhere; beta_1 = 0 forgets it
     for t in range(1, 50):
         ema.update(net, t)
     for i in range(2):
@@ -64,9 +64,10 @@ def test_ema_tracks_power_function_profile():
             ema = PowerEMA(net, (sigma_rel,))
         ema.update(net, t)
     ts = torch.arange(1, T + 1, dtype=torch.float64)
-    expect = (ts ** (gamma + 1)).sum() / (ts ** gamma).sum()
-    torch.testing.assert_close(ema.state_dict(0)["weight"], torch.full((2, 3), expect.item(), dtype=torch.float64),
-                               rtol=2e-3, atol=0)
+    expect = (ts ** (gamma + 1)).sum() / (ts**gamma).sum()
+    torch.testing.assert_close(
+        ema.state_dict(0)["weight"], torch.full((2, 3), expect.item(), dtype=torch.float64), rtol=2e-3, atol=0
+    )
 
 
 def test_state_dict_round_trip():

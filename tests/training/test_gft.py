@@ -17,8 +17,15 @@ from guidelab.training.images import ImageConfig, image_loss, load_data, model_c
 
 def _net(seed=0, **kw):
     torch.manual_seed(seed)
-    kw = {"img_channels": 2, "img_resolution": 1, "hidden": 64, "depth": 2, "emb": 32, "num_classes": 2,
-          "extra_scalar": "beta"} | kw
+    kw = {
+        "img_channels": 2,
+        "img_resolution": 1,
+        "hidden": 64,
+        "depth": 2,
+        "emb": 32,
+        "num_classes": 2,
+        "extra_scalar": "beta",
+    } | kw
     net = PixelMLP(**kw)
     with torch.no_grad():  # a non-trivial output layer, so D depends on beta and label
         net.out.weight.normal_(0, 0.3)
@@ -56,6 +63,7 @@ def test_sampling_denoiser_is_one_call_at_beta_one_over_w():
     def counting(x, sigma, **cond):
         calls.append(cond)
         return net(x, sigma, **cond)
+
     counting.extra_scalar = "beta"
     x, sigma, label = torch.randn(5, 2, 1, 1), torch.full((5,), 0.7), torch.tensor([0, 1, 0, 1, 2])
     for w in (1, 2.5, 4.0):
@@ -79,7 +87,7 @@ def test_image_recipe_gft_builds_a_beta_network_and_trains_its_loss(tmp_path):
     assert net.extra_scalar == "beta"
     loss = image_loss(cfg, data)(net, 8, torch.Generator().manual_seed(0))
     assert loss.shape == (8,) and torch.isfinite(loss).all()
-    assert sample_grid(net, tmp_path / "grid.png", per_class=2, steps=2, w=2.0).exists()   # sampled at beta = 1/2
+    assert sample_grid(net, tmp_path / "grid.png", per_class=2, steps=2, w=2.0).exists()  # sampled at beta = 1/2
     with pytest.raises(GuidelabError):
         ImageConfig(recipe="gft", conditional=False)
     with pytest.raises(GuidelabError):
@@ -108,7 +116,7 @@ def test_gft_on_the_exact_tree_guides_like_cfg():
     world, exact = conditional_tree(leak=leak), conditional_tree(dtype=torch.float64)
     classes, phi, _, _ = _components()
     p_A = phi[classes == "A"].sum() / phi.sum()
-    p_0 = (p_A - leak) / (1 - 2 * leak)            # p_0 (1 - leak) + (1 - p_0) leak = p_A
+    p_0 = (p_A - leak) / (1 - 2 * leak)  # p_0 (1 - leak) + (1 - p_0) leak = p_A
     net = _net(hidden=64, depth=3)
     with torch.no_grad():
         net.out.weight.zero_()
@@ -122,11 +130,12 @@ def test_gft_on_the_exact_tree_guides_like_cfg():
         x0 = torch.cat([world.world(0).sample(n0, generator=g), world.world(1).sample(B - n0, generator=g)])
         sigma = (torch.randn(B, generator=g) * 1.5 - 1.0).exp()
         x = x0 + sigma[:, None] * torch.randn(x0.shape, generator=g)
-        label = torch.where(torch.rand(B, generator=g) < 0.1, 2, label)   # label dropout
+        label = torch.where(torch.rand(B, generator=g) < 0.1, 2, label)  # label dropout
         beta = torch.rand(B, generator=g)
-        loss = gft_loss(net, x[:, :, None, None], sigma, x0[:, :, None, None], net.precond,
-                        beta=beta, label=label, null_label=2).mean()
-        for group in opt.param_groups:                                     # linear decay over the second half
+        loss = gft_loss(
+            net, x[:, :, None, None], sigma, x0[:, :, None, None], net.precond, beta=beta, label=label, null_label=2
+        ).mean()
+        for group in opt.param_groups:  # linear decay over the second half
             group["lr"] = 3e-3 * min(1.0, 2 * (steps - step) / steps)
         opt.zero_grad()
         loss.backward()
@@ -138,16 +147,20 @@ def test_gft_on_the_exact_tree_guides_like_cfg():
     x_T = torch.randn(n, 2, generator=torch.Generator().manual_seed(1)) * sigmas[0]
     cond = {"label": torch.zeros(n, dtype=torch.long)}
     with torch.no_grad():
-        frac = {w: _fraction_A(heun(gft_denoiser(net, w), x_T[:, :, None, None], sigmas, cond=cond).flatten(1), exact)
-                for w in (1.0, 3.0)}
+        frac = {
+            w: _fraction_A(heun(gft_denoiser(net, w), x_T[:, :, None, None], sigmas, cond=cond).flatten(1), exact)
+            for w in (1.0, 3.0)
+        }
 
         def exact_cfg(w):
-            def D(x, sigma, label):   # at w = 1 the conditional branch alone: lerp(., D_c, 1) is D_c exactly
+            def D(x, sigma, label):  # at w = 1 the conditional branch alone: lerp(., D_c, 1) is D_c exactly
                 D_c = world.denoise(x, sigma, label)
                 return D_c if w == 1 else world.denoise(x, sigma, 2).lerp(D_c, w)
+
             return D
+
         ref = {w: _fraction_A(heun(exact_cfg(w), x_T, sigmas, cond=cond), exact) for w in (1.0, 3.0)}
     print(f"fraction A at label 0: GFT {frac}, exact CFG {ref}")
-    assert abs(frac[1.0] - ref[1.0]) < 0.08          # the conditional branch learned the leaky class
-    assert frac[3.0] > frac[1.0] + 0.05               # guidance moves samples towards A ...
-    assert frac[3.0] > ref[3.0] - 0.08                # ... about as far as exact CFG does
+    assert abs(frac[1.0] - ref[1.0]) < 0.08  # the conditional branch learned the leaky class
+    assert frac[3.0] > frac[1.0] + 0.05  # guidance moves samples towards A ...
+    assert frac[3.0] > ref[3.0] - 0.08  # ... about as far as exact CFG does

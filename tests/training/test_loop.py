@@ -22,8 +22,17 @@ def _run(run_dir, cfg, kill_at=None, checkpoint_every=5):
         if step == kill_at:
             raise Killed
 
-    return train(run_dir, cfg.model(), toy_loss(cfg), cfg.loop(), meta=asdict(cfg), checkpoint_every=checkpoint_every,
-                 progress=False, on_step=on_step, threads=1)
+    return train(
+        run_dir,
+        cfg.model(),
+        toy_loss(cfg),
+        cfg.loop(),
+        meta=asdict(cfg),
+        checkpoint_every=checkpoint_every,
+        progress=False,
+        on_step=on_step,
+        threads=1,
+    )
 
 
 def test_loss_decreases(tmp_path):
@@ -35,7 +44,7 @@ def test_loss_decreases(tmp_path):
     world, g = tree("A"), torch.Generator().manual_seed(123)
     sigma = (torch.randn(2048, generator=g) * 1.5 - 2.3).exp()
     x = world.sample(2048, sigma, generator=g)
-    err = lambda m: (sigma ** 2 * (m.score(x, sigma) - world.score(x, sigma)).square().mean(1)).mean().item()
+    err = lambda m: (sigma**2 * (m.score(x, sigma) - world.score(x, sigma)).square().mean(1)).mean().item()
     assert err(load_model(final)) < 0.8 * err(build(cfg.model()).eval())
 
 
@@ -44,7 +53,7 @@ def test_kill_and_resume_is_bit_identical(tmp_path, kill_at):
     cfg = ToyConfig(iters=24, **TINY)
     final = _run(tmp_path / "full", cfg)
     with pytest.raises(Killed):
-        _run(tmp_path / "resumed", cfg, kill_at=kill_at)   # state saved at 5, 10, 15, 20, 24
+        _run(tmp_path / "resumed", cfg, kill_at=kill_at)  # state saved at 5, 10, 15, 20, 24
     final2 = _run(tmp_path / "resumed", cfg)
     a, ca = load(tmp_path / "full" / "state.safetensors")
     b, cb = load(tmp_path / "resumed" / "state.safetensors")
@@ -124,8 +133,10 @@ def test_sigkill_and_resume_is_bit_identical(tmp_path):
     import time
 
     kw = dict(iters=400, **{**TINY, "snapshot_every": 50})
-    code = (f"from guidelab.training import train_toy; "
-            f"train_toy({str(tmp_path / 'killed')!r}, progress=False, checkpoint_every=7, **{kw!r})")
+    code = (
+        f"from guidelab.training import train_toy; "
+        f"train_toy({str(tmp_path / 'killed')!r}, progress=False, checkpoint_every=7, **{kw!r})"
+    )
     proc = subprocess.Popen([sys.executable, "-c", code])
     try:
         deadline = time.time() + 120

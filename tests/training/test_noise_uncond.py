@@ -48,7 +48,7 @@ def test_network_output_does_not_depend_on_sigma(preset):
     assert net.noise_cond is False and net.noise_fourier is None
     g = torch.Generator().manual_seed(1)
     x_in = torch.randn(6, 1, 8, 8, generator=g)
-    label = torch.tensor([0, 1, 2, 3, 10, 10])                      # 10: the null label
+    label = torch.tensor([0, 1, 2, 3, 10, 10])  # 10: the null label
     with torch.no_grad():
         outs = [raw_output(net, x_in, torch.full((6,), s), label=label) for s in (0.01, 0.5, 3.0, 80.0)]
         for o in outs[1:]:
@@ -64,8 +64,7 @@ def test_network_output_does_not_depend_on_sigma(preset):
         F = raw_output(net, c_in * x, torch.full((6,), 0.3), label=label)
         torch.testing.assert_close(d2, c_skip * x + c_out * F, rtol=1e-4, atol=1e-5)
         # the noise-embedding hook (time-step guidance) is a no-op too
-        torch.testing.assert_close(net(x, s, label=label, noise_embed_offset=torch.full((6,), 3.0)),
-                                   net(x, s, label=label))
+        torch.testing.assert_close(net(x, s, label=label, noise_embed_offset=torch.full((6,), 3.0)), net(x, s, label=label))
 
 
 def test_the_default_network_does_depend_on_sigma(preset):
@@ -81,17 +80,25 @@ def test_the_default_network_does_depend_on_sigma(preset):
 # ----------------------------------------------------------------------------------------------
 # The exact 2-D world: a noise-blind ToyMLP against its noise-conditional twin (same recipe otherwise).
 
+
 def _toy_pair(tmp_path, seed=0):
     from guidelab.training import load_model
     from guidelab.training.loop import train
     from guidelab.training.toy import ToyConfig, toy_loss
 
-    cfg = ToyConfig(output="denoiser", loss="edm", hidden=32, iters=300, batch=512, lr_ref_steps=100,
-                    snapshot_every=300, seed=seed)
+    cfg = ToyConfig(
+        output="denoiser", loss="edm", hidden=32, iters=300, batch=512, lr_ref_steps=100, snapshot_every=300, seed=seed
+    )
     nets = {}
     for nc in (True, False):
-        path = train(tmp_path / f"nc{int(nc)}", {**cfg.model(), "noise_cond": nc}, toy_loss(cfg), cfg.loop(),
-                     progress=False, checkpoint_every=300)
+        path = train(
+            tmp_path / f"nc{int(nc)}",
+            {**cfg.model(), "noise_cond": nc},
+            toy_loss(cfg),
+            cfg.loop(),
+            progress=False,
+            checkpoint_every=300,
+        )
         nets[nc] = load_model(path)
     return nets
 

@@ -11,7 +11,7 @@ from guidelab.training.phema import inner, profile_error, reconstruct, snapshots
 def test_inner_product_matches_quadrature():
     for t_a, g_a, t_b, g_b in [(100, 6.9, 60, 16.9), (50, 2.0, 50, 0.5), (7, 0.0, 300, 3.3)]:
         tau = np.linspace(0, min(t_a, t_b), 200001)
-        p = lambda t, g, tau=tau: (g + 1) * tau ** g / t ** (g + 1)
+        p = lambda t, g, tau=tau: (g + 1) * tau**g / t ** (g + 1)
         ref = np.trapezoid(p(t_a, g_a) * p(t_b, g_b), tau)
         assert inner(t_a, g_a, t_b, g_b) == pytest.approx(ref, rel=1e-6)
 
@@ -76,6 +76,6 @@ def test_reconstruct_from_a_run(tmp_path):
     with pytest.raises(GuidelabError, match="sigma_rel must be in"):
         reconstruct(run, 0.5)
     with pytest.raises(GuidelabError, match=r"step must be an integer in \[1, 12\]"):
-        reconstruct(run, 0.05, step=99999)                       # beyond the last snapshot: refused, not the last one
+        reconstruct(run, 0.05, step=99999)  # beyond the last snapshot: refused, not the last one
     (run / "ema-0000004-0.05junk.safetensors").write_bytes(b"junk")  # not a snapshot name: ignored
     assert len(snapshots(run)) == 6

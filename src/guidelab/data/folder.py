@@ -76,7 +76,7 @@ def image_folder(root: str | Path, resolution: int | None = None, channels: int 
         files = [(f, -1) for f in _files(root)]
     check(len(files) > 0, f"no images ({', '.join(IMAGE_SUFFIXES)}) found in {root}")
     mode = "L" if channels == 1 else "RGB"
-    arrays = []
+    arrays: list[np.ndarray] = []
     for f, _ in files:
         a = _read(f, mode, resolution)
         if arrays and a.shape != arrays[0].shape:

@@ -46,9 +46,9 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
         S1.shape == (D, D) and S2.shape == (D, D),
         f"sigma1 and sigma2 must have shape [{D}, {D}], got {list(S1.shape)} and {list(S2.shape)}",
     )
-    mu1, mu2, S1, S2 = (t.numpy() for t in (mu1, mu2, S1, S2))
-    S1, S2 = (S1 + S1.T) / 2, (S2 + S2.T) / 2
-    return float(np.square(mu1 - mu2).sum() + np.trace(S1) + np.trace(S2) - 2 * _trace_sqrt_product(S1, S2))
+    m1, m2, C1, C2 = (t.numpy() for t in (mu1, mu2, S1, S2))
+    C1, C2 = (C1 + C1.T) / 2, (C2 + C2.T) / 2
+    return float(np.square(m1 - m2).sum() + np.trace(C1) + np.trace(C2) - 2 * _trace_sqrt_product(C1, C2))
 
 
 def _trace_sqrt_product(S1: np.ndarray, S2: np.ndarray) -> float:

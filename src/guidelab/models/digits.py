@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from typing import cast
 
 import torch
 from torch import nn
@@ -62,7 +63,9 @@ class DigitsClassifier(nn.Module):
         if self.noise_aware:
             self.precond = EDMPrecond(self.sigma_data)
             self.fourier = Fourier(32, seed=3)
-            self.noise_bias = nn.ModuleList([nn.Linear(32, m.out_channels) for m in self.convs] + [nn.Linear(32, features)])
+            self.noise_bias = nn.ModuleList(
+                [nn.Linear(32, cast(nn.Conv2d, m).out_channels) for m in self.convs] + [nn.Linear(32, features)]
+            )
 
     def config(self) -> dict:
         return dict(
@@ -160,6 +163,7 @@ def _train(model, *, steps, batch, lr, P_mean, P_std, seed) -> DigitsClassifier:
         for group in opt.param_groups:
             group["lr"] = lr / math.sqrt(max(step / 500, 1))
         i = torch.randint(len(data), (batch,), generator=g)
+        assert data.labels is not None  # the digits set is labelled
         x, y = data.images[i], data.labels[i]
         sigma = None
         if model.noise_aware:

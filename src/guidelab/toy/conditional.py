@@ -23,9 +23,9 @@ class ConditionalTree:
     """``D(x, sigma, label) = E[x0 | x; class(label)]``, exact; ``label`` an int or a [batch] tensor."""
 
     classes = ("A", "B", "AB")
-    num_classes = 2    # real classes; label 2 is the null label
+    num_classes = 2  # real classes; label 2 is the null label
     null_label = 2
-    condition = Condition("label", {"label": 2}, 2)      # read by guidance.cfg / icg
+    condition = Condition("label", {"label": 2}, 2)  # read by guidance.cfg / icg
 
     def __init__(self, *, leak: float = 0.0, dtype: torch.dtype = torch.float32):
         check(0 <= leak < 0.5, f"leak must be in [0, 0.5), got {leak!r}")
@@ -44,7 +44,10 @@ class ConditionalTree:
         label = torch.as_tensor(label, device=x.device)
         if label.ndim == 0:
             label = label.expand(x.shape[0])
-        check(label.shape == (x.shape[0],), f"label must be an int or a tensor of shape [batch]=[{x.shape[0]}], got {list(label.shape)}")
+        check(
+            label.shape == (x.shape[0],),
+            f"label must be an int or a tensor of shape [batch]=[{x.shape[0]}], got {list(label.shape)}",
+        )
         check(bool(((label >= 0) & (label <= 2)).all()), "labels must be 0 (A), 1 (B) or 2 (null = AB)")
         out = None
         for k in range(3):
@@ -55,6 +58,7 @@ class ConditionalTree:
             if out is None:
                 out = part.new_empty((x.shape[0],) + part.shape[1:])
             out[m] = part
+        assert out is not None
         return out
 
     def denoise(self, x: torch.Tensor, sigma, label) -> torch.Tensor:

@@ -30,19 +30,19 @@ def _components(seed: int = 2):
         if depth >= DEPTH:
             return
         direction = np.array([np.cos(angle), np.sin(angle)])
-        length = 0.292 * 0.8 ** depth * (1 + 0.2 * rnd.randn())
-        thick = 0.2 * 0.8 ** depth / length
+        length = 0.292 * 0.8**depth * (1 + 0.2 * rnd.randn())
+        thick = 0.2 * 0.8**depth / length
         size = SCALE * length * 0.06
         along = np.outer(direction, direction)
-        cov = (along + (np.eye(2) - along) * thick ** 2) * np.outer(size, size)
+        cov = (along + (np.eye(2) - along) * thick**2) * np.outer(size, size)
         for t in np.linspace(0.07, 0.93, num=8):
             cls.append(c)
-            phi.append(length * 0.5 ** depth)
+            phi.append(length * 0.5**depth)
             mu.append((pos + direction * length * t) * SCALE)
             Sigma.append(cov)
         for sign in (1, -1):
             # The child's angle is drawn before recursing, even when the child is a leaf.
-            branch(c, depth + 1, pos + direction * length, angle + sign * 0.7 ** depth * (1 + 0.2 * rnd.randn()))
+            branch(c, depth + 1, pos + direction * length, angle + sign * 0.7**depth * (1 + 0.2 * rnd.randn()))
 
     branch("A", 0, ORIGIN, np.pi * 0.25)
     branch("B", 0, ORIGIN, np.pi * 1.25)
