@@ -5,6 +5,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from test_edm2_pickle import write_pkl
+from test_edm2_presets import _net as tiny_net
 
 from guidelab.app import cli
 from guidelab.app.jobs import load_shards
@@ -14,24 +15,7 @@ from guidelab.training import load_model, save_model
 
 
 def _net(label_dim, channels, seed, img_channels=3):
-    torch.manual_seed(seed)
-    net = edm2.EDM2(
-        img_resolution=8,
-        img_channels=img_channels,
-        label_dim=label_dim,
-        use_fp16=False,
-        model_channels=channels,
-        channel_mult=[1, 2],
-        num_blocks=1,
-        attn_resolutions=[4],
-        channels_per_head=8,
-        logvar_channels=8,
-    )
-    with torch.no_grad():
-        for name, p in net.named_parameters():
-            if name.endswith("gain"):
-                p.copy_(torch.randn([]) * 0.5)
-    return net.eval()
+    return tiny_net(label_dim, channels, seed, img_channels=img_channels, gain_std=0.5)
 
 
 def run(*args):

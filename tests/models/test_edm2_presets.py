@@ -64,11 +64,12 @@ def test_resolve_names_the_missing_file(tmp_path):
         edm2.resolve("edm2-img512-xxl-fid", tmp_path / "nowhere")
 
 
-def _net(label_dim, channels, seed):
+def _net(label_dim, channels, seed, img_channels=4, gain_std=1.0):
+    """A tiny random EDM2 (8x8, two levels) with random block gains, so its output is not trivial."""
     torch.manual_seed(seed)
     net = edm2.EDM2(
         img_resolution=8,
-        img_channels=4,
+        img_channels=img_channels,
         label_dim=label_dim,
         use_fp16=False,
         model_channels=channels,
@@ -81,7 +82,7 @@ def _net(label_dim, channels, seed):
     with torch.no_grad():
         for name, p in net.named_parameters():
             if name.endswith("gain"):
-                p.copy_(torch.randn([]))
+                p.copy_(torch.randn([]) * gain_std)
     return net.eval()
 
 
