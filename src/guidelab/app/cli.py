@@ -887,6 +887,20 @@ def inverse_cmd(model, task, method, input_path, out, mask, factor, n, seed, ste
     click.echo(f"wrote {path}/samples.npz and {path}/grid.png")
 
 
+def _load_commands() -> None:
+    """Import every module of :mod:`guidelab.app.commands` (each registers its command on :func:`main`)."""
+    import importlib
+    import pkgutil
+
+    from . import commands
+
+    for m in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
+        importlib.import_module(f"{commands.__name__}.{m.name}")
+
+
+_load_commands()
+
+
 def run() -> None:
     """Entry point: user mistakes become one line on stderr and exit code 2."""
     try:
