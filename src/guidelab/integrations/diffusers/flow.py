@@ -105,28 +105,30 @@ def flow_scheduler(scheduler_config: dict):
         raise GuidelabError(f"unsupported flow scheduler config: {e}") from None
 
 
-def flow_sigmas(scheduler_config: dict, steps: int, *, mu: float | None = None) -> torch.Tensor:
+def flow_sigmas(scheduler_config: dict, steps: int, *, mu: float | None = None, sigmas=None) -> torch.Tensor:
     """EDM sigmas (float64, ending in 0) of the grid the flow scheduler makes for ``steps`` steps: shift, dynamic
     shifting (``mu``, FLUX: from the image size, see :func:`flux_mu`), shift_terminal, karras / exponential / beta
-    sigmas all as the scheduler applies them; t = 1 becomes :data:`SIGMA_T1`."""
+    sigmas all as the scheduler applies them; ``sigmas``: the unshifted flow times a pipeline passes (FLUX:
+    ``linspace(1, 1 / n, n)``); t = 1 becomes :data:`SIGMA_T1`."""
     check(isinstance(steps, int) and steps >= 1, f"steps must be an integer >= 1, got {steps!r}")
     sched = flow_scheduler(scheduler_config)
     check(
         not sched.config.use_dynamic_shifting or mu is not None,
         "this flow scheduler uses dynamic shifting: pass mu (the resolution-dependent shift, flux_mu(...))",
     )
-    sched.set_timesteps(steps, mu=mu)
+    sched.set_timesteps(None if sigmas is not None else steps, sigmas=sigmas, mu=mu)
     t = sched.sigmas.double()
     sig = to_sigma(t)
     sig[-1] = 0.0
     return sig
 
 
-def flux_mu(image_seq_len: int, scheduler_config: dict) -> float:
+def flux_mu(image_seq_len: int, scheduler_config: dict, *, max_shift: float = 1.15) -> float:
     """FLUX's dynamic shift ``mu``: linear in the packed sequence length between (base_image_seq_len, base_shift)
-    and (max_image_seq_len, max_shift), as diffusers' ``calculate_shift``."""
+    and (max_image_seq_len, max_shift), as diffusers' ``calculate_shift``; ``max_shift``: the default when the
+    config has none (FluxPipeline 1.15, StableDiffusion3Pipeline 1.16)."""
     c = dict(scheduler_config)
     lo, hi = c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096)
-    b, m = c.get("base_shift", 0.5), c.get("max_shift", 1.15)
+    b, m = c.get("base_shift", 0.5), c.get("max_shift", max_shift)
     k = (m - b) / (hi - lo)
     return image_seq_len * k + (b - k * lo)

@@ -4,13 +4,16 @@ sampler, with the pipeline's own ``encode_prompt`` and VAE.
     pipe = load_pipeline("path/to/sd", dtype=torch.float32, device="cpu")
     images = pipe.generate(["a red cube"], guider="cfg", w=7.5, steps=20, seeds=[0])   # [N, 3, H, W] in [0, 1]
 
-Supported: :data:`PIPELINES`. The denoiser: :class:`~.adapter.DiffusersDenoiser` (VP UNets) or
-:class:`~.flow.FlowDenoiser` (SD3); the schedule ``"pipeline"`` is the folder's scheduler grid
-(:mod:`.scheduler`). The negative prompt (default "") is the reference branch of cfg and its relatives.
+Supported: :data:`PIPELINES`. The denoiser: :class:`~.adapter.DiffusersDenoiser` (VP UNets, PixArt),
+:class:`~.sdxl.SDXLDenoiser` (SDXL) or :class:`~.flow.FlowDenoiser` (SD3, FLUX: :mod:`.flux`); the schedule
+``"pipeline"`` is the folder's scheduler grid (:mod:`.scheduler`, FLUX / SD3 dynamic shift included). The negative
+prompt (default: "", SDXL's zeros) is the reference branch of cfg and its relatives.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,39 +24,99 @@ from ...errors import GuidelabError, check
 from ...guidance import registry
 from ...guidance.protocols import Condition
 from ...rng import SampleNoise
-from . import flow, scheduler
+from . import flow, flux, scheduler
 from .adapter import DiffusersDenoiser, make_sigmas
+from .sdxl import SDXLDenoiser
 
 #: Pipeline class -> its denoiser's folder.
-PIPELINES = {"StableDiffusionPipeline": "unet", "StableDiffusion3Pipeline": "transformer"}
+PIPELINES = {
+    "StableDiffusionPipeline": "unet",
+    "StableDiffusionXLPipeline": "unet",
+    "PixArtAlphaPipeline": "transformer",
+    "PixArtSigmaPipeline": "transformer",
+    "StableDiffusion3Pipeline": "transformer",
+    "FluxPipeline": "transformer",
+}
+#: Flow-matching pipelines (:mod:`.flow`); the others are VP (:class:`~.adapter.DiffusersDenoiser`).
+FLOW = ("StableDiffusion3Pipeline", "FluxPipeline")
 #: Guiders whose reference branch is the negative / empty prompt (the registry's ``null_label`` need).
 REFERENCE = tuple(registry.names(needs={"null_label"}))
+_CLIP = ("text_encoder", "tokenizer")
 #: Components each pipeline needs (a missing one is an error naming folder and component).
 COMPONENTS = {
-    "StableDiffusionPipeline": ("unet", "vae", "text_encoder", "tokenizer", "scheduler"),
-    "StableDiffusion3Pipeline": ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler"),
+    "StableDiffusionPipeline": ("unet", "vae", *_CLIP, "scheduler"),
+    "StableDiffusionXLPipeline": ("unet", "vae", *_CLIP, "text_encoder_2", "tokenizer_2", "scheduler"),
+    "PixArtAlphaPipeline": ("transformer", "vae", *_CLIP, "scheduler"),
+    "PixArtSigmaPipeline": ("transformer", "vae", *_CLIP, "scheduler"),
+    "StableDiffusion3Pipeline": ("transformer", "vae", *_CLIP, "text_encoder_2", "tokenizer_2", "scheduler"),
+    "FluxPipeline": ("transformer", "vae", *_CLIP, "text_encoder_2", "tokenizer_2", "scheduler"),
 }
+#: Weight files that unpickle (refused unless ``allow_pickle=True``).
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+#: PixArt's resolution bins by transformer sample_size (diffusers' ``use_resolution_binning``).
+_BINS = {
+    "PixArtAlphaPipeline": {128: "ASPECT_RATIO_1024_BIN", 64: "ASPECT_RATIO_512_BIN", 32: "ASPECT_RATIO_256_BIN"},
+    "PixArtSigmaPipeline": {
+        256: "ASPECT_RATIO_2048_BIN",
+        128: "ASPECT_RATIO_1024_BIN",
+        64: "ASPECT_RATIO_512_BIN",
+        32: "ASPECT_RATIO_256_BIN",
+    },
+}
+log = logging.getLogger("guidelab.integrations.diffusers")
 
 
-def load_pipeline(folder, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Pipeline:
-    """A :class:`Pipeline` from a local folder (``model_index.json``; ``local_files_only=True``) or a ready
-    ``DiffusionPipeline``; an unsupported class or a missing component is one clear error."""
+def _weights(folder: Path, spec: dict, allow_pickle: bool) -> None:
+    """Refuse (unless ``allow_pickle``) a component whose weights exist only as pickle files."""
+    pickled = []
+    for comp, v in spec.items():
+        d = folder / comp
+        if comp.startswith("_") or not (isinstance(v, list) and v[0] is not None) or not d.is_dir():
+            continue
+        names = [p.name for p in d.iterdir() if p.is_file()]
+        if any(n.endswith(PICKLE_SUFFIXES) for n in names) and not any(n.endswith(".safetensors") for n in names):
+            pickled.append(comp)
+    if not pickled:
+        return
+    check(
+        allow_pickle,
+        f"{folder}: the weights of {', '.join(pickled)} are pickle files only (.bin / .pt); they are not loaded "
+        "(unpickling can run code): convert them to safetensors, or pass allow_pickle=True (CLI --allow-bin)",
+    )
+    log.warning("%s: loading pickle weights of %s (allow_pickle=True): unpickling can run code", folder, ", ".join(pickled))
+
+
+def load_pipeline(
+    folder,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    allow_pickle: bool = False,
+) -> Pipeline:
+    """A :class:`Pipeline` from a local folder (``model_index.json``; ``from_pretrained(..., local_files_only=True,
+    use_safetensors=True)``) or a ready ``DiffusionPipeline``; an unsupported class, a missing component or
+    pickle-only weights (unless ``allow_pickle=True``, which logs a warning) is one clear error."""
     import diffusers
 
     if isinstance(folder, (str, os.PathLike)):
         path = Path(folder)
         index = path / "model_index.json"
         check(index.exists(), f"{path} has no model_index.json (expected a local diffusers pipeline folder)")
-        import json
-
         spec = json.loads(index.read_text())
         name = spec.get("_class_name")
         check(name in PIPELINES, f"{path}: pipeline class {name!r} is not supported; allowed: {', '.join(PIPELINES)}")
         for comp in COMPONENTS[name]:
             check((path / comp).is_dir(), f"{path}: component {comp!r} is missing (no {comp}/ folder); nothing is downloaded")
+        _weights(path, spec, allow_pickle)
         try:
             absent = {k: None for k, v in spec.items() if isinstance(v, list) and v[0] is None}  # saved as None
-            pipe = getattr(diffusers, name).from_pretrained(path, local_files_only=True, torch_dtype=dtype, **absent)
+            pipe = getattr(diffusers, name).from_pretrained(
+                path,
+                local_files_only=True,
+                use_safetensors=None if allow_pickle else True,
+                torch_dtype=dtype,
+                **absent,
+            )
         except (OSError, ValueError) as e:
             raise GuidelabError(f"{path}: cannot load {name}: {str(e).splitlines()[0]}") from None
     else:
@@ -69,54 +132,141 @@ class Pipeline:
     def __init__(self, pipe, *, dtype: torch.dtype, device):
         self.pipe, self.dtype, self.device = pipe, dtype, torch.device(device)
         self.kind = type(pipe).__name__
-        self.flow = self.kind == "StableDiffusion3Pipeline"
+        self.flow = self.kind in FLOW
         self.net = getattr(pipe, PIPELINES[self.kind])
         self.config = dict(pipe.scheduler.config)
+        self._sig: dict = {}  # (steps, schedule, size) -> the run's sigmas (pure functions of the config)
+
+    # -- sizes ----------------------------------------------------------------------------------
+    def size(self, height: int | None, width: int | None) -> tuple[int, int, tuple[int, int] | None]:
+        """``(height, width, orig)`` of the image the network samples: the pipeline's default size, PixArt's
+        resolution bin (``orig``: the size it is resized back to, None without binning)."""
+        p, c = self.pipe, self.net.config
+        f = p.vae_scale_factor
+        if self.kind == "FluxPipeline":
+            return (height or p.default_sample_size * f), (width or p.default_sample_size * f), None
+        size = c.sample_size if isinstance(c.sample_size, int) else c.sample_size[0]
+        h, w = height or size * f, width or size * f
+        bins = _BINS.get(self.kind, {})
+        if c.sample_size not in bins:
+            return h, w, None  # diffusers bins only these sizes (others: use_resolution_binning=False)
+        from diffusers.pipelines.pixart_alpha import pipeline_pixart_alpha as alpha
+        from diffusers.pipelines.pixart_alpha import pipeline_pixart_sigma as sigma
+
+        table = getattr(sigma if hasattr(sigma, bins[c.sample_size]) else alpha, bins[c.sample_size])
+        bh, bw = p.image_processor.classify_height_width_bin(h, w, ratios=table)
+        return bh, bw, (h, w)
+
+    def latent_shape(self, height: int, width: int) -> list[int]:
+        if self.kind == "FluxPipeline":
+            return flux.packed_shape(self.pipe, height, width)
+        f = self.pipe.vae_scale_factor
+        return [self.net.config.in_channels, int(height) // f, int(width) // f]
 
     # -- conditioning -------------------------------------------------------------------------
-    def encode(self, prompts: list[str], negative: str):
-        """``(cond [N], null)`` of the prompts and the negative prompt, by the pipeline's ``encode_prompt``."""
-        p = self.pipe
+    def encode(self, prompts: list[str], negative: str | None, *, size: tuple[int, int], guidance, reference: bool):
+        """``(cond [N], null)`` of the prompts and the negative prompt (None: the pipeline's own default, "" or
+        SDXL's zeros), by the pipeline's ``encode_prompt``; ``reference``: the guider has a reference branch."""
+        p, dev, N = self.pipe, self.device, len(prompts)
+        negs = [negative or ""] * N
         with torch.no_grad():
-            if self.flow:
+            if self.kind == "StableDiffusion3Pipeline":
                 emb, neg, pooled, neg_pooled = p.encode_prompt(
-                    prompts,
-                    prompts,
-                    prompts,
-                    device=self.device,
-                    do_classifier_free_guidance=True,
-                    negative_prompt=[negative] * len(prompts),
+                    prompts, prompts, prompts, device=dev, do_classifier_free_guidance=True, negative_prompt=negs
                 )
                 return (
                     {"encoder_hidden_states": emb, "pooled_projections": pooled},
                     {"encoder_hidden_states": neg[:1], "pooled_projections": neg_pooled[:1]},
                 )
-            emb, neg = p.encode_prompt(prompts, self.device, 1, True, negative_prompt=[negative] * len(prompts))
+            if self.kind == "FluxPipeline":
+                emb, pooled, txt_ids = p.encode_prompt(prompts, prompts, device=dev)
+                cond = {"encoder_hidden_states": emb, "pooled_projections": pooled}
+                if self.net.config.guidance_embeds:
+                    check(guidance is not None, "this FLUX model is guidance-distilled: pass guidance= (diffusers' 3.5)")
+                    cond["guidance"] = torch.full((N,), float(guidance), device=dev, dtype=torch.float32)
+                else:
+                    check(guidance is None, "guidance= is the input of guidance-distilled FLUX models; this one has none")
+                null = {}
+                if reference:
+                    neg, neg_pooled, _ = p.encode_prompt(negs[:1], negs[:1], device=dev)
+                    null = {"encoder_hidden_states": neg, "pooled_projections": neg_pooled}
+                self._txt_ids = txt_ids
+                return cond, null
+            check(guidance is None, f"guidance= is FLUX's distilled guidance input; a {self.kind} has none")
+            if self.kind == "StableDiffusionXLPipeline":
+                emb, neg, pooled, neg_pooled = p.encode_prompt(
+                    prompts, None, dev, 1, True, negative_prompt=None if negative is None else negs
+                )
+                te2 = p.text_encoder_2
+                proj = int(pooled.shape[-1]) if te2 is None else te2.config.projection_dim
+                ids = p._get_add_time_ids(size, (0, 0), size, dtype=emb.dtype, text_encoder_projection_dim=proj)
+                cond = {"encoder_hidden_states": emb, "text_embeds": pooled, "time_ids": ids.to(dev).repeat(N, 1)}
+                return cond, {"encoder_hidden_states": neg[:1], "text_embeds": neg_pooled[:1]}
+            if self.kind in _BINS:
+                emb, mask, neg, neg_mask = p.encode_prompt(
+                    prompts,
+                    True,
+                    negative_prompt=negative or "",
+                    device=dev,
+                    clean_caption=True,
+                    max_sequence_length=120 if self.kind == "PixArtAlphaPipeline" else 300,
+                )
+                cond = {"encoder_hidden_states": emb, "encoder_attention_mask": mask}
+                if self.net.config.sample_size == 128:  # diffusers' micro-conditions (PixArt alpha 1024)
+                    h, w = size
+                    cond["resolution"] = torch.tensor([[h, w]] * N, dtype=emb.dtype, device=dev)
+                    cond["aspect_ratio"] = torch.tensor([[h / w]] * N, dtype=emb.dtype, device=dev)
+                return cond, {"encoder_hidden_states": neg[:1], "encoder_attention_mask": neg_mask[:1]}
+            emb, neg = p.encode_prompt(prompts, dev, 1, True, negative_prompt=negs)
             return {"encoder_hidden_states": emb}, {"encoder_hidden_states": neg[:1]}
 
-    def denoiser(self, null: dict):
+    def denoiser(self, null: dict, size: tuple[int, int] | None = None):
         """The pipeline's network as an EDM denoiser whose null condition is ``null`` (the negative prompt)."""
         if not self.flow:
-            return DiffusersDenoiser(self.net, self.config, null_text=null["encoder_hidden_states"])
+            text = null["encoder_hidden_states"]
+            if self.kind == "StableDiffusionXLPipeline":
+                return SDXLDenoiser(self.net, self.config, null_text=text, null_pooled=null["text_embeds"])
+            return DiffusersDenoiser(self.net, self.config, null_text=text, null_mask=null.get("encoder_attention_mask"))
         over = {k: (lambda old, v=v: v.to(old).expand(old.shape[0], *v.shape[1:])) for k, v in null.items()}
+        if self.kind == "FluxPipeline":
+            assert size is not None  # FLUX's position ids depend on the image size
+            ids = flux.image_ids(self.pipe, *size, self.device, self._txt_ids.dtype)
+            velocity = flux.velocity_call(self.net, ids, self._txt_ids)
+        else:
+            velocity = flow.velocity_call(self.net)
         return flow.FlowDenoiser(
-            flow.velocity_call(self.net),
+            velocity,
             num_train_timesteps=self.config.get("num_train_timesteps", 1000),
             dtype=self.dtype,
             condition=Condition("encoder_hidden_states", over),
             model=self.net,
         )
 
-    def latent_shape(self) -> list[int]:
-        c = self.net.config
-        size = c.sample_size if isinstance(c.sample_size, int) else c.sample_size[0]
-        return [c.in_channels, size, size]
+    def sigmas(self, den, steps: int, schedule: str, latent: list[int]) -> torch.Tensor:
+        key = (steps, schedule, tuple(latent))
+        if key not in self._sig:
+            self._sig[key] = self._sigmas(den, steps, schedule, latent)
+        return self._sig[key]
 
-    def sigmas(self, den, steps: int, schedule: str) -> torch.Tensor:
-        if schedule == "pipeline":
-            return scheduler.pipeline_sigmas(self.config if self.flow else den, steps).double()
-        check(not self.flow, f"flow pipelines take schedule 'pipeline' (the scheduler's shifted grid), not {schedule!r}")
-        return make_sigmas(den, steps, schedule).double()
+    def _sigmas(self, den, steps: int, schedule: str, latent: list[int]) -> torch.Tensor:
+        if schedule != "pipeline":
+            check(not self.flow, f"flow pipelines take schedule 'pipeline' (the scheduler's shifted grid), not {schedule!r}")
+            return make_sigmas(den, steps, schedule).double()
+        if self.kind == "FluxPipeline":
+            return flux.pipeline_sigmas(self.config, steps, latent[0])
+        if self.kind == "StableDiffusion3Pipeline":
+            mu = None
+            if self.config.get("use_dynamic_shifting"):
+                ps = self.net.config.patch_size
+                mu = flow.flux_mu((latent[1] // ps) * (latent[2] // ps), self.config, max_shift=1.16)
+            return scheduler.pipeline_sigmas(self.config, steps, mu=mu).double()
+        check(
+            scheduler.class_name(self.config) != "PNDMScheduler",
+            "PNDMScheduler (PLMS, the SD 1.x default) has no guidelab equal: save the folder with DDIMScheduler or "
+            "EulerDiscreteScheduler (scheduler/scheduler_config.json) to sample its grid equal to diffusers, or pass "
+            "schedule='leading' (PNDM's timesteps; not equal to diffusers' PNDM output)",
+        )
+        return scheduler.pipeline_sigmas(den, steps).double()
 
     # -- sampling -----------------------------------------------------------------------------
     def generate(
@@ -134,13 +284,19 @@ class Pipeline:
         progress: bool = False,
         guide: str | os.PathLike | Pipeline | None = None,
         interval: tuple[float, float] | None = None,
+        guidance: float | None = None,
+        height: int | None = None,
+        width: int | None = None,
         **options,
     ) -> torch.Tensor:
         """Images [N, 3, H, W] in [0, 1], decoded by the pipeline's VAE. ``sampler``: default the one equal to the
-        folder's scheduler; ``latents``: the unit-Gaussian start a diffusers pipeline takes (else from ``seeds``,
-        sample i from seed i); ``options``: the guider's keywords; ``out``: also write PNGs + a grid; ``guide``:
-        autoguidance's weaker pipeline (a folder or a Pipeline of the same class with the same text encoders and VAE);
-        ``interval = (lo, hi)``: guide only for lo < sigma <= hi (EDM sigma; flow: t / (1 - t))."""
+        folder's scheduler; ``latents``: the unit-Gaussian start a diffusers pipeline takes (its ``prepare_latents``
+        shape, FLUX packed; else from ``seeds``, sample i from seed i); ``options``: the guider's keywords; ``out``:
+        also write PNGs + a grid; ``guide``: autoguidance's weaker pipeline (a folder or a Pipeline of the same class
+        with the same text encoders and VAE); ``interval = (lo, hi)``: guide only for lo < sigma <= hi (EDM sigma;
+        flow: t / (1 - t)); ``guidance``: guidance-distilled FLUX's embedded guidance scale (diffusers'
+        ``guidance_scale``; its default 3.5 when None), with ``guider="cfg"`` and a negative prompt on top
+        diffusers' ``true_cfg_scale = w``; ``height`` / ``width``: the image size (default the pipeline's)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         seeds = [int(s) for s in seeds]
         N = len(seeds) if latents is None else latents.shape[0]
@@ -150,18 +306,27 @@ class Pipeline:
             negative_prompt is None or guider in REFERENCE,
             f"negative_prompt is the reference branch of {', '.join(REFERENCE)}; guider {guider!r} has none",
         )
+        check(guide is None or guider == "autoguidance", f"guide= is autoguidance's second pipeline, not {guider!r}'s")
+        if guidance is None and self.kind == "FluxPipeline" and self.net.config.guidance_embeds:
+            guidance = 3.5
         prompts = prompts * N if len(prompts) == 1 else prompts
         sampler = sampler or scheduler.default_sampler(self.config)
-        cond, null = self.encode(prompts, negative_prompt or "")
-        den = self.denoiser(null)
-        sig = self.sigmas(den, steps, schedule)
+        h, w_img, orig = self.size(height, width)
+        cond, null = self.encode(prompts, negative_prompt, size=(h, w_img), guidance=guidance, reference=guider in REFERENCE)
+        den = self.denoiser(null, (h, w_img))
+        shape = self.latent_shape(h, w_img)
+        check(
+            latents is None or list(latents.shape[1:]) == shape,
+            f"latents must be [N, {', '.join(map(str, shape))}] (as the pipeline's prepare_latents makes them), "
+            f"got {list(latents.shape) if latents is not None else None}",
+        )
+        sig = self.sigmas(den, steps, schedule, shape)
         seeds = seeds * N if len(seeds) == 1 and N > 1 else seeds
         noise = SampleNoise(seeds, device=self.device)
-        L = noise.randn(self.latent_shape(), dtype=torch.float64) if latents is None else latents
+        L = noise.randn(shape, dtype=torch.float64) if latents is None else latents
         state = flow.STATE_DTYPE if self.flow else (torch.float32 if self.dtype != torch.float64 else torch.float64)
         x = scheduler.start(self.config, sig, L.to(self.device, state))
-        check(guide is None or guider == "autoguidance", f"guide= is autoguidance's second pipeline, not {guider!r}'s")
-        guide_den = self.guide(guide).denoiser(null) if guide is not None else None
+        guide_den = self.guide(guide).denoiser(null, (h, w_img)) if guide is not None else None
         ctx = registry.Context(
             den,
             w=w,
@@ -178,7 +343,7 @@ class Pipeline:
             guided = scheduler.x0_wrapper(guided, den)
         with torch.no_grad():
             x = scheduler.sample(sampler, guided, x, sig.to(state), final=final, cond=cond, noise=noise, progress=progress)
-            images = self.decode(x, final)
+            images = self.decode(x, final, (h, w_img), orig)
         if out is not None:
             save_images(out, images, seeds)
         return images
@@ -197,14 +362,26 @@ class Pipeline:
                 "encoders and VAE (only the denoiser may differ)",
             )
         check(dict(g.pipe.scheduler.config) == self.config, "the guide's scheduler config differs from the main one's")
+        if self.kind == "FluxPipeline":
+            g._txt_ids = self._txt_ids
         return g
 
-    def decode(self, x: torch.Tensor, final: float) -> torch.Tensor:
-        """The VAE's image of EDM-space latents at sigma ``final`` (as the pipeline: unscale, shift, decode, [0, 1])."""
-        vae = self.pipe.vae
+    def decode(self, x: torch.Tensor, final: float, size: tuple[int, int], orig: tuple[int, int] | None = None):
+        """The VAE's image of EDM-space latents at sigma ``final`` (as the pipeline: unscale, unpack (FLUX),
+        denormalise, decode, resize back from PixArt's bin, [0, 1])."""
+        vae, c = self.pipe.vae, self.pipe.vae.config
         z = x / (1 + final**2) ** 0.5
-        z = z / vae.config.scaling_factor + (getattr(vae.config, "shift_factor", None) or 0.0)
+        if self.kind == "FluxPipeline":
+            z = flux.unpack(z, self.pipe, *size)
+        mean, std = getattr(c, "latents_mean", None), getattr(c, "latents_std", None)
+        if self.kind == "StableDiffusionXLPipeline" and mean is not None and std is not None:
+            view = (1, len(mean), 1, 1)
+            z = z * torch.tensor(std).view(view).to(z) / c.scaling_factor + torch.tensor(mean).view(view).to(z)
+        else:
+            z = z / c.scaling_factor + (getattr(c, "shift_factor", None) or 0.0)
         image = vae.decode(z.to(self.dtype), return_dict=False)[0]
+        if orig is not None:
+            image = self.pipe.image_processor.resize_and_crop_tensor(image, orig[1], orig[0])
         return self.pipe.image_processor.postprocess(image, output_type="pt").float()
 
 
