@@ -1,6 +1,8 @@
 """k-NN metrics speed: precision/recall + density/coverage, the former all-pairs implementation (exact
-cdist + kthvalue, real-real pass twice) vs metrics.prdc (GEMM screen + topk, one real-real pass), with
-the GEMM floor (the three N x N x D float64 matrix products alone) printed beside them.
+cdist + kthvalue, real-real pass twice) vs metrics.prdc (float32 GEMM screen with an error bound, grouped
+minima, exact float64 re-check; one real-real pass), with two floors printed beside them, timed in the
+same run: the screen's own four N x N x (D + 2) float32 matrix products alone (the floor of this
+method), and the three N x N x D float64 products an exact-arithmetic GEMM method needs.
 
     OMP_NUM_THREADS=1 python bench/metrics_speed.py [--n 5000 20000] [--dim 128] [--old-max 5000]
 """
@@ -8,6 +10,7 @@ the GEMM floor (the three N x N x D float64 matrix products alone) printed besid
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import time
 
@@ -35,12 +38,16 @@ def old(real, fake, chunk=2048):
     return {**out, "density": count / (5 * len(fake)), "coverage": covered.double().mean().item()}
 
 
-def floor(real, fake, budget=metrics.knn.BUDGET):
+def floor(real, fake, dtype=torch.float64, extra=0, budget=metrics.knn.BUDGET, pairs=3):
+    """The matrix products alone: real-real, fake-fake, fake-real (and real-fake when pairs=4)."""
+    real = torch.cat([real, real[:, :extra]], 1).to(dtype)
+    fake = torch.cat([fake, fake[:, :extra]], 1).to(dtype)
     rows = max(1, budget // len(real))
     t = time.perf_counter()
-    for a, b in ((real, real), (fake, fake), (fake, real)):
+    for a, b in ((real, real), (fake, fake), (fake, real), (real, fake))[:pairs]:
+        bt = b.T
         for s in range(0, len(a), rows):
-            a[s : s + rows] @ b.T
+            a[s : s + rows] @ bt
     return time.perf_counter() - t
 
 
@@ -61,9 +68,16 @@ def main():
         g = torch.Generator().manual_seed(0)
         real = torch.randn(n, a.dim, generator=g, dtype=torch.float64)
         fake = torch.randn(n, a.dim, generator=g, dtype=torch.float64) * 1.1 + 0.1
+        metrics.knn._CACHE.clear()
+        f32 = floor(real, fake, torch.float32, extra=2, pairs=4)
         new, t_new = timed(metrics.prdc, real, fake)
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        line = f"N={n}: new {t_new:.2f} s (peak RSS so far {rss:.0f} MiB), GEMM floor {floor(real, fake):.2f} s"
+        f64 = floor(real, fake)
+        line = (
+            f"N={n}: new {t_new:.2f} s (peak RSS so far {rss:.0f} MiB, data {2 * real.numel() * 8 / 2**20:.0f} MiB), "
+            f"float32 screen GEMM floor {f32:.2f} s (ratio {t_new / f32:.2f}), float64 GEMM floor {f64:.2f} s, "
+            f"load {os.getloadavg()[0]:.1f}"
+        )
         if n <= a.old_max:
             ref, t_old = timed(old, real, fake)
             line += f", old {t_old:.2f} s, identical={ref == new}"
