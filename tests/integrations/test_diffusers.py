@@ -332,7 +332,7 @@ def test_slg_skips_the_selected_blocks(tmp_path):
     with pytest.raises(GuidelabError, match="no layer of UNet2DModel matches"):
         gd.Perturbation("pag", layers=["no_such_layer"]).modules(den.model)
     with pytest.raises(GuidelabError, match="mode must be"):
-        gd.Perturbation("sag")
+        gd.Perturbation("bogus")
     x = torch.randn(B, C, H, H, dtype=torch.float64) * 3
     sigma = torch.full((B,), 3.0, dtype=torch.float64)
     labels = torch.tensor([1, 2])

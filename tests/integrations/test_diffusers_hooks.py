@@ -4,6 +4,7 @@ running at the same time is unaffected."""
 
 import contextlib
 import inspect
+import math
 import threading
 
 import pytest
@@ -288,3 +289,135 @@ def test_slg_step_window_is_diffusers_sd3_gate(tmp_path):
     assert calls == [B, 2 * B] + [B] * 8
     with pytest.raises(GuidelabError, match="holds no step"):
         gd.step_window(gd.make_sigmas(den, 4), *gd.SLG_WINDOW)
+
+
+# ---------------------------------------------------------------------------------------------
+# SD3's joint attention (JointTransformerBlock / JointAttnProcessor2_0): equal to diffusers' own PAG processors,
+# its transformer's skip_layers and its SEG hook.
+
+
+def _sd3(num_layers=3):
+    import diffusers
+
+    from guidelab.guidance.protocols import Condition
+    from guidelab.integrations.diffusers import flow
+
+    torch.manual_seed(0)
+    net = diffusers.SD3Transformer2DModel(
+        sample_size=8,
+        patch_size=1,
+        in_channels=4,
+        out_channels=4,
+        num_layers=num_layers,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        caption_projection_dim=16,
+        pooled_projection_dim=32,
+        pos_embed_max_size=8,
+    )
+    net = net.double().eval()
+    g = torch.Generator().manual_seed(1)
+    emb, pooled = torch.randn(B, 5, 32, generator=g, dtype=torch.float64), torch.randn(B, 32, generator=g, dtype=torch.float64)
+    nemb, npooled = torch.randn(1, 5, 32, generator=g, dtype=torch.float64), torch.randn(1, 32, generator=g, dtype=torch.float64)
+    over = {
+        "encoder_hidden_states": lambda old: nemb.expand(old.shape[0], -1, -1),
+        "pooled_projections": lambda old: npooled.expand(old.shape[0], -1),
+    }
+    cond = {"encoder_hidden_states": emb, "pooled_projections": pooled}
+    den = flow.FlowDenoiser(
+        flow.velocity_call(net), dtype=torch.float64, condition=Condition("encoder_hidden_states", over), model=net
+    )
+    sigma = torch.full((B,), 1.5, dtype=torch.float64)
+    x = torch.randn(B, 4, 8, 8, generator=g, dtype=torch.float64) * 2.5
+    return net, den, cond, (nemb.expand(B, -1, -1), npooled.expand(B, -1)), x, sigma
+
+
+def _velocity(net, x, sigma, emb, pooled, **kw):
+    """diffusers' call of the SD3 transformer at EDM (x, sigma): x_t = x / (1 + sigma), timestep 1000 t."""
+    t = sigma / (1 + sigma)
+    x_t = x / (1 + sigma.view(-1, 1, 1, 1))
+    k = emb.shape[0] // x.shape[0]
+    v = net(
+        hidden_states=torch.cat([x_t] * k),
+        timestep=(t * 1000).float().repeat(k),
+        encoder_hidden_states=emb,
+        pooled_projections=pooled,
+        return_dict=False,
+        **kw,
+    )[0]
+    return x_t, t.view(-1, 1, 1, 1), v
+
+
+def test_sd3_joint_attention_pag_slg_seg_equal_diffusers():
+    """PAG + CFG in one call equals diffusers' PAGCFGJointAttnProcessor2_0 on transformer_blocks.1 (the SD3 PAG
+    pipeline's default "blocks.1"; image tokens attend to themselves among image tokens and to all text tokens),
+    PAG alone its PAGJointAttnProcessor2_0, SLG the transformer's skip_layers (the last block has no text output),
+    SEG at infinite blur diffusers' SEG hook on to_q (which, for any finite blur_sigma below 9999.9, takes the
+    mean query: its branches are swapped)."""
+    from diffusers.hooks.smoothed_energy_guidance_utils import (
+        SmoothedEnergyGuidanceConfig,
+        _apply_smoothed_energy_guidance_hook,
+    )
+    from diffusers.models.attention_processor import PAGCFGJointAttnProcessor2_0, PAGJointAttnProcessor2_0
+
+    net, den, cond, (nemb, npooled), x, sigma = _sd3()
+    emb, pooled = cond["encoder_hidden_states"], cond["pooled_projections"]
+    assert _names("pag", net) == ["transformer_blocks.1.attn"]
+    attn = net.transformer_blocks[1].attn
+    saved = attn.processor
+    with torch.no_grad():
+        plain = den(x, sigma, **cond)
+        ours = gd.pag(den, 3.0, cfg_weight=4.0)(x, sigma, **cond)
+        attn.set_processor(PAGCFGJointAttnProcessor2_0())
+        x_t, t, v = _velocity(net, x, sigma, torch.cat([nemb, emb, emb]), torch.cat([npooled, pooled, pooled]))
+        vu, vc, vp = v.chunk(3)
+        ref = x_t - t * (vu + 4.0 * (vc - vu) + 2.0 * (vc - vp))
+        assert (ours - ref).abs().max() < 1e-12 and (ref - plain).abs().max() > 1e-2
+        attn.set_processor(saved)
+        ours = gd.pag(den, 2.0)(x, sigma, **cond)
+        attn.set_processor(PAGJointAttnProcessor2_0())
+        x_t, t, v = _velocity(net, x, sigma, torch.cat([emb, emb]), torch.cat([pooled, pooled]))
+        vc, vp = v.chunk(2)
+        assert (ours - (x_t - t * (vc + (vc - vp)))).abs().max() < 1e-12
+        attn.set_processor(saved)
+
+        ours = gd.slg(den, 3.0, layers=["transformer_blocks.1", "transformer_blocks.2"])(x, sigma, **cond)
+        _, _, vs = _velocity(net, x, sigma, emb, pooled, skip_layers=[1, 2])
+        _, _, vc = _velocity(net, x, sigma, emb, pooled)
+        ref = x_t - t * (vc + 2.0 * (vc - vs))
+        assert (ours - ref).abs().max() < 1e-12 and (ref - plain).abs().max() > 1e-2
+
+        ours = gd.seg(den, 3.0, layers=["transformer_blocks.1"])(x, sigma, **cond)
+        _apply_smoothed_energy_guidance_hook(net, SmoothedEnergyGuidanceConfig(indices=[1]), blur_sigma=1.0)
+        _, _, vp = _velocity(net, x, sigma, emb, pooled)
+    ref = x_t - t * (vc + 2.0 * (vc - vp))
+    assert (ours - ref).abs().max() < 1e-12 and (ref - plain).abs().max() > 1e-3
+
+
+def test_sd3_joint_attention_rows_one_call_and_w1():
+    """Every guider is one call of 2B (3B with CFG) rows; unmarked rows are the plain model's bit for bit; w = 1 is
+    the plain model; a finite SEG blur changes only the image queries; the registry builds pag / seg / slg for a
+    FlowDenoiser (SD3)."""
+    from guidelab.guidance import registry
+
+    net, den, cond, _, x, sigma = _sd3()
+    calls = []
+    net.register_forward_pre_hook(lambda m, a, kw: calls.append(kw["hidden_states"].shape[0]), with_kwargs=True)
+    every = ["transformer_blocks.1"]
+    with torch.no_grad():
+        plain = den(x, sigma, **cond)
+        for mode in ("pag", "seg", "slg"):
+            g = gd.attention_guidance(den, 1.0, mode, layers=every)
+            assert torch.equal(g(x, sigma, **cond), plain)
+            calls.clear()
+            gd.attention_guidance(den, 2.0, mode, layers=every, blur_sigma=1.0 if mode == "seg" else math.inf)(x, sigma, **cond)
+            assert calls == [2 * B]
+            calls.clear()
+            gd.attention_guidance(den, 2.0, mode, layers=every, cfg_weight=3.0)(x, sigma, **cond)
+            assert calls == [3 * B]
+            wrapped = gd.attention_guidance(den, 2.0, mode, layers=every).ref.denoiser
+            marked = wrapped(x, sigma, **cond, perturb=torch.tensor([False, True]))
+            assert torch.equal(marked[0], plain[0]) and not torch.equal(marked[1], plain[1])
+        g = registry.build("slg", registry.Context(den, w=2.0, options=["layers=transformer_blocks.1"]))
+        assert (g(x, sigma, **cond) - plain).abs().max() > 1e-3

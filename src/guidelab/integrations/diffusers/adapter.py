@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -40,6 +41,8 @@ from ...guidance.protocols import Condition
 from ...guidance.tsg import KEY as TSG_KEY
 from .hooks import Perturbation, perturbed_attention
 
+_log = logging.getLogger("guidelab.integrations.diffusers")
+
 MODEL_CLASSES = ("UNet2DModel", "UNet2DConditionModel", "DiTTransformer2DModel", "Transformer2DModel", "PixArtTransformer2DModel")
 PREDICTIONS = ("epsilon", "v_prediction", "sample")
 TIMESTEP_MODES = ("interpolate", "nearest")
@@ -51,6 +54,8 @@ MASK = "encoder_attention_mask"
 MICRO = ("resolution", "aspect_ratio")
 #: Conditioning key of TSG's time-embedding offset ([B, dim]), added on its non-zero rows.
 OFFSET = TSG_KEY
+#: Conditioning key of NAG's negative context ([B, L, dim]) for the rows marked ``perturb``.
+NEGATIVE = "nag_negative"
 
 
 def alphas_cumprod(scheduler_config: dict) -> torch.Tensor:
@@ -205,6 +210,7 @@ class DiffusersDenoiser:
         cond = {k: v for k, v in cond.items() if v is not None}  # e.g. no attention mask on either CFG branch
         marks = cond.pop(PERTURB, None)
         offset = cond.pop(OFFSET, None)
+        negative = cond.pop(NEGATIVE, None)
         s = bcast(sigma.to(x.dtype), x)
         dtype = next(self.model.parameters()).dtype
         x_vp = (x / (1 + s**2).sqrt()).to(dtype)
@@ -222,7 +228,8 @@ class DiffusersDenoiser:
             if marks is not None and bool(marks.any()):
                 check(self.perturbation is not None, "perturb= needs a denoiser made with perturbation=Perturbation(...)")
                 assert self.perturbation is not None  # checked above
-                hooks.enter_context(perturbed_attention(self.model, self.perturbation, marks.bool()))
+                extra = {} if negative is None else {"negative": negative}  # nag's negative context
+                hooks.enter_context(perturbed_attention(self.model, self.perturbation, marks.bool(), **extra))
             if offset is not None:
                 hooks.enter_context(self._time_embedding_offset(offset, x.shape[0]))
             out = self.model(x_vp, timestep=t, **cond, return_dict=False)[0]  # Transformer2DModel: keyword only
@@ -301,21 +308,49 @@ def _find(path: Path, subfolder: str | None) -> tuple[Path, dict]:
     raise GuidelabError(f"no scheduler_config.json in {path}/scheduler, {model_dir} or {path}: the noise schedule is needed")
 
 
+def _weights_format(model_dir: Path, allow_pickle: bool) -> bool:
+    """Whether to load ``.safetensors`` (True) or, with ``allow_pickle``, pickled ``.bin`` weights (False); a folder
+    with only ``.bin`` weights is one clear error without the opt-in, and a logged warning with it."""
+    if any(model_dir.glob("*.safetensors")):
+        return True
+    pickled = sorted(p.name for p in model_dir.glob("*.bin"))
+    check(
+        bool(pickled) and allow_pickle,
+        f"{model_dir} has no .safetensors weights"
+        + (
+            f", only pickled {', '.join(pickled)} (unpickling can run code): convert it to safetensors, or pass "
+            "allow_pickle=True (CLI: --allow-bin) if you trust the file"
+            if pickled
+            else " (guidelab loads safetensors only)"
+        ),
+    )
+    _log.warning("%s: loading pickled weights %s (allow_pickle=True): unpickling can run code", model_dir, ", ".join(pickled))
+    return False
+
+
 def load_model(
     path: str | os.PathLike,
     *,
     subfolder: str | None = None,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
+    allow_pickle: bool = False,
 ) -> tuple[torch.nn.Module, dict]:
-    """``(model, scheduler_config)`` from a local folder; ``from_pretrained(..., local_files_only=True)``."""
+    """``(model, scheduler_config)`` from a local folder; ``from_pretrained(..., local_files_only=True,
+    use_safetensors=True)``. Pickled ``.bin`` weights only with ``allow_pickle=True`` (a warning is logged)."""
     import diffusers
 
     model_dir, sched = _find(Path(path), subfolder)
     name = _read_json(model_dir / "config.json").get("_class_name")
     check(name in MODEL_CLASSES, f"{model_dir}: model class {name!r} is not supported; allowed: {', '.join(MODEL_CLASSES)}")
     assert name is not None  # checked above: one of MODEL_CLASSES
-    model = getattr(diffusers, name).from_pretrained(model_dir, local_files_only=True, torch_dtype=dtype, low_cpu_mem_usage=False)
+    safetensors = _weights_format(model_dir, allow_pickle)
+    try:
+        model = getattr(diffusers, name).from_pretrained(
+            model_dir, local_files_only=True, torch_dtype=dtype, low_cpu_mem_usage=False, use_safetensors=safetensors
+        )
+    except (OSError, ValueError) as e:
+        raise GuidelabError(f"{model_dir}: cannot load {name}: {str(e).splitlines()[0]}") from None
     return model.to(device).eval(), sched
 
 
@@ -329,9 +364,11 @@ def load(
     null_label: int | None = None,
     null_text: torch.Tensor | None = None,
     null_mask: torch.Tensor | None = None,
+    allow_pickle: bool = False,
 ) -> DiffusersDenoiser:
-    """A :class:`DiffusersDenoiser` from a local diffusers folder (a missing folder is one clear error)."""
-    model, sched = load_model(path, subfolder=subfolder, dtype=dtype, device=device)
+    """A :class:`DiffusersDenoiser` from a local diffusers folder (a missing folder is one clear error; pickled
+    ``.bin`` weights only with ``allow_pickle=True``, see :func:`load_model`)."""
+    model, sched = load_model(path, subfolder=subfolder, dtype=dtype, device=device, allow_pickle=allow_pickle)
     return DiffusersDenoiser(model, sched, timesteps=timesteps, null_label=null_label, null_text=null_text, null_mask=null_mask)
 
 

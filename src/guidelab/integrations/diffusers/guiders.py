@@ -1,6 +1,7 @@
-"""Attention guidance of diffusers models (PAG, SEG, SLG), optionally with CFG in the same call, and SLG's step
-window. CFG, ICG and TSG are the generic ``guidance.cfg`` / ``icg`` / ``tsg``: they read what the denoiser declares
-(``condition``, ``noise_embed_dim``)."""
+"""Attention guidance of diffusers models (PAG, SEG, SLG; SD3's joint attention included), optionally with CFG in
+the same call, SLG's step window, and NAG (normalized attention guidance); SAG is in :mod:`.sag`. CFG, ICG and TSG
+are the generic ``guidance.cfg`` / ``icg`` / ``tsg``: they read what the denoiser declares (``condition``,
+``noise_embed_dim``)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,10 @@ from ...errors import check
 from ...guidance import registry
 from ...guidance._base import Branch, Guided, PerCall
 from ...guidance.compose import Composed, compose
-from .adapter import PERTURB, DiffusersDenoiser
-from .hooks import Perturbation
+from ...guidance.protocols import OnePass
+from .adapter import NEGATIVE, PERTURB, DiffusersDenoiser
+from .flow import FlowDenoiser
+from .hooks import NAG_DEFAULTS, Perturbation, perturbed_attention
 
 
 def _mark(value: bool) -> PerCall:
@@ -23,6 +26,31 @@ def _mark(value: bool) -> PerCall:
 
 
 MARKED, UNMARKED = _mark(True), _mark(False)
+
+
+class PerturbedFlow:
+    """A :class:`~.flow.FlowDenoiser` (SD3) whose rows marked ``perturb`` are perturbed as ``perturbation`` says
+    (the flow denoiser itself knows no hooks); everything else passes through."""
+
+    def __init__(self, inner: FlowDenoiser, perturbation: Perturbation):
+        check(inner.model is not None, "attention guidance on a flow model needs FlowDenoiser(model=...)")
+        assert inner.model is not None  # checked above
+        self.inner, self.perturbation = inner, perturbation
+        self.model: torch.nn.Module = inner.model
+        self.condition = inner.condition
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
+        marks = cond.pop(PERTURB, None)
+        if marks is None or not bool(marks.any()):
+            return self.inner(x, sigma, **cond)
+        with perturbed_attention(self.model, self.perturbation, marks.bool()):
+            return self.inner(x, sigma, **cond)
+
+    def with_perturbation(self, perturbation: Perturbation) -> PerturbedFlow:
+        return PerturbedFlow(self.inner, perturbation)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
 
 
 def attention_guidance(
@@ -34,6 +62,7 @@ def attention_guidance(
     blur_sigma: float = math.inf,
     cfg_weight=None,
     batched: bool = True,
+    **options,
 ) -> Guided | Composed:
     """``D = D_pert + w (D - D_pert)``: guide a diffusers denoiser with its own attention-perturbed branch.
 
@@ -43,19 +72,44 @@ def attention_guidance(
     ``guidance_scale = cfg_weight`` and ``pag_scale = w - 1``; ``D_pert`` is perturbed with the *conditional*
     prompt, ``D_u`` takes the null condition the denoiser declares. ``batched=True``: all branches are rows of
     **one** network call (the hook perturbs only the marked rows); ``batched=False``: one call of B rows per
-    branch (what diffusers' modular guiders do).
+    branch (what diffusers' modular guiders do). SD3 (a :class:`~.flow.FlowDenoiser` of an ``SD3Transformer2DModel``):
+    PAG / SEG act on the image tokens of the joint attention (diffusers' ``PAGJointAttnProcessor2_0``), SLG skips
+    both streams of the selected ``JointTransformerBlock`` blocks. ``mode`` "nag" / "sag" (with their ``options``) go to
+    :func:`nag` / :func:`~.sag.sag`.
     """
-    check(isinstance(denoiser, DiffusersDenoiser), f"{mode} needs a DiffusersDenoiser, got {type(denoiser).__name__}")
+    if mode in ("nag", "sag"):  # the registry reaches every attention rule through here
+        from .sag import sag
+
+        if mode == "sag" and blur_sigma != math.inf:  # SAG's own blur (default 1), not SEG's
+            options["blur_sigma"] = blur_sigma
+        check(mode == "sag" or blur_sigma == math.inf, "blur_sigma is for seg and sag, not nag")
+        rule = nag if mode == "nag" else sag
+        return rule(denoiser, w, layers=layers, cfg_weight=cfg_weight, **options)  # type: ignore[return-value]
+    check(not options, f"{mode} takes no options {', '.join(options)}")
+    check(
+        isinstance(denoiser, (DiffusersDenoiser, FlowDenoiser, PerturbedFlow)),
+        f"{mode} needs a DiffusersDenoiser or an SD3 FlowDenoiser, got {type(denoiser).__name__}",
+    )
     check(mode in ("pag", "seg", "slg"), f"attention guidance mode must be 'pag', 'seg' or 'slg', got {mode!r}")
-    den = denoiser.with_perturbation(Perturbation(mode, layers, blur_sigma))
+    pert = Perturbation(mode, layers, blur_sigma)
+    if isinstance(denoiser, FlowDenoiser):
+        check(
+            type(denoiser.model).__name__ == "SD3Transformer2DModel",
+            f"{mode} on flow models: SD3 only (its joint attention); got {type(denoiser.model).__name__}",
+        )
+        den: DiffusersDenoiser | PerturbedFlow = PerturbedFlow(denoiser, pert)
+    else:
+        den = denoiser.with_perturbation(pert)
     condition = den.condition
     check(
         cfg_weight is None or (condition is not None and bool(condition.null)),
         f"cfg_weight needs the null condition: pass null_label=... (class models) or null_text=... (text models); "
         f"{type(den.model).__name__} has no default",
     )
-    # distinct objects are evaluated separately (evaluate groups branches by denoiser)
-    other = (lambda: den) if batched else (lambda: den.with_perturbation(cast(Perturbation, den.perturbation)))
+
+    def other():  # distinct objects are evaluated separately (evaluate groups branches by denoiser)
+        return den if batched else den.with_perturbation(cast(Perturbation, den.perturbation))
+
     main = Branch(den, {PERTURB: UNMARKED})
     perturbed = Guided(main, Branch(other(), {PERTURB: MARKED}), w, mode)
     if cfg_weight is None:
@@ -99,4 +153,55 @@ def step_window(sigmas: torch.Tensor, start: float, stop: float) -> tuple[float,
     return float(sigmas[steps[-1] + 1]), float(sigmas[steps[0]])
 
 
-registry.register_attention(DiffusersDenoiser, attention_guidance)  # pag / seg / slg entries of the registry
+def nag(
+    denoiser: DiffusersDenoiser,
+    w,
+    *,
+    tau: float = NAG_DEFAULTS[0],
+    alpha: float = NAG_DEFAULTS[1],
+    layers: str | Sequence[str] | None = None,
+    cfg_weight=None,
+) -> OnePass:
+    """Normalized attention guidance (Chen et al. 2025, arXiv 2505.21179): one network call whose cross-attentions
+    extrapolate the prompt's attention output ``Z+`` away from the negative prompt's ``Z-``:
+    ``Z = Z- + w (Z+ - Z-)`` (the official ``nag_scale`` is ``w``: 1 is no guidance), the per-token L1 norm of
+    ``Z`` clipped to ``tau`` times that of ``Z+`` (``nag_tau``), then ``alpha Z + (1 - alpha) Z+`` (``nag_alpha``).
+
+    The negative prompt is the denoiser's null / negative embedding (``null_text``). Defaults: the official SDXL
+    pipeline's ``tau = 2.5``, ``alpha = 0.5`` (its SD3.5 pipeline: 0.125; FLUX: 0.25); ``w`` around 3-5 (official
+    demos: 5). ``layers``: cross-attention layers (default all, as the official UNet pipelines). UNet / PixArt
+    cross-attention only; SD3 / FLUX joint attention (where the negative text stream has to run through every block)
+    is not supported yet. At ``w == 1`` the plain model (bit for bit).
+    """
+    check(cfg_weight is None, "nag with cfg_weight is not supported yet (NAG replaces CFG's negative prompt)")
+    check(
+        isinstance(denoiser, DiffusersDenoiser) and denoiser.cond_key == "encoder_hidden_states",
+        f"nag needs a text-conditioned diffusers UNet or PixArt model (cross-attention), got "
+        f"{type(getattr(denoiser, 'model', denoiser)).__name__}",
+    )
+    check(
+        isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w),
+        f"nag's w (nag_scale) must be a finite number, got {w!r}",
+    )
+    null = denoiser.null_text
+    check(null is not None, "nag needs the negative prompt embedding: pass null_text=... (--null-text / a negative prompt)")
+    assert null is not None  # checked above
+    if w == 1:
+        return OnePass(denoiser, denoiser, "nag")
+    pert = Perturbation("nag", layers, nag=(float(w), tau, alpha))
+    den = denoiser.with_perturbation(pert)
+    pert.modules(den.model)  # layers that match nothing: an error now, not at the first call
+
+    def negative(old, x, sigma):
+        return null.to(x.device).expand(x.shape[0], *null.shape[1:])
+
+    branch = Branch(den, {PERTURB: MARKED, NEGATIVE: PerCall(negative)})
+
+    def guided(x, sigma, **cond):
+        return den(x, sigma, **branch.cond(cond, x, sigma))
+
+    return OnePass(guided, denoiser, "nag")
+
+
+registry.register_attention(DiffusersDenoiser, attention_guidance)  # pag / seg / slg / nag / sag entries
+registry.register_attention(FlowDenoiser, attention_guidance)  # SD3: pag / seg / slg on its joint attention

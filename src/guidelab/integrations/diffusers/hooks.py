@@ -1,4 +1,4 @@
-"""Row-marking hooks: perturb the attention (PAG, SEG, SLG) or the time embedding (TSG) of the marked rows only.
+"""Row-marking hooks: perturb the attention (PAG, SEG, SLG, NAG) or the time embedding (TSG) of the marked rows only.
 
 One network call can then hold the main and the perturbed branch of a guider (rows marked by the ``perturb``
 conditioning key of :class:`~guidelab.integrations.diffusers.DiffusersDenoiser`).
@@ -29,13 +29,19 @@ from ...guidance.tsg import KEY as OFFSET
 #: and "blocks.1" (the PixArt-Sigma / SD3 / HunyuanDiT PAG pipelines'); SEG "mid" (the official SEG-SDXL code) and
 #: SLG / SEG on transformers blocks 7, 8, 9 (diffusers' SkipLayerGuidance and SmoothedEnergyGuidance, recommended
 #: for SD3.5 Medium); SLG on UNets "mid" (diffusers recommends none: the middle blocks, by analogy); TSG every time
-#: embedder. ``"all"``: every candidate layer.
+#: embedder; NAG every cross-attention (the official NAG pipelines: every ``attn2`` of the UNet). ``"all"``: every
+#: candidate layer.
 DEFAULT_LAYERS: dict[str, dict[str, tuple[str, ...]]] = {
     "pag": {"unet": ("mid",), "transformer": ("blocks.1",)},
     "seg": {"unet": ("mid",), "transformer": ("transformer_blocks.7", "transformer_blocks.8", "transformer_blocks.9")},
     "slg": {"unet": ("mid",), "transformer": ("transformer_blocks.7", "transformer_blocks.8", "transformer_blocks.9")},
     "tsg": {"unet": ("all",), "transformer": ("all",)},
+    "nag": {"unet": ("all",), "transformer": ("all",)},
+    "sag": {"unet": ("mid",), "transformer": ("mid",)},
 }
+MODES = ("pag", "seg", "slg", "tsg", "nag", "sag")
+#: NAG's defaults (tau, alpha): the official SDXL pipeline's (nag_tau 2.5, nag_alpha 0.5).
+NAG_DEFAULTS = (2.5, 0.5)
 
 
 def _selects(layer: str, name: str) -> bool:
@@ -50,19 +56,38 @@ class Perturbation:
     * ``"pag"`` (Ahn et al. 2024): self-attention map replaced by the identity, i.e. softmax(QK^T) V -> V;
     * ``"seg"`` (Hong 2024): queries blurred by a Gaussian of std ``blur_sigma`` over the 2-D token grid
       (``inf``: every query replaced by their mean, i.e. uniform attention);
-    * ``"slg"`` (skip-layer guidance, SD3.5): the selected blocks are skipped (output = input);
+    * ``"slg"`` (skip-layer guidance, SD3.5): the selected blocks are skipped (output = input; SD3's
+      ``JointTransformerBlock``: both the image and the text stream);
+    * ``"nag"`` (normalized attention guidance, Chen et al. 2025): in the selected cross-attentions the attention
+      output ``Z+`` (prompt) is extrapolated from ``Z-`` (the negative prompt, conditioning key ``nag_negative``):
+      ``Z = s Z+ - (s - 1) Z-``, its L1 norm (over the features of each token) clipped to ``tau`` times ``Z+``'s,
+      then blended ``alpha Z + (1 - alpha) Z+`` (``nag = (s, tau, alpha)``);
+    * ``"sag"`` (self-attention guidance, Hong et al. 2023): nothing is changed; the selected self-attention's map,
+      averaged over heads and summed over queries (the attention each token receives, [B, L]), is recorded;
     * ``"tsg"`` (time-step guidance, Sadat et al. 2025): the offset ``noise_embed_offset`` ([B, dim]) is added to
       the output of the time embedding MLP (UNets: ``time_embedding``, ``emb = time_embedding(time_proj(t))``;
       DiT / PixArt: every ``timestep_embedder``), before class / size embeddings are added to it.
 
-    Candidates: self-attentions (PAG/SEG), transformer blocks or, in UNet2DModel, residual attention blocks (SLG),
-    time embedders (TSG). ``layers``: substrings of their module names (see :func:`_selects`), ``"all"``, or
-    ``None``: :data:`DEFAULT_LAYERS`.
+    Candidates: self-attentions (PAG/SEG; SD3's joint attention included: PAG and SEG act on its image tokens as
+    diffusers' ``PAGJointAttnProcessor2_0`` and its SEG hook do), transformer blocks or, in UNet2DModel, residual
+    attention blocks (SLG), time embedders (TSG), cross-attentions (NAG). ``layers``: substrings of their module
+    names (see :func:`_selects`), ``"all"``, or ``None``: :data:`DEFAULT_LAYERS`.
     """
 
-    def __init__(self, mode: str, layers: str | Sequence[str] | None = None, blur_sigma: float = math.inf):
-        check(mode in ("pag", "seg", "slg", "tsg"), f"perturbation mode must be 'pag', 'seg', 'slg' or 'tsg', got {mode!r}")
+    def __init__(
+        self,
+        mode: str,
+        layers: str | Sequence[str] | None = None,
+        blur_sigma: float = math.inf,
+        nag: tuple[float, float, float] | None = None,
+    ):
+        check(mode in MODES, f"perturbation mode must be one of {', '.join(MODES)}, got {mode!r}")
         check(blur_sigma > 0, f"blur_sigma must be > 0, got {blur_sigma}")
+        check(
+            (mode == "nag") == (nag is not None) and (nag is None or (len(nag) == 3 and nag[1] > 0 and 0 <= nag[2] <= 1)),
+            f"nag takes nag=(scale, tau > 0, 0 <= alpha <= 1) and only mode 'nag' does; got mode {mode!r}, nag={nag!r}",
+        )
+        self.nag = None if nag is None else tuple(float(v) for v in nag)
         layers = [layers] if isinstance(layers, str) else layers
         check(
             layers is None or (len(layers) > 0 and all(isinstance(s, str) and s for s in layers)),
@@ -90,6 +115,8 @@ class Perturbation:
             blocks = [(n, m) for n, m in model.named_modules() if type(m).__name__.endswith("TransformerBlock")]
             if not blocks:  # UNet2DModel: attention with its own residual
                 blocks = [(n, m) for n, m in model.named_modules() if isinstance(m, Attention) and m.residual_connection]
+        elif self.mode == "nag":
+            blocks = [(n, m) for n, m in model.named_modules() if isinstance(m, Attention) and m.is_cross_attention]
         else:
             blocks = [(n, m) for n, m in model.named_modules() if isinstance(m, Attention) and not m.is_cross_attention]
         layers = self.selection(model)
@@ -137,13 +164,17 @@ def _blur_queries(q: torch.Tensor, sigma: float) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class _Scope:
-    """One perturbed call: the mode, the marks [B] as runs of equal marks, TSG's offset [B, dim]."""
+    """One perturbed call: the mode, the marks [B] as runs of equal marks, TSG's offset [B, dim], NAG's negative
+    context [B, L, dim] and (scale, tau, alpha)."""
 
     mode: str
     blur_sigma: float
     mask: torch.Tensor
     runs: tuple[tuple[int, int, bool], ...]
     offset: torch.Tensor | None
+    negative: torch.Tensor | None = None
+    nag: tuple[float, ...] | None = None
+    store: list | None = None  # sag: where the recorded maps go
 
 
 #: id(module) -> the scope perturbing it, in the current thread / task.
@@ -159,9 +190,44 @@ def _runs(mask: torch.Tensor) -> tuple[tuple[int, int, bool], ...]:
     return tuple((i, j, marks[i]) for i, j in zip(starts, starts[1:] + [len(marks)], strict=True))
 
 
-def _sdpa(scope: _Scope, query, key, value, *args, **kwargs) -> torch.Tensor:
+def _identity_mask(n_img: int, L: int, like: torch.Tensor) -> torch.Tensor:
+    """PAG on joint attention (diffusers' ``PAGJointAttnProcessor2_0``): image tokens attend to themselves among the
+    image tokens (the image-image block of the map is the identity) and to every text token; text tokens to all."""
+    mask = torch.zeros(L, L, device=like.device, dtype=like.dtype)
+    mask[:n_img, :n_img] = float("-inf")
+    mask[:n_img, :n_img].fill_diagonal_(0)
+    return mask[None, None]
+
+
+def _nag(zp: torch.Tensor, zn: torch.Tensor, s: float, tau: float, alpha: float) -> torch.Tensor:
+    """NAG on attention outputs [B, heads, L, d] (the official processors' order of operations, on [B, L, heads d]:
+    extrapolate, clip the per-token L1 norm ratio to tau, blend with alpha)."""
+    B, Hh, L, d = zp.shape
+    p, n = (z.transpose(1, 2).reshape(B, L, Hh * d) for z in (zp, zn))
+    g = p * s - n * (s - 1)
+    norm_p = torch.norm(p, p=1, dim=-1, keepdim=True).expand(*p.shape)
+    norm_g = torch.norm(g, p=1, dim=-1, keepdim=True).expand(*g.shape)
+    scale = norm_g / norm_p
+    g = g * torch.minimum(scale, scale.new_ones(1) * tau) / scale
+    g = g * alpha + p * (1 - alpha)
+    return g.reshape(B, L, Hh, d).transpose(1, 2)
+
+
+def _received(q, k, attn_mask=None, *_, scale=None, **__) -> torch.Tensor:
+    """SAG: the attention map softmax(q k^T / sqrt(d) + mask) [B, heads, L, L] averaged over heads and summed over
+    the queries, i.e. how much attention each token receives, [B, L] (what SAG thresholds at 1)."""
+    scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
+    logits = q @ k.transpose(-1, -2) * scale
+    if attn_mask is not None:
+        logits = logits + attn_mask if attn_mask.dtype != torch.bool else logits.masked_fill(~attn_mask, -math.inf)
+    return logits.softmax(-1).mean(1).sum(1)
+
+
+def _sdpa(scope: _Scope, query, key, value, *args, n_img: int | None = None, negative=None, **kwargs) -> torch.Tensor:
     """``F.scaled_dot_product_attention`` with the marked rows perturbed; each row's attention computed once, on
-    views of the batch (the original one on unmarked rows; PAG's marked rows need none: their output is V)."""
+    views of the batch (the original one on unmarked rows; PAG's marked rows need none: their output is V).
+    ``n_img``: joint attention (SD3), the first ``n_img`` tokens are the image's; ``negative``: NAG's attention output
+    of the negative context, combined with this one on the marked rows."""
     B = scope.mask.shape[0]
     check(query.shape[0] == B, f"{scope.mode}: attention batch {query.shape[0]} != mask {B}")
 
@@ -172,11 +238,32 @@ def _sdpa(scope: _Scope, query, key, value, *args, **kwargs) -> torch.Tensor:
     for i, j, perturbed in scope.runs:
         q, k, v = query[i:j], key[i:j], value[i:j]
         a, kw = [rows(x, i, j) for x in args], {n: rows(x, i, j) for n, x in kwargs.items()}
-        if not perturbed:
+        L = q.shape[-2]
+        joint = n_img is not None and n_img < L
+        if not perturbed or scope.mode == "sag":
             out.append(F.scaled_dot_product_attention(q, k, v, *a, **kw))
+            if perturbed:
+                assert scope.store is not None
+                scope.store.append((i, _received(q, k, *a, **kw)))
+        elif scope.mode == "nag":
+            assert negative is not None and scope.nag is not None  # set by _Processor for nag scopes
+            z = F.scaled_dot_product_attention(q, k, v, *a, **kw)
+            out.append(_nag(z, negative[i:j].to(z), *scope.nag))
+        elif scope.mode == "pag" and joint:
+            check(
+                not a and kw.get("attn_mask") is None,
+                "pag on joint attention: the layer already passes an attention mask; this is not supported",
+            )
+            assert n_img is not None
+            kw = {**kw, "attn_mask": _identity_mask(n_img, L, q)}
+            out.append(F.scaled_dot_product_attention(q, k, v, **kw))
         elif scope.mode == "pag":  # identity attention map: output = V
-            check(v.shape[-2] == q.shape[-2], "pag needs self-attention (as many keys as queries)")
+            check(v.shape[-2] == L, "pag needs self-attention (as many keys as queries)")
             out.append(v)
+        elif joint:  # seg on joint attention: only the image queries are blurred (diffusers' SEG hook on to_q)
+            assert n_img is not None
+            qb = torch.cat([_blur_queries(q[:, :, :n_img], scope.blur_sigma), q[:, :, n_img:]], dim=2)
+            out.append(F.scaled_dot_product_attention(qb, k, v, *a, **kw))
         else:  # seg: attention of blurred queries
             out.append(F.scaled_dot_product_attention(_blur_queries(q, scope.blur_sigma), k, v, *a, **kw))
     return out[0] if len(out) == 1 else torch.cat(out)
@@ -185,16 +272,21 @@ def _sdpa(scope: _Scope, query, key, value, *args, **kwargs) -> torch.Tensor:
 class _PerturbedSDPA(TorchFunctionMode):
     """Inside one selected attention layer, in this thread only: ``F.scaled_dot_product_attention`` -> :func:`_sdpa`."""
 
-    def __init__(self, scope: _Scope):
+    def __init__(self, scope: _Scope, n_img: int | None = None, negative: torch.Tensor | None = None, record: bool = False):
         super().__init__()
-        self.scope, self.calls = scope, 0
+        self.scope, self.calls, self.n_img, self.negative = scope, 0, n_img, negative
+        self.record, self.recorded = record, None  # record: plain attention, its output kept (NAG's negative pass)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is not F.scaled_dot_product_attention:
             return func(*args, **kwargs)
         self.calls += 1
-        return _sdpa(self.scope, *args, **kwargs)
+        if self.record:
+            check(self.calls == 1, "nag: the attention processor calls attention more than once per layer")
+            self.recorded = func(*args, **kwargs)
+            return self.recorded
+        return _sdpa(self.scope, *args, n_img=self.n_img, negative=self.negative, **kwargs)
 
 
 class _Processor:
@@ -211,7 +303,13 @@ class _Processor:
         scope = (_ACTIVE.get() or {}).get(id(attn))
         if scope is None:
             return self.inner(attn, hidden_states, *args, **kwargs)
-        mode = _PerturbedSDPA(scope)
+        context = args[0] if args else kwargs.get("encoder_hidden_states")
+        if scope.mode == "nag":
+            return self._nag(scope, attn, hidden_states, context, args, kwargs)
+        n_img = None
+        if context is not None and getattr(attn, "add_q_proj", None) is not None:  # SD3 joint attention: image first
+            n_img = hidden_states.shape[1] if hidden_states.ndim == 3 else math.prod(hidden_states.shape[2:])
+        mode = _PerturbedSDPA(scope, n_img)
         with mode:
             out = self.inner(attn, hidden_states, *args, **kwargs)
         check(
@@ -221,6 +319,46 @@ class _Processor:
         )
         return out
 
+    def _nag(self, scope: _Scope, attn, hidden_states, context, args, kwargs):
+        """NAG: the layer run once with the negative context (its attention output recorded), then with the prompt,
+        its attention output combined with the recorded one on the marked rows."""
+        check(
+            context is not None and getattr(attn, "add_q_proj", None) is None,
+            "nag acts on cross-attention layers (a UNet's or PixArt's attn2); joint attention (SD3, FLUX) is not supported yet",
+        )
+        mask = args[1] if len(args) > 1 else kwargs.get("attention_mask")
+        check(mask is None, "nag: text attention masks are not supported yet (call without encoder_attention_mask)")
+        neg = scope.negative
+        assert neg is not None  # perturbed_attention checks it
+        check(
+            tuple(neg.shape) == tuple(context.shape),
+            f"nag: the negative context {list(neg.shape)} must have the prompt's shape {list(context.shape)}",
+        )
+        neg = neg.to(context)
+        neg_args, neg_kwargs = ((neg, *args[1:]), kwargs) if args else (args, {**kwargs, "encoder_hidden_states": neg})
+        first = _PerturbedSDPA(scope, record=True)
+        with first:
+            self.inner(attn, hidden_states, *neg_args, **neg_kwargs)
+        check(
+            first.recorded is not None,
+            f"nag: attention processor {type(self.inner).__name__} does not call F.scaled_dot_product_attention; "
+            "use AttnProcessor2_0 (diffusers' default)",
+        )
+        with _PerturbedSDPA(scope, negative=first.recorded):
+            return self.inner(attn, hidden_states, *args, **kwargs)
+
+
+def _joint_skip(mask: torch.Tensor, args, kwargs, output):
+    """SLG on SD3's JointTransformerBlock (returns ``(encoder_hidden_states, hidden_states)``): both streams skip
+    the block on the marked rows, as the transformer's ``skip_layers`` does (the last block's text output is None)."""
+    hs = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+    ctx = kwargs["encoder_hidden_states"] if "encoder_hidden_states" in kwargs else args[1]
+    ctx_out, hs_out = output
+    hs_out = torch.where(bcast(mask.to(hs_out.device), hs_out), hs, hs_out)
+    if ctx_out is not None:
+        ctx_out = torch.where(bcast(mask.to(ctx_out.device), ctx_out), ctx, ctx_out)
+    return ctx_out, hs_out
+
 
 def _hook(module, args, kwargs, output):
     """Forward hook: SLG (output = input) or TSG (output + offset) on the marked rows of the module's scope."""
@@ -229,6 +367,8 @@ def _hook(module, args, kwargs, output):
         return None
     if scope.mode == "tsg":
         return torch.where(scope.mask.to(output.device)[:, None], output + scope.offset.to(output), output)
+    if type(module).__name__ == "JointTransformerBlock":
+        return _joint_skip(scope.mask, args, kwargs, output)
     inp = args[0] if args else kwargs["hidden_states"]
     out = output[0] if isinstance(output, tuple) else output
     check(inp.shape == out.shape, f"slg: layer output {list(out.shape)} differs from its input {list(inp.shape)}")
@@ -265,7 +405,12 @@ def _release(module: torch.nn.Module, kind: str) -> None:
 
 @contextlib.contextmanager
 def perturbed_attention(
-    model: torch.nn.Module, perturbation: Perturbation, mask: torch.Tensor, offset: torch.Tensor | None = None
+    model: torch.nn.Module,
+    perturbation: Perturbation,
+    mask: torch.Tensor,
+    offset: torch.Tensor | None = None,
+    negative: torch.Tensor | None = None,
+    store: list | None = None,
 ):
     """Perturb the rows ``mask`` ([B] bool) of every forward call of ``model`` made inside the context, in this
     thread (or asyncio task) only.
@@ -274,8 +419,11 @@ def perturbed_attention(
     ``TorchFunctionMode`` routes its ``F.scaled_dot_product_attention`` (what diffusers' ``AttnProcessor2_0``
     calls) to a version that perturbs only the marked rows (a processor that never calls it is an error).
     SLG: the selected blocks' output is replaced by their input on those rows. TSG: ``offset`` ([B, dim]) is added
-    to the time embedding's output on those rows. The other rows are untouched, so one batched call can hold the
-    main and the perturbed branch. Other threads and other models running at the same time are unaffected.
+    to the time embedding's output on those rows. NAG: each selected cross-attention runs once more with the
+    ``negative`` context ([B, L, dim]) and combines the two attention outputs on those rows. SAG: the selected
+    layer's received attention ([rows, L]) of those rows is appended to ``store`` as ``(first row, map)``. The other rows are
+    untouched, so one batched call can hold the main and the perturbed branch. Other threads and other models
+    running at the same time are unaffected.
     """
     mods = perturbation.modules(model)
     if perturbation.mode == "tsg":
@@ -283,9 +431,14 @@ def perturbed_attention(
             offset is not None and offset.ndim == 2 and offset.shape[0] == mask.shape[0],
             f"tsg needs {OFFSET} [B, dim] next to the perturb marks",
         )
+    check(
+        perturbation.mode != "nag" or (negative is not None and negative.shape[0] == mask.shape[0]),
+        "nag needs the negative context nag_negative [B, L, dim] next to the perturb marks",
+    )
+    check(perturbation.mode != "sag" or store is not None, "sag records attention maps: pass store=[]")
     mask = mask.bool()
-    scope = _Scope(perturbation.mode, perturbation.blur_sigma, mask, _runs(mask), offset)
-    kind = "processor" if perturbation.mode in ("pag", "seg") else "hook"
+    scope = _Scope(perturbation.mode, perturbation.blur_sigma, mask, _runs(mask), offset, negative, perturbation.nag, store)
+    kind = "processor" if perturbation.mode in ("pag", "seg", "nag", "sag") else "hook"
     done = []
     try:
         for _, m in mods:
