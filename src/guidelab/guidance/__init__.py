@@ -29,10 +29,12 @@ from .mag import mag
 from .perp_neg import perp_neg
 from .protocols import Condition, Guider, OnePass, Run  # first: samplers import it
 from .rescale import rescale
+from .self_guide import self_guidance
 from .superdiff import superdiff
 from .tcfg import tcfg
 from .tfg import tfg_sample
 from .tsg import tsg
+from .weak_copy import lowp_autoguidance, pruned_autoguidance
 from .weight_schedule import WeightSchedule, parse_weight, weight_schedule
 
 __all__ = [
@@ -74,4 +76,7 @@ __all__ = [
     "weight_schedule",
     "WeightSchedule",
     "parse_weight",
+    "self_guidance",
+    "lowp_autoguidance",
+    "pruned_autoguidance",
 ]

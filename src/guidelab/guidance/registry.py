@@ -31,8 +31,10 @@ from .interval import interval
 from .mag import mag
 from .protocols import OnePass
 from .rescale import rescale
+from .self_guide import self_guidance
 from .tcfg import tcfg
 from .tsg import tsg
+from .weak_copy import lowp_autoguidance, pruned_autoguidance
 
 _TYPES = {int: "an integer", float: "a float", str: "a string", bool: "true or false", tuple: "a comma-separated list"}
 
@@ -222,6 +224,17 @@ def _autoguidance(ctx: Context):
     return autoguidance(ctx.main, ctx.guide, ctx.w)
 
 
+def _self_guide(mode: str):
+    def build(ctx: Context):
+        o = _opts(ctx)
+        return self_guidance(ctx.main, ctx.w, mode=mode, seeds=ctx.seeds, **o)
+
+    return build
+
+
+_SELF_BLOCKS = Option("blocks", tuple, None, "comma-separated block names (guidance.self_guide.blocks; default: the middle one)")
+
+
 def _icg(ctx: Context):
     return icg(ctx.main, ctx.w, seeds=ctx.seeds, **_opts(ctx))
 
@@ -335,6 +348,38 @@ GUIDERS: dict[str, GuiderSpec] = {
             _autoguidance,
             needs=["guide"],
             linear=True,
+        ),
+        _spec(
+            "autoguidance_skip",
+            "autoguidance with the network itself, some blocks skipped, as the guide (one batched call)",
+            "Karras et al. 2024, arXiv 2406.02507; diffusers AutoGuidance (layer skip)",
+            _self_guide("skip"),
+            linear=True,
+            options=[_SELF_BLOCKS],
+        ),
+        _spec(
+            "autoguidance_dropout",
+            "autoguidance with the network itself, dropout p on some blocks, as the guide (one batched call)",
+            "Karras et al. 2024, arXiv 2406.02507; diffusers AutoGuidance (dropout)",
+            _self_guide("dropout"),
+            linear=True,
+            options=[_SELF_BLOCKS, _arg(self_guidance, "p", float, "dropout probability on the selected blocks")],
+        ),
+        _spec(
+            "autoguidance_lowp",
+            "autoguidance with the network's weights rounded to bf16 / fp16 as the guide",
+            "Karras et al. 2024, arXiv 2406.02507 (a cheaper copy as the weaker model)",
+            lambda ctx: lowp_autoguidance(ctx.main, ctx.w, **_opts(ctx)),
+            linear=True,
+            options=[_arg(lowp_autoguidance, "dtype", str, "precision of the guide's weights", ("bf16", "fp16"))],
+        ),
+        _spec(
+            "autoguidance_pruned",
+            "autoguidance with a magnitude-pruned copy of the network as the guide",
+            "Karras et al. 2024, arXiv 2406.02507 (a cheaper copy as the weaker model)",
+            lambda ctx: pruned_autoguidance(ctx.main, ctx.w, **_opts(ctx)),
+            linear=True,
+            options=[_arg(pruned_autoguidance, "fraction", float, "fraction of each weight tensor zeroed (smallest |w|)")],
         ),
         _spec(
             "icg",
@@ -525,6 +570,33 @@ GUIDERS: dict[str, GuiderSpec] = {
             needs=["attention"],
             linear=True,
             options=[_LAYERS, _CFG_WEIGHT],
+        ),
+        _spec(
+            "nag",
+            "normalized attention guidance: cross-attention outputs pushed away from the negative prompt's (diffusers)",
+            "Chen et al. 2025, arXiv 2505.21179",
+            _attention_guidance("nag"),
+            needs=["attention"],
+            nfe=1,
+            options=[
+                _LAYERS,
+                Option("tau", float, 2.5, "L1-norm ratio cap (nag_tau)"),
+                Option("alpha", float, 0.5, "blend of the extrapolated and the prompt's attention (nag_alpha)"),
+            ],
+        ),
+        _spec(
+            "sag",
+            "self-attention guidance: the reference sees x with its most attended regions blurred (diffusers UNets)",
+            "Hong et al. 2023, arXiv 2210.00939",
+            _attention_guidance("sag"),
+            needs=["attention"],
+            options=[
+                _LAYERS,
+                Option("blur_sigma", float, 1.0, "Gaussian blur sigma (latent pixels)"),
+                Option("kernel_size", int, 9, "Gaussian blur kernel size (odd)"),
+                Option("threshold", float, 1.0, "mask: tokens receiving more than this attention (1: the mean)"),
+                _CFG_WEIGHT,
+            ],
         ),
     ]
 }
