@@ -58,6 +58,10 @@ class ImageConfig:
     snapshot_every: int = 1024
     seed: int = 0
     recipe: str = "images"  # "images": the EDM loss; "gft": guidance-free training (.gft)
+    init: str = ""  # a checkpoint (.safetensors) the network starts from ("": a fresh init); perceptual's frozen copy
+    perceptual: float = 0.0  # weight of the self-perceptual loss (.perceptual; 0: off, 1: the paper's); needs init
+    perceptual_layer: str = ""  # module whose input is the feature map ("": .perceptual.default_layer)
+    mg_w: float = 1.0  # model-guidance training (.model_guidance) at this CFG weight (1: off); needs conditional
 
     def __post_init__(self):
         for f in fields(self):  # each key of the type of its default
@@ -93,6 +97,15 @@ class ImageConfig:
         check(self.model in MODELS, f"unknown model {self.model!r}; allowed: {list(MODELS)}")
         check(self.model != "EDM2" or self.recipe == "images", "model EDM2 trains with recipe 'images' (it has no extra scalar)")
         check(0 <= self.label_dropout <= 1, f"label_dropout must be in [0, 1], got {self.label_dropout!r}")
+        check(0 <= self.perceptual <= 1, f"perceptual must be in [0, 1], got {self.perceptual!r}")
+        check(self.perceptual == 0 or bool(self.init), "perceptual > 0 needs init=CHECKPOINT (the frozen perceptual network)")
+        check(self.mg_w >= 1, f"mg_w must be >= 1 (1: no model guidance), got {self.mg_w!r}")
+        check(
+            self.mg_w == 1 or (self.conditional and self.label_dropout > 0),
+            "mg_w > 1 needs conditional=true and label_dropout > 0",
+        )
+        check(self.mg_w == 1 or self.recipe == "images", "mg_w > 1 trains with recipe 'images'")
+        check(self.perceptual == 0 or self.mg_w == 1, "perceptual and mg_w cannot be combined")
         check(self.P_std > 0, f"P_std must be > 0, got {self.P_std!r}")
         self.loop()
 
@@ -122,6 +135,9 @@ class ImageConfig:
         d["extra_scalar"] = None  # a removed field, kept in the hash: run folder names stay as in docs/RESULTS.md
         if d["recipe"] == "images":
             del d["recipe"]  # runs from before the recipe field keep their names
+        for k, default in (("init", ""), ("perceptual", 0.0), ("perceptual_layer", ""), ("mg_w", 1.0)):
+            if d[k] == default:
+                del d[k]  # keys added later: runs without them keep their names
         digest = hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]
         src = "digits" if self.data == "digits" else Path(self.data).name
         src = src if self.recipe == "images" else f"{self.recipe}-{src}"
@@ -191,6 +207,11 @@ def image_draw(data):
 def image_loss(cfg: ImageConfig, data):
     """``loss_fn(net, batch, generator) -> [batch]``: the EDM loss on random training images."""
     draw = image_draw(data)
+    frozen: dict = {}
+    if cfg.perceptual:
+        from .checkpoint import load_model
+
+        frozen["cpu"] = load_model(cfg.init).eval().requires_grad_(False)
 
     def loss_fn(net, batch: int, gen: torch.Generator) -> torch.Tensor:
         dev = gen.device
@@ -214,7 +235,22 @@ def image_loss(cfg: ImageConfig, data):
                 label=cond["label"],
                 null_label=net.null_label,
             )
-        loss = edm_loss(net, x0 + sigma[:, None, None, None] * n, sigma, x0, net.precond, **cond)
+        x = x0 + sigma[:, None, None, None] * n
+        if cfg.perceptual:
+            from .perceptual import self_perceptual_loss
+
+            if dev not in frozen:
+                frozen[dev] = frozen["cpu"].to(dev)
+            loss = self_perceptual_loss(
+                net, frozen[dev], x, sigma, x0, net.precond, weight=cfg.perceptual, gen=gen,
+                P_mean=cfg.P_mean, P_std=cfg.P_std, layer=cfg.perceptual_layer or None, **cond,
+            )  # fmt: skip
+        elif cfg.mg_w != 1:
+            from .model_guidance import mg_loss
+
+            loss = mg_loss(net, x, sigma, x0, net.precond, label=cond[key], null_label=net.null_label, w=cfg.mg_w, key=key)
+        else:
+            loss = edm_loss(net, x, sigma, x0, net.precond, **cond)
         if hasattr(net, "logvar"):  # EDM2's learned uncertainty u(sigma): loss / e^u + u (EDM2 eq. 21)
             u = net.logvar(sigma)
             loss = loss / u.exp() + u
@@ -299,6 +335,18 @@ def train_images(
     cfg = cfg or ImageConfig()
     data = load_data(cfg)
     run_dir = Path(out_dir) / cfg.name()
+    init = None
+    if cfg.init:
+        from ..models import registry as model_registry
+        from .checkpoint import load_model
+
+        start = load_model(cfg.init)
+        fresh = model_registry.build(model_config(cfg, data)).state_dict()
+        init = start.state_dict()
+        check(
+            fresh.keys() == init.keys() and all(fresh[k].shape == init[k].shape for k in fresh),
+            f"init {cfg.init} ({model_registry.config(start)}) does not fit this run's network {model_config(cfg, data)}",
+        )
     final = train(
         run_dir,
         model_config(cfg, data),
@@ -311,6 +359,7 @@ def train_images(
         device=device,
         threads=threads,
         on_step=on_step,
+        init=init,
     )
     if plot:
         from .checkpoint import load
