@@ -192,10 +192,20 @@ def test_provenance_block_renders_every_key_escaped(sweep_dir, tmp_path):
     assert "not recorded" not in text
 
 
-def test_provenance_not_recorded_for_an_old_results_json(report_path, sweep_dir):
-    assert "provenance" not in json.loads((sweep_dir / "results.json").read_text())
-    text = report_path.read_text()
+def test_provenance_not_recorded_for_an_old_results_json(sweep_dir, tmp_path):
+    d = _copy(sweep_dir, tmp_path, lambda res: {k: v for k, v in res.items() if k != "provenance"})
+    text = report.render(d).read_text()
     assert re.search(r"<p class='missing' id='provenance'>Provenance: <b>not recorded</b>", text)
+    assert "<table class='provenance'" not in text
+
+
+def test_report_shows_what_the_sweep_recorded(report_path, sweep_dir):
+    prov = json.loads((sweep_dir / "results.json").read_text()).get("provenance")
+    if prov is None:
+        pytest.skip("this guidelab's sweep does not record provenance yet")
+    assert dict(_table(report_path.read_text(), "provenance")) == {
+        html.escape(k): html.escape(v if isinstance(v, str) else json.dumps(v)) for k, v in prov.items()
+    }
 
 
 def test_markup_in_every_field_is_escaped(sweep_dir, tmp_path):
@@ -309,6 +319,18 @@ def test_image_sweep_report_shows_class_grids(image_report):
 # The demo report.
 
 
+@pytest.fixture
+def coarse_outline(monkeypatch):
+    """The demo's exact-density outlines on a 24x24 grid instead of 220x220 (seconds less; not under test)."""
+    import functools
+
+    from guidelab.app import demo
+
+    exact = demo._outline_grid.__wrapped__
+    coarse = functools.lru_cache(None)(lambda grid=220: exact(24))
+    monkeypatch.setattr(demo, "_outline_grid", coarse)
+
+
 def _demo_inputs():
     import torch
 
@@ -326,7 +348,7 @@ def _demo_inputs():
     return records, samples, exact, baseline, findings, nets
 
 
-def test_demo_page_formats_legend_provenance_and_escaping():
+def test_demo_page_formats_legend_provenance_and_escaping(coarse_outline):
     records, samples, exact, baseline, findings, nets = _demo_inputs()
     prov = {"command": "guidelab demo --quick " + MARK, "torch": "2.13.0"}
     page, figures = report.demo_page(records, samples, exact, baseline, findings, nets, n=64, seconds=1.0, provenance=prov)

@@ -68,9 +68,13 @@ table.provenance{font-size:12px} table.provenance th{text-align:left;background:
 table.provenance td{text-align:left;white-space:normal;word-break:break-all;max-width:900px}
 p.missing{color:#8a5300} li.ok b{color:#1a7f37} li.no b{color:#b42318}""" % {"best": BEST_COLOUR}
 
-# For headless checks: how many images decoded (body data-images-loaded="k/n").
+# For headless checks, after load: how many images decoded (body data-images-loaded="k/n") and the laid-out
+# size of the images and the provenance block (data-layout: JSON {"images": [[w, h], ...], "provenance": [w, h]}).
 _LOADED_JS = """<script>window.addEventListener("load", () => { const im = [...document.images];
-document.body.dataset.imagesLoaded = im.filter(i => i.complete && i.naturalWidth > 0).length + "/" + im.length; });</script>"""
+document.body.dataset.imagesLoaded = im.filter(i => i.complete && i.naturalWidth > 0).length + "/" + im.length;
+const size = el => { if (!el) return null; const r = el.getBoundingClientRect(); return [r.width, r.height]; };
+document.body.dataset.layout = JSON.stringify({images: im.map(size), provenance: size(document.getElementById("provenance"))});
+});</script>"""
 
 
 def fmt(key: str, v: Any) -> str:
@@ -166,6 +170,12 @@ def place_labels(ax, xy, texts, *, colors=None, fontsize: float = LABEL_FONTSIZE
     return out
 
 
+def _weight(r: dict) -> str:
+    """A row's weight as text: its schedule text (``weight``, e.g. ``linear:1-4``) where the sweep recorded one."""
+    text = r.get("weight")
+    return text if isinstance(text, str) and text else fmt("w", r["w"])
+
+
 def _wkey(w) -> tuple:
     """Sort key for a weight that is a number or a weight-schedule text."""
     return (0, float(w), "") if isinstance(w, (int, float)) else (1, 0.0, str(w))
@@ -194,7 +204,7 @@ def _tradeoff(rows, pareto, quality, diversity) -> str:
     place_labels(
         ax,
         [(r[diversity], r[quality]) for r in labelled],
-        [_mpl("w=" + fmt("w", r["w"])) for r in labelled],
+        [_mpl("w=" + _weight(r)) for r in labelled],
         colors=[colour[r["method"]] for r in labelled],
     )
     return _png(fig)
