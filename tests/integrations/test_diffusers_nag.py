@@ -1,0 +1,122 @@
+"""NAG (normalized attention guidance) on diffusers cross-attention: equal to a hand-written copy of the official
+processor's step (its SDXL ``NAGAttnProcessor2_0``: the negative context as extra rows of every ``attn2``), w = 1
+bit-identical to the plain model, misuse refused, and reachable from the registry / ``generate``."""
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+import test_diffusers as base  # tests/integrations is on sys.path (rootdir imports)
+import torch.nn.functional as F
+
+from guidelab.app.diffusers_generate import generate
+from guidelab.errors import GuidelabError
+from guidelab.guidance import registry
+from guidelab.integrations import diffusers as gd
+from guidelab.integrations.diffusers.guiders import nag
+
+B, C, H = base.B, base.C, base.H
+
+
+class OfficialNAG:
+    """The official NAG cross-attention step, written out: hidden states of B rows, context [positive; negative]
+    (2B rows); the query tiled, one attention over 2B rows, then extrapolate / L1-clip / blend."""
+
+    def __init__(self, scale, tau, alpha):
+        self.scale, self.tau, self.alpha = scale, tau, alpha
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kw):
+        b = hidden_states.shape[0]
+        if encoder_hidden_states is None:  # attn1: plain self-attention
+            encoder_hidden_states = hidden_states
+        q = attn.to_q(hidden_states)
+        k, v = attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
+        n = encoder_hidden_states.shape[0]
+        if n == 2 * b:
+            q = q.tile(2, 1, 1)
+        d = k.shape[-1] // attn.heads
+        q, k, v = (t.view(n, -1, attn.heads, d).transpose(1, 2) for t in (q, k, v))
+        z = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, -1, attn.heads * d)
+        if n == 2 * b:
+            zp, zn = z[:b], z[b:]
+            g = zp * self.scale - zn * (self.scale - 1)
+            np_ = torch.norm(zp, p=1, dim=-1, keepdim=True).expand(*zp.shape)
+            ng = torch.norm(g, p=1, dim=-1, keepdim=True).expand(*g.shape)
+            r = ng / np_
+            g = g * torch.minimum(r, r.new_ones(1) * self.tau) / r
+            z = g * self.alpha + zp * (1 - self.alpha)
+        return attn.to_out[1](attn.to_out[0](z))
+
+
+def _text_model(tmp_path):
+    g = torch.Generator().manual_seed(3)
+    null = torch.randn(1, 4, 16, generator=g, dtype=torch.float64)
+    folder = base._save(tmp_path, "text_unet")
+    den = gd.load(folder, dtype=torch.float64, null_text=null)
+    emb = torch.randn(B, 4, 16, generator=g, dtype=torch.float64)
+    return folder, den, emb, null
+
+
+@pytest.mark.parametrize("scale,tau,alpha", [(3.0, 2.5, 0.5), (5.0, 1.2, 0.25), (2.0, 100.0, 1.0)])
+def test_nag_equals_the_official_processor_step(tmp_path, scale, tau, alpha):
+    """At a grid timestep, D of gd.nag equals x - sigma eps of the UNet run with the official step on every attn2
+    (the clipping active at tau 1.2 and 2.5, inactive at 100); the guided result differs from the plain model."""
+    _, den, emb, null = _text_model(tmp_path)
+    unet = den.model
+    sigma = den.grid[[400, 700]]
+    x = torch.randn(B, C, H, H, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 2
+    with torch.no_grad():
+        ours = nag(den, scale, tau=tau, alpha=alpha)(x, sigma, encoder_hidden_states=emb)
+        plain = den(x, sigma, encoder_hidden_states=emb)
+        saved = dict(unet.attn_processors)
+        unet.set_attn_processor({n: OfficialNAG(scale, tau, alpha) if "attn2" in n else p for n, p in saved.items()})
+        s = sigma.view(-1, 1, 1, 1)
+        eps = unet(
+            x / (1 + s**2).sqrt(), torch.tensor([400, 700]), encoder_hidden_states=torch.cat([emb, null.expand(B, -1, -1)])
+        )
+        unet.set_attn_processor(dict(saved))
+    ref = x - s * eps.sample
+    assert (ours - ref).abs().max() < 1e-10
+    assert (ours - plain).abs().max() > 1e-3
+    assert unet.attn_processors == saved
+
+
+def test_nag_neutral_one_call_and_errors(tmp_path):
+    """w = 1 is the plain model bit for bit (one call, no extra attention); w != 1 is one call of B rows; no null
+    text, a class model, an unknown layer, cfg_weight and a tensor w are one-line errors."""
+    folder, den, emb, null = _text_model(tmp_path)
+    x = torch.randn(B, C, H, H, dtype=torch.float64)
+    sigma = torch.full((B,), 2.0, dtype=torch.float64)
+    calls = base._count_calls(den.model)
+    with torch.no_grad():
+        plain = den(x, sigma, encoder_hidden_states=emb)
+        calls.clear()
+        assert torch.equal(nag(den, 1.0)(x, sigma, encoder_hidden_states=emb), plain)
+        assert calls == [B]
+        calls.clear()
+        nag(den, 4.0)(x, sigma, encoder_hidden_states=emb)
+        assert calls == [B]
+        g = registry.build("nag", registry.Context(den, w=4.0, options=["tau=2.0", "alpha=0.3"]))
+        assert torch.equal(
+            g(x, sigma, encoder_hidden_states=emb), nag(den, 4.0, tau=2.0, alpha=0.3)(x, sigma, encoder_hidden_states=emb)
+        )
+    with pytest.raises(GuidelabError, match="negative prompt embedding"):
+        nag(gd.load(folder, dtype=torch.float64), 3.0)
+    with pytest.raises(GuidelabError, match="text-conditioned"):
+        nag(gd.load(base._save(tmp_path, "unet"), dtype=torch.float64), 3.0)
+    with pytest.raises(GuidelabError, match="no layer"):
+        nag(den, 3.0, layers=["nope"])
+    with pytest.raises(GuidelabError, match="cfg_weight"):
+        nag(den, 3.0, cfg_weight=2.0)
+    with pytest.raises(GuidelabError, match="finite number"):
+        nag(den, torch.tensor([2.0, 3.0]))
+
+
+def test_generate_with_nag(tmp_path):
+    """``guidelab diffusers``' generate builds nag from the registry; the negative prompt is null_text."""
+    folder, den, emb, null = _text_model(tmp_path)
+    kw = dict(prompt_embeds=emb[:1], null_text=null, steps=3, seeds=[0, 1], dtype="float64")
+    x = generate(folder, guider="nag", w=4.0, guider_options=["tau=2.5"], **kw)
+    plain = generate(folder, guider="none", **kw)
+    assert x.shape == (2, C, H, H) and torch.isfinite(x).all() and (x - plain).abs().max() > 1e-4
+    assert torch.equal(generate(folder, guider="nag", w=1.0, **kw), plain)
