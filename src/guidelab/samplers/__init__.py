@@ -17,9 +17,11 @@ from .base import allow_nonfinite
 from .catalog import INFO, Info
 from .ddim import ddim, ddpm
 from .dpm import dpm_2, dpm_2_ancestral
+from .dpm_solver_v3 import EMS, compute_ems, dpm_solver_v3, world_ems
 from .dpmpp import dpmpp_2m, dpmpp_2m_sde, dpmpp_2s_ancestral, dpmpp_3m_sde
 from .edm import euler, heun
 from .lms import lms
+from .meng import meng_stochastic
 from .noise import BrownianNoise
 from .sde import score_sde_pc
 from .unipc import unipc
@@ -46,4 +48,4 @@ def info(name: str) -> Info:
     return INFO[name]
 
 
-__all__ = ["get", "names", "info", "Info", "BrownianNoise", "allow_nonfinite", *INFO]
+__all__ = ["get", "names", "info", "Info", "BrownianNoise", "allow_nonfinite", "EMS", "compute_ems", "world_ems", *INFO]
