@@ -17,7 +17,7 @@ def quick_run(tmp_path_factory):
 
 def test_demo_writes_metrics_and_report(quick_run):
     out, output = quick_run
-    records = json.loads((out / "metrics.json").read_text())
+    records = json.loads((out / "metrics.json").read_text())["records"]
     methods = {(r["method"], r["w"]) for r in records}
     assert ("none", 1.0) in methods
     assert {m for m, _ in methods} == {"none", "cfg", "autoguidance"}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 
 ROOT = "guidelab"
 logging.getLogger(ROOT).addHandler(logging.NullHandler())
@@ -20,13 +21,75 @@ def get_logger(name: str | None = None) -> logging.Logger:
     return logging.getLogger(f"{ROOT}.{name}")
 
 
-def enable(*, quiet: bool = False, level: int | None = None, stream=None) -> logging.Handler:
+class _Held(logging.StreamHandler):
+    """A stream handler that holds INFO lines for up to ``hold`` seconds after the first one: a command
+    refused in that time prints only its error (:func:`discard`); the lines come out at :func:`release`,
+    with the first WARNING, or when the time is up (a timer), so no phase stays silent for long."""
+
+    def __init__(self, stream, hold: float):
+        super().__init__(stream)
+        self.hold, self.open = hold, False
+        self.held: list[logging.LogRecord] = []
+        self.timer: threading.Timer | None = None
+        self.lock_ = threading.Lock()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with self.lock_:
+            if not self.open and record.levelno < logging.WARNING:
+                if not self.held:
+                    timer = threading.Timer(self.hold, self.release)
+                    timer.daemon = True
+                    timer.start()
+                    self.timer = timer
+                self.held.append(record)
+                return
+        self.release()
+        super().emit(record)
+
+    def release(self) -> None:
+        with self.lock_:
+            held, self.held, self.open = self.held, [], True
+            if self.timer is not None:
+                self.timer.cancel()
+        for r in held:
+            super().emit(r)
+
+    def discard(self) -> None:
+        with self.lock_:
+            self.held = []
+            if self.timer is not None:
+                self.timer.cancel()
+
+
+def _handlers() -> list[logging.Handler]:
+    return [h for h in logging.getLogger(ROOT).handlers if getattr(h, "_guidelab", False)]
+
+
+def release() -> None:
+    """Print the INFO lines an :func:`enable` ``hold`` handler is holding (call when the work starts)."""
+    for h in _handlers():
+        if isinstance(h, _Held):
+            h.release()
+
+
+def discard() -> None:
+    """Drop the held INFO lines (a command refused with one error line)."""
+    for h in _handlers():
+        if isinstance(h, _Held):
+            h.discard()
+
+
+def enable(*, quiet: bool = False, level: int | None = None, stream=None, hold: float = 0.0) -> logging.Handler:
     """Show guidelab's log lines on ``stream`` (default stderr): INFO, or WARNING when ``quiet``.
-    Idempotent: a second call replaces the handler it added before."""
+    Idempotent: a second call replaces the handler it added before. ``hold`` > 0: INFO lines are held up
+    to that many seconds (see :class:`_Held`; :func:`release`, :func:`discard`)."""
     logger = logging.getLogger(ROOT)
-    for h in [h for h in logger.handlers if getattr(h, "_guidelab", False)]:
+    for h in _handlers():
+        if isinstance(h, _Held):
+            h.release()
         logger.removeHandler(h)
-    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
+    out = stream if stream is not None else sys.stderr
+    handler: logging.StreamHandler = _Held(out, hold) if hold > 0 else logging.StreamHandler(out)
     handler.setFormatter(logging.Formatter("%(message)s"))
     handler._guidelab = True  # type: ignore[attr-defined]
     logger.addHandler(handler)

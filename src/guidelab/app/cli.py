@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import errno
+import json
 import math
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -19,13 +21,52 @@ from .jobs.config import GUIDERS
 DIFFUSERS_GUIDERS = tuple(registry.names(needs={"null_label", "condition", "guide", "noise_embed", "attention"}))
 
 
+#: Library messages that name Python keywords, in the CLI's words (errors speak in CLI options).
+_CLI_WORDS = (
+    (
+        re.compile(r"pass null_label=\.\.\. \(class models\) or null_text=\.\.\. \(text models\)"),
+        "give --null-label N (class models) or --prompt-embeds with null_embeds (text models)",
+    ),
+    (re.compile(r"pass null=\.\.\. or uncond=<network>"), "give --guide <an unconditional model>"),
+    (re.compile(r"pass layers=\.\.\. or 'all'"), "give --layers NAME,... or --layers all"),
+    (re.compile(r"pass dim=\.\.\. or form='scalar'"), "give --option dim=N or --option form=scalar"),
+    (re.compile(r"pass num_classes=\.\.\."), "give --option num_classes=N"),
+    (re.compile(r"allow_pickle=True \(CLI: --allow-bin\)"), "--allow-bin"),
+    (re.compile(r"\blabel= / --label\b"), "--label"),
+)
+
+
+def cli_words(message: str) -> str:
+    """``message`` with the Python keyword advice of :data:`_CLI_WORDS` replaced by CLI options."""
+    for pattern, words in _CLI_WORDS:
+        message = pattern.sub(words, message)
+    return message
+
+
 class _Group(click.Group):
     """An OS refusal to read or write a path (missing, unwritable, a full disk) in any command becomes a
-    GuidelabError: :func:`run` prints every GuidelabError as one ``error:`` line with exit code 2."""
+    GuidelabError: :func:`run` prints every GuidelabError as one ``error:`` line with exit code 2. Library
+    messages are reworded in CLI options (:func:`cli_words`); the command line is kept for provenance."""
+
+    def parse_args(self, ctx, args):
+        from . import provenance
+
+        provenance.set_command(["guidelab", *args])
+        return super().parse_args(ctx, args)
 
     def invoke(self, ctx):
+        from .. import log
+
         try:
-            return super().invoke(ctx)
+            out = super().invoke(ctx)
+            log.release()
+            return out
+        except GuidelabError as e:
+            log.discard()  # held phase lines: a refused command prints its error alone
+            text = cli_words(str(e))
+            if text == str(e):
+                raise
+            raise GuidelabError(text) from None
         except OSError as e:  # a path that cannot be read or written
             if e.filename is None and e.errno not in (errno.ENOSPC, errno.EROFS, errno.EDQUOT):
                 raise
@@ -36,30 +77,6 @@ class _Group(click.Group):
 @click.version_option(package_name="guidelab")
 def main() -> None:
     """guidelab: guiding diffusion models (CFG, autoguidance, ...) behind one contract."""
-
-
-@main.command()
-@click.option(
-    "--out",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=Path("runs/demo"),
-    help="Output folder (models are cached in OUT/models).",
-)
-@click.option("--samples", "n", type=click.IntRange(min=16), default=4096, help="Samples per method and weight.")
-@click.option("--seed", type=int, default=0, help="Seed of the initial points and the reference set.")
-@click.option("--quick", is_flag=True, help="Tiny models, for a smoke test; too short to show the paper's finding.")
-@click.option("--quiet", is_flag=True, help="No progress bars.")
-def demo(out: Path, n: int, seed: int, quick: bool, quiet: bool) -> None:
-    """Autoguidance vs CFG on the exact 2-D tree: train, sample, measure, write OUT/report.html."""
-    from . import demo as demo_mod
-
-    records = demo_mod.run(out, n=n, seed=seed, progress=not quiet, model_overrides=demo_mod.QUICK if quick else None)
-    click.echo(f"{'method':>13} {'w':>4} {'mean_logp':>9} {'precision':>9} {'recall':>7}")
-    for r in records:
-        click.echo(f"{r.method:>13} {r.w:>4g} {r.mean_logp:>9.3f} {r.precision:>9.3f} {r.recall:>7.3f}")
-    for claim, ok, evidence in demo_mod.check_finding(records):
-        click.echo(f"[{'holds' if ok else 'DOES NOT HOLD'}] {claim}: {evidence}")
-    click.echo(f"wrote {out / 'report.html'} and {out / 'metrics.json'}")
 
 
 @main.command("samplers")
@@ -80,16 +97,29 @@ def list_guiders() -> None:
         click.echo(f"{name:14} nfe {s.nfe}  needs {', '.join(sorted(s.needs)) or '-'}  options {opts}  ({s.summary})")
 
 
-def _how_options(f):
-    """How to sample (``sample``, ``sweep``, ``evaluate``; see guidelab.app.jobs.SampleConfig)."""
-    opts = [
+_GUIDE_HELP = (
+    "Guide: the weaker model (autoguidance, checkpoint or run folder), the unconditional model "
+    "(cfg; default: the null label), the noise-aware classifier (classifier; default: the cached digits one)."
+)
+
+
+def _how_options(f, sweep: bool = False):
+    """How to sample (``sample``, ``sweep``, ``evaluate``; see guidelab.app.jobs.SampleConfig). ``sweep``:
+    --guide is repeatable and may name its method (``--guide cfg=UNCOND``)."""
+    guide = (
         click.option(
             "--guide",
-            type=click.Path(),
-            default=None,
-            help="Guide: the weaker model (autoguidance, checkpoint or run folder), the unconditional model "
-            "(cfg; default: the null label), the noise-aware classifier (classifier; default: the cached digits one).",
-        ),
+            "guide",
+            multiple=True,
+            metavar="[METHOD=]PATH",
+            help=_GUIDE_HELP + " Repeatable: METHOD=PATH gives one method its own guide "
+            "(e.g. --guide autoguidance=RUN --guide cfg=UNCOND.safetensors); a bare PATH serves every method.",
+        )
+        if sweep
+        else click.option("--guide", type=click.Path(), default=None, help=_GUIDE_HELP)
+    )
+    opts = [
+        guide,
         click.option("--label", default=None, help="Class label: an integer, or 'balanced' (seed % classes)."),
         click.option(
             "--unconditional",
@@ -102,9 +132,14 @@ def _how_options(f):
             help="Sampler name (guidelab samplers; default heun, or euler on a distilled student's own grid).",
         ),
         click.option("--steps", type=click.IntRange(min=2), default=32, help="Karras schedule steps."),
-        click.option("--sigma-min", type=float, default=0.002),
+        click.option("--sigma-min", type=float, default=0.002, help="Smallest nonzero sigma of the Karras schedule."),
         click.option("--sigma-max", type=float, default=None, help="Default: 80 for image models, 5 otherwise."),
-        click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32"),
+        click.option(
+            "--dtype",
+            type=click.Choice(["float32", "float64"]),
+            default="float32",
+            help="Sampling precision (networks and samples).",
+        ),
         click.option("--sigma-rel", type=float, default=0.10, help="A run folder as model: its post-hoc EMA length."),
         click.option("--step", type=click.IntRange(min=1), default=None, help="A run folder as model: the step (default last)."),
         click.option("--guide-sigma-rel", type=float, default=0.10, help="A run folder as guide: its post-hoc EMA length."),
@@ -122,9 +157,9 @@ def _how_options(f):
     return f
 
 
-def _sample_options(f):
+def _sample_options(f, sweep: bool = False):
     """Options shared by ``sample`` and ``sweep``: what to sample (--world, --model) and how."""
-    f = _how_options(f)
+    f = _how_options(f, sweep)
     f = click.option(
         "--model",
         type=click.Path(),
@@ -165,10 +200,111 @@ def _device(ctx, param, value):
     import torch
 
     try:
-        torch.device(value)
+        dev = torch.device(value)
     except (RuntimeError, ValueError):
         raise click.BadParameter(f"not a torch device: {value!r}; allowed: cpu, cuda, cuda:N, mps") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise click.BadParameter(f"{value}: this torch build or machine has no CUDA device; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise click.BadParameter(f"{value}: there are {torch.cuda.device_count()} CUDA devices (cuda:0 ..)")
+    elif dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise click.BadParameter(f"{value}: MPS is not available here; use --device cpu")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise click.BadParameter(f"{value}: allowed devices are cpu, cuda, cuda:N, mps")
     return value
+
+
+def _device_option(default=None, what: str = "Device"):
+    return click.option(
+        "--device",
+        default=default,
+        callback=_device,
+        help=f"{what} (cpu, cuda, cuda:N, mps)" + ("; default cuda if available, else cpu." if default is None else "."),
+    )
+
+
+def _threads_option(f):
+    return click.option(
+        "--threads",
+        type=click.IntRange(min=1),
+        default=None,
+        help="Torch CPU threads. Default: chosen from the machine and the model size (models of at most "
+        "5 M parameters: one thread per process, many times faster on a busy machine); the choice is logged.",
+    )(f)
+
+
+def _quiet_option(f):
+    return click.option("--quiet", is_flag=True, help="No progress bars or phase lines (warnings and errors only).")(f)
+
+
+def _nonfinite_option(f):
+    return click.option(
+        "--allow-nonfinite",
+        is_flag=True,
+        help="Write NaN / inf samples instead of stopping at the first step where the denoiser returns them.",
+    )(f)
+
+
+def _allow_bin_option(f):
+    return click.option(
+        "--allow-bin",
+        is_flag=True,
+        help="Also load pickled .bin weights (unpickling can run code: only for files you trust); default: safetensors only.",
+    )(f)
+
+
+#: Seconds the first phase lines are held at most (a command refused in that time prints only its error
+#: line; a command whose work starts earlier prints them then, before its progress bar).
+HOLD = 8.0
+
+
+def _setup(quiet: bool, threads: int | None, parameters: int | None = None, processes: int | None = None) -> int:
+    """What every computing command does first: guidelab's log lines on stderr (``--quiet``: warnings
+    only), then the torch thread count (``--threads`` or the default of :func:`guidelab.threads.set_threads`)."""
+    from .. import log
+    from ..threads import set_threads
+
+    log.enable(quiet=quiet, hold=HOLD)
+    procs = processes if processes is not None else max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return set_threads(threads, parameters=parameters, processes=procs)
+
+
+def _release() -> None:
+    """Print the held phase lines now (the work is about to start and show its own bar)."""
+    from .. import log
+
+    log.release()
+
+
+def _phase(text: str) -> None:
+    """A phase line on the ``guidelab`` logger (silenced by --quiet)."""
+    from ..log import get_logger
+
+    get_logger("guidelab.cli").info("%s", text)
+
+
+def _parameters(path) -> int | None:
+    """Parameters of a checkpoint (.safetensors header, no weights read), of a run folder (its smallest
+    checkpoint) or of a diffusers folder / other weight file (bytes / 4); None when unknown."""
+    if path is None:
+        return None
+    p = Path(path)
+    try:
+        if p.is_dir():
+            found = [n for n in (_parameters(f) for f in sorted(p.rglob("*.safetensors"))[:64]) if n]
+            if found and not (p / "model_index.json").exists() and not (p / "config.json").exists():
+                return min(found)
+            weights = [f for f in p.rglob("*") if f.suffix in (".safetensors", ".bin", ".pt", ".pkl")]
+            return sum(f.stat().st_size for f in weights) // 4 or None
+        if p.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(p), "pt") as f:
+                return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+        return p.stat().st_size // 4 if p.is_file() else None
+    except Exception:  # unreadable: the command's own checks report it
+        return None
 
 
 def _npz_samples(path):
@@ -188,15 +324,64 @@ def _npz_samples(path):
     return x
 
 
+_WEIGHT_HELP = (
+    "Guidance weight (1 = no guidance), or a schedule KIND:START-END[:key=value,...]: linear:1-4, "
+    "cosine:4-1:over=sigma, interval:2-1:sigma_lo=0.3,sigma_hi=5, steps:2-1:start=17,stop=22 "
+    "(START at the first, largest sigma; guidance.weight_schedule)."
+)
+
+
+def _weight(ctx, param, value):
+    """``--weight``: a float, or the text of a weight schedule (checked by guidance.parse_weight)."""
+    from ..guidance import parse_weight
+
+    if value is None:
+        return None
+    w = parse_weight(str(value))
+    return w if isinstance(w, float) else str(value).strip()
+
+
+def _weight_option(default: str = "1"):
+    return click.option("--weight", "w", default=default, callback=_weight, help=_WEIGHT_HELP)
+
+
+def _parsed(w):
+    """A --weight value as guiders take it: a float, or the WeightSchedule its text describes."""
+    from ..guidance import parse_weight
+
+    return parse_weight(w) if isinstance(w, str) else w
+
+
+def _given(name: str) -> bool:
+    """Whether option ``name`` (the parameter's name) was given on the command line."""
+    ctx = click.get_current_context(silent=True)
+    return ctx is not None and ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE
+
+
+def _check_run_folder_options(model, guide) -> None:
+    """--sigma-rel / --guide-sigma-rel pick a post-hoc EMA of a run folder: given with a checkpoint file they cannot apply."""
+    for flag, name, path, what in (
+        ("--sigma-rel", "sigma_rel", model, "--model"),
+        ("--guide-sigma-rel", "guide_sigma_rel", guide, "--guide"),
+    ):
+        if _given(name):
+            check(
+                path is not None and Path(path).is_dir(),
+                f"{flag} picks the post-hoc EMA of a training run folder; {what} {path or '(none)'} is not one "
+                f"(a checkpoint file has its EMA baked in): drop {flag}",
+            )
+
+
 def _config(world, model, label=None, options=(), guider="none", **kw):
     from .jobs import SampleConfig
 
+    _check_run_folder_options(model, kw.get("guide"))
     if label is not None and label != "balanced":
         try:
             label = int(label)
         except ValueError:
             raise GuidelabError(f"--label must be an integer or 'balanced', got {label!r}") from None
-    return SampleConfig(
+    cfg = SampleConfig(
         world=world if (world or model) else "A",
         model=model,
         label=label,
@@ -204,6 +389,8 @@ def _config(world, model, label=None, options=(), guider="none", **kw):
         guider_options=registry.parse_options(guider, options),
         **kw,
     )
+    cfg.validate()  # before any log line: a refused command prints only its error
+    return cfg
 
 
 _NUMBER = r"\s*((?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|inf)\s*"
@@ -226,14 +413,10 @@ def _interval(text, flag: str = "--interval"):
 @click.option("--seed-start", type=int, default=0, help="First seed.")
 @click.option("--shard-size", type=click.IntRange(min=1), default=1024, help="Samples per shard (one batch).")
 @_guider_option(GUIDERS)
-@click.option("--weight", "w", type=float, default=1.0, help="Guidance weight (1 = no guidance).")
+@_weight_option()
 @click.option("--interval", default=None, help="Guide only for sigma in (lo, hi], given as lo-hi (e.g. 1e-3-5).")
-@click.option("--png", is_flag=True, help="Image models: also one PNG per sample, OUT/png/<seed>.png.")
-@click.option(
-    "--allow-nonfinite",
-    is_flag=True,
-    help="Write NaN / inf samples instead of stopping at the first step where the denoiser returns them.",
-)
+@click.option("--png", is_flag=True, help="Image models: also one PNG per sample, OUT/png/<seed:09d>.png.")
+@_nonfinite_option
 @click.option(
     "--preset",
     default=None,
@@ -251,11 +434,31 @@ def _interval(text, flag: str = "--interval"):
     "into OUT/png/<seed>.png.",
 )
 @_sample_options
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@_threads_option
+@_device_option()
+@_quiet_option
 def sample_cmd(
-    out, n, seed_start, shard_size, guider, w, interval, png, allow_nonfinite, preset, models, vae, world, model, quiet, **kw
+    out,
+    n,
+    seed_start,
+    shard_size,
+    guider,
+    w,
+    interval,
+    png,
+    allow_nonfinite,
+    preset,
+    models,
+    vae,
+    world,
+    model,
+    threads,
+    device,
+    quiet,
+    **kw,
 ) -> None:
-    """Sample into OUT/shard-*.npz with per-sample seeds; resumable; splits shards over torchrun ranks."""
+    """Sample into OUT/shard-*.npz with per-sample seeds; resumable; splits shards over torchrun ranks
+    (torchrun --nproc-per-node N -m guidelab.app.cli sample ...; shard i goes to rank i % N)."""
     from . import jobs
 
     interval = _interval(interval)
@@ -274,8 +477,12 @@ def sample_cmd(
     cfg = _config(world, model, guider=guider, w=w, interval=interval, **kw)
     from .. import samplers
 
+    _setup(quiet or int(os.environ.get("RANK", "0")) != 0, threads, 0 if model is None else _parameters(model))
     with samplers.allow_nonfinite(allow_nonfinite):
-        paths = jobs.sample(out, cfg, n=n, seed_start=seed_start, shard_size=shard_size, progress=not quiet, png=png and not vae)
+        _phase(f"loading {model or 'the exact world ' + (world or 'A')}")
+        paths = jobs.sample(
+            out, cfg, n=n, seed_start=seed_start, shard_size=shard_size, progress=not quiet, png=png and not vae, device=device
+        )
     if int(os.environ.get("RANK", "0")) == 0:
         click.echo(f"wrote {len(paths)} shards ({n} samples) to {out}")
         if vae is not None:
@@ -293,10 +500,54 @@ def _floats(text: str) -> list[float]:
         raise GuidelabError(f"expected comma-separated numbers, got {text!r}") from None
 
 
+def _weights(text: str) -> list:
+    """``--weights``: comma-separated numbers and schedules (a schedule's own ``key=value`` options after
+    its ``:`` stay with it: ``2,steps:2-1:start=17,stop=22`` is two weights)."""
+    from ..guidance import parse_weight
+
+    parts: list[str] = []
+    for piece in text.split(","):
+        if parts and "=" in piece and ":" not in piece and ":" in parts[-1]:
+            parts[-1] += "," + piece
+        elif piece.strip():
+            parts.append(piece.strip())
+    check(bool(parts), f"--weights expected comma-separated numbers or schedules, got {text!r}")
+    out: list = []
+    for p in parts:
+        try:
+            w = parse_weight(p)
+        except GuidelabError:
+            raise GuidelabError(
+                f"--weights expected comma-separated numbers or schedules (e.g. 2,linear:1-4), got {p!r} in {text!r}"
+            ) from None
+        check(not isinstance(w, float) or math.isfinite(w), f"--weights expected finite comma-separated numbers, got {text!r}")
+        out.append(w if isinstance(w, float) else p)
+    return out
+
+
+def _sweep_guides(values, methods) -> tuple[str | None, dict]:
+    """``--guide`` of a sweep: (the bare PATH for every method, {method: PATH})."""
+    base, per = None, {}
+    for v in values:
+        head, eq, tail = v.partition("=")
+        if eq and head.strip() in GUIDERS:
+            check(head.strip() in methods, f"--guide {v}: {head.strip()} is not one of --methods {','.join(methods)}")
+            check(head.strip() not in per, f"--guide {head.strip()}=... given twice")
+            per[head.strip()] = tail
+        else:
+            check(base is None, f"--guide given twice without a method ({base}, {v}); name it: --guide METHOD=PATH")
+            base = v
+    return base, per
+
+
 @main.command("sweep")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Output folder.")
 @click.option("--methods", default="none,cfg", help=f"Comma-separated guiders: {', '.join(GUIDERS)}.")
-@click.option("--weights", default="1,1.5,2,3", help="Comma-separated guidance weights.")
+@click.option(
+    "--weights",
+    default="1,1.5,2,3",
+    help="Comma-separated guidance weights; schedules too (--weights 2,linear:1-4,steps:2-1:start=17,stop=22).",
+)
 @click.option("--intervals", default="", help="Guidance intervals lo-hi, comma-separated (e.g. 0.3-5); empty: always.")
 @click.option("--samples", "n", type=click.IntRange(min=16), default=2048, help="Samples per cell.")
 @click.option("--seed-start", type=int, default=0)
@@ -304,7 +555,7 @@ def _floats(text: str) -> list[float]:
 @click.option("--metric", default="fd", help="Metric choosing the best weight per method.")
 @click.option("--quality", default="precision", help="Quality axis of the Pareto front.")
 @click.option("--diversity", default="recall", help="Diversity axis of the Pareto front.")
-@click.option("--uncond", type=click.Path(), default=None, help="cfg: unconditional model checkpoint.")
+@click.option("--uncond", type=click.Path(), default=None, help="Deprecated: use --guide cfg=PATH (cfg's unconditional model).")
 @click.option(
     "--noise-classifier",
     type=click.Path(dir_okay=False, exists=True),
@@ -324,7 +575,11 @@ def _floats(text: str) -> list[float]:
     help="Reference samples (.npz with 'samples'); default: exact samples (world), the digits test "
     "split in digits-classifier features (1x8x8 image models).",
 )
-@_sample_options
+@(lambda f: _sample_options(f, sweep=True))
+@_threads_option
+@_device_option()
+@_nonfinite_option
+@_quiet_option
 def sweep_cmd(
     out,
     methods,
@@ -343,19 +598,35 @@ def sweep_cmd(
     world,
     model,
     guide,
+    threads,
+    device,
+    allow_nonfinite,
+    quiet,
     **kw,
 ) -> None:
     """Methods x weights (x intervals) -> OUT/results.csv and .json, best weight per method, Pareto front."""
     import torch
 
+    from .. import samplers
     from . import sweep
 
     ivs = [_interval(s, "--intervals") for s in intervals.split(",") if s.strip()] or [None]
     ref = torch.from_numpy(_npz_samples(reference)) if reference else None
     names = [m.strip() for m in methods.split(",") if m.strip()]
-    base = _config(world, model, guide=guide, **{**kw, "options": ()})
+    base_guide, guides = _sweep_guides(guide, names)
+    if uncond is not None:
+        from ..log import get_logger
+
+        _setup(quiet, 1)  # the warning below must show; threads are set again after
+        get_logger("guidelab.cli").warning("warning: --uncond is deprecated; use --guide cfg=%s", uncond)
+        check("cfg" not in guides, "--uncond and --guide cfg=... both give cfg's unconditional model; keep --guide cfg=...")
+        guides["cfg"] = uncond
+    base = _config(world, model, guide=base_guide, **{**kw, "options": ()})
+    for m, p in guides.items():
+        check(Path(p).exists(), f"checkpoint not found: {p} (--guide {m}=...)")
+    _setup(quiet, threads, 0 if model is None else _parameters(model))
     settings = sweep.SweepConfig(
-        {m: _floats(weights) for m in names},
+        {m: _weights(weights) for m in names},
         n=n,
         seed_start=seed_start,
         shard_size=shard_size,
@@ -363,11 +634,12 @@ def sweep_cmd(
         metric=metric,
         quality=quality,
         diversity=diversity,
-        guides={k: v for k, v in (("cfg", uncond), ("classifier", noise_classifier)) if v is not None},
+        guides={**guides, **({"classifier": noise_classifier} if noise_classifier is not None else {})},
         options=kw["options"],
         classifier=classifier,
     )
-    res = sweep.run(out, base, settings, reference=ref)
+    with samplers.allow_nonfinite(allow_nonfinite):
+        res = sweep.run(out, base, settings, reference=ref, device=device, progress=not quiet)
     for r in res["rows"]:
         click.echo(
             f"{r['cell']:>24} {metric}={r[metric]:.4g} {quality}={r[quality]:.3f} {diversity}={r[diversity]:.3f}"
@@ -397,7 +669,7 @@ def report_cmd(sweep_dir: Path, out) -> None:
     help="Output folder: metrics.json, grid.png, samples/ (resumable shards).",
 )
 @_guider_option(GUIDERS)
-@click.option("--weight", "w", type=float, default=1.0, help="Guidance weight (1 = no guidance).")
+@_weight_option()
 @click.option("--interval", default=None, help="Guide only for sigma in (lo, hi], given as lo-hi (e.g. 1e-3-5).")
 @click.option("--samples", "n", type=click.IntRange(min=10), default=1000, help="Number of samples (seeds seed-start ...).")
 @click.option("--seed-start", type=int, default=0, help="First seed.")
@@ -411,13 +683,16 @@ def report_cmd(sweep_dir: Path, out) -> None:
     "--classifier",
     type=click.Path(dir_okay=False, exists=True),
     default=None,
-    help="Clean digits classifier of the metrics (default: the cached one, trained on first use).",
+    help="Clean digits classifier of the metrics (default: the one packaged with guidelab, sha256 pinned).",
 )
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="Torch CPU threads (default: torch's).")
-@click.option("--device", default=None, callback=_device, help="Sampling device (default cuda if available, else cpu).")
+@_threads_option
+@_device_option(what="Sampling device")
 @_how_options
-@click.option("--quiet", is_flag=True, help="No progress bar.")
-def evaluate_cmd(model, out, guider, w, interval, n, seed_start, shard_size, classifier, threads, device, quiet, **kw) -> None:
+@_nonfinite_option
+@_quiet_option
+def evaluate_cmd(
+    model, out, guider, w, interval, n, seed_start, shard_size, classifier, threads, device, allow_nonfinite, quiet, **kw
+) -> None:
     """One row of the digits table: sample MODEL (checkpoint or run folder; class-conditional: balanced
     labels, seed % 10), measure against the digits test split, write OUT/metrics.json and OUT/grid.png.
 
@@ -433,16 +708,15 @@ def evaluate_cmd(model, out, guider, w, interval, n, seed_start, shard_size, cla
         guidelab evaluate runs/digits/RUN --guider autoguidance --guide runs/digits/RUN \\
             --guide-step 2048 --guide-sigma-rel 0.05 --weight 2 --out runs/eval/ag2
     """
-    import torch
-
+    from .. import samplers
     from . import evaluate as ev
 
-    if threads:
-        torch.set_num_threads(threads)
     cfg = _config(None, model, guider=guider, w=w, interval=_interval(interval), **kw)
-    r = ev.evaluate(
-        out, cfg, n=n, seed_start=seed_start, shard_size=shard_size, classifier=classifier, device=device, progress=not quiet
-    )
+    _setup(quiet, threads, _parameters(model))
+    with samplers.allow_nonfinite(allow_nonfinite):
+        r = ev.evaluate(
+            out, cfg, n=n, seed_start=seed_start, shard_size=shard_size, classifier=classifier, device=device, progress=not quiet
+        )
     acc = "n/a" if r["class_accuracy"] is None else f"{r['class_accuracy']:.3f}"
     click.echo(
         f"FD {r['fd']:.2f}  class accuracy {acc}  precision {r['precision']:.3f}  recall {r['recall']:.3f}  "
@@ -500,23 +774,113 @@ def _read_config(path: Path | None, sets: tuple[str, ...], flag: str = "--set") 
     default=Path("runs/images"),
     help="Parent folder; the run lives in OUT/<name-hash> (resumed if it exists).",
 )
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="Torch CPU threads (default: torch's).")
+@_threads_option
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=256, help="Training state every this many steps.")
 @click.option("--grid/--no-grid", default=True, help="Write a sample grid (grid.png) of the final EMA at the end.")
 @click.option("--grid-w", type=click.FloatRange(min=1), default=1.0, help="recipe=gft: guidance weight of the grid (beta = 1/w).")
-@click.option("--device", default="cpu", callback=_device, help="Training device (cpu, cuda, cuda:1, ...).")
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@_device_option("cpu", "Training device")
+@_quiet_option
 def train_cmd(config_path, sets, out, threads, checkpoint_every, grid, grid_w, device, quiet) -> None:
-    """Train an image denoiser (EDM loss; digits or an image folder); resumes an interrupted run."""
+    """Train an image denoiser (EDM loss; digits or an image folder); resumes an interrupted run.
+
+    Each model family has its own defaults (FAMILY_DEFAULTS: --set model=UNet is a small U-Net, not the
+    MLP's width); an image folder's channels (grey or RGB) come from its images."""
     from ..training import load_model
     from ..training.images import ImageConfig, sample_grid, train_images
+    from . import provenance
 
-    cfg = ImageConfig.from_dict(_read_config(config_path, sets))
+    cfg = ImageConfig.from_dict(_image_config(_read_config(config_path, sets)))
+    _setup(quiet, threads, _train_parameters(cfg))
+    _release()
     final = train_images(out, cfg, progress=not quiet, checkpoint_every=checkpoint_every, threads=threads, device=device)
     click.echo(f"final EMA snapshot: {final}")
     click.echo(f"loss curve: {final.parent / 'loss.png'}")
     if grid:
-        click.echo(f"samples: {sample_grid(load_model(final), final.parent / 'grid.png', w=grid_w)}")
+        path = sample_grid(load_model(final), final.parent / "grid.png", w=grid_w)
+        provenance.stamp_png(path, provenance.collect(device=device, **provenance.files(model=final), config=asdict_json(cfg)))
+        click.echo(f"samples: {path}")
+
+
+#: Per model family, the defaults of the size keys (``--set model=UNet`` gets a U-Net-sized network, not
+#: the MLP's ``hidden=512``); keys given in the config or with --set win.
+FAMILY_DEFAULTS = {
+    "PixelMLP": {"hidden": 512, "depth": 4, "emb": 128},
+    "UNet": {"hidden": 32, "depth": 2, "emb": 128},
+    "EDM2": {"hidden": 32, "depth": 2, "emb": 128},
+}
+
+
+def asdict_json(cfg) -> str:
+    import dataclasses
+    import json
+
+    return json.dumps(dataclasses.asdict(cfg), sort_keys=True)
+
+
+def _image_config(d: dict) -> dict:
+    """The train config with its family's size defaults (:data:`FAMILY_DEFAULTS`) and, for an image
+    folder, ``channels`` read from the images (an explicit ``channels`` that disagrees is an error)."""
+    d = dict(d)
+    model = d.get("model", "PixelMLP")
+    if isinstance(model, str) and model in FAMILY_DEFAULTS:
+        d = {**FAMILY_DEFAULTS[model], **d}
+    data = d.get("data", "digits")
+    if isinstance(data, str) and data != "digits" and Path(data).is_dir():
+        found = _folder_channels(Path(data))
+        if found is not None:
+            if "channels" in d:
+                check(
+                    d["channels"] == found,
+                    f"--set channels={d['channels']} but the images in {data} are "
+                    f"{'RGB (3)' if found == 3 else 'greyscale (1)'}; "
+                    f"drop channels (it is read from the images) or set channels={found}",
+                )
+            d["channels"] = found
+    return d
+
+
+def _folder_channels(root: Path) -> int | None:
+    """3 when any image under ``root`` has colour (R, G, B not all equal), 1 when all are grey; None if unreadable."""
+    import numpy as np
+    from PIL import Image
+
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+    if not files:
+        return None
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                if im.mode in ("1", "L", "LA", "I", "I;16", "F"):
+                    continue
+                a = np.asarray(im.convert("RGB"))
+        except Exception:  # the loader reports unreadable images
+            return None
+        if not (np.array_equal(a[..., 0], a[..., 1]) and np.array_equal(a[..., 1], a[..., 2])):
+            return 3
+    return 1
+
+
+def _train_parameters(cfg) -> int | None:
+    """Parameters of the network ``cfg`` trains, built on the meta device (no memory); None if unknown."""
+    import torch
+
+    from ..models import registry as models
+    from ..training.images import model_config
+
+    try:
+        res = cfg.resolution or 8
+        labels = torch.zeros(1, dtype=torch.long) if cfg.conditional else None
+
+        class _Data:
+            images = torch.zeros(1, cfg.channels if cfg.data != "digits" else 1, res, res)
+            num_classes = 10
+
+        _Data.labels = labels  # type: ignore[attr-defined]
+        with torch.device("meta"):
+            net = models.build(model_config(cfg, _Data))
+        return sum(p.numel() for p in net.parameters())
+    except Exception:
+        return None
 
 
 @main.command("classifier")
@@ -529,19 +893,19 @@ def train_cmd(config_path, sets, out, threads, checkpoint_every, grid, grid_w, d
 @click.option("--noise-aware", is_flag=True, help="A noise-aware classifier p(y | x; sigma) for classifier guidance.")
 @click.option("--steps", type=click.IntRange(min=1), default=2000, help="Adam steps on the digits train split.")
 @click.option("--seed", type=int, default=0)
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="Torch CPU threads (default: torch's).")
-def classifier_cmd(out, noise_aware, steps, seed, threads) -> None:
+@_threads_option
+@_quiet_option
+def classifier_cmd(out, noise_aware, steps, seed, threads, quiet) -> None:
     """Train the digits classifier (metric features, class accuracy) or its noise-aware twin (classifier guidance)."""
     import torch
 
     from ..data import digits
     from .digits_cache import default_path, digits_classifier
 
-    if threads:
-        torch.set_num_threads(threads)
+    _setup(quiet, threads, parameters=0)
     out = out if out is not None else default_path(noise_aware=noise_aware, steps=steps, seed=seed)
     check(not out.exists(), f"{out} exists; remove it or choose another --out")
-    clf = digits_classifier(out, noise_aware=noise_aware, steps=steps, seed=seed, progress=True)
+    clf = digits_classifier(out, noise_aware=noise_aware, steps=steps, seed=seed, progress=not quiet)
     test = digits("test")
     with torch.no_grad():
         sigma = torch.full((len(test.labels),), 0.002) if noise_aware else None
@@ -571,9 +935,12 @@ def phema_cmd(run_dir, sigma_rel, step, out) -> None:
     """Post-hoc EMA: rebuild the EMA of any sigma_rel from a run's snapshots (EDM2) as a checkpoint."""
     from ..training import save_model
     from ..training.phema import reconstruct
+    from .jobs.assembly import warn_phema
 
+    _setup(False, None, parameters=0)
     m = reconstruct(run_dir, sigma_rel, step)
     info = {k: v for k, v in m.checkpoint_info.items() if k != "model"}
+    warn_phema(m, f"{run_dir} at sigma_rel {sigma_rel:g}")
     save_model(out, m, **info)
     click.echo(f"wrote {out} (profile error {info['phema_error']:.2g})")
 
@@ -623,10 +990,10 @@ def phema_cmd(run_dir, sigma_rel, step, out) -> None:
 @click.option("--ema", default="0.05,0.1", help="Power-function EMA sigma_rel profiles (comma-separated).")
 @click.option("--snapshot-every", type=click.IntRange(min=1), default=512)
 @click.option("--seed", type=click.IntRange(min=0), default=0)
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="Torch CPU threads (default: torch's).")
+@_threads_option
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=256, help="Training state every this many steps.")
-@click.option("--device", default="cpu", callback=_device)
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@_device_option("cpu", "Training device")
+@_quiet_option
 def distill_cmd(
     teacher,
     out,
@@ -662,6 +1029,8 @@ def distill_cmd(
     from ..training import LoopConfig, load_model
     from ..training import distill as ds
 
+    _setup(quiet, threads, _parameters(teacher))
+    _release()
     loop = LoopConfig(
         iters=iters,
         batch=batch,
@@ -702,11 +1071,42 @@ def distill_cmd(
     click.echo(f"student (w in [{w_min:g}, {w_max:g}], input 'w'): {final}")
 
 
+def _need_diffusers(what: str) -> None:
+    import importlib.util
+
+    check(
+        importlib.util.find_spec("diffusers") is not None,
+        f"{what} needs the diffusers package, which is not installed: pip install diffusers transformers",
+    )
+
+
+def _check_diffusers_label(model_dir: Path, label, null_label) -> None:
+    """--label / --null-label within the classes a diffusers folder's config declares (DiT: num_embeds_ada_norm,
+    UNet2DModel: num_class_embeds; the null label may be the extra class num_classes)."""
+    import json
+
+    n = None
+    for cfg in (model_dir / "config.json", model_dir / "transformer" / "config.json", model_dir / "unet" / "config.json"):
+        try:
+            d = json.loads(cfg.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(d, dict):
+            n = d.get("num_embeds_ada_norm") or d.get("num_class_embeds")
+            break
+    if not isinstance(n, int) or n <= 0:
+        return
+    if label is not None:
+        check(0 <= label < n, f"--label {label} out of range: {model_dir} has {n} classes (0 .. {n - 1})")
+    if null_label is not None:
+        check(0 <= null_label <= n, f"--null-label {null_label} out of range: {model_dir} has {n} classes (null: 0 .. {n})")
+
+
 @main.command("diffusers")
 @click.argument("model_dir", type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Folder for PNGs + samples.npz.")
 @_guider_option(DIFFUSERS_GUIDERS)
-@click.option("--weight", "w", type=float, default=1.0, help="Guidance weight (1 = no guidance).")
+@_weight_option()
 @click.option("--guide", type=click.Path(path_type=Path), default=None, help="Guide model folder (autoguidance).")
 @click.option("--sampler", default="euler", help="Sampler name (guidelab samplers).")
 @click.option("--steps", type=click.IntRange(min=1), default=32)
@@ -759,12 +1159,41 @@ def distill_cmd(
     metavar="KEY=VALUE",
     help=f"Guider keyword (repeatable): {_option_help(DIFFUSERS_GUIDERS)}.",
 )
-@click.option("--device", default="cpu")
-@click.option("--dtype", type=click.Choice(["float32", "float64", "float16", "bfloat16"]), default="float32")
-def diffusers_cmd(model_dir, out, guider, w, guide, seeds, interval, prompt_embeds, layers, dtype, options, **kw) -> None:
+@_device_option("cpu")
+@click.option(
+    "--dtype",
+    type=click.Choice(["float32", "float64", "float16", "bfloat16"]),
+    default="float32",
+    help="Model precision (float16 / bfloat16: the sampler still runs in float32).",
+)
+@_threads_option
+@_nonfinite_option
+@_allow_bin_option
+@_quiet_option
+def diffusers_cmd(
+    model_dir,
+    out,
+    guider,
+    w,
+    guide,
+    seeds,
+    interval,
+    prompt_embeds,
+    layers,
+    dtype,
+    options,
+    threads,
+    allow_nonfinite,
+    allow_bin,
+    quiet,
+    **kw,
+) -> None:
     """Sample a local diffusers model (UNet2DModel, UNet2DConditionModel, DiT, PixArt) with any sampler and guider."""
-    from .diffusers_generate import generate
+    import dataclasses
 
+    from .. import samplers
+
+    _need_diffusers("guidelab diffusers")
     emb = {}
     if prompt_embeds is not None:
         from safetensors.torch import load_file
@@ -781,23 +1210,37 @@ def diffusers_cmd(model_dir, out, guider, w, guide, seeds, interval, prompt_embe
             seed_list = [int(v) for v in seeds.split(",") if v.strip()]
     except ValueError:
         raise GuidelabError(f"--seeds must look like 0-7 or 1,2,5, got {seeds!r}") from None
-    generate(
-        model_dir,
-        out=out,
-        guider=guider,
-        w=w,
-        guide=guide,
-        seeds=seed_list,
-        interval=_interval(interval),
-        prompt_embeds=emb.get("prompt_embeds"),
-        null_text=emb.get("null_embeds"),
-        prompt_mask=emb.get("prompt_attention_mask"),
-        null_mask=emb.get("null_attention_mask"),
-        layers=layers.split(",") if layers else None,
-        dtype=dtype,
-        guider_options=list(options),
-        **kw,
-    )
+    _check_diffusers_label(Path(model_dir), kw.get("label"), kw.get("null_label"))
+    from .diffusers_generate import DiffusersConfig, generate
+
+    if allow_bin:
+        check(
+            "allow_pickle" in {f.name for f in dataclasses.fields(DiffusersConfig)},
+            "--allow-bin is not implemented for guidelab diffusers yet (app.diffusers_generate.DiffusersConfig has no "
+            "allow_pickle); convert the .bin weights to safetensors",
+        )
+        kw["allow_pickle"] = True
+    _setup(quiet, threads, _parameters(model_dir))
+    _phase(f"loading {model_dir}")
+    kw["progress"] = not quiet
+    with samplers.allow_nonfinite(allow_nonfinite):
+        generate(
+            model_dir,
+            out=out,
+            guider=guider,
+            w=_parsed(w),
+            guide=guide,
+            seeds=seed_list,
+            interval=_interval(interval),
+            prompt_embeds=emb.get("prompt_embeds"),
+            null_text=emb.get("null_embeds"),
+            prompt_mask=emb.get("prompt_attention_mask"),
+            null_mask=emb.get("null_attention_mask"),
+            layers=layers.split(",") if layers else None,
+            dtype=dtype,
+            guider_options=list(options),
+            **kw,
+        )
     click.echo(f"wrote {len(seed_list)} samples to {out}")
 
 
@@ -826,16 +1269,50 @@ Examples (one per pipeline family; FOLDER is a local diffusers folder, nothing i
 @click.option("--schedule", default="pipeline", help="pipeline (the folder's scheduler grid), karras, leading, ...")
 @click.option("--seeds", default="0", help="Seeds: a range 0-7 or a list 1,2,5.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="PNGs + grid.png.")
-@click.option("--device", default="cpu")
-@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32")
+@_device_option("cpu")
+@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", help="Pipeline precision.")
 @click.option("--option", "options", multiple=True, metavar="KEY=VALUE", help="Guider keyword (repeatable).")
-def generate_cmd(folder, prompts, seeds, options, out, **kw) -> None:
+@_threads_option
+@_nonfinite_option
+@_allow_bin_option
+@_quiet_option
+def generate_cmd(folder, prompts, seeds, options, out, threads, allow_nonfinite, allow_bin, quiet, **kw) -> None:
     """Prompt in, image out: a local StableDiffusion / SD3 pipeline folder guided by any guider (docs/PIPELINES.md)."""
+    from .. import samplers
+
+    _need_diffusers("guidelab generate")
     from . import diffusers_generate as dg
+    from . import provenance
 
     seed_list = dg.parse_seeds(seeds)
     opts = dict(registry.parse_options(kw["guider"], list(options)))
-    dg.generate_images(folder, prompts, out=out, seeds=seed_list, **kw, **opts)
+    _setup(quiet, threads, _parameters(folder))
+    _phase(f"loading the pipeline {folder}")
+    with samplers.allow_nonfinite(allow_nonfinite):
+        if allow_bin:  # generate_images without allow_pickle: its two steps here
+            import torch
+
+            from ..integrations.diffusers import load_pipeline
+
+            dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+            dtype, device = kw.pop("dtype"), kw.pop("device")
+            pipe = load_pipeline(folder, dtype=dtypes[dtype], device=device, allow_pickle=True)
+            pipe.generate(list(prompts), seeds=seed_list, out=out, progress=not quiet, **kw, **opts)
+        else:
+            dg.generate_images(folder, prompts, out=out, seeds=seed_list, progress=not quiet, **kw, **opts)
+    grid = Path(out) / "grid.png"
+    if grid.exists():
+        provenance.stamp_png(
+            grid,
+            provenance.collect(
+                device=kw.get("device", "cpu"),
+                **provenance.files(model=folder, guide=kw.get("guide")),
+                prompts=json.dumps(list(prompts)),
+                seeds=provenance.seeds_text(seed_list),
+                **{k: v for k, v in kw.items() if k not in ("device", "guide") and v is not None},
+                guider_options=json.dumps(opts) if opts else None,
+            ),
+        )
     click.echo(f"wrote {len(seed_list)} images and grid.png to {out}")
 
 
@@ -863,28 +1340,86 @@ def generate_cmd(folder, prompts, seeds, options, out, **kw) -> None:
 @click.option("--jump-n-sample", type=click.IntRange(min=1), default=None, help="repaint (paper: 10).")
 @click.option("--zeta", type=float, default=None, help="dps step size (official code default 1.0).")
 @click.option("--weight", "w", type=float, default=None, help="sdg weight w = 1 + s (default 2).")
-def inverse_cmd(model, task, method, input_path, out, mask, factor, n, seed, steps, sigma_max, **options) -> None:
+@_threads_option
+@_nonfinite_option
+@_quiet_option
+def inverse_cmd(
+    model, task, method, input_path, out, mask, factor, n, seed, steps, sigma_max, threads, allow_nonfinite, quiet, **options
+) -> None:
     """Condition an unconditional MODEL (checkpoint, run folder, or digits-gmm) on a measurement of --input."""
+    from .. import samplers
+    from . import provenance
     from .inverse import run_inverse
 
     keep = {"repaint": ("jump_length", "jump_n_sample"), "dps": ("zeta",), "sdg": ("w",)}.get(method, ())
     extra = [k for k, v in options.items() if v is not None and k not in keep]
     check(not extra, f"--{extra[0].replace('_', '-') if extra else ''} does not apply to --method {method}")
-    path = run_inverse(
-        model,
-        task,
-        method,
-        input_path,
-        out,
-        n=n,
-        seed=seed,
-        mask=mask,
-        factor=factor,
-        steps=steps,
-        sigma_max=sigma_max,
-        **{k: v for k, v in options.items() if k in keep},
-    )
+    _setup(quiet, threads, _parameters(model) if Path(model).exists() else 0)
+    _phase(f"loading {model}")
+    with samplers.allow_nonfinite(allow_nonfinite):
+        path = run_inverse(
+            model,
+            task,
+            method,
+            input_path,
+            out,
+            n=n,
+            seed=seed,
+            mask=mask,
+            factor=factor,
+            steps=steps,
+            sigma_max=sigma_max,
+            progress=not quiet,
+            **{k: v for k, v in options.items() if k in keep},
+        )
+    if (Path(path) / "grid.png").exists():
+        provenance.stamp_png(
+            Path(path) / "grid.png",
+            provenance.collect(
+                **provenance.files(model=model if Path(model).exists() else None, input=input_path),
+                model_name=model,
+                task=task,
+                method=method,
+                seeds=provenance.seeds_text(range(seed, seed + n)),
+                steps=steps or "paper default",
+                sigma_max=sigma_max,
+                mask=mask if task == "inpaint" else None,
+                factor=factor if task in ("superres", "lowpass") else None,
+                **{k: v for k, v in options.items() if k in keep and v is not None},
+            ),
+        )
     click.echo(f"wrote {path}/samples.npz and {path}/grid.png")
+
+
+@main.command()
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("runs/demo"),
+    help="Output folder (models are cached in OUT/models).",
+)
+@click.option("--samples", "n", type=click.IntRange(min=16), default=4096, help="Samples per method and weight.")
+@click.option("--seed", type=int, default=0, help="Seed of the initial points and the reference set.")
+@click.option("--quick", is_flag=True, help="Tiny models, for a smoke test; too short to show the paper's finding.")
+@_threads_option
+@_nonfinite_option
+@_quiet_option
+def demo(out: Path, n: int, seed: int, quick: bool, threads, allow_nonfinite: bool, quiet: bool) -> None:
+    """Autoguidance vs CFG on the exact 2-D tree: train, sample, measure, write OUT/report.html (CPU; small
+    models, so one thread by default)."""
+    from .. import samplers
+    from . import demo as demo_mod
+
+    check(not out.exists() or out.is_dir(), f"--out {out} exists and is not a folder")
+    _setup(quiet, threads, parameters=demo_mod.PARAMETERS)
+    with samplers.allow_nonfinite(allow_nonfinite):
+        records = demo_mod.run(out, n=n, seed=seed, progress=not quiet, model_overrides=demo_mod.QUICK if quick else None)
+    click.echo(f"{'method':>13} {'w':>4} {'mean_logp':>9} {'precision':>9} {'recall':>7}")
+    for r in records:
+        click.echo(f"{r.method:>13} {r.w:>4g} {r.mean_logp:>9.3f} {r.precision:>9.3f} {r.recall:>7.3f}")
+    for claim, ok, evidence in demo_mod.check_finding(records):
+        click.echo(f"[{'holds' if ok else 'DOES NOT HOLD'}] {claim}: {evidence}")
+    click.echo(f"wrote {out / 'report.html'} and {out / 'metrics.json'}")
 
 
 def _load_commands() -> None:

@@ -21,7 +21,11 @@ import torch
 
 from .. import guidance, metrics, samplers, schedules, toy
 from .._io import atomic_write
+from ..log import get_logger, release
 from ..training import load_model, train_toy
+from . import provenance
+
+log = get_logger(__name__)
 
 #: The paper's toy setup (methods.md §2.3): models and sampler.
 MODELS = {
@@ -32,6 +36,9 @@ MODELS = {
 #: ``--quick``: tiny models for a smoke test (seconds, not minutes); too short to show the finding.
 QUICK = {k: {"iters": max(v["iters"] // 16, 32), "batch": 1024} for k, v in MODELS.items()}
 SIGMA_MIN, SIGMA_MAX, STEPS, RHO = 0.002, 5.0, 32, 7.0
+#: The largest demo network has ~13 k parameters (hidden 64): small, so one CPU thread by default
+#: (guidelab.threads; measured in bench/demo_load.py).
+PARAMETERS = 20_000
 WEIGHTS = {"cfg": (1.5, 2.0, 3.0, 4.0), "autoguidance": (1.5, 2.0, 2.5, 3.0)}
 VIEW = (0.30, 0.30, 1.2)  # centre x, centre y, half-width: the paper's wide view
 
@@ -63,8 +70,18 @@ def train_models(out: Path, progress: bool = True, **overrides) -> dict[str, tor
     """Train (or reuse from ``out/models``) the main model, the autoguidance guide and the CFG model."""
     nets = {}
     for name, cfg in MODELS.items():
-        path = train_toy(out / "models", progress=progress, **{**cfg, **overrides.get(name, {})})
+        c = {**cfg, **overrides.get(name, {})}
+        if progress:
+            log.info(
+                "training (or reusing) the %s model: classes %s, width %d, %d iterations",
+                name,
+                c["classes"],
+                c["hidden"],
+                c["iters"],
+            )
+        path = train_toy(out / "models", progress=progress, **c)
         nets[name] = load_model(path).eval().requires_grad_(False)
+        nets[name].checkpoint_path = path
     return nets
 
 
@@ -92,7 +109,15 @@ def run(
     records, samples = [], {}
     from tqdm.auto import tqdm
 
-    for method, w in tqdm(jobs, desc="sample + metrics", disable=not progress):
+    from .jobs.shards import BAR
+
+    if progress:
+        release()
+    bar = tqdm(
+        total=n * len(jobs), desc=f"sample + metrics ({len(jobs)} cells)", unit="sample", bar_format=BAR, disable=not progress
+    )
+    for method, w in jobs:
+        bar.set_postfix_str(f"{method} w={w:g}")
         main, guide, uncond = (_Counter(nets[k]) for k in ("main", "guide", "uncond"))
         if method == "cfg":
             D = guidance.cfg(main, w, uncond=uncond)
@@ -117,6 +142,8 @@ def run(
             )
         )
         samples[(method, w)] = x
+        bar.update(n)
+    bar.close()
     exact = world.sample(n, generator=g)
     p, r = metrics.precision_recall(reference, exact, k=3)
     baseline = {
@@ -126,11 +153,30 @@ def run(
         "sliced_wasserstein": metrics.sliced_wasserstein(reference, exact),
     }
 
-    atomic_write(out / "metrics.json", json.dumps([r.__dict__ for r in records], indent=2).encode())
+    prov = provenance.collect(
+        device="cpu",
+        **{k: v for name, net in nets.items() for k, v in provenance.files(**{f"model_{name}": net.checkpoint_path}).items()},
+        world="A",
+        sampler="heun",
+        steps=STEPS,
+        schedule=f"karras({STEPS}, {SIGMA_MIN:g}, {SIGMA_MAX:g}, rho={RHO:g})",
+        seeds=f"torch.Generator seed {seed}: reference, then initial points, then exact samples",
+        samples=n,
+        guiders=",".join(dict.fromkeys(m for m, _ in jobs)),
+        weights=json.dumps({m: list(ws) for m, ws in (weights or WEIGHTS).items()}),
+        guider_options="cfg: uncond=the AB model; autoguidance: guide=the small, short-trained A model",
+    )
+    atomic_write(
+        out / "metrics.json",
+        json.dumps({"records": [r.__dict__ for r in records], "provenance": prov}, indent=2).encode(),
+    )
     findings = check_finding(records)
-    html_text, figures = render_report(records, samples, exact, baseline, findings, nets, n=n, seconds=time.time() - t0)
+    html_text, figures = render_report(
+        records, samples, exact, baseline, findings, nets, n=n, seconds=time.time() - t0, prov=prov
+    )
     for name, png in figures.items():
         atomic_write(out / name, png)
+        provenance.stamp_png(out / name, prov)
     atomic_write(out / "report.html", html_text.encode())
     return records
 
@@ -275,8 +321,11 @@ def tradeoff_figure(records: list[Record], baseline: dict):
     return fig
 
 
-def render_report(records, samples, exact, baseline, findings, nets, *, n: int, seconds: float) -> tuple[str, dict]:
-    """The HTML report (images inlined, opens from disk) and its figures as PNG bytes by name."""
+def render_report(
+    records, samples, exact, baseline, findings, nets, *, n: int, seconds: float, prov: dict | None = None
+) -> tuple[str, dict]:
+    """The HTML report (images inlined, opens from disk) and its figures as PNG bytes by name; ``prov``:
+    the provenance table at its end."""
     best = {
         m: max((r for r in records if r.method == m), key=lambda r: r.mean_logp, default=None) for m in ("cfg", "autoguidance")
     }
@@ -313,6 +362,11 @@ def render_report(records, samples, exact, baseline, findings, nets, *, n: int, 
         f"{html.escape(c)} &mdash; {html.escape(ev)}</li>"
         for c, ok, ev in findings
     )
+    prov_rows = "".join(
+        f"<tr><th style='text-align:left'>{html.escape(k)}</th>"
+        f"<td style='text-align:left'><code>{html.escape(v)}</code></td></tr>"
+        for k, v in (prov or {}).items()
+    )
     params = {k: sum(p.numel() for p in v.parameters()) for k, v in nets.items()}
     setup = "".join(
         f"<li><b>{k}</b>: classes {v['classes']}, width {v['hidden']}, {v['iters']} iterations, {params[k]:,} parameters</li>"
@@ -343,6 +397,8 @@ Metrics against {n} exact class-A samples: mean exact log-density (quality), k-N
 {rows}</table>
 <h2>All samples</h2>
 <img src="data:image/png;base64,{all_fig}" alt="all samples">
+<h2>Provenance</h2>
+<table class="prov">{prov_rows}</table>
 </body></html>
 """,
         figures,

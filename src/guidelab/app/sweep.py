@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -23,9 +24,12 @@ from .. import metrics, toy
 from .._io import atomic_write
 from ..errors import check
 from ..guidance import registry
+from ..log import get_logger, release
 from ..metrics import features
-from . import jobs
+from . import jobs, provenance
 from .evaluate import DigitsMetrics, nfe_of
+
+log = get_logger(__name__)
 
 #: metric -> True when higher is better.
 HIGHER_IS_BETTER = {
@@ -41,21 +45,39 @@ HIGHER_IS_BETTER = {
 }
 
 
-def cell_name(method: str, w: float, interval) -> str:
-    name = f"{method}_w{w:g}"
+def weight_text(w) -> str:
+    """A weight as the results show it: ``2`` or a schedule's text ``linear:1-4``."""
+    return w.strip() if isinstance(w, str) else f"{float(w):g}"
+
+
+def weight_number(w) -> float:
+    """A number for plots and sorting: the weight, or a schedule's starting weight (``w_start``)."""
+    if isinstance(w, str):
+        from ..guidance import parse_weight
+
+        v = parse_weight(w)
+        return float(v) if isinstance(v, float) else v.w_start
+    return float(w)
+
+
+def cell_name(method: str, w, interval) -> str:
+    """``cfg_w2``, ``cfg_wlinear_1-4`` (a schedule: its text made path-safe), ``+ _i0.3-5`` with an interval."""
+    text = weight_text(w)
+    name = f"{method}_w{re.sub(r'[^A-Za-z0-9.=-]+', '_', text) if isinstance(w, str) else text}"
     return name + (f"_i{interval[0]:g}-{interval[1]:g}" if interval else "")
 
 
-def measure(x: torch.Tensor, ref: torch.Tensor, world=None) -> dict:
-    """All point-cloud metrics of samples ``x`` [N, D] against ``ref`` [M, D] (raw coordinates)."""
-    p, r = metrics.precision_recall(ref, x, k=3)
-    d, c = metrics.density_coverage(ref, x, k=5)
+def measure(x: torch.Tensor, ref: torch.Tensor, world=None, ref_radii: dict | None = None) -> dict:
+    """All point-cloud metrics of samples ``x`` [N, D] against ``ref`` [M, D] (raw coordinates).
+    ``ref_radii``: the reference's k-NN radii (:func:`guidelab.metrics.knn_radii_multi` with k = 3, 5),
+    computed once per reference set by the caller."""
+    q = metrics.prdc(ref, x, k_pr=3, k_dc=5, real_radii=ref_radii)
     fs_x, fs_r = metrics.FeatureStats(x.shape[1]).update(x), metrics.FeatureStats(ref.shape[1]).update(ref)
     row = {
-        "precision": p,
-        "recall": r,
-        "density": d,
-        "coverage": c,
+        "precision": q["precision"],
+        "recall": q["recall"],
+        "density": q["density"],
+        "coverage": q["coverage"],
         "fd": metrics.fid_from_stats(fs_r, fs_x),
         "kid": metrics.kid(ref, x, subsets=10, subset_size=min(1000, len(x), len(ref)))[0],
         "sliced_wasserstein": metrics.sliced_wasserstein(ref, x),
@@ -88,12 +110,13 @@ class SweepConfig:
     """What a sweep runs. ``methods``: {guider name (:data:`guidelab.app.jobs.GUIDERS`): [weights]} (``none``:
     one cell); ``intervals``: (lo, hi) or None per cell row; ``guides``: checkpoint per method (cfg: the
     unconditional model, classifier: the noise-aware classifier; default ``base.guide``); ``options``: guider
-    keywords (``["k=v", ...]`` or a dict), each given to the methods that take it; ``metric`` chooses the
+    keywords (``["k=v", ...]`` or a dict), each given to the methods that take it; weights are numbers or
+    weight-schedule texts (``"linear:1-4"``, :func:`guidelab.guidance.parse_weight`); ``metric`` chooses the
     best weight per method, ``quality`` / ``diversity`` are the Pareto axes; ``ref_seed``: the exact
     world's reference draw; ``classifier``: the clean digits classifier of the digits metrics (default: the
     cached one)."""
 
-    methods: Mapping[str, Sequence[float]]
+    methods: Mapping[str, Sequence[float | str]]
     n: int = 2048
     seed_start: int = 0
     shard_size: int = 1024
@@ -127,11 +150,21 @@ class SweepConfig:
         return {} if method is None else registry.parse_options(method, {k: v for k, v in items.items() if k in takes[method]})
 
 
-def run(out: str | os.PathLike, base: jobs.SampleConfig, sweep: SweepConfig, *, reference: torch.Tensor | None = None) -> dict:
+def run(
+    out: str | os.PathLike,
+    base: jobs.SampleConfig,
+    sweep: SweepConfig,
+    *,
+    reference: torch.Tensor | None = None,
+    device: str | None = None,
+    progress: bool = False,
+) -> dict:
     """Sample and measure every (method, weight, interval) cell of ``sweep`` on ``base``; returns and writes
     the results. Reference: ``reference`` or, on an exact world, ``n`` exact samples drawn with
     ``ref_seed``; a digits model without ``reference`` uses the digits metrics. A class-conditional model
-    with ``base.label`` None samples balanced labels.
+    with ``base.label`` None samples balanced labels. ``progress``: one bar over every cell's samples
+    (with ETA) and a phase line per metric pass on the ``guidelab`` logger. results.json records the
+    ``provenance`` (:mod:`guidelab.app.provenance`) and each row's ``weight`` text.
     """
     sweep.validate()
     n, metric, quality, diversity = sweep.n, sweep.metric, sweep.quality, sweep.diversity
@@ -139,7 +172,9 @@ def run(out: str | os.PathLike, base: jobs.SampleConfig, sweep: SweepConfig, *, 
     world = toy.tree(base.world, dtype=torch.float64) if base.world is not None else None
     digits = None
     if base.model is not None:
-        probe = jobs.build_balanced(base, classifier="classifier" in sweep.methods)
+        if progress:
+            log.info("loading %s", base.model)
+        probe = jobs.build_balanced(base, device or "cpu", classifier="classifier" in sweep.methods)
         base = probe.cfg
         if reference is None and probe.shape == (1, 8, 8):
             digits = DigitsMetrics(sweep.classifier)
@@ -157,13 +192,20 @@ def run(out: str | os.PathLike, base: jobs.SampleConfig, sweep: SweepConfig, *, 
         f"the sampled ones {list(shape)}",
     )
     ref = reference.double().reshape(len(reference), -1) if digits is None else None
+    cells = []
+    for method, weights in sweep.methods.items():
+        for w in weights if method != "none" else [1.0]:  # no guidance: one cell, whatever the weights
+            for iv in sweep.intervals if method != "none" else (None,):
+                cells.append((method, w if isinstance(w, str) else float(w), iv))
     for method in sweep.methods:  # every cell checked before the first write
         for iv in sweep.intervals if method != "none" else (None,):
-            w = float(next(iter(sweep.methods[method]), 1.0)) if method != "none" else 1.0
+            for w in sweep.methods[method] if method != "none" else [1.0]:
+                replace(base, guider=method, w=w if isinstance(w, str) else float(w)).validate()  # schedules parse
+            w = next(iter(sweep.methods[method]), 1.0) if method != "none" else 1.0
             cell = replace(
                 base,
                 guider=method,
-                w=w,
+                w=w if isinstance(w, str) else float(w),
                 interval=tuple(iv) if iv else None,
                 guide=sweep.guides.get(method, base.guide),
                 guider_options=sweep.options_for(method),
@@ -174,40 +216,61 @@ def run(out: str | os.PathLike, base: jobs.SampleConfig, sweep: SweepConfig, *, 
         f"seeds must be integers in [0, 2^63): seed_start={sweep.seed_start!r}, n={n}",
     )
     out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for method, weights in sweep.methods.items():
-        for w in weights if method != "none" else [1.0]:  # no guidance: one cell, whatever the weights
-            for iv in sweep.intervals if method != "none" else (None,):
-                cfg = replace(
-                    base,
-                    guider=method,
-                    w=float(w),
-                    interval=tuple(iv) if iv else None,
-                    guide=sweep.guides.get(method, base.guide),
-                    guider_options=sweep.options_for(method),
-                )
-                name = cell_name(method, w, iv)
-                jobs.sample(out / "samples" / name, cfg, n=n, seed_start=sweep.seed_start, shard_size=sweep.shard_size)
-                d = jobs.load_shards(out / "samples" / name)
-                x, seeds = d["samples"], d["seeds"]
-                if digits is not None:
-                    target = d["labels"] if (not cfg.unconditional or method == "classifier") else None
-                    m = {k: v for k, v in digits(x, target).items() if k != "class_histogram"}
-                    described = features.describe(digits.extractor, len(x), seeds)
-                else:
-                    m = measure(torch.from_numpy(x.reshape(len(x), -1)).double(), ref, world)
-                    described = features.describe(features.raw(), len(x), seeds)
-                row = {
-                    "cell": name,
-                    "method": method,
-                    "w": float(w),
-                    "interval": f"{iv[0]:g}-{iv[1]:g}" if iv else "",
-                    **m,
-                    **nfe_of(d["rows"], len(x)),
-                    "sampling_seconds": d["seconds"],
-                    **described,
-                }
-                rows.append(row)
+    ref_radii = metrics.knn_radii_multi(ref, (3, 5)) if ref is not None else None  # once per reference set
+    rows, described_cells = [], []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        release()  # held phase lines first, then the bar
+        bar = tqdm(total=n * len(cells), desc=f"sweep ({len(cells)} cells)", unit="sample", bar_format=jobs.shards.BAR)
+    try:
+        for method, w, iv in cells:
+            cfg = replace(
+                base,
+                guider=method,
+                w=w,
+                interval=tuple(iv) if iv else None,
+                guide=sweep.guides.get(method, base.guide),
+                guider_options=sweep.options_for(method),
+            )
+            name = cell_name(method, w, iv)
+            if bar is not None:
+                bar.set_postfix_str(name)
+            jobs.sample(
+                out / "samples" / name,
+                cfg,
+                n=n,
+                seed_start=sweep.seed_start,
+                shard_size=sweep.shard_size,
+                device=device,
+                progress=bar if bar is not None else False,
+            )
+            d = jobs.load_shards(out / "samples" / name)
+            x, seeds = d["samples"], d["seeds"]
+            if digits is not None:
+                target = d["labels"] if (not cfg.unconditional or method == "classifier") else None
+                m = {k: v for k, v in digits(x, target).items() if k != "class_histogram"}
+                described = features.describe(digits.extractor, len(x), seeds)
+            else:
+                m = measure(torch.from_numpy(x.reshape(len(x), -1)).double(), ref, world, ref_radii)
+                described = features.describe(features.raw(), len(x), seeds)
+            row = {
+                "cell": name,
+                "method": method,
+                "w": weight_number(w),
+                "weight": weight_text(w),
+                "interval": f"{iv[0]:g}-{iv[1]:g}" if iv else "",
+                **m,
+                **nfe_of(d["rows"], len(x)),
+                "sampling_seconds": d["seconds"],
+                **described,
+            }
+            rows.append(row)
+            described_cells.append(json.loads((out / "samples" / name / "job.json").read_text()).get("provenance") or {})
+    finally:
+        if bar is not None:
+            bar.close()
     best = {m: r["cell"] for m, r in best_per_method(rows, metric).items()}
     pareto = [rows[i]["cell"] for i in pareto_front(rows, quality, diversity)]
     reference_info = (
@@ -215,6 +278,7 @@ def run(out: str | os.PathLike, base: jobs.SampleConfig, sweep: SweepConfig, *, 
         if digits is None
         else {**digits.floor, "classifier": digits.classifier_path}
     )
+    first = described_cells[0] if described_cells else {}
     result = {
         "metric": metric,
         "quality": quality,
@@ -223,6 +287,20 @@ def run(out: str | os.PathLike, base: jobs.SampleConfig, sweep: SweepConfig, *, 
         "pareto": pareto,
         "reference": reference_info,
         "rows": rows,
+        "provenance": provenance.collect(
+            device=first.get("device", device or "cpu"),
+            **provenance.files(model=base.model),
+            **{k: first[k] for k in ("world", "sampler", "steps", "schedule", "dtype", "label") if k in first},
+            seeds=first.get("seeds"),
+            guiders=",".join(dict.fromkeys(m for m, _, _ in cells)),
+            weights=",".join(dict.fromkeys(weight_text(w) for _, w, _ in cells)),
+            intervals=",".join(f"{iv[0]:g}-{iv[1]:g}" for iv in sweep.intervals if iv) or None,
+            **provenance.files(**{f"guide_{m}": sweep.guides.get(m, base.guide) for m in dict.fromkeys(m for m, _, _ in cells)}),
+            guider_options=json.dumps(dict(sweep.options))
+            if isinstance(sweep.options, Mapping)
+            else ",".join(sweep.options) or None,
+            metrics_reference=json.dumps(reference_info, default=str),
+        ),
     }
     atomic_write(out / "results.json", json.dumps(result, indent=1).encode())
     keys = list(rows[0])

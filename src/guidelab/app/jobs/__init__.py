@@ -10,7 +10,7 @@ registry (:mod:`guidelab.guidance.registry`); ``interval`` wraps any of them.
 
 from .assembly import Counted, Sampling, build, build_balanced, distilled_meta, network_info
 from .config import GUIDERS, WORLD_GUIDERS, SampleConfig
-from .shards import load_samples, load_shards, png_path, sample, shard_name
+from .shards import load_samples, load_shards, png_name, png_path, sample, shard_name
 
 __all__ = [
     "SampleConfig",
@@ -25,6 +25,7 @@ __all__ = [
     "sample",
     "load_shards",
     "load_samples",
+    "png_name",
     "png_path",
     "shard_name",
 ]

@@ -11,10 +11,28 @@ import torch
 from ... import samplers, schedules, toy
 from ...errors import GuidelabError, check
 from ...guidance import registry
+from ...log import get_logger
 from ...rng import SampleNoise
 from ...training.phema import load_network
 from ...training.student import distilled_info
 from .config import SampleConfig
+
+log = get_logger(__name__)
+#: A post-hoc EMA reconstruction whose relative profile error exceeds this is warned about.
+PHEMA_WARN = 0.1
+
+
+def warn_phema(net, what: str) -> None:
+    """Log a warning when ``net`` is a post-hoc EMA reconstruction with a large profile error."""
+    err = (getattr(net, "checkpoint_info", {}) or {}).get("phema_error")
+    if err is not None and err > PHEMA_WARN:
+        log.warning(
+            "warning: the post-hoc EMA of %s has profile error %.2g (> %g): the snapshots cannot reproduce that "
+            "sigma_rel / step well; pick a sigma_rel between the run's EMA profiles or a step with snapshots around it",
+            what,
+            err,
+            PHEMA_WARN,
+        )
 
 
 def network_info(net) -> dict:
@@ -99,6 +117,7 @@ class Sampling:
             guide = toy.tree("AB", dtype=dtype) if cfg.guider != "none" else None  # the unconditional world
         else:
             self.net = load_network(cfg.model, cfg.sigma_rel, cfg.step, device).to(dtype)
+            warn_phema(self.net, f"--model {cfg.model}")
             self.image = hasattr(self.net, "img_resolution")
             r = getattr(self.net, "img_resolution", None)
             self.shape = (self.net.img_channels, r, r) if self.image else (self.net.dim,)
@@ -109,13 +128,17 @@ class Sampling:
                 guide = self._classifier()
             elif cfg.guide is not None:
                 guide = load_network(cfg.guide, cfg.guide_sigma_rel, cfg.guide_step, device).to(dtype)
+                warn_phema(guide, f"--guide {cfg.guide}")
         if cfg.label is not None:
             check(
                 self.num_classes > 0 or cfg.guider == "classifier",
                 f"{cfg.model or cfg.world} is unconditional: it takes no --label",
             )
             n_cls = self.num_classes or getattr(guide, "num_classes", 0)
-            check(cfg.label == "balanced" or cfg.label < n_cls, f"label {cfg.label} out of range: {n_cls} classes")
+            check(
+                cfg.label == "balanced" or cfg.label < n_cls,
+                f"--label {cfg.label} out of range: the model has {n_cls} classes (0 .. {n_cls - 1}, or balanced)",
+            )
         chunk = cfg.chunk if cfg.world is None else 0  # the exact world uses no GEMM
         self.main = Counted(self.net, self.counts, "model", chunk)
         self.guide = (
@@ -165,7 +188,7 @@ class Sampling:
         cfg, clf = self.cfg, self.cfg.guider == "classifier"
         ctx = registry.Context(
             self.main,
-            cfg.w,
+            cfg.weight(),
             guide=None if clf else self.guide,
             classifier=self.guide if clf else None,
             seeds=[int(s) for s in seeds],
@@ -199,9 +222,10 @@ class Sampling:
         )
 
     @torch.no_grad()
-    def generate(self, seeds, sigmas: torch.Tensor | None = None) -> np.ndarray:
+    def generate(self, seeds, sigmas: torch.Tensor | None = None, callback=None) -> np.ndarray:
         """Samples [len(seeds), *shape] (raw, not clipped): x_T = sigma_max * N(0, I) and the sampler's noise
-        from per-seed generators, so row i depends only on ``seeds[i]``. ``sigmas``: another grid (default the job's)."""
+        from per-seed generators, so row i depends only on ``seeds[i]``. ``sigmas``: another grid (default the job's);
+        ``callback``: the sampler's per-step callback (progress)."""
         seeds = [int(s) for s in seeds]
         sigmas = self.sigmas if sigmas is None else sigmas
         noise = SampleNoise(seeds, device=self.device)
@@ -215,6 +239,8 @@ class Sampling:
         for n in nets:
             n.seeds = seeds
         try:
+            if callback is not None:
+                kw["callback"] = callback
             out = samplers.get(self.sampler)(self.denoiser(seeds), x, sigmas, cond=cond or None, **kw, **self.cfg.sampler_options)
         finally:
             for n in nets:
@@ -230,6 +256,7 @@ class Sampling:
             "steps": len(self.sigmas) - 1,
             "guider": cfg.guider,
             "w": cfg.w,
+            "weight": cfg.weight_text(),
             "interval": list(cfg.interval) if cfg.interval else None,
             "label": cfg.label,
             "unconditional": cfg.unconditional,

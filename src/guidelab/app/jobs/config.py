@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +30,9 @@ class SampleConfig:
     unconditional checkpoint (default: the null label; exact world: tree("AB")), or classifier
     guidance's noise-aware classifier (default: the cached digits one).
 
+    ``w``: a number or a weight schedule's text (:func:`guidelab.guidance.parse_weight`, e.g.
+    ``"linear:1-4"``; job.json records the text and a resume compares it); :meth:`weight` parses it.
+
     ``interval = (lo, hi)`` guides only for lo < sigma <= hi. Schedule: karras(steps, sigma_min,
     sigma_max, rho); ``sigma_max`` None is 80 for image networks (EDM) and 5 otherwise; a checkpoint
     that carries its own grid (``meta.distilled.sigmas``, progressive distillation) is sampled on exactly that
@@ -42,7 +46,7 @@ class SampleConfig:
     model: str | None = None
     guide: str | None = None
     guider: str = "none"
-    w: float = 1.0
+    w: float | str = 1.0
     label: int | str | None = None
     unconditional: bool = False
     sampler: str | None = None
@@ -60,7 +64,29 @@ class SampleConfig:
     guider_options: dict = field(default_factory=dict)
     sampler_options: dict = field(default_factory=dict)
 
+    def weight(self):
+        """``w`` as a guider takes it: a float, or a :class:`~guidelab.guidance.WeightSchedule` parsed from its text."""
+        if isinstance(self.w, str):
+            from ...guidance import parse_weight
+
+            return parse_weight(self.w)
+        return self.w
+
+    def weight_text(self) -> str:
+        """``w`` as text: ``2`` or ``linear:1-4``."""
+        return self.w.strip() if isinstance(self.w, str) else f"{self.w:g}"
+
     def validate(self) -> None:
+        check(
+            isinstance(self.w, str) or (isinstance(self.w, (int, float)) and not isinstance(self.w, bool)),
+            f"--weight must be a number or a schedule (e.g. linear:1-4), got {self.w!r}",
+        )
+        w = self.weight()
+        check(not isinstance(w, float) or math.isfinite(w), f"--weight must be a finite number (1 = no guidance), got {self.w!r}")
+        check(
+            isinstance(w, (int, float)) or self.guider != "none",
+            f"--weight {self.weight_text()} is a schedule but --guider is none (it needs a guider with a weight)",
+        )
         check((self.world is None) != (self.model is None), "give exactly one of world (an exact tree) or model (a checkpoint)")
         check(self.guider in GUIDERS, f"unknown guider {self.guider!r}; allowed: {', '.join(GUIDERS)}")
         spec = registry.get(self.guider)

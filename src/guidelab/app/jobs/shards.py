@@ -15,17 +15,24 @@ import os
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from ..._io import atomic_write, file_lock, sha256, stale_temps, to_uint8, write_png
+from ..._io import atomic_write, file_lock, stale_temps, to_uint8
 from ...errors import GuidelabError, check
+from ...log import get_logger, release
+from .. import provenance
 from .assembly import Sampling, build
 from .config import SampleConfig
 
+log = get_logger(__name__)
+
 #: The folder lock of a job (job.json is created or compared under it).
 LOCK = ".job.lock"
+#: Progress bars over samples: count, rate and ETA.
+BAR = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} samples [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
 #: Seeds are int64 (shards, torch generators): seed_start + n must stay below 2^63.
 SEED_LIMIT = 2**63
 
@@ -34,16 +41,22 @@ def shard_name(start: int, stop: int) -> str:
     return f"shard-{start:09d}-{stop - 1:09d}.npz"
 
 
+def png_name(seed: int) -> str:
+    """The one PNG naming of every command that writes a PNG per sample: ``<seed:09d>.png``."""
+    return f"{int(seed):09d}.png"
+
+
 def png_path(out: str | os.PathLike, seed: int) -> Path:
-    """Where ``sample(..., png=True)`` writes the image of ``seed``: ``out/png/<seed:09d>.png``."""
-    return Path(out) / "png" / f"{int(seed):09d}.png"
+    """Where ``sample(..., png=True)`` writes the image of ``seed``: ``out/png/<seed:09d>.png`` (:func:`png_name`)."""
+    return Path(out) / "png" / png_name(seed)
 
 
-def _write_pngs(out: Path, seeds, x: np.ndarray) -> None:
-    """The PNG of each sample that has none yet (a killed job may have written some of a shard's)."""
+def _write_pngs(out: Path, seeds, x: np.ndarray, prov: dict | None = None) -> None:
+    """The PNG of each sample that has none yet (a killed job may have written some of a shard's), with
+    the job's provenance and the sample's seed in its text chunks."""
     for seed, im in zip(seeds, to_uint8(x)):
         if not (png_path(out, seed).exists() and _png_ok(png_path(out, seed))):
-            write_png(png_path(out, seed), im)
+            provenance.write_png(png_path(out, seed), im, None if prov is None else {**prov, "seeds": str(int(seed))})
 
 
 def _dist_context():
@@ -71,7 +84,7 @@ def _barrier(world: int) -> None:
 
 def _inputs(cfg: SampleConfig) -> dict:
     """sha256 of every model / guide file the job reads (a run folder: all its files), for job.json."""
-    return {k: sha256(p) for k, p in (("model", cfg.model), ("guide", cfg.guide)) if p is not None}
+    return {k: provenance.file_sha256(p) for k, p in (("model", cfg.model), ("guide", cfg.guide)) if p is not None}
 
 
 def _claim(out: Path, manifest: dict) -> None:
@@ -105,7 +118,28 @@ def _same_job(jf: Path, manifest: dict) -> None:
             f"the {changed[0] if changed else ''} file changed since this job began (sha256 differs from "
             f"{jf}); restore it or use a new --out",
         )
-        check(old == manifest, f"{out} holds another job ({jf}); use a new --out or the same settings to resume")
+        check(
+            _comparable(old) == _comparable(manifest),
+            f"{out} holds another job ({jf}){_difference(old, manifest)}; use a new --out or the same settings to resume",
+        )
+
+
+def _comparable(manifest: dict) -> dict:
+    """What a resume compares: everything but ``provenance`` (the command line and the machine may differ)."""
+    return {k: v for k, v in manifest.items() if k != "provenance"}
+
+
+def _difference(old: dict, new: dict) -> str:
+    """`` (weight: 2 there, linear:1-4 here)``: the first setting that differs, for the refusal message."""
+    a, b = old.get("config"), new.get("config")
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in b:
+            if a.get(k) != b.get(k):
+                return f" ({k}: {a.get(k)!r} there, {b.get(k)!r} here)"
+    for k in ("n", "seed_start", "shard_size"):
+        if old.get(k) != new.get(k):
+            return f" ({k}: {old.get(k)!r} there, {new.get(k)!r} here)"
+    return ""
 
 
 def _shard_ok(p: Path, seeds: np.ndarray, shape: tuple) -> bool:
@@ -128,20 +162,34 @@ def _png_ok(path: Path) -> bool:
         return False
 
 
-def _write_shard(out: Path, p: Path, seeds: np.ndarray, job: Sampling, png: bool) -> None:
-    """Shard ``p`` (and its PNGs) unless a whole one is there; the caller holds the shard's lock."""
+def _write_shard(out: Path, p: Path, seeds: np.ndarray, job: Sampling, png: bool, bar=None, prov: dict | None = None) -> None:
+    """Shard ``p`` (and its PNGs) unless a whole one is there; the caller holds the shard's lock. ``bar``:
+    a progress bar over samples, advanced per sampler step."""
     for f in stale_temps(out, p.name) + [t for seed in seeds if png for t in stale_temps(out / "png", png_path(out, seed).name)]:
         f.unlink(missing_ok=True)  # left by a killed writer of this shard
     if p.exists() and _shard_ok(p, seeds, job.shape):
         if png:
-            _write_pngs(out, seeds, np.load(p)["samples"])
+            _write_pngs(out, seeds, np.load(p)["samples"], prov)
+        if bar is not None:
+            bar.update(len(seeds))
         return
     job.reset()
     t = time.perf_counter()
-    x = job.generate(seeds.tolist())
+    steps = len(job.sigmas) - 1
+    done = [0]
+
+    def step(info):
+        target = len(seeds) * min(int(info.get("i", 0)) + 1, steps) // steps  # whole samples: totals add up exactly
+        if bar is not None and target > done[0]:
+            bar.update(target - done[0])
+            done[0] = target
+
+    x = job.generate(seeds.tolist(), callback=step if bar is not None else None)
+    if bar is not None and len(seeds) > done[0]:
+        bar.update(len(seeds) - done[0])  # rounding; samplers that skip a callback
     info = {"rows": dict(job.counts), "seconds": time.perf_counter() - t}
     if png:
-        _write_pngs(out, seeds, x)
+        _write_pngs(out, seeds, x, prov)
     labels = job.labels(seeds.tolist())
     arrays = {"samples": x, "seeds": seeds, "info": np.array(json.dumps(info))}
     if labels is not None:
@@ -157,7 +205,7 @@ def sample(
     seed_start: int = 0,
     shard_size: int = 1024,
     device: str | None = None,
-    progress: bool = False,
+    progress: bool | Any = False,
     png: bool = False,
     job: Sampling | None = None,
 ) -> list[Path]:
@@ -167,7 +215,9 @@ def sample(
     ``out/png/<seed>.png`` (written before the shard, each atomically; a resumed job writes missing
     ones from existing shards). Resumable; under ``torchrun`` each rank writes its share. Returns the
     paths of all shards of the job (on every rank, once all are written). ``job``: ``build(cfg)`` if
-    already loaded.
+    already loaded. ``progress``: a bar over samples (with ETA) on rank 0, advanced per sampler step; or
+    an existing tqdm bar to advance (a sweep's bar over all its cells). ``job.json`` also records the
+    provenance (:mod:`guidelab.app.provenance`), which a resume does not compare.
 
     Reliability (docs/RELIABILITY.md): everything is checked (one guided denoiser call included) before
     the first write, so a refused job leaves ``out`` as it was; ``job.json`` records the sha256 of the
@@ -194,38 +244,60 @@ def sample(
         "shard_size": shard_size,
         "inputs": _inputs(cfg),
     }
+    bar = None
     try:
         job = job or build(cfg, device)  # before any file: a refused job writes nothing
         check(not png or job.image, "--png needs an image model (samples of shape [C, H, W])")
         job.probe()
+        manifest["provenance"] = provenance.of_job(job, seeds=range(seed_start, seed_start + n), device=device)
         if rank == 0:
             _claim(out, manifest)
         _barrier(world)
         check(
-            (out / "job.json").exists() and json.loads((out / "job.json").read_text()) == manifest,
+            (out / "job.json").exists() and _comparable(json.loads((out / "job.json").read_text())) == _comparable(manifest),
             f"{out} holds another job; use a new --out or the same settings to resume",
         )
         starts = list(range(seed_start, seed_start + n, shard_size))
+        if rank == 0 and world > len(starts):
+            log.warning(
+                "warning: %d shard%s for %d ranks: ranks %d..%d get no work; use --shard-size %d or less "
+                "(at most n / ranks = %d samples per shard)",
+                len(starts),
+                "" if len(starts) == 1 else "s",
+                world,
+                len(starts),
+                world - 1,
+                max(1, n // world),
+                max(1, n // world),
+            )
         paths = [out / shard_name(s, min(s + shard_size, seed_start + n)) for s in starts]
         mine = [(s, p) for i, (s, p) in enumerate(zip(starts, paths)) if i % world == rank]
         busy = []
-        it = mine
-        if progress and rank == 0:
-            from tqdm import tqdm
+        if rank == 0 and progress is not False and progress is not None:
+            if hasattr(progress, "update"):
+                bar = progress
+            else:
+                release()  # held phase lines first, then the bar
+                from tqdm.auto import tqdm
 
-            it = tqdm(mine, desc=f"shards (rank 0 of {world})")
-        for s, p in it:
+                total = sum(min(s + shard_size, seed_start + n) - s for s, _ in mine)
+                desc = "sampling" + (f" (rank 0 of {world})" if world > 1 else "")
+                bar = tqdm(total=total, desc=desc, unit="sample", bar_format=BAR)
+        prov = manifest["provenance"] if png else None
+        for s, p in mine:
             seeds = np.arange(s, min(s + shard_size, seed_start + n), dtype=np.int64)
             with file_lock(out / f".{p.name}.lock", blocking=False) as mine_now:
                 if mine_now:
-                    _write_shard(out, p, seeds, job, png)
+                    _write_shard(out, p, seeds, job, png, bar, prov)
                 else:
                     busy.append((p, seeds))  # another writer is on it
         for p, seeds in busy:  # wait for it, then check (redo if it died)
             with file_lock(out / f".{p.name}.lock"):
-                _write_shard(out, p, seeds, job, png)
+                _write_shard(out, p, seeds, job, png, bar, prov)
         _barrier(world)
     finally:
+        if bar is not None and bar is not progress:
+            bar.close()
         if owns:
             import torch.distributed as dist
 
