@@ -23,6 +23,7 @@ from .edm import euler, heun
 from .lms import lms
 from .meng import meng_stochastic
 from .noise import BrownianNoise
+from .pcg import pcg
 from .sde import score_sde_pc
 from .unipc import unipc
 

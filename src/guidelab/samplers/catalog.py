@@ -37,6 +37,7 @@ INFO: dict[str, Info] = {
     "unipc": Info(1, 3, False, "Zhao et al. 2023 (UniPC-2 bh2 by default: order 3)"),
     "score_sde_pc": Info(2, 0, True, "Song et al. 2021 (PC sampler, 1 corrector step)"),
     "dpm_solver_v3": Info(1, 3, False, "Zheng et al. 2023 (DPM-Solver-v3; needs ems=, the model's statistics)"),
+    "pcg": Info(2, 0, True, "Bradley & Nakkiran 2024 (PCG: DDIM predictor, 1 Langevin step on p_gamma)"),
     "meng_stochastic": Info(1, 0, True, "Meng et al. 2023 (distillation stage 2: 2-step DDIM, 1 step back)"),
 }
 
