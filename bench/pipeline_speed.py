@@ -1,7 +1,13 @@
-"""guidelab's guided loop vs the diffusers pipeline call on the same tiny model, same steps and scheduler, side by
-side in one run (SD with DDIM, SD3 with FlowMatchEuler), CFG at w = 5. Prints the wall times and their ratio.
+"""guidelab's guided loop vs the diffusers pipeline call on the same random model, same steps, scheduler, latents,
+side by side in one run, CFG (FLUX: true CFG with a negative prompt) at w = 5. Prints one JSON line per family with
+the wall times (best of ``--repeats``, the two calls interleaved, loading excluded on both sides), their ratio
+guidelab / diffusers, the median of the per-pair ratios, and the max abs difference of the two images.
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/pipeline_speed.py [--steps 20] [--repeats 3]
+    OMP_NUM_THREADS=1 .venv/bin/python bench/pipeline_speed.py [--steps 20] [--repeats 3] [--families sd,sd3]
+        [--device cuda] [--dtype fp16|bf16|fp32] [--size tiny|mid] [--batch 4] [--out results.jsonl]
+
+``--size tiny``: the test suite's tiny pipelines (tests/integrations); ``mid``: SD / SD3 with ~30-60 M parameter
+denoisers at 32x32 latents (where the network, not Python, should dominate).
 """
 
 from __future__ import annotations
@@ -17,62 +23,182 @@ import diffusers
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "integrations"))
-from test_diffusers_pipelines import sd3_folder, sd_folder  # noqa: E402  (the tests' tiny pipelines)
+from test_diffusers_pipelines import clip_text, clip_tokenizer, sd3_folder, sd_folder, tiny_vae  # noqa: E402
+from test_diffusers_pipelines_families import FLUX_SIZE, flux_folder, pixart_folder, sdxl_folder  # noqa: E402
 
 from guidelab.integrations.diffusers import load_pipeline  # noqa: E402
 
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
-def best(fn, repeats: int) -> float:
-    times = []
+
+def sd_mid(tmp: Path) -> Path:
+    """SD 1.x layout, UNet (64, 128, 128) channels, 32x32 latents, DDIM."""
+    tok, vocab = clip_tokenizer(tmp / "tok")
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DConditionModel(
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=2,
+        block_out_channels=(64, 128, 128),
+        cross_attention_dim=64,
+        attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    )
+    sched = diffusers.DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False)
+    pipe = diffusers.StableDiffusionPipeline(
+        vae=tiny_vae(),
+        text_encoder=clip_text(vocab, dim=64),
+        tokenizer=tok,
+        unet=unet,
+        scheduler=sched,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    out = tmp / "sd-mid"
+    pipe.save_pretrained(out)
+    return out
+
+
+def sd3_mid(tmp: Path) -> Path:
+    """SD3 layout, 4 joint blocks of width 256, 32x32 latents (patch 2: 256 tokens), FlowMatchEuler shift 3."""
+    tok, vocab = clip_tokenizer(tmp / "tok")
+    torch.manual_seed(0)
+    net = diffusers.SD3Transformer2DModel(
+        sample_size=32,
+        patch_size=2,
+        in_channels=4,
+        out_channels=4,
+        num_layers=4,
+        attention_head_dim=64,
+        num_attention_heads=4,
+        joint_attention_dim=64,
+        caption_projection_dim=256,
+        pooled_projection_dim=128,
+        pos_embed_max_size=32,
+    )
+    vae = tiny_vae()
+    vae.register_to_config(shift_factor=0.1, scaling_factor=1.5)
+    pipe = diffusers.StableDiffusion3Pipeline(
+        transformer=net,
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=vae,
+        text_encoder=clip_text(vocab, dim=64, projection=True),
+        tokenizer=tok,
+        text_encoder_2=clip_text(vocab, dim=64, projection=True),
+        tokenizer_2=tok,
+        text_encoder_3=None,
+        tokenizer_3=None,
+    )
+    out = tmp / "sd3-mid"
+    pipe.save_pretrained(out)
+    return out
+
+
+#: family -> (label, builder per size, pipeline class, latent shape of one sample, extra call keywords)
+FAMILIES = {
+    "sd": ("SD (DDIM)", {"tiny": sd_folder, "mid": sd_mid}, "StableDiffusionPipeline", {}),
+    "sd3": ("SD3 (flow Euler)", {"tiny": sd3_folder, "mid": sd3_mid}, "StableDiffusion3Pipeline", {}),
+    "sdxl": ("SDXL (Euler)", {"tiny": sdxl_folder}, "StableDiffusionXLPipeline", {}),
+    "pixart": ("PixArt alpha (DDIM)", {"tiny": pixart_folder}, "PixArtAlphaPipeline", {"use_resolution_binning": False}),
+    "flux": ("FLUX (true CFG)", {"tiny": flux_folder}, "FluxPipeline", FLUX_SIZE),
+}
+
+
+def timed(fn, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - t0
+
+
+def side_by_side(ours, theirs, repeats: int, device: torch.device) -> tuple[float, float, float]:
+    """Best times of both, interleaved (a load change on a shared machine hits both), and the median of the
+    per-pair ratios."""
+    a, b = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+        a.append(timed(ours, device))
+        b.append(timed(theirs, device))
+    ratios = sorted(x / y for x, y in zip(a, b))
+    return min(a), min(b), ratios[len(ratios) // 2]
+
+
+def measure(family: str, size: str, a, tmp: Path) -> dict:
+    label, builders, cls, extra = FAMILIES[family]
+    dtype, device = DTYPES[a.dtype], torch.device(a.device)
+    folder = builders[size](tmp / f"{family}-{size}")
+    pipe = load_pipeline(folder, dtype=dtype, device=device)
+    h, w, _ = pipe.size(extra.get("height"), extra.get("width"))
+    shape = [a.batch, *pipe.latent_shape(h, w)]
+    L = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    prompts = ["a red cube"] * a.batch
+    flux = family == "flux"
+    size_kw = {k: extra[k] for k in ("height", "width") if k in extra}
+    neg = {"negative_prompt": "dark"} if flux else {}
+
+    def ours():
+        return pipe.generate(prompts, guider="cfg", w=5.0, steps=a.steps, latents=L, seeds=[0], **neg, **size_kw)
+
+    ref = getattr(diffusers, cls).from_pretrained(folder, local_files_only=True, torch_dtype=dtype, **absent(folder))
+    ref = ref.to(device)
+    ref.set_progress_bar_config(disable=True)
+    scale = {"true_cfg_scale": 5.0, "guidance_scale": 3.5} if flux else {"guidance_scale": 5.0}
+
+    def theirs():
+        with torch.no_grad():
+            return ref(
+                prompts, num_inference_steps=a.steps, latents=L.to(device, dtype), output_type="pt", **scale, **neg, **extra
+            ).images
+
+    diff = (ours().float().cpu() - theirs().float().cpu()).abs().max().item()  # also the warm-up of both
+    t_ours, t_theirs, median = side_by_side(ours, theirs, a.repeats, device)
+    return {
+        "family": label,
+        "size": size,
+        "device": str(device),
+        "dtype": a.dtype,
+        "batch": a.batch,
+        "steps": a.steps,
+        "guidelab_s": round(t_ours, 4),
+        "diffusers_s": round(t_theirs, 4),
+        "ratio": round(t_ours / t_theirs, 3),
+        "median_pair_ratio": round(median, 3),
+        "max_abs_diff": float(f"{diff:.3g}"),
+    }
+
+
+def absent(folder: Path) -> dict:
+    spec = json.loads((folder / "model_index.json").read_text())
+    return {k: None for k, v in spec.items() if isinstance(v, list) and v[0] is None}
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--families", default="sd,sd3", help=f"comma-separated, of {', '.join(FAMILIES)}")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="fp32", choices=list(DTYPES))
+    ap.add_argument("--size", default="tiny", choices=["tiny", "mid"])
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--out", default=None, help="also append the JSON lines to this file")
     a = ap.parse_args()
-    rows = []
+    fams = [f.strip() for f in a.families.split(",") if f.strip()]
+    bad = [f for f in fams if f not in FAMILIES or a.size not in FAMILIES[f][1]]
+    if bad:
+        ap.error(f"no {a.size} model for {', '.join(bad)} (tiny: {', '.join(FAMILIES)}; mid: sd, sd3)")
     with tempfile.TemporaryDirectory() as tmp:
-        for family, make, cls in (
-            ("SD (DDIM)", sd_folder, "StableDiffusionPipeline"),
-            ("SD3 (flow Euler)", sd3_folder, "StableDiffusion3Pipeline"),
-        ):
-            folder = make(Path(tmp) / family.split()[0])
-            L = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-            prompts = ["a red cube"] * 4
-            pipe = load_pipeline(folder)
-            ours = best(
-                lambda pipe=pipe, prompts=prompts, L=L: pipe.generate(
-                    prompts, guider="cfg", w=5.0, steps=a.steps, latents=L, seeds=[0]
-                ),
-                a.repeats,
-            )
-            spec = json.loads((folder / "model_index.json").read_text())
-            absent = {k: None for k, v in spec.items() if isinstance(v, list) and v[0] is None}
-            ref = getattr(diffusers, cls).from_pretrained(folder, local_files_only=True, **absent)
-            ref.set_progress_bar_config(disable=True)
-
-            def call(ref=ref, L=L, prompts=prompts):
-                with torch.no_grad():
-                    return ref(prompts, guidance_scale=5.0, num_inference_steps=a.steps, latents=L, output_type="pt")
-
-            theirs = best(call, a.repeats)  # loading excluded on both sides
-            rows.append(
-                {
-                    "family": family,
-                    "steps": a.steps,
-                    "guidelab_s": round(ours, 4),
-                    "diffusers_s": round(theirs, 4),
-                    "ratio": round(ours / theirs, 3),
-                }
-            )
-    for r in rows:
-        print(json.dumps(r))
+        for fam in fams:
+            line = json.dumps(measure(fam, a.size, a, Path(tmp)))
+            print(line, flush=True)
+            if a.out:
+                with open(a.out, "a") as f:
+                    f.write(line + "\n")
 
 
 if __name__ == "__main__":

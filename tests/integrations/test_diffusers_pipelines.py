@@ -180,9 +180,9 @@ def test_bad_inputs(sd, tmp_path):
         gp.load_pipeline(bad)
 
 
-def sd3_folder(tmp):
+def sd3_folder(tmp, seed=0):
     tok, vocab = clip_tokenizer(tmp / "tok")
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     net = diffusers.SD3Transformer2DModel(
         sample_size=8,
         patch_size=1,
@@ -209,7 +209,7 @@ def sd3_folder(tmp):
         text_encoder_3=None,
         tokenizer_3=None,
     )
-    out = tmp / "sd3"
+    out = tmp / f"sd3-{seed}"
     pipe.save_pretrained(out)
     return out
 
@@ -239,13 +239,16 @@ def test_sd3_guiders(sd3, guider):
     assert (x - base).abs().max() > 1e-5
 
 
-def test_sd3_w1_and_attention_guiders_refused(sd3):
+def test_sd3_w1_and_attention_guiders(sd3):
     pipe = gp.load_pipeline(sd3)
     assert torch.equal(
         pipe.generate("a", guider="cfg", w=1.0, steps=3, seeds=[2]), pipe.generate("a", guider="none", steps=3, seeds=[2])
     )
-    with pytest.raises(GuidelabError, match="slg needs a diffusers model"):  # SD3 joint-attention hooks: not yet
+    # SD3's joint-attention hooks: diffusers' default SLG blocks (7-9) are named; the one-block model has none
+    with pytest.raises(GuidelabError, match=r"slg: no layer of SD3Transformer2DModel matches"):
         pipe.generate("a", guider="slg", w=3.0, steps=3)
+    x = pipe.generate("a", guider="slg", w=3.0, steps=3, layers="transformer_blocks.0")
+    assert torch.isfinite(x).all() and (x - pipe.generate("a", guider="none", steps=3)).abs().max() > 1e-5
 
 
 def test_cli_generate(sd, tmp_path):

@@ -12,7 +12,7 @@ diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
-from test_diffusers_pipelines import clip_text, clip_tokenizer, reference, sd_folder  # noqa: E402
+from test_diffusers_pipelines import clip_text, clip_tokenizer, reference, sd3_folder, sd_folder  # noqa: E402
 
 from guidelab.errors import GuidelabError  # noqa: E402
 from guidelab.integrations.diffusers import pipelines as gp  # noqa: E402
@@ -173,6 +173,7 @@ def folders(tmp_path_factory):
         "pixart_alpha": pixart_folder(tmp),
         "pixart_sigma": pixart_folder(tmp, "PixArtSigmaPipeline"),
         "flux": flux_folder(tmp),
+        "sd3": sd3_folder(tmp),
     }
 
 
@@ -286,7 +287,7 @@ def test_latent_shape_checked(folders):
 
 # -- every guider on every new class ----------------------------------------------------------------
 
-FAMILIES = ["sdxl", "pixart_alpha", "pixart_sigma", "flux"]
+FAMILIES = ["sdxl", "pixart_alpha", "pixart_sigma", "sd3", "flux"]
 #: guider -> (w, options); the attention guiders also with CFG in the same call (cfg_weight).
 GUIDERS = {
     "cfg": (3.0, {}),
@@ -304,10 +305,11 @@ GUIDERS = {
 #: (family, guider) combinations that refuse with one clear error, and the error.
 REFUSED = {
     ("flux", "tsg"): "noise_embed",
-    ("flux", "pag"): "needs a diffusers model",
-    ("flux", "seg"): "needs a diffusers model",
-    ("flux", "slg"): "needs a diffusers model",
-    ("flux", "pag+cfg"): "needs a diffusers model",
+    ("flux", "pag"): "pag on flow models: SD3 only",
+    ("flux", "seg"): "seg on flow models: SD3 only",
+    ("flux", "slg"): "slg on flow models: SD3 only",
+    ("flux", "pag+cfg"): "pag on flow models: SD3 only",
+    ("sd3", "tsg"): "noise_embed",
 }
 
 
@@ -316,10 +318,10 @@ def _kw(family):
 
 
 def _options(family, guider):
-    """The guider's options; the one-block PixArt has none of diffusers' default PAG / SEG / SLG blocks (blocks.1,
-    transformer_blocks.7-9): its only block is named."""
+    """The guider's options; the one-block PixArt / SD3 have none of diffusers' default PAG / SEG / SLG blocks
+    (blocks.1, transformer_blocks.7-9): their only block is named."""
     w, opts = GUIDERS[guider]
-    if family.startswith("pixart") and guider.split("+")[0] in ("pag", "seg", "slg"):
+    if (family.startswith("pixart") or family == "sd3") and guider.split("+")[0] in ("pag", "seg", "slg"):
         opts = {**opts, "layers": "transformer_blocks.0"}
     return w, opts
 
@@ -369,6 +371,7 @@ def test_autoguidance_second_folder(folders, family, tmp_path):
         "pixart_alpha": lambda: pixart_folder(tmp_path, seed=1),
         "pixart_sigma": lambda: pixart_folder(tmp_path, "PixArtSigmaPipeline", seed=1),
         "flux": lambda: flux_folder(tmp_path, seed=1),
+        "sd3": lambda: sd3_folder(tmp_path, seed=1),
     }
     pipe, weak, kw = gp.load_pipeline(folders[family]), make[family](), {**_kw(family), "steps": 3, "seeds": [0]}
     base = pipe.generate("a cube", guider="none", **kw)
@@ -418,3 +421,21 @@ def test_missing_component_and_class(tmp_path, folders):
     (bad / "model_index.json").write_text(json.dumps({**spec, "_class_name": "FluxControlPipeline"}))
     with pytest.raises(GuidelabError, match="FluxPipeline"):
         gp.load_pipeline(bad)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cfg_is_one_batched_call_per_step(folders, family):
+    """cond and negative rows share one network call per step (FLUX's true CFG included: diffusers makes two)."""
+    pipe = gp.load_pipeline(folders[family])
+    rows = []
+
+    def count(module, args, kw):
+        rows.append(len(kw["hidden_states"] if "hidden_states" in kw else args[0]))
+
+    hook = pipe.net.register_forward_pre_hook(count, with_kwargs=True)
+    try:
+        neg = {"negative_prompt": "dark"}
+        pipe.generate(PROMPTS, guider="cfg", w=3.0, steps=3, seeds=[0, 1], **neg, **_kw(family))
+    finally:
+        hook.remove()
+    assert rows == [4, 4, 4]

@@ -12,6 +12,7 @@ prompt (default: "", SDXL's zeros) is the reference branch of cfg and its relati
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -136,6 +137,7 @@ class Pipeline:
         self.net = getattr(pipe, PIPELINES[self.kind])
         self.config = dict(pipe.scheduler.config)
         self._sig: dict = {}  # (steps, schedule, size) -> the run's sigmas (pure functions of the config)
+        self._base: DiffusersDenoiser | None = None
 
     # -- sizes ----------------------------------------------------------------------------------
     def size(self, height: int | None, width: int | None) -> tuple[int, int, tuple[int, int] | None]:
@@ -223,10 +225,15 @@ class Pipeline:
     def denoiser(self, null: dict, size: tuple[int, int] | None = None):
         """The pipeline's network as an EDM denoiser whose null condition is ``null`` (the negative prompt)."""
         if not self.flow:
-            text = null["encoder_hidden_states"]
-            if self.kind == "StableDiffusionXLPipeline":
-                return SDXLDenoiser(self.net, self.config, null_text=text, null_pooled=null["text_embeds"])
-            return DiffusersDenoiser(self.net, self.config, null_text=text, null_mask=null.get("encoder_attention_mask"))
+            if self._base is None:  # the schedule (alpha_bar from the scheduler config) is computed once
+                self._base = (SDXLDenoiser if self.kind == "StableDiffusionXLPipeline" else DiffusersDenoiser)(
+                    self.net, self.config
+                )
+            den = copy.copy(self._base)
+            den.null_text, den.null_mask = null["encoder_hidden_states"], null.get("encoder_attention_mask")
+            if isinstance(den, SDXLDenoiser):
+                den.null_pooled = null["text_embeds"]
+            return den
         over = {k: (lambda old, v=v: v.to(old).expand(old.shape[0], *v.shape[1:])) for k, v in null.items()}
         if self.kind == "FluxPipeline":
             assert size is not None  # FLUX's position ids depend on the image size
