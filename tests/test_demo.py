@@ -10,13 +10,13 @@ from guidelab.app.cli import main
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    result = CliRunner().invoke(main, ["demo", "--quick", "--quiet", "--samples", "256", "--out", str(out)])
+    result = CliRunner().invoke(main, ["demo", "--quick", "--samples", "256", "--out", str(out)])
     assert result.exit_code == 0, result.output
-    return out, result.output
+    return out, result.output, result.stderr if result.stderr_bytes is not None else result.output
 
 
 def test_demo_writes_metrics_and_report(quick_run):
-    out, output = quick_run
+    out, output, _ = quick_run
     records = json.loads((out / "metrics.json").read_text())["records"]
     methods = {(r["method"], r["w"]) for r in records}
     assert ("none", 1.0) in methods
@@ -35,7 +35,7 @@ def test_demo_writes_metrics_and_report(quick_run):
 
 
 def test_demo_reuses_cached_models(quick_run, monkeypatch):
-    out, _ = quick_run
+    out, _, _ = quick_run
     calls = []
     import guidelab.training.loop as loop
 
@@ -61,3 +61,29 @@ def test_cli_lists_samplers_and_rejects_bad_options(tmp_path):
     assert "heun" in runner.invoke(main, ["samplers"]).output
     bad = runner.invoke(main, ["demo", "--samples", "3", "--out", str(tmp_path)])
     assert bad.exit_code == 2 and "samples" in bad.output
+
+
+def test_demo_reports_progress_over_samples(quick_run):
+    _, _, err = quick_run
+    assert "using 1 CPU thread" in err  # small models: one thread, and the choice is logged
+    assert "training (or reusing) the main model" in err
+    assert f"{256 * 9}/{256 * 9} samples [" in err and "<" in err  # a bar over samples with an ETA
+
+
+def test_demo_records_provenance_in_metrics_and_figures(quick_run):
+    from guidelab._io import sha256
+    from guidelab.app import provenance
+
+    out, _, _ = quick_run
+    prov = json.loads((out / "metrics.json").read_text())["provenance"]
+    assert all(isinstance(v, str) for v in prov.values())
+    for k in ("guidelab_version", "git_commit", "command", "torch", "device", "sampler", "steps", "schedule", "seeds"):
+        assert prov[k], k
+    assert prov["command"].startswith("guidelab demo --quick") and prov["guider"] == "none,cfg,autoguidance"
+    models = sorted(k for k in prov if k.startswith("model_") and not k.endswith("_sha256"))
+    assert models == ["model_guide", "model_main", "model_uncond"]
+    for k in models:
+        assert prov[f"{k}_sha256"] == sha256(prov[k])
+    for name in ("samples.png", "tradeoff.png", "all_samples.png"):
+        assert provenance.read_png(out / name) == prov
+    assert "<h2>Provenance</h2>" in (out / "report.html").read_text()

@@ -550,7 +550,7 @@ def _sweep_guides(values, methods) -> tuple[str | None, dict]:
 )
 @click.option("--intervals", default="", help="Guidance intervals lo-hi, comma-separated (e.g. 0.3-5); empty: always.")
 @click.option("--samples", "n", type=click.IntRange(min=16), default=2048, help="Samples per cell.")
-@click.option("--seed-start", type=int, default=0)
+@click.option("--seed-start", type=int, default=0, help="First seed (every cell samples the same seeds).")
 @click.option("--shard-size", type=click.IntRange(min=1), default=1024, help="Samples per shard (one batch).")
 @click.option("--metric", default="fd", help="Metric choosing the best weight per method.")
 @click.option("--quality", default="precision", help="Quality axis of the Pareto front.")
@@ -642,7 +642,7 @@ def sweep_cmd(
         res = sweep.run(out, base, settings, reference=ref, device=device, progress=not quiet)
     for r in res["rows"]:
         click.echo(
-            f"{r['cell']:>24} {metric}={r[metric]:.4g} {quality}={r[quality]:.3f} {diversity}={r[diversity]:.3f}"
+            f"{r['cell']:>24} weight={r.get('weight', r['w'])} {metric}={r[metric]:.4g} {quality}={r[quality]:.3f} {diversity}={r[diversity]:.3f}"
             + (f" class_accuracy={r['class_accuracy']:.3f}" if r.get("class_accuracy") is not None else "")
         )
     click.echo(f"best by {metric}: {res['best']}")
@@ -892,7 +892,7 @@ def _train_parameters(cfg) -> int | None:
 )
 @click.option("--noise-aware", is_flag=True, help="A noise-aware classifier p(y | x; sigma) for classifier guidance.")
 @click.option("--steps", type=click.IntRange(min=1), default=2000, help="Adam steps on the digits train split.")
-@click.option("--seed", type=int, default=0)
+@click.option("--seed", type=int, default=0, help="Seed of the initial weights and the batches.")
 @_threads_option
 @_quiet_option
 def classifier_cmd(out, noise_aware, steps, seed, threads, quiet) -> None:
@@ -975,21 +975,21 @@ def phema_cmd(run_dir, sigma_rel, step, out) -> None:
     help="--progressive from a stage-1 student: its Euler steps on karras(N, sigma-min, sigma-max, rho).",
 )
 @click.option("--to-steps", type=click.IntRange(min=1), default=None, help="--progressive: the final step count.")
-@click.option("--sigma-min", type=float, default=0.002)
-@click.option("--sigma-max", type=float, default=80.0)
-@click.option("--rho", type=float, default=7.0)
+@click.option("--sigma-min", type=float, default=0.002, help="--progressive: the Karras grid's smallest sigma.")
+@click.option("--sigma-max", type=float, default=80.0, help="--progressive: the Karras grid's largest sigma.")
+@click.option("--rho", type=float, default=7.0, help="--progressive: the Karras grid's rho.")
 @click.option("--sigma-rel", type=float, default=0.10, help="A run folder as TEACHER: the post-hoc EMA length used.")
 @click.option("--step", type=click.IntRange(min=1), default=None, help="A run folder as TEACHER: the step (default last).")
-@click.option("--guide-sigma-rel", type=float, default=0.10)
-@click.option("--guide-step", type=click.IntRange(min=1), default=None)
+@click.option("--guide-sigma-rel", type=float, default=0.10, help="A run folder as --guide: its post-hoc EMA length.")
+@click.option("--guide-step", type=click.IntRange(min=1), default=None, help="A run folder as --guide: the step.")
 @click.option("--init", type=click.Choice(["teacher", "scratch"]), default="teacher", help="Stage 1: student's initial weights.")
 @click.option("--iters", type=click.IntRange(min=1), default=2048, help="Adam steps (per round with --progressive).")
-@click.option("--batch", type=click.IntRange(min=1), default=256)
-@click.option("--lr", type=float, default=5e-4)
+@click.option("--batch", type=click.IntRange(min=1), default=256, help="Training batch size.")
+@click.option("--lr", type=float, default=5e-4, help="Adam learning rate (before the 1/sqrt decay).")
 @click.option("--lr-ref-steps", type=click.IntRange(min=1), default=1024, help="Learning rate decays as 1/sqrt(step / this).")
 @click.option("--ema", default="0.05,0.1", help="Power-function EMA sigma_rel profiles (comma-separated).")
-@click.option("--snapshot-every", type=click.IntRange(min=1), default=512)
-@click.option("--seed", type=click.IntRange(min=0), default=0)
+@click.option("--snapshot-every", type=click.IntRange(min=1), default=512, help="Post-hoc EMA snapshots every this many steps.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, help="Seed of the training batches and noise.")
 @_threads_option
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=256, help="Training state every this many steps.")
 @_device_option("cpu", "Training device")
@@ -1109,7 +1109,7 @@ def _check_diffusers_label(model_dir: Path, label, null_label) -> None:
 @_weight_option()
 @click.option("--guide", type=click.Path(path_type=Path), default=None, help="Guide model folder (autoguidance).")
 @click.option("--sampler", default="euler", help="Sampler name (guidelab samplers).")
-@click.option("--steps", type=click.IntRange(min=1), default=32)
+@click.option("--steps", type=click.IntRange(min=1), default=32, help="Sampler steps.")
 @click.option(
     "--schedule",
     type=click.Choice(["karras", "leading", "trailing", "linspace"]),
@@ -1123,7 +1123,7 @@ def _check_diffusers_label(model_dir: Path, label, null_label) -> None:
     help="sigma -> timestep: fractional t (log-sigma interpolation) or the nearest grid t.",
 )
 @click.option("--seeds", default="0-7", help="Seeds: a range 0-7 or a list 1,2,5.")
-@click.option("--batch", type=click.IntRange(min=1), default=16)
+@click.option("--batch", type=click.IntRange(min=1), default=16, help="Samples per network call (does not change them).")
 @click.option("--label", type=int, default=None, help="Class label for class-conditional models.")
 @click.option("--null-label", type=int, default=None, help="The null label cfg uses (DiT: its num_classes by default).")
 @click.option(
@@ -1265,7 +1265,7 @@ Examples (one per pipeline family; FOLDER is a local diffusers folder, nothing i
     help="autoguidance: the weaker pipeline folder (same text encoders and VAE).",
 )
 @click.option("--sampler", default=None, help="Default: the sampler equal to the folder's scheduler (DDIM -> ddim).")
-@click.option("--steps", type=click.IntRange(min=1), default=20)
+@click.option("--steps", type=click.IntRange(min=1), default=20, help="Sampler steps.")
 @click.option("--schedule", default="pipeline", help="pipeline (the folder's scheduler grid), karras, leading, ...")
 @click.option("--seeds", default="0", help="Seeds: a range 0-7 or a list 1,2,5.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="PNGs + grid.png.")
@@ -1318,8 +1318,13 @@ def generate_cmd(folder, prompts, seeds, options, out, threads, allow_nonfinite,
 
 @main.command("inverse")
 @click.argument("model")
-@click.option("--task", type=click.Choice(["inpaint", "superres", "lowpass", "colorize"]), required=True)
-@click.option("--method", type=click.Choice(["repaint", "ilvr", "dps", "steered", "tfg", "sdg", "score_sde"]), required=True)
+@click.option("--task", type=click.Choice(["inpaint", "superres", "lowpass", "colorize"]), required=True, help="The measurement.")
+@click.option(
+    "--method",
+    type=click.Choice(["repaint", "ilvr", "dps", "steered", "tfg", "sdg", "score_sde"]),
+    required=True,
+    help="The conditioning method (guidelab.inverse).",
+)
 @click.option(
     "--input",
     "input_path",
@@ -1333,9 +1338,9 @@ def generate_cmd(folder, prompts, seeds, options, out, threads, allow_nonfinite,
 )
 @click.option("--factor", type=click.IntRange(min=1), default=2, help="superres / lowpass: the downsampling factor N.")
 @click.option("--n", type=click.IntRange(min=1), default=8, help="Samples (seeds SEED .. SEED + n - 1).")
-@click.option("--seed", type=int, default=0)
+@click.option("--seed", type=int, default=0, help="First seed (of the n samples and of a random mask).")
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Default: the paper's (guidelab.inverse.tasks.DEFAULTS).")
-@click.option("--sigma-max", type=float, default=80.0)
+@click.option("--sigma-max", type=float, default=80.0, help="Largest sigma of the schedule.")
 @click.option("--jump-length", type=click.IntRange(min=1), default=None, help="repaint (paper: 10).")
 @click.option("--jump-n-sample", type=click.IntRange(min=1), default=None, help="repaint (paper: 10).")
 @click.option("--zeta", type=float, default=None, help="dps step size (official code default 1.0).")

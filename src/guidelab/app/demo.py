@@ -162,8 +162,8 @@ def run(
         schedule=f"karras({STEPS}, {SIGMA_MIN:g}, {SIGMA_MAX:g}, rho={RHO:g})",
         seeds=f"torch.Generator seed {seed}: reference, then initial points, then exact samples",
         samples=n,
-        guiders=",".join(dict.fromkeys(m for m, _ in jobs)),
-        weights=json.dumps({m: list(ws) for m, ws in (weights or WEIGHTS).items()}),
+        guider=",".join(dict.fromkeys(m for m, _ in jobs)),
+        weight=json.dumps({m: list(ws) for m, ws in (weights or WEIGHTS).items()}),
         guider_options="cfg: uncond=the AB model; autoguidance: guide=the small, short-trained A model",
     )
     atomic_write(

@@ -292,8 +292,8 @@ def run(
             **provenance.files(model=base.model),
             **{k: first[k] for k in ("world", "sampler", "steps", "schedule", "dtype", "label") if k in first},
             seeds=first.get("seeds"),
-            guiders=",".join(dict.fromkeys(m for m, _, _ in cells)),
-            weights=",".join(dict.fromkeys(weight_text(w) for _, w, _ in cells)),
+            guider=",".join(dict.fromkeys(m for m, _, _ in cells)),
+            weight=",".join(dict.fromkeys(weight_text(w) for _, w, _ in cells)),
             intervals=",".join(f"{iv[0]:g}-{iv[1]:g}" for iv in sweep.intervals if iv) or None,
             **provenance.files(**{f"guide_{m}": sweep.guides.get(m, base.guide) for m in dict.fromkeys(m for m, _, _ in cells)}),
             guider_options=json.dumps(dict(sweep.options))
