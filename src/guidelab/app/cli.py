@@ -642,7 +642,8 @@ def sweep_cmd(
         res = sweep.run(out, base, settings, reference=ref, device=device, progress=not quiet)
     for r in res["rows"]:
         click.echo(
-            f"{r['cell']:>24} weight={r.get('weight', r['w'])} {metric}={r[metric]:.4g} {quality}={r[quality]:.3f} {diversity}={r[diversity]:.3f}"
+            f"{r['cell']:>24} weight={r.get('weight', r['w'])} {metric}={r[metric]:.4g} "
+            f"{quality}={r[quality]:.3f} {diversity}={r[diversity]:.3f}"
             + (f" class_accuracy={r['class_accuracy']:.3f}" if r.get("class_accuracy") is not None else "")
         )
     click.echo(f"best by {metric}: {res['best']}")
