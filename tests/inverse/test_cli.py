@@ -1,5 +1,8 @@
 """``guidelab inverse`` on the exact digits world: files written, the known region kept, misuse refused."""
 
+import itertools
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -8,6 +11,7 @@ from click.testing import CliRunner
 from guidelab import toy
 from guidelab.app.cli import main
 from guidelab.errors import GuidelabError
+from guidelab.inverse import jump_schedule
 
 
 @pytest.fixture(scope="module")
@@ -85,3 +89,25 @@ def test_misuse_is_one_clear_error(digit, tmp_path):
         assert r.exit_code != 0 and (
             message in r.output or (isinstance(r.exception, GuidelabError) and message in str(r.exception))
         )
+
+
+def test_run_json_reports_the_counted_nfe(digit, tmp_path):
+    r = _run(
+        "--task", "inpaint", "--method", "repaint", "--input", digit, "--out", tmp_path, "--n", 2, "--steps", 8,
+        "--jump-length", 2, "--jump-n-sample", 3, "--sigma-max", 20,
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    info = json.loads((tmp_path / "run.json").read_text())
+    reverse = sum(b > a for a, b in itertools.pairwise(jump_schedule(8, 2, 3)))  # one NFE per reverse transition
+    assert info["nfe"] == reverse == 8 + 3 * (3 - 1) * 2
+    assert info["method"] == "repaint" and info["steps"] == 8 and info["consistency"] < 1e-5
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["grid.png", "run.json", "samples.npz"]  # no temporary files
+
+
+def test_bad_input_writes_nothing(tmp_path):
+    bad = tmp_path / "nan.npz"
+    np.savez(bad, x=np.full((1, 8, 8), np.nan, np.float32))
+    out = tmp_path / "out"
+    r = _run("--task", "inpaint", "--method", "repaint", "--input", bad, "--out", out, "--steps", 4)
+    assert r.exit_code != 0 and isinstance(r.exception, GuidelabError) and "NaN or inf" in str(r.exception)
+    assert not out.exists()

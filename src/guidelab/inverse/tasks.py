@@ -113,13 +113,18 @@ def solve(
         return steered(denoiser, x, sigmas, op, y, **opts, **common)
     if method == "tfg":
         return tfg_sample(denoiser, x, sigmas, measurement_objective(op, y[None]), preset="dps", **opts, **common)
-    # SDG: a noise-aware measurement energy F(x, sigma) = -|y - A x|^2 / (2 sigma^2) on the noisy sample
     w = opts.pop("w")
     if opts:
         raise GuidelabError(f"sdg takes only w (and steps), got {sorted(opts)}")
+    return euler_ancestral(energy(denoiser, measurement_energy(op, y, sigma_min), w), x, sigmas, **common)
+
+
+def measurement_energy(op: Operator, y: torch.Tensor, sigma_min: float = 0.002):
+    """SDG's energy for a measurement: ``F(x, sigma) = -|y - A x|^2 / (2 max(sigma, sigma_min)^2)`` on the
+    *noisy* sample (``A x_sigma`` is ``y`` plus noise of std ``sigma`` per row of an orthonormal A)."""
 
     def F(x_, sigma):
         r = (y - op(x_)).flatten(1)
         return -r.square().sum(1) / (2 * sigma.clamp_min(sigma_min) ** 2)
 
-    return euler_ancestral(energy(denoiser, F, w), x, sigmas, **common)
+    return F
