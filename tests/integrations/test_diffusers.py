@@ -375,7 +375,7 @@ def test_generate_seeds_batches_guiders_and_files(tmp_path):
     """Per-sample seeds: batch 1 and batch 3 give the same samples; autoguidance with a second diffusers
     model equals the guider built by hand; PNGs and the npz are written."""
     main, guide = _save(tmp_path, "unet", seed=0), _save(tmp_path, "unet", seed=1, name="guide")
-    kw = {"sampler": "dpmpp_2m_sde", "steps": 4, "seeds": [5, 6, 7], "label": 3, "dtype": torch.float64}
+    kw = {"sampler": "dpmpp_2m_sde", "steps": 4, "seeds": [5, 6, 7], "label": 3, "dtype": torch.float64, "block": 4}
     a = generate(main, guider="autoguidance", w=2.0, guide=guide, batch=1, out=tmp_path / "a", **kw)
     b = generate(main, guider="autoguidance", w=2.0, guide=guide, batch=3, **kw)
     assert torch.allclose(a, b, atol=1e-10)

@@ -221,8 +221,9 @@ def test_apg_through_make_guider(tmp_path):
 
 @pytest.mark.parametrize("guider", ["icg", "tsg", "apg"])
 def test_generate_per_sample_seeds_and_calls(tmp_path, guider):
-    """batch 1 == batch 3; every evaluation is one call of 2 x batch rows (B rows outside an interval);
-    w = 1 equals the unguided run; a fresh APG momentum per call (two runs agree)."""
+    """batch 1 == batch 3 bit for bit (fixed blocks of 4 rows: seeds 4..7, seed s in row s % 4); every evaluation is
+    one call of 2 x 4 rows (4 outside an interval); block=0: batches of 3, 2 x 3 rows; w = 1 equals the unguided
+    run; a fresh APG momentum per call (two runs agree)."""
     folder = _folder(tmp_path, "dit")
     kw = {
         "sampler": "euler",
@@ -230,11 +231,14 @@ def test_generate_per_sample_seeds_and_calls(tmp_path, guider):
         "seeds": [5, 6, 7],
         "label": [1, 2, 3],
         "dtype": torch.float64,
+        "block": 4,
         "guider_options": {"beta": -0.5, "r": 5.0} if guider == "apg" else {},
     }
     one = generate(folder, guider=guider, w=2.5, batch=1, **kw)
     three = generate(folder, guider=guider, w=2.5, batch=3, **kw)
-    assert torch.allclose(one, three, atol=1e-10) and torch.equal(three, generate(folder, guider=guider, w=2.5, **kw))
+    assert torch.equal(one, three) and torch.equal(three, generate(folder, guider=guider, w=2.5, **kw))
+    unblocked = generate(folder, guider=guider, w=2.5, batch=1, **{**kw, "block": 0})
+    assert torch.allclose(unblocked, three, atol=1e-10)
     unguided = generate(folder, **{**kw, "guider_options": {}})
     assert torch.equal(generate(folder, guider=guider, w=1.0, **kw), unguided)
     assert (three - unguided).abs().max() > 1e-4
@@ -253,9 +257,12 @@ def test_generate_per_sample_seeds_and_calls(tmp_path, guider):
         n = len(calls)
         sig = gd.make_sigmas(_load(folder), 3)
         generate(folder, guider=guider, w=2.5, batch=3, interval=(0.0, float(sig[1]) + 1e-3), **kw)
+        m = len(calls)
+        generate(folder, guider=guider, w=2.5, batch=3, **{**kw, "block": 0})
     finally:
         diffusers.DiTTransformer2DModel.forward = orig
-    assert calls[:n] == [6] * 3 and calls[n:] == [3, 6, 6]  # euler: 3 evaluations; first outside (lo, hi]
+    assert calls[:n] == [8] * 3 and calls[n:m] == [4, 8, 8]  # euler: 3 evaluations; first outside (lo, hi]
+    assert calls[m:] == [6] * 3
 
 
 def test_generate_bad_combinations_are_one_line_errors(tmp_path):

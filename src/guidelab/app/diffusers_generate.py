@@ -28,12 +28,15 @@ from ..integrations.diffusers import (
     Perturbation,
     load,
     make_sigmas,
+    scheduler,
     step_window,
 )
 from ..rng import SampleNoise
 
-#: Guiders whose options include ``layers`` and ``cfg_weight`` (the attention hooks).
-ATTENTION = ("pag", "seg", "slg")
+#: Guiders whose options include ``layers`` and ``cfg_weight`` (the attention hooks; nag takes ``layers`` only).
+ATTENTION = ("pag", "seg", "slg", "sag")
+#: The network's fixed block of rows (``DiffusersConfig.block``), as ``guidelab sample``'s ``app.jobs.Counted``.
+BLOCK = 64
 
 
 @dataclass
@@ -50,9 +53,18 @@ class DiffusersConfig:
     own), or ``prompt_embeds`` [1 or N, L, dim] with ``prompt_mask`` [1 or N, L] and the null / negative prompt
     ``null_text`` [1, L, dim] with ``null_mask`` [1, L]; ``resolution``: the pixel size micro-conditioned PixArt
     models are told (default 8 x sample_size, PixArt's VAE factor). Schedule: ``schedule`` (karras between the
-    model's sigma ends, or diffusers' spacing names) of ``steps``; ``timesteps``: sigma -> t ("interpolate",
-    "nearest"). ``sampler_options``: the sampler's keywords. ``dtype``: the network's (half precision: a float32
-    sampler).
+    model's sigma ends, diffusers' spacing names, or "pipeline": the folder's scheduler grid, start scaling,
+    x0 clipping / thresholding and final step as its pipeline makes them) of ``steps``; ``timesteps``: sigma -> t
+    ("interpolate", "nearest"). ``sampler_options``: the sampler's keywords. ``dtype``: the network's (half
+    precision: a float32 sampler). ``allow_pickle``: load pickled ``.bin`` weights (they can run code; default:
+    safetensors only).
+
+    Batch invariance (``block`` > 0, default :data:`BLOCK`): samples are drawn in fixed blocks of ``block`` seeds,
+    ``[k block, (k + 1) block)``, the sample of seed s in row ``s % block`` of its block; seeds of a block that were
+    not asked for fill the other rows (sampled, then dropped). Every network call then has the same rows in the
+    same places whatever ``batch`` or the other seeds are, so a sample (``samples.npz``) is bit-identical at any
+    batch size; the cost is whole blocks (a single seed samples ``block`` rows). ``block = 0``: batches of
+    ``batch`` seeds (the last bits may then depend on the batch).
     """
 
     guider: str = "none"
@@ -64,6 +76,7 @@ class DiffusersConfig:
     timesteps: str = "interpolate"
     seeds: Sequence[int] = (0,)
     batch: int = 16
+    block: int = BLOCK
     label: int | Sequence[int] | None = None
     null_label: int | None = None
     prompt_embeds: torch.Tensor | None = None
@@ -79,6 +92,7 @@ class DiffusersConfig:
     dtype: str | torch.dtype = "float32"
     device: str | torch.device = "cpu"
     progress: bool = False
+    allow_pickle: bool = False
 
 
 def make_guider(
@@ -200,14 +214,21 @@ def generate(
     [N, C, H, W] in model space (latent models: latents, no VAE decoding); ``out``: also write the files
     (:func:`save_outputs`).
 
-    Sample i starts from ``SampleNoise([seeds[i]])`` and draws its sampler noise from the same generator, so it
-    does not depend on ``batch``; the guider is built per batch (icg / tsg draw from each sample's seed, APG's
-    momentum starts fresh).
+    Sample i starts from ``SampleNoise([seeds[i]])`` and draws its sampler noise from the same generator; with
+    ``block`` (the default) the network sees fixed blocks of rows, so a sample is bit-identical at any ``batch``
+    (:class:`DiffusersConfig`); the guider is built per block or batch (icg / tsg draw from each sample's seed,
+    APG's momentum starts fresh).
     """
     cfg = _config(config, fields)
     seeds = [int(s) for s in cfg.seeds]
     check(len(seeds) >= 1, "need at least one seed")
     check(cfg.batch >= 1, f"batch must be >= 1, got {cfg.batch}")
+    check(isinstance(cfg.block, int) and cfg.block >= 0, f"block must be an integer >= 0 (0: off), got {cfg.block!r}")
+    check(
+        not cfg.block or len(set(seeds)) == len(seeds),
+        "seeds must be distinct (each seed has its own row of its block)",
+    )
+
     dtype = _dtype(cfg.dtype)
     kw = {
         "dtype": dtype,
@@ -216,16 +237,19 @@ def generate(
         "null_label": cfg.null_label,
         "null_text": cfg.null_text,
         "null_mask": cfg.null_mask,
+        "allow_pickle": cfg.allow_pickle,
     }
     den = load(model_dir, **kw)
     guide = load(cfg.guide, **kw) if cfg.guide is not None else None
-    sigmas = make_sigmas(den, cfg.steps, cfg.schedule)
+    pipeline = cfg.schedule == "pipeline"
+    sigmas = scheduler.pipeline_sigmas(den, cfg.steps) if pipeline else make_sigmas(den, cfg.steps, cfg.schedule)
+    final = scheduler.final_sigma(den) if pipeline else 0.0
     interval = cfg.interval
     if interval is None and cfg.guider == "slg":
         interval = step_window(sigmas, *SLG_WINDOW)
 
     def guided(batch_seeds):
-        return make_guider(
+        g = make_guider(
             den,
             cfg.guider,
             cfg.w,
@@ -237,6 +261,7 @@ def generate(
             interval=interval,
             sampler=cfg.sampler,
         )
+        return scheduler.x0_wrapper(g, den) if pipeline else g
 
     guided(seeds[: cfg.batch])  # bad combinations fail before any sampling
     run = samplers.get(cfg.sampler)
@@ -254,23 +279,33 @@ def generate(
         key != "encoder_hidden_states" or key in cond_all, "a text-conditioned model needs prompt_embeds (encoder_hidden_states)"
     )
     xdtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32  # half models: float32 sampler
-    xs = []
-    for i in range(0, N, cfg.batch):
-        noise = SampleNoise(seeds[i : i + cfg.batch], device=cfg.device)
-        x = noise.randn([mc.in_channels, size, size], dtype=xdtype) * sigmas[0].to(xdtype)
-        cond = {k: v[i : i + cfg.batch] for k, v in cond_all.items()}
-        xs.append(
-            run(
-                guided(seeds[i : i + cfg.batch]),
-                x,
-                sigmas.to(xdtype),
-                cond=cond,
-                noise=noise,
-                progress=cfg.progress,
-                **dict(cfg.sampler_options),
-            )
-        )
-    x = torch.cat(xs)
+    shape = [mc.in_channels, size, size]
+
+    def sample(batch_seeds: list[int], cond: dict) -> torch.Tensor:
+        noise = SampleNoise(batch_seeds, device=cfg.device)
+        if pipeline:  # the pipeline's unit-Gaussian latents, scaled as its scheduler does
+            x = scheduler.start(den, sigmas.double(), noise.randn(shape, dtype=torch.float64)).to(xdtype)
+        else:
+            x = noise.randn(shape, dtype=xdtype) * sigmas[0].to(xdtype)
+        kw = dict(cond=cond, noise=noise, progress=cfg.progress, **dict(cfg.sampler_options))
+        if pipeline:
+            return scheduler.sample(cfg.sampler, guided(batch_seeds), x, sigmas.to(xdtype), final=final, **kw)
+        return run(guided(batch_seeds), x, sigmas.to(xdtype), **kw)
+
+    x = torch.empty(N, *shape, dtype=xdtype, device=cfg.device)
+    if cfg.block:
+        C, blocks = cfg.block, {}
+        for pos, s in enumerate(seeds):  # block k holds seeds [k C, (k + 1) C), seed s in row s % C
+            blocks.setdefault(s // C, []).append(pos)
+        for k, positions in blocks.items():
+            rows = torch.tensor([seeds[p] % C for p in positions], device=cfg.device)
+            where = torch.tensor(positions, device=cfg.device)
+            fill = torch.full((C,), positions[0], dtype=torch.long, device=cfg.device).index_put((rows,), where)
+            cond = {key: v[fill] for key, v in cond_all.items()}  # rows not asked for: the first asked-for condition
+            x[where] = sample(list(range(k * C, (k + 1) * C)), cond)[rows]
+    else:
+        for i in range(0, N, cfg.batch):
+            x[i : i + cfg.batch] = sample(seeds[i : i + cfg.batch], {k: v[i : i + cfg.batch] for k, v in cond_all.items()})
     if out is not None:
         extra = {"class_labels": cond_all["class_labels"].cpu()} if "class_labels" in cond_all else {}
         save_outputs(out, x, seeds, **extra)
@@ -297,13 +332,16 @@ def generate_images(
     dtype: str = "fp32",
     device: str = "cpu",
     progress: bool = True,
+    allow_pickle: bool = False,
     **kw,
 ) -> torch.Tensor:
     """``guidelab generate``: prompt(s) -> ``out/<seed>.png`` + ``out/grid.png`` through
-    :func:`guidelab.integrations.diffusers.load_pipeline` (``kw``: :meth:`Pipeline.generate`'s keywords)."""
+    :func:`guidelab.integrations.diffusers.load_pipeline` (``kw``: :meth:`Pipeline.generate`'s keywords;
+    ``allow_pickle``: pickled ``.bin`` components too, with a logged warning)."""
     from ..integrations.diffusers import load_pipeline
 
     dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     check(dtype in dtypes, f"dtype must be one of {', '.join(dtypes)}, got {dtype!r}")
-    pipe = load_pipeline(folder, dtype=dtypes[dtype], device=device)
+    extra = {"allow_pickle": True} if allow_pickle else {}
+    pipe = load_pipeline(folder, dtype=dtypes[dtype], device=device, **extra)
     return pipe.generate(list(prompts), seeds=list(seeds), out=out, progress=progress, **kw)
