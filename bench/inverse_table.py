@@ -31,6 +31,7 @@ import torch
 from guidelab import inverse, metrics, samplers, schedules, toy
 from guidelab.errors import GuidelabError
 from guidelab.guidance.tfg import measurement_objective, tfg_sample
+from guidelab.inverse import series as series_data
 from guidelab.rng import SampleNoise
 
 
@@ -287,21 +288,8 @@ L_WIN, CONTEXT, HORIZON = 36, 24, 12
 
 def stocks() -> list:
     """Monthly log closing prices (1990-2022) of the 10 series in matplotlib's ``sample_data/Stocks.csv``."""
-    import csv
-
-    import matplotlib
-    import numpy as np
-
-    path = matplotlib.get_data_path() + "/sample_data/Stocks.csv"
-    with open(path) as f:
-        rows = list(csv.reader(line for line in f if not line.startswith("#")))
-    data = [r for r in rows[1:] if r[0].endswith("-01") and any(r[1:])]  # month starts
-    out = []
-    for j, name in enumerate(rows[0][1:]):
-        v = np.array([float(r[j + 1]) if r[j + 1] else np.nan for r in data])
-        v = v[int(np.argmax(~np.isnan(v))) :]
-        out.append((name, np.log(v)))
-    return out
+    data = series_data.stocks()
+    return list(zip(data.names, data.values))
 
 
 def windows(series, horizons_back: tuple[int, ...]):
@@ -344,9 +332,7 @@ def train_series_denoiser(X: torch.Tensor, iters: int = 3000):
     return net
 
 
-def crps(samples: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Sample CRPS ``E|X - y| - E|X - X'| / 2`` per time step: samples [S, H], y [H] -> [H]."""
-    return (samples - y).abs().mean(0) - 0.5 * (samples[:, None] - samples[None]).abs().mean((0, 1))
+crps = series_data.crps  # sample CRPS per time step: samples [S, H], y [H] -> [H]
 
 
 FORECASTERS = {
