@@ -7,6 +7,7 @@ import torch
 
 pytest.importorskip("diffusers")
 import test_diffusers as base  # tests/integrations is on sys.path (rootdir imports)
+import test_diffusers_pixart as pixart
 import torch.nn.functional as F
 
 from guidelab.app.diffusers_generate import generate
@@ -104,6 +105,9 @@ def test_nag_neutral_one_call_and_errors(tmp_path):
         nag(gd.load(folder, dtype=torch.float64), 3.0)
     with pytest.raises(GuidelabError, match="text-conditioned"):
         nag(gd.load(base._save(tmp_path, "unet"), dtype=torch.float64), 3.0)
+    _, _, pnull, _ = pixart._prompts()
+    with pytest.raises(GuidelabError, match="PixArt projects it first"):  # raw null_text would be the wrong context
+        nag(gd.load(pixart._save(tmp_path), dtype=torch.float64, null_text=pnull), 3.0)
     with pytest.raises(GuidelabError, match="no layer"):
         nag(den, 3.0, layers=["nope"])
     with pytest.raises(GuidelabError, match="cfg_weight"):

@@ -169,15 +169,19 @@ def nag(
 
     The negative prompt is the denoiser's null / negative embedding (``null_text``). Defaults: the official SDXL
     pipeline's ``tau = 2.5``, ``alpha = 0.5`` (its SD3.5 pipeline: 0.125; FLUX: 0.25); ``w`` around 3-5 (official
-    demos: 5). ``layers``: cross-attention layers (default all, as the official UNet pipelines). UNet / PixArt
-    cross-attention only; SD3 / FLUX joint attention (where the negative text stream has to run through every block)
-    is not supported yet. At ``w == 1`` the plain model (bit for bit).
+    demos: 5). ``layers``: cross-attention layers (default all, as the official UNet pipelines).
+    ``UNet2DConditionModel`` only: PixArt (its caption projection runs before the cross-attentions) and SD3 / FLUX
+    joint attention (where the negative text stream runs through every block) are not supported yet. At
+    ``w == 1`` the plain model (bit for bit).
     """
     check(cfg_weight is None, "nag with cfg_weight is not supported yet (NAG replaces CFG's negative prompt)")
+    model = getattr(denoiser, "model", denoiser)
     check(
-        isinstance(denoiser, DiffusersDenoiser) and denoiser.cond_key == "encoder_hidden_states",
-        f"nag needs a text-conditioned diffusers UNet or PixArt model (cross-attention), got "
-        f"{type(getattr(denoiser, 'model', denoiser)).__name__}",
+        isinstance(denoiser, DiffusersDenoiser)
+        and type(model).__name__ == "UNet2DConditionModel"
+        and getattr(model, "encoder_hid_proj", None) is None,
+        "nag needs a text-conditioned diffusers UNet2DConditionModel whose cross-attentions see the prompt embedding "
+        f"as given (PixArt projects it first; SD3 / FLUX: joint attention): not yet supported; got {type(model).__name__}",
     )
     check(
         isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w),

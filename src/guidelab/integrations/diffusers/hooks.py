@@ -324,7 +324,7 @@ class _Processor:
         its attention output combined with the recorded one on the marked rows."""
         check(
             context is not None and getattr(attn, "add_q_proj", None) is None,
-            "nag acts on cross-attention layers (a UNet's or PixArt's attn2); joint attention (SD3, FLUX) is not supported yet",
+            "nag acts on cross-attention layers (a UNet's attn2); joint attention (SD3, FLUX) is not supported yet",
         )
         mask = args[1] if len(args) > 1 else kwargs.get("attention_mask")
         check(mask is None, "nag: text attention masks are not supported yet (call without encoder_attention_mask)")
