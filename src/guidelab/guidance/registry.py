@@ -576,7 +576,7 @@ GUIDERS: dict[str, GuiderSpec] = {
             "normalized attention guidance: cross-attention outputs pushed away from the negative prompt's (diffusers)",
             "Chen et al. 2025, arXiv 2505.21179",
             _attention_guidance("nag"),
-            needs=["attention"],
+            needs=["attention", "null_label"],
             nfe=1,
             options=[
                 _LAYERS,
