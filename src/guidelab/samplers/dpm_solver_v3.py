@@ -143,7 +143,7 @@ class EMS:
 
     def covers(self, sigma_lo: float, sigma_hi: float) -> bool:
         lo, hi = self.sigma_range
-        return lo * (1 - 1e-9) <= sigma_lo and sigma_hi <= hi * (1 + 1e-9)
+        return lo * (1 - 1e-6) <= sigma_lo and sigma_hi <= hi * (1 + 1e-6)  # float32 schedules round
 
     # --- files: safetensors + JSON metadata (never a pickle)
     def save(self, path: str | os.PathLike) -> Path:
@@ -424,6 +424,7 @@ def compute_ems(
     batch: int = 1024,
     probes: int | None = None,
     delta: float | None = None,
+    ridge_scale: float = 1e-2,
     seed: int = 0,
     meta: dict[str, Any] | None = None,
 ) -> EMS:
@@ -434,7 +435,8 @@ def compute_ems(
     values, else ``probes`` (default 4) Rademacher probes ``v * (J v)`` per sample (Hutchinson's unbiased
     diagonal). ``f' = df/dlambda`` along the ODE ``dx/dlambda = D - x``: central differences with step
     ``delta`` in lambda (default 1e-4 in float64, 1e-2 otherwise); ``l'`` from the grid of l.
-    ``(s, b)``: the per-dimension least-squares line of f' on f. ``cond``: keywords for every call (tensors
+    ``(s, b)``: the per-dimension least-squares line of f' on f, ridge-regularised by ``ridge_scale`` times the
+    mean variance of f over the dimensions (so nearly constant dimensions get s ~ 0). ``cond``: keywords for every call (tensors
     with a leading [n] dimension are sliced with the data).
     """
     check(isinstance(data, torch.Tensor) and data.ndim >= 2 and data.shape[0] >= 2, "data must be a [n >= 2, ...] tensor")
@@ -444,7 +446,7 @@ def compute_ems(
     n, shape, dtype = data.shape[0], tuple(data.shape[1:]), data.dtype
     dim = int(np.prod(shape))
     delta = (1e-4 if dtype == torch.float64 else 1e-2) if delta is None else delta
-    exact_diag = dim <= 16 and probes is None
+    exact_diag = dim <= 16
     probes = 4 if probes is None else probes
     lambdas = torch.linspace(-math.log(sigma_max), -math.log(sigma_min), steps + 1, dtype=torch.float64)
     cond = cond or {}
@@ -495,7 +497,7 @@ def compute_ems(
     s_grid, b_grid = [], []
     for k, lam in enumerate(lambdas.tolist()):
         sigma, lk, dlk = math.exp(-lam), l[k].to(dtype), dl[k].to(dtype)
-        sums = {key: torch.zeros(shape, dtype=torch.float64) for key in ("f", "g", "ff", "fg")}
+        sums = {key: torch.zeros(shape, dtype=torch.float64) for key in ("f", "g", "ff", "fg", "DD")}
         for x0, eps, c, _ in chunks(k):
             x = x0 + sigma * eps
             D = call(x, sigma, c)
@@ -510,13 +512,20 @@ def compute_ems(
             sums["g"] += fp.sum(0)
             sums["ff"] += (f * f).sum(0)
             sums["fg"] += (f * fp).sum(0)
+            sums["DD"] += D.double().square().sum(0)
         mf, mg = sums["f"] / n, sums["g"] / n
         var = sums["ff"] / n - mf**2
         cov = sums["fg"] / n - mf * mg
-        s = torch.where(var > 1e-12 * (1 + mf**2), cov / var.clamp_min(1e-300), torch.zeros_like(var))
+        # ridge: a dimension whose f barely varies (a constant border pixel at small sigma) gets s ~ 0 rather
+        # than the ratio of two rounding errors (|s| ~ 1e4 on digits without it, e^S overflows)
+        # (and an f that does not vary at all, relative to the size of D, has no slope: s = 0)
+        floor = 1e-9 * float(sums["DD"].sum()) / (n * sums["DD"].numel())
+        ridge = ridge_scale * float(var.clamp_min(0).mean()) + floor
+        s = torch.where(var > floor, cov / (var + ridge), torch.zeros_like(var))
         s_grid.append(s)
         b_grid.append(mg - s * mf)
-    info: dict[str, Any] = {"sigma_min": sigma_min, "sigma_max": sigma_max, "steps": steps, "n": n, "seed": seed, "delta": delta}
+    info: dict[str, Any] = {"sigma_min": sigma_min, "sigma_max": sigma_max, "steps": steps, "n": n, "seed": seed}
+    info.update({"delta": delta, "ridge_scale": ridge_scale})
     info.update({"diag": "exact" if exact_diag else f"rademacher x{probes}"})
     info.update(meta or {})
     return EMS(lambdas, l, torch.stack(s_grid), torch.stack(b_grid), info)

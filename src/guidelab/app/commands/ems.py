@@ -1,0 +1,84 @@
+"""``guidelab ems MODEL``: DPM-Solver-v3's empirical model statistics of a checkpoint, stored next to it."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import click
+
+from ...errors import GuidelabError, check
+from ..cli import main
+
+log = logging.getLogger("guidelab.app.ems")
+
+
+def default_out(model: str | Path) -> Path:
+    """``<model>.ems.safetensors`` next to the checkpoint (``m.safetensors`` -> ``m.ems.safetensors``)."""
+    model = Path(model)
+    stem = model.name[: -len(".safetensors")] if model.name.endswith(".safetensors") else model.name
+    return model.with_name(f"{stem}.ems.safetensors")
+
+
+@main.command("ems")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--data", default="digits", show_default=True, help="'digits' or an image folder (the model's training data).")
+@click.option("--resolution", type=int, default=None, help="Image folder: resize to this size.")
+@click.option("--out", default=None, help="Output file (default: MODEL.ems.safetensors next to the checkpoint).")
+@click.option("--samples", type=int, default=512, show_default=True, help="Data points used (the first ones, in file order).")
+@click.option("--steps", type=int, default=64, show_default=True, help="Grid intervals in lambda = -log sigma.")
+@click.option("--sigma-min", type=float, default=0.002, show_default=True)
+@click.option("--sigma-max", type=float, default=80.0, show_default=True)
+@click.option(
+    "--probes", type=int, default=4, show_default=True, help="Rademacher probes for diag(dD/dx) (> 16 values per sample)."
+)
+@click.option(
+    "--labels",
+    type=click.Choice(["data", "null"]),
+    default="data",
+    show_default=True,
+    help="Conditional model: the data's labels, or the null label (the unconditional branch).",
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--batch", type=int, default=256, show_default=True, help="Rows per network call.")
+@click.option("--device", default="cpu", show_default=True)
+def ems_cmd(model, data, resolution, out, samples, steps, sigma_min, sigma_max, probes, labels, seed, batch, device) -> None:
+    """Compute DPM-Solver-v3's statistics (l, s, b per lambda and dimension) of MODEL on data; sample with
+    them via ``samplers.dpm_solver_v3(..., ems=<file>)``."""
+    import torch
+
+    from ...data import digits, image_folder
+    from ...samplers import compute_ems
+    from ...training import load_model
+
+    check(samples >= 2, f"--samples must be >= 2, got {samples}")
+    check(0 < sigma_min < sigma_max, f"need 0 < --sigma-min < --sigma-max, got {sigma_min}, {sigma_max}")
+    out = Path(out) if out else default_out(model)
+    net = load_model(model, device)
+    images = digits("train") if data == "digits" else image_folder(data, resolution, getattr(net, "img_channels", 3))
+    x0 = images.images[:samples].to(device)
+    cond: dict = {}
+    condition = getattr(net, "condition", None)
+    if condition is not None and condition.key:
+        if labels == "null":
+            cond = {k: v for k, v in condition.null.items()}
+        else:
+            if images.labels is None:
+                raise GuidelabError(f"{model} is conditional but {data} has no labels: pass --labels null")
+            cond = {condition.key: images.labels[:samples].to(device)}
+    log.info("EMS of %s on %d images of %s, %d lambdas in [%g, %g]", model, x0.shape[0], data, steps + 1, sigma_min, sigma_max)
+    with torch.no_grad():
+        stats = compute_ems(
+            net,
+            x0,
+            sigma_min,
+            sigma_max,
+            steps=steps,
+            cond=cond,
+            batch=batch,
+            probes=probes,
+            seed=seed,
+            meta={"model": str(model), "data": str(data), "labels": labels if cond else "none"},
+        )
+    stats.save(out)
+    click.echo(f"wrote {out} ({stats})")
