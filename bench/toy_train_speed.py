@@ -8,6 +8,11 @@ trunk) and its gradient, Adam, EMA. Ours is timed through ``Trainer.train_step``
     python bench/toy_train_speed.py                      # guidelab only
     python bench/toy_train_speed.py --edm2 /tmp/edm2     # side by side with NVlabs/edm2 toy_example.py
 
+The floor is timed in the same run, alternating with our iterations: every matrix product one
+iteration makes (recorded with a dispatch mode: aten mm / addmm / bmm with their shapes), replayed alone
+on tensors of the same shapes, plus the exact-score exponentials (one ``exp`` over [batch, components]).
+Goal: iteration <= 1.5 x floor. ``--threads 1`` with ``OMP_NUM_THREADS=1`` is the setting to compare.
+
 ``--edm2`` is a local checkout of NVlabs/edm2 (not part of guidelab; nothing of it is copied here).
 Its ``do_train`` is imported and run on the CPU with plotting and pickling switched off; rounds of the
 two alternate so that both see the same machine load, and the ratio is taken per round.
@@ -40,6 +45,46 @@ def load_reference(path: str):
 
     toy_example.tqdm.tqdm = lambda it, **kwargs: it  # no progress bar inside the timed loop
     return toy_example
+
+
+def record_matmuls(trainer) -> list[tuple[str, tuple]]:
+    """The matrix products of one ``train_step``: (op, input shapes) in call order."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    ops = {torch.ops.aten.mm.default: "mm", torch.ops.aten.addmm.default: "addmm", torch.ops.aten.bmm.default: "bmm"}
+    seen: list[tuple[str, tuple]] = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in ops:
+                seen.append((ops[func], tuple(tuple(a.shape) for a in args if isinstance(a, torch.Tensor))))
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        trainer.train_step()
+    return seen
+
+
+def floor_fn(matmuls, batch: int, components: int):
+    """A function that runs the recorded products and the exact-score exponentials alone."""
+    g = torch.Generator().manual_seed(1)
+    args = [(op, [torch.randn(s, generator=g) for s in shapes]) for op, shapes in matmuls]
+    fns = {"mm": torch.mm, "addmm": torch.addmm, "bmm": torch.bmm}
+    e = torch.randn(batch, components, generator=g)
+
+    def run():
+        for op, a in args:
+            fns[op](*a)
+        e.exp()
+
+    return run
+
+
+def timed_n(fn, n: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter() - t0) / n
 
 
 def time_ours(trainer, n: int) -> float:
@@ -97,15 +142,23 @@ def main(argv=None):
         ref.gt("A", torch.device("cpu"))
         time_reference(ref, 1, args.batch, args.hidden)  # warm-up (builds the tree, first-call costs)
 
-    ours, refs, ratios, scores = [], [], [], []
+    torch.set_num_threads(args.threads)
+    matmuls = record_matmuls(trainer)
+    floor = floor_fn(matmuls, args.batch, len(world))
+    floor()
+    print(f"floor: {len(matmuls)} matrix products per iteration + exp over [{args.batch}, {len(world)}]")
+    ours, refs, ratios, scores, floors, fratios = [], [], [], [], [], []
     for r in range(args.rounds):
         torch.set_num_threads(args.threads)
         t = time_ours(trainer, args.iters)
+        f = timed_n(floor, args.iters)
+        floors.append(f)
+        fratios.append(t / f)
         t0 = time.perf_counter()
-        world.score(x, sigma)
+        world.score_truncated(x, sigma)
         scores.append(time.perf_counter() - t0)
         ours.append(t)
-        line = f"round {r + 1}: guidelab {t * 1e3:7.1f} ms/it"
+        line = f"round {r + 1}: guidelab {t * 1e3:7.1f} ms/it   floor {f * 1e3:6.1f} ms   ratio {t / f:5.2f}"
         if ref is not None:
             torch.set_num_threads(args.ref_threads)
             tr = time_reference(ref, args.ref_iters, args.batch, args.hidden)
@@ -118,7 +171,8 @@ def main(argv=None):
     print(f"load average over the last minute: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     print(
         f"guidelab: {med(ours) * 1e3:.1f} ms per iteration (median of {args.rounds} rounds of {args.iters}); "
-        f"exact score alone {med(scores) * 1e3:.1f} ms"
+        f"floor {med(floors) * 1e3:.1f} ms; iteration / floor {med(fratios):.2f} (median per round; "
+        f"min {min(fratios):.2f}, max {max(fratios):.2f}); exact score alone {med(scores) * 1e3:.1f} ms"
     )
     if ref is not None:
         print(f"reference: {med(refs) * 1e3:.0f} ms per iteration (median of {args.rounds} rounds of {args.ref_iters})")

@@ -60,3 +60,45 @@ def test_chunk_size_changes_nothing():
         assert torch.equal(other.denoise(x, sigma), tree.denoise(x, sigma))
     with pytest.raises(GuidelabError, match="chunk"):
         GaussianMixture(*_components()[1:], chunk=0)
+
+
+def test_score_fast_equals_the_full_sum():
+    """The tree's line groups (8 equally spaced members of equal weight per branch) let score_fast evaluate
+    each member's log-weight as a quadratic in its index: the same exact score as the full sum, over the
+    training sigmas, at points far from every component (general path) and in float32."""
+    w64 = toy.tree("AB", dtype=torch.float64)
+    assert w64._lines
+    g = torch.Generator().manual_seed(4)
+    sigma = (torch.randn(3000, generator=g, dtype=torch.float64) * 1.5 - 2.3).exp()
+    x = w64.sample(3000, sigma, generator=g)
+    x[:3] = torch.tensor([[40.0, -40.0], [3.0, 3.0], [-2.0, 1.0]], dtype=torch.float64)
+    sigma[:3] = torch.tensor([0.002, 0.01, 1e-3], dtype=torch.float64)
+    full, fast = w64.score(x, sigma), w64.score_fast(x, sigma)
+    assert ((fast - full).norm(dim=1) <= 1e-9 * full.norm(dim=1)).all()
+    w32 = toy.tree("AB")
+    err32 = (w32.score_fast(x.float(), sigma.float()).double() - full).norm(dim=1) * sigma
+    ref32 = (w32.score(x.float(), sigma.float()).double() - full).norm(dim=1) * sigma
+    assert err32.max() <= 2 * ref32.max() + 1e-6  # float32 rounding like the full float32 sum's
+
+
+def test_score_fast_without_line_groups_is_score():
+    phi, mu, Sigma = _random_mixture(2, 32, 8, seed=6)  # groups share covariances, but members are not on lines
+    mix = GaussianMixture(phi, mu, Sigma, dtype=torch.float64)
+    assert not mix._lines
+    x = torch.randn(50, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    assert torch.equal(mix.score_fast(x, 0.3), mix.score(x, 0.3))
+
+
+def test_row_chunks_change_nothing(monkeypatch):
+    """The exact evaluation runs in fixed chunks of mixture.ROWS rows (bounded memory at any batch)."""
+    from guidelab.toy import mixture
+
+    tree = toy.tree("A")
+    g = torch.Generator().manual_seed(5)
+    sigma = torch.rand(1000, generator=g) + 0.01
+    x = tree.sample(1000, sigma, generator=g)
+    whole = tree.logp(x, sigma), tree.denoise(x, sigma), tree.score_fast(x, sigma)
+    monkeypatch.setattr(mixture, "ROWS", 97)
+    chunked = tree.logp(x, sigma), tree.denoise(x, sigma), tree.score_fast(x, sigma)
+    assert torch.equal(whole[0], chunked[0]) and torch.equal(whole[1], chunked[1])
+    torch.testing.assert_close(whole[2], chunked[2], rtol=1e-6, atol=1e-6)  # (small GEMMs: last bits may differ)

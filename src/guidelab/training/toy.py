@@ -99,8 +99,8 @@ def toy_loss(cfg: ToyConfig):
     def loss_fn(net, batch: int, gen: torch.Generator) -> torch.Tensor:
         sigma = (torch.randn(batch, generator=gen) * cfg.P_std + cfg.P_mean).exp()
         x = world.sample(batch, sigma, generator=gen)  # exact samples of p(x; sigma)
-        if cfg.loss == "score":
-            return sigma**2 * (net.score(x, sigma) - world.score(x, sigma)).square().mean(1)
+        if cfg.loss == "score":  # score_fast: the exact score, ~3x cheaper on the tree (toy/mixture.py)
+            return sigma**2 * (net.score(x, sigma) - world.score_fast(x, sigma)).square().mean(1)
         return edm_loss(net, x, sigma, world.denoise(x, sigma), net.precond)
 
     return loss_fn
