@@ -1,7 +1,9 @@
 """Prompt in, image out: gd.load_pipeline + generate on tiny pipelines built and saved here (no hub), equal to
-the diffusers pipeline call; guiders, seeds and misuse."""
+the diffusers pipeline call; guiders, seeds and misuse. ``GUIDELAB_DEVICE=cuda`` runs both sides on that device
+(bench/gpu_check.sh; float32 with TF32 off keeps the 1e-4 equality)."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -11,6 +13,14 @@ transformers = pytest.importorskip("transformers")
 
 from guidelab.errors import GuidelabError  # noqa: E402
 from guidelab.integrations.diffusers import pipelines as gp  # noqa: E402
+
+#: Where both guidelab's and diffusers' pipelines run (default cpu).
+DEVICE = os.environ.get("GUIDELAB_DEVICE", "cpu")
+
+
+def load(folder, **kw):
+    """gd.load_pipeline on :data:`DEVICE`."""
+    return gp.load_pipeline(folder, device=DEVICE, **kw)
 
 
 def clip_tokenizer(folder):
@@ -110,7 +120,7 @@ def sd_folder(tmp, prediction="epsilon", sched="DDIMScheduler", unet_seed=0, tex
 def reference(folder, cls, prompt, g, steps, latents, **kw):
     spec = json.loads((folder / "model_index.json").read_text())
     absent = {k: None for k, v in spec.items() if isinstance(v, list) and v[0] is None}
-    pipe = getattr(diffusers, cls).from_pretrained(folder, local_files_only=True, **absent).to("cpu")
+    pipe = getattr(diffusers, cls).from_pretrained(folder, local_files_only=True, **absent).to(DEVICE)
     pipe.set_progress_bar_config(disable=True)
     with torch.no_grad():
         return pipe(prompt, guidance_scale=g, num_inference_steps=steps, latents=latents, output_type="pt", **kw).images
@@ -135,7 +145,7 @@ def test_sd_equals_diffusers(tmp_path, prediction, sched, kw):
     L = torch.randn(2, 4, 8, 8)
     args = (folder, "StableDiffusionPipeline", ["a red cube", "a blue ball"])
     ref = reference(*args, 5.0, 6, L)
-    pipe = gp.load_pipeline(folder)
+    pipe = load(folder)
     got = pipe.generate(["a red cube", "a blue ball"], guider="cfg", w=5.0, steps=6, latents=L, seeds=[0, 1])
     assert got.shape == ref.shape == (2, 3, 8, 8)
     assert ref.std() > 1e-2 and (ref - reference(*args, 1.0, 6, L)).abs().max() > 1e-3  # an image, and CFG bites
@@ -143,7 +153,7 @@ def test_sd_equals_diffusers(tmp_path, prediction, sched, kw):
 
 
 def test_w1_is_unguided_and_seeds_per_sample(sd):
-    pipe = gp.load_pipeline(sd)
+    pipe = load(sd)
     a = pipe.generate("a cube", guider="cfg", w=1.0, steps=4, seeds=[5])
     b = pipe.generate("a cube", guider="none", steps=4, seeds=[5])
     assert torch.equal(a, b)
@@ -155,7 +165,7 @@ def test_w1_is_unguided_and_seeds_per_sample(sd):
 
 @pytest.mark.parametrize("guider", ["apg", "cfgpp", "cfg_zero_star", "rescale", "icg", "tsg", "pag", "seg", "slg"])
 def test_every_guider_runs(sd, guider):
-    pipe = gp.load_pipeline(sd)
+    pipe = load(sd)
     w = 0.5 if guider == "cfgpp" else 3.0
     sampler = "euler" if guider != "cfgpp" else "euler"
     x = pipe.generate("a cube", guider=guider, w=w, steps=3, seeds=[0], sampler=sampler)
@@ -165,7 +175,7 @@ def test_every_guider_runs(sd, guider):
 
 
 def test_bad_inputs(sd, tmp_path):
-    pipe = gp.load_pipeline(sd)
+    pipe = load(sd)
     with pytest.raises(GuidelabError, match="one prompt or one per seed"):
         pipe.generate(["a", "b"], seeds=[0, 1, 2], steps=2)
     with pytest.raises(GuidelabError, match="has none"):
@@ -174,10 +184,10 @@ def test_bad_inputs(sd, tmp_path):
     bad.mkdir()
     (bad / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyPipeline"}))
     with pytest.raises(GuidelabError, match="not supported; allowed: StableDiffusionPipeline"):
-        gp.load_pipeline(bad)
+        load(bad)
     (bad / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
     with pytest.raises(GuidelabError, match="component 'unet' is missing"):
-        gp.load_pipeline(bad)
+        load(bad)
 
 
 def sd3_folder(tmp, seed=0):
@@ -224,7 +234,7 @@ def test_sd3_equals_diffusers(sd3):
     L = torch.randn(2, 4, 8, 8)
     args = (sd3, "StableDiffusion3Pipeline", ["a red cube", "a blue ball"])
     ref = reference(*args, 4.0, 5, L)
-    got = gp.load_pipeline(sd3).generate(["a red cube", "a blue ball"], guider="cfg", w=4.0, steps=5, latents=L, seeds=[0, 1])
+    got = load(sd3).generate(["a red cube", "a blue ball"], guider="cfg", w=4.0, steps=5, latents=L, seeds=[0, 1])
     assert got.shape == ref.shape == (2, 3, 8, 8)
     assert ref.std() > 1e-2 and (ref - reference(*args, 1.0, 5, L)).abs().max() > 1e-3  # an image, and CFG bites
     assert (got - ref).abs().max() <= 1e-4
@@ -232,7 +242,7 @@ def test_sd3_equals_diffusers(sd3):
 
 @pytest.mark.parametrize("guider", ["cfg_zero_star", "apg", "rescale"])
 def test_sd3_guiders(sd3, guider):
-    pipe = gp.load_pipeline(sd3)
+    pipe = load(sd3)
     x = pipe.generate("a cube", guider=guider, w=3.0, steps=3, seeds=[0, 1])
     base = pipe.generate("a cube", guider="none", steps=3, seeds=[0, 1])
     assert x.shape == (2, 3, 8, 8) and torch.isfinite(x).all()
@@ -240,7 +250,7 @@ def test_sd3_guiders(sd3, guider):
 
 
 def test_sd3_w1_and_attention_guiders(sd3):
-    pipe = gp.load_pipeline(sd3)
+    pipe = load(sd3)
     assert torch.equal(
         pipe.generate("a", guider="cfg", w=1.0, steps=3, seeds=[2]), pipe.generate("a", guider="none", steps=3, seeds=[2])
     )
@@ -267,7 +277,7 @@ def test_cli_generate(sd, tmp_path):
 
 
 def test_autoguidance_second_folder(sd, tmp_path):
-    pipe = gp.load_pipeline(sd)
+    pipe = load(sd)
     weak = sd_folder(tmp_path, unet_seed=1)
     x = pipe.generate("a cube", guider="autoguidance", w=2.0, guide=weak, steps=3, seeds=[0])
     base = pipe.generate("a cube", guider="none", steps=3, seeds=[0])
@@ -281,16 +291,16 @@ def test_autoguidance_second_folder(sd, tmp_path):
 @pytest.mark.parametrize("dtype", [torch.bfloat16])
 def test_half_precision_end_to_end(sd, dtype):
     """Text encoder, UNet and VAE in half precision, the sampler state float32; close to the float32 run."""
-    half = gp.load_pipeline(sd, dtype=dtype)
+    half = load(sd, dtype=dtype)
     assert half.net.dtype == half.pipe.text_encoder.dtype == half.pipe.vae.dtype == dtype
     x = half.generate("a cube", guider="cfg", w=3.0, steps=3, seeds=[0])
-    ref = gp.load_pipeline(sd).generate("a cube", guider="cfg", w=3.0, steps=3, seeds=[0])
+    ref = load(sd).generate("a cube", guider="cfg", w=3.0, steps=3, seeds=[0])
     assert x.dtype == torch.float32 and torch.isfinite(x).all()
     assert 0 < (x - ref).abs().max() < 0.1
 
 
 def test_interval_guides_only_inside(sd):
-    pipe = gp.load_pipeline(sd)
+    pipe = load(sd)
     full = pipe.generate("a cube", guider="cfg", w=3.0, steps=4, seeds=[0])
     none = pipe.generate("a cube", guider="cfg", w=3.0, steps=4, seeds=[0], interval=(1e6, 1e7))  # no step inside
     part = pipe.generate("a cube", guider="cfg", w=3.0, steps=4, seeds=[0], interval=(0.0, 2.0))

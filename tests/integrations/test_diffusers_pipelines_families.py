@@ -12,7 +12,7 @@ diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
-from test_diffusers_pipelines import clip_text, clip_tokenizer, reference, sd3_folder, sd_folder  # noqa: E402
+from test_diffusers_pipelines import clip_text, clip_tokenizer, load, reference, sd3_folder, sd_folder  # noqa: E402
 
 from guidelab.errors import GuidelabError  # noqa: E402
 from guidelab.integrations.diffusers import pipelines as gp  # noqa: E402
@@ -201,7 +201,7 @@ def test_sdxl_equals_diffusers(tmp_path, sched, negative):
     L = latents((2, 4, 8, 8))
     args = (folder, "StableDiffusionXLPipeline", PROMPTS)
     ref = reference(*args, 5.0, 5, L, negative_prompt=negative)
-    got = gp.load_pipeline(folder).generate(PROMPTS, negative_prompt=negative, guider="cfg", w=5.0, steps=5, latents=L)
+    got = load(folder).generate(PROMPTS, negative_prompt=negative, guider="cfg", w=5.0, steps=5, latents=L)
     check_equal(got, ref, reference(*args, 1.0, 5, L))
 
 
@@ -211,10 +211,10 @@ def test_pixart_equals_diffusers(tmp_path, cls):
     L = latents((2, 4, 8, 8))
     args = (folder, cls, PROMPTS)
     ref = reference(*args, 4.5, 4, L, use_resolution_binning=False)  # sample_size 8 has no bin
-    got = gp.load_pipeline(folder).generate(PROMPTS, guider="cfg", w=4.5, steps=4, latents=L)
+    got = load(folder).generate(PROMPTS, guider="cfg", w=4.5, steps=4, latents=L)
     check_equal(got, ref, reference(*args, 1.0, 4, L, use_resolution_binning=False))
     neg = reference(*args, 4.5, 4, L, use_resolution_binning=False, negative_prompt="dark")
-    got = gp.load_pipeline(folder).generate(PROMPTS, negative_prompt="dark", guider="cfg", w=4.5, steps=4, latents=L)
+    got = load(folder).generate(PROMPTS, negative_prompt="dark", guider="cfg", w=4.5, steps=4, latents=L)
     assert (got - neg).abs().max() <= 1e-4 and (neg - ref).abs().max() > 1e-4
 
 
@@ -223,7 +223,7 @@ def test_pixart_resolution_binning_equals_diffusers(tmp_path):
     """sample_size 32 with a 4x VAE: the default 128 px is binned to 256 px (ASPECT_RATIO_256_BIN), sampled at
     latents [4, 64, 64] and resized back to 128 px, as diffusers' use_resolution_binning=True does."""
     folder = pixart_folder(tmp_path, sample_size=32, vae_blocks=3)
-    pipe = gp.load_pipeline(folder)
+    pipe = load(folder)
     assert pipe.size(None, None) == (256, 256, (128, 128))
     L = latents((1, 4, 64, 64))
     ref = reference(folder, "PixArtAlphaPipeline", PROMPTS[:1], 4.5, 2, L)
@@ -237,9 +237,9 @@ def test_flux_guidance_input_equals_diffusers(folders):
     L = latents((2, 64, 16))
     args = (folders["flux"], "FluxPipeline", PROMPTS)
     ref = reference(*args, 3.5, 4, L, **FLUX_SIZE)
-    got = gp.load_pipeline(folders["flux"]).generate(PROMPTS, guider="none", guidance=3.5, steps=4, latents=L, **FLUX_SIZE)
+    got = load(folders["flux"]).generate(PROMPTS, guider="none", guidance=3.5, steps=4, latents=L, **FLUX_SIZE)
     check_equal(got, ref, reference(*args, 1.0, 4, L, **FLUX_SIZE))
-    default = gp.load_pipeline(folders["flux"]).generate(PROMPTS, guider="none", steps=4, latents=L, **FLUX_SIZE)
+    default = load(folders["flux"]).generate(PROMPTS, guider="none", steps=4, latents=L, **FLUX_SIZE)
     assert torch.equal(default, got)  # diffusers' default guidance_scale 3.5
 
 
@@ -248,7 +248,7 @@ def test_flux_true_cfg_equals_diffusers(folders):
     L = latents((2, 64, 16))
     args = (folders["flux"], "FluxPipeline", PROMPTS)
     ref = reference(*args, 2.0, 4, L, negative_prompt="dark", true_cfg_scale=4.0, **FLUX_SIZE)
-    pipe = gp.load_pipeline(folders["flux"])
+    pipe = load(folders["flux"])
     got = pipe.generate(PROMPTS, negative_prompt="dark", guider="cfg", w=4.0, guidance=2.0, steps=4, latents=L, **FLUX_SIZE)
     check_equal(got, ref, reference(*args, 2.0, 4, L, **FLUX_SIZE))
 
@@ -257,7 +257,7 @@ def test_flux_without_guidance_embeds_equals_diffusers(tmp_path):
     folder = flux_folder(tmp_path, guidance_embeds=False)
     L = latents((1, 64, 16))
     ref = reference(folder, "FluxPipeline", PROMPTS[:1], 1.0, 3, L, negative_prompt="dark", true_cfg_scale=3.0, **FLUX_SIZE)
-    pipe = gp.load_pipeline(folder)
+    pipe = load(folder)
     got = pipe.generate(PROMPTS[:1], negative_prompt="dark", guider="cfg", w=3.0, steps=3, latents=L, **FLUX_SIZE)
     assert (got - ref).abs().max() <= 1e-4
     with pytest.raises(GuidelabError, match="has none"):
@@ -268,7 +268,7 @@ def test_flux_dynamic_shift_grid(folders):
     """schedule="pipeline" is FluxPipeline's grid: linspace(1, 1/n, n) shifted at mu from the packed length."""
     from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
-    pipe = gp.load_pipeline(folders["flux"])
+    pipe = load(folders["flux"])
     c = pipe.config
     for size, seq in ((16, 64), (32, 256)):
         sig = pipe.sigmas(None, 6, "pipeline", gp.flux.packed_shape(pipe.pipe, size, size))
@@ -280,7 +280,7 @@ def test_flux_dynamic_shift_grid(folders):
 
 
 def test_latent_shape_checked(folders):
-    pipe = gp.load_pipeline(folders["flux"])
+    pipe = load(folders["flux"])
     with pytest.raises(GuidelabError, match=r"latents must be \[N, 64, 16\]"):
         pipe.generate("a", guider="none", steps=2, latents=torch.zeros(1, 4, 8, 8), **FLUX_SIZE)
 
@@ -329,7 +329,7 @@ def _options(family, guider):
 @pytest.mark.parametrize("guider", list(GUIDERS))
 @pytest.mark.parametrize("family", FAMILIES)
 def test_every_guider_runs(folders, family, guider):
-    pipe = gp.load_pipeline(folders[family])
+    pipe = load(folders[family])
     w, opts = _options(family, guider)
     name = guider.split("+")[0]
     kw = {**_kw(family), "steps": 3, "seeds": [0]}
@@ -348,14 +348,14 @@ def test_every_guider_runs(folders, family, guider):
 
 def test_pixart_default_attention_layers_named(folders):
     """diffusers' default PAG layer (blocks.1) does not exist in a one-block PixArt: one error naming it."""
-    pipe = gp.load_pipeline(folders["pixart_alpha"])
+    pipe = load(folders["pixart_alpha"])
     with pytest.raises(GuidelabError, match=r"no layer of PixArtTransformer2DModel matches layers=\['blocks.1'\]"):
         pipe.generate("a cube", guider="pag", w=3.0, steps=2)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_seeds_per_sample_and_interval(folders, family):
-    pipe = gp.load_pipeline(folders[family])
+    pipe = load(folders[family])
     kw = {**_kw(family), "steps": 3}
     c = pipe.generate("a cube", guider="cfg", w=3.0, seeds=[7, 5, 9], **kw)
     d = pipe.generate("a cube", guider="cfg", w=3.0, seeds=[5], **kw)
@@ -373,7 +373,7 @@ def test_autoguidance_second_folder(folders, family, tmp_path):
         "flux": lambda: flux_folder(tmp_path, seed=1),
         "sd3": lambda: sd3_folder(tmp_path, seed=1),
     }
-    pipe, weak, kw = gp.load_pipeline(folders[family]), make[family](), {**_kw(family), "steps": 3, "seeds": [0]}
+    pipe, weak, kw = load(folders[family]), make[family](), {**_kw(family), "steps": 3, "seeds": [0]}
     base = pipe.generate("a cube", guider="none", **kw)
     x = pipe.generate("a cube", guider="autoguidance", w=2.0, guide=weak, **kw)
     assert torch.isfinite(x).all() and (x - base).abs().max() > 1e-4
@@ -392,17 +392,17 @@ def test_pickle_weights_refused_unless_allowed(tmp_path, caplog):
     (vae_dir / "diffusion_pytorch_model.safetensors").unlink()
     torch.save(weights, vae_dir / "diffusion_pytorch_model.bin")
     with pytest.raises(GuidelabError, match=r"weights of vae are pickle files only .* allow_pickle=True"):
-        gp.load_pipeline(folder)
+        load(folder)
     with caplog.at_level(logging.WARNING, logger="guidelab.integrations.diffusers"):
-        pipe = gp.load_pipeline(folder, allow_pickle=True)
+        pipe = load(folder, allow_pickle=True)
     assert "loading pickle weights of vae" in caplog.text
-    ref = gp.load_pipeline(sd_folder(tmp_path / "again"))
+    ref = load(sd_folder(tmp_path / "again"))
     assert torch.equal(pipe.generate("a", guider="cfg", w=3.0, steps=2), ref.generate("a", guider="cfg", w=3.0, steps=2))
 
 
 def test_pndm_pipeline_schedule_refused(tmp_path):
     folder = sd_folder(tmp_path, sched="PNDMScheduler", skip_prk_steps=True)
-    pipe = gp.load_pipeline(folder)
+    pipe = load(folder)
     with pytest.raises(GuidelabError, match="PNDMScheduler .* no guidelab equal: save the folder with DDIMScheduler"):
         pipe.generate("a", guider="cfg", w=3.0, steps=3)
     x = pipe.generate("a", guider="cfg", w=3.0, steps=3, schedule="leading")  # PNDM's timesteps, sampled by ddim
@@ -417,16 +417,16 @@ def test_missing_component_and_class(tmp_path, folders):
     for comp in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler"):
         (bad / comp).mkdir()
     with pytest.raises(GuidelabError, match="component 'text_encoder_2' is missing"):
-        gp.load_pipeline(bad)
+        load(bad)
     (bad / "model_index.json").write_text(json.dumps({**spec, "_class_name": "FluxControlPipeline"}))
     with pytest.raises(GuidelabError, match="FluxPipeline"):
-        gp.load_pipeline(bad)
+        load(bad)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_cfg_is_one_batched_call_per_step(folders, family):
     """cond and negative rows share one network call per step (FLUX's true CFG included: diffusers makes two)."""
-    pipe = gp.load_pipeline(folders[family])
+    pipe = load(folders[family])
     rows = []
 
     def count(module, args, kw):
