@@ -81,17 +81,34 @@ def floor_fn(matmuls, batch: int, components: int):
 
 
 def timed_n(fn, n: int) -> float:
-    t0 = time.perf_counter()
+    t0 = CLOCK()
     for _ in range(n):
         fn()
-    return (time.perf_counter() - t0) / n
+    return (CLOCK() - t0) / n
+
+
+def before_trainer(cfg):
+    """The same trainer with the former loss (the full exact score instead of score_fast), for before/after."""
+    from guidelab.training.loop import Trainer
+
+    world = tree(cfg.classes)
+
+    def loss_fn(net, batch, gen):
+        sigma = (torch.randn(batch, generator=gen) * cfg.P_std + cfg.P_mean).exp()
+        x = world.sample(batch, sigma, generator=gen)
+        return sigma**2 * (net.score(x, sigma) - world.score(x, sigma)).square().mean(1)
+
+    return Trainer(cfg.model(), loss_fn, cfg.loop())
+
+
+CLOCK = time.process_time  # CPU time of this process: on a loaded machine, time spent descheduled is not counted
 
 
 def time_ours(trainer, n: int) -> float:
-    t0 = time.perf_counter()
+    t0 = CLOCK()
     for _ in range(n):
         trainer.train_step()
-    return (time.perf_counter() - t0) / n
+    return (CLOCK() - t0) / n
 
 
 def time_reference(ref, n: int, batch: int, hidden: int) -> float:
@@ -107,6 +124,7 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=4096)
     ap.add_argument("--hidden", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--wall", action="store_true", help="wall-clock time instead of this process's CPU time")
     ap.add_argument("--iters", type=int, default=20, help="our iterations per round")
     ap.add_argument("--ref-iters", type=int, default=2, help="reference iterations per round")
     default_threads = torch.get_num_threads()
@@ -129,8 +147,13 @@ def main(argv=None):
         + (f", reference {args.ref_threads}" if args.edm2 else "")
     )
     torch.set_num_threads(args.threads)
-    trainer = toy_trainer(ToyConfig(batch=args.batch, hidden=args.hidden))
+    global CLOCK
+    if args.wall:
+        CLOCK = time.perf_counter
+    cfg = ToyConfig(batch=args.batch, hidden=args.hidden)
+    trainer, before = toy_trainer(cfg), before_trainer(cfg)
     time_ours(trainer, 3)  # warm-up
+    time_ours(before, 3)
     world, g = tree("A"), torch.Generator().manual_seed(0)
     sigma = (torch.randn(args.batch, generator=g) * 1.5 - 2.3).exp()
     x = world.sample(args.batch, sigma, generator=g)
@@ -143,22 +166,26 @@ def main(argv=None):
         time_reference(ref, 1, args.batch, args.hidden)  # warm-up (builds the tree, first-call costs)
 
     torch.set_num_threads(args.threads)
-    matmuls = record_matmuls(trainer)
+    matmuls = record_matmuls(before)  # the network's products (and the sampler's), not score_fast's own
     floor = floor_fn(matmuls, args.batch, len(world))
     floor()
     print(f"floor: {len(matmuls)} matrix products per iteration + exp over [{args.batch}, {len(world)}]")
-    ours, refs, ratios, scores, floors, fratios = [], [], [], [], [], []
+    ours, refs, ratios, scores, floors, fratios, befores, bratios = [], [], [], [], [], [], [], []
     for r in range(args.rounds):
         torch.set_num_threads(args.threads)
         t = time_ours(trainer, args.iters)
         f = timed_n(floor, args.iters)
+        b = time_ours(before, args.iters)
         floors.append(f)
         fratios.append(t / f)
-        t0 = time.perf_counter()
-        world.score_truncated(x, sigma)
-        scores.append(time.perf_counter() - t0)
+        befores.append(b)
+        bratios.append(b / f)
+        scores.append((timed_n(lambda: world.score_fast(x, sigma), 5), timed_n(lambda: world.score(x, sigma), 5)))
         ours.append(t)
-        line = f"round {r + 1}: guidelab {t * 1e3:7.1f} ms/it   floor {f * 1e3:6.1f} ms   ratio {t / f:5.2f}"
+        line = (
+            f"round {r + 1}: guidelab {t * 1e3:7.1f} ms/it   floor {f * 1e3:6.1f} ms   ratio {t / f:5.2f}"
+            f"   (before: {b * 1e3:6.1f} ms/it, ratio {b / f:5.2f})"
+        )
         if ref is not None:
             torch.set_num_threads(args.ref_threads)
             tr = time_reference(ref, args.ref_iters, args.batch, args.hidden)
@@ -172,7 +199,9 @@ def main(argv=None):
     print(
         f"guidelab: {med(ours) * 1e3:.1f} ms per iteration (median of {args.rounds} rounds of {args.iters}); "
         f"floor {med(floors) * 1e3:.1f} ms; iteration / floor {med(fratios):.2f} (median per round; "
-        f"min {min(fratios):.2f}, max {max(fratios):.2f}); exact score alone {med(scores) * 1e3:.1f} ms"
+        f"min {min(fratios):.2f}, max {max(fratios):.2f}); before (full exact score): {med(befores) * 1e3:.1f} ms, "
+        f"{med(bratios):.2f} x floor; exact score alone: score_fast {med([a for a, _ in scores]) * 1e3:.1f} ms, "
+        f"full sum {med([c for _, c in scores]) * 1e3:.1f} ms ({'wall' if args.wall else 'CPU'} time)"
     )
     if ref is not None:
         print(f"reference: {med(refs) * 1e3:.0f} ms per iteration (median of {args.rounds} rounds of {args.ref_iters})")
