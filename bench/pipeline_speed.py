@@ -1,7 +1,9 @@
 """guidelab's guided loop vs the diffusers pipeline call on the same random model, same steps, scheduler, latents,
 side by side in one run, CFG (FLUX: true CFG with a negative prompt) at w = 5. Prints one JSON line per family with
 the wall times (best of ``--repeats``, the two calls interleaved, loading excluded on both sides), their ratio
-guidelab / diffusers, the median of the per-pair ratios, and the max abs difference of the two images.
+guidelab / diffusers, the median of the per-pair ratios, the max abs difference of the two images and (CPU) each
+side's time outside the denoiser network per run (text encoders, sampler / scheduler, guidance, VAE: the Python
+overhead that load on a shared machine blurs least).
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/pipeline_speed.py [--steps 20] [--repeats 3] [--families sd,sd3]
         [--device cuda] [--dtype fp16|bf16|fp32] [--size tiny|mid] [--batch 4] [--out results.jsonl]
@@ -117,15 +119,39 @@ def timed(fn, device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
-def side_by_side(ours, theirs, repeats: int, device: torch.device) -> tuple[float, float, float]:
-    """Best times of both, interleaved (a load change on a shared machine hits both), and the median of the
-    per-pair ratios."""
-    a, b = [], []
+class NetClock:
+    """Wall time spent inside a module's forward (CPU only: on CUDA the launch is asynchronous)."""
+
+    def __init__(self, net: torch.nn.Module):
+        self.seconds, forward = 0.0, net.forward
+
+        def timed_forward(*args, **kw):
+            t0 = time.perf_counter()
+            try:
+                return forward(*args, **kw)
+            finally:
+                self.seconds += time.perf_counter() - t0
+
+        net.forward = timed_forward
+
+
+def side_by_side(ours, theirs, repeats: int, device: torch.device, clocks=None) -> dict:
+    """Best times of both, interleaved (a load change on a shared machine hits both), the median of the per-pair
+    ratios and, with ``clocks`` (CPU), each side's least time outside the denoiser network per run."""
+    a, b, outside_a, outside_b = [], [], [], []
     for _ in range(repeats):
-        a.append(timed(ours, device))
-        b.append(timed(theirs, device))
+        sides = ((ours, a, outside_a, clocks and clocks[0]), (theirs, b, outside_b, clocks and clocks[1]))
+        for fn, times, outside, clock in sides:
+            if clock:
+                clock.seconds = 0.0
+            times.append(timed(fn, device))
+            if clock:
+                outside.append(times[-1] - clock.seconds)
     ratios = sorted(x / y for x, y in zip(a, b))
-    return min(a), min(b), ratios[len(ratios) // 2]
+    out = {"guidelab_s": min(a), "diffusers_s": min(b), "median_pair_ratio": ratios[len(ratios) // 2]}
+    if clocks:
+        out.update(guidelab_outside_net_ms=1000 * min(outside_a), diffusers_outside_net_ms=1000 * min(outside_b))
+    return out
 
 
 def measure(family: str, size: str, a, tmp: Path) -> dict:
@@ -156,20 +182,13 @@ def measure(family: str, size: str, a, tmp: Path) -> dict:
             ).images
 
     diff = (ours().float().cpu() - theirs().float().cpu()).abs().max().item()  # also the warm-up of both
-    t_ours, t_theirs, median = side_by_side(ours, theirs, a.repeats, device)
-    return {
-        "family": label,
-        "size": size,
-        "device": str(device),
-        "dtype": a.dtype,
-        "batch": a.batch,
-        "steps": a.steps,
-        "guidelab_s": round(t_ours, 4),
-        "diffusers_s": round(t_theirs, 4),
-        "ratio": round(t_ours / t_theirs, 3),
-        "median_pair_ratio": round(median, 3),
-        "max_abs_diff": float(f"{diff:.3g}"),
-    }
+    clocks = None if device.type == "cuda" else (NetClock(pipe.net), NetClock(getattr(ref, "unet", None) or ref.transformer))
+    t = side_by_side(ours, theirs, a.repeats, device, clocks)
+    row = {"family": label, "size": size, "device": str(device), "dtype": a.dtype, "batch": a.batch, "steps": a.steps}
+    row.update({k: round(v, 4) for k, v in t.items()})
+    row["ratio"] = round(t["guidelab_s"] / t["diffusers_s"], 3)
+    row["max_abs_diff"] = float(f"{diff:.3g}")
+    return row
 
 
 def absent(folder: Path) -> dict:
