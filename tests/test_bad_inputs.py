@@ -255,6 +255,60 @@ ROWS = [
     ("convert-missing", ["convert-edm2", "{d}/missing.pkl", "--out", "{out}/x.safetensors"], "missing.pkl"),
     ("convert-garbage", ["convert-edm2", "{d}/garbage.safetensors", "--out", "{out}/x.safetensors"], "garbage"),
     ("command-unknown", ["bogus"], "bogus"),
+    # --- issue 15/16 options: --threads, --device, --weight schedules, --sigma-rel on a file, sweep --guide, ...
+    ("sample-threads-0", W + ["--threads", "0"], "threads"),
+    ("sample-threads-text", W + ["--threads", "x"], "threads"),
+    ("sample-device-bogus", W + ["--device", "bogus"], "device"),
+    ("sample-device-cuda-index", W + ["--device", "cuda:99"], "cuda"),
+    ("sample-device-tpu", W + ["--device", "xla"], "device"),
+    ("sample-weight-schedule-unknown", W + ["--guider", "cfg", "--weight", "bogus:1-2"], "weight schedule"),
+    ("sample-weight-schedule-text", W + ["--guider", "cfg", "--weight", "linear:a-b"], "--weight"),
+    ("sample-weight-schedule-option", W + ["--guider", "cfg", "--weight", "linear:1-4:bogus=1"], "bogus"),
+    ("sample-weight-steps-no-range", W + ["--guider", "cfg", "--weight", "steps:2-1"], "steps"),
+    ("sample-weight-interval-no-sigmas", W + ["--guider", "cfg", "--weight", "interval:2-1"], "sigma_lo"),
+    ("sample-weight-constant-two", W + ["--guider", "cfg", "--weight", "constant:1-2"], "constant"),
+    ("sample-weight-schedule-no-guider", W + ["--weight", "linear:1-4"], "guider"),
+    ("sample-weight-schedule-nan", W + ["--guider", "cfg", "--weight", "linear:nan-2"], "finite"),
+    ("sample-sigma-rel-on-file", M + ["--sigma-rel", "0.05"], "--sigma-rel"),
+    ("sample-sigma-rel-on-world", W + ["--sigma-rel", "0.05"], "--sigma-rel"),
+    (
+        "sample-guide-sigma-rel-on-file",
+        M + ["--guider", "autoguidance", "--weight", "2", "--guide", "{d}/cond.safetensors", "--guide-sigma-rel", "0.05"],
+        "--guide-sigma-rel",
+    ),
+    ("sample-nonfinite-flag-value", W + ["--allow-nonfinite=yes"], "allow-nonfinite"),
+    ("sweep-threads-0", SW + ["--threads", "0"], "threads"),
+    ("sweep-device-bogus", SW + ["--device", "bogus"], "device"),
+    ("sweep-weights-schedule-bad", SW[:-2] + ["--weights", "2,bogus:1-2"], "weights"),
+    ("sweep-weights-schedule-option", SW[:-2] + ["--weights", "2,linear:1-4:bogus=1"], "weights"),
+    ("sweep-guide-method-not-swept", SW + ["--guide", "autoguidance={d}/cond.safetensors"], "not one of --methods"),
+    ("sweep-guide-twice", SW + ["--guide", "{d}/cond.safetensors", "--guide", "{d}/uncond.safetensors"], "twice"),
+    ("sweep-guide-method-twice", SW + ["--guide", "cfg={d}/cond.safetensors", "--guide", "cfg={d}/uncond.safetensors"], "twice"),
+    ("sweep-guide-method-missing", SW + ["--guide", "cfg={d}/missing.safetensors"], "not found"),
+    ("sweep-uncond-and-guide", SW + ["--uncond", "{d}/uncond.safetensors", "--guide", "cfg={d}/cond.safetensors"], "both"),
+    ("sweep-sigma-rel-on-file", SW + ["--model", "{d}/cond.safetensors", "--sigma-rel", "0.05"], "--sigma-rel"),
+    ("eval-weight-schedule-bad", EV + ["--guider", "cfg", "--weight", "linear:x"], "weight"),
+    ("eval-sigma-rel-on-file", EV + ["--sigma-rel", "0.05"], "--sigma-rel"),
+    ("eval-device-cuda-index", EV + ["--device", "cuda:99"], "cuda"),
+    ("demo-threads-0", ["demo", "--out", "{out}", "--threads", "0"], "threads"),
+    ("train-channels-disagree", TR + ["--set", "data={d}/rgb", "--set", "channels=1"], "RGB"),
+    ("train-device-cuda-index", TR + ["--device", "cuda:99"], "cuda"),
+    ("distill-threads-0", DI + ["--threads", "0"], "threads"),
+    ("distill-device-cuda-index", DI + ["--device", "cuda:99"], "cuda"),
+    ("classifier-quiet-value", ["classifier", "--out", "{out}/c.safetensors", "--quiet=1"], "quiet"),
+    ("diffusers-threads-0", ["diffusers", "{d}/emptydir", "--out", "{out}", "--threads", "0"], "threads"),
+    ("diffusers-device-bogus", ["diffusers", "{d}/emptydir", "--out", "{out}", "--device", "bogus"], "device"),
+    ("diffusers-label-beyond-classes", ["diffusers", "{d}/dit", "--out", "{out}", "--label", "5000"], "out of range"),
+    ("diffusers-null-label-beyond", ["diffusers", "{d}/dit", "--out", "{out}", "--null-label", "1001"], "out of range"),
+    ("diffusers-weight-schedule-bad", ["diffusers", "{d}/emptydir", "--out", "{out}", "--weight", "bogus:1-2"], "weight"),
+    ("generate-threads-0", ["generate", "{d}/emptydir", "--prompt", "x", "--out", "{out}", "--threads", "0"], "threads"),
+    ("generate-device-bogus", ["generate", "{d}/emptydir", "--prompt", "x", "--out", "{out}", "--device", "bogus"], "device"),
+    (
+        "inverse-threads-0",
+        ["inverse", "digits-gmm", "--task", "inpaint", "--method", "dps", "--input", "{d}/cond.safetensors"]
+        + ["--out", "{out}", "--threads", "0"],
+        "threads",
+    ),
 ]
 
 
@@ -306,9 +360,16 @@ def d(tmp_path_factory):
     np.savez(d / "nosamples.npz", x=np.zeros((4, 2)))
     np.savez(d / "object.npz", samples=np.array([{"a": 1}, None], dtype=object))
     np.savez(d / "wrongshape.npz", samples=np.zeros((20, 3)))
+    from PIL import Image
+
+    (d / "rgb" / "0").mkdir(parents=True)
+    colour = np.zeros((8, 8, 3), np.uint8)
+    colour[..., 0] = 255
+    Image.fromarray(colour, "RGB").save(d / "rgb" / "0" / "a.png")
+    (d / "dit" / "transformer").mkdir(parents=True)
+    (d / "dit" / "transformer" / "config.json").write_text(json.dumps({"num_embeds_ada_norm": 1000}))
     (d / "images" / "0").mkdir(parents=True)
     (d / "images" / "1").mkdir()
-    from PIL import Image
 
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(d / "images" / "0" / "a.png")
     return d
@@ -352,6 +413,8 @@ def test_table_has_150_rows_over_every_command():
         "guiders",
         "samplers",
         "demo",
+        "generate",
+        "inverse",
     }
 
 

@@ -151,3 +151,20 @@ def test_sweep_guide_per_method_and_the_deprecated_uncond(tmp_path):
     assert np.array_equal(a, b)  # the alias means exactly --guide cfg=PATH
     job = json.loads((tmp_path / "b" / "samples" / "cfg_w2" / "job.json").read_text())
     assert job["config"]["guide"] == str(u)
+
+
+def test_allow_bin_reaches_the_loaders(tmp_path, monkeypatch):
+    from guidelab.app import diffusers_generate as dg
+
+    seen = {}
+    monkeypatch.setattr(dg, "generate", lambda model_dir, **kw: seen.setdefault("diffusers", kw))
+    monkeypatch.setattr(dg, "generate_images", lambda folder, prompts, **kw: seen.setdefault("generate", kw))
+    for flag in ([], ["--allow-bin"]):
+        seen.clear()
+        r1 = CliRunner().invoke(cli.main, ["diffusers", str(tmp_path), "--out", str(tmp_path / "o"), "--quiet", *flag])
+        r2 = CliRunner().invoke(
+            cli.main, ["generate", str(tmp_path), "--prompt", "x", "--out", str(tmp_path / "g"), "--quiet", *flag]
+        )
+        assert r1.exit_code == 0 and r2.exit_code == 0, (r1.output, r2.output)
+        assert seen["diffusers"]["allow_pickle"] is bool(flag) and seen["generate"]["allow_pickle"] is bool(flag)
+        assert seen["diffusers"]["progress"] is False and seen["generate"]["progress"] is False  # --quiet

@@ -1190,8 +1190,6 @@ def diffusers_cmd(
     **kw,
 ) -> None:
     """Sample a local diffusers model (UNet2DModel, UNet2DConditionModel, DiT, PixArt) with any sampler and guider."""
-    import dataclasses
-
     from .. import samplers
 
     _need_diffusers("guidelab diffusers")
@@ -1212,15 +1210,9 @@ def diffusers_cmd(
     except ValueError:
         raise GuidelabError(f"--seeds must look like 0-7 or 1,2,5, got {seeds!r}") from None
     _check_diffusers_label(Path(model_dir), kw.get("label"), kw.get("null_label"))
-    from .diffusers_generate import DiffusersConfig, generate
+    from .diffusers_generate import generate
 
-    if allow_bin:
-        check(
-            "allow_pickle" in {f.name for f in dataclasses.fields(DiffusersConfig)},
-            "--allow-bin is not implemented for guidelab diffusers yet (app.diffusers_generate.DiffusersConfig has no "
-            "allow_pickle); convert the .bin weights to safetensors",
-        )
-        kw["allow_pickle"] = True
+    kw["allow_pickle"] = allow_bin
     _setup(quiet, threads, _parameters(model_dir))
     _phase(f"loading {model_dir}")
     kw["progress"] = not quiet
@@ -1290,17 +1282,7 @@ def generate_cmd(folder, prompts, seeds, options, out, threads, allow_nonfinite,
     _setup(quiet, threads, _parameters(folder))
     _phase(f"loading the pipeline {folder}")
     with samplers.allow_nonfinite(allow_nonfinite):
-        if allow_bin:  # generate_images without allow_pickle: its two steps here
-            import torch
-
-            from ..integrations.diffusers import load_pipeline
-
-            dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-            dtype, device = kw.pop("dtype"), kw.pop("device")
-            pipe = load_pipeline(folder, dtype=dtypes[dtype], device=device, allow_pickle=True)
-            pipe.generate(list(prompts), seeds=seed_list, out=out, progress=not quiet, **kw, **opts)
-        else:
-            dg.generate_images(folder, prompts, out=out, seeds=seed_list, progress=not quiet, **kw, **opts)
+        dg.generate_images(folder, prompts, out=out, seeds=seed_list, progress=not quiet, allow_pickle=allow_bin, **kw, **opts)
     grid = Path(out) / "grid.png"
     if grid.exists():
         provenance.stamp_png(
