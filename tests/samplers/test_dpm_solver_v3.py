@@ -90,6 +90,7 @@ def test_degenerate_statistics_are_dpm_solver_pp(tree_a64, steps):
     assert (dpm_solver_v3(tree_a64, x.clone(), sig, order=2, **{**kw, "pseudo": True}) - pp_2).abs().max() < 1e-12
     # ... and the comparison can fail: third order differs from second
     assert (v3_3 - v3_2).abs().max() > 1e-4
+    assert torch.equal(v3_3, dpm_solver_v3(tree_a64, x.clone(), sig, order=3, **{**kw, "ems": "degenerate"}))  # by name
 
 
 def test_gaussian_statistics_are_analytic(gauss_ems):

@@ -211,14 +211,17 @@ def _spline_m(lam: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 
 def as_ems(ems) -> EMS:
-    """An :class:`EMS`, or a path to an EMS file; ``None`` is refused with what to pass instead."""
+    """An :class:`EMS`, the path of an EMS file, or ``"degenerate"`` (:meth:`EMS.degenerate`, asked for by
+    name: JSON configs and CLI options can hold it); ``None`` is refused with what to pass instead."""
     if isinstance(ems, EMS):
         return ems
+    if isinstance(ems, str) and ems == "degenerate":
+        return EMS.degenerate()
     if isinstance(ems, (str, os.PathLike)):
         return EMS.load(ems)
     raise GuidelabError(
         "dpm_solver_v3 needs the model's empirical model statistics: ems=<EMS or path> (compute them with "
-        "`guidelab ems` or samplers.compute_ems), or ems=EMS.degenerate() for l=1, s=0, b=0 "
+        "`guidelab ems` or samplers.compute_ems), or ems=EMS.degenerate() / 'degenerate' for l=1, s=0, b=0 "
         f"(= DPM-Solver++ multistep); got {type(ems).__name__}"
     )
 
