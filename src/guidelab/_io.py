@@ -10,9 +10,13 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator
+from typing import TYPE_CHECKING, BinaryIO, Callable, Iterator
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+    from numpy.typing import ArrayLike
 
 
 def atomic_write(path: str | os.PathLike, data: bytes | Callable[[BinaryIO], None]) -> Path:
@@ -117,13 +121,15 @@ def _umask() -> int:
     return mask
 
 
-def to_uint8(x) -> np.ndarray:
+def to_uint8(x: ArrayLike | torch.Tensor) -> np.ndarray:
     """Images [..., C, H, W] in [-1, 1] (numpy or torch) -> uint8 [..., H, W, C] (clipped, rounded)."""
     x = x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
     return np.moveaxis(np.clip(np.round((x.astype(np.float64) + 1) * 127.5), 0, 255).astype(np.uint8), -3, -1)
 
 
-def class_grid(x, labels, seeds, per_row: int = 10, scale: int = 4) -> np.ndarray:
+def class_grid(
+    x: ArrayLike | torch.Tensor, labels: ArrayLike | None, seeds: ArrayLike, per_row: int = 10, scale: int = 4
+) -> np.ndarray:
     """uint8 grid [H, W, C] of images [N, C, H, W] in [-1, 1]: one row per class (its first ``per_row``
     samples by seed), or without labels the first ``per_row^2`` samples; cells upscaled ``scale``x with a
     2-pixel grey gap."""

@@ -24,7 +24,7 @@ from .errors import check
 
 
 class Denoiser(Protocol):
-    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor: ...
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **cond: Any) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -55,15 +55,15 @@ class Guider(abc.ABC):
     requires: frozenset[str] = frozenset()
 
     @abc.abstractmethod
-    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor: ...
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **cond: Any) -> torch.Tensor: ...
 
     @abc.abstractmethod
-    def unguided(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor: ...
+    def unguided(self, x: torch.Tensor, sigma: torch.Tensor, **cond: Any) -> torch.Tensor: ...
 
     def start(self, run: Any) -> "Guider":
         return self
 
-    def pair(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> tuple[torch.Tensor, torch.Tensor]:
+    def pair(self, x: torch.Tensor, sigma: torch.Tensor, **cond: Any) -> tuple[torch.Tensor, torch.Tensor]:
         D = self(x, sigma, **cond)
         return D, D
 
@@ -80,7 +80,7 @@ def bcast(sigma: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 def from_score(score_fn: Callable[..., torch.Tensor]) -> Denoiser:
     """``score_fn(x, sigma, **cond) = grad log p(x; sigma)``  ->  ``D = x + sigma^2 s``."""
 
-    def denoiser(x, sigma, **cond):
+    def denoiser(x: torch.Tensor, sigma: torch.Tensor, **cond: Any) -> torch.Tensor:
         return x + bcast(sigma, x) ** 2 * score_fn(x, sigma, **cond)
 
     return denoiser
@@ -92,7 +92,7 @@ def from_eps(eps_fn: Callable[..., torch.Tensor], *, vp_input: bool = False) -> 
     With ``vp_input=True`` the model is fed ``x / sqrt(1 + sigma^2)`` (a VP/DDPM model's input).
     """
 
-    def denoiser(x, sigma, **cond):
+    def denoiser(x: torch.Tensor, sigma: torch.Tensor, **cond: Any) -> torch.Tensor:
         s = bcast(sigma, x)
         x_in = x / (1 + s**2).sqrt() if vp_input else x
         return x - s * eps_fn(x_in, sigma, **cond)
@@ -107,7 +107,7 @@ def from_v(v_fn: Callable[..., torch.Tensor], *, sigma_data: float = 1.0) -> Den
     ``c_out = -s sd / sqrt(s^2+sd^2)``, ``c_in = 1/sqrt(s^2+sd^2)`` (``sd = 1`` is the VP case).
     """
 
-    def denoiser(x, sigma, **cond):
+    def denoiser(x: torch.Tensor, sigma: torch.Tensor, **cond: Any) -> torch.Tensor:
         s = bcast(sigma, x)
         r = (s**2 + sigma_data**2).sqrt()
         return sigma_data**2 / r**2 * x - s * sigma_data / r * v_fn(x / r, sigma, **cond)
@@ -143,7 +143,7 @@ class EDMPrecond:
 
     sigma_data: float = 0.5
 
-    def scalings(self, sigma: torch.Tensor):
+    def scalings(self, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Return ``(c_skip, c_out, c_in, c_noise)`` for a [batch] sigma (each [batch])."""
         sd2 = self.sigma_data**2
         r2 = sigma**2 + sd2
@@ -157,14 +157,14 @@ class EDMPrecond:
         """EDM's lambda(sigma) = (sigma^2 + sd^2) / (sigma sd)^2 = 1 / c_out^2."""
         return (sigma**2 + self.sigma_data**2) / (sigma * self.sigma_data) ** 2
 
-    def denoise(self, F: Callable[..., torch.Tensor], x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
+    def denoise(self, F: Callable[..., torch.Tensor], x: torch.Tensor, sigma: torch.Tensor, **cond: Any) -> torch.Tensor:
         """Apply a raw network ``F(x_in, c_noise, **cond)`` as a preconditioned denoiser."""
         c_skip, c_out, c_in, c_noise = self.scalings(sigma)
         return bcast(c_skip, x) * x + bcast(c_out, x) * F(bcast(c_in, x) * x, c_noise, **cond)
 
 
 def edm_loss(
-    denoiser: Denoiser, x: torch.Tensor, sigma: torch.Tensor, target: torch.Tensor, precond: EDMPrecond, **cond
+    denoiser: Denoiser, x: torch.Tensor, sigma: torch.Tensor, target: torch.Tensor, precond: EDMPrecond, **cond: Any
 ) -> torch.Tensor:
     """Per-sample EDM loss ``lambda(sigma) * mean ||D(x; sigma) - target||^2`` (EDM eq. 2 and 8).
 

@@ -20,7 +20,7 @@ def check(ok: bool, message: str) -> None:
         raise GuidelabError(message)
 
 
-def as_sigma(sigma, x: torch.Tensor, *, name: str = "sigma") -> torch.Tensor:
+def as_sigma(sigma: float | torch.Tensor, x: torch.Tensor, *, name: str = "sigma") -> torch.Tensor:
     """Return ``sigma`` as a tensor of shape [batch] matching ``x`` (a scalar is broadcast).
 
     Raises a one-line error for a wrong shape, a negative or a non-finite value.
@@ -41,7 +41,7 @@ def check_finite(x: torch.Tensor, name: str = "x") -> None:
     check(bool(torch.isfinite(x).all()), f"{name} contains NaN or inf values")
 
 
-def check_weight(w, name: str = "w") -> None:
+def check_weight(w: float | torch.Tensor, name: str = "w") -> None:
     if isinstance(w, torch.Tensor):
         check(bool(torch.isfinite(w).all()), f"guidance weight {name} must be finite")
     else:

@@ -48,7 +48,7 @@ def _ramp(n: int) -> torch.Tensor:
     return torch.linspace(0, 1, n, dtype=_F64) if n > 1 else torch.zeros(1, dtype=_F64)
 
 
-def _out(sigmas: torch.Tensor, dtype, device) -> torch.Tensor:
+def _out(sigmas: torch.Tensor, dtype: torch.dtype, device: str | torch.device) -> torch.Tensor:
     return _append_zero(sigmas).to(dtype=dtype, device=device)
 
 
