@@ -168,3 +168,17 @@ def test_allow_bin_reaches_the_loaders(tmp_path, monkeypatch):
         assert r1.exit_code == 0 and r2.exit_code == 0, (r1.output, r2.output)
         assert seen["diffusers"]["allow_pickle"] is bool(flag) and seen["generate"]["allow_pickle"] is bool(flag)
         assert seen["diffusers"]["progress"] is False and seen["generate"]["progress"] is False  # --quiet
+
+
+def test_diffusers_and_generate_report_progress_unless_quiet(tmp_path, monkeypatch):
+    from guidelab.app import diffusers_generate as dg
+
+    seen = {}
+    monkeypatch.setattr(dg, "generate", lambda model_dir, **kw: seen.setdefault("diffusers", kw))
+    monkeypatch.setattr(dg, "generate_images", lambda folder, prompts, **kw: seen.setdefault("generate", kw))
+    r1 = CliRunner().invoke(cli.main, ["diffusers", str(tmp_path), "--out", str(tmp_path / "o")])
+    r2 = CliRunner().invoke(cli.main, ["generate", str(tmp_path), "--prompt", "x", "--out", str(tmp_path / "g")])
+    for r, key in ((r1, "diffusers"), (r2, "generate")):
+        err = r.stderr if r.stderr_bytes is not None else r.output
+        assert r.exit_code == 0 and seen[key]["progress"] is True  # the sampler's bar
+        assert "loading" in err and "CPU thread" in err  # phase line and the thread choice before it

@@ -87,22 +87,22 @@ class SampleConfig:
             isinstance(w, (int, float)) or self.guider != "none",
             f"--weight {self.weight_text()} is a schedule but --guider is none (it needs a guider with a weight)",
         )
-        check((self.world is None) != (self.model is None), "give exactly one of world (an exact tree) or model (a checkpoint)")
+        check((self.world is None) != (self.model is None), "give exactly one of --world (an exact tree) or --model (a checkpoint)")
         check(self.guider in GUIDERS, f"unknown guider {self.guider!r}; allowed: {', '.join(GUIDERS)}")
         spec = registry.get(self.guider)
         registry.parse_options(self.guider, self.guider_options)
-        check(self.dtype in ("float32", "float64"), f"dtype must be float32 or float64, got {self.dtype!r}")
+        check(self.dtype in ("float32", "float64"), f"--dtype must be float32 or float64, got {self.dtype!r}")
         check(
             self.world is None or self.guider in WORLD_GUIDERS,
             f"guider {self.guider} needs a model; on the exact world use {', '.join(WORLD_GUIDERS)}",
         )
-        check(isinstance(self.steps, int) and self.steps >= 2, f"steps must be an integer >= 2, got {self.steps!r}")
+        check(isinstance(self.steps, int) and self.steps >= 2, f"--steps must be an integer >= 2, got {self.steps!r}")
         check(isinstance(self.chunk, int) and self.chunk >= 0, f"chunk must be an integer >= 0, got {self.chunk!r}")
         check(
             self.label is None
             or self.label == "balanced"
             or (isinstance(self.label, int) and not isinstance(self.label, bool) and self.label >= 0),
-            f"label must be a class index >= 0, 'balanced' or None, got {self.label!r}",
+            f"--label must be a class index >= 0 or 'balanced', got {self.label!r}",
         )
         check(
             self.guider != "classifier" or self.label is not None,
@@ -122,14 +122,14 @@ class SampleConfig:
             f"the exact world's guide is fixed (tree('AB')); --guide {self.guide} applies to a --model only",
         )
         check(self.interval is None or self.guider != "none", "--interval needs a guider (it limits where guidance applies)")
-        for name, v in (("sigma_rel", self.sigma_rel), ("guide_sigma_rel", self.guide_sigma_rel)):
+        for name, v in (("--sigma-rel", self.sigma_rel), ("--guide-sigma-rel", self.guide_sigma_rel)):
             check(isinstance(v, (int, float)) and 0 < v < 0.2887, f"{name} must be in (0, 0.2887), got {v!r}")
-        for name, step, path in (("step", self.step, self.model), ("guide_step", self.guide_step, self.guide)):
+        for name, step, path in (("--step", self.step, self.model), ("--guide-step", self.guide_step, self.guide)):
             check(
                 step is None or (path is not None and Path(path).is_dir()),
                 f"{name} picks a snapshot of a training run folder; {path or 'nothing'} is not one",
             )
         check(
             self.interval is None or (len(self.interval) == 2 and 0 <= self.interval[0] < self.interval[1]),
-            f"interval must be (lo, hi) with 0 <= lo < hi, got {self.interval!r}",
+            f"--interval must be lo-hi with 0 <= lo < hi, got {self.interval!r}",
         )
