@@ -87,7 +87,9 @@ class SampleConfig:
             isinstance(w, (int, float)) or self.guider != "none",
             f"--weight {self.weight_text()} is a schedule but --guider is none (it needs a guider with a weight)",
         )
-        check((self.world is None) != (self.model is None), "give exactly one of --world (an exact tree) or --model (a checkpoint)")
+        check(
+            (self.world is None) != (self.model is None), "give exactly one of --world (an exact tree) or --model (a checkpoint)"
+        )
         check(self.guider in GUIDERS, f"unknown guider {self.guider!r}; allowed: {', '.join(GUIDERS)}")
         spec = registry.get(self.guider)
         registry.parse_options(self.guider, self.guider_options)
