@@ -9,6 +9,18 @@ samples of p(x; sigma_max) (as in the paper's toy example), Karras schedule (rho
 evaluations fit in the budget (counted, not assumed). Distance: sliced 2-Wasserstein to three
 independent exact sample sets (mean); "exact" is the same distance between the exact sets themselves,
 the floor that finite samples allow. Stochastic samplers use per-sample seeds.
+
+dpm_solver_v3 runs with the world's EMS (``samplers.world_ems``: ``--ems-samples`` exact samples,
+``--ems-steps`` lambda intervals over the same sigma range, computed once) and, as the row
+``dpm_solver_v3 (l=1,s=0,b=0)``, with the degenerate statistics (DPM-Solver++ multistep)::
+
+    python bench/samplers_quality.py --only dpm_solver_v3,dpmpp_2m,unipc --budgets 5,10,20   # the SAMPLERS.md table
+
+``--digits MODEL`` (a digits checkpoint with its ``guidelab ems`` file next to it) does the same on
+digits: 1,000 class-balanced samples per cell (``app.evaluate``: Fréchet distance in the digits
+classifier's features against the test split, class accuracy), no guidance, sigma in [0.002, 80]::
+
+    guidelab ems MODEL && python bench/samplers_quality.py --digits MODEL --budgets 5,10,20
 """
 
 from __future__ import annotations
@@ -39,11 +51,20 @@ class Counted:
         return self.world(x, sigma)
 
 
+def options(name: str, ems=None) -> dict:
+    """Keywords a sampler needs: dpm_solver_v3 its statistics (degenerate ones for counting NFE)."""
+    return {"ems": ems if ems is not None else samplers.EMS.degenerate()} if name == "dpm_solver_v3" else {}
+
+
 def nfe_of(name: str, steps: int) -> int:
     """NFE of ``steps`` steps, counted on a 1-point run."""
     D = Counted(lambda x, s: x / (1 + s[:, None] ** 2))
     samplers.get(name)(
-        D, torch.zeros(1, 2, dtype=torch.float64), schedules.karras(steps, SIGMA_MIN, SIGMA_MAX), noise=SampleNoise([0])
+        D,
+        torch.zeros(1, 2, dtype=torch.float64),
+        schedules.karras(steps, SIGMA_MIN, SIGMA_MAX),
+        noise=SampleNoise([0]),
+        **options(name),
     )
     return D.nfe
 
@@ -58,7 +79,18 @@ def main() -> None:
     ap.add_argument("--out", default="bench/out", help="folder for the table, JSON and plot")
     ap.add_argument("--plot", default=None, help="also write the plot here (e.g. docs/img/samplers_quality.png)")
     ap.add_argument("--replot", action="store_true", help="only redraw the plot from the saved JSON")
+    ap.add_argument("--only", default=None, help="comma-separated sampler names (default: all)")
+    ap.add_argument("--budgets", default=None, help="comma-separated NFE budgets (default: 5,10,20,50)")
+    ap.add_argument("--ems-samples", type=int, default=1024, help="dpm_solver_v3: exact samples for the EMS")
+    ap.add_argument("--ems-steps", type=int, default=32, help="dpm_solver_v3: lambda intervals of the EMS")
+    ap.add_argument("--digits", default=None, help="a digits checkpoint (its EMS file next to it): the digits table")
     args = ap.parse_args()
+    global BUDGETS
+    if args.budgets:
+        BUDGETS = tuple(int(b) for b in args.budgets.split(","))
+    if args.digits:
+        digits_table(args.digits, pathlib.Path(args.out))
+        return
     if args.replot:
         saved = json.loads((pathlib.Path(args.out) / "samplers_quality.json").read_text())
         plot(
@@ -75,29 +107,80 @@ def main() -> None:
     x_T = world.sample(args.n, SIGMA_MAX, torch.Generator().manual_seed(4))
     seeds = list(range(args.n))
     rows, t0 = {}, time.time()
-    for name in samplers.names():
-        rows[name] = {}
+    names = args.only.split(",") if args.only else samplers.names()
+    ems = None
+    if "dpm_solver_v3" in names:
+        ems = samplers.world_ems(world, SIGMA_MIN, SIGMA_MAX, n=args.ems_samples, steps=args.ems_steps, seed=5)
+        print(f"EMS of the world: {ems} from {args.ems_samples} exact samples ({time.time() - t0:.0f} s)", flush=True)
+    runs = [(name, name, options(name, ems)) for name in names]
+    if "dpm_solver_v3" in names:
+        runs.append(("dpm_solver_v3 (l=1,s=0,b=0)", "dpm_solver_v3", options("dpm_solver_v3")))
+    for label, name, kw in runs:
+        rows[label] = {}
         for budget in BUDGETS:
             steps = steps_for(name, budget)
             D = Counted(world)
-            y = samplers.get(name)(D, x_T.clone(), schedules.karras(steps, SIGMA_MIN, SIGMA_MAX), noise=SampleNoise(seeds))
+            sigmas = schedules.karras(steps, SIGMA_MIN, SIGMA_MAX)
+            y = samplers.get(name)(D, x_T.clone(), sigmas, noise=SampleNoise(seeds), **kw)
             dist = sum(sliced_wasserstein(y, e) for e in exact) / 3
-            rows[name][budget] = {"steps": steps, "nfe": D.nfe, "sw": dist}
-        print(name, "  ".join(f"NFE {b}: {rows[name][b]['sw']:.4f}" for b in BUDGETS), f"({time.time() - t0:.0f} s)", flush=True)
+            rows[label][budget] = {"steps": steps, "nfe": D.nfe, "sw": dist}
+        print(
+            label, "  ".join(f"NFE {b}: {rows[label][b]['sw']:.4f}" for b in BUDGETS), f"({time.time() - t0:.0f} s)", flush=True
+        )
 
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "samplers_quality.json").write_text(json.dumps({"n": args.n, "floor": floor, "rows": rows}, indent=1))
     lines = ["| sampler | " + " | ".join(f"NFE {b}" for b in BUDGETS) + " |", "|---|" + "---:|" * len(BUDGETS)]
-    for name, r in sorted(rows.items(), key=lambda kv: kv[1][BUDGETS[1]]["sw"]):
+    for name, r in sorted(rows.items(), key=lambda kv: kv[1][BUDGETS[min(1, len(BUDGETS) - 1)]]["sw"]):
         lines.append(f"| {name} | " + " | ".join(f"{r[b]['sw']:.4f} ({r[b]['steps']} st)" for b in BUDGETS) + " |")
-    lines.append(f"| *exact vs exact* | {floor:.4f} | {floor:.4f} | {floor:.4f} | {floor:.4f} |")
+    lines.append("| *exact vs exact* | " + " | ".join(f"{floor:.4f}" for _ in BUDGETS) + " |")
     table = "\n".join(lines)
     (out / "samplers_quality.md").write_text(table + "\n")
     print(table)
 
     plot(rows, floor, args.n, [out / "samplers_quality.png"] + ([pathlib.Path(args.plot)] if args.plot else []))
     print(f"wrote {out}/samplers_quality.{{md,json,png}}" + (f" and {args.plot}" if args.plot else ""))
+
+
+def digits_table(model: str, out: pathlib.Path) -> None:
+    """FD / class accuracy per NFE budget of dpm_solver_v3 (the model's EMS, and degenerate), dpmpp_2m, unipc."""
+    from guidelab.app import jobs
+    from guidelab.app.commands.ems import default_out
+    from guidelab.app.evaluate import DigitsMetrics, evaluate
+
+    ems = str(default_out(model))
+    samplers.EMS.load(ems)  # a clear error if it is missing
+    measure = DigitsMetrics(None)
+    runs = [
+        ("dpm_solver_v3", "dpm_solver_v3", {"ems": ems}),
+        ("dpm_solver_v3 (l=1,s=0,b=0)", "dpm_solver_v3", {"ems": "degenerate"}),
+        ("dpmpp_2m", "dpmpp_2m", {}),
+        ("unipc", "unipc", {}),
+    ]
+    rows: dict = {}
+    t0 = time.time()
+    for label, name, kw in runs:
+        rows[label] = {}
+        for budget in BUDGETS:
+            steps = steps_for(name, budget)
+            cfg = jobs.SampleConfig(world=None, model=model, sampler=name, steps=steps, sampler_options=kw)
+            cell = out / "digits" / f"{label.split(' ')[0]}{'-degenerate' if 'l=1' in label else ''}-{budget}"
+            m = evaluate(cell, cfg, n=1000, measure=measure)
+            rows[label][budget] = {"steps": steps, "fd": m["fd"], "accuracy": m["class_accuracy"]}
+        print(
+            label,
+            "  ".join(f"NFE {b}: FD {rows[label][b]['fd']:.2f}" for b in BUDGETS),
+            f"({time.time() - t0:.0f} s)",
+            flush=True,
+        )
+    (out / "samplers_quality_digits.json").write_text(json.dumps({"model": model, "rows": rows}, indent=1))
+    lines = ["| sampler | " + " | ".join(f"NFE {b}: FD / acc." for b in BUDGETS) + " |", "|---|" + "---:|" * len(BUDGETS)]
+    for label, r in rows.items():
+        lines.append(f"| {label} | " + " | ".join(f"{r[b]['fd']:.1f} / {100 * r[b]['accuracy']:.1f} %" for b in BUDGETS) + " |")
+    table = "\n".join(lines)
+    (out / "samplers_quality_digits.md").write_text(table + "\n")
+    print(table)
 
 
 def plot(rows: dict, floor: float, n: int, paths: list) -> None:
@@ -118,7 +201,7 @@ def plot(rows: dict, floor: float, n: int, paths: list) -> None:
             color=colors[k % 20],
             marker="o",
             ms=3,
-            label=name + (" (stoch.)" if samplers.info(name).stochastic else ""),
+            label=name + (" (stoch.)" if samplers.info(name.split(" ")[0]).stochastic else ""),
         )
     ax.axhline(floor, color="k", lw=0.8, label="exact vs exact")
     ax.set(
