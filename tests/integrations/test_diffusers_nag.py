@@ -106,7 +106,7 @@ def test_nag_neutral_one_call_and_errors(tmp_path):
     with pytest.raises(GuidelabError, match="text-conditioned"):
         nag(gd.load(base._save(tmp_path, "unet"), dtype=torch.float64), 3.0)
     _, _, pnull, _ = pixart._prompts()
-    with pytest.raises(GuidelabError, match="PixArt projects it first"):  # raw null_text would be the wrong context
+    with pytest.raises(GuidelabError, match="PixArt projects the prompt first"):  # raw null_text would be the wrong context
         nag(gd.load(pixart._save(tmp_path), dtype=torch.float64, null_text=pnull), 3.0)
     with pytest.raises(GuidelabError, match="no layer"):
         nag(den, 3.0, layers=["nope"])
@@ -124,3 +124,78 @@ def test_generate_with_nag(tmp_path):
     plain = generate(folder, guider="none", **kw)
     assert x.shape == (2, C, H, H) and torch.isfinite(x).all() and (x - plain).abs().max() > 1e-4
     assert torch.equal(generate(folder, guider="nag", w=1.0, **kw), plain)
+
+
+class OfficialJointNAG:
+    """The official SD3 NAG joint-attention step, written out: image rows B, text rows [prompt; negative] (2B); the
+    image q, k, v tiled, one joint attention over 2B rows, NAG (with its 1e-7 guards) on the image outputs."""
+
+    def __init__(self, scale, tau, alpha):
+        self.scale, self.tau, self.alpha = scale, tau, alpha
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kw):
+        b, L = hidden_states.shape[:2]
+        n = encoder_hidden_states.shape[0]
+        d = attn.to_k.out_features // attn.heads
+
+        def heads(t, rows):
+            return t.view(rows, -1, attn.heads, d).transpose(1, 2)
+
+        q, k, v = (heads(f(hidden_states), b).tile(n // b, 1, 1, 1) for f in (attn.to_q, attn.to_k, attn.to_v))
+        eq, ek, ev = (heads(f(encoder_hidden_states), n) for f in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
+        z = F.scaled_dot_product_attention(torch.cat([q, eq], 2), torch.cat([k, ek], 2), torch.cat([v, ev], 2))
+        z = z.transpose(1, 2).reshape(n, -1, attn.heads * d)
+        hs, ehs = z[:, :L], z[:, L:]
+        if not attn.context_pre_only:
+            ehs = attn.to_add_out(ehs)
+        if n == 2 * b:
+            zp, zn = hs[:b], hs[b:]
+            g = zp * self.scale - zn * (self.scale - 1)
+            np_ = torch.norm(zp, p=1, dim=-1, keepdim=True).expand(*zp.shape)
+            ng = torch.norm(g, p=1, dim=-1, keepdim=True).expand(*g.shape)
+            r = ng / (np_ + 1e-7)
+            g = g * torch.minimum(r, r.new_ones(1) * self.tau) / (r + 1e-7)
+            hs = g * self.alpha + zp * (1 - self.alpha)
+        return attn.to_out[1](attn.to_out[0](hs)), ehs
+
+
+def test_nag_on_sd3_joint_attention_equals_the_official_step(monkeypatch):
+    """SD3: NAG equals the official pipeline's step (text stream [prompt; negative] with the prompt's pooled
+    projection, its AdaLayerNorms truncated to each stream's rows, the written-out joint processor on every
+    block) to 1e-10 in float64; w = 1 is the plain model bit for bit; one call of 2B rows."""
+    import test_diffusers_hooks as th
+    from diffusers.models import normalization
+
+    net, den, cond, (nemb, _), x, sigma = th._sd3()
+    emb, pooled = cond["encoder_hidden_states"], cond["pooled_projections"]
+    calls = []
+    net.register_forward_pre_hook(lambda m, a, kw: calls.append(kw["hidden_states"].shape[0]), with_kwargs=True)
+    with torch.no_grad():
+        plain = den(x, sigma, **cond)
+        assert torch.equal(nag(den, 1.0)(x, sigma, **cond), plain)
+        calls.clear()
+        ours = nag(den, 4.0, tau=2.5, alpha=0.25)(x, sigma, **cond)
+        assert calls == [2 * B]
+        zero, cont = normalization.AdaLayerNormZero.forward, normalization.AdaLayerNormContinuous.forward
+        monkeypatch.setattr(
+            normalization.AdaLayerNormZero,
+            "forward",
+            lambda self, h, timestep=None, class_labels=None, hidden_dtype=None, emb=None: zero(
+                self, h, timestep, class_labels, hidden_dtype, emb=emb[: h.shape[0]]
+            ),
+        )
+        monkeypatch.setattr(normalization.AdaLayerNormContinuous, "forward", lambda self, h, c: cont(self, h, c[: h.shape[0]]))
+        saved = dict(net.attn_processors)
+        net.set_attn_processor({k: OfficialJointNAG(4.0, 2.5, 0.25) for k in saved})
+        t = sigma / (1 + sigma)
+        x_t = x / (1 + sigma.view(-1, 1, 1, 1))
+        v = net(
+            hidden_states=x_t,
+            timestep=(t * 1000).float().repeat(2),
+            encoder_hidden_states=torch.cat([emb, nemb]),
+            pooled_projections=torch.cat([pooled, pooled]),
+            return_dict=False,
+        )[0]
+        net.set_attn_processor(dict(saved))
+    ref = x_t - t.view(-1, 1, 1, 1) * v
+    assert (ours - ref).abs().max() < 1e-10 and (ref - plain).abs().max() > 1e-3

@@ -170,18 +170,21 @@ def nag(
     The negative prompt is the denoiser's null / negative embedding (``null_text``). Defaults: the official SDXL
     pipeline's ``tau = 2.5``, ``alpha = 0.5`` (its SD3.5 pipeline: 0.125; FLUX: 0.25); ``w`` around 3-5 (official
     demos: 5). ``layers``: cross-attention layers (default all, as the official UNet pipelines).
-    ``UNet2DConditionModel`` only: PixArt (its caption projection runs before the cross-attentions) and SD3 / FLUX
-    joint attention (where the negative text stream runs through every block) are not supported yet. At
-    ``w == 1`` the plain model (bit for bit).
+    ``UNet2DConditionModel``, and SD3 (a :class:`~.flow.FlowDenoiser`; :class:`JointNAG`: the negative text
+    stream runs through every block, as the official SD3 pipeline). PixArt (its caption projection runs before the
+    cross-attentions) and FLUX are not supported yet. At ``w == 1`` the plain model (bit for bit).
     """
     check(cfg_weight is None, "nag with cfg_weight is not supported yet (NAG replaces CFG's negative prompt)")
     model = getattr(denoiser, "model", denoiser)
+    if isinstance(denoiser, FlowDenoiser) and type(model).__name__ == "SD3Transformer2DModel":
+        return _joint_nag(denoiser, w, tau, alpha, layers, cfg_weight)
     check(
         isinstance(denoiser, DiffusersDenoiser)
         and type(model).__name__ == "UNet2DConditionModel"
         and getattr(model, "encoder_hid_proj", None) is None,
         "nag needs a text-conditioned diffusers UNet2DConditionModel whose cross-attentions see the prompt embedding "
-        f"as given (PixArt projects it first; SD3 / FLUX: joint attention): not yet supported; got {type(model).__name__}",
+        "as given, or an SD3 transformer (PixArt projects the prompt first; FLUX): not yet supported; got "
+        f"{type(model).__name__}",
     )
     check(
         isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w),
@@ -205,6 +208,49 @@ def nag(
         return den(x, sigma, **branch.cond(cond, x, sigma))
 
     return OnePass(guided, denoiser, "nag")
+
+
+class JointNAG:
+    """NAG on SD3 (joint attention), as the official SD3 pipeline: the text stream also carries the negative prompt
+    (its own rows, the positive pooled projection), so every joint attention sees ``[image; prompt]`` and
+    ``[image; negative]``; the image tokens' attention outputs are combined by NAG. guidelab runs the batch
+    ``[x; x]`` with the text rows ``[prompt; negative]`` and gives both halves the combined image output, so the
+    two image streams stay equal (the official code keeps one image stream: half the image-stream compute)."""
+
+    def __init__(self, den: FlowDenoiser, perturbation: Perturbation):
+        assert den.model is not None and den.condition is not None  # checked by nag()
+        self.den, self.perturbation, self.model = den, perturbation, den.model
+        self.negative = Branch(den, {"encoder_hidden_states": den.condition.null["encoder_hidden_states"]})
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
+        B = x.shape[0]
+        neg = self.negative.cond(cond, x, sigma)["encoder_hidden_states"]
+        both = {
+            k: torch.cat([v, v]) if isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == B else v for k, v in cond.items()
+        }
+        both["encoder_hidden_states"] = torch.cat([cond["encoder_hidden_states"], neg.to(cond["encoder_hidden_states"])])
+        marks = torch.arange(2 * B, device=x.device) >= B
+        with perturbed_attention(self.model, self.perturbation, marks):
+            return self.den(torch.cat([x, x]), torch.cat([sigma, sigma]), **both)[:B]
+
+
+def _joint_nag(den: FlowDenoiser, w, tau: float, alpha: float, layers, cfg_weight) -> OnePass:
+    check(cfg_weight is None, "nag with cfg_weight is not supported yet (NAG replaces CFG's negative prompt)")
+    check(
+        isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w),
+        f"nag's w (nag_scale) must be a finite number, got {w!r}",
+    )
+    cond = den.condition
+    check(
+        cond is not None and "encoder_hidden_states" in cond.null,
+        "nag needs the negative prompt embedding (the denoiser's null condition for encoder_hidden_states)",
+    )
+    if w == 1:
+        return OnePass(den, den, "nag")
+    pert = Perturbation("nag", layers, nag=(float(w), tau, alpha))
+    assert den.model is not None  # an SD3 FlowDenoiser (checked by the caller)
+    pert.modules(den.model)
+    return OnePass(JointNAG(den, pert), den, "nag")
 
 
 registry.register_attention(DiffusersDenoiser, attention_guidance)  # pag / seg / slg / nag / sag entries

@@ -115,8 +115,13 @@ class Perturbation:
             blocks = [(n, m) for n, m in model.named_modules() if type(m).__name__.endswith("TransformerBlock")]
             if not blocks:  # UNet2DModel: attention with its own residual
                 blocks = [(n, m) for n, m in model.named_modules() if isinstance(m, Attention) and m.residual_connection]
-        elif self.mode == "nag":
-            blocks = [(n, m) for n, m in model.named_modules() if isinstance(m, Attention) and m.is_cross_attention]
+        elif self.mode == "nag":  # cross-attentions; SD3: its joint attentions (they take the text stream)
+            joint = type(model).__name__ == "SD3Transformer2DModel"
+            blocks = [
+                (n, m)
+                for n, m in model.named_modules()
+                if isinstance(m, Attention) and (getattr(m, "add_q_proj", None) is not None if joint else m.is_cross_attention)
+            ]
         else:
             blocks = [(n, m) for n, m in model.named_modules() if isinstance(m, Attention) and not m.is_cross_attention]
         layers = self.selection(model)
@@ -199,16 +204,17 @@ def _identity_mask(n_img: int, L: int, like: torch.Tensor) -> torch.Tensor:
     return mask[None, None]
 
 
-def _nag(zp: torch.Tensor, zn: torch.Tensor, s: float, tau: float, alpha: float) -> torch.Tensor:
+def _nag(zp: torch.Tensor, zn: torch.Tensor, s: float, tau: float, alpha: float, eps: float = 0.0) -> torch.Tensor:
     """NAG on attention outputs [B, heads, L, d] (the official processors' order of operations, on [B, L, heads d]:
-    extrapolate, clip the per-token L1 norm ratio to tau, blend with alpha)."""
+    extrapolate, clip the per-token L1 norm ratio to tau, blend with alpha; ``eps``: 0 as its UNet processor, 1e-7
+    as its joint-attention one)."""
     B, Hh, L, d = zp.shape
     p, n = (z.transpose(1, 2).reshape(B, L, Hh * d) for z in (zp, zn))
     g = p * s - n * (s - 1)
     norm_p = torch.norm(p, p=1, dim=-1, keepdim=True).expand(*p.shape)
     norm_g = torch.norm(g, p=1, dim=-1, keepdim=True).expand(*g.shape)
-    scale = norm_g / norm_p
-    g = g * torch.minimum(scale, scale.new_ones(1) * tau) / scale
+    scale = norm_g / (norm_p + eps) if eps else norm_g / norm_p
+    g = g * torch.minimum(scale, scale.new_ones(1) * tau) / (scale + eps if eps else scale)
     g = g * alpha + p * (1 - alpha)
     return g.reshape(B, L, Hh, d).transpose(1, 2)
 
@@ -230,6 +236,17 @@ def _sdpa(scope: _Scope, query, key, value, *args, n_img: int | None = None, neg
     of the negative context, combined with this one on the marked rows."""
     B = scope.mask.shape[0]
     check(query.shape[0] == B, f"{scope.mode}: attention batch {query.shape[0]} != mask {B}")
+    if scope.mode == "nag" and n_img is not None:  # joint attention: rows [prompt; negative], paired i <-> B/2 + i
+        h = B // 2
+        check(
+            B % 2 == 0 and not bool(scope.mask[:h].any()) and bool(scope.mask[h:].all()),
+            "nag on joint attention needs the rows [prompt; negative prompt] (the negative half marked)",
+        )
+        assert scope.nag is not None
+        z = F.scaled_dot_product_attention(query, key, value, *args, **kwargs)
+        s_, tau, alpha = scope.nag
+        g = _nag(z[:h, :, :n_img], z[h:, :, :n_img], s_, tau, alpha, eps=1e-7)  # the image tokens' outputs
+        return torch.cat([torch.cat([g, g]), z[:, :, n_img:]], dim=2)  # both halves' image streams stay equal
 
     def rows(v, i, j):  # a batch-sized tensor argument, sliced
         return v[i:j] if isinstance(v, torch.Tensor) and v.ndim >= 1 and v.shape[0] == B else v
@@ -304,7 +321,8 @@ class _Processor:
         if scope is None:
             return self.inner(attn, hidden_states, *args, **kwargs)
         context = args[0] if args else kwargs.get("encoder_hidden_states")
-        if scope.mode == "nag":
+        joint = context is not None and getattr(attn, "add_q_proj", None) is not None
+        if scope.mode == "nag" and not joint:
             return self._nag(scope, attn, hidden_states, context, args, kwargs)
         n_img = None
         if context is not None and getattr(attn, "add_q_proj", None) is not None:  # SD3 joint attention: image first
@@ -432,7 +450,9 @@ def perturbed_attention(
             f"tsg needs {OFFSET} [B, dim] next to the perturb marks",
         )
     check(
-        perturbation.mode != "nag" or (negative is not None and negative.shape[0] == mask.shape[0]),
+        perturbation.mode != "nag"
+        or (negative is not None and negative.shape[0] == mask.shape[0])
+        or all(getattr(m, "add_q_proj", None) is not None for _, m in mods),  # joint: the negative is in the rows
         "nag needs the negative context nag_negative [B, L, dim] next to the perturb marks",
     )
     check(perturbation.mode != "sag" or store is not None, "sag records attention maps: pass store=[]")
