@@ -61,7 +61,8 @@ def _copy(sweep_dir, tmp_path, edit) -> Path:
 
 
 def _table(text: str, table_id: str) -> list[list[str]]:
-    body = re.search(rf"<table[^>]* id='{table_id}'>(.*?)</table>", text, re.S).group(1)
+    pattern = rf"<table[^>]* id='{table_id}'>(.*?)</table>" if table_id else r"<table>(.*?)</table>"
+    body = re.search(pattern, text, re.S).group(1)
     return [re.findall(r"<t[dh][^>]*>(.*?)</t[dh]>", tr) for tr in re.findall(r"<tr[^>]*>(.*?)</tr>", body, re.S)]
 
 
@@ -354,7 +355,7 @@ def test_demo_page_formats_legend_provenance_and_escaping(coarse_outline):
     page, figures = report.demo_page(records, samples, exact, baseline, findings, nets, n=64, seconds=1.0, provenance=prov)
     assert sorted(figures) == ["all_samples.png", "samples.png", "tradeoff.png"]
     assert all(png.startswith(b"\x89PNG") for png in figures.values())
-    head, *rows = _table(page, "results")
+    head, *rows = _table(page, "")  # the demo's metrics table: the first plain <table>
     assert head[:3] == ["method", "w", "mean log p"] and len(rows) == len(records) + 1
     assert rows[0][:3] == ["none", "1", "-1.235"] and rows[-1][2:4] == ["-0.500", "0.800"]  # one format per metric
     best = re.findall(r"<tr class=best><td>([^<]*)</td><td>([^<]*)</td>", page)
@@ -365,3 +366,20 @@ def test_demo_page_formats_legend_provenance_and_escaping(coarse_outline):
     assert "<script>alert" not in page and len(re.findall(r"<script>", page)) == 1
     page, _ = report.demo_page(records, samples, exact, baseline, findings, nets, n=64, seconds=1.0)
     assert "Provenance: <b>not recorded</b>" in page
+
+
+@pytest.mark.slow
+def test_demo_run_with_demo_page_as_its_report(tmp_path, monkeypatch):
+    """demo.run with its report drawn by report.demo_page (the proposed one-line switch in demo.py): same call,
+    the provenance demo.run collects shown in the page."""
+    from guidelab.app import demo
+
+    def page(*args, prov=None, **kwargs):
+        return report.demo_page(*args, provenance=prov, **kwargs)
+
+    monkeypatch.setattr(demo, "render_report", page)
+    demo.run(tmp_path, n=256, progress=False, model_overrides=demo.QUICK)
+    text = (tmp_path / "report.html").read_text()
+    prov = json.loads((tmp_path / "metrics.json").read_text())["provenance"]
+    assert dict(_table(text, "provenance")) == {html.escape(k): html.escape(str(v)) for k, v in prov.items()}
+    assert "best weight of its method by <b>mean_logp</b>" in text and "<table>" in text

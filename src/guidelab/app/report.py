@@ -560,7 +560,7 @@ Metrics against {int(n)} exact class-A samples: mean exact log-density (quality)
 <h2>Quality vs variation across weights</h2>
 <img src="data:image/png;base64,{trade}" alt="trade-off">
 <h2>Metrics</h2>{_legend("mean_logp", front=False)}
-<table id='results'><tr>{head}</tr>
+<table><tr>{head}</tr>
 {rows}</table>
 <h2>All samples</h2>
 <img src="data:image/png;base64,{all_fig}" alt="all samples">
