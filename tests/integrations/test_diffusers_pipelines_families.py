@@ -103,7 +103,7 @@ def sdxl_folder(tmp, sched="EulerDiscreteScheduler", unet_seed=0, **sched_kw):
     return out
 
 
-def pixart_folder(tmp, cls="PixArtAlphaPipeline", sample_size=8, vae_blocks=1, seed=0):
+def pixart_folder(tmp, cls="PixArtAlphaPipeline", sample_size=8, vae_blocks=1, seed=0, sched="DDIMScheduler"):
     tok, vocab = t5_tokenizer(tmp / "t5tok")
     torch.manual_seed(seed)
     net = diffusers.PixArtTransformer2DModel(
@@ -122,9 +122,9 @@ def pixart_folder(tmp, cls="PixArtAlphaPipeline", sample_size=8, vae_blocks=1, s
         text_encoder=t5_text(vocab),
         vae=vae(vae_blocks),
         transformer=net,
-        scheduler=diffusers.DDIMScheduler(**SCHED, clip_sample=False),
+        scheduler=getattr(diffusers, sched).from_config({**SCHED, "clip_sample": False}),
     )
-    out = tmp / f"{cls}-{sample_size}-{vae_blocks}-{seed}"
+    out = tmp / f"{cls}-{sample_size}-{vae_blocks}-{seed}-{sched}"
     pipe.save_pretrained(out)
     return out
 
@@ -205,9 +205,16 @@ def test_sdxl_equals_diffusers(tmp_path, sched, negative):
     check_equal(got, ref, reference(*args, 1.0, 5, L))
 
 
-@pytest.mark.parametrize("cls", ["PixArtAlphaPipeline", "PixArtSigmaPipeline"])
-def test_pixart_equals_diffusers(tmp_path, cls):
-    folder = pixart_folder(tmp_path, cls)
+@pytest.mark.parametrize(
+    "cls,sched",
+    [
+        ("PixArtAlphaPipeline", "DDIMScheduler"),
+        ("PixArtSigmaPipeline", "DDIMScheduler"),
+        ("PixArtAlphaPipeline", "DPMSolverMultistepScheduler"),  # PixArt folders' own scheduler -> dpmpp_2m
+    ],
+)
+def test_pixart_equals_diffusers(tmp_path, cls, sched):
+    folder = pixart_folder(tmp_path, cls, sched=sched)
     L = latents((2, 4, 8, 8))
     args = (folder, cls, PROMPTS)
     ref = reference(*args, 4.5, 4, L, use_resolution_binning=False)  # sample_size 8 has no bin

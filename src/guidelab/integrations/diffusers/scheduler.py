@@ -106,13 +106,17 @@ def pipeline_sigmas(den, steps: int, *, mu: float | None = None) -> torch.Tensor
 
 def start(den, sigmas: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
     """The EDM-space start from the pipeline's unit-Gaussian ``latents`` as its scheduler scales them
-    (``init_noise_sigma``): DDIM / DDPM / PNDM ``x_VP = latents``; Euler-type schedulers ``sigma_max`` for "linspace" /
-    "trailing" spacing, ``sqrt(1 + sigma_max^2)`` otherwise (diffusers' rule); flow ``x_t = latents``."""
+    (``init_noise_sigma``): DDIM / DDPM / PNDM / DPM-Solver ``x_VP = latents``; Euler-type schedulers ``sigma_max``
+    for "linspace" / "trailing" spacing, ``sqrt(1 + sigma_max^2)`` otherwise (diffusers' rule); flow
+    ``x_t = latents``."""
     c, s0 = dict(den if isinstance(den, dict) else den.config), sigmas[0].to(torch.float64)
     name = class_name(c)
     if name == "FlowMatchEulerDiscreteScheduler":
         scale = 1 + s0
-    elif name in _DISCRETE or c.get("timestep_spacing", "linspace") not in ("linspace", "trailing"):
+    elif name in (*_DISCRETE, "DPMSolverMultistepScheduler") or c.get("timestep_spacing", "linspace") not in (
+        "linspace",
+        "trailing",
+    ):  # DPM-Solver works on VP samples: init_noise_sigma 1
         scale = (1 + s0**2).sqrt()
     else:
         scale = s0
