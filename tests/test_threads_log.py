@@ -30,3 +30,34 @@ def test_choose_threads_small_models_one_thread_and_choice_logged():
     with threads.threads(1):
         assert torch.get_num_threads() == 1
     assert torch.get_num_threads() == before
+
+
+def test_held_lines_come_out_at_release_and_are_dropped_on_discard():
+    stream = io.StringIO()
+    logger = logging.getLogger("guidelab")
+    try:
+        log.enable(stream=stream, hold=60)
+        log.get_logger("x").info("phase one")
+        assert stream.getvalue() == ""  # held
+        log.discard()
+        log.get_logger("x").info("phase two")
+        log.release()
+        assert stream.getvalue() == "phase two\n"
+        log.get_logger("x").info("after")  # released: straight through
+        assert stream.getvalue().endswith("after\n")
+        log.enable(stream=stream, hold=60)
+        log.get_logger("x").info("held")
+        log.get_logger("x").warning("a warning")  # a warning releases what is held, in order
+        assert stream.getvalue().endswith("held\na warning\n")
+        log.enable(stream=stream, hold=0.05)
+        log.get_logger("x").info("timer")
+        import time
+
+        for _ in range(200):  # the timer releases it without any call
+            if stream.getvalue().endswith("timer\n"):
+                break
+            time.sleep(0.01)
+        assert stream.getvalue().endswith("timer\n")
+    finally:
+        for h in [h for h in logger.handlers if getattr(h, "_guidelab", False)]:
+            logger.removeHandler(h)

@@ -37,16 +37,17 @@ class _Held(logging.StreamHandler):
         with self.lock_:
             if not self.open and record.levelno < logging.WARNING:
                 if not self.held:
-                    timer = threading.Timer(self.hold, self.release)
+                    timer = threading.Timer(self.hold, self.let_out)
                     timer.daemon = True
                     timer.start()
                     self.timer = timer
                 self.held.append(record)
                 return
-        self.release()
+        self.let_out()
         super().emit(record)
 
-    def release(self) -> None:
+    def let_out(self) -> None:
+        """Emit the held lines and stop holding (not ``release``: that name is logging.Handler's lock)."""
         with self.lock_:
             held, self.held, self.open = self.held, [], True
             if self.timer is not None:
@@ -54,7 +55,7 @@ class _Held(logging.StreamHandler):
         for r in held:
             super().emit(r)
 
-    def discard(self) -> None:
+    def drop(self) -> None:
         with self.lock_:
             self.held = []
             if self.timer is not None:
@@ -69,14 +70,14 @@ def release() -> None:
     """Print the INFO lines an :func:`enable` ``hold`` handler is holding (call when the work starts)."""
     for h in _handlers():
         if isinstance(h, _Held):
-            h.release()
+            h.let_out()
 
 
 def discard() -> None:
     """Drop the held INFO lines (a command refused with one error line)."""
     for h in _handlers():
         if isinstance(h, _Held):
-            h.discard()
+            h.drop()
 
 
 def enable(*, quiet: bool = False, level: int | None = None, stream=None, hold: float = 0.0) -> logging.Handler:
@@ -86,7 +87,7 @@ def enable(*, quiet: bool = False, level: int | None = None, stream=None, hold: 
     logger = logging.getLogger(ROOT)
     for h in _handlers():
         if isinstance(h, _Held):
-            h.release()
+            h.let_out()
         logger.removeHandler(h)
     out = stream if stream is not None else sys.stderr
     handler: logging.StreamHandler = _Held(out, hold) if hold > 0 else logging.StreamHandler(out)

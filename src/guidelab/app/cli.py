@@ -69,8 +69,13 @@ class _Group(click.Group):
             raise GuidelabError(text) from None
         except OSError as e:  # a path that cannot be read or written
             if e.filename is None and e.errno not in (errno.ENOSPC, errno.EROFS, errno.EDQUOT):
+                log.release()
                 raise
+            log.discard()
             raise GuidelabError(f"cannot read or write {e.filename or 'the output'}: {e.strerror or e}") from None
+        except BaseException:  # a usage error, Ctrl-C, a bug: what was held comes out before it
+            log.release()
+            raise
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
