@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import os
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -52,7 +54,11 @@ def single(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("trial", range(4))
+#: 2 trials in the default suite, 10 with -m slow (issue 14: 10 trials each).
+TRIALS = [t if t < 2 else pytest.param(t, marks=pytest.mark.slow) for t in range(10)]
+
+
+@pytest.mark.parametrize("trial", TRIALS)
 def test_two_writers_same_settings_share_the_job(tmp_path, single, trial):
     res = _race(tmp_path, [2.0, 2.0])
     assert res == ["ok", "ok"]
@@ -61,13 +67,44 @@ def test_two_writers_same_settings_share_the_job(tmp_path, single, trial):
     assert not list(tmp_path.glob(".*.tmp*"))
 
 
-@pytest.mark.parametrize("trial", range(4))
+@pytest.mark.parametrize("trial", TRIALS)
 def test_two_writers_other_settings_one_refused_never_mixed(tmp_path, single, trial):
     res = sorted(_race(tmp_path, [2.0, 3.0]))
     assert res[0] == "ok" and res[1].startswith("refused") and "another job" in res[1], res
     w = json.loads((tmp_path / "job.json").read_text())["config"]["w"]
     x, s = jobs.load_samples(tmp_path)
-    assert np.array_equal(x, single[w][0])  # every shard of the job that owns the folder
+    assert np.array_equal(s, single[w][1]) and np.array_equal(x, single[w][0])  # every shard of the owning job
+    assert not list(tmp_path.glob(".*.tmp*"))
+
+
+def _cli_sample(out, w):
+    args = ["sample", "--out", str(out), "--world", "A", "--sampler", "euler", "--steps", "4", "--samples", "24"]
+    args += ["--shard-size", "3", "--guider", "cfg", "--weight", str(w), "--quiet", "--threads", "1"]
+    return subprocess.Popen(
+        [sys.executable, "-c", "from guidelab.app.cli import run; run()", *args],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("weights", [(2.0, 2.0), (2.0, 3.0)], ids=["same", "other"])
+@pytest.mark.parametrize("trial", range(10))
+def test_two_cli_writers_on_one_out(tmp_path, single, weights, trial):
+    """The same race through `guidelab sample` itself: exit 0 or one `error:` line (exit 2), never a traceback,
+    never a mixed folder, the folder identical to a single run of the job that owns it."""
+    ps = [_cli_sample(tmp_path, w) for w in weights]
+    res = [(p.wait(timeout=300), p.stderr.read()) for p in ps]
+    for rc, err in res:
+        assert "Traceback" not in err and rc in (0, 2), err
+        assert rc == 0 or ("error:" in err and "another job" in err), err
+    assert sorted(rc for rc, _ in res) == ([0, 0] if weights[0] == weights[1] else [0, 2]), res
+    w = json.loads((tmp_path / "job.json").read_text())["config"]["w"]
+    x, s = jobs.load_samples(tmp_path)
+    assert np.array_equal(s, single[w][1]) and np.array_equal(x, single[w][0])
+    assert not list(tmp_path.glob(".*.tmp*"))
 
 
 def test_truncated_shard_is_redone_on_resume(tmp_path, single):
