@@ -200,3 +200,41 @@ def test_bad_input_is_refused(gauss_ems, tmp_path):
         EMS.load(tmp_path / "missing.safetensors")
     with pytest.raises(GuidelabError, match="data contains NaN"):
         compute_ems(gaussian, torch.full((4, 2), float("nan"), dtype=torch.float64), SMIN, SMAX)
+
+
+def test_one_step_is_exact_when_g_is_quadratic():
+    """The step's integrals with non-trivial l, s, b: for f built from a quadratic g (their eq. 9 inverted:
+    f = e^{S - S_s}(g + B_s)), the order-3 update from three points equals a fine RK4 solution of
+    dx/dlambda = -l x - f (1e-15 against 1,000 RK4 steps, RK4 error bound here); order 2 misses g's curvature."""
+    from guidelab.samplers.dpm_solver_v3 import _b_integral, _update
+
+    lam = torch.linspace(-1.0, 3.0, 17, dtype=torch.float64)
+    l = (0.5 + 0.3 * torch.sin(lam))[:, None] * torch.tensor([1.0, 0.7], dtype=torch.float64)  # noqa: E741
+    s = (0.4 * torch.cos(1.3 * lam))[:, None] * torch.tensor([1.0, -1.5], dtype=torch.float64)
+    b = (0.2 + 0.1 * lam)[:, None] * torch.tensor([1.0, 2.0], dtype=torch.float64)
+    ems = EMS(lam, l, s, b)
+    lam_s, lam_t = 0.3, 0.9
+    coef = torch.tensor([[0.5, -0.2], [0.3, 0.1], [-0.4, 0.25]], dtype=torch.float64)
+    S_s = ems.integrals(torch.tensor([lam_s], dtype=torch.float64))[1][0]
+
+    def f_of(q):
+        S = ems.integrals(torch.tensor([q], dtype=torch.float64))[1][0]
+        t = q - lam_s
+        return torch.exp(S - S_s) * (coef[0] + coef[1] * t + coef[2] * t * t + _b_integral(ems, lam_s, S_s, q))
+
+    def rhs(q, x):
+        return -ems.stats(torch.tensor([q], dtype=torch.float64))[0][0] * x - f_of(q)
+
+    x0 = torch.tensor([[1.0, -2.0]], dtype=torch.float64)
+    x, q, m = x0.clone(), lam_s, 200
+    h = (lam_t - lam_s) / m
+    for _ in range(m):
+        k1 = rhs(q, x)
+        k2 = rhs(q + h / 2, x + h / 2 * k1)
+        k3 = rhs(q + h / 2, x + h / 2 * k2)
+        k4 = rhs(q + h, x + h * k3)
+        x, q = x + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4), q + h
+    pts = [(v, f_of(v)[None]) for v in (lam_s, lam_s - 0.2, lam_s - 0.5)]
+    assert (_update(ems, x0.clone(), pts, lam_t, 3, False, {}) - x).abs().max() < 1e-10  # RK4 error ~1e-12
+    assert (_update(ems, x0.clone(), pts, lam_t, 3, True, {}) - x).abs().max() > 1e-4  # pseudo-order: not exact
+    assert (_update(ems, x0.clone(), pts, lam_t, 2, False, {}) - x).abs().max() > 1e-2

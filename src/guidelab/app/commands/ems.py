@@ -27,8 +27,8 @@ def default_out(model: str | Path) -> Path:
 @click.option("--out", default=None, help="Output file (default: MODEL.ems.safetensors next to the checkpoint).")
 @click.option("--samples", type=int, default=512, show_default=True, help="Data points used (the first ones, in file order).")
 @click.option("--steps", type=int, default=64, show_default=True, help="Grid intervals in lambda = -log sigma.")
-@click.option("--sigma-min", type=float, default=0.002, show_default=True)
-@click.option("--sigma-max", type=float, default=80.0, show_default=True)
+@click.option("--sigma-min", type=float, default=0.002, show_default=True, help="Smallest sigma the statistics cover.")
+@click.option("--sigma-max", type=float, default=80.0, show_default=True, help="Largest sigma the statistics cover.")
 @click.option(
     "--probes", type=int, default=4, show_default=True, help="Rademacher probes for diag(dD/dx) (> 16 values per sample)."
 )
