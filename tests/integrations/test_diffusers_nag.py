@@ -124,6 +124,10 @@ def test_generate_with_nag(tmp_path):
     plain = generate(folder, guider="none", **kw)
     assert x.shape == (2, C, H, H) and torch.isfinite(x).all() and (x - plain).abs().max() > 1e-4
     assert torch.equal(generate(folder, guider="nag", w=1.0, **kw), plain)
+    mid = generate(folder, guider="nag", w=4.0, layers=["mid_block"], **kw)  # one cross-attention only
+    assert (mid - x).abs().max() > 1e-6 and (mid - plain).abs().max() > 1e-6
+    with pytest.raises(GuidelabError, match="cfg_weight combines CFG"):
+        generate(folder, guider="nag", w=4.0, cfg_weight=2.0, **kw)
 
 
 class OfficialJointNAG:

@@ -109,16 +109,19 @@ def make_guider(
     sampler: str | None = None,
 ):
     """The registry's guider ``guider`` on ``den`` (``registry.build``: options parsed and checked, needs checked,
-    ``interval`` applied); ``layers`` / ``cfg_weight`` join the options of pag, seg, slg (``layers`` of tsg picks
-    its time embedders); ``seeds``: the batch's per-sample seeds (icg, tsg)."""
+    ``interval`` applied); ``layers`` / ``cfg_weight`` join the options of pag, seg, slg, sag (``layers`` also of
+    nag; of tsg it picks the time embedders); ``seeds``: the batch's per-sample seeds (icg, tsg)."""
     options = registry.parse_options(guider, options)
-    check(layers is None or guider in (*ATTENTION, "tsg"), f"layers is for pag, seg, slg or tsg, not {guider!r}")
+    check(
+        layers is None or guider in (*ATTENTION, "nag", "tsg"),
+        f"layers is for pag, seg, slg or tsg (and sag, nag), not {guider!r}",
+    )
     check(
         cfg_weight is None or guider in ATTENTION,
-        f"cfg_weight combines CFG with pag, seg or slg; for {guider!r} use guider='cfg' or leave it unset",
+        f"cfg_weight combines CFG with pag, seg or slg (and sag); for {guider!r} use guider='cfg' or leave it unset",
     )
     for key, value in (("layers", layers), ("cfg_weight", cfg_weight)):
-        if value is not None and guider in ATTENTION:
+        if value is not None and guider in (*ATTENTION, "nag"):
             check(key not in options, f"{key} is given twice (as {key}= and as a guider option)")
             options[key] = registry.parse_options(guider, {key: list(value) if key == "layers" else value})[key]
     check(
@@ -279,7 +282,7 @@ def generate(
         key != "encoder_hidden_states" or key in cond_all, "a text-conditioned model needs prompt_embeds (encoder_hidden_states)"
     )
     xdtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32  # half models: float32 sampler
-    shape = [mc.in_channels, size, size]
+    shape: list[int] = [int(mc.in_channels), int(size), int(size)]
 
     def sample(batch_seeds: list[int], cond: dict) -> torch.Tensor:
         noise = SampleNoise(batch_seeds, device=cfg.device)
@@ -294,7 +297,8 @@ def generate(
 
     x = torch.empty(N, *shape, dtype=xdtype, device=cfg.device)
     if cfg.block:
-        C, blocks = cfg.block, {}
+        C = cfg.block
+        blocks: dict[int, list[int]] = {}
         for pos, s in enumerate(seeds):  # block k holds seeds [k C, (k + 1) C), seed s in row s % C
             blocks.setdefault(s // C, []).append(pos)
         for k, positions in blocks.items():
