@@ -407,13 +407,32 @@ def test_pickle_weights_refused_unless_allowed(tmp_path, caplog):
     assert torch.equal(pipe.generate("a", guider="cfg", w=3.0, steps=2), ref.generate("a", guider="cfg", w=3.0, steps=2))
 
 
-def test_pndm_pipeline_schedule_refused(tmp_path):
-    folder = sd_folder(tmp_path, sched="PNDMScheduler", skip_prk_steps=True)
+@pytest.mark.parametrize("prediction,steps", [("epsilon", 6), ("v_prediction", 5), ("epsilon", 1), ("epsilon", 2)])
+def test_pndm_plms_equals_diffusers(tmp_path, prediction, steps):
+    """SD 1.x's own scheduler (PNDM, skip_prk_steps, set_alpha_to_one=False, steps_offset 1) = sampler 'plms'."""
+    kw = {"skip_prk_steps": True, "set_alpha_to_one": False, "steps_offset": 1}
+    folder = sd_folder(tmp_path, prediction, sched="PNDMScheduler", **kw)
+    L = latents((2, 4, 8, 8))
+    args = (folder, "StableDiffusionPipeline", PROMPTS)
+    ref = reference(*args, 5.0, steps, L)
     pipe = load(folder)
-    with pytest.raises(GuidelabError, match="PNDMScheduler .* no guidelab equal: save the folder with DDIMScheduler"):
+    calls = []
+    hook = pipe.net.register_forward_pre_hook(lambda m, a: calls.append(1))
+    got = pipe.generate(PROMPTS, guider="cfg", w=5.0, steps=steps, latents=L)
+    hook.remove()
+    check_equal(got, ref, reference(*args, 1.0, steps, L))
+    assert len(calls) == (steps + 1 if steps > 1 else 1)  # PNDM's extra call at the first step
+    ddim = pipe.generate(PROMPTS, guider="cfg", w=5.0, steps=steps, latents=L, sampler="ddim")  # its grid, DDIM
+    assert steps == 1 or (ddim - ref).abs().max() > 1e-3
+
+
+def test_pndm_runge_kutta_warmup_refused(tmp_path):
+    pipe = load(sd_folder(tmp_path, sched="PNDMScheduler", skip_prk_steps=False))
+    with pytest.raises(GuidelabError, match="skip_prk_steps=False.* has no guidelab equal"):
         pipe.generate("a", guider="cfg", w=3.0, steps=3)
-    x = pipe.generate("a", guider="cfg", w=3.0, steps=3, schedule="leading")  # PNDM's timesteps, sampled by ddim
-    assert torch.isfinite(x).all()
+    with pytest.raises(GuidelabError, match="cfgpp needs a sampler with the renoise step"):
+        load(sd_folder(tmp_path / "b", sched="PNDMScheduler", skip_prk_steps=True)).generate("a", guider="cfgpp", w=0.5)
+    assert torch.isfinite(pipe.generate("a", guider="cfg", w=3.0, steps=3, sampler="ddim")).all()
 
 
 def test_missing_component_and_class(tmp_path, folders):

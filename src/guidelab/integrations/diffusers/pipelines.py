@@ -267,12 +267,6 @@ class Pipeline:
                 ps = self.net.config.patch_size
                 mu = flow.flux_mu((latent[1] // ps) * (latent[2] // ps), self.config, max_shift=1.16)
             return scheduler.pipeline_sigmas(self.config, steps, mu=mu).double()
-        check(
-            scheduler.class_name(self.config) != "PNDMScheduler",
-            "PNDMScheduler (PLMS, the SD 1.x default) has no guidelab equal: save the folder with DDIMScheduler or "
-            "EulerDiscreteScheduler (scheduler/scheduler_config.json) to sample its grid equal to diffusers, or pass "
-            "schedule='leading' (PNDM's timesteps; not equal to diffusers' PNDM output)",
-        )
         return scheduler.pipeline_sigmas(den, steps).double()
 
     # -- sampling -----------------------------------------------------------------------------
@@ -318,6 +312,13 @@ class Pipeline:
             guidance = 3.5
         prompts = prompts * N if len(prompts) == 1 else prompts
         sampler = sampler or scheduler.default_sampler(self.config)
+        if sampler == "plms":
+            check(
+                scheduler.class_name(self.config) == "PNDMScheduler" and self.config.get("skip_prk_steps", False),
+                "sampler 'plms' is PNDMScheduler's with skip_prk_steps=True (the SD 1.x setting); its Runge-Kutta "
+                "warm-up (skip_prk_steps=False) has no guidelab equal: set skip_prk_steps true in "
+                "scheduler/scheduler_config.json, or use DDIMScheduler / EulerDiscreteScheduler",
+            )
         h, w_img, orig = self.size(height, width)
         cond, null = self.encode(prompts, negative_prompt, size=(h, w_img), guidance=guidance, reference=guider in REFERENCE)
         den = self.denoiser(null, (h, w_img))
@@ -341,7 +342,7 @@ class Pipeline:
             seeds=seeds,
             interval=interval,
             options=registry.parse_options(guider, options),
-            sampler=sampler,
+            sampler=None if sampler == "plms" else sampler,  # plms: not a catalog sampler (it checks the guider)
             what=f"this {self.kind}",
         )
         guided = registry.build(guider, ctx)
@@ -349,7 +350,8 @@ class Pipeline:
         if not self.flow:
             guided = scheduler.x0_wrapper(guided, den)
         with torch.no_grad():
-            x = scheduler.sample(sampler, guided, x, sig.to(state), final=final, cond=cond, noise=noise, progress=progress)
+            kw = {"prediction": den.prediction_type} if sampler == "plms" else {}
+            x = scheduler.sample(sampler, guided, x, sig.to(state), final=final, cond=cond, noise=noise, progress=progress, **kw)
             images = self.decode(x, final, (h, w_img), orig)
         if out is not None:
             save_images(out, images, seeds)

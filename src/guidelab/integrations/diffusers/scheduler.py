@@ -29,7 +29,7 @@ from . import flow
 SAMPLERS = {
     "DDIMScheduler": "ddim",
     "DDPMScheduler": "ddpm",
-    "PNDMScheduler": "ddim",
+    "PNDMScheduler": "plms",
     "EulerDiscreteScheduler": "euler",
     "EulerAncestralDiscreteScheduler": "euler_ancestral",
     "DPMSolverMultistepScheduler": "dpmpp_2m",
@@ -54,8 +54,69 @@ def class_name(config: dict) -> str:
 
 
 def default_sampler(config: dict) -> str:
-    """The guidelab sampler equal to the folder's scheduler (PNDM's PLMS has none: ddim on its timesteps)."""
+    """The guidelab sampler equal to the folder's scheduler (PNDM: :func:`plms`, this module's)."""
     return SAMPLERS[class_name(config)]
+
+
+def plms(
+    denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    cond=None,
+    callback=None,
+    progress=False,
+    noise=None,
+    final: float = 0.0,
+    prediction: str = "epsilon",
+):
+    """PNDM's pseudo linear multistep (Liu et al. 2022, PLMS, eq. 12) as diffusers' PNDMScheduler runs it with
+    ``skip_prk_steps=True`` (Stable Diffusion 1.x's default): n steps, n + 1 network calls.
+
+    In EDM variables PNDM's transfer is DDIM's step with the combined ``eps = (x - D) / sigma``:
+    ``x' = x + (sigma' - sigma) eps``. Step 0: ``eps_0``, then ``eps'`` at the Euler point and the step again from
+    ``x`` with ``(eps_0 + eps') / 2``; step i >= 1: Adams-Bashforth on the stored eps (orders 2, 3, 4:
+    ``(3, -1) / 2``, ``(23, -16, 5) / 12``, ``(55, -59, 37, -9) / 24``). The last step lands on ``final`` (sigma_0
+    with ``set_alpha_to_one=False``, else 0). ``prediction="v_prediction"``: PNDM combines the raw v outputs and
+    converts the result to eps with the current sample, ``eps = v / sqrt(1 + s^2) + s x / (1 + s^2)``; the same here
+    (v of each call: ``(eps - s D) / sqrt(1 + s^2)``).
+    """
+    check(prediction in ("epsilon", "v_prediction"), f"PNDM takes epsilon or v_prediction, not {prediction!r}")
+    v_pred = prediction == "v_prediction"
+
+    def out(x_, D, s):  # what the network predicted (PNDM combines these)
+        e = (x_ - D) / s
+        return (e - s * D) / (1 + s * s) ** 0.5 if v_pred else e
+
+    def eps(x_, m, s):  # the combined prediction as eps at (x_, s)
+        return m / (1 + s * s) ** 0.5 + s * x_ / (1 + s * s) if v_pred else m
+
+    from ...samplers.base import begin_run, check_inputs, evaluator, report
+
+    sigmas = check_inputs(x, sigmas)
+    denoiser, run = begin_run(denoiser, x, sigmas, noise, "plms", frozenset())
+    evaluate = evaluator(denoiser, x, cond, run)
+    sig = sigmas.tolist()
+    target = sig[1:-1] + [float(final)]
+    ets: list[torch.Tensor] = []
+    for i in run.steps(progress, "plms"):
+        s, s_next = sig[i], target[i]
+        D = evaluate(x, s)
+        report(callback, x, i, sigmas, s, D)
+        m = out(x, D, s)
+        ets = [*ets[-3:], m]
+        if len(ets) == 1:
+            if len(sig) > 2:  # PNDM's second call at the first step's end, then the step again with the mean
+                x1 = x + (s_next - s) * eps(x, m, s)
+                m = (m + out(x1, evaluate(x1, s_next), s_next)) / 2
+        elif len(ets) == 2:
+            m = (3 * ets[-1] - ets[-2]) / 2
+        elif len(ets) == 3:
+            m = (23 * ets[-1] - 16 * ets[-2] + 5 * ets[-3]) / 12
+        else:
+            m = (55 * ets[-1] - 59 * ets[-2] + 37 * ets[-3] - 9 * ets[-4]) / 24
+        x = x + (s_next - s) * eps(x, m, s)
+    return x
 
 
 def check_config(config: dict) -> None:
@@ -132,11 +193,13 @@ def final_sigma(den) -> float:
 
 
 def sample(sampler: str, den, x: torch.Tensor, sigmas: torch.Tensor, *, final: float = 0.0, **kw) -> torch.Tensor:
-    """``samplers.get(sampler)(den, x, sigmas, **kw)``; with ``final > 0`` the last step is DDIM's step to
-    ``final`` instead of 0: ``x_f = D + (final / sigma_last)(x_last - D)`` from the last step's x and D (no extra
-    network call)."""
+    """``samplers.get(sampler)(den, x, sigmas, **kw)`` (``"plms"``: :func:`plms`); with ``final > 0`` the last step
+    is DDIM's step to ``final`` instead of 0: ``x_f = D + (final / sigma_last)(x_last - D)`` from the last step's x
+    and D (no extra network call)."""
     from ... import samplers
 
+    if sampler == "plms":
+        return plms(den, x, sigmas, final=final, **kw)
     run = samplers.get(sampler)
     if final == 0:
         return run(den, x, sigmas, **kw)
