@@ -300,6 +300,8 @@ class Pipeline:
         diffusers' ``true_cfg_scale = w``; ``height`` / ``width``: the image size (default the pipeline's)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         seeds = [int(s) for s in seeds]
+        height, width = (None if v is None else int(v) for v in (height, width))  # the CLI's --option gives text
+        guidance = None if guidance is None else float(guidance)
         N = len(seeds) if latents is None else latents.shape[0]
         check(latents is None or len(seeds) in (1, N), f"seeds: give one per latent ({N}), got {len(seeds)}")
         check(len(prompts) in (1, N), f"give one prompt or one per seed ({N}), got {len(prompts)} prompts")
