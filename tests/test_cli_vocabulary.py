@@ -182,3 +182,18 @@ def test_diffusers_and_generate_report_progress_unless_quiet(tmp_path, monkeypat
         err = r.stderr if r.stderr_bytes is not None else r.output
         assert r.exit_code == 0 and seen[key]["progress"] is True  # the sampler's bar
         assert "loading" in err and "CPU thread" in err  # phase line and the thread choice before it
+
+
+def test_dtype_spellings_mean_the_same_in_diffusers_and_generate(tmp_path, monkeypatch):
+    from guidelab.app import diffusers_generate as dg
+
+    seen = {}
+    monkeypatch.setattr(dg, "generate", lambda model_dir, **kw: seen.setdefault("diffusers", kw))
+    monkeypatch.setattr(dg, "generate_images", lambda folder, prompts, **kw: seen.setdefault("generate", kw))
+    for spelling in ("bf16", "bfloat16"):
+        seen.clear()
+        CliRunner().invoke(cli.main, ["diffusers", str(tmp_path), "--out", str(tmp_path / "o"), "--quiet", "--dtype", spelling])
+        CliRunner().invoke(
+            cli.main, ["generate", str(tmp_path), "--prompt", "x", "--out", str(tmp_path / "g"), "--quiet", "--dtype", spelling]
+        )
+        assert seen["diffusers"]["dtype"] == "bfloat16" and seen["generate"]["dtype"] == "bf16"

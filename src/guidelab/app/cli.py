@@ -1077,6 +1077,10 @@ def distill_cmd(
     click.echo(f"student (w in [{w_min:g}, {w_max:g}], input 'w'): {final}")
 
 
+#: --dtype spellings: the short names generate's pipelines use and the torch names of the other commands.
+_DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
 def _need_diffusers(what: str) -> None:
     import importlib.util
 
@@ -1168,9 +1172,10 @@ def _check_diffusers_label(model_dir: Path, label, null_label) -> None:
 @_device_option("cpu")
 @click.option(
     "--dtype",
-    type=click.Choice(["float32", "float64", "float16", "bfloat16"]),
+    type=click.Choice(["float32", "float64", "float16", "bfloat16", "fp32", "fp16", "bf16"]),
     default="float32",
-    help="Model precision (float16 / bfloat16: the sampler still runs in float32).",
+    callback=lambda ctx, p, v: _DTYPE_NAMES.get(v, v),
+    help="Model precision (float16 / bfloat16, or fp16 / bf16: the sampler still runs in float32).",
 )
 @_threads_option
 @_nonfinite_option
@@ -1268,7 +1273,13 @@ Examples (one per pipeline family; FOLDER is a local diffusers folder, nothing i
 @click.option("--seeds", default="0", help="Seeds: a range 0-7 or a list 1,2,5.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="PNGs + grid.png.")
 @_device_option("cpu")
-@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", help="Pipeline precision.")
+@click.option(
+    "--dtype",
+    type=click.Choice(["fp32", "fp16", "bf16", "float32", "float16", "bfloat16"]),
+    default="fp32",
+    callback=lambda ctx, p, v: {b: a for a, b in _DTYPE_NAMES.items()}.get(v, v),
+    help="Pipeline precision (float32 / float16 / bfloat16, or fp32 / fp16 / bf16).",
+)
 @click.option("--option", "options", multiple=True, metavar="KEY=VALUE", help="Guider keyword (repeatable).")
 @_threads_option
 @_nonfinite_option
