@@ -294,6 +294,8 @@ ROWS = [
     ("train-channels-disagree", TR + ["--set", "data={d}/rgb", "--set", "channels=1"], "RGB"),
     ("train-device-cuda-index", TR + ["--device", "cuda:99"], "cuda"),
     ("distill-threads-0", DI + ["--threads", "0"], "threads"),
+    ("distill-sigma-rel-on-file", DI + ["--sigma-rel", "0.05"], "--sigma-rel"),
+    ("distill-guide-sigma-rel-on-file", DI + ["--guide-sigma-rel", "0.05"], "--guide-sigma-rel"),
     ("distill-device-cuda-index", DI + ["--device", "cuda:99"], "cuda"),
     ("classifier-quiet-value", ["classifier", "--out", "{out}/c.safetensors", "--quiet=1"], "quiet"),
     ("diffusers-threads-0", ["diffusers", "{d}/emptydir", "--out", "{out}", "--threads", "0"], "threads"),

@@ -1035,6 +1035,11 @@ def distill_cmd(
     from ..training import LoopConfig, load_model
     from ..training import distill as ds
 
+    for flag, name, path in (("--sigma-rel", "sigma_rel", teacher), ("--guide-sigma-rel", "guide_sigma_rel", guide)):
+        check(
+            not _given(name) or (path is not None and Path(path).is_dir()),
+            f"{flag} picks the post-hoc EMA of a training run folder; {path or '(no --guide)'} is not one: drop {flag}",
+        )
     _setup(quiet, threads, _parameters(teacher))
     _release()
     loop = LoopConfig(
