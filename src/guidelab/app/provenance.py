@@ -150,14 +150,13 @@ def of_job(job, *, seeds=None, device: Any = "cpu", **extra: Any) -> dict[str, s
 
 
 def png_info(prov: Mapping[str, str]):
-    """PIL PngInfo with one text chunk per provenance field (key ``guidelab:<name>``) and the whole dict
-    as JSON under ``guidelab:provenance``."""
+    """PIL PngInfo with the provenance dict as JSON in one compressed text chunk ``guidelab:provenance``
+    (read back with :func:`read_png`), and ``Software`` (the standard key) naming guidelab's version."""
     from PIL.PngImagePlugin import PngInfo
 
     info = PngInfo()
-    info.add_text("guidelab:provenance", json.dumps(dict(prov), sort_keys=True))
-    for k, v in prov.items():
-        info.add_text(f"guidelab:{k}", str(v))
+    info.add_text("Software", f"guidelab {prov.get('guidelab_version', '')}".strip())
+    info.add_text("guidelab:provenance", json.dumps(dict(prov), sort_keys=True), zip=True)
     return info
 
 
