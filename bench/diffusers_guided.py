@@ -11,11 +11,15 @@ under guidelab's ``perturbed_attention`` hook with every row marked (diffusers h
 perturbs a whole batch). Times are medians over rounds (rounds alternate the loops). Checks that guidelab's
 samples equal the separate-pass loop's.
 
+``--costs``: one guided denoiser call of each attention rule (cfg, nag, sag, sag + cfg, pag + cfg) on a
+randomly initialised text UNet2DConditionModel (``--size``, ``--width``; 16 prompt tokens), relative to one
+unguided call, medians over ``--rounds``.
+
 ``--overhead`` (cfg only): the same guided call with the network replaced by a stub that returns its input,
 so only guidelab's wrapper (branch overrides, batching, sigma -> timestep, EDM conversion, combination) is
 timed, against the bare concatenate-chunk-combine of the reference loop. Usage:
     python bench/diffusers_guided.py [--guider cfg|pag-cfg] [--batches 1,4,16] [--steps 10] [--size 32]
-                                     [--width 64] [--rounds 3] [--threads 0] [--overhead]
+                                     [--width 64] [--rounds 3] [--threads 0] [--overhead] [--costs]
 """
 
 from __future__ import annotations
@@ -124,6 +128,55 @@ def overhead(den, guided, k, batches, rounds, size):
         den.model = model
 
 
+@torch.no_grad()
+def costs(size, width, rounds, w, batch=4):
+    """One call of each attention rule against one unguided call (text UNet, random weights)."""
+    from diffusers import UNet2DConditionModel
+
+    from guidelab.integrations.diffusers.guiders import nag
+    from guidelab.integrations.diffusers.sag import sag
+
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(0)
+        UNet2DConditionModel(
+            sample_size=size,
+            in_channels=4,
+            out_channels=4,
+            block_out_channels=(width, 2 * width),
+            layers_per_block=1,
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            norm_num_groups=min(32, width),
+            cross_attention_dim=64,
+            attention_head_dim=8,
+        ).save_pretrained(tmp)
+        DDIMScheduler(clip_sample=False).save_config(tmp)
+        den = gd.load(tmp, null_text=torch.randn(1, 16, 64))
+        x, sigma, emb = torch.randn(batch, 4, size, size) * 3, torch.full((batch,), 3.0), torch.randn(batch, 16, 64)
+        rules = {
+            "unguided": den,
+            f"cfg w={w}": guidance.cfg(den, w),
+            "nag w=5 (tau 2.5, alpha 0.5)": nag(den, 5.0),
+            "sag w=1.75": sag(den, 1.75),
+            f"sag w=1.75 + cfg {w}": sag(den, 1.75, cfg_weight=w),
+            f"pag w=3 + cfg {w}": gd.pag(den, 3.0, cfg_weight=w),
+        }
+        times: dict[str, list[float]] = {k: [] for k in rules}
+        for _ in range(rounds):  # rounds alternate the rules
+            for k, g in rules.items():
+                t0 = time.perf_counter()
+                g(x, sigma, encoder_hidden_states=emb)
+                times[k].append(time.perf_counter() - t0)
+    base = statistics.median(times["unguided"])
+    print(f"load average {os.getloadavg()}, torch threads {torch.get_num_threads()}")
+    n = sum(p.numel() for p in den.model.parameters()) / 1e6
+    print(f"UNet2DConditionModel {n:.1f} M params, {size}x{size}, batch {batch}")
+    print("| rule | ms per call | x unguided |\n|---|---|---|")
+    for k, v in times.items():
+        m = statistics.median(v)
+        print(f"| {k} | {m * 1e3:.0f} | {m / base:.2f} |")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--guider", choices=["cfg", "pag-cfg"], default="cfg")
@@ -136,7 +189,13 @@ def main():
     ap.add_argument("--w", type=float, default=3.0, help="CFG weight (diffusers' guidance_scale)")
     ap.add_argument("--pag-scale", type=float, default=1.5, help="pag-cfg: diffusers' pag_scale (guidelab w - 1)")
     ap.add_argument("--overhead", action="store_true", help="time guidelab's wrapper alone (stub network)")
+    ap.add_argument("--costs", action="store_true", help="cost of nag / sag / pag per call on a text UNet")
     a = ap.parse_args()
+    if a.costs:
+        if a.threads:
+            torch.set_num_threads(a.threads)
+        costs(a.size, a.width, a.rounds, a.w)
+        return
     if a.overhead and a.guider != "cfg":
         ap.error("--overhead measures the cfg wrapper only (attention hooks need the real network)")
     if a.threads:
