@@ -66,7 +66,9 @@ class SAG(Guider):
         if not capture:
             return self.den(x, sigma, **cond), None
         store: list = []
-        with perturbed_attention(self.den.model, self.pert, torch.ones(x.shape[0], dtype=torch.bool), store=store):
+        with perturbed_attention(
+            self.den.model, self.pert, torch.ones(x.shape[0], dtype=torch.bool, device=x.device), store=store
+        ):
             D = self.den(x, sigma, **cond)
         check(len(store) == 1, f"sag: the selected attention layer ran {len(store)} times in one call (need once)")
         return D, store[0][1]
@@ -79,7 +81,7 @@ class SAG(Guider):
             if _batchable([cc, cu], B):  # conditional and unconditional rows in one call, the map from the latter
                 merged = {k: torch.cat([cc[k], cu[k]]) if isinstance(cc[k], torch.Tensor) else cc[k] for k in cc}
                 store: list = []
-                marks = torch.arange(2 * B) >= B
+                marks = torch.arange(2 * B, device=x.device) >= B
                 with perturbed_attention(self.den.model, self.pert, marks, store=store):
                     both = self.den(torch.cat([x, x]), torch.cat([sigma, sigma]), **merged)
                 check(len(store) == 1, f"sag: the selected attention layer ran {len(store)} times in one call")
