@@ -97,6 +97,11 @@ def test_gaussian_statistics_are_analytic(gauss_ems):
     s2 = torch.exp(-2 * gauss_ems.lambdas)[:, None]
     assert (gauss_ems.l - s2 / (SD**2 + s2)).abs().max() < 1e-8  # l = 1 - dD/dx
     assert gauss_ems.s.abs().max() == 0  # f has no spread: no slope to fit
+    # Rademacher probes (the estimator for large samples) are exact for a diagonal Jacobian
+    data = MU + SD * torch.randn(64, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    probed = compute_ems(gaussian, data, SMIN, SMAX, steps=8, probes=2)
+    s2_8 = torch.exp(-2 * probed.lambdas)[:, None]
+    assert probed.meta["diag"] == "rademacher x2" and (probed.l - s2_8 / (SD**2 + s2_8)).abs().max() < 1e-8
     f_prime = 2 * MU * s2 * SD**2 / (SD**2 + s2) ** 2  # d/dlambda of f = -mu sigma^2 / (sd^2 + sigma^2)
     assert (gauss_ems.b - f_prime).abs().max() < 1e-2 * f_prime.abs().max()  # l' from the grid: ~1% at the peak
 

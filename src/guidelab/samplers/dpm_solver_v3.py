@@ -434,10 +434,10 @@ def compute_ems(
     """Estimate ``l, s, b`` of ``denoiser`` on ``data`` [n, *shape] at ``steps + 1`` lambdas uniform in
     ``[-log sigma_max, -log sigma_min]``: at each lambda, ``x = x0 + sigma n`` for every data point.
 
-    ``l = 1 - E[diag dD/dx]``: exact (one central difference per coordinate) for samples of at most 16
-    values, else ``probes`` (default 4) Rademacher probes ``v * (J v)`` per sample (Hutchinson's unbiased
-    diagonal). ``f' = df/dlambda`` along the ODE ``dx/dlambda = D - x``: central differences with step
-    ``delta`` in lambda (default 1e-4 in float64, 1e-2 otherwise); ``l'`` from the grid of l.
+    ``l = 1 - E[diag dD/dx]``: exact (one central difference per coordinate) with ``probes=0`` or, by
+    default, for samples of at most 16 values; else ``probes`` (default 4) Rademacher probes ``v * (J v)``
+    per sample (Hutchinson's unbiased diagonal). ``f' = df/dlambda`` along the ODE ``dx/dlambda = D - x``:
+    central differences with step ``delta`` in lambda (default 1e-4 in float64, 1e-2 otherwise); ``l'`` from the grid of l.
     ``(s, b)``: the per-dimension least-squares line of f' on f, ridge-regularised by ``ridge_scale`` times the
     mean variance of f over the dimensions (so nearly constant dimensions get s ~ 0). ``cond``: keywords for every call (tensors
     with a leading [n] dimension are sliced with the data).
@@ -449,7 +449,8 @@ def compute_ems(
     n, shape, dtype = data.shape[0], tuple(data.shape[1:]), data.dtype
     dim = int(np.prod(shape))
     delta = (1e-4 if dtype == torch.float64 else 1e-2) if delta is None else delta
-    exact_diag = dim <= 16
+    check(probes is None or (isinstance(probes, int) and probes >= 0), f"probes must be an integer >= 0, got {probes!r}")
+    exact_diag = probes == 0 or (probes is None and dim <= 16)
     probes = 4 if probes is None else probes
     lambdas = torch.linspace(-math.log(sigma_max), -math.log(sigma_min), steps + 1, dtype=torch.float64)
     cond = cond or {}

@@ -30,7 +30,11 @@ def default_out(model: str | Path) -> Path:
 @click.option("--sigma-min", type=float, default=0.002, show_default=True, help="Smallest sigma the statistics cover.")
 @click.option("--sigma-max", type=float, default=80.0, show_default=True, help="Largest sigma the statistics cover.")
 @click.option(
-    "--probes", type=int, default=4, show_default=True, help="Rademacher probes for diag(dD/dx) (> 16 values per sample)."
+    "--probes",
+    type=int,
+    default=4,
+    show_default=True,
+    help="Rademacher probes per sample for diag(dD/dx); 0: the exact diagonal (one difference per value).",
 )
 @click.option(
     "--labels",
