@@ -35,4 +35,8 @@ test: lint
 bench: .installed
 	$(BIN)/python bench/toy_train_speed.py
 
-.PHONY: demo lint test bench
+# the API reference (docs/api, mkdocs + mkdocstrings; the docs extra is part of the test install) into site/
+docs: .installed
+	$(BIN)/mkdocs build --strict
+
+.PHONY: demo lint test bench docs
