@@ -571,7 +571,7 @@ def _sweep_guides(values, methods) -> tuple[str | None, dict]:
     "--classifier",
     type=click.Path(dir_okay=False, exists=True),
     default=None,
-    help="Digits models: the clean digits classifier of the metrics (default: the cached one).",
+    help="Digits models: the clean digits classifier of the metrics (default: the packaged one, sha256 pinned).",
 )
 @click.option(
     "--reference",

@@ -114,7 +114,7 @@ class SweepConfig:
     weight-schedule texts (``"linear:1-4"``, :func:`guidelab.guidance.parse_weight`); ``metric`` chooses the
     best weight per method, ``quality`` / ``diversity`` are the Pareto axes; ``ref_seed``: the exact
     world's reference draw; ``classifier``: the clean digits classifier of the digits metrics (default: the
-    cached one)."""
+    packaged one, its sha256 pinned)."""
 
     methods: Mapping[str, Sequence[float | str]]
     n: int = 2048
