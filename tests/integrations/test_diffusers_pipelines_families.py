@@ -12,7 +12,7 @@ diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
-from test_diffusers_pipelines import clip_text, clip_tokenizer, load, reference, sd3_folder, sd_folder  # noqa: E402
+from test_diffusers_pipelines import DEVICE, clip_text, clip_tokenizer, load, reference, sd3_folder, sd_folder  # noqa: E402
 
 from guidelab.errors import GuidelabError  # noqa: E402
 from guidelab.integrations.diffusers import pipelines as gp  # noqa: E402
@@ -237,6 +237,32 @@ def test_pixart_resolution_binning_equals_diffusers(tmp_path):
     got = pipe.generate(PROMPTS[:1], guider="cfg", w=4.5, steps=2, latents=L)
     assert got.shape == ref.shape == (1, 3, 128, 128)
     assert (got - ref).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize(
+    "family,cls,layers,ours",
+    [
+        ("sdxl", "StableDiffusionXLPAGPipeline", ["mid"], {}),  # guidelab's default PAG layer on UNets
+        ("pixart_sigma", "PixArtSigmaPAGPipeline", ["blocks.0"], {"layers": "transformer_blocks.0"}),
+    ],
+)
+def test_pag_with_cfg_equals_diffusers_pag_pipeline(folders, family, cls, layers, ours):
+    """guider="pag", w = 1 + pag_scale, cfg_weight = guidance_scale is diffusers' PAG pipeline (one batched call of
+    [negative, prompt, prompt] rows here too)."""
+    L = latents((2, 4, 8, 8))
+    ref = getattr(diffusers, cls).from_pretrained(folders[family], local_files_only=True, pag_applied_layers=layers)
+    ref = ref.to(DEVICE)
+    ref.set_progress_bar_config(disable=True)
+    kw = {"use_resolution_binning": False} if family.startswith("pixart") else {}
+
+    def call(pag_scale):
+        with torch.no_grad():
+            return ref(
+                PROMPTS, guidance_scale=5.0, pag_scale=pag_scale, num_inference_steps=4, latents=L, output_type="pt", **kw
+            ).images
+
+    got = load(folders[family]).generate(PROMPTS, guider="pag", w=4.0, cfg_weight=5.0, steps=4, latents=L, **ours)
+    check_equal(got, call(3.0), call(0.0))
 
 
 def test_flux_guidance_input_equals_diffusers(folders):
