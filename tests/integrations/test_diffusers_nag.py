@@ -119,7 +119,7 @@ def test_nag_neutral_one_call_and_errors(tmp_path):
 def test_generate_with_nag(tmp_path):
     """``guidelab diffusers``' generate builds nag from the registry; the negative prompt is null_text."""
     folder, den, emb, null = _text_model(tmp_path)
-    kw = dict(prompt_embeds=emb[:1], null_text=null, steps=3, seeds=[0, 1], dtype="float64")
+    kw = dict(prompt_embeds=emb[:1], null_text=null, steps=3, seeds=[0, 1], dtype="float64", block=2)
     x = generate(folder, guider="nag", w=4.0, guider_options=["tau=2.5"], **kw)
     plain = generate(folder, guider="none", **kw)
     assert x.shape == (2, C, H, H) and torch.isfinite(x).all() and (x - plain).abs().max() > 1e-4

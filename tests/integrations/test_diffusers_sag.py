@@ -117,7 +117,7 @@ def test_sag_neutral_calls_and_errors(tmp_path):
         g = registry.build("sag", registry.Context(den, w=1.75, options=["blur_sigma=1.0", "cfg_weight=2.0"]))
         want = sagmod.sag(den, 1.75, cfg_weight=2.0)(x, sigma, encoder_hidden_states=emb)
         assert torch.equal(g(x, sigma, encoder_hidden_states=emb), want)
-    kw = dict(prompt_embeds=emb[:1], null_text=null, steps=3, seeds=[0, 1], dtype="float64")
+    kw = dict(prompt_embeds=emb[:1], null_text=null, steps=3, seeds=[0, 1], dtype="float64", block=2)
     out = generate(folder, guider="sag", w=1.75, **kw)
     assert torch.isfinite(out).all() and (out - generate(folder, guider="none", **kw)).abs().max() > 1e-5
     with pytest.raises(GuidelabError, match="sag needs a diffusers UNet"):
