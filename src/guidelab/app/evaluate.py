@@ -112,7 +112,8 @@ def evaluate(
     out = Path(out)
     if progress:
         log.info("loading %s", cfg.model)
-    job = jobs.build_balanced(cfg, device or "cpu")  # validates and loads before anything is written
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")  # as guidelab sample
+    job = jobs.build_balanced(cfg, device)  # validates and loads before anything is written
     cfg = job.cfg
     check(job.shape == (1, 8, 8), f"evaluate measures digits models (images [1, 8, 8]); {cfg.model} samples {list(job.shape)}")
     if measure is None and progress:
@@ -130,7 +131,7 @@ def evaluate(
     prov = provenance.of_job(
         job,
         seeds=d["seeds"],
-        device=device or "cpu",
+        device=device,
         classifier=measure.classifier_path,
         classifier_weights_sha256=measure.clf.weights_sha256() if hasattr(measure.clf, "weights_sha256") else None,
     )
