@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .._io import write_png
 from ..errors import check
 from ..models import edm2
 from ..training.checkpoint import save_model
@@ -54,9 +53,20 @@ def decode_pngs(out: str | os.PathLike, vae: str | os.PathLike, device: str | No
     check(
         samples.ndim == 4 and samples.shape[1] == 4, f"--vae decodes 4-channel latents, the samples are {list(samples.shape[1:])}"
     )
+    import json
+
+    from . import provenance
+
     codec = edm2.VAELatents(edm2.load_vae(vae, device), batch_size=batch)
+    try:  # the sampling job's provenance, and the VAE
+        prov = json.loads((Path(out) / "job.json").read_text()).get("provenance") or {}
+    except (OSError, ValueError):
+        prov = {}
+    prov = {**prov, **provenance.files(vae=vae)} if prov else provenance.collect(device=device, **provenance.files(vae=vae))
     for i in range(0, len(seeds), batch):
         images = codec.decode(torch.from_numpy(samples[i : i + batch]).to(device)).cpu().numpy()
         for seed, im in zip(seeds[i : i + batch], images):
-            write_png(png_path(out, seed), np.ascontiguousarray(im.transpose(1, 2, 0)))
+            provenance.write_png(
+                png_path(out, seed), np.ascontiguousarray(im.transpose(1, 2, 0)), {**prov, "seeds": str(int(seed))}
+            )
     return len(seeds)
