@@ -265,6 +265,18 @@ def test_pag_with_cfg_equals_diffusers_pag_pipeline(folders, family, cls, layers
     check_equal(got, call(3.0), call(0.0))
 
 
+def test_sdxl_float16_decodes_in_float32(folders):
+    """SDXL's force_upcast: a float16 pipeline decodes with a float32 VAE (and gives it back in float16)."""
+    pipe = load(folders["sdxl"], dtype=torch.float16)
+    seen = []
+    hook = pipe.pipe.vae.decoder.register_forward_pre_hook(lambda m, a: seen.append(a[0].dtype))
+    x = pipe.generate("a cube", guider="cfg", w=3.0, steps=2)
+    hook.remove()
+    assert seen == [torch.float32] and pipe.pipe.vae.dtype == torch.float16 and torch.isfinite(x).all()
+    ref = load(folders["sdxl"]).generate("a cube", guider="cfg", w=3.0, steps=2)
+    assert (x - ref).abs().max() < 0.05
+
+
 def test_flux_guidance_input_equals_diffusers(folders):
     """guider="none" with guidance=g is FluxPipeline(guidance_scale=g): the distilled model's embedded guidance."""
     L = latents((2, 64, 16))

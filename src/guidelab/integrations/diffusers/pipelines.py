@@ -390,7 +390,14 @@ class Pipeline:
             z = z * torch.tensor(std).view(view).to(z) / c.scaling_factor + torch.tensor(mean).view(view).to(z)
         else:
             z = z / c.scaling_factor + (getattr(c, "shift_factor", None) or 0.0)
-        image = vae.decode(z.to(self.dtype), return_dict=False)[0]
+        if self.kind == "StableDiffusionXLPipeline" and vae.dtype == torch.float16 and getattr(c, "force_upcast", False):
+            vae.to(torch.float32)  # SDXL's VAE overflows in float16: decode in float32, as its pipeline does
+            try:
+                image = vae.decode(z.float(), return_dict=False)[0]
+            finally:
+                vae.to(torch.float16)
+        else:
+            image = vae.decode(z.to(self.dtype), return_dict=False)[0]
         if orig is not None:
             image = self.pipe.image_processor.resize_and_crop_tensor(image, orig[1], orig[0])
         return self.pipe.image_processor.postprocess(image, output_type="pt").float()
