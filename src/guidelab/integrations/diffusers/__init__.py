@@ -4,8 +4,10 @@
   :func:`load` / :func:`load_model` (local folders only), the model's sigmas;
 * :mod:`.hooks`: :class:`Perturbation` and :func:`perturbed_attention` (perturb only the marked rows);
 * :mod:`.flow`: :class:`FlowDenoiser` (rectified flow as an EDM denoiser), the flow scheduler's grid;
+* :mod:`.sdxl`: :class:`SDXLDenoiser` (SDXL's pooled text embedding and size ids as two conditioning keys);
+* :mod:`.flux`: FLUX's packed latents, position ids, guidance input and time grid;
 * :mod:`.scheduler`: the folder's scheduler config honoured (``schedule="pipeline"``, x0 clipping /
-  thresholding, the equal sampler, refused settings);
+  thresholding, the equal sampler, PNDM's PLMS, refused settings);
 * :mod:`.pipelines`: :func:`load_pipeline` and ``Pipeline.generate``: prompt in, image out (docs/PIPELINES.md);
 * :mod:`.guiders`: :func:`attention_guidance` (:func:`pag`, :func:`seg`, :func:`slg`), SLG's step window.
 
@@ -44,6 +46,7 @@ from .guiders import (
 )
 from .hooks import DEFAULT_LAYERS, Perturbation, perturbed_attention
 from .pipelines import PIPELINES, Pipeline, load_pipeline
+from .sdxl import SDXLDenoiser
 
 __all__ = [
     "DEFAULT_LAYERS",
@@ -66,6 +69,7 @@ __all__ = [
     "TIMESTEP_MODES",
     "UNMARKED",
     "DiffusersDenoiser",
+    "SDXLDenoiser",
     "Perturbation",
     "alphas_cumprod",
     "attention_guidance",
