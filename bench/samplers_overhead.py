@@ -12,7 +12,11 @@
    forward dominates; ratio = sampler wall time / (NFE x the time of one bare denoiser call) (best
    rounds, and median of per-round ratios); also the sampler's own cost measured directly (the same run
    with a free denoiser D = x), as ``1 + own / (NFE x forward)``.
-   Goal: <= 1.05.
+   Goal: <= 1.05. Batch 64 by default (``--batch``).
+3. The guider's own work: one ``guidance.cfg`` call around a stub network (returns its input) against the
+   bare tensor ops it does (cat of x / sigma / labels, chunk, lerp) at batch 1, 4, 16. Goal: <= 2x.
+Times are this process's CPU time (``--wall``: wall clock): on a loaded machine, descheduled time is no
+one's cost. ``--parts forward,guider`` skips the k-diffusion part.
 Single-threaded CPU, float32, 50 steps (20 for part 2), glibc keeping freed memory (as training does).
 """
 
@@ -114,14 +118,14 @@ class MLP(torch.nn.Module):
         return self.net(torch.cat([x, c_noise[:, None]], 1))
 
 
-def vs_forward(rounds: int, steps: int = 20) -> dict:
+def vs_forward(rounds: int, steps: int = 20, batch: int = 256) -> dict:
     torch.manual_seed(0)
     net = MLP().eval().requires_grad_(False)
     pre = EDMPrecond(sigma_data=0.5)
     D = lambda x, sigma: pre.denoise(net, x, sigma)  # noqa: E731
-    x = torch.randn(256, 2) * 5.0
+    x = torch.randn(batch, 2) * 5.0
     sigmas = schedules.karras(steps, 0.002, 5.0, dtype=torch.float32)
-    s = torch.full((256,), 1.0)
+    s = torch.full((batch,), 1.0)
     with torch.no_grad():
         for _ in range(5):
             D(x, s)
@@ -133,7 +137,7 @@ def vs_forward(rounds: int, steps: int = 20) -> dict:
             count[0] += 1
             return D(x_, s_)
 
-        samplers.get(name)(counted, x, sigmas, noise=SampleNoise(range(256)))
+        samplers.get(name)(counted, x, sigmas, noise=SampleNoise(range(batch)))
         nfe = count[0]
 
         def bare():
@@ -149,7 +153,7 @@ def vs_forward(rounds: int, steps: int = 20) -> dict:
             t_bare.append(timed(bare))
             t_glob.append(timed(lambda: samplers.get(name)(D, x, sigmas)))
             t_seed.append(
-                timed(lambda: samplers.get(name)(D, x, sigmas, noise=SampleNoise(range(256)))) if stochastic else t_glob[-1]
+                timed(lambda: samplers.get(name)(D, x, sigmas, noise=SampleNoise(range(batch)))) if stochastic else t_glob[-1]
             )
         r_glob, r_seed = min(t_glob) / min(t_bare), min(t_seed) / min(t_bare)
         r_med = statistics.median(a / b for a, b in zip(t_glob, t_bare))
@@ -172,33 +176,84 @@ def vs_forward(rounds: int, steps: int = 20) -> dict:
     return out
 
 
+def guider_overhead(rounds: int, batches=(1, 4, 16), calls: int = 2000) -> dict:
+    """A CFG call's own work: guidance.cfg around a stub network (returns its input) against the bare tensor
+    ops it does (cat of x, sigma and labels with the null label, chunk, lerp), same stub. Goal: <= 2x."""
+    from guidelab import guidance
+
+    class Stub(torch.nn.Module):
+        condition = guidance.Condition("label", {"label": 10}, 10)
+
+        def forward(self, x, sigma, label=None):
+            return x
+
+    net, out = Stub(), {}
+    for B in batches:
+        x, s, lab = torch.randn(B, 3, 16, 16), torch.full((B,), 1.0), torch.arange(B) % 10
+        g = guidance.cfg(net, 2.0)
+
+        def bare():
+            c, u = net(torch.cat([x, x]), torch.cat([s, s]), label=torch.cat([lab, torch.full_like(lab, 10)])).chunk(2)
+            return u.lerp(c, 2.0)
+
+        def ours():
+            return g(x, s, label=lab)
+
+        assert torch.equal(ours(), bare())
+        t_b, t_o = [], []
+        for _ in range(rounds):
+            t_b.append(timed(lambda: [bare() for _ in range(calls)]) / calls)
+            t_o.append(timed(lambda: [ours() for _ in range(calls)]) / calls)
+        out[B] = {"guider_us": 1e6 * min(t_o), "bare_us": 1e6 * min(t_b), "ratio": min(t_o) / min(t_b)}
+        r = out[B]
+        print(f"  batch {B:3d}: cfg call {r['guider_us']:.1f} us, bare ops {r['bare_us']:.1f} us, ratio {r['ratio']:.2f}")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=15, help="alternating rounds against k-diffusion")
     ap.add_argument("--forward-rounds", type=int, default=7, help="rounds against the bare forward")
     ap.add_argument("--out", default="bench/out")
+    ap.add_argument("--batch", type=int, default=64, help="batch of the forward-dominated part")
+    ap.add_argument("--parts", default="kdiffusion,forward,guider", help="comma-separated parts to run")
+    ap.add_argument("--wall", action="store_true", help="wall-clock time (default: this process's CPU time)")
     args = ap.parse_args()
+    global timed
+    if not args.wall:  # on a loaded machine, time spent descheduled is not the sampler's
+
+        def timed(fn) -> float:
+            t = time.process_time()
+            fn()
+            return time.process_time() - t
+
+    parts = set(args.parts.split(","))
     torch.set_num_threads(1)
     # glibc otherwise returns every freed block over 128 KiB to the OS, and each large temporary is
     # page-faulted in again: timings then swing ~2x with whatever ran before (both samplers alike).
     keep_freed_memory()
-    K = load_kdiffusion()
     results = {}
-    for label, shape in [("tiny", (64, 2)), ("image", (16, 3, 64, 64))]:
-        print(f"vs k-diffusion, {label} {list(shape)}:")
-        results[f"kdiffusion_{label}"] = vs_kdiffusion(K, shape, args.rounds)
-    print("vs NFE x bare forward (MLP, [256, 2]):")
-    results["forward"] = vs_forward(args.forward_rounds)
+    if "kdiffusion" in parts:
+        K = load_kdiffusion()
+        for label, shape in [("tiny", (64, 2)), ("image", (16, 3, 64, 64))]:
+            print(f"vs k-diffusion, {label} {list(shape)}:")
+            results[f"kdiffusion_{label}"] = vs_kdiffusion(K, shape, args.rounds)
+    if "forward" in parts:
+        print(f"vs NFE x bare forward (MLP, [{args.batch}, 2]):")
+        results["forward"] = vs_forward(args.forward_rounds, batch=args.batch)
+    if "guider" in parts:
+        print("guider's own work per call vs the bare tensor ops (stub network):")
+        results["guider"] = guider_overhead(args.rounds)
 
     import os
 
     lines = [
-        f"load average while measuring: {os.getloadavg()[0]:.1f} (2 cores)",
+        f"load average while measuring: {os.getloadavg()[0]:.1f} (2 cores); {'wall' if args.wall else 'CPU'} time",
         "",
         "| sampler | tiny: guidelab / k-diffusion (ms) | ratio (median) | image: guidelab / k-diffusion (ms) | ratio (median) |",
         "|---|---:|---:|---:|---:|",
     ]
-    for name in SHARED:
+    for name in SHARED if "kdiffusion" in parts else []:
         a, b = results["kdiffusion_tiny"][name], results["kdiffusion_image"][name]
         lines.append(
             f"| {name} | {a['guidelab_ms']:.1f} / {a['kdiffusion_ms']:.1f} | {a['ratio']:.2f} ({a['ratio_median']:.2f}) | "
@@ -210,11 +265,14 @@ def main() -> None:
         "| 1 + own / (NFE x forward) |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for name, r in results["forward"].items():
+    for name, r in results.get("forward", {}).items():
         lines.append(
             f"| {name} | {r['nfe']} | {r['forward_ms']:.2f} | {r['ratio']:.3f} ({r['ratio_median']:.3f}) | "
             f"{r['ratio_sample_noise']:.3f} | {r['own_ms_per_step']:.3f} | {r['ratio_own']:.4f} |"
         )
+    if "guider" in results:
+        lines += ["", "| batch | cfg call (us) | bare cat + chunk + lerp (us) | ratio |", "|---:|---:|---:|---:|"]
+        lines += [f"| {b} | {r['guider_us']:.1f} | {r['bare_us']:.1f} | {r['ratio']:.2f} |" for b, r in results["guider"].items()]
     table = "\n".join(lines)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
