@@ -21,7 +21,8 @@ B, C, H = base.B, base.C, base.H
 
 class OfficialNAG:
     """The official NAG cross-attention step, written out: hidden states of B rows, context [positive; negative]
-    (2B rows); the query tiled, one attention over 2B rows, then extrapolate / L1-clip / blend."""
+    (2B rows; with CFG: hidden [uncond; cond], context [negative; positive; negative]); the query tiled, one
+    attention over all context rows, then extrapolate / L1-clip / blend."""
 
     def __init__(self, scale, tau, alpha):
         self.scale, self.tau, self.alpha = scale, tau, alpha
@@ -33,19 +34,23 @@ class OfficialNAG:
         q = attn.to_q(hidden_states)
         k, v = attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
         n = encoder_hidden_states.shape[0]
+        o = n - b  # the original batch
         if n == 2 * b:
             q = q.tile(2, 1, 1)
+        elif n > b:
+            q = torch.cat([q, q[o : 2 * o]])
         d = k.shape[-1] // attn.heads
         q, k, v = (t.view(n, -1, attn.heads, d).transpose(1, 2) for t in (q, k, v))
         z = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, -1, attn.heads * d)
-        if n == 2 * b:
-            zp, zn = z[:b], z[b:]
+        if n > b:
+            zp, zn = (z[:o], z[-o:]) if n == 2 * b else (z[o : 2 * o], z[-o:])
             g = zp * self.scale - zn * (self.scale - 1)
             np_ = torch.norm(zp, p=1, dim=-1, keepdim=True).expand(*zp.shape)
             ng = torch.norm(g, p=1, dim=-1, keepdim=True).expand(*g.shape)
             r = ng / np_
             g = g * torch.minimum(r, r.new_ones(1) * self.tau) / r
-            z = g * self.alpha + zp * (1 - self.alpha)
+            g = g * self.alpha + zp * (1 - self.alpha)
+            z = g if n == 2 * b else torch.cat([z[:o], g])
         return attn.to_out[1](attn.to_out[0](z))
 
 
@@ -110,8 +115,8 @@ def test_nag_neutral_one_call_and_errors(tmp_path):
         nag(gd.load(pixart._save(tmp_path), dtype=torch.float64, null_text=pnull), 3.0)
     with pytest.raises(GuidelabError, match="no layer"):
         nag(den, 3.0, layers=["nope"])
-    with pytest.raises(GuidelabError, match="cfg_weight"):
-        nag(den, 3.0, cfg_weight=2.0)
+    with pytest.raises(GuidelabError, match="cfg_weight must be a finite number"):
+        nag(den, 3.0, cfg_weight=float("nan"))
     with pytest.raises(GuidelabError, match="finite number"):
         nag(den, torch.tensor([2.0, 3.0]))
 
@@ -126,8 +131,10 @@ def test_generate_with_nag(tmp_path):
     assert torch.equal(generate(folder, guider="nag", w=1.0, **kw), plain)
     mid = generate(folder, guider="nag", w=4.0, layers=["mid_block"], **kw)  # one cross-attention only
     assert (mid - x).abs().max() > 1e-6 and (mid - plain).abs().max() > 1e-6
+    with_cfg = generate(folder, guider="nag", w=4.0, cfg_weight=2.0, **kw)
+    assert (with_cfg - x).abs().max() > 1e-6
     with pytest.raises(GuidelabError, match="cfg_weight combines CFG"):
-        generate(folder, guider="nag", w=4.0, cfg_weight=2.0, **kw)
+        generate(folder, guider="icg", w=4.0, cfg_weight=2.0, **kw)
 
 
 class OfficialJointNAG:
@@ -203,3 +210,37 @@ def test_nag_on_sd3_joint_attention_equals_the_official_step(monkeypatch):
         net.set_attn_processor(dict(saved))
     ref = x_t - t.view(-1, 1, 1, 1) * v
     assert (ours - ref).abs().max() < 1e-10 and (ref - plain).abs().max() > 1e-3
+
+
+def test_nag_with_cfg_equals_the_official_step_in_one_call(tmp_path):
+    """NAG + CFG (the official pipelines at guidance_scale > 1): D_u + g (D_nag - D_u) in one call of 2B rows, equal
+    to the official step ([uncond; cond] hidden rows, [negative; prompt; negative] context) to 1e-10; nag at
+    w = 1 with cfg_weight is plain CFG bit for bit; cfg_weight = 1 is NAG alone bit for bit."""
+    from guidelab import guidance
+
+    _, den, emb, null = _text_model(tmp_path)
+    unet = den.model
+    sigma = den.grid[[500, 500]]
+    s = sigma.view(-1, 1, 1, 1)
+    x = torch.randn(B, C, H, H, generator=torch.Generator().manual_seed(2), dtype=torch.float64) * 2
+    calls = base._count_calls(unet)
+    with torch.no_grad():
+        calls.clear()
+        ours = nag(den, 3.0, cfg_weight=4.0)(x, sigma, encoder_hidden_states=emb)
+        assert calls == [2 * B]
+        plain_cfg = guidance.cfg(den, 4.0)(x, sigma, encoder_hidden_states=emb)
+        assert torch.equal(nag(den, 1.0, cfg_weight=4.0)(x, sigma, encoder_hidden_states=emb), plain_cfg)
+        alone = nag(den, 3.0)(x, sigma, encoder_hidden_states=emb)
+        assert torch.equal(nag(den, 3.0, cfg_weight=1.0)(x, sigma, encoder_hidden_states=emb), alone)
+        saved = dict(unet.attn_processors)
+        unet.set_attn_processor({n: OfficialNAG(3.0, 2.5, 0.5) if "attn2" in n else p for n, p in saved.items()})
+        neg = null.expand(B, -1, -1)
+        eps = unet(
+            torch.cat([x, x]) / (1 + s.repeat(2, 1, 1, 1) ** 2).sqrt(),
+            torch.tensor(500),
+            encoder_hidden_states=torch.cat([neg, emb, neg]),
+        ).sample
+        unet.set_attn_processor(dict(saved))
+    eps_u, eps_c = eps.chunk(2)
+    ref = x - s * (eps_u + 4.0 * (eps_c - eps_u))
+    assert (ours - ref).abs().max() < 1e-10 and (ours - plain_cfg).abs().max() > 1e-4

@@ -117,8 +117,8 @@ def make_guider(
         f"layers is for pag, seg, slg or tsg (and sag, nag), not {guider!r}",
     )
     check(
-        cfg_weight is None or guider in ATTENTION,
-        f"cfg_weight combines CFG with pag, seg or slg (and sag); for {guider!r} use guider='cfg' or leave it unset",
+        cfg_weight is None or guider in (*ATTENTION, "nag"),
+        f"cfg_weight combines CFG with pag, seg or slg (and sag, nag); for {guider!r} use guider='cfg' or leave it unset",
     )
     for key, value in (("layers", layers), ("cfg_weight", cfg_weight)):
         if value is not None and guider in (*ATTENTION, "nag"):

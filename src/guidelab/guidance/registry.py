@@ -582,6 +582,7 @@ GUIDERS: dict[str, GuiderSpec] = {
                 _LAYERS,
                 Option("tau", float, 2.5, "L1-norm ratio cap (nag_tau)"),
                 Option("alpha", float, 0.5, "blend of the extrapolated and the prompt's attention (nag_alpha)"),
+                _CFG_WEIGHT,
             ],
         ),
         _spec(

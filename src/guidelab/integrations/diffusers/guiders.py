@@ -14,6 +14,7 @@ import torch
 from ...errors import check
 from ...guidance import registry
 from ...guidance._base import Branch, Guided, PerCall
+from ...guidance.cfg import cfg
 from ...guidance.compose import Composed, compose
 from ...guidance.protocols import OnePass
 from .adapter import NEGATIVE, PERTURB, DiffusersDenoiser
@@ -161,7 +162,7 @@ def nag(
     alpha: float = NAG_DEFAULTS[1],
     layers: str | Sequence[str] | None = None,
     cfg_weight=None,
-) -> OnePass:
+) -> OnePass | Guided:
     """Normalized attention guidance (Chen et al. 2025, arXiv 2505.21179): one network call whose cross-attentions
     extrapolate the prompt's attention output ``Z+`` away from the negative prompt's ``Z-``:
     ``Z = Z- + w (Z+ - Z-)`` (the official ``nag_scale`` is ``w``: 1 is no guidance), the per-token L1 norm of
@@ -173,8 +174,10 @@ def nag(
     ``UNet2DConditionModel``, and SD3 (a :class:`~.flow.FlowDenoiser`; :class:`JointNAG`: the negative text
     stream runs through every block, as the official SD3 pipeline). PixArt (its caption projection runs before the
     cross-attentions) and FLUX are not supported yet. At ``w == 1`` the plain model (bit for bit).
+
+    ``cfg_weight`` (UNets): CFG as well, in the same call of 2B rows, as the official pipelines at
+    ``guidance_scale > 1``: ``D = D_u + cfg_weight (D_nag - D_u)``, ``D_u`` the plain model on the negative prompt.
     """
-    check(cfg_weight is None, "nag with cfg_weight is not supported yet (NAG replaces CFG's negative prompt)")
     model = getattr(denoiser, "model", denoiser)
     if isinstance(denoiser, FlowDenoiser) and type(model).__name__ == "SD3Transformer2DModel":
         return _joint_nag(denoiser, w, tau, alpha, layers, cfg_weight)
@@ -190,11 +193,16 @@ def nag(
         isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w),
         f"nag's w (nag_scale) must be a finite number, got {w!r}",
     )
+    check(
+        cfg_weight is None
+        or (isinstance(cfg_weight, (int, float)) and not isinstance(cfg_weight, bool) and math.isfinite(cfg_weight)),
+        f"nag's cfg_weight must be a finite number, got {cfg_weight!r}",
+    )
     null = denoiser.null_text
     check(null is not None, "nag needs the negative prompt embedding: pass null_text=... (--null-text / a negative prompt)")
     assert null is not None  # checked above
     if w == 1:
-        return OnePass(denoiser, denoiser, "nag")
+        return OnePass(denoiser, denoiser, "nag") if cfg_weight is None else cfg(denoiser, cfg_weight)
     pert = Perturbation("nag", layers, nag=(float(w), tau, alpha))
     den = denoiser.with_perturbation(pert)
     pert.modules(den.model)  # layers that match nothing: an error now, not at the first call
@@ -203,6 +211,10 @@ def nag(
         return null.to(x.device).expand(x.shape[0], *null.shape[1:])
 
     branch = Branch(den, {PERTURB: MARKED, NEGATIVE: PerCall(negative)})
+    if cfg_weight is not None:  # the reference rows: unmarked, the negative prompt (one call of 2B rows)
+        assert den.condition is not None  # a text model (checked above)
+        ref = Branch(den, {**den.condition.null, PERTURB: UNMARKED, NEGATIVE: PerCall(negative)})
+        return Guided(branch, ref, cfg_weight, "nag+cfg")
 
     def guided(x, sigma, **cond):
         return den(x, sigma, **branch.cond(cond, x, sigma))
@@ -235,7 +247,7 @@ class JointNAG:
 
 
 def _joint_nag(den: FlowDenoiser, w, tau: float, alpha: float, layers, cfg_weight) -> OnePass:
-    check(cfg_weight is None, "nag with cfg_weight is not supported yet (NAG replaces CFG's negative prompt)")
+    check(cfg_weight is None, "nag with cfg_weight on SD3 is not supported yet (UNets: supported)")
     check(
         isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w),
         f"nag's w (nag_scale) must be a finite number, got {w!r}",
