@@ -37,7 +37,7 @@ if ! "$PY" -c "import diffusers" 2>/dev/null; then
     export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH="$ROOT/src${PYTHONPATH:+:$PYTHONPATH}"
-export GUIDELAB_DEVICE=$DEVICE NVIDIA_TF32_OVERRIDE=0 OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
+export GUIDELAB_DEVICE=$DEVICE NVIDIA_TF32_OVERRIDE=0 CUBLAS_WORKSPACE_CONFIG=:4096:8 OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
 T0=$(date +%s)
 left() { echo $((470 - ($(date +%s) - T0))); }   # seconds left of the 8 minutes, less a margin for the summary
 
