@@ -109,3 +109,17 @@ def test_schedule_pipeline_equals_the_ddim_scheduler_loop(tmp_path):
     assert final > 0 and (ours / (1 + final**2) ** 0.5 - lat).abs().max() < 1e-4
     karras = generate(folder, sampler="ddim", steps=steps, seeds=seeds, label=2, dtype="float64")
     assert (karras - ours).abs().max() > 1e-3
+
+
+def test_block_settings_are_checked_before_anything_is_written(tmp_path):
+    folder, out = base._save(tmp_path, "unet"), tmp_path / "out"
+    for kw, match in (
+        ({"seeds": [3, 3]}, "seeds must be distinct"),
+        ({"seeds": [2**63 - 1], "block": 3}, "reaches past 2"),
+        ({"block": -1}, "block must be an integer >= 0"),
+    ):
+        with pytest.raises(GuidelabError, match=match):
+            generate(folder, steps=2, label=1, out=out, **kw)
+        assert not out.exists()
+    x = generate(folder, steps=2, seeds=[2**63 - 1], label=1, block=4)  # the last block ends at 2^63 - 1
+    assert x.shape == (1, C, H, H) and torch.isfinite(x).all()

@@ -231,6 +231,10 @@ def generate(
         not cfg.block or len(set(seeds)) == len(seeds),
         "seeds must be distinct (each seed has its own row of its block)",
     )
+    check(
+        not cfg.block or max(seeds) // cfg.block * cfg.block + cfg.block <= 2**63,
+        f"block {cfg.block}: the block of seed {max(seeds)} reaches past 2^63 - 1; use a power-of-two block",
+    )
 
     dtype = _dtype(cfg.dtype)
     kw = {
