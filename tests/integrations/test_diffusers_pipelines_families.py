@@ -346,6 +346,8 @@ GUIDERS = {
     "seg": (3.0, {}),
     "slg": (3.0, {}),
     "pag+cfg": (3.0, {"cfg_weight": 3.0}),
+    "seg+cfg": (3.0, {"cfg_weight": 3.0}),
+    "slg+cfg": (3.0, {"cfg_weight": 3.0}),
 }
 #: (family, guider) combinations that refuse with one clear error, and the error.
 REFUSED = {
@@ -354,6 +356,8 @@ REFUSED = {
     ("flux", "seg"): "seg on flow models: SD3 only",
     ("flux", "slg"): "slg on flow models: SD3 only",
     ("flux", "pag+cfg"): "pag on flow models: SD3 only",
+    ("flux", "seg+cfg"): "seg on flow models: SD3 only",
+    ("flux", "slg+cfg"): "slg on flow models: SD3 only",
     ("sd3", "tsg"): "noise_embed",
 }
 
