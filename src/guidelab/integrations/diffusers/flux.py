@@ -49,9 +49,7 @@ def velocity_call(model: torch.nn.Module, img_ids: torch.Tensor, txt_ids: torch.
     ``t * 1000`` (the pipeline passes ``timestep / 1000``)."""
 
     def v(x_t, timestep, **cond):
-        return model(
-            hidden_states=x_t, timestep=timestep / 1000, img_ids=img_ids, txt_ids=txt_ids, **cond, return_dict=False
-        )[0]
+        return model(hidden_states=x_t, timestep=timestep / 1000, img_ids=img_ids, txt_ids=txt_ids, **cond, return_dict=False)[0]
 
     return v
 
