@@ -87,3 +87,14 @@ def test_demo_records_provenance_in_metrics_and_figures(quick_run):
     for name in ("samples.png", "tradeoff.png", "all_samples.png"):
         assert provenance.read_png(out / name) == prov
     assert "<h2>Provenance</h2>" in (out / "report.html").read_text()
+
+
+def test_demo_parameter_count_behind_its_thread_default():
+    from guidelab.models import registry
+    from guidelab.threads import SMALL_MODEL, choose_threads
+    from guidelab.training.toy import ToyConfig
+
+    largest = max(
+        sum(p.numel() for p in registry.build(ToyConfig(hidden=m["hidden"]).model()).parameters()) for m in demo.MODELS.values()
+    )
+    assert largest == demo.PARAMETERS <= SMALL_MODEL and choose_threads(parameters=demo.PARAMETERS)[0] == 1

@@ -36,9 +36,9 @@ MODELS = {
 #: ``--quick``: tiny models for a smoke test (seconds, not minutes); too short to show the finding.
 QUICK = {k: {"iters": max(v["iters"] // 16, 32), "batch": 1024} for k, v in MODELS.items()}
 SIGMA_MIN, SIGMA_MAX, STEPS, RHO = 0.002, 5.0, 32, 7.0
-#: The largest demo network has ~13 k parameters (hidden 64): small, so one CPU thread by default
-#: (guidelab.threads; measured in bench/demo_load.py).
-PARAMETERS = 20_000
+#: Parameters of the largest demo network (ToyMLP, hidden 64; tests/test_demo.py checks it): small, so one
+#: CPU thread by default (guidelab.threads; measured in bench/demo_load.py).
+PARAMETERS = 16_641
 WEIGHTS = {"cfg": (1.5, 2.0, 3.0, 4.0), "autoguidance": (1.5, 2.0, 2.5, 3.0)}
 VIEW = (0.30, 0.30, 1.2)  # centre x, centre y, half-width: the paper's wide view
 
