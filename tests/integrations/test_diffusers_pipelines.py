@@ -190,7 +190,7 @@ def test_bad_inputs(sd, tmp_path):
         load(bad)
 
 
-def sd3_folder(tmp, seed=0):
+def sd3_folder(tmp, seed=0, **sched):
     tok, vocab = clip_tokenizer(tmp / "tok")
     torch.manual_seed(seed)
     net = diffusers.SD3Transformer2DModel(
@@ -210,7 +210,7 @@ def sd3_folder(tmp, seed=0):
     vae.register_to_config(shift_factor=0.1, scaling_factor=1.5)
     pipe = diffusers.StableDiffusion3Pipeline(
         transformer=net,
-        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0),
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(**{"shift": 3.0, **sched}),
         vae=vae,
         text_encoder=clip_text(vocab, projection=True),
         tokenizer=tok,
@@ -219,7 +219,7 @@ def sd3_folder(tmp, seed=0):
         text_encoder_3=None,
         tokenizer_3=None,
     )
-    out = tmp / f"sd3-{seed}"
+    out = tmp / f"sd3-{seed}-{len(sched)}"
     pipe.save_pretrained(out)
     return out
 
@@ -238,6 +238,19 @@ def test_sd3_equals_diffusers(sd3):
     assert got.shape == ref.shape == (2, 3, 8, 8)
     assert ref.std() > 1e-2 and (ref - reference(*args, 1.0, 5, L)).abs().max() > 1e-3  # an image, and CFG bites
     assert (got - ref).abs().max() <= 1e-4
+
+
+def test_sd3_dynamic_shift_equals_diffusers(tmp_path):
+    """use_dynamic_shifting: mu from the latent patch count (max_shift default 1.16), as StableDiffusion3Pipeline."""
+    folder = sd3_folder(tmp_path, use_dynamic_shifting=True, base_image_seq_len=16, max_image_seq_len=256)
+    torch.manual_seed(3)
+    L = torch.randn(2, 4, 8, 8)
+    args = (folder, "StableDiffusion3Pipeline", ["a red cube", "a blue ball"])
+    ref = reference(*args, 4.0, 4, L)
+    got = load(folder).generate(["a red cube", "a blue ball"], guider="cfg", w=4.0, steps=4, latents=L)
+    assert (got - ref).abs().max() <= 1e-4
+    fixed = reference(sd3_folder(tmp_path), "StableDiffusion3Pipeline", args[2], 4.0, 4, L)
+    assert (fixed - ref).abs().max() > 1e-3  # the dynamic shift changes the grid
 
 
 @pytest.mark.parametrize("guider", ["cfg_zero_star", "apg", "rescale"])
