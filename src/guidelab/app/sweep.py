@@ -177,6 +177,8 @@ def run(
         probe = jobs.build_balanced(base, device or "cpu", classifier="classifier" in sweep.methods)
         base = probe.cfg
         if reference is None and probe.shape == (1, 8, 8):
+            if progress:
+                log.info("loading the digits classifier and the test split's features (the metrics' reference)")
             digits = DigitsMetrics(sweep.classifier)
     if reference is None and digits is None:
         check(
