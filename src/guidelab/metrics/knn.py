@@ -163,7 +163,7 @@ _CACHE: dict[str, object] = {}
 def _key(x: torch.Tensor) -> str:
     h = hashlib.blake2b(digest_size=16)
     h.update(str((tuple(x.shape), x.dtype)).encode())
-    h.update(x.contiguous().view(torch.uint8).numpy().tobytes() if x.numel() else b"")
+    h.update(x.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if x.numel() else b"")
     return h.hexdigest()
 
 
@@ -172,7 +172,7 @@ def knn_radii_multi(x: torch.Tensor, ks, budget: int = BUDGET) -> dict[int, torc
     from one pass over x against x. Exact (values equal to ``dist(x, x).kthvalue(k + 1)``). The last
     result is remembered (keyed by x's bytes, with k = 3 and 5 computed too when N allows), so
     precision/recall and density/coverage against one reference make one real-real pass."""
-    x = x.double().contiguous()
+    x = x.detach().double().contiguous()
     n = x.shape[0]
     ks = sorted({int(k) for k in ks})
     check(all(1 <= k < n for k in ks), f"k must be an integer in [1, N-1]={n - 1}, got {ks}")
@@ -199,7 +199,7 @@ def prdc(
     against ``real`` [N, D] from four screened passes: real-real (once, both k; or ``real_radii`` from
     :func:`knn_radii_multi`), fake-fake (skipped when not ``recall``), fake in real balls and real in fake
     balls. Values equal the exact all-pairs ones."""
-    real, fake = real.double().contiguous(), fake.double().contiguous()
+    real, fake = real.detach().double().contiguous(), fake.detach().double().contiguous()
     rr = real_radii if real_radii is not None else knn_radii_multi(real, (k_pr, k_dc), budget)
     check(k_pr in rr and k_dc in rr, f"real_radii must hold k={k_pr} and k={k_dc}, has {sorted(rr)}")
     n, m = real.shape[0], fake.shape[0]
