@@ -64,6 +64,34 @@ def test_neutral_settings_are_bit_identical():
     assert torch.equal(off(x, s, **emb, **lab), WE(x, s, emb=emb["emb"], **lab))
 
 
+def test_rules_are_unguided_bit_for_bit_where_a_schedule_or_per_sample_weight_is_one():
+    """Where a schedule (here the step gate, outside its steps) or a per-sample weight is exactly 1, every
+    rule returns the main branch bit for bit, as at the number w = 1 (no space round trip, no clipping)."""
+    D_img = Images()
+    xi, si = torch.randn(16, 1, 2, 8, dtype=torch.float64), torch.full((16,), 0.7, dtype=torch.float64)
+    cases = {name: (rule, W, x, s) for name, rule in RULES.items() if name != "cads"}
+    cases["fdg"] = (lambda g: G.fdg(g, 2.0), D_img, xi, si)
+    w_ps = torch.tensor([1.0, 4.0] * 8, dtype=torch.float64)
+    one = w_ps == 1
+    for name, (rule, D, x_, s_) in cases.items():
+        unguided = D(x_, s_, **lab)
+        gated = rule(G.cfg(D, G.weight_schedule("steps", 4.0, start=1, stop=1)))
+        run = G.Run(x_, SIG)
+        g = gated.start(run)
+        for i in run.steps():
+            got = g(x_, s_, **lab)
+            if i == 1:
+                assert not torch.allclose(got, unguided), name
+            else:
+                assert torch.equal(got, unguided), (name, i)
+            if i == 2:
+                break
+        got = rule(G.cfg(D, w_ps))(x_, s_, **lab)
+        assert torch.equal(got[one], unguided[one]), name
+        full = rule(G.cfg(D, 4.0))(x_, s_, **lab)
+        torch.testing.assert_close(got[~one], full[~one], rtol=0, atol=1e-12)
+
+
 def test_tcfg_drops_exactly_the_second_singular_direction():
     D_c, D_u = W(x, s, **lab), W(x, s, label=2)
     e_c, e_u = to_space(D_c, x, s, "eps"), to_space(D_u, x, s, "eps")

@@ -7,6 +7,7 @@ import torch
 from ..denoisers import bcast
 from ..errors import check
 from ._base import Guided
+from .weight_schedule import keep_unguided
 
 
 def threshold(D: torch.Tensor, p: float, c: float) -> torch.Tensor:
@@ -31,6 +32,6 @@ def dynamic_thresholding(guider: Guided, *, percentile: float = 0.995, max_value
     check(max_value > 0, f"dynamic_thresholding max_value must be > 0, got {max_value}")
 
     def rule(D, D_ref, w, x, sigma, run):
-        return threshold(D_ref.lerp(D, w), percentile, max_value)
+        return keep_unguided(w, D, threshold(D_ref.lerp(D, w), percentile, max_value))
 
     return guider.with_rule(rule, f"dynamic_thresholding[{guider.name}]")

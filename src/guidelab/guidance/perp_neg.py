@@ -10,7 +10,7 @@ import torch
 from ..denoisers import bcast
 from ..errors import GuidelabError, check
 from ._base import Branch, Guided, batch_dot, evaluate, is_off
-from .weight_schedule import WeightSchedule
+from .weight_schedule import WeightSchedule, keep_unguided
 
 
 class PerpNeg(Guided):
@@ -27,7 +27,7 @@ class PerpNeg(Guided):
         w = bcast(w.to(D), D) if isinstance(w, torch.Tensor) else w
         e_pos, e_neg = (D - D_u).double(), (D_n - D_u).double()
         par = bcast(batch_dot(e_neg, e_pos) / batch_dot(e_pos, e_pos).clamp_min(1e-300), e_pos) * e_pos
-        return D_u + w * (e_pos - self.neg_w * (e_neg - par)).to(D.dtype)
+        return keep_unguided(w, D, D_u + w * (e_pos - self.neg_w * (e_neg - par)).to(D.dtype))
 
     def with_rule(self, rule, name: str) -> Guided:
         raise GuidelabError(f"{name} needs a linear guider (cfg, autoguidance, icg, tsg), got {self.name}")

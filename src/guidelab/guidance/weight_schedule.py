@@ -138,3 +138,12 @@ def parse_weight(text: str):
             f"--weight must be a number or KIND:START-END[:key=value,...] (e.g. linear:1-4), got {text!r}"
         ) from None
     return weight_schedule(kind.strip(), w_start, w_end, **options)
+
+
+def keep_unguided(w, D: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out`` with the main branch ``D`` wherever the (broadcast, per-sample) weight is exactly 1: a rule
+    under a schedule or a per-sample weight is then bit-identical to no guidance where ``w = 1``, as it is
+    at the number ``w = 1`` (the rules' space round trips and clipping would otherwise touch those rows)."""
+    if not isinstance(w, torch.Tensor):
+        return out
+    return torch.where(w == 1, D, out)
