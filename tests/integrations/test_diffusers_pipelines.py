@@ -180,6 +180,8 @@ def test_bad_inputs(sd, tmp_path):
         pipe.generate(["a", "b"], seeds=[0, 1, 2], steps=2)
     with pytest.raises(GuidelabError, match="has none"):
         pipe.generate("a", negative_prompt="b", guider="pag", steps=2)
+    with pytest.raises(GuidelabError, match="has none"):  # unguided: the negative prompt would be ignored
+        pipe.generate("a", negative_prompt="b", guider="none", steps=2)
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyPipeline"}))

@@ -9,7 +9,8 @@
 * :mod:`.scheduler`: the folder's scheduler config honoured (``schedule="pipeline"``, x0 clipping /
   thresholding, the equal sampler, PNDM's PLMS, refused settings);
 * :mod:`.pipelines`: :func:`load_pipeline` and ``Pipeline.generate``: prompt in, image out (docs/PIPELINES.md);
-* :mod:`.guiders`: :func:`attention_guidance` (:func:`pag`, :func:`seg`, :func:`slg`), SLG's step window.
+* :mod:`.guiders`: :func:`attention_guidance` (:func:`pag`, :func:`seg`, :func:`slg`), SLG's step window, :func:`nag`;
+* :mod:`.sag`: :func:`sag` (self-attention guidance: blur where the middle block attends).
 
 CFG, ICG and TSG are the generic ``guidance.cfg(den, w)``, ``guidance.icg(den, w)``, ``guidance.tsg(den, w)``: the
 denoiser declares ``condition`` and ``noise_embed_dim``. Sampling runs that write files (``guidelab diffusers``)
@@ -38,7 +39,10 @@ from .guiders import (
     MARKED,
     SLG_WINDOW,
     UNMARKED,
+    JointNAG,
+    PerturbedFlow,
     attention_guidance,
+    nag,
     pag,
     seg,
     slg,
@@ -46,6 +50,7 @@ from .guiders import (
 )
 from .hooks import DEFAULT_LAYERS, Perturbation, perturbed_attention
 from .pipelines import PIPELINES, Pipeline, load_pipeline
+from .sag import sag
 from .sdxl import SDXLDenoiser
 
 __all__ = [
@@ -77,6 +82,10 @@ __all__ = [
     "load_pipeline",
     "load_model",
     "make_sigmas",
+    "JointNAG",
+    "PerturbedFlow",
+    "nag",
+    "sag",
     "pag",
     "perturbed_attention",
     "seg",

@@ -41,7 +41,7 @@ PIPELINES = {
 #: Flow-matching pipelines (:mod:`.flow`); the others are VP (:class:`~.adapter.DiffusersDenoiser`).
 FLOW = ("StableDiffusion3Pipeline", "FluxPipeline")
 #: Guiders whose reference branch is the negative / empty prompt (the registry's ``null_label`` need).
-REFERENCE = tuple(registry.names(needs={"null_label"}))
+REFERENCE = tuple(n for n in registry.names() if "null_label" in registry.get(n).needs)
 _CLIP = ("text_encoder", "tokenizer")
 #: Components each pipeline needs (a missing one is an error naming folder and component).
 COMPONENTS = {
