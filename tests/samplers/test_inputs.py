@@ -15,6 +15,8 @@ def denoiser(x, sigma):
 
 X = torch.zeros(4, 2, dtype=torch.float64)
 GOOD = schedules.karras(5, 0.01, 10.0)
+#: the one sampler that needs a model input: dpm_solver_v3's statistics (here the degenerate ones, by name)
+KW = {"dpm_solver_v3": {"ems": "degenerate"}}
 BAD = {
     "not decreasing": (torch.tensor([1.0, 2.0, 0.0]), "strictly decreasing"),
     "repeated": (torch.tensor([2.0, 2.0, 0.0]), "strictly decreasing"),
@@ -35,10 +37,11 @@ def test_bad_sigmas(name, case):
 
 @pytest.mark.parametrize("name", samplers.names())
 def test_every_sampler_runs_and_checks_x(name):
-    out = samplers.get(name)(denoiser, X + 1, GOOD, noise=SampleNoise(range(4)) if samplers.info(name).stochastic else None)
+    noise = SampleNoise(range(4)) if samplers.info(name).stochastic else None
+    out = samplers.get(name)(denoiser, X + 1, GOOD, noise=noise, **KW.get(name, {}))
     assert out.shape == X.shape and torch.isfinite(out).all()
     with pytest.raises(GuidelabError, match="NaN"):
-        samplers.get(name)(denoiser, X + float("nan"), GOOD)
+        samplers.get(name)(denoiser, X + float("nan"), GOOD, **KW.get(name, {}))
 
 
 def test_unknown_name_lists_known():
@@ -46,7 +49,7 @@ def test_unknown_name_lists_known():
         samplers.get("dpmpp_9m")
     with pytest.raises(GuidelabError):
         samplers.info("nope")
-    assert samplers.names() == sorted(samplers.names()) and len(samplers.names()) == 14
+    assert samplers.names() == sorted(samplers.names()) and len(samplers.names()) == 17
 
 
 @pytest.mark.parametrize(
@@ -85,5 +88,5 @@ def test_one_signature(name):
 def test_no_autograd_graph(name):
     """Samplers run under no_grad: a network with trainable weights builds no graph across steps."""
     w = torch.ones(2, dtype=torch.float64, requires_grad=True)
-    out = samplers.get(name)(lambda x, s: denoiser(x, s) * w, X + 1, GOOD, noise=SampleNoise(range(4)))
+    out = samplers.get(name)(lambda x, s: denoiser(x, s) * w, X + 1, GOOD, noise=SampleNoise(range(4)), **KW.get(name, {}))
     assert not out.requires_grad
