@@ -86,8 +86,8 @@ def test_demo_records_provenance_in_metrics_and_figures(quick_run):
         assert prov[f"{k}_sha256"] == sha256(prov[k])
     for name in ("samples.png", "tradeoff.png", "all_samples.png"):
         assert provenance.read_png(out / name) == prov
-    page = (out / "report.html").read_text()
-    assert prov["git_commit"] in page and prov["model_main_sha256"] in page  # the provenance table of the report
+    page = (out / "report.html").read_text()  # the CLI draws it with report.demo_page
+    assert prov["git_commit"] in page and prov["model_main_sha256"] in page and "<table>" in page
 
 
 def test_demo_parameter_count_behind_its_thread_default():
