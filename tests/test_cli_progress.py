@@ -77,3 +77,8 @@ def test_inverse_shows_progress(tmp_path):
     args = ["inverse", "digits-gmm", "--task", "inpaint", "--method", "dps", "--input", tmp_path / "d.npz"]
     err = _run(args + ["--out", tmp_path / "o", "--n", 2, "--steps", 3])
     assert "using 1 CPU thread" in err and ("3/3" in err or "loading digits-gmm" in err)
+
+
+def test_classifier_training_has_a_phase_line(tmp_path):
+    err = _run(["classifier", "--out", tmp_path / "c.safetensors", "--steps", 2])
+    assert "training the digits classifier (first use, 2 steps" in err and "weights sha256" in err
