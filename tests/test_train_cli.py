@@ -104,6 +104,22 @@ def test_phema_command(tmp_path):
     m, ref = load_model(tmp_path / "g.safetensors"), reconstruct(run, 0.07)
     assert m.checkpoint_info["sigma_rel"] == 0.07 and m.checkpoint_info["kind"] == "phema"
     assert all(torch.equal(v, ref.state_dict()[k]) for k, v in m.state_dict().items())
+    # a sigma_rel far outside what the snapshots can reproduce: written, but with a warning (issue 15)
+    errs = []
+    for sigma_rel in (0.07, 0.28):
+        r = CliRunner().invoke(
+            cli.main, ["phema", str(run), "--sigma-rel", str(sigma_rel), "--out", str(tmp_path / f"{sigma_rel}.st")]
+        )
+        assert r.exit_code == 0, r.output
+        errs.append(
+            (
+                load_model(tmp_path / f"{sigma_rel}.st").checkpoint_info["phema_error"],
+                r.stderr if r.stderr_bytes is not None else r.output,
+            )
+        )
+    assert errs[0][0] <= 0.1 < errs[1][0]  # one of each
+    for err, text in errs:
+        assert ("warning: the post-hoc EMA" in text) == (err > 0.1), (err, text)
 
 
 def test_train_command_unet(tmp_path):
