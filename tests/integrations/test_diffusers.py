@@ -241,6 +241,22 @@ def test_pipeline_layout_and_snapped_timesteps(tmp_path):
         gd.load(tmp_path, timesteps="round")
 
 
+@pytest.mark.parametrize("mode", ["interpolate", "nearest"])
+def test_timestep_cache_is_bit_identical(tmp_path, mode):
+    """The per-sigma cache of DiffusersDenoiser.timestep returns what the uncached map computes, bit for bit, on
+    grid and off-grid sigmas, repeated and mixed in one batch, in float32 and float64; NaN bypasses it."""
+    den = gd.load(_save(tmp_path, "unet"), timesteps=mode)
+    gen = torch.Generator().manual_seed(0)
+    s = torch.cat([den.grid[[0, 3, 999]], torch.rand(5, generator=gen, dtype=torch.float64) * 50, torch.tensor([0.0, 1e9])])
+    for sigma in (s, s.float(), s.flip(0), s[[1, 1, 4, 1]]):
+        first, again = den.timestep(sigma), den.timestep(sigma)
+        want = den._timestep(sigma)
+        assert first.dtype == torch.float64 and torch.equal(first, want) and torch.equal(again, want)
+    assert 0 < len(den._t_cache) <= 4096
+    nan = torch.tensor([float("nan"), 1.0])
+    assert torch.equal(den.timestep(nan)[1:], den._timestep(nan)[1:])
+
+
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
 def test_prediction_types_convert_to_x0(tmp_path, prediction_type):
     """D from the raw output F at a grid timestep, by the VP formulas written in VP variables."""

@@ -107,6 +107,7 @@ class DiffusersDenoiser:
         self.prediction_type, self.timestep_mode = pred, timesteps
         self.grid = ((1 - abar) / abar).sqrt()  # sigma_t, t = 0..T-1, increasing
         self._log_grid = self.grid.log()
+        self._t_cache: dict[float, float] = {}  # sigma -> timestep (see timestep)
         self.cond_key = "encoder_hidden_states" if _takes_text(model) else "class_labels"
         if null_label is None and type(model).__name__ in ("DiTTransformer2DModel", "Transformer2DModel"):
             n = getattr(model.config, "num_embeds_ada_norm", None)  # DiT's label table has num_classes + 1 rows:
@@ -137,7 +138,23 @@ class DiffusersDenoiser:
         return schedules.discrete(n, self.grid, spacing, **kw)
 
     def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
-        """Continuous (or snapped) timestep of each sigma, float64 [B] (see the module docstring)."""
+        """Continuous (or snapped) timestep of each sigma, float64 [B] (see the module docstring); cached per sigma
+        value (a run asks for the same few grid sigmas every step), the cached value is the one :meth:`_timestep`
+        computed for it, so results are bit-identical."""
+        dev = sigma.device if sigma.device.type in ("cpu", "cuda") else torch.device("cpu")  # float64 there
+        values = sigma.detach().to("cpu", torch.float64).tolist()
+        if any(v != v for v in values):  # NaN: no cache key
+            return self._timestep(sigma)
+        cache = self._t_cache
+        missing = sorted({v for v in values if v not in cache})
+        if missing:
+            if len(cache) + len(missing) > 4096:  # e.g. a continuous-sigma sampler: do not grow without bound
+                cache.clear()
+            cache.update(zip(missing, self._timestep(torch.tensor(missing, dtype=torch.float64, device=dev)).tolist(), strict=True))
+        return torch.tensor([cache[v] for v in values], dtype=torch.float64, device=dev)
+
+    def _timestep(self, sigma: torch.Tensor) -> torch.Tensor:
+        """:meth:`timestep` without the cache."""
         dev = sigma.device if sigma.device.type in ("cpu", "cuda") else torch.device("cpu")  # float64 there
         ls = sigma.detach().to(dev, torch.float64).clamp_min(1e-30).log()
         if self._log_grid.device != dev:
