@@ -150,7 +150,8 @@ class DiffusersDenoiser:
         if missing:
             if len(cache) + len(missing) > 4096:  # e.g. a continuous-sigma sampler: do not grow without bound
                 cache.clear()
-            cache.update(zip(missing, self._timestep(torch.tensor(missing, dtype=torch.float64, device=dev)).tolist(), strict=True))
+            fresh = self._timestep(torch.tensor(missing, dtype=torch.float64, device=dev)).tolist()
+            cache.update(zip(missing, fresh, strict=True))
         return torch.tensor([cache[v] for v in values], dtype=torch.float64, device=dev)
 
     def _timestep(self, sigma: torch.Tensor) -> torch.Tensor:
