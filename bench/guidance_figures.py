@@ -153,8 +153,132 @@ def epsilon_scaling(n):
 ENTRIES = {f.__name__: f for f in (cfg, rescale, cfg_zero_star, autoguidance, icg, tsg, cfgpp, interval, apg, epsilon_scaling)}
 
 
-# Guidance zoo II (issue 16): post-CFG rules and weight schedules. FDG needs images (no 2-D picture);
-# Perp-Neg is CFG on the tree (the negative class lies on the positive line); CADS needs a float embedding.
+# Guidance zoo II (issue 16): post-CFG rules and weight schedules. FDG, Perp-Neg and CADS need worlds
+# the tree cannot give (signals with frequency bands; three classes, so that a negative can leave the
+# positive line; a float condition): small exact Gaussian worlds below, each with its own reference.
+
+
+def _gauss_denoise(x, sigma, mu, var, logits):
+    """Exact D(x; sigma) of sum_k softmax(logits)_k N(mu_k, var I), per row; x [B, D], logits [B, K]."""
+    s2 = var + sigma.reshape(-1, 1, 1).double() ** 2  # [B, 1, 1]
+    d = x.double()[:, None, :] - mu[None]  # [B, K, D]
+    logr = logits.double() - 0.5 * (d**2).sum(-1) / s2[..., 0] - 0.5 * mu.shape[1] * torch.log(s2[..., 0])
+    r = torch.softmax(logr, 1)[..., None]
+    Dk = mu[None] + (var / s2) * d
+    return (r * Dk).sum(1).to(x.dtype)
+
+
+class ThreeClasses:
+    """Three isotropic Gaussian classes in 2-D (label 3 = null: the equal mixture); ``emb`` [B, 3] (float
+    logits of the class weights) replaces an integer label when given (CADS anneals it)."""
+
+    MU = torch.tensor([[0.0, 0.9], [-0.7, 0.0], [0.7, 0.0]], dtype=torch.float64)
+    VAR = 0.3**2
+    condition = G.Condition("label", {"label": 3}, 3)
+
+    def __call__(self, x, sigma, label=None, emb=None):
+        lab = torch.full((x.shape[0],), 3) if label is None else label
+        logits = torch.nn.functional.one_hot(lab.long(), 4)[:, :3].double() * 12.0  # null: all zero, equal
+        if emb is not None:
+            logits = torch.where((lab == 3)[:, None], logits, emb.double())
+        return _gauss_denoise(x, sigma, self.MU, self.VAR, logits)
+
+    def sample(self, k, n, seed):
+        g = torch.Generator().manual_seed(seed)
+        return self.MU[k].float() + 0.3 * torch.randn(n, 2, generator=g)
+
+
+THREE = ThreeClasses()
+
+
+def _three_heun(d, n, cond):
+    x0 = 5.0 * torch.randn(n, 2, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return samplers.heun(d, x0, SIG, cond=cond)
+
+
+def perp_neg(n):
+    lab = {"label": torch.zeros(n, dtype=torch.long)}
+    panels = [
+        ("CFG w = 3 (class top)", _three_heun(G.cfg(THREE, 3.0), n, lab)),
+        ("Perp-Neg w = 3, negative left, neg_w = 0.1", _three_heun(G.perp_neg(G.cfg(THREE, 3.0), {"label": 1}, 0.1), n, lab)),
+        ("Perp-Neg w = 3, negative left, neg_w = 0.3", _three_heun(G.perp_neg(G.cfg(THREE, 3.0), {"label": 1}, 0.3), n, lab)),
+    ]
+    return panels, {"ref": THREE.sample(0, n, 1), "refb": torch.cat([THREE.sample(1, n // 2, 2), THREE.sample(2, n // 2, 3)])}
+
+
+def cads(n):
+    emb = torch.nn.functional.one_hot(torch.zeros(n, dtype=torch.long), 3).double() * 12.0
+    cond = {"label": torch.zeros(n, dtype=torch.long), "emb": emb}
+    seeds = list(range(n))
+
+    def run(g):
+        return _three_heun(g, n, cond)
+
+    panels = [
+        ("CFG w = 6", run(G.cfg(THREE, 6.0))),
+        ("CADS CFG w = 6 (paper defaults)", run(G.cads(G.cfg(THREE, 6.0), key="emb", noise_scale=0.25, seeds=seeds))),
+        (
+            "CADS w = 6, tau 0.3-0.6, s = 1",
+            run(G.cads(G.cfg(THREE, 6.0), key="emb", tau1=0.3, tau2=0.6, noise_scale=1.0, seeds=seeds)),
+        ),
+    ]
+    return panels, {"ref": THREE.sample(0, n, 1), "refb": torch.cat([THREE.sample(1, n // 2, 2), THREE.sample(2, n // 2, 3)])}
+
+
+class Signals:
+    """Exact world of 16-sample signals [B, 1, 16]: class 0 = offset +0.1 and the alternating pattern
+    +0.1, class 1 = offset -0.1 and pattern -0.1 (label 2 = null: both), each with a spread of offsets
+    (low band) and of pattern amplitude (high band), so that the classes overlap."""
+
+    ONE, ALT = torch.ones(16, dtype=torch.float64), torch.tensor([1.0, -1.0] * 8, dtype=torch.float64)
+    condition = G.Condition("label", {"label": 2}, 2)
+
+    def __init__(self):
+        # offset m and pattern a on a 5 x 5 grid per class (a mixture of 25 isotropic Gaussians each)
+        grid = torch.linspace(-0.2, 0.2, 5, dtype=torch.float64)
+        m, a = torch.meshgrid(grid, grid, indexing="ij")
+        self.mu = torch.stack(
+            [(sgn * 0.1 + m.flatten())[:, None] * self.ONE + (sgn * 0.1 + a.flatten())[:, None] * self.ALT for sgn in (1, -1)]
+        )  # [2, 25, 16]: sample i of a signal = m + a (-1)^i
+        self.var = 0.04**2
+
+    def __call__(self, x, sigma, label=None):
+        lab = torch.full((x.shape[0],), 2) if label is None else label
+        mu = self.mu.reshape(50, 16)
+        logits = torch.zeros(x.shape[0], 50, dtype=torch.float64)
+        logits[lab == 0, 25:] = -float("inf")
+        logits[lab == 1, :25] = -float("inf")
+        return _gauss_denoise(x.reshape(-1, 16), sigma, mu, self.var, logits).reshape(x.shape)
+
+    @staticmethod
+    def coords(x):
+        """(offset, pattern amplitude) of signals [B, 1, 16]: the low and the high band."""
+        y = x.reshape(-1, 16).double()
+        return torch.stack([y.mean(1), (y * torch.tensor([1.0, -1.0] * 8, dtype=torch.float64)).mean(1)], 1).float()
+
+
+def fdg(n):
+    world = Signals()
+    lab = {"label": torch.zeros(n, dtype=torch.long)}
+    x0 = 5.0 * torch.randn(n, 1, 16, generator=torch.Generator().manual_seed(0))
+
+    def run(g):
+        with torch.no_grad():
+            return Signals.coords(samplers.heun(g, x0, SIG, cond=lab))
+
+    def exact(k, m, seed):
+        g = torch.Generator().manual_seed(seed)
+        mu = world.mu[k][torch.randint(25, (m,), generator=g)].float()
+        return Signals.coords((mu + 0.04 * torch.randn(mu.shape, generator=g))[:, None])
+
+    ref, refb = exact(0, n, 1), exact(1, n // 2, 2)
+    panels = [
+        ("CFG w = 4", run(G.cfg(world, 4.0))),
+        ("FDG w = 4, w_low = 1", run(G.fdg(G.cfg(world, 4.0), 1.0))),
+        ("FDG w = 4, w_low = 2", run(G.fdg(G.cfg(world, 4.0), 2.0))),
+    ]
+    return panels, {"ref": ref, "refb": refb, "lim": (-0.5, 0.7), "labels": ("offset (low band)", "pattern (high band)")}
 
 
 def tcfg(n):
@@ -199,17 +323,20 @@ def weight_schedule(n):
     ]
 
 
-ENTRIES.update({f.__name__: f for f in (tcfg, cfg_norm, mag, dynamic_thresholding, weight_schedule)})
+ENTRIES.update({f.__name__: f for f in (tcfg, cfg_norm, mag, dynamic_thresholding, weight_schedule, fdg, perp_neg, cads)})
 
 
-def draw(name: str, panels, n: int) -> pathlib.Path:
+def draw(name: str, panels, n: int, ref=None, refb=None, lim=(-1.3, 1.9), labels=None) -> pathlib.Path:
+    """``ref`` / ``refb``: the target class's exact samples (P/R against them) and the others' (default: the
+    tree's A and B); ``lim``: both axes' range; ``labels``: axis names (default none)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ref = toy.tree("A").sample(n, 0.0, generator=torch.Generator().manual_seed(1))
-    refb = toy.tree("B").sample(n // 2, 0.0, generator=torch.Generator().manual_seed(2))
+    if ref is None:
+        ref = toy.tree("A").sample(n, 0.0, generator=torch.Generator().manual_seed(1))
+        refb = toy.tree("B").sample(n // 2, 0.0, generator=torch.Generator().manual_seed(2))
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.4), squeeze=False)
     for ax, (title, x) in zip(axes[0], panels):
         p, r = metrics.precision_recall(ref, x)
@@ -217,10 +344,13 @@ def draw(name: str, panels, n: int) -> pathlib.Path:
         ax.scatter(*ref.T, s=1, c="0.6", lw=0)
         ax.scatter(*x.T, s=1.5, c="tab:orange", lw=0)
         ax.set_title(f"{title}\nP {p:.2f}  R {r:.2f}", fontsize=8)
-        ax.set_xlim(-1.3, 1.9)
-        ax.set_ylim(-1.3, 1.9)
+        ax.set_xlim(*lim)
+        ax.set_ylim(*lim)
         ax.set_xticks([])
         ax.set_yticks([])
+        if labels:
+            ax.set_xlabel(labels[0], fontsize=7)
+            ax.set_ylabel(labels[1], fontsize=7)
         ax.set_aspect("equal")
     fig.tight_layout()
     OUT.mkdir(parents=True, exist_ok=True)
@@ -237,7 +367,9 @@ def main() -> None:
     args = ap.parse_args()
     for name in args.only or ENTRIES:
         t = time.time()
-        path = draw(name, ENTRIES[name](args.n), args.n)
+        out = ENTRIES[name](args.n)
+        panels, kw = out if isinstance(out, tuple) else (out, {})
+        path = draw(name, panels, args.n, **kw)
         print(f"{name}: {path} ({time.time() - t:.0f} s)", flush=True)
 
 
