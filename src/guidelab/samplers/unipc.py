@@ -19,16 +19,16 @@ from ..errors import check
 from .base import Callback, begin_run, check_inputs, evaluator, report
 
 
-def _step(x, sig: list[float], i: int, hist: list[torch.Tensor], p: int, variant: str, D_next=None):
-    """One UniP-p step sig[i] -> sig[i+1] from ``hist = [D_i, D_{i-1}, ...]``; with ``D_next`` (the
-    evaluation at the predicted point) the UniC-p corrector of the same step instead."""
+def _weights(sig: list[float], i: int, p: int, variant: str, corrector: bool) -> list[float]:
+    """The step sig[i] -> sig[i+1]'s weights ``-B rho_k / r_k`` on ``D1_k`` (plain floats: they depend only on
+    the step grid, so a run computes them all before its first evaluation); UniP-p's p - 1 history weights,
+    or with ``corrector`` UniC-p's p weights (the last one on the evaluation at the predicted point)."""
     sigma, sigma_next = sig[i], sig[i + 1]
     h = math.log(sigma) - math.log(sigma_next)  # lambda_next - lambda, lambda = -log sigma
     hh = -h  # data prediction
     hphi_1 = math.expm1(hh)
     B = hh if variant == "bh1" else hphi_1
     rks = [(math.log(sigma) - math.log(sig[i - k])) / h for k in range(1, p)] + [1.0]
-    D0 = hist[0]
     # b_k = k! h phi_{k+1}(hh) / B(h), with h phi_{k+1} = h phi_k / hh - 1 / k!  (their eq. 6 and Alg. 2)
     b, hphi_k, fact = [], hphi_1 / hh - 1, 1
     for k in range(1, p + 1):
@@ -36,16 +36,23 @@ def _step(x, sig: list[float], i: int, hist: list[torch.Tensor], p: int, variant
         fact *= k + 1
         hphi_k = hphi_k / hh - 1 / fact
     R = np.array([[r ** (k - 1) for r in rks] for k in range(1, p + 1)])
-    if D_next is None:  # predictor: p - 1 weights
+    if not corrector:  # predictor: p - 1 weights
         rho = [] if p == 1 else [0.5] if p == 2 else np.linalg.solve(R[:-1, :-1], b[:-1]).tolist()
     else:  # corrector: p weights, the last on D_next - D0
         rho = [0.5] if p == 1 else np.linalg.solve(R, b).tolist()
+    return [-B * r / r_k for r, r_k in zip(rho, rks)]
+
+
+def _step(x, ratio: float, weights: list[float], hist: list[torch.Tensor], p: int, D_next=None):
+    """One UniP-p step from ``hist = [D_i, D_{i-1}, ...]`` with ``ratio = sigma_next / sigma`` and the step's
+    ``_weights``; with ``D_next`` (the evaluation at the predicted point) the UniC-p corrector instead."""
+    D0 = hist[0]
     # x_next = (sigma_next/sigma) x - hphi_1 D0 - B sum_k rho_k D1_k, with D1_k = (D_{-k} - D0) / r_k for the
     # history and D1 = D_next - D0 (r = 1) for the corrector's last term; hphi_1 = sigma_next/sigma - 1.
-    x_next = torch.lerp(D0, x, sigma_next / sigma)
+    x_next = torch.lerp(D0, x, ratio)
     terms = hist[1:p] + ([D_next] if D_next is not None else [])
-    for r, r_k, D_k in zip(rho, rks, terms):
-        x_next.add_(D_k - D0, alpha=-B * r / r_k)
+    for w, D_k in zip(weights, terms):
+        x_next.add_(D_k - D0, alpha=w)
     return x_next
 
 
@@ -77,6 +84,13 @@ def unipc(
     evaluate = evaluator(denoiser, x, cond, run)
     sig = sigmas.tolist()
     n = len(sig) - 1
+    # Step i's order (the history holds min(order, i + 1) evaluations) and its predictor / corrector
+    # weights depend only on the grid: all computed here, once per run, none inside the loop.
+    orders = [min(order, i + 1, n - i if lower_order_final else order) for i in range(n)]
+    last = n - 1 if sig[-1] == 0 else n  # the step to sigma = 0 returns D: no weights
+    pred = [_weights(sig, i, orders[i], variant, False) for i in range(last)]
+    corr = [_weights(sig, i, orders[i], variant, True) for i in range(last)] if corrector else []
+    ratio = [sig[i + 1] / sig[i] for i in range(n)]
     hist: list[torch.Tensor] = []  # D_i, D_{i-1}, ... newest first
     x_last: torch.Tensor | None = None
     p_last = 0
@@ -84,13 +98,13 @@ def unipc(
         sigma, sigma_next = sig[i], sig[i + 1]
         D = evaluate(x, sigma)
         if corrector and x_last is not None:  # UniC-p_last: redo step i-1 -> i with D_i
-            x = _step(x_last, sig, i - 1, hist, p_last, variant, D_next=D)
+            x = _step(x_last, ratio[i - 1], corr[i - 1], hist, p_last, D_next=D)
         report(callback, x, i, sigmas, sigma, D)
         hist = ([D] + hist)[:order]
-        p = min(order, len(hist), n - i if lower_order_final else order)
+        p = orders[i]
         if sigma_next == 0:
             x = D
             break
         x_last, p_last = x, p
-        x = _step(x, sig, i, hist, p, variant)
+        x = _step(x, ratio[i], pred[i], hist, p)
     return x
