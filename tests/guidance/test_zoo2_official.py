@@ -96,3 +96,12 @@ def test_dynamic_thresholding_equals_diffusers_threshold_sample(s_max):
     c, u = NET(X, SIG, **LAB), NET(X, SIG, label=torch.full((4,), 2))
     got = G.dynamic_thresholding(G.cfg(NET, 4.0), percentile=0.9, s_max=None if math.isinf(s_max) else s_max)(X, SIG, **LAB)
     torch.testing.assert_close(got, _diffusers_threshold(u + 4.0 * (c - u), 0.9, s_max), rtol=0, atol=1e-12)
+
+
+def test_fdg_is_the_same_in_every_space():
+    """diffusers' FDG works in the pipeline's prediction space (eps, flow); guidelab's default is x0. The
+    pyramid is linear and each band's weights sum to 1, so the space's x term passes through: equal."""
+    ref = G.fdg(G.cfg(NET, 5.0), 1.5, space="x0")(X, SIG, **LAB)
+    for space in ("eps", "v", "flow"):
+        got = G.fdg(G.cfg(NET, 5.0), 1.5, space=space)(X, SIG, **LAB)
+        torch.testing.assert_close(got, ref, rtol=0, atol=1e-12)
