@@ -1127,9 +1127,10 @@ def _check_diffusers_label(model_dir: Path, label, null_label) -> None:
 @click.option("--steps", type=click.IntRange(min=1), default=32, help="Sampler steps.")
 @click.option(
     "--schedule",
-    type=click.Choice(["karras", "leading", "trailing", "linspace"]),
+    type=click.Choice(["karras", "leading", "trailing", "linspace", "pipeline"]),
     default="karras",
-    help="karras between the model's sigma ends, or its timesteps with diffusers' spacing.",
+    help="karras between the model's sigma ends, its timesteps with diffusers' spacing, or "
+    "pipeline (the folder's scheduler: grid, start, x0 clipping, last step).",
 )
 @click.option(
     "--timesteps",
@@ -1139,6 +1140,12 @@ def _check_diffusers_label(model_dir: Path, label, null_label) -> None:
 )
 @click.option("--seeds", default="0-7", help="Seeds: a range 0-7 or a list 1,2,5.")
 @click.option("--batch", type=click.IntRange(min=1), default=16, help="Samples per network call (does not change them).")
+@click.option(
+    "--block",
+    type=click.IntRange(min=0),
+    default=64,
+    help="Fixed blocks of seeds (seed s in row s % BLOCK): samples bit-identical at any --batch; 0: off.",
+)
 @click.option("--label", type=int, default=None, help="Class label for class-conditional models.")
 @click.option("--null-label", type=int, default=None, help="The null label cfg uses (DiT: its num_classes by default).")
 @click.option(
@@ -1151,14 +1158,14 @@ def _check_diffusers_label(model_dir: Path, label, null_label) -> None:
 @click.option(
     "--layers",
     default=None,
-    help="pag/seg/slg/tsg: comma-separated substrings of layer names or 'all' "
+    help="pag/seg/slg/sag/nag/tsg: comma-separated substrings of layer names or 'all' "
     "(default: diffusers' recommended layers; tsg: every time embedder).",
 )
 @click.option(
     "--cfg-weight",
     type=float,
     default=None,
-    help="pag/seg/slg: CFG at this weight as well, in the same batched call: "
+    help="pag/seg/slg/sag/nag: CFG at this weight as well, in the same batched call: "
     "D = D_u + CFG_WEIGHT (D_c - D_u) + (WEIGHT - 1)(D_c - D_pert).",
 )
 @click.option(
