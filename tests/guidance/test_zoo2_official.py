@@ -105,3 +105,24 @@ def test_fdg_is_the_same_in_every_space():
     for space in ("eps", "v", "flow"):
         got = G.fdg(G.cfg(NET, 5.0), 1.5, space=space)(X, SIG, **LAB)
         torch.testing.assert_close(got, ref, rtol=0, atol=1e-12)
+
+
+def _comfy_perp_neg(noise_pos, noise_neg, noise_nocond, neg_scale, cond_scale):
+    pos, neg = noise_pos - noise_nocond, noise_neg - noise_nocond
+    perp = neg - (torch.mul(neg, pos).sum() / torch.norm(pos) ** 2) * pos  # sums over the whole batch
+    return noise_nocond + cond_scale * (pos - perp * neg_scale)
+
+
+@pytest.mark.parametrize("neg_w", [0.5, 1.5])
+def test_perp_neg_equals_comfyui_per_sample(neg_w):
+    """ComfyUI's ``perp_neg`` (eps space) on batches of one: guidelab's per-sample Perp-Neg, to 1e-10
+    (ComfyUI's dot products run over its whole batch; guidelab's per sample, batch-invariant)."""
+    got = to_space(G.perp_neg(G.cfg(NET, 4.0), {"label": torch.tensor([1, 0, 1, 0])}, neg_w)(X, SIG, **LAB), X, SIG, "eps")
+    e = {
+        k: to_space(NET(X, SIG, label=torch.tensor(v)), X, SIG, "eps")
+        for k, v in (("pos", [0, 1, 0, 1]), ("neg", [1, 0, 1, 0]), ("null", [2, 2, 2, 2]))
+    }
+    ref = torch.cat(
+        [_comfy_perp_neg(e["pos"][i : i + 1], e["neg"][i : i + 1], e["null"][i : i + 1], neg_w, 4.0) for i in range(4)]
+    )
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-10)
