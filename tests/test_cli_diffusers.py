@@ -74,3 +74,55 @@ def test_block_zero_and_bad_block(tmp_path):
     assert np.allclose(xa, xb, atol=1e-4)
     bad = _run(folder, tmp_path / "c", "--block", "-1")
     assert bad.exit_code == 2 and "--block" in bad.output and not (tmp_path / "c").exists()
+
+
+def _families():
+    """tests/integrations/test_diffusers_pipelines_families.py (its tiny pipeline builders)."""
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("transformers")
+    pytest.importorskip("tokenizers")
+    sys.path.insert(0, str(Path(__file__).parent / "integrations"))
+    import test_diffusers_pipelines_families as fam
+
+    return fam
+
+
+def _exit(monkeypatch, capsys, args):
+    """``guidelab ARGS`` through :func:`cli.run` (the real exit code and stderr)."""
+    monkeypatch.setattr("sys.argv", ["guidelab", *args])
+    capsys.readouterr()  # what came before (building the folders)
+    with pytest.raises(SystemExit) as e:
+        cli.run()
+    return e.value.code, capsys.readouterr().err
+
+
+def test_generate_flux_guidance_height_width(tmp_path, monkeypatch, capsys):
+    """guidelab generate on a tiny guidance-distilled FLUX folder: --guidance 3.5 is the default (same PNGs),
+    --guidance 1 changes them; --height / --width set the image size; guidance as a guider option, or
+    --guidance on a pipeline without that input, is one error line with exit 2."""
+    from PIL import Image
+
+    fam = _families()
+    flux = fam.flux_folder(tmp_path)
+    base = ["generate", str(flux), "--prompt", "a red cube", "--guider", "none", "--steps", "2", "--quiet"]
+    size = ["--height", "16", "--width", "24"]
+    pngs = {}
+    for name, extra in {"g35": ["--guidance", "3.5"], "default": [], "g1": ["--guidance", "1"]}.items():
+        result = CliRunner().invoke(cli.main, [*base, *size, *extra, "--out", str(tmp_path / name)])
+        assert result.exit_code == 0, result.output
+        with Image.open(tmp_path / name / "000000.png") as im:
+            pngs[name] = np.asarray(im)
+    assert pngs["g35"].shape == (16, 24, 3)
+    assert np.array_equal(pngs["g35"], pngs["default"]) and not np.array_equal(pngs["g35"], pngs["g1"])
+    code, err = _exit(monkeypatch, capsys, [*base, "--option", "guidance=3.5", "--out", str(tmp_path / "bad")])
+    assert code == 2 and "give --guidance 3.5" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "bad").exists()
+    sd = fam.sd_folder(tmp_path)
+    code, err = _exit(
+        monkeypatch, capsys, ["generate", str(sd), "--prompt", "a", "--guidance", "2", "--quiet", "--out", str(tmp_path / "sd")]
+    )
+    assert code == 2 and err.strip().splitlines()[-1].startswith("error: --guidance is FLUX's distilled guidance input")
+    code, err = _exit(monkeypatch, capsys, [*base, "--height", "4", "--out", str(tmp_path / "small")])
+    assert code == 2 and "--height" in err

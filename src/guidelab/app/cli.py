@@ -33,6 +33,7 @@ _CLI_WORDS = (
     (re.compile(r"pass num_classes=\.\.\."), "give --option num_classes=N"),
     (re.compile(r"allow_pickle=True \(CLI: --allow-bin\)"), "--allow-bin"),
     (re.compile(r"\blabel= / --label\b"), "--label"),
+    (re.compile(r"\bguidance=(?= |\))"), "--guidance"),
 )
 
 
@@ -1263,10 +1264,12 @@ def diffusers_cmd(
     "generate",
     epilog="""\b
 Examples (one per pipeline family; FOLDER is a local diffusers folder, nothing is downloaded):
-  guidelab generate sd15 --prompt "a red cube" --guider cfg --weight 7.5 --steps 20 --seeds 0-3 --out runs/sd
-  guidelab generate sd15 --prompt "a red cube" --guider pag --weight 3 --out runs/pag
-  guidelab generate sd3  --prompt "a red cube" --guider cfg_zero_star --weight 4 --steps 28 --out runs/sd3 --dtype bf16
-""",
+  guidelab generate sd15 --prompt "a red cube" --guider cfg --weight 7.5 --out runs/sd
+  guidelab generate sdxl --prompt "a red cube" --guider pag --weight 4 --option cfg_weight=5 --out runs/sdxl --device cuda --dtype fp16
+  guidelab generate pixart-sigma --prompt "a red cube" --guider cfg --weight 4.5 --out runs/pixart --device cuda --dtype bf16
+  guidelab generate sd3 --prompt "a red cube" --guider cfg_zero_star --weight 4 --out runs/sd3
+  guidelab generate flux-dev --prompt "a red cube" --guider none --guidance 3.5 --steps 28 --out runs/flux --device cuda --dtype bf16
+""",  # noqa: E501 (one command per line, as typed)
 )
 @click.argument("folder", type=click.Path(path_type=Path))
 @click.option("--prompt", "prompts", multiple=True, required=True, help="The prompt (repeat: one per seed).")
@@ -1283,6 +1286,14 @@ Examples (one per pipeline family; FOLDER is a local diffusers folder, nothing i
 @click.option("--steps", type=click.IntRange(min=1), default=20, help="Sampler steps.")
 @click.option("--schedule", default="pipeline", help="pipeline (the folder's scheduler grid), karras, leading, ...")
 @click.option("--seeds", default="0", help="Seeds: a range 0-7 or a list 1,2,5.")
+@click.option(
+    "--guidance",
+    type=float,
+    default=None,
+    help="FLUX's embedded guidance (diffusers' guidance_scale) of guidance-distilled models; default: the pipeline's 3.5.",
+)
+@click.option("--height", type=click.IntRange(min=8), default=None, help="Image height in pixels; default: the pipeline's.")
+@click.option("--width", type=click.IntRange(min=8), default=None, help="Image width in pixels; default: the pipeline's.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="PNGs + grid.png.")
 @_device_option("cpu")
 @click.option(
@@ -1298,7 +1309,8 @@ Examples (one per pipeline family; FOLDER is a local diffusers folder, nothing i
 @_allow_bin_option
 @_quiet_option
 def generate_cmd(folder, prompts, seeds, options, out, threads, allow_nonfinite, allow_bin, quiet, **kw) -> None:
-    """Prompt in, image out: a local StableDiffusion / SD3 pipeline folder guided by any guider (docs/PIPELINES.md)."""
+    """Prompt in, image out: a local SD 1.x/2.x, SDXL, PixArt, SD3 or FLUX pipeline folder guided by any guider
+    (docs/PIPELINES.md)."""
     from .. import samplers
 
     _need_diffusers("guidelab generate")
@@ -1306,6 +1318,12 @@ def generate_cmd(folder, prompts, seeds, options, out, threads, allow_nonfinite,
     from . import provenance
 
     seed_list = dg.parse_seeds(seeds)
+    for text in options:  # the pipeline's own inputs are options of the command, not of a guider
+        key, _, value = text.partition("=")
+        check(
+            key.strip() not in ("guidance", "height", "width"),
+            f"--option {text}: {key.strip()} is an input of the pipeline, not a guider option; give --{key.strip()} {value}",
+        )
     opts = dict(registry.parse_options(kw["guider"], list(options)))
     _setup(quiet, threads, _parameters(folder))
     _phase(f"loading the pipeline {folder}")
