@@ -99,3 +99,17 @@ def test_compose_takes_a_schedule():
     torch.testing.assert_close(
         samplers.heun(both, X0, SIG, cond=COND), samplers.heun(G.cfg(W, sched), X0, SIG, cond=COND), rtol=0, atol=1e-12
     )
+
+
+def test_schedules_at_one_everywhere_are_unguided_bit_for_bit():
+    ws = G.weight_schedule
+    plain = samplers.heun(W, X0, SIG[::4].contiguous(), cond=COND)
+    for sched in (
+        ws("constant", 1.0),
+        ws("linear", 1.0, 1.0),
+        ws("cosine", 1.0, 1.0, over="sigma"),
+        ws("interval", 1.0, sigma_lo=0.28, sigma_hi=1.61),
+        ws("steps", 1.0, start=0, stop=3),
+    ):
+        for g in (G.cfg(W, sched), G.tcfg(G.cfg(W, sched)), G.perp_neg(G.cfg(W, sched), {"label": 1})):
+            assert torch.equal(samplers.heun(g, X0, SIG[::4].contiguous(), cond=COND), plain), (sched, g.name)
