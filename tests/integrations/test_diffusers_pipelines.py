@@ -168,8 +168,9 @@ def test_every_guider_runs(sd, guider):
     pipe = load(sd)
     w = 0.5 if guider == "cfgpp" else 3.0
     sampler = "euler" if guider != "cfgpp" else "euler"
-    x = pipe.generate("a cube", guider=guider, w=w, steps=3, seeds=[0], sampler=sampler)
-    base = pipe.generate("a cube", guider="none", steps=3, seeds=[0], sampler=sampler)
+    steps = 6 if guider == "slg" else 3  # slg's default step window (0.01 n < i < 0.2 n) needs n >= 6
+    x = pipe.generate("a cube", guider=guider, w=w, steps=steps, seeds=[0], sampler=sampler)
+    base = pipe.generate("a cube", guider="none", steps=steps, seeds=[0], sampler=sampler)
     assert x.shape == (1, 3, 8, 8) and torch.isfinite(x).all()
     assert (x - base).abs().max() > 1e-5
 
@@ -271,9 +272,9 @@ def test_sd3_w1_and_attention_guiders(sd3):
     )
     # SD3's joint-attention hooks: diffusers' default SLG blocks (7-9) are named; the one-block model has none
     with pytest.raises(GuidelabError, match=r"slg: no layer of SD3Transformer2DModel matches"):
-        pipe.generate("a", guider="slg", w=3.0, steps=3)
-    x = pipe.generate("a", guider="slg", w=3.0, steps=3, layers="transformer_blocks.0")
-    assert torch.isfinite(x).all() and (x - pipe.generate("a", guider="none", steps=3)).abs().max() > 1e-5
+        pipe.generate("a", guider="slg", w=3.0, steps=6)  # 6 steps: slg's default step window holds step 1
+    x = pipe.generate("a", guider="slg", w=3.0, steps=6, layers="transformer_blocks.0")
+    assert torch.isfinite(x).all() and (x - pipe.generate("a", guider="none", steps=6)).abs().max() > 1e-5
 
 
 def test_cli_generate(sd, tmp_path):

@@ -4,6 +4,7 @@ with the diffusers pipeline call; every guider on each class; seeds; safety of l
 
 import json
 import logging
+import math
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ tokenizers = pytest.importorskip("tokenizers")
 from test_diffusers_pipelines import DEVICE, clip_text, clip_tokenizer, load, reference, sd3_folder, sd_folder  # noqa: E402
 
 from guidelab.errors import GuidelabError  # noqa: E402
+from guidelab.integrations import diffusers as gd  # noqa: E402
 from guidelab.integrations.diffusers import pipelines as gp  # noqa: E402
 
 
@@ -352,12 +354,6 @@ GUIDERS = {
 #: (family, guider) combinations that refuse with one clear error, and the error.
 REFUSED = {
     ("flux", "tsg"): "noise_embed",
-    ("flux", "pag"): "pag on flow models: SD3 only",
-    ("flux", "seg"): "seg on flow models: SD3 only",
-    ("flux", "slg"): "slg on flow models: SD3 only",
-    ("flux", "pag+cfg"): "pag on flow models: SD3 only",
-    ("flux", "seg+cfg"): "seg on flow models: SD3 only",
-    ("flux", "slg+cfg"): "slg on flow models: SD3 only",
     ("sd3", "tsg"): "noise_embed",
 }
 
@@ -367,11 +363,13 @@ def _kw(family):
 
 
 def _options(family, guider):
-    """The guider's options; the one-block PixArt / SD3 have none of diffusers' default PAG / SEG / SLG blocks
-    (blocks.1, transformer_blocks.7-9): their only block is named."""
+    """The guider's options; the one-block PixArt / SD3 / FLUX have none of the default PAG / SEG / SLG blocks
+    (blocks.1, transformer_blocks.7-9): their only block is named (FLUX: its double- and its single-stream block)."""
     w, opts = GUIDERS[guider]
-    if (family.startswith("pixart") or family == "sd3") and guider.split("+")[0] in ("pag", "seg", "slg"):
+    if (family.startswith("pixart") or family in ("sd3", "flux")) and guider.split("+")[0] in ("pag", "seg", "slg"):
         opts = {**opts, "layers": "transformer_blocks.0"}
+    if guider.startswith("slg"):  # 3 steps hold no step of SLG's default window (test_slg_step_window_in_generate)
+        opts = {**opts, "interval": (0.0, math.inf)}
     return w, opts
 
 
@@ -489,6 +487,36 @@ def test_missing_component_and_class(tmp_path, folders):
     (bad / "model_index.json").write_text(json.dumps({**spec, "_class_name": "FluxControlPipeline"}))
     with pytest.raises(GuidelabError, match="FluxPipeline"):
         load(bad)
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_slg_step_window_in_generate(folders, family):
+    """guider="slg" without interval guides only diffusers' SLG window (10 steps: step 1 of 0..9, one call of 2N rows;
+    every other step one unguided call of N rows), as interval=step_window(...) does; (0, inf) guides every step;
+    too few steps for the window is one error."""
+    pipe = load(folders[family])
+    rows = []
+
+    def count(module, args, kw):
+        rows.append(len(kw["hidden_states"] if "hidden_states" in kw else args[0]))
+
+    kw = {"steps": 10, "seeds": [0], "layers": "transformer_blocks.0", **_kw(family)}
+    hook = pipe.net.register_forward_pre_hook(count, with_kwargs=True)
+    try:
+        windowed = pipe.generate("a cube", guider="slg", w=3.0, **kw)
+        assert rows == [1, 2] + [1] * 8
+        rows.clear()
+        every = pipe.generate("a cube", guider="slg", w=3.0, interval=(0.0, math.inf), **kw)
+        assert rows == [2] * 10
+    finally:
+        hook.remove()
+    h, w_img, _ = pipe.size(kw.get("height"), kw.get("width"))
+    sig = pipe.sigmas(pipe.denoiser({}, (h, w_img)), 10, "pipeline", pipe.latent_shape(h, w_img))
+    explicit = pipe.generate("a cube", guider="slg", w=3.0, interval=gd.step_window(sig, *gd.SLG_WINDOW), **kw)
+    base = pipe.generate("a cube", guider="none", **{k: v for k, v in kw.items() if k != "layers"})
+    assert torch.equal(windowed, explicit) and (windowed - base).abs().max() > 1e-6 and (every - windowed).abs().max() > 1e-6
+    with pytest.raises(GuidelabError, match="holds no step"):
+        pipe.generate("a cube", guider="slg", w=3.0, **{**kw, "steps": 5})
 
 
 @pytest.mark.parametrize("family", FAMILIES)

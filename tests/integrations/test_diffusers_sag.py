@@ -2,6 +2,7 @@
 step written with its own pieces (its CrossAttnStoreProcessor on the middle block's attn1, ``sag_masking``,
 ``pred_x0`` / ``pred_epsilon`` and ``gaussian_blur_2d``), with and without CFG; w = 1 bit-identical; misuse refused."""
 
+import importlib
 import types
 
 import pytest
@@ -15,7 +16,8 @@ from guidelab.app.diffusers_generate import generate
 from guidelab.errors import GuidelabError
 from guidelab.guidance import registry
 from guidelab.integrations import diffusers as gd
-from guidelab.integrations.diffusers import sag as sagmod
+
+sagmod = importlib.import_module("guidelab.integrations.diffusers.sag")  # the module (the package exports sag())
 
 B, C, H = base.B, base.C, base.H
 SD_SAG = "diffusers.pipelines.deprecated.stable_diffusion_sag.pipeline_stable_diffusion_sag"

@@ -30,7 +30,7 @@ MARKED, UNMARKED = _mark(True), _mark(False)
 
 
 class PerturbedFlow:
-    """A :class:`~.flow.FlowDenoiser` (SD3) whose rows marked ``perturb`` are perturbed as ``perturbation`` says
+    """A :class:`~.flow.FlowDenoiser` (SD3, FLUX) whose rows marked ``perturb`` are perturbed as ``perturbation`` says
     (the flow denoiser itself knows no hooks); everything else passes through."""
 
     def __init__(self, inner: FlowDenoiser, perturbation: Perturbation):
@@ -75,7 +75,10 @@ def attention_guidance(
     **one** network call (the hook perturbs only the marked rows); ``batched=False``: one call of B rows per
     branch (what diffusers' modular guiders do). SD3 (a :class:`~.flow.FlowDenoiser` of an ``SD3Transformer2DModel``):
     PAG / SEG act on the image tokens of the joint attention (diffusers' ``PAGJointAttnProcessor2_0``), SLG skips
-    both streams of the selected ``JointTransformerBlock`` blocks. ``mode`` "nag" / "sag" (with their ``options``) go to
+    both streams of the selected ``JointTransformerBlock`` blocks. FLUX (``FluxTransformer2DModel``, tokens [text; image]
+    in its double- and single-stream blocks): PAG sets the image tokens' attention output to their value projection
+    (PAG's identity map; the text tokens attend as usual), SEG blurs the image queries, SLG skips both streams of the
+    selected ``FluxTransformerBlock`` / ``FluxSingleTransformerBlock``. ``mode`` "nag" / "sag" (with their ``options``) go to
     :func:`nag` / :func:`~.sag.sag`.
     """
     if mode in ("nag", "sag"):  # the registry reaches every attention rule through here
@@ -89,14 +92,14 @@ def attention_guidance(
     check(not options, f"{mode} takes no options {', '.join(options)}")
     check(
         isinstance(denoiser, (DiffusersDenoiser, FlowDenoiser, PerturbedFlow)),
-        f"{mode} needs a DiffusersDenoiser or an SD3 FlowDenoiser, got {type(denoiser).__name__}",
+        f"{mode} needs a DiffusersDenoiser or an SD3 / FLUX FlowDenoiser, got {type(denoiser).__name__}",
     )
     check(mode in ("pag", "seg", "slg"), f"attention guidance mode must be 'pag', 'seg' or 'slg', got {mode!r}")
     pert = Perturbation(mode, layers, blur_sigma)
     if isinstance(denoiser, FlowDenoiser):
         check(
-            type(denoiser.model).__name__ == "SD3Transformer2DModel",
-            f"{mode} on flow models: SD3 only (its joint attention); got {type(denoiser.model).__name__}",
+            type(denoiser.model).__name__ in ("SD3Transformer2DModel", "FluxTransformer2DModel"),
+            f"{mode} on flow models: SD3 and FLUX only (their joint attention); got {type(denoiser.model).__name__}",
         )
         den: DiffusersDenoiser | PerturbedFlow = PerturbedFlow(denoiser, pert)
     else:

@@ -14,7 +14,7 @@ import re
 import threading
 from collections.abc import Sequence
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -29,12 +29,22 @@ from ...guidance.tsg import KEY as OFFSET
 #: and "blocks.1" (the PixArt-Sigma / SD3 / HunyuanDiT PAG pipelines'); SEG "mid" (the official SEG-SDXL code) and
 #: SLG / SEG on transformers blocks 7, 8, 9 (diffusers' SkipLayerGuidance and SmoothedEnergyGuidance, recommended
 #: for SD3.5 Medium); SLG on UNets "mid" (diffusers recommends none: the middle blocks, by analogy); TSG every time
-#: embedder; NAG every cross-attention (the official NAG pipelines: every ``attn2`` of the UNet). ``"all"``: every
-#: candidate layer.
+#: embedder; NAG every cross-attention (the official NAG pipelines: every ``attn2`` of the UNet). FLUX
+#: (FluxTransformer2DModel, "flux"): diffusers has no FLUX PAG pipeline and recommends no FLUX layers; chosen by analogy
+#: with SD3: PAG the double-stream block 1, SEG / SLG the double-stream blocks 7, 8, 9 (``^``: the name starts there,
+#: so ``single_transformer_blocks.*`` are not selected). ``"all"``: every candidate layer.
 DEFAULT_LAYERS: dict[str, dict[str, tuple[str, ...]]] = {
-    "pag": {"unet": ("mid",), "transformer": ("blocks.1",)},
-    "seg": {"unet": ("mid",), "transformer": ("transformer_blocks.7", "transformer_blocks.8", "transformer_blocks.9")},
-    "slg": {"unet": ("mid",), "transformer": ("transformer_blocks.7", "transformer_blocks.8", "transformer_blocks.9")},
+    "pag": {"unet": ("mid",), "transformer": ("blocks.1",), "flux": ("^transformer_blocks.1",)},
+    "seg": {
+        "unet": ("mid",),
+        "transformer": ("transformer_blocks.7", "transformer_blocks.8", "transformer_blocks.9"),
+        "flux": ("^transformer_blocks.7", "^transformer_blocks.8", "^transformer_blocks.9"),
+    },
+    "slg": {
+        "unet": ("mid",),
+        "transformer": ("transformer_blocks.7", "transformer_blocks.8", "transformer_blocks.9"),
+        "flux": ("^transformer_blocks.7", "^transformer_blocks.8", "^transformer_blocks.9"),
+    },
     "tsg": {"unet": ("all",), "transformer": ("all",)},
     "nag": {"unet": ("all",), "transformer": ("all",)},
     "sag": {"unet": ("mid",), "transformer": ("mid",)},
@@ -46,8 +56,10 @@ NAG_DEFAULTS = (2.5, 0.5)
 
 def _selects(layer: str, name: str) -> bool:
     """``layer`` occurs in the module name ``name``; one ending in a digit not before another digit ("blocks.1"
-    selects blocks.1 and blocks.1.attn1, not blocks.10)."""
-    return re.search(re.escape(layer) + (r"(?!\d)" if layer[-1:].isdigit() else ""), name) is not None
+    selects blocks.1 and blocks.1.attn1, not blocks.10); a leading ``^``: at the start of the name only
+    ("^transformer_blocks.1" does not select single_transformer_blocks.1)."""
+    anchor, layer = ("^", layer[1:]) if layer.startswith("^") and len(layer) > 1 else ("", layer)
+    return re.search(anchor + re.escape(layer) + (r"(?!\d)" if layer[-1:].isdigit() else ""), name) is not None
 
 
 class Perturbation:
@@ -103,8 +115,10 @@ class Perturbation:
 
     def selection(self, model: torch.nn.Module) -> list[str]:
         """The ``layers`` in effect for ``model``: as given, or its family's :data:`DEFAULT_LAYERS`."""
-        family = "unet" if type(model).__name__.startswith("UNet") else "transformer"
-        return list(DEFAULT_LAYERS[self.mode][family]) if self.layers is None else self.layers
+        name = type(model).__name__
+        family = "unet" if name.startswith("UNet") else "flux" if name == "FluxTransformer2DModel" else "transformer"
+        defaults = DEFAULT_LAYERS[self.mode]
+        return list(defaults.get(family, defaults["transformer"])) if self.layers is None else self.layers
 
     def _search(self, model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
         from diffusers.models.attention_processor import Attention
@@ -122,8 +136,12 @@ class Perturbation:
                 for n, m in model.named_modules()
                 if isinstance(m, Attention) and (getattr(m, "add_q_proj", None) is not None if joint else m.is_cross_attention)
             ]
-        else:
-            blocks = [(n, m) for n, m in model.named_modules() if isinstance(m, Attention) and not m.is_cross_attention]
+        else:  # self-attentions; FLUX's FluxAttention (joint in the double-stream blocks, [text; image] in the single)
+            blocks = [
+                (n, m)
+                for n, m in model.named_modules()
+                if (isinstance(m, Attention) and not m.is_cross_attention) or type(m).__name__ == "FluxAttention"
+            ]
         layers = self.selection(model)
         if layers != ["all"]:
             blocks = [(n, m) for n, m in blocks if any(_selects(s, n) for s in layers)]
@@ -180,6 +198,7 @@ class _Scope:
     negative: torch.Tensor | None = None
     nag: tuple[float, ...] | None = None
     store: list | None = None  # sag: where the recorded maps go
+    tokens: dict = field(default_factory=dict)  # FLUX: {"text": the text length of the call} (set by _text_hook)
 
 
 #: id(module) -> the scope perturbing it, in the current thread / task.
@@ -229,14 +248,19 @@ def _received(q, k, attn_mask=None, *_, scale=None, **__) -> torch.Tensor:
     return logits.softmax(-1).mean(1).sum(1)
 
 
-def _sdpa(scope: _Scope, query, key, value, *args, n_img: int | None = None, negative=None, **kwargs) -> torch.Tensor:
+def _sdpa(
+    scope: _Scope, query, key, value, *args, img: tuple[int, int] | None = None, pag_v: bool = False, negative=None, **kwargs
+) -> torch.Tensor:
     """``F.scaled_dot_product_attention`` with the marked rows perturbed; each row's attention computed once, on
     views of the batch (the original one on unmarked rows; PAG's marked rows need none: their output is V).
-    ``n_img``: joint attention (SD3), the first ``n_img`` tokens are the image's; ``negative``: NAG's attention output
-    of the negative context, combined with this one on the marked rows."""
+    ``img``: joint attention, the image tokens are ``[img[0], img[1])`` (SD3: first, FLUX: after the text);
+    ``pag_v``: PAG sets the image tokens' output to their V (FLUX) instead of SD3's identity mask; ``negative``: NAG's
+    attention output of the negative context, combined with this one on the marked rows."""
+    n_img = None if img is None else img[1]
     B = scope.mask.shape[0]
     check(query.shape[0] == B, f"{scope.mode}: attention batch {query.shape[0]} != mask {B}")
-    if scope.mode == "nag" and n_img is not None:  # joint attention: rows [prompt; negative], paired i <-> B/2 + i
+    if scope.mode == "nag" and img is not None:  # joint attention: rows [prompt; negative], paired i <-> B/2 + i
+        check(img[0] == 0, "nag on joint attention: SD3 only (its image tokens first)")
         h = B // 2
         check(
             B % 2 == 0 and not bool(scope.mask[:h].any()) and bool(scope.mask[h:].all()),
@@ -256,7 +280,7 @@ def _sdpa(scope: _Scope, query, key, value, *args, n_img: int | None = None, neg
         q, k, v = query[i:j], key[i:j], value[i:j]
         a, kw = [rows(x, i, j) for x in args], {n: rows(x, i, j) for n, x in kwargs.items()}
         L = q.shape[-2]
-        joint = n_img is not None and n_img < L
+        joint = img is not None and (img[0] > 0 or img[1] < L)
         if not perturbed or scope.mode == "sag":
             out.append(F.scaled_dot_product_attention(q, k, v, *a, **kw))
             if perturbed:
@@ -266,6 +290,18 @@ def _sdpa(scope: _Scope, query, key, value, *args, n_img: int | None = None, neg
             assert negative is not None and scope.nag is not None  # set by _Processor for nag scopes
             z = F.scaled_dot_product_attention(q, k, v, *a, **kw)
             out.append(_nag(z, negative[i:j].to(z), *scope.nag))
+        elif scope.mode == "pag" and joint and pag_v:  # FLUX: the image tokens' output is their V, text attends
+            assert img is not None
+            check(
+                not a and kw.get("attn_mask") is None,
+                "pag on joint attention: the layer already passes an attention mask; this is not supported",
+            )
+            a0, b0 = img
+            parts = [F.scaled_dot_product_attention(q[:, :, :a0], k, v, **kw)] if a0 > 0 else []
+            parts.append(v[:, :, a0:b0])
+            if b0 < L:
+                parts.append(F.scaled_dot_product_attention(q[:, :, b0:], k, v, **kw))
+            out.append(torch.cat(parts, dim=2) if len(parts) > 1 else parts[0])
         elif scope.mode == "pag" and joint:
             check(
                 not a and kw.get("attn_mask") is None,
@@ -278,8 +314,9 @@ def _sdpa(scope: _Scope, query, key, value, *args, n_img: int | None = None, neg
             check(v.shape[-2] == L, "pag needs self-attention (as many keys as queries)")
             out.append(v)
         elif joint:  # seg on joint attention: only the image queries are blurred (diffusers' SEG hook on to_q)
-            assert n_img is not None
-            qb = torch.cat([_blur_queries(q[:, :, :n_img], scope.blur_sigma), q[:, :, n_img:]], dim=2)
+            assert img is not None
+            a0, b0 = img
+            qb = torch.cat([q[:, :, :a0], _blur_queries(q[:, :, a0:b0], scope.blur_sigma), q[:, :, b0:]], dim=2)
             out.append(F.scaled_dot_product_attention(qb, k, v, *a, **kw))
         else:  # seg: attention of blurred queries
             out.append(F.scaled_dot_product_attention(_blur_queries(q, scope.blur_sigma), k, v, *a, **kw))
@@ -289,9 +326,16 @@ def _sdpa(scope: _Scope, query, key, value, *args, n_img: int | None = None, neg
 class _PerturbedSDPA(TorchFunctionMode):
     """Inside one selected attention layer, in this thread only: ``F.scaled_dot_product_attention`` -> :func:`_sdpa`."""
 
-    def __init__(self, scope: _Scope, n_img: int | None = None, negative: torch.Tensor | None = None, record: bool = False):
+    def __init__(
+        self,
+        scope: _Scope,
+        img: tuple[int, int] | None = None,
+        negative: torch.Tensor | None = None,
+        record: bool = False,
+        pag_v: bool = False,
+    ):
         super().__init__()
-        self.scope, self.calls, self.n_img, self.negative = scope, 0, n_img, negative
+        self.scope, self.calls, self.img, self.negative, self.pag_v = scope, 0, img, negative, pag_v
         self.record, self.recorded = record, None  # record: plain attention, its output kept (NAG's negative pass)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -303,7 +347,7 @@ class _PerturbedSDPA(TorchFunctionMode):
             check(self.calls == 1, "nag: the attention processor calls attention more than once per layer")
             self.recorded = func(*args, **kwargs)
             return self.recorded
-        return _sdpa(self.scope, *args, n_img=self.n_img, negative=self.negative, **kwargs)
+        return _sdpa(self.scope, *args, img=self.img, pag_v=self.pag_v, negative=self.negative, **kwargs)
 
 
 class _Processor:
@@ -324,10 +368,14 @@ class _Processor:
         joint = context is not None and getattr(attn, "add_q_proj", None) is not None
         if scope.mode == "nag" and not joint:
             return self._nag(scope, attn, hidden_states, context, args, kwargs)
-        n_img = None
-        if context is not None and getattr(attn, "add_q_proj", None) is not None:  # SD3 joint attention: image first
-            n_img = hidden_states.shape[1] if hidden_states.ndim == 3 else math.prod(hidden_states.shape[2:])
-        mode = _PerturbedSDPA(scope, n_img)
+        img, flux = None, type(attn).__name__ == "FluxAttention"
+        if flux:  # FLUX: [text; image]; double-stream: the text is the context, single-stream: in hidden_states
+            n_txt = context.shape[1] if context is not None else scope.tokens.get("text")
+            check(n_txt is not None, f"{scope.mode}: FLUX single-stream attention outside a FluxTransformer2DModel call")
+            img = (n_txt, n_txt + hidden_states.shape[1] if context is not None else hidden_states.shape[1])
+        elif context is not None and getattr(attn, "add_q_proj", None) is not None:  # SD3 joint attention: image first
+            img = (0, hidden_states.shape[1] if hidden_states.ndim == 3 else math.prod(hidden_states.shape[2:]))
+        mode = _PerturbedSDPA(scope, img, pag_v=flux)
         with mode:
             out = self.inner(attn, hidden_states, *args, **kwargs)
         check(
@@ -366,6 +414,19 @@ class _Processor:
             return self.inner(attn, hidden_states, *args, **kwargs)
 
 
+#: Blocks taking (hidden_states, encoder_hidden_states) and returning (encoder_hidden_states, hidden_states).
+_TWO_STREAM = ("JointTransformerBlock", "FluxTransformerBlock", "FluxSingleTransformerBlock")
+
+
+def _text_hook(module, args, kwargs):
+    """Forward pre-hook of a FluxTransformer2DModel: its text length, for the single-stream attentions' scope."""
+    scope = (_ACTIVE.get() or {}).get(id(module))
+    if scope is not None:
+        ctx = kwargs.get("encoder_hidden_states")
+        check(ctx is not None, "FLUX attention guidance needs the transformer called with encoder_hidden_states=")
+        scope.tokens["text"] = ctx.shape[1]
+
+
 def _joint_skip(mask: torch.Tensor, args, kwargs, output):
     """SLG on SD3's JointTransformerBlock (returns ``(encoder_hidden_states, hidden_states)``): both streams skip
     the block on the marked rows, as the transformer's ``skip_layers`` does (the last block's text output is None)."""
@@ -385,7 +446,7 @@ def _hook(module, args, kwargs, output):
         return None
     if scope.mode == "tsg":
         return torch.where(scope.mask.to(output.device)[:, None], output + scope.offset.to(output), output)
-    if type(module).__name__ == "JointTransformerBlock":
+    if type(module).__name__ in _TWO_STREAM:
         return _joint_skip(scope.mask, args, kwargs, output)
     inp = args[0] if args else kwargs["hidden_states"]
     out = output[0] if isinstance(output, tuple) else output
@@ -398,6 +459,8 @@ def _attach(module: torch.nn.Module, kind: str):
     """Install the wrapper (``kind`` "processor") or the hook ("hook"); returns the function that removes it."""
     if kind == "hook":
         return module.register_forward_hook(_hook, with_kwargs=True).remove
+    if kind == "text":
+        return module.register_forward_pre_hook(_text_hook, with_kwargs=True).remove
     inner = module.processor
     # diffusers' Attention.set_processor, typed by torch's Module.__getattr__ as Tensor | Module
     module.set_processor(_Processor(inner))  # type: ignore[operator]
@@ -459,16 +522,19 @@ def perturbed_attention(
     mask = mask.bool()
     scope = _Scope(perturbation.mode, perturbation.blur_sigma, mask, _runs(mask), offset, negative, perturbation.nag, store)
     kind = "processor" if perturbation.mode in ("pag", "seg", "nag", "sag") else "hook"
+    marked = [(m, kind) for _, m in mods]
+    if kind == "processor" and type(model).__name__ == "FluxTransformer2DModel":  # the single blocks' text length
+        marked.append((model, "text"))
     done = []
     try:
-        for _, m in mods:
-            _acquire(m, kind)
-            done.append(m)
-        token = _ACTIVE.set({**(_ACTIVE.get() or {}), **{id(m): scope for _, m in mods}})
+        for m, k in marked:
+            _acquire(m, k)
+            done.append((m, k))
+        token = _ACTIVE.set({**(_ACTIVE.get() or {}), **{id(m): scope for m, _ in marked}})
         try:
             yield
         finally:
             _ACTIVE.reset(token)
     finally:
-        for m in done:
-            _release(m, kind)
+        for m, k in done:
+            _release(m, k)

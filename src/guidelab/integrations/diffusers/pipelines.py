@@ -27,6 +27,7 @@ from ...guidance.protocols import Condition
 from ...rng import SampleNoise
 from . import flow, flux, scheduler
 from .adapter import DiffusersDenoiser, make_sigmas
+from .guiders import SLG_WINDOW, step_window
 from .sdxl import SDXLDenoiser
 
 #: Pipeline class -> its denoiser's folder.
@@ -295,9 +296,11 @@ class Pipeline:
         shape, FLUX packed; else from ``seeds``, sample i from seed i); ``options``: the guider's keywords; ``out``:
         also write PNGs + a grid; ``guide``: autoguidance's weaker pipeline (a folder or a Pipeline of the same class
         with the same text encoders and VAE); ``interval = (lo, hi)``: guide only for lo < sigma <= hi (EDM sigma;
-        flow: t / (1 - t)); ``guidance``: guidance-distilled FLUX's embedded guidance scale (diffusers'
-        ``guidance_scale``; its default 3.5 when None), with ``guider="cfg"`` and a negative prompt on top
-        diffusers' ``true_cfg_scale = w``; ``height`` / ``width``: the image size (default the pipeline's)."""
+        flow: t / (1 - t)); ``guider="slg"`` defaults to diffusers' SLG step window (:data:`~.guiders.SLG_WINDOW`:
+        the steps i of n with 0.01 n < i < 0.2 n, so at least 6 steps; ``(0, inf)``: every step); ``guidance``:
+        guidance-distilled FLUX's embedded guidance scale (diffusers' ``guidance_scale``; its default 3.5 when
+        None), with ``guider="cfg"`` and a negative prompt on top diffusers' ``true_cfg_scale = w``; ``height`` /
+        ``width``: the image size (default the pipeline's)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         seeds = [int(s) for s in seeds]
         height, width = (None if v is None else int(v) for v in (height, width))  # the CLI's --option gives text
@@ -322,7 +325,9 @@ class Pipeline:
                 "scheduler/scheduler_config.json, or use DDIMScheduler / EulerDiscreteScheduler",
             )
         h, w_img, orig = self.size(height, width)
-        cond, null = self.encode(prompts, negative_prompt, size=(h, w_img), guidance=guidance, reference=guider in REFERENCE)
+        parsed = registry.parse_options(guider, options)
+        reference = guider in REFERENCE or parsed.get("cfg_weight") is not None  # pag / seg / slg with CFG: the null
+        cond, null = self.encode(prompts, negative_prompt, size=(h, w_img), guidance=guidance, reference=reference)
         den = self.denoiser(null, (h, w_img))
         shape = self.latent_shape(h, w_img)
         check(
@@ -331,6 +336,8 @@ class Pipeline:
             f"got {list(latents.shape) if latents is not None else None}",
         )
         sig = self.sigmas(den, steps, schedule, shape)
+        if interval is None and guider == "slg":  # diffusers' SLG step window (its SD3 pipeline's gate)
+            interval = step_window(sig, *SLG_WINDOW)
         seeds = seeds * N if len(seeds) == 1 and N > 1 else seeds
         noise = SampleNoise(seeds, device=self.device)
         L = noise.randn(shape, dtype=torch.float64) if latents is None else latents
@@ -343,7 +350,7 @@ class Pipeline:
             guide=guide_den,
             seeds=seeds,
             interval=interval,
-            options=registry.parse_options(guider, options),
+            options=parsed,
             sampler=None if sampler == "plms" else sampler,  # plms: not a catalog sampler (it checks the guider)
             what=f"this {self.kind}",
         )
