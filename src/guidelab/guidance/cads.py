@@ -2,16 +2,64 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 
 import torch
+import torch.nn.functional as F
 
 from ..errors import GuidelabError, check
 from ._base import draw_normal, draw_seeds
 from .protocols import Guider, Run
 
 _SALT = 0xCAD5
+#: conditioning key carrying [batch, 2 (K + 1)]: each sample's one-hot label and its annealed version, read
+#: (and removed) by a forward pre-hook on the network; integer labels only
+SOFT = "_cads_soft_label"
+
+
+def _label_net(guider):
+    """The guidelab image network (PixelMLP, UNet: a label one-hot at the end of its embedding layer's
+    input, scaled by sqrt(K + 1)) behind ``guider``'s main branch, or None."""
+    net = getattr(getattr(guider, "main", None), "denoiser", guider)
+    ok = isinstance(net, torch.nn.Module) and getattr(net, "emb_layer", None) is not None and getattr(net, "num_classes", 0)
+    return net if ok else None
+
+
+@contextlib.contextmanager
+def _annealed_labels(net):
+    """While active, rows of ``net``'s calls whose label is still their sample's own get the annealed one-hot
+    (from ``cond[SOFT]``) in the embedding layer's label columns; other rows (the null, a negative) keep
+    theirs. Hooks exist only inside the block."""
+    state: dict = {}
+
+    def pre(module, args, kwargs):
+        both = kwargs.pop(SOFT)
+        k1 = both.shape[1] // 2
+        label = kwargs.get("label")
+        label = torch.full(both.shape[:1], k1 - 1, device=both.device) if label is None else torch.as_tensor(label)
+        label = label.expand(both.shape[0]) if label.ndim == 0 else label
+        own = (F.one_hot(label.long(), k1).to(both) == both[:, :k1]).all(1)
+        state["rows"], state["soft"] = own, both[:, k1:]
+        return args, kwargs
+
+    def emb_pre(module, args):
+        rows, soft = state["rows"], state["soft"]
+        if not bool(rows.any()):
+            return None
+        (inp,) = args
+        k1 = soft.shape[1]
+        inp = inp.clone()
+        inp[rows, -k1:] = soft[rows].to(inp) * math.sqrt(k1)  # as the network's own one-hot * sqrt(K + 1)
+        return (inp,)
+
+    handles = [net.register_forward_pre_hook(pre, with_kwargs=True), net.emb_layer.register_forward_pre_hook(emb_pre)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def gamma(t: float, tau1: float, tau2: float) -> float:
@@ -25,7 +73,7 @@ class CADS(Guider):
     run: Run | None = None
 
     def __init__(self, guider: Guider, key: str, tau1: float, tau2: float, noise_scale: float, psi: float | None, seeds):
-        self.guider, self.key, self.tau1, self.tau2 = guider, key, tau1, tau2
+        self.guider, self.key, self.tau1, self.tau2, self.net = guider, key, tau1, tau2, _label_net(guider)
         self.noise_scale, self.psi, self.seeds = noise_scale, psi, seeds
         self.name, self.requires = f"cads[{getattr(guider, 'name', 'denoiser')}]", getattr(guider, "requires", frozenset())
 
@@ -49,20 +97,32 @@ class CADS(Guider):
         )  # eq. 5
         return self.psi * scaled + (1 - self.psi) * y_hat  # eq. 6
 
-    def _cond(self, sigma, cond):
+    def _cond(self, x, sigma, cond):
         y = cond.get(self.key)
+        if isinstance(y, torch.Tensor) and not y.is_floating_point() and not y.is_complex() and self.net is not None:
+            onehot = F.one_hot(y.long().expand(x.shape[0]) if y.ndim == 0 else y.long(), self.net.num_classes + 1).to(x)
+            soft = self.anneal(onehot, sigma)
+            return cond if soft is onehot else {**cond, SOFT: torch.cat([onehot, soft], 1)}
         check(
             isinstance(y, torch.Tensor) and y.is_floating_point(),
-            f"cads needs a continuous condition (a float tensor) under {self.key!r}, got {type(y).__name__}",
+            f"cads needs a continuous condition (a float tensor) under {self.key!r}, or integer labels of a "
+            f"guidelab image network (PixelMLP, UNet), got {type(y).__name__}"
+            + (f" {y.dtype}" if isinstance(y, torch.Tensor) else ""),
         )
         return {**cond, self.key: self.anneal(y, sigma)}
 
+    def _call(self, fn, x, sigma, cond):
+        cond = self._cond(x, sigma, cond)
+        if SOFT not in cond:
+            return fn(x, sigma, **cond)
+        with _annealed_labels(self.net):
+            return fn(x, sigma, **cond)
+
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
-        return self.guider(x, sigma, **self._cond(sigma, cond))
+        return self._call(self.guider, x, sigma, cond)
 
     def unguided(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
-        inner = getattr(self.guider, "unguided", self.guider)
-        return inner(x, sigma, **self._cond(sigma, cond))
+        return self._call(getattr(self.guider, "unguided", self.guider), x, sigma, cond)
 
     def start(self, run: Run) -> "CADS":
         new = copy.copy(self)
@@ -90,7 +150,10 @@ def cads(
 
     ``t = 1 - i / N`` the run's normalised time at step ``i`` of ``N``; ``gamma`` (eq. 4) is 1 for
     ``t <= tau1``, 0 for ``t >= tau2``, linear between. ``key``: a float embedding (default: the
-    denoiser's ``condition.key``). Mean / std per sample (the official code uses the whole batch).
+    denoiser's ``condition.key``), or integer labels of a guidelab image network (PixelMLP, UNet): then
+    ``y`` is the label's one-hot, annealed inside the network's embedding layer (as the paper's class
+    embeddings); rows whose label is not the sample's own (the null branch, a Perp-Neg negative) keep theirs.
+    Mean / std per sample (the official code uses the whole batch).
     Noise per sample from ``seeds`` or the run's seeds. ``tau1 >= 1``: the guider itself, bit for bit.
     Paper defaults tau1 0.6, tau2 0.9, s 0.25, psi 1.
     """
