@@ -138,3 +138,36 @@ def test_fdg_and_perp_neg_take_schedules_on_images_fdg_refuses_points(tmp_path):
     )
     assert isinstance(r.exception, GuidelabError) and "fdg needs [B, C, L] or [B, C, H, W]" in str(r.exception)
     assert not (tmp_path / "pts").exists()  # refused before anything is written
+
+
+def test_cads_from_the_cli_on_a_label_network(tmp_path):
+    import inspect
+
+    import torch
+
+    from guidelab.guidance import cads
+    from guidelab.training import save_model
+    from test_evaluate import _net
+
+    defaults = inspect.signature(cads).parameters
+    assert {o.name: o.default for o in registry.get("cads").options if o.name != "base"} == {
+        k: defaults[k].default for k in ("tau1", "tau2", "noise_scale", "psi")
+    }
+    torch.manual_seed(0)
+    ckpt = str(save_model(tmp_path / "cond.safetensors", _net(tmp_path / "n", num_classes=10)))
+    args = ["sample", "--model", ckpt, "--label", "balanced", "--samples", "3", "--sampler", "euler", "--steps", "4"]
+    got = {}
+    for tag, guider, weight, opts in (
+        ("cfg", "cfg", "2", []),
+        ("cads", "cads", "2", []),
+        ("off", "cads", "2", ["--option", "tau1=1"]),
+        ("sched", "cads", "linear:1-4", ["--option", "noise_scale=0.5"]),
+    ):
+        r = _invoke([*args, "--quiet", "--out", str(tmp_path / tag), "--guider", guider, "--weight", weight, *opts])
+        assert r.exit_code == 0, (tag, r.output, r.exception)
+        got[tag] = jobs.load_samples(tmp_path / tag)[0]
+    assert np.array_equal(got["off"], got["cfg"])  # tau1 >= 1: the base guider, bit for bit
+    assert not np.allclose(got["cads"], got["cfg"]) and np.isfinite(got["sched"]).all()
+    r = _invoke(["sample", "--world", "A", "--samples", "4", "--steps", "3", "--out", str(tmp_path / "pts"), "--guider", "cads"])
+    assert isinstance(r.exception, GuidelabError) and "cads needs" in str(r.exception)
+    assert not (tmp_path / "pts").exists()

@@ -21,8 +21,12 @@ SOFT = "_cads_soft_label"
 
 def _label_net(guider):
     """The guidelab image network (PixelMLP, UNet: a label one-hot at the end of its embedding layer's
-    input, scaled by sqrt(K + 1)) behind ``guider``'s main branch, or None."""
+    input, scaled by sqrt(K + 1)) behind ``guider``'s main branch (or its wrappers' ``.net``), or None."""
     net = getattr(getattr(guider, "main", None), "denoiser", guider)
+    for _ in range(8):  # the network behind counting / chunking wrappers (their ``.net``)
+        if isinstance(net, torch.nn.Module) or not hasattr(net, "__dict__") or vars(net).get("net") is None:
+            break
+        net = vars(net)["net"]
     ok = isinstance(net, torch.nn.Module) and getattr(net, "emb_layer", None) is not None and getattr(net, "num_classes", 0)
     return net if ok else None
 

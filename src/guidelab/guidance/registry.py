@@ -271,6 +271,12 @@ def _rule(fn):
     return build
 
 
+def _cads(ctx: Context):
+    from .cads import cads
+
+    return cads(_base(ctx), **_opts(ctx, "base"))
+
+
 def _perp_neg(ctx: Context):
     from .perp_neg import perp_neg
 
@@ -518,6 +524,20 @@ GUIDERS: dict[str, GuiderSpec] = {
                 _BASE,
                 Option("negative", int, None, "the negative class label (required)"),
                 Option("neg_w", float, 1.0, "weight of the negative direction"),
+            ],
+        ),
+        _spec(
+            "cads",
+            "CADS: the condition annealed with scheduled noise early in the run (diversity at high w)",
+            "Sadat et al. 2024, arXiv 2310.17347",
+            _cads,
+            needs=["null_label"],
+            options=[
+                Option("base", str, "cfg", "the guider whose condition is annealed", ("cfg", "tsg")),
+                Option("tau1", float, 0.6, "normalised time below which the condition is clean"),
+                Option("tau2", float, 0.9, "normalised time above which it is pure noise"),
+                Option("noise_scale", float, 0.25, "noise scale s"),
+                Option("psi", float, 1.0, "mix of the rescaled noisy condition"),
             ],
         ),
         _spec(
