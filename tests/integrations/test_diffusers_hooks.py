@@ -580,3 +580,31 @@ def test_flux_rows_one_call_and_w1():
             wrapped = gd.attention_guidance(den, 2.0, mode, layers=every).ref.denoiser
             marked = wrapped(x, sigma, **cond, perturb=torch.tensor([False, True]))
             assert torch.equal(marked[0], plain[0]) and not torch.equal(marked[1], plain[1])
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_flow_tsg_offset_reaches_only_the_time_embedding(family):
+    """SD3 / FLUX FlowDenoiser: noise_embed_dim is the timestep embedder's output size; noise_embed_offset [B, dim]
+    equals a hand-written hook adding it to time_text_embed.timestep_embedder's output (before the pooled text is
+    added), on its non-zero rows only (zero rows: the plain model bit for bit); guidance.tsg at w = 1 is the plain
+    model; a wrong shape is one error."""
+    net, den, cond, *_, x, sigma = _sd3() if family == "sd3" else _flux()
+    emb = net.time_text_embed.timestep_embedder
+    assert den.noise_embed_dim == emb.linear_2.out_features == net.config.num_attention_heads * net.config.attention_head_dim
+    g = torch.Generator().manual_seed(5)
+    offset = torch.randn(B, den.noise_embed_dim, generator=g, dtype=torch.float64)
+    offset[0] = 0
+    with torch.no_grad():
+        plain = den(x, sigma, **cond)
+        ours = den(x, sigma, **cond, noise_embed_offset=offset)
+        hook = emb.register_forward_hook(lambda m, a, out: out + offset)
+        try:
+            ref = den(x, sigma, **cond)
+        finally:
+            hook.remove()
+        assert torch.equal(ours[0], plain[0]) and (ours[1:] - ref[1:]).abs().max() < 1e-12
+        assert (ours[1:] - plain[1:]).abs().max() > 1e-3
+        assert torch.equal(guidance.tsg(den, 1.0)(x, sigma, **cond), plain)
+        assert (guidance.tsg(den, 2.0)(x, sigma, **cond) - plain).abs().max() > 1e-4
+    with pytest.raises(GuidelabError, match="noise_embed_offset must be"):
+        den(x, sigma, **cond, noise_embed_offset=offset[:, :3])

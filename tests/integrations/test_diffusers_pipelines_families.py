@@ -352,10 +352,7 @@ GUIDERS = {
     "slg+cfg": (3.0, {"cfg_weight": 3.0}),
 }
 #: (family, guider) combinations that refuse with one clear error, and the error.
-REFUSED = {
-    ("flux", "tsg"): "noise_embed",
-    ("sd3", "tsg"): "noise_embed",
-}
+REFUSED: dict[tuple[str, str], str] = {}  # none left: TSG on SD3 / FLUX and PAG / SEG / SLG on FLUX now run
 
 
 def _kw(family):

@@ -22,6 +22,7 @@ import torch
 
 from ...denoisers import bcast
 from ...errors import GuidelabError, check
+from ...guidance.tsg import KEY as OFFSET
 
 #: Flow models guidelab knows; the velocity call of each is :func:`velocity_call`.
 FLOW_MODELS = ("SD3Transformer2DModel", "FluxTransformer2DModel")
@@ -61,7 +62,10 @@ class FlowDenoiser:
     """A velocity model ``v(x_t, timestep, **cond)`` as ``D(x, sigma, **cond)`` in EDM space (module docstring).
 
     ``x``: [B, ...] EDM scale; ``sigma``: [B]; ``num_train_timesteps``: T of ``timestep = t T``; ``dtype``: what
-    the network takes (x_t and floating conditioning are cast to it; D comes back in x's dtype).
+    the network takes (x_t and floating conditioning are cast to it; D comes back in x's dtype). With ``model`` an
+    SD3 / FLUX transformer it declares :attr:`noise_embed_dim` and takes TSG's ``noise_embed_offset`` [B, dim]
+    (added to the output of ``time_text_embed.timestep_embedder``, before the pooled-text / guidance embeddings
+    are added to it, on the rows where it is non-zero).
     """
 
     def __init__(
@@ -75,8 +79,39 @@ class FlowDenoiser:
     ):
         self.velocity, self.T, self.dtype = velocity, num_train_timesteps, dtype
         self.condition, self.model = condition, model
+        self._embedders = None  # hooks.Perturbation("tsg"), made on first use (flow does not import hooks eagerly)
+
+    def _tsg(self):
+        from .hooks import Perturbation
+
+        if self._embedders is None:
+            self._embedders = Perturbation("tsg")
+        return self._embedders
+
+    @property
+    def noise_embed_dim(self) -> int | None:
+        """TSG: size of the time-embedding vector ``noise_embed_offset`` shifts (SD3 / FLUX: the output of
+        ``time_text_embed.timestep_embedder``); None without a known flow ``model``."""
+        if self.model is None or type(self.model).__name__ not in FLOW_MODELS:
+            return None
+        return self._tsg().embed_dim(self.model)
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
+        offset = cond.pop(OFFSET, None)
+        if offset is not None:
+            dim = self.noise_embed_dim
+            check(
+                dim is not None and offset.ndim == 2 and tuple(offset.shape) == (x.shape[0], dim),
+                f"{OFFSET} must be [batch, noise_embed_dim] = [{x.shape[0]}, {dim}] (an SD3 / FLUX FlowDenoiser "
+                f"made with model=...), got {list(offset.shape)}",
+            )
+            rows = offset.ne(0).any(1)
+            if bool(rows.any()):
+                from .hooks import perturbed_attention
+
+                assert self.model is not None  # noise_embed_dim is None without one
+                with perturbed_attention(self.model, self._tsg(), rows, offset=offset.to(self.dtype)):
+                    return self(x, sigma, **cond)
         cond = {
             k: (v.to(self.dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
             for k, v in cond.items()
