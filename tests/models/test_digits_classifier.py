@@ -117,6 +117,22 @@ def test_shipped_classifier_is_pinned_small_and_packaged():
         digits_cache.shipped_classifier(expected="0" * 64)
 
 
+def test_shipped_noise_aware_classifier_is_pinned_and_noise_aware(test_set):
+    from guidelab.app import digits_cache
+    from guidelab.metrics.features import sha256
+
+    path = digits_cache.SHIPPED_NOISE
+    assert path.stat().st_size < 512 * 1024 and sha256(path) == digits_cache.SHIPPED_NOISE_SHA256
+    m = digits_cache.digits_classifier(noise_aware=True)  # the packaged file, never trained
+    assert m.noise_aware and m.weights_sha256() == digits_cache.SHIPPED_NOISE_WEIGHTS_SHA256
+    n = torch.randn(test_set.images.shape, generator=torch.Generator().manual_seed(0))
+    low = _acc(m, test_set.images + 0.1 * n, test_set.labels, 0.1)
+    high = _acc(m, test_set.images + 20 * n, test_set.labels, 20.0)
+    assert low > 0.9 and high < low  # reads the digit at low noise, close to chance when the noise hides it
+    with pytest.raises(GuidelabError, match="sha256"):
+        digits_cache.shipped_classifier(noise_aware=True, expected="0" * 64)
+
+
 def test_shipped_features_give_the_same_fd_at_any_thread_count():
     from guidelab import metrics
     from guidelab.app import digits_cache

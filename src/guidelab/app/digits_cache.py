@@ -1,11 +1,12 @@
 """The digits classifiers behind the digits metrics and classifier guidance (:func:`digits_classifier`);
 the network itself is :mod:`guidelab.models.digits`.
 
-The clean classifier behind every digits FD / accuracy ships inside the package
-(``guidelab/assets/``, produced by :func:`~guidelab.models.digits.train_digits_classifier` with the
-defaults, steps=2000, seed=0); its file sha256 is pinned here (:data:`SHIPPED_SHA256`) and checked at
-load, so every machine computes the same features. Any other classifier (noise-aware, other steps or
-seed, or ``train=True``) is trained locally on first use and cached; its hash is logged and recorded.
+The clean classifier behind every digits FD / accuracy and its noise-aware twin behind digits classifier
+guidance ship inside the package (``guidelab/assets/``, produced by
+:func:`~guidelab.models.digits.train_digits_classifier` with the defaults, steps=2000, seed=0); their file
+sha256 are pinned here (:data:`SHIPPED_SHA256`, :data:`SHIPPED_NOISE_SHA256`) and checked at load, so every
+machine computes the same features and the same guidance. Any other classifier (other steps or seed, or
+``train=True``) is trained locally on first use and cached; its hash is logged and recorded.
 """
 
 from __future__ import annotations
@@ -27,11 +28,19 @@ SHIPPED = Path(__file__).resolve().parent.parent / "assets" / "digits-classifier
 SHIPPED_SHA256 = "ac62509eea12a4d0ef12fdb7c1df5c4214cf11ba6e89f344ca8e1e7c118ffbf1"
 #: sha256 of its weights (:meth:`DigitsClassifier.weights_sha256`), what metrics record.
 SHIPPED_WEIGHTS_SHA256 = "c3fed6717daecfabd4bc2f12da063243e357afcfd6bf7c885955b1ab93256077"
+#: The shipped noise-aware classifier (p(y | x; sigma), steps=2000, seed=0), its file and weights sha256.
+SHIPPED_NOISE = SHIPPED.with_name("digits-classifier-noise-s2000-seed0.safetensors")
+SHIPPED_NOISE_SHA256 = "8fbe2f4f908cb449a5cae9e7c45fdfc77cf55d442474a13398fcc5acaaa5d598"
+SHIPPED_NOISE_WEIGHTS_SHA256 = "f77903318cafe97fbc3b1cffb1db8fb73a41e65e7fa1dde1db2b426d5b73f2ea"
 
 
-def shipped_classifier(path: str | os.PathLike = SHIPPED, expected: str = SHIPPED_SHA256) -> DigitsClassifier:
-    """The packaged clean classifier; its file must hash to ``expected`` (a mismatch is an error)."""
-    path = Path(path)
+def shipped_classifier(
+    path: str | os.PathLike | None = None, expected: str | None = None, *, noise_aware: bool = False
+) -> DigitsClassifier:
+    """The packaged clean (or ``noise_aware``) classifier; its file must hash to ``expected`` (default: the
+    pinned value; a mismatch is an error)."""
+    path = Path(path) if path is not None else (SHIPPED_NOISE if noise_aware else SHIPPED)
+    expected = expected if expected is not None else (SHIPPED_NOISE_SHA256 if noise_aware else SHIPPED_SHA256)
     check(path.is_file(), f"the packaged digits classifier is missing ({path}); reinstall guidelab")
     got = sha256(path)
     if got != expected:
@@ -39,7 +48,7 @@ def shipped_classifier(path: str | os.PathLike = SHIPPED, expected: str = SHIPPE
             f"the packaged digits classifier {path} has sha256 {got[:12]}..., expected {expected[:12]}...; "
             "reinstall guidelab (or pass a classifier path / train=True to use your own)"
         )
-    return _load(path, noise_aware=False)
+    return _load(path, noise_aware=noise_aware)
 
 
 def _load(path: Path, *, noise_aware: bool) -> DigitsClassifier:
@@ -69,12 +78,12 @@ def digits_classifier(
     progress: bool = False,
 ) -> DigitsClassifier:
     """The digits classifier saved at ``path``. Without ``path``: the packaged one
-    (:func:`shipped_classifier`) for the clean defaults unless ``train``, else the cache
+    (:func:`shipped_classifier`, clean or noise-aware) for the defaults unless ``train``, else the cache
     (:func:`default_path`). A missing file is trained (:func:`train_digits_classifier`, deterministic given
     ``seed``), saved atomically with its weights hash, and the hash logged. Nothing is downloaded.
     ``progress`` is accepted for old callers; progress goes to the ``guidelab`` logger."""
-    if path is None and not train and not noise_aware and (steps, seed) == (2000, 0):
-        return shipped_classifier()
+    if path is None and not train and (steps, seed) == (2000, 0):
+        return shipped_classifier(noise_aware=noise_aware)
     path = Path(path) if path is not None else default_path(noise_aware=noise_aware, steps=steps, seed=seed)
     if path.exists():
         return _load(path, noise_aware=noise_aware)
