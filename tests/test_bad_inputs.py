@@ -86,6 +86,14 @@ ROWS = [
     ("sigma-rel-world", W + ["--sigma-rel", "nan"], "sigma"),
     ("step-0", W + ["--step", "0"], "step"),
     ("sampler-option-unknown", W + ["--guider", "cfg", "--weight", "2", "--option", "s_churn=1"], "s_churn"),
+    ("sampler-option-bad-key", W + ["--sampler", "heun", "--sampler-option", "order=2"], "heun takes no option order"),
+    ("sampler-option-no-value", W + ["--sampler-option", "s_churn"], "KEY=VALUE"),
+    ("sampler-option-twice", W + ["--sampler-option", "s_churn=1", "--sampler-option", "s_churn=2"], "twice"),
+    ("dpm-solver-v3-world", W + ["--sampler", "dpm_solver_v3"], "ems=PATH or ems=degenerate"),
+    ("dpm-solver-v3-no-ems", M + ["--sampler", "dpm_solver_v3"], "guidelab ems"),
+    ("dpm-solver-v3-ems-missing", M + ["--sampler", "dpm_solver_v3", "--sampler-option", "ems={d}/no.st"], "statistics"),
+    ("evaluate-sampler-option", EV + ["--sampler", "euler", "--sampler-option", "eta=1"], "euler takes no option eta"),
+    ("sweep-sampler-option", SW + ["--sampler-option", "bogus"], "KEY=VALUE"),
     # --- sample: checkpoints
     ("model-missing", W + ["--model", "{d}/missing.safetensors"], "not found"),
     ("model-garbage", W + ["--model", "{d}/garbage.safetensors"], "garbage"),
@@ -240,6 +248,8 @@ ROWS = [
         "config.json",
     ),
     ("diffusers-steps-0", ["diffusers", "{d}/emptydir", "--out", "{out}", "--steps", "0"], "steps"),
+    ("diffusers-block-neg", ["diffusers", "{d}/emptydir", "--out", "{out}", "--block", "-1"], "block"),
+    ("diffusers-schedule-bad", ["diffusers", "{d}/emptydir", "--out", "{out}", "--schedule", "bogus"], "pipeline"),
     ("diffusers-prompt-missing", ["diffusers", "{d}/emptydir", "--out", "{out}", "--prompt-embeds", "{d}/missing.st"], "missing"),
     (
         "diffusers-prompt-garbage",
@@ -305,6 +315,14 @@ ROWS = [
     ("diffusers-weight-schedule-bad", ["diffusers", "{d}/emptydir", "--out", "{out}", "--weight", "bogus:1-2"], "weight"),
     ("generate-threads-0", ["generate", "{d}/emptydir", "--prompt", "x", "--out", "{out}", "--threads", "0"], "threads"),
     ("generate-device-bogus", ["generate", "{d}/emptydir", "--prompt", "x", "--out", "{out}", "--device", "bogus"], "device"),
+    ("generate-height-small", ["generate", "{d}/emptydir", "--prompt", "x", "--out", "{out}", "--height", "4"], "height"),
+    ("generate-width-text", ["generate", "{d}/emptydir", "--prompt", "x", "--out", "{out}", "--width", "w"], "width"),
+    ("generate-guidance-text", ["generate", "{d}/emptydir", "--prompt", "x", "--out", "{out}", "--guidance", "x"], "guidance"),
+    (
+        "generate-guidance-as-option",
+        ["generate", "{d}/emptydir", "--prompt", "x", "--out", "{out}", "--guider", "none", "--option", "guidance=3.5"],
+        "give --guidance 3.5",
+    ),
     (
         "inverse-threads-0",
         ["inverse", "digits-gmm", "--task", "inpaint", "--method", "dps", "--input", "{d}/cond.safetensors"]

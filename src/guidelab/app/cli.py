@@ -109,6 +109,33 @@ _GUIDE_HELP = (
 )
 
 
+def _value(text: str):
+    """A ``--sampler-option`` value: an int, a float, true / false, or the text itself."""
+    low = text.strip().lower()
+    if low in ("true", "false"):
+        return low == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _sampler_options(ctx, param, values) -> dict:
+    """``--sampler-option KEY=VALUE ...`` -> ``{key: value}`` (values: :func:`_value`)."""
+    out: dict = {}
+    for text in values:
+        key, eq, value = text.partition("=")
+        key = key.strip()
+        if not eq or not key.isidentifier():
+            raise click.BadParameter(f"expected KEY=VALUE (e.g. order=2 or ems=m.ems.safetensors), got {text!r}")
+        if key in out:
+            raise click.BadParameter(f"{key} is given twice")
+        out[key] = _value(value.strip())
+    return out
+
+
 def _how_options(f, sweep: bool = False):
     """How to sample (``sample``, ``sweep``, ``evaluate``; see guidelab.app.jobs.SampleConfig). ``sweep``:
     --guide is repeatable and may name its method (``--guide cfg=UNCOND``)."""
@@ -156,6 +183,16 @@ def _how_options(f, sweep: bool = False):
             multiple=True,
             metavar="KEY=VALUE",
             help=f"Guider keyword (repeatable), checked against the guider's options: {_option_help(GUIDERS)}.",
+        ),
+        click.option(
+            "--sampler-option",
+            "sampler_options",
+            multiple=True,
+            metavar="KEY=VALUE",
+            callback=_sampler_options,
+            help="Sampler keyword (repeatable; a number, true / false, or text), checked against the sampler's keywords: "
+            "e.g. s_churn=40 (heun), order=2 (unipc), ems=PATH|degenerate (dpm_solver_v3; default: "
+            "MODEL.ems.safetensors next to the checkpoint, written by `guidelab ems MODEL`).",
         ),
     ]
     for o in reversed(opts):

@@ -4,6 +4,7 @@ run in fixed blocks (:class:`Counted`), the guider built by the guider registry 
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -15,7 +16,7 @@ from ...log import get_logger
 from ...rng import SampleNoise
 from ...training.phema import load_network
 from ...training.student import distilled_info
-from .config import SampleConfig
+from .config import SampleConfig, check_sampler_options
 
 log = get_logger(__name__)
 #: A post-hoc EMA reconstruction whose relative profile error exceeds this is warned about.
@@ -92,6 +93,50 @@ class Counted:
         return getattr(self.net, name)
 
 
+def default_ems(model: str | Path) -> Path:
+    """``MODEL.ems.safetensors`` next to a checkpoint (``m.safetensors`` -> ``m.ems.safetensors``): where
+    ``guidelab ems MODEL`` writes DPM-Solver-v3's statistics by default."""
+    model = Path(model)
+    stem = model.name[: -len(".safetensors")] if model.name.endswith(".safetensors") else model.name
+    return model.with_name(f"{stem}.ems.safetensors")
+
+
+def ems_file(cfg: SampleConfig, sampler: str | None = None) -> Path | None:
+    """The statistics file a ``dpm_solver_v3`` job reads (None for other samplers and for ``ems=degenerate``):
+    ``sampler_options["ems"]`` when given, else ``MODEL.ems.safetensors`` next to the checkpoint (:func:`default_ems`).
+    A missing file, a run folder or an exact world without ``ems=`` is one error line naming ``guidelab ems``."""
+    if (sampler or cfg.sampler) != "dpm_solver_v3":
+        return None
+    given = cfg.sampler_options.get("ems")
+    if given == "degenerate":
+        return None
+    if given is not None:
+        check(isinstance(given, str), f"--sampler-option ems= takes a file path or 'degenerate', got {given!r}")
+        path = Path(given)
+        check(
+            path.is_file(),
+            f"--sampler-option ems={given}: no such statistics file; write it with `guidelab ems {cfg.model or 'MODEL'} "
+            f"--out {given}` (or give ems=degenerate: DPM-Solver++ multistep)",
+        )
+        return path
+    model = cfg.model
+    if model is None:
+        raise GuidelabError("dpm_solver_v3 on an exact world needs statistics: give --sampler-option ems=PATH or ems=degenerate")
+    check(
+        not Path(model).is_dir(),
+        f"dpm_solver_v3 needs the statistics of the network it samples; a run folder's post-hoc EMA has none: "
+        f"export it (`guidelab phema {cfg.model} --sigma-rel S --out M.safetensors`), run `guidelab ems M.safetensors` "
+        "and sample --model M.safetensors, or give --sampler-option ems=PATH",
+    )
+    path = default_ems(model)
+    check(
+        path.is_file(),
+        f"dpm_solver_v3 needs the model's statistics {path}: compute them with `guidelab ems {cfg.model}` "
+        "(or give --sampler-option ems=PATH, or ems=degenerate: DPM-Solver++ multistep)",
+    )
+    return path
+
+
 def distilled_meta(net) -> dict:
     """A distilled student's ``meta.distilled`` ({} for other networks): :func:`guidelab.training.student.distilled_info`
     (a progressive student carries its sigma grid and sampler)."""
@@ -145,6 +190,11 @@ class Sampling:
             None if guide is None else Counted(guide, self.counts, "classifier" if cfg.guider == "classifier" else "guide", chunk)
         )
         self.sampler = cfg.sampler or (distilled_meta(self.net).get("sampler") or "euler" if grid is not None else "heun")
+        check_sampler_options(self.sampler, cfg.sampler_options)
+        self.sampler_options = dict(cfg.sampler_options)
+        if self.sampler == "dpm_solver_v3":  # its statistics, loaded once (a missing file: one error line)
+            path = ems_file(cfg, self.sampler)
+            self.sampler_options["ems"] = samplers.EMS.load(path) if path is not None else samplers.EMS.degenerate()
         if grid is not None:
             self.sigmas = torch.tensor(grid, dtype=dtype, device=device)
             self.schedule = f"checkpoint grid ({len(grid) - 1} steps)"
@@ -241,7 +291,7 @@ class Sampling:
         try:
             if callback is not None:
                 kw["callback"] = callback
-            out = samplers.get(self.sampler)(self.denoiser(seeds), x, sigmas, cond=cond or None, **kw, **self.cfg.sampler_options)
+            out = samplers.get(self.sampler)(self.denoiser(seeds), x, sigmas, cond=cond or None, **kw, **self.sampler_options)
         finally:
             for n in nets:
                 n.seeds = None

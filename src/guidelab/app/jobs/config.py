@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +15,23 @@ from ...guidance import registry
 GUIDERS = tuple(registry.names(without={"attention"}))
 #: Guiders on an exact world (its guide is the unconditional tree("AB")).
 WORLD_GUIDERS = tuple(registry.names(needs={"null_label"}))
+
+#: Sampler keywords that the job itself passes (never ``--sampler-option``).
+_OWN = ("cond", "callback", "progress", "noise")
+
+
+def check_sampler_options(sampler: str, options: dict) -> None:
+    """Each key of ``options`` is a keyword of ``sampler`` (``--sampler-option``); else one error line naming the
+    allowed ones."""
+    params = inspect.signature(samplers.get(sampler)).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    allowed = [n for n, p in params.items() if n not in _OWN and p.kind is inspect.Parameter.KEYWORD_ONLY]
+    for key in options:
+        check(
+            key in allowed,
+            f"sampler {sampler} takes no option {key}; allowed: {', '.join(allowed) or 'none'}",
+        )
 
 
 @dataclass
@@ -37,7 +55,9 @@ class SampleConfig:
     sigma_max, rho); ``sigma_max`` None is 80 for image networks (EDM) and 5 otherwise; a checkpoint
     that carries its own grid (``meta.distilled.sigmas``, progressive distillation) is sampled on exactly that
     grid (``sampler`` None: euler there, heun otherwise); ``sampler_options``: the sampler's keywords
-    (e.g. ``s_churn``). ``chunk``: networks see blocks of this many rows, each sample in the row
+    (e.g. ``s_churn``; keys checked against the sampler's keywords; dpm_solver_v3's ``ems``: a statistics file or
+    ``"degenerate"``, default ``MODEL.ems.safetensors`` next to the checkpoint, :func:`~.assembly.ems_file`).
+    ``chunk``: networks see blocks of this many rows, each sample in the row
     ``seed % chunk``, so samples do not depend on the shard size (see :class:`~.assembly.Counted`; 0: off;
     shards that are multiples of ``chunk`` waste nothing).
     """
@@ -115,8 +135,10 @@ class SampleConfig:
             not self.unconditional or not spec.needs & {"null_label", "condition"},
             f"unconditional sampling cannot use {self.guider}: it guides with the label ({', '.join(uses_label)} do)",
         )
+        check(isinstance(self.sampler_options, dict), f"sampler_options must be a dict, got {self.sampler_options!r}")
         if self.sampler is not None:
             samplers.get(self.sampler)
+            check_sampler_options(self.sampler, self.sampler_options)
         for path in (self.model, self.guide):
             check(path is None or Path(path).exists(), f"checkpoint not found: {path}")
         check(

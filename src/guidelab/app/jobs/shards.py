@@ -24,7 +24,7 @@ from ..._io import atomic_write, file_lock, stale_temps, to_uint8
 from ...errors import GuidelabError, check
 from ...log import get_logger, release
 from .. import provenance
-from .assembly import Sampling, build
+from .assembly import Sampling, build, ems_file
 from .config import SampleConfig
 
 log = get_logger(__name__)
@@ -83,8 +83,10 @@ def _barrier(world: int) -> None:
 
 
 def _inputs(cfg: SampleConfig) -> dict:
-    """sha256 of every model / guide file the job reads (a run folder: all its files), for job.json."""
-    return {k: provenance.file_sha256(p) for k, p in (("model", cfg.model), ("guide", cfg.guide)) if p is not None}
+    """sha256 of every model / guide file the job reads (a run folder: all its files) and of DPM-Solver-v3's
+    statistics file (:func:`~.assembly.ems_file`), for job.json (a resume with a changed file is refused)."""
+    files = (("model", cfg.model), ("guide", cfg.guide), ("ems", ems_file(cfg)))
+    return {k: provenance.file_sha256(p) for k, p in files if p is not None}
 
 
 def _claim(out: Path, manifest: dict) -> None:
