@@ -10,7 +10,7 @@ import torch
 
 from guidelab import guidance as G
 from guidelab.errors import GuidelabError
-from guidelab.models.image import PixelMLP
+from guidelab.models.image import PixelMLP, UNet
 
 torch.manual_seed(0)
 NET = PixelMLP(img_resolution=4, hidden=32, depth=2, emb=16, num_classes=3).double().eval()
@@ -24,32 +24,42 @@ LAB = torch.tensor([0, 1, 2, 0, 1, 2])
 SIGMAS = torch.linspace(5, 0, 11, dtype=torch.float64)  # N = 10 steps: t = 1 - i / 10
 
 
-def _with_label_vector(vec, x, sigma):
-    """The network with its own label features replaced by ``vec`` * sqrt(K + 1) (its one-hot scale)."""
-    own = NET._label
-    NET._label = lambda label, x_: [vec * math.sqrt(NET.num_classes + 1)]
+def _unet():
+    torch.manual_seed(1)
+    net = UNet(img_resolution=4, hidden=8, depth=1, channel_mult=(1,), attn_resolutions=(), emb=16, num_classes=3)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0.0, 0.3)
+    return net.double().eval()
+
+
+def _with_label_vector(net, vec, x, sigma):
+    """``net`` with its own label features replaced by ``vec`` * sqrt(K + 1) (its one-hot scale)."""
+    net._label = lambda label, x_: [vec * math.sqrt(net.num_classes + 1)]
     try:
-        return NET(x, sigma, label=LAB)
+        return net(x, sigma, label=LAB)
     finally:
-        del NET._label
-        assert NET._label == own
+        del net._label
 
 
-def test_annealed_label_equals_the_networks_own_label_path_and_nulls_are_untouched():
-    g = G.cads(G.cfg(NET, 3.0), tau1=0.3, tau2=0.9, noise_scale=0.0, psi=None)
+@pytest.mark.parametrize("kind", ["PixelMLP", "UNet"])
+def test_annealed_label_equals_the_networks_own_label_path_and_nulls_are_untouched(kind):
+    net = NET if kind == "PixelMLP" else _unet()
+    g = G.cads(G.cfg(net, 3.0), tau1=0.3, tau2=0.9, noise_scale=0.0, psi=None)
     run = G.Run(X, SIGMAS)
     bound = g.start(run)
     onehot = torch.nn.functional.one_hot(LAB, 4).double()
-    D_u = NET(X, S, label=torch.full((B,), 3))
+    D_u = net(X, S, label=torch.full((B,), 3))
+    assert not torch.allclose(D_u, net(X, S, label=LAB))  # the label matters
     for i in run.steps():
         got = bound(X, S, label=LAB)
         gam = G.cads.__globals__["gamma"](1 - i / 10, 0.3, 0.9)
         if gam == 1:
-            assert torch.equal(got, G.cfg(NET, 3.0)(X, S, label=LAB)), i
+            assert torch.equal(got, G.cfg(net, 3.0)(X, S, label=LAB)), i
         else:
-            ref = D_u.lerp(_with_label_vector(math.sqrt(gam) * onehot, X, S), 3.0)
+            ref = D_u.lerp(_with_label_vector(net, math.sqrt(gam) * onehot, X, S), 3.0)
             torch.testing.assert_close(got, ref, rtol=0, atol=1e-12)
-        assert not NET._forward_pre_hooks and not NET.emb_layer._forward_pre_hooks  # hooks removed
+        assert not net._forward_pre_hooks and not net.emb_layer._forward_pre_hooks  # hooks removed
         if i == 5:
             break
 
