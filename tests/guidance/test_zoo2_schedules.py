@@ -111,5 +111,6 @@ def test_schedules_at_one_everywhere_are_unguided_bit_for_bit():
         ws("interval", 1.0, sigma_lo=0.28, sigma_hi=1.61),
         ws("steps", 1.0, start=0, stop=3),
     ):
-        for g in (G.cfg(W, sched), G.tcfg(G.cfg(W, sched)), G.perp_neg(G.cfg(W, sched), {"label": 1})):
+        rules = (G.tcfg, G.rescale, lambda g: G.cfg_zero_star(g, zero_steps=0))
+        for g in (G.cfg(W, sched), *(r(G.cfg(W, sched)) for r in rules), G.perp_neg(G.cfg(W, sched), {"label": 1})):
             assert torch.equal(samplers.heun(g, X0, SIG[::4].contiguous(), cond=COND), plain), (sched, g.name)

@@ -94,11 +94,6 @@ def test_a_sweep_over_schedules_reports(tmp_path):
     _sweep_and_report(tmp_path / "s", "1,linear:1-4,cosine:4-1")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="sweep.cell_name keeps '=' in cell names (tcfg_wsteps_2-1_start=1_stop=2), report.py refuses them; "
-    "fix in app/ (not this file's owner), see docs/GUIDANCE.md",
-)
 def test_a_sweep_over_schedules_with_options_reports(tmp_path):
     _sweep_and_report(tmp_path / "s", "steps:2-1:start=1,stop=2")
 

@@ -302,7 +302,7 @@ def _results(path: Path) -> dict:
         isinstance(res["rows"], list) and bool(res["rows"]) and all(isinstance(r, dict) and "cell" in r for r in res["rows"]),
         f"{path} has no rows of cells; rerun `guidelab sweep`",
     )
-    bad = [r["cell"] for r in res["rows"] if not (isinstance(r["cell"], str) and re.fullmatch(r"[\w+\-][\w.+\-]*", r["cell"]))]
+    bad = [r["cell"] for r in res["rows"] if not (isinstance(r["cell"], str) and re.fullmatch(r"[\w+\-][\w.+=\-]*", r["cell"]))]
     check(not bad, f"{path}: cell {bad[0] if bad else ''!r} is not a folder name of samples/ (letters, digits, . _ + -)")
     for k in ("metric", "quality", "diversity"):
         check(
