@@ -112,7 +112,8 @@ def test_generate_flux_guidance_height_width(tmp_path, monkeypatch, capsys):
     for name, extra in {"g35": ["--guidance", "3.5"], "default": [], "g1": ["--guidance", "1"]}.items():
         result = CliRunner().invoke(cli.main, [*base, *size, *extra, "--out", str(tmp_path / name)])
         assert result.exit_code == 0, result.output
-        with Image.open(tmp_path / name / "000000.png") as im:
+        (png,) = (p for p in (tmp_path / name).glob("*.png") if p.name != "grid.png")  # seed 0
+        with Image.open(png) as im:
             pngs[name] = np.asarray(im)
     assert pngs["g35"].shape == (16, 24, 3)
     assert np.array_equal(pngs["g35"], pngs["default"]) and not np.array_equal(pngs["g35"], pngs["g1"])
@@ -126,3 +127,15 @@ def test_generate_flux_guidance_height_width(tmp_path, monkeypatch, capsys):
     assert code == 2 and err.strip().splitlines()[-1].startswith("error: --guidance is FLUX's distilled guidance input")
     code, err = _exit(monkeypatch, capsys, [*base, "--height", "4", "--out", str(tmp_path / "small")])
     assert code == 2 and "--height" in err
+
+
+def test_one_bar_over_samples(tmp_path):
+    """Without --quiet: one bar over the 4 samples (not a step bar per batch or block); one PNG per seed."""
+    folder = _folder(tmp_path)
+    args = ["diffusers", str(folder), "--out", str(tmp_path / "o"), "--steps", "3", "--seeds", "3-6", "--label", "2"]
+    result = CliRunner().invoke(cli.main, [*args, "--batch", "1", "--block", "0"])
+    assert result.exit_code == 0, result.output
+    err = result.stderr if result.stderr_bytes is not None else result.output
+    assert "4/4 samples [" in err and err.count("sampling: 100%") == 1
+    assert " 3/3 " not in err  # no bar over the steps of a batch
+    assert sorted(p.name for p in (tmp_path / "o").glob("*.png")) == [f"{s:06d}.png" for s in range(3, 7)]

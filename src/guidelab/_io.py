@@ -153,6 +153,12 @@ def class_grid(
     return grid
 
 
+def png_name(seed: int) -> str:
+    """The one PNG naming of every command that writes a PNG per sample: ``<seed:09d>.png`` (seeds up to 10^9
+    sort by name)."""
+    return f"{int(seed):09d}.png"
+
+
 def png_bytes(img: np.ndarray) -> bytes:
     """A uint8 image [H, W, C] (C = 1 grey, 3 RGB) encoded as PNG."""
     import io

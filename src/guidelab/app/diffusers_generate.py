@@ -56,8 +56,8 @@ class DiffusersConfig:
     model's sigma ends, diffusers' spacing names, or "pipeline": the folder's scheduler grid, start scaling,
     x0 clipping / thresholding and final step as its pipeline makes them) of ``steps``; ``timesteps``: sigma -> t
     ("interpolate", "nearest"). ``sampler_options``: the sampler's keywords. ``dtype``: the network's (half
-    precision: a float32 sampler). ``allow_pickle``: load pickled ``.bin`` weights (they can run code; default:
-    safetensors only).
+    precision: a float32 sampler). ``progress``: one bar over the samples (advanced per sampler step).
+    ``allow_pickle``: load pickled ``.bin`` weights (they can run code; default: safetensors only).
 
     Batch invariance (``block`` > 0, default :data:`BLOCK`): samples are drawn in fixed blocks of ``block`` seeds,
     ``[k block, (k + 1) block)``, the sample of seed s in row ``s % block`` of its block; seeds of a block that were
@@ -149,7 +149,7 @@ def make_guider(
 
 
 def save_outputs(out: str | os.PathLike, x: torch.Tensor, seeds: Sequence[int], **extra) -> Path:
-    """``out/samples.npz`` (x, seeds, extra arrays) and, for 1- or 3-channel samples, ``out/<seed>.png``
+    """``out/samples.npz`` (x, seeds, extra arrays) and, for 1- or 3-channel samples, ``out/<seed:06d>.png``
     (values in [-1, 1] mapped to 0..255); every file written atomically (temp file + os.replace)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -288,18 +288,57 @@ def generate(
     xdtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32  # half models: float32 sampler
     shape: list[int] = [int(mc.in_channels), int(size), int(size)]
 
-    def sample(batch_seeds: list[int], cond: dict) -> torch.Tensor:
+    bar = None
+    if cfg.progress:  # one bar over the samples asked for, advanced per sampler step (as guidelab sample's)
+        from tqdm.auto import tqdm
+
+        from ..log import release
+        from .jobs.shards import BAR
+
+        release()  # held phase lines first, then the bar
+        bar = tqdm(total=N, desc="sampling", unit="sample", bar_format=BAR)
+
+    def sample(batch_seeds: list[int], cond: dict, asked: int) -> torch.Tensor:
+        """The samples of ``batch_seeds`` (``asked`` of them count on the bar)."""
         noise = SampleNoise(batch_seeds, device=cfg.device)
         if pipeline:  # the pipeline's unit-Gaussian latents, scaled as its scheduler does
             x = scheduler.start(den, sigmas.double(), noise.randn(shape, dtype=torch.float64)).to(xdtype)
         else:
             x = noise.randn(shape, dtype=xdtype) * sigmas[0].to(xdtype)
-        kw = dict(cond=cond, noise=noise, progress=cfg.progress, **dict(cfg.sampler_options))
+        kw = dict(cond=cond, noise=noise, **dict(cfg.sampler_options))
+        done, steps = [0], len(sigmas) - 1
+        if bar is not None:
+
+            def step(info):
+                target = asked * min(int(info.get("i", 0)) + 1, steps) // steps  # whole samples: totals add up
+                if target > done[0]:
+                    bar.update(target - done[0])
+                    done[0] = target
+
+            kw["callback"] = step
         if pipeline:
-            return scheduler.sample(cfg.sampler, guided(batch_seeds), x, sigmas.to(xdtype), final=final, **kw)
-        return run(guided(batch_seeds), x, sigmas.to(xdtype), **kw)
+            y = scheduler.sample(cfg.sampler, guided(batch_seeds), x, sigmas.to(xdtype), final=final, **kw)
+        else:
+            y = run(guided(batch_seeds), x, sigmas.to(xdtype), **kw)
+        if bar is not None and asked > done[0]:
+            bar.update(asked - done[0])  # samplers that skip a callback
+        return y
 
     x = torch.empty(N, *shape, dtype=xdtype, device=cfg.device)
+    try:
+        _fill(x, seeds, cond_all, cfg, sample)
+    finally:
+        if bar is not None:
+            bar.close()
+    if out is not None:
+        extra = {"class_labels": cond_all["class_labels"].cpu()} if "class_labels" in cond_all else {}
+        save_outputs(out, x, seeds, **extra)
+    return x
+
+
+def _fill(x: torch.Tensor, seeds: list[int], cond_all: dict, cfg: DiffusersConfig, sample) -> None:
+    """``x[i]`` = the sample of ``seeds[i]``: in fixed blocks of ``cfg.block`` seeds, or batches of ``cfg.batch``."""
+    N = len(seeds)
     if cfg.block:
         C = cfg.block
         blocks: dict[int, list[int]] = {}
@@ -310,14 +349,11 @@ def generate(
             where = torch.tensor(positions, device=cfg.device)
             fill = torch.full((C,), positions[0], dtype=torch.long, device=cfg.device).index_put((rows,), where)
             cond = {key: v[fill] for key, v in cond_all.items()}  # rows not asked for: the first asked-for condition
-            x[where] = sample(list(range(k * C, (k + 1) * C)), cond)[rows]
+            x[where] = sample(list(range(k * C, (k + 1) * C)), cond, len(positions))[rows]
     else:
         for i in range(0, N, cfg.batch):
-            x[i : i + cfg.batch] = sample(seeds[i : i + cfg.batch], {k: v[i : i + cfg.batch] for k, v in cond_all.items()})
-    if out is not None:
-        extra = {"class_labels": cond_all["class_labels"].cpu()} if "class_labels" in cond_all else {}
-        save_outputs(out, x, seeds, **extra)
-    return x
+            part = seeds[i : i + cfg.batch]
+            x[i : i + cfg.batch] = sample(part, {k: v[i : i + cfg.batch] for k, v in cond_all.items()}, len(part))
 
 
 def parse_seeds(text: str) -> list[int]:

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..._io import atomic_write, file_lock, stale_temps, to_uint8
+from ..._io import atomic_write, file_lock, png_name, stale_temps, to_uint8
 from ...errors import GuidelabError, check
 from ...log import get_logger, release
 from .. import provenance
@@ -39,11 +39,6 @@ SEED_LIMIT = 2**63
 
 def shard_name(start: int, stop: int) -> str:
     return f"shard-{start:09d}-{stop - 1:09d}.npz"
-
-
-def png_name(seed: int) -> str:
-    """The one PNG naming of every command that writes a PNG per sample: ``<seed:09d>.png``."""
-    return f"{int(seed):09d}.png"
 
 
 def png_path(out: str | os.PathLike, seed: int) -> Path:
