@@ -20,9 +20,11 @@ Columns (features: the shipped clean digits classifier's 128-d penultimate layer
   through the denoiser per sample; ``s``: seconds (one CPU thread).
 
 Step sizes of the gradient methods (steered-gradient, DPS, TFG-DPS, SDG, TSDiff) are picked from a
-small grid on 256 *training* digits (never the test digits) by ``FD filled``.
+small grid on 256 *training* digits (never the test digits) by ``FD filled``; a step size whose raw output
+is further from the measurement than zero is (``diverged``) is never picked.
 
-Usage: python bench/inverse_digits.py RUN_DIR [--tasks inpaint-centre,...] [--budget 32] [--figures docs/img]
+Usage: python bench/inverse_digits.py RUN_DIR [--tasks inpaint-centre,...] [--budget 32,256] [--paper] [--methods ...]
+[--figures docs/img]
 Prints Markdown tables (paste into docs/INVERSE.md) and writes docs/img/inverse_digits_<task>.png.
 """
 
@@ -202,7 +204,16 @@ def run(D, name: str, op, truth: torch.Tensor, budget: int, seed0: int, hp, sigm
     return out, y, counted.nfe, time.time() - t0
 
 
-def table(D, task: str, scorer: Scorer, budget: int | None, sigma_max: float, figures: str | None) -> str:
+def diverged(op, x: torch.Tensor, y: torch.Tensor) -> bool:
+    """The raw output is further from the measurement than zero is (``mean |Ax - y| > mean |y|``): a step size
+    that blew up. ``FD filled`` alone would hide it (it pastes the observation back)."""
+    err = torch.linalg.vector_norm((op(x) - y).flatten(1), dim=1).mean()
+    return bool(err > torch.linalg.vector_norm(y.flatten(1), dim=1).mean())
+
+
+def table(
+    D, task: str, scorer: Scorer, budget: int | None, sigma_max: float, figures: str | None, only: set[str] | None = None
+) -> str:
     """One task's table at ``budget`` NFE per sample (step sizes tuned), or at the papers' settings (``budget=None``)."""
     op = operator(task)
     test, train = digits("test"), digits("train")
@@ -222,6 +233,8 @@ def table(D, task: str, scorer: Scorer, budget: int | None, sigma_max: float, fi
     lines.append(f"| observation only (A^+ y) | | | {fd_obs:.2f} | {fd_obs:.2f} | 0.0000 | {acc:.3f} | 0 | 0 | 0.0 |")
     outputs = {}
     for name in EQUAL_NFE if budget else PAPER:
+        if only is not None and name not in only:
+            continue
         need, per_step, grid, bwd, _ = METHODS[name]
         if not applies(need, op):
             continue
@@ -233,7 +246,9 @@ def table(D, task: str, scorer: Scorer, budget: int | None, sigma_max: float, fi
                     x, yt, _, _ = run(D, name, op, tune, budget, 10_000, h, sigma_max)
                 except GuidelabError:
                     return math.inf
-                v = scorer.fd(tune, filled(op, x, yt)) if bool(torch.isfinite(x).all()) else math.inf
+                if not bool(torch.isfinite(x).all()) or diverged(op, x, yt):
+                    return math.inf
+                v = scorer.fd(tune, filled(op, x, yt))
                 return v if math.isfinite(v) else math.inf
 
             hp = min(grid, key=tuning)
@@ -280,6 +295,7 @@ def main():
     p.add_argument("model", help="a run folder (post-hoc EMA) or checkpoint of an unconditional digits model")
     p.add_argument("--tasks", default=",".join(TASKS))
     p.add_argument("--budget", default="32", help="denoiser evaluations per sample; a comma list gives one table each")
+    p.add_argument("--methods", default=None, help="only these methods (comma list of the table's names)")
     p.add_argument("--paper", action="store_true", help="also a table at the papers' steps and step sizes")
     p.add_argument("--sigma-max", type=float, default=80.0)
     p.add_argument("--sigma-rel", type=float, default=0.10, help="post-hoc EMA of a run folder")
@@ -305,9 +321,10 @@ def main():
         f"classifier accuracy on the test digits = {scorer.accuracy(test.images, test.labels):.3f}\n"
     )
     budgets = [int(b) for b in a.budget.split(",")]
+    only = set(a.methods.split(",")) if a.methods else None
     for task in a.tasks.split(","):
         for i, budget in enumerate([*budgets, *([None] if a.paper else [])]):
-            print(table(D, task, scorer, budget, a.sigma_max, a.figures if i == 0 else None), flush=True)
+            print(table(D, task, scorer, budget, a.sigma_max, a.figures if i == 0 else None, only), flush=True)
             print()
 
 
