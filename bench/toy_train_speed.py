@@ -47,8 +47,8 @@ def load_reference(path: str):
     return toy_example
 
 
-def record_matmuls(trainer) -> list[tuple[str, tuple]]:
-    """The matrix products of one ``train_step``: (op, input shapes) in call order."""
+def record_matmuls(trainer, step=None) -> list[tuple[str, tuple]]:
+    """The matrix products of one ``train_step`` (or of ``step()``): (op, input shapes) in call order."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     ops = {torch.ops.aten.mm.default: "mm", torch.ops.aten.addmm.default: "addmm", torch.ops.aten.bmm.default: "bmm"}
@@ -61,8 +61,40 @@ def record_matmuls(trainer) -> list[tuple[str, tuple]]:
             return func(*args, **(kwargs or {}))
 
     with Record():
-        trainer.train_step()
+        (step or trainer.train_step)()
     return seen
+
+
+def network_part(trainer, batch: int, rounds: int, n: int = 10) -> tuple[float, float, int]:
+    """The network's share alone: its score loss, forward + backward (the hand-written backward of
+    ``models.mlp._EnergyScore``), on one fixed batch, beside that step's own matrix products replayed alone.
+    Returns (median step time, median floor, number of products)."""
+    cfg = ToyConfig(batch=batch)
+    world, gen = tree(cfg.classes), torch.Generator().manual_seed(2)
+    sigma = (torch.randn(batch, generator=gen) * cfg.P_std + cfg.P_mean).exp()
+    x = world.sample(batch, sigma, generator=gen)
+    target = world.score_fast(x, sigma)
+    net = trainer.net
+
+    def step():
+        net.zero_grad(set_to_none=True)
+        (sigma**2 * (net.score(x, sigma) - target).square().mean(1)).mean().backward()
+
+    matmuls = record_matmuls(trainer, step)
+    g = torch.Generator().manual_seed(1)
+    args = [(op, [torch.randn(sh, generator=g) for sh in shapes]) for op, shapes in matmuls]
+    fns = {"mm": torch.mm, "addmm": torch.addmm, "bmm": torch.bmm}
+
+    def floor():
+        for op, a in args:
+            fns[op](*a)
+
+    step(), floor()
+    t_step, t_floor = [], []
+    for _ in range(rounds):
+        t_step.append(timed_n(step, n))
+        t_floor.append(timed_n(floor, n))
+    return statistics.median(t_step), statistics.median(t_floor), len(matmuls)
 
 
 def floor_fn(matmuls, batch: int, components: int):
@@ -202,6 +234,11 @@ def main(argv=None):
         f"min {min(fratios):.2f}, max {max(fratios):.2f}); before (full exact score): {med(befores) * 1e3:.1f} ms, "
         f"{med(bratios):.2f} x floor; exact score alone: score_fast {med([a for a, _ in scores]) * 1e3:.1f} ms, "
         f"full sum {med([c for _, c in scores]) * 1e3:.1f} ms ({'wall' if args.wall else 'CPU'} time)"
+    )
+    t_net, t_nfloor, n_mm = network_part(trainer, args.batch, args.rounds)
+    print(
+        f"network score loss alone (forward + backward, fixed batch): {t_net * 1e3:.1f} ms; its {n_mm} matrix "
+        f"products alone {t_nfloor * 1e3:.1f} ms; ratio {t_net / t_nfloor:.2f}"
     )
     if ref is not None:
         print(f"reference: {med(refs) * 1e3:.0f} ms per iteration (median of {args.rounds} rounds of {args.ref_iters})")
