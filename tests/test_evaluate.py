@@ -72,7 +72,11 @@ def test_image_sample_is_batch_size_invariant(ckpts, tmp_path):
 
 
 MODEL_OF = {"gft": "gft", "distilled": "student"}
-OPTIONS_OF = {"perp_neg": {"negative": 3}}  # perp_neg needs the class to steer away from
+OPTIONS_OF = {
+    "perp_neg": {"negative": 3},  # perp_neg needs the class to steer away from
+    # CADS noises the condition at any w (annealed sampling, not a weight): its neutral setting is tau1 >= 1
+    "cads": {"tau1": 1.0},
+}
 
 
 @pytest.mark.parametrize("guider", [g for g in jobs.GUIDERS if g not in ("none", "cfgpp")])  # cfgpp: w is lambda

@@ -405,7 +405,8 @@ def test_generate_seeds_batches_guiders_and_files(tmp_path):
         guidance.autoguidance(den, g, 2.0), x, sigmas, cond={"class_labels": torch.full((3,), 3)}, noise=noise
     )
     assert torch.allclose(a, ref, atol=1e-10)
-    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["000005.png", "000006.png", "000007.png", "samples.npz"]
+    names = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert names == ["000000005.png", "000000006.png", "000000007.png", "samples.npz"]
     import numpy as np
 
     with np.load(tmp_path / "a" / "samples.npz") as f:
@@ -453,7 +454,7 @@ def test_cli_diffusers_text_model_with_cfg(tmp_path, monkeypatch, capsys):
     ]
     result = CliRunner().invoke(cli.main, args)
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in out.iterdir()) == ["000004.png", "000005.png", "000006.png", "samples.npz"]
+    assert sorted(p.name for p in out.iterdir()) == ["000000004.png", "000000005.png", "000000006.png", "samples.npz"]
     monkeypatch.setattr("sys.argv", ["guidelab", "diffusers", str(tmp_path / "missing"), "--out", str(out)])
     with pytest.raises(SystemExit) as e:
         cli.run()

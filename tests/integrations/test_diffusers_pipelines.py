@@ -287,7 +287,7 @@ def test_cli_generate(sd, tmp_path):
         main, ["generate", str(sd), "--prompt", "a cube", "--weight", "3", "--steps", "2", "--seeds", "0-1", "--out", str(out)]
     )
     assert r.exit_code == 0, r.output
-    assert sorted(p.name for p in out.iterdir()) == ["000000.png", "000001.png", "grid.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["000000000.png", "000000001.png", "grid.png"]
     help_text = CliRunner().invoke(main, ["generate", "--help"]).output
     assert "sd3" in help_text and "--negative-prompt" in help_text
 

@@ -239,7 +239,7 @@ def test_cli_pixart_pag_with_cfg_and_masks(tmp_path, monkeypatch, capsys):
     ]
     result = CliRunner().invoke(cli.main, args)
     assert result.exit_code == 0, result.output
-    assert sorted(p.name for p in out.iterdir()) == ["000001.png", "000002.png", "000003.png", "samples.npz"]
+    assert sorted(p.name for p in out.iterdir()) == ["000000001.png", "000000002.png", "000000003.png", "samples.npz"]
     ref = generate(
         folder,
         guider="pag",

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .. import samplers
-from .._io import atomic_write, to_uint8, write_png
+from .._io import atomic_write, png_name, to_uint8, write_png
 from ..errors import GuidelabError, check
 from ..guidance import registry
 from ..integrations.diffusers import (
@@ -156,7 +156,7 @@ def save_outputs(out: str | os.PathLike, x: torch.Tensor, seeds: Sequence[int], 
     arr = x.detach().float().cpu().numpy()
     if arr.shape[1] in (1, 3):
         for s, im in zip(seeds, to_uint8(arr), strict=True):
-            write_png(out / f"{int(s):06d}.png", im)
+            write_png(out / png_name(s), im)
     path = out / "samples.npz"
     atomic_write(
         path,

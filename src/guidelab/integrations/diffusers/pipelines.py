@@ -412,14 +412,14 @@ class Pipeline:
 
 def save_images(out, images: torch.Tensor, seeds: Sequence[int]) -> None:
     """``out/<seed>.png`` and ``out/grid.png``, each written atomically."""
-    from ..._io import to_uint8, write_png
+    from ..._io import png_name, to_uint8, write_png
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     arr = (images.clamp(0, 1) * 2 - 1).cpu().numpy()
     ims = to_uint8(arr)
     for s, im in zip(seeds, ims, strict=True):
-        write_png(out / f"{int(s):06d}.png", im)
+        write_png(out / png_name(s), im)
     write_png(out / "grid.png", _grid(ims))
 
 
