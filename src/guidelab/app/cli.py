@@ -105,7 +105,7 @@ def list_guiders() -> None:
 
 _GUIDE_HELP = (
     "Guide: the weaker model (autoguidance, checkpoint or run folder), the unconditional model "
-    "(cfg; default: the null label), the noise-aware classifier (classifier; default: the cached digits one)."
+    "(cfg; default: the null label), the noise-aware classifier (classifier; default: the packaged noise-aware digits one)."
 )
 
 
@@ -603,7 +603,7 @@ def _sweep_guides(values, methods) -> tuple[str | None, dict]:
     "--noise-classifier",
     type=click.Path(dir_okay=False, exists=True),
     default=None,
-    help="classifier: noise-aware classifier checkpoint (default: the cached digits one).",
+    help="classifier: noise-aware classifier checkpoint (default: the packaged noise-aware digits one).",
 )
 @click.option(
     "--classifier",
@@ -1398,7 +1398,9 @@ def generate_cmd(folder, prompts, seeds, options, out, threads, allow_nonfinite,
     required=True,
     help="The clean image (PNG/JPEG, or .npz/.npy [C, H, W] in [-1, 1]); the measurement is made from it.",
 )
-@click.option("--out", type=click.Path(file_okay=False), required=True, help="Writes OUT/samples.npz and OUT/grid.png.")
+@click.option(
+    "--out", type=click.Path(file_okay=False), required=True, help="Writes OUT/samples.npz, OUT/grid.png and OUT/run.json."
+)
 @click.option(
     "--mask", type=click.Choice(["centre", "left", "right", "random"]), default="centre", help="inpaint: the known region."
 )
@@ -1459,7 +1461,8 @@ def inverse_cmd(
                 **{k: v for k, v in options.items() if k in keep and v is not None},
             ),
         )
-    click.echo(f"wrote {path}/samples.npz and {path}/grid.png")
+    nfe = json.loads((Path(path) / "run.json").read_text())["nfe"]
+    click.echo(f"wrote {path}/samples.npz, {path}/grid.png and {path}/run.json ({nfe} NFE per sample)")
 
 
 @main.command()

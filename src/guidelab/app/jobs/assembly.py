@@ -318,7 +318,7 @@ class Sampling:
             d["model"] = {"path": str(cfg.model), **network_info(self.net)}
         if self.guide is not None and cfg.world is None:
             d["guide"] = {
-                "path": str(cfg.guide) if cfg.guide else "cached digits classifier (noise-aware)",
+                "path": str(cfg.guide) if cfg.guide else "packaged noise-aware digits classifier (guidelab/assets)",
                 **network_info(self.guide.net),
             }
         return d

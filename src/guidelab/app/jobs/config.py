@@ -46,7 +46,7 @@ class SampleConfig:
     :mod:`guidelab.guidance.registry`; ``w = 1``: no guidance) with its keywords ``guider_options``;
     ``guide``: autoguidance's weaker checkpoint or run folder (``guide_sigma_rel``, ``guide_step``), cfg's
     unconditional checkpoint (default: the null label; exact world: tree("AB")), or classifier
-    guidance's noise-aware classifier (default: the cached digits one).
+    guidance's noise-aware classifier (default: the packaged noise-aware digits one).
 
     ``w``: a number or a weight schedule's text (:func:`guidelab.guidance.parse_weight`, e.g.
     ``"linear:1-4"``; job.json records the text and a resume compares it); :meth:`weight` parses it.
