@@ -40,6 +40,22 @@ def test_dinov2_from_local_torchscript_records_hash(tmp_path):
         features.dinov2(tmp_path / "bad.pt")
 
 
+def test_torchscript_files_are_verified_against_their_pin_before_loading(tmp_path, monkeypatch):
+    path = tmp_path / "other.pt"
+    torch.jit.script(_Tiny()).save(str(path))
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    loads = []
+    monkeypatch.setattr(torch.jit, "load", lambda *a, **k: loads.append(a) or torch.jit.script(_Tiny()))
+    with pytest.raises(GuidelabError, match="runs code when loaded"):
+        features.inception(path)  # not the pinned FID Inception file
+    with pytest.raises(GuidelabError, match="sha256"):
+        features.dinov2(path, expected_sha256="0" * 64)
+    assert loads == []  # refused before torch.jit.load ran anything
+    assert features.inception(path, expected_sha256=None).info["weights_sha256"] == digest
+    assert features.dinov2(path, expected_sha256=digest).info["weights_sha256"] == digest
+    assert len(loads) == 2
+
+
 def test_fid_inception_from_installed_wheel():
     path = features.fid_inception_path()
     if path is None:

