@@ -243,3 +243,14 @@ def test_one_step_is_exact_when_g_is_quadratic():
     assert (_update(ems, x0.clone(), pts, lam_t, 3, False, {}) - x).abs().max() < 1e-10  # RK4 error ~1e-12
     assert (_update(ems, x0.clone(), pts, lam_t, 3, True, {}) - x).abs().max() > 1e-4  # pseudo-order: not exact
     assert (_update(ems, x0.clone(), pts, lam_t, 2, False, {}) - x).abs().max() > 1e-2
+
+
+def test_statistics_that_overflow_the_step_coefficients_are_one_clear_error():
+    # s up to 1.4e5 (what a fit on a flat, untrained network can give) on a 4-step grid: e^S overflows; the
+    # solver names the step and the statistics instead of returning NaN samples
+    lam = torch.linspace(-math.log(80.0), -math.log(0.002), 33, dtype=torch.float64)
+    ems = EMS(lam, torch.ones(33, 2), torch.full((33, 2), 1.4e5), torch.zeros(33, 2))
+    calls = []
+    with pytest.raises(GuidelabError, match=r"step coefficients from sigma 80 .* overflow"):
+        dpm_solver_v3(lambda x, s: calls.append(1) or x * 0, torch.randn(4, 2) * 80, schedules.karras(4, 0.002, 80.0), ems=ems)
+    assert len(calls) == 1  # refused at the first step's coefficients, nothing sampled past it

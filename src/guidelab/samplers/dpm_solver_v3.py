@@ -296,6 +296,11 @@ class _Step:
         dt = _bcast(tau - lam_s, shape)
         self.c = [self.eL * (E * dt**n).sum((0, 1)) / math.factorial(n) for n in range(order)]
         self.ems = ems
+        check(
+            all(bool(torch.isfinite(v).all()) for v in (self.eL, self.cb, *self.c)),
+            f"dpm_solver_v3: the step coefficients from sigma {math.exp(-lam_s):.4g} to {math.exp(-lam_t):.4g} overflow "
+            f"with these EMS (|s| up to {float(ems.s.abs().max()):.3g}); recompute them (guidelab ems) or use more steps",
+        )
 
     def g(self, lam: float, f: torch.Tensor) -> torch.Tensor:
         """g relative to lambda_s of an evaluation f at lambda."""
