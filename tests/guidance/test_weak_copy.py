@@ -136,7 +136,7 @@ def measure(early, final):
     return {k: _quality(v) for k, v in rows.items()}
 
 
-@pytest.mark.slow  # trains a ToyMLP and samples 8 x 1024 points: about 15 s quiet, 30 s loaded
+@pytest.mark.slow  # trains a ToyMLP and samples 8 x 1024 points: about 8 s quiet, 30 s loaded
 def test_single_network_guides_against_a_real_weaker_network_on_the_tree(toy_run):
     early, final = toy_run
     q = measure(early, final)

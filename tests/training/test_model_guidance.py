@@ -76,7 +76,7 @@ def _train(w, steps=500):
     return net
 
 
-@pytest.mark.slow  # about 3 s on a quiet machine, 7 s on a loaded one
+@pytest.mark.slow  # about 1.5 s on a quiet machine, 7 s on a loaded one
 def test_trained_model_is_cfg_at_w_of_its_own_unconditional_branch():
     """Fixed point: D_c = D_u + w (E[x0 | x, c] - D_u); E[x0 | x, c] is exact here (Gaussian class, sigma = 1)."""
     w = 2.0

@@ -84,7 +84,7 @@ def test_config_checks():
     assert ImageConfig(perceptual=0.0).name() == ImageConfig().name()
 
 
-@pytest.mark.slow  # two tiny trainings: about 8 s quiet, 17 s loaded
+@pytest.mark.slow  # two tiny trainings: about 3 s on a quiet machine, 17 s on a loaded one
 def test_tiny_fine_tune_lowers_the_perceptual_distance(tmp_path):
     """A short MSE run, then the self-perceptual fine-tune from it (through the config keys of `guidelab
     train`): its training loss falls, and on held-out digits the frozen copy's feature distance between the
