@@ -349,10 +349,18 @@ def _demo_inputs():
     return records, samples, exact, baseline, findings, nets
 
 
+def _demo_page(*args, **kwargs):
+    """report.demo_page with the demo's own figures, model table and grid (what demo.run passes)."""
+    from guidelab.app import demo
+
+    grid = (demo.STEPS, demo.SIGMA_MIN, demo.SIGMA_MAX, demo.RHO)
+    return report.demo_page(*args, scatter=demo.scatter_figure, models=demo.MODELS, grid=grid, **kwargs)
+
+
 def test_demo_page_formats_legend_provenance_and_escaping(coarse_outline):
     records, samples, exact, baseline, findings, nets = _demo_inputs()
     prov = {"command": "guidelab demo --quick " + MARK, "torch": "2.13.0"}
-    page, figures = report.demo_page(records, samples, exact, baseline, findings, nets, n=64, seconds=1.0, provenance=prov)
+    page, figures = _demo_page(records, samples, exact, baseline, findings, nets, n=64, seconds=1.0, provenance=prov)
     assert sorted(figures) == ["all_samples.png", "samples.png", "tradeoff.png"]
     assert all(png.startswith(b"\x89PNG") for png in figures.values())
     head, *rows = _table(page, "")  # the demo's metrics table: the first plain <table>
@@ -364,20 +372,15 @@ def test_demo_page_formats_legend_provenance_and_escaping(coarse_outline):
     assert "matched quality" in page and "CFG at w = 3" in page
     assert dict(_table(page, "provenance")) == {k: html.escape(v) for k, v in prov.items()}
     assert "<script>alert" not in page and len(re.findall(r"<script>", page)) == 1
-    page, _ = report.demo_page(records, samples, exact, baseline, findings, nets, n=64, seconds=1.0)
+    page, _ = _demo_page(records, samples, exact, baseline, findings, nets, n=64, seconds=1.0)
     assert "Provenance: <b>not recorded</b>" in page
 
 
 @pytest.mark.slow
-def test_demo_run_with_demo_page_as_its_report(tmp_path, monkeypatch):
-    """demo.run with its report drawn by report.demo_page (the proposed one-line switch in demo.py): same call,
-    the provenance demo.run collects shown in the page."""
+def test_demo_run_draws_its_report_with_demo_page(tmp_path):
+    """demo.run's report.html is report.demo_page's: the provenance demo.run collects shown in the page."""
     from guidelab.app import demo
 
-    def page(*args, prov=None, **kwargs):
-        return report.demo_page(*args, provenance=prov, **kwargs)
-
-    monkeypatch.setattr(demo, "render_report", page)
     demo.run(tmp_path, n=256, progress=False, model_overrides=demo.QUICK)
     text = (tmp_path / "report.html").read_text()
     prov = json.loads((tmp_path / "metrics.json").read_text())["provenance"]

@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from guidelab.app import cli, report
-from test_report import _demo_inputs, coarse_outline  # noqa: F401  (coarse_outline: a fixture used below)
+from test_report import _demo_inputs, _demo_page, coarse_outline  # noqa: F401  (coarse_outline: a fixture used below)
 
 BROWSER = next((b for b in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if b), None)
 pytestmark = pytest.mark.skipif(
@@ -106,7 +106,7 @@ def test_sweep_report_screenshot_shows_plots_and_highlighted_rows(browsed):
 @pytest.mark.parametrize("provenance", [PROVENANCE, None], ids=["provenance", "old-file"])
 def test_demo_report_in_a_browser(tmp_path, provenance):
     records, samples, exact, baseline, findings, nets = _demo_inputs()
-    page, _ = report.demo_page(records, samples, exact, baseline, findings, nets, n=64, seconds=1.0, provenance=provenance)
+    page, _ = _demo_page(records, samples, exact, baseline, findings, nets, n=64, seconds=1.0, provenance=provenance)
     (tmp_path / "demo.html").write_text(page)
     dom, px = _browse(tmp_path / "demo.html", tmp_path, height=2600)
     n, layout = _layout(dom)

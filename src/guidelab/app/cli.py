@@ -1487,22 +1487,13 @@ def demo(out: Path, n: int, seed: int, quick: bool, threads, allow_nonfinite: bo
     check(not out.exists() or out.is_dir(), f"--out {out} exists and is not a folder")
     _setup(quiet, threads, parameters=demo_mod.PARAMETERS)
     with samplers.allow_nonfinite(allow_nonfinite):
-        records = demo_mod.run(
-            out, n=n, seed=seed, progress=not quiet, model_overrides=demo_mod.QUICK if quick else None, page=_demo_page
-        )
+        records = demo_mod.run(out, n=n, seed=seed, progress=not quiet, model_overrides=demo_mod.QUICK if quick else None)
     click.echo(f"{'method':>13} {'w':>4} {'mean_logp':>9} {'precision':>9} {'recall':>7}")
     for r in records:
         click.echo(f"{r.method:>13} {r.w:>4g} {r.mean_logp:>9.3f} {r.precision:>9.3f} {r.recall:>7.3f}")
     for claim, ok, evidence in demo_mod.check_finding(records):
         click.echo(f"[{'holds' if ok else 'DOES NOT HOLD'}] {claim}: {evidence}")
     click.echo(f"wrote {out / 'report.html'} and {out / 'metrics.json'}")
-
-
-def _demo_page(*args, prov=None, **kwargs):
-    """The demo's report.html drawn by the report module (demo.py cannot import it: report imports demo)."""
-    from .report import demo_page
-
-    return demo_page(*args, provenance=prov, **kwargs)
 
 
 def _load_commands() -> None:

@@ -7,10 +7,7 @@ writes ``<out>/metrics.json`` and a self-contained ``<out>/report.html``.
 
 from __future__ import annotations
 
-import base64
 import functools
-import html
-import io
 import json
 import os
 import time
@@ -93,11 +90,11 @@ def run(
     progress: bool = True,
     weights: dict | None = None,
     model_overrides: dict | None = None,
-    page=None,
 ) -> list[Record]:
-    """Run the whole demo; returns the records also written to ``out/metrics.json``. ``page``: the function
-    drawing report.html, called as :func:`render_report` (default; the CLI passes the report module's
-    :func:`guidelab.app.report.demo_page`: labels, legend, number formats)."""
+    """Run the whole demo; returns the records also written to ``out/metrics.json``; report.html and its figures
+    are drawn by :func:`guidelab.app.report.demo_page`."""
+    from .report import demo_page
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -174,8 +171,19 @@ def run(
         json.dumps({"records": [r.__dict__ for r in records], "provenance": prov}, indent=2).encode(),
     )
     findings = check_finding(records)
-    html_text, figures = (page or render_report)(
-        records, samples, exact, baseline, findings, nets, n=n, seconds=time.time() - t0, prov=prov
+    html_text, figures = demo_page(
+        records,
+        samples,
+        exact,
+        baseline,
+        findings,
+        nets,
+        n=n,
+        seconds=time.time() - t0,
+        scatter=scatter_figure,
+        models=MODELS,
+        grid=(STEPS, SIGMA_MIN, SIGMA_MAX, RHO),
+        provenance=prov,
     )
     for name, png in figures.items():
         atomic_write(out / name, png)
@@ -226,20 +234,7 @@ def check_finding(records: list[Record]) -> list[tuple[str, bool, str]]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Report.
-
-
-def _png(fig) -> bytes:
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
-    plt.close(fig)
-    return buf.getvalue()
-
-
-def _b64(png: bytes) -> str:
-    return base64.b64encode(png).decode()
+# Figures (the page itself: guidelab.app.report.demo_page).
 
 
 @functools.lru_cache(None)
@@ -289,120 +284,3 @@ def scatter_figure(panels: list[tuple[str, torch.Tensor]]):
         ax.axis("off")
     fig.tight_layout()
     return fig
-
-
-def tradeoff_figure(records: list[Record], baseline: dict):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    styles = {"none": ("k", "o"), "cfg": ("tab:red", "s"), "autoguidance": ("tab:green", "^")}
-    for ax, quality in zip(axes, ("mean_logp", "precision")):
-        for method, (color, marker) in styles.items():
-            rs = [r for r in records if r.method == method]
-            ax.plot(
-                [r.recall for r in rs],
-                [getattr(r, quality) for r in rs],
-                marker=marker,
-                color=color,
-                label=method,
-                linestyle="-" if len(rs) > 1 else "none",
-            )
-            for r in rs:
-                if method != "none":
-                    ax.annotate(
-                        f"{r.w:g}", (r.recall, getattr(r, quality)), fontsize=7, xytext=(3, 3), textcoords="offset points"
-                    )
-        ax.axhline(baseline[quality], color="0.5", linestyle=":", label="exact samples")
-        ax.set_xlabel("recall (variation)")
-        ax.set_ylabel({"mean_logp": "mean exact log p (quality)", "precision": "precision (quality)"}[quality])
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    return fig
-
-
-def render_report(
-    records, samples, exact, baseline, findings, nets, *, n: int, seconds: float, prov: dict | None = None
-) -> tuple[str, dict]:
-    """The HTML report (images inlined, opens from disk) and its figures as PNG bytes by name; ``prov``:
-    the provenance table at its end."""
-    best = {
-        m: max((r for r in records if r.method == m), key=lambda r: r.mean_logp, default=None) for m in ("cfg", "autoguidance")
-    }
-    ag = best["autoguidance"]
-    cfg_match = (
-        min((r for r in records if r.method == "cfg"), key=lambda r: abs(r.mean_logp - ag.mean_logp), default=None)
-        if ag
-        else None
-    )
-    panels = [("exact class A", exact), ("no guidance", samples[("none", 1.0)])]
-    if cfg_match:
-        panels.append((f"CFG w={cfg_match.w:g}", samples[("cfg", cfg_match.w)]))
-    if ag:
-        panels.append((f"autoguidance w={ag.w:g}", samples[("autoguidance", ag.w)]))
-    figures = {
-        "samples.png": _png(scatter_figure(panels)),
-        "tradeoff.png": _png(tradeoff_figure(records, baseline)),
-        "all_samples.png": _png(scatter_figure([(f"{k[0]} w={k[1]:g}", v) for k, v in samples.items()])),
-    }
-    main_fig, trade, all_fig = (_b64(figures[k]) for k in ("samples.png", "tradeoff.png", "all_samples.png"))
-
-    rows = "".join(
-        f"<tr><td>{r.method}</td><td>{r.w:g}</td><td>{r.mean_logp:.3f}</td><td>{r.precision:.3f}</td>"
-        f"<td>{r.recall:.3f}</td><td>{r.sliced_wasserstein:.4f}</td><td>{r.nfe_per_sample}</td></tr>"
-        for r in records
-    )
-    rows += (
-        f"<tr class='ref'><td>exact samples</td><td></td><td>{baseline['mean_logp']:.3f}</td>"
-        f"<td>{baseline['precision']:.3f}</td><td>{baseline['recall']:.3f}</td>"
-        f"<td>{baseline['sliced_wasserstein']:.4f}</td><td></td></tr>"
-    )
-    claims = "".join(
-        f"<li class='{'ok' if ok else 'no'}'><b>{'holds' if ok else 'does NOT hold'}</b>: "
-        f"{html.escape(c)} &mdash; {html.escape(ev)}</li>"
-        for c, ok, ev in findings
-    )
-    prov_rows = "".join(
-        f"<tr><th style='text-align:left'>{html.escape(k)}</th>"
-        f"<td style='text-align:left'><code>{html.escape(v)}</code></td></tr>"
-        for k, v in (prov or {}).items()
-    )
-    params = {k: sum(p.numel() for p in v.parameters()) for k, v in nets.items()}
-    setup = "".join(
-        f"<li><b>{k}</b>: classes {v['classes']}, width {v['hidden']}, {v['iters']} iterations, {params[k]:,} parameters</li>"
-        for k, v in MODELS.items()
-    )
-    return (
-        f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>guidelab demo: autoguidance vs CFG</title>
-<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}}
-table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}}
-tr.ref td{{color:#666;font-style:italic}}li.ok b{{color:#1a7f37}}li.no b{{color:#b42318}}img{{max-width:100%}}</style>
-</head><body>
-<h1>Autoguidance vs classifier-free guidance on the exact 2-D tree</h1>
-<p>Reproduces the toy experiment of Karras et al. 2024, "Guiding a Diffusion Model with a Bad Version of
-Itself": class A of the fractal tree (orange outline; grey: both classes). Models (exact-score matching
-on the exact noisy distribution):</p><ul>{setup}</ul>
-<p>Sampler: EDM Heun, {STEPS} steps, sigma in [{SIGMA_MIN}, {SIGMA_MAX}], rho {RHO}, started from exact class-A
-points at sigma_max; {n} samples per row. Guidance <code>D = D_ref + w (D_main - D_ref)</code> (w = 1: none);
-CFG's reference is the unconditional (AB) model, autoguidance's the small, short-trained class-A model.
-Metrics against {n} exact class-A samples: mean exact log-density (quality), k-NN precision and recall
-(k = 3), sliced Wasserstein distance. Total time {seconds:.0f} s.</p>
-<h2>What the measurements say</h2><ul>{claims}</ul>
-<img src="data:image/png;base64,{main_fig}" alt="samples">
-<h2>Quality vs variation across weights</h2>
-<img src="data:image/png;base64,{trade}" alt="trade-off">
-<h2>Metrics</h2>
-<table><tr><th>method</th><th>w</th><th>mean log p</th><th>precision</th><th>recall</th><th>sliced W2</th><th>NFE</th></tr>
-{rows}</table>
-<h2>All samples</h2>
-<img src="data:image/png;base64,{all_fig}" alt="all samples">
-<h2>Provenance</h2>
-<table class="prov">{prov_rows}</table>
-</body></html>
-""",
-        figures,
-    )

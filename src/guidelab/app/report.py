@@ -480,10 +480,25 @@ def demo_tradeoff_figure(records, baseline: dict):
     return fig
 
 
-def demo_page(records, samples, exact, baseline, findings, nets, *, n: int, seconds: float, provenance=None) -> tuple[str, dict]:
-    """The demo's HTML report (images inlined) and its figures as PNG bytes by name; a drop-in for
-    ``demo.render_report`` with the provenance block (``provenance``: a flat dict; None: "not recorded")."""
-    from . import demo
+def demo_page(
+    records,
+    samples,
+    exact,
+    baseline,
+    findings,
+    nets,
+    *,
+    n: int,
+    seconds: float,
+    scatter,
+    models: dict,
+    grid: tuple[int, float, float, float],
+    provenance=None,
+) -> tuple[str, dict]:
+    """The demo's HTML report (images inlined) and its figures as PNG bytes by name (what :func:`guidelab.app.demo.run`
+    writes): ``scatter(panels)`` draws the sample panels, ``models`` is the demo's model table, ``grid`` its Heun
+    grid ``(steps, sigma_min, sigma_max, rho)``, ``provenance`` a flat dict (None: "not recorded")."""
+    steps, sigma_min, sigma_max, rho = grid
 
     def png(fig) -> bytes:
         return base64.b64decode(_png(fig).split(",", 1)[1])
@@ -505,9 +520,9 @@ def demo_page(records, samples, exact, baseline, findings, nets, *, n: int, seco
         title = f"autoguidance w={fmt('w', ag.w)}, log p {fmt('mean_logp', ag.mean_logp)}"
         panels.append((title, samples[("autoguidance", ag.w)]))
     figures = {
-        "samples.png": png(demo.scatter_figure(panels)),
+        "samples.png": png(scatter(panels)),
         "tradeoff.png": png(demo_tradeoff_figure(records, baseline)),
-        "all_samples.png": png(demo.scatter_figure([(f"{k[0]} w={fmt('w', k[1])}", v) for k, v in samples.items()])),
+        "all_samples.png": png(scatter([(f"{k[0]} w={fmt('w', k[1])}", v) for k, v in samples.items()])),
     }
     main_fig, trade, all_fig = (base64.b64encode(figures[k]).decode() for k in ("samples.png", "tradeoff.png", "all_samples.png"))
     best_ids = {id(r) for r in best.values() if r is not None}
@@ -531,7 +546,7 @@ def demo_page(records, samples, exact, baseline, findings, nets, *, n: int, seco
     setup = "".join(
         f"<li><b>{e(str(k))}</b>: classes {e(str(v['classes']))}, width {e(str(v['hidden']))}, {e(str(v['iters']))} "
         f"iterations, {params.get(k, 0):,} parameters</li>"
-        for k, v in demo.MODELS.items()
+        for k, v in models.items()
     )
     matched = (
         f"CFG at w = {e(fmt('w', cfg_match.w))} is the CFG weight whose mean log p "
@@ -549,7 +564,7 @@ def demo_page(records, samples, exact, baseline, findings, nets, *, n: int, seco
 <p>Reproduces the toy experiment of Karras et al. 2024, "Guiding a Diffusion Model with a Bad Version of
 Itself": class A of the fractal tree (orange outline; grey: both classes). Models (exact-score matching
 on the exact noisy distribution):</p><ul>{setup}</ul>
-<p>Sampler: EDM Heun, {demo.STEPS} steps, sigma in [{demo.SIGMA_MIN:g}, {demo.SIGMA_MAX:g}], rho {demo.RHO:g}, started
+<p>Sampler: EDM Heun, {int(steps)} steps, sigma in [{sigma_min:g}, {sigma_max:g}], rho {rho:g}, started
 from exact class-A points at sigma_max; {int(n)} samples per row. Guidance <code>D = D_ref + w (D_main - D_ref)</code>
 (w = 1: none); CFG's reference is the unconditional (AB) model, autoguidance's the small, short-trained class-A model.
 Metrics against {int(n)} exact class-A samples: mean exact log-density (quality), k-NN precision and recall
