@@ -1,33 +1,12 @@
 """Guiders on a trained network: autoguidance with an earlier snapshot of the same run; TSG on ToyMLP."""
 
-import pytest
 import torch
 
 from guidelab import guidance as G
 from guidelab import metrics, samplers, schedules, toy
-from guidelab.training import load_model, snapshot_path, train_toy
 
 N = 512
 SIG = schedules.karras(32, 0.002, 5.0, dtype=torch.float32)
-
-
-@pytest.fixture(scope="module")
-def run_snapshots(tmp_path_factory):
-    """A small ToyMLP trained on class A by exact-score matching; returns (EMA snapshot at 40 iters, final at 300)."""
-    final = train_toy(
-        tmp_path_factory.mktemp("run"),
-        classes="A",
-        hidden=32,
-        depth=3,
-        output="denoiser",
-        loss="edm",
-        iters=300,
-        batch=512,
-        snapshot_every=20,
-        progress=False,
-    )
-    early = snapshot_path(final.parent, 40, 0.010)
-    return load_model(early), load_model(final)
 
 
 def _quality(denoiser):
@@ -39,16 +18,16 @@ def _quality(denoiser):
     return metrics.precision_recall(ref, out)[0], metrics.mean_logp(A, out)
 
 
-def test_autoguidance_with_an_earlier_snapshot_of_the_same_run(run_snapshots):
+def test_autoguidance_with_an_earlier_snapshot_of_the_same_run(toy_snapshots):
     """Karras et al. 2024: the guide is the same model, trained shorter; guidance raises quality."""
-    early, final = run_snapshots
+    early, final = toy_snapshots
     p0, l0 = _quality(final)
     p1, l1 = _quality(G.autoguidance(final, early, 2.0))
     assert p1 > p0 + 0.05 and l1 > l0
 
 
-def test_tsg_runs_on_toymlp_in_one_batched_call(run_snapshots):
-    _, final = run_snapshots
+def test_tsg_runs_on_toymlp_in_one_batched_call(toy_snapshots):
+    _, final = toy_snapshots
     x = torch.randn(8, 2)
     sigma = torch.full((8,), 0.5)
     with torch.no_grad():

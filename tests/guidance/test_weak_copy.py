@@ -10,7 +10,6 @@ from guidelab.errors import GuidelabError
 from guidelab.guidance import registry
 from guidelab.guidance.weak_copy import lowp_copy, pruned_copy
 from guidelab.models import build
-from guidelab.training import load_model, snapshot_path, train_toy
 
 
 def _pixelmlp():
@@ -94,23 +93,6 @@ N = 1024
 SIG = schedules.karras(32, 0.002, 5.0, dtype=torch.float32)
 
 
-@pytest.fixture(scope="module")
-def toy_run(tmp_path_factory):
-    final = train_toy(
-        tmp_path_factory.mktemp("run"),
-        classes="A",
-        hidden=32,
-        depth=3,
-        output="denoiser",
-        loss="edm",
-        iters=300,
-        batch=512,
-        snapshot_every=20,
-        progress=False,
-    )
-    return load_model(snapshot_path(final.parent, 40, 0.010)).eval(), load_model(final).eval()
-
-
 def _quality(den):
     A = toy.tree("A")
     x = A.sample(N, 5.0, generator=torch.Generator().manual_seed(1))
@@ -137,8 +119,8 @@ def measure(early, final):
 
 
 @pytest.mark.slow  # trains a ToyMLP and samples 8 x 1024 points: about 8 s quiet, 30 s loaded
-def test_single_network_guides_against_a_real_weaker_network_on_the_tree(toy_run):
-    early, final = toy_run
+def test_single_network_guides_against_a_real_weaker_network_on_the_tree(toy_snapshots):
+    early, final = toy_snapshots
     q = measure(early, final)
     base, real = q["none"], q["weaker network w=2"]
     assert real[0] > base[0] + 0.05 and real[2] > base[2]  # the real weaker guide raises quality
