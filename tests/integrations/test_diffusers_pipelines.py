@@ -82,21 +82,27 @@ def tiny_vae(latent=4):
 SCHED = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
 
 
-def sd_folder(tmp, prediction="epsilon", sched="DDIMScheduler", unet_seed=0, text_seed=0, **sched_kw):
-    tok, vocab = clip_tokenizer(tmp / "tok")
-    torch.manual_seed(unet_seed)
-    unet = diffusers.UNet2DConditionModel(
+def tiny_unet(seed=0, cross_attention_dim=16, **extra):
+    """A tiny text-conditioned UNet2DConditionModel on 4-channel 8x8 latents (SD; SDXL with ``extra``)."""
+    torch.manual_seed(seed)
+    return diffusers.UNet2DConditionModel(
         sample_size=8,
         in_channels=4,
         out_channels=4,
         layers_per_block=1,
         block_out_channels=(8, 16),
         norm_num_groups=4,
-        cross_attention_dim=16,
+        cross_attention_dim=cross_attention_dim,
         attention_head_dim=2,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        **extra,
     )
+
+
+def sd_folder(tmp, prediction="epsilon", sched="DDIMScheduler", unet_seed=0, text_seed=0, **sched_kw):
+    tok, vocab = clip_tokenizer(tmp / "tok")
+    unet = tiny_unet(unet_seed)
     s = getattr(diffusers, sched).from_config({**SCHED, "prediction_type": prediction, **sched_kw})
     text = clip_text(vocab)
     if text_seed:

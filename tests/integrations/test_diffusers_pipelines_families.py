@@ -13,7 +13,17 @@ diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
-from test_diffusers_pipelines import DEVICE, clip_text, clip_tokenizer, load, reference, sd3_folder, sd_folder  # noqa: E402
+from test_diffusers_pipelines import (  # noqa: E402
+    DEVICE,
+    SCHED,
+    clip_text,
+    clip_tokenizer,
+    load,
+    reference,
+    sd3_folder,
+    sd_folder,
+    tiny_unet,
+)
 
 from guidelab.errors import GuidelabError  # noqa: E402
 from guidelab.integrations import diffusers as gd  # noqa: E402
@@ -69,23 +79,11 @@ def vae(blocks=1, latent=4, **config):
     return v
 
 
-SCHED = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
-
-
 def sdxl_folder(tmp, sched="EulerDiscreteScheduler", unet_seed=0, **sched_kw):
     tok, vocab = clip_tokenizer(tmp / "tok")
-    torch.manual_seed(unet_seed)
-    unet = diffusers.UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        layers_per_block=1,
-        block_out_channels=(8, 16),
-        norm_num_groups=4,
+    unet = tiny_unet(
+        unet_seed,
         cross_attention_dim=32,  # the two text encoders' hidden states, concatenated
-        attention_head_dim=2,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         addition_embed_type="text_time",
         addition_time_embed_dim=8,
         projection_class_embeddings_input_dim=6 * 8 + 16,  # time ids + pooled projection
