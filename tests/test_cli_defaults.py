@@ -16,6 +16,7 @@ from PIL import Image
 from guidelab import threads
 from guidelab.app import cli
 from guidelab.app.jobs import assembly
+from guidelab.data import folder_channels, image_folder
 from guidelab.errors import GuidelabError
 from guidelab.training.images import ImageConfig
 
@@ -49,7 +50,9 @@ def test_image_folders_give_their_channels(tmp_path):
     # an RGB file whose three channels are equal is grey
     (tmp_path / "g3" / "a").mkdir(parents=True)
     Image.fromarray(np.full((8, 8, 3), 90, np.uint8), "RGB").save(tmp_path / "g3" / "a" / "y.png")
-    assert cli._folder_channels(tmp_path / "g3") == 1
+    assert folder_channels(tmp_path / "g3") == 1
+    assert image_folder(tmp_path / "g3").images.shape[1] == 1  # the API reads the channels too
+    assert image_folder(rgb).images.shape[1] == 3 and image_folder(grey).images.shape[1] == 1
 
 
 def test_large_phema_profile_error_warns(caplog):

@@ -870,7 +870,9 @@ def _image_config(d: dict) -> dict:
         d = {**FAMILY_DEFAULTS[model], **d}
     data = d.get("data", "digits")
     if isinstance(data, str) and data != "digits" and Path(data).is_dir():
-        found = _folder_channels(Path(data))
+        from ..data.folder import folder_channels
+
+        found = folder_channels(Path(data))
         if found is not None:
             if "channels" in d:
                 check(
@@ -881,27 +883,6 @@ def _image_config(d: dict) -> dict:
                 )
             d["channels"] = found
     return d
-
-
-def _folder_channels(root: Path) -> int | None:
-    """3 when any image under ``root`` has colour (R, G, B not all equal), 1 when all are grey; None if unreadable."""
-    import numpy as np
-    from PIL import Image
-
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in (".png", ".jpg", ".jpeg"))
-    if not files:
-        return None
-    for f in files:
-        try:
-            with Image.open(f) as im:
-                if im.mode in ("1", "L", "LA", "I", "I;16", "F"):
-                    continue
-                a = np.asarray(im.convert("RGB"))
-        except Exception:  # the loader reports unreadable images
-            return None
-        if not (np.array_equal(a[..., 0], a[..., 1]) and np.array_equal(a[..., 1], a[..., 2])):
-            return 3
-    return 1
 
 
 def _train_parameters(cfg) -> int | None:

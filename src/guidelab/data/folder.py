@@ -51,14 +51,38 @@ def _read(path: Path, mode: str, resolution: int | None) -> np.ndarray:
     return a[:, :, None] if a.ndim == 2 else a
 
 
-def image_folder(root: str | Path, resolution: int | None = None, channels: int = 3) -> ImageData:
+def folder_channels(root: str | Path) -> int | None:
+    """3 when any image under ``root`` has colour (R, G, B not all equal), 1 when all are grey (an RGB file
+    with equal channels is grey); None when there is no image or one cannot be read (the loader reports it)."""
+    from PIL import Image
+
+    files = sorted(p for p in Path(root).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        return None
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                if im.mode in ("1", "L", "LA", "I", "I;16", "F"):
+                    continue
+                a = np.asarray(im.convert("RGB"))
+        except Exception:  # the loader reports unreadable images
+            return None
+        if not (np.array_equal(a[..., 0], a[..., 1]) and np.array_equal(a[..., 1], a[..., 2])):
+            return 3
+    return 1
+
+
+def image_folder(root: str | Path, resolution: int | None = None, channels: int | None = None) -> ImageData:
     """Load every PNG / JPEG under ``root`` as [N, channels, H, W] in [-1, 1].
 
     ``resolution``: resize every image to ``resolution x resolution`` (bicubic; aspect ratio not kept);
-    ``None`` keeps the sizes, which must then all be equal. ``channels``: 1 (grey) or 3 (RGB).
+    ``None`` keeps the sizes, which must then all be equal. ``channels``: 1 (grey) or 3 (RGB); ``None``
+    (default): read from the images (:func:`folder_channels`).
     """
     root = Path(root)
     check(root.is_dir(), f"image folder {root} does not exist or is not a folder")
+    if channels is None:
+        channels = folder_channels(root) or 3
     check(channels in (1, 3), f"channels must be 1 or 3, got {channels!r}")
     check(
         resolution is None or (isinstance(resolution, int) and resolution >= 1),
