@@ -138,4 +138,4 @@ def test_one_bar_over_samples(tmp_path):
     err = result.stderr if result.stderr_bytes is not None else result.output
     assert "4/4 samples [" in err and err.count("sampling: 100%") == 1
     assert " 3/3 " not in err  # no bar over the steps of a batch
-    assert sorted(p.name for p in (tmp_path / "o").glob("*.png")) == [f"{s:06d}.png" for s in range(3, 7)]
+    assert sorted(p.name for p in (tmp_path / "o").glob("*.png")) == [f"{s:09d}.png" for s in range(3, 7)]
