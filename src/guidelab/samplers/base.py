@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 from contextvars import ContextVar
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 
@@ -27,6 +27,7 @@ Callback = Callable[[dict[str, Any]], None]
 #: ``step(evaluate, x, D, sigma, sigma_next) -> x_next``: one deterministic step from sigma to sigma_next
 #: given ``D = evaluate(x, sigma)``; ``evaluate(x, s)`` calls the denoiser at the float noise level s.
 Step = Callable[..., torch.Tensor]
+_T = TypeVar("_T")
 
 
 def check_inputs(x: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
@@ -47,7 +48,7 @@ def check_inputs(x: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
     return sigmas.to(dtype=x.dtype, device=x.device)
 
 
-def resolve_noise(noise, x: torch.Tensor, sigmas: torch.Tensor | None = None) -> NoiseSampler:
+def resolve_noise(noise: object, x: torch.Tensor, sigmas: torch.Tensor | None = None) -> NoiseSampler:
     """``None`` -> torch's global generator; a ``SampleNoise`` -> per-sample; a ``BrownianNoise`` ->
     per-sample Brownian trees over ``[0, sigmas[0]]``; else a noise sampler ``(sigma, sigma_next) -> tensor``."""
     if noise is None:
@@ -64,7 +65,7 @@ def resolve_noise(noise, x: torch.Tensor, sigmas: torch.Tensor | None = None) ->
     return noise
 
 
-def check_support(denoiser, sampler: str, supports: frozenset[str] | None = None) -> None:
+def check_support(denoiser: object, sampler: str, supports: frozenset[str] | None = None) -> None:
     """Refuse a guider whose ``requires`` the sampler does not support (plain denoisers require nothing).
 
     ``supports`` defaults to ``catalog.INFO[sampler].supports`` (sampler-like methods pass their own).
@@ -81,12 +82,19 @@ def check_support(denoiser, sampler: str, supports: frozenset[str] | None = None
         )
 
 
-def noise_seeds(noise) -> list[int] | None:
+def noise_seeds(noise: object) -> list[int] | None:
     """The per-sample seeds of a ``SampleNoise`` / ``BrownianNoise`` (None for other noise)."""
     return noise.seeds if isinstance(noise, (SampleNoise, BrownianNoise)) else None
 
 
-def begin_run(denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise, sampler: str, supports: frozenset[str] | None = None):
+def begin_run(
+    denoiser: Callable[..., torch.Tensor],
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    noise: object,
+    sampler: str,
+    supports: frozenset[str] | None = None,
+) -> tuple[Callable[..., torch.Tensor], Run]:
     """Start one sampling run: check the guider's ``requires`` (:func:`check_support`), create the
     :class:`~guidelab.samplers.run.Run` (seeds from a ``SampleNoise`` / ``BrownianNoise``) and bind
     the guider to it. Returns ``(denoiser, run)``; the loop iterates ``run.steps(...)``."""
@@ -96,15 +104,15 @@ def begin_run(denoiser, x: torch.Tensor, sigmas: torch.Tensor, noise, sampler: s
     return (denoiser.start(run) if isinstance(denoiser, Guider) else denoiser), run
 
 
-def evaluator(denoiser, x: torch.Tensor, cond: dict | None, run: Run) -> Callable[[torch.Tensor, float], torch.Tensor]:
+def evaluator(denoiser: Callable[..., _T], x: torch.Tensor, cond: dict | None, run: Run) -> Callable[[torch.Tensor, float], _T]:
     """``evaluate(x, s)``: the denoiser at float noise level ``s``, broadcast to the per-sample [batch] shape;
     counts ``run.evaluations``."""
     cond = cond or {}
     batch, dtype, device = x.shape[0], x.dtype, x.device
 
-    def evaluate(x_, s):
+    def evaluate(x_: torch.Tensor, s: float) -> _T:
         run.evaluations += 1
-        out = denoiser(x_, torch.full((batch,), s, dtype=dtype, device=device), **cond)
+        out: Any = denoiser(x_, torch.full((batch,), s, dtype=dtype, device=device), **cond)
         for D in out if isinstance(out, tuple) else (out,):
             check_finite_output(D, run, s)
         return out
@@ -146,7 +154,9 @@ def check_finite_output(D: torch.Tensor, run: Run, sigma: float) -> None:
     )
 
 
-def pair_evaluator(denoiser, x: torch.Tensor, cond: dict | None, run: Run):
+def pair_evaluator(
+    denoiser: Callable[..., torch.Tensor], x: torch.Tensor, cond: dict | None, run: Run
+) -> Callable[[torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]]:
     """``evaluate_pair(x, s) -> (D_data, D_renoise)`` for samplers with the renoise step (``"renoise"`` in
     their ``supports``): :meth:`Guider.pair` of a guider that requires it (CFG++: ``(D_lam, D_u)``), else
     ``(D, D)``, the same tensor twice."""
@@ -154,7 +164,7 @@ def pair_evaluator(denoiser, x: torch.Tensor, cond: dict | None, run: Run):
         return evaluator(denoiser.pair, x, cond, run)
     evaluate = evaluator(denoiser, x, cond, run)
 
-    def pair(x_, s):
+    def pair(x_: torch.Tensor, s: float) -> tuple[torch.Tensor, torch.Tensor]:
         D = evaluate(x_, s)
         return D, D
 
@@ -168,7 +178,7 @@ def shifted(x: torch.Tensor, D: torch.Tensor, D_r: torch.Tensor) -> torch.Tensor
     return x if D_r is D else x + (D - D_r)
 
 
-def report(callback: Callback | None, x, i: int, sigmas: torch.Tensor, sigma_hat: float, D) -> None:
+def report(callback: Callback | None, x: torch.Tensor, i: int, sigmas: torch.Tensor, sigma_hat: float, D: torch.Tensor) -> None:
     """The k-diffusion callback dict: ``x`` (at sigma_hat), step ``i``, ``sigma``, ``sigma_hat``, ``denoised``."""
     if callback is not None:
         callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas.new_tensor(sigma_hat), "denoised": D})
@@ -212,13 +222,25 @@ def ancestral_step(sigma: float, sigma_next: float, eta: float = 1.0) -> tuple[f
 # Single-step updates (deterministic; sigma -> sigma_next). d = (x - D) / sigma is dx/dsigma (EDM eq. 3).
 
 
-def euler_step(evaluate, x, D, sigma: float, sigma_next: float):
+def euler_step(
+    evaluate: Callable[[torch.Tensor, float], torch.Tensor] | None,
+    x: torch.Tensor,
+    D: torch.Tensor,
+    sigma: float,
+    sigma_next: float,
+) -> torch.Tensor:
     """Euler on the PF-ODE: ``x + (sigma_next - sigma) (x - D) / sigma = D + (sigma_next / sigma) (x - D)``
     (one fused lerp; 1 NFE, already spent)."""
     return torch.lerp(D, x, sigma_next / sigma)
 
 
-def heun_step(evaluate, x, D, sigma: float, sigma_next: float):
+def heun_step(
+    evaluate: Callable[[torch.Tensor, float], torch.Tensor],
+    x: torch.Tensor,
+    D: torch.Tensor,
+    sigma: float,
+    sigma_next: float,
+) -> torch.Tensor:
     """Heun's method (EDM Alg. 2 lines 8-11); Euler when sigma_next = 0.
 
     ``x + (sigma_next - sigma) (d + d') / 2`` with ``d = (x - D) / sigma``, ``d' = (x' - D') / sigma_next``.
@@ -231,7 +253,13 @@ def heun_step(evaluate, x, D, sigma: float, sigma_next: float):
     return x.add(x - D, alpha=dt / sigma).add_(d_next, alpha=dt / sigma_next)
 
 
-def dpm2_step(evaluate, x, D, sigma: float, sigma_next: float):
+def dpm2_step(
+    evaluate: Callable[[torch.Tensor, float], torch.Tensor],
+    x: torch.Tensor,
+    D: torch.Tensor,
+    sigma: float,
+    sigma_next: float,
+) -> torch.Tensor:
     """Midpoint method with the midpoint at the geometric mean of the sigmas (DPM-Solver-2, Lu et al. 2022,
     in the form of k-diffusion's ``sample_dpm_2``); Euler when sigma_next = 0."""
     if sigma_next == 0:
@@ -241,7 +269,13 @@ def dpm2_step(evaluate, x, D, sigma: float, sigma_next: float):
     return x.add(x_mid - evaluate(x_mid, s_mid), alpha=(sigma_next - sigma) / s_mid)
 
 
-def dpmpp_2s_step(evaluate, x, D, sigma: float, sigma_next: float):
+def dpmpp_2s_step(
+    evaluate: Callable[[torch.Tensor, float], torch.Tensor],
+    x: torch.Tensor,
+    D: torch.Tensor,
+    sigma: float,
+    sigma_next: float,
+) -> torch.Tensor:
     """DPM-Solver++(2S) (Lu et al. 2022b, Alg. 1 with r = 1/2) in lambda = -log sigma; D when sigma_next = 0.
 
     First-order exponential-integrator steps are lerps: ``(s'/s) x - expm1(-h) D = D + (s'/s)(x - D)``.
@@ -259,21 +293,21 @@ def dpmpp_2s_step(evaluate, x, D, sigma: float, sigma_next: float):
 
 @torch.no_grad()
 def churn_loop(
-    denoiser,
-    x,
-    sigmas,
+    denoiser: Callable[..., torch.Tensor],
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
     step: Step,
     *,
     name: str,
-    cond,
-    callback,
-    progress,
+    cond: dict | None,
+    callback: Callback | None,
+    progress: bool,
     s_churn: float,
     s_tmin: float,
     s_tmax: float,
     s_noise: float,
-    noise,
-):
+    noise: object,
+) -> torch.Tensor:
     """EDM Algorithm 2 with any ``step``: churn to sigma_hat, then a deterministic step to sigma_next.
 
     The renoise step (CFG++, where ``name`` supports it): the step starts from :func:`shifted`.
@@ -295,20 +329,20 @@ def churn_loop(
 
 @torch.no_grad()
 def ancestral_loop(
-    denoiser,
-    x,
-    sigmas,
+    denoiser: Callable[..., torch.Tensor],
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
     step: Step,
     *,
     name: str,
-    cond,
-    callback,
-    progress,
+    cond: dict | None,
+    callback: Callback | None,
+    progress: bool,
     s_noise: float,
-    noise,
+    noise: object,
     eta: float = 1.0,
     split: Callable[[float, float], tuple[float, float]] | None = None,
-):
+) -> torch.Tensor:
     """Ancestral sampling: a deterministic ``step`` to sigma_down, then fresh noise of std sigma_up.
 
     ``split(sigma, sigma_next) -> (sigma_down, sigma_up)`` defaults to :func:`ancestral_step` with ``eta``.
