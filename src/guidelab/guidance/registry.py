@@ -16,7 +16,9 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Mapping, Sequence, cast
 
+from ..denoisers import Denoiser
 from ..errors import GuidelabError, check
+from ._base import Guided
 from .apg import apg
 from .autoguidance import autoguidance
 from .cfg import cfg
@@ -29,7 +31,7 @@ from .fdg import fdg
 from .icg import icg
 from .interval import interval
 from .mag import mag
-from .protocols import OnePass
+from .protocols import Guider, OnePass
 from .rescale import rescale
 from .self_guide import self_guidance
 from .tcfg import tcfg
@@ -123,21 +125,21 @@ class GuiderSpec:
     linear: bool = False
 
 
-def _extra_scalar(den) -> str | None:
+def _extra_scalar(den: object) -> str | None:
     return getattr(den, "extra_scalar", None)
 
 
-def _distilled_key(den) -> str:
+def _distilled_key(den: object) -> str:
     from ..training.student import distilled_info
 
     return (distilled_info(den) or {}).get("key") or "w"
 
 
-def _conditional(den) -> bool:
+def _conditional(den: object) -> bool:
     return getattr(den, "condition", None) is not None  # guidance.Condition, declared by the denoiser
 
 
-def _null(den) -> bool:
+def _null(den: object) -> bool:
     cond = getattr(den, "condition", None)
     return cond is not None and bool(cond.null)
 
@@ -163,11 +165,11 @@ def register_attention(cls: type, build: Callable[..., Any]) -> None:
         _ATTENTION.append((cls, build))
 
 
-def _attention_builder(den) -> Callable[..., Any] | None:
+def _attention_builder(den: object) -> Callable[..., Any] | None:
     return next((b for c, b in _ATTENTION if isinstance(den, c)), None)
 
 
-def _attention(den) -> bool:
+def _attention(den: object) -> bool:
     return _attention_builder(den) is not None
 
 
@@ -190,7 +192,7 @@ NEEDS: dict[str, tuple[Callable[[Context], bool], str]] = {
 }
 
 
-def _arg(fn, name: str, type_: type, help: str, choices: tuple = ()) -> Option:
+def _arg(fn: Callable[..., Any], name: str, type_: type, help: str, choices: tuple = ()) -> Option:
     """An option whose default is the guidance function's own (one source of truth)."""
     return Option(name, type_, inspect.signature(fn).parameters[name].default, help, choices)
 
@@ -204,7 +206,7 @@ def _opts(ctx: Context, *drop: str) -> dict:
     return {k: v for k, v in dict(cast(Mapping[str, Any], ctx.options)).items() if k not in drop}
 
 
-def _none(ctx: Context):
+def _none(ctx: Context) -> Denoiser:
     if _extra_scalar(ctx.main) == "beta":  # a GFT network at w = 1 is the conditional model
         from ..training.gft import gft_denoiser
 
@@ -216,16 +218,16 @@ def _none(ctx: Context):
     return ctx.main
 
 
-def _cfg(ctx: Context):
+def _cfg(ctx: Context) -> Guided:
     return cfg(ctx.main, ctx.w, uncond=ctx.guide)
 
 
-def _autoguidance(ctx: Context):
+def _autoguidance(ctx: Context) -> Guided:
     return autoguidance(ctx.main, ctx.guide, ctx.w)
 
 
-def _self_guide(mode: str):
-    def build(ctx: Context):
+def _self_guide(mode: str) -> Callable[[Context], Guided]:
+    def build(ctx: Context) -> Guided:
         o = _opts(ctx)
         return self_guidance(ctx.main, ctx.w, mode=mode, seeds=ctx.seeds, **o)
 
@@ -235,49 +237,49 @@ def _self_guide(mode: str):
 _SELF_BLOCKS = Option("blocks", tuple, None, "comma-separated block names (guidance.self_guide.blocks; default: the middle one)")
 
 
-def _icg(ctx: Context):
+def _icg(ctx: Context) -> Guided:
     return icg(ctx.main, ctx.w, seeds=ctx.seeds, **_opts(ctx))
 
 
-def _tsg(ctx: Context):
+def _tsg(ctx: Context) -> Guided:
     return tsg(ctx.main, ctx.w, seeds=ctx.seeds, **_opts(ctx))
 
 
-def _cfgpp(ctx: Context):
+def _cfgpp(ctx: Context) -> Guided:
     return cfgpp(ctx.main, ctx.w, uncond=ctx.guide)
 
 
-def _base(ctx: Context):
+def _base(ctx: Context) -> Guided:
     """The linear guider a rule (apg, rescale, cfg_zero_star) acts on: option ``base``, default cfg."""
     return get(dict(cast(Mapping[str, Any], ctx.options)).get("base", "cfg")).build(replace(ctx, options={}))
 
 
-def _apg(ctx: Context):
+def _apg(ctx: Context) -> Guided:
     return apg(_base(ctx), **_opts(ctx, "base"))
 
 
-def _rescale(ctx: Context):
+def _rescale(ctx: Context) -> Guided:
     return rescale(_base(ctx), **_opts(ctx, "base"))
 
 
-def _cfg_zero_star(ctx: Context):
+def _cfg_zero_star(ctx: Context) -> Guided:
     return cfg_zero_star(_base(ctx), **_opts(ctx, "base"))
 
 
-def _rule(fn):
-    def build(ctx: Context):
+def _rule(fn: Callable[..., Guider]) -> Callable[[Context], Guider]:
+    def build(ctx: Context) -> Guider:
         return fn(_base(ctx), **_opts(ctx, "base"))
 
     return build
 
 
-def _cads(ctx: Context):
+def _cads(ctx: Context) -> Guider:
     from .cads import cads
 
     return cads(_base(ctx), **_opts(ctx, "base"))
 
 
-def _perp_neg(ctx: Context):
+def _perp_neg(ctx: Context) -> Guided:
     from .perp_neg import perp_neg
 
     o = _opts(ctx, "base")
@@ -287,30 +289,30 @@ def _perp_neg(ctx: Context):
     return perp_neg(_base(ctx), {key: neg}, **o)
 
 
-def _classifier(ctx: Context):
+def _classifier(ctx: Context) -> Guider:
     return classifier(ctx.main, ctx.classifier, ctx.w, pass_label=not ctx.unconditional)
 
 
-def _one_pass(at, ctx: Context, name: str) -> OnePass:
+def _one_pass(at: Callable[[Any], Callable[..., Any]], ctx: Context, name: str) -> OnePass:
     """``at(w)``: the network at weight w, one evaluation per call; unguided (for intervals) is at w = 1."""
     return OnePass(at(ctx.w), at(1.0), name)
 
 
-def _gft(ctx: Context):
+def _gft(ctx: Context) -> OnePass:
     from ..training.gft import gft_denoiser
 
     return _one_pass(lambda w: gft_denoiser(ctx.main, w), ctx, "gft")
 
 
-def _distilled(ctx: Context):
+def _distilled(ctx: Context) -> OnePass:
     from ..training.student import distilled_denoiser
 
     key = _distilled_key(ctx.main)
     return _one_pass(lambda w: distilled_denoiser(ctx.main, w, key=key), ctx, "distilled")
 
 
-def _attention_guidance(mode: str):
-    def build(ctx: Context):
+def _attention_guidance(mode: str) -> Callable[[Context], Any]:
+    def build(ctx: Context) -> Any:
         attention_guidance = _attention_builder(ctx.main)
         check(attention_guidance is not None, f"{mode} needs a diffusers model (attention hooks)")
         assert attention_guidance is not None
@@ -331,7 +333,18 @@ _LAYERS = Option(
 _CFG_WEIGHT = Option("cfg_weight", float, None, "CFG at this weight as well, in the same batched call")
 
 
-def _spec(name, summary, reference, build, *, options=(), needs=(), sampler_needs=(), nfe=2, linear=False):
+def _spec(
+    name: str,
+    summary: str,
+    reference: str,
+    build: Callable[[Context], Any],
+    *,
+    options: Iterable[Option] = (),
+    needs: Iterable[str] = (),
+    sampler_needs: Iterable[str] = (),
+    nfe: int = 2,
+    linear: bool = False,
+) -> GuiderSpec:
     return GuiderSpec(name, summary, reference, tuple(options), _F(needs), _F(sampler_needs), nfe, build, linear)
 
 
@@ -677,7 +690,7 @@ def unmet(name: str, ctx: Context) -> list[str]:
     return out
 
 
-def build(name: str, ctx: Context):
+def build(name: str, ctx: Context) -> Denoiser:
     """The guided denoiser ``name`` for ``ctx``: options parsed, needs checked (one error listing every
     unmet need), sampler support checked when ``ctx.sampler`` is given, ``ctx.interval`` applied."""
     spec = get(name)
