@@ -117,7 +117,7 @@ def evaluate(
 Rule = Callable[[torch.Tensor, torch.Tensor, Any, torch.Tensor, torch.Tensor, "Run | None"], torch.Tensor]
 
 
-def is_off(w) -> bool:
+def is_off(w: object) -> bool:
     """``w`` is the number 1 (no guidance: only the main branch is evaluated)."""
     return not isinstance(w, torch.Tensor) and w == 1
 
@@ -132,13 +132,16 @@ class Guided(Guider):
     """
 
     run: Run | None = None
+    w: Any  # float | Tensor | WeightSchedule (Any: subclasses and rules use it as a number or a tensor)
 
-    def __init__(self, main: Branch, ref: Branch, w, name: str, rule: Rule | None = None):
+    def __init__(
+        self, main: Branch, ref: Branch, w: float | torch.Tensor | WeightSchedule, name: str, rule: Rule | None = None
+    ) -> None:
         if not isinstance(w, WeightSchedule):
             check_weight(w)
         self.main, self.ref, self.w, self.name, self.rule = main, ref, w, name, rule
 
-    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **cond: Any) -> torch.Tensor:
         if is_off(self.w):
             return self.unguided(x, sigma, **cond)
         D, D_ref = self.branches(x, sigma, cond)
@@ -153,7 +156,7 @@ class Guided(Guider):
         D, D_ref = evaluate([self.main, self.ref], x, sigma, cond, self.run)
         return D, D_ref
 
-    def unguided(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
+    def unguided(self, x: torch.Tensor, sigma: torch.Tensor, **cond: Any) -> torch.Tensor:
         return self.main.denoiser(x, sigma, **self.main.cond(cond, x, sigma, self.run))
 
     def start(self, run: Run) -> "Guided":
@@ -182,7 +185,7 @@ def batch_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a * b).flatten(1).sum(1)
 
 
-def per_sample_seeds(seeds, sigma: torch.Tensor, salt: int) -> list[int]:
+def per_sample_seeds(seeds: Sequence[int], sigma: torch.Tensor, salt: int) -> list[int]:
     """Seeds for one call: a hash of (sample seed, that sample's sigma, salt).
 
     Random draws made from them are independent across samples and noise levels, depend only on the
@@ -193,7 +196,7 @@ def per_sample_seeds(seeds, sigma: torch.Tensor, salt: int) -> list[int]:
     return [hash((int(s), float(v), salt)) & 0x7FFF_FFFF_FFFF_FFFF for s, v in zip(seeds, sig)]
 
 
-def draw_seeds(seeds, run: Run | None) -> list[int] | None:
+def draw_seeds(seeds: list[int] | None, run: Run | None) -> list[int] | None:
     """The seeds a guider draws from: its own ``seeds``, else the run's per-sample seeds, else None
     (fresh draws from torch's global generator)."""
     if seeds is not None:
@@ -201,7 +204,9 @@ def draw_seeds(seeds, run: Run | None) -> list[int] | None:
     return None if run is None else run.seeds
 
 
-def draw_normal(seeds, sigma: torch.Tensor, shape, salt: int, like: torch.Tensor) -> torch.Tensor:
+def draw_normal(
+    seeds: Sequence[int] | None, sigma: torch.Tensor, shape: Sequence[int], salt: int, like: torch.Tensor
+) -> torch.Tensor:
     """Standard normal [batch, *shape], drawn afresh at every call: per sample from ``(seed, sigma, salt)``
     (see per_sample_seeds) or, ``seeds=None``, from torch's global generator."""
     if seeds is None:
@@ -212,7 +217,9 @@ def draw_normal(seeds, sigma: torch.Tensor, shape, salt: int, like: torch.Tensor
     return out.to(dtype=like.dtype if like.is_floating_point() else torch.get_default_dtype(), device=like.device)
 
 
-def draw_labels(seeds, sigma: torch.Tensor, num_classes: int, salt: int, like: torch.Tensor) -> torch.Tensor:
+def draw_labels(
+    seeds: Sequence[int] | None, sigma: torch.Tensor, num_classes: int, salt: int, like: torch.Tensor
+) -> torch.Tensor:
     """Uniform random labels in [0, num_classes), shape [batch], drawn afresh at every call (as draw_normal)."""
     if seeds is None:
         out = torch.randint(num_classes, (sigma.shape[0],))
