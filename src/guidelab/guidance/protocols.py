@@ -19,7 +19,7 @@ Layering: samplers read the contract, so ``Condition`` and ``Guider`` are define
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -41,10 +41,10 @@ class OnePass(Guider):
         check(callable(at_w) and callable(unguided), "OnePass needs two denoisers (at_w, unguided)")
         self.at_w, self._unguided, self.name = at_w, unguided, name
 
-    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **cond: Any) -> torch.Tensor:
         return self.at_w(x, sigma, **cond)
 
-    def unguided(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
+    def unguided(self, x: torch.Tensor, sigma: torch.Tensor, **cond: Any) -> torch.Tensor:
         return self._unguided(x, sigma, **cond)
 
     def __repr__(self) -> str:
