@@ -8,6 +8,7 @@ Everything is evaluated in log space (log-sum-exp) so no point, however far, giv
 from __future__ import annotations
 
 import math
+from typing import Any, Sequence
 
 import torch
 
@@ -22,7 +23,15 @@ _FLOOR = {torch.float16: -10.0, torch.bfloat16: -80.0, torch.float32: -80.0, tor
 class GaussianMixture:
     """A D-dimensional Gaussian mixture; a denoiser ``D(x, sigma) = E[x0 | x]`` like any other."""
 
-    def __init__(self, phi, mu, Sigma, *, dtype: torch.dtype = torch.float32, chunk: int | None = None):
+    def __init__(
+        self,
+        phi: torch.Tensor | Sequence[Any],
+        mu: torch.Tensor | Sequence[Any],
+        Sigma: torch.Tensor | Sequence[Any],
+        *,
+        dtype: torch.dtype = torch.float32,
+        chunk: int | None = None,
+    ) -> None:
         phi = torch.as_tensor(phi, dtype=torch.float64)
         mu = torch.as_tensor(mu, dtype=torch.float64)
         Sigma = torch.as_tensor(Sigma, dtype=torch.float64)
@@ -110,7 +119,7 @@ class GaussianMixture:
 
     # -----------------------------------------------------------------------------------------
 
-    def _prepare(self, x, sigma):
+    def _prepare(self, x: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
         check(
             isinstance(x, torch.Tensor) and x.ndim == 2 and x.shape[1] == self.dim,
             f"x must be a tensor of shape [batch, {self.dim}], got {list(getattr(x, 'shape', []))}",
@@ -118,7 +127,9 @@ class GaussianMixture:
         check_finite(x)
         return as_sigma(sigma, x)
 
-    def _group_terms(self, x: torch.Tensor, s2: torch.Tensor):
+    def _group_terms(
+        self, x: torch.Tensor, s2: torch.Tensor
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
         """Per-(point, group) terms: ``qx'_jG``, ``v_jG = 1 / (L_jG + sigma^2)``, ``b_jG = v qx'`` and
         ``base = sum_j (log v_j - b_j qx'_j) / 2``, each [N, G] (lists over j)."""
         N, G, D = x.shape[0], len(self) // self._group, self.dim
@@ -137,7 +148,7 @@ class GaussianMixture:
         assert isinstance(base, torch.Tensor)
         return qx, inv, B, base
 
-    def _terms(self, x: torch.Tensor, sigma: torch.Tensor, need_score: bool):
+    def _terms(self, x: torch.Tensor, sigma: torch.Tensor, need_score: bool) -> tuple[Any, Any]:
         """Log-density, or the score when ``need_score``, in the mixture's dtype.
 
         Returns ``(logp, None)`` or ``(None, score)``. Rows are evaluated in fixed-size chunks of
@@ -151,7 +162,7 @@ class GaussianMixture:
         out = torch.cat([p[k] for p in parts])
         return (None, out) if need_score else (out, None)
 
-    def _terms_rows(self, x: torch.Tensor, sigma: torch.Tensor, need_score: bool):
+    def _terms_rows(self, x: torch.Tensor, sigma: torch.Tensor, need_score: bool) -> tuple[Any, Any]:
         """:meth:`_terms` on one chunk of rows: per-(point, group) terms for all its rows, per-component
         terms in sub-chunks of ``self.chunk`` rows that stay in cache."""
         N, G, D = x.shape[0], len(self) // self._group, self.dim
@@ -184,17 +195,17 @@ class GaussianMixture:
         t = [inv[j] * (M[j] - P * qx[j]) for j in range(D)]
         return None, torch.stack([sum((t[j] * self._Qg[j][i]).sum(-1) for j in range(D)) for i in range(D)], 1)
 
-    def logp(self, x: torch.Tensor, sigma=0.0) -> torch.Tensor:
+    def logp(self, x: torch.Tensor, sigma: float | torch.Tensor = 0.0) -> torch.Tensor:
         """Exact ``log p(x; sigma)``, shape [batch]."""
         sigma = self._prepare(x, sigma)
         return self._terms(x, sigma, False)[0].to(x.dtype)
 
-    def score(self, x: torch.Tensor, sigma=0.0) -> torch.Tensor:
+    def score(self, x: torch.Tensor, sigma: float | torch.Tensor = 0.0) -> torch.Tensor:
         """Exact ``grad_x log p(x; sigma)``, shape [batch, D]."""
         sigma = self._prepare(x, sigma)
         return self._terms(x, sigma, True)[1].to(x.dtype)
 
-    def score_fast(self, x: torch.Tensor, sigma=0.0) -> torch.Tensor:
+    def score_fast(self, x: torch.Tensor, sigma: float | torch.Tensor = 0.0) -> torch.Tensor:
         """The exact score (as :meth:`score`, to float rounding) at a fraction of the cost on a mixture of
         line groups (the tree): what the toy training loss uses. Not batch-invariant in the last bits (it
         uses small matrix products); a mixture without line groups gets :meth:`score` itself. [batch, D]."""
@@ -253,14 +264,14 @@ class GaussianMixture:
             score[far] = self._terms_rows(x[far], sigma[far], True)[1]
         return score
 
-    def denoise(self, x: torch.Tensor, sigma, **cond) -> torch.Tensor:
+    def denoise(self, x: torch.Tensor, sigma: float | torch.Tensor, **cond: Any) -> torch.Tensor:
         """Exact ``E[x0 | x] = x + sigma^2 score`` (Tweedie), shape [batch, D]."""
         sigma = self._prepare(x, sigma)
         return x + sigma[:, None] ** 2 * self._terms(x, sigma, True)[1].to(x.dtype)
 
     __call__ = denoise
 
-    def sample(self, n: int, sigma=0.0, generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample(self, n: int, sigma: float | torch.Tensor = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
         """``n`` exact samples of the data convolved with ``N(0, sigma^2 I)``, shape [n, D]."""
         check(isinstance(n, int) and n >= 0, f"n must be an integer >= 0, got {n!r}")
         sigma = as_sigma(sigma, torch.empty(n, 0, dtype=self.dtype))
