@@ -21,12 +21,12 @@ DEPTH = 7
 
 
 @functools.lru_cache(None)
-def _components(seed: int = 2):
+def _components(seed: int = 2) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """All components of both classes: (classes [K] str, phi [K], mu [K, 2], Sigma [K, 2, 2])."""
     rnd = np.random.RandomState(seed)
     cls, phi, mu, Sigma = [], [], [], []
 
-    def branch(c, depth, pos, angle):
+    def branch(c: str, depth: int, pos: np.ndarray, angle: float) -> None:
         if depth >= DEPTH:
             return
         direction = np.array([np.cos(angle), np.sin(angle)])
