@@ -39,7 +39,7 @@ class ConditionalTree:
         check(label in (0, 1, 2), f"label must be 0 (A), 1 (B) or 2 (null = AB), got {label!r}")
         return self.worlds[label]
 
-    def _apply(self, fn: str, x: torch.Tensor, sigma, label) -> torch.Tensor:
+    def _apply(self, fn: str, x: torch.Tensor, sigma: float | torch.Tensor, label: int | torch.Tensor) -> torch.Tensor:
         sigma = as_sigma(sigma, x)
         label = torch.as_tensor(label, device=x.device)
         if label.ndim == 0:
@@ -61,16 +61,16 @@ class ConditionalTree:
         assert out is not None
         return out
 
-    def denoise(self, x: torch.Tensor, sigma, label) -> torch.Tensor:
+    def denoise(self, x: torch.Tensor, sigma: float | torch.Tensor, label: int | torch.Tensor) -> torch.Tensor:
         """Exact ``E[x0 | x]`` of each sample's class, shape [batch, 2]."""
         return self._apply("denoise", x, sigma, label)
 
     __call__ = denoise
 
-    def score(self, x: torch.Tensor, sigma, label) -> torch.Tensor:
+    def score(self, x: torch.Tensor, sigma: float | torch.Tensor, label: int | torch.Tensor) -> torch.Tensor:
         return self._apply("score", x, sigma, label)
 
-    def logp(self, x: torch.Tensor, sigma, label) -> torch.Tensor:
+    def logp(self, x: torch.Tensor, sigma: float | torch.Tensor, label: int | torch.Tensor) -> torch.Tensor:
         return self._apply("logp", x, sigma, label)
 
 
