@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,7 +35,7 @@ from ..errors import GuidelabError, as_sigma, check, check_finite
 from .mixture import GaussianMixture
 
 
-def _components(prior) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _components(prior: GaussianMixture) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(phi [K], mu [K, d], Sigma [K, d, d])`` of a toy mixture, in float64."""
     check(
         isinstance(prior, GaussianMixture),
@@ -108,7 +109,9 @@ class LinearPosterior:
 
     # -- construction ---------------------------------------------------------------------------
 
-    def _noisy(self, phi, mu, S):
+    def _noisy(
+        self, phi: torch.Tensor, mu: torch.Tensor, S: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
         A, y, s2 = self.A, self.y, self.noise_std**2
         first, run = _groups(S)
         Sg = S[first]  # one per covariance group
@@ -123,7 +126,9 @@ class LinearPosterior:
         log_ev = torch.logsumexp(logw, 0)
         return (logw - log_ev).exp(), m, C[run], float(log_ev)
 
-    def _noise_free(self, phi, mu, S):
+    def _noise_free(
+        self, phi: torch.Tensor, mu: torch.Tensor, S: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
         A, y, d = self.A, self.y, self.dim
         U, sv, Vh = torch.linalg.svd(A, full_matrices=True)
         r = int((sv > max(A.shape) * torch.finfo(torch.float64).eps * sv.max()).sum())
@@ -158,7 +163,7 @@ class LinearPosterior:
 
     # -- evaluation -----------------------------------------------------------------------------
 
-    def _prepare(self, x, sigma):
+    def _prepare(self, x: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
         check(
             isinstance(x, torch.Tensor) and x.ndim == 2 and x.shape[1] == self.dim,
             f"x must be a tensor of shape [batch, {self.dim}], got {list(getattr(x, 'shape', []))}",
@@ -166,7 +171,7 @@ class LinearPosterior:
         check_finite(x)
         return as_sigma(sigma, x)
 
-    def _split(self, x):
+    def _split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = x.to(self.dtype)
         return _project(x, self._Vr_t), _project(x, self._Vn_t)
 
@@ -174,7 +179,7 @@ class LinearPosterior:
         tol = (1e-9 if self.dtype == torch.float64 else 1e-4) * (1 + self._c_t.abs().max())
         return (a - self._c_t).abs().amax(1) <= tol
 
-    def logp(self, x: torch.Tensor, sigma=0.0) -> torch.Tensor:
+    def logp(self, x: torch.Tensor, sigma: float | torch.Tensor = 0.0) -> torch.Tensor:
         """Exact ``log p(x; sigma | y)``, shape [batch] (noise-free at sigma 0: the subspace density, -inf off it)."""
         sigma = self._prepare(x, sigma)
         if self._Vr is None:
@@ -188,7 +193,7 @@ class LinearPosterior:
         delta = torch.where(self._on_subspace(a), 0.0, -math.inf).to(out)
         return (out + torch.where(s[:, 0] > 0, gauss, delta)).to(x.dtype)
 
-    def score(self, x: torch.Tensor, sigma=0.0) -> torch.Tensor:
+    def score(self, x: torch.Tensor, sigma: float | torch.Tensor = 0.0) -> torch.Tensor:
         """Exact ``grad_x log p(x; sigma | y)``, shape [batch, d] (noise-free at sigma 0: the in-subspace part)."""
         sigma = self._prepare(x, sigma)
         if self._Vr is None:
@@ -199,7 +204,7 @@ class LinearPosterior:
         gz = self.mixture.score(z, sigma.to(self.dtype))
         return (_project(ga, self._Vr_t.T) + _project(gz, self._Vn_t.T)).to(x.dtype)
 
-    def denoise(self, x: torch.Tensor, sigma, **cond) -> torch.Tensor:
+    def denoise(self, x: torch.Tensor, sigma: float | torch.Tensor, **cond: Any) -> torch.Tensor:
         """Exact ``E[x0 | x, y]`` (Tweedie), shape [batch, d]; noise-free it lies on ``{A x = y}``."""
         sigma = self._prepare(x, sigma)
         if self._Vr is None:
@@ -210,7 +215,7 @@ class LinearPosterior:
 
     __call__ = denoise
 
-    def sample(self, n: int, sigma=0.0, generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample(self, n: int, sigma: float | torch.Tensor = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
         """``n`` exact posterior samples convolved with ``N(0, sigma^2 I)``, shape [n, d]."""
         if self._Vr is None:
             return self.mixture.sample(n, sigma, generator)
@@ -263,7 +268,7 @@ def linear_posterior(prior: GaussianMixture, A: torch.Tensor, y: torch.Tensor, n
 
 
 @functools.lru_cache(None)
-def _digits_components(rank: int):
+def _digits_components(rank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     try:
         from sklearn.datasets import load_digits
     except ImportError:
