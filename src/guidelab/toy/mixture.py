@@ -8,11 +8,14 @@ Everything is evaluated in log space (log-sum-exp) so no point, however far, giv
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
 from ..errors import as_sigma, check, check_finite
+
+if TYPE_CHECKING:
+    import numpy as np
 
 #: Rows evaluated at once by the exact evaluation (fixed, whatever the batch: memory stays bounded).
 ROWS = 4096
@@ -25,9 +28,9 @@ class GaussianMixture:
 
     def __init__(
         self,
-        phi: torch.Tensor | Sequence[Any],
-        mu: torch.Tensor | Sequence[Any],
-        Sigma: torch.Tensor | Sequence[Any],
+        phi: torch.Tensor | np.ndarray | Sequence[Any],
+        mu: torch.Tensor | np.ndarray | Sequence[Any],
+        Sigma: torch.Tensor | np.ndarray | Sequence[Any],
         *,
         dtype: torch.dtype = torch.float32,
         chunk: int | None = None,
