@@ -15,6 +15,7 @@ only the few groups that can hold a neighbour or a ball member are looked at ele
 from __future__ import annotations
 
 import hashlib
+from typing import Iterable
 
 import torch
 
@@ -167,7 +168,7 @@ def _key(x: torch.Tensor) -> str:
     return h.hexdigest()
 
 
-def knn_radii_multi(x: torch.Tensor, ks, budget: int = BUDGET) -> dict[int, torch.Tensor]:
+def knn_radii_multi(x: torch.Tensor, ks: Iterable[int], budget: int = BUDGET) -> dict[int, torch.Tensor]:
     """``{k: [N] distance to the k-th nearest neighbour in x (itself excluded)}`` for every k in ``ks``,
     from one pass over x against x. Exact (values equal to ``dist(x, x).kthvalue(k + 1)``). The last
     result is remembered (keyed by x's bytes, with k = 3 and 5 computed too when N allows), so
