@@ -9,13 +9,15 @@ Cholesky factor ``S_1 = R R^T`` in place of ``S_1^(1/2)`` (same eigenvalues) onl
 
 from __future__ import annotations
 
+from typing import Any, Mapping
+
 import numpy as np
 import torch
 
 from ..errors import check
 
 
-def _as_f64(a, name: str) -> torch.Tensor:
+def _as_f64(a: np.ndarray | torch.Tensor, name: str) -> torch.Tensor:
     if isinstance(a, np.ndarray):
         a = torch.from_numpy(a)
     check(isinstance(a, torch.Tensor), f"{name} must be a numpy array or a torch tensor, got {type(a).__name__}")
@@ -30,7 +32,12 @@ def _sqrt_psd(S: np.ndarray) -> np.ndarray:
     return (Q * np.sqrt(np.clip(L, 0, None))) @ Q.T
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+def frechet_distance(
+    mu1: np.ndarray | torch.Tensor,
+    sigma1: np.ndarray | torch.Tensor,
+    mu2: np.ndarray | torch.Tensor,
+    sigma2: np.ndarray | torch.Tensor,
+) -> float:
     """Squared Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2); numpy or torch inputs.
 
     mu: [D], sigma: [D, D] symmetric PSD. Computed in float64 on the CPU.
@@ -78,7 +85,7 @@ class FeatureStats:
         self.sum = torch.zeros(dim, dtype=torch.float64)
         self.outer = torch.zeros(dim, dim, dtype=torch.float64)
 
-    def update(self, features) -> "FeatureStats":
+    def update(self, features: np.ndarray | torch.Tensor) -> "FeatureStats":
         """Add a batch of features [N, D]."""
         f = _as_f64(features, "features")
         check(f.ndim == 2 and f.shape[1] == self.dim, f"features must have shape [N, {self.dim}], got {list(f.shape)}")
@@ -129,7 +136,7 @@ class FeatureStats:
         return {"count": np.array(self.count), "sum": self.sum.numpy(), "outer": self.outer.numpy()}
 
     @classmethod
-    def from_state_dict(cls, d) -> "FeatureStats":
+    def from_state_dict(cls, d: Mapping[str, Any]) -> "FeatureStats":
         s = cls(int(np.asarray(d["sum"]).shape[0]))
         s.count, s.sum = int(d["count"]), torch.as_tensor(np.asarray(d["sum"]), dtype=torch.float64).clone()
         s.outer = torch.as_tensor(np.asarray(d["outer"]), dtype=torch.float64).clone()
