@@ -14,7 +14,7 @@ import importlib.util
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -68,7 +68,7 @@ def raw() -> Extractor:
     return Extractor("raw", lambda x: x.flatten(1), None, {"extractor": "raw", "weights_sha256": None, "resize": None})
 
 
-def _need_file(path, what: str, hint: str) -> Path:
+def _need_file(path: str | os.PathLike[str] | None, what: str, hint: str) -> Path:
     path = Path(path) if path is not None else None
     if path is None or not path.is_file():
         raise GuidelabError(f"{what} weights not found at {path}; {hint} (guidelab never downloads weights)")
@@ -153,7 +153,7 @@ def dinov2(path: str | os.PathLike, *, device: str = "cpu", size: int = 224, exp
     return Extractor("dinov2", fn, None, {"extractor": "dinov2", "weights_sha256": digest, "resize": f"bicubic {size}"})
 
 
-def describe(extractor: Extractor, n: int, seeds) -> dict:
+def describe(extractor: Extractor, n: int, seeds: Iterable[int]) -> dict:
     """What a result must record: extractor, weights hash, resize mode, sample count and seeds
     (a list of seeds is stored compactly as a range when contiguous)."""
     seeds = [int(s) for s in seeds]
