@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any, Callable
 
 import torch
 
@@ -33,7 +34,9 @@ def inception_score(probs: torch.Tensor, splits: int = 10) -> tuple[float, float
 
 
 @torch.no_grad()
-def class_accuracy(classifier, x: torch.Tensor, labels, *, batch: int = 4096, **kwargs) -> float:
+def class_accuracy(
+    classifier: Callable[..., torch.Tensor], x: torch.Tensor, labels: int | torch.Tensor, *, batch: int = 4096, **kwargs: Any
+) -> float:
     """Share of samples ``x`` [N, ...] whose argmax class under ``classifier(x, **kwargs)`` (logits or
     probabilities [N, C]) equals ``labels`` (an int or [N] ints): do guided samples show their class?"""
     labels = torch.as_tensor(labels, dtype=torch.long)
