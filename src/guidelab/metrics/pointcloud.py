@@ -6,10 +6,15 @@ All take two [N, D] tensors (real/reference first, generated second) and return 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
 from ..errors import check
+
+if TYPE_CHECKING:
+    from ..toy.mixture import GaussianMixture
+    from ..toy.posterior import LinearPosterior
 
 
 def _check_pair(real: torch.Tensor, fake: torch.Tensor) -> None:
@@ -77,13 +82,13 @@ def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, n_proj: int = 256, seed
     return math.sqrt(((pa - pb) ** 2).mean().item())
 
 
-def mmd(a: torch.Tensor, b: torch.Tensor, bandwidths=(0.02, 0.05, 0.1, 0.2, 0.5), chunk: int = 2048) -> float:
+def mmd(a: torch.Tensor, b: torch.Tensor, bandwidths: Sequence[float] = (0.02, 0.05, 0.1, 0.2, 0.5), chunk: int = 2048) -> float:
     """Unbiased squared MMD with a sum of Gaussian kernels exp(-|x-y|^2 / (2 h^2))."""
     _check_pair(a, b)
     check(a.shape[0] > 1 and b.shape[0] > 1, "mmd needs at least 2 samples in each set")
     a, b = a.double(), b.double()
 
-    def ksum(x, y):
+    def ksum(x: torch.Tensor, y: torch.Tensor) -> float:
         tot = 0.0
         for c in x.split(chunk):
             d2 = torch.cdist(c, y) ** 2
@@ -96,6 +101,6 @@ def mmd(a: torch.Tensor, b: torch.Tensor, bandwidths=(0.02, 0.05, 0.1, 0.2, 0.5)
     return kaa + kbb - 2 * ksum(a, b) / (n * m)
 
 
-def mean_logp(world, x: torch.Tensor) -> float:
+def mean_logp(world: GaussianMixture | LinearPosterior, x: torch.Tensor) -> float:
     """Mean exact log-density ``E[log p(x)]`` of samples under an exact world (quality)."""
     return world.logp(x, 0.0).double().mean().item()
