@@ -10,6 +10,7 @@ from click.testing import CliRunner
 
 from guidelab import samplers
 from guidelab.app import cli, jobs
+from guidelab.errors import GuidelabError
 from guidelab.models.image import PixelMLP
 from guidelab.rng import SampleNoise
 from guidelab.training import save_model
@@ -80,3 +81,10 @@ def test_cli_sample_uses_meng_on_the_students_grid(student, tmp_path):
     cli_x, _ = jobs.load_samples(tmp_path / "cli")
     api = jobs.load_shards(jobs.sample(tmp_path / "api", _cfg(student), n=5, shard_size=5)[0].parent)
     assert np.array_equal(cli_x, api["samples"]) and api["rows"] == {"model": 5 * N}
+
+
+def test_schedule_options_that_a_student_ignores_are_refused(student):
+    assert torch.equal(jobs.build(_cfg(student, steps=N)).sigmas, torch.tensor(GRID))  # its own step count is fine
+    for kw, flag in ((dict(steps=8), "--steps"), (dict(sigma_max=10.0), "--sigma-max"), (dict(rho=3.0), "--rho")):
+        with pytest.raises(GuidelabError, match=f"{flag} does not apply"):
+            jobs.build(_cfg(student, **kw))

@@ -57,6 +57,7 @@ class DigitsMetrics:
             str(classifier) if classifier is not None else "packaged (guidelab/assets, sha256 pinned: app.digits_cache.SHIPPED)"
         )
         test, train = digits("test"), digits("train")
+        assert test.labels is not None  # the digits splits always carry labels
         self.ref = self.extractor(test.images)
         self.ref_radii = metrics.knn_radii_multi(self.ref, (3, 5))  # once per reference set
         self.ref_stats = metrics.FeatureStats(self.ref.shape[1]).update(self.ref)

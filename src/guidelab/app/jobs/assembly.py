@@ -3,7 +3,7 @@ run in fixed blocks (:class:`Counted`), the guider built by the guider registry 
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -137,6 +137,10 @@ def ems_file(cfg: SampleConfig, sampler: str | None = None) -> Path | None:
     return path
 
 
+#: The schedule options of a job (CLI flag, SampleConfig field); a distilled student's own grid replaces them.
+SCHEDULE_FLAGS = (("--steps", "steps"), ("--sigma-min", "sigma_min"), ("--sigma-max", "sigma_max"), ("--rho", "rho"))
+
+
 def distilled_meta(net) -> dict:
     """A distilled student's ``meta.distilled`` ({} for other networks): :func:`guidelab.training.student.distilled_info`
     (a progressive student carries its sigma grid and sampler)."""
@@ -195,7 +199,18 @@ class Sampling:
         if self.sampler == "dpm_solver_v3":  # its statistics, loaded once (a missing file: one error line)
             path = ems_file(cfg, self.sampler)
             self.sampler_options["ems"] = samplers.EMS.load(path) if path is not None else samplers.EMS.degenerate()
-        if grid is not None:
+        if grid is not None:  # a distilled student samples on its own grid: schedule options would be ignored
+            default = {f.name: f.default for f in fields(cfg)}
+            given = [
+                flag
+                for flag, key in SCHEDULE_FLAGS
+                if getattr(cfg, key) != default[key] and not (key == "steps" and cfg.steps == len(grid) - 1)
+            ]
+            check(
+                not given,
+                f"{cfg.model} is a distilled student: it samples on its own {len(grid) - 1}-step grid, so "
+                f"{', '.join(given)} does not apply; drop it",
+            )
             self.sigmas = torch.tensor(grid, dtype=dtype, device=device)
             self.schedule = f"checkpoint grid ({len(grid) - 1} steps)"
         else:
