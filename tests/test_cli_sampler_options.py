@@ -5,6 +5,7 @@ in job.json (a resume with changed statistics is refused); bad input is one erro
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -116,8 +117,13 @@ def test_sampler_options_parsed_and_checked(tmp_path, model):
     assert json.loads((tmp_path / "w" / "job.json").read_text())["config"]["sampler_options"] == {"corrector": False}
 
 
-def test_default_ems_is_the_name_guidelab_ems_writes():
-    from guidelab.app.commands.ems import default_out
-
-    for name in ("m.safetensors", "runs/a.b.safetensors", "edm2.pkl", "plain"):
-        assert default_ems(name) == default_out(name)
+def test_default_ems_is_the_name_next_to_the_checkpoint():
+    # guidelab ems writes there by default (it uses this same function) and sampling jobs look there
+    expected = {
+        "m.safetensors": "m.ems.safetensors",
+        "runs/a.b.safetensors": "runs/a.b.ems.safetensors",
+        "edm2.pkl": "edm2.pkl.ems.safetensors",
+        "plain": "plain.ems.safetensors",
+    }
+    for name, path in expected.items():
+        assert default_ems(name) == Path(path)

@@ -9,15 +9,9 @@ import click
 
 from ...errors import GuidelabError, check
 from ..cli import main
+from ..jobs.assembly import default_ems as default_out  # the one naming rule: where sampling jobs look
 
 log = logging.getLogger("guidelab.app.ems")
-
-
-def default_out(model: str | Path) -> Path:
-    """``<model>.ems.safetensors`` next to the checkpoint (``m.safetensors`` -> ``m.ems.safetensors``)."""
-    model = Path(model)
-    stem = model.name[: -len(".safetensors")] if model.name.endswith(".safetensors") else model.name
-    return model.with_name(f"{stem}.ems.safetensors")
 
 
 @main.command("ems")
