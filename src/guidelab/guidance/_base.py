@@ -15,7 +15,7 @@ import torch
 from ..denoisers import bcast
 from ..errors import check, check_weight
 from .protocols import Guider, Run
-from .weight_schedule import WeightSchedule
+from .weight_schedule import WeightSchedule, keep_unguided
 
 #: Override value that removes a conditioning key from a branch's call.
 DROP = object()
@@ -147,8 +147,8 @@ class Guided(Guider):
         D, D_ref = self.branches(x, sigma, cond)
         w = self.w.at(sigma, self.run) if isinstance(self.w, WeightSchedule) else self.w
         w = bcast(w.to(D), D) if isinstance(w, torch.Tensor) else w
-        if self.rule is not None:
-            return self.rule(D, D_ref, w, x, sigma, self.run)
+        if self.rule is not None:  # rows whose weight is exactly 1 stay the main branch, bit for bit
+            return keep_unguided(w, D, self.rule(D, D_ref, w, x, sigma, self.run))
         return D_ref.lerp(D, w)
 
     def branches(self, x: torch.Tensor, sigma: torch.Tensor, cond: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:

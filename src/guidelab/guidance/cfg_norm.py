@@ -7,7 +7,6 @@ import torch
 from ..errors import check
 from ._base import Guided
 from ._spaces import check_space, from_space, to_space
-from .weight_schedule import keep_unguided
 
 
 def _norm(y: torch.Tensor, per: str) -> torch.Tensor:
@@ -36,6 +35,6 @@ def cfg_norm(guider: Guided, *, per: str = "channel", space: str = "x0") -> Guid
         y_c, y_u = to_space(D, x, sigma, space), to_space(D_ref, x, sigma, space)
         y = y_u.lerp(y_c, w)
         scale = (_norm(y_c, per) / _norm(y, per).clamp_min(1e-30)).clamp_max(1.0)
-        return keep_unguided(w, D, from_space(y * scale, x, sigma, space))
+        return from_space(y * scale, x, sigma, space)
 
     return guider.with_rule(rule, f"cfg_norm[{guider.name}]")

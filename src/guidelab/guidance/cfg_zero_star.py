@@ -6,7 +6,6 @@ from ..denoisers import bcast
 from ..errors import GuidelabError, check
 from ._base import Guided, batch_dot
 from ._spaces import check_space, from_space, to_space
-from .weight_schedule import keep_unguided
 
 
 def cfg_zero_star(
@@ -58,9 +57,9 @@ def cfg_zero_star(
                     "zero_steps=0 or zero_init_sigma=..."
                 )
             if run.step < zero_steps:
-                return keep_unguided(w, D, from_space(v.new_zeros(v.shape), x, sigma, space))
+                return from_space(v.new_zeros(v.shape), x, sigma, space)
         if zero_init_sigma is not None:
             v = v.masked_fill(bcast(sigma >= zero_init_sigma, v), 0.0)
-        return keep_unguided(w, D, from_space(v, x, sigma, space))
+        return from_space(v, x, sigma, space)
 
     return guider.with_rule(rule, f"cfg_zero_star[{guider.name}]")

@@ -7,7 +7,6 @@ import torch
 from ..denoisers import bcast
 from ..errors import check
 from ._base import Guided
-from .weight_schedule import keep_unguided
 
 
 def threshold(D: torch.Tensor, p: float, c: float, s_max: float | None = None) -> torch.Tensor:
@@ -37,6 +36,6 @@ def dynamic_thresholding(
     check(s_max is None or s_max >= max_value, f"dynamic_thresholding s_max must be >= max_value={max_value}, got {s_max}")
 
     def rule(D, D_ref, w, x, sigma, run):
-        return keep_unguided(w, D, threshold(D_ref.lerp(D, w), percentile, max_value, s_max))
+        return threshold(D_ref.lerp(D, w), percentile, max_value, s_max)
 
     return guider.with_rule(rule, f"dynamic_thresholding[{guider.name}]")

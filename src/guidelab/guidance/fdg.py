@@ -8,7 +8,6 @@ import torch.nn.functional as F
 from ..errors import check
 from ._base import Guided, is_off
 from ._spaces import check_space, from_space, to_space
-from .weight_schedule import keep_unguided
 
 
 def _down(y: torch.Tensor) -> torch.Tensor:
@@ -63,6 +62,6 @@ def fdg(guider: Guided, w_low: float = 1.0, *, levels: int = 2, space: str = "x0
         check(D.ndim in (3, 4), f"fdg needs [B, C, L] or [B, C, H, W] predictions, got shape {list(D.shape)}")
         c, u = pyramid(to_space(D, x, sigma, space), levels), pyramid(to_space(D_ref, x, sigma, space), levels)
         ws = [w] * (levels - 1) + [w_low]
-        return keep_unguided(w, D, from_space(collapse([uk.lerp(ck, wk) for ck, uk, wk in zip(c, u, ws)]), x, sigma, space))
+        return from_space(collapse([uk.lerp(ck, wk) for ck, uk, wk in zip(c, u, ws)]), x, sigma, space)
 
     return guider.with_rule(rule, f"fdg[{guider.name}]")

@@ -8,7 +8,6 @@ from ..denoisers import bcast
 from ..errors import check
 from ._base import Guided
 from ._spaces import check_space, from_space, to_space
-from .weight_schedule import keep_unguided
 
 
 def mag(guider: Guided, *, alpha: float = 8.0, space: str = "flow") -> Guided:
@@ -31,6 +30,6 @@ def mag(guider: Guided, *, alpha: float = 8.0, space: str = "flow") -> Guided:
         y_c, y_u = to_space(D, x, sigma, space), to_space(D_ref, x, sigma, space)
         r = bcast((y_c - y_u).flatten(1).norm(dim=1) / y_u.flatten(1).norm(dim=1).clamp_min(1e-30), y_c)
         w_eff = 1 + (w - 1) * torch.exp(-alpha * r)
-        return keep_unguided(w, D, from_space(y_u.lerp(y_c, w_eff), x, sigma, space))
+        return from_space(y_u.lerp(y_c, w_eff), x, sigma, space)
 
     return guider.with_rule(rule, f"mag[{guider.name}]")

@@ -6,7 +6,6 @@ import torch
 
 from ._base import Guided
 from ._spaces import check_space, from_space, to_space
-from .weight_schedule import keep_unguided
 
 
 def _std(y: torch.Tensor) -> torch.Tensor:
@@ -35,6 +34,6 @@ def rescale(guider: Guided, phi: float = 0.7, *, space: str = "v") -> Guided:
         y_c, y_u = to_space(D, x, sigma, space), to_space(D_ref, x, sigma, space)
         y_cfg = y_u.lerp(y_c, w)  # eq. 15
         y_re = y_cfg * (_std(y_c) / _std(y_cfg))  # eq. 16
-        return keep_unguided(w, D, from_space(y_cfg.lerp(y_re, phi), x, sigma, space))  # eq. 17
+        return from_space(y_cfg.lerp(y_re, phi), x, sigma, space)  # eq. 17
 
     return guider.with_rule(rule, f"rescale[{guider.name}]")

@@ -6,7 +6,6 @@ import torch
 
 from ._base import Guided
 from ._spaces import check_space, from_space, to_space
-from .weight_schedule import keep_unguided
 
 
 def damp_tangent(y_c: torch.Tensor, y_u: torch.Tensor) -> torch.Tensor:
@@ -36,6 +35,6 @@ def tcfg(guider: Guided, *, space: str = "eps") -> Guided:
 
     def rule(D, D_ref, w, x, sigma, run):
         y_c, y_u = to_space(D, x, sigma, space), to_space(D_ref, x, sigma, space)
-        return keep_unguided(w, D, from_space(damp_tangent(y_c, y_u).lerp(y_c, w), x, sigma, space))
+        return from_space(damp_tangent(y_c, y_u).lerp(y_c, w), x, sigma, space)
 
     return guider.with_rule(rule, f"tcfg[{guider.name}]")

@@ -81,8 +81,8 @@ def weight_schedule(kind: str, w_start: float, w_end: float | None = None, **opt
       ``weight_schedule("steps", 2.0, start=17, stop=22)`` on 32 Heun steps).
 
     Unlike :func:`~guidelab.guidance.interval`, an interval / steps schedule still evaluates both branches
-    where ``w = 1`` (2 NFE); the result there is the main branch bit for bit for the linear guiders and the
-    rules tcfg, fdg, cfg_norm, mag, dynamic_thresholding and perp_neg (:func:`keep_unguided`; tested).
+    where ``w = 1`` (2 NFE); the result there is the main branch bit for bit for the linear guiders, every
+    rule of ``Guided.with_rule`` and perp_neg (:func:`keep_unguided`; tested).
     """
     check(kind in KINDS, f"unknown weight schedule {kind!r}; allowed: {', '.join(KINDS)}")
     default_end = 1.0 if kind in ("interval", "steps") else w_start
