@@ -8,7 +8,7 @@ from torch import nn
 from ..errors import check
 
 
-def check_extra_scalar(extra_scalar) -> None:
+def check_extra_scalar(extra_scalar: object) -> None:
     """``extra_scalar`` (the name of one more per-sample scalar input, e.g. GFT's ``beta``) must be None or a
     keyword name other than the networks' own conditioning keys."""
     check(
@@ -20,7 +20,7 @@ def check_extra_scalar(extra_scalar) -> None:
     )
 
 
-def one_hot_label(label, num_classes: int, x: torch.Tensor) -> torch.Tensor | None:
+def one_hot_label(label: torch.Tensor | int | None, num_classes: int, x: torch.Tensor) -> torch.Tensor | None:
     """Validated one-hot labels [batch, num_classes + 1]; ``label=None`` is the null label ``num_classes``.
 
     Returns None for an unconditional network (``num_classes = 0``), which must not be given a label.

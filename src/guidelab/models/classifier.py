@@ -41,11 +41,11 @@ class ExactClassifier:
         self.log_prior = [math.log(p / total) for p in priors]
         self.num_classes = len(self.worlds)
 
-    def __call__(self, x: torch.Tensor, sigma) -> torch.Tensor:
-        sigma = as_sigma(sigma, x)
-        return torch.stack([lp + w.logp(x, sigma) for lp, w in zip(self.log_prior, self.worlds)], 1)
+    def __call__(self, x: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
+        s = as_sigma(sigma, x)
+        return torch.stack([lp + w.logp(x, s) for lp, w in zip(self.log_prior, self.worlds)], 1)
 
-    def posterior(self, x: torch.Tensor, sigma=0.0) -> torch.Tensor:
+    def posterior(self, x: torch.Tensor, sigma: float | torch.Tensor = 0.0) -> torch.Tensor:
         """``p(y | x; sigma)`` [batch, num_classes]."""
         return self(x, sigma).softmax(1)
 
@@ -80,14 +80,14 @@ class ToyClassifier(nn.Module):
     def config(self) -> dict:
         return dict(dim=self.dim, num_classes=self.num_classes, hidden=self.hidden, depth=self.depth, sigma_data=self.sigma_data)
 
-    def forward(self, x: torch.Tensor, sigma) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
         check(
             isinstance(x, torch.Tensor) and x.ndim == 2 and x.shape[1] == self.dim,
             f"x must be a tensor of shape [batch, {self.dim}], got {list(getattr(x, 'shape', []))}",
         )
-        sigma = as_sigma(sigma, x).clamp_min(1e-20)
-        x_in = x / (self.sigma_data**2 + sigma**2).sqrt()[:, None]
-        y = self.layers[0](torch.cat([x_in, sigma.log()[:, None] / 4, torch.ones_like(x_in[:, :1])], 1))
+        s = as_sigma(sigma, x).clamp_min(1e-20)
+        x_in = x / (self.sigma_data**2 + s**2).sqrt()[:, None]
+        y = self.layers[0](torch.cat([x_in, s.log()[:, None] / 4, torch.ones_like(x_in[:, :1])], 1))
         for layer in self.layers[1:]:
             y = layer(mp_silu(y))
         return self.head(mp_silu(y))

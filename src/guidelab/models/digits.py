@@ -15,15 +15,18 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
 
 from ..denoisers import EDMPrecond
-from ..errors import as_sigma, check
+from ..errors import GuidelabError, as_sigma, check
 from .image import Fourier
 from .registry import register
+
+if TYPE_CHECKING:
+    from ..metrics.features import Extractor
 
 
 @register("DigitsClassifier")
@@ -77,7 +80,7 @@ class DigitsClassifier(nn.Module):
             sigma_data=self.sigma_data,
         )
 
-    def features(self, x: torch.Tensor, sigma=None) -> torch.Tensor:
+    def features(self, x: torch.Tensor, sigma: float | torch.Tensor | None = None) -> torch.Tensor:
         """Penultimate features [batch, features] (after the SiLU)."""
         r = self.img_resolution
         check(
@@ -86,9 +89,9 @@ class DigitsClassifier(nn.Module):
         )
         e = None
         if self.noise_aware:
-            check(sigma is not None, "this classifier is noise-aware: call it as clf(x, sigma)")
-            sigma = as_sigma(sigma, x)
-            _, _, c_in, c_noise = self.precond.scalings(sigma)
+            if sigma is None:
+                raise GuidelabError("this classifier is noise-aware: call it as clf(x, sigma)")
+            _, _, c_in, c_noise = self.precond.scalings(as_sigma(sigma, x))
             x = c_in[:, None, None, None] * x
             e = self.fourier(c_noise)
         h = x
@@ -102,7 +105,7 @@ class DigitsClassifier(nn.Module):
             h = h + self.noise_bias[-1](e)
         return nn.functional.silu(h)
 
-    def forward(self, x: torch.Tensor, sigma=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, sigma: float | torch.Tensor | None = None) -> torch.Tensor:
         """Logits [batch, num_classes]; ``sigma`` is needed (and only used) when noise-aware."""
         return self.head(self.features(x, sigma))
 
@@ -114,7 +117,7 @@ class DigitsClassifier(nn.Module):
             h.update(v.detach().cpu().contiguous().numpy().tobytes())
         return h.hexdigest()
 
-    def extractor(self):
+    def extractor(self) -> Extractor:
         """A :class:`guidelab.metrics.features.Extractor` of the penultimate features (clean classifier)."""
         from ..metrics.features import Extractor
 
@@ -149,7 +152,9 @@ def train_digits_classifier(
         return _train(model, steps=steps, batch=batch, lr=lr, P_mean=P_mean, P_std=P_std, seed=seed)
 
 
-def _train(model, *, steps, batch, lr, P_mean, P_std, seed) -> DigitsClassifier:
+def _train(
+    model: DigitsClassifier | None, *, steps: int, batch: int, lr: float, P_mean: float, P_std: float, seed: int
+) -> DigitsClassifier:
     from ..data import digits
 
     data = digits("train")

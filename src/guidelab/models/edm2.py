@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import cast
+from typing import Any, Sequence, cast
 
 import torch
 from torch import nn
@@ -62,7 +62,7 @@ __all__ = [
 ]
 
 
-def normalize(x: torch.Tensor, dim=None, eps: float = 1e-4) -> torch.Tensor:
+def normalize(x: torch.Tensor, dim: int | list[int] | tuple[int, ...] | None = None, eps: float = 1e-4) -> torch.Tensor:
     """``x / (eps + |x| / sqrt(n))`` over ``dim`` (default: all but the first): unit RMS (EDM2 eq. 66; ``dim=1``: pixel norm)."""
     dim = list(range(1, x.ndim)) if dim is None else dim
     norm = torch.linalg.vector_norm(x, dim=dim, keepdim=True, dtype=torch.float32)
@@ -88,7 +88,7 @@ def mp_cat(a: torch.Tensor, b: torch.Tensor, dim: int = 1, t: float = 0.5) -> to
     return torch.cat([a * (C / math.sqrt(Na) * (1 - t)), b * (C / math.sqrt(Nb) * t)], dim=dim)
 
 
-def resample(x: torch.Tensor, f=(1, 1), mode: str = "keep") -> torch.Tensor:
+def resample(x: torch.Tensor, f: Sequence[float] = (1, 1), mode: str = "keep") -> torch.Tensor:
     """2x down- or up-sampling of [batch, C, H, W] with the separable filter ``f`` (``[1, 1]``: box / nearest)."""
     if mode == "keep":
         return x
@@ -97,15 +97,15 @@ def resample(x: torch.Tensor, f=(1, 1), mode: str = "keep") -> torch.Tensor:
     return filtered(x, f, mode)
 
 
-def filtered(x: torch.Tensor, f, mode: str) -> torch.Tensor:
+def filtered(x: torch.Tensor, f: Sequence[float], mode: str) -> torch.Tensor:
     """NVlabs' resampling: depthwise (transposed) convolution with ``outer(f, f) / sum(f)^2``, stride 2."""
-    f = torch.as_tensor(f, dtype=torch.float32)
-    check(f.ndim == 1 and len(f) % 2 == 0, f"resample_filter must have an even length, got {f.tolist()}")
-    pad = (len(f) - 1) // 2
-    f = (torch.outer(f, f) / f.sum() ** 2).to(x)[None, None].tile([x.shape[1], 1, 1, 1])
+    f1 = torch.as_tensor(f, dtype=torch.float32)
+    check(f1.ndim == 1 and len(f1) % 2 == 0, f"resample_filter must have an even length, got {f1.tolist()}")
+    pad = (len(f1) - 1) // 2
+    f2 = (torch.outer(f1, f1) / f1.sum() ** 2).to(x)[None, None].tile([x.shape[1], 1, 1, 1])
     if mode == "down":
-        return nn.functional.conv2d(x, f, groups=x.shape[1], stride=2, padding=(pad,))
-    return nn.functional.conv_transpose2d(x, f * 4, groups=x.shape[1], stride=2, padding=(pad,))
+        return nn.functional.conv2d(x, f2, groups=x.shape[1], stride=2, padding=(pad,))
+    return nn.functional.conv_transpose2d(x, f2 * 4, groups=x.shape[1], stride=2, padding=(pad,))
 
 
 class MPFourier(nn.Module):
@@ -133,12 +133,12 @@ class MPConv(nn.Module):
     mode the stored ``W`` is first replaced by ``normalize(W)`` (forced weight normalisation, eq. 66).
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel):
+    def __init__(self, in_channels: int, out_channels: int, kernel: Sequence[int]):
         super().__init__()
         self.out_channels = out_channels
         self.weight = nn.Parameter(torch.randn(out_channels, in_channels, *kernel))
 
-    def forward(self, x: torch.Tensor, gain=1) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, gain: float | torch.Tensor = 1) -> torch.Tensor:
         w = self.weight.to(torch.float32)
         if self.training:
             with torch.no_grad():
@@ -163,7 +163,7 @@ class Block(nn.Module):
         emb_channels: int,
         flavor: str = "enc",
         resample_mode: str = "keep",
-        resample_filter=(1, 1),
+        resample_filter: Sequence[float] = (1, 1),
         attention: bool = False,
         channels_per_head: int = 64,
         dropout: float = 0,
@@ -227,15 +227,15 @@ class UNet(nn.Module):
         img_channels: int,
         label_dim: int,
         model_channels: int = 192,
-        channel_mult=(1, 2, 3, 4),
+        channel_mult: Sequence[int] = (1, 2, 3, 4),
         channel_mult_noise: int | None = None,
         channel_mult_emb: int | None = None,
         num_blocks: int = 3,
-        attn_resolutions=(16, 8),
+        attn_resolutions: Sequence[int] = (16, 8),
         label_balance: float = 0.5,
         concat_balance: float = 0.5,
         noise_cond: bool = True,
-        **block_kwargs,
+        **block_kwargs: Any,
     ):
         super().__init__()
         cblock = [model_channels * m for m in channel_mult]
@@ -279,7 +279,9 @@ class UNet(nn.Module):
                 )
         self.out_conv = MPConv(cout, img_channels, kernel=[3, 3])
 
-    def embedding(self, c_noise: torch.Tensor, class_labels: torch.Tensor | None, noise_embed_offset=None):
+    def embedding(
+        self, c_noise: torch.Tensor, class_labels: torch.Tensor | None, noise_embed_offset: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
         """The block conditioning [batch, emb] from ``c_noise`` [batch] and one-hot labels (None if neither)."""
         emb = None
         if self.emb_fourier is not None:
@@ -299,7 +301,11 @@ class UNet(nn.Module):
         return None if emb is None else mp_silu(emb)
 
     def forward(
-        self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor | None, noise_embed_offset=None
+        self,
+        x: torch.Tensor,
+        noise_labels: torch.Tensor,
+        class_labels: torch.Tensor | None,
+        noise_embed_offset: torch.Tensor | None = None,
     ) -> torch.Tensor:
         emb = self.embedding(noise_labels, class_labels, noise_embed_offset)
         x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
@@ -320,7 +326,7 @@ class _NullLabel:
     def __init__(self, label_dim: int):
         self.label_dim = label_dim
 
-    def __call__(self, old):
+    def __call__(self, old: object) -> torch.Tensor | None:
         if not isinstance(old, torch.Tensor):
             return None
         return torch.zeros_like(old) if old.is_floating_point() else torch.full_like(old, self.label_dim)
@@ -329,7 +335,7 @@ class _NullLabel:
         return "null (the zero label vector)"
 
 
-def _check_int(name, v, lo):
+def _check_int(name: str, v: object, lo: int) -> None:
     check(isinstance(v, int) and not isinstance(v, bool) and v >= lo, f"{name} must be an integer >= {lo}, got {v!r}")
 
 
@@ -349,14 +355,14 @@ class EDM2(nn.Module):
         sigma_data: float = 0.5,
         logvar_channels: int = 128,
         model_channels: int = 192,
-        channel_mult=(1, 2, 3, 4),
+        channel_mult: Sequence[int] = (1, 2, 3, 4),
         channel_mult_noise: int | None = None,
         channel_mult_emb: int | None = None,
         num_blocks: int = 3,
-        attn_resolutions=(16, 8),
+        attn_resolutions: Sequence[int] = (16, 8),
         label_balance: float = 0.5,
         concat_balance: float = 0.5,
-        resample_filter=(1, 1),
+        resample_filter: Sequence[float] = (1, 1),
         channels_per_head: int = 64,
         dropout: float = 0.0,
         res_balance: float = 0.3,
@@ -386,7 +392,7 @@ class EDM2(nn.Module):
         )
         check(isinstance(sigma_data, (int, float)) and sigma_data > 0, f"sigma_data must be > 0, got {sigma_data!r}")
         check(0 <= dropout < 1, f"dropout must lie in [0, 1), got {dropout!r}")
-        self.kwargs = dict(
+        self.kwargs: dict[str, Any] = dict(  # NVlabs' Precond kwargs (mixed types)
             img_resolution=img_resolution,
             img_channels=img_channels,
             label_dim=label_dim,
@@ -432,7 +438,7 @@ class EDM2(nn.Module):
         """Size of the Fourier noise embedding a [batch, dim] ``noise_embed_offset`` shifts (TSG)."""
         return self.unet.noise_channels
 
-    def one_hot(self, class_labels, x: torch.Tensor) -> torch.Tensor | None:
+    def one_hot(self, class_labels: torch.Tensor | int | None, x: torch.Tensor) -> torch.Tensor | None:
         """Validated float32 labels [batch, label_dim] (null rows zero); None for an unconditional network."""
         L, B = self.label_dim, x.shape[0]
         if not L:
@@ -453,7 +459,14 @@ class EDM2(nn.Module):
         check(bool(((y >= 0) & (y <= L)).all()), f"integer class_labels must lie in [0, {L}] ({L} = null), got {y.tolist()[:8]}")
         return nn.functional.one_hot(y.long(), L + 1)[:, :L].to(torch.float32)
 
-    def forward(self, x: torch.Tensor, sigma, class_labels=None, noise_embed_offset=None, **cond) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        sigma: float | torch.Tensor,
+        class_labels: torch.Tensor | int | None = None,
+        noise_embed_offset: torch.Tensor | None = None,
+        **cond: Any,
+    ) -> torch.Tensor:
         """``D(x; sigma, class_labels)`` [batch, C, H, W], the x0 estimate."""
         check(not cond, f"unknown conditioning {sorted(cond)}; EDM2 takes class_labels, noise_embed_offset")
         shape = [self.img_channels, self.img_resolution, self.img_resolution]
@@ -469,7 +482,7 @@ class EDM2(nn.Module):
         F = self.unet((bcast(c_in, x32) * x32).to(dtype), c_noise, labels, noise_embed_offset)
         return (bcast(c_skip, x32) * x32 + bcast(c_out, x32) * F.to(torch.float32)).to(x.dtype)
 
-    def logvar(self, sigma) -> torch.Tensor:
+    def logvar(self, sigma: float | torch.Tensor) -> torch.Tensor:
         """The learned uncertainty ``u(sigma)`` [batch] of the EDM2 loss (eq. 21)."""
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=self.logvar_linear.weight.device).reshape(-1)
         check(bool((sigma > 0).all()), "logvar needs sigma > 0")

@@ -62,7 +62,7 @@ class Standardization:
         return cls(**fields)
 
 
-def load_vae(vae_dir: str | os.PathLike, device="cpu"):
+def load_vae(vae_dir: str | os.PathLike, device: str | torch.device = "cpu") -> Any:
     """A diffusers ``AutoencoderKL`` from a local folder (``config.json`` + weights), eval mode, no grads."""
     d = Path(vae_dir)
     check((d / "config.json").is_file(), f"--vae {d} is not a diffusers AutoencoderKL folder (no config.json)")
@@ -76,7 +76,7 @@ def load_vae(vae_dir: str | os.PathLike, device="cpu"):
 class VAELatents:
     """EDM2's ``StabilityVAEEncoder`` on a local VAE: ``encode`` uint8 images -> latents, ``decode`` back."""
 
-    def __init__(self, vae, standardization: Standardization | None = None, batch_size: int = 8):
+    def __init__(self, vae: Any, standardization: Standardization | None = None, batch_size: int = 8):
         self.vae, self.std = vae, standardization or Standardization()
         self.batch_size = batch_size
 

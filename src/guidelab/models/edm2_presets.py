@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..denoisers import Denoiser
 from ..errors import GuidelabError, check
 
 #: Where NVlabs publishes the networks (for the error message; nothing is ever downloaded).
@@ -211,7 +212,7 @@ def resolve(name: str, models_dir: str | os.PathLike) -> Resolved:
     return Resolved(p, find(models_dir, p.net, name), find(models_dir, p.gnet, name) if p.gnet else None)
 
 
-def guided(preset: Preset | str, net, gnet=None, w: float | None = None):
+def guided(preset: Preset | str, net: Denoiser, gnet: Denoiser | None = None, w: float | None = None) -> Denoiser:
     """The preset's guided denoiser on loaded networks (``w`` overrides its weight). Any other guider
     takes the same pair: ``guidance.apg(guidance.cfg(net, w, uncond=gnet))``, ``guidance.interval(...)``, ..."""
     from .. import guidance

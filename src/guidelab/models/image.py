@@ -24,6 +24,7 @@ MPFourier), with frequencies drawn from a fixed seed, so a config alone rebuilds
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -51,14 +52,23 @@ class Fourier(nn.Module):
         return (math.sqrt(2) * torch.cos(2 * math.pi * y)).to(s.dtype)
 
 
-def _int(name, v, lo):
+def _int(name: str, v: object, lo: int) -> None:
     check(isinstance(v, int) and not isinstance(v, bool) and v >= lo, f"{name} must be an integer >= {lo}, got {v!r}")
 
 
 class ImageDenoiser(nn.Module):
     """Shared conditioning of the image networks: labels, ``c_noise``, the extra scalar -> embedding [batch, emb]."""
 
-    def _init_cond(self, img_channels, img_resolution, sigma_data, num_classes, noise_cond, extra_scalar, emb):
+    def _init_cond(
+        self,
+        img_channels: int,
+        img_resolution: int,
+        sigma_data: float,
+        num_classes: int,
+        noise_cond: bool,
+        extra_scalar: str | None,
+        emb: int,
+    ) -> None:
         for name, v, lo in (
             ("img_channels", img_channels, 1),
             ("img_resolution", img_resolution, 1),
@@ -99,11 +109,18 @@ class ImageDenoiser(nn.Module):
             emb=self.emb,
         )
 
-    def _label(self, label, x):
+    def _label(self, label: torch.Tensor | int | None, x: torch.Tensor) -> list[torch.Tensor]:
         onehot = one_hot_label(label, self.num_classes, x)
         return [] if onehot is None else [onehot * math.sqrt(self.num_classes + 1)]
 
-    def embedding(self, x, c_noise, label, noise_embed_offset, extra: dict) -> torch.Tensor | None:
+    def embedding(
+        self,
+        x: torch.Tensor,
+        c_noise: torch.Tensor,
+        label: torch.Tensor | int | None,
+        noise_embed_offset: torch.Tensor | None,
+        extra: dict[str, Any],
+    ) -> torch.Tensor | None:
         """The conditioning embedding [batch, emb] (None when the network has no conditioning)."""
         name = self.extra_scalar
         unknown = sorted(set(extra) - ({name} if name else set()))
@@ -117,8 +134,9 @@ class ImageDenoiser(nn.Module):
             vector = off is not None and off.ndim == 2  # TSG's vector form: a [batch, emb] offset of the embedding
             if off is not None and not vector:
                 c_noise = c_noise + off.reshape(c_noise.shape)  # scalar form: an offset of c_noise
+            assert self.noise_fourier is not None  # built with noise_cond
             e = self.noise_fourier(c_noise)
-            if vector:
+            if off is not None and vector:
                 check(off.shape == e.shape, f"noise_embed_offset must be [batch] or [batch, {e.shape[1]}], got {list(off.shape)}")
                 e = e + off.to(e.dtype)
             parts.append(e)
@@ -127,13 +145,22 @@ class ImageDenoiser(nn.Module):
             s = torch.as_tensor(extra[name], dtype=x.dtype, device=x.device)
             s = s.expand(x.shape[0]) if s.ndim == 0 else s
             check(s.shape == (x.shape[0],), f"{name} must be a scalar or a [batch]=[{x.shape[0]}] tensor, got {list(s.shape)}")
+            assert self.extra_fourier is not None  # built with extra_scalar
             parts.append(self.extra_fourier(s))
         parts += self._label(label, x)
         if not parts:
             return None
+        assert self.emb_layer is not None  # built whenever there is a part
         return nn.functional.silu(self.emb_layer(torch.cat(parts, 1)))
 
-    def forward(self, x: torch.Tensor, sigma, label=None, noise_embed_offset=None, **extra) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        sigma: float | torch.Tensor,
+        label: torch.Tensor | int | None = None,
+        noise_embed_offset: torch.Tensor | None = None,
+        **extra: Any,
+    ) -> torch.Tensor:
         """``D(x; sigma, label, <extra_scalar>)`` [batch, C, H, W], the x0 estimate."""
         shape = [self.img_channels, self.img_resolution, self.img_resolution]
         check(
@@ -143,7 +170,18 @@ class ImageDenoiser(nn.Module):
         sigma = as_sigma(sigma, x)
         return self.precond.denoise(self._F, x, sigma, label=label, noise_embed_offset=noise_embed_offset, extra=extra)
 
-    def _F(self, x_in, c_noise, label, noise_embed_offset, extra):
+    def raw(self, x_in: torch.Tensor, emb: torch.Tensor | None) -> torch.Tensor:
+        """``F`` on ``x_in = c_in x`` [batch, C, H, W] and the embedding [batch, emb] (or None); each network's own."""
+        raise NotImplementedError(f"{type(self).__name__} must define raw(x_in, emb)")
+
+    def _F(
+        self,
+        x_in: torch.Tensor,
+        c_noise: torch.Tensor,
+        label: torch.Tensor | int | None,
+        noise_embed_offset: torch.Tensor | None,
+        extra: dict[str, Any],
+    ) -> torch.Tensor:
         return self.raw(x_in, self.embedding(x_in, c_noise, label, noise_embed_offset, extra))
 
 
@@ -211,7 +249,7 @@ class _ResBlock(nn.Module):
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
         self.attn = _Attention(c_out) if attention else None
 
-    def forward(self, x, emb):
+    def forward(self, x: torch.Tensor, emb: torch.Tensor | None) -> torch.Tensor:
         h = self.conv0(nn.functional.silu(self.norm0(x)))
         h = self.norm1(h)
         if self.affine is not None:
@@ -231,7 +269,7 @@ class _Attention(nn.Module):
         nn.init.zeros_(self.proj.weight)
         nn.init.zeros_(self.proj.bias)  # type: ignore[arg-type]  # built with bias=True
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         q, k, v = self.qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, h * w).unbind(1)
         y = nn.functional.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))

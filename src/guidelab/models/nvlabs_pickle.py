@@ -21,7 +21,7 @@ import io
 import os
 import pickle
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -53,7 +53,7 @@ class Persistent:
 class ModuleDict:
     """Stand-in for ``torch.nn.modules.container.ModuleDict``: records the pickled ``__dict__``."""
 
-    def __setstate__(self, state: dict):
+    def __setstate__(self, state: dict) -> None:
         self.state = state
 
 
@@ -61,18 +61,27 @@ class EasyDict(dict):
     """Stand-in for ``dnnlib.util.EasyDict`` (a plain dict)."""
 
 
-def _load_from_bytes(b: bytes):
+def _load_from_bytes(b: bytes) -> Any:
     check(isinstance(b, (bytes, bytearray)), "torch.storage._load_from_bytes needs bytes")
     return torch.load(io.BytesIO(b), weights_only=True)  # never unpickles arbitrary objects
 
 
-def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
+def _rebuild_tensor_v2(
+    storage: object,
+    storage_offset: int,
+    size: tuple[int, ...],
+    stride: tuple[int, ...],
+    requires_grad: bool = False,
+    backward_hooks: object = None,
+    metadata: object = None,
+) -> torch.Tensor:
     check(isinstance(storage, (torch.TypedStorage, torch.UntypedStorage)), "a tensor must be rebuilt from a storage")
     return torch._utils._rebuild_tensor_v2(storage, storage_offset, size, stride, False, collections.OrderedDict())
 
 
-def _rebuild_parameter(data, requires_grad=False, backward_hooks=None):
-    check(isinstance(data, torch.Tensor), "a parameter must be rebuilt from a tensor")
+def _rebuild_parameter(data: object, requires_grad: bool = False, backward_hooks: object = None) -> torch.Tensor:
+    if not isinstance(data, torch.Tensor):
+        raise GuidelabError("a parameter must be rebuilt from a tensor")
     return data
 
 
@@ -89,7 +98,7 @@ def _numpy_globals() -> dict:
     except ImportError:  # numpy < 2
         from numpy.core.multiarray import scalar  # type: ignore[no-redef]
 
-    def reconstruct(subtype, shape, dtype):
+    def reconstruct(subtype: object, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
         check(subtype is _NDARRAY, "numpy arrays may only be rebuilt as numpy.ndarray")
         return np.ndarray.__new__(np.ndarray, shape, dtype)
 
@@ -114,7 +123,7 @@ ALLOWED: dict[tuple[str, str], Any] = {
 class Unpickler(pickle.Unpickler):
     """``pickle.Unpickler`` that resolves only :data:`ALLOWED` (plus numpy array reconstruction)."""
 
-    def find_class(self, module: str, name: str):
+    def find_class(self, module: str, name: str) -> Any:
         if (module, name) in ALLOWED:
             return ALLOWED[(module, name)]
         numpy = _numpy_globals() if module.startswith("numpy") else {}
@@ -123,7 +132,7 @@ class Unpickler(pickle.Unpickler):
         allowed = ", ".join(f"{m}.{n}" for m, n in ALLOWED)
         raise GuidelabError(f"refused global {module}.{name} in an NVlabs pickle; allowed: {allowed} and numpy arrays")
 
-    def persistent_load(self, pid):
+    def persistent_load(self, pid: Any) -> NoReturn:
         raise GuidelabError("refused a persistent id in an NVlabs pickle (NVlabs' network pickles use none)")
 
 
@@ -141,7 +150,7 @@ def read(path: str | os.PathLike) -> Any:
         raise GuidelabError(f"{path} is not a readable NVlabs pickle: {type(e).__name__}: {e}") from None
 
 
-def _tensors(obj, prefix: str, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _tensors(obj: object, prefix: str, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Flatten a module record into ``{dotted name: tensor}`` (parameters, buffers, submodules)."""
     state = obj.state if isinstance(obj, (Persistent, ModuleDict)) else None
     check(isinstance(state, dict), f"{prefix or 'the network'} is not a module record ({type(obj).__name__})")
