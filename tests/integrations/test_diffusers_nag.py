@@ -7,7 +7,6 @@ import torch
 
 pytest.importorskip("diffusers")
 import test_diffusers as base  # tests/integrations is on sys.path (rootdir imports)
-import test_diffusers_pixart as pixart
 import torch.nn.functional as F
 
 from guidelab.app.diffusers_generate import generate
@@ -89,7 +88,8 @@ def test_nag_equals_the_official_processor_step(tmp_path, scale, tau, alpha):
 
 def test_nag_neutral_one_call_and_errors(tmp_path):
     """w = 1 is the plain model bit for bit (one call, no extra attention); w != 1 is one call of B rows; no null
-    text, a class model, an unknown layer, cfg_weight and a tensor w are one-line errors."""
+    text, a class model, an unknown layer, cfg_weight and a tensor w are one-line errors (PixArt and FLUX:
+    test_diffusers_nag_transformers.py)."""
     folder, den, emb, null = _text_model(tmp_path)
     x = torch.randn(B, C, H, H, dtype=torch.float64)
     sigma = torch.full((B,), 2.0, dtype=torch.float64)
@@ -110,9 +110,6 @@ def test_nag_neutral_one_call_and_errors(tmp_path):
         nag(gd.load(folder, dtype=torch.float64), 3.0)
     with pytest.raises(GuidelabError, match="text-conditioned"):
         nag(gd.load(base._save(tmp_path, "unet"), dtype=torch.float64), 3.0)
-    _, _, pnull, _ = pixart._prompts()
-    with pytest.raises(GuidelabError, match="PixArt projects the prompt first"):  # raw null_text would be the wrong context
-        nag(gd.load(pixart._save(tmp_path), dtype=torch.float64, null_text=pnull), 3.0)
     with pytest.raises(GuidelabError, match="no layer"):
         nag(den, 3.0, layers=["nope"])
     with pytest.raises(GuidelabError, match="cfg_weight must be a finite number"):

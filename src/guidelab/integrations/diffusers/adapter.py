@@ -56,6 +56,8 @@ MICRO = ("resolution", "aspect_ratio")
 OFFSET = TSG_KEY
 #: Conditioning key of NAG's negative context ([B, L, dim]) for the rows marked ``perturb``.
 NEGATIVE = "nag_negative"
+#: Conditioning key of that negative context's text mask ([B, L], 1 = keep, 0 = discard; PixArt's padding).
+NEGATIVE_MASK = "nag_negative_mask"
 
 
 def alphas_cumprod(scheduler_config: dict) -> torch.Tensor:
@@ -229,6 +231,7 @@ class DiffusersDenoiser:
         marks = cond.pop(PERTURB, None)
         offset = cond.pop(OFFSET, None)
         negative = cond.pop(NEGATIVE, None)
+        negative_mask = cond.pop(NEGATIVE_MASK, None)
         s = bcast(sigma.to(x.dtype), x)
         dtype = next(self.model.parameters()).dtype
         x_vp = (x / (1 + s**2).sqrt()).to(dtype)
@@ -246,7 +249,7 @@ class DiffusersDenoiser:
             if marks is not None and bool(marks.any()):
                 check(self.perturbation is not None, "perturb= needs a denoiser made with perturbation=Perturbation(...)")
                 assert self.perturbation is not None  # checked above
-                extra = {} if negative is None else {"negative": negative}  # nag's negative context
+                extra = {} if negative is None else {"negative": negative, "negative_mask": negative_mask}  # nag
                 hooks.enter_context(perturbed_attention(self.model, self.perturbation, marks.bool(), **extra))
             if offset is not None:
                 hooks.enter_context(self._time_embedding_offset(offset, x.shape[0]))

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import cast
+from typing import Any, cast
 
 import torch
 
@@ -17,9 +17,9 @@ from ...guidance._base import Branch, Guided, PerCall
 from ...guidance.cfg import cfg
 from ...guidance.compose import Composed, compose
 from ...guidance.protocols import OnePass
-from .adapter import NEGATIVE, PERTURB, DiffusersDenoiser
+from .adapter import NEGATIVE, NEGATIVE_MASK, PERTURB, DiffusersDenoiser
 from .flow import FlowDenoiser
-from .hooks import NAG_DEFAULTS, Perturbation, perturbed_attention
+from .hooks import JOINT_NAG, NAG_DEFAULTS, Perturbation, perturbed_attention
 
 
 def _mark(value: bool) -> PerCall:
@@ -157,51 +157,71 @@ def step_window(sigmas: torch.Tensor, start: float, stop: float) -> tuple[float,
     return float(sigmas[steps[-1] + 1]), float(sigmas[steps[0]])
 
 
+def _number(value: object, what: str) -> None:
+    check(
+        isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
+        f"nag's {what} must be a finite number, got {value!r}",
+    )
+
+
+def _cross_nag_model(model: torch.nn.Module) -> bool:
+    """A model whose cross-attentions see the prompt embedding as given (a UNet2DConditionModel without
+    ``encoder_hid_proj``) or through its ``caption_projection`` (PixArt; the hook projects the negative the same way)."""
+    name = type(model).__name__
+    if name == "UNet2DConditionModel":
+        return getattr(model, "encoder_hid_proj", None) is None
+    pixart = name == "PixArtTransformer2DModel" or getattr(getattr(model, "config", None), "norm_type", None) == "ada_norm_single"
+    return pixart and getattr(model, "caption_projection", None) is not None
+
+
 def nag(
-    denoiser: DiffusersDenoiser,
-    w,
+    denoiser: DiffusersDenoiser | FlowDenoiser,
+    w: float,
     *,
     tau: float = NAG_DEFAULTS[0],
     alpha: float = NAG_DEFAULTS[1],
     layers: str | Sequence[str] | None = None,
-    cfg_weight=None,
+    cfg_weight: float | None = None,
 ) -> OnePass | Guided:
     """Normalized attention guidance (Chen et al. 2025, arXiv 2505.21179): one network call whose cross-attentions
     extrapolate the prompt's attention output ``Z+`` away from the negative prompt's ``Z-``:
     ``Z = Z- + w (Z+ - Z-)`` (the official ``nag_scale`` is ``w``: 1 is no guidance), the per-token L1 norm of
     ``Z`` clipped to ``tau`` times that of ``Z+`` (``nag_tau``), then ``alpha Z + (1 - alpha) Z+`` (``nag_alpha``).
 
-    The negative prompt is the denoiser's null / negative embedding (``null_text``). Defaults: the official SDXL
-    pipeline's ``tau = 2.5``, ``alpha = 0.5`` (its SD3.5 pipeline: 0.125; FLUX: 0.25); ``w`` around 3-5 (official
-    demos: 5). ``layers``: cross-attention layers (default all, as the official UNet pipelines).
-    ``UNet2DConditionModel``, and SD3 (a :class:`~.flow.FlowDenoiser`; :class:`JointNAG`: the negative text
-    stream runs through every block, as the official SD3 pipeline). PixArt (its caption projection runs before the
-    cross-attentions) and FLUX are not supported yet. At ``w == 1`` the plain model (bit for bit).
+    The negative prompt is the denoiser's null / negative embedding (``null_text``, with ``null_mask``). Defaults:
+    the official SDXL pipeline's ``tau = 2.5``, ``alpha = 0.5`` (its SD3.5 pipeline: 0.125; FLUX: 0.25); ``w``
+    around 3-5 (official demos: 5). ``layers``: the attention layers (default all, as the official pipelines).
 
-    ``cfg_weight`` (UNets): CFG as well, in the same call of 2B rows, as the official pipelines at
-    ``guidance_scale > 1``: ``D = D_u + cfg_weight (D_nag - D_u)``, ``D_u`` the plain model on the negative prompt.
+    * ``UNet2DConditionModel``: every ``attn2`` (the official ``NAGAttnProcessor2_0``);
+    * PixArt (``PixArtTransformer2DModel`` / an adaLN-single ``Transformer2DModel``): every block's ``attn2``, the
+      same rule; the negative caption embedding goes through the model's ``caption_projection`` as the prompt does,
+      with its own padding mask (``null_mask``; none: the prompt's). The official repo has no PixArt pipeline;
+    * SD3 (a :class:`~.flow.FlowDenoiser`; :class:`JointNAG`): the negative text stream runs through every block
+      (the prompt's pooled projection), as the official SD3 pipeline;
+    * FLUX (a :class:`~.flow.FlowDenoiser` of a ``FluxTransformer2DModel``; :class:`JointNAG`): as the official
+      FLUX pipeline, the negative text stream (with its own pooled projection) runs through every double- and
+      single-stream block; NAG acts on the image tokens' outputs with the **L2** norm (its
+      ``NAGFluxAttnProcessor2_0``; the paper and its other processors: L1); the image stream of the double-stream
+      blocks is one stream (the prompt's modulation), the single-stream blocks carry both halves.
+
+    At ``w == 1`` the plain model (bit for bit). ``cfg_weight`` (UNets, PixArt): CFG as well, in the same call of
+    2B rows, as the official pipelines at ``guidance_scale > 1``: ``D = D_u + cfg_weight (D_nag - D_u)``, ``D_u``
+    the plain model on the negative prompt.
     """
     model = getattr(denoiser, "model", denoiser)
-    if isinstance(denoiser, FlowDenoiser) and type(model).__name__ == "SD3Transformer2DModel":
+    if isinstance(denoiser, FlowDenoiser) and type(model).__name__ in JOINT_NAG:
         return _joint_nag(denoiser, w, tau, alpha, layers, cfg_weight)
     check(
-        isinstance(denoiser, DiffusersDenoiser)
-        and type(model).__name__ == "UNet2DConditionModel"
-        and getattr(model, "encoder_hid_proj", None) is None,
-        "nag needs a text-conditioned diffusers UNet2DConditionModel whose cross-attentions see the prompt embedding "
-        "as given, or an SD3 transformer (PixArt projects the prompt first; FLUX): not yet supported; got "
+        isinstance(denoiser, DiffusersDenoiser) and _cross_nag_model(model),
+        "nag needs a text-conditioned diffusers UNet2DConditionModel (whose cross-attentions see the prompt "
+        "embedding as given), a PixArt transformer, or an SD3 / FLUX FlowDenoiser; got "
         f"{type(model).__name__}",
     )
-    check(
-        isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w),
-        f"nag's w (nag_scale) must be a finite number, got {w!r}",
-    )
-    check(
-        cfg_weight is None
-        or (isinstance(cfg_weight, (int, float)) and not isinstance(cfg_weight, bool) and math.isfinite(cfg_weight)),
-        f"nag's cfg_weight must be a finite number, got {cfg_weight!r}",
-    )
-    null = denoiser.null_text
+    assert isinstance(denoiser, DiffusersDenoiser)  # checked above
+    _number(w, "w (nag_scale)")
+    if cfg_weight is not None:
+        _number(cfg_weight, "cfg_weight")
+    null, null_mask = denoiser.null_text, denoiser.null_mask
     check(null is not None, "nag needs the negative prompt embedding: pass null_text=... (--null-text / a negative prompt)")
     assert null is not None  # checked above
     if w == 1:
@@ -210,62 +230,71 @@ def nag(
     den = denoiser.with_perturbation(pert)
     pert.modules(den.model)  # layers that match nothing: an error now, not at the first call
 
-    def negative(old, x, sigma):
+    def negative(old: object, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         return null.to(x.device).expand(x.shape[0], *null.shape[1:])
 
-    branch = Branch(den, {PERTURB: MARKED, NEGATIVE: PerCall(negative)})
+    over: dict[str, PerCall] = {NEGATIVE: PerCall(negative)}
+    if null_mask is not None:
+        over[NEGATIVE_MASK] = PerCall(lambda old, x, sigma: null_mask.to(x.device).expand(x.shape[0], -1))
+    branch = Branch(den, {PERTURB: MARKED, **over})
     if cfg_weight is not None:  # the reference rows: unmarked, the negative prompt (one call of 2B rows)
         assert den.condition is not None  # a text model (checked above)
-        ref = Branch(den, {**den.condition.null, PERTURB: UNMARKED, NEGATIVE: PerCall(negative)})
+        ref = Branch(den, {**den.condition.null, PERTURB: UNMARKED, **over})
         return Guided(branch, ref, cfg_weight, "nag+cfg")
 
-    def guided(x, sigma, **cond):
+    def guided(x: torch.Tensor, sigma: torch.Tensor, **cond: Any) -> torch.Tensor:
         return den(x, sigma, **branch.cond(cond, x, sigma))
 
     return OnePass(guided, denoiser, "nag")
 
 
 class JointNAG:
-    """NAG on SD3 (joint attention), as the official SD3 pipeline: the text stream also carries the negative prompt
-    (its own rows, the positive pooled projection), so every joint attention sees ``[image; prompt]`` and
-    ``[image; negative]``; the image tokens' attention outputs are combined by NAG. guidelab runs the batch
-    ``[x; x]`` with the text rows ``[prompt; negative]`` and gives both halves the combined image output, so the
-    two image streams stay equal (the official code keeps one image stream: half the image-stream compute)."""
+    """NAG on SD3 / FLUX (joint attention), as their official pipelines: the text stream also carries the negative
+    prompt (its own rows), so every joint attention sees ``[image; prompt]`` and ``[image; negative]``; the image
+    tokens' attention outputs are combined by NAG. guidelab runs the batch ``[x; x]`` with the text rows
+    ``[prompt; negative]`` and gives both halves the combined image output, so the two image streams stay equal
+    (the official code keeps one image stream where it can: half the image-stream compute). ``keys``: what the
+    negative half takes from the negative prompt (SD3: the embedding; its pooled projection stays the prompt's,
+    as the official SD3 pipeline; FLUX: the embedding and its pooled projection, as the official FLUX pipeline)."""
 
-    def __init__(self, den: FlowDenoiser, perturbation: Perturbation):
+    def __init__(self, den: FlowDenoiser, perturbation: Perturbation, keys: tuple[str, ...] = ("encoder_hidden_states",)):
         assert den.model is not None and den.condition is not None  # checked by nag()
         self.den, self.perturbation, self.model = den, perturbation, den.model
-        self.negative = Branch(den, {"encoder_hidden_states": den.condition.null["encoder_hidden_states"]})
+        self.negative = Branch(den, {k: den.condition.null[k] for k in keys})
 
-    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **cond: Any) -> torch.Tensor:
         B = x.shape[0]
-        neg = self.negative.cond(cond, x, sigma)["encoder_hidden_states"]
+        neg = self.negative.cond(cond, x, sigma)
         both = {
             k: torch.cat([v, v]) if isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == B else v for k, v in cond.items()
         }
-        both["encoder_hidden_states"] = torch.cat([cond["encoder_hidden_states"], neg.to(cond["encoder_hidden_states"])])
+        for k in self.negative.overrides:
+            both[k] = torch.cat([cond[k], neg[k].to(cond[k])])
         marks = torch.arange(2 * B, device=x.device) >= B
         with perturbed_attention(self.model, self.perturbation, marks):
             return self.den(torch.cat([x, x]), torch.cat([sigma, sigma]), **both)[:B]
 
 
-def _joint_nag(den: FlowDenoiser, w, tau: float, alpha: float, layers, cfg_weight) -> OnePass:
-    check(cfg_weight is None, "nag with cfg_weight on SD3 is not supported yet (UNets: supported)")
+def _joint_nag(
+    den: FlowDenoiser, w: float, tau: float, alpha: float, layers: str | Sequence[str] | None, cfg_weight: float | None
+) -> OnePass:
+    flux = type(den.model).__name__ == "FluxTransformer2DModel"
     check(
-        isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w),
-        f"nag's w (nag_scale) must be a finite number, got {w!r}",
+        cfg_weight is None, f"nag with cfg_weight on {'FLUX' if flux else 'SD3'} is not supported yet (UNets, PixArt: supported)"
     )
+    _number(w, "w (nag_scale)")
     cond = den.condition
+    keys = ("encoder_hidden_states", "pooled_projections") if flux else ("encoder_hidden_states",)
     check(
-        cond is not None and "encoder_hidden_states" in cond.null,
-        "nag needs the negative prompt embedding (the denoiser's null condition for encoder_hidden_states)",
+        cond is not None and all(k in cond.null for k in keys),
+        f"nag needs the negative prompt embedding (the denoiser's null condition for {' and '.join(keys)})",
     )
     if w == 1:
         return OnePass(den, den, "nag")
     pert = Perturbation("nag", layers, nag=(float(w), tau, alpha))
-    assert den.model is not None  # an SD3 FlowDenoiser (checked by the caller)
+    assert den.model is not None  # an SD3 / FLUX FlowDenoiser (checked by the caller)
     pert.modules(den.model)
-    return OnePass(JointNAG(den, pert), den, "nag")
+    return OnePass(JointNAG(den, pert, keys), den, "nag")
 
 
 registry.register_attention(DiffusersDenoiser, attention_guidance)  # pag / seg / slg / nag / sag entries

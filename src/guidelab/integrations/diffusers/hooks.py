@@ -7,14 +7,16 @@ conditioning key of :class:`~guidelab.integrations.diffusers.DiffusersDenoiser`)
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import inspect
 import math
 import re
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +31,8 @@ from ...guidance.tsg import KEY as OFFSET
 #: and "blocks.1" (the PixArt-Sigma / SD3 / HunyuanDiT PAG pipelines'); SEG "mid" (the official SEG-SDXL code) and
 #: SLG / SEG on transformers blocks 7, 8, 9 (diffusers' SkipLayerGuidance and SmoothedEnergyGuidance, recommended
 #: for SD3.5 Medium); SLG on UNets "mid" (diffusers recommends none: the middle blocks, by analogy); TSG every time
-#: embedder; NAG every cross-attention (the official NAG pipelines: every ``attn2`` of the UNet). FLUX
+#: embedder; NAG every cross-attention (the official NAG pipelines: every ``attn2`` of the UNet; PixArt: every
+#: block's ``attn2``; SD3 / FLUX: every joint attention, the official SD3 / FLUX NAG pipelines'). FLUX
 #: (FluxTransformer2DModel, "flux"): diffusers has no FLUX PAG pipeline and recommends no FLUX layers; chosen by analogy
 #: with SD3: PAG the double-stream block 1, SEG / SLG the double-stream blocks 7, 8, 9 (``^``: the name starts there,
 #: so ``single_transformer_blocks.*`` are not selected). ``"all"``: every candidate layer.
@@ -46,12 +49,14 @@ DEFAULT_LAYERS: dict[str, dict[str, tuple[str, ...]]] = {
         "flux": ("^transformer_blocks.7", "^transformer_blocks.8", "^transformer_blocks.9"),
     },
     "tsg": {"unet": ("all",), "transformer": ("all",)},
-    "nag": {"unet": ("all",), "transformer": ("all",)},
+    "nag": {"unet": ("all",), "transformer": ("all",), "flux": ("all",)},
     "sag": {"unet": ("mid",), "transformer": ("mid",)},
 }
 MODES = ("pag", "seg", "slg", "tsg", "nag", "sag")
 #: NAG's defaults (tau, alpha): the official SDXL pipeline's (nag_tau 2.5, nag_alpha 0.5).
 NAG_DEFAULTS = (2.5, 0.5)
+#: Models whose NAG negative prompt travels as extra rows of the batch (the text stream), not as a context key.
+JOINT_NAG = ("SD3Transformer2DModel", "FluxTransformer2DModel")
 
 
 def _selects(layer: str, name: str) -> bool:
@@ -60,6 +65,16 @@ def _selects(layer: str, name: str) -> bool:
     ("^transformer_blocks.1" does not select single_transformer_blocks.1)."""
     anchor, layer = ("^", layer[1:]) if layer.startswith("^") and len(layer) > 1 else ("", layer)
     return re.search(anchor + re.escape(layer) + (r"(?!\d)" if layer[-1:].isdigit() else ""), name) is not None
+
+
+def _nag_candidate(kind: str, m: torch.nn.Module, attention: type) -> bool:
+    """A layer NAG may act on in a model of class ``kind``: FLUX every ``FluxAttention``, SD3 its joint attentions
+    (with ``add_q_proj``), others their cross-attentions."""
+    if kind == "FluxTransformer2DModel":
+        return type(m).__name__ == "FluxAttention"
+    if not isinstance(m, attention):
+        return False
+    return getattr(m, "add_q_proj", None) is not None if kind == "SD3Transformer2DModel" else bool(m.is_cross_attention)
 
 
 class Perturbation:
@@ -129,13 +144,9 @@ class Perturbation:
             blocks = [(n, m) for n, m in model.named_modules() if type(m).__name__.endswith("TransformerBlock")]
             if not blocks:  # UNet2DModel: attention with its own residual
                 blocks = [(n, m) for n, m in model.named_modules() if isinstance(m, Attention) and m.residual_connection]
-        elif self.mode == "nag":  # cross-attentions; SD3: its joint attentions (they take the text stream)
-            joint = type(model).__name__ == "SD3Transformer2DModel"
-            blocks = [
-                (n, m)
-                for n, m in model.named_modules()
-                if isinstance(m, Attention) and (getattr(m, "add_q_proj", None) is not None if joint else m.is_cross_attention)
-            ]
+        elif self.mode == "nag":  # cross-attentions; SD3: its joint attentions; FLUX: every attention (double, single)
+            kind = type(model).__name__
+            blocks = [(n, m) for n, m in model.named_modules() if _nag_candidate(kind, m, Attention)]
         else:  # self-attentions; FLUX's FluxAttention (joint in the double-stream blocks, [text; image] in the single)
             blocks = [
                 (n, m)
@@ -188,7 +199,9 @@ def _blur_queries(q: torch.Tensor, sigma: float) -> torch.Tensor:
 @dataclass(frozen=True)
 class _Scope:
     """One perturbed call: the mode, the marks [B] as runs of equal marks, TSG's offset [B, dim], NAG's negative
-    context [B, L, dim] and (scale, tau, alpha)."""
+    context [B, L, dim] (PixArt: already caption-projected), its text mask [B, L] (1 keep, 0 discard) and
+    (scale, tau, alpha); ``nag`` None in a "nag" scope: a FLUX double-stream layer outside the selection (its image
+    output is the prompt half's on both halves, so the image stream stays one stream)."""
 
     mode: str
     blur_sigma: float
@@ -197,6 +210,7 @@ class _Scope:
     offset: torch.Tensor | None
     negative: torch.Tensor | None = None
     nag: tuple[float, ...] | None = None
+    negative_mask: torch.Tensor | None = None
     store: list | None = None  # sag: where the recorded maps go
     tokens: dict = field(default_factory=dict)  # FLUX: {"text": the text length of the call} (set by _text_hook)
 
@@ -223,15 +237,18 @@ def _identity_mask(n_img: int, L: int, like: torch.Tensor) -> torch.Tensor:
     return mask[None, None]
 
 
-def _nag(zp: torch.Tensor, zn: torch.Tensor, s: float, tau: float, alpha: float, eps: float = 0.0) -> torch.Tensor:
+def _nag(
+    zp: torch.Tensor, zn: torch.Tensor, s: float, tau: float, alpha: float, eps: float = 0.0, order: int = 1
+) -> torch.Tensor:
     """NAG on attention outputs [B, heads, L, d] (the official processors' order of operations, on [B, L, heads d]:
-    extrapolate, clip the per-token L1 norm ratio to tau, blend with alpha; ``eps``: 0 as its UNet processor, 1e-7
-    as its joint-attention one)."""
+    ``Z = s Z+ - (s - 1) Z-``, ``r = |Z| / |Z+|`` per token, ``Z min(r, tau) / r``, ``alpha Z + (1 - alpha) Z+``;
+    ``eps``: 0 as its UNet and FLUX processors, 1e-7 as its SD3 joint one; ``order``: the norm, 1 (L1, the paper's,
+    its UNet and SD3 processors) or 2 (its ``NAGFluxAttnProcessor2_0``))."""
     B, Hh, L, d = zp.shape
     p, n = (z.transpose(1, 2).reshape(B, L, Hh * d) for z in (zp, zn))
     g = p * s - n * (s - 1)
-    norm_p = torch.norm(p, p=1, dim=-1, keepdim=True).expand(*p.shape)
-    norm_g = torch.norm(g, p=1, dim=-1, keepdim=True).expand(*g.shape)
+    norm_p = torch.norm(p, p=order, dim=-1, keepdim=True).expand(*p.shape)
+    norm_g = torch.norm(g, p=order, dim=-1, keepdim=True).expand(*g.shape)
     scale = norm_g / (norm_p + eps) if eps else norm_g / norm_p
     g = g * torch.minimum(scale, scale.new_ones(1) * tau) / (scale + eps if eps else scale)
     g = g * alpha + p * (1 - alpha)
@@ -248,31 +265,50 @@ def _received(q, k, attn_mask=None, *_, scale=None, **__) -> torch.Tensor:
     return logits.softmax(-1).mean(1).sum(1)
 
 
+def _joint_nag(scope: _Scope, z: torch.Tensor, img: tuple[int, int], flux: bool) -> torch.Tensor:
+    """NAG on joint attention outputs ``z`` [2h, heads, L, d], rows [prompt; negative] paired i <-> h + i: the image
+    tokens ``[img[0], img[1])`` of both halves get NAG of the two halves' image outputs (SD3: L1 norm, eps 1e-7;
+    FLUX: L2, no eps, as the official processors), so the two image streams stay equal; the text tokens keep their
+    own outputs (each half's text stream attends as usual)."""
+    B, (a0, b0) = z.shape[0], img
+    h = B // 2
+    check(
+        B % 2 == 0 and not bool(scope.mask[:h].any()) and bool(scope.mask[h:].all()),
+        "nag on joint attention needs the rows [prompt; negative prompt] (the negative half marked)",
+    )
+    zp = z[:h, :, a0:b0]
+    if scope.nag is None:  # FLUX double-stream layer outside the selection: the prompt's image output
+        g = zp
+    else:
+        s_, tau, alpha = scope.nag
+        g = _nag(zp, z[h:, :, a0:b0], s_, tau, alpha, eps=0.0 if flux else 1e-7, order=2 if flux else 1)
+    return torch.cat([z[:, :, :a0], torch.cat([g, g]), z[:, :, b0:]], dim=2)
+
+
 def _sdpa(
-    scope: _Scope, query, key, value, *args, img: tuple[int, int] | None = None, pag_v: bool = False, negative=None, **kwargs
+    scope: _Scope,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    *args: Any,
+    img: tuple[int, int] | None = None,
+    flux: bool = False,
+    negative: torch.Tensor | None = None,
+    **kwargs: Any,
 ) -> torch.Tensor:
     """``F.scaled_dot_product_attention`` with the marked rows perturbed; each row's attention computed once, on
     views of the batch (the original one on unmarked rows; PAG's marked rows need none: their output is V).
     ``img``: joint attention, the image tokens are ``[img[0], img[1])`` (SD3: first, FLUX: after the text);
-    ``pag_v``: PAG sets the image tokens' output to their V (FLUX) instead of SD3's identity mask; ``negative``: NAG's
-    attention output of the negative context, combined with this one on the marked rows."""
+    ``flux``: FLUX's attention (PAG sets the image tokens' output to their V instead of SD3's identity mask; NAG
+    its L2 rule); ``negative``: NAG's attention output of the negative context, combined with this one on the
+    marked rows."""
     n_img = None if img is None else img[1]
     B = scope.mask.shape[0]
     check(query.shape[0] == B, f"{scope.mode}: attention batch {query.shape[0]} != mask {B}")
-    if scope.mode == "nag" and img is not None:  # joint attention: rows [prompt; negative], paired i <-> B/2 + i
-        check(img[0] == 0, "nag on joint attention: SD3 only (its image tokens first)")
-        h = B // 2
-        check(
-            B % 2 == 0 and not bool(scope.mask[:h].any()) and bool(scope.mask[h:].all()),
-            "nag on joint attention needs the rows [prompt; negative prompt] (the negative half marked)",
-        )
-        assert scope.nag is not None
-        z = F.scaled_dot_product_attention(query, key, value, *args, **kwargs)
-        s_, tau, alpha = scope.nag
-        g = _nag(z[:h, :, :n_img], z[h:, :, :n_img], s_, tau, alpha, eps=1e-7)  # the image tokens' outputs
-        return torch.cat([torch.cat([g, g]), z[:, :, n_img:]], dim=2)  # both halves' image streams stay equal
+    if scope.mode == "nag" and img is not None:  # joint attention: rows [prompt; negative]
+        return _joint_nag(scope, F.scaled_dot_product_attention(query, key, value, *args, **kwargs), img, flux)
 
-    def rows(v, i, j):  # a batch-sized tensor argument, sliced
+    def rows(v: Any, i: int, j: int) -> Any:  # a batch-sized tensor argument, sliced
         return v[i:j] if isinstance(v, torch.Tensor) and v.ndim >= 1 and v.shape[0] == B else v
 
     out = []
@@ -290,7 +326,7 @@ def _sdpa(
             assert negative is not None and scope.nag is not None  # set by _Processor for nag scopes
             z = F.scaled_dot_product_attention(q, k, v, *a, **kw)
             out.append(_nag(z, negative[i:j].to(z), *scope.nag))
-        elif scope.mode == "pag" and joint and pag_v:  # FLUX: the image tokens' output is their V, text attends
+        elif scope.mode == "pag" and joint and flux:  # FLUX: the image tokens' output is their V, text attends
             assert img is not None
             check(
                 not a and kw.get("attn_mask") is None,
@@ -332,13 +368,16 @@ class _PerturbedSDPA(TorchFunctionMode):
         img: tuple[int, int] | None = None,
         negative: torch.Tensor | None = None,
         record: bool = False,
-        pag_v: bool = False,
+        flux: bool = False,
     ):
         super().__init__()
-        self.scope, self.calls, self.img, self.negative, self.pag_v = scope, 0, img, negative, pag_v
-        self.record, self.recorded = record, None  # record: plain attention, its output kept (NAG's negative pass)
+        self.scope, self.calls, self.img, self.negative, self.flux = scope, 0, img, negative, flux
+        # record: plain attention, its output kept (NAG's negative pass)
+        self.record, self.recorded = record, cast("torch.Tensor | None", None)
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
+    def __torch_function__(
+        self, func: Callable[..., Any], types: Any, args: tuple = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
         kwargs = kwargs or {}
         if func is not F.scaled_dot_product_attention:
             return func(*args, **kwargs)
@@ -347,35 +386,42 @@ class _PerturbedSDPA(TorchFunctionMode):
             check(self.calls == 1, "nag: the attention processor calls attention more than once per layer")
             self.recorded = func(*args, **kwargs)
             return self.recorded
-        return _sdpa(self.scope, *args, img=self.img, pag_v=self.pag_v, negative=self.negative, **kwargs)
+        return _sdpa(self.scope, *args, img=self.img, flux=self.flux, negative=self.negative, **kwargs)
+
+
+#: The text mask [B, L] (1 keep, 0 discard) as diffusers' UNet2DConditionModel and PixArt pass it to ``attn2``:
+#: an additive bias [B, 1, L].
+def _mask_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return ((1 - mask.to(dtype)) * -10000.0).unsqueeze(1)
 
 
 class _Processor:
     """Wraps an attention processor; perturbs its attention where the calling context has a scope for the layer."""
 
-    def __init__(self, inner):
+    def __init__(self, inner: Any):
         self.inner = inner
         # Attention.forward passes on only the keywords named by inspect.signature(processor.__call__): the inner's
         call = functools.partial(type(self).__call__, self)
-        call.__signature__ = inspect.signature(inner.__call__)
-        self.__call__ = call
+        call.__signature__ = inspect.signature(inner.__call__)  # type: ignore[attr-defined]  # read by inspect
+        self.__call__ = call  # type: ignore[method-assign]  # the instance's call carries the inner's signature
 
-    def __call__(self, attn, hidden_states, *args, **kwargs):
+    def __call__(self, attn: Any, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         scope = (_ACTIVE.get() or {}).get(id(attn))
         if scope is None:
             return self.inner(attn, hidden_states, *args, **kwargs)
         context = args[0] if args else kwargs.get("encoder_hidden_states")
         joint = context is not None and getattr(attn, "add_q_proj", None) is not None
-        if scope.mode == "nag" and not joint:
-            return self._nag(scope, attn, hidden_states, context, args, kwargs)
         img, flux = None, type(attn).__name__ == "FluxAttention"
+        if scope.mode == "nag" and not joint and not flux:
+            return self._nag(scope, attn, hidden_states, context, args, kwargs)
         if flux:  # FLUX: [text; image]; double-stream: the text is the context, single-stream: in hidden_states
             n_txt = context.shape[1] if context is not None else scope.tokens.get("text")
             check(n_txt is not None, f"{scope.mode}: FLUX single-stream attention outside a FluxTransformer2DModel call")
+            assert n_txt is not None  # checked above
             img = (n_txt, n_txt + hidden_states.shape[1] if context is not None else hidden_states.shape[1])
-        elif context is not None and getattr(attn, "add_q_proj", None) is not None:  # SD3 joint attention: image first
+        elif joint:  # SD3 joint attention: image first
             img = (0, hidden_states.shape[1] if hidden_states.ndim == 3 else math.prod(hidden_states.shape[2:]))
-        mode = _PerturbedSDPA(scope, img, pag_v=flux)
+        mode = _PerturbedSDPA(scope, img, flux=flux)
         with mode:
             out = self.inner(attn, hidden_states, *args, **kwargs)
         check(
@@ -385,15 +431,25 @@ class _Processor:
         )
         return out
 
-    def _nag(self, scope: _Scope, attn, hidden_states, context, args, kwargs):
-        """NAG: the layer run once with the negative context (its attention output recorded), then with the prompt,
-        its attention output combined with the recorded one on the marked rows."""
+    def _nag(
+        self,
+        scope: _Scope,
+        attn: Any,
+        hidden_states: torch.Tensor,
+        context: torch.Tensor | None,
+        args: tuple,
+        kwargs: dict[str, Any],
+    ) -> Any:
+        """NAG on a cross-attention (the official ``NAGAttnProcessor2_0``'s rule): the layer run once with the
+        negative context and its text mask (its attention output recorded), then with the prompt, its attention
+        output combined with the recorded one on the marked rows. Without a negative mask the negative pass keeps
+        the call's mask (as CFG's null branch does)."""
         check(
             context is not None and getattr(attn, "add_q_proj", None) is None,
-            "nag acts on cross-attention layers (a UNet's attn2); joint attention (SD3, FLUX) is not supported yet",
+            "nag acts on cross-attention layers (a UNet's or PixArt's attn2) or on SD3 / FLUX joint attention; "
+            f"{type(attn).__name__} here is neither",
         )
-        mask = args[1] if len(args) > 1 else kwargs.get("attention_mask")
-        check(mask is None, "nag: text attention masks are not supported yet (call without encoder_attention_mask)")
+        assert context is not None  # checked above
         neg = scope.negative
         assert neg is not None  # perturbed_attention checks it
         check(
@@ -401,7 +457,16 @@ class _Processor:
             f"nag: the negative context {list(neg.shape)} must have the prompt's shape {list(context.shape)}",
         )
         neg = neg.to(context)
-        neg_args, neg_kwargs = ((neg, *args[1:]), kwargs) if args else (args, {**kwargs, "encoder_hidden_states": neg})
+        positional = len(args) > 1
+        mask = args[1] if positional else kwargs.get("attention_mask")
+        if scope.negative_mask is not None:
+            mask = _mask_bias(scope.negative_mask.to(context.device), mask.dtype if mask is not None else context.dtype)
+        if positional:
+            neg_args, neg_kwargs = (neg, mask, *args[2:]), kwargs
+        elif args:
+            neg_args, neg_kwargs = (neg,), {**kwargs, "attention_mask": mask}
+        else:
+            neg_args, neg_kwargs = (), {**kwargs, "encoder_hidden_states": neg, "attention_mask": mask}
         first = _PerturbedSDPA(scope, record=True)
         with first:
             self.inner(attn, hidden_states, *neg_args, **neg_kwargs)
@@ -418,16 +483,31 @@ class _Processor:
 _TWO_STREAM = ("JointTransformerBlock", "FluxTransformerBlock", "FluxSingleTransformerBlock")
 
 
-def _text_hook(module, args, kwargs):
+def _text_hook(module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
     """Forward pre-hook of a FluxTransformer2DModel: its text length, for the single-stream attentions' scope."""
     scope = (_ACTIVE.get() or {}).get(id(module))
     if scope is not None:
         ctx = kwargs.get("encoder_hidden_states")
         check(ctx is not None, "FLUX attention guidance needs the transformer called with encoder_hidden_states=")
+        assert ctx is not None  # checked above
         scope.tokens["text"] = ctx.shape[1]
 
 
-def _joint_skip(mask: torch.Tensor, args, kwargs, output):
+def _emb_hook(module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]] | None:
+    """Forward pre-hook of a FLUX double-stream block's image-stream ``norm1`` under NAG (rows [prompt; negative]):
+    both halves are modulated by the prompt half's ``emb``, as the official pipeline's single (prompt) image stream
+    of B rows is (the negative half's text stream keeps its own, the negative pooled projection's)."""
+    scope = (_ACTIVE.get() or {}).get(id(module))
+    if scope is None:
+        return None
+    emb = kwargs.get("emb")
+    check(emb is not None, "nag on FLUX: the double-stream block's norm1 must be called with emb= (diffusers' blocks)")
+    assert emb is not None  # checked above
+    h = emb.shape[0] // 2
+    return args, {**kwargs, "emb": torch.cat([emb[:h], emb[:h]])}
+
+
+def _joint_skip(mask: torch.Tensor, args: tuple, kwargs: dict[str, Any], output: tuple) -> tuple:
     """SLG on SD3's JointTransformerBlock (returns ``(encoder_hidden_states, hidden_states)``): both streams skip
     the block on the marked rows, as the transformer's ``skip_layers`` does (the last block's text output is None)."""
     hs = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
@@ -439,12 +519,13 @@ def _joint_skip(mask: torch.Tensor, args, kwargs, output):
     return ctx_out, hs_out
 
 
-def _hook(module, args, kwargs, output):
+def _hook(module: torch.nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
     """Forward hook: SLG (output = input) or TSG (output + offset) on the marked rows of the module's scope."""
     scope = (_ACTIVE.get() or {}).get(id(module))
     if scope is None:
         return None
     if scope.mode == "tsg":
+        assert scope.offset is not None  # perturbed_attention checks it
         return torch.where(scope.mask.to(output.device)[:, None], output + scope.offset.to(output), output)
     if type(module).__name__ in _TWO_STREAM:
         return _joint_skip(scope.mask, args, kwargs, output)
@@ -455,12 +536,13 @@ def _hook(module, args, kwargs, output):
     return (out, *output[1:]) if isinstance(output, tuple) else out
 
 
-def _attach(module: torch.nn.Module, kind: str):
-    """Install the wrapper (``kind`` "processor") or the hook ("hook"); returns the function that removes it."""
+def _attach(module: torch.nn.Module, kind: str) -> Callable[[], None]:
+    """Install the wrapper (``kind`` "processor") or the hook ("hook": SLG / TSG, "text": FLUX's text length, "emb":
+    FLUX NAG's image-stream modulation); returns the function that removes it."""
     if kind == "hook":
         return module.register_forward_hook(_hook, with_kwargs=True).remove
-    if kind == "text":
-        return module.register_forward_pre_hook(_text_hook, with_kwargs=True).remove
+    if kind in ("text", "emb"):
+        return module.register_forward_pre_hook(_text_hook if kind == "text" else _emb_hook, with_kwargs=True).remove
     inner = module.processor
     # diffusers' Attention.set_processor, typed by torch's Module.__getattr__ as Tensor | Module
     module.set_processor(_Processor(inner))  # type: ignore[operator]
@@ -484,6 +566,28 @@ def _release(module: torch.nn.Module, kind: str) -> None:
             entry[1]()
 
 
+def _flux_nag_extras(model: torch.nn.Module, scope: _Scope, selected: set[int]) -> list[tuple[torch.nn.Module, str, _Scope]]:
+    """NAG on FLUX, beyond the selected attentions: every double-stream block's ``norm1`` (one image stream, see
+    :func:`_emb_hook`) and its attention when not selected (the image output is the prompt half's: ``nag=None``)."""
+    sync = dataclasses.replace(scope, nag=None, tokens={})
+    out: list[tuple[torch.nn.Module, str, _Scope]] = []
+    for block in model.transformer_blocks:  # type: ignore[union-attr]  # a FluxTransformer2DModel's ModuleList
+        out.append((block.norm1, "emb", scope))
+        if id(block.attn) not in selected:
+            out.append((block.attn, "processor", sync))
+    return out
+
+
+def _project_negative(model: torch.nn.Module, negative: torch.Tensor) -> torch.Tensor:
+    """PixArt: the raw negative caption embedding [B, L, caption_channels] through the model's
+    ``caption_projection``, as the prompt is before its cross-attentions (other models: as given)."""
+    proj = getattr(model, "caption_projection", None)
+    if proj is None:
+        return negative
+    dtype = next(model.parameters()).dtype
+    return proj(negative.to(dtype))
+
+
 @contextlib.contextmanager
 def perturbed_attention(
     model: torch.nn.Module,
@@ -492,7 +596,8 @@ def perturbed_attention(
     offset: torch.Tensor | None = None,
     negative: torch.Tensor | None = None,
     store: list | None = None,
-):
+    negative_mask: torch.Tensor | None = None,
+) -> Iterator[None]:
     """Perturb the rows ``mask`` ([B] bool) of every forward call of ``model`` made inside the context, in this
     thread (or asyncio task) only.
 
@@ -501,36 +606,55 @@ def perturbed_attention(
     calls) to a version that perturbs only the marked rows (a processor that never calls it is an error).
     SLG: the selected blocks' output is replaced by their input on those rows. TSG: ``offset`` ([B, dim]) is added
     to the time embedding's output on those rows. NAG: each selected cross-attention runs once more with the
-    ``negative`` context ([B, L, dim]) and combines the two attention outputs on those rows. SAG: the selected
-    layer's received attention ([rows, L]) of those rows is appended to ``store`` as ``(first row, map)``. The other rows are
-    untouched, so one batched call can hold the main and the perturbed branch. Other threads and other models
-    running at the same time are unaffected.
+    ``negative`` context ([B, L, dim], as the model takes ``encoder_hidden_states``: PixArt's is caption-projected
+    here) and its ``negative_mask`` ([B, L]) and combines the two attention outputs on those rows; SD3 / FLUX: no
+    ``negative``, the rows are [prompt; negative] (the second half marked) and the joint attentions combine the two
+    halves' image outputs. SAG: the selected layer's received attention ([rows, L]) of those rows is appended to
+    ``store`` as ``(first row, map)``. The other rows are untouched, so one batched call can hold the main and the
+    perturbed branch. Other threads and other models running at the same time are unaffected.
     """
     mods = perturbation.modules(model)
+    name = type(model).__name__
     if perturbation.mode == "tsg":
         check(
             offset is not None and offset.ndim == 2 and offset.shape[0] == mask.shape[0],
             f"tsg needs {OFFSET} [B, dim] next to the perturb marks",
         )
     check(
-        perturbation.mode != "nag"
-        or (negative is not None and negative.shape[0] == mask.shape[0])
-        or all(getattr(m, "add_q_proj", None) is not None for _, m in mods),  # joint: the negative is in the rows
+        perturbation.mode != "nag" or (negative is not None and negative.shape[0] == mask.shape[0]) or name in JOINT_NAG,
         "nag needs the negative context nag_negative [B, L, dim] next to the perturb marks",
     )
+    check(
+        negative_mask is None or (negative is not None and tuple(negative_mask.shape) == tuple(negative.shape[:2])),
+        "nag's negative mask must be [B, L], the negative context's batch and length",
+    )
     check(perturbation.mode != "sag" or store is not None, "sag records attention maps: pass store=[]")
+    if perturbation.mode == "nag" and negative is not None:
+        negative = _project_negative(model, negative)
     mask = mask.bool()
-    scope = _Scope(perturbation.mode, perturbation.blur_sigma, mask, _runs(mask), offset, negative, perturbation.nag, store)
+    scope = _Scope(
+        perturbation.mode,
+        perturbation.blur_sigma,
+        mask,
+        _runs(mask),
+        offset,
+        negative,
+        perturbation.nag,
+        negative_mask,
+        store,
+    )
     kind = "processor" if perturbation.mode in ("pag", "seg", "nag", "sag") else "hook"
-    marked = [(m, kind) for _, m in mods]
-    if kind == "processor" and type(model).__name__ == "FluxTransformer2DModel":  # the single blocks' text length
-        marked.append((model, "text"))
+    marked = [(m, kind, scope) for _, m in mods]
+    if kind == "processor" and name == "FluxTransformer2DModel":  # the single blocks' text length
+        marked.append((model, "text", scope))
+        if perturbation.mode == "nag":
+            marked += _flux_nag_extras(model, scope, {id(m) for _, m in mods})
     done = []
     try:
-        for m, k in marked:
+        for m, k, _ in marked:
             _acquire(m, k)
             done.append((m, k))
-        token = _ACTIVE.set({**(_ACTIVE.get() or {}), **{id(m): scope for m, _ in marked}})
+        token = _ACTIVE.set({**(_ACTIVE.get() or {}), **{id(m): sc for m, _, sc in marked}})
         try:
             yield
         finally:
