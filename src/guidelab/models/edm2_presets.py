@@ -221,7 +221,8 @@ def guided(preset: Preset | str, net: Denoiser, gnet: Denoiser | None = None, w:
     w = p.w if w is None else w
     if p.guider == "none":
         return net
-    check(gnet is not None, f"preset {p.name} guides with {p.gnet}: pass gnet")
+    if gnet is None:
+        raise GuidelabError(f"preset {p.name} guides with {p.gnet}: pass gnet")
     g = guidance.autoguidance(net, gnet, w) if p.guider == "autoguidance" else guidance.cfg(net, w, uncond=gnet)
     interval = p.sigma_interval
     return g if interval is None else guidance.interval(g, *interval)
