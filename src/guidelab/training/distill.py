@@ -30,16 +30,16 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, cast
+from typing import Any, Callable, Sequence, cast
 
 import torch
 
-from ..denoisers import bcast, edm_loss
+from ..denoisers import Denoiser, bcast, edm_loss
 from ..errors import GuidelabError, check
 from ..guidance import registry as guiders
 from ..models import registry
 from . import checkpoint
-from .loop import LoopConfig, train
+from .loop import LoopConfig, LossFn, train
 from .phema import load_network
 from .student import distilled_denoiser, distilled_info  # noqa: F401  (sampling side of a student)
 
@@ -59,7 +59,7 @@ class DistillConfig:
     P_std: float = 1.2
     key: str = "w"  # the student's extra scalar keyword
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         check(self.w_min <= self.w_max, f"need w_min <= w_max, got [{self.w_min}, {self.w_max}]")
         check(self.P_std > 0, f"P_std must be > 0, got {self.P_std!r}")
         check(isinstance(self.key, str) and self.key.isidentifier(), f"key must be a keyword name, got {self.key!r}")
@@ -87,7 +87,7 @@ class Runtime:
     threads: int | None = None
 
 
-def _train(run_dir, model_config, loss_fn, loop, rt: Runtime, **kw) -> Path:
+def _train(run_dir: str | Path, model_config: dict, loss_fn: LossFn, loop: LoopConfig, rt: Runtime, **kw: Any) -> Path:
     return train(
         run_dir,
         model_config,
@@ -101,20 +101,22 @@ def _train(run_dir, model_config, loss_fn, loop, rt: Runtime, **kw) -> Path:
     )
 
 
-def _split(out) -> tuple[torch.Tensor, dict]:
+def _split(out: Any) -> tuple[torch.Tensor, dict]:
+    """``x0`` or ``(x0, cond)`` (what a :data:`Data` returns) -> ``(x0, cond)``."""
     if isinstance(out, torch.Tensor):
         return out, {}
     x0, cond = out
     return x0, dict(cond or {})
 
 
-def distill_loss(guider: Guider, data: Data, cfg: DistillConfig = DistillConfig()):
+def distill_loss(guider: Guider, data: Data, cfg: DistillConfig = DistillConfig()) -> LossFn:
     """The stage-1 loss ``loss_fn(student, batch, generator) -> [batch]`` (all randomness from the generator).
 
     The student must have a ``precond`` (:class:`guidelab.denoisers.EDMPrecond`) for ``lambda(sigma)``.
     """
 
-    def loss_fn(student, batch: int, gen: torch.Generator) -> torch.Tensor:
+    # student: a registry network with a precond (read as the network declares it), hence Any
+    def loss_fn(student: Any, batch: int, gen: torch.Generator) -> torch.Tensor:
         x0, cond = _split(data(batch, gen))
         dev = x0.device
         sigma = (torch.randn(batch, generator=gen, device=dev) * cfg.P_std + cfg.P_mean).exp().to(x0.dtype)
@@ -163,17 +165,22 @@ def euler_step(D: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor, sigma_next
     return torch.lerp(D, x, bcast(sigma_next / sigma, x))
 
 
-def _check_grid(sigmas: torch.Tensor) -> torch.Tensor:
-    sigmas = torch.as_tensor(sigmas, dtype=torch.float64)
-    n = sigmas.numel() - 1
+def _check_grid(sigmas: torch.Tensor | Sequence[float]) -> torch.Tensor:
+    s = torch.as_tensor(sigmas, dtype=torch.float64)
+    n = s.numel() - 1
     check(
-        sigmas.ndim == 1 and n >= 2 and n % 2 == 0 and bool((sigmas[1:] < sigmas[:-1]).all()) and bool(sigmas[-1] == 0),
-        f"the teacher's sigmas must strictly decrease to 0 over an even number of steps, got {sigmas.tolist()}",
+        s.ndim == 1 and n >= 2 and n % 2 == 0 and bool((s[1:] < s[:-1]).all()) and bool(s[-1] == 0),
+        f"the teacher's sigmas must strictly decrease to 0 over an even number of steps, got {s.tolist()}",
     )
-    return sigmas
+    return s
 
 
-def progressive_loss(teacher, sigmas, data: Data, cfg: DistillConfig = DistillConfig()):
+def progressive_loss(
+    teacher: Callable[..., torch.Tensor],
+    sigmas: torch.Tensor | Sequence[float],
+    data: Data,
+    cfg: DistillConfig = DistillConfig(),
+) -> LossFn:
     """One round's loss ``loss_fn(student, batch, generator) -> [batch]``.
 
     ``teacher`` is a w-conditioned denoiser (the stage-1 student or a previous round) sampled with
@@ -186,7 +193,7 @@ def progressive_loss(teacher, sigmas, data: Data, cfg: DistillConfig = DistillCo
     """
     grid = _check_grid(sigmas)
 
-    def loss_fn(student, batch: int, gen: torch.Generator) -> torch.Tensor:
+    def loss_fn(student: Any, batch: int, gen: torch.Generator) -> torch.Tensor:  # Any: as in distill_loss
         x0, cond = _split(data(batch, gen))
         dev, dt = x0.device, x0.dtype
         g = grid.to(dev, dt)
@@ -205,8 +212,8 @@ def progressive_loss(teacher, sigmas, data: Data, cfg: DistillConfig = DistillCo
 
 def progressive_round(
     run_dir: str | Path,
-    teacher_path,
-    sigmas,
+    teacher_path: str | Path | torch.nn.Module,
+    sigmas: torch.Tensor | Sequence[float],
     data: Data,
     cfg: DistillConfig = DistillConfig(),
     loop: LoopConfig = LoopConfig(),  # noqa: B008  (frozen dataclass: an immutable default)
@@ -255,7 +262,7 @@ def progressive_round(
 # What a sampler needs to know about a student, and the image recipes behind `guidelab distill`.
 
 
-def _info(cfg: DistillConfig, sigmas=None) -> dict:
+def _info(cfg: DistillConfig, sigmas: torch.Tensor | Sequence[float] | None = None) -> dict:
     """``meta["distilled"]``: the scalar input, the weight range and (stage 2) the exact Euler grid."""
     return {
         "key": cfg.key,
@@ -266,7 +273,7 @@ def _info(cfg: DistillConfig, sigmas=None) -> dict:
     }
 
 
-def describe(spec: str | Path, model) -> str:
+def describe(spec: str | Path, model: object) -> str:
     """A one-line identity of a loaded teacher (its path, and the post-hoc EMA it was rebuilt with)."""
     info = getattr(model, "checkpoint_info", {}) or {}
     if info.get("kind") == "phema":
@@ -297,7 +304,7 @@ def init_from_teacher(teacher: torch.nn.Module, student_config: dict) -> dict[st
     at: int
     n: int
     if isinstance(teacher, ImageDenoiser):
-        key, at = "emb_layer.weight", (cast(int, teacher.emb) if teacher.noise_cond else 0)
+        key, at = "emb_layer.weight", (teacher.emb if teacher.noise_cond else 0)
         n = cast(int, student.emb)
     elif isinstance(teacher, ToyMLP):
         key, at, n = "layers.0.weight", t_state["layers.0.weight"].shape[1], 1
@@ -348,7 +355,7 @@ def image_data(source: dict, conditional: bool) -> Data:
     check(not conditional or data.labels is not None, f"{source['data']} has no labels for a class-conditional student")
     images = image_draw(data)
 
-    def draw(batch: int, gen: torch.Generator):
+    def draw(batch: int, gen: torch.Generator) -> tuple[torch.Tensor, dict[str, torch.Tensor | None]]:
         x0, y = images(batch, gen)
         return x0, ({"label": y} if conditional else {})
 
@@ -386,7 +393,7 @@ def distill_images(
     problems = guiders.unmet(guider, ctx)
     check(not problems, "; ".join(problems))
 
-    def make(w):
+    def make(w: float | torch.Tensor) -> Denoiser:
         return guiders.build(guider, replace(ctx, w=w))
 
     model_config = student_config(net, cfg.key)

@@ -27,7 +27,10 @@ the plain conditional network.
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import torch
+from torch import nn
 
 from ..denoisers import Denoiser, EDMPrecond, bcast
 from ..errors import check
@@ -36,7 +39,7 @@ SCALAR = "beta"  # the keyword of the extra scalar input of a GFT network
 
 
 def gft_loss(
-    net,
+    net: nn.Module,
     x: torch.Tensor,
     sigma: torch.Tensor,
     target: torch.Tensor,
@@ -68,7 +71,7 @@ def gft_loss(
     return precond.loss_weight(sigma) * err.flatten(1).mean(1)
 
 
-def gft_denoiser(net, w: float) -> Denoiser:
+def gft_denoiser(net: Callable[..., torch.Tensor], w: float) -> Denoiser:
     """The GFT sampling denoiser at guidance weight ``w >= 1``: ``net(x, sigma, **cond, beta=1/w)``.
 
     One network evaluation per call; ``w = 1`` is ``net`` at ``beta = 1`` (the conditional model),
@@ -84,13 +87,13 @@ def gft_denoiser(net, w: float) -> Denoiser:
     )
     beta = 1.0 / float(w)
 
-    def denoiser(x, sigma, **cond):
+    def denoiser(x: torch.Tensor, sigma: torch.Tensor, **cond: Any) -> torch.Tensor:
         check(SCALAR not in cond, f"gft_denoiser sets {SCALAR} itself (= 1/w); do not pass it in cond")
         return net(x, sigma, **cond, **{SCALAR: beta})
 
     return denoiser
 
 
-def draw_beta(batch: int, gen: torch.Generator, device=None) -> torch.Tensor:
+def draw_beta(batch: int, gen: torch.Generator, device: str | torch.device | None = None) -> torch.Tensor:
     """``beta ~ U[0, 1]`` per sample (the paper's ``min_beta = 0, max_beta = 1``) [batch]."""
     return torch.rand(batch, generator=gen, device=device)

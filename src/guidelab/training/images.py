@@ -15,14 +15,20 @@ import json
 import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 
 from .._io import atomic_write
 from ..denoisers import edm_loss
 from ..errors import check
-from .loop import LoopConfig, train
+from .loop import LoopConfig, LossFn, train
+
+if TYPE_CHECKING:
+    from ..data import ImageData
+
+#: ``draw(batch, generator) -> (x0 [batch, C, H, W], labels [batch] or None)``.
+Draw = Callable[[int, torch.Generator], tuple[torch.Tensor, torch.Tensor | None]]
 
 MODELS = ("PixelMLP", "UNet", "EDM2")
 RECIPES = ("images", "gft")
@@ -63,7 +69,7 @@ class ImageConfig:
     perceptual_layer: str = ""  # module whose input is the feature map ("": .perceptual.default_layer)
     mg_w: float = 1.0  # model-guidance training (.model_guidance) at this CFG weight (1: off); needs conditional
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         for f in fields(self):  # each key of the type of its default
             v, d = getattr(self, f.name), f.default
             if isinstance(d, bool):
@@ -144,7 +150,7 @@ class ImageConfig:
         return f"{src}-{self.model}-h{self.hidden}-i{self.iters}-{digest}"
 
 
-def load_data(cfg: ImageConfig):
+def load_data(cfg: ImageConfig) -> ImageData:
     """The training images of ``cfg`` (:class:`guidelab.data.ImageData`)."""
     from ..data import digits, image_folder
 
@@ -153,7 +159,7 @@ def load_data(cfg: ImageConfig):
     return image_folder(cfg.data, cfg.resolution, cfg.channels)
 
 
-def model_config(cfg: ImageConfig, data) -> dict[str, Any]:
+def model_config(cfg: ImageConfig, data: ImageData) -> dict[str, Any]:
     if cfg.conditional:
         check(data.labels is not None, f"conditional=true needs class sub-folders in {cfg.data}; or set conditional=false")
     _, c, h, w = data.images.shape
@@ -188,12 +194,12 @@ def model_config(cfg: ImageConfig, data) -> dict[str, Any]:
     }
 
 
-def image_draw(data):
+def image_draw(data: ImageData) -> Draw:
     """``draw(batch, generator) -> (x0, labels or None)``: random training images of ``data``, drawn on the
     generator's device (all randomness from the step's generator; the data set moved there once)."""
-    on_device: dict = {}
+    on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
-    def draw(batch: int, gen: torch.Generator):
+    def draw(batch: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
         dev = gen.device
         if dev not in on_device:
             on_device[dev] = (data.images.to(dev), None if data.labels is None else data.labels.to(dev))
@@ -204,23 +210,27 @@ def image_draw(data):
     return draw
 
 
-def image_loss(cfg: ImageConfig, data):
+def image_loss(cfg: ImageConfig, data: ImageData) -> LossFn:
     """``loss_fn(net, batch, generator) -> [batch]``: the EDM loss on random training images."""
     draw = image_draw(data)
-    frozen: dict = {}
+    frozen: dict[str | torch.device, torch.nn.Module] = {}
     if cfg.perceptual:
         from .checkpoint import load_model
 
         frozen["cpu"] = load_model(cfg.init).eval().requires_grad_(False)
 
-    def loss_fn(net, batch: int, gen: torch.Generator) -> torch.Tensor:
+    # net: the registry's PixelMLP / UNet / EDM2 of model_config; its attributes (num_classes, null_label,
+    # precond, logvar) are read as the network declares them, hence Any.
+    def loss_fn(net: Any, batch: int, gen: torch.Generator) -> torch.Tensor:
         dev = gen.device
         x0, labels = draw(batch, gen)
         sigma = (torch.randn(batch, generator=gen, device=dev) * cfg.P_std + cfg.P_mean).exp()  # EDM: ln sigma ~ N
         n = torch.randn(x0.shape, generator=gen, device=dev)
-        cond, key = {}, getattr(getattr(net, "condition", None), "key", "label")  # EDM2: class_labels
+        cond: dict[str, torch.Tensor] = {}
+        key = getattr(getattr(net, "condition", None), "key", "label")  # EDM2: class_labels
         if net.num_classes:
             drop = torch.rand(batch, generator=gen, device=dev) < cfg.label_dropout
+            assert labels is not None  # a conditional network's data is labelled (model_config checks it)
             cond[key] = torch.where(drop, net.null_label, labels)
         if cfg.recipe == "gft":
             from .gft import draw_beta, gft_loss
@@ -259,7 +269,7 @@ def image_loss(cfg: ImageConfig, data):
     return loss_fn
 
 
-def plot_loss(losses, path: str | Path) -> Path:
+def plot_loss(losses: Sequence[float], path: str | Path) -> Path:
     """Loss curve (raw and smoothed, log scale) as a PNG."""
     import matplotlib
 
@@ -282,9 +292,10 @@ def plot_loss(losses, path: str | Path) -> Path:
     return path
 
 
+# model: a loaded PixelMLP / UNet / EDM2; its num_classes, img_* and condition are read as it declares them, hence Any.
 @torch.no_grad()
 def sample_grid(
-    model, path: str | Path, *, per_class: int = 10, steps: int = 32, seed: int = 0, sigma_max: float = 80.0, w: float = 1.0
+    model: Any, path: str | Path, *, per_class: int = 10, steps: int = 32, seed: int = 0, sigma_max: float = 80.0, w: float = 1.0
 ) -> Path:
     """A PNG grid of samples (EDM Heun, ``karras(steps, 0.002, sigma_max)``): one row per class
     (``per_class`` seeds each) or, unconditional, a square of ``per_class^2``. Seeds ``seed, seed+1, ...``.
@@ -322,7 +333,7 @@ def train_images(
     checkpoint_every: int = 256,
     threads: int | None = None,
     plot: bool = True,
-    on_step=None,
+    on_step: Callable[[int, float], None] | None = None,
     device: str = "cpu",
 ) -> Path:
     """Train (or resume, or reuse) the image run ``out_dir/<cfg.name()>``; return its final EMA snapshot.

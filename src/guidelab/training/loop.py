@@ -15,7 +15,7 @@ import math
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -47,7 +47,7 @@ class LoopConfig:
     snapshot_every: int = 256  # EMA snapshots (every profile) every this many steps
     seed: int = 0
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         for name in ("iters", "batch", "lr_ref_steps", "snapshot_every"):
             v = getattr(self, name)
             check(isinstance(v, int) and not isinstance(v, bool) and v >= 1, f"{name} must be an integer >= 1, got {v!r}")
@@ -94,7 +94,7 @@ def keep_freed_memory() -> None:
 
 
 @contextlib.contextmanager
-def torch_threads(n: int | None):
+def torch_threads(n: int | None) -> Iterator[None]:
     """Run the block with ``n`` torch CPU threads (``None``: leave the setting alone)."""
     if n is None:
         yield
@@ -124,7 +124,7 @@ class Trainer:
     losses: list = field(default_factory=list)
     init: dict | None = None  # optional initial network weights (a state dict), e.g. a teacher's
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if torch.device(self.device).type == "cpu":
             keep_freed_memory()
         with torch.random.fork_rng(devices=[]):
@@ -178,7 +178,7 @@ class Trainer:
         self.losses = tensors["log/loss"].tolist()
 
 
-def _canon(obj) -> str:
+def _canon(obj: object) -> str:
     return json.dumps(obj, sort_keys=True)
 
 
@@ -213,7 +213,19 @@ def train(
         return _train(run_dir, model_config, loss_fn, loop, meta, checkpoint_every, progress, desc, device, on_step, init)
 
 
-def _train(run_dir, model_config, loss_fn, loop, meta, checkpoint_every, progress, desc, device, on_step, init=None) -> Path:
+def _train(
+    run_dir: str | Path,
+    model_config: dict,
+    loss_fn: LossFn,
+    loop: LoopConfig,
+    meta: dict | None,
+    checkpoint_every: int,
+    progress: bool,
+    desc: str,
+    device: str,
+    on_step: Callable[[int, float], None] | None,
+    init: dict | None = None,
+) -> Path:
     check(isinstance(checkpoint_every, int) and checkpoint_every >= 1, f"checkpoint_every must be >= 1, got {checkpoint_every!r}")
     run_dir = Path(run_dir)
     identity = {"model": model_config, "loop": asdict(loop), "meta": meta}
@@ -232,11 +244,11 @@ def _train(run_dir, model_config, loss_fn, loop, meta, checkpoint_every, progres
         trainer.load_state(tensors, info)
     trainer = trainer or Trainer(model_config, loss_fn, loop, device, init=init)
 
-    def save_state():
+    def save_state() -> None:
         tensors, info = trainer.state()
         checkpoint.save(state_path, tensors, {"kind": "state", **identity, **info})
 
-    def save_snapshots():
+    def save_snapshots() -> None:
         for i, (sigma_rel, gamma) in enumerate(zip(trainer.ema.sigma_rels, trainer.ema.gammas)):
             checkpoint.save(
                 snapshot_path(run_dir, trainer.step, sigma_rel),

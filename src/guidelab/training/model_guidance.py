@@ -18,10 +18,11 @@ The trained network is sampled unguided (``--guider none``): its conditional out
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 
-from ..denoisers import edm_loss
+from ..denoisers import EDMPrecond, edm_loss
 from ..errors import check
 
 
@@ -32,8 +33,16 @@ def mg_lambda(w: float) -> float:
 
 
 def mg_target(
-    net, x: torch.Tensor, sigma: torch.Tensor, x0: torch.Tensor, label: torch.Tensor, null_label, *, w: float, key="label"
-):
+    net: Callable[..., torch.Tensor],
+    x: torch.Tensor,
+    sigma: torch.Tensor,
+    x0: torch.Tensor,
+    label: torch.Tensor,
+    null_label: int,
+    *,
+    w: float,
+    key: str = "label",
+) -> torch.Tensor:
     """``x0 + lambda sg(D(x, c) - D(x, null))`` [batch, ...]; ``x0`` on null-label rows and at ``w = 1``."""
     lam = mg_lambda(w)
     if lam == 0:
@@ -45,7 +54,18 @@ def mg_target(
     return torch.where(dropped, x0, x0 + lam * (D_c - D_u))
 
 
-def mg_loss(net, x, sigma, x0, precond, *, label, null_label, w: float, key: str = "label") -> torch.Tensor:
+def mg_loss(
+    net: Callable[..., torch.Tensor],
+    x: torch.Tensor,
+    sigma: torch.Tensor,
+    x0: torch.Tensor,
+    precond: EDMPrecond,
+    *,
+    label: torch.Tensor,
+    null_label: int,
+    w: float,
+    key: str = "label",
+) -> torch.Tensor:
     """Per-sample MG loss [batch]: the EDM loss against :func:`mg_target` (``w = 1``: ``edm_loss`` exactly)."""
     target = mg_target(net, x, sigma, x0, label, null_label, w=w, key=key)
     return edm_loss(net, x, sigma, target, precond, **{key: label})

@@ -24,7 +24,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from ..denoisers import edm_loss
+from ..denoisers import EDMPrecond, edm_loss
 from ..errors import check
 
 
@@ -49,7 +49,7 @@ def features(net: nn.Module, layer: str, x: torch.Tensor, sigma: torch.Tensor, c
     grab: dict[str, torch.Tensor] = {}
     output = type(net).__name__ == "UNet"
 
-    def hook(module, args, out):
+    def hook(module: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> None:
         grab["f"] = (out if output else args[0]).flatten(1)
 
     h = modules[layer].register_forward_hook(hook)
@@ -67,14 +67,14 @@ def self_perceptual_loss(
     x: torch.Tensor,
     sigma: torch.Tensor,
     x0: torch.Tensor,
-    precond,
+    precond: EDMPrecond,
     *,
     weight: float,
     gen: torch.Generator,
     P_mean: float,
     P_std: float,
     layer: str | None = None,
-    **cond,
+    **cond: Any,
 ) -> torch.Tensor:
     """Per-sample loss [batch]: ``(1 - weight) L_EDM + weight L_p`` (module docstring); ``weight = 0``: edm_loss."""
     check(0 <= weight <= 1, f"perceptual weight must be in [0, 1], got {weight!r}")

@@ -25,6 +25,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from numpy.typing import ArrayLike
 
 from ..errors import GuidelabError, check
 from ..models import registry
@@ -32,7 +33,7 @@ from . import checkpoint
 from .ema import sigma_rel_to_gamma
 
 
-def inner(t_a, g_a, t_b, g_b) -> np.ndarray:
+def inner(t_a: ArrayLike, g_a: ArrayLike, t_b: ArrayLike, g_b: ArrayLike) -> np.ndarray:
     """``<p_{t_a, g_a}, p_{t_b, g_b}>`` (broadcasting numpy arrays, float64)."""
     t_a, g_a, t_b, g_b = (np.asarray(v, dtype=np.float64) for v in (t_a, g_a, t_b, g_b))
     m = np.minimum(t_a, t_b)
@@ -50,7 +51,7 @@ def solve_weights(ts: Sequence[float], gammas: Sequence[float], t: float, gamma:
     return np.linalg.lstsq(A, b, rcond=None)[0]
 
 
-def profile_error(ts, gammas, weights, t: float, gamma: float) -> float:
+def profile_error(ts: ArrayLike, gammas: ArrayLike, weights: ArrayLike, t: float, gamma: float) -> float:
     """Relative L2 error ``|sum_i x_i p_i - p| / |p|`` of a reconstruction (0: exact)."""
     ts, gammas, x = (np.asarray(v, dtype=np.float64) for v in (ts, gammas, weights))
     A = inner(ts[:, None], gammas[:, None], ts[None, :], gammas[None, :])

@@ -4,26 +4,28 @@ registry can read it."""
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
 
-def distilled_denoiser(student, w, *, key: str = "w") -> Callable[..., torch.Tensor]:
+def distilled_denoiser(
+    student: Callable[..., torch.Tensor], w: float | torch.Tensor, *, key: str = "w"
+) -> Callable[..., torch.Tensor]:
     """The student at guidance weight ``w`` (a number or a [batch] tensor) as a plain denoiser.
 
     ``D(x, sigma, **cond) = student(x, sigma, **cond, w=w)``: one network evaluation per call, so a
     sampler pays one evaluation per step instead of the teacher's two.
     """
 
-    def D(x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
+    def D(x: torch.Tensor, sigma: torch.Tensor, **cond: Any) -> torch.Tensor:
         wt = torch.as_tensor(w, dtype=x.dtype, device=x.device)
         return student(x, sigma, **cond, **{key: wt.expand(x.shape[0]) if wt.ndim == 0 else wt})
 
     return D
 
 
-def distilled_info(model) -> dict | None:
+def distilled_info(model: object) -> dict | None:
     """A loaded student's ``{"key", "w_min", "w_max", "sampler", "sigmas"}`` (None: not a distilled student).
 
     ``key`` is the guidance-weight keyword (:func:`distilled_denoiser`); a progressive (stage-2) student
