@@ -9,7 +9,8 @@
 * :mod:`.scheduler`: the folder's scheduler config honoured (``schedule="pipeline"``, x0 clipping /
   thresholding, the equal sampler, PNDM's PLMS, refused settings);
 * :mod:`.pipelines`: :func:`load_pipeline` and ``Pipeline.generate``: prompt in, image out (docs/PIPELINES.md);
-* :mod:`.guiders`: :func:`attention_guidance` (:func:`pag`, :func:`seg`, :func:`slg`), SLG's step window, :func:`nag`;
+* :mod:`.guiders`: :func:`attention_guidance` (:func:`pag`, :func:`seg`, :func:`slg`), SLG's step window, :func:`nag`
+  (UNets, PixArt, SD3, FLUX);
 * :mod:`.sag`: :func:`sag` (self-attention guidance: blur where the middle block attends).
 
 CFG, ICG and TSG are the generic ``guidance.cfg(den, w)``, ``guidance.icg(den, w)``, ``guidance.tsg(den, w)``: the
@@ -23,6 +24,8 @@ from .adapter import (
     MASK,
     MICRO,
     MODEL_CLASSES,
+    NEGATIVE,
+    NEGATIVE_MASK,
     OFFSET,
     PERTURB,
     PREDICTIONS,
@@ -55,6 +58,8 @@ from .sdxl import SDXLDenoiser
 
 __all__ = [
     "DEFAULT_LAYERS",
+    "NEGATIVE",
+    "NEGATIVE_MASK",
     "FLOW_MODELS",
     "SIGMA_T1",
     "FlowDenoiser",

@@ -30,6 +30,7 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -80,7 +81,8 @@ class DiffusersDenoiser:
     micro-conditioned models also ``resolution`` ([B, 2], pixels) and ``aspect_ratio`` ([B, 1]). Hooks:
     ``perturb`` ([B] bool) perturbs those rows' attention as ``perturbation`` says (PAG/SEG/SLG, see
     :func:`perturbed_attention`); ``noise_embed_offset`` ([B, noise_embed_dim], guidance.tsg) is added to the time
-    embedding of the rows where it is non-zero (:class:`Perturbation` "tsg").
+    embedding of the rows where it is non-zero (:class:`Perturbation` "tsg"); NAG: ``nag_negative`` ([B, L, dim], the
+    negative prompt's embedding as ``encoder_hidden_states``) and its ``nag_negative_mask`` ([B, L]).
 
     Declared to the generic guiders: :attr:`condition` (cfg, icg: the key, the null condition, the classes) and
     :attr:`noise_embed_dim` (tsg). Null condition: ``null_label`` (the null class id; DiT: its own) or the
@@ -135,7 +137,7 @@ class DiffusersDenoiser:
     def sigma_max(self) -> float:
         return float(self.grid[-1])
 
-    def sigmas(self, n: int, spacing: str = "leading", **kw) -> torch.Tensor:
+    def sigmas(self, n: int, spacing: str = "leading", **kw: Any) -> torch.Tensor:
         """``n`` grid sigmas picked like diffusers' ``timestep_spacing`` (schedules.discrete), then 0."""
         return schedules.discrete(n, self.grid, spacing, **kw)
 
@@ -189,7 +191,7 @@ class DiffusersDenoiser:
             return {}
         null, null_mask = self.null_text, self.null_mask
 
-        def embedding(old):
+        def embedding(old: torch.Tensor) -> torch.Tensor:
             check(
                 old.shape[1:] == null.shape[1:],
                 f"null/negative embedding {list(null.shape[1:])} and prompt "
@@ -226,7 +228,7 @@ class DiffusersDenoiser:
         return self.embedders.embed_dim(self.model)
 
     # -- the denoiser -----------------------------------------------------------------------
-    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **cond: Any) -> torch.Tensor:
         cond = {k: v for k, v in cond.items() if v is not None}  # e.g. no attention mask on either CFG branch
         marks = cond.pop(PERTURB, None)
         offset = cond.pop(OFFSET, None)
@@ -263,7 +265,7 @@ class DiffusersDenoiser:
             return x / (1 + s**2) - s / (1 + s**2).sqrt() * out
         return out
 
-    def _time_embedding_offset(self, offset: torch.Tensor, B: int):
+    def _time_embedding_offset(self, offset: torch.Tensor, B: int) -> contextlib.AbstractContextManager[None]:
         """The hook adding ``offset`` [B, dim] to the time embedding of its non-zero rows (a no-op if none)."""
         dim = self.noise_embed_dim
         check(
@@ -287,7 +289,7 @@ class DiffusersDenoiser:
         return new
 
 
-def _class_conditional(model) -> bool:
+def _class_conditional(model: torch.nn.Module) -> bool:
     """A label table (DiT, a UNet with ``num_class_embeds``) or a class embedding (``class_embed_type``)."""
     c = model.config
     if type(model).__name__ in ("DiTTransformer2DModel", "Transformer2DModel"):
@@ -295,7 +297,7 @@ def _class_conditional(model) -> bool:
     return getattr(c, "num_class_embeds", None) is not None or getattr(c, "class_embed_type", None) is not None
 
 
-def _takes_text(model) -> bool:
+def _takes_text(model: torch.nn.Module) -> bool:
     return type(model).__name__ in ("UNet2DConditionModel", "PixArtTransformer2DModel") or (
         type(model).__name__ == "Transformer2DModel" and getattr(model.config, "cross_attention_dim", None) is not None
     )

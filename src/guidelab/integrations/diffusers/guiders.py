@@ -6,17 +6,19 @@ are the generic ``guidance.cfg`` / ``icg`` / ``tsg``: they read what the denoise
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import torch
 
+from ...denoisers import Guider
 from ...errors import check
 from ...guidance import registry
 from ...guidance._base import Branch, Guided, PerCall
 from ...guidance.cfg import cfg
 from ...guidance.compose import Composed, compose
 from ...guidance.protocols import OnePass
+from ...guidance.weight_schedule import Weight
 from .adapter import NEGATIVE, NEGATIVE_MASK, PERTURB, DiffusersDenoiser
 from .flow import FlowDenoiser
 from .hooks import JOINT_NAG, NAG_DEFAULTS, Perturbation, perturbed_attention
@@ -40,7 +42,7 @@ class PerturbedFlow:
         self.model: torch.nn.Module = inner.model
         self.condition = inner.condition
 
-    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **cond: Any) -> torch.Tensor:
         marks = cond.pop(PERTURB, None)
         if marks is None or not bool(marks.any()):
             return self.inner(x, sigma, **cond)
@@ -50,21 +52,21 @@ class PerturbedFlow:
     def with_perturbation(self, perturbation: Perturbation) -> PerturbedFlow:
         return PerturbedFlow(self.inner, perturbation)
 
-    def __getattr__(self, name):
+    def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
 
 def attention_guidance(
-    denoiser: DiffusersDenoiser,
-    w,
+    denoiser: DiffusersDenoiser | FlowDenoiser | PerturbedFlow,
+    w: Weight,
     mode: str,
     *,
     layers: str | Sequence[str] | None = None,
     blur_sigma: float = math.inf,
-    cfg_weight=None,
+    cfg_weight: Weight | None = None,
     batched: bool = True,
-    **options,
-) -> Guided | Composed:
+    **options: Any,
+) -> Guider:
     """``D = D_pert + w (D - D_pert)``: guide a diffusers denoiser with its own attention-perturbed branch.
 
     ``layers``: the perturbed layers (:class:`Perturbation`; default diffusers' recommended ones,
@@ -87,9 +89,22 @@ def attention_guidance(
         if mode == "sag" and blur_sigma != math.inf:  # SAG's own blur (default 1), not SEG's
             options["blur_sigma"] = blur_sigma
         check(mode == "sag" or blur_sigma == math.inf, "blur_sigma is for seg and sag, not nag")
-        rule = nag if mode == "nag" else sag
-        return rule(denoiser, w, layers=layers, cfg_weight=cfg_weight, **options)  # type: ignore[return-value]
+        rule: Callable[..., Guider] = nag if mode == "nag" else sag  # each checks its w, cfg_weight, denoiser
+        return rule(denoiser, w, layers=layers, cfg_weight=cfg_weight, **options)
     check(not options, f"{mode} takes no options {', '.join(options)}")
+    return _perturbed(denoiser, w, mode, layers, blur_sigma, cfg_weight, batched)
+
+
+def _perturbed(
+    denoiser: DiffusersDenoiser | FlowDenoiser | PerturbedFlow,
+    w: Weight,
+    mode: str,
+    layers: str | Sequence[str] | None,
+    blur_sigma: float,
+    cfg_weight: Weight | None,
+    batched: bool,
+) -> Guided | Composed:
+    """PAG / SEG / SLG (see :func:`attention_guidance`)."""
     check(
         isinstance(denoiser, (DiffusersDenoiser, FlowDenoiser, PerturbedFlow)),
         f"{mode} needs a DiffusersDenoiser or an SD3 / FLUX FlowDenoiser, got {type(denoiser).__name__}",
@@ -111,7 +126,9 @@ def attention_guidance(
         f"{type(den.model).__name__} has no default",
     )
 
-    def other():  # distinct objects are evaluated separately (evaluate groups branches by denoiser)
+    def other() -> (
+        DiffusersDenoiser | PerturbedFlow
+    ):  # distinct objects are evaluated separately (evaluate groups branches by denoiser)
         return den if batched else den.with_perturbation(cast(Perturbation, den.perturbation))
 
     main = Branch(den, {PERTURB: UNMARKED})
@@ -122,20 +139,42 @@ def attention_guidance(
     return compose(Guided(main, Branch(other(), {**condition.null, PERTURB: UNMARKED}), cfg_weight, "cfg"), perturbed)
 
 
-def pag(denoiser, w, *, layers=None, cfg_weight=None, batched: bool = True) -> Guided | Composed:
+def pag(
+    denoiser: DiffusersDenoiser | FlowDenoiser,
+    w: Weight,
+    *,
+    layers: str | Sequence[str] | None = None,
+    cfg_weight: Weight | None = None,
+    batched: bool = True,
+) -> Guided | Composed:
     """Perturbed-attention guidance (Ahn et al. 2024, arXiv 2403.17377); paper scale s = w - 1; with CFG at
     ``cfg_weight`` in the same call (see :func:`attention_guidance`)."""
-    return attention_guidance(denoiser, w, "pag", layers=layers, cfg_weight=cfg_weight, batched=batched)
+    return _perturbed(denoiser, w, "pag", layers, math.inf, cfg_weight, batched)
 
 
-def seg(denoiser, w, *, layers=None, blur_sigma: float = math.inf, cfg_weight=None, batched: bool = True) -> Guided | Composed:
+def seg(
+    denoiser: DiffusersDenoiser | FlowDenoiser,
+    w: Weight,
+    *,
+    layers: str | Sequence[str] | None = None,
+    blur_sigma: float = math.inf,
+    cfg_weight: Weight | None = None,
+    batched: bool = True,
+) -> Guided | Composed:
     """Smoothed-energy guidance (Hong 2024, arXiv 2408.00760): blurred queries; paper scale = w - 1."""
-    return attention_guidance(denoiser, w, "seg", layers=layers, blur_sigma=blur_sigma, cfg_weight=cfg_weight, batched=batched)
+    return _perturbed(denoiser, w, "seg", layers, blur_sigma, cfg_weight, batched)
 
 
-def slg(denoiser, w, *, layers=None, cfg_weight=None, batched: bool = True) -> Guided | Composed:
+def slg(
+    denoiser: DiffusersDenoiser | FlowDenoiser,
+    w: Weight,
+    *,
+    layers: str | Sequence[str] | None = None,
+    cfg_weight: Weight | None = None,
+    batched: bool = True,
+) -> Guided | Composed:
     """Skip-layer guidance (Stable Diffusion 3.5): the reference skips the selected blocks; scale = w - 1."""
-    return attention_guidance(denoiser, w, "slg", layers=layers, cfg_weight=cfg_weight, batched=batched)
+    return _perturbed(denoiser, w, "slg", layers, math.inf, cfg_weight, batched)
 
 
 #: diffusers' SLG step window: the steps i of n with 0.01 n < i < 0.2 n (its SD3 pipeline and SkipLayerGuidance,
@@ -208,11 +247,11 @@ def nag(
     2B rows, as the official pipelines at ``guidance_scale > 1``: ``D = D_u + cfg_weight (D_nag - D_u)``, ``D_u``
     the plain model on the negative prompt.
     """
-    model = getattr(denoiser, "model", denoiser)
+    model: torch.nn.Module | None = denoiser.model
     if isinstance(denoiser, FlowDenoiser) and type(model).__name__ in JOINT_NAG:
         return _joint_nag(denoiser, w, tau, alpha, layers, cfg_weight)
     check(
-        isinstance(denoiser, DiffusersDenoiser) and _cross_nag_model(model),
+        isinstance(denoiser, DiffusersDenoiser) and model is not None and _cross_nag_model(model),
         "nag needs a text-conditioned diffusers UNet2DConditionModel (whose cross-attentions see the prompt "
         "embedding as given), a PixArt transformer, or an SD3 / FLUX FlowDenoiser; got "
         f"{type(model).__name__}",

@@ -114,14 +114,14 @@ class Perturbation:
             (mode == "nag") == (nag is not None) and (nag is None or (len(nag) == 3 and nag[1] > 0 and 0 <= nag[2] <= 1)),
             f"nag takes nag=(scale, tau > 0, 0 <= alpha <= 1) and only mode 'nag' does; got mode {mode!r}, nag={nag!r}",
         )
-        self.nag = None if nag is None else tuple(float(v) for v in nag)
+        self.nag = None if nag is None else (float(nag[0]), float(nag[1]), float(nag[2]))
         layers = [layers] if isinstance(layers, str) else layers
         check(
             layers is None or (len(layers) > 0 and all(isinstance(s, str) and s for s in layers)),
             f"layers must be module-name substrings, 'all' or None (the defaults), got {layers!r}",
         )
         self.mode, self.layers, self.blur_sigma = mode, None if layers is None else list(layers), blur_sigma
-        self._found: tuple = (None, [])  # (model, its modules): searched once
+        self._found: tuple[torch.nn.Module | None, list[tuple[str, torch.nn.Module]]] = (None, [])  # searched once
 
     def modules(self, model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
         if self._found[0] is not model:
@@ -209,16 +209,16 @@ class _Scope:
     runs: tuple[tuple[int, int, bool], ...]
     offset: torch.Tensor | None
     negative: torch.Tensor | None = None
-    nag: tuple[float, ...] | None = None
+    nag: tuple[float, float, float] | None = None
     negative_mask: torch.Tensor | None = None
-    store: list | None = None  # sag: where the recorded maps go
-    tokens: dict = field(default_factory=dict)  # FLUX: {"text": the text length of the call} (set by _text_hook)
+    store: list[tuple[int, torch.Tensor]] | None = None  # sag: where the recorded maps go
+    tokens: dict[str, int] = field(default_factory=dict)  # FLUX: {"text": the text length of the call} (set by _text_hook)
 
 
 #: id(module) -> the scope perturbing it, in the current thread / task.
 _ACTIVE: ContextVar[dict[int, _Scope] | None] = ContextVar("guidelab_perturbation", default=None)
 _LOCK = threading.Lock()
-_INSTALLED: dict[tuple[int, str], list] = {}  # (id(module), kind) -> [users, undo]
+_INSTALLED: dict[tuple[int, str], list[Any]] = {}  # (id(module), kind) -> [users, undo]
 
 
 def _runs(mask: torch.Tensor) -> tuple[tuple[int, int, bool], ...]:
@@ -255,7 +255,14 @@ def _nag(
     return g.reshape(B, L, Hh, d).transpose(1, 2)
 
 
-def _received(q, k, attn_mask=None, *_, scale=None, **__) -> torch.Tensor:
+def _received(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    *_: Any,
+    scale: float | None = None,
+    **__: Any,
+) -> torch.Tensor:
     """SAG: the attention map softmax(q k^T / sqrt(d) + mask) [B, heads, L, L] averaged over heads and summed over
     the queries, i.e. how much attention each token receives, [B, L] (what SAG thresholds at 1)."""
     scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
@@ -389,9 +396,9 @@ class _PerturbedSDPA(TorchFunctionMode):
         return _sdpa(self.scope, *args, img=self.img, flux=self.flux, negative=self.negative, **kwargs)
 
 
-#: The text mask [B, L] (1 keep, 0 discard) as diffusers' UNet2DConditionModel and PixArt pass it to ``attn2``:
-#: an additive bias [B, 1, L].
 def _mask_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The text mask [B, L] (1 keep, 0 discard) as diffusers' UNet2DConditionModel and PixArt pass it to
+    ``attn2``: the additive bias ``(1 - mask) * -10000`` [B, 1, L]."""
     return ((1 - mask.to(dtype)) * -10000.0).unsqueeze(1)
 
 
@@ -595,7 +602,7 @@ def perturbed_attention(
     mask: torch.Tensor,
     offset: torch.Tensor | None = None,
     negative: torch.Tensor | None = None,
-    store: list | None = None,
+    store: list[tuple[int, torch.Tensor]] | None = None,
     negative_mask: torch.Tensor | None = None,
 ) -> Iterator[None]:
     """Perturb the rows ``mask`` ([B] bool) of every forward call of ``model`` made inside the context, in this

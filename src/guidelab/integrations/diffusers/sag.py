@@ -52,16 +52,20 @@ class SAG(Guider):
 
     name = "sag"
 
-    def __init__(self, den: DiffusersDenoiser, w: float, blur_sigma: float, kernel_size: int, threshold: float, cfg_weight):
+    def __init__(
+        self, den: DiffusersDenoiser, w: float, blur_sigma: float, kernel_size: int, threshold: float, cfg_weight: float | None
+    ):
         self.den, self.w, self.cfg_weight = den, w, cfg_weight
         self.blur_sigma, self.kernel_size, self.threshold = blur_sigma, kernel_size, threshold
         assert den.perturbation is not None  # sag() sets it
         self.pert: Perturbation = den.perturbation
 
-    def unguided(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
+    def unguided(self, x: torch.Tensor, sigma: torch.Tensor, **cond: Any) -> torch.Tensor:
         return self.den(x, sigma, **cond)
 
-    def _mapped(self, x, sigma, cond, capture: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _mapped(
+        self, x: torch.Tensor, sigma: torch.Tensor, cond: dict[str, Any], capture: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``D`` of one call and, with ``capture``, the received-attention map of its last ``x.shape[0]`` rows."""
         if not capture:
             return self.den(x, sigma, **cond), None
@@ -73,10 +77,11 @@ class SAG(Guider):
         check(len(store) == 1, f"sag: the selected attention layer ran {len(store)} times in one call (need once)")
         return D, store[0][1]
 
-    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **cond: Any) -> torch.Tensor:
         B, cfg = x.shape[0], self.cfg_weight is not None
         if cfg:
-            cu = Branch(self.den, self.den.condition.null).cond(cond, x, sigma)  # type: ignore[union-attr]
+            assert self.den.condition is not None  # sag() checks the null condition for cfg_weight
+            cu = Branch(self.den, self.den.condition.null).cond(cond, x, sigma)
             cc = dict(cond)
             if _batchable([cc, cu], B):  # conditional and unconditional rows in one call, the map from the latter
                 merged = {k: torch.cat([cc[k], cu[k]]) if isinstance(cc[k], torch.Tensor) else cc[k] for k in cc}
@@ -102,7 +107,7 @@ class SAG(Guider):
         x0_deg = gaussian_blur(D, self.kernel_size, self.blur_sigma) * mask + D * (1 - mask)
         x_deg = x0_deg + (x - D)  # = x0' + sigma eps, eps = (x - D) / sigma
         D_ref = self.den(x_deg, sigma, **ref_cond) + (x - x_deg)
-        if not cfg:
+        if self.cfg_weight is None:
             return D_ref.lerp(D, self.w)
         return D.lerp(D_c, self.cfg_weight) + (self.w - 1) * (D - D_ref)
 
@@ -112,13 +117,13 @@ class SAG(Guider):
 
 def sag(
     denoiser: DiffusersDenoiser,
-    w,
+    w: float,
     *,
     blur_sigma: float = BLUR_SIGMA,
     kernel_size: int = KERNEL_SIZE,
     threshold: float = THRESHOLD,
     layers: str | Sequence[str] | None = None,
-    cfg_weight: Any = None,
+    cfg_weight: float | None = None,
 ) -> Guider:
     """Self-attention guidance (module docstring): ``D = D_ref + w (D - D_ref)``, ``D_ref`` the prediction of the
     input whose highly attended regions were blurred; diffusers' ``sag_scale = w - 1`` (its default 0.75: ``w =
@@ -127,7 +132,8 @@ def sag(
     only (``UNet2DModel``, ``UNet2DConditionModel``). At ``w == 1`` without ``cfg_weight``: the plain model."""
     check(
         isinstance(denoiser, DiffusersDenoiser) and type(denoiser.model).__name__.startswith("UNet"),
-        "sag needs a diffusers UNet (its middle block's self-attention), got "
+        "sag needs a diffusers UNet (its middle block's self-attention map: the official code's ADM UNet and SD "
+        "pipeline, diffusers' StableDiffusionSAGPipeline; no transformer form is published), got "
         f"{type(getattr(denoiser, 'model', denoiser)).__name__}",
     )
     for name, v in (("w", w), ("cfg_weight", cfg_weight)):
@@ -145,11 +151,12 @@ def sag(
         cfg_weight is None or (denoiser.condition is not None and bool(denoiser.condition.null)),
         "sag's cfg_weight needs the null condition: pass null_label=... (class models) or null_text=... (text models)",
     )
-    den = denoiser.with_perturbation(Perturbation("sag", layers))
-    found = den.perturbation.modules(den.model)  # type: ignore[union-attr]
+    pert = Perturbation("sag", layers)
+    den = denoiser.with_perturbation(pert)
+    found = pert.modules(den.model)
     check(
         len(found) == 1,
-        f"sag takes its mask from one self-attention layer; layers={den.perturbation.selection(den.model)} "  # type: ignore[union-attr]
+        f"sag takes its mask from one self-attention layer; layers={pert.selection(den.model)} "
         f"selects {len(found)}: {', '.join(n for n, _ in found)}",
     )
     if w == 1 and cfg_weight is None:
