@@ -196,7 +196,7 @@ def per_sample_seeds(seeds: Sequence[int], sigma: torch.Tensor, salt: int) -> li
     return [hash((int(s), float(v), salt)) & 0x7FFF_FFFF_FFFF_FFFF for s, v in zip(seeds, sig)]
 
 
-def draw_seeds(seeds: list[int] | None, run: Run | None) -> list[int] | None:
+def draw_seeds(seeds: Sequence[int] | None, run: Run | None) -> Sequence[int] | None:
     """The seeds a guider draws from: its own ``seeds``, else the run's per-sample seeds, else None
     (fresh draws from torch's global generator)."""
     if seeds is not None:

@@ -18,7 +18,7 @@ class APGMomentum:
     in (outside a guidance interval) does not count.
     """
 
-    def __init__(self, beta: float):
+    def __init__(self, beta: float) -> None:
         self.beta = beta
         self.step: int | None = None
         self.prev: torch.Tensor | None = None  # m of the last step before the current one
@@ -41,10 +41,12 @@ class APGMomentum:
 
 
 class _APGRule:
-    def __init__(self, eta: float, r: float | None, beta: float):
+    def __init__(self, eta: float, r: float | None, beta: float) -> None:
         self.eta, self.r, self.beta = eta, r, beta
 
-    def __call__(self, D_c, D_u, w, x, sigma, run: Run | None):
+    def __call__(
+        self, D_c: torch.Tensor, D_u: torch.Tensor, w: float | torch.Tensor, x: torch.Tensor, sigma: torch.Tensor, run: Run | None
+    ) -> torch.Tensor:
         dD = D_c - D_u
         if self.beta != 0:
             if run is None:

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
+import torch
+
 from ._base import Branch, Guided
+from .weight_schedule import Weight
 
 
-def autoguidance(denoiser, guide, w) -> Guided:
+def autoguidance(denoiser: Callable[..., torch.Tensor], guide: Callable[..., torch.Tensor], w: Weight) -> Guided:
     """Autoguidance (Karras et al. 2024, arXiv 2406.02507): guide ``denoiser`` with a bad version of itself.
 
     ``D = D_0 + w (D_1 - D_0)``, ``D_1 = denoiser`` the main model, ``D_0 = guide`` a smaller and/or

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+from typing import Any, Callable, Iterator, Sequence, cast
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +20,7 @@ _SALT = 0xCAD5
 SOFT = "_cads_soft_label"
 
 
-def _label_net(guider):
+def _label_net(guider: object) -> torch.nn.Module | None:
     """The guidelab image network (PixelMLP, UNet: a label one-hot at the end of its embedding layer's
     input, scaled by sqrt(K + 1)) behind ``guider``'s main branch (or its wrappers' ``.net``), or None."""
     net = getattr(getattr(guider, "main", None), "denoiser", guider)
@@ -27,18 +28,19 @@ def _label_net(guider):
         if isinstance(net, torch.nn.Module) or not hasattr(net, "__dict__") or vars(net).get("net") is None:
             break
         net = vars(net)["net"]
-    ok = isinstance(net, torch.nn.Module) and getattr(net, "emb_layer", None) is not None and getattr(net, "num_classes", 0)
-    return net if ok else None
+    if isinstance(net, torch.nn.Module) and getattr(net, "emb_layer", None) is not None and getattr(net, "num_classes", None):
+        return net
+    return None
 
 
 @contextlib.contextmanager
-def _annealed_labels(net):
+def _annealed_labels(net: torch.nn.Module) -> Iterator[None]:
     """While active, rows of ``net``'s calls whose label is still their sample's own get the annealed one-hot
     (from ``cond[SOFT]``) in the embedding layer's label columns; other rows (the null, a negative) keep
     theirs. Hooks exist only inside the block."""
-    state: dict = {}
+    state: dict[str, torch.Tensor] = {}
 
-    def pre(module, args, kwargs):
+    def pre(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
         both = kwargs.pop(SOFT)
         k1 = both.shape[1] // 2
         label = kwargs.get("label")
@@ -48,7 +50,7 @@ def _annealed_labels(net):
         state["rows"], state["soft"] = own, both[:, k1:]
         return args, kwargs
 
-    def emb_pre(module, args):
+    def emb_pre(module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[torch.Tensor] | None:
         rows, soft = state["rows"], state["soft"]
         if not bool(rows.any()):
             return None
@@ -58,7 +60,8 @@ def _annealed_labels(net):
         inp[rows, -k1:] = soft[rows].to(inp) * math.sqrt(k1)  # as the network's own one-hot * sqrt(K + 1)
         return (inp,)
 
-    handles = [net.register_forward_pre_hook(pre, with_kwargs=True), net.emb_layer.register_forward_pre_hook(emb_pre)]
+    emb_layer = cast(torch.nn.Module, net.emb_layer)  # a label network's embedding layer (see _label_net)
+    handles = [net.register_forward_pre_hook(pre, with_kwargs=True), emb_layer.register_forward_pre_hook(emb_pre)]
     try:
         yield
     finally:
@@ -76,7 +79,16 @@ class CADS(Guider):
 
     run: Run | None = None
 
-    def __init__(self, guider: Guider, key: str, tau1: float, tau2: float, noise_scale: float, psi: float | None, seeds):
+    def __init__(
+        self,
+        guider: Callable[..., torch.Tensor],
+        key: str,
+        tau1: float,
+        tau2: float,
+        noise_scale: float,
+        psi: float | None,
+        seeds: Sequence[int] | None,
+    ) -> None:
         self.guider, self.key, self.tau1, self.tau2, self.net = guider, key, tau1, tau2, _label_net(guider)
         self.noise_scale, self.psi, self.seeds = noise_scale, psi, seeds
         self.name, self.requires = f"cads[{getattr(guider, 'name', 'denoiser')}]", getattr(guider, "requires", frozenset())
@@ -101,31 +113,34 @@ class CADS(Guider):
         )  # eq. 5
         return self.psi * scaled + (1 - self.psi) * y_hat  # eq. 6
 
-    def _cond(self, x, sigma, cond):
+    def _cond(self, x: torch.Tensor, sigma: torch.Tensor, cond: dict[str, Any]) -> dict[str, Any]:
         y = cond.get(self.key)
         if isinstance(y, torch.Tensor) and not y.is_floating_point() and not y.is_complex() and self.net is not None:
-            onehot = F.one_hot(y.long().expand(x.shape[0]) if y.ndim == 0 else y.long(), self.net.num_classes + 1).to(x)
+            onehot = F.one_hot(y.long().expand(x.shape[0]) if y.ndim == 0 else y.long(), cast(int, self.net.num_classes) + 1).to(
+                x
+            )
             soft = self.anneal(onehot, sigma)
             return cond if soft is onehot else {**cond, SOFT: torch.cat([onehot, soft], 1)}
-        check(
-            isinstance(y, torch.Tensor) and y.is_floating_point(),
-            f"cads needs a continuous condition (a float tensor) under {self.key!r}, or integer labels of a "
-            f"guidelab image network (PixelMLP, UNet), got {type(y).__name__}"
-            + (f" {y.dtype}" if isinstance(y, torch.Tensor) else ""),
-        )
+        if not (isinstance(y, torch.Tensor) and y.is_floating_point()):
+            raise GuidelabError(
+                f"cads needs a continuous condition (a float tensor) under {self.key!r}, or integer labels of a "
+                f"guidelab image network (PixelMLP, UNet), got {type(y).__name__}"
+                + (f" {y.dtype}" if isinstance(y, torch.Tensor) else "")
+            )
         return {**cond, self.key: self.anneal(y, sigma)}
 
-    def _call(self, fn, x, sigma, cond):
+    def _call(self, fn: Callable[..., torch.Tensor], x: torch.Tensor, sigma: torch.Tensor, cond: dict[str, Any]) -> torch.Tensor:
         cond = self._cond(x, sigma, cond)
         if SOFT not in cond:
             return fn(x, sigma, **cond)
+        assert self.net is not None  # _cond sets SOFT only for a label network
         with _annealed_labels(self.net):
             return fn(x, sigma, **cond)
 
-    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **cond: Any) -> torch.Tensor:
         return self._call(self.guider, x, sigma, cond)
 
-    def unguided(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
+    def unguided(self, x: torch.Tensor, sigma: torch.Tensor, **cond: Any) -> torch.Tensor:
         return self._call(getattr(self.guider, "unguided", self.guider), x, sigma, cond)
 
     def start(self, run: Run) -> "CADS":
@@ -136,14 +151,14 @@ class CADS(Guider):
 
 
 def cads(
-    guider,
+    guider: Callable[..., torch.Tensor],
     *,
     key: str | None = None,
     tau1: float = 0.6,
     tau2: float = 0.9,
     noise_scale: float = 0.25,
     psi: float | None = 1.0,
-    seeds=None,
+    seeds: Sequence[int] | None = None,
 ) -> CADS:
     """CADS, condition-annealed diffusion sampling (Sadat et al., ICLR 2024, arXiv 2310.17347, eqs. 3-6):
     a guider (cfg, autoguidance, ...; the null branch keeps its null condition) or a plain denoiser

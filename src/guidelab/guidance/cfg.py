@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
+import torch
+
 from ..errors import GuidelabError
 from ._base import DROP, Branch, Guided
+from .weight_schedule import Weight
 
 
-def cfg(denoiser, w, *, uncond=None, key: str | None = None, null=None) -> Guided:
+def cfg(
+    denoiser: Callable[..., torch.Tensor],
+    w: Weight,
+    *,
+    uncond: Callable[..., torch.Tensor] | None = None,
+    key: str | None = None,
+    null: Any = None,
+) -> Guided:
     """Classifier-free guidance (Ho & Salimans 2022, arXiv 2207.12598) of ``denoiser`` at weight ``w``.
 
     ``D = D_u + w (D_c - D_u)`` (``w = 1``: no guidance). Paper convention

@@ -7,6 +7,7 @@ import torch
 from ..errors import check
 from ._base import Guided
 from ._spaces import check_space, from_space, to_space
+from .protocols import Run
 
 
 def _norm(y: torch.Tensor, per: str) -> torch.Tensor:
@@ -31,7 +32,9 @@ def cfg_norm(guider: Guided, *, per: str = "channel", space: str = "x0") -> Guid
     check_space(space)
     check(per in ("channel", "sample"), f"cfg_norm per must be 'channel' or 'sample', got {per!r}")
 
-    def rule(D, D_ref, w, x, sigma, run):
+    def rule(
+        D: torch.Tensor, D_ref: torch.Tensor, w: float | torch.Tensor, x: torch.Tensor, sigma: torch.Tensor, run: Run | None
+    ) -> torch.Tensor:
         y_c, y_u = to_space(D, x, sigma, space), to_space(D_ref, x, sigma, space)
         y = y_u.lerp(y_c, w)
         scale = (_norm(y_c, per) / _norm(y, per).clamp_min(1e-30)).clamp_max(1.0)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import torch
+
 from ..denoisers import bcast
 from ..errors import GuidelabError, check
 from ._base import Guided, batch_dot
 from ._spaces import check_space, from_space, to_space
+from .protocols import Run
 
 
 def cfg_zero_star(
@@ -45,7 +48,9 @@ def cfg_zero_star(
     else:
         zero_steps = 0
 
-    def rule(D, D_ref, w, x, sigma, run):
+    def rule(
+        D: torch.Tensor, D_ref: torch.Tensor, w: float | torch.Tensor, x: torch.Tensor, sigma: torch.Tensor, run: Run | None
+    ) -> torch.Tensor:
         v_c, v_u = to_space(D, x, sigma, space), to_space(D_ref, x, sigma, space)
         s_star = bcast(batch_dot(v_c, v_u) / batch_dot(v_u, v_u).clamp_min(1e-30), v_c)
         v = (s_star * v_u).lerp(v_c, w)

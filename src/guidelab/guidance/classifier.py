@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -11,7 +11,9 @@ from ..errors import as_sigma, check, check_weight
 from .protocols import Guider
 
 
-def class_log_prob_grad(clf: Callable, x: torch.Tensor, sigma: torch.Tensor, y) -> torch.Tensor:
+def class_log_prob_grad(
+    clf: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x: torch.Tensor, sigma: torch.Tensor, y: int | torch.Tensor
+) -> torch.Tensor:
     """``grad_x log softmax(clf(x, sigma))[y]`` [batch, ...] by autograd; works under no_grad/inference_mode.
 
     ``y`` is an int or an integer tensor of shape [batch].
@@ -36,19 +38,26 @@ def class_log_prob_grad(clf: Callable, x: torch.Tensor, sigma: torch.Tensor, y) 
 class ClassifierGuided(Guider):
     """``D(x; sigma) + (w - 1) sigma^2 grad log p_phi(y | x; sigma)``; see :func:`classifier`."""
 
-    def __init__(self, denoiser, clf, w, key: str, pass_label: bool):
+    def __init__(
+        self,
+        denoiser: Callable[..., torch.Tensor],
+        clf: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        w: float | torch.Tensor,
+        key: str,
+        pass_label: bool,
+    ) -> None:
         check_weight(w)
         self.denoiser, self.clf, self.w, self.key, self.pass_label = denoiser, clf, w, key, pass_label
         self.name = "classifier"
 
-    def _cond(self, cond: dict) -> dict:
+    def _cond(self, cond: dict[str, Any]) -> dict[str, Any]:
         check(self.key in cond, f"classifier guidance needs the target class as cond[{self.key!r}]")
         return cond if self.pass_label else {k: v for k, v in cond.items() if k != self.key}
 
-    def unguided(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
+    def unguided(self, x: torch.Tensor, sigma: torch.Tensor, **cond: Any) -> torch.Tensor:
         return self.denoiser(x, sigma, **self._cond(cond))
 
-    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **cond: Any) -> torch.Tensor:
         D = self.unguided(x, sigma, **cond)
         if not isinstance(self.w, torch.Tensor) and self.w == 1:
             return D
@@ -61,7 +70,14 @@ class ClassifierGuided(Guider):
         return f"classifier(w={self.w})"
 
 
-def classifier(denoiser, clf: Callable, w, *, key: str = "label", pass_label: bool = False) -> ClassifierGuided:
+def classifier(
+    denoiser: Callable[..., torch.Tensor],
+    clf: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    w: float | torch.Tensor,
+    *,
+    key: str = "label",
+    pass_label: bool = False,
+) -> ClassifierGuided:
     """Classifier guidance (Dhariwal & Nichol 2021, arXiv 2105.05233, Alg. 1-2; methods.md §11) of
     ``denoiser`` toward class ``cond[key]`` at weight ``w = 1 + s``.
 

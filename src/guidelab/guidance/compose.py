@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -19,7 +20,7 @@ class Composed(Guider):
 
     run: Run | None = None
 
-    def __init__(self, guiders: Sequence[Guided]):
+    def __init__(self, guiders: Sequence[Guided]) -> None:
         check(len(guiders) >= 1, "compose needs at least one guider")
         for g in guiders:
             check(
@@ -38,7 +39,7 @@ class Composed(Guider):
         self.name = "+".join(g.name for g in guiders)
         self.guiders = list(guiders)
 
-    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **cond: Any) -> torch.Tensor:
         parts = [(ref, w) for ref, w in self.parts if not is_off(w)]
         if not parts:
             return self.unguided(x, sigma, **cond)
@@ -52,7 +53,7 @@ class Composed(Guider):
         assert out is not None
         return out
 
-    def unguided(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
+    def unguided(self, x: torch.Tensor, sigma: torch.Tensor, **cond: Any) -> torch.Tensor:
         return self.main.denoiser(x, sigma, **self.main.cond(cond, x, sigma, self.run))
 
     def start(self, run: Run) -> "Composed":

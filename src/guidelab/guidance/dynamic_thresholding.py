@@ -7,6 +7,7 @@ import torch
 from ..denoisers import bcast
 from ..errors import check
 from ._base import Guided
+from .protocols import Run
 
 
 def threshold(D: torch.Tensor, p: float, c: float, s_max: float | None = None) -> torch.Tensor:
@@ -35,7 +36,9 @@ def dynamic_thresholding(
     check(max_value > 0, f"dynamic_thresholding max_value must be > 0, got {max_value}")
     check(s_max is None or s_max >= max_value, f"dynamic_thresholding s_max must be >= max_value={max_value}, got {s_max}")
 
-    def rule(D, D_ref, w, x, sigma, run):
+    def rule(
+        D: torch.Tensor, D_ref: torch.Tensor, w: float | torch.Tensor, x: torch.Tensor, sigma: torch.Tensor, run: Run | None
+    ) -> torch.Tensor:
         return threshold(D_ref.lerp(D, w), percentile, max_value, s_max)
 
     return guider.with_rule(rule, f"dynamic_thresholding[{guider.name}]")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -15,7 +15,7 @@ from .protocols import Guider, Run
 class EpsilonScaled(Guider):
     """``D' = x - (x - D) / lambda(sigma)`` around any denoiser or guider; see :func:`epsilon_scaling`."""
 
-    def __init__(self, denoiser, lam):
+    def __init__(self, denoiser: Callable[..., torch.Tensor], lam: float | Callable[[torch.Tensor], torch.Tensor]) -> None:
         if not callable(lam):
             check(
                 isinstance(lam, (int, float)) and lam > 0,
@@ -38,15 +38,15 @@ class EpsilonScaled(Guider):
         )
         return x - (x - D) / lam
 
-    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **cond: Any) -> torch.Tensor:
         return self._scale(self.denoiser(x, sigma, **cond), x, sigma)
 
-    def unguided(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
+    def unguided(self, x: torch.Tensor, sigma: torch.Tensor, **cond: Any) -> torch.Tensor:
         """The scaled main branch of a guider; a plain denoiser is its own main branch."""
         inner = self.denoiser.unguided if isinstance(self.denoiser, Guider) else self.denoiser
         return self._scale(inner(x, sigma, **cond), x, sigma)
 
-    def pair(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> tuple[torch.Tensor, torch.Tensor]:
+    def pair(self, x: torch.Tensor, sigma: torch.Tensor, **cond: Any) -> tuple[torch.Tensor, torch.Tensor]:
         if not isinstance(self.denoiser, Guider):
             D = self(x, sigma, **cond)
             return D, D
@@ -64,7 +64,7 @@ class EpsilonScaled(Guider):
         return new
 
 
-def epsilon_scaling(denoiser, lam: float | Callable[[torch.Tensor], torch.Tensor]) -> EpsilonScaled:
+def epsilon_scaling(denoiser: Callable[..., torch.Tensor], lam: float | Callable[[torch.Tensor], torch.Tensor]) -> EpsilonScaled:
     """Epsilon scaling (Ning et al., "Elucidating the Exposure Bias in Diffusion Models", ICLR 2024,
     arXiv 2308.15321; forever208/EDM-ES, ADM-ES) of ``denoiser`` (a denoiser or any guider).
 

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from ..errors import check
 from ._base import Guided, is_off
 from ._spaces import check_space, from_space, to_space
+from .protocols import Run
 
 
 def _down(y: torch.Tensor) -> torch.Tensor:
@@ -58,7 +59,9 @@ def fdg(guider: Guided, w_low: float = 1.0, *, levels: int = 2, space: str = "x0
         "needs w != 1 (use w = 1 + tiny for low-band-only guidance)",
     )
 
-    def rule(D, D_ref, w, x, sigma, run):
+    def rule(
+        D: torch.Tensor, D_ref: torch.Tensor, w: float | torch.Tensor, x: torch.Tensor, sigma: torch.Tensor, run: Run | None
+    ) -> torch.Tensor:
         check(D.ndim in (3, 4), f"fdg needs [B, C, L] or [B, C, H, W] predictions, got shape {list(D.shape)}")
         c, u = pyramid(to_space(D, x, sigma, space), levels), pyramid(to_space(D_ref, x, sigma, space), levels)
         ws = [w] * (levels - 1) + [w_low]

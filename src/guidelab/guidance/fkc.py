@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 
@@ -32,7 +33,19 @@ def ess(log_w: torch.Tensor) -> float:
     return float(1 / (W**2).sum())
 
 
-def _reweight(x, D, c, log_w, d_a, K, clamp, ess_threshold, uniform, i, final):
+def _reweight(
+    x: torch.Tensor,
+    D: torch.Tensor,
+    c: torch.Tensor,
+    log_w: torch.Tensor,
+    d_a: torch.Tensor,
+    K: int,
+    clamp: float | None,
+    ess_threshold: float,
+    uniform: Callable[[int, int], float],
+    i: int,
+    final: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Add the increments ``d_a`` [B] to ``log_w`` (in place) and resample each group of K that needs it."""
     B = x.shape[0]
     if clamp is not None:
@@ -49,7 +62,7 @@ def _reweight(x, D, c, log_w, d_a, K, clamp, ess_threshold, uniform, i, final):
 
 
 def fkc_sample(
-    denoiser,
+    denoiser: Callable[..., torch.Tensor],
     x: torch.Tensor,
     sigmas: torch.Tensor,
     *,
@@ -57,7 +70,7 @@ def fkc_sample(
     cond: dict | None = None,
     callback: Callback | None = None,
     progress: bool = False,
-    noise=None,
+    noise: object = None,
     particles: int | None = None,
     ess_threshold: float = 1.0,
     clamp: float | None = None,
@@ -142,6 +155,7 @@ def fkc_sample(
         s_vec = torch.full((B,), sigma, dtype=x.dtype, device=x.device)
         run.evaluations += 1
         if guided:
+            assert isinstance(denoiser, Guided)  # the bound guider (Guided.start returns a Guided)
             D_main, D_ref = denoiser.branches(x, s_vec, cond)
             D = D_ref.lerp(D_main, w)  # score (1 - w) s_ref + w s_main
         else:

@@ -2,19 +2,31 @@
 
 from __future__ import annotations
 
+from typing import Any, Callable, Sequence
+
 import torch
 
-from ..errors import check
+from ..errors import GuidelabError, check
 from ._base import Branch, Guided, PerCall, draw_labels, draw_normal, draw_seeds
+from .protocols import Run
+from .weight_schedule import Weight
 
 _SALT = 0x1C6
 
 
-def _seed_list(seeds) -> list[int] | None:
+def _seed_list(seeds: Sequence[int] | torch.Tensor | None) -> list[int] | None:
     return None if seeds is None else [int(s) for s in (seeds.tolist() if isinstance(seeds, torch.Tensor) else seeds)]
 
 
-def icg(denoiser, w, *, key: str | None = None, kind: str | None = None, num_classes: int | None = None, seeds=None) -> Guided:
+def icg(
+    denoiser: Callable[..., torch.Tensor],
+    w: Weight,
+    *,
+    key: str | None = None,
+    kind: str | None = None,
+    num_classes: int | None = None,
+    seeds: Sequence[int] | torch.Tensor | None = None,
+) -> Guided:
     """Independent condition guidance, ICG (Sadat et al., "No Training, No Problem", ICLR 2025,
     arXiv 2407.02687) of ``denoiser`` at weight ``w``; both branches in one batched call.
 
@@ -43,17 +55,15 @@ def icg(denoiser, w, *, key: str | None = None, kind: str | None = None, num_cla
     if kind == "label":
         if num_classes is None and condition is not None:
             num_classes = condition.num_classes
-        check(
-            isinstance(num_classes, int) and num_classes >= 2,
-            f"icg with random labels needs num_classes >= 2 (pass num_classes=...), got {num_classes!r}",
-        )
+        if not (isinstance(num_classes, int) and num_classes >= 2):
+            raise GuidelabError(f"icg with random labels needs num_classes >= 2 (pass num_classes=...), got {num_classes!r}")
 
-        def y_hat(y, x, sigma, run):
+        def y_hat(y: Any, x: torch.Tensor, sigma: torch.Tensor, run: Run | None) -> torch.Tensor:
             check(isinstance(y, torch.Tensor), f"icg needs cond[{key!r}] as a [batch] label tensor")
             return draw_labels(draw_seeds(seeds, run), sigma, num_classes, _SALT, y)
     else:
 
-        def y_hat(y, x, sigma, run):
+        def y_hat(y: Any, x: torch.Tensor, sigma: torch.Tensor, run: Run | None) -> torch.Tensor:
             check(
                 isinstance(y, torch.Tensor) and y.ndim >= 2,
                 f"icg kind='gaussian' needs cond[{key!r}] as a [batch, ...] embedding",

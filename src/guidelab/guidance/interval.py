@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import copy
+from typing import Any, Callable, TypeVar
 
 import torch
 
 from ..errors import check
 from .protocols import Guider, Run
+
+#: What a gated call returns: a denoiser's D, or the (D_data, D_renoise) pair of :meth:`Guider.pair`.
+_Out = TypeVar("_Out", torch.Tensor, tuple[torch.Tensor, torch.Tensor])
 
 
 def _take(cond: dict, m: torch.Tensor, B: int) -> dict:
@@ -17,7 +21,7 @@ def _take(cond: dict, m: torch.Tensor, B: int) -> dict:
 class Interval(Guider):
     """``guider`` inside (sigma_lo, sigma_hi], its unguided main branch outside; see :func:`interval`."""
 
-    def __init__(self, guider: Guider, sigma_lo: float, sigma_hi: float):
+    def __init__(self, guider: Guider, sigma_lo: float, sigma_hi: float) -> None:
         check(
             isinstance(guider, Guider),
             f"interval needs a guider with an unguided branch (cfg, autoguidance, icg, "
@@ -27,13 +31,21 @@ class Interval(Guider):
         self.guider, self.sigma_lo, self.sigma_hi = guider, float(sigma_lo), float(sigma_hi)
         self.name, self.requires = f"interval[{guider.name}]", guider.requires
 
-    def _run(self, inside_fn, outside_fn, x, sigma, cond):
+    def _run(
+        self,
+        inside_fn: Callable[..., _Out],
+        outside_fn: Callable[..., _Out],
+        x: torch.Tensor,
+        sigma: torch.Tensor,
+        cond: dict[str, Any],
+    ) -> _Out:
         inside = (sigma > self.sigma_lo) & (sigma <= self.sigma_hi)
         if bool(inside.all()):
             return inside_fn(x, sigma, **cond)
         if not bool(inside.any()):
             return outside_fn(x, sigma, **cond)
-        B, out = x.shape[0], None
+        B = x.shape[0]
+        out: Any = None  # the output filled part by part: a tensor, or a tuple of tensors
         for m, fn in ((inside, inside_fn), (~inside, outside_fn)):
             part = fn(x[m], sigma[m], **_take(cond, m, B))
             if isinstance(part, tuple):
@@ -45,16 +57,16 @@ class Interval(Guider):
                 out[m] = part
         return out
 
-    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **cond: Any) -> torch.Tensor:
         return self._run(self.guider, self.guider.unguided, x, sigma, cond)
 
-    def unguided(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
+    def unguided(self, x: torch.Tensor, sigma: torch.Tensor, **cond: Any) -> torch.Tensor:
         return self.guider.unguided(x, sigma, **cond)
 
-    def pair(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> tuple[torch.Tensor, torch.Tensor]:
+    def pair(self, x: torch.Tensor, sigma: torch.Tensor, **cond: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """The guider's (D_data, D_renoise) inside (CFG++ inside an interval); ``(D, D)`` outside."""
 
-        def outside(x, sigma, **c):
+        def outside(x: torch.Tensor, sigma: torch.Tensor, **c: Any) -> tuple[torch.Tensor, torch.Tensor]:
             D = self.guider.unguided(x, sigma, **c)
             return D, D
 

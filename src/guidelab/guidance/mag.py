@@ -8,6 +8,7 @@ from ..denoisers import bcast
 from ..errors import check
 from ._base import Guided
 from ._spaces import check_space, from_space, to_space
+from .protocols import Run
 
 
 def mag(guider: Guided, *, alpha: float = 8.0, space: str = "flow") -> Guided:
@@ -26,7 +27,9 @@ def mag(guider: Guided, *, alpha: float = 8.0, space: str = "flow") -> Guided:
     check_space(space)
     check(alpha >= 0, f"mag alpha must be >= 0, got {alpha}")
 
-    def rule(D, D_ref, w, x, sigma, run):
+    def rule(
+        D: torch.Tensor, D_ref: torch.Tensor, w: float | torch.Tensor, x: torch.Tensor, sigma: torch.Tensor, run: Run | None
+    ) -> torch.Tensor:
         y_c, y_u = to_space(D, x, sigma, space), to_space(D_ref, x, sigma, space)
         r = bcast((y_c - y_u).flatten(1).norm(dim=1) / y_u.flatten(1).norm(dim=1).clamp_min(1e-30), y_c)
         w_eff = 1 + (w - 1) * torch.exp(-alpha * r)

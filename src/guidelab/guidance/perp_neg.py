@@ -9,7 +9,7 @@ import torch
 
 from ..denoisers import bcast
 from ..errors import GuidelabError, check
-from ._base import Branch, Guided, batch_dot, evaluate, is_off
+from ._base import Branch, Guided, Rule, batch_dot, evaluate, is_off
 from .weight_schedule import WeightSchedule, keep_unguided
 
 
@@ -19,7 +19,7 @@ class PerpNeg(Guided):
     neg: Branch
     neg_w: float
 
-    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **cond: Any) -> torch.Tensor:
         if is_off(self.w):
             return self.unguided(x, sigma, **cond)
         D, D_u, D_n = evaluate([self.main, self.ref, self.neg], x, sigma, cond, self.run)
@@ -29,7 +29,7 @@ class PerpNeg(Guided):
         par = bcast(batch_dot(e_neg, e_pos) / batch_dot(e_pos, e_pos).clamp_min(1e-300), e_pos) * e_pos
         return keep_unguided(w, D, D_u + w * (e_pos - self.neg_w * (e_neg - par)).to(D.dtype))
 
-    def with_rule(self, rule, name: str) -> Guided:
+    def with_rule(self, rule: Rule, name: str) -> Guided:
         raise GuidelabError(f"{name} needs a linear guider (cfg, autoguidance, icg, tsg), got {self.name}")
 
 

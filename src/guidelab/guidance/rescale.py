@@ -6,6 +6,7 @@ import torch
 
 from ._base import Guided
 from ._spaces import check_space, from_space, to_space
+from .protocols import Run
 
 
 def _std(y: torch.Tensor) -> torch.Tensor:
@@ -30,7 +31,9 @@ def rescale(guider: Guided, phi: float = 0.7, *, space: str = "v") -> Guided:
     """
     check_space(space)
 
-    def rule(D, D_ref, w, x, sigma, run):
+    def rule(
+        D: torch.Tensor, D_ref: torch.Tensor, w: float | torch.Tensor, x: torch.Tensor, sigma: torch.Tensor, run: Run | None
+    ) -> torch.Tensor:
         y_c, y_u = to_space(D, x, sigma, space), to_space(D_ref, x, sigma, space)
         y_cfg = y_u.lerp(y_c, w)  # eq. 15
         y_re = y_cfg * (_std(y_c) / _std(y_cfg))  # eq. 16

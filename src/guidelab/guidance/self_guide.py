@@ -26,13 +26,15 @@ block), so a sample never depends on the batch it is in.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 
 from ..errors import GuidelabError, check
 from ._base import Branch, Guided, PerCall, draw_seeds, per_sample_seeds
+from .protocols import Run
+from .weight_schedule import Weight
 
 #: Conditioning key that marks the guide rows (removed by the network's pre-hook before its forward).
 KEY = "_self_guide_rows"
@@ -40,7 +42,7 @@ KEY = "_self_guide_rows"
 MODES = ("skip", "dropout")
 
 
-def network_module(den) -> nn.Module:
+def network_module(den: object) -> nn.Module:
     """The ``nn.Module`` behind ``den``: ``den`` itself, or the ``.net`` of a wrapper (one that counts or
     chunks calls), unwrapped repeatedly. A GuidelabError if there is none."""
     seen = 0
@@ -97,20 +99,22 @@ def default_blocks(net: nn.Module) -> tuple[str, ...]:
 class _Marked:
     """The network, whose rows marked in ``cond[KEY]`` run with the selected blocks skipped / dropped."""
 
-    def __init__(self, den, net: nn.Module, chosen: Sequence[str], mode: str, p: float):
+    def __init__(self, den: Callable[..., torch.Tensor], net: nn.Module, chosen: Sequence[str], mode: str, p: float) -> None:
         table = blocks(net)
         unknown = [b for b in chosen if b not in table]
         check(not unknown, f"unknown block(s) {unknown} of {type(net).__name__}; allowed: {', '.join(table) or 'none'}")
         self.den, self.net, self.mode, self.p = den, net, mode, p
         self.chosen = [(i, table[b]) for i, b in enumerate(chosen)]
 
-    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **cond: Any) -> torch.Tensor:
         rows = cond.pop(KEY, None)
         if rows is None or not bool((rows != 0).any()):
             return self.den(x, sigma, **cond)  # no guide row: the untouched network
         state: dict[str, Any] = {}
 
-        def pre(module, args, kwargs):  # the network's forward (any chunking wrapper already sliced the rows)
+        def pre(
+            module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+        ) -> tuple[tuple[Any, ...], dict[str, Any]]:  # the network's forward (any chunking wrapper already sliced the rows)
             state["rows"] = kwargs.pop(KEY)
             return args, kwargs
 
@@ -123,8 +127,10 @@ class _Marked:
             for h in handles:
                 h.remove()
 
-    def _hook(self, state: dict, index: int, kind: str):
-        def hook(module, args, output):
+    def _hook(
+        self, state: dict[str, Any], index: int, kind: str
+    ) -> Callable[[nn.Module, tuple[Any, ...], torch.Tensor], torch.Tensor | None]:
+        def hook(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor | None:
             rows = state["rows"]
             marked = rows != 0
             if not bool(marked.any()):
@@ -147,7 +153,15 @@ class _Marked:
         return hook
 
 
-def self_guidance(denoiser, w, *, blocks: Sequence[str] | None = None, mode: str = "skip", p: float = 0.1, seeds=None) -> Guided:
+def self_guidance(
+    denoiser: Callable[..., torch.Tensor],
+    w: Weight,
+    *,
+    blocks: Sequence[str] | None = None,
+    mode: str = "skip",
+    p: float = 0.1,
+    seeds: Sequence[int] | None = None,
+) -> Guided:
     """Autoguidance whose guide is ``denoiser``'s own network with ``blocks`` skipped (``mode="skip"``) or
     with dropout ``p`` on them (``mode="dropout"``); see the module docstring. ``blocks``: names from
     :func:`blocks` (default :func:`default_blocks`); ``seeds``: per-sample seeds of the dropout masks
@@ -162,10 +176,10 @@ def self_guidance(denoiser, w, *, blocks: Sequence[str] | None = None, mode: str
     chosen = tuple(blocks) if blocks else default_blocks(net)
     marked = _Marked(denoiser, net, chosen, mode, float(p))
 
-    def main_rows(old, x, sigma):
+    def main_rows(old: Any, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         return torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
 
-    def guide_rows(old, x, sigma, run):
+    def guide_rows(old: Any, x: torch.Tensor, sigma: torch.Tensor, run: Run | None) -> torch.Tensor:
         s = draw_seeds(seeds, run)
         if s is None or mode == "skip":
             vals = torch.randint(1, 2**62, (x.shape[0],)) if mode == "dropout" else torch.ones(x.shape[0], dtype=torch.long)

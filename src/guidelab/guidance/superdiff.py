@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 
@@ -14,27 +15,27 @@ from .protocols import Guider, Run
 MODES = ("or", "and")
 
 
-def _branch(b) -> Branch:
+def _branch(b: Branch | Callable[..., torch.Tensor]) -> Branch:
     return b if isinstance(b, Branch) else Branch(b)
 
 
 def superdiff(
-    model_1,
-    model_2,
+    model_1: Branch | Callable[..., torch.Tensor],
+    model_2: Branch | Callable[..., torch.Tensor],
     x: torch.Tensor,
     sigmas: torch.Tensor,
     *,
     mode: str = "and",
     temperature: float = 1.0,
     bias: float = 0.0,
-    uncond=None,
+    uncond: Branch | Callable[..., torch.Tensor] | None = None,
     w: float = 1.0,
     cond: dict | None = None,
     callback: Callback | None = None,
     progress: bool = False,
-    noise=None,
+    noise: object = None,
     return_logq: bool = False,
-):
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Sample the OR (mixture) or AND (equal-density) superposition of ``model_1`` and ``model_2``.
 
     Models are denoisers or :class:`~guidelab.guidance.Branch` es (e.g. one network with two labels:
@@ -78,7 +79,7 @@ def superdiff(
     check(isinstance(w, (int, float)) and math.isfinite(w) and w != 0, f"w must be a finite nonzero number, got {w!r}")
     check(w == 1 or uncond is not None, "superdiff with w != 1 needs an unconditional model uncond=...")
     sigmas = check_inputs(x, sigmas)
-    branches = [_branch(model_1), _branch(model_2)] + ([_branch(uncond)] if w != 1 else [])
+    branches = [_branch(model_1), _branch(model_2)] + ([_branch(uncond)] if w != 1 and uncond is not None else [])
     for b in branches:
         check_support(b.denoiser, "superdiff", frozenset())
     run = Run(x, sigmas, noise_seeds(noise))

@@ -6,6 +6,7 @@ import torch
 
 from ._base import Guided
 from ._spaces import check_space, from_space, to_space
+from .protocols import Run
 
 
 def damp_tangent(y_c: torch.Tensor, y_u: torch.Tensor) -> torch.Tensor:
@@ -33,7 +34,9 @@ def tcfg(guider: Guided, *, space: str = "eps") -> Guided:
     """
     check_space(space)
 
-    def rule(D, D_ref, w, x, sigma, run):
+    def rule(
+        D: torch.Tensor, D_ref: torch.Tensor, w: float | torch.Tensor, x: torch.Tensor, sigma: torch.Tensor, run: Run | None
+    ) -> torch.Tensor:
         y_c, y_u = to_space(D, x, sigma, space), to_space(D_ref, x, sigma, space)
         return from_space(damp_tangent(y_c, y_u).lerp(y_c, w), x, sigma, space)
 

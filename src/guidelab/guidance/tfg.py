@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -33,7 +33,7 @@ def _step_weights(sig: list[float], kind: str) -> list[float]:
     return [v * len(s) / total for v in s]
 
 
-def _smoothed(objective: Callable, y: torch.Tensor, eps: list[torch.Tensor | None]) -> torch.Tensor:
+def _smoothed(objective: Callable[[torch.Tensor], torch.Tensor], y: torch.Tensor, eps: list[torch.Tensor | None]) -> torch.Tensor:
     """``log mean_i f(y + eps_i)`` [batch] (Gaussian-smoothed objective, TFG eq. 6)."""
     logf = [objective(y if e is None else y + e) for e in eps]
     for v in logf:
@@ -44,7 +44,7 @@ def _smoothed(objective: Callable, y: torch.Tensor, eps: list[torch.Tensor | Non
     return torch.logsumexp(torch.stack(logf), 0) - math.log(len(eps))
 
 
-def _clip_range(clip_x0, x: torch.Tensor) -> tuple[float, float] | None:
+def _clip_range(clip_x0: str | float | Sequence[float] | None, x: torch.Tensor) -> tuple[float, float] | None:
     """``clip_x0`` as ``(lo, hi)``: ``"images"`` ([-1, 1] for [batch, C, H, W], else None), None, a number
     ``c > 0`` (``[-c, c]``) or a pair ``lo < hi``."""
     if isinstance(clip_x0, str):
@@ -55,18 +55,20 @@ def _clip_range(clip_x0, x: torch.Tensor) -> tuple[float, float] | None:
     if isinstance(clip_x0, (int, float)) and not isinstance(clip_x0, bool):
         check(math.isfinite(clip_x0) and clip_x0 > 0, f"clip_x0 must be a finite number > 0, got {clip_x0!r}")
         return -float(clip_x0), float(clip_x0)
-    ok = (
+    if not (
         isinstance(clip_x0, (tuple, list))
         and len(clip_x0) == 2
         and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in clip_x0)
         and clip_x0[0] < clip_x0[1]
-    )
-    check(ok, f"clip_x0 must be 'images', None, a number c > 0 (range [-c, c]) or a pair (lo, hi) with lo < hi, got {clip_x0!r}")
+    ):
+        raise GuidelabError(
+            f"clip_x0 must be 'images', None, a number c > 0 (range [-c, c]) or a pair (lo, hi) with lo < hi, got {clip_x0!r}"
+        )
     return float(clip_x0[0]), float(clip_x0[1])
 
 
 def measurement_objective(
-    A, y: torch.Tensor, *, kind: str = "dps", sigma_y: float = 1.0
+    A: Callable[[torch.Tensor], torch.Tensor] | torch.Tensor, y: torch.Tensor, *, kind: str = "dps", sigma_y: float = 1.0
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """Objective ``log f(x0)`` [batch] for a measurement ``y = A(x0) + noise`` (inverse problems).
 
@@ -98,7 +100,7 @@ def measurement_objective(
 
 
 def tfg_sample(
-    denoiser,
+    denoiser: Callable[..., torch.Tensor],
     x: torch.Tensor,
     sigmas: torch.Tensor,
     objective: Callable[[torch.Tensor], torch.Tensor],
@@ -113,12 +115,12 @@ def tfg_sample(
     rho_schedule: str | None = None,
     mu_schedule: str | None = None,
     gamma_schedule: str = "decrease",
-    clip_x0="images",
+    clip_x0: str | float | Sequence[float] | None = "images",
     eta: float = 1.0,
     cond: dict | None = None,
     callback: Callback | None = None,
     progress: bool = False,
-    noise=None,
+    noise: object = None,
 ) -> torch.Tensor:
     """Sample with TFG guidance toward ``objective(x0) -> log f(x0)`` [batch] (differentiable).
 
@@ -235,7 +237,7 @@ def tfg_sample(
     rho_w, mu_w = _step_weights(sig, p["rho_schedule"]), _step_weights(sig, p["mu_schedule"])
     evaluate = evaluator(denoiser, x, cond, run)
 
-    def D_of(x_, s):
+    def D_of(x_: torch.Tensor, s: float) -> torch.Tensor:
         D = evaluate(x_, s)
         return D if clip is None else D.clamp(*clip)  # official _predict_x0: clip, grad through it
 

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from typing import Any, Callable, Sequence
+
 import torch
 
 from ..denoisers import bcast
-from ..errors import check
+from ..errors import GuidelabError, check
 from ._base import Branch, Guided, PerCall, draw_normal, draw_seeds
 from .icg import _seed_list
+from .protocols import Run
+from .weight_schedule import Weight
 
 KEY = "noise_embed_offset"
 _SALT = 0x75C
@@ -15,15 +19,15 @@ FORMS = ("vector", "scalar")
 
 
 def tsg(
-    denoiser,
-    w,
+    denoiser: Callable[..., torch.Tensor],
+    w: Weight,
     *,
     s: float = 0.5,
     alpha: float = 0.0,
     form: str | None = None,
     dim: int | None = None,
     key: str = KEY,
-    seeds=None,
+    seeds: Sequence[int] | torch.Tensor | None = None,
     hook: bool = True,
 ) -> Guided:
     """Time-step guidance, TSG (Sadat et al., "No Training, No Problem", ICLR 2025, arXiv 2407.02687) of
@@ -70,24 +74,26 @@ def tsg(
             f"tsg's vector form needs the size of the noise embedding: {type(denoiser).__name__} "
             "declares no noise_embed_dim; pass dim=... or form='scalar'",
         )
-        check(isinstance(dim, int) and not isinstance(dim, bool) and dim >= 1, f"tsg dim must be an integer >= 1, got {dim!r}")
+        if not (isinstance(dim, int) and not isinstance(dim, bool) and dim >= 1):
+            raise GuidelabError(f"tsg dim must be an integer >= 1, got {dim!r}")
+        shape: tuple[int, ...] = (dim,)
     else:
         check(dim is None, f"tsg's scalar form perturbs c_noise: dim must be None, got {dim!r}")
+        shape = ()
     seeds = _seed_list(seeds)
-    shape = () if form == "scalar" else (dim,)
 
-    def offset(_, x, sigma, run):
+    def offset(_: Any, x: torch.Tensor, sigma: torch.Tensor, run: Run | None) -> torch.Tensor:
         t = sigma**2 / (1 + sigma**2)
         n = draw_normal(draw_seeds(seeds, run), sigma, shape, _SALT, x)
         return bcast(s * t.to(n.dtype) ** alpha, n) * n  # s t^alpha n
 
-    def zero(_, x, sigma):
+    def zero(_: Any, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         return x.new_zeros((x.shape[0],) + shape)
 
     net = denoiser
     if not hook:
 
-        def net(x, sigma, **cond):  # black-box fallback
+        def net(x: torch.Tensor, sigma: torch.Tensor, **cond: Any) -> torch.Tensor:  # black-box fallback
             off = cond.pop(key)
             return denoiser(x, sigma * torch.exp(4 * off.reshape(sigma.shape)), **cond)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import math
 import weakref
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -25,13 +26,14 @@ from torch import nn
 from ..errors import check
 from ._base import Branch, Guided
 from .self_guide import network_module
+from .weight_schedule import Weight
 
 DTYPES = ("bf16", "fp16")
 _TORCH = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _CACHE: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
 
 
-def _version(net: nn.Module) -> tuple:
+def _version(net: nn.Module) -> tuple[int, ...]:
     return tuple(p._version for p in net.parameters())
 
 
@@ -63,7 +65,7 @@ def pruned_copy(net: nn.Module, fraction: float = 0.3) -> nn.Module:
     return out
 
 
-def _cached(net: nn.Module, key: tuple, make):
+def _cached(net: nn.Module, key: tuple[Any, ...], make: Callable[[], nn.Module]) -> nn.Module:
     entry = _CACHE.setdefault(net, {})
     version = _version(net)
     hit = entry.get(key)
@@ -72,7 +74,7 @@ def _cached(net: nn.Module, key: tuple, make):
     return hit[1]
 
 
-def _with_net(den, new: nn.Module):
+def _with_net(den: Callable[..., torch.Tensor], new: nn.Module) -> Callable[..., torch.Tensor]:
     """``den`` with its network replaced by ``new``: ``new`` itself, or a shallow copy of a wrapper (a
     counting / chunking one, which keeps counting the copy's rows) around it."""
     if isinstance(den, nn.Module):
@@ -83,7 +85,9 @@ def _with_net(den, new: nn.Module):
     return out
 
 
-def weak_copy_guide(denoiser, kind: str, *, dtype: str = "bf16", fraction: float = 0.3):
+def weak_copy_guide(
+    denoiser: Callable[..., torch.Tensor], kind: str, *, dtype: str = "bf16", fraction: float = 0.3
+) -> Callable[..., torch.Tensor]:
     """The guide denoiser: ``denoiser`` with its network replaced by a ``kind`` copy (``"lowp"``, ``"pruned"``)."""
     check(kind in ("lowp", "pruned"), f"weak copy kind must be lowp or pruned, got {kind!r}")
     net = network_module(denoiser)
@@ -96,11 +100,11 @@ def weak_copy_guide(denoiser, kind: str, *, dtype: str = "bf16", fraction: float
     return _with_net(denoiser, new)
 
 
-def lowp_autoguidance(denoiser, w, *, dtype: str = "bf16") -> Guided:
+def lowp_autoguidance(denoiser: Callable[..., torch.Tensor], w: Weight, *, dtype: str = "bf16") -> Guided:
     """Autoguidance with ``denoiser``'s own weights rounded to ``dtype`` as the guide (see module docstring)."""
     return Guided(Branch(denoiser), Branch(weak_copy_guide(denoiser, "lowp", dtype=dtype)), w, "autoguidance_lowp")
 
 
-def pruned_autoguidance(denoiser, w, *, fraction: float = 0.3) -> Guided:
+def pruned_autoguidance(denoiser: Callable[..., torch.Tensor], w: Weight, *, fraction: float = 0.3) -> Guided:
     """Autoguidance with ``denoiser``'s magnitude-pruned copy (``fraction`` of each weight tensor) as the guide."""
     return Guided(Branch(denoiser), Branch(weak_copy_guide(denoiser, "pruned", fraction=fraction)), w, "autoguidance_pruned")

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeAlias
 
 import torch
 
 from ..errors import GuidelabError, check
+from .protocols import Run
 
 KINDS = ("constant", "linear", "cosine", "interval", "steps")
 
@@ -22,7 +23,7 @@ class WeightSchedule:
     w_end: float
     options: dict = field(default_factory=dict)
 
-    def progress(self, sigma: torch.Tensor, run) -> torch.Tensor:
+    def progress(self, sigma: torch.Tensor, run: Run | None) -> torch.Tensor:
         """0 at the first (largest) sigma, 1 at the last; per sample [batch], float64."""
         o = self.options
         if o.get("over", "time") == "time":
@@ -35,12 +36,13 @@ class WeightSchedule:
             return torch.full(sigma.shape, run.step / max(n - 1, 1), dtype=torch.float64)
         hi, lo = o.get("sigma_max"), o.get("sigma_min")
         if hi is None or lo is None:
-            check(run is not None, "a weight schedule over sigma needs sigma_max and sigma_min, or a sampler run")
+            if run is None:
+                raise GuidelabError("a weight schedule over sigma needs sigma_max and sigma_min, or a sampler run")
             s = run.sigmas.double()
             hi, lo = (float(s[0]) if hi is None else hi), (float(s[s > 0].min()) if lo is None else lo)
         return ((hi - sigma.double().cpu()) / (hi - lo)).clamp(0, 1)
 
-    def at(self, sigma: torch.Tensor, run) -> torch.Tensor:
+    def at(self, sigma: torch.Tensor, run: Run | None) -> torch.Tensor:
         """The weight of each sample at ``sigma`` [batch] (``run``: the guider's Run, or None)."""
         a, b, o = self.w_start, self.w_end, self.options
         if self.kind == "constant":
@@ -64,6 +66,10 @@ class WeightSchedule:
     def __repr__(self) -> str:
         extra = "".join(f",{k}={v}" for k, v in self.options.items())
         return f"{self.kind}:{self.w_start:g}-{self.w_end:g}{extra}"
+
+
+#: A guidance weight: a number, a per-sample [batch] tensor or a :class:`WeightSchedule` (``w = 1``: no guidance).
+Weight: TypeAlias = "float | torch.Tensor | WeightSchedule"
 
 
 def weight_schedule(kind: str, w_start: float, w_end: float | None = None, **options: Any) -> WeightSchedule:
@@ -116,7 +122,7 @@ def weight_schedule(kind: str, w_start: float, w_end: float | None = None, **opt
     return WeightSchedule(kind, float(w_start), float(w_end), dict(options))
 
 
-def parse_weight(text: str):
+def parse_weight(text: str) -> float | WeightSchedule:
     """``--weight`` text: a number (``2.5``) or ``KIND:START-END[:key=value,...]``, e.g. ``linear:1-4``,
     ``cosine:4-1:over=sigma``, ``steps:2-1:start=17,stop=22``, ``interval:2-1:sigma_lo=0.28,sigma_hi=1.61``."""
     text = text.strip()
@@ -141,7 +147,7 @@ def parse_weight(text: str):
     return weight_schedule(kind.strip(), w_start, w_end, **options)
 
 
-def keep_unguided(w, D: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+def keep_unguided(w: float | torch.Tensor, D: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """``out`` with the main branch ``D`` wherever the (broadcast, per-sample) weight is exactly 1: a rule
     under a schedule or a per-sample weight is then bit-identical to no guidance where ``w = 1``, as it is
     at the number ``w = 1`` (the rules' space round trips and clipping would otherwise touch those rows)."""
