@@ -11,6 +11,10 @@ Samplers run under ``torch.no_grad()`` (guiders that need gradients enable them 
 
 from __future__ import annotations
 
+from typing import Callable
+
+import torch
+
 from ..errors import GuidelabError
 from .ancestral import euler_ancestral
 from .base import allow_nonfinite
@@ -35,7 +39,7 @@ def names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get(name: str):
+def get(name: str) -> Callable[..., torch.Tensor]:
     """The sampler called ``name``; a clear error lists the known names."""
     try:
         return _REGISTRY[name]

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from .base import Callback, ancestral_loop, euler_step
 
 
 def euler_ancestral(
-    denoiser,
+    denoiser: Callable[..., torch.Tensor],
     x: torch.Tensor,
     sigmas: torch.Tensor,
     *,
@@ -17,7 +19,7 @@ def euler_ancestral(
     progress: bool = False,
     eta: float = 1.0,
     s_noise: float = 1.0,
-    noise=None,
+    noise: object = None,
 ) -> torch.Tensor:
     """Euler ancestral (1 NFE per step); ``eta = 1`` adds the DDPM posterior noise, ``eta = 0`` is ``euler``.
 

@@ -11,6 +11,7 @@ DDPMScheduler on the same timesteps (see the tests), and work for any denoiser.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 
@@ -19,7 +20,7 @@ from .base import Callback, ancestral_loop, euler_step
 
 
 def ddim(
-    denoiser,
+    denoiser: Callable[..., torch.Tensor],
     x: torch.Tensor,
     sigmas: torch.Tensor,
     *,
@@ -28,7 +29,7 @@ def ddim(
     progress: bool = False,
     eta: float = 0.0,
     s_noise: float = 1.0,
-    noise=None,
+    noise: object = None,
 ) -> torch.Tensor:
     """DDIM with stochasticity ``eta`` (0: deterministic DDIM = Euler on the PF-ODE; 1: DDPM posterior); 1 NFE per step.
 
@@ -56,7 +57,7 @@ def _ddpm_large(sigma: float, sigma_next: float) -> tuple[float, float]:
 
 
 def ddpm(
-    denoiser,
+    denoiser: Callable[..., torch.Tensor],
     x: torch.Tensor,
     sigmas: torch.Tensor,
     *,
@@ -65,7 +66,7 @@ def ddpm(
     progress: bool = False,
     variance: str = "small",
     s_noise: float = 1.0,
-    noise=None,
+    noise: object = None,
 ) -> torch.Tensor:
     """DDPM ancestral sampling: ``x_next ~ N(posterior mean, var)``, 1 NFE per step, no noise on the last step.
 

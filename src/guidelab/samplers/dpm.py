@@ -4,6 +4,7 @@ geometric mean; deterministic with EDM churn, or ancestral."""
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 
@@ -11,7 +12,7 @@ from .base import Callback, ancestral_loop, churn_loop, dpm2_step
 
 
 def dpm_2(
-    denoiser,
+    denoiser: Callable[..., torch.Tensor],
     x: torch.Tensor,
     sigmas: torch.Tensor,
     *,
@@ -22,7 +23,7 @@ def dpm_2(
     s_tmin: float = 0.0,
     s_tmax: float = math.inf,
     s_noise: float = 1.0,
-    noise=None,
+    noise: object = None,
 ) -> torch.Tensor:
     """2nd-order midpoint method (2 NFE per step, 1 on the last), with EDM churn; arguments as in ``euler``."""
     return churn_loop(
@@ -43,7 +44,7 @@ def dpm_2(
 
 
 def dpm_2_ancestral(
-    denoiser,
+    denoiser: Callable[..., torch.Tensor],
     x: torch.Tensor,
     sigmas: torch.Tensor,
     *,
@@ -52,7 +53,7 @@ def dpm_2_ancestral(
     progress: bool = False,
     eta: float = 1.0,
     s_noise: float = 1.0,
-    noise=None,
+    noise: object = None,
 ) -> torch.Tensor:
     """Ancestral sampling with midpoint steps to sigma_down (2 NFE per step, 1 on the last)."""
     return ancestral_loop(

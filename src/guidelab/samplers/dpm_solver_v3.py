@@ -31,7 +31,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -44,6 +44,14 @@ _MAX_PIECE = 0.5  # widest quadrature piece in lambda (pieces also end at every 
 EMS_KEY = "guidelab_ems"
 
 
+class ExactWorld(Protocol):
+    """An exact world of ``guidelab.toy`` as :func:`world_ems` reads it: its own denoiser and its sampler."""
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **cond: Any) -> torch.Tensor: ...
+
+    def sample(self, n: int, sigma: float, generator: torch.Generator | None) -> torch.Tensor: ...
+
+
 class EMS:
     """Empirical model statistics: ``lambdas`` [K+1] strictly increasing (``lambda = -log sigma``),
     ``l, s, b`` [K+1, *shape] (``shape`` = one sample's shape, e.g. [2] or [1, 8, 8]), float64.
@@ -52,7 +60,14 @@ class EMS:
     every sigma (:meth:`degenerate`). ``meta``: JSON-able provenance stored with the file.
     """
 
-    def __init__(self, lambdas, l, s, b, meta: dict[str, Any] | None = None):  # noqa: E741 (the paper's l)
+    def __init__(
+        self,
+        lambdas: torch.Tensor | Sequence[float] | None,
+        l: torch.Tensor | float,  # noqa: E741 (the paper's l)
+        s: torch.Tensor | float,
+        b: torch.Tensor | float,
+        meta: dict[str, Any] | None = None,
+    ) -> None:
         self.meta = dict(meta or {})
         l, s, b = (torch.as_tensor(v, dtype=torch.float64) for v in (l, s, b))  # noqa: E741
         for name, v in (("l", l), ("s", s), ("b", b)):
@@ -106,7 +121,7 @@ class EMS:
         return math.exp(-float(self.lambdas[-1])), math.exp(-float(self.lambdas[0]))
 
     # --- evaluation at arbitrary lambda (tensor q of any shape -> q.shape + self.shape)
-    def _locate(self, q: torch.Tensor):
+    def _locate(self, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         assert self.lambdas is not None
         lam = self.lambdas
         k = torch.searchsorted(lam, q.contiguous()).clamp(1, lam.numel() - 1)
@@ -114,7 +129,7 @@ class EMS:
         B = ((q - lam[k - 1]).reshape(hk.shape) / hk).clamp(0, 1)
         return k, B, hk
 
-    def _value(self, name: str, k, B, hk) -> torch.Tensor:
+    def _value(self, name: str, k: torch.Tensor, B: torch.Tensor, hk: torch.Tensor) -> torch.Tensor:
         v, M = getattr(self, name), self._M[name]
         A = 1 - B
         return A * v[k - 1] + B * v[k] + ((A**3 - A) * M[k - 1] + (B**3 - B) * M[k]) * hk**2 / 6
@@ -210,7 +225,7 @@ def _spline_m(lam: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return M
 
 
-def as_ems(ems) -> EMS:
+def as_ems(ems: object) -> EMS:
     """An :class:`EMS`, the path of an EMS file, or ``"degenerate"`` (:meth:`EMS.degenerate`, asked for by
     name: JSON configs and CLI options can hold it); ``None`` is refused with what to pass instead."""
     if isinstance(ems, EMS):
@@ -311,7 +326,15 @@ class _Step:
         return f * e - _b_integral(self.ems, self.lam_s, self.S_s, lam).to(f)
 
 
-def _update(ems: EMS, x_s, points: list[tuple[float, torch.Tensor]], lam_t: float, order: int, pseudo: bool, cache: dict):
+def _update(
+    ems: EMS,
+    x_s: torch.Tensor,
+    points: list[tuple[float, torch.Tensor]],
+    lam_t: float,
+    order: int,
+    pseudo: bool,
+    cache: dict[tuple[float, float, int], _Step],
+) -> torch.Tensor:
     """One step from the first of ``points`` (``(lambda, f)``, the base first) to ``lam_t`` with ``order`` points."""
     lam_s = points[0][0]
     key = (lam_s, lam_t, order)
@@ -346,19 +369,19 @@ def _update(ems: EMS, x_s, points: list[tuple[float, torch.Tensor]], lam_t: floa
 
 @torch.no_grad()
 def dpm_solver_v3(
-    denoiser,
+    denoiser: Callable[..., torch.Tensor],
     x: torch.Tensor,
     sigmas: torch.Tensor,
     *,
     cond: dict | None = None,
     callback: Callback | None = None,
     progress: bool = False,
-    ems=None,
+    ems: EMS | str | os.PathLike | None = None,
     order: int = 3,
     corrector: bool | None = None,
     pseudo: bool | None = None,
     lower_order_final: bool = True,
-    noise=None,
+    noise: object = None,
 ) -> torch.Tensor:
     """DPM-Solver-v3 multistep predictor (``order`` 1..3) with its pseudo-corrector; 1 NFE per step.
 
@@ -390,7 +413,7 @@ def dpm_solver_v3(
     evaluate = evaluator(denoiser, x, cond, run)
     lams = [-math.log(s) if s > 0 else math.inf for s in sig]
     l_at = lambda lam: ems.stats(torch.tensor([lam], dtype=torch.float64))[0][0].to(x)  # noqa: E731
-    cache: dict = {}
+    cache: dict[tuple[float, float, int], _Step] = {}
     hist: list[tuple[float, torch.Tensor, torch.Tensor]] = []  # (lambda, x, f), newest last
     p_prev = 0
     for i in run.steps(progress, "dpm_solver_v3"):
@@ -460,10 +483,10 @@ def compute_ems(
     lambdas = torch.linspace(-math.log(sigma_max), -math.log(sigma_min), steps + 1, dtype=torch.float64)
     cond = cond or {}
 
-    def call(x, sigma, c):
+    def call(x: torch.Tensor, sigma: float, c: dict[str, Any]) -> torch.Tensor:
         return denoiser(x, torch.full((x.shape[0],), sigma, dtype=dtype, device=x.device), **c)
 
-    def chunks(k: int):
+    def chunks(k: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict[str, Any], torch.Generator]]:
         # the same noise (and probes) at every lambda: the estimates' sampling error is then a smooth
         # function of lambda, which the solver's Taylor expansion of g needs (common random numbers)
         gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -540,7 +563,7 @@ def compute_ems(
     return EMS(lambdas, l, torch.stack(s_grid), torch.stack(b_grid), info)
 
 
-def world_ems(world, sigma_min: float, sigma_max: float, *, n: int = 1024, steps: int = 64, seed: int = 0) -> EMS:
+def world_ems(world: ExactWorld, sigma_min: float, sigma_max: float, *, n: int = 1024, steps: int = 64, seed: int = 0) -> EMS:
     """The statistics of an exact world (``guidelab.toy``: it *is* its denoiser) from ``n`` of its exact samples."""
     data = world.sample(n, 0.0, torch.Generator().manual_seed(seed))
     return compute_ems(world, data, sigma_min, sigma_max, steps=steps, seed=seed, meta={"world": repr(world)[:200]})

@@ -9,6 +9,7 @@ k-diffusion's SDE forms (eta = 0 gives the ODE solver back).
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 
@@ -17,7 +18,7 @@ from .base import Callback, ancestral_loop, begin_run, check_inputs, dpmpp_2s_st
 
 
 def dpmpp_2s_ancestral(
-    denoiser,
+    denoiser: Callable[..., torch.Tensor],
     x: torch.Tensor,
     sigmas: torch.Tensor,
     *,
@@ -26,7 +27,7 @@ def dpmpp_2s_ancestral(
     progress: bool = False,
     eta: float = 1.0,
     s_noise: float = 1.0,
-    noise=None,
+    noise: object = None,
 ) -> torch.Tensor:
     """DPM-Solver++(2S) single-step to sigma_down, then ancestral noise (2 NFE per step, 1 on the last).
 
@@ -50,7 +51,21 @@ def dpmpp_2s_ancestral(
 
 
 @torch.no_grad()
-def _multistep(denoiser, x, sigmas, *, name, order, eta, s_noise, noise, solver_type, cond, callback, progress):
+def _multistep(
+    denoiser: Callable[..., torch.Tensor],
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    name: str,
+    order: int,
+    eta: float,
+    s_noise: float,
+    noise: object,
+    solver_type: str,
+    cond: dict | None,
+    callback: Callback | None,
+    progress: bool,
+) -> torch.Tensor:
     """DPM-Solver++(kM) with SDE noise ``eta`` (k = order <= 3, lower order while the history fills up).
 
     Step (their Alg. 2 / k-diffusion's SDE form), ``h_eta = (1 + eta) h``:
@@ -65,7 +80,11 @@ def _multistep(denoiser, x, sigmas, *, name, order, eta, s_noise, noise, solver_
     # CFG++ (where name supports it: 2M): data term from D = D_lam, the e^{-h} and history terms from D_r = D_u.
     evaluate_pair = pair_evaluator(denoiser, x, cond, run)
     sig = sigmas.tolist()
-    D_1 = h_1 = h_2 = delta_1 = None  # history: previous D, D_1 - D_2, step sizes
+    # history: previous D, D_1 - D_2, step sizes
+    D_1: torch.Tensor | None = None
+    delta_1: torch.Tensor | None = None
+    h_1: float | None = None
+    h_2: float | None = None
     for i in run.steps(progress, name):
         sigma, sigma_next = sig[i], sig[i + 1]
         D, D_r = evaluate_pair(x, sigma)
@@ -77,31 +96,34 @@ def _multistep(denoiser, x, sigmas, *, name, order, eta, s_noise, noise, solver_
         h_eta = h * (1 + eta)
         phi_1 = -math.expm1(-h_eta)  # 1 - e^{-h_eta}; (sigma_next/sigma) e^{-eta h} = 1 - phi_1
         x = torch.lerp(D, shifted(x, D, D_r), 1 - phi_1)  # first order: (1 - phi_1) x + phi_1 D
-        delta = None if D_1 is None else D - D_1
+        delta: torch.Tensor | None = None if D_1 is None else D - D_1
         phi_2 = -phi_1 / h_eta + 1
         if order >= 3 and h_2 is not None:  # 3rd order from 2nd divided differences:
+            assert h_1 is not None and delta is not None and delta_1 is not None  # set since two steps
             r0, r1 = h_1 / h, h_2 / h  # phi_2 d1 - phi_3 d2 with d1_0 = delta / r0,
             phi_3 = phi_2 / h_eta - 0.5  # d1_1 = delta_1 / r1, d2 = (d1_0 - d1_1)/(r0 + r1),
             c2 = phi_2 * r0 / (r0 + r1) - phi_3 / (r0 + r1)  # d1 = d1_0 + r0 d2
             x.add_(delta, alpha=(phi_2 + c2) / r0).add_(delta_1, alpha=-c2 / r1)
         elif delta is not None:  # 2nd order from one previous D
+            assert h_1 is not None  # set with D_1
             r = h_1 / h
             x.add_(delta, alpha=(0.5 * phi_1 if solver_type == "midpoint" else phi_2) / r)
         if eta > 0:
+            assert noise is not None
             x.add_(noise(sigma, sigma_next), alpha=sigma_next * math.sqrt(-math.expm1(-2 * eta * h)) * s_noise)
         D_1, delta_1, h_1, h_2 = D_r, delta, h, h_1
     return x
 
 
 def dpmpp_2m(
-    denoiser,
+    denoiser: Callable[..., torch.Tensor],
     x: torch.Tensor,
     sigmas: torch.Tensor,
     *,
     cond: dict | None = None,
     callback: Callback | None = None,
     progress: bool = False,
-    noise=None,
+    noise: object = None,
 ) -> torch.Tensor:
     """DPM-Solver++(2M): 2nd-order multistep (1 NFE per step), first order on the first and last steps.
 
@@ -124,7 +146,7 @@ def dpmpp_2m(
 
 
 def dpmpp_2m_sde(
-    denoiser,
+    denoiser: Callable[..., torch.Tensor],
     x: torch.Tensor,
     sigmas: torch.Tensor,
     *,
@@ -134,7 +156,7 @@ def dpmpp_2m_sde(
     eta: float = 1.0,
     s_noise: float = 1.0,
     solver_type: str = "midpoint",
-    noise=None,
+    noise: object = None,
 ) -> torch.Tensor:
     """DPM-Solver++(2M) SDE (1 NFE per step); ``solver_type`` "midpoint" or "heun"; ``eta = 0`` is ``dpmpp_2m``.
 
@@ -158,7 +180,7 @@ def dpmpp_2m_sde(
 
 
 def dpmpp_3m_sde(
-    denoiser,
+    denoiser: Callable[..., torch.Tensor],
     x: torch.Tensor,
     sigmas: torch.Tensor,
     *,
@@ -167,7 +189,7 @@ def dpmpp_3m_sde(
     progress: bool = False,
     eta: float = 1.0,
     s_noise: float = 1.0,
-    noise=None,
+    noise: object = None,
 ) -> torch.Tensor:
     """DPM-Solver++(3M) SDE (1 NFE per step); ``eta = 0`` is the 3rd-order multistep ODE solver."""
     return _multistep(

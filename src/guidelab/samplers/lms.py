@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from ..errors import check
@@ -27,7 +29,7 @@ def lms_coefficients(nodes: list[float], a: float, b: float) -> list[float]:
 
 @torch.no_grad()
 def lms(
-    denoiser,
+    denoiser: Callable[..., torch.Tensor],
     x: torch.Tensor,
     sigmas: torch.Tensor,
     *,
@@ -35,7 +37,7 @@ def lms(
     callback: Callback | None = None,
     progress: bool = False,
     order: int = 4,
-    noise=None,
+    noise: object = None,
 ) -> torch.Tensor:
     """Adams-Bashforth of ``order`` (1 NFE per step): ``x_next = x + sum_j c_j d_{i-j}`` where ``c_j``
     integrates the polynomial through the last derivatives ``d = (x - D) / sigma`` over [sigma, sigma_next].

@@ -13,6 +13,7 @@ to sigma_{i+1}); so every step ends at ``sigma_{i+1}`` as a plain sampler's does
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 
@@ -21,7 +22,7 @@ from .base import Callback, begin_run, check_inputs, evaluator, report, resolve_
 
 @torch.no_grad()
 def meng_stochastic(
-    denoiser,
+    denoiser: Callable[..., torch.Tensor],
     x: torch.Tensor,
     sigmas: torch.Tensor,
     *,
@@ -29,7 +30,7 @@ def meng_stochastic(
     callback: Callback | None = None,
     progress: bool = False,
     s_noise: float = 1.0,
-    noise=None,
+    noise: object = None,
 ) -> torch.Tensor:
     """Meng et al. 2023's stochastic sampler: DDIM to ``sigmas[i+2]``, forward noise back to ``sigmas[i+1]``.
 

@@ -54,7 +54,7 @@ class BrownianNoise:
             for s in self.seeds
         ]
 
-        def sample(sigma, sigma_next):
+        def sample(sigma: float, sigma_next: float) -> torch.Tensor:
             lo, hi = float(sigma_next), float(sigma)
             check(0 <= lo < hi <= t1 * (1 + 1e-12), f"BrownianNoise covers sigma in [0, {t1:g}], asked for ({lo:g}, {hi:g})")
             return torch.stack([tree(lo, min(hi, t1)) for tree in trees]) / math.sqrt(hi - lo)

@@ -14,6 +14,7 @@ towards ``p_gamma`` itself (which neither CFG-DDIM nor CFG-DDPM samples).
 from __future__ import annotations
 
 import math
+from typing import Any, Callable, Mapping, Protocol, cast
 
 import torch
 
@@ -22,10 +23,16 @@ from ..errors import GuidelabError, check
 from .base import Callback, begin_run, check_inputs, evaluator, report, resolve_noise
 
 
-def _at_weight(denoiser, weight: float):
+class _Linear(Protocol):
+    """A linear guider as pcg reads it (``guidance.Guided``): its two branches at (x, sigma)."""
+
+    def branches(self, x: torch.Tensor, sigma: torch.Tensor, cond: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+def _at_weight(denoiser: _Linear, weight: float) -> Callable[..., torch.Tensor]:
     """``D_ref + weight (D_main - D_ref)`` of a linear guider, both branches in its one batched call."""
 
-    def combined(x, sigma, **cond):
+    def combined(x: torch.Tensor, sigma: torch.Tensor, **cond: Any) -> torch.Tensor:
         D, D_ref = denoiser.branches(x, sigma, cond)
         return D_ref.lerp(D, weight)
 
@@ -34,7 +41,7 @@ def _at_weight(denoiser, weight: float):
 
 @torch.no_grad()
 def pcg(
-    denoiser,
+    denoiser: Callable[..., torch.Tensor],
     x: torch.Tensor,
     sigmas: torch.Tensor,
     *,
@@ -45,7 +52,7 @@ def pcg(
     corrector_steps: int = 1,
     step_scale: float = 1.0,
     predictor_weight: float = 1.0,
-    noise=None,
+    noise: object = None,
 ) -> torch.Tensor:
     """PCG_DDIM: DDIM predictor sigma -> sigma_next, then ``corrector_steps`` Langevin steps at sigma_next
     ``x <- x + (eps / 2) (D_gamma - x) / sigma_next^2 + sqrt(eps) n``, ``eps = step_scale (sigma^2 - sigma_next^2)``.
@@ -73,10 +80,10 @@ def pcg(
     denoiser, run = begin_run(denoiser, x, sigmas, noise, "pcg")
     noise = resolve_noise(noise, x, sigmas) if corrector_steps else None
     if predictor_weight != 1:
-        predict = evaluator(_at_weight(denoiser, predictor_weight), x, cond, run)
+        predict = evaluator(_at_weight(cast(_Linear, denoiser), predictor_weight), x, cond, run)  # linear: checked above
     else:
         predict = evaluator(denoiser.unguided if isinstance(denoiser, Guider) else denoiser, x, cond, run)
-    target = evaluator(_at_weight(denoiser, gamma) if gamma is not None else denoiser, x, cond, run)
+    target = evaluator(_at_weight(cast(_Linear, denoiser), gamma) if gamma is not None else denoiser, x, cond, run)
     sig = sigmas.tolist()
     for i in run.steps(progress, "pcg"):
         sigma, sigma_next = sig[i], sig[i + 1]

@@ -4,6 +4,7 @@ reverse-diffusion predictor and Langevin corrector."""
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 
@@ -14,7 +15,7 @@ from .noise import BrownianNoise
 
 @torch.no_grad()
 def score_sde_pc(
-    denoiser,
+    denoiser: Callable[..., torch.Tensor],
     x: torch.Tensor,
     sigmas: torch.Tensor,
     *,
@@ -23,7 +24,7 @@ def score_sde_pc(
     progress: bool = False,
     snr: float = 0.16,
     corrector_steps: int = 1,
-    noise=None,
+    noise: object = None,
 ) -> torch.Tensor:
     """Per step: ``corrector_steps`` Langevin corrections at sigma, then one reverse-diffusion step.
 

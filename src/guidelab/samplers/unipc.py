@@ -11,6 +11,7 @@ fresh evaluation at x_next included (order p + 1, no extra NFE). ``B(h) = -h`` (
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import numpy as np
 import torch
@@ -43,7 +44,9 @@ def _weights(sig: list[float], i: int, p: int, variant: str, corrector: bool) ->
     return [-B * r / r_k for r, r_k in zip(rho, rks)]
 
 
-def _step(x, ratio: float, weights: list[float], hist: list[torch.Tensor], p: int, D_next=None):
+def _step(
+    x: torch.Tensor, ratio: float, weights: list[float], hist: list[torch.Tensor], p: int, D_next: torch.Tensor | None = None
+) -> torch.Tensor:
     """One UniP-p step from ``hist = [D_i, D_{i-1}, ...]`` with ``ratio = sigma_next / sigma`` and the step's
     ``_weights``; with ``D_next`` (the evaluation at the predicted point) the UniC-p corrector instead."""
     D0 = hist[0]
@@ -58,7 +61,7 @@ def _step(x, ratio: float, weights: list[float], hist: list[torch.Tensor], p: in
 
 @torch.no_grad()
 def unipc(
-    denoiser,
+    denoiser: Callable[..., torch.Tensor],
     x: torch.Tensor,
     sigmas: torch.Tensor,
     *,
@@ -69,7 +72,7 @@ def unipc(
     variant: str = "bh2",
     corrector: bool = True,
     lower_order_final: bool = True,
-    noise=None,
+    noise: object = None,
 ) -> torch.Tensor:
     """UniPC-p (1 NFE per step). ``order`` 1..3; ``variant`` "bh1" or "bh2"; ``corrector=False`` gives UniP.
 
