@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import sys
 import threading
+from typing import TextIO
 
 ROOT = "guidelab"
 logging.getLogger(ROOT).addHandler(logging.NullHandler())
@@ -26,7 +27,7 @@ class _Held(logging.StreamHandler):
     refused in that time prints only its error (:func:`discard`); the lines come out at :func:`release`,
     with the first WARNING, or when the time is up (a timer), so no phase stays silent for long."""
 
-    def __init__(self, stream, hold: float):
+    def __init__(self, stream: TextIO, hold: float) -> None:
         super().__init__(stream)
         self.hold, self.open = hold, False
         self.held: list[logging.LogRecord] = []
@@ -80,7 +81,7 @@ def discard() -> None:
             h.drop()
 
 
-def enable(*, quiet: bool = False, level: int | None = None, stream=None, hold: float = 0.0) -> logging.Handler:
+def enable(*, quiet: bool = False, level: int | None = None, stream: TextIO | None = None, hold: float = 0.0) -> logging.Handler:
     """Show guidelab's log lines on ``stream`` (default stderr): INFO, or WARNING when ``quiet``.
     Idempotent: a second call replaces the handler it added before. ``hold`` > 0: INFO lines are held up
     to that many seconds (see :class:`_Held`; :func:`release`, :func:`discard`)."""

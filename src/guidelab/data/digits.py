@@ -17,7 +17,7 @@ DIGITS_CLASSES = [str(i) for i in range(10)]
 SPLITS = ("train", "test", "all")
 
 
-def _load():
+def _load() -> tuple[np.ndarray, np.ndarray]:
     try:
         from sklearn.datasets import load_digits
     except ImportError:
