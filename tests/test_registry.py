@@ -188,9 +188,9 @@ def test_sampler_needs_are_checked_before_sampling(ckpts, tmp_path):
     torch.manual_seed(0)
     net = _net("cond", num_classes=10)
     can = [s for s in samplers.names() if "renoise" in samplers.info(s).supports]
-    assert "euler" in can and "heun" not in can
-    with pytest.raises(GuidelabError, match=f"cfgpp needs a sampler with renoise: {', '.join(can)}; got heun"):
-        registry.build("cfgpp", registry.Context(net, 0.5, sampler="heun"))
+    assert "euler" in can and "heun" in can and "dpm_2" not in can
+    with pytest.raises(GuidelabError, match=f"cfgpp needs a sampler with renoise: {', '.join(can)}; got dpm_2"):
+        registry.build("cfgpp", registry.Context(net, 0.5, sampler="dpm_2"))
     registry.build("cfgpp", registry.Context(net, 0.5, sampler="euler"))
     r = CliRunner().invoke(
         cli.main,
@@ -203,7 +203,7 @@ def test_sampler_needs_are_checked_before_sampling(ckpts, tmp_path):
             "--weight",
             "0.5",
             "--sampler",
-            "heun",
+            "dpm_2",
             "--out",
             str(tmp_path / "x"),
         ],

@@ -14,7 +14,7 @@ W = toy.conditional_tree(dtype=torch.float64)
 SIG = schedules.karras(6, 0.05, 5.0, dtype=torch.float64)
 X = W.world(2).sample(8, 5.0, generator=torch.Generator().manual_seed(0))
 COND = {"label": torch.arange(8) % 2}
-RENOISE = ["euler", "euler_ancestral", "ddim", "ddpm", "dpmpp_2m", "dpmpp_2s_ancestral"]
+RENOISE = ["euler", "euler_ancestral", "ddim", "ddpm", "dpmpp_2m", "dpmpp_2s_ancestral", "heun"]
 
 
 def _run(name, den, **kw):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import torch
 
 from ..errors import check
@@ -14,12 +16,19 @@ class CFGpp(Guided):
 
     requires = frozenset({"renoise"})
 
-    def pair(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> tuple[torch.Tensor, torch.Tensor]:
+    def pair(self, x: torch.Tensor, sigma: torch.Tensor, **cond: Any) -> tuple[torch.Tensor, torch.Tensor]:
         D_c, D_u = self.branches(x, sigma, cond)
         return D_u.lerp(D_c, self.w), D_u
 
 
-def cfgpp(denoiser, lam: float, *, uncond=None, key: str | None = None, null=None) -> CFGpp:
+def cfgpp(
+    denoiser: Callable[..., torch.Tensor],
+    lam: float,
+    *,
+    uncond: Callable[..., torch.Tensor] | None = None,
+    key: str | None = None,
+    null: Any = None,
+) -> CFGpp:
     """CFG++ (Chung et al., ICLR 2025, arXiv 2406.08070; CFGpp-diffusion/CFGpp) at the paper's ``lam``.
 
     The data term of each step uses ``D_lam = D_u + lam (D_c - D_u)``, the renoise (direction) term the
@@ -30,9 +39,13 @@ def cfgpp(denoiser, lam: float, *, uncond=None, key: str | None = None, null=Non
 
     Mechanism: the guider requires the sampler feature ``"renoise"`` and hands ``(D_lam, D_u)`` through
     :meth:`CFGpp.pair`; samplers that support it (``samplers.info(name).supports``: euler,
-    euler_ancestral, ddim, ddpm, dpmpp_2m, dpmpp_2s_ancestral) take their direction / history terms from
-    ``D_u``; every other sampler refuses it. Called as a plain denoiser it returns ``D_lam``. Rules that
-    rewrite the guided output (rescale, apg, cfg_zero_star) and ``compose`` refuse it.
+    euler_ancestral, ddim, ddpm, dpmpp_2m, dpmpp_2s_ancestral, heun) take their direction / history terms
+    from ``D_u``; every other sampler refuses it. Heun is guidelab's derivation, not a published form:
+    CFG Heun at the step's CFG++ weight ``w = lam sigma / (sigma - sigma_next)`` (below), so its first stage
+    is the CFG++ Euler step and it is second order where CFG++ Euler is CFG Euler
+    (:func:`guidelab.samplers.base.heun_step`).
+    Called as a plain denoiser it returns ``D_lam``. Rules that rewrite the guided output (rescale, apg,
+    cfg_zero_star) and ``compose`` refuse it.
 
     Weight: ``lam`` in [0, 1] (``lam = 0``: unconditional; there is no "no guidance" value in our w
     convention). One Euler/DDIM step equals a CFG step of ``w_EDM = lam sigma / (sigma - sigma_next)``

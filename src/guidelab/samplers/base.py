@@ -171,10 +171,34 @@ def pair_evaluator(
     return pair
 
 
+def renoise_inner(
+    evaluate_pair: Callable[[torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]],
+    D: torch.Tensor,
+    D_r: torch.Tensor,
+    sigma: float,
+    sigma_next: float,
+) -> Callable[[torch.Tensor, float], torch.Tensor]:
+    """The inner evaluations (Heun's corrector) of a renoise step sigma -> sigma_next started from
+    ``x_s = x + g``, ``g = D - D_r`` (:func:`shifted`): CFG at the step's CFG++ weight
+    ``w = lam sigma / (sigma - sigma_next)`` (methods.md §4), seen from ``x_s``::
+
+        D_eff(x', s') = D'_r + (sigma g' - s' g) / (sigma - sigma_next),    g' = D'_lam - D'_u
+
+    so that a step from ``x_s`` with ``d' = (x' - D_eff) / s'`` is the step from ``x`` with ``d' = (x' - D'_w) / s'``
+    (derivation: :func:`heun_step`). ``g = g' = 0`` (lam = 0) gives ``D'_r`` bit for bit."""
+
+    def inner(x_: torch.Tensor, s: float) -> torch.Tensor:
+        D2, D2_r = evaluate_pair(x_, s)
+        return D2_r + (sigma * (D2 - D2_r) - s * (D - D_r)) / (sigma - sigma_next)
+
+    return inner
+
+
 def shifted(x: torch.Tensor, D: torch.Tensor, D_r: torch.Tensor) -> torch.Tensor:
     """The renoise step (CFG++): a step from ``x + (D - D_r)`` with data term ``D`` uses ``D_r`` in its
     direction terms; ``x`` itself when D_r is D. Euler: ``D + (s'/s)(x + D - D_r - D) = D + (s'/s)(x - D_r)``
-    (CFG++, methods.md §4); DPM++(2S) as ComfyUI's ``sample_dpmpp_2s_ancestral_cfg_pp``."""
+    (CFG++, methods.md §4); DPM++(2S) as ComfyUI's ``sample_dpmpp_2s_ancestral_cfg_pp``; Heun:
+    :func:`heun_step`."""
     return x if D_r is D else x + (D - D_r)
 
 
@@ -244,6 +268,18 @@ def heun_step(
     """Heun's method (EDM Alg. 2 lines 8-11); Euler when sigma_next = 0.
 
     ``x + (sigma_next - sigma) (d + d') / 2`` with ``d = (x - D) / sigma``, ``d' = (x' - D') / sigma_next``.
+
+    CFG++ (guidelab's derivation, not a published form). One CFG++ Euler step is a CFG Euler step at
+    ``w = lam s / (s - s')`` (methods.md §4); CFG++ Heun is CFG Heun at that ``w`` held over the step, with
+    ``g = D_lam - D_u = lam (D_c - D_u)`` (``g'``, ``D'_u`` at the predictor)::
+
+        x'     = x + (s' - s)(x - D_w)/s = D_lam + (s'/s)(x - D_u)          # first stage = CFG++ Euler
+        x_next = (x + x')/2 + (s' - s)/(2 s') (x' - D'_u) + s/(2 s') g'     # trapezoid of the CFG drift at w
+
+    data terms from ``D_lam`` (both guidance vectors), directions from ``D_u``; :func:`churn_loop` passes
+    ``x_s = x + g`` (:func:`shifted`), ``D = D_lam`` and :func:`renoise_inner`. As in the official DPM++(2S)-a
+    CFG++ (CFGpp-diffusion/CFGpp), the second evaluation enters with both branches. ``lam = 0``: Heun; the step
+    to sigma = 0: CFG++ Euler's (``D_lam``).
     """
     x_next = torch.lerp(D, x, sigma_next / sigma)
     if sigma_next == 0:
@@ -310,7 +346,8 @@ def churn_loop(
 ) -> torch.Tensor:
     """EDM Algorithm 2 with any ``step``: churn to sigma_hat, then a deterministic step to sigma_next.
 
-    The renoise step (CFG++, where ``name`` supports it): the step starts from :func:`shifted`.
+    The renoise step (CFG++, where ``name`` supports it): the step starts from :func:`shifted`; its inner
+    evaluations (Heun's corrector) are :func:`renoise_inner`.
     """
     sigmas = check_inputs(x, sigmas)
     denoiser, run = begin_run(denoiser, x, sigmas, noise, name)
@@ -323,7 +360,8 @@ def churn_loop(
         x, sigma_hat = churn(x, sig[i], n, noise, sig[i + 1], s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise)
         D, D_r = evaluate_pair(x, sigma_hat)
         report(callback, x, i, sigmas, sigma_hat, D)
-        x = step(evaluate, shifted(x, D, D_r), D, sigma_hat, sig[i + 1])
+        inner = evaluate if D_r is D else renoise_inner(evaluate_pair, D, D_r, sigma_hat, sig[i + 1])
+        x = step(inner, shifted(x, D, D_r), D, sigma_hat, sig[i + 1])
     return x
 
 

@@ -23,7 +23,7 @@ RENOISE = frozenset({"renoise"})
 
 INFO: dict[str, Info] = {
     "euler": Info(1, 1, False, "Karras et al. 2022, Alg. 2 (Euler)", RENOISE),
-    "heun": Info(2, 2, False, "Karras et al. 2022, Alg. 2"),
+    "heun": Info(2, 2, False, "Karras et al. 2022, Alg. 2", RENOISE),
     "euler_ancestral": Info(1, 0, True, "k-diffusion sample_euler_ancestral", RENOISE),
     "dpm_2": Info(2, 2, False, "Lu et al. 2022 (DPM-Solver-2), k-diffusion sample_dpm_2"),
     "dpm_2_ancestral": Info(2, 0, True, "k-diffusion sample_dpm_2_ancestral"),

@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 
+from ..rng import NoiseSampler, SampleNoise
 from .base import Callback, churn_loop, euler_step, heun_step
+from .noise import BrownianNoise
+
+#: what ``noise=`` takes (:func:`guidelab.samplers.base.resolve_noise`): None = torch's global generator.
+Noise = SampleNoise | BrownianNoise | NoiseSampler | None
 
 
 def euler(
-    denoiser,
+    denoiser: Callable[..., torch.Tensor],
     x: torch.Tensor,
     sigmas: torch.Tensor,
     *,
@@ -21,7 +27,7 @@ def euler(
     s_tmin: float = 0.0,
     s_tmax: float = math.inf,
     s_noise: float = 1.0,
-    noise=None,
+    noise: Noise = None,
 ) -> torch.Tensor:
     """Euler on the probability-flow ODE (1 NFE per step), with EDM churn when ``s_churn > 0``.
 
@@ -47,7 +53,7 @@ def euler(
 
 
 def heun(
-    denoiser,
+    denoiser: Callable[..., torch.Tensor],
     x: torch.Tensor,
     sigmas: torch.Tensor,
     *,
@@ -58,11 +64,12 @@ def heun(
     s_tmin: float = 0.0,
     s_tmax: float = math.inf,
     s_noise: float = 1.0,
-    noise=None,
+    noise: Noise = None,
 ) -> torch.Tensor:
     """The EDM sampler (Algorithm 2): Heun's 2nd-order method, Euler on the last step to sigma = 0.
 
-    2 NFE per step except the last; arguments as in :func:`euler`.
+    2 NFE per step except the last; arguments as in :func:`euler`. With CFG++ (``guidance.cfgpp``, the
+    renoise step): guidelab's Heun form of CFG++ (not a published one), :func:`~guidelab.samplers.base.heun_step`.
     """
     return churn_loop(
         denoiser,
