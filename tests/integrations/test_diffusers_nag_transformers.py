@@ -1,7 +1,7 @@
 """NAG on diffusers transformers: PixArt (its blocks' text cross-attention ``attn2``, the negative caption projected
 as the prompt is) and FLUX (joint attention in double- and single-stream blocks, the official FLUX pipeline's rule),
 each equal to a hand-written step of the official rule in float64; w = 1 bit-identical to the plain model; the main
-and the negative rows in one call (counted); PixArt with CFG in the same call."""
+and the negative rows in one call (counted); CFG in the same call (PixArt, FLUX, SD3)."""
 
 import pytest
 import torch
@@ -266,8 +266,8 @@ def test_nag_on_flux_equals_the_official_step(monkeypatch, scale, tau, alpha, la
 
 
 def test_nag_on_flux_reachable_and_misuse_refused():
-    """The registry's nag on a FLUX FlowDenoiser is gd.nag; cfg_weight, a missing pooled negative and an unknown
-    layer are one-line errors."""
+    """The registry's nag on a FLUX FlowDenoiser is gd.nag; a NaN cfg_weight, a missing pooled negative and an
+    unknown layer are one-line errors."""
     from guidelab.guidance.protocols import Condition
     from guidelab.integrations.diffusers import flow
 
@@ -275,10 +275,105 @@ def test_nag_on_flux_reachable_and_misuse_refused():
     with torch.no_grad():
         built = registry.build("nag", registry.Context(den, w=4.0, options=["tau=2.0", "alpha=0.25"]))
         assert torch.equal(built(x, sigma, **cond), nag(den, 4.0, tau=2.0, alpha=0.25)(x, sigma, **cond))
-    with pytest.raises(GuidelabError, match="cfg_weight on FLUX"):
-        nag(den, 4.0, cfg_weight=2.0)
+    with pytest.raises(GuidelabError, match="cfg_weight must be a finite number"):
+        nag(den, 4.0, cfg_weight=float("nan"))
     only_text = Condition("encoder_hidden_states", {"encoder_hidden_states": den.condition.null["encoder_hidden_states"]})
     with pytest.raises(GuidelabError, match="pooled_projections"):
         nag(flow.FlowDenoiser(velocity, dtype=torch.float64, condition=only_text, model=net), 4.0)
     with pytest.raises(GuidelabError, match="no layer"):
         nag(den, 4.0, layers=["nope"])
+
+
+def test_nag_with_cfg_on_flux_in_one_call(monkeypatch):
+    """FLUX NAG + CFG: one call of 3B rows ([prompt; negative; unconditional]), D_u + g (D_nag - D_u) with D_nag the
+    official FLUX NAG step and D_u the plain model on the negative prompt (the official FLUX pipeline runs no true
+    CFG with NAG: its natural extension) to 1e-10; w = 1 with cfg_weight is plain CFG bit for bit, cfg_weight = 1 is
+    NAG alone bit for bit."""
+    net, den, cond, velocity, x, sigma, nemb, npooled = _flux()
+    calls = []
+    net.register_forward_pre_hook(lambda m, a, kw: calls.append(kw["hidden_states"].shape[0]), with_kwargs=True)
+    with torch.no_grad():
+        ours = nag(den, 4.0, tau=2.5, alpha=0.25, cfg_weight=3.0)(x, sigma, **cond)
+        assert calls == [3 * B]
+        assert torch.equal(nag(den, 1.0, cfg_weight=3.0)(x, sigma, **cond), guidance.cfg(den, 3.0)(x, sigma, **cond))
+        alone = nag(den, 4.0, tau=2.5, alpha=0.25)(x, sigma, **cond)
+        assert torch.equal(nag(den, 4.0, tau=2.5, alpha=0.25, cfg_weight=1.0)(x, sigma, **cond), alone)
+        uncond = den(x, sigma, encoder_hidden_states=nemb.expand(B, -1, -1), pooled_projections=npooled.expand(B, -1))
+    ref_nag = _official_flux(net, velocity, x, sigma, cond, nemb, npooled, 4.0, 2.5, 0.25, ALL_FLUX, monkeypatch)
+    ref = uncond + 3.0 * (ref_nag - uncond)
+    assert (ours - ref).abs().max() < 1e-10 and (ours - alone).abs().max() > 1e-3
+
+
+class OfficialJointNAGCFG:
+    """The official SD3 joint-attention NAG step with CFG, written out: image rows [uncond; cond] (2B), text rows
+    [negative; prompt; negative] (3B); the cond image q, k, v repeated for the third block, one joint attention over
+    3B rows, NAG (with its 1e-7 guards) on the cond rows' image outputs; image output [uncond; guided]."""
+
+    def __init__(self, scale, tau, alpha):
+        self.scale, self.tau, self.alpha = scale, tau, alpha
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kw):
+        b2, L = hidden_states.shape[:2]
+        n, b = encoder_hidden_states.shape[0], hidden_states.shape[0] // 2
+        d = attn.to_k.out_features // attn.heads
+
+        def heads(t, rows):
+            return t.view(rows, -1, attn.heads, d).transpose(1, 2)
+
+        q, k, v = (heads(f(hidden_states), b2) for f in (attn.to_q, attn.to_k, attn.to_v))
+        q, k, v = (torch.cat([t, t[b : 2 * b]]) for t in (q, k, v))
+        eq, ek, ev = (heads(f(encoder_hidden_states), n) for f in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
+        z = F.scaled_dot_product_attention(torch.cat([q, eq], 2), torch.cat([k, ek], 2), torch.cat([v, ev], 2))
+        z = z.transpose(1, 2).reshape(n, -1, attn.heads * d)
+        hs, ehs = z[:, :L], z[:, L:]
+        if not attn.context_pre_only:
+            ehs = attn.to_add_out(ehs)
+        zp, zn = hs[b : 2 * b], hs[2 * b :]
+        g = zp * self.scale - zn * (self.scale - 1)
+        np_ = torch.norm(zp, p=1, dim=-1, keepdim=True).expand(*zp.shape)
+        ng = torch.norm(g, p=1, dim=-1, keepdim=True).expand(*g.shape)
+        r = ng / (np_ + 1e-7)
+        g = g * torch.minimum(r, r.new_ones(1) * self.tau) / (r + 1e-7)
+        hs = torch.cat([hs[:b], g * self.alpha + zp * (1 - self.alpha)])
+        return attn.to_out[1](attn.to_out[0](hs)), ehs
+
+
+def test_nag_with_cfg_on_sd3_equals_the_official_step(monkeypatch):
+    """SD3 NAG + CFG: one call of 3B rows, equal to the official SD3 pipeline's step at guidance_scale > 1 (text
+    [negative; prompt; negative], pooled [negative; prompt; prompt], image [uncond; cond], AdaLayerNorms truncated
+    to each stream's rows) to 1e-10."""
+    from diffusers.models import normalization
+
+    net, den, cond, (nemb, npooled), x, sigma = th._sd3()
+    emb, pooled = cond["encoder_hidden_states"], cond["pooled_projections"]
+    calls = []
+    net.register_forward_pre_hook(lambda m, a, kw: calls.append(kw["hidden_states"].shape[0]), with_kwargs=True)
+    with torch.no_grad():
+        ours = nag(den, 4.0, tau=2.5, alpha=0.25, cfg_weight=3.0)(x, sigma, **cond)
+        assert calls == [3 * B]
+        alone = nag(den, 4.0, tau=2.5, alpha=0.25)(x, sigma, **cond)
+    zero, cont = normalization.AdaLayerNormZero.forward, normalization.AdaLayerNormContinuous.forward
+    monkeypatch.setattr(
+        normalization.AdaLayerNormZero,
+        "forward",
+        lambda self, h, timestep=None, class_labels=None, hidden_dtype=None, emb=None: zero(
+            self, h, timestep, class_labels, hidden_dtype, emb=emb[: h.shape[0]]
+        ),
+    )
+    monkeypatch.setattr(normalization.AdaLayerNormContinuous, "forward", lambda self, h, c: cont(self, h, c[: h.shape[0]]))
+    saved = dict(net.attn_processors)
+    net.set_attn_processor({k: OfficialJointNAGCFG(4.0, 2.5, 0.25) for k in saved})
+    t = sigma / (1 + sigma)
+    x_t = x / (1 + sigma.view(-1, 1, 1, 1))
+    with torch.no_grad():
+        v = net(
+            hidden_states=torch.cat([x_t, x_t]),
+            timestep=(t * 1000).float().repeat(3),
+            encoder_hidden_states=torch.cat([nemb, emb, nemb]),
+            pooled_projections=torch.cat([npooled, pooled, pooled]),
+            return_dict=False,
+        )[0]
+    net.set_attn_processor(dict(saved))
+    v_u, v_c = v.chunk(2)
+    ref = x_t - t.view(-1, 1, 1, 1) * (v_u + 3.0 * (v_c - v_u))
+    assert (ours - ref).abs().max() < 1e-10 and (ours - alone).abs().max() > 1e-3

@@ -243,9 +243,10 @@ def nag(
       ``NAGFluxAttnProcessor2_0``; the paper and its other processors: L1); the image stream of the double-stream
       blocks is one stream (the prompt's modulation), the single-stream blocks carry both halves.
 
-    At ``w == 1`` the plain model (bit for bit). ``cfg_weight`` (UNets, PixArt): CFG as well, in the same call of
-    2B rows, as the official pipelines at ``guidance_scale > 1``: ``D = D_u + cfg_weight (D_nag - D_u)``, ``D_u``
-    the plain model on the negative prompt.
+    At ``w == 1`` the plain model (bit for bit; with ``cfg_weight`` plain CFG). ``cfg_weight``: CFG as well, in the
+    same call (UNets, PixArt: 2B rows; SD3, FLUX: 3B), as the official UNet / SD3 pipelines at
+    ``guidance_scale > 1``: ``D = D_u + cfg_weight (D_nag - D_u)``, ``D_u`` the plain model on the negative prompt
+    (the official FLUX pipeline's ``true_cfg_scale`` does not run with NAG: here its natural extension).
     """
     model: torch.nn.Module | None = denoiser.model
     if isinstance(denoiser, FlowDenoiser) and type(model).__name__ in JOINT_NAG:
@@ -294,34 +295,47 @@ class JointNAG:
     ``[prompt; negative]`` and gives both halves the combined image output, so the two image streams stay equal
     (the official code keeps one image stream where it can: half the image-stream compute). ``keys``: what the
     negative half takes from the negative prompt (SD3: the embedding; its pooled projection stays the prompt's,
-    as the official SD3 pipeline; FLUX: the embedding and its pooled projection, as the official FLUX pipeline)."""
+    as the official SD3 pipeline; FLUX: the embedding and its pooled projection, as the official FLUX pipeline).
+    ``cfg_weight``: a third block of plain rows, the negative prompt (the null condition, all its keys), in the same
+    call, ``D = D_u + cfg_weight (D_nag - D_u)`` (the official SD3 pipeline at ``guidance_scale > 1``)."""
 
-    def __init__(self, den: FlowDenoiser, perturbation: Perturbation, keys: tuple[str, ...] = ("encoder_hidden_states",)):
+    def __init__(
+        self,
+        den: FlowDenoiser,
+        perturbation: Perturbation,
+        keys: tuple[str, ...] = ("encoder_hidden_states",),
+        cfg_weight: float | None = None,
+    ):
         assert den.model is not None and den.condition is not None  # checked by nag()
-        self.den, self.perturbation, self.model = den, perturbation, den.model
+        self.den, self.perturbation, self.model, self.cfg_weight = den, perturbation, den.model, cfg_weight
         self.negative = Branch(den, {k: den.condition.null[k] for k in keys})
+        self.null = Branch(den, den.condition.null)
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **cond: Any) -> torch.Tensor:
         B = x.shape[0]
-        neg = self.negative.cond(cond, x, sigma)
-        both = {
-            k: torch.cat([v, v]) if isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == B else v for k, v in cond.items()
+        blocks = [cond, self.negative.cond(cond, x, sigma)]  # the rows [prompt; negative (; unconditional)]
+        if self.cfg_weight is not None:
+            blocks.append(self.null.cond(cond, x, sigma))
+        k = len(blocks)
+        rows = {
+            key: torch.cat([b[key].to(v) for b in blocks]) if isinstance(v, torch.Tensor) and v.ndim and v.shape[0] == B else v
+            for key, v in cond.items()
         }
-        for k in self.negative.overrides:
-            both[k] = torch.cat([cond[k], neg[k].to(cond[k])])
-        marks = torch.arange(2 * B, device=x.device) >= B
-        with perturbed_attention(self.model, self.perturbation, marks):
-            return self.den(torch.cat([x, x]), torch.cat([sigma, sigma]), **both)[:B]
+        marks = (torch.arange(k * B, device=x.device) >= B) & (torch.arange(k * B, device=x.device) < 2 * B)
+        with perturbed_attention(self.model, self.perturbation, marks, pairs=B):
+            out = self.den(torch.cat([x] * k), torch.cat([sigma] * k), **rows)
+        if self.cfg_weight is None:
+            return out[:B]
+        return out[2 * B :] + self.cfg_weight * (out[:B] - out[2 * B :])  # D_u + g (D_nag - D_u)
 
 
 def _joint_nag(
     den: FlowDenoiser, w: float, tau: float, alpha: float, layers: str | Sequence[str] | None, cfg_weight: float | None
-) -> OnePass:
+) -> OnePass | Guided:
     flux = type(den.model).__name__ == "FluxTransformer2DModel"
-    check(
-        cfg_weight is None, f"nag with cfg_weight on {'FLUX' if flux else 'SD3'} is not supported yet (UNets, PixArt: supported)"
-    )
     _number(w, "w (nag_scale)")
+    if cfg_weight is not None:
+        _number(cfg_weight, "cfg_weight")
     cond = den.condition
     keys = ("encoder_hidden_states", "pooled_projections") if flux else ("encoder_hidden_states",)
     check(
@@ -329,11 +343,12 @@ def _joint_nag(
         f"nag needs the negative prompt embedding (the denoiser's null condition for {' and '.join(keys)})",
     )
     if w == 1:
-        return OnePass(den, den, "nag")
+        return OnePass(den, den, "nag") if cfg_weight is None else cfg(den, cfg_weight)
     pert = Perturbation("nag", layers, nag=(float(w), tau, alpha))
     assert den.model is not None  # an SD3 / FLUX FlowDenoiser (checked by the caller)
     pert.modules(den.model)
-    return OnePass(JointNAG(den, pert, keys), den, "nag")
+    g = None if cfg_weight is None or cfg_weight == 1 else float(cfg_weight)  # cfg_weight 1: NAG alone
+    return OnePass(JointNAG(den, pert, keys, g), den, "nag" if g is None else "nag+cfg")
 
 
 registry.register_attention(DiffusersDenoiser, attention_guidance)  # pag / seg / slg / nag / sag entries

@@ -212,6 +212,7 @@ class _Scope:
     nag: tuple[float, float, float] | None = None
     negative_mask: torch.Tensor | None = None
     store: list[tuple[int, torch.Tensor]] | None = None  # sag: where the recorded maps go
+    pairs: int | None = None  # joint NAG: rows [prompt; negative] are [0, pairs) and [pairs, 2 pairs), then plain rows
     tokens: dict[str, int] = field(default_factory=dict)  # FLUX: {"text": the text length of the call} (set by _text_hook)
 
 
@@ -272,24 +273,32 @@ def _received(
     return logits.softmax(-1).mean(1).sum(1)
 
 
-def _joint_nag(scope: _Scope, z: torch.Tensor, img: tuple[int, int], flux: bool) -> torch.Tensor:
-    """NAG on joint attention outputs ``z`` [2h, heads, L, d], rows [prompt; negative] paired i <-> h + i: the image
-    tokens ``[img[0], img[1])`` of both halves get NAG of the two halves' image outputs (SD3: L1 norm, eps 1e-7;
-    FLUX: L2, no eps, as the official processors), so the two image streams stay equal; the text tokens keep their
-    own outputs (each half's text stream attends as usual)."""
-    B, (a0, b0) = z.shape[0], img
-    h = B // 2
+def _pairs(scope: _Scope, B: int) -> int:
+    """Joint NAG's number h of [prompt; negative] row pairs (i <-> h + i) in a batch of B rows; rows from 2h on
+    are plain (CFG's unconditional rows); the marks must say so (the negative rows marked, no other)."""
+    h = B // 2 if scope.pairs is None else scope.pairs
+    m = scope.mask
     check(
-        B % 2 == 0 and not bool(scope.mask[:h].any()) and bool(scope.mask[h:].all()),
-        "nag on joint attention needs the rows [prompt; negative prompt] (the negative half marked)",
+        0 < 2 * h <= B and not bool(m[:h].any()) and bool(m[h : 2 * h].all()) and not bool(m[2 * h :].any()),
+        "nag on joint attention needs the rows [prompt; negative prompt; plain rows] (the negative rows marked)",
     )
+    return h
+
+
+def _joint_nag(scope: _Scope, z: torch.Tensor, img: tuple[int, int], flux: bool) -> torch.Tensor:
+    """NAG on joint attention outputs ``z`` [B, heads, L, d], rows [prompt; negative] paired i <-> h + i (then plain
+    rows, untouched): the image tokens ``[img[0], img[1])`` of both get NAG of the pair's image outputs (SD3: L1
+    norm, eps 1e-7; FLUX: L2, no eps, as the official processors), so the two image streams stay equal; the text
+    tokens keep their own outputs (each text stream attends as usual)."""
+    a0, b0 = img
+    h = _pairs(scope, z.shape[0])
     zp = z[:h, :, a0:b0]
     if scope.nag is None:  # FLUX double-stream layer outside the selection: the prompt's image output
         g = zp
     else:
         s_, tau, alpha = scope.nag
-        g = _nag(zp, z[h:, :, a0:b0], s_, tau, alpha, eps=0.0 if flux else 1e-7, order=2 if flux else 1)
-    return torch.cat([z[:, :, :a0], torch.cat([g, g]), z[:, :, b0:]], dim=2)
+        g = _nag(zp, z[h : 2 * h, :, a0:b0], s_, tau, alpha, eps=0.0 if flux else 1e-7, order=2 if flux else 1)
+    return torch.cat([z[:, :, :a0], torch.cat([g, g, z[2 * h :, :, a0:b0]]), z[:, :, b0:]], dim=2)
 
 
 def _sdpa(
@@ -510,8 +519,8 @@ def _emb_hook(module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> t
     emb = kwargs.get("emb")
     check(emb is not None, "nag on FLUX: the double-stream block's norm1 must be called with emb= (diffusers' blocks)")
     assert emb is not None  # checked above
-    h = emb.shape[0] // 2
-    return args, {**kwargs, "emb": torch.cat([emb[:h], emb[:h]])}
+    h = _pairs(scope, emb.shape[0])
+    return args, {**kwargs, "emb": torch.cat([emb[:h], emb[:h], emb[2 * h :]])}
 
 
 def _joint_skip(mask: torch.Tensor, args: tuple, kwargs: dict[str, Any], output: tuple) -> tuple:
@@ -604,6 +613,7 @@ def perturbed_attention(
     negative: torch.Tensor | None = None,
     store: list[tuple[int, torch.Tensor]] | None = None,
     negative_mask: torch.Tensor | None = None,
+    pairs: int | None = None,
 ) -> Iterator[None]:
     """Perturb the rows ``mask`` ([B] bool) of every forward call of ``model`` made inside the context, in this
     thread (or asyncio task) only.
@@ -615,10 +625,11 @@ def perturbed_attention(
     to the time embedding's output on those rows. NAG: each selected cross-attention runs once more with the
     ``negative`` context ([B, L, dim], as the model takes ``encoder_hidden_states``: PixArt's is caption-projected
     here) and its ``negative_mask`` ([B, L]) and combines the two attention outputs on those rows; SD3 / FLUX: no
-    ``negative``, the rows are [prompt; negative] (the second half marked) and the joint attentions combine the two
-    halves' image outputs. SAG: the selected layer's received attention ([rows, L]) of those rows is appended to
-    ``store`` as ``(first row, map)``. The other rows are untouched, so one batched call can hold the main and the
-    perturbed branch. Other threads and other models running at the same time are unaffected.
+    ``negative``, the rows are [prompt; negative] (the second half marked; with ``pairs`` = h: rows [0, h) and
+    [h, 2h), then plain unmarked rows) and the joint attentions combine each pair's image outputs. SAG: the
+    selected layer's received attention ([rows, L]) of those rows is appended to ``store`` as ``(first row, map)``.
+    The other rows are untouched, so one batched call can hold the main and the perturbed branch. Other threads and
+    other models running at the same time are unaffected.
     """
     mods = perturbation.modules(model)
     name = type(model).__name__
@@ -649,6 +660,7 @@ def perturbed_attention(
         perturbation.nag,
         negative_mask,
         store,
+        pairs=pairs,
     )
     kind = "processor" if perturbation.mode in ("pag", "seg", "nag", "sag") else "hook"
     marked = [(m, kind, scope) for _, m in mods]
