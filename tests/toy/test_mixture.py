@@ -102,3 +102,30 @@ def test_row_chunks_change_nothing(monkeypatch):
     chunked = tree.logp(x, sigma), tree.denoise(x, sigma), tree.score_fast(x, sigma)
     assert torch.equal(whole[0], chunked[0]) and torch.equal(whole[1], chunked[1])
     torch.testing.assert_close(whole[2], chunked[2], rtol=1e-6, atol=1e-6)  # (small GEMMs: last bits may differ)
+
+
+def test_score_fast_workspace_is_invisible():
+    """score_fast's temporaries live in one reused per-thread workspace: interleaving batch sizes, dtypes and
+    threads changes no value (each call equals the same call made alone, first)."""
+    import threading
+
+    w32, w64 = toy.tree("A"), toy.tree("A", dtype=torch.float64)
+    g = torch.Generator().manual_seed(7)
+    sigma = (torch.randn(1500, generator=g) * 1.5 - 2.3).exp()
+    x = w32.sample(1500, sigma, generator=g)
+    calls = [(w32, x, sigma), (w64, x.double(), sigma.double()), (w32, x[:37], sigma[:37]), (w32, x[:600], sigma[:600])]
+    first = [w.score_fast(a, s) for w, a, s in calls]
+    for (w, a, s), ref in zip(calls[::-1], first[::-1]):
+        assert torch.equal(w.score_fast(a, s), ref)
+    out: dict[int, torch.Tensor] = {}
+
+    def run(i: int) -> None:
+        for _ in range(3):
+            out[i] = calls[i][0].score_fast(calls[i][1], calls[i][2])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(torch.equal(out[i], first[i]) for i in range(len(calls)))
