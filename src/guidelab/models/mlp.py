@@ -28,15 +28,18 @@ to the trunk features as is: the guidance weight of a distilled student (``train
 from __future__ import annotations
 
 import math
-from typing import cast
+from typing import Any, cast
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from ..denoisers import Condition, EDMPrecond, bcast
 from ..errors import as_sigma, check
 from ._common import check_extra_scalar, one_hot_label
 from .registry import register
+
+#: A label argument: [batch] integers, one integer for all, or None (the null label).
+Label = torch.Tensor | int | None
 
 
 def mp_normalize(w: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
@@ -52,7 +55,7 @@ class MPLinear(nn.Module):
     normalisation", EDM2), which keeps the effective learning rate constant.
     """
 
-    def __init__(self, fan_in: int, fan_out: int):
+    def __init__(self, fan_in: int, fan_out: int) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.randn(fan_out, fan_in))
 
@@ -67,7 +70,9 @@ class MPLinear(nn.Module):
         return x @ self.effective_weight().t()
 
 
-def _offset(c_noise: torch.Tensor, noise_embed_offset, hidden: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _offset(
+    c_noise: torch.Tensor, noise_embed_offset: torch.Tensor | None, hidden: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Apply the TSG perturbation: ``(c_noise', embedding offset)``.
 
     ``None``: unchanged; [batch] (or [batch, 1]): ``c_noise + offset``; [batch, hidden]: ``c_noise``
@@ -92,11 +97,19 @@ def mp_silu(x: torch.Tensor) -> torch.Tensor:
     return nn.functional.silu(x) / 0.596
 
 
+def _dsilu(a: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """``silu'(h) = s + h s (1 - s) = s + silu(h) (1 - s)`` from ``a = silu(h)``, ``s = sigmoid(h)`` (one new
+    tensor; the training path and the explicit pass share it, so the two agree bit for bit)."""
+    return torch.addcmul(a, a, s, value=-1).add_(s)
+
+
 def _silu_parts(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(s, silu(h), silu'(h))`` with ``s = sigmoid(h)``, ``silu'(h) = s + h s (1 - s)``."""
+    """``(p, silu(h), silu'(h))`` with ``s = sigmoid(h)``, ``p = s (1 - s)``, ``silu'(h) = s + h p``;
+    3 new tensors and 2 in-place passes (``silu' = s + silu(h) (1 - s)``, then ``p`` in ``s``'s place)."""
     s = torch.sigmoid(h)
     a = h * s
-    return s, a, torch.addcmul(s, a, 1 - s)
+    d = _dsilu(a, s)
+    return s.addcmul_(s, s, value=-1), a, d
 
 
 class _EnergyScore(torch.autograd.Function):
@@ -107,20 +120,22 @@ class _EnergyScore(torch.autograd.Function):
     Forward (rows are samples): ``h_0 = f W_0^T``, ``h_l = silu(h_{l-1}) W_l^T``, ``g_L = h_L``,
     ``g_{l-1} = (g_l W_l) * silu'(h_{l-1})``, ``score = (c g_0 W_0[:, :dim] - x_in) / r``,
     ``c = 2 gain / (hidden sigma)``. The backward is that chain's adjoint, with ``silu''(h) = s (1 - s) (2 +
-    h (1 - 2 s))`` for the dependence of ``silu'(h_{l-1})`` on ``h_{l-1}``.
+    h (1 - 2 s)) = p (2 + h - 2 silu(h))`` for the dependence of ``silu'(h_{l-1})`` on ``h_{l-1}``. Saved
+    tensors are never written (a second backward with ``retain_graph`` stays right); temporaries go to three
+    reused scratch buffers (fresh [batch, hidden] outputs cost ~2x a pass over memory already in cache).
     """
 
     @staticmethod
-    def forward(ctx, f, x_in, r, sigma, gain, dim: int, *w):
+    def forward(ctx: Any, f: Tensor, x_in: Tensor, r: Tensor, sigma: Tensor, gain: Tensor, dim: int, *w: Tensor) -> Tensor:
         hidden, L = w[0].shape[0], len(w) - 1
         # x @ W^T with a transposed view is ~1.5x slower than with a contiguous W^T (64 x 64 on one core)
         wt = [wl.t().contiguous() for wl in w]
         h = f @ wt[0]
-        pre, sig, act, dsilu = [], [], [], []
+        pre, sp, act, dsilu = [], [], [], []
         for k in range(1, L + 1):
-            s, a, d = _silu_parts(h)
+            p, a, d = _silu_parts(h)
             pre.append(h)
-            sig.append(s)
+            sp.append(p)
             act.append(a)
             dsilu.append(d)
             h = a @ wt[k]
@@ -135,38 +150,37 @@ class _EnergyScore(torch.autograd.Function):
         gx = g @ w0x
         out = ((2 * gain / hidden) / sigma[:, None] * gx - x_in) / r
         ctx.dim, ctx.depth = dim, L
-        ctx.save_for_backward(f, r, sigma, gain, gx, w0x, *w, *pre, *sig, *act, *dsilu, *gs, *us)
+        ctx.save_for_backward(f, r, sigma, gain, gx, w0x, *w, *wt, *pre, *sp, *act, *dsilu, *gs, *us)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         L, dim = ctx.depth, ctx.dim
         f, r, sigma, gain, gx, w0x, *rest = ctx.saved_tensors
-        w, rest = rest[: L + 1], rest[L + 1 :]
-        pre, sig, act, dsilu = (rest[k * L : (k + 1) * L] for k in range(4))
+        w, wt, rest = rest[: L + 1], rest[L + 1 : 2 * L + 2], rest[2 * L + 2 :]
+        pre, sp, act, dsilu = (rest[k * L : (k + 1) * L] for k in range(4))
         gs, us = rest[4 * L : 5 * L + 1], rest[5 * L + 1 :]
-        wt = [wl.t().contiguous() for wl in w]
         hidden = w[0].shape[0]
         gr = grad * ((2 / hidden) / sigma[:, None]) / r  # d score / d (gain gx)
         d_gain = (gr * gx).sum().reshape(gain.shape)
         q = gr * gain  # d score / d gx
-        dW: list[torch.Tensor | None] = [None] * (L + 1)
+        dW: list[Tensor] = [q] * (L + 1)  # (placeholders)
         gg = q @ w0x.t().contiguous()  # adjoint of g_0
-        gh_d: list[torch.Tensor | None] = [None] * L  # adjoints of h_{k-1} through silu'(h_{k-1})
+        s0, s1, s2 = (torch.empty_like(gg) for _ in range(3))  # scratch: silu'' and the g_k adjoints
+        gh_d: list[Tensor] = []  # adjoints of h_{k-1} through silu'(h_{k-1})
         for j in range(L):  # g_0 -> g_L: layer k = j + 1 (g_{k-1} = u_k * d_k, u_k = g_k W_k)
             k = j + 1
-            u, s, h = us[L - 1 - j], sig[j], pre[j]
-            # silu''(h) = s (1 - s) (2 + h (1 - 2 s)) = (s - s^2) (2 + h - 2 silu(h))
-            d2 = torch.addcmul(s, s, s, value=-1).mul_(torch.add(h, act[j], alpha=-2).add_(2))
-            gh_d[j] = (gg * u).mul_(d2)
+            # silu''(h) = p (2 + h - 2 silu(h))
+            d2 = torch.add(pre[j], act[j], alpha=-2, out=s0).add_(2).mul_(sp[j])
+            gh_d.append(torch.mul(gg, us[L - 1 - j]).mul_(d2))
             gu = gg.mul_(dsilu[j])
             dW[k] = gs[L - k].t() @ gu  # gs[L - k] is g_k
-            gg = gu @ wt[k]
+            gg = torch.mm(gu, wt[k], out=s2 if gg is not s2 else s1)
         gh = gg  # g_L = h_L
         for k in range(L, 0, -1):  # h_k = silu(h_{k-1}) W_k^T
-            dW[k] = torch.addmm(cast(torch.Tensor, dW[k]), gh.t(), act[k - 1])
-            gh = torch.addcmul(cast(torch.Tensor, gh_d[k - 1]), gh @ w[k], dsilu[k - 1])
+            dW[k] = torch.addmm(dW[k], gh.t(), act[k - 1])
+            gh = gh_d[k - 1].addcmul_(torch.mm(gh, w[k], out=s0), dsilu[k - 1])
         dW[0] = gh.t() @ f
         dW[0][:, :dim] += gs[L].t() @ q
         return (None, None, None, None, d_gain, None, *dW)
@@ -220,7 +234,7 @@ class ToyMLP(nn.Module):
         """Size of the noise embedding a [batch, hidden] ``noise_embed_offset`` shifts (TSG's vector form)."""
         return self.hidden if self.noise_cond and self.hidden > 1 else None
 
-    def config(self) -> dict:
+    def config(self) -> dict[str, Any]:
         d = dict(
             dim=self.dim,
             hidden=self.hidden,
@@ -236,12 +250,12 @@ class ToyMLP(nn.Module):
 
     # ------------------------------------------------------------------------------------------
 
-    def _label(self, label, x: torch.Tensor) -> list[torch.Tensor]:
+    def _label(self, label: Label, x: torch.Tensor) -> list[torch.Tensor]:
         """One-hot label features ([] for an unconditional model)."""
         onehot = one_hot_label(label, self.num_classes, x)
         return [] if onehot is None else [onehot]
 
-    def _extra(self, extra: dict | None, x: torch.Tensor) -> list[torch.Tensor]:
+    def _extra(self, extra: dict[str, Any] | None, x: torch.Tensor) -> list[torch.Tensor]:
         """The extra scalar as a [batch, 1] feature ([] for a model without one)."""
         extra = extra or {}
         name = self.extra_scalar
@@ -257,7 +271,9 @@ class ToyMLP(nn.Module):
         check(s.ndim == 0 or s.shape == x.shape[:1], f"{name} must be a number or a [batch] tensor, got shape {list(s.shape)}")
         return [s.expand(x.shape[0])[:, None]]
 
-    def _features(self, x_in: torch.Tensor, c_noise: torch.Tensor, label=None, extra: dict | None = None) -> torch.Tensor:
+    def _features(
+        self, x_in: torch.Tensor, c_noise: torch.Tensor, label: Label = None, extra: dict[str, Any] | None = None
+    ) -> torch.Tensor:
         feats = [x_in] + ([c_noise[:, None]] if self.noise_cond else []) + [torch.ones_like(x_in[:, :1])]
         return torch.cat(feats + self._label(label, x_in) + self._extra(extra, x_in), dim=1)
 
@@ -265,8 +281,8 @@ class ToyMLP(nn.Module):
         self,
         x_in: torch.Tensor,
         c_noise: torch.Tensor,
-        label=None,
-        extra: dict | None = None,
+        label: Label = None,
+        extra: dict[str, Any] | None = None,
         embed_offset: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Trunk features ``y`` [batch, hidden] from ``x_in = c_in x`` [batch, dim] and ``c_noise`` [batch].
@@ -280,13 +296,27 @@ class ToyMLP(nn.Module):
             y = layer(mp_silu(y))
         return y
 
-    def _F(self, x_in: torch.Tensor, c_noise: torch.Tensor, label=None, noise_embed_offset=None, extra=None) -> torch.Tensor:
+    def _F(
+        self,
+        x_in: torch.Tensor,
+        c_noise: torch.Tensor,
+        label: Label = None,
+        noise_embed_offset: torch.Tensor | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> torch.Tensor:
         c_noise, emb = _offset(c_noise, noise_embed_offset, self.hidden)
         return self.gain * self.out(mp_silu(self.trunk(x_in, c_noise, label, extra, emb)))
 
     # ------------------------------------------------------------------------------------------
 
-    def logp(self, x: torch.Tensor, sigma, label=None, noise_embed_offset=None, **extra) -> torch.Tensor:
+    def logp(
+        self,
+        x: torch.Tensor,
+        sigma: float | torch.Tensor,
+        label: Label = None,
+        noise_embed_offset: torch.Tensor | None = None,
+        **extra: Any,
+    ) -> torch.Tensor:
         """Unnormalised ``log p(x; sigma)`` [batch] (``output="energy"`` only)."""
         check(self.output == "energy", "logp needs output='energy'")
         sigma = as_sigma(sigma, x)
@@ -295,7 +325,14 @@ class ToyMLP(nn.Module):
         y = self.trunk(x_in, c_noise, label, extra, emb)
         return self.gain * y.square().mean(1) / sigma - 0.5 * x_in.square().sum(1)
 
-    def score(self, x: torch.Tensor, sigma, label=None, noise_embed_offset=None, **extra) -> torch.Tensor:
+    def score(
+        self,
+        x: torch.Tensor,
+        sigma: float | torch.Tensor,
+        label: Label = None,
+        noise_embed_offset: torch.Tensor | None = None,
+        **extra: Any,
+    ) -> torch.Tensor:
         """``grad_x log p(x; sigma)`` [batch, dim].
 
         Energy model: the gradient of :meth:`logp` written out as an explicit backward pass through
@@ -314,23 +351,31 @@ class ToyMLP(nn.Module):
         if emb is None and torch.is_grad_enabled() and not f.requires_grad and not sigma.requires_grad:
             # training: the hand-written backward to gain and weights (same values as autograd's)
             return cast(torch.Tensor, _EnergyScore.apply(f, x_in, r, sigma, self.gain, self.dim, *w))
-        h = f @ w[0].t()
+        # the same products and element-wise formulas as _EnergyScore.forward: the same values, bit for bit
+        h = f @ w[0].t().contiguous()
         if emb is not None:
             h = h + emb  # TSG: perturbed noise embedding
         dsilu = []
         for wl in w[1:]:
             s = torch.sigmoid(h)
             a = h * s  # silu(h)
-            dsilu.append(torch.addcmul(s, a, 1 - s))  # silu'(h) = s + h s (1 - s)
-            h = a @ wl.t()
+            dsilu.append(_dsilu(a, s))
+            h = a @ wl.t().contiguous()
         # y = h; d logp / dy = 2 gain y / (hidden sigma): propagate y back, scale at the end.
         g = h
         for wl, d in zip(reversed(w[1:]), reversed(dsilu)):
             g = (g @ wl) * d
-        g = g @ w[0][:, : self.dim]  # d/dx_in of mean(y^2) * hidden / 2
+        g = g @ w[0][:, : self.dim].contiguous()  # d/dx_in of mean(y^2) * hidden / 2
         return ((2 * self.gain / self.hidden) / sigma[:, None] * g - x_in) / r
 
-    def forward(self, x: torch.Tensor, sigma, label=None, noise_embed_offset=None, **extra) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        sigma: float | torch.Tensor,
+        label: Label = None,
+        noise_embed_offset: torch.Tensor | None = None,
+        **extra: Any,
+    ) -> torch.Tensor:
         """``D(x; sigma, label, <extra_scalar>)`` [batch, dim], the x0 estimate."""
         check(
             isinstance(x, torch.Tensor) and x.ndim == 2 and x.shape[1] == self.dim,
