@@ -17,13 +17,16 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Any, cast
 
 import torch
+from torch import nn
 
 from ..denoisers import edm_loss
 from ..errors import GuidelabError, check
+from ..models.mlp import ToyMLP
 from ..toy import tree
-from .loop import LoopConfig, Trainer, train
+from .loop import LoopConfig, LossFn, Trainer, train
 
 LOSSES = ("score", "edm")
 
@@ -49,20 +52,20 @@ class ToyConfig:
     snapshot_every: int = 256
     seed: int = 0
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         check(self.classes in ("A", "B", "AB"), f"unknown tree classes {self.classes!r}; allowed: 'A', 'B', 'AB'")
         check(self.loss in LOSSES, f"unknown loss {self.loss!r}; allowed: {list(LOSSES)}")
         check(self.P_std > 0, f"P_std must be > 0, got {self.P_std!r}")
         self.loop()  # validates the optimisation settings
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ToyConfig":
+    def from_dict(cls, d: dict[str, Any]) -> "ToyConfig":
         """Inverse of ``asdict`` (e.g. ``checkpoint_info["meta"]`` of a toy checkpoint)."""
         names = {f.name for f in fields(cls)}
         d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in names}
         return cls(**d)
 
-    def model(self) -> dict:
+    def model(self) -> dict[str, Any]:
         return {
             "name": "ToyMLP",
             "dim": 2,
@@ -92,11 +95,12 @@ class ToyConfig:
         return f"toy-{self.classes}-{self.output}-h{self.hidden}-i{self.iters}-{digest}"
 
 
-def toy_loss(cfg: ToyConfig):
+def toy_loss(cfg: ToyConfig) -> LossFn:
     """The loss function of the recipe: ``loss_fn(net, batch, generator) -> [batch]``."""
     world = tree(cfg.classes)
 
-    def loss_fn(net, batch: int, gen: torch.Generator) -> torch.Tensor:
+    def loss_fn(net: nn.Module, batch: int, gen: torch.Generator) -> torch.Tensor:
+        net = cast(ToyMLP, net)  # the recipe's model (cfg.model())
         sigma = (torch.randn(batch, generator=gen) * cfg.P_std + cfg.P_mean).exp()
         x = world.sample(batch, sigma, generator=gen)  # exact samples of p(x; sigma)
         if cfg.loss == "score":  # score_fast: the exact score, ~3x cheaper on the tree (toy/mixture.py)
@@ -120,7 +124,7 @@ def train_toy(
     progress: bool = True,
     checkpoint_every: int = 256,
     threads: int | None = None,
-    **overrides,
+    **overrides: Any,
 ) -> Path:
     """Train a toy model (or resume it, or reuse a finished run) and return its final EMA snapshot.
 
