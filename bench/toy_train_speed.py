@@ -51,13 +51,14 @@ def record_matmuls(trainer, step=None) -> list[tuple[str, tuple]]:
     """The matrix products of one ``train_step`` (or of ``step()``): (op, input shapes) in call order."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    ops = {torch.ops.aten.mm.default: "mm", torch.ops.aten.addmm.default: "addmm", torch.ops.aten.bmm.default: "bmm"}
+    # every overload (``out=`` ones too: models.mlp's backward writes products into scratch buffers)
+    ops = {torch.ops.aten.mm: "mm", torch.ops.aten.addmm: "addmm", torch.ops.aten.bmm: "bmm"}
     seen: list[tuple[str, tuple]] = []
 
     class Record(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func in ops:
-                seen.append((ops[func], tuple(tuple(a.shape) for a in args if isinstance(a, torch.Tensor))))
+            if func.overloadpacket in ops:  # the inputs are positional; an out= buffer is a keyword
+                seen.append((ops[func.overloadpacket], tuple(tuple(a.shape) for a in args if isinstance(a, torch.Tensor))))
             return func(*args, **(kwargs or {}))
 
     with Record():
