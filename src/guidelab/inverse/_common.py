@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -12,7 +13,7 @@ from ..errors import check
 from .operators import Operator, as_operator
 
 
-def prepared(operator, y, x: torch.Tensor) -> tuple[Operator, torch.Tensor]:
+def prepared(operator: object, y: torch.Tensor, x: torch.Tensor) -> tuple[Operator, torch.Tensor]:
     """``(operator, y)`` checked against ``x``: y broadcast to [B, *out_shape], no NaN, shapes match."""
     op = as_operator(operator)
     op._as_sample(x)
@@ -49,7 +50,11 @@ def grad(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> tuple[t
 
 
 def through_denoiser(
-    denoiser, x: torch.Tensor, sigma: torch.Tensor, cond: dict, objective: Callable[[torch.Tensor], torch.Tensor]
+    denoiser: Callable[..., torch.Tensor],
+    x: torch.Tensor,
+    sigma: torch.Tensor,
+    cond: dict,
+    objective: Callable[[torch.Tensor], torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(D(x), grad_x objective(D(x)).sum())``: a gradient taken through the denoiser (DPS, TSDiff, steered)."""
     with torch.inference_mode(False), torch.enable_grad():
@@ -70,17 +75,22 @@ def vp(sigma: float) -> float:
     return math.sqrt(1 + sigma * sigma)
 
 
-def check_int(value, name: str, lo: int) -> None:
+def check_int(value: object, name: str, lo: int) -> None:
     check(
         isinstance(value, int) and not isinstance(value, bool) and value >= lo,
         f"{name} must be an integer >= {lo}, got {value!r}",
     )
 
 
-def check_number(value, name: str, *, positive: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+def check_number(value: object, name: str, *, positive: bool = False) -> None:
+    ok = (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and (value > 0 if positive else value >= 0)
+    )
     check(
-        ok and (value > 0 if positive else value >= 0),
+        ok,
         f"{name} must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}",
     )
 
@@ -88,11 +98,11 @@ def check_number(value, name: str, *, positive: bool = False) -> None:
 class Counting:
     """A denoiser that counts its calls (``nfe``: calls per sample) and the rows it evaluates (``rows``)."""
 
-    def __init__(self, denoiser):
+    def __init__(self, denoiser: Callable[..., torch.Tensor]):
         check(callable(denoiser), f"Counting needs a denoiser, got {type(denoiser).__name__}")
         self.denoiser, self.nfe, self.rows = denoiser, 0, 0
 
-    def __call__(self, x, sigma, **cond):
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **cond: Any) -> torch.Tensor:
         self.nfe += 1
         self.rows += x.shape[0]
         return self.denoiser(x, sigma, **cond)

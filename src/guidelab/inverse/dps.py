@@ -24,6 +24,9 @@ NFE: 1 per step, plus one backward pass through the denoiser.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import overload
+
 import torch
 
 from ..errors import check
@@ -36,21 +39,31 @@ from ..samplers.base import (
     report,
     resolve_noise,
 )
+from ..samplers.edm import Noise
 from ._common import check_number, through_denoiser, vp
 from .operators import Operator
 
 
-def residual_norm(A, y: torch.Tensor):
+def residual_norm(A: Callable[[torch.Tensor], torch.Tensor], y: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     """``x0 -> |y - A(x0)|`` per sample [B] (``A`` an operator or a callable ``A(x0) -> [B, ...]``)."""
 
-    def norm(x0):
+    def norm(x0: torch.Tensor) -> torch.Tensor:
         r = (y - A(x0)).reshape(x0.shape[0], -1)
         return torch.linalg.vector_norm(r, dim=1)
 
     return norm
 
 
-def _measurement(operator, y, x):
+@overload
+def _measurement(operator: Operator, y: torch.Tensor, x: torch.Tensor) -> tuple[Operator, torch.Tensor]: ...
+@overload
+def _measurement(
+    operator: Callable[[torch.Tensor], torch.Tensor], y: torch.Tensor, x: torch.Tensor
+) -> tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor]: ...
+def _measurement(
+    operator: Callable[[torch.Tensor], torch.Tensor], y: torch.Tensor, x: torch.Tensor
+) -> tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor]:
+    """``(A, y)`` checked against ``x``: an operator's own checks, or a callable and a finite ``y`` in x's dtype."""
     if isinstance(operator, Operator):
         op = operator
         op._as_sample(x)
@@ -63,17 +76,17 @@ def _measurement(operator, y, x):
 
 @torch.no_grad()
 def dps(
-    denoiser,
+    denoiser: Callable[..., torch.Tensor],
     x: torch.Tensor,
     sigmas: torch.Tensor,
-    operator,
-    y,
+    operator: Operator | Callable[[torch.Tensor], torch.Tensor],
+    y: torch.Tensor,
     *,
     zeta: float = 1.0,
     cond: dict | None = None,
     callback: Callback | None = None,
     progress: bool = False,
-    noise=None,
+    noise: Noise = None,
 ) -> torch.Tensor:
     """Posterior sampling for ``y = A(x0) + noise`` (DPS), from ``x`` at ``sigmas[0]``; ``zeta`` = the code's ``scale``."""
     sigmas = check_inputs(x, sigmas)

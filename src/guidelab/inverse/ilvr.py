@@ -24,6 +24,8 @@ NFE: 1 per step.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from ..errors import check
@@ -36,24 +38,25 @@ from ..samplers.base import (
     report,
     resolve_noise,
 )
+from ..samplers.edm import Noise
 from ._common import check_int, lift, prepared, replace_known
-from .operators import Downsample, need_projection
+from .operators import Downsample, Operator, need_projection
 
 
 @torch.no_grad()
 def ilvr(
-    denoiser,
+    denoiser: Callable[..., torch.Tensor],
     x: torch.Tensor,
     sigmas: torch.Tensor,
     ref: torch.Tensor,
     *,
     factor: int | None = None,
-    operator=None,
+    operator: Operator | None = None,
     range_t: int = 0,
     cond: dict | None = None,
     callback: Callback | None = None,
     progress: bool = False,
-    noise=None,
+    noise: Noise = None,
 ) -> torch.Tensor:
     """Sample ``x`` (noise at ``sigmas[0]``) following the low frequencies of ``ref`` (ILVR).
 

@@ -12,6 +12,7 @@ ops, pooling or per-sample reductions, so a sample's result never depends on its
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -63,7 +64,7 @@ class Operator:
         eye = torch.eye(self.dim, dtype=torch.float64)
         return self(eye).reshape(self.dim, -1).T.contiguous()
 
-    def measurement(self, y, batch: int, like: torch.Tensor) -> torch.Tensor:
+    def measurement(self, y: torch.Tensor, batch: int, like: torch.Tensor) -> torch.Tensor:
         """``y`` checked and broadcast to [batch, *out_shape] in ``like``'s dtype and device."""
         y = torch.as_tensor(y)
         if tuple(y.shape) == self.out_shape:
@@ -84,7 +85,7 @@ class Operator:
         return f"{self.name}(shape={list(self.shape)} -> {list(self.out_shape)})"
 
 
-def _shape(shape) -> tuple[int, ...]:
+def _shape(shape: Sequence[int]) -> tuple[int, ...]:
     check(
         isinstance(shape, (tuple, list, torch.Size)) and len(shape) >= 1 and all(isinstance(s, int) and s >= 1 for s in shape),
         f"shape must be a sample shape of positive integers, e.g. (1, 8, 8), got {shape!r}",
@@ -104,16 +105,16 @@ class Mask(Operator):
         self.mask, self.shape = mask, tuple(mask.shape)
         self.out_shape = (int(mask.sum()),)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x[:, self.mask.to(x.device)]
 
-    def pinv(self, y):
+    def pinv(self, y: torch.Tensor) -> torch.Tensor:
         y = torch.as_tensor(y)
         out = y.new_zeros((y.shape[0], *self.shape))
         out[:, self.mask.to(y.device)] = y
         return out
 
-    def project(self, x):
+    def project(self, x: torch.Tensor) -> torch.Tensor:
         self._as_sample(x)
         return x * self.mask.to(device=x.device, dtype=x.dtype).reshape(x.shape[1:])
 
@@ -125,7 +126,7 @@ class Downsample(Operator):
     ILVR's ``phi_N`` (the paper and its code use bicubic resizing, which is not a projection).
     """
 
-    def __init__(self, shape, factor: int):
+    def __init__(self, shape: Sequence[int], factor: int):
         self.shape = _shape(shape)
         check(len(self.shape) >= 2, f"Downsample needs samples of shape [..., H, W], got {list(self.shape)}")
         check(
@@ -135,12 +136,12 @@ class Downsample(Operator):
         self.factor = factor
         self.out_shape = (*self.shape[:-2], self.shape[-2] // factor, self.shape[-1] // factor)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, f = x.shape[0], self.factor
         z = x.reshape(B, -1, *self.shape[-2:])
         return F.avg_pool2d(z, f).reshape(B, *self.out_shape)
 
-    def pinv(self, y):
+    def pinv(self, y: torch.Tensor) -> torch.Tensor:
         f = self.factor
         return y.repeat_interleave(f, -2).repeat_interleave(f, -1)
 
@@ -153,7 +154,7 @@ class Grayscale(Operator):
     gray channel.
     """
 
-    def __init__(self, shape, channel: int = 0):
+    def __init__(self, shape: Sequence[int], channel: int = 0):
         self.shape = _shape(shape)
         check(
             isinstance(channel, int) and 0 <= channel < len(self.shape) and self.shape[channel] >= 2,
@@ -162,17 +163,17 @@ class Grayscale(Operator):
         self.channel = channel
         self.out_shape = tuple(s for i, s in enumerate(self.shape) if i != channel)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.mean(self.channel + 1)
 
-    def pinv(self, y):
+    def pinv(self, y: torch.Tensor) -> torch.Tensor:
         return y.unsqueeze(self.channel + 1).expand(y.shape[0], *self.shape).contiguous()
 
 
 class Matrix(Operator):
     """Any linear ``A`` [m, d] on flattened samples of shape ``shape`` (``pinv`` by ``torch.linalg.pinv``)."""
 
-    def __init__(self, A: torch.Tensor, shape=None):
+    def __init__(self, A: torch.Tensor, shape: Sequence[int] | None = None):
         check(isinstance(A, torch.Tensor) and A.ndim == 2 and A.shape[0] >= 1, "A must be a matrix [m, d]")
         check_finite(A, "A")
         self.shape = _shape(shape) if shape is not None else (A.shape[1],)
@@ -184,13 +185,13 @@ class Matrix(Operator):
         self._pinv = torch.linalg.pinv(A.double()).to(A.dtype)
         self.out_shape = (A.shape[0],)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.flatten(1) @ self.A.to(x).T
 
-    def pinv(self, y):
+    def pinv(self, y: torch.Tensor) -> torch.Tensor:
         return (y @ self._pinv.to(y).T).reshape(y.shape[0], *self.shape)
 
-    def matrix(self):
+    def matrix(self) -> torch.Tensor:
         return self.A.double()
 
 
@@ -199,7 +200,7 @@ class Blur(Operator):
 
     projection = False
 
-    def __init__(self, shape, size: int = 3, std: float = 1.0):
+    def __init__(self, shape: Sequence[int], size: int = 3, std: float = 1.0):
         self.shape = self.out_shape = _shape(shape)
         check(len(self.shape) >= 2, f"Blur needs samples of shape [..., H, W], got {list(self.shape)}")
         check(isinstance(size, int) and size >= 1 and size % 2 == 1, f"size must be an odd integer >= 1, got {size!r}")
@@ -209,24 +210,24 @@ class Blur(Operator):
         k = g[:, None] * g[None]
         self.kernel = (k / k.sum())[None, None]
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         B = x.shape[0]
         z = x.reshape(-1, 1, *self.shape[-2:])
         out = F.conv2d(z, self.kernel.to(z), padding=self.kernel.shape[-1] // 2)
         return out.reshape(B, *self.shape)
 
 
-def as_operator(operator) -> Operator:
+def as_operator(operator: object) -> Operator:
     """Check that ``operator`` is an :class:`Operator` (a clear error otherwise)."""
-    check(
-        isinstance(operator, Operator),
-        f"operator must be a guidelab.inverse operator (Mask, Downsample, Grayscale, Matrix, Blur), "
-        f"got {type(operator).__name__}",
-    )
+    if not isinstance(operator, Operator):
+        raise GuidelabError(
+            f"operator must be a guidelab.inverse operator (Mask, Downsample, Grayscale, Matrix, Blur), "
+            f"got {type(operator).__name__}"
+        )
     return operator
 
 
-def need_projection(operator, method: str) -> Operator:
+def need_projection(operator: object, method: str) -> Operator:
     """The operator, if it has an exact projection (RePaint, ILVR, Score-SDE need one)."""
     op = as_operator(operator)
     check(

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -41,8 +42,9 @@ from ..samplers.base import (
     report,
     resolve_noise,
 )
+from ..samplers.edm import Noise
 from ._common import check_int, lift, prepared, replace_known
-from .operators import need_projection
+from .operators import Operator, need_projection
 
 
 def jump_schedule(n_steps: int, jump_length: int = 10, jump_n_sample: int = 10) -> list[int]:
@@ -75,18 +77,18 @@ def jump_schedule(n_steps: int, jump_length: int = 10, jump_n_sample: int = 10) 
 
 @torch.no_grad()
 def repaint(
-    denoiser,
+    denoiser: Callable[..., torch.Tensor],
     x: torch.Tensor,
     sigmas: torch.Tensor,
-    operator,
-    y,
+    operator: Operator,
+    y: torch.Tensor,
     *,
     jump_length: int = 10,
     jump_n_sample: int = 10,
     cond: dict | None = None,
     callback: Callback | None = None,
     progress: bool = False,
-    noise=None,
+    noise: Noise = None,
 ) -> torch.Tensor:
     """Inpaint ``x`` (noise at ``sigmas[0]``) so that ``operator(x) = y``: RePaint with resampling.
 

@@ -19,29 +19,32 @@ NFE: ``1 + corrector_steps`` per step.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
 from ..errors import GuidelabError
 from ..samplers.base import Callback, begin_run, check_inputs, report, resolve_noise
+from ..samplers.edm import Noise
 from ._common import check_int, check_number, lift, prepared, replace_known
-from .operators import Grayscale, need_projection
+from .operators import Grayscale, Operator, need_projection
 
 
 @torch.no_grad()
 def score_sde_impute(
-    denoiser,
+    denoiser: Callable[..., torch.Tensor],
     x: torch.Tensor,
     sigmas: torch.Tensor,
-    operator,
-    y,
+    operator: Operator,
+    y: torch.Tensor,
     *,
     snr: float = 0.16,
     corrector_steps: int = 1,
     cond: dict | None = None,
     callback: Callback | None = None,
     progress: bool = False,
-    noise=None,
+    noise: Noise = None,
 ) -> torch.Tensor:
     """Impute ``x`` (noise at ``sigmas[0]``) so that ``operator(x) = y``: PC sampling with the known part replaced.
 
@@ -59,7 +62,7 @@ def score_sde_impute(
     y_lift = lift(op, y, x)
     sig, batch, cond = sigmas.tolist(), x.shape[0], cond or {}
 
-    def D_of(x_, s):
+    def D_of(x_: torch.Tensor, s: float) -> torch.Tensor:
         return denoiser(x_, torch.full((batch,), s, dtype=x.dtype, device=x.device), **cond)
 
     for i in run.steps(progress, "score_sde_impute"):
@@ -80,7 +83,13 @@ def score_sde_impute(
 
 
 def score_sde_colorize(
-    denoiser, x: torch.Tensor, sigmas: torch.Tensor, gray: torch.Tensor, *, channel: int = 0, **options
+    denoiser: Callable[..., torch.Tensor],
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    gray: torch.Tensor,
+    *,
+    channel: int = 0,
+    **options: Any,
 ) -> torch.Tensor:
     """Colourise: ``gray`` is the channel mean of the wanted sample (shaped like one sample without the
     channel axis, or [B, ...]); ``channel`` the channel axis of a sample. Options as :func:`score_sde_impute`."""

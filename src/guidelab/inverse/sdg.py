@@ -25,6 +25,7 @@ Cost per evaluation: 1 NFE of ``D`` plus one forward and backward pass of ``F``.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -38,7 +39,15 @@ _NORMS = (None, "score")
 class EnergyGuided(Guider):
     """``D(x; sigma) + (w - 1) sigma^2 grad_x F(x, sigma, **cond)``; see :func:`energy`."""
 
-    def __init__(self, denoiser, F: Callable, w, keys: tuple[str, ...], norm: str | None, name: str):
+    def __init__(
+        self,
+        denoiser: Callable[..., torch.Tensor],
+        F: Callable[..., torch.Tensor],
+        w: float | torch.Tensor,
+        keys: tuple[str, ...],
+        norm: str | None,
+        name: str,
+    ):
         check_weight(w)
         check(callable(F), f"the energy F must be a callable F(x, sigma, **cond) -> [batch], got {type(F).__name__}")
         check(norm in _NORMS, f"unknown norm {norm!r}; allowed: None, 'score' (Guided-TTS)")
@@ -49,10 +58,10 @@ class EnergyGuided(Guider):
             check(k in cond, f"{self.name} needs cond[{k!r}]")
         return ({k: v for k, v in cond.items() if k not in self.keys}, {k: cond[k] for k in self.keys})
 
-    def unguided(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
+    def unguided(self, x: torch.Tensor, sigma: torch.Tensor, **cond: Any) -> torch.Tensor:
         return self.denoiser(x, sigma, **self._split(cond)[0])
 
-    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **cond: Any) -> torch.Tensor:
         D = self.unguided(x, sigma, **cond)
         if not isinstance(self.w, torch.Tensor) and self.w == 1:
             return D
@@ -72,7 +81,14 @@ class EnergyGuided(Guider):
         return f"{self.name}(w={self.w}{', norm=' + self.norm if self.norm else ''})"
 
 
-def energy(denoiser, F: Callable, w, *, keys: tuple[str, ...] = (), norm: str | None = None) -> EnergyGuided:
+def energy(
+    denoiser: Callable[..., torch.Tensor],
+    F: Callable[..., torch.Tensor],
+    w: float | torch.Tensor,
+    *,
+    keys: tuple[str, ...] = (),
+    norm: str | None = None,
+) -> EnergyGuided:
     """Guidance of ``denoiser`` by the energy ``F(x, sigma, **cond) -> [batch]`` at weight ``w = 1 + s``.
 
     ``keys``: condition keys ``F`` consumes (removed before calling ``denoiser``), e.g. ``("label",)``;
@@ -81,10 +97,10 @@ def energy(denoiser, F: Callable, w, *, keys: tuple[str, ...] = (), norm: str | 
     return EnergyGuided(denoiser, F, w, tuple(keys), norm, "energy")
 
 
-def class_energy(clf: Callable) -> Callable:
+def class_energy(clf: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
     """``F(x, sigma, label) = log softmax(clf(x, sigma))[label]``: classifier guidance as an energy."""
 
-    def F(x, sigma, label):
+    def F(x: torch.Tensor, sigma: torch.Tensor, label: torch.Tensor | int) -> torch.Tensor:
         logp = clf(x, sigma).log_softmax(1)
         label = torch.as_tensor(label, device=x.device)
         label = label.expand(x.shape[0]) if label.ndim == 0 else label
@@ -98,7 +114,9 @@ def class_energy(clf: Callable) -> Callable:
     return F
 
 
-def reference_energy(encoder: Callable, ref: torch.Tensor, ref_noise: torch.Tensor | None = None) -> Callable:
+def reference_energy(
+    encoder: Callable[..., torch.Tensor], ref: torch.Tensor, ref_noise: torch.Tensor | None = None
+) -> Callable[..., torch.Tensor]:
     """SDG's image-content energy ``F(x, sigma) = cos(E(x, sigma), E(ref + sigma n, sigma))``.
 
     ``encoder(x, sigma) -> [B, ...]`` a noise-aware image encoder; ``ref`` one sample or [B, ...];
@@ -107,7 +125,7 @@ def reference_energy(encoder: Callable, ref: torch.Tensor, ref_noise: torch.Tens
     random state; pass a per-sample ``n`` to reproduce that in expectation.
     """
 
-    def F(x, sigma):
+    def F(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         r = ref.expand_as(x) if ref.shape == x.shape[1:] else ref
         n = torch.zeros_like(r) if ref_noise is None else ref_noise.expand_as(r)
         with torch.no_grad():
@@ -118,12 +136,14 @@ def reference_energy(encoder: Callable, ref: torch.Tensor, ref_noise: torch.Tens
     return F
 
 
-def guided_tts(denoiser, clf: Callable, w, *, key: str = "label") -> EnergyGuided:
+def guided_tts(
+    denoiser: Callable[..., torch.Tensor], clf: Callable[..., torch.Tensor], w: float | torch.Tensor, *, key: str = "label"
+) -> EnergyGuided:
     """Classifier guidance with Guided-TTS's norm-based scaling: gradient scale ``s = w - 1``
     relative to the unconditional score's norm (their Sec. 3.3)."""
     out = EnergyGuided(denoiser, _renamed(class_energy(clf), key), w, (key,), "score", "guided_tts")
     return out
 
 
-def _renamed(F: Callable, key: str) -> Callable:
+def _renamed(F: Callable[..., torch.Tensor], key: str) -> Callable[..., torch.Tensor]:
     return F if key == "label" else (lambda x, sigma, **c: F(x, sigma, c[key]))

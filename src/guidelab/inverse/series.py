@@ -20,6 +20,7 @@ import csv
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
@@ -28,6 +29,9 @@ from ..errors import GuidelabError, check
 from ..rng import SampleNoise
 from ._common import check_int, check_number
 from .tsdiff import quantile_levels, tsdiff_guided, tsdiff_refine, tsdiff_sigmas
+
+if TYPE_CHECKING:
+    from ..models.mlp import ToyMLP
 
 DATASETS = ("stocks",)
 FORECASTERS = ("seasonal-naive", "tsdiff-mse", "tsdiff-quantile", "tsdiff-refine")
@@ -129,7 +133,9 @@ def centred(w: torch.Tensor, context: int) -> torch.Tensor:
     return w - w[:, :context].mean(1, keepdim=True)
 
 
-def train_denoiser(X: torch.Tensor, *, iters: int = 3000, hidden: int = 256, depth: int = 3, batch: int = 256, seed: int = 0):
+def train_denoiser(
+    X: torch.Tensor, *, iters: int = 3000, hidden: int = 256, depth: int = 3, batch: int = 256, seed: int = 0
+) -> ToyMLP:
     """A ``ToyMLP`` denoiser of the (centred) windows ``X`` [N, L]: EDM loss (``ln sigma ~ N(-1.2, 1.2^2)``),
     Adam 2e-3, ``sigma_data`` = the windows' std. Deterministic given ``seed``; eval mode, frozen."""
     from ..denoisers import edm_loss
@@ -164,7 +170,7 @@ def seasonal_naive(w: torch.Tensor, context: int, season: int) -> torch.Tensor:
 
 
 def forecast(
-    denoiser,
+    denoiser: Callable[..., torch.Tensor],
     W: torch.Tensor,
     context: int,
     method: str,

@@ -26,7 +26,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..errors import check
+from ..errors import GuidelabError, check
 from ..samplers.base import (
     Callback,
     ancestral_step,
@@ -36,15 +36,16 @@ from ..samplers.base import (
     report,
     resolve_noise,
 )
+from ..samplers.edm import Noise
 from ._common import check_int, check_number, lift, through_denoiser
 from .dps import _measurement
-from .operators import need_projection
+from .operators import Operator, need_projection
 
 
-def measurement_loss(A, y: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+def measurement_loss(A: Callable[[torch.Tensor], torch.Tensor], y: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     """``x0 -> |y - A(x0)|^2`` per sample [B]."""
 
-    def loss(x0):
+    def loss(x0: torch.Tensor) -> torch.Tensor:
         return (y - A(x0)).reshape(x0.shape[0], -1).square().sum(1)
 
     return loss
@@ -52,11 +53,11 @@ def measurement_loss(A, y: torch.Tensor) -> Callable[[torch.Tensor], torch.Tenso
 
 @torch.no_grad()
 def steered(
-    denoiser,
+    denoiser: Callable[..., torch.Tensor],
     x: torch.Tensor,
     sigmas: torch.Tensor,
-    operator=None,
-    y=None,
+    operator: Operator | Callable[[torch.Tensor], torch.Tensor] | None = None,
+    y: torch.Tensor | None = None,
     *,
     mode: str = "gradient",
     scale: float = 1.0,
@@ -66,7 +67,7 @@ def steered(
     cond: dict | None = None,
     callback: Callback | None = None,
     progress: bool = False,
-    noise=None,
+    noise: Noise = None,
 ) -> torch.Tensor:
     """Steered Diffusion from ``x`` at ``sigmas[0]``.
 
@@ -80,12 +81,16 @@ def steered(
     check_number(eta, "eta")
     check_int(n_iter, "n_iter", 1)
     if mode == "projection":
-        op, y = _measurement(need_projection(operator, "steered mode='projection'"), y, x)
+        op = need_projection(operator, "steered mode='projection'")
+        if y is None:
+            raise GuidelabError("steered mode='projection' needs y, the observation operator(x0)")
+        op, y = _measurement(op, y, x)
         y_lift = lift(op, y, x)
     elif loss is None:
-        check(operator is not None and y is not None, "steered needs an operator and y, or a loss")
-        op, y = _measurement(operator, y, x)
-        loss = measurement_loss(op, y)
+        if operator is None or y is None:
+            raise GuidelabError("steered needs an operator and y, or a loss")
+        A, y = _measurement(operator, y, x)
+        loss = measurement_loss(A, y)
     else:
         check(callable(loss), "loss must be a callable loss(x0) -> [batch]")
     denoiser, run = begin_run(denoiser, x, sigmas, noise, "steered", frozenset())

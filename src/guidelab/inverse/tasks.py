@@ -13,7 +13,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -74,7 +74,7 @@ def make_task(
 
 
 def solve(
-    denoiser,
+    denoiser: Callable[..., torch.Tensor],
     op: Operator,
     y: torch.Tensor,
     method: str,
@@ -86,7 +86,7 @@ def solve(
     sigma_max: float = 80.0,
     rho: float = 7.0,
     progress: bool = False,
-    **options,
+    **options: Any,
 ) -> torch.Tensor:
     """``n`` samples [n, *op.shape] of ``method`` for the measurement ``y`` (seeds ``seed .. seed + n - 1``)."""
     from ..guidance.tfg import measurement_objective, tfg_sample
@@ -119,11 +119,13 @@ def solve(
     return euler_ancestral(energy(denoiser, measurement_energy(op, y, sigma_min), w), x, sigmas, **common)
 
 
-def measurement_energy(op: Operator, y: torch.Tensor, sigma_min: float = 0.002):
+def measurement_energy(
+    op: Operator, y: torch.Tensor, sigma_min: float = 0.002
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """SDG's energy for a measurement: ``F(x, sigma) = -|y - A x|^2 / (2 max(sigma, sigma_min)^2)`` on the
     *noisy* sample (``A x_sigma`` is ``y`` plus noise of std ``sigma`` per row of an orthonormal A)."""
 
-    def F(x_, sigma):
+    def F(x_: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         r = (y - op(x_)).flatten(1)
         return -r.square().sum(1) / (2 * sigma.clamp_min(sigma_min) ** 2)
 

@@ -35,6 +35,7 @@ NFE: guidance 1 per step (+ one backward); refine 1 per iteration (+ one backwar
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -49,6 +50,7 @@ from ..samplers.base import (
     report,
     resolve_noise,
 )
+from ..samplers.edm import Noise
 from ._common import check_int, check_number, grad, through_denoiser, vp
 
 _LOSSES = ("mse", "quantile")
@@ -75,7 +77,8 @@ def quantile_levels(n: int) -> torch.Tensor:
     return torch.arange(1, n + 1, dtype=torch.float64) / (n + 1)
 
 
-def _observed(y, mask, x):
+def _observed(y: torch.Tensor, mask: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(y, mask)`` broadcast to ``x``'s shape: y zero where unobserved, the mask as 0 / 1 in x's dtype."""
     mask = torch.as_tensor(mask, device=x.device)
     if mask.dtype != torch.bool:
         check(bool(((mask == 0) | (mask == 1)).all()), "mask must be boolean or contain only 0 and 1 (1 = observed)")
@@ -95,7 +98,8 @@ def _observed(y, mask, x):
     return torch.where(mask.expand_as(x), y.expand_as(x), 0.0), mask.expand_as(x).to(x.dtype)
 
 
-def _loss(kind: str, q, x):
+def _loss(kind: str, q: float | torch.Tensor | None, x: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The per-value guidance loss ``(pred, y) -> [B, ...]``: squared error or the pinball loss at ``q``."""
     check(kind in _LOSSES, f"unknown TSDiff guidance {kind!r}; allowed: {list(_LOSSES)}")
     if kind == "mse":
         return lambda pred, y: (pred - y).square()
@@ -105,7 +109,7 @@ def _loss(kind: str, q, x):
     check(q.shape == (x.shape[0],) and bool(((q > 0) & (q < 1)).all()), "q must be in (0, 1), a number or [batch] levels")
     qb = q.reshape(-1, *([1] * (x.ndim - 1)))
 
-    def quantile(pred, y):
+    def quantile(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         e = y - pred
         return torch.maximum(qb * e, (qb - 1) * e)  # pinball loss rho_q
 
@@ -114,19 +118,19 @@ def _loss(kind: str, q, x):
 
 @torch.no_grad()
 def tsdiff_guided(
-    denoiser,
+    denoiser: Callable[..., torch.Tensor],
     x: torch.Tensor,
     sigmas: torch.Tensor,
-    y,
-    mask,
+    y: torch.Tensor,
+    mask: torch.Tensor,
     *,
     scale: float = 4.0,
     guidance: str = "quantile",
-    q=None,
+    q: float | torch.Tensor | None = None,
     cond: dict | None = None,
     callback: Callback | None = None,
     progress: bool = False,
-    noise=None,
+    noise: Noise = None,
 ) -> torch.Tensor:
     """TSDiff observation self-guidance: DDPM sampling of ``x`` (noise at ``sigmas[0]``, series [B, L] or
     [B, C, L]) guided toward ``y`` at the positions ``mask`` (True = observed)."""
@@ -152,10 +156,10 @@ def tsdiff_guided(
 
 @torch.no_grad()
 def tsdiff_refine(
-    denoiser,
+    denoiser: Callable[..., torch.Tensor],
     init: torch.Tensor,
-    y,
-    mask,
+    y: torch.Tensor,
+    mask: torch.Tensor,
     *,
     sigma: float | None = None,
     iterations: int = 20,
@@ -164,9 +168,9 @@ def tsdiff_refine(
     method: str = "lmc",
     guidance: str = "mse",
     scale: float = 1.0,
-    q=None,
+    q: float | torch.Tensor | None = None,
     cond: dict | None = None,
-    noise=None,
+    noise: Noise = None,
 ) -> torch.Tensor:
     """TSDiff refine: improve a base forecast ``init`` (the whole window, [B, L] or [B, C, L]) under the
     denoiser's implicit density and the observations ``y`` at ``mask``. ``sigma``: the fixed noise level
@@ -189,7 +193,7 @@ def tsdiff_refine(
     for _ in range(iterations):
         eps = draw(sigma, 0.0)
 
-        def E(yg, eps=eps):
+        def E(yg: torch.Tensor, eps: torch.Tensor = eps) -> torch.Tensor:
             denoising = (yg - denoiser(yg + sigma * eps, s, **cond)).flatten(1).square().sum(1) / sigma**2
             return denoising + scale * (m * loss(yg, yo)).flatten(1).sum(1)
 
