@@ -89,7 +89,7 @@ def test_missing_statistics_is_one_error_line_naming_guidelab_ems(tmp_path, mode
     assert not any((tmp_path / d).exists() for d in "sewp")
     run = tmp_path / "run"
     run.mkdir()
-    with pytest.raises(GuidelabError, match="a run folder's post-hoc EMA has none: export it"):
+    with pytest.raises(GuidelabError, match="no EMA snapshots"):  # run folders: tests/test_ems_cli.py
         ems_file(SampleConfig(world=None, model=str(run), sampler="dpm_solver_v3"))
     with pytest.raises(GuidelabError, match="exact world needs statistics"):
         ems_file(SampleConfig(world="A", sampler="dpm_solver_v3"))

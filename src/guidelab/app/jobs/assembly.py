@@ -14,7 +14,7 @@ from ...errors import GuidelabError, check
 from ...guidance import registry
 from ...log import get_logger
 from ...rng import SampleNoise
-from ...training.phema import load_network
+from ...training.phema import load_network, snapshots
 from ...training.student import distilled_info
 from .config import SampleConfig, check_sampler_options
 
@@ -93,18 +93,28 @@ class Counted:
         return getattr(self.net, name)
 
 
-def default_ems(model: str | Path) -> Path:
-    """``MODEL.ems.safetensors`` next to a checkpoint (``m.safetensors`` -> ``m.ems.safetensors``): where
-    ``guidelab ems MODEL`` writes DPM-Solver-v3's statistics by default."""
+def default_ems(model: str | Path, sigma_rel: float | None = None, step: int | None = None) -> Path:
+    """Where ``guidelab ems MODEL`` writes DPM-Solver-v3's statistics by default, and where a ``dpm_solver_v3``
+    job looks: ``MODEL.ems.safetensors`` next to a checkpoint (``m.safetensors`` -> ``m.ems.safetensors``); in
+    a training run folder ``RUN/ems-<step>-<sigma_rel>.safetensors``, named by the post-hoc EMA it is of
+    (``sigma_rel`` default SampleConfig's, ``step`` default the last snapshot: as :func:`load_network`)."""
     model = Path(model)
-    stem = model.name[: -len(".safetensors")] if model.name.endswith(".safetensors") else model.name
-    return model.with_name(f"{stem}.ems.safetensors")
+    if not model.is_dir():
+        stem = model.name[: -len(".safetensors")] if model.name.endswith(".safetensors") else model.name
+        return model.with_name(f"{stem}.ems.safetensors")
+    sigma_rel = SampleConfig.sigma_rel if sigma_rel is None else float(sigma_rel)
+    if step is None:
+        steps = [s for _, s, _ in snapshots(model)]
+        check(bool(steps), f"no EMA snapshots (ema-<step>-<sigma_rel>.safetensors) in {model}")
+        step = max(steps)
+    return model / f"ems-{step:07d}-{sigma_rel!r}.safetensors"  # repr: the exact sigma_rel, no rounding
 
 
 def ems_file(cfg: SampleConfig, sampler: str | None = None) -> Path | None:
     """The statistics file a ``dpm_solver_v3`` job reads (None for other samplers and for ``ems=degenerate``):
-    ``sampler_options["ems"]`` when given, else ``MODEL.ems.safetensors`` next to the checkpoint (:func:`default_ems`).
-    A missing file, a run folder or an exact world without ``ems=`` is one error line naming ``guidelab ems``."""
+    ``sampler_options["ems"]`` when given, else :func:`default_ems` of the model (a run folder: of the job's
+    ``sigma_rel`` and ``step``). A missing file or an exact world without ``ems=`` is one error line naming
+    the ``guidelab ems`` command to run (a run folder: also the EMA choices it has statistics for)."""
     if (sampler or cfg.sampler) != "dpm_solver_v3":
         return None
     given = cfg.sampler_options.get("ems")
@@ -122,13 +132,18 @@ def ems_file(cfg: SampleConfig, sampler: str | None = None) -> Path | None:
     model = cfg.model
     if model is None:
         raise GuidelabError("dpm_solver_v3 on an exact world needs statistics: give --sampler-option ems=PATH or ems=degenerate")
-    check(
-        not Path(model).is_dir(),
-        f"dpm_solver_v3 needs the statistics of the network it samples; a run folder's post-hoc EMA has none: "
-        f"export it (`guidelab phema {cfg.model} --sigma-rel S --out M.safetensors`), run `guidelab ems M.safetensors` "
-        "and sample --model M.safetensors, or give --sampler-option ems=PATH",
-    )
-    path = default_ems(model)
+    path = default_ems(model, cfg.sigma_rel, cfg.step)
+    if Path(model).is_dir():
+        have = sorted(p.name for p in Path(model).glob("ems-*.safetensors"))
+        step = int(path.name.split("-")[1])
+        check(
+            path.is_file(),
+            f"dpm_solver_v3 needs the statistics of {model}'s post-hoc EMA at sigma_rel {cfg.sigma_rel:g}, step {step} "
+            f"({path.name}; the folder has {', '.join(have) or 'none'}): compute them with "
+            f"`guidelab ems {model} --sigma-rel {cfg.sigma_rel!r} --step {step}` "
+            "(or give --sampler-option ems=PATH, or ems=degenerate: DPM-Solver++ multistep)",
+        )
+        return path
     check(
         path.is_file(),
         f"dpm_solver_v3 needs the model's statistics {path}: compute them with `guidelab ems {cfg.model}` "
