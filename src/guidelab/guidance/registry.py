@@ -613,8 +613,13 @@ GUIDERS: dict[str, GuiderSpec] = {
             nfe=1,
             options=[
                 _LAYERS,
-                Option("tau", float, 2.5, "L1-norm ratio cap (nag_tau)"),
-                Option("alpha", float, 0.5, "blend of the extrapolated and the prompt's attention (nag_alpha)"),
+                Option("tau", float, 2.5, "norm-ratio cap (nag_tau; L1 norm, L2 on FLUX as its official processor)"),
+                Option(
+                    "alpha",
+                    float,
+                    0.5,
+                    "blend of the extrapolated and the prompt's attention (nag_alpha; official 0.125 SD3.5, 0.25 FLUX)",
+                ),
                 _CFG_WEIGHT,
             ],
         ),
