@@ -102,7 +102,9 @@ def test_interval_cfg_preset_on_local_networks(tmp_path):
     apg = guidance.apg(guidance.cfg(net, 2.0, uncond=gnet), eta=1.0)  # any other guider on the same pair
     torch.testing.assert_close(apg(x, inside, class_labels=y), want, rtol=0, atol=1e-5)  # eta = 1: CFG exactly
     auto = edm2.guided("edm2-img512-xxl-autog-fid", net, net, w=3.0)
-    torch.testing.assert_close(auto(x, inside, class_labels=y), net(x, inside, class_labels=y), rtol=0, atol=1e-6)  # guide = main
+    torch.testing.assert_close(
+        auto(x, inside, class_labels=y), net(x, inside, class_labels=y), rtol=0, atol=1e-5
+    )  # guide = main (two calls: w = 3 scales their rounding ~5x)
 
 
 def test_latent_standardisation_constants():
