@@ -56,7 +56,8 @@ class SampleConfig:
     that carries its own grid (``meta.distilled.sigmas``, progressive distillation) is sampled on exactly that
     grid (``sampler`` None: euler there, heun otherwise); ``sampler_options``: the sampler's keywords
     (e.g. ``s_churn``; keys checked against the sampler's keywords; dpm_solver_v3's ``ems``: a statistics file or
-    ``"degenerate"``, default ``MODEL.ems.safetensors`` next to the checkpoint, :func:`~.assembly.ems_file`).
+    ``"degenerate"``, default ``MODEL.ems.safetensors`` next to the checkpoint or the run folder's file for the job's
+    σ_rel / step, :func:`~.assembly.ems_file`).
     ``chunk``: networks see blocks of this many rows, each sample in the row
     ``seed % chunk``, so samples do not depend on the shard size (see :class:`~.assembly.Counted`; 0: off;
     shards that are multiples of ``chunk`` waste nothing).
