@@ -16,13 +16,20 @@ from it needs a float64 state (:data:`STATE_DTYPE`): ``x = (1 + sigma) eps`` is 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ...denoisers import bcast
 from ...errors import GuidelabError, check
+from ...guidance.protocols import Condition
 from ...guidance.tsg import KEY as OFFSET
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from .hooks import Perturbation
 
 #: Flow models guidelab knows; the velocity call of each is :func:`velocity_call`.
 FLOW_MODELS = ("SD3Transformer2DModel", "FluxTransformer2DModel")
@@ -45,14 +52,14 @@ def to_sigma(t: torch.Tensor) -> torch.Tensor:
     return torch.where(t >= 1, torch.full_like(t, SIGMA_T1), t / (1 - t).clamp_min(1e-300))
 
 
-def velocity_call(model: torch.nn.Module) -> Callable:
+def velocity_call(model: torch.nn.Module) -> Callable[..., torch.Tensor]:
     """``v(x_t, timestep, **cond)`` of a diffusers flow transformer; ``timestep`` is ``t * num_train_timesteps``
     (what the pipelines pass; FLUX's pipeline divides it by 1000 before the call, so it gets ``t``)."""
     name = type(model).__name__
     check(name in FLOW_MODELS, f"{name} is not a flow model guidelab knows; allowed: {', '.join(FLOW_MODELS)}")
     scale = 1e-3 if name == "FluxTransformer2DModel" else 1.0
 
-    def v(x_t, timestep, **cond):
+    def v(x_t: torch.Tensor, timestep: torch.Tensor, **cond: Any) -> torch.Tensor:
         return model(hidden_states=x_t, timestep=timestep * scale, **cond, return_dict=False)[0]
 
     return v
@@ -70,18 +77,20 @@ class FlowDenoiser:
 
     def __init__(
         self,
-        velocity: Callable,
+        velocity: Callable[..., torch.Tensor],
         *,
         num_train_timesteps: int = 1000,
         dtype: torch.dtype = torch.float32,
-        condition=None,
+        condition: Condition | None = None,
         model: torch.nn.Module | None = None,
-    ):
+    ) -> None:
         self.velocity, self.T, self.dtype = velocity, num_train_timesteps, dtype
         self.condition, self.model = condition, model
-        self._embedders = None  # hooks.Perturbation("tsg"), made on first use (flow does not import hooks eagerly)
+        self._embedders: Perturbation | None = (
+            None  # hooks.Perturbation("tsg"), made on first use (flow does not import hooks eagerly)
+        )
 
-    def _tsg(self):
+    def _tsg(self) -> Perturbation:
         from .hooks import Perturbation
 
         if self._embedders is None:
@@ -96,7 +105,7 @@ class FlowDenoiser:
             return None
         return self._tsg().embed_dim(self.model)
 
-    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **cond: Any) -> torch.Tensor:
         offset = cond.pop(OFFSET, None)
         if offset is not None:
             dim = self.noise_embed_dim
@@ -124,7 +133,7 @@ class FlowDenoiser:
         return x_t - tb * v.to(x.dtype)  # x0 = x_t - t v
 
 
-def flow_scheduler(scheduler_config: dict):
+def flow_scheduler(scheduler_config: dict[str, Any]) -> Any:
     """diffusers' FlowMatchEulerDiscreteScheduler from a folder's config; settings that change the sampler (not
     the grid) are refused."""
     from diffusers import FlowMatchEulerDiscreteScheduler
@@ -140,7 +149,9 @@ def flow_scheduler(scheduler_config: dict):
         raise GuidelabError(f"unsupported flow scheduler config: {e}") from None
 
 
-def flow_sigmas(scheduler_config: dict, steps: int, *, mu: float | None = None, sigmas=None) -> torch.Tensor:
+def flow_sigmas(
+    scheduler_config: dict[str, Any], steps: int, *, mu: float | None = None, sigmas: Sequence[float] | np.ndarray | None = None
+) -> torch.Tensor:
     """EDM sigmas (float64, ending in 0) of the grid the flow scheduler makes for ``steps`` steps: shift, dynamic
     shifting (``mu``, FLUX: from the image size, see :func:`flux_mu`), shift_terminal, karras / exponential / beta
     sigmas all as the scheduler applies them; ``sigmas``: the unshifted flow times a pipeline passes (FLUX:
@@ -158,7 +169,7 @@ def flow_sigmas(scheduler_config: dict, steps: int, *, mu: float | None = None, 
     return sig
 
 
-def flux_mu(image_seq_len: int, scheduler_config: dict, *, max_shift: float = 1.15) -> float:
+def flux_mu(image_seq_len: int, scheduler_config: dict[str, Any], *, max_shift: float = 1.15) -> float:
     """FLUX's dynamic shift ``mu``: linear in the packed sequence length between (base_image_seq_len, base_shift)
     and (max_image_seq_len, max_shift), as diffusers' ``calculate_shift``; ``max_shift``: the default when the
     config has none (FluxPipeline 1.15, StableDiffusion3Pipeline 1.16)."""

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,39 +23,39 @@ import torch
 from . import flow
 
 
-def latent_size(pipe, height: int, width: int) -> tuple[int, int]:
+def latent_size(pipe: Any, height: int, width: int) -> tuple[int, int]:
     """The unpacked latent (h, w) of an image size, as ``FluxPipeline.prepare_latents`` rounds it."""
     f = pipe.vae_scale_factor
     return 2 * (int(height) // (f * 2)), 2 * (int(width) // (f * 2))
 
 
-def packed_shape(pipe, height: int, width: int) -> list[int]:
+def packed_shape(pipe: Any, height: int, width: int) -> list[int]:
     """[seq, 4 C] of one packed latent."""
     h, w = latent_size(pipe, height, width)
     return [(h // 2) * (w // 2), pipe.transformer.config.in_channels]
 
 
-def unpack(latents: torch.Tensor, pipe, height: int, width: int) -> torch.Tensor:
+def unpack(latents: torch.Tensor, pipe: Any, height: int, width: int) -> torch.Tensor:
     """[B, seq, 4 C] -> [B, C, h, w] (diffusers' ``_unpack_latents``)."""
     return pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
 
 
-def image_ids(pipe, height: int, width: int, device, dtype) -> torch.Tensor:
+def image_ids(pipe: Any, height: int, width: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     h, w = latent_size(pipe, height, width)
     return pipe._prepare_latent_image_ids(1, h // 2, w // 2, device, dtype)
 
 
-def velocity_call(model: torch.nn.Module, img_ids: torch.Tensor, txt_ids: torch.Tensor) -> Callable:
+def velocity_call(model: torch.nn.Module, img_ids: torch.Tensor, txt_ids: torch.Tensor) -> Callable[..., torch.Tensor]:
     """``v(x_t, timestep, **cond)`` of a FluxTransformer2DModel with the position ids bound; ``timestep`` is
     ``t * 1000`` (the pipeline passes ``timestep / 1000``)."""
 
-    def v(x_t, timestep, **cond):
+    def v(x_t: torch.Tensor, timestep: torch.Tensor, **cond: Any) -> torch.Tensor:
         return model(hidden_states=x_t, timestep=timestep / 1000, img_ids=img_ids, txt_ids=txt_ids, **cond, return_dict=False)[0]
 
     return v
 
 
-def pipeline_sigmas(scheduler_config: dict, steps: int, seq_len: int) -> torch.Tensor:
+def pipeline_sigmas(scheduler_config: dict[str, Any], steps: int, seq_len: int) -> torch.Tensor:
     """EDM sigmas of ``FluxPipeline``'s grid for ``steps`` steps at packed sequence length ``seq_len``."""
     c = dict(scheduler_config)
     sig = None if c.get("use_flow_sigmas") else np.linspace(1.0, 1 / steps, steps)

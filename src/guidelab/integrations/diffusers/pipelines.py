@@ -16,8 +16,9 @@ import copy
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -65,10 +66,12 @@ _BINS = {
         32: "ASPECT_RATIO_256_BIN",
     },
 }
+#: A conditioning dict (network keyword -> tensor [N, ...]).
+Cond = dict[str, Any]
 log = logging.getLogger("guidelab.integrations.diffusers")
 
 
-def _weights(folder: Path, spec: dict, allow_pickle: bool) -> None:
+def _weights(folder: Path, spec: dict[str, Any], allow_pickle: bool) -> None:
     """Refuse (unless ``allow_pickle``) a component whose weights exist only as pickle files."""
     pickled = []
     for comp, v in spec.items():
@@ -89,7 +92,7 @@ def _weights(folder: Path, spec: dict, allow_pickle: bool) -> None:
 
 
 def load_pipeline(
-    folder,
+    folder: str | os.PathLike[str] | Any,
     *,
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
@@ -128,17 +131,25 @@ def load_pipeline(
     return Pipeline(pipe.to(device=device, dtype=dtype), dtype=dtype, device=device)
 
 
+def _expand_to(v: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The null override of one key: ``v`` [1, ...] cast and expanded to the batch of the value it replaces."""
+    return lambda old: v.to(old).expand(old.shape[0], *v.shape[1:])
+
+
 class Pipeline:
     """A diffusers pipeline guidelab samples (see the module docstring)."""
 
-    def __init__(self, pipe, *, dtype: torch.dtype, device):
+    def __init__(self, pipe: Any, *, dtype: torch.dtype, device: str | torch.device) -> None:
         self.pipe, self.dtype, self.device = pipe, dtype, torch.device(device)
         self.kind = type(pipe).__name__
         self.flow = self.kind in FLOW
         self.net = getattr(pipe, PIPELINES[self.kind])
-        self.config = dict(pipe.scheduler.config)
-        self._sig: dict = {}  # (steps, schedule, size) -> the run's sigmas (pure functions of the config)
+        self.config: dict[str, Any] = dict(pipe.scheduler.config)
+        self._sig: dict[
+            tuple[int, str, tuple[int, ...]], torch.Tensor
+        ] = {}  # (steps, schedule, size) -> the run's sigmas (pure functions of the config)
         self._base: DiffusersDenoiser | None = None
+        self._txt_ids: torch.Tensor | None = None  # FLUX's text position ids (set by encode)
 
     # -- sizes ----------------------------------------------------------------------------------
     def size(self, height: int | None, width: int | None) -> tuple[int, int, tuple[int, int] | None]:
@@ -167,63 +178,87 @@ class Pipeline:
         return [self.net.config.in_channels, int(height) // f, int(width) // f]
 
     # -- conditioning -------------------------------------------------------------------------
-    def encode(self, prompts: list[str], negative: str | None, *, size: tuple[int, int], guidance, reference: bool):
+    def encode(
+        self, prompts: list[str], negative: str | None, *, size: tuple[int, int], guidance: float | None, reference: bool
+    ) -> tuple[Cond, Cond]:
         """``(cond [N], null)`` of the prompts and the negative prompt (None: the pipeline's own default, "" or
-        SDXL's zeros), by the pipeline's ``encode_prompt``; ``reference``: the guider has a reference branch."""
-        p, dev, N = self.pipe, self.device, len(prompts)
-        negs = [negative or ""] * N
+        SDXL's zeros), by the pipeline's ``encode_prompt``; ``reference``: the guider has a reference branch.
+
+        One ``encode_prompt`` call per run: the batch ``prompts + [negative]`` with
+        ``do_classifier_free_guidance=False`` (diffusers encodes the N negatives in a second call; every family pads
+        both to the same fixed length, so the rows are the same embeddings), split into rows ``[:N]`` and ``[N]``."""
         with torch.no_grad():
-            if self.kind == "StableDiffusion3Pipeline":
-                emb, neg, pooled, neg_pooled = p.encode_prompt(
-                    prompts, prompts, prompts, device=dev, do_classifier_free_guidance=True, negative_prompt=negs
-                )
-                return (
-                    {"encoder_hidden_states": emb, "pooled_projections": pooled},
-                    {"encoder_hidden_states": neg[:1], "pooled_projections": neg_pooled[:1]},
-                )
             if self.kind == "FluxPipeline":
-                emb, pooled, txt_ids = p.encode_prompt(prompts, prompts, device=dev)
-                cond = {"encoder_hidden_states": emb, "pooled_projections": pooled}
-                if self.net.config.guidance_embeds:
-                    check(guidance is not None, "this FLUX model is guidance-distilled: pass guidance= (diffusers' 3.5)")
-                    cond["guidance"] = torch.full((N,), float(guidance), device=dev, dtype=torch.float32)
-                else:
-                    check(guidance is None, "guidance= is the input of guidance-distilled FLUX models; this one has none")
-                null = {}
-                if reference:
-                    neg, neg_pooled, _ = p.encode_prompt(negs[:1], negs[:1], device=dev)
-                    null = {"encoder_hidden_states": neg, "pooled_projections": neg_pooled}
-                self._txt_ids = txt_ids
-                return cond, null
+                return self._encode_flux(prompts, negative, guidance, reference)
             check(guidance is None, f"guidance= is FLUX's distilled guidance input; a {self.kind} has none")
             if self.kind == "StableDiffusionXLPipeline":
-                emb, neg, pooled, neg_pooled = p.encode_prompt(
-                    prompts, None, dev, 1, True, negative_prompt=None if negative is None else negs
-                )
-                te2 = p.text_encoder_2
-                proj = int(pooled.shape[-1]) if te2 is None else te2.config.projection_dim
-                ids = p._get_add_time_ids(size, (0, 0), size, dtype=emb.dtype, text_encoder_projection_dim=proj)
-                cond = {"encoder_hidden_states": emb, "text_embeds": pooled, "time_ids": ids.to(dev).repeat(N, 1)}
-                return cond, {"encoder_hidden_states": neg[:1], "text_embeds": neg_pooled[:1]}
+                return self._encode_sdxl(prompts, negative, size)
             if self.kind in _BINS:
-                emb, mask, neg, neg_mask = p.encode_prompt(
-                    prompts,
-                    True,
-                    negative_prompt=negative or "",
-                    device=dev,
-                    clean_caption=True,
-                    max_sequence_length=120 if self.kind == "PixArtAlphaPipeline" else 300,
-                )
-                cond = {"encoder_hidden_states": emb, "encoder_attention_mask": mask}
-                if self.net.config.sample_size == 128:  # diffusers' micro-conditions (PixArt alpha 1024)
-                    h, w = size
-                    cond["resolution"] = torch.tensor([[h, w]] * N, dtype=emb.dtype, device=dev)
-                    cond["aspect_ratio"] = torch.tensor([[h / w]] * N, dtype=emb.dtype, device=dev)
-                return cond, {"encoder_hidden_states": neg[:1], "encoder_attention_mask": neg_mask[:1]}
-            emb, neg = p.encode_prompt(prompts, dev, 1, True, negative_prompt=negs)
-            return {"encoder_hidden_states": emb}, {"encoder_hidden_states": neg[:1]}
+                return self._encode_pixart(prompts, negative, size)
+            return self._encode_sd(prompts, negative)
 
-    def denoiser(self, null: dict, size: tuple[int, int] | None = None):
+    def _encode_sd(self, prompts: list[str], negative: str | None) -> tuple[Cond, Cond]:
+        """SD 1.x / 2.x and SD3 (CLIP pair; its absent T5 gives zeros)."""
+        p, dev, N, batch = self.pipe, self.device, len(prompts), [*prompts, negative or ""]
+        if self.kind == "StableDiffusion3Pipeline":
+            emb, _, pooled, _ = p.encode_prompt(batch, batch, batch, device=dev, do_classifier_free_guidance=False)
+            cond = {"encoder_hidden_states": emb[:N], "pooled_projections": pooled[:N]}
+            return cond, {"encoder_hidden_states": emb[N:], "pooled_projections": pooled[N:]}
+        emb, _ = p.encode_prompt(batch, dev, 1, False)
+        return {"encoder_hidden_states": emb[:N]}, {"encoder_hidden_states": emb[N:]}
+
+    def _encode_sdxl(self, prompts: list[str], negative: str | None, size: tuple[int, int]) -> tuple[Cond, Cond]:
+        """SDXL: the second-to-last CLIP states of both encoders, the pooled embedding and the size / crop ids; no
+        negative prompt with ``force_zeros_for_empty_prompt``: zeros on the reference branch (as diffusers)."""
+        p, dev, N = self.pipe, self.device, len(prompts)
+        zeros = negative is None and bool(p.config.get("force_zeros_for_empty_prompt", False))
+        batch = prompts if zeros else [*prompts, negative or ""]
+        emb, _, pooled, _ = p.encode_prompt(batch, None, dev, 1, False)
+        neg, neg_pooled = (torch.zeros_like(emb[:1]), torch.zeros_like(pooled[:1])) if zeros else (emb[N:], pooled[N:])
+        te2 = p.text_encoder_2
+        proj = int(pooled.shape[-1]) if te2 is None else te2.config.projection_dim
+        ids = p._get_add_time_ids(size, (0, 0), size, dtype=emb.dtype, text_encoder_projection_dim=proj)
+        cond = {"encoder_hidden_states": emb[:N], "text_embeds": pooled[:N], "time_ids": ids.to(dev).repeat(N, 1)}
+        return cond, {"encoder_hidden_states": neg, "text_embeds": neg_pooled}
+
+    def _encode_pixart(self, prompts: list[str], negative: str | None, size: tuple[int, int]) -> tuple[Cond, Cond]:
+        """PixArt: T5 states with their padding masks; alpha-1024 models (sample_size 128) also take diffusers'
+        micro-conditions ``resolution`` [N, 2] (height, width) and ``aspect_ratio`` [N, 1] (height / width)."""
+        p, dev, N = self.pipe, self.device, len(prompts)
+        emb, mask, _, _ = p.encode_prompt(
+            [*prompts, negative or ""],
+            False,
+            device=dev,
+            clean_caption=True,
+            max_sequence_length=120 if self.kind == "PixArtAlphaPipeline" else 300,
+        )
+        cond = {"encoder_hidden_states": emb[:N], "encoder_attention_mask": mask[:N]}
+        if self.net.config.sample_size == 128:  # diffusers' micro-conditions (PixArt alpha 1024)
+            h, w = size
+            cond["resolution"] = torch.tensor([[h, w]] * N, dtype=emb.dtype, device=dev)
+            cond["aspect_ratio"] = torch.tensor([[h / w]] * N, dtype=emb.dtype, device=dev)
+        return cond, {"encoder_hidden_states": emb[N:], "encoder_attention_mask": mask[N:]}
+
+    def _encode_flux(
+        self, prompts: list[str], negative: str | None, guidance: float | None, reference: bool
+    ) -> tuple[Cond, Cond]:
+        """FLUX: T5 states + pooled CLIP; the negative (true CFG) only with a reference branch; the distilled
+        ``guidance`` [N] for guidance-embedded models (required there, refused elsewhere)."""
+        p, dev, N = self.pipe, self.device, len(prompts)
+        if self.net.config.guidance_embeds:
+            check(guidance is not None, "this FLUX model is guidance-distilled: pass guidance= (diffusers' 3.5)")
+        else:
+            check(guidance is None, "guidance= is the input of guidance-distilled FLUX models; this one has none")
+        batch = [*prompts, negative or ""] if reference else prompts
+        emb, pooled, txt_ids = p.encode_prompt(batch, batch, device=dev)
+        cond: Cond = {"encoder_hidden_states": emb[:N], "pooled_projections": pooled[:N]}
+        if guidance is not None:
+            cond["guidance"] = torch.full((N,), guidance, device=dev, dtype=torch.float32)
+        null = {"encoder_hidden_states": emb[N:], "pooled_projections": pooled[N:]} if reference else {}
+        self._txt_ids = txt_ids
+        return cond, null
+
+    def denoiser(self, null: Cond, size: tuple[int, int] | None = None) -> DiffusersDenoiser | flow.FlowDenoiser:
         """The pipeline's network as an EDM denoiser whose null condition is ``null`` (the negative prompt)."""
         if not self.flow:
             if self._base is None:  # the schedule (alpha_bar from the scheduler config) is computed once
@@ -235,9 +270,9 @@ class Pipeline:
             if isinstance(den, SDXLDenoiser):
                 den.null_pooled = null["text_embeds"]
             return den
-        over = {k: (lambda old, v=v: v.to(old).expand(old.shape[0], *v.shape[1:])) for k, v in null.items()}
+        over = {k: _expand_to(v) for k, v in null.items()}
         if self.kind == "FluxPipeline":
-            assert size is not None  # FLUX's position ids depend on the image size
+            assert size is not None and self._txt_ids is not None  # FLUX: ids of the image size, txt ids of encode
             ids = flux.image_ids(self.pipe, *size, self.device, self._txt_ids.dtype)
             velocity = flux.velocity_call(self.net, ids, self._txt_ids)
         else:
@@ -250,13 +285,13 @@ class Pipeline:
             model=self.net,
         )
 
-    def sigmas(self, den, steps: int, schedule: str, latent: list[int]) -> torch.Tensor:
+    def sigmas(self, den: Any, steps: int, schedule: str, latent: list[int]) -> torch.Tensor:
         key = (steps, schedule, tuple(latent))
         if key not in self._sig:
             self._sig[key] = self._sigmas(den, steps, schedule, latent)
         return self._sig[key]
 
-    def _sigmas(self, den, steps: int, schedule: str, latent: list[int]) -> torch.Tensor:
+    def _sigmas(self, den: Any, steps: int, schedule: str, latent: list[int]) -> torch.Tensor:
         if schedule != "pipeline":
             check(not self.flow, f"flow pipelines take schedule 'pipeline' (the scheduler's shifted grid), not {schedule!r}")
             return make_sigmas(den, steps, schedule).double()
@@ -282,14 +317,14 @@ class Pipeline:
         schedule: str = "pipeline",
         seeds: Sequence[int] = (0,),
         latents: torch.Tensor | None = None,
-        out=None,
+        out: str | os.PathLike[str] | None = None,
         progress: bool = False,
-        guide: str | os.PathLike | Pipeline | None = None,
+        guide: str | os.PathLike[str] | Pipeline | None = None,
         interval: tuple[float, float] | None = None,
         guidance: float | None = None,
         height: int | None = None,
         width: int | None = None,
-        **options,
+        **options: Any,
     ) -> torch.Tensor:
         """Images [N, 3, H, W] in [0, 1], decoded by the pipeline's VAE. ``sampler``: default the one equal to the
         folder's scheduler; ``latents``: the unit-Gaussian start a diffusers pipeline takes (its ``prepare_latents``
@@ -316,6 +351,7 @@ class Pipeline:
         if guidance is None and self.kind == "FluxPipeline" and self.net.config.guidance_embeds:
             guidance = 3.5
         prompts = prompts * N if len(prompts) == 1 else prompts
+        seeds = seeds * N if len(seeds) == 1 and N > 1 else seeds
         sampler = sampler or scheduler.default_sampler(self.config)
         if sampler == "plms":
             check(
@@ -326,10 +362,57 @@ class Pipeline:
             )
         h, w_img, orig = self.size(height, width)
         parsed = registry.parse_options(guider, options)
+        second = self.guide(guide) if guide is not None else None  # loaded outside inference mode (its weights)
+        # inference_mode, not no_grad: no autograd bookkeeping on any op of the run (the gradient guiders open their
+        # own autograd scope on clones); the images are cloned out of it so callers may edit them in place
+        with torch.inference_mode():
+            images = self._run(
+                prompts,
+                negative_prompt,
+                guider,
+                w,
+                sampler,
+                steps,
+                schedule,
+                seeds,
+                latents,
+                progress,
+                second,
+                interval,
+                guidance,
+                (h, w_img),
+                orig,
+                parsed,
+            )
+        images = images.clone()
+        if out is not None:
+            save_images(out, images, seeds)
+        return images
+
+    def _run(
+        self,
+        prompts: list[str],
+        negative_prompt: str | None,
+        guider: str,
+        w: float,
+        sampler: str,
+        steps: int,
+        schedule: str,
+        seeds: list[int],
+        latents: torch.Tensor | None,
+        progress: bool,
+        second: Pipeline | None,
+        interval: tuple[float, float] | None,
+        guidance: float | None,
+        size: tuple[int, int],
+        orig: tuple[int, int] | None,
+        parsed: dict[str, Any],
+    ) -> torch.Tensor:
+        """:meth:`generate` after its checks: encode, start, sample, decode (images [N, 3, H, W] in [0, 1])."""
         reference = guider in REFERENCE or parsed.get("cfg_weight") is not None  # pag / seg / slg with CFG: the null
-        cond, null = self.encode(prompts, negative_prompt, size=(h, w_img), guidance=guidance, reference=reference)
-        den = self.denoiser(null, (h, w_img))
-        shape = self.latent_shape(h, w_img)
+        cond, null = self.encode(prompts, negative_prompt, size=size, guidance=guidance, reference=reference)
+        den = self.denoiser(null, size)
+        shape = self.latent_shape(*size)
         check(
             latents is None or list(latents.shape[1:]) == shape,
             f"latents must be [N, {', '.join(map(str, shape))}] (as the pipeline's prepare_latents makes them), "
@@ -338,16 +421,16 @@ class Pipeline:
         sig = self.sigmas(den, steps, schedule, shape)
         if interval is None and guider == "slg":  # diffusers' SLG step window (its SD3 pipeline's gate)
             interval = step_window(sig, *SLG_WINDOW)
-        seeds = seeds * N if len(seeds) == 1 and N > 1 else seeds
         noise = SampleNoise(seeds, device=self.device)
         L = noise.randn(shape, dtype=torch.float64) if latents is None else latents
         state = flow.STATE_DTYPE if self.flow else (torch.float32 if self.dtype != torch.float64 else torch.float64)
         x = scheduler.start(self.config, sig, L.to(self.device, state))
-        guide_den = self.guide(guide).denoiser(null, (h, w_img)) if guide is not None else None
+        if second is not None and self.kind == "FluxPipeline":
+            second._txt_ids = self._txt_ids  # the same text encoders: the same text position ids
         ctx = registry.Context(
             den,
             w=w,
-            guide=guide_den,
+            guide=None if second is None else second.denoiser(null, size),
             seeds=seeds,
             interval=interval,
             options=parsed,
@@ -358,15 +441,11 @@ class Pipeline:
         final = 0.0 if self.flow else scheduler.final_sigma(den)
         if not self.flow:
             guided = scheduler.x0_wrapper(guided, den)
-        with torch.no_grad():
-            kw = {"prediction": den.prediction_type} if sampler == "plms" else {}
-            x = scheduler.sample(sampler, guided, x, sig.to(state), final=final, cond=cond, noise=noise, progress=progress, **kw)
-            images = self.decode(x, final, (h, w_img), orig)
-        if out is not None:
-            save_images(out, images, seeds)
-        return images
+        kw = {"prediction": den.prediction_type} if sampler == "plms" and isinstance(den, DiffusersDenoiser) else {}
+        x = scheduler.sample(sampler, guided, x, sig.to(state), final=final, cond=cond, noise=noise, progress=progress, **kw)
+        return self.decode(x, final, size, orig)
 
-    def guide(self, other: str | os.PathLike | Pipeline) -> Pipeline:
+    def guide(self, other: str | os.PathLike[str] | Pipeline) -> Pipeline:
         """autoguidance's guide: same pipeline class, text encoders and VAE (weights equal), else one clear error."""
         g = other if isinstance(other, Pipeline) else load_pipeline(other, dtype=self.dtype, device=self.device)
         check(g.kind == self.kind, f"the guide is a {g.kind}, the main pipeline a {self.kind}: they must match")
@@ -380,11 +459,9 @@ class Pipeline:
                 "encoders and VAE (only the denoiser may differ)",
             )
         check(dict(g.pipe.scheduler.config) == self.config, "the guide's scheduler config differs from the main one's")
-        if self.kind == "FluxPipeline":
-            g._txt_ids = self._txt_ids
         return g
 
-    def decode(self, x: torch.Tensor, final: float, size: tuple[int, int], orig: tuple[int, int] | None = None):
+    def decode(self, x: torch.Tensor, final: float, size: tuple[int, int], orig: tuple[int, int] | None = None) -> torch.Tensor:
         """The VAE's image of EDM-space latents at sigma ``final`` (as the pipeline: unscale, unpack (FLUX),
         denormalise, decode, resize back from PixArt's bin, [0, 1])."""
         vae, c = self.pipe.vae, self.pipe.vae.config
@@ -410,7 +487,7 @@ class Pipeline:
         return self.pipe.image_processor.postprocess(image, output_type="pt").float()
 
 
-def save_images(out, images: torch.Tensor, seeds: Sequence[int]) -> None:
+def save_images(out: str | os.PathLike[str], images: torch.Tensor, seeds: Sequence[int]) -> None:
     """``out/<seed>.png`` and ``out/grid.png``, each written atomically."""
     from ..._io import png_name, to_uint8, write_png
 
@@ -423,7 +500,7 @@ def save_images(out, images: torch.Tensor, seeds: Sequence[int]) -> None:
     write_png(out / "grid.png", _grid(ims))
 
 
-def _grid(ims):
+def _grid(ims: Any) -> Any:
     import numpy as np
 
     n = len(ims)

@@ -18,12 +18,17 @@ evaluates; guidelab steps to the next grid timestep (they agree for "leading" an
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ...denoisers import Guider
 from ...errors import GuidelabError, check
 from . import flow
+
+if TYPE_CHECKING:
+    from ...samplers.run import Run
 
 #: Scheduler class -> the guidelab sampler whose update it is (the CLI's default sampler for the folder).
 SAMPLERS = {
@@ -47,29 +52,29 @@ _KARRAS_SIGMAS = (
 )
 
 
-def class_name(config: dict) -> str:
+def class_name(config: dict[str, Any]) -> str:
     name = dict(config).get("_class_name", "DDPMScheduler")
     check(name in SAMPLERS, f"scheduler {name!r} is not supported; allowed: {', '.join(SAMPLERS)}")
     return name
 
 
-def default_sampler(config: dict) -> str:
+def default_sampler(config: dict[str, Any]) -> str:
     """The guidelab sampler equal to the folder's scheduler (PNDM: :func:`plms`, this module's)."""
     return SAMPLERS[class_name(config)]
 
 
 def plms(
-    denoiser,
+    denoiser: Callable[..., torch.Tensor],
     x: torch.Tensor,
     sigmas: torch.Tensor,
     *,
-    cond=None,
-    callback=None,
-    progress=False,
-    noise=None,
+    cond: dict[str, Any] | None = None,
+    callback: Callable[[dict[str, Any]], None] | None = None,
+    progress: bool = False,
+    noise: Any = None,
     final: float = 0.0,
     prediction: str = "epsilon",
-):
+) -> torch.Tensor:
     """PNDM's pseudo linear multistep (Liu et al. 2022, PLMS, eq. 12) as diffusers' PNDMScheduler runs it with
     ``skip_prk_steps=True`` (Stable Diffusion 1.x's default): n steps, n + 1 network calls.
 
@@ -84,11 +89,11 @@ def plms(
     check(prediction in ("epsilon", "v_prediction"), f"PNDM takes epsilon or v_prediction, not {prediction!r}")
     v_pred = prediction == "v_prediction"
 
-    def out(x_, D, s):  # what the network predicted (PNDM combines these)
+    def out(x_: torch.Tensor, D: torch.Tensor, s: float) -> torch.Tensor:  # what the network predicted (PNDM combines these)
         e = (x_ - D) / s
         return (e - s * D) / (1 + s * s) ** 0.5 if v_pred else e
 
-    def eps(x_, m, s):  # the combined prediction as eps at (x_, s)
+    def eps(x_: torch.Tensor, m: torch.Tensor, s: float) -> torch.Tensor:  # the combined prediction as eps at (x_, s)
         return m / (1 + s * s) ** 0.5 + s * x_ / (1 + s * s) if v_pred else m
 
     from ...samplers.base import begin_run, check_inputs, evaluator, report
@@ -119,7 +124,7 @@ def plms(
     return x
 
 
-def check_config(config: dict) -> None:
+def check_config(config: dict[str, Any]) -> None:
     """Refuse the settings no guidelab sampler or wrapper reproduces (one clear error)."""
     c, name = dict(config), class_name(config)
     if name in _DISCRETE:
@@ -141,7 +146,7 @@ def check_config(config: dict) -> None:
         )
 
 
-def pipeline_sigmas(den, steps: int, *, mu: float | None = None) -> torch.Tensor:
+def pipeline_sigmas(den: Any, steps: int, *, mu: float | None = None) -> torch.Tensor:
     """The EDM sigmas (then the last one) of the folder's scheduler for ``steps`` steps (see the module docstring);
     ``den``: a DiffusersDenoiser (its ``config`` and ``grid``) or a flow model's scheduler config with ``mu``."""
     config = den if isinstance(den, dict) else den.config
@@ -165,7 +170,7 @@ def pipeline_sigmas(den, steps: int, *, mu: float | None = None) -> torch.Tensor
     return sig
 
 
-def start(den, sigmas: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+def start(den: Any, sigmas: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
     """The EDM-space start from the pipeline's unit-Gaussian ``latents`` as its scheduler scales them
     (``init_noise_sigma``): DDIM / DDPM / PNDM / DPM-Solver ``x_VP = latents``; Euler-type schedulers ``sigma_max``
     for "linspace" / "trailing" spacing, ``sqrt(1 + sigma_max^2)`` otherwise (diffusers' rule); flow
@@ -184,7 +189,7 @@ def start(den, sigmas: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
     return latents * scale.to(latents)
 
 
-def final_sigma(den) -> float:
+def final_sigma(den: Any) -> float:
     """Where the scheduler's last step lands: ``sigma_0`` for DDIM / PNDM with ``set_alpha_to_one=False``, else 0."""
     c = dict(den.config)
     if class_name(c) in ("DDIMScheduler", "PNDMScheduler") and not c.get("set_alpha_to_one", True):
@@ -192,7 +197,9 @@ def final_sigma(den) -> float:
     return 0.0
 
 
-def sample(sampler: str, den, x: torch.Tensor, sigmas: torch.Tensor, *, final: float = 0.0, **kw) -> torch.Tensor:
+def sample(
+    sampler: str, den: Callable[..., torch.Tensor], x: torch.Tensor, sigmas: torch.Tensor, *, final: float = 0.0, **kw: Any
+) -> torch.Tensor:
     """``samplers.get(sampler)(den, x, sigmas, **kw)`` (``"plms"``: :func:`plms`); with ``final > 0`` the last step
     is DDIM's step to ``final`` instead of 0: ``x_f = D + (final / sigma_last)(x_last - D)`` from the last step's x
     and D (no extra network call)."""
@@ -211,7 +218,7 @@ def sample(sampler: str, den, x: torch.Tensor, sigmas: torch.Tensor, *, final: f
     last: dict = {}
     user = kw.pop("callback", None)
 
-    def callback(info):
+    def callback(info: dict[str, Any]) -> None:
         last.update(info)
         if user is not None:
             user(info)
@@ -235,25 +242,25 @@ class SchedulerX0(Guider):
 
     def __init__(
         self,
-        den,
+        den: Any,
         *,
         clip: float | None = None,
         ratio: float | None = None,
         max_value: float = 1.0,
         ddim: bool = False,
         final: float = 0.0,
-    ):
+    ) -> None:
         self.den, self.clip, self.ratio, self.max_value = den, clip, ratio, max_value
         self.ddim, self.final = ddim, final
         self.grid_next: dict[float, float] | None = None
         self.requires = getattr(den, "requires", frozenset())
 
-    def __getattr__(self, name):  # condition, model, ... of the denoiser
+    def __getattr__(self, name: str) -> Any:  # condition, model, ... of the denoiser
         if name == "den":
             raise AttributeError(name)
         return getattr(self.den, name)
 
-    def start(self, run) -> SchedulerX0:
+    def start(self, run: Run) -> SchedulerX0:
         new = copy.copy(self)
         new.den = self.den.start(run) if isinstance(self.den, Guider) else self.den
         sig = [float(s) for s in run.sigmas]
@@ -279,19 +286,19 @@ class SchedulerX0(Guider):
         r = self.grid_next[near[0]] / s
         return (D_c - r * D) / (1 - r)
 
-    def __call__(self, x, sigma, **cond):
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **cond: Any) -> torch.Tensor:
         return self._out(self.den(x, sigma, **cond), sigma)
 
-    def unguided(self, x, sigma, **cond):
+    def unguided(self, x: torch.Tensor, sigma: torch.Tensor, **cond: Any) -> torch.Tensor:
         inner = self.den.unguided if isinstance(self.den, Guider) else self.den
         return self._out(inner(x, sigma, **cond), sigma)
 
-    def pair(self, x, sigma, **cond):
+    def pair(self, x: torch.Tensor, sigma: torch.Tensor, **cond: Any) -> tuple[torch.Tensor, torch.Tensor]:
         D, D_r = self.den.pair(x, sigma, **cond) if isinstance(self.den, Guider) else (self.den(x, sigma, **cond),) * 2
         return self._out(D, sigma), self._out(D_r, sigma)
 
 
-def x0_wrapper(den, base=None):
+def x0_wrapper(den: Any, base: Any = None) -> Any:
     """``den`` (a guided or plain denoiser of the DiffusersDenoiser ``base``, default ``den``) wrapped in
     :class:`SchedulerX0` when the folder's DDIM / DDPM scheduler clips or thresholds x0, else ``den`` itself."""
     base = den if base is None else base
@@ -299,11 +306,10 @@ def x0_wrapper(den, base=None):
     name = class_name(c)
     if name not in ("DDIMScheduler", "DDPMScheduler"):
         return den
-    kw = {"ddim": name == "DDIMScheduler", "final": final_sigma(base)}
+    ddim, final = name == "DDIMScheduler", final_sigma(base)
     if c.get("thresholding"):
-        return SchedulerX0(
-            den, ratio=float(c.get("dynamic_thresholding_ratio", 0.995)), max_value=float(c.get("sample_max_value", 1.0)), **kw
-        )
+        ratio, top = float(c.get("dynamic_thresholding_ratio", 0.995)), float(c.get("sample_max_value", 1.0))
+        return SchedulerX0(den, ratio=ratio, max_value=top, ddim=ddim, final=final)
     if c.get("clip_sample", True):
-        return SchedulerX0(den, clip=float(c.get("clip_sample_range", 1.0)), **kw)
+        return SchedulerX0(den, clip=float(c.get("clip_sample_range", 1.0)), ddim=ddim, final=final)
     return den

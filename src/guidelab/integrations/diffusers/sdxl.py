@@ -8,6 +8,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import torch
+
 from ...guidance.protocols import Condition
 from .adapter import DiffusersDenoiser
 
@@ -19,7 +23,9 @@ class SDXLDenoiser(DiffusersDenoiser):
     """A :class:`DiffusersDenoiser` of an SDXL UNet; ``null_pooled`` ([1, D]) is the reference branch's pooled
     embedding (with ``null_text``, the negative prompt's or zeros as diffusers builds them)."""
 
-    def __init__(self, model, scheduler_config: dict, *, null_pooled=None, **kw):
+    def __init__(
+        self, model: torch.nn.Module, scheduler_config: dict[str, Any], *, null_pooled: torch.Tensor | None = None, **kw: Any
+    ) -> None:
         super().__init__(model, scheduler_config, **kw)
         self.null_pooled = null_pooled
 
@@ -31,7 +37,7 @@ class SDXLDenoiser(DiffusersDenoiser):
             over["text_embeds"] = lambda old: pooled.to(old).expand(old.shape[0], *pooled.shape[1:])
         return Condition(self.cond_key, over)
 
-    def __call__(self, x, sigma, **cond):
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **cond: Any) -> torch.Tensor:
         dtype = next(self.model.parameters()).dtype
         added = {k: cond.pop(k).to(dtype) for k in ADDED if cond.get(k) is not None}
         if added:
