@@ -1,9 +1,11 @@
 """guidelab's guided loop vs the diffusers pipeline call on the same random model, same steps, scheduler, latents,
-side by side in one run, CFG (FLUX: true CFG with a negative prompt) at w = 5. Prints one JSON line per family with
-the wall times (best of ``--repeats``, the two calls interleaved, loading excluded on both sides), their ratio
-guidelab / diffusers, the median of the per-pair ratios, the max abs difference of the two images and (CPU) each
-side's time outside the denoiser network per run (text encoders, sampler / scheduler, guidance, VAE: the Python
-overhead that load on a shared machine blurs least).
+side by side in one run, CFG (FLUX: true CFG with a negative prompt) at w = 5. Prints one JSON line per family:
+both sides' best and median wall times and median CPU times (``time.process_time``) over ``--repeats`` rounds
+(the two calls interleaved, the order alternating, loading excluded on both sides), the ratio of the bests and the
+medians of the per-round ratios guidelab / diffusers (wall and CPU), the max abs difference of the two images,
+(CPU) each side's median time outside the denoiser network per run (text encoders, sampler / scheduler,
+guidance, VAE), the physical floor (NFE x one batched network forward, replayed alone in the same run) and the
+1-min load average.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/pipeline_speed.py [--steps 20] [--repeats 3] [--families sd,sd3]
         [--device cuda] [--dtype fp16|bf16|fp32] [--size tiny|mid] [--batch 4] [--out results.jsonl]
@@ -16,9 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import diffusers
@@ -109,49 +114,97 @@ FAMILIES = {
 }
 
 
-def timed(fn, device: torch.device) -> float:
+def timed(fn: Callable[[], object], device: torch.device) -> tuple[float, float]:
+    """(wall, CPU) seconds of one call; CPU is ``time.process_time`` (on a loaded machine the time this process
+    waits descheduled is not counted, so it scatters less than wall time)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     fn()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
 class NetClock:
-    """Wall time spent inside a module's forward (CPU only: on CUDA the launch is asynchronous)."""
+    """Wall time spent inside a module's forward (CPU only: on CUDA the launch is asynchronous), the number of
+    calls, and the first call's inputs (the floor replays them)."""
 
-    def __init__(self, net: torch.nn.Module):
-        self.seconds, forward = 0.0, net.forward
+    def __init__(self, net: torch.nn.Module) -> None:
+        self.seconds, self.calls, forward = 0.0, 0, net.forward
+        self.first: tuple[tuple, dict] | None = None
+        self.forward = forward
 
-        def timed_forward(*args, **kw):
+        def timed_forward(*args: object, **kw: object) -> object:
+            if self.first is None:
+                self.first = (args, kw)
             t0 = time.perf_counter()
             try:
                 return forward(*args, **kw)
             finally:
                 self.seconds += time.perf_counter() - t0
+                self.calls += 1
 
         net.forward = timed_forward
 
+    def reset(self) -> None:
+        self.seconds, self.calls = 0.0, 0
 
-def side_by_side(ours, theirs, repeats: int, device: torch.device, clocks=None) -> dict:
-    """Best times of both, interleaved (a load change on a shared machine hits both), the median of the per-pair
-    ratios and, with ``clocks`` (CPU), each side's least time outside the denoiser network per run."""
-    a, b, outside_a, outside_b = [], [], [], []
-    for _ in range(repeats):
-        sides = ((ours, a, outside_a, clocks and clocks[0]), (theirs, b, outside_b, clocks and clocks[1]))
-        for fn, times, outside, clock in sides:
-            if clock:
-                clock.seconds = 0.0
-            times.append(timed(fn, device))
-            if clock:
-                outside.append(times[-1] - clock.seconds)
-    ratios = sorted(x / y for x, y in zip(a, b))
-    out = {"guidelab_s": min(a), "diffusers_s": min(b), "median_pair_ratio": ratios[len(ratios) // 2]}
+
+def side_by_side(ours: Callable, theirs: Callable, rounds: int, device: torch.device, clocks=None) -> dict:
+    """Both calls interleaved over ``rounds`` (the order rotating each round, so a load drift hits all alike): best
+    and median wall and CPU times of each, the medians of the per-round ratios and, with ``clocks`` (CPU), each
+    side's median time outside the denoiser network per run and the physical floor (:func:`floor_call`), timed in
+    the same rounds."""
+    names = ["ours", "theirs"]
+    sides: dict[str, tuple[Callable, NetClock | None]] = {"ours": (ours, None), "theirs": (theirs, None)}
     if clocks:
-        out.update(guidelab_outside_net_ms=1000 * min(outside_a), diffusers_outside_net_ms=1000 * min(outside_b))
+        sides = {"ours": (ours, clocks[0]), "theirs": (theirs, clocks[1]), "floor": (floor_call(clocks[0], ours), None)}
+        names.append("floor")
+    rec: dict[str, list[list[float]]] = {n: [[], [], []] for n in names}
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            fn, clock = sides[name]
+            if clock:
+                clock.reset()
+            wall, cpu = timed(fn, device)
+            rec[name][0].append(wall)
+            rec[name][1].append(cpu)
+            rec[name][2].append(wall - clock.seconds if clock else float("nan"))
+    med = statistics.median
+    (wa, ca, oa), (wb, cb, ob) = rec["ours"], rec["theirs"]
+    out = {
+        "guidelab_s": min(wa),
+        "diffusers_s": min(wb),
+        "guidelab_median_s": med(wa),
+        "diffusers_median_s": med(wb),
+        "median_pair_ratio": med(x / y for x, y in zip(wa, wb, strict=True)),
+        "guidelab_cpu_s": med(ca),
+        "diffusers_cpu_s": med(cb),
+        "cpu_median_pair_ratio": med(x / y for x, y in zip(ca, cb, strict=True)),
+    }
+    if clocks:
+        out.update(guidelab_outside_net_ms=1000 * med(oa), diffusers_outside_net_ms=1000 * med(ob))
+        wf, cf, _ = rec["floor"]
+        out.update(nfe=clocks[0].calls, floor_s=min(wf), floor_median_s=med(wf), floor_cpu_s=med(cf))
     return out
+
+
+def floor_call(clock: NetClock, ours: Callable) -> Callable[[], None]:
+    """The physical floor of one run: NFE x one network forward, guidelab's first batched inputs (captured by one
+    run of ``ours``) replayed alone under ``torch.inference_mode`` (no text encoder, sampler, guidance or VAE)."""
+    clock.first = None
+    clock.reset()
+    ours()
+    assert clock.first is not None
+    (args, kw), nfe, forward = clock.first, clock.calls, clock.forward
+
+    def run() -> None:
+        with torch.inference_mode():
+            for _ in range(nfe):
+                forward(*args, **kw)
+
+    return run
 
 
 def measure(family: str, size: str, a, tmp: Path) -> dict:
@@ -183,11 +236,13 @@ def measure(family: str, size: str, a, tmp: Path) -> dict:
 
     diff = (ours().float().cpu() - theirs().float().cpu()).abs().max().item()  # also the warm-up of both
     clocks = None if device.type == "cuda" else (NetClock(pipe.net), NetClock(getattr(ref, "unet", None) or ref.transformer))
+    load = os.getloadavg()[0]
     t = side_by_side(ours, theirs, a.repeats, device, clocks)
     row = {"family": label, "size": size, "device": str(device), "dtype": a.dtype, "batch": a.batch, "steps": a.steps}
     row.update({k: round(v, 4) for k, v in t.items()})
     row["ratio"] = round(t["guidelab_s"] / t["diffusers_s"], 3)
     row["max_abs_diff"] = float(f"{diff:.3g}")
+    row["load"] = round((load + os.getloadavg()[0]) / 2, 2)  # 1-min load average, before / after
     return row
 
 

@@ -152,9 +152,10 @@ class Pipeline:
         self._txt_ids: torch.Tensor | None = None  # FLUX's text position ids (set by encode)
 
     # -- sizes ----------------------------------------------------------------------------------
-    def size(self, height: int | None, width: int | None) -> tuple[int, int, tuple[int, int] | None]:
+    def size(self, height: int | None, width: int | None, binning: bool = True) -> tuple[int, int, tuple[int, int] | None]:
         """``(height, width, orig)`` of the image the network samples: the pipeline's default size, PixArt's
-        resolution bin (``orig``: the size it is resized back to, None without binning)."""
+        resolution bin (``orig``: the size it is resized back to, None without binning; ``binning=False``:
+        diffusers' ``use_resolution_binning=False``, the size as given)."""
         p, c = self.pipe, self.net.config
         f = p.vae_scale_factor
         if self.kind == "FluxPipeline":
@@ -162,7 +163,7 @@ class Pipeline:
         size = c.sample_size if isinstance(c.sample_size, int) else c.sample_size[0]
         h, w = height or size * f, width or size * f
         bins = _BINS.get(self.kind, {})
-        if c.sample_size not in bins:
+        if c.sample_size not in bins or not binning:
             return h, w, None  # diffusers bins only these sizes (others: use_resolution_binning=False)
         from diffusers.pipelines.pixart_alpha import pipeline_pixart_alpha as alpha
         from diffusers.pipelines.pixart_alpha import pipeline_pixart_sigma as sigma
@@ -324,6 +325,7 @@ class Pipeline:
         guidance: float | None = None,
         height: int | None = None,
         width: int | None = None,
+        resolution_binning: bool = True,
         **options: Any,
     ) -> torch.Tensor:
         """Images [N, 3, H, W] in [0, 1], decoded by the pipeline's VAE. ``sampler``: default the one equal to the
@@ -335,11 +337,18 @@ class Pipeline:
         the steps i of n with 0.01 n < i < 0.2 n, so at least 6 steps; ``(0, inf)``: every step); ``guidance``:
         guidance-distilled FLUX's embedded guidance scale (diffusers' ``guidance_scale``; its default 3.5 when
         None), with ``guider="cfg"`` and a negative prompt on top diffusers' ``true_cfg_scale = w``; ``height`` /
-        ``width``: the image size (default the pipeline's)."""
+        ``width``: the image size (default the pipeline's); ``resolution_binning``: PixArt's snap to its trained
+        aspect-ratio bins and resize back (diffusers' ``use_resolution_binning``, default on)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         seeds = [int(s) for s in seeds]
         height, width = (None if v is None else int(v) for v in (height, width))  # the CLI's --option gives text
         guidance = None if guidance is None else float(guidance)
+        if isinstance(resolution_binning, str):  # the CLI's --option resolution_binning=false
+            check(
+                resolution_binning.lower() in ("true", "false"),
+                f"resolution_binning is true or false, got {resolution_binning!r}",
+            )
+            resolution_binning = resolution_binning.lower() == "true"
         N = len(seeds) if latents is None else latents.shape[0]
         check(latents is None or len(seeds) in (1, N), f"seeds: give one per latent ({N}), got {len(seeds)}")
         check(len(prompts) in (1, N), f"give one prompt or one per seed ({N}), got {len(prompts)} prompts")
@@ -360,7 +369,7 @@ class Pipeline:
                 "warm-up (skip_prk_steps=False) has no guidelab equal: set skip_prk_steps true in "
                 "scheduler/scheduler_config.json, or use DDIMScheduler / EulerDiscreteScheduler",
             )
-        h, w_img, orig = self.size(height, width)
+        h, w_img, orig = self.size(height, width, resolution_binning)
         parsed = registry.parse_options(guider, options)
         second = self.guide(guide) if guide is not None else None  # loaded outside inference mode (its weights)
         # inference_mode, not no_grad: no autograd bookkeeping on any op of the run (the gradient guiders open their
