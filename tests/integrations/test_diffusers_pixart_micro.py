@@ -87,6 +87,13 @@ def test_missing_micro_conditions_refused(folder, tmp_path):
     for key in ("resolution", "aspect_ratio"):
         with pytest.raises(GuidelabError, match="micro-conditioned"):
             den(x, sigma, **{k: v for k, v in cond.items() if k != key})
+    for key, bad in (
+        ("resolution", cond["resolution"][:, :1]),
+        ("aspect_ratio", cond["aspect_ratio"][:1]),
+        ("resolution", [16, 24]),
+    ):
+        with pytest.raises(GuidelabError, match=f"micro-condition {key} must be a \\[batch"):
+            den(x, sigma, **{**cond, key: bad})
     # micro-conditioned at another sample size: diffusers passes no micro-conditions there, guidelab refuses it
     other = load(micro_folder(tmp_path, sample_size=16))
     with pytest.raises(GuidelabError, match="micro-conditioned"):

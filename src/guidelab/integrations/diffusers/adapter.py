@@ -246,6 +246,13 @@ class DiffusersDenoiser:
                 "this PixArt model is micro-conditioned (use_additional_conditions): pass resolution [B, 2] "
                 "(height, width in pixels) and aspect_ratio [B, 1] in cond",
             )
+            for k, width in zip(MICRO, (2, 1)):
+                v = added[k]
+                check(
+                    v is None or (isinstance(v, torch.Tensor) and tuple(v.shape) == (x.shape[0], width)),
+                    f"PixArt micro-condition {k} must be a [batch, {width}] tensor = [{x.shape[0]}, {width}], "
+                    f"got {list(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__}",
+                )
             cond["added_cond_kwargs"] = added
         with contextlib.ExitStack() as hooks:
             if marks is not None and bool(marks.any()):
