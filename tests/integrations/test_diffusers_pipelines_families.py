@@ -348,6 +348,8 @@ GUIDERS = {
     "pag+cfg": (3.0, {"cfg_weight": 3.0}),
     "seg+cfg": (3.0, {"cfg_weight": 3.0}),
     "slg+cfg": (3.0, {"cfg_weight": 3.0}),
+    "nag": (4.0, {}),
+    "nag+cfg": (4.0, {"cfg_weight": 3.0}),
 }
 #: (family, guider) combinations that refuse with one clear error, and the error.
 REFUSED: dict[tuple[str, str], str] = {}  # none left: TSG on SD3 / FLUX and PAG / SEG / SLG on FLUX now run
