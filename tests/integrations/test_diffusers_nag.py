@@ -172,7 +172,6 @@ def test_nag_on_sd3_joint_attention_equals_the_official_step(monkeypatch):
     projection, its AdaLayerNorms truncated to each stream's rows, the written-out joint processor on every
     block) to 1e-10 in float64; w = 1 is the plain model bit for bit; one call of 2B rows."""
     import test_diffusers_hooks as th
-    from diffusers.models import normalization
 
     net, den, cond, (nemb, _), x, sigma = th._sd3()
     emb, pooled = cond["encoder_hidden_states"], cond["pooled_projections"]
@@ -184,15 +183,7 @@ def test_nag_on_sd3_joint_attention_equals_the_official_step(monkeypatch):
         calls.clear()
         ours = nag(den, 4.0, tau=2.5, alpha=0.25)(x, sigma, **cond)
         assert calls == [2 * B]
-        zero, cont = normalization.AdaLayerNormZero.forward, normalization.AdaLayerNormContinuous.forward
-        monkeypatch.setattr(
-            normalization.AdaLayerNormZero,
-            "forward",
-            lambda self, h, timestep=None, class_labels=None, hidden_dtype=None, emb=None: zero(
-                self, h, timestep, class_labels, hidden_dtype, emb=emb[: h.shape[0]]
-            ),
-        )
-        monkeypatch.setattr(normalization.AdaLayerNormContinuous, "forward", lambda self, h, c: cont(self, h, c[: h.shape[0]]))
+        trim_adanorm_rows(monkeypatch)
         saved = dict(net.attn_processors)
         net.set_attn_processor({k: OfficialJointNAG(4.0, 2.5, 0.25) for k in saved})
         t = sigma / (1 + sigma)
@@ -241,3 +232,19 @@ def test_nag_with_cfg_equals_the_official_step_in_one_call(tmp_path):
     eps_u, eps_c = eps.chunk(2)
     ref = x - s * (eps_u + 4.0 * (eps_c - eps_u))
     assert (ours - ref).abs().max() < 1e-10 and (ours - plain_cfg).abs().max() > 1e-4
+
+
+def trim_adanorm_rows(monkeypatch):
+    """The official joint NAG step runs B image rows against 2B text rows ([prompt; negative]) with a 2B
+    timestep: each adaptive norm takes the leading rows of its conditioning, as many as its input has."""
+    from diffusers.models import normalization
+
+    zero, cont = normalization.AdaLayerNormZero.forward, normalization.AdaLayerNormContinuous.forward
+    monkeypatch.setattr(
+        normalization.AdaLayerNormZero,
+        "forward",
+        lambda self, h, timestep=None, class_labels=None, hidden_dtype=None, emb=None: zero(
+            self, h, timestep, class_labels, hidden_dtype, emb=emb[: h.shape[0]]
+        ),
+    )
+    monkeypatch.setattr(normalization.AdaLayerNormContinuous, "forward", lambda self, h, c: cont(self, h, c[: h.shape[0]]))

@@ -10,6 +10,7 @@ pytest.importorskip("diffusers")
 import test_diffusers_hooks as th  # tests/integrations is on sys.path (rootdir imports)
 import test_diffusers_pixart as pixart
 import torch.nn.functional as F
+from test_diffusers_nag import trim_adanorm_rows
 
 from guidelab import guidance
 from guidelab.errors import GuidelabError
@@ -342,7 +343,6 @@ def test_nag_with_cfg_on_sd3_equals_the_official_step(monkeypatch):
     """SD3 NAG + CFG: one call of 3B rows, equal to the official SD3 pipeline's step at guidance_scale > 1 (text
     [negative; prompt; negative], pooled [negative; prompt; prompt], image [uncond; cond], AdaLayerNorms truncated
     to each stream's rows) to 1e-10."""
-    from diffusers.models import normalization
 
     net, den, cond, (nemb, npooled), x, sigma = th._sd3()
     emb, pooled = cond["encoder_hidden_states"], cond["pooled_projections"]
@@ -352,15 +352,7 @@ def test_nag_with_cfg_on_sd3_equals_the_official_step(monkeypatch):
         ours = nag(den, 4.0, tau=2.5, alpha=0.25, cfg_weight=3.0)(x, sigma, **cond)
         assert calls == [3 * B]
         alone = nag(den, 4.0, tau=2.5, alpha=0.25)(x, sigma, **cond)
-    zero, cont = normalization.AdaLayerNormZero.forward, normalization.AdaLayerNormContinuous.forward
-    monkeypatch.setattr(
-        normalization.AdaLayerNormZero,
-        "forward",
-        lambda self, h, timestep=None, class_labels=None, hidden_dtype=None, emb=None: zero(
-            self, h, timestep, class_labels, hidden_dtype, emb=emb[: h.shape[0]]
-        ),
-    )
-    monkeypatch.setattr(normalization.AdaLayerNormContinuous, "forward", lambda self, h, c: cont(self, h, c[: h.shape[0]]))
+    trim_adanorm_rows(monkeypatch)
     saved = dict(net.attn_processors)
     net.set_attn_processor({k: OfficialJointNAGCFG(4.0, 2.5, 0.25) for k in saved})
     t = sigma / (1 + sigma)
