@@ -17,7 +17,9 @@
    bare tensor ops it does (cat of x / sigma / labels, chunk, lerp) at batch 1, 4, 16. Goal: <= 2x.
 Times are this process's CPU time (``--wall``: wall clock): on a loaded machine, descheduled time is no
 one's cost. ``--parts forward,guider`` skips the k-diffusion part.
-Single-threaded CPU, float32, 50 steps (20 for part 2), glibc keeping freed memory (as training does).
+Single-threaded CPU, float32, 50 steps (20 for part 2), glibc keeping freed memory (as training does;
+``--malloc glibc`` leaves glibc's defaults, or the ``MALLOC_*_`` environment variables, in force). Part 2
+also counts minor page faults (``getrusage``) per denoiser call, for the bare loop and each sampler.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import argparse
 import importlib.util
 import json
 import pathlib
+import resource
 import statistics
 import time
 
@@ -69,6 +72,19 @@ def timed(fn) -> float:
     t = time.perf_counter()
     fn()
     return time.perf_counter() - t
+
+
+def faults() -> int:
+    """Minor page faults of this process so far (a fresh, untouched page costs one)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def timed_faults(fn, log: list) -> float:
+    """``timed(fn)``, appending the page faults taken during the call to ``log``."""
+    f = faults()
+    t = timed(fn)
+    log.append(faults() - f)
+    return t
 
 
 def vs_kdiffusion(K, shape, rounds: int, steps: int = 50) -> dict:
@@ -153,10 +169,10 @@ def vs_forward(rounds: int, steps: int = 20, batch: int = 256) -> dict:
         stochastic = samplers.info(name).stochastic or name == "ddim"
         # The sampler's own cost, directly: the same run with a free denoiser (D = x).
         t_own = min(timed(lambda: samplers.get(name)(lambda x_, s_: x_, x, sigmas)) for _ in range(rounds))
-        t_bare, t_glob, t_seed = [], [], []
+        t_bare, t_glob, t_seed, f_bare, f_glob = [], [], [], [], []
         for _ in range(rounds):
-            t_bare.append(timed(bare))
-            t_glob.append(timed(lambda: samplers.get(name)(D, x, sigmas)))
+            t_bare.append(timed_faults(bare, f_bare))
+            t_glob.append(timed_faults(lambda: samplers.get(name)(D, x, sigmas), f_glob))
             t_seed.append(
                 timed(lambda: samplers.get(name)(D, x, sigmas, noise=SampleNoise(range(batch)))) if stochastic else t_glob[-1]
             )
@@ -171,11 +187,14 @@ def vs_forward(rounds: int, steps: int = 20, batch: int = 256) -> dict:
             "ratio_sample_noise": r_seed,
             "own_ms_per_step": 1e3 * t_own / steps,
             "ratio_own": r_own,
+            "faults_per_call_bare": statistics.median(f_bare) / nfe,
+            "faults_per_call": statistics.median(f_glob) / nfe,
         }
         print(
             f"  {name:20s} NFE {nfe:3d}  forward {out[name]['forward_ms']:.2f} ms  ratio {r_glob:.3f}"
             f" (median of rounds {r_med:.3f}, per-sample seeds {r_seed:.3f}; own cost {1e3 * t_own / steps:.3f} ms/step"
-            f" -> {r_own:.4f})",
+            f" -> {r_own:.4f}; page faults per call {out[name]['faults_per_call']:.1f}, bare"
+            f" {out[name]['faults_per_call_bare']:.1f})",
             flush=True,
         )
     return out
@@ -223,6 +242,12 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64, help="batch of the forward-dominated part")
     ap.add_argument("--parts", default="kdiffusion,forward,guider", help="comma-separated parts to run")
     ap.add_argument("--wall", action="store_true", help="wall-clock time (default: this process's CPU time)")
+    ap.add_argument(
+        "--malloc",
+        choices=["keep", "glibc"],
+        default="keep",
+        help="keep: glibc keeps freed blocks (keep_freed_memory); glibc: its defaults / MALLOC_*_ env vars",
+    )
     args = ap.parse_args()
     global timed
     if not args.wall:  # on a loaded machine, time spent descheduled is not the sampler's
@@ -236,7 +261,8 @@ def main() -> None:
     torch.set_num_threads(1)
     # glibc otherwise returns every freed block over 128 KiB to the OS, and each large temporary is
     # page-faulted in again: timings then swing ~2x with whatever ran before (both samplers alike).
-    keep_freed_memory()
+    if args.malloc == "keep":
+        keep_freed_memory()
     results = {}
     if "kdiffusion" in parts:
         K = load_kdiffusion()
@@ -253,27 +279,37 @@ def main() -> None:
     import os
 
     lines = [
-        f"load average while measuring: {os.getloadavg()[0]:.1f} (2 cores); {'wall' if args.wall else 'CPU'} time",
-        "",
-        "| sampler | tiny: guidelab / k-diffusion (ms) | ratio (median) | image: guidelab / k-diffusion (ms) | ratio (median) |",
-        "|---|---:|---:|---:|---:|",
+        f"load average while measuring: {os.getloadavg()[0]:.1f} (2 cores); {'wall' if args.wall else 'CPU'} time;"
+        f" malloc: {args.malloc}",
     ]
+    if "kdiffusion" in parts:
+        lines += [
+            "",
+            "| sampler | tiny: guidelab / k-diffusion (ms) | ratio (median) | image: guidelab / k-diffusion (ms) "
+            "| ratio (median) |",
+            "|---|---:|---:|---:|---:|",
+        ]
     for name in SHARED if "kdiffusion" in parts else []:
         a, b = results["kdiffusion_tiny"][name], results["kdiffusion_image"][name]
         lines.append(
             f"| {name} | {a['guidelab_ms']:.1f} / {a['kdiffusion_ms']:.1f} | {a['ratio']:.2f} ({a['ratio_median']:.2f}) | "
             f"{b['guidelab_ms']:.1f} / {b['kdiffusion_ms']:.1f} | {b['ratio']:.2f} ({b['ratio_median']:.2f}) |"
         )
-    lines += [
-        "",
-        "| sampler | NFE | forward (ms) | time / (NFE x forward) (median) | with per-sample seeds | own cost (ms/step) "
-        "| 1 + own / (NFE x forward) |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-    ]
+    lines += (
+        []
+        if "forward" not in results
+        else [
+            "",
+            "| sampler | NFE | forward (ms) | time / (NFE x forward) (median) | with per-sample seeds | own cost (ms/step) "
+            "| 1 + own / (NFE x forward) | page faults per call (bare) |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+    )
     for name, r in results.get("forward", {}).items():
         lines.append(
             f"| {name} | {r['nfe']} | {r['forward_ms']:.2f} | {r['ratio']:.3f} ({r['ratio_median']:.3f}) | "
-            f"{r['ratio_sample_noise']:.3f} | {r['own_ms_per_step']:.3f} | {r['ratio_own']:.4f} |"
+            f"{r['ratio_sample_noise']:.3f} | {r['own_ms_per_step']:.3f} | {r['ratio_own']:.4f} | "
+            f"{r['faults_per_call']:.1f} ({r['faults_per_call_bare']:.1f}) |"
         )
     if "guider" in results:
         lines += ["", "| batch | cfg call (us) | bare cat + chunk + lerp (us) | ratio |", "|---:|---:|---:|---:|"]
