@@ -210,6 +210,12 @@ def test_sampler_needs_are_checked_before_sampling(ckpts, tmp_path):
     )
     assert isinstance(r.exception, GuidelabError) and "renoise" in str(r.exception)
     assert not (tmp_path / "x").exists()  # refused before anything is written
+    base = ["sample", "--model", ckpts["cond"], "--guider", "cfgpp", "--weight", "0.5", "--samples", "8", "--steps", "4"]
+    for sampler in ("heun", "euler"):  # heun takes CFG++ from the CLI too (its renoise form)
+        r = CliRunner().invoke(cli.main, [*base, "--sampler", sampler, "--quiet", "--out", str(tmp_path / sampler)])
+        assert r.exit_code == 0, r.output
+    heun, euler = (sorted((tmp_path / s).rglob("*.npz")) for s in ("heun", "euler"))
+    assert heun and euler and not np.array_equal(np.load(heun[0])["samples"], np.load(euler[0])["samples"])
 
 
 def test_rules_take_a_base_guider(ckpts):
