@@ -15,6 +15,7 @@ unipc_module = importlib.import_module("guidelab.samplers.unipc")  # samplers.un
 @pytest.mark.parametrize("order", [1, 2, 3])
 @pytest.mark.parametrize("corrector", [True, False])
 def test_no_linear_solve_between_evaluations(monkeypatch, order, corrector):
+    unipc_module._plan.cache_clear()  # a grid seen before would be served from the cache (no solve at all)
     calls = []
     solve = np.linalg.solve
     monkeypatch.setattr(unipc_module.np.linalg, "solve", lambda *a: calls.append(1) or solve(*a))
@@ -31,6 +32,22 @@ def test_no_linear_solve_between_evaluations(monkeypatch, order, corrector):
     assert len(set(seen)) == 1  # every solve happened before the first evaluation
     if order == 3:
         assert calls  # order 3 does solve (the count is not vacuously zero)
+
+
+def test_the_grid_plan_is_computed_once_per_grid(monkeypatch):
+    """A job samples block after block on one grid: the second run solves nothing and gives the same bits."""
+    unipc_module._plan.cache_clear()
+    calls = []
+    solve = np.linalg.solve
+    monkeypatch.setattr(unipc_module.np.linalg, "solve", lambda *a: calls.append(1) or solve(*a))
+    tree = toy.tree("A", dtype=torch.float64)
+    x = torch.randn(8, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * 80
+    sig = schedules.karras(10, 0.002, 80.0)
+    first = samplers.unipc(tree, x, sig, order=3)
+    solved = len(calls)
+    assert solved and torch.equal(samplers.unipc(tree, x, sig, order=3), first) and len(calls) == solved
+    samplers.unipc(tree, x, schedules.karras(11, 0.002, 80.0), order=3)  # another grid: solved afresh
+    assert len(calls) > solved
 
 
 def test_third_order_weights_solve_the_order_conditions():

@@ -10,6 +10,7 @@ fresh evaluation at x_next included (order p + 1, no extra NFE). ``B(h) = -h`` (
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable
 
@@ -42,6 +43,21 @@ def _weights(sig: list[float], i: int, p: int, variant: str, corrector: bool) ->
     else:  # corrector: p weights, the last on D_next - D0
         rho = [0.5] if p == 1 else np.linalg.solve(R, b).tolist()
     return [-B * r / r_k for r, r_k in zip(rho, rks)]
+
+
+@functools.lru_cache(maxsize=64)
+def _plan(
+    sig: tuple[float, ...], order: int, variant: str, corrector: bool, lower_order_final: bool
+) -> tuple[list[int], list[list[float]], list[list[float]]]:
+    """Each step's order (the history holds min(order, i + 1) evaluations) and its predictor / corrector
+    weights: they depend only on the grid, so they are computed before the first evaluation, once per grid
+    (cached: a job samples block after block on one grid; the lists are only read)."""
+    n = len(sig) - 1
+    orders = [min(order, i + 1, n - i if lower_order_final else order) for i in range(n)]
+    last = n - 1 if sig[-1] == 0 else n  # the step to sigma = 0 returns D: no weights
+    pred = [_weights(list(sig), i, orders[i], variant, False) for i in range(last)]
+    corr = [_weights(list(sig), i, orders[i], variant, True) for i in range(last)] if corrector else []
+    return orders, pred, corr
 
 
 def _step(
@@ -87,12 +103,7 @@ def unipc(
     evaluate = evaluator(denoiser, x, cond, run)
     sig = sigmas.tolist()
     n = len(sig) - 1
-    # Step i's order (the history holds min(order, i + 1) evaluations) and its predictor / corrector
-    # weights depend only on the grid: all computed here, once per run, none inside the loop.
-    orders = [min(order, i + 1, n - i if lower_order_final else order) for i in range(n)]
-    last = n - 1 if sig[-1] == 0 else n  # the step to sigma = 0 returns D: no weights
-    pred = [_weights(sig, i, orders[i], variant, False) for i in range(last)]
-    corr = [_weights(sig, i, orders[i], variant, True) for i in range(last)] if corrector else []
+    orders, pred, corr = _plan(tuple(sig), order, variant, corrector, lower_order_final)
     ratio = [sig[i + 1] / sig[i] for i in range(n)]
     hist: list[torch.Tensor] = []  # D_i, D_{i-1}, ... newest first
     x_last: torch.Tensor | None = None
