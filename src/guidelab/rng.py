@@ -74,10 +74,10 @@ class SampleNoise:
         j0, self._drawn = self._drawn, self._drawn + numel
         if numel <= _VECTOR_MAX:
             # Small draws (points, low-dimensional data): the whole batch in vectorised integer ops.
-            j = torch.arange(j0, j0 + numel, dtype=torch.int64)
-            state = self._stream[:, None] + (2 * j + 1)[None] * _GOLDEN  # splitmix64 states 2j+1, 2j+2
-            u1, u2 = _uniform(state), _uniform(state + _GOLDEN)
-            z = (-2 * u1.log()).sqrt() * torch.cos(2 * math.pi * u2)
+            # splitmix64 states 2j+1 and 2j+2 of value j, hashed in one pass: [batch, 2, numel]
+            k = torch.arange(2 * j0 + 1, 2 * (j0 + numel) + 1, dtype=torch.int64).view(numel, 2).t()
+            u = _uniform(self._stream[:, None, None] + k[None] * _GOLDEN)
+            z = u[:, 0].log_().mul_(-2).sqrt_().mul_(torch.cos(u[:, 1].mul_(2 * math.pi)))
         else:
             # Large draws (images): torch's own fast generator, reseeded per sample from the stream.
             keys = _shr(_mix(self._stream + torch.tensor(2 * j0 + 1, dtype=torch.int64) * _GOLDEN), 1).tolist()
