@@ -12,6 +12,9 @@ The floor is timed in the same run, alternating with our iterations: every matri
 iteration makes (recorded with a dispatch mode: aten mm / addmm / bmm with their shapes), replayed alone
 on tensors of the same shapes, plus the exact-score exponentials (one ``exp`` over [batch, components]).
 Goal: iteration <= 1.5 x floor. ``--threads 1`` with ``OMP_NUM_THREADS=1`` is the setting to compare.
+Timed in the same rounds: the plain-torch step, the fused one (``toy_trainer(fuse=True)``: the exact score as
+one compiled kernel, guidelab.fused; skipped with ``--no-fuse`` or without a C++ compiler) and the former loss
+(the full exact sum).
 
 ``--edm2`` is a local checkout of NVlabs/edm2 (not part of guidelab; nothing of it is copied here).
 Its ``do_train`` is imported and run on the CPU with plotting and pickling switched off; rounds of the
@@ -29,6 +32,7 @@ import types
 
 import torch
 
+from guidelab import fused
 from guidelab.toy import tree
 from guidelab.training import ToyConfig, toy_trainer
 
@@ -159,6 +163,7 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--wall", action="store_true", help="wall-clock time instead of this process's CPU time")
     ap.add_argument("--iters", type=int, default=20, help="our iterations per round")
+    ap.add_argument("--no-fuse", action="store_true", help="do not time the fused step")
     ap.add_argument("--ref-iters", type=int, default=2, help="reference iterations per round")
     default_threads = torch.get_num_threads()
     ap.add_argument(
@@ -184,9 +189,15 @@ def main(argv=None):
     if args.wall:
         CLOCK = time.perf_counter
     cfg = ToyConfig(batch=args.batch, hidden=args.hidden)
-    trainer, before = toy_trainer(cfg), before_trainer(cfg)
+    trainer, before = toy_trainer(cfg, fuse=False), before_trainer(cfg)
+    fusedt = None if args.no_fuse or fused.compiler() is None else toy_trainer(cfg, fuse=True)
     time_ours(trainer, 3)  # warm-up
     time_ours(before, 3)
+    if fusedt is not None:
+        t0 = time.perf_counter()
+        time_ours(fusedt, 1)
+        print(f"fused step: first call (compile, or Inductor's cache) {time.perf_counter() - t0:.1f} s")
+        time_ours(fusedt, 2)
     world, g = tree("A"), torch.Generator().manual_seed(0)
     sigma = (torch.randn(args.batch, generator=g) * 1.5 - 2.3).exp()
     x = world.sample(args.batch, sigma, generator=g)
@@ -204,6 +215,7 @@ def main(argv=None):
     floor()
     print(f"floor: {len(matmuls)} matrix products per iteration + exp over [{args.batch}, {len(world)}]")
     ours, refs, ratios, scores, floors, fratios, befores, bratios = [], [], [], [], [], [], [], []
+    fuseds, furatios = [], []
     for r in range(args.rounds):
         torch.set_num_threads(args.threads)
         t = time_ours(trainer, args.iters)
@@ -213,12 +225,21 @@ def main(argv=None):
         fratios.append(t / f)
         befores.append(b)
         bratios.append(b / f)
-        scores.append((timed_n(lambda: world.score_fast(x, sigma), 5), timed_n(lambda: world.score(x, sigma), 5)))
-        ours.append(t)
-        line = (
-            f"round {r + 1}: guidelab {t * 1e3:7.1f} ms/it   floor {f * 1e3:6.1f} ms   ratio {t / f:5.2f}"
-            f"   (before: {b * 1e3:6.1f} ms/it, ratio {b / f:5.2f})"
+        scores.append(
+            (
+                timed_n(lambda: world.score_fast(x, sigma), 5),
+                timed_n(lambda: world.score(x, sigma), 5),
+                timed_n(lambda: world.score_fast(x, sigma, fused=True), 5) if fusedt else float("nan"),
+            )
         )
+        ours.append(t)
+        line = f"round {r + 1}: plain {t * 1e3:7.1f} ms/it ({t / f:5.2f})"
+        if fusedt is not None:
+            tf = time_ours(fusedt, args.iters)
+            fuseds.append(tf)
+            furatios.append(tf / f)
+            line += f"   fused {tf * 1e3:7.1f} ms/it ({tf / f:5.2f})"
+        line += f"   floor {f * 1e3:6.1f} ms   (before: {b * 1e3:6.1f} ms/it, {b / f:5.2f})"
         if ref is not None:
             torch.set_num_threads(args.ref_threads)
             tr = time_reference(ref, args.ref_iters, args.batch, args.hidden)
@@ -230,12 +251,18 @@ def main(argv=None):
     med = statistics.median
     print(f"load average over the last minute: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     print(
-        f"guidelab: {med(ours) * 1e3:.1f} ms per iteration (median of {args.rounds} rounds of {args.iters}); "
+        f"guidelab plain: {med(ours) * 1e3:.1f} ms per iteration (median of {args.rounds} rounds of {args.iters}); "
         f"floor {med(floors) * 1e3:.1f} ms; iteration / floor {med(fratios):.2f} (median per round; "
         f"min {min(fratios):.2f}, max {max(fratios):.2f}); before (full exact score): {med(befores) * 1e3:.1f} ms, "
-        f"{med(bratios):.2f} x floor; exact score alone: score_fast {med([a for a, _ in scores]) * 1e3:.1f} ms, "
-        f"full sum {med([c for _, c in scores]) * 1e3:.1f} ms ({'wall' if args.wall else 'CPU'} time)"
+        f"{med(bratios):.2f} x floor; exact score alone: score_fast {med([a for a, _, _ in scores]) * 1e3:.1f} ms, "
+        f"fused {med([c for _, _, c in scores]) * 1e3:.1f} ms, full sum {med([c for _, c, _ in scores]) * 1e3:.1f} ms "
+        f"({'wall' if args.wall else 'CPU'} time)"
     )
+    if fuseds:
+        print(
+            f"guidelab fused: {med(fuseds) * 1e3:.1f} ms per iteration; iteration / floor {med(furatios):.2f} "
+            f"(median per round; min {min(furatios):.2f}, max {max(furatios):.2f})"
+        )
     t_net, t_nfloor, n_mm = network_part(trainer, args.batch, args.rounds)
     print(
         f"network score loss alone (forward + backward, fixed batch): {t_net * 1e3:.1f} ms; its {n_mm} matrix "

@@ -63,8 +63,9 @@ class _Counter:
         return self.net(x, sigma, **cond)
 
 
-def train_models(out: Path, progress: bool = True, **overrides) -> dict[str, torch.nn.Module]:
-    """Train (or reuse from ``out/models``) the main model, the autoguidance guide and the CFG model."""
+def train_models(out: Path, progress: bool = True, fuse: bool = False, **overrides) -> dict[str, torch.nn.Module]:
+    """Train (or reuse from ``out/models``) the main model, the autoguidance guide and the CFG model; ``fuse``:
+    the main model's exact score as a compiled kernel (``train_toy(fuse=True)``; the short runs stay plain)."""
     nets = {}
     for name, cfg in MODELS.items():
         c = {**cfg, **overrides.get(name, {})}
@@ -76,7 +77,7 @@ def train_models(out: Path, progress: bool = True, **overrides) -> dict[str, tor
                 c["hidden"],
                 c["iters"],
             )
-        path = train_toy(out / "models", progress=progress, **c)
+        path = train_toy(out / "models", progress=progress, fuse=fuse and name == "main", **c)
         nets[name] = load_model(path).eval().requires_grad_(False)
         nets[name].checkpoint_path = path
     return nets
@@ -90,6 +91,7 @@ def run(
     progress: bool = True,
     weights: dict | None = None,
     model_overrides: dict | None = None,
+    fuse: bool = False,
 ) -> list[Record]:
     """Run the whole demo; returns the records also written to ``out/metrics.json``; report.html and its figures
     are drawn by :func:`guidelab.app.report.demo_page`."""
@@ -98,7 +100,7 @@ def run(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    nets = train_models(out, progress, **(model_overrides or {}))
+    nets = train_models(out, progress, fuse, **(model_overrides or {}))
     world = toy.tree("A")
     g = torch.Generator().manual_seed(seed)
     reference = world.sample(n, generator=g)  # exact samples: the metrics' reference set

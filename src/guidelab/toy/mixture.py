@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 
 from ..errors import as_sigma, check, check_finite
+from ..fused import Kernel
 
 if TYPE_CHECKING:
     import numpy as np
@@ -23,6 +24,8 @@ ROWS = 4096
 _LINE_FLOOR = {torch.float16: -8.0, torch.bfloat16: -60.0, torch.float32: -60.0, torch.float64: -600.0}
 #: (row, component) pairs per block of score_fast: the [g, rows G] weights stay in cache.
 _LINE_BLOCK = 2**19
+#: (row, component) pairs per block of score_fast(fused=True) (measured best at 2^20 on tree A).
+_FUSED_BLOCK = 2**20
 _FLOOR = {torch.float16: -10.0, torch.bfloat16: -80.0, torch.float32: -80.0, torch.float64: -700.0}
 
 
@@ -44,6 +47,42 @@ def _carve(ws: torch.Tensor, unit: int, counts: Sequence[int]) -> list[torch.Ten
         out.append(ws[a : a + c * unit])
         a += c * unit
     return out
+
+
+def _lines_fused(
+    x: torch.Tensor,
+    s2: torch.Tensor,
+    e0: torch.Tensor,
+    Qx: torch.Tensor,
+    LDG: torch.Tensor,
+    lphi2: torch.Tensor,
+    dG: torch.Tensor,
+    ddG: torch.Tensor,
+    d3: torch.Tensor,
+    nQGt: torch.Tensor,
+    floor: float,
+    g: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``GaussianMixture._lines_block`` as a function of tensors, for a :class:`~guidelab.fused.Kernel`: the
+    same formulas, the members' log-weights ``l_k`` written out per k (not a matrix product), so that the
+    compiler fuses ``A, B, C -> S0, S1`` (g exps) into one loop over [n, G]. Returns (score [n, D], sum_G S0)."""
+    n, D = x.shape
+    E = torch.addmm(e0, x, Qx).view(n, D, -1)  # e_jG
+    V = (LDG + s2).reciprocal().view(n, D, -1)  # v_jG
+    e, v = [E[:, j] for j in range(D)], [V[:, j] for j in range(D)]
+    A = lphi2 + sum(v[j].log() - v[j] * e[j] * e[j] for j in range(D))
+    B = sum(v[j] * e[j] * dG[j] for j in range(D))
+    C = sum(v[j] * ddG[j] for j in range(D))
+    S0 = S1 = torch.zeros_like(A)
+    for k in range(g):
+        wk = (0.5 * A + k * B - (0.5 * k * k) * C).clamp_min(floor).exp()
+        S0, S1 = S0 + wk, S1 + k * wk
+    t = V * (E * S0[:, None] - d3 * S1[:, None])
+    W = S0.sum(1)
+    return torch.mm(nQGt, t.view(n, -1).T).T / W[:, None], W
+
+
+_LINES = Kernel(_lines_fused)
 
 
 class GaussianMixture:
@@ -130,6 +169,7 @@ class GaussianMixture:
         self._kk = torch.stack([torch.ones(g, dtype=torch.float64), k]).to(dtype)  # [2, g]: rows 1, k
         self._dG = [step_[:, j].to(dtype).contiguous() for j in range(D)]  # [G] per j
         self._ddG = [(step_[:, j] ** 2).to(dtype).contiguous() for j in range(D)]
+        self._dDG, self._ddDG = torch.stack(self._dG), torch.stack(self._ddG)  # [D, G] (the fused kernel)
         self._d3 = step_.T.reshape(1, D, G).to(dtype).contiguous()  # d_jG as [1, D, G]
         self._LDG = self._L[::g].T.reshape(D * G).to(dtype).contiguous()  # L_jG at j G + G
         self._lphi2 = (2 * lphi[:, 0]).to(dtype)  # 2 log phi_G
@@ -233,17 +273,21 @@ class GaussianMixture:
         sigma = self._prepare(x, sigma)
         return self._terms(x, sigma, True)[1].to(x.dtype)
 
-    def score_fast(self, x: torch.Tensor, sigma: float | torch.Tensor = 0.0) -> torch.Tensor:
+    def score_fast(self, x: torch.Tensor, sigma: float | torch.Tensor = 0.0, *, fused: bool = False) -> torch.Tensor:
         """The exact score (as :meth:`score`, to float rounding) at a fraction of the cost on a mixture of
         line groups (the tree): what the toy training loss uses. Not batch-invariant in the last bits (it
-        uses small matrix products); a mixture without line groups gets :meth:`score` itself. [batch, D]."""
+        uses small matrix products); a mixture without line groups gets :meth:`score` itself. [batch, D].
+
+        ``fused``: run the element-wise chains as one compiled kernel (:mod:`guidelab.fused`; ~1.8x faster on
+        the tree, equal to float rounding, the same bits whatever the thread count); plain torch if it cannot
+        be compiled (a warning is logged)."""
         sigma = self._prepare(x, sigma)
         if not self._lines:
             return self._terms(x, sigma, True)[1].to(x.dtype)
-        parts = [self._score_lines(x[a : a + ROWS], sigma[a : a + ROWS]) for a in range(0, x.shape[0], ROWS)]
+        parts = [self._score_lines(x[a : a + ROWS], sigma[a : a + ROWS], fused) for a in range(0, x.shape[0], ROWS)]
         return torch.cat(parts).to(x.dtype)
 
-    def _score_lines(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    def _score_lines(self, x: torch.Tensor, sigma: torch.Tensor, fused: bool = False) -> torch.Tensor:
         """Every component of a mixture of line groups. With ``e_jG = q_jG . x - (cbar_jG + c'_j0)`` the
         point's offset from the group's first member along eigen-direction j, ``d_jG`` the members' spacing
         and ``v_jG = 1 / (L_jG + sigma^2)``, member k of group G has log-weight (a quadratic in k)
@@ -260,9 +304,15 @@ class GaussianMixture:
         N, D = x.shape[0], self.dim
         xd, s2 = x.to(self.dtype), (sigma.to(self.dtype) ** 2)[:, None]
         score, W = torch.empty(N, D, dtype=self.dtype), torch.empty(N, dtype=self.dtype)
-        rows = max(1, _LINE_BLOCK // len(self))
-        for a in range(0, N, rows):
-            self._lines_block(xd[a : a + rows], s2[a : a + rows], score[a : a + rows], W[a : a + rows])
+        if fused:
+            rows, floor = max(1, _FUSED_BLOCK // len(self)), _LINE_FLOOR[self.dtype]
+            consts = (self._e0, self._Qx, self._LDG, self._lphi2, self._dDG, self._ddDG, self._d3, self._nQGt)
+            for a in range(0, N, rows):
+                score[a : a + rows], W[a : a + rows] = _LINES(xd[a : a + rows], s2[a : a + rows], *consts, floor, self._group)
+        else:
+            rows = max(1, _LINE_BLOCK // len(self))
+            for a in range(0, N, rows):
+                self._lines_block(xd[a : a + rows], s2[a : a + rows], score[a : a + rows], W[a : a + rows])
         far = (W < math.exp(_LINE_FLOOR[self.dtype] / 2)).nonzero()[:, 0]
         if len(far):
             score[far] = self._terms_rows(x[far], sigma[far], True)[1]
