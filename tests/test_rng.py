@@ -68,3 +68,22 @@ def test_sample_noise_draws_are_a_stream():
     """Two draws of 3 equal one draw of 6: the values depend on the counter, not on the call pattern."""
     one, two = rng.SampleNoise([7, 8]), rng.SampleNoise([7, 8])
     assert torch.equal(torch.cat([one.randn([3]), one.randn([3])], 1), two.randn([6]))
+
+
+def test_values_computed_ahead_change_nothing(monkeypatch):
+    """A small draw computes the next draws' values too; with that switched off every value, dtype and shape is the
+    same, whatever the mix of shapes, dtypes and large draws in between, and a caller writing into a draw
+    changes no later draw."""
+
+    def draws():
+        noise, out = rng.SampleNoise(range(5, 70)), []
+        for shape, dtype in [([2], torch.float32)] * 40 + [([3, 5], torch.float64)] * 3 + [([200], torch.float32)]:
+            out.append(noise.randn(shape, dtype))
+            out[-1].mul_(0) if len(out) % 7 == 0 else None  # samplers may modify their noise in place
+        return out + [noise.randn([2], torch.float64) for _ in range(20)] + [noise.randn([1]) for _ in range(9)]
+
+    ahead = draws()
+    monkeypatch.setattr(rng, "_AHEAD_DRAWS", 1)
+    plain = draws()
+    assert len(ahead) == len(plain) == 73
+    assert all(a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b) for a, b in zip(ahead, plain))
