@@ -62,39 +62,39 @@ class SampleNoise:
     def __init__(self, seeds: Sequence[int] | torch.Tensor, device: str | torch.device = "cpu"):
         seeds = [int(s) for s in (seeds.tolist() if isinstance(seeds, torch.Tensor) else seeds)]
         check(len(seeds) > 0, "SampleNoise needs at least one seed")
-        check(all(-(1 << 63) <= s < 1 << 63 for s in seeds), "seeds must fit in a signed 64-bit integer")
+        check(-(1 << 63) <= min(seeds) and max(seeds) < 1 << 63, "seeds must fit in a signed 64-bit integer")
         self.seeds = seeds
         self.device = torch.device(device)
         self._stream = _mix(torch.tensor(seeds, dtype=torch.int64) + _GOLDEN)  # per-sample stream key
         self._drawn = 0  # values drawn per sample
-        self._ahead: tuple[int, torch.Tensor] | None = None  # (first index, [draws, batch, numel] values) computed ahead
+        # draws computed ahead (last one first) for the next small draws of one shape and dtype
+        self._queue: list[torch.Tensor] = []
+        self._queue_key: tuple[tuple[int, ...], torch.dtype, int] | None = None  # (shape, dtype, next value index)
 
     def __len__(self) -> int:
         return len(self.seeds)
 
     def randn(self, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Standard normal noise of shape [len(seeds), *shape]."""
-        shape = [int(d) for d in shape]
+        shape = tuple(int(d) for d in shape)
         numel = math.prod(shape)
         j0, self._drawn = self._drawn, self._drawn + numel
         if numel <= _VECTOR_MAX:
             # Small draws (points, low-dimensional data): the whole batch in vectorised integer ops, with the
-            # next draws' values computed ahead in the same pass.
-            a0, buf = self._ahead or (-1, torch.empty(0, 0, 0))
-            d, off = divmod(j0 - a0, numel)
-            if a0 < 0 or off or not 0 <= d < buf.shape[0] or buf.shape[2] != numel or buf.dtype != dtype:
-                draws = max(1, min(_AHEAD_DRAWS, _AHEAD_VALUES // (len(self.seeds) * numel)))
-                # [draws, batch, numel]: each draw's rows contiguous, already in the asked dtype
-                a0, d, v = j0, 0, self._values(j0, draws * numel)
-                buf = v.view(len(self.seeds), draws, numel).transpose(0, 1).to(dtype, memory_format=torch.contiguous_format)
-                self._ahead = a0, buf
-            z = buf[d]
-        else:
-            # Large draws (images): torch's own fast generator, reseeded per sample from the stream.
-            keys = _shr(_mix(self._stream + torch.tensor(2 * j0 + 1, dtype=torch.int64) * _GOLDEN), 1).tolist()
-            g = torch.Generator()
-            z = torch.stack([torch.randn(shape, generator=g.manual_seed(k)) for k in keys])  # float32 draws
-        return z.view(len(self.seeds), *shape).to(dtype=dtype, device=self.device)
+            # next draws of this shape computed ahead in the same pass.
+            if not self._queue or self._queue_key != (shape, dtype, j0):
+                draws = max(1, min(_AHEAD_DRAWS, _AHEAD_VALUES // max(1, len(self.seeds) * numel)))
+                v = self._values(j0, draws * numel).view(len(self.seeds), draws, *shape)
+                # [draws, batch, *shape]: each draw contiguous, in the asked dtype, on the device
+                block = v.movedim(1, 0).to(dtype, memory_format=torch.contiguous_format).to(self.device)
+                self._queue = list(reversed(block.unbind(0)))
+            self._queue_key = shape, dtype, j0 + numel
+            return self._queue.pop()
+        # Large draws (images): torch's own fast generator, reseeded per sample from the stream.
+        keys = _shr(_mix(self._stream + torch.tensor(2 * j0 + 1, dtype=torch.int64) * _GOLDEN), 1).tolist()
+        g = torch.Generator()
+        z = torch.stack([torch.randn(shape, generator=g.manual_seed(k)) for k in keys])  # float32 draws
+        return z.to(dtype=dtype, device=self.device)
 
     def _values(self, j0: int, n: int) -> torch.Tensor:
         """Values ``j0 .. j0 + n - 1`` of every sample, float64 [batch, n]: value j is Box-Muller of splitmix64
