@@ -1,6 +1,8 @@
 """``guidelab diffusers`` from the command line: the folder's own scheduler (``--schedule pipeline``), fixed
 seed blocks (``--block``: the same samples at any ``--batch``), one progress bar over samples, PNG names."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -136,6 +138,8 @@ def test_one_bar_over_samples(tmp_path):
     result = CliRunner().invoke(cli.main, [*args, "--batch", "1", "--block", "0"])
     assert result.exit_code == 0, result.output
     err = result.stderr if result.stderr_bytes is not None else result.output
-    assert "4/4 samples [" in err and err.count("sampling: 100%") == 1
+    # one bar, over the 4 samples: every render of it counts to 4 (tqdm may draw the 100 % line twice, at the last
+    # update and at close, when the machine is slow)
+    assert "4/4 samples [" in err and {m[1] for m in re.findall(r"(\d+)/(\d+) samples", err)} == {"4"}
     assert " 3/3 " not in err  # no bar over the steps of a batch
     assert sorted(p.name for p in (tmp_path / "o").glob("*.png")) == [f"{s:09d}.png" for s in range(3, 7)]

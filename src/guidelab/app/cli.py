@@ -1464,7 +1464,7 @@ def inverse_cmd(
     "--fuse",
     is_flag=True,
     help="Train the main model with its exact score as one compiled kernel (torch.compile, needs a C++ compiler): "
-    "~7 % faster; equal to float rounding, not bit for bit.",
+    "~5 % faster; equal to float rounding, not bit for bit.",
 )
 @_threads_option
 @_nonfinite_option

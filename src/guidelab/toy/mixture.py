@@ -278,7 +278,7 @@ class GaussianMixture:
         line groups (the tree): what the toy training loss uses. Not batch-invariant in the last bits (it
         uses small matrix products); a mixture without line groups gets :meth:`score` itself. [batch, D].
 
-        ``fused``: run the element-wise chains as one compiled kernel (:mod:`guidelab.fused`; ~1.8x faster on
+        ``fused``: run the element-wise chains as one compiled kernel (:mod:`guidelab.fused`; ~1.6x faster on
         the tree, equal to float rounding, the same bits whatever the thread count); plain torch if it cannot
         be compiled (a warning is logged)."""
         sigma = self._prepare(x, sigma)

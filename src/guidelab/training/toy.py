@@ -153,7 +153,7 @@ def train_toy(
     and 41 ms on 1 on a quiet 2-core machine). On a machine busy with other jobs, ``threads=1`` avoids
     threads waiting on each other, which can make each step many times slower (docs/BENCHMARKS.md).
     ``fuse``: compute the exact target score as one compiled kernel (:mod:`guidelab.fused`; a step at batch
-    4096 ~11 % faster, after a first compile of ~5-15 s; raises if no C++ compiler is found); ``None`` (auto)
+    4096 ~12 % faster, after a first compile of ~5-15 s; raises if no C++ compiler is found); ``None`` (auto)
     fuses runs of at least :data:`FUSE_MIN_SAMPLES` samples when a compiler is found (``GUIDELAB_FUSE=0``:
     never). Off by default: fused and plain runs agree to float rounding, not bit for bit, and a machine
     without a compiler could not reproduce a fused run's numbers. Not part of the run's identity: a finished
