@@ -167,10 +167,9 @@ class GaussianMixture:
         # l_k = A / 2 + k B - k^2 C / 2 (_lines_block)
         self._Mk = torch.stack([torch.full((g,), 0.5, dtype=torch.float64), k, -0.5 * k * k], 1).to(dtype)  # [g, 3]
         self._kk = torch.stack([torch.ones(g, dtype=torch.float64), k]).to(dtype)  # [2, g]: rows 1, k
-        self._dG = [step_[:, j].to(dtype).contiguous() for j in range(D)]  # [G] per j
-        self._ddG = [(step_[:, j] ** 2).to(dtype).contiguous() for j in range(D)]
-        self._dDG, self._ddDG = torch.stack(self._dG), torch.stack(self._ddG)  # [D, G] (the fused kernel)
-        self._d3 = step_.T.reshape(1, D, G).to(dtype).contiguous()  # d_jG as [1, D, G]
+        self._dDG, self._ddDG = step_.T.to(dtype).contiguous(), (step_.T**2).to(dtype).contiguous()  # d_jG, d_jG^2 [D, G]
+        self._dG, self._ddG = list(self._dDG), list(self._ddDG)  # [G] per j (contiguous rows)
+        self._d3 = self._dDG[None]  # d_jG as [1, D, G]
         self._LDG = self._L[::g].T.reshape(D * G).to(dtype).contiguous()  # L_jG at j G + G
         self._lphi2 = (2 * lphi[:, 0]).to(dtype)  # 2 log phi_G
         self._nQGt = (-self._Qx).contiguous()  # -q_jG as [D, D G]
