@@ -11,7 +11,9 @@
 2. Against the network: an EDM-preconditioned MLP ([256, 2] input, width 512, 4 layers) whose
    forward dominates; ratio = sampler wall time / (NFE x the time of one bare denoiser call) (best
    rounds, and median of per-round ratios); also the sampler's own cost measured directly (the same run
-   with a free denoiser D = x), as ``1 + own / (NFE x forward)``.
+   with a free denoiser D = x), as ``1 + own / (NFE x forward)``, and the real run split in two by a clock
+   around each denoiser call: time inside D / (NFE x forward), and time outside it (the sampler's work
+   between forwards) / (NFE x forward).
    Goal: <= 1.05. Batch 64 by default (``--batch``).
 3. The guider's own work: one ``guidance.cfg`` call around a stub network (returns its input) against the
    bare tensor ops it does (cat of x / sigma / labels, chunk, lerp) at batch 1, 4, 16. Goal: <= 2x.
@@ -68,10 +70,13 @@ def gaussian(x, sigma):
     return (x * 0.25 + 0.3 * s2) / (0.25 + s2)
 
 
+clock = time.perf_counter  # main(): this process's CPU time unless --wall
+
+
 def timed(fn) -> float:
-    t = time.perf_counter()
+    t = clock()
     fn()
-    return time.perf_counter() - t
+    return clock() - t
 
 
 def faults() -> int:
@@ -135,7 +140,24 @@ class MLP(torch.nn.Module):
         return self.net(torch.cat([x, c_noise[:, None]], 1))
 
 
-def vs_forward(rounds: int, steps: int = 20, batch: int = 256) -> dict:
+def cold_ops(D, x, s, n: int = 500) -> tuple[float, float]:
+    """Mean time (us) of one tiny op of a step (a lerp on [batch, 2]), warm (back to back) and right after a
+    forward: what the sampler's own work costs between forwards."""
+    warm = cold = 0.0
+    with torch.no_grad():
+        for _ in range(n):
+            t = clock()
+            torch.lerp(x, x, 0.5)
+            warm += clock() - t
+        for _ in range(n):
+            y = D(x, s)
+            t = clock()
+            torch.lerp(y, x, 0.5)
+            cold += clock() - t
+    return 1e6 * warm / n, 1e6 * cold / n
+
+
+def vs_forward(rounds: int, steps: int = 20, batch: int = 256, K=None) -> dict:
     torch.manual_seed(0)
     net = MLP().eval().requires_grad_(False)
     pre = EDMPrecond(sigma_data=0.5)
@@ -146,7 +168,9 @@ def vs_forward(rounds: int, steps: int = 20, batch: int = 256) -> dict:
     with torch.no_grad():
         for _ in range(5):
             D(x, s)
-    out = {}
+    warm_us, cold_us = cold_ops(D, x, s)
+    print(f"  one tiny op ([{batch}, 2] lerp): {warm_us:.1f} us warm, {cold_us:.1f} us right after a forward")
+    out: dict = {"_tiny_op_us": {"warm": warm_us, "after_forward": cold_us}}
     for name in samplers.names():
         count = [0]
 
@@ -169,10 +193,26 @@ def vs_forward(rounds: int, steps: int = 20, batch: int = 256) -> dict:
         stochastic = samplers.info(name).stochastic or name == "ddim"
         # The sampler's own cost, directly: the same run with a free denoiser (D = x).
         t_own = min(timed(lambda: samplers.get(name)(lambda x_, s_: x_, x, sigmas)) for _ in range(rounds))
-        t_bare, t_glob, t_seed, f_bare, f_glob = [], [], [], [], []
+        t_bare, t_glob, t_seed, f_bare, f_glob, split = [], [], [], [], [], []
+        inside = [0.0]
+
+        def clocked(x_, s_):  # D with the time spent inside it summed: splits a real run in two
+            t = clock()
+            out = D(x_, s_)
+            inside[0] += clock() - t
+            return out
+
+        ref = getattr(K, f"sample_{name}") if K is not None and name in SHARED else None
+        t_ref = []
         for _ in range(rounds):
             t_bare.append(timed_faults(bare, f_bare))
             t_glob.append(timed_faults(lambda: samplers.get(name)(D, x, sigmas), f_glob))
+            if ref is not None:  # k-diffusion's sampler on the same denoiser and sigmas, same rounds
+                with torch.no_grad():
+                    t_ref.append(timed(lambda: ref(D, x, sigmas, disable=True)))
+            inside[0] = 0.0
+            t_all = timed(lambda: samplers.get(name)(clocked, x, sigmas))
+            split.append((inside[0] / t_bare[-1], (t_all - inside[0]) / t_bare[-1]))
             t_seed.append(
                 timed(lambda: samplers.get(name)(D, x, sigmas, noise=SampleNoise(range(batch)))) if stochastic else t_glob[-1]
             )
@@ -180,6 +220,8 @@ def vs_forward(rounds: int, steps: int = 20, batch: int = 256) -> dict:
         r_med = statistics.median(a / b for a, b in zip(t_glob, t_bare))
         r_seed_med = statistics.median(a / b for a, b in zip(t_seed, t_bare))
         r_own = 1 + t_own / min(t_bare)
+        r_inside, r_outside = (statistics.median(c) for c in zip(*split))
+        r_ref = statistics.median(a / b for a, b in zip(t_ref, t_bare)) if t_ref else None
         out[name] = {
             "nfe": nfe,
             "forward_ms": 1e3 * min(t_bare) / nfe,
@@ -189,6 +231,9 @@ def vs_forward(rounds: int, steps: int = 20, batch: int = 256) -> dict:
             "ratio_sample_noise_median": r_seed_med,
             "own_ms_per_step": 1e3 * t_own / steps,
             "ratio_own": r_own,
+            "inside_vs_bare_median": r_inside,
+            "outside_vs_bare_median": r_outside,
+            "kdiffusion_ratio_median": r_ref,
             "faults_per_call_bare": statistics.median(f_bare) / nfe,
             "faults_per_call": statistics.median(f_glob) / nfe,
         }
@@ -196,7 +241,9 @@ def vs_forward(rounds: int, steps: int = 20, batch: int = 256) -> dict:
             f"  {name:20s} NFE {nfe:3d}  forward {out[name]['forward_ms']:.2f} ms  ratio {r_glob:.3f}"
             f" (median of rounds {r_med:.3f}, per-sample seeds {r_seed:.3f} ({r_seed_med:.3f}); "
             f"own cost {1e3 * t_own / steps:.3f} ms/step"
-            f" -> {r_own:.4f}; page faults per call {out[name]['faults_per_call']:.1f}, bare"
+            f" -> {r_own:.4f}; in the real run: inside D {r_inside:.3f}, outside D {r_outside:.3f};"
+            + (f" k-diffusion {r_ref:.3f};" if r_ref is not None else "")
+            + f" page faults per call {out[name]['faults_per_call']:.1f}, bare"
             f" {out[name]['faults_per_call_bare']:.1f})",
             flush=True,
         )
@@ -252,13 +299,9 @@ def main() -> None:
         help="keep: glibc keeps freed blocks (keep_freed_memory); glibc: its defaults / MALLOC_*_ env vars",
     )
     args = ap.parse_args()
-    global timed
+    global clock
     if not args.wall:  # on a loaded machine, time spent descheduled is not the sampler's
-
-        def timed(fn) -> float:
-            t = time.process_time()
-            fn()
-            return time.process_time() - t
+        clock = time.process_time
 
     parts = set(args.parts.split(","))
     torch.set_num_threads(1)
@@ -274,7 +317,12 @@ def main() -> None:
             results[f"kdiffusion_{label}"] = vs_kdiffusion(K, shape, args.rounds)
     if "forward" in parts:
         print(f"vs NFE x bare forward (MLP, [{args.batch}, 2]):")
-        results["forward"] = vs_forward(args.forward_rounds, batch=args.batch)
+        try:
+            K = load_kdiffusion()
+        except Exception as e:  # noqa: BLE001 (k-diffusion is optional here: its column is left out)
+            print(f"  (k-diffusion not loadable, its column is left out: {e})")
+            K = None
+        results["forward"] = vs_forward(args.forward_rounds, batch=args.batch, K=K)
     if "guider" in parts:
         print("guider's own work per call vs the bare tensor ops (stub network):")
         results["guider"] = guider_overhead(args.rounds)
@@ -303,16 +351,24 @@ def main() -> None:
         if "forward" not in results
         else [
             "",
+            f"one tiny op of a step ([batch, 2] lerp): {results['forward']['_tiny_op_us']['warm']:.1f} us warm, "
+            f"{results['forward']['_tiny_op_us']['after_forward']:.1f} us right after a forward",
+            "",
             "| sampler | NFE | forward (ms) | time / (NFE x forward) (median) | with per-sample seeds (median) "
-            "| own cost (ms/step) | 1 + own / (NFE x forward) | page faults per call (bare) |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|",
+            "| own cost (ms/step) | 1 + own / (NFE x forward) | real run: inside D / outside D (median) "
+            "| k-diffusion, same D (median) | page faults per call (bare) |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
     )
     for name, r in results.get("forward", {}).items():
+        if name.startswith("_"):
+            continue
+        kd = "" if r["kdiffusion_ratio_median"] is None else f"{r['kdiffusion_ratio_median']:.3f}"
         lines.append(
             f"| {name} | {r['nfe']} | {r['forward_ms']:.2f} | {r['ratio']:.3f} ({r['ratio_median']:.3f}) | "
             f"{r['ratio_sample_noise']:.3f} ({r['ratio_sample_noise_median']:.3f}) | "
             f"{r['own_ms_per_step']:.3f} | {r['ratio_own']:.4f} | "
+            f"{r['inside_vs_bare_median']:.3f} / {r['outside_vs_bare_median']:.3f} | {kd} | "
             f"{r['faults_per_call']:.1f} ({r['faults_per_call_bare']:.1f}) |"
         )
     if "guider" in results:
