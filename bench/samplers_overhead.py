@@ -318,7 +318,7 @@ def main() -> None:
     if "forward" in parts:
         print(f"vs NFE x bare forward (MLP, [{args.batch}, 2]):")
         try:
-            K = load_kdiffusion()
+            K = K if "kdiffusion" in parts else load_kdiffusion()  # loaded once when both parts run
         except Exception as e:  # noqa: BLE001 (k-diffusion is optional here: its column is left out)
             print(f"  (k-diffusion not loadable, its column is left out: {e})")
             K = None
