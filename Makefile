@@ -29,8 +29,10 @@ lint: .installed
 	# the type checker covers the library core (everything but the application layer guidelab.app)
 	$(BIN)/mypy src/guidelab --exclude 'src/guidelab/app/'
 
+# bytecode and pytest's rewritten test modules are cached (__pycache__/, ignored) even where the environment
+# sets PYTHONDONTWRITEBYTECODE: every xdist worker and CLI subprocess would otherwise compile them again
 test: lint
-	$(BIN)/python -m pytest $(ARGS)
+	env -u PYTHONDONTWRITEBYTECODE $(BIN)/python -m pytest $(ARGS)
 
 bench: .installed
 	$(BIN)/python bench/toy_train_speed.py

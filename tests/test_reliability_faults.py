@@ -34,7 +34,7 @@ def clean(tmp_path_factory):
     return jobs.load_samples(d)
 
 
-@pytest.mark.parametrize("seed", [0, 1, pytest.param(2, marks=pytest.mark.slow), pytest.param(3, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("seed", [0, *(pytest.param(k, marks=pytest.mark.slow) for k in (1, 2, 3))])
 def test_sigkill_then_rerun_is_identical(tmp_path, clean, seed):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     p = subprocess.Popen(_cli(tmp_path), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
