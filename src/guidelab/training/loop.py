@@ -12,10 +12,11 @@ import contextlib
 import ctypes
 import json
 import math
+import os
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, cast
 
 import numpy as np
 import torch
@@ -23,15 +24,18 @@ from tqdm.auto import tqdm
 
 from .._io import stale_temps
 from ..errors import GuidelabError, check
+from ..log import get_logger
 from ..models import registry
 from . import checkpoint
 from .ema import PowerEMA
+from .prefetch import PREFETCH_MIN_SAMPLES, Prefetcher, SplitLoss
 
 #: ``loss_fn(net, batch, generator) -> loss`` per sample [batch] (or a scalar); all randomness from
 #: ``generator``.
 LossFn = Callable[[torch.nn.Module, int, torch.Generator], torch.Tensor]
 
 STATE_FILE = "state.safetensors"
+log = get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -136,13 +140,16 @@ class Trainer:
         self.opt = torch.optim.Adam(self.net.parameters(), lr=self.loop.lr, betas=self.loop.betas)
         self.ema = PowerEMA(self.net, self.loop.ema)
 
-    def train_step(self) -> float:
-        """One optimiser step (step ``self.step``), then the EMA update; returns the mean loss."""
-        gen = step_generator(self.loop.seed, self.step, self.device)
+    def train_step(self, data: tuple[torch.Tensor, ...] | None = None) -> float:
+        """One optimiser step (step ``self.step``), then the EMA update; returns the mean loss. ``data``: this
+        step's batch computed elsewhere (a :class:`~guidelab.training.prefetch.SplitLoss`'s ``data``)."""
         for group in self.opt.param_groups:
             group["lr"] = self.loop.lr_at(self.step)
         self.opt.zero_grad(set_to_none=True)
-        loss = self.loss_fn(self.net, self.loop.batch, gen).mean()
+        if data is None:
+            loss = self.loss_fn(self.net, self.loop.batch, step_generator(self.loop.seed, self.step, self.device)).mean()
+        else:
+            loss = cast(SplitLoss, self.loss_fn).loss(self.net, *(t.to(self.device) for t in data)).mean()
         loss.backward()
         self.opt.step()
         self.step += 1
@@ -196,6 +203,7 @@ def train(
     threads: int | None = None,
     on_step: Callable[[int, float], None] | None = None,
     init: dict | None = None,
+    prefetch: bool | None = False,
 ) -> Path:
     """Train (or resume, or reuse) the run in ``run_dir``; return the final EMA snapshot's path.
 
@@ -207,10 +215,40 @@ def train(
     threads while training (``None``: unchanged; a resumed run is bit-identical only with the same
     count). ``on_step(step, loss)`` is called after each step and its saves. ``init``: the network's
     starting weights (a state dict; default: a fresh init from ``loop.seed``); name their source in
-    ``meta``, since a resumed run does not compare them.
+    ``meta``, since a resumed run does not compare them. ``prefetch``: compute the batches of a
+    :class:`~guidelab.training.prefetch.SplitLoss` in a second process, a few steps ahead (bit-identical
+    weights; CPU only); ``None`` (auto): when the machine has a core to spare (twice the training's threads)
+    and at least :data:`~guidelab.training.prefetch.PREFETCH_MIN_SAMPLES` samples are left
+    (``GUIDELAB_PREFETCH=0``: never).
     """
     with torch_threads(threads):
-        return _train(run_dir, model_config, loss_fn, loop, meta, checkpoint_every, progress, desc, device, on_step, init)
+        return _train(
+            run_dir, model_config, loss_fn, loop, meta, checkpoint_every, progress, desc, device, on_step, init, prefetch
+        )
+
+
+def use_prefetch(prefetch: bool | None, loss_fn: LossFn, loop: LoopConfig, device: str, steps_left: int) -> bool:
+    """Whether :func:`train` computes the batches in a worker process (its ``prefetch`` argument resolved)."""
+    check(prefetch in (None, True, False), f"prefetch must be True, False or None (auto), got {prefetch!r}")
+    if prefetch is False or steps_left <= 0:
+        return False
+    cpu = torch.device(device).type == "cpu"
+    if prefetch:
+        if not isinstance(loss_fn, SplitLoss) or not cpu:
+            raise GuidelabError(
+                f"prefetch needs a loss with separate data and loss parts (a SplitLoss, e.g. the toy recipe's) "
+                f"trained on the CPU; got {type(loss_fn).__name__} on {device!r}"
+            )
+        return True
+    from ..threads import available_cores
+
+    return (
+        isinstance(loss_fn, SplitLoss)
+        and cpu
+        and os.environ.get("GUIDELAB_PREFETCH", "1") != "0"
+        and 2 * torch.get_num_threads() <= available_cores()
+        and steps_left * loop.batch >= PREFETCH_MIN_SAMPLES
+    )
 
 
 def _train(
@@ -225,6 +263,7 @@ def _train(
     device: str,
     on_step: Callable[[int, float], None] | None,
     init: dict | None = None,
+    prefetch: bool | None = False,
 ) -> Path:
     check(isinstance(checkpoint_every, int) and checkpoint_every >= 1, f"checkpoint_every must be >= 1, got {checkpoint_every!r}")
     run_dir = Path(run_dir)
@@ -259,9 +298,18 @@ def _train(
     if trainer.step >= loop.iters:  # finished, but the final snapshots were removed
         save_snapshots()
         return final
-    with tqdm(total=loop.iters, initial=trainer.step, desc=desc, disable=not progress, dynamic_ncols=True) as bar:
+    pre: Prefetcher | None = None
+    if use_prefetch(prefetch, loss_fn, loop, device, loop.iters - trainer.step):
+        n = torch.get_num_threads()
+        log.info("%s: batches computed in a second process (%d thread%s), ahead of the optimiser", desc, n, "s"[: n - 1])
+        split = cast(SplitLoss, loss_fn)
+        pre = Prefetcher(split, seed=loop.seed, batch=loop.batch, start=trainer.step, stop=loop.iters, threads=n)
+    with (
+        pre or contextlib.nullcontext(),
+        tqdm(total=loop.iters, initial=trainer.step, desc=desc, disable=not progress, dynamic_ncols=True) as bar,
+    ):
         while trainer.step < loop.iters:
-            loss = trainer.train_step()
+            loss = trainer.train_step(pre.get(trainer.step) if pre else None)
             last = trainer.step == loop.iters
             if last or trainer.step % loop.snapshot_every == 0:
                 save_snapshots()

@@ -28,7 +28,7 @@ from ..errors import GuidelabError, check
 from ..log import get_logger
 from ..models.mlp import ToyMLP
 from ..toy import tree
-from .loop import LoopConfig, LossFn, Trainer, train
+from .loop import LoopConfig, Trainer, train
 
 log = get_logger(__name__)
 
@@ -104,20 +104,38 @@ class ToyConfig:
 FUSE_MIN_SAMPLES = 2**23
 
 
-def toy_loss(cfg: ToyConfig, *, fuse: bool = False) -> LossFn:
-    """The loss function of the recipe: ``loss_fn(net, batch, generator) -> [batch]``. ``fuse``: the exact
-    score as one compiled kernel (``GaussianMixture.score_fast(fused=True)``, :mod:`guidelab.fused`)."""
-    world = tree(cfg.classes)
+@dataclass(frozen=True)
+class ToyLoss:
+    """The loss function of the recipe: ``self(net, batch, generator) -> [batch]``; a
+    :class:`~guidelab.training.prefetch.SplitLoss`, since its batch (exact noisy samples and their exact score
+    or denoiser) does not depend on the network. ``fuse``: the exact score as one compiled kernel
+    (``GaussianMixture.score_fast(fused=True)``, :mod:`guidelab.fused`)."""
 
-    def loss_fn(net: nn.Module, batch: int, gen: torch.Generator) -> torch.Tensor:
-        net = cast(ToyMLP, net)  # the recipe's model (cfg.model())
+    cfg: ToyConfig
+    fuse: bool = False
+
+    def data(self, batch: int, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+        cfg, world = self.cfg, tree(self.cfg.classes)
         sigma = (torch.randn(batch, generator=gen) * cfg.P_std + cfg.P_mean).exp()
         x = world.sample(batch, sigma, generator=gen)  # exact samples of p(x; sigma)
         if cfg.loss == "score":  # score_fast: the exact score, ~3x cheaper on the tree (toy/mixture.py)
-            return sigma**2 * (net.score(x, sigma) - world.score_fast(x, sigma, fused=fuse)).square().mean(1)
-        return edm_loss(net, x, sigma, world.denoise(x, sigma), net.precond)
+            return x, sigma, world.score_fast(x, sigma, fused=self.fuse)
+        return x, sigma, world.denoise(x, sigma)
 
-    return loss_fn
+    def loss(self, net: nn.Module, *data: torch.Tensor) -> torch.Tensor:
+        x, sigma, target = data
+        net = cast(ToyMLP, net)  # the recipe's model (cfg.model())
+        if self.cfg.loss == "score":
+            return sigma**2 * (net.score(x, sigma) - target).square().mean(1)
+        return edm_loss(net, x, sigma, target, net.precond)
+
+    def __call__(self, net: nn.Module, batch: int, gen: torch.Generator) -> torch.Tensor:
+        return self.loss(net, *self.data(batch, gen))
+
+
+def toy_loss(cfg: ToyConfig, *, fuse: bool = False) -> ToyLoss:
+    """The loss function of the recipe (:class:`ToyLoss`): ``loss_fn(net, batch, generator) -> [batch]``."""
+    return ToyLoss(cfg, fuse)
 
 
 def fuse_for(cfg: ToyConfig, fuse: bool | None = False) -> bool:
@@ -143,6 +161,7 @@ def train_toy(
     checkpoint_every: int = 256,
     threads: int | None = None,
     fuse: bool | None = False,
+    prefetch: bool | None = None,
     **overrides: Any,
 ) -> Path:
     """Train a toy model (or resume it, or reuse a finished run) and return its final EMA snapshot.
@@ -157,7 +176,9 @@ def train_toy(
     fuses runs of at least :data:`FUSE_MIN_SAMPLES` samples when a compiler is found (``GUIDELAB_FUSE=0``:
     never). Off by default: fused and plain runs agree to float rounding, not bit for bit, and a machine
     without a compiler could not reproduce a fused run's numbers. Not part of the run's identity: a finished
-    run is reused either way.
+    run is reused either way. ``prefetch``: the exact samples and targets computed in a second process, a few
+    steps ahead of the network (bit-identical weights; :func:`guidelab.training.train`); ``None`` (auto): when
+    a core is free for it and the run is long enough.
     """
     names = {f.name for f in fields(ToyConfig)}
     unknown = sorted(set(overrides) - names)
@@ -177,4 +198,5 @@ def train_toy(
         progress=progress,
         desc=f"toy {cfg.classes} h{cfg.hidden}",
         threads=threads,
+        prefetch=prefetch,
     )
