@@ -155,6 +155,34 @@ def time_reference(ref, n: int, batch: int, hidden: int) -> float:
     return (time.perf_counter() - t0) / n
 
 
+def prefetched(cfg, args, floors) -> None:
+    """Wall time per step with and without the batch worker (``training.prefetch``), alternating rounds."""
+    from guidelab.training.prefetch import Prefetcher
+
+    plain, ahead = toy_trainer(cfg, fuse=False), toy_trainer(cfg, fuse=False)
+    n, total = args.iters, args.iters * (args.rounds + 1)
+    walls, pwalls = [], []
+    with Prefetcher(ahead.loss_fn, seed=cfg.seed, batch=cfg.batch, start=0, stop=total, threads=args.threads) as pre:
+        for r in range(args.rounds + 1):  # round 0: warm-up (the worker's start)
+            t0 = time.perf_counter()
+            for _ in range(n):
+                plain.train_step()
+            t1 = time.perf_counter()
+            for _ in range(n):
+                ahead.train_step(pre.get(ahead.step))
+            t2 = time.perf_counter()
+            if r:
+                walls.append((t1 - t0) / n)
+                pwalls.append((t2 - t1) / n)
+                print(f"prefetch round {r}: plain {walls[-1] * 1e3:6.1f} ms/it   prefetched {pwalls[-1] * 1e3:6.1f} ms/it (wall)")
+    med, f = statistics.median, statistics.median(floors)
+    print(
+        f"prefetched (2 processes, {args.threads} thread(s) each): {med(pwalls) * 1e3:.1f} ms per iteration wall, "
+        f"{med(pwalls) / f:.2f} x floor; plain {med(walls) * 1e3:.1f} ms wall ({med(walls) / f:.2f} x floor); "
+        f"speed-up {med([a / b for a, b in zip(walls, pwalls)]):.2f}x (median per round)"
+    )
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--edm2", help="path of a NVlabs/edm2 checkout: time its toy_example.py side by side")
@@ -165,6 +193,12 @@ def main(argv=None):
     ap.add_argument("--iters", type=int, default=20, help="our iterations per round")
     ap.add_argument("--no-fuse", action="store_true", help="do not time the fused step")
     ap.add_argument("--ref-iters", type=int, default=2, help="reference iterations per round")
+    ap.add_argument(
+        "--prefetch",
+        action="store_true",
+        help="also time the plain step with its batches computed in a second process (train_toy's default when a core "
+        "is free), in wall time, beside the plain step's wall time",
+    )
     default_threads = torch.get_num_threads()
     ap.add_argument(
         "--threads",
@@ -263,6 +297,8 @@ def main(argv=None):
             f"guidelab fused: {med(fuseds) * 1e3:.1f} ms per iteration; iteration / floor {med(furatios):.2f} "
             f"(median per round; min {min(furatios):.2f}, max {max(furatios):.2f})"
         )
+    if args.prefetch:
+        prefetched(cfg, args, floors)
     t_net, t_nfloor, n_mm = network_part(trainer, args.batch, args.rounds)
     print(
         f"network score loss alone (forward + backward, fixed batch): {t_net * 1e3:.1f} ms; its {n_mm} matrix "

@@ -18,6 +18,7 @@ import torch
 
 from .. import guidance, metrics, samplers, schedules, toy
 from .._io import atomic_write
+from ..errors import GuidelabError
 from ..log import get_logger, release
 from ..training import load_model, train_toy
 from . import provenance
@@ -63,23 +64,68 @@ class _Counter:
         return self.net(x, sigma, **cond)
 
 
+def _train_side(out: Path, cfgs: dict[str, dict]) -> None:
+    for c in cfgs.values():
+        train_toy(out / "models", progress=False, **c)
+
+
+def _side_process(out: Path, cfgs: dict[str, dict]):
+    """Train the small models (``cfgs``) in a second process while this one trains the main model, when a core
+    is free for it (:func:`guidelab.training.loop.use_prefetch`'s rule) and they are long enough to pay for it;
+    ``None`` otherwise. Each run is the same as in this process (one thread each): only the wall time changes."""
+    import torch.multiprocessing as mp
+
+    from ..threads import available_cores
+    from ..training.prefetch import PREFETCH_MIN_SAMPLES
+    from ..training.toy import ToyConfig
+
+    samples = sum(ToyConfig(**c).iters * ToyConfig(**c).batch for c in cfgs.values())
+    if (
+        2 * torch.get_num_threads() > available_cores()
+        or samples < PREFETCH_MIN_SAMPLES
+        or "fork" not in mp.get_all_start_methods()
+    ):
+        return None
+    if os.environ.get("GUIDELAB_PREFETCH", "1") == "0":
+        return None
+    proc = mp.get_context("fork").Process(target=_train_side, args=(out, cfgs), name="guidelab-demo-side")
+    proc.start()  # not a daemon: its runs start batch workers of their own
+    log.info("training (or reusing) the %s models in a second process, beside the main model", " and ".join(cfgs))
+    return proc
+
+
 def train_models(out: Path, progress: bool = True, fuse: bool = False, **overrides) -> dict[str, torch.nn.Module]:
     """Train (or reuse from ``out/models``) the main model, the autoguidance guide and the CFG model; ``fuse``:
-    the main model's exact score as a compiled kernel (``train_toy(fuse=True)``; the short runs stay plain)."""
+    the main model's exact score as a compiled kernel (``train_toy(fuse=True)``; the short runs stay plain).
+    With a core to spare, the guide and the CFG model train in a second process meanwhile (same weights)."""
+    cfgs = {name: {**cfg, **overrides.get(name, {})} for name, cfg in MODELS.items()}
+    side = _side_process(out, {k: c for k, c in cfgs.items() if k != "main"})
     nets = {}
-    for name, cfg in MODELS.items():
-        c = {**cfg, **overrides.get(name, {})}
-        if progress:
-            log.info(
-                "training (or reusing) the %s model: classes %s, width %d, %d iterations",
-                name,
-                c["classes"],
-                c["hidden"],
-                c["iters"],
-            )
-        path = train_toy(out / "models", progress=progress, fuse=fuse and name == "main", **c)
-        nets[name] = load_model(path).eval().requires_grad_(False)
-        nets[name].checkpoint_path = path
+    try:
+        for name, c in cfgs.items():
+            if side is not None and name != "main" and side.exitcode is None:
+                log.info("waiting for the second process (the guide and CFG models)")
+                side.join()
+            if side is not None and side.exitcode not in (None, 0):
+                raise GuidelabError(
+                    f"training the small demo models in a second process failed (exit code {side.exitcode}); its error "
+                    "is printed above; GUIDELAB_PREFETCH=0 trains everything in this process"
+                )
+            if progress and (side is None or name == "main"):
+                log.info(
+                    "training (or reusing) the %s model: classes %s, width %d, %d iterations",
+                    name,
+                    c["classes"],
+                    c["hidden"],
+                    c["iters"],
+                )
+            path = train_toy(out / "models", progress=progress, fuse=fuse and name == "main", **c)
+            nets[name] = load_model(path).eval().requires_grad_(False)
+            nets[name].checkpoint_path = path
+    finally:
+        if side is not None and side.is_alive():
+            side.terminate()
+            side.join()
     return nets
 
 
