@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 
 from .errors import check
@@ -112,3 +113,10 @@ class SampleNoise:
 def global_noise(x: torch.Tensor) -> NoiseSampler:
     """Noise from torch's global generator (k-diffusion's default; *not* batch-size invariant)."""
     return lambda sigma, sigma_next: torch.randn_like(x)
+
+
+def step_generator(seed: int, step: int, device: str | torch.device = "cpu") -> torch.Generator:
+    """A generator that depends only on ``(seed, step)`` (hashed, so nearby seeds do not overlap): the randomness
+    of training step ``step`` (:mod:`guidelab.training.loop`)."""
+    state = np.random.SeedSequence([seed, step]).generate_state(2, dtype=np.uint32)
+    return torch.Generator(device).manual_seed(int(state[0]) << 32 | int(state[1]))

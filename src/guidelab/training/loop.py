@@ -18,7 +18,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, cast
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -26,6 +25,7 @@ from .._io import stale_temps
 from ..errors import GuidelabError, check
 from ..log import get_logger
 from ..models import registry
+from ..rng import step_generator
 from . import checkpoint
 from .ema import PowerEMA
 from .prefetch import PREFETCH_MIN_SAMPLES, Prefetcher, SplitLoss
@@ -67,12 +67,6 @@ class LoopConfig:
     def lr_at(self, step: int) -> float:
         """Learning rate of the 0-based ``step``."""
         return self.lr / math.sqrt(max(step / self.lr_ref_steps, 1))
-
-
-def step_generator(seed: int, step: int, device: str | torch.device = "cpu") -> torch.Generator:
-    """A generator that depends only on ``(seed, step)`` (hashed, so nearby seeds do not overlap)."""
-    state = np.random.SeedSequence([seed, step]).generate_state(2, dtype=np.uint32)
-    return torch.Generator(device).manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
 _HEAP_KEPT = False
@@ -309,7 +303,7 @@ def _train(
         tqdm(total=loop.iters, initial=trainer.step, desc=desc, disable=not progress, dynamic_ncols=True) as bar,
     ):
         while trainer.step < loop.iters:
-            loss = trainer.train_step(pre.get(trainer.step) if pre else None)
+            loss = trainer.train_step(pre.get(trainer.step)) if pre else trainer.train_step()
             last = trainer.step == loop.iters
             if last or trainer.step % loop.snapshot_every == 0:
                 save_snapshots()

@@ -24,6 +24,7 @@ import torch.multiprocessing as mp
 
 from ..errors import GuidelabError
 from ..log import get_logger
+from ..rng import step_generator
 
 log = get_logger(__name__)
 
@@ -47,8 +48,6 @@ class SplitLoss(Protocol):
 
 
 def _work(loss_fn: SplitLoss, seed: int, batch: int, start: int, stop: int, threads: int, free: Any, full: Any) -> None:
-    from .loop import step_generator
-
     torch.set_num_threads(threads)
     parent = os.getppid()
     slots: list[tuple[torch.Tensor, ...]] = []
