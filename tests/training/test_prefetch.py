@@ -1,4 +1,5 @@
 import multiprocessing
+import sys
 from dataclasses import asdict, dataclass
 
 import pytest
@@ -135,3 +136,37 @@ def test_prefetch_misuse_is_refused():
         use_prefetch(True, toy_loss(ToyConfig()), loop, "cuda", 8)
     with pytest.raises(GuidelabError, match="prefetch must be True, False or None"):
         use_prefetch("yes", toy_loss(ToyConfig()), loop, "cpu", 8)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_the_worker_exits_when_its_parent_is_killed():
+    import os
+    import signal
+    import subprocess
+    import time
+
+    code = (
+        "import time; from guidelab.training.prefetch import Prefetcher; from guidelab.training.toy import ToyLoss, ToyConfig\n"
+        "pre = Prefetcher(ToyLoss(ToyConfig(batch=64)), seed=0, batch=64, start=0, stop=10**6)\n"
+        "pre.get(0); print(pre._proc.pid, flush=True); time.sleep(600)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        worker = int(parent.stdout.readline())
+    finally:
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+
+    def alive(pid):
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                return "\tZ" not in next(line for line in f if line.startswith("State:"))
+        except FileNotFoundError:
+            return False
+
+    deadline = time.time() + 30
+    while alive(worker) and time.time() < deadline:
+        time.sleep(0.1)
+    if alive(worker):
+        os.kill(worker, signal.SIGKILL)
+        pytest.fail("the prefetch worker outlived its killed parent by 30 s")

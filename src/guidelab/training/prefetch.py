@@ -28,8 +28,8 @@ from ..rng import step_generator
 
 log = get_logger(__name__)
 
-#: Batches the worker may be ahead of the optimiser.
-DEPTH = 3
+#: Batches the worker may be ahead of the optimiser (a buffer against scheduling jitter on a busy machine).
+DEPTH = 8
 #: ``prefetch=None`` (auto) uses a worker for runs of at least this many samples left (steps x batch): 512
 #: steps at batch 4096, where the ~14 ms saved per toy step outweighs the worker's start (~2-4 s).
 PREFETCH_MIN_SAMPLES = 2**21
