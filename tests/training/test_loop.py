@@ -1,3 +1,4 @@
+import multiprocessing
 import os
 from dataclasses import asdict
 
@@ -17,7 +18,7 @@ class Killed(Exception):
     pass
 
 
-def _run(run_dir, cfg, kill_at=None, checkpoint_every=5):
+def _run(run_dir, cfg, kill_at=None, checkpoint_every=5, prefetch=False):
     def on_step(step, loss):
         if step == kill_at:
             raise Killed
@@ -32,6 +33,7 @@ def _run(run_dir, cfg, kill_at=None, checkpoint_every=5):
         progress=False,
         on_step=on_step,
         threads=1,
+        prefetch=prefetch,
     )
 
 
@@ -63,6 +65,33 @@ def test_kill_and_resume_is_bit_identical(tmp_path, kill_at):
         p, q = snapshot_path(tmp_path / "full", s, 0.01), snapshot_path(tmp_path / "resumed", s, 0.01)
         assert p.read_bytes() == q.read_bytes()
     assert final.name == final2.name
+
+
+# The batches computed ahead in a worker process (training/prefetch.py; more in test_prefetch.py).
+
+
+def _same_state(a, b):
+    (ta, ia), (tb, ib) = load(a / "state.safetensors"), load(b / "state.safetensors")
+    return ia == ib and ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+@pytest.mark.parametrize("loss", ["score", "edm"])
+def test_prefetched_run_is_bit_identical(tmp_path, loss):
+    cfg = ToyConfig(iters=20, loss=loss, **TINY)
+    _run(tmp_path / "plain", cfg, prefetch=False)
+    _run(tmp_path / "prefetched", cfg, prefetch=True)
+    assert _same_state(tmp_path / "plain", tmp_path / "prefetched")
+    assert not multiprocessing.active_children()  # the worker is gone
+
+
+def test_killed_prefetched_run_resumes_bit_identically(tmp_path):
+    cfg = ToyConfig(iters=20, **TINY)
+    _run(tmp_path / "plain", cfg, prefetch=False)
+    with pytest.raises(Killed):
+        _run(tmp_path / "resumed", cfg, prefetch=True, kill_at=12)  # state saved at 10: the worker restarts at 10
+    assert not multiprocessing.active_children()
+    _run(tmp_path / "resumed", cfg, prefetch=True)
+    assert _same_state(tmp_path / "plain", tmp_path / "resumed")
 
 
 def test_finished_run_is_reused(tmp_path):

@@ -5,7 +5,7 @@ score) splits into ``data(batch, generator) -> tensors`` and ``loss(net, *tensor
 (:class:`SplitLoss`). Since step ``i``'s randomness comes from ``step_generator(seed, i)`` alone, a worker
 process can compute the data of steps ``i + 1, i + 2, ...`` while this process runs step ``i``'s network:
 the same operations on the same thread count, so the run's weights are bit-identical to computing
-everything in one process (tests/training/test_prefetch.py). On a 2-core machine the toy's main model
+everything in one process (tests/training/test_loop.py). On a 2-core machine the toy's main model
 trains ~1.5x faster (its exact score is a third of a step; docs/BENCHMARKS.md).
 
 The worker's results travel through a ring of shared-memory tensors (allocated once by the worker, after its
