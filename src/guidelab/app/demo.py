@@ -71,22 +71,15 @@ def _train_side(out: Path, cfgs: dict[str, dict]) -> None:
 
 def _side_process(out: Path, cfgs: dict[str, dict]):
     """Train the small models (``cfgs``) in a second process while this one trains the main model, when a core
-    is free for it (:func:`guidelab.training.loop.use_prefetch`'s rule) and they are long enough to pay for it;
+    is free for it and they are long enough to pay for it (:func:`guidelab.training.prefetch.spare_core_pays`);
     ``None`` otherwise. Each run is the same as in this process (one thread each): only the wall time changes."""
     import torch.multiprocessing as mp
 
-    from ..threads import available_cores
-    from ..training.prefetch import PREFETCH_MIN_SAMPLES
+    from ..training.prefetch import spare_core_pays
     from ..training.toy import ToyConfig
 
     samples = sum(ToyConfig(**c).iters * ToyConfig(**c).batch for c in cfgs.values())
-    if (
-        2 * torch.get_num_threads() > available_cores()
-        or samples < PREFETCH_MIN_SAMPLES
-        or "fork" not in mp.get_all_start_methods()
-    ):
-        return None
-    if os.environ.get("GUIDELAB_PREFETCH", "1") == "0":
+    if not spare_core_pays(samples) or "fork" not in mp.get_all_start_methods():
         return None
     proc = mp.get_context("fork").Process(target=_train_side, args=(out, cfgs), name="guidelab-demo-side")
     proc.start()  # not a daemon: its runs start batch workers of their own

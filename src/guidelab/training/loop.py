@@ -12,7 +12,6 @@ import contextlib
 import ctypes
 import json
 import math
-import os
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,7 +27,7 @@ from ..models import registry
 from ..rng import step_generator
 from . import checkpoint
 from .ema import PowerEMA
-from .prefetch import PREFETCH_MIN_SAMPLES, Prefetcher, SplitLoss
+from .prefetch import Prefetcher, SplitLoss, spare_core_pays
 
 #: ``loss_fn(net, batch, generator) -> loss`` per sample [batch] (or a scalar); all randomness from
 #: ``generator``.
@@ -234,15 +233,7 @@ def use_prefetch(prefetch: bool | None, loss_fn: LossFn, loop: LoopConfig, devic
                 f"trained on the CPU; got {type(loss_fn).__name__} on {device!r}"
             )
         return True
-    from ..threads import available_cores
-
-    return (
-        isinstance(loss_fn, SplitLoss)
-        and cpu
-        and os.environ.get("GUIDELAB_PREFETCH", "1") != "0"
-        and 2 * torch.get_num_threads() <= available_cores()
-        and steps_left * loop.batch >= PREFETCH_MIN_SAMPLES
-    )
+    return isinstance(loss_fn, SplitLoss) and cpu and spare_core_pays(steps_left * loop.batch)
 
 
 def _train(

@@ -35,6 +35,18 @@ DEPTH = 8
 PREFETCH_MIN_SAMPLES = 2**21
 
 
+def spare_core_pays(samples: int) -> bool:
+    """Whether a second process of this process's thread count has a core of its own (twice the threads fit the
+    cores) and ``samples`` (training samples it would take on) pay for its start; ``GUIDELAB_PREFETCH=0``: never."""
+    from ..threads import available_cores
+
+    return (
+        os.environ.get("GUIDELAB_PREFETCH", "1") != "0"
+        and 2 * torch.get_num_threads() <= available_cores()
+        and samples >= PREFETCH_MIN_SAMPLES
+    )
+
+
 @runtime_checkable
 class SplitLoss(Protocol):
     """A loss whose batch is independent of the network: ``loss(net, *data(batch, gen))`` is the per-sample
