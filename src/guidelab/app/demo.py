@@ -78,7 +78,7 @@ def _side_process(out: Path, cfgs: dict[str, dict]):
     from ..training.prefetch import spare_core_pays
     from ..training.toy import ToyConfig
 
-    samples = sum(ToyConfig(**c).iters * ToyConfig(**c).batch for c in cfgs.values())
+    samples = sum(cfg.iters * cfg.batch for cfg in (ToyConfig(**c) for c in cfgs.values()))
     if not spare_core_pays(samples) or "fork" not in mp.get_all_start_methods():
         return None
     proc = mp.get_context("fork").Process(target=_train_side, args=(out, cfgs), name="guidelab-demo-side")

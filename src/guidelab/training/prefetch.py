@@ -23,10 +23,7 @@ import torch
 import torch.multiprocessing as mp
 
 from ..errors import GuidelabError
-from ..log import get_logger
 from ..rng import step_generator
-
-log = get_logger(__name__)
 
 #: Batches the worker may be ahead of the optimiser (a buffer against scheduling jitter on a busy machine).
 DEPTH = 8
