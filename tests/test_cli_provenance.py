@@ -38,6 +38,7 @@ def _check(prov: dict, *, model: str | None = None, sampling: bool = True, comma
     assert isinstance(prov, dict) and prov and all(isinstance(k, str) and isinstance(v, str) for k, v in prov.items())
     assert prov["guidelab_version"] == guidelab.__version__ and prov["torch"] == torch.__version__
     assert prov["git_commit"] and prov["device"] and prov["python"]
+    assert prov["cpu"] == provenance.cpu() and torch.backends.cpu.get_cpu_capability() in prov["cpu"]
     assert prov["command"].startswith("guidelab ") and command in prov["command"]
     if model is not None:
         assert prov["model"] == model and prov["model_sha256"] == sha256(model)

@@ -77,7 +77,7 @@ def test_demo_records_provenance_in_metrics_and_figures(quick_run):
     out, _, _ = quick_run
     prov = json.loads((out / "metrics.json").read_text())["provenance"]
     assert all(isinstance(v, str) for v in prov.values())
-    for k in ("guidelab_version", "git_commit", "command", "torch", "device", "sampler", "steps", "schedule", "seeds"):
+    for k in ("guidelab_version", "git_commit", "command", "torch", "device", "cpu", "sampler", "steps", "schedule", "seeds"):
         assert prov[k], k
     assert prov["command"].startswith("guidelab demo --quick") and prov["guider"] == "none,cfg,autoguidance"
     models = sorted(k for k in prov if k.startswith("model_") and not k.endswith("_sha256"))

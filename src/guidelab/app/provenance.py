@@ -1,7 +1,8 @@
 """Provenance: what produced an output file, recorded in every file guidelab's commands write.
 
 :func:`collect` returns one flat ``{name: string}`` dict: guidelab version, git commit (when the
-package runs from a git checkout), the exact command line, Python / torch versions, the device, and
+package runs from a git checkout), the exact command line, Python / torch versions, the device, the CPU
+(model, torch's kernel set, MKL's reproducibility branch: float results depend on them), and
 whatever the writer adds (model files with their sha256, sampler, steps, schedule, seeds, guider and
 options, ...). Every writer stores it under the key ``provenance`` (results.json, metrics.json,
 job.json) or as PNG text chunks (:func:`write_png`, :func:`stamp_png`); the HTML report renders the
@@ -25,7 +26,7 @@ import numpy as np
 #: The command line of this process (the CLI sets it from its own arguments; default: sys.argv).
 _COMMAND: list[str] | None = None
 #: Fields every provenance dict has.
-BASE_FIELDS = ("guidelab_version", "git_commit", "command", "python", "torch", "device")
+BASE_FIELDS = ("guidelab_version", "git_commit", "command", "python", "torch", "device", "cpu")
 
 
 def set_command(argv) -> None:
@@ -107,6 +108,27 @@ def seeds_text(seeds) -> str:
     return ",".join(map(str, s))
 
 
+@functools.lru_cache(None)
+def cpu() -> str:
+    """The CPU and the kernels torch picks on it: ``AMD EPYC ... (x86_64; torch kernels AVX512; MKL_CBWR unset)``.
+    Training on another CPU model or kernel set agrees only to float rounding, unless ``MKL_CBWR=COMPATIBLE``
+    pins MKL's code path (docs/RELIABILITY.md "Determinism")."""
+    import torch
+
+    name = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    parts = [platform.machine(), f"torch kernels {torch.backends.cpu.get_cpu_capability()}"]
+    if torch.backends.mkl.is_available():
+        parts.append(f"MKL_CBWR {os.environ.get('MKL_CBWR') or 'unset'}")
+    return f"{name or 'unknown CPU'} ({'; '.join(parts)})"
+
+
 def collect(*, device: Any = "cpu", **fields: Any) -> dict[str, str]:
     """The provenance dict: :data:`BASE_FIELDS` and ``fields`` (None dropped), every value a string."""
     import torch
@@ -120,6 +142,7 @@ def collect(*, device: Any = "cpu", **fields: Any) -> dict[str, str]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "device": str(device),
+        "cpu": cpu(),
     }
     out.update({k: _text(v) for k, v in fields.items() if v is not None})
     return out
