@@ -12,7 +12,7 @@ with the default; ``--args`` passes more demo options (e.g. ``--args "--quick"``
     .venv/bin/python bench/demo_load.py --load-threads 1 # the other job single-threaded
     .venv/bin/python bench/demo_load.py --fresh-clone    # `make demo` in a fresh clone: venv + install + demo
 
-``--fresh-clone`` is the issue's literal test: ``git clone`` of this checkout into a temporary folder, then
+``--fresh-clone`` is the issue's literal test: ``git clone`` of this checkout (its committed HEAD) into a temporary folder, then
 ``make demo ARGS=--quiet`` there, timed whole (virtual environment, the CPU torch wheel, guidelab's core
 dependencies, the demo). pip's download cache of the machine is used as it is.
 """
